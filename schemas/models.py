@@ -1,0 +1,79 @@
+"""Pydantic mirrors of the Avro records in ``schemas/avro/`` (the ``.avsc`` files are the source of truth).
+
+Token-count semantics (the canonical rule every adapter normalises to): **the token classes are
+disjoint** — every token the provider billed is counted in exactly one class, so
+``cost = Σ class_tokens × class_rate`` with no subtraction anywhere in pricing.
+
+- ``input_tokens``: prompt tokens billed at the full input rate. EXCLUDES cached reads and cache
+  writes (OpenAI's ``prompt_tokens`` includes ``cached_tokens``: adapters subtract them).
+- ``cached_input_tokens``: prompt tokens served from the provider's prompt cache (cache reads).
+- ``cache_write_tokens``: prompt tokens written to the cache (Anthropic ``cache_creation_input_tokens``).
+- ``output_tokens``: generated tokens billed at the output rate. EXCLUDES reasoning tokens (OpenAI's
+  ``completion_tokens`` includes ``reasoning_tokens``: adapters subtract them).
+- ``reasoning_tokens``: hidden reasoning / thinking tokens (priced at the reasoning rate, which
+  defaults to the output rate).
+- ``requests``: number of billable API requests this event stands for (default 1; per-request fees).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_ID_LEN = 128
+MAX_TOKENS_PER_EVENT = 10**12  # far above any real request; beyond this the count is treated as absurd
+MAX_LABELS = 64
+MAX_LABEL_LEN = 256
+
+TOKEN_FIELDS: tuple[str, ...] = (
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+
+
+class UsageEvent(BaseModel):
+    """One metered request, as a gateway reports it (Avro record ``meterline.v1.UsageEvent``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", str_strip_whitespace=False)
+
+    event_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    occurred_at: datetime
+    customer_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    api_key_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    project: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    feature: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    user_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    session_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    gateway: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    provider: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    model: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    model_version: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    request_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    output_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    cached_input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    cache_write_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    reasoning_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    requests: int = Field(default=1, ge=0, le=10**6)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware_utc(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("occurred_at must carry a timezone (UTC)")
+        return v.astimezone(timezone.utc)
+
+    @field_validator("labels")
+    @classmethod
+    def _bounded_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels")
+        for k, val in v.items():
+            if len(k) > MAX_LABEL_LEN or len(val) > MAX_LABEL_LEN:
+                raise ValueError(f"label keys and values are at most {MAX_LABEL_LEN} characters")
+        return v
