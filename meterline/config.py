@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator
@@ -19,6 +20,8 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = None
     topic_prefix: str = "meterline."
     partitions: int = Field(default=4, ge=1, le=1024)
+    # "tansu" turns on the dev-broker workarounds of shared/notes/broker.md; "kafka" for real Kafka.
+    broker_flavor: Literal["kafka", "tansu"] = "kafka"
 
     # ClickHouse: chdb:///abs/path (embedded, default) or http(s)://user:pass@host:port/db.
     clickhouse_dsn: str | None = None

@@ -1,0 +1,342 @@
+"""``meterline``: the single entry point for operators (typer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meterline.config import Settings
+from meterline.errors import MeterlineError
+
+app = typer.Typer(help="meterline: meter, price, enforce and invoice pay-per-token AI usage.", no_args_is_help=True)
+prices_app = typer.Typer(help="Price catalog: load price files, import LiteLLM's price map.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
+app.add_typer(prices_app, name="prices")
+app.add_typer(keys_app, name="keys")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic ValidationError: show it plainly and stop
+        err.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(code)
+
+
+def _bootstrap(settings: Settings) -> tuple[str, str]:
+    """The Kafka bootstrap and topic prefix: configured, or those of a running ``meterline up``."""
+    if settings.kafka_bootstrap:
+        return settings.kafka_bootstrap, settings.topic_prefix
+    from meterline.runtime import read_runtime_file
+
+    info = read_runtime_file(settings.data_dir)
+    if info and info.get("kafka_bootstrap"):
+        return str(info["kafka_bootstrap"]), str(info.get("topic_prefix", settings.topic_prefix))
+    raise _fail(
+        MeterlineError("no Kafka broker: start `meterline up` (embedded broker) or set METERLINE_KAFKA_BOOTSTRAP")
+    )
+
+
+# -- up ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    demo: bool = typer.Option(False, "--demo", help="Load the seed prices and generate demo gateway traffic."),
+    workers: Optional[int] = typer.Option(None, help="faust worker processes (default METERLINE_WORKERS)."),
+    duration: Optional[float] = typer.Option(None, help="Stop by itself after this many seconds."),
+    rate: float = typer.Option(200.0, help="Demo events per second."),
+) -> None:
+    """Start broker (embedded unless configured), migrations, faust workers, sink and HTTP API."""
+    settings = _settings()
+    from meterline.runtime import Runtime
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime = Runtime(settings, workers=workers)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        runtime.start(on_step=lambda s: console.print(f"[dim]·[/dim] {s}"))
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+    console.print(f"[green]meterline is up[/green]  API {runtime.api_server.url}  (Ctrl-C to stop)")
+    console.print(f"[dim]admin API key in {settings.data_dir / 'admin.key'}[/dim]")
+    traffic = None
+    demo_thread = None
+    try:
+        if demo:
+            traffic, demo_thread = _start_demo(runtime, stop)
+        deadline = time.monotonic() + duration if duration else None
+        while not stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            stop.wait(2.0)
+            if demo:
+                _print_summary(runtime, traffic)
+            dead = [w.name for w in runtime.workers if not w.alive()]
+            if dead:
+                err.print(f"[red]worker(s) exited: {', '.join(dead)}[/red]")
+                for w in runtime.workers:
+                    if not w.alive():
+                        err.print(w.log_tail())
+                break
+    finally:
+        stop.set()
+        if demo_thread is not None:
+            demo_thread.join(timeout=15)
+        if demo:
+            _drain_and_summarise(runtime, traffic)
+        console.print("[dim]· stopping[/dim]")
+        runtime.stop()
+        console.print("[green]stopped[/green]")
+
+
+def _start_demo(runtime: Any, stop: threading.Event) -> tuple[Any, threading.Thread]:
+    from meterline.demo import SEED_PRICES, DemoTraffic
+    from meterline.pricing import load_price_book
+    from pipeline.publish import publish_records
+    from schemas.producer import UsageProducer
+
+    seed = Path(__file__).resolve().parents[1] / SEED_PRICES
+    book = load_price_book(seed)
+    n = publish_records(runtime.settings.kafka_bootstrap, runtime.settings.topic("prices"), book.to_records())
+    console.print(f"[dim]·[/dim] published {n} price records from {SEED_PRICES}")
+    producer = UsageProducer(runtime.settings.kafka_bootstrap, runtime.settings.topic("usage-events"))
+    traffic = DemoTraffic(producer)
+    thread = threading.Thread(target=traffic.run, args=(stop,), name="meterline-demo", daemon=True)
+    thread.start()
+    return traffic, thread
+
+
+def _summary_tables(runtime: Any, traffic: Any) -> list[Table]:
+    from meterline.demo import collect_summary, money
+
+    with runtime.query_client() as ch:
+        summary = collect_summary(lambda sql: ch.query(sql).result_rows)
+    t1 = Table(title="priced spend per customer (live)")
+    for col in ("customer", "events", "prompt tok", "completion tok", "list cost", "charge", "margin"):
+        t1.add_column(col, justify="right" if col != "customer" else "left")
+    for cust, events, p, c, cost, charge in summary["customers"]:
+        t1.add_row(cust, f"{events:,}", f"{p:,}", f"{c:,}", money(cost), money(charge), money(charge - cost))
+    t2 = Table(title="spend per model")
+    for col in ("provider", "model", "events", "charge"):
+        t2.add_column(col)
+    for provider, model, events, charge in summary["models"]:
+        t2.add_row(provider, model, f"{events:,}", money(charge))
+    t3 = Table(title="dead-lettered (never priced at $0)")
+    t3.add_column("reason")
+    t3.add_column("events")
+    for reason, events in summary["rejected"]:
+        t3.add_row(reason, f"{events:,}")
+    sink = runtime.sink
+    caption = (
+        f"produced {traffic.sent:,} events + {traffic.resent:,} gateway retries (duplicates); "
+        f"sink inserted {getattr(sink, 'rows_inserted', 0):,}, dropped {getattr(sink, 'duplicates_dropped', 0):,} replays"
+    )
+    t1.caption = caption
+    return [t1, t2, t3]
+
+
+def _print_summary(runtime: Any, traffic: Any) -> None:
+    try:
+        tables = _summary_tables(runtime, traffic)
+    except Exception as exc:  # noqa: BLE001 - the summary is best-effort display
+        err.print(f"[yellow]summary unavailable: {exc}[/yellow]")
+        return
+    console.print(f"[dim]{datetime.now(timezone.utc):%H:%M:%S}[/dim]")
+    for t in tables:
+        console.print(t)
+
+
+def _drain_and_summarise(runtime: Any, traffic: Any) -> None:
+    """Give the pipeline a few seconds to price what the demo produced, then print the totals."""
+    deadline = time.monotonic() + 20
+    expected = traffic.sent - traffic.unpriced if traffic else 0
+    while time.monotonic() < deadline:
+        with runtime.query_client() as ch:
+            got = ch.query("SELECT count() FROM usage_priced").result_rows[0][0]
+        if got >= expected:
+            break
+        time.sleep(0.5)
+    _print_summary(runtime, traffic)
+
+
+# -- migrate / topics -------------------------------------------------------------------------
+
+
+@app.command()
+def migrate() -> None:
+    """Apply ClickHouse migrations from infra/clickhouse (idempotent)."""
+    from meterline.stack.clickhouse import apply_migrations, connect
+
+    settings = _settings()
+    try:
+        client = connect(settings.resolved_clickhouse_dsn)
+        applied = apply_migrations(client)
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+    console.print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+
+
+# -- prices -----------------------------------------------------------------------------------
+
+
+@prices_app.command("load")
+def prices_load(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML or JSON price file.")) -> None:
+    """Validate a price file and publish its versions and rate cards (idempotent)."""
+    from meterline.pricing import load_price_book
+    from pipeline.publish import publish_records
+
+    settings = _settings()
+    try:
+        book = load_price_book(file)
+    except MeterlineError as exc:
+        raise _fail(exc, 2) from exc
+    bootstrap, prefix = _bootstrap(settings)
+    records = book.to_records()
+    try:
+        publish_records(bootstrap, f"{prefix}prices", records)
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+    console.print(f"published {len(records)} price record(s) from {file} to {prefix}prices")
+
+
+@prices_app.command("import-litellm")
+def prices_import_litellm(
+    source: Optional[Path] = typer.Option(None, help="LiteLLM model_prices JSON; default: the installed litellm package's."),
+    effective_from: str = typer.Option(..., help="ISO-8601 instant the imported prices take effect."),
+    out: Path = typer.Option(Path("prices-litellm.yaml"), help="Where to write the price file."),
+    provider: list[str] = typer.Option([], help="Only these litellm providers (repeatable)."),
+) -> None:
+    """Convert LiteLLM's price map into a meterline price file (exact: via Decimal(repr(x)))."""
+    import yaml
+
+    from meterline.pricing import import_litellm
+
+    try:
+        when = datetime.fromisoformat(effective_from.replace("Z", "+00:00"))
+        if when.tzinfo is None:
+            raise ValueError("effective_from needs a timezone, e.g. 2025-01-01T00:00:00Z")
+        doc, report = import_litellm(source, effective_from=when, providers=set(provider) or None)
+    except (MeterlineError, ValueError) as exc:
+        raise _fail(exc, 2) from exc
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    console.print(f"wrote {out}: {report.summary() if hasattr(report, 'summary') else report}")
+
+
+# -- produce / sql ----------------------------------------------------------------------------
+
+
+@app.command()
+def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Canonical JSON events, one per line.")) -> None:
+    """Validate and produce canonical JSON usage events; bad lines are reported, good ones still go."""
+    from meterline.errors import InvalidEvent
+    from schemas.jsonio import iter_jsonl
+    from schemas.producer import UsageProducer
+
+    settings = _settings()
+    bootstrap, prefix = _bootstrap(settings)
+    good = bad = 0
+    with UsageProducer(bootstrap, f"{prefix}usage-events") as producer:
+        for line_no, item in iter_jsonl(file):
+            if isinstance(item, InvalidEvent):
+                bad += 1
+                err.print(f"{file}:{line_no}: {item.reason_code}: {item.message}")
+                continue
+            producer.send(item)
+            good += 1
+        producer.flush(30)
+    console.print(f"produced {good} event(s), rejected {bad} line(s)")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="Read-only SQL (SELECT / WITH / SHOW / DESCRIBE / EXPLAIN)."),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+) -> None:
+    """Run read-only SQL on ClickHouse: through the running service's API, or directly if none runs."""
+    from meterline.analytics import format_result, run_readonly
+    from meterline.runtime import read_runtime_file
+
+    settings = _settings()
+    info = read_runtime_file(settings.data_dir)
+    try:
+        if info and info.get("api_url"):
+            from meterline.api.server import ApiClient
+
+            key = (settings.data_dir / "admin.key").read_text().strip()
+            out = ApiClient(info["api_url"], key).sql(query, fmt)
+            sys.stdout.write(out if out.endswith("\n") else out + "\n")
+            return
+        from meterline.stack.clickhouse import connect
+
+        client = connect(settings.resolved_clickhouse_dsn)
+        columns, rows = run_readonly(client, query)
+        sys.stdout.write(format_result(columns, rows, fmt) + "\n")
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    customer: Optional[str] = typer.Argument(None, help="Customer the key acts for (omit with --admin)."),
+    admin: bool = typer.Option(False, "--admin", help="An operator key that can act on every customer."),
+) -> None:
+    """Create an API key; the secret is shown once and stored only as a hash."""
+    from meterline.api.keys import KeyStore
+
+    if not admin and not customer:
+        raise _fail(MeterlineError("give a CUSTOMER or --admin"), 2)
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key_id, secret = KeyStore(settings.data_dir / "api_keys.json").create(
+        None if admin else customer, role="admin" if admin else "customer"
+    )
+    console.print(json.dumps({"key_id": key_id, "secret": secret}))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key by its id."""
+    from meterline.api.keys import KeyStore
+
+    settings = _settings()
+    KeyStore(settings.data_dir / "api_keys.json").revoke(key_id)
+    console.print(f"revoked {key_id}")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

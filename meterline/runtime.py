@@ -1,0 +1,201 @@
+"""``meterline up``: bring the whole pipeline up on one machine, and take it down cleanly.
+
+Start order (each step needs the one before)::
+
+    broker  (embedded Tansu unless METERLINE_KAFKA_BOOTSTRAP is set)
+    topics  (infra/topics.yaml, idempotent)
+    ClickHouse (connect: this process owns an embedded chDB path; migrations, idempotent)
+    faust workers (child processes: pricing agent)
+    sink    (thread: usage-priced / usage-dead-letter → ClickHouse)
+    HTTP API (thread: ingest, SQL, …) + data_dir/runtime.json so CLI commands find it
+
+Stop is the reverse. Ctrl-C (SIGINT) and SIGTERM both lead to :meth:`Runtime.stop`; every child
+process also dies with this one (``PR_SET_PDEATHSIG``), so nothing is left running.
+
+Who owns what: this process is the single owner of the embedded ClickHouse engine; everything
+that reads or writes it while ``up`` runs goes through the sink (writes) or the API (reads),
+guarded by ``clickhouse_lock``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from meterline.config import Settings
+from meterline.stack.broker import TansuBroker
+from meterline.stack.clickhouse import apply_migrations, connect
+from meterline.stack.topics import ensure_topics
+from pipeline.workers import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+RUNTIME_FILE = "runtime.json"
+
+
+class Runtime:
+    def __init__(self, settings: Settings, *, workers: int | None = None, api: bool = True) -> None:
+        self.settings = settings
+        self.n_workers = workers or settings.workers
+        self.with_api = api
+        self.broker: TansuBroker | None = None
+        self.clickhouse: Any = None
+        self.clickhouse_lock = threading.RLock()
+        self.workers: list[WorkerProcess] = []
+        self.sink: Any = None
+        self.api_server: Any = None
+        self.admin_key: str | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.log_dir = settings.data_dir / "logs"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, *, on_step: Callable[[str], None] | None = None) -> Runtime:
+        step = on_step or (lambda s: log.info(s))
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.settings.kafka_bootstrap:
+                step("starting the embedded Kafka-protocol broker (Tansu, memory only)")
+                self.broker = TansuBroker(log_dir=self.log_dir).start()
+                self.settings = self.settings.model_copy(
+                    update={"kafka_bootstrap": self.broker.bootstrap, "broker_flavor": "tansu"}
+                )
+            step(f"ensuring topics on {self.settings.kafka_bootstrap}")
+            ensure_topics(self.settings.kafka_bootstrap, self.settings.topic_prefix, self.settings.partitions)
+            step(f"opening ClickHouse at {self.settings.resolved_clickhouse_dsn}")
+            self.clickhouse = connect(self.settings.resolved_clickhouse_dsn)
+            applied = apply_migrations(self.clickhouse)
+            step(f"migrations: {len(applied)} applied" if applied else "migrations: up to date")
+            for i in range(self.n_workers):
+                step(f"starting faust worker {i + 1}/{self.n_workers}")
+                self.workers.append(WorkerProcess(self.settings, name=f"worker-{i}", log_dir=self.log_dir).start())
+            step("starting the ClickHouse sink")
+            self._start_sink()
+            if self.with_api:
+                self._start_api()
+                step(f"API listening on {self.api_server.url}")
+            self._write_runtime_file()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for worker in self.workers:
+            worker.stop(timeout=10)
+        if self.sink is not None:
+            for t in self._threads:
+                t.join(timeout=15)
+        if self.api_server is not None:
+            self.api_server.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        with self.clickhouse_lock:
+            if self.clickhouse is not None:
+                try:
+                    self.clickhouse.close()
+                except Exception:  # noqa: BLE001 - closing on the way out
+                    pass
+        (self.settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stop.wait(timeout)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _start_sink(self) -> None:
+        from pipeline.sink import ClickHouseSink
+
+        self.sink = ClickHouseSink(
+            bootstrap=self.settings.kafka_bootstrap,
+            group_id=f"{self.settings.topic_prefix}sink",
+            priced_topic=self.settings.topic("usage-priced"),
+            dead_letter_topic=self.settings.topic("usage-dead-letter"),
+            client=_LockedClient(self.clickhouse, self.clickhouse_lock),
+        )
+        t = threading.Thread(target=self.sink.run, args=(self._stop,), name="meterline-sink", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _start_api(self) -> None:
+        from meterline.api.app import create_api
+        from meterline.api.keys import KeyStore
+        from meterline.api.server import ApiServer
+        from schemas.producer import UsageProducer
+
+        keys = KeyStore(self.settings.data_dir / "api_keys.json")
+        admin_file = self.settings.data_dir / "admin.key"
+        if admin_file.exists():
+            self.admin_key = admin_file.read_text().strip()
+        else:
+            _, self.admin_key = keys.create(None, role="admin")
+            admin_file.write_text(self.admin_key + "\n")
+            os.chmod(admin_file, 0o600)
+        producer = UsageProducer(self.settings.kafka_bootstrap, self.settings.topic("usage-events"))
+        app = create_api(
+            self.settings,
+            producer=producer,
+            clickhouse=_LockedClient(self.clickhouse, self.clickhouse_lock),
+            key_store=keys,
+        )
+        self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
+
+    def _write_runtime_file(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "kafka_bootstrap": self.settings.kafka_bootstrap,
+            "topic_prefix": self.settings.topic_prefix,
+            "api_url": self.api_server.url if self.api_server else None,
+        }
+        (self.settings.data_dir / RUNTIME_FILE).write_text(json.dumps(info))
+
+    @contextmanager
+    def query_client(self) -> Iterator[Any]:
+        with self.clickhouse_lock:
+            yield self.clickhouse
+
+
+class _LockedClient:
+    """A clickhouse-connect client whose calls are serialised by one lock (embedded chDB)."""
+
+    def __init__(self, client: Any, lock: threading.RLock) -> None:
+        self._client = client
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def read_runtime_file(data_dir: Path) -> dict[str, Any] | None:
+    """The running ``meterline up``'s addresses, if one is running for this data_dir."""
+    path = data_dir / RUNTIME_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None
+    return info

@@ -1,0 +1,128 @@
+"""The faust application: the pricing agent (and, as later issues land, the credit agent).
+
+Agents are thin: they decode nothing and decide nothing themselves. The pricing agent hands each
+record to :class:`pipeline.processor.PricingProcessor` and sends what it returns:
+
+1. the ``PricedBatch`` record to ``usage-priced`` on the SAME partition as its source record
+   (explicit partition: downstream tables keyed by customer stay co-partitioned whatever
+   partitioner a producer used);
+2. dead letters to ``usage-dead-letter`` (same key);
+3. the record's dedupe entry into the ``pricing-dedupe`` table (changelog on the source partition).
+
+Commit contract (faust ``at_least_once``; the dev broker has no transactions): a source record's
+offset is committed only after the agent moved past it AND faust flushed its producer
+(``Consumer._commit_offsets`` awaits ``producer.flush()`` first), so sends made while handling a
+record are acknowledged before its offset commits. A crash before the commit replays the record;
+the processor re-emits it (first-seen-position dedupe), and every downstream consumer drops the
+repeat by ``(customer_id, event_id)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+
+from meterline.config import Settings
+from meterline.pricing import PricingEngine
+from pipeline.pricefeed import PriceFeed
+from pipeline.processor import PricingProcessor, iter_table_entries
+
+log = logging.getLogger(__name__)
+
+EXPIRE_EVERY_RECORDS = 1000
+
+
+def faust_broker_options(settings: Settings) -> dict[str, Any]:
+    """faust settings that depend on the broker; see shared/notes/broker.md for the why."""
+    options: dict[str, Any] = {
+        "broker_session_timeout": 6.0,
+        "broker_heartbeat_interval": 0.5,
+        "broker_commit_interval": 1.0,
+        "consumer_auto_offset_reset": "earliest",
+    }
+    if settings.broker_flavor == "tansu":
+        # Tansu reports the high watermark as the base offset of the last batch + 1, so faust's
+        # table recovery would skip the last changelog batch: one record per batch avoids that.
+        options["producer_max_batch_size"] = 1
+    return options
+
+
+def create_app(settings: Settings) -> faust.App:
+    if not settings.kafka_bootstrap:
+        raise ValueError("create_app needs settings.kafka_bootstrap (meterline up fills it in)")
+    app = faust.App(
+        f"{settings.topic_prefix}pricing",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        processing_guarantee="at_least_once",
+        topic_partitions=settings.partitions,
+        web_enabled=False,
+        **faust_broker_options(settings),
+    )
+    usage_topic = app.topic(settings.topic("usage-events"), key_serializer="raw", value_serializer="raw")
+    priced_topic = app.topic(settings.topic("usage-priced"), key_serializer="raw", value_serializer="raw")
+    dead_topic = app.topic(settings.topic("usage-dead-letter"), key_serializer="raw", value_serializer="raw")
+    dedupe_table = app.Table("pricing-dedupe", default=None, partitions=settings.partitions)
+
+    engine = PricingEngine()
+    feed = PriceFeed(settings.kafka_bootstrap, settings.topic("prices"))
+    processor = PricingProcessor(
+        engine,
+        source_topic=settings.topic("usage-events"),
+        dedupe_window_days=settings.dedupe_window_days,
+        max_future_ms=settings.max_future_skew_seconds * 1000,
+    )
+    indexed: set[int] = set()
+    since_expiry: dict[int, int] = {}
+    app.meterline_processor = processor  # type: ignore[attr-defined]  # for introspection in tests
+    app.meterline_feed = feed  # type: ignore[attr-defined]
+
+    @app.on_partitions_revoked.connect
+    async def _forget(app: faust.App, revoked: set[Any], **_: Any) -> None:
+        for tp in revoked:
+            if tp.topic == usage_topic.get_topic_name():
+                processor.dedupe.forget_partition(tp.partition)
+                indexed.discard(tp.partition)
+
+    @app.task
+    async def _start_feed() -> None:
+        feed.start()
+
+    def _index_partition(partition: int) -> None:
+        prefix = f"{partition}:"
+        for key, value in iter_table_entries(dedupe_table.items()):
+            if key.startswith(prefix):
+                processor.dedupe.load(key, value)
+        indexed.add(partition)
+
+    @app.agent(usage_topic)
+    async def price_usage(stream: faust.StreamT) -> None:
+        while not feed.ready:
+            if feed.error is not None:
+                raise RuntimeError(f"price feed failed: {feed.error}")
+            await asyncio.sleep(0.05)
+        async for event in stream.events():
+            message = event.message
+            partition = message.partition
+            if partition not in indexed:
+                _index_partition(partition)
+            feed.drain_into(engine)
+            result = processor.process_record(partition, message.offset, message.key, message.value)
+            if result.priced_value is not None:
+                await priced_topic.send(key=message.key, value=result.priced_value, partition=partition)
+            for key, dead in result.dead_letters:
+                await dead_topic.send(key=key, value=dead, partition=partition)
+            if result.dedupe_key is not None:
+                dedupe_table[result.dedupe_key] = result.dedupe_value
+            since_expiry[partition] = since_expiry.get(partition, 0) + 1
+            if since_expiry[partition] >= EXPIRE_EVERY_RECORDS:
+                since_expiry[partition] = 0
+                for key in processor.dedupe.expired(partition, int(time.time() * 1000)):
+                    del dedupe_table[key]
+                    processor.dedupe.load(key, None)
+
+    return app

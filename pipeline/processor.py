@@ -1,0 +1,235 @@
+"""The pricing step as a pure function of (record, price engine, dedupe state): no Kafka here.
+
+The faust agent (``pipeline/app.py``) decodes nothing itself: it hands each ``usage-events``
+record's bytes with their source position to :meth:`PricingProcessor.process_record` and sends
+what comes back. Keeping this step free of I/O is what lets the benchmarks and the tests drive
+it at full speed, and what keeps the agent a thin shell.
+
+Per record::
+
+    decode UsageBatch ─┬─ undecodable ───────────────────────────► one dead letter (raw bytes)
+                       └─ for each event, in order:
+                            validate ── invalid ─────────────────► dead letter (event re-encoded)
+                            dedupe ──── seen in an EARLIER record ► counted as duplicate, dropped
+                            price ───── no price / no class rate ─► dead letter
+                            └───────────────────────────────────► PricedUsage
+    ─► one PricedBatch record (same key) + one dedupe-table entry for this record
+
+Dedupe is by **first-seen source position**. The dedupe table remembers, for every event id, the
+(partition, offset) of the usage-events record that first carried it. An event is a duplicate
+only if it was first seen in a *different* record. Replaying the *same* record (after a crash,
+before its offset was committed) re-emits its events instead of swallowing them, so a dedupe
+table that ran ahead of the priced output can never lose an event; a table that fell behind
+(faust's changelog is not crash-exact here, see shared notes) can only let a duplicate through,
+which every consumer of priced usage drops by ``(customer_id, event_id)`` itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from meterline.errors import InputError, SchemaError
+from schemas.codec import decode_usage_batch, encode_dead_letter, encode_priced_batch, encode_usage_batch
+from schemas.validation import validate_record
+
+DAY_MS = 86_400_000
+
+
+class PriceEngine(Protocol):
+    """What the processor needs from ``meterline.pricing``: price one decoded event dict."""
+
+    def price(self, record: dict[str, Any]) -> Any:  # returns PricedAmounts
+        ...
+
+
+@dataclass(slots=True)
+class ProcessResult:
+    """What the agent must send for one source record, and the dedupe entry to store."""
+
+    priced_value: bytes | None = None
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+    dedupe_key: str | None = None
+    dedupe_value: dict[str, Any] | None = None
+    priced: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    charge_picos: int = 0
+
+
+class DedupeIndex:
+    """In-memory index over the dedupe table: (customer_id, event_id) -> first-seen (partition, offset).
+
+    The faust table is the durable copy (one entry per source record, written through its
+    changelog); this index is rebuilt from it per partition after an assignment.
+    Table key ``"<partition>:<offset>"``, value ``{"c": customer_id, "ids": [event_id, ...],
+    "t": seen_at_ms}``.
+    """
+
+    def __init__(self, window_ms: int) -> None:
+        self.window_ms = window_ms
+        self._first_seen: dict[tuple[str, str], tuple[int, int]] = {}
+        self._entries: dict[int, dict[str, tuple[str, list[str], int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._first_seen)
+
+    @staticmethod
+    def table_key(partition: int, offset: int) -> str:
+        return f"{partition}:{offset}"
+
+    def load(self, key: str, value: dict[str, Any] | None) -> None:
+        """Apply one table entry (from recovery or from our own writes). ``None`` = deleted."""
+        partition_s, _, offset_s = key.partition(":")
+        partition, offset = int(partition_s), int(offset_s)
+        per_partition = self._entries.setdefault(partition, {})
+        old = per_partition.pop(key, None)
+        if old is not None:
+            customer, ids, _ = old
+            for event_id in ids:
+                if self._first_seen.get((customer, event_id)) == (partition, offset):
+                    del self._first_seen[(customer, event_id)]
+        if value is None:
+            return
+        customer, ids, seen_at = value["c"], list(value["ids"]), int(value["t"])
+        per_partition[key] = (customer, ids, seen_at)
+        for event_id in ids:
+            self._first_seen.setdefault((customer, event_id), (partition, offset))
+
+    def forget_partition(self, partition: int) -> None:
+        for key in list(self._entries.get(partition, {})):
+            self.load(key, None)
+        self._entries.pop(partition, None)
+
+    def first_seen(self, customer_id: str, event_id: str) -> tuple[int, int] | None:
+        return self._first_seen.get((customer_id, event_id))
+
+    def expired(self, partition: int, now_ms: int) -> list[str]:
+        """Table keys of this partition whose records were seen longer ago than the window."""
+        cutoff = now_ms - self.window_ms
+        return [k for k, (_, _, t) in self._entries.get(partition, {}).items() if t < cutoff]
+
+
+class PricingProcessor:
+    """Decode → validate → dedupe → price for one usage-events record at a time."""
+
+    def __init__(
+        self,
+        engine: PriceEngine,
+        *,
+        source_topic: str,
+        dedupe_window_days: int = 35,
+        max_future_ms: int = 300_000,
+    ) -> None:
+        self.engine = engine
+        self.source_topic = source_topic
+        self.max_future_ms = max_future_ms
+        self.dedupe = DedupeIndex(dedupe_window_days * DAY_MS)
+
+    def process_record(
+        self, partition: int, offset: int, key: bytes | None, value: bytes | None, now_ms: int | None = None
+    ) -> ProcessResult:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        result = ProcessResult()
+        try:
+            if value is None:
+                raise SchemaError("record has no value", reason_code="empty_record")
+            events = decode_usage_batch(value)
+        except SchemaError as exc:
+            result.dead_letters.append((key, self._dead_letter(exc, partition, offset, None, value or b"", "raw", now_ms)))
+            result.rejected += 1
+            return result
+
+        priced: list[dict[str, Any]] = []
+        new_ids: list[str] = []
+        in_record: set[tuple[str, str]] = set()
+        customer_of_record = ""
+        for event in events:
+            try:
+                validate_record(event, now_ms=now_ms, max_future_ms=self.max_future_ms)
+                ident = (event["customer_id"], event["event_id"])
+                if ident in in_record:
+                    result.duplicates += 1
+                    continue
+                seen = self.dedupe.first_seen(*ident)
+                if seen is not None and seen != (partition, offset):
+                    result.duplicates += 1
+                    continue
+                amounts = self.engine.price(event)
+            except InputError as exc:
+                result.dead_letters.append((key, self._dead_letter(exc, partition, offset, event, None, "usage_batch", now_ms)))
+                result.rejected += 1
+                continue
+            in_record.add(ident)
+            new_ids.append(event["event_id"])
+            customer_of_record = event["customer_id"]
+            event["cost_picos"] = amounts.cost_picos
+            event["charge_picos"] = amounts.charge_picos
+            event["currency"] = amounts.currency
+            event["price_version"] = amounts.price_version
+            event["rate_card"] = amounts.rate_card
+            event["priced_at"] = now_ms
+            event["source_partition"] = partition
+            event["source_offset"] = offset
+            result.charge_picos += amounts.charge_picos
+            priced.append(event)
+
+        if priced:
+            result.priced_value = encode_priced_batch(priced)
+            result.priced = len(priced)
+            result.dedupe_key = DedupeIndex.table_key(partition, offset)
+            result.dedupe_value = {"c": customer_of_record, "ids": new_ids, "t": now_ms}
+            self.dedupe.load(result.dedupe_key, result.dedupe_value)
+        return result
+
+    def _dead_letter(
+        self,
+        exc: InputError,
+        partition: int,
+        offset: int,
+        event: dict[str, Any] | None,
+        raw: bytes | None,
+        payload_format: str,
+        now_ms: int,
+    ) -> bytes:
+        payload = raw if raw is not None else b""
+        if event is not None:
+            try:
+                payload = encode_usage_batch([event])
+            except Exception:  # noqa: BLE001 - an event too broken to re-encode is kept as its repr
+                payload, payload_format = repr(event).encode("utf-8", "replace"), "repr"
+        occurred = event.get("occurred_at") if event else None
+        return encode_dead_letter(
+            {
+                "reason_code": exc.reason_code,
+                "reason": exc.message,
+                "field": exc.field,
+                "source_topic": self.source_topic,
+                "source_partition": partition,
+                "source_offset": offset,
+                "customer_id": _str_or_none(event, "customer_id"),
+                "event_id": _str_or_none(event, "event_id"),
+                "occurred_at": occurred if isinstance(occurred, int) else None,
+                "payload": payload,
+                "payload_format": payload_format,
+                "failed_at": now_ms,
+            }
+        )
+
+
+def _str_or_none(event: dict[str, Any] | None, name: str) -> str | None:
+    if not event:
+        return None
+    value = event.get(name)
+    return value if isinstance(value, str) else None
+
+
+def iter_table_entries(items: Iterable[tuple[Any, Any]]) -> Iterable[tuple[str, dict[str, Any]]]:
+    """Normalise faust table items (keys may come back as str or bytes) for :meth:`DedupeIndex.load`."""
+    for key, value in items:
+        if isinstance(key, bytes):
+            key = key.decode()
+        if value is not None:
+            yield str(key), value

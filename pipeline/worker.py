@@ -1,0 +1,29 @@
+"""Run one faust worker process: ``python -m pipeline.worker`` (settings from ``METERLINE_*``).
+
+``meterline up`` starts one or more of these as child processes; operators on real Kafka run
+them under their process supervisor. SIGTERM / Ctrl-C stop the worker cleanly (faust commits
+what it acknowledged); SIGKILL is safe too: it only causes a replay (see pipeline/app.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import faust
+
+from meterline.config import Settings
+from pipeline.app import create_app
+
+
+def main() -> None:
+    settings = Settings()
+    app = create_app(settings)
+    loglevel = os.environ.get("METERLINE_WORKER_LOGLEVEL", "WARNING")
+    logging.getLogger("faust").setLevel(loglevel)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()
