@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from meterline.config import Settings
-from meterline.stack.broker import _LIBC, _child_setup
+from meterline.stack.broker import die_with_parent_preexec
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -44,7 +44,6 @@ class WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
         env.update(settings_env(self.settings))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        parent = os.getpid()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module],
@@ -53,7 +52,7 @@ class WorkerProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop the workers in order
-                preexec_fn=(lambda: _child_setup(parent)) if _LIBC is not None else None,
+                preexec_fn=die_with_parent_preexec(),
                 close_fds=True,
             )
         return self
