@@ -288,7 +288,7 @@ def sql(
     info = read_runtime_file(settings.data_dir)
     try:
         if info and info.get("api_url"):
-            from meterline.api.server import ApiClient
+            from meterline.api.client import ApiClient
 
             key = (settings.data_dir / "admin.key").read_text().strip()
             out = ApiClient(info["api_url"], key).sql(query, fmt)

@@ -51,6 +51,7 @@ class Runtime:
         self.sink: Any = None
         self.api_server: Any = None
         self.admin_key: str | None = None
+        self._producer: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.log_dir = settings.data_dir / "logs"
@@ -97,6 +98,8 @@ class Runtime:
                 t.join(timeout=15)
         if self.api_server is not None:
             self.api_server.stop()
+        if self._producer is not None:
+            self._producer.close()
         if self.broker is not None:
             self.broker.stop()
         with self.clickhouse_lock:
@@ -124,7 +127,7 @@ class Runtime:
             group_id=f"{self.settings.topic_prefix}sink",
             priced_topic=self.settings.topic("usage-priced"),
             dead_letter_topic=self.settings.topic("usage-dead-letter"),
-            client=_LockedClient(self.clickhouse, self.clickhouse_lock),
+            clickhouse=_LockedClient(self.clickhouse, self.clickhouse_lock),
         )
         t = threading.Thread(target=self.sink.run, args=(self._stop,), name="meterline-sink", daemon=True)
         t.start()
@@ -144,11 +147,16 @@ class Runtime:
             _, self.admin_key = keys.create(None, role="admin")
             admin_file.write_text(self.admin_key + "\n")
             os.chmod(admin_file, 0o600)
-        producer = UsageProducer(self.settings.kafka_bootstrap, self.settings.topic("usage-events"))
+        producer = UsageProducer(
+            self.settings.kafka_bootstrap,
+            self.settings.topic("usage-events"),
+            schema_store_topic=self.settings.topic("schemas"),
+        )
+        self._producer = producer
         app = create_api(
             self.settings,
             producer=producer,
-            clickhouse=_LockedClient(self.clickhouse, self.clickhouse_lock),
+            clickhouse=self.query_client,
             key_store=keys,
         )
         self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()

@@ -35,7 +35,7 @@ class Pipeline:
             group_id=f"{settings.topic_prefix}sink",
             priced_topic=settings.topic("usage-priced"),
             dead_letter_topic=settings.topic("usage-dead-letter"),
-            client=clickhouse,
+            clickhouse=clickhouse,
             max_interval_ms=200,
         )
         self.sink_thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), daemon=True)

@@ -117,7 +117,7 @@ def test_priced_sums_exact_replays_collapse_price_change_and_rejects(pipeline) -
 
     # 3. A price change published while the worker runs takes effect at effective_from, and a
     #    late event from before it keeps the old price.
-    change_at = datetime.now(timezone.utc) + timedelta(seconds=3)
+    change_at = (datetime.now(timezone.utc) + timedelta(seconds=3)).replace(microsecond=0)
     pipeline.publish_prices(
         {
             "currency": "USD",
