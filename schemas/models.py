@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_ID_LEN = 128
 MAX_TOKENS_PER_EVENT = 10**12  # far above any real request; beyond this the count is treated as absurd
+MAX_REQUESTS_PER_EVENT = 10**6
 MAX_LABELS = 64
 MAX_LABEL_LEN = 256
 
@@ -58,7 +59,7 @@ class UsageEvent(BaseModel):
     cached_input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
     cache_write_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
     reasoning_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
-    requests: int = Field(default=1, ge=0, le=10**6)
+    requests: int = Field(default=1, ge=0, le=MAX_REQUESTS_PER_EVENT)
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("occurred_at")

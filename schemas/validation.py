@@ -1,0 +1,203 @@
+"""Fast contract checks on decoded ``UsageEvent`` dicts, with stable reason codes.
+
+:func:`validate_record` is the pipeline's per-event gate (pure Python, no pydantic, a few µs per
+event). It raises :class:`meterline.errors.InvalidEvent` with one of these ``reason_code`` values
+(snake_case, stable: they land in the dead-letter topic and ``usage_rejected.reason_code``), and
+``field`` naming the offending field:
+
+=========================  ==============================================================
+missing_event_id           event_id empty or absent (likewise missing_customer_id,
+                           missing_provider, missing_model, missing_occurred_at)
+id_too_long                a string id longer than MAX_ID_LEN (128) characters
+invalid_type               a field holds a value of the wrong type (only for dicts that did not
+                           come from the Avro decoder, which guarantees types)
+negative_count             a token count or ``requests`` below zero
+absurd_count               a token count > MAX_TOKENS_PER_EVENT, or requests > MAX_REQUESTS_PER_EVENT
+timestamp_in_future        occurred_at later than now + max_future_ms
+timestamp_too_old          occurred_at before 2000-01-01T00:00:00Z
+too_many_labels            more than MAX_LABELS labels
+label_too_long             a label key or value longer than MAX_LABEL_LEN characters
+empty_usage                all token counts and requests are zero: an event that bills nothing is a
+                           producer bug, never a silent $0
+=========================  ==============================================================
+
+Agreement with the pydantic :class:`~schemas.models.UsageEvent` (checked by a hypothesis property
+test): for a well-typed record, ``validate_record`` accepts iff ``record_to_event`` accepts, except
+for the checks only ``validate_record`` makes — ``timestamp_in_future`` (needs "now", which a
+model must not read), ``timestamp_too_old`` and ``empty_usage`` (pipeline policy, kept out of the
+model so adapters/tests can still build such objects and have them rejected with a reason). The
+model alone checks types (the Avro decoder already guarantees them) and timezone-awareness (an
+epoch-ms int has no zone).
+
+:func:`invalid_event_from_pydantic` maps a pydantic ``ValidationError`` of ``UsageEvent`` to the
+same codes, so the JSON and Avro paths report the same reason for the same fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from meterline.errors import InvalidEvent
+from schemas.models import (
+    MAX_ID_LEN,
+    MAX_LABEL_LEN,
+    MAX_LABELS,
+    MAX_REQUESTS_PER_EVENT,
+    MAX_TOKENS_PER_EVENT,
+    TOKEN_FIELDS,
+)
+
+MIN_OCCURRED_AT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+DEFAULT_MAX_FUTURE_MS = 300_000
+
+REQUIRED_ID_FIELDS: tuple[str, ...] = ("event_id", "customer_id", "provider", "model")
+OPTIONAL_ID_FIELDS: tuple[str, ...] = (
+    "api_key_id",
+    "project",
+    "feature",
+    "user_id",
+    "session_id",
+    "gateway",
+    "model_version",
+    "request_id",
+)
+COUNT_FIELDS: tuple[str, ...] = (*TOKEN_FIELDS, "requests")
+
+REASON_CODES: frozenset[str] = frozenset(
+    {
+        *(f"missing_{f}" for f in (*REQUIRED_ID_FIELDS, "occurred_at")),
+        "id_too_long",
+        "invalid_type",
+        "invalid_timestamp",
+        "negative_count",
+        "absurd_count",
+        "timestamp_in_future",
+        "timestamp_too_old",
+        "too_many_labels",
+        "label_too_long",
+        "empty_usage",
+    }
+)
+
+__all__ = [
+    "MIN_OCCURRED_AT_MS",
+    "REASON_CODES",
+    "invalid_event_from_pydantic",
+    "validate_record",
+]
+
+_COUNT_DEFAULTS = {f: 0 for f in TOKEN_FIELDS} | {"requests": 1}
+_COUNT_LIMITS = {f: MAX_TOKENS_PER_EVENT for f in TOKEN_FIELDS} | {"requests": MAX_REQUESTS_PER_EVENT}
+
+
+def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = DEFAULT_MAX_FUTURE_MS) -> None:
+    """Raise InvalidEvent(reason_code, field) if the decoded UsageEvent dict breaks the contract.
+
+    Absent optional fields take their Avro defaults. ``now_ms`` is the caller's clock (UTC epoch
+    ms), passed in so the check is deterministic.
+    """
+    for name in REQUIRED_ID_FIELDS:
+        v = d.get(name)
+        if type(v) is not str and v is not None:
+            raise InvalidEvent(f"{name} must be a string, got {type(v).__name__}", reason_code="invalid_type", field=name)
+        if not v:
+            raise InvalidEvent(f"{name} is required and must not be empty", reason_code=f"missing_{name}", field=name)
+        if len(v) > MAX_ID_LEN:
+            raise InvalidEvent(f"{name} is {len(v)} characters, at most {MAX_ID_LEN}", reason_code="id_too_long", field=name)
+    for name in OPTIONAL_ID_FIELDS:
+        v = d.get(name)
+        if v is not None:
+            if not isinstance(v, str):
+                raise InvalidEvent(f"{name} must be a string or null", reason_code="invalid_type", field=name)
+            if len(v) > MAX_ID_LEN:
+                raise InvalidEvent(
+                    f"{name} is {len(v)} characters, at most {MAX_ID_LEN}", reason_code="id_too_long", field=name
+                )
+
+    ts = d.get("occurred_at")
+    if ts is None:
+        raise InvalidEvent("occurred_at is required", reason_code="missing_occurred_at", field="occurred_at")
+    if type(ts) is not int:
+        raise InvalidEvent("occurred_at must be int epoch milliseconds", reason_code="invalid_type", field="occurred_at")
+    if ts > now_ms + max_future_ms:
+        raise InvalidEvent(
+            f"occurred_at {ts} is {ts - now_ms} ms in the future (allowed skew {max_future_ms} ms)",
+            reason_code="timestamp_in_future",
+            field="occurred_at",
+        )
+    if ts < MIN_OCCURRED_AT_MS:
+        raise InvalidEvent(
+            f"occurred_at {ts} is before 2000-01-01T00:00:00Z", reason_code="timestamp_too_old", field="occurred_at"
+        )
+
+    total = 0
+    for name in COUNT_FIELDS:
+        v = d.get(name, _COUNT_DEFAULTS[name])
+        if type(v) is not int:
+            raise InvalidEvent(f"{name} must be an integer", reason_code="invalid_type", field=name)
+        if v < 0:
+            raise InvalidEvent(f"{name} is negative ({v})", reason_code="negative_count", field=name)
+        if v > _COUNT_LIMITS[name]:
+            raise InvalidEvent(
+                f"{name} {v} exceeds the per-event maximum {_COUNT_LIMITS[name]}", reason_code="absurd_count", field=name
+            )
+        total += v
+
+    labels = d.get("labels")
+    if labels:
+        if not isinstance(labels, Mapping):
+            raise InvalidEvent("labels must be a string->string map", reason_code="invalid_type", field="labels")
+        if len(labels) > MAX_LABELS:
+            raise InvalidEvent(
+                f"{len(labels)} labels, at most {MAX_LABELS}", reason_code="too_many_labels", field="labels"
+            )
+        for k, v in labels.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise InvalidEvent("labels must be a string->string map", reason_code="invalid_type", field="labels")
+            if len(k) > MAX_LABEL_LEN or len(v) > MAX_LABEL_LEN:
+                raise InvalidEvent(
+                    f"label {k[:32]!r} key or value longer than {MAX_LABEL_LEN} characters",
+                    reason_code="label_too_long",
+                    field="labels",
+                )
+
+    if total == 0:
+        raise InvalidEvent(
+            "all token counts and requests are zero: the event bills nothing", reason_code="empty_usage", field=None
+        )
+
+
+_TYPE_ERRORS_TIMESTAMP = ("datetime", "date", "time", "timezone")
+
+
+def invalid_event_from_pydantic(exc: ValidationError) -> InvalidEvent:
+    """The first error of a UsageEvent ValidationError as an InvalidEvent with a stable code."""
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return InvalidEvent(str(exc), reason_code="invalid_event")
+    err = errors[0]
+    loc = err.get("loc", ())
+    field = str(loc[0]) if loc else None
+    kind = err.get("type", "")
+    msg = err.get("msg", "")
+    where = ".".join(str(p) for p in loc) or "event"
+    message = f"{where}: {msg}"
+    required = field in REQUIRED_ID_FIELDS or field == "occurred_at"
+    if kind == "missing" or (required and (kind == "string_too_short" or err.get("input", "") is None)):
+        code = f"missing_{field}"
+    elif kind == "string_too_long":
+        code = "id_too_long"
+    elif kind == "greater_than_equal":
+        code = "negative_count"
+    elif kind == "less_than_equal":
+        code = "absurd_count"
+    elif field == "occurred_at" and (kind == "value_error" or kind.startswith(_TYPE_ERRORS_TIMESTAMP)):
+        code = "invalid_timestamp"
+    elif field == "labels" and kind == "value_error":
+        code = "too_many_labels" if f"at most {MAX_LABELS} labels" in msg else "label_too_long"
+    else:
+        code = "invalid_type"
+    return InvalidEvent(message, reason_code=code, field=field)
