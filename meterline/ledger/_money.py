@@ -1,0 +1,80 @@
+"""Exact money and time helpers for the ledger: integer picos inside, Decimal at the edges.
+
+One currency unit is ``PICOS_PER_UNIT`` (10**12) picos. ``parse_amount("10.00")`` is exactly
+``10_000_000_000_000``; more than 12 decimals, floats, NaN and infinities are rejected. Times are
+integer milliseconds since the Unix epoch (UTC); calendar periods are computed with integer
+arithmetic only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Literal
+
+from meterline.errors import InputError
+
+PICOS_PER_UNIT = 10**12
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+Period = Literal["day", "month"]
+
+
+class LedgerCommandError(InputError):
+    """A ledger command (or one of its values) breaks the ledger's contract; never retried."""
+
+    reason_code = "invalid_ledger_command"
+
+
+def parse_amount(value: str | Decimal | int) -> int:
+    """Money in currency units (``"10.00"``, ``Decimal("0.000001")``, ``3``) to integer picos.
+
+    Raises LedgerCommandError(reason_code="invalid_amount") for floats, non-numbers, non-finite
+    values and anything finer than 1e-12.
+    """
+    if isinstance(value, bool) or isinstance(value, float):
+        raise LedgerCommandError("amounts must be str, Decimal or int, never float", reason_code="invalid_amount")
+    if isinstance(value, int):
+        return value * PICOS_PER_UNIT
+    try:
+        d = value if isinstance(value, Decimal) else Decimal(value.strip())
+    except (InvalidOperation, AttributeError) as exc:
+        raise LedgerCommandError(f"not a decimal amount: {value!r}", reason_code="invalid_amount") from exc
+    if not d.is_finite():
+        raise LedgerCommandError(f"amount must be finite: {value!r}", reason_code="invalid_amount")
+    scaled = d.scaleb(12)
+    if scaled != scaled.to_integral_value():
+        raise LedgerCommandError(f"more than 12 decimals: {value!r}", reason_code="invalid_amount")
+    return int(scaled)
+
+
+def to_decimal(picos: int) -> Decimal:
+    """Integer picos to an exact Decimal in currency units."""
+    return Decimal(picos).scaleb(-12)
+
+
+def format_picos(picos: int) -> str:
+    """Integer picos to a Decimal string with at least 2 and at most 12 decimals (``"10.00"``)."""
+    d = to_decimal(picos).normalize()
+    exponent = d.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > -2:
+        d = d.quantize(Decimal("0.01"))
+    return f"{d:f}"
+
+
+def to_ms(dt: datetime) -> int:
+    """An aware datetime to integer epoch milliseconds (exact, no float)."""
+    if dt.tzinfo is None:
+        raise LedgerCommandError("datetimes must carry a timezone", reason_code="naive_datetime")
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def from_ms(ms: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def period_key(ms: int, period: Period) -> str:
+    """The UTC calendar period containing ``ms``: ``"2026-11-05"`` (day) or ``"2026-11"`` (month)."""
+    dt = from_ms(ms)
+    return f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}" if period == "day" else f"{dt.year:04d}-{dt.month:02d}"
