@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
 
 from meterline.config import Settings
@@ -91,23 +93,30 @@ def up(
         if demo:
             traffic, demo_thread = _start_demo(runtime, stop)
         deadline = time.monotonic() + duration if duration else None
-        while not stop.is_set():
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            stop.wait(2.0)
-            if demo:
-                _print_summary(runtime, traffic)
-            dead = [w.name for w in runtime.workers if not w.alive()]
-            if dead:
-                err.print(f"[red]worker(s) exited: {', '.join(dead)}[/red]")
-                for w in runtime.workers:
-                    if not w.alive():
-                        err.print(w.log_tail())
-                break
+        live = Live(console=console, refresh_per_second=1, transient=False) if demo and console.is_terminal else None
+        last_print = time.monotonic()
+        with live if live is not None else contextlib.nullcontext():
+            while not stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                stop.wait(1.0)
+                if demo and live is not None:
+                    live.update(Group(*_summary_tables(runtime, traffic)))
+                elif demo and time.monotonic() - last_print >= 10:
+                    last_print = time.monotonic()
+                    _print_summary(runtime, traffic)
+                dead = [w.name for w in runtime.workers if not w.alive()]
+                if dead:
+                    err.print(f"[red]worker(s) exited: {', '.join(dead)}[/red]")
+                    for w in runtime.workers:
+                        if not w.alive():
+                            err.print(w.log_tail())
+                    break
     finally:
         stop.set()
         if demo_thread is not None:
             demo_thread.join(timeout=15)
+            traffic.producer.close()
         if demo:
             _drain_and_summarise(runtime, traffic)
         console.print("[dim]· stopping[/dim]")
@@ -137,11 +146,11 @@ def _summary_tables(runtime: Any, traffic: Any) -> list[Table]:
 
     with runtime.query_client() as ch:
         summary = collect_summary(lambda sql: ch.query(sql).result_rows)
-    t1 = Table(title="priced spend per customer (live)")
-    for col in ("customer", "events", "prompt tok", "completion tok", "list cost", "charge", "margin"):
+    t1 = Table(title="priced spend per customer (live, from ClickHouse usage_priced)")
+    for col in ("customer", "events", "in tok", "out tok", "list cost", "charge", "margin"):
         t1.add_column(col, justify="right" if col != "customer" else "left")
     for cust, events, p, c, cost, charge in summary["customers"]:
-        t1.add_row(cust, f"{events:,}", f"{p:,}", f"{c:,}", money(cost), money(charge), money(charge - cost))
+        t1.add_row(cust, f"{events:,}", f"{p:,}", f"{c:,}", money(cost, 4), money(charge, 4), money(charge - cost, 4))
     t2 = Table(title="spend per model")
     for col in ("provider", "model", "events", "charge"):
         t2.add_column(col)
@@ -152,12 +161,13 @@ def _summary_tables(runtime: Any, traffic: Any) -> list[Table]:
     t3.add_column("events")
     for reason, events in summary["rejected"]:
         t3.add_row(reason, f"{events:,}")
-    sink = runtime.sink
-    caption = (
-        f"produced {traffic.sent:,} events + {traffic.resent:,} gateway retries (duplicates); "
-        f"sink inserted {getattr(sink, 'rows_inserted', 0):,}, dropped {getattr(sink, 'duplicates_dropped', 0):,} replays"
+    priced = sum(row[1] for row in summary["customers"])
+    rejected = sum(row[1] for row in summary["rejected"])
+    t1.caption = (
+        f"gateway sent {traffic.sent:,} events + {traffic.resent:,} retries of already-sent events; "
+        f"priced {priced:,} + dead-lettered {rejected:,} = {priced + rejected:,} "
+        f"(retries charged once; the rest is in flight)"
     )
-    t1.caption = caption
     return [t1, t2, t3]
 
 
