@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 PRICED_COLUMNS: tuple[str, ...] = (
     "event_id", "occurred_at", "customer_id", "api_key_id", "project", "feature", "user_id",
-    "session_id", "gateway", "provider", "model", "model_version", "input_tokens", "output_tokens",
+    "session_id", "gateway", "provider", "model", "model_version", "request_id", "labels", "input_tokens", "output_tokens",
     "cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "requests", "cost", "charge",
     "currency", "price_version", "rate_card", "priced_at", "source_partition", "source_offset",
 )  # fmt: skip
@@ -76,7 +76,7 @@ REJECTED_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 _OPTIONAL_STR = ("api_key_id", "project", "feature", "user_id", "session_id", "gateway", "model_version",
-                 "price_version", "rate_card")  # fmt: skip
+                 "request_id", "price_version", "rate_card")  # fmt: skip
 _COUNTS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MONEY_CTX = decimal.Context(prec=38)
@@ -133,6 +133,7 @@ def priced_row(item: Mapping[str, Any], *, partition: int, offset: int) -> tuple
         out[name] = str(item.get(name) or "")
     for name in _COUNTS:
         out[name] = int(item.get(name) or 0)
+    out["labels"] = {str(k): str(v) for k, v in (item.get("labels") or {}).items()}
     return tuple(out[c] for c in PRICED_COLUMNS)
 
 

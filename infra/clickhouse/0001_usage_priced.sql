@@ -17,6 +17,8 @@ CREATE TABLE IF NOT EXISTS usage_priced
     provider            LowCardinality(String),
     model               LowCardinality(String),
     model_version       LowCardinality(String),
+    request_id          String,
+    labels              Map(String, String),
     input_tokens        UInt64,
     output_tokens       UInt64,
     cached_input_tokens UInt64,

@@ -134,6 +134,7 @@ def test_priced_sums_exact_replays_collapse_price_change_and_rejects(pipeline) -
     after = UsageEvent(
         event_id="after-change", occurred_at=change_at + timedelta(milliseconds=1), customer_id="globex",
         provider="openai", model="gpt-4o", input_tokens=1_000_000, output_tokens=1_000_000, cached_input_tokens=1_000_000,
+        request_id="req-after", labels={"team": "search"},
     )  # fmt: skip
     at_boundary = after.model_copy(update={"event_id": "at-change", "occurred_at": change_at})
     late = after.model_copy(update={"event_id": "late", "occurred_at": change_at - timedelta(milliseconds=1)})
@@ -144,6 +145,9 @@ def test_priced_sums_exact_replays_collapse_price_change_and_rejects(pipeline) -
         pipeline.query("SELECT event_id, cost FROM usage_priced WHERE event_id IN ('after-change', 'at-change', 'late')")
     )
     assert priced == {"after-change": Decimal("13.75"), "at-change": Decimal("13.75"), "late": Decimal("22.50")}
+    assert pipeline.query("SELECT request_id, labels['team'] FROM usage_priced WHERE event_id = 'after-change'") == [
+        ("req-after", "search")
+    ]
 
     # 4. The unknown model is dead-lettered with its reason, never priced at $0.
     pipeline.wait_for(
