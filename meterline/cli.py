@@ -26,6 +26,8 @@ prices_app = typer.Typer(help="Price catalog: load price files, import LiteLLM's
 keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 app.add_typer(prices_app, name="prices")
 app.add_typer(keys_app, name="keys")
+dead_app = typer.Typer(help="Dead-lettered events: re-drive them once the cause is fixed.", no_args_is_help=True)
+app.add_typer(dead_app, name="dead-letters")
 
 console = Console()
 err = Console(stderr=True)
@@ -285,32 +287,77 @@ def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="
         raise typer.Exit(1)
 
 
+def _query(settings: Settings, query: str, parameters: dict[str, Any] | None = None) -> tuple[list[str], list[Any]]:
+    """Read-only SQL: through the running service's API if ``meterline up`` owns the engine, else directly."""
+    from meterline.analytics import run_readonly
+    from meterline.runtime import read_runtime_file
+
+    info = read_runtime_file(settings.data_dir)
+    if info and info.get("api_url"):
+        from meterline.api.client import ApiClient
+
+        key = (settings.data_dir / "admin.key").read_text().strip()
+        out = ApiClient(info["api_url"], key).sql(query, "json", parameters)
+        return list(out["columns"]), [tuple(r) for r in out["rows"]]
+    from meterline.stack.clickhouse import connect
+
+    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters)
+
+
 @app.command()
 def sql(
     query: str = typer.Argument(..., help="Read-only SQL (SELECT / WITH / SHOW / DESCRIBE / EXPLAIN)."),
     fmt: str = typer.Option("table", "--format", help="table | csv | json"),
 ) -> None:
     """Run read-only SQL on ClickHouse: through the running service's API, or directly if none runs."""
-    from meterline.analytics import format_result, run_readonly
-    from meterline.runtime import read_runtime_file
+    from meterline.analytics import format_result
 
     settings = _settings()
-    info = read_runtime_file(settings.data_dir)
     try:
-        if info and info.get("api_url"):
-            from meterline.api.client import ApiClient
-
-            key = (settings.data_dir / "admin.key").read_text().strip()
-            out = ApiClient(info["api_url"], key).sql(query, fmt)
-            sys.stdout.write(out if out.endswith("\n") else out + "\n")
-            return
-        from meterline.stack.clickhouse import connect
-
-        client = connect(settings.resolved_clickhouse_dsn)
-        columns, rows = run_readonly(client, query)
-        sys.stdout.write(format_result(columns, rows, fmt) + "\n")
+        columns, rows = _query(settings, query)
     except MeterlineError as exc:
         raise _fail(exc) from exc
+    text = format_result(columns, rows, fmt)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+@dead_app.command("redrive")
+def dead_letters_redrive(
+    reason: Optional[str] = typer.Option(None, help="Only this reason_code (e.g. unknown_model)."),
+    customer: Optional[str] = typer.Option(None, help="Only this customer."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be re-driven; send nothing."),
+) -> None:
+    """Re-send open dead-lettered events (e.g. after adding the missing price) to usage-events.
+
+    Only events that were dead-lettered one by one (payload_format usage_batch) can be re-driven;
+    each keeps its event_id, so re-driving twice still prices it once.
+    """
+    from pipeline.publish import publish_records
+
+    settings = _settings()
+    where = ["payload_format = 'usage_batch'"]
+    params: dict[str, Any] = {}
+    if reason:
+        where.append("reason_code = {reason:String}")
+        params["reason"] = reason
+    if customer:
+        where.append("customer_id = {customer:String}")
+        params["customer"] = customer
+    query = f"SELECT customer_id, hex(payload) FROM v_rejected_open WHERE {' AND '.join(where)}"
+    try:
+        _, rows = _query(settings, query, params)
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+    if dry_run:
+        console.print(f"{len(rows)} open dead letter(s) would be re-driven")
+        return
+    bootstrap, prefix = _bootstrap(settings)
+    records = [(str(cust), bytes.fromhex(str(payload))) for cust, payload in rows]
+    try:
+        n = publish_records(bootstrap, f"{prefix}usage-events", records)
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+    console.print(f"re-drove {n} dead-lettered event(s) to {prefix}usage-events")
 
 
 # -- keys -------------------------------------------------------------------------------------
