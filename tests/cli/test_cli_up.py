@@ -110,8 +110,8 @@ def test_up_serves_cli_commands_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> 
         deadline = time.monotonic() + 60
         while count("usage_priced") != 2:
             assert time.monotonic() < deadline, "the re-driven event was not priced"
-            if count("v_rejected_open") == 1:
-                assert "re-drove 1" in _run(env, "dead-letters", "redrive", "--reason", "unknown_model").stdout
+            if count("v_rejected_open") >= 1:
+                assert "re-drove" in _run(env, "dead-letters", "redrive", "--reason", "unknown_model").stdout
             time.sleep(1.0)
         assert count("v_rejected_open") == 0
         assert "0 open dead letter" in _run(env, "dead-letters", "redrive", "--dry-run").stdout
