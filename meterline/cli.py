@@ -26,6 +26,9 @@ prices_app = typer.Typer(help="Price catalog: load price files, import LiteLLM's
 keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
 app.add_typer(prices_app, name="prices")
 app.add_typer(keys_app, name="keys")
+from meterline.cli_credits import credits_app  # noqa: E402 - sub-app defined in its own module
+
+app.add_typer(credits_app, name="credits")
 dead_app = typer.Typer(help="Dead-lettered events: re-drive them once the cause is fixed.", no_args_is_help=True)
 app.add_typer(dead_app, name="dead-letters")
 

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_base_url: str | None = None
 
+    # Alerts: webhook receivers (JSON list in the env var) and the HMAC signing secret.
+    alert_webhook_urls: list[str] = Field(default_factory=list)
+    alert_webhook_secret: SecretStr | None = None
+
     # HTTP API.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8787, ge=0, le=65535)

@@ -52,6 +52,8 @@ class Runtime:
         self.api_server: Any = None
         self.admin_key: str | None = None
         self._producer: Any = None
+        self._credits: list[Any] = []
+        self.webhooks: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.log_dir = settings.data_dir / "logs"
@@ -83,6 +85,19 @@ class Runtime:
             if self.with_api:
                 self._start_api()
                 step(f"API listening on {self.api_server.url}")
+            if self.settings.alert_webhook_urls:
+                from meterline.alerts import WebhookDispatcher
+
+                secret = self.settings.alert_webhook_secret
+                self.webhooks = WebhookDispatcher(
+                    self.settings.kafka_bootstrap,
+                    self.settings.topic("alerts"),
+                    f"{self.settings.topic_prefix}webhooks",
+                    urls=self.settings.alert_webhook_urls,
+                    secret=secret.get_secret_value() if secret else "",  # empty -> ConfigError at start
+                    store_path=self.settings.data_dir / "webhooks.sqlite3",
+                ).start()
+                step(f"delivering alerts to {len(self.settings.alert_webhook_urls)} webhook(s)")
             self._write_runtime_file()
         except BaseException:
             self.stop()
@@ -100,6 +115,10 @@ class Runtime:
             self.api_server.stop()
         if self._producer is not None:
             self._producer.close()
+        for part in self._credits:
+            part.close()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         if self.broker is not None:
             self.broker.stop()
         with self.clickhouse_lock:
@@ -153,11 +172,21 @@ class Runtime:
             schema_store_topic=self.settings.topic("schemas"),
         )
         self._producer = producer
+        from meterline.api.credits import credit_routes
+        from meterline.credits_client import CommandPublisher, ReplyWaiter, StatusView
+
+        bootstrap = self.settings.kafka_bootstrap
+        self._credits = [
+            CommandPublisher(bootstrap, self.settings.topic("ledger-commands")),
+            ReplyWaiter(bootstrap, self.settings.topic("ledger-replies")).start(),
+            StatusView(bootstrap, self.settings.topic("customer-status")).start(),
+        ]
         app = create_api(
             self.settings,
             producer=producer,
             clickhouse=self.query_client,
             key_store=keys,
+            extra_routes=credit_routes(*self._credits),
         )
         self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
 
