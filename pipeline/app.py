@@ -28,6 +28,7 @@ import faust
 
 from meterline.config import Settings
 from meterline.pricing import PricingEngine
+from pipeline.credits.agent import register_credit_agent
 from pipeline.pricefeed import PriceFeed
 from pipeline.processor import PricingProcessor, iter_table_entries
 
@@ -80,6 +81,7 @@ def create_app(settings: Settings) -> faust.App:
     since_expiry: dict[int, int] = {}
     app.meterline_processor = processor  # type: ignore[attr-defined]  # for introspection in tests
     app.meterline_feed = feed  # type: ignore[attr-defined]
+    register_credit_agent(app, settings, engine=engine, feed=feed)
 
     @app.on_partitions_revoked.connect
     async def _forget(app: faust.App, revoked: set[Any], **_: Any) -> None:

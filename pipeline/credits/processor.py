@@ -1,0 +1,306 @@
+"""The credit step as a pure function of (source record, stored customer state, prices): no Kafka.
+
+:meth:`CreditProcessor.process` takes one record of ``usage-priced`` or ``ledger-commands`` with
+its position and broker timestamp, and the customer's stored table value, and returns
+:class:`Outcome`: the messages to send (ledger entries, status, alerts, replies, dead letters) and
+the new table value. The faust agent (``pipeline/credits/agent.py``) sends the messages, awaits
+their delivery, THEN stores the value. Everything is deterministic in its inputs — times come from
+the records (``occurred_at``, ``at_ms``, the broker timestamp), never from the wall clock — so a
+replayed record regenerates byte-identical messages with the same ids.
+
+Per record (one record = one customer: a ``PricedBatch`` holds one customer's events):
+
+1. decode; undecodable → one dead letter, and the record's offset is marked applied on the key's
+   customer if that customer exists (else nothing is stored);
+2. load the state (or create it: currency of the event / grant, ``settings``' default otherwise;
+   default policy ``allow`` until the customer's first grant or top-up switches it to ``block``,
+   unless a ``set_policy`` came first);
+3. the record's offset is at or below the state's applied offset for its source partition → skip
+   the WHOLE record (nothing sent, nothing stored);
+4. ``ExpireDue(now_ms=broker timestamp)`` when a grant or hold is due;
+5. apply: every event of a priced record as ``ApplyPricedUsage`` (event-id dedupe inside the
+   ledger), or the command (command-id dedupe kept beside the ledger in the value's ``"x"`` key);
+   a ``LedgerCommandError`` dead-letters that event / command and changes nothing else;
+6. record the source offset (``mark_applied``) in the same value: all events of a record are
+   applied, or (crash before the value is stored) the record is replayed whole.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from meterline.errors import InputError
+from meterline.ledger import (
+    ApplyPricedUsage,
+    Authorize,
+    Command,
+    CustomerLedger,
+    Effects,
+    ExpireDue,
+    Grant,
+    LedgerCommandError,
+    Policy,
+    SetPolicy,
+    SourcePos,
+    TopUp,
+    apply,
+    mark_applied,
+    new_ledger,
+)
+from pipeline.credits.messages import (
+    AuthorizeRequest,
+    LedgerRequest,
+    alert_message,
+    decode_command,
+    encode_message,
+    entry_message,
+    reply_message,
+    status_message,
+)
+from schemas.codec import decode_priced_batch, encode_dead_letter, encode_priced_batch
+
+ENTRIES, STATUS, ALERTS, REPLIES, DEAD = "ledger-entries", "customer-status", "alerts", "ledger-replies", "usage-dead-letter"
+MAX_COMMAND_IDS = 10_000
+COMMAND_ID_WINDOW_MS = 35 * 86_400_000
+
+
+class Pricer(Protocol):
+    def price(self, record: Mapping[str, Any]) -> Any: ...  # PricedAmounts (charge_picos, currency, ...)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one source record produces. ``sends``: (logical topic, key, value, same_partition);
+    ``state``: the new table value for ``customer_id`` (None = store nothing)."""
+
+    customer_id: str | None = None
+    state: dict[str, Any] | None = None
+    sends: list[tuple[str, bytes, bytes, bool]] = field(default_factory=list)
+    skipped: bool = False
+    dead_letters: int = 0
+
+
+def worst_case_charge(pricer: Pricer, customer_id: str, req: AuthorizeRequest, at_ms: int) -> tuple[int, str]:
+    """Largest charge the request can cost: all input at the input rate and every output token at
+    the dearer of the output and reasoning rates. Raises UnpriceableEvent like pricing does."""
+    base = {"customer_id": customer_id, "provider": req.provider, "model": req.model,
+            "model_version": req.model_version, "occurred_at": at_ms, "input_tokens": req.input_tokens_estimate,
+            "cached_input_tokens": 0, "cache_write_tokens": 0, "requests": 1}  # fmt: skip
+    as_output = pricer.price({**base, "output_tokens": req.max_output_tokens, "reasoning_tokens": 0})
+    as_reasoning = pricer.price({**base, "output_tokens": 0, "reasoning_tokens": req.max_output_tokens})
+    return max(as_output.charge_picos, as_reasoning.charge_picos), as_output.currency
+
+
+class CreditProcessor:
+    def __init__(self, pricer: Pricer, *, priced_topic: str, commands_topic: str, default_currency: str = "usd") -> None:
+        self.pricer = pricer
+        self.priced_topic = priced_topic
+        self.commands_topic = commands_topic
+        self.default_currency = default_currency.lower()
+
+    def process(
+        self, topic: str, partition: int, offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None,
+        load: Callable[[str], Mapping[str, Any] | None],
+    ) -> Outcome:
+        src = SourcePos(topic, partition, offset)
+        if topic == self.priced_topic:
+            return self._priced(src, timestamp_ms, key, value, load)
+        return self._command(src, timestamp_ms, key, value, load)
+
+    # ---------------------------------------------------------------------------- usage
+
+    def _priced(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
+                load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+        try:
+            if not value:
+                raise LedgerCommandError("empty record", reason_code="empty_record")
+            events = decode_priced_batch(value)
+            if not events:
+                raise LedgerCommandError("empty priced batch", reason_code="empty_record")
+        except InputError as exc:
+            return self._undecodable(src, now, key, value, exc, "raw", load)
+        customer = str(events[0]["customer_id"])
+        state, extra = self._load(load, customer, str(events[0].get("currency") or self.default_currency))
+        if state.applied_offsets.get(src.key, -1) >= src.offset:
+            return Outcome(customer_id=customer, skipped=True)
+        out = Outcome(customer_id=customer)
+        state = self._expire(state, now, out)
+        for ev in events:
+            try:
+                if ev["customer_id"] != customer:
+                    raise LedgerCommandError("a priced record must hold one customer", reason_code="wrong_customer")
+                cmd = ApplyPricedUsage(
+                    event_id=ev["event_id"], occurred_at_ms=int(ev["occurred_at"]), charge_picos=int(ev["charge_picos"]),
+                    currency=str(ev["currency"]), provider=ev["provider"], model=ev["model"], project=ev.get("project"),
+                    api_key_id=ev.get("api_key_id"), request_id=ev.get("request_id"),
+                )  # fmt: skip
+                state, eff = apply(state, cmd)
+            except (LedgerCommandError, KeyError, TypeError, ValueError) as exc:
+                err = exc if isinstance(exc, InputError) else LedgerCommandError(f"bad priced event: {exc!r}")
+                out.sends.append(self._dead(src, now, customer, ev.get("event_id"), ev.get("occurred_at"),
+                                            _priced_payload(ev), "priced_batch", err))  # fmt: skip
+                out.dead_letters += 1
+                continue
+            self._effects(customer, eff, out)
+        return self._finish(state, extra, src, now, out)
+
+    # ---------------------------------------------------------------------------- commands
+
+    def _command(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
+                 load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+        try:
+            req = decode_command(value or b"")
+        except InputError as exc:
+            return self._undecodable(src, now, key, value, exc, "json", load)
+        customer = req.customer_id
+        state, extra = self._load(load, customer, req.currency or self._authorize_currency(req))
+        if state.applied_offsets.get(src.key, -1) >= src.offset:
+            return Outcome(customer_id=customer, skipped=True)
+        out = Outcome(customer_id=customer)
+        seen = dict(extra.get("cmds", []))
+        if req.command_id in seen and not (req.authorize and req.authorize.request_id in state.holds):
+            if req.authorize is not None:  # a client re-sent an answered request: answer, apply nothing
+                out.sends.append((REPLIES, req.authorize.request_id.encode(), encode_message({
+                    "request_id": req.authorize.request_id, "customer_id": customer, "decision": "deny",
+                    "reason": "duplicate_request", "hold_id": None, "estimate": "0.00", "available": "0.00",
+                    "expires_at_ms": None}), False))  # fmt: skip
+            return self._finish(state, extra, src, now, out, status=False)
+        state = self._expire(state, now, out)
+        try:
+            if req.authorize is not None:
+                state = self._authorize(state, req, out)
+            else:
+                assert req.command is not None
+                had_grants = bool(state.grants)
+                state, eff = apply(state, req.command)
+                self._effects(customer, eff, out)
+                if isinstance(req.command, SetPolicy):
+                    extra["explicit_policy"] = True
+                elif isinstance(req.command, (Grant, TopUp)) and not had_grants and not extra.get("explicit_policy") \
+                        and state.grants and state.policy.overage != "block":
+                    # Default policy: prepaid (block) once a customer has credit, postpaid (allow) before.
+                    state, eff = apply(state, SetPolicy(policy=_with_overage(state.policy, "block"), at_ms=req.at_ms))
+                    self._effects(customer, eff, out)
+        except LedgerCommandError as exc:
+            out.sends.append(self._dead(src, now, customer, req.command_id, None, value or b"", "json", exc))
+            out.dead_letters += 1
+        seen[req.command_id] = max(state.clock_ms, req.at_ms)
+        extra["cmds"] = _bounded(seen)
+        return self._finish(state, extra, src, now, out)
+
+    def _authorize_currency(self, req: LedgerRequest) -> str:
+        return self.default_currency
+
+    def _authorize(self, state: CustomerLedger, req: LedgerRequest, out: Outcome) -> CustomerLedger:
+        a = req.authorize
+        assert a is not None
+        try:
+            estimate, _currency = worst_case_charge(self.pricer, req.customer_id, a, req.at_ms)
+        except InputError as exc:  # no price for the model: refuse, never reserve 0
+            out.sends.append((REPLIES, a.request_id.encode(), encode_message({
+                "request_id": a.request_id, "customer_id": req.customer_id, "decision": "deny",
+                "reason": exc.reason_code, "hold_id": None, "estimate": "0.00", "available": "0.00",
+                "expires_at_ms": None}), False))  # fmt: skip
+            return state
+        cmd = Authorize(request_id=a.request_id, estimate_picos=estimate, now_ms=req.at_ms, provider=a.provider,
+                        model=a.model, project=a.project, api_key_id=a.api_key_id, ttl_ms=a.ttl_ms)  # fmt: skip
+        state, eff = apply(state, cmd)
+        self._effects(req.customer_id, eff, out)
+        assert eff.decision is not None
+        out.sends.append((REPLIES, a.request_id.encode(), encode_message(reply_message(req.customer_id, eff.decision, estimate)), False))
+        return state
+
+    # ---------------------------------------------------------------------------- shared steps
+
+    def _load(self, load: Callable[[str], Mapping[str, Any] | None], customer: str,
+              currency: str) -> tuple[CustomerLedger, dict[str, Any]]:
+        stored = load(customer)
+        if stored is None:
+            return new_ledger(customer, currency, Policy(overage="allow")), {"explicit_policy": False, "cmds": []}
+        return CustomerLedger.from_dict(dict(stored)), dict(stored.get("x") or {})
+
+    @staticmethod
+    def _expire(state: CustomerLedger, now: int, out: Outcome) -> CustomerLedger:
+        due = any(g.state == "live" and g.grant.expires_at_ms is not None and g.grant.expires_at_ms <= now
+                  for g in state.grants.values()) or any(h.expires_ms <= now for h in state.holds.values())  # fmt: skip
+        if not due:
+            return state
+        state, eff = apply(state, ExpireDue(now_ms=now))
+        CreditProcessor._effects(state.customer_id, eff, out)
+        return state
+
+    @staticmethod
+    def _effects(customer: str, eff: Effects, out: Outcome) -> None:
+        key = customer.encode()
+        for e in eff.entries:
+            out.sends.append((ENTRIES, key, encode_message(entry_message(e)), True))
+        for a in eff.alerts:
+            out.sends.append((ALERTS, key, encode_message(alert_message(a)), True))
+        for s in eff.status_changes:
+            what = "blocked" if s.blocked else "unblocked"
+            out.sends.append((ALERTS, key, encode_message({
+                "alert_id": f"{customer}/status/{s.scope}/{s.reason}/{what}/{s.at_ms}", "customer_id": customer,
+                "kind": what, "message": f"{s.scope} {what} ({s.reason})", "at_ms": s.at_ms, "scope": s.scope,
+                "reason": s.reason}), True))  # fmt: skip
+
+    def _finish(self, state: CustomerLedger, extra: dict[str, Any], src: SourcePos, now: int, out: Outcome,
+                *, status: bool = True) -> Outcome:
+        state = mark_applied(state, src)
+        if status:
+            out.sends.append((STATUS, state.customer_id.encode(), encode_message(status_message(state, max(now, state.clock_ms))), True))
+        value = state.to_dict()
+        value["x"] = extra
+        out.state = value
+        return out
+
+    def _undecodable(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None, exc: InputError,
+                     fmt: str, load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+        customer = key.decode("utf-8", "replace") if key else None
+        out = Outcome(customer_id=customer, dead_letters=1)
+        out.sends.append(self._dead(src, now, customer, None, None, value or b"", fmt, exc))
+        stored = load(customer) if customer else None
+        if stored is not None:
+            state = CustomerLedger.from_dict(dict(stored))
+            if state.applied_offsets.get(src.key, -1) >= src.offset:
+                return Outcome(customer_id=customer, skipped=True)
+            value_d = mark_applied(state, src).to_dict()
+            value_d["x"] = dict(stored.get("x") or {})
+            out.state = value_d
+        return out
+
+    @staticmethod
+    def _dead(src: SourcePos, now: int, customer: str | None, event_id: Any, occurred: Any, payload: bytes,
+              fmt: str, exc: InputError) -> tuple[str, bytes, bytes, bool]:
+        record = encode_dead_letter({
+            "reason_code": exc.reason_code, "reason": exc.message, "field": exc.field, "source_topic": src.topic,
+            "source_partition": src.partition, "source_offset": src.offset, "customer_id": customer,
+            "event_id": event_id if isinstance(event_id, str) else None,
+            "occurred_at": occurred if isinstance(occurred, int) else None, "payload": payload,
+            "payload_format": fmt, "failed_at": now,
+        })  # fmt: skip
+        return DEAD, (customer or "").encode(), record, True
+
+
+def _with_overage(p: Policy, overage: str) -> Policy:
+    from dataclasses import replace
+
+    return replace(p, overage=overage)  # type: ignore[arg-type]
+
+
+def _bounded(seen: dict[str, int]) -> list[list[Any]]:
+    """Most recent command ids, within the window and the count bound (oldest dropped first)."""
+    if not seen:
+        return []
+    horizon = max(seen.values()) - COMMAND_ID_WINDOW_MS
+    items = sorted(((t, k) for k, t in seen.items() if t >= horizon))[-MAX_COMMAND_IDS:]
+    return [[k, t] for t, k in items]
+
+
+def _priced_payload(ev: Mapping[str, Any]) -> bytes:
+    try:
+        return encode_priced_batch([dict(ev)])
+    except Exception:  # noqa: BLE001 - an event too broken to re-encode is kept as JSON-ish repr
+        return json.dumps(ev, default=repr).encode()

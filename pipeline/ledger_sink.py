@@ -1,0 +1,108 @@
+"""Ledger entries from the ``ledger-entries`` topic into ClickHouse ``ledger_entries``.
+
+:class:`LedgerEntrySink` IS a :class:`pipeline.sink.ClickHouseSink` — same consumer loop, same
+flush contract (dedupe against what is stored → one insert → synchronous commit), same failure
+paths (ClickHouse down: pause, retry with backoff; crash between insert and commit: replay, and
+step 1 drops what is stored). Only the row mapping and the dedupe/insert target differ:
+
+* ``_buffer`` maps a ``ledger-entries`` JSON value to a :data:`LEDGER_COLUMNS` row; a value that
+  cannot be decoded becomes a ``usage_rejected`` row (reason ``undecodable``) like in the parent;
+* the dedupe query looks for ``(customer_id, entry_id)`` in ``ledger_entries``;
+* the parent's flush writes its first table through ``client.insert("usage_priced", rows,
+  column_names=PRICED_COLUMNS)``; :class:`_LedgerTarget` wraps the client so that one insert goes
+  to ``ledger_entries`` with :data:`LEDGER_COLUMNS` (everything else passes through).
+
+``LEDGER_COLUMNS`` keeps the parent's key positions (entry_id at 0 like event_id, customer_id at 2),
+so the parent's in-buffer dedupe (``_unique`` on those positions) dedupes by entry id.
+Entry ids are deterministic (``{customer}:{seq}``), and ``ledger_entries`` is a ReplacingMergeTree
+on ``(customer_id, entry_id)``: ``FINAL`` reads stay exact even in the parent's known rebalance race.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import Message
+
+from meterline.errors import InputError
+from meterline.ledger import LedgerCommandError, parse_amount, to_decimal
+from pipeline import sink as _sink
+from pipeline.credits.messages import decode_json
+from pipeline.sink import ClickHouseSink
+
+__all__ = ["LEDGER_COLUMNS", "LedgerEntrySink", "ledger_row"]
+
+LEDGER_COLUMNS: tuple[str, ...] = (
+    "entry_id", "at", "customer_id", "seq", "kind", "amount", "currency", "grant_id", "event_id", "reason",
+)  # fmt: skip
+assert (LEDGER_COLUMNS.index("customer_id"), LEDGER_COLUMNS.index("entry_id")) == (_sink._P_CUSTOMER, _sink._P_EVENT)
+
+
+def ledger_row(d: Mapping[str, Any]) -> tuple[Any, ...]:
+    """One ``ledger-entries`` value (dict) -> a ``ledger_entries`` row; exact Decimal amount."""
+    try:
+        amount = to_decimal(parse_amount(str(d["amount"])))
+        return (str(d["entry_id"]), _sink._utc(int(d["at_ms"])), str(d["customer_id"]), int(d["seq"]), str(d["kind"]),
+                amount, str(d["currency"]), str(d.get("grant_id") or ""), str(d.get("event_id") or ""),
+                str(d.get("reason") or ""))  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LedgerCommandError(f"not a ledger entry: {exc!r}", reason_code="undecodable") from exc
+
+
+class _LedgerTarget:
+    """A client proxy that sends the parent's ``usage_priced`` insert to ``ledger_entries``."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def insert(self, table: str, rows: Sequence[tuple[Any, ...]], column_names: Sequence[str] | None = None,
+               **kw: Any) -> Any:  # fmt: skip
+        if table == "usage_priced":
+            return self._client.insert("ledger_entries", rows, column_names=LEDGER_COLUMNS, **kw)
+        return self._client.insert(table, rows, column_names=column_names, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+class LedgerEntrySink(ClickHouseSink):
+    """``ClickHouseSink`` for ``ledger-entries`` (undecodable values go to ``usage_rejected``)."""
+
+    def __init__(self, bootstrap: str, group_id: str, entries_topic: str,
+                 clickhouse: Any | Callable[[], Any], **kwargs: Any) -> None:  # fmt: skip
+        # The parent subscribes to two topics and librdkafka refuses the same name twice: the second
+        # is a regex matching only the entries topic (``_buffer`` is overridden, so nothing is read
+        # as a dead letter here).
+        super().__init__(bootstrap, group_id, entries_topic, f"^{re.escape(entries_topic)}$", clickhouse,
+                         decode_priced=decode_json, decode_dead_letter=decode_json, **kwargs)  # fmt: skip
+
+    def _get_client(self) -> Any:
+        return _LedgerTarget(super()._get_client())
+
+    def _buffer(self, msg: Message) -> None:
+        try:
+            rows_entries = [ledger_row(decode_json(msg.value() or b""))]
+            rows_rej: list[tuple[Any, ...]] = []
+        except InputError as exc:
+            rows_entries, rows_rej = [], [_sink._undecodable_row(msg, exc)]
+        self._priced.extend(rows_entries)
+        self._rejected.extend(rows_rej)
+        self._offsets[(msg.topic(), msg.partition())] = msg.offset()
+        self.messages_consumed += 1
+        if self._first_buffered is None:
+            self._first_buffered = time.monotonic()
+
+    def _drop_stored_priced(self, client: Any, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        if not rows:
+            return rows
+        keys = [(r[2], r[0]) for r in rows]
+        result = client.query(
+            "SELECT customer_id, entry_id FROM ledger_entries WHERE customer_id IN {customers:Array(String)}"
+            " AND (customer_id, entry_id) IN {keys:Array(Tuple(String, String))}",
+            parameters={"customers": sorted({k[0] for k in keys}), "keys": keys},
+        )
+        stored = {(str(c), str(e)) for c, e in result.result_rows}
+        return [r for r, k in zip(rows, keys) if k not in stored]
