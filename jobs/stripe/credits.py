@@ -1,0 +1,171 @@
+"""Prepaid credit is never invoiced twice: ledger grants are mirrored as Stripe credit grants.
+
+Choice (docs/stripe.md): sync pushes ALL usage; every ledger ``grant`` / ``top_up`` command becomes a
+Stripe credit grant (``applicability_config.scope.price_type = metered``) of the same amount,
+category, priority, effective and expiry times, and a ``void`` voids it. Stripe applies the grants
+at invoice finalization, so the invoice reads "usage − credits" and ``amount_due`` is what the
+ledger says is left to pay. The credit agent keeps enforcing the balance in real time; Stripe only
+settles the period.
+
+Exactly once: each grant is looked up in ``stripe_credit_grants`` (ClickHouse), then created with
+Idempotency-Key ``ml-grant-{grant_id}`` and ``metadata.meterline_grant_id``; a replayed command
+(same ``grant_id``) creates nothing.
+
+Limits: Stripe's monetary value is integer cents, so an amount with sub-cent digits is floored to
+the cent (reported); a grant scoped to providers/models/projects cannot be expressed on the one
+``cost`` meter and is skipped and reported (``unsupported_scope``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
+from typing import Any
+
+import stripe
+
+from jobs.stripe._config import BillingConfig
+from jobs.stripe._store import load_customers, load_grants, save_grant
+from meterline.errors import InputError
+
+
+@dataclass
+class GrantSummary:
+    created: list[str] = field(default_factory=list)  # grant ids
+    existing: list[str] = field(default_factory=list)
+    voided: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "grant_id: reason"
+    ignored: int = 0  # commands of other types
+
+
+def _cents(amount: str, grant_id: str, summary: GrantSummary) -> int:
+    try:
+        value = Decimal(amount)
+    except InvalidOperation as exc:
+        raise InputError(f"grant {grant_id}: amount {amount!r} is not a decimal", field="amount") from exc
+    cents = (value * 100).to_integral_value(rounding=ROUND_FLOOR)
+    if cents != value * 100:
+        summary.skipped.append(f"{grant_id}: {amount} has sub-cent digits; granted {cents} cents")
+    return int(cents)
+
+
+def _scoped(scope: Mapping[str, Any] | None) -> bool:
+    return bool(scope) and any(scope.get(k) for k in ("providers", "models", "projects"))  # type: ignore[union-attr]
+
+
+def mirror_grants(client: stripe.StripeClient, ch: Any, cfg: BillingConfig,
+                  commands: Iterable[Mapping[str, Any]]) -> GrantSummary:  # fmt: skip
+    """Apply ledger commands (``credit_msgs`` contract dicts) to Stripe credit grants, idempotently.
+
+    Customers must be provisioned (``stripe_customers``); commands for unknown customers are skipped
+    and reported (run provision, then mirror again: the replay is harmless).
+    """
+    summary = GrantSummary()
+    links = load_customers(ch)
+    known = load_grants(ch)
+    for cmd in commands:
+        kind = cmd.get("type")
+        if kind not in ("grant", "top_up", "void"):
+            summary.ignored += 1
+            continue
+        grant_id = str(cmd.get("grant_id") or "")
+        if not grant_id:
+            raise InputError(f"{kind} command {cmd.get('command_id')} has no grant_id", field="grant_id")
+        if kind == "void":
+            row = known.get(grant_id)
+            if row is None or row[1] != "active":
+                summary.skipped.append(f"{grant_id}: void of an unknown or inactive grant")
+                continue
+            try:
+                client.v1.billing.credit_grants.void_grant(row[0])
+            except stripe.InvalidRequestError as exc:
+                if "already voided" not in str(exc):
+                    raise
+            save_grant(ch, grant_id, str(cmd.get("customer_id")), row[0], row[2], cfg.currency, "voided")
+            known[grant_id] = (row[0], "voided", row[2])
+            summary.voided.append(grant_id)
+            continue
+        if grant_id in known:
+            summary.existing.append(grant_id)
+            continue
+        customer = str(cmd.get("customer_id"))
+        currency = str(cmd.get("currency") or cfg.currency).lower()
+        link = links.get(customer)
+        if link is None:
+            summary.skipped.append(f"{grant_id}: customer {customer} not provisioned in Stripe")
+            continue
+        if currency != cfg.currency:
+            summary.skipped.append(f"{grant_id}: currency {currency} != billing currency {cfg.currency}")
+            continue
+        if _scoped(cmd.get("scope")):
+            summary.skipped.append(f"{grant_id}: unsupported_scope {json.dumps(cmd.get('scope'), sort_keys=True)}")
+            continue
+        cents = _cents(str(cmd.get("amount")), grant_id, summary)
+        if cents <= 0:
+            summary.skipped.append(f"{grant_id}: amount below one cent")
+            continue
+        existing = _find_by_metadata(client, link.stripe_customer_id, grant_id)
+        if existing is None:
+            params: dict[str, Any] = {
+                "customer": link.stripe_customer_id, "name": f"meterline {kind} {grant_id}"[:100],
+                "category": "paid" if kind == "top_up" else str(cmd.get("category") or "promotional"),
+                "priority": max(0, min(100, int(cmd.get("priority") if cmd.get("priority") is not None else 50))),
+                "applicability_config": {"scope": {"price_type": "metered"}},
+                "amount": {"type": "monetary", "monetary": {"currency": currency, "value": cents}},
+                "metadata": {"meterline_grant_id": grant_id, "meterline_customer_id": customer},
+            }  # fmt: skip
+            if cmd.get("effective_at_ms"):
+                params["effective_at"] = int(cmd["effective_at_ms"]) // 1000
+            if cmd.get("expires_at_ms"):
+                params["expires_at"] = int(cmd["expires_at_ms"]) // 1000
+            existing = client.v1.billing.credit_grants.create(params, {"idempotency_key": f"ml-grant-{grant_id}"[:255]})  # type: ignore[arg-type]
+            summary.created.append(grant_id)
+        else:
+            summary.existing.append(grant_id)
+        save_grant(ch, grant_id, customer, str(existing.id), cents, currency, "active")
+        known[grant_id] = (str(existing.id), "active", cents)
+    return summary
+
+
+def _find_by_metadata(client: stripe.StripeClient, stripe_customer: str, grant_id: str) -> Any:
+    for g in client.v1.billing.credit_grants.list({"customer": stripe_customer, "limit": 100}).auto_paging_iter():
+        meta = g.metadata.to_dict() if g.metadata else {}
+        if meta.get("meterline_grant_id") == grant_id:
+            return g
+    return None
+
+
+def consume_commands(bootstrap: str, topic: str, *, group: str = "meterline-stripe-credits",
+                     idle_seconds: float = 5.0) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Yield commands from the ``ledger-commands`` topic until it has been idle ``idle_seconds``.
+
+    A record's offset is committed only when the caller asks for the NEXT command (i.e. after it
+    mirrored this one), so a crash replays commands and :func:`mirror_grants` turns the replay
+    into no-ops. Non-JSON records are skipped.
+    """
+    import time
+
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False,
+                         "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})  # fmt: skip
+    consumer.subscribe([topic])
+    idle_until = time.monotonic() + idle_seconds
+    try:
+        while time.monotonic() < idle_until:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            idle_until = time.monotonic() + idle_seconds
+            try:
+                cmd = json.loads(msg.value() or b"null")
+            except ValueError:
+                continue
+            if isinstance(cmd, dict):
+                yield cmd
+            consumer.commit(msg, asynchronous=False)
+    finally:
+        consumer.close()

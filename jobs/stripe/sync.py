@@ -1,0 +1,274 @@
+"""``meterline stripe sync``: push priced usage from ClickHouse to Stripe meters, exactly once per window.
+
+What is pushed
+    Per customer x meter x window (``sync.window_seconds``, default an hour) the quantity of
+    ``usage_priced FINAL``: in ``cost`` mode the charge in meter units (``charge x 10**unit_exponent``,
+    micro-dollars by default), in ``itemized`` mode the tokens of one model x token class. A window is
+    pushed once it ended ``settle_seconds`` ago; the meter event's timestamp is the window start.
+
+Rounding (cost mode), once per pushed revision, with the remainder carried
+    ``exact = delta x 10**unit_exponent + carry_before``; ``value = floor(exact)``;
+    ``carry_after = exact - value`` (0 <= carry < 1 unit) goes to the customer x meter's next push.
+    So the sum of values ever pushed = the exact charge total - the current carry (< 1 unit =
+    0.000001 USD): nothing is lost over a period, and values are whole non-negative numbers.
+
+The cursor (``stripe_pushes``) and the order of every run — each step is safe to crash after:
+    1. re-read the cursor; windows whose usage grew get a new revision ``r{n+1}`` carrying the
+       delta (late usage); windows older than ``max_age_seconds`` (Stripe: 35 days) are recorded
+       ``too_old`` and reported, never silently dropped;
+    2. insert the new revisions as ``pending`` (intent log) BEFORE sending anything;
+    3. send every ``pending`` row (older runs' too) with identifier
+       ``ml:{customer}:{meter}:{window_start}:r{revision}`` and Idempotency-Key ``ml-me-{identifier}``;
+       Stripe answers "already exists" for one it has: that counts as delivered;
+    4. record ``acked`` / ``too_old`` / ``failed`` (in batches of 100 and on exit).
+    A crash between 3 and 4 re-sends only un-acknowledged rows; the identifier makes that harmless
+    (within Stripe's 24 h identifier window: a run must not stay crashed for a day — see docs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Decimal
+from pathlib import Path
+from typing import Any
+
+from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, StripeTarget, meter_specs
+from jobs.stripe._send import STREAM_BATCH, MeterEventSender
+from jobs.stripe._store import (
+    ACKED,
+    FAILED,
+    PENDING,
+    TOO_OLD,
+    Push,
+    insert_pushes,
+    last_carry,
+    load_customers,
+    load_pushes,
+    utc,
+)
+
+MAX_VALUE = 10**15 - 1  # Stripe: at most 15 significant digits
+MAX_IDENTIFIER = 100
+ACK_FLUSH = 100
+UsageKey = tuple[str, str, int]  # (customer_id, meter event_name, window_start)
+
+
+@dataclass
+class SyncSummary:
+    windows: int = 0  # customer x meter x window quantities read from ClickHouse
+    planned: int = 0  # new revisions planned this run
+    resent: int = 0  # pending revisions of an earlier run sent again
+    sent: int = 0  # events sent to Stripe
+    acked: int = 0  # of which Stripe has them (incl. "already exists")
+    carried: int = 0  # revisions that rounded to 0 units (all carried forward, nothing sent)
+    retries: int = 0
+    transport: str = "v1"
+    too_old: list[Push] = field(default_factory=list)
+    failed: list[Push] = field(default_factory=list)
+    shrunk: list[str] = field(default_factory=list)  # windows whose usage went DOWN (cannot un-push)
+    unmapped: list[str] = field(default_factory=list)  # customers / models with no Stripe mapping
+    other_currency_events: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.too_old or self.failed or self.shrunk or self.unmapped)
+
+
+def identifier(customer: str, meter: str, window_start: int, revision: int) -> str:
+    """``ml:{customer}:{meter}:{window_start}:r{revision}``; hashed when over Stripe's 100 chars."""
+    ident = f"ml:{customer}:{meter}:{window_start}:r{revision}"
+    if len(ident) <= MAX_IDENTIFIER:
+        return ident
+    digest = hashlib.sha256(f"{customer}\x00{meter}".encode()).hexdigest()[:32]
+    return f"ml:h{digest}:{window_start}:r{revision}"
+
+
+# --------------------------------------------------------------------------- reading usage
+
+
+def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: int, until: int,
+                    summary: SyncSummary | None = None, customer: str | None = None) -> dict[UsageKey, Decimal]:  # fmt: skip
+    """Exact quantity per (customer, meter, window_start) for windows in [since, until)."""
+    w = cfg.sync.window_seconds
+    params: dict[str, Any] = {"w": w, "since": utc(since), "until": utc(until), "cur": cfg.currency}
+    where = "occurred_at >= {since:DateTime64(3)} AND occurred_at < {until:DateTime64(3)}"
+    if customer is not None:
+        where += " AND customer_id = {customer:String}"
+        params["customer"] = customer
+    ws = "intDiv(toUnixTimestamp(occurred_at), {w:UInt32}) * {w:UInt32}"
+    out: dict[UsageKey, Decimal] = {}
+    if summary is not None:
+        summary.other_currency_events = int(ch.query(
+            f"SELECT count() FROM usage_priced FINAL WHERE {where} AND currency != {{cur:String}}", parameters=params
+        ).result_rows[0][0])  # fmt: skip
+    if cfg.mode == "cost":
+        rows = ch.query(f"SELECT customer_id, {ws} AS ws, sum(charge) FROM usage_priced FINAL "
+                        f"WHERE {where} AND currency = {{cur:String}} GROUP BY customer_id, ws",
+                        parameters=params).result_rows  # fmt: skip
+        for cust, start, charge in rows:
+            out[(cust, specs[0].event_name, int(start))] = Decimal(charge)
+        return out
+    index = {(s.provider, s.model, s.model_version, s.token_class): s.event_name for s in specs}
+    rows = ch.query(f"SELECT customer_id, {ws} AS ws, provider, model, model_version, sum(input_tokens), "
+                    "sum(output_tokens), sum(cached_input_tokens), sum(cache_write_tokens), sum(reasoning_tokens) "
+                    f"FROM usage_priced FINAL WHERE {where} AND currency = {{cur:String}} "
+                    "GROUP BY customer_id, ws, provider, model, model_version", parameters=params).result_rows  # fmt: skip
+    classes = ("input", "output", "cached_input", "cache_write", "reasoning")
+    for cust, start, provider, model, version, *tokens in rows:
+        for cls, n in zip(classes, tokens):
+            if not n:
+                continue
+            name = index.get((provider, model, version or None, cls)) or index.get((provider, model, None, cls))
+            if name is None:
+                if summary is not None and f"{provider}/{model}:{cls}" not in summary.unmapped:
+                    summary.unmapped.append(f"{provider}/{model}:{cls}")
+                continue
+            key = (cust, name, int(start))
+            out[key] = out.get(key, Decimal(0)) + Decimal(int(n))
+    return out
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: int, since: int,
+         summary: SyncSummary) -> list[Push]:  # fmt: skip
+    """New revisions for every window whose usage grew since it was last planned (not yet stored)."""
+    scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
+    by_key: dict[UsageKey, list[Push]] = defaultdict(list)
+    for p in load_pushes(ch, since=since):
+        by_key[(p.customer_id, p.meter, p.window_start)].append(p)
+    carry = last_carry(ch)
+    oldest_ok = now - cfg.sync.max_age_seconds + 60  # one minute of slack for clock skew and transit
+    new: list[Push] = []
+    for key in sorted(usage):
+        cust, meter, ws = key
+        prior = by_key.get(key, [])
+        delta = usage[key] - sum((p.amount for p in prior), Decimal(0))
+        if delta == 0:
+            continue
+        if delta < 0:
+            summary.shrunk.append(f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed {usage[key] - delta}")
+            continue
+        rev = max((p.revision for p in prior), default=-1) + 1
+        seq, before = carry.get((cust, meter), (0, Decimal(0)))
+        seq += 1
+        ident = identifier(cust, meter, ws, rev)
+        if ws < oldest_ok:
+            push = Push(cust, meter, ws, rev, ident, seq, delta, 0, before, TOO_OLD,
+                        f"window older than {cfg.sync.max_age_seconds}s: Stripe refuses it")  # fmt: skip
+        else:
+            exact = delta * scale + before
+            value = int(exact.to_integral_value(rounding=ROUND_FLOOR))
+            push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
+            if value > MAX_VALUE:
+                push = push.with_status(FAILED, f"value {value} has more than 15 digits: use a shorter window")
+        carry[(cust, meter)] = (seq, push.carry_after)
+        new.append(push)
+    return new
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None = None, root: Path = REPO_ROOT,
+         progress: bool = False, on_sent: Callable[[Push], None] | None = None,
+         sleep: Callable[[float], None] = time.sleep) -> SyncSummary:  # fmt: skip
+    """One sync run (see the module docstring). ``now`` is Stripe's clock (default: wall time).
+
+    ``on_sent(push)`` runs after Stripe answered for ``push`` and before the cursor records it
+    (crash-injection point for tests). Raises TransientError when Stripe stays unavailable
+    (acknowledged rows are recorded first; the rest stay pending for the next run).
+    """
+    now = int(time.time()) if now is None else int(now)
+    w = cfg.sync.window_seconds
+    summary = SyncSummary()
+    specs = meter_specs(cfg, root)
+    since = (now - 2 * cfg.sync.max_age_seconds) // w * w  # older late usage is still reported
+    until = (now - cfg.sync.settle_seconds) // w * w  # only windows that ended settle_seconds ago
+    usage = aggregate_usage(ch, cfg, specs, since, until, summary)
+    summary.windows = len(usage)
+    pending_before = [p for p in load_pushes(ch, since=since) if p.status == PENDING]
+    new = plan(ch, cfg, usage, now=now, since=since, summary=summary)
+    insert_pushes(ch, new)  # step 2: the intent log, before anything is sent
+    summary.planned = len(new)
+    summary.resent = len(pending_before)
+    summary.carried = sum(1 for p in new if p.status == ACKED)
+    summary.too_old = [p for p in new if p.status == TOO_OLD]
+    summary.failed = [p for p in new if p.status == FAILED]
+    to_send = sorted(pending_before + [p for p in new if p.status == PENDING],
+                     key=lambda p: (p.window_start, p.customer_id, p.meter, p.revision))  # fmt: skip
+    links = _customer_links(target, ch, cfg, {p.customer_id for p in to_send}, root, summary)
+    to_send = [p for p in to_send if p.customer_id in links]
+    sender = MeterEventSender(target, max_attempts=cfg.sync.max_attempts, backoff=cfg.sync.backoff_seconds, sleep=sleep)
+    summary.transport = "v2" if len(to_send) > cfg.sync.stream_threshold else "v1"
+    done: list[Push] = []
+
+    def record(push: Push, status: str, error: str) -> None:
+        if on_sent is not None:
+            on_sent(push)
+        summary.sent += 1
+        final = push.with_status(status, error)
+        if status == ACKED:
+            summary.acked += 1
+        elif status == TOO_OLD:
+            summary.too_old.append(final)
+        else:
+            summary.failed.append(final)
+        done.append(final)
+        if len(done) >= ACK_FLUSH:
+            insert_pushes(ch, done)
+            done.clear()
+
+    bar, task = _progress(progress, len(to_send))
+    try:
+        if summary.transport == "v2":
+            for i in range(0, len(to_send), STREAM_BATCH):
+                batch = to_send[i : i + STREAM_BATCH]
+                results = sender.send_stream([(p, links[p.customer_id]) for p in batch])
+                for p, (status, error) in zip(batch, results):
+                    record(p, status, error)
+                if bar is not None:
+                    bar.advance(task, len(batch))
+        else:
+            for p in to_send:
+                status, error = sender.send_one(p, links[p.customer_id])
+                record(p, status, error)
+                if bar is not None:
+                    bar.advance(task)
+    finally:
+        insert_pushes(ch, done)  # step 4 on every exit path: what Stripe acknowledged is never re-planned
+        summary.retries = sender.retries
+        if bar is not None:
+            bar.stop()
+    return summary
+
+
+def _customer_links(target: StripeTarget, ch: Any, cfg: BillingConfig, customers: set[str], root: Path,
+                    summary: SyncSummary) -> dict[str, str]:  # fmt: skip
+    links = {cid: link.stripe_customer_id for cid, link in load_customers(ch).items() if cid in customers}
+    missing = sorted(customers - set(links))
+    if missing and cfg.sync.auto_provision_customers:
+        from jobs.stripe.provision import ensure_customers, price_ids
+
+        client = target.client()
+        made = ensure_customers(client, ch, cfg, missing, price_ids(client, cfg, root))
+        links.update({cid: link.stripe_customer_id for cid, link in made.items()})
+    summary.unmapped.extend(f"customer {cid} (not provisioned)" for cid in sorted(customers - set(links)))
+    return links
+
+
+def _progress(enabled: bool, total: int) -> tuple[Any, Any]:
+    if not enabled or total == 0:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("pushing meter events"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   transient=True)  # fmt: skip
+    task = bar.add_task("push", total=total)
+    bar.start()
+    return bar, task
