@@ -29,6 +29,10 @@ app.add_typer(keys_app, name="keys")
 from meterline.cli_credits import credits_app  # noqa: E402 - sub-app defined in its own module
 
 app.add_typer(credits_app, name="credits")
+from jobs.stripe.cli import statement_command, stripe_app  # noqa: E402
+
+app.add_typer(stripe_app, name="stripe")
+app.command("statement")(statement_command)
 dead_app = typer.Typer(help="Dead-lettered events: re-drive them once the cause is fixed.", no_args_is_help=True)
 app.add_typer(dead_app, name="dead-letters")
 

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     # Stripe: a real key, or empty to use the bundled local Stripe-compatible server.
     stripe_api_key: SecretStr | None = None
     stripe_base_url: str | None = None
+    stripe_webhook_secret: SecretStr | None = None  # enables POST /v1/stripe/webhook (paid top-ups)
 
     # Alerts: webhook receivers (JSON list in the env var) and the HMAC signing secret.
     alert_webhook_urls: list[str] = Field(default_factory=list)

@@ -49,6 +49,7 @@ class Runtime:
         self.clickhouse_lock = threading.RLock()
         self.workers: list[WorkerProcess] = []
         self.sink: Any = None
+        self.ledger_sink: Any = None
         self.api_server: Any = None
         self.admin_key: str | None = None
         self._producer: Any = None
@@ -148,9 +149,18 @@ class Runtime:
             dead_letter_topic=self.settings.topic("usage-dead-letter"),
             clickhouse=_LockedClient(self.clickhouse, self.clickhouse_lock),
         )
-        t = threading.Thread(target=self.sink.run, args=(self._stop,), name="meterline-sink", daemon=True)
-        t.start()
-        self._threads.append(t)
+        from pipeline.ledger_sink import LedgerEntrySink
+
+        self.ledger_sink = LedgerEntrySink(
+            self.settings.kafka_bootstrap,
+            f"{self.settings.topic_prefix}ledger-sink",
+            self.settings.topic("ledger-entries"),
+            _LockedClient(self.clickhouse, self.clickhouse_lock),
+        )
+        for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink)):
+            t = threading.Thread(target=sink.run, args=(self._stop,), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _start_api(self) -> None:
         from meterline.api.app import create_api
@@ -186,9 +196,24 @@ class Runtime:
             producer=producer,
             clickhouse=self.query_client,
             key_store=keys,
-            extra_routes=credit_routes(*self._credits),
+            extra_routes=credit_routes(*self._credits) + self._stripe_routes(),
         )
         self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
+
+    def _stripe_routes(self) -> list[Any]:
+        """POST /v1/stripe/webhook (paid top-ups → ledger commands) when a signing secret is set."""
+        secret = self.settings.stripe_webhook_secret
+        if secret is None:
+            return []
+        from jobs.stripe import ClickHouseSeen, kafka_publisher, webhook_route
+
+        return [
+            webhook_route(
+                endpoint_secret=secret.get_secret_value(),
+                publish=kafka_publisher(self.settings.kafka_bootstrap, self.settings.topic("ledger-commands")),
+                seen=ClickHouseSeen(_LockedClient(self.clickhouse, self.clickhouse_lock)),
+            )
+        ]
 
     def _write_runtime_file(self) -> None:
         info = {
