@@ -134,7 +134,15 @@ def up(
 
 
 def _start_demo(runtime: Any, stop: threading.Event) -> tuple[Any, threading.Thread]:
-    from meterline.demo import SEED_PRICES, DemoTraffic
+    from meterline.demo import (
+        RUNAWAY_AFTER_S,
+        RUNAWAY_CAP_PER_MINUTE,
+        RUNAWAY_CUSTOMER,
+        SEED_PRICES,
+        UMBRELLA_CREDIT,
+        DemoTraffic,
+        demo_credit_commands,
+    )
     from meterline.pricing import load_price_book
     from pipeline.publish import publish_records
     from schemas.producer import UsageProducer
@@ -143,8 +151,20 @@ def _start_demo(runtime: Any, stop: threading.Event) -> tuple[Any, threading.Thr
     book = load_price_book(seed)
     n = publish_records(runtime.settings.kafka_bootstrap, runtime.settings.topic("prices"), book.to_records())
     console.print(f"[dim]·[/dim] published {n} price records from {SEED_PRICES}")
+    for command in demo_credit_commands():
+        runtime.commands.send(command)
+    console.print(
+        f"[dim]·[/dim] umbrella prepaid ${UMBRELLA_CREDIT} (blocked when it runs out); "
+        f"{RUNAWAY_CUSTOMER}'s agent loops after {RUNAWAY_AFTER_S:.0f}s (runaway guard: ${RUNAWAY_CAP_PER_MINUTE}/min)"
+    )
     producer = UsageProducer(runtime.settings.kafka_bootstrap, runtime.settings.topic("usage-events"))
-    traffic = DemoTraffic(producer)
+    status_view = runtime.status_view
+
+    def allowed(customer_id: str) -> bool:
+        value = status_view.get(customer_id)
+        return not (value and value.get("status") == "blocked")
+
+    traffic = DemoTraffic(producer, allowed=allowed)
     thread = threading.Thread(target=traffic.run, args=(stop,), name="meterline-demo", daemon=True)
     thread.start()
     return traffic, thread
@@ -177,7 +197,23 @@ def _summary_tables(runtime: Any, traffic: Any) -> list[Table]:
         f"priced {priced:,} + dead-lettered {rejected:,} = {priced + rejected:,} "
         f"(retries charged once; the rest is in flight)"
     )
-    return [t1, t2, t3]
+    t4 = Table(title="credit enforcement (live, from the credit agent's customer-status)")
+    for col in ("customer", "status", "reason", "available", "overage", "gateway refused"):
+        t4.add_column(col)
+    view = runtime.status_view
+    for customer in sorted(view.customers()) if view is not None else []:
+        value = view.get(customer) or {}
+        balance = value.get("balance") or {}
+        blocked = value.get("status") == "blocked"
+        t4.add_row(
+            customer,
+            "[red]blocked[/red]" if blocked else "[green]active[/green]",
+            str(value.get("reason") or ""),
+            f"${balance.get('available', '0')}",
+            f"${balance.get('overage', '0')}",
+            f"{traffic.refused.get(customer, 0):,}",
+        )
+    return [t1, t2, t3, t4]
 
 
 def _print_summary(runtime: Any, traffic: Any) -> None:

@@ -12,6 +12,8 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -41,7 +43,38 @@ CUSTOMERS: tuple[DemoCustomer, ...] = (
         "initech", 2, (("mistral", "mistral-large-2", None), ("mistral", "mixtral-8x22b", None)), ("tps-reports", "agents")
     ),
     DemoCustomer("umbrella", 1, (("meta", "llama-3-70b", None), ("openai", "gpt-4o", None)), ("research",)),
+    DemoCustomer("hooli", 1, (("openai", "o1", None),), ("agents",)),
 )  # fmt: skip
+
+# Credit story of the demo: umbrella prepaid a little and runs out (blocked: credit_exhausted);
+# hooli's agent gets stuck in a loop after RUNAWAY_AFTER_S and trips the runaway guard (blocked).
+UMBRELLA_CREDIT = "1.50"
+RUNAWAY_CUSTOMER = "hooli"
+RUNAWAY_AFTER_S = 12.0
+RUNAWAY_CAP_PER_MINUTE = "5.00"
+
+
+def demo_credit_commands() -> list[dict[str, Any]]:
+    """Ledger commands the demo publishes at start (deterministic ids: re-running changes nothing)."""
+    from meterline.credits_client import grant_command, policy_command
+
+    return [
+        policy_command("umbrella", {"overage": "block", "command_id": "demo:umbrella:policy"}),
+        grant_command(
+            {"customer_id": "umbrella", "grant_id": "demo-umbrella-prepaid", "amount": UMBRELLA_CREDIT, "currency": "usd"}
+        ),
+        policy_command(
+            RUNAWAY_CUSTOMER,
+            {
+                "overage": "allow",
+                "command_id": "demo:hooli:policy",
+                "runaway_customer": {
+                    "window_ms": 60_000, "bucket_ms": 10_000, "baseline_ms": 600_000,
+                    "abs_cap": RUNAWAY_CAP_PER_MINUTE, "block": True,
+                },
+            },
+        ),
+    ]  # fmt: skip
 
 UNPRICED_MODEL = ("openai", "gpt-7-preview", None)
 
@@ -49,8 +82,20 @@ UNPRICED_MODEL = ("openai", "gpt-7-preview", None)
 class DemoTraffic:
     """Produces demo usage through a :class:`schemas.producer.UsageProducer` at a steady rate."""
 
-    def __init__(self, producer: Any, *, rate_per_s: float = 200.0, seed: int = 7) -> None:
+    def __init__(
+        self,
+        producer: Any,
+        *,
+        rate_per_s: float = 200.0,
+        seed: int = 7,
+        allowed: Callable[[str], bool] | None = None,
+        runaway_after_s: float | None = RUNAWAY_AFTER_S,
+    ) -> None:
         self.producer = producer
+        self.allowed = allowed or (lambda _customer: True)
+        self.runaway_after_s = runaway_after_s
+        self.refused: Counter[str] = Counter()
+        self._started = time.monotonic()
         self.rate_per_s = rate_per_s
         self.rng = random.Random(seed)
         self.sent = 0
@@ -87,19 +132,49 @@ class DemoTraffic:
             reasoning_tokens=reasoning,
         )
 
+    def _send(self, event: UsageEvent) -> bool:
+        """The demo gateway: refuse requests of a customer whose live status is blocked."""
+        if not self.allowed(event.customer_id):
+            self.refused[event.customer_id] += 1
+            return False
+        self.producer.send(event)
+        return True
+
+    def runaway_events(self, n: int) -> list[UsageEvent]:
+        """An agent stuck in a loop: the same expensive reasoning call, again and again."""
+        base = self.make_event()
+        return [
+            base.model_copy(
+                update={
+                    "event_id": str(uuid.UUID(int=self.rng.getrandbits(128))),
+                    "customer_id": RUNAWAY_CUSTOMER, "api_key_id": f"key-{RUNAWAY_CUSTOMER}-1",
+                    "provider": "openai", "model": "o1", "model_version": None, "project": "agents",
+                    "input_tokens": 20_000, "cached_input_tokens": 0, "cache_write_tokens": 0,
+                    "output_tokens": 2_000, "reasoning_tokens": 3_000,
+                }
+            )
+            for _ in range(n)
+        ]  # fmt: skip
+
     def tick(self, n: int) -> None:
+        if self.runaway_after_s is not None and time.monotonic() - self._started >= self.runaway_after_s:
+            for event in self.runaway_events(5):
+                if self._send(event):
+                    self.sent += 1
         for _ in range(n):
             roll = self.rng.random()
             if roll < 0.02 and self._recent:
-                self.producer.send(self.rng.choice(self._recent))  # a gateway retry: same event_id
-                self.resent += 1
+                if self._send(self.rng.choice(self._recent)):  # a gateway retry: same event_id
+                    self.resent += 1
                 continue
             event = self.make_event()
             if roll > 0.995:
                 provider, model, _ = UNPRICED_MODEL
                 event = event.model_copy(update={"provider": provider, "model": model, "model_version": None})
+            if not self._send(event):
+                continue
+            if roll > 0.995:
                 self.unpriced += 1
-            self.producer.send(event)
             self.sent += 1
             self._recent.append(event)
             if len(self._recent) > 200:

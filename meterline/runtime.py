@@ -131,6 +131,16 @@ class Runtime:
         (self.settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
 
     @property
+    def commands(self) -> Any:
+        """The ledger-command publisher (CommandPublisher) of the API's credits routes."""
+        return self._credits[0] if self._credits else None
+
+    @property
+    def status_view(self) -> Any:
+        """The live customer-status view (StatusView) the API answers from."""
+        return self._credits[2] if self._credits else None
+
+    @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
