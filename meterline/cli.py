@@ -33,10 +33,14 @@ from jobs.stripe.cli import statement_command, stripe_app  # noqa: E402
 
 app.add_typer(stripe_app, name="stripe")
 app.command("statement")(statement_command)
+from meterline.verify import verify_command  # noqa: E402
+
+app.command("verify")(verify_command)
 dead_app = typer.Typer(help="Dead-lettered events: re-drive them once the cause is fixed.", no_args_is_help=True)
 app.add_typer(dead_app, name="dead-letters")
 
-console = Console()
+# Piped output (CI logs, `| tee`) gets a wider fixed width than rich's 80 so the demo tables fit.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
@@ -128,6 +132,7 @@ def up(
             traffic.producer.close()
         if demo:
             _drain_and_summarise(runtime, traffic)
+            _close_demo_period(traffic)
         console.print("[dim]· stopping[/dim]")
         runtime.stop()
         console.print("[green]stopped[/green]")
@@ -165,6 +170,11 @@ def _start_demo(runtime: Any, stop: threading.Event) -> tuple[Any, threading.Thr
         return not (value and value.get("status") == "blocked")
 
     traffic = DemoTraffic(producer, allowed=allowed)
+    from meterline.demo import CUSTOMERS
+    from meterline.demo_billing import DemoBilling
+
+    traffic.billing = DemoBilling(runtime, [c.customer_id for c in CUSTOMERS])
+    console.print(f"[dim]·[/dim] Stripe (local server, {traffic.billing.path}): customers provisioned for this period")
     thread = threading.Thread(target=traffic.run, args=(stop,), name="meterline-demo", daemon=True)
     thread.start()
     return traffic, thread
@@ -238,6 +248,31 @@ def _drain_and_summarise(runtime: Any, traffic: Any) -> None:
             break
         time.sleep(0.5)
     _print_summary(runtime, traffic)
+
+
+def _close_demo_period(traffic: Any) -> None:
+    """End the demo billing period in (local) Stripe and show the invoices."""
+    billing = getattr(traffic, "billing", None)
+    if billing is None:
+        return
+    console.print("[dim]·[/dim] closing the billing period: mirror prepaid grants, sync usage to Stripe meters, invoice")
+    try:
+        rows, summary = billing.close_period()
+    except Exception as exc:  # noqa: BLE001 - the demo reports what went wrong and still stops cleanly
+        err.print(f"[red]billing failed: {exc}[/red]")
+        billing.stop()
+        return
+    table = Table(title=f"Stripe invoices for the demo period ({summary.acked} meter events acknowledged)")
+    for col in ("customer", "usage charge (exact)", "invoice", "subtotal", "prepaid credit", "total due", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.customer_id, f"${r.usage_charge.normalize():f}", r.invoice_id, f"${r.subtotal_cents / 100:,.2f}",
+            f"-${r.credit_cents / 100:,.2f}", f"${r.total_cents / 100:,.2f}", r.status,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"[dim]invoices are kept in {billing.path}: python -m meterline.stripe_local --state {billing.path}[/dim]")
+    billing.stop()
 
 
 # -- migrate / topics -------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def _iter_lines(lines: Iterable[str | bytes]) -> Iterator[tuple[int, UsageEvent 
             continue
         try:
             obj = json.loads(line)  # bytes are decoded as UTF-8 (with or without BOM)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting bombs
             yield lineno, InvalidEvent(f"line {lineno}: not JSON: {exc}", reason_code="invalid_json")
             continue
         try:

@@ -164,7 +164,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
 
 
