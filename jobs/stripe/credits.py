@@ -28,7 +28,7 @@ import stripe
 
 from jobs.stripe._config import BillingConfig
 from jobs.stripe._store import load_customers, load_grants, save_grant
-from meterline.errors import InputError
+from meterline.errors import TransientError, InputError
 
 
 @dataclass
@@ -152,11 +152,19 @@ def consume_commands(bootstrap: str, topic: str, *, group: str = "meterline-stri
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
                          "enable.auto.commit": False,
                          "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})  # fmt: skip
-    consumer.subscribe([topic])
-    idle_until = time.monotonic() + idle_seconds
+    assigned: list[bool] = []
+    consumer.subscribe([topic], on_assign=lambda _c, _parts: assigned.append(True))
+    # The idle clock starts once the group has assigned partitions: a group join alone can take
+    # several seconds, and stopping before it would silently mirror nothing.
+    join_deadline = time.monotonic() + max(30.0, idle_seconds)
+    idle_until = float("inf")
     try:
         while time.monotonic() < idle_until:
             msg = consumer.poll(0.5)
+            if assigned and idle_until == float("inf"):
+                idle_until = time.monotonic() + idle_seconds
+            if not assigned and time.monotonic() > join_deadline:
+                raise TransientError(f"no partitions of {topic} were assigned within 30 s")
             if msg is None or msg.error():
                 continue
             idle_until = time.monotonic() + idle_seconds

@@ -103,11 +103,11 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
     out: dict[UsageKey, Decimal] = {}
     if summary is not None:
         summary.other_currency_events = int(ch.query(
-            f"SELECT count() FROM usage_priced FINAL WHERE {where} AND currency != {{cur:String}}", parameters=params
+            f"SELECT count() FROM usage_priced FINAL WHERE {where} AND lower(currency) != {{cur:String}}", parameters=params
         ).result_rows[0][0])  # fmt: skip
     if cfg.mode == "cost":
         rows = ch.query(f"SELECT customer_id, {ws} AS ws, sum(charge) FROM usage_priced FINAL "
-                        f"WHERE {where} AND currency = {{cur:String}} GROUP BY customer_id, ws",
+                        f"WHERE {where} AND lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
                         parameters=params).result_rows  # fmt: skip
         for cust, start, charge in rows:
             out[(cust, specs[0].event_name, int(start))] = Decimal(charge)
@@ -115,7 +115,7 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
     index = {(s.provider, s.model, s.model_version, s.token_class): s.event_name for s in specs}
     rows = ch.query(f"SELECT customer_id, {ws} AS ws, provider, model, model_version, sum(input_tokens), "
                     "sum(output_tokens), sum(cached_input_tokens), sum(cache_write_tokens), sum(reasoning_tokens) "
-                    f"FROM usage_priced FINAL WHERE {where} AND currency = {{cur:String}} "
+                    f"FROM usage_priced FINAL WHERE {where} AND lower(currency) = {{cur:String}} "
                     "GROUP BY customer_id, ws, provider, model, model_version", parameters=params).result_rows  # fmt: skip
     classes = ("input", "output", "cached_input", "cache_write", "reasoning")
     for cust, start, provider, model, version, *tokens in rows:
