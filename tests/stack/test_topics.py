@@ -19,6 +19,8 @@ EXPECTED = {
     "customer-status",
     "ledger-commands",
     "alerts",
+    "ledger-replies",
+    "ledger-entries",
 }
 
 
