@@ -1,0 +1,192 @@
+"""The local stack the system benchmarks run on: one Tansu broker, one embedded chDB engine.
+
+Everything binds 127.0.0.1 and lives in a temporary directory removed at the end. chDB allows one
+engine path per process, so every benchmark gets its own DATABASE in the one engine, and its own
+topic prefix on the one broker. :class:`PipelineRun` wires a pipeline the way
+``tests/e2e/conftest.py`` does: faust worker processes + the ClickHouse sink on a thread here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from confluent_kafka import Producer
+
+from meterline.config import Settings
+from meterline.errors import DeliveryFailed
+from meterline.pricing import load_price_book
+from meterline.stack.broker import TansuBroker
+from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir
+from meterline.stack.topics import ensure_topics
+from pipeline.publish import publish_records
+from pipeline.sink import ClickHouseSink
+from pipeline.workers import WorkerProcess
+
+PARTITIONS = 4
+
+
+class Stack:
+    """Broker + chDB engine for one bench process (context manager)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="meterline-bench-"))
+        self.broker = TansuBroker(log_dir=self.root / "tansu")
+        self.chdb_dsn = f"chdb://{(self.root / 'chdb' / 'engine').resolve()}"
+
+    def __enter__(self) -> Stack:
+        self.broker.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.broker.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    def database(self, prefix: str) -> tuple[str, Any]:
+        """A fresh migrated database: (name, client)."""
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        client = connect(self.chdb_dsn, database=name)
+        apply_migrations(client, default_migrations_dir())
+        return name, client
+
+    def client(self, database: str) -> Any:
+        return connect(self.chdb_dsn, database=database, create_database=False)
+
+    def settings(self, prefix: str) -> Settings:
+        ensure_topics(self.bootstrap, prefix, PARTITIONS)
+        return Settings(kafka_bootstrap=self.bootstrap, topic_prefix=prefix, partitions=PARTITIONS,
+                        broker_flavor="tansu", data_dir=self.root / prefix.rstrip("."))
+
+
+def new_prefix(tag: str) -> str:
+    return f"b{tag}{uuid.uuid4().hex[:6]}."
+
+
+def produce_raw(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes, int]]) -> tuple[int, int]:
+    """Produce pre-encoded ``(key, value, n_events)`` records (murmur2, idempotent, acks=all) and wait
+    for every acknowledgement. Returns (records, events)."""
+    failures: list[str] = []
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                         "partitioner": "murmur2_random", "linger.ms": 5, "message.max.bytes": 1_000_000})
+
+    def on_delivery(err: object, _msg: object) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    n_rec = n_ev = 0
+    for key, value, n in records:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+        n_rec += 1
+        n_ev += n
+    if producer.flush(60) or failures:
+        raise DeliveryFailed(f"bench producer: {len(failures)} failed deliveries ({failures[:1]})", topic=topic)
+    return n_rec, n_ev
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (or one of its threads) from /proc, in seconds."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    """Peak resident set size (VmHWM) of a live process, KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PipelineRun:
+    """Workers + sink over one topic prefix and one database; :meth:`close` stops everything."""
+
+    def __init__(self, stack: Stack, tag: str, *, price_book: Any, sink_interval_ms: int = 500) -> None:
+        self.stack = stack
+        self.prefix = new_prefix(tag)
+        self.settings = stack.settings(self.prefix)
+        self.database, self.ch = stack.database(f"bench_{tag}")
+        self.sink_client = stack.client(self.database)
+        self.log_dir = stack.root / "logs" / self.prefix.rstrip(".")
+        self.workers: list[WorkerProcess] = []
+        self.stop_event = threading.Event()
+        publish_records(self.settings.kafka_bootstrap, self.settings.topic("prices"),
+                        load_price_book(price_book).to_records())
+        self.sink = ClickHouseSink(
+            bootstrap=stack.bootstrap,
+            group_id=f"{self.prefix}sink",
+            priced_topic=self.settings.topic("usage-priced"),
+            dead_letter_topic=self.settings.topic("usage-dead-letter"),
+            clickhouse=self.sink_client,
+            max_interval_ms=sink_interval_ms,
+        )
+        self.sink_thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), name="bench-sink",
+                                            daemon=True)
+
+    @property
+    def usage_topic(self) -> str:
+        return self.settings.topic("usage-events")
+
+    def start(self, n_workers: int) -> None:
+        self.sink_thread.start()
+        for i in range(n_workers):
+            self.workers.append(WorkerProcess(self.settings, name=f"worker-{i}", log_dir=self.log_dir).start())
+
+    def count(self, where: str = "") -> int:
+        return int(self.ch.query(f"SELECT count() FROM usage_priced {where}").result_rows[0][0])
+
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float, every: float = 0.25) -> float:
+        """Poll ``predicate`` until true; returns the monotonic time it became true."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate():
+                return time.monotonic()
+            for w in self.workers:
+                if not w.alive():
+                    raise RuntimeError(f"{w.name} exited:\n{w.log_tail()}")
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {w.name}\n{w.log_tail()}" for w in self.workers)
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
+            time.sleep(every)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop(timeout=10)
+        self.stop_event.set()
+        self.sink_thread.join(timeout=30)
+        try:
+            self.ch.database = "default"
+            self.ch.command(f"DROP DATABASE IF EXISTS `{self.database}` SYNC")
+        except Exception:  # noqa: BLE001 - the whole engine directory is removed at the end anyway
+            pass
+        for c in (self.ch, self.sink_client):
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing on the way out
+                pass
