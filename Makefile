@@ -22,8 +22,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(BIN)/python -m bench
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	LITELLM_LOCAL_MODEL_COST_MAP=True $(BIN)/python -m bench $(BENCH_ARGS)
 
 verify: $(STAMP)
 	$(BIN)/meterline verify

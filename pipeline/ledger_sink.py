@@ -84,7 +84,9 @@ class LedgerEntrySink(ClickHouseSink):
 
     def _buffer(self, msg: Message) -> None:
         try:
-            rows_entries = [ledger_row(decode_json(msg.value() or b""))]
+            doc = decode_json(msg.value() or b"")
+            batch = doc.get("entries") if isinstance(doc, dict) else None
+            rows_entries = [ledger_row(e) for e in batch] if isinstance(batch, list) else [ledger_row(doc)]
             rows_rej: list[tuple[Any, ...]] = []
         except InputError as exc:
             rows_entries, rows_rej = [], [_sink._undecodable_row(msg, exc)]

@@ -22,7 +22,20 @@ def main() -> None:
     loglevel = os.environ.get("METERLINE_WORKER_LOGLEVEL", "WARNING")
     logging.getLogger("faust").setLevel(loglevel)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    profile_path = os.environ.get("METERLINE_WORKER_PROFILE")
+    if not profile_path:
+        worker.execute_from_commandline()
+        return
+    # Benchmarks: profile the whole worker; the stats are written when it stops (SIGTERM).
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile_path)
 
 
 if __name__ == "__main__":

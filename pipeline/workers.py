@@ -41,7 +41,8 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+        # Settings come only from ``self.settings``; METERLINE_WORKER_* (log level, profiling) pass through.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_") or k.startswith("METERLINE_WORKER_")}
         env.update(settings_env(self.settings))
         env.setdefault("PYTHONUNBUFFERED", "1")
         with self.log_path.open("ab") as log:

@@ -38,7 +38,7 @@ How the faust agent (the single writer per customer) must use it — exactly-onc
 
 from __future__ import annotations
 
-from meterline.ledger._apply import apply, authorize, mark_applied, resume_offsets
+from meterline.ledger._apply import apply, apply_many, authorize, mark_applied, resume_offsets
 from meterline.ledger._money import (
     PICOS_PER_UNIT,
     LedgerCommandError,
@@ -104,6 +104,7 @@ __all__ = [
     "VelocityRule",
     "Void",
     "apply",
+    "apply_many",
     "authorize",
     "balance_view",
     "fold_entries",

@@ -58,8 +58,8 @@ class Replay:
 
         for name, _k, v, _same in out.sends:
             if name == ENTRIES:
-                e = json.loads(v)
-                self.entries[e["entry_id"]] = e
+                for e in json.loads(v)["entries"]:
+                    self.entries[e["entry_id"]] = e
             elif name == STATUS:
                 self.statuses[_k.decode()] = json.loads(v)
             elif name == REPLIES:
