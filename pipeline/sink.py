@@ -81,6 +81,7 @@ _COUNTS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MONEY_CTX = decimal.Context(prec=38)
 _P_CUSTOMER, _P_EVENT, _P_OCCURRED = 2, 0, 1  # positions in PRICED_COLUMNS
+_P_SPART, _P_SOFFSET = PRICED_COLUMNS.index("source_partition"), PRICED_COLUMNS.index("source_offset")
 _R_KEY = (3, 4, 5, 7)  # (source_topic, source_partition, source_offset, event_id) in REJECTED_COLUMNS
 
 ClientLike = Any  # a clickhouse_connect Client (kept loose: tests wrap it)
@@ -230,6 +231,7 @@ class ClickHouseSink:
         self._rejected: list[tuple[Any, ...]] = []
         self._offsets: dict[tuple[str, int], int] = {}  # last consumed offset per (topic, partition)
         self._first_buffered: float | None = None
+        self._source_high: dict[int, int] | None = None  # see _drop_stored_priced
         self._degraded = False  # ClickHouse unreachable: partitions paused, flush being retried
         self._lock = threading.RLock()
 
@@ -435,8 +437,28 @@ class ClickHouseSink:
                 pass
 
     def _drop_stored_priced(self, client: ClientLike, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Drop rows already in usage_priced. Only *suspects* are looked up: the pricing agent
+        handles each usage-events partition in order, so an event whose source offset is above the
+        highest one stored for its source partition cannot be stored yet (replays — a sink restart
+        or a re-emitting pricing agent — always carry an offset at or below it). The high marks are
+        re-read from ClickHouse on every assignment (another sink may have written meanwhile) and
+        raised as rows are accepted; a mark that runs ahead of a failed insert only makes more rows
+        suspects, never fewer."""
         if not rows:
             return rows
+        if self._source_high is None:
+            result = client.query("SELECT source_partition, max(source_offset) FROM usage_priced GROUP BY source_partition")
+            self._source_high = {int(p): int(o) for p, o in result.result_rows}
+        high = self._source_high
+        suspects = [r for r in rows if r[_P_SOFFSET] <= high.get(r[_P_SPART], -1)]
+        stored = self._stored_priced(client, suspects) if suspects else set()
+        fresh = [r for r in rows if (r[_P_CUSTOMER], r[_P_EVENT]) not in stored]
+        for r in fresh:
+            if r[_P_SOFFSET] > high.get(r[_P_SPART], -1):
+                high[r[_P_SPART]] = r[_P_SOFFSET]
+        return fresh
+
+    def _stored_priced(self, client: ClientLike, rows: list[tuple[Any, ...]]) -> set[tuple[str, str]]:
         keys = [(r[_P_CUSTOMER], r[_P_EVENT]) for r in rows]
         times = [r[_P_OCCURRED] for r in rows]
         # A replayed event has the same occurred_at, so the range prunes partitions without missing it.
@@ -449,8 +471,7 @@ class ClickHouseSink:
             parameters={"customers": sorted({k[0] for k in keys}), "keys": keys,
                         "lo": _epoch_ms(min(times)), "hi": _epoch_ms(max(times))},
         )  # fmt: skip
-        stored = {(str(c), str(e)) for c, e in result.result_rows}
-        return [r for r, k in zip(rows, keys) if k not in stored]
+        return {(str(c), str(e)) for c, e in result.result_rows}
 
     def _drop_stored_rejected(self, client: ClientLike, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         if not rows:
@@ -504,6 +525,7 @@ class ClickHouseSink:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("sink assigned %s", [(p.topic, p.partition) for p in partitions])
+        self._source_high = None  # re-read at the next flush: another sink may have written
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Flush before giving partitions away; if ClickHouse is down, drop the uncommitted buffer."""
