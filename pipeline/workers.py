@@ -9,6 +9,7 @@ to prove that a crash at any moment only delays the totals.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -27,7 +28,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
-        env[f"METERLINE_{name.upper()}"] = str(value)
+        # pydantic-settings reads complex fields (lists, dicts) from the environment as JSON.
+        env[f"METERLINE_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return env
 
 
