@@ -128,3 +128,16 @@ def test_up_serves_cli_commands_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> 
         time.sleep(0.1)
     assert not [p for p in children if _alive(p)], "child processes survived Ctrl-C"
     assert not (tmp_path / "data" / "runtime.json").exists()
+
+
+def test_sql_and_migrate_work_directly_when_nothing_runs(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env["METERLINE_DATA_DIR"] = str(tmp_path / "data")
+    assert "applied" in _run(env, "migrate").stdout
+    assert "applied 0 migration(s)" in _run(env, "migrate").stdout  # idempotent
+    out = _run(env, "sql", "SELECT count() AS n, toDecimal128('0.000000000001', 12) * 3 AS exact FROM usage_priced",
+               "--format", "csv").stdout
+    assert out.strip().splitlines()[-1].replace('"', "") == "0,0.000000000003"
+    refused = _run(env, "sql", "DROP TABLE usage_priced", check=False)
+    assert refused.returncode != 0
+    assert "usage_priced" in _run(env, "sql", "SHOW TABLES", "--format", "csv").stdout
