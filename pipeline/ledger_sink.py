@@ -8,9 +8,8 @@ step 1 drops what is stored). Only the row mapping and the dedupe/insert target 
 * ``_buffer`` maps a ``ledger-entries`` JSON value to a :data:`LEDGER_COLUMNS` row; a value that
   cannot be decoded becomes a ``usage_rejected`` row (reason ``undecodable``) like in the parent;
 * the dedupe query looks for ``(customer_id, entry_id)`` in ``ledger_entries``;
-* the parent's flush writes its first table through ``client.insert("usage_priced", rows,
-  column_names=PRICED_COLUMNS)``; :class:`_LedgerTarget` wraps the client so that one insert goes
-  to ``ledger_entries`` with :data:`LEDGER_COLUMNS` (everything else passes through).
+* the parent's flush inserts into ``main_table`` / ``main_columns``: here ``ledger_entries`` with
+  :data:`LEDGER_COLUMNS`.
 
 ``LEDGER_COLUMNS`` keeps the parent's key positions (entry_id at 0 like event_id, customer_id at 2),
 so the parent's in-buffer dedupe (``_unique`` on those positions) dedupes by entry id.
@@ -20,9 +19,8 @@ on ``(customer_id, entry_id)``: ``FINAL`` reads stay exact even in the parent's 
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import Message
@@ -52,35 +50,16 @@ def ledger_row(d: Mapping[str, Any]) -> tuple[Any, ...]:
         raise LedgerCommandError(f"not a ledger entry: {exc!r}", reason_code="undecodable") from exc
 
 
-class _LedgerTarget:
-    """A client proxy that sends the parent's ``usage_priced`` insert to ``ledger_entries``."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def insert(self, table: str, rows: Sequence[tuple[Any, ...]], column_names: Sequence[str] | None = None,
-               **kw: Any) -> Any:  # fmt: skip
-        if table == "usage_priced":
-            return self._client.insert("ledger_entries", rows, column_names=LEDGER_COLUMNS, **kw)
-        return self._client.insert(table, rows, column_names=column_names, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
 class LedgerEntrySink(ClickHouseSink):
     """``ClickHouseSink`` for ``ledger-entries`` (undecodable values go to ``usage_rejected``)."""
 
+    main_table = "ledger_entries"
+    main_columns = LEDGER_COLUMNS
+
     def __init__(self, bootstrap: str, group_id: str, entries_topic: str,
                  clickhouse: Any | Callable[[], Any], **kwargs: Any) -> None:  # fmt: skip
-        # The parent subscribes to two topics and librdkafka refuses the same name twice: the second
-        # is a regex matching only the entries topic (``_buffer`` is overridden, so nothing is read
-        # as a dead letter here).
-        super().__init__(bootstrap, group_id, entries_topic, f"^{re.escape(entries_topic)}$", clickhouse,
+        super().__init__(bootstrap, group_id, entries_topic, None, clickhouse,
                          decode_priced=decode_json, decode_dead_letter=decode_json, **kwargs)  # fmt: skip
-
-    def _get_client(self) -> Any:
-        return _LedgerTarget(super()._get_client())
 
     def _buffer(self, msg: Message) -> None:
         try:

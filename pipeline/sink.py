@@ -191,12 +191,17 @@ class ClickHouseSink:
     ``duplicates_dropped``, ``flushes``, ``retries``, ``commit_failures``, ``messages_consumed``.
     """
 
+    #: where the main stream's rows go; a subclass for another stream overrides these (see
+    #: pipeline/ledger_sink.py) and its row mapping / dedupe; the flush contract stays this class's.
+    main_table: str = "usage_priced"
+    main_columns: tuple[str, ...] = PRICED_COLUMNS
+
     def __init__(
         self,
         bootstrap: str,
         group_id: str,
         priced_topic: str,
-        dead_letter_topic: str,
+        dead_letter_topic: str | None,
         clickhouse: ClientLike | Callable[[], ClientLike],
         *,
         max_rows: int = 20_000,
@@ -255,8 +260,8 @@ class ClickHouseSink:
         }
         config.update(consumer_config or {})
         self._consumer = Consumer(config)
-        self._consumer.subscribe([priced_topic, dead_letter_topic], on_assign=self._on_assign,
-                                 on_revoke=self._on_revoke)  # fmt: skip
+        topics = [priced_topic] + ([dead_letter_topic] if dead_letter_topic else [])
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     # ------------------------------------------------------------------ public surface
 
@@ -323,7 +328,7 @@ class ClickHouseSink:
                 # (2) one insert per table. Failure after the first insert succeeded: nothing is
                 # committed, and the retry's step (1) drops the rows that did land -> no duplicates.
                 if new_priced:
-                    client.insert("usage_priced", new_priced, column_names=PRICED_COLUMNS)
+                    client.insert(self.main_table, new_priced, column_names=self.main_columns)
                 if new_rejected:
                     client.insert("usage_rejected", new_rejected, column_names=REJECTED_COLUMNS)
             except ClickHouseUnavailable:
