@@ -164,6 +164,10 @@ class _ConsumerThread:
             "group.id": f"meterline-{name}-{uuid.uuid4().hex[:12]}",  # never joined: assign() only
             "enable.auto.commit": False,
             "log_level": 3,
+            # Replies and statuses are on the request path: don't let an idle fetch sit on the
+            # broker for librdkafka's default 500 ms (the dev broker does not wake a waiting fetch
+            # when data arrives; real Kafka does, so this only costs a few idle fetches there).
+            "fetch.wait.max.ms": 10,
             **_TIMEOUTS,
             **config,
         })

@@ -49,7 +49,28 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
         # Tansu reports the high watermark as the base offset of the last batch + 1, so faust's
         # table recovery would skip the last changelog batch: one record per batch avoids that.
         options["producer_max_batch_size"] = 1
+        _short_fetch_wait(20)
     return options
+
+
+def _short_fetch_wait(max_wait_ms: int) -> None:
+    """faust hard-codes ``fetch_max_wait_ms=1500`` for its aiokafka consumer. The dev broker (Tansu)
+    does not answer a waiting fetch when data arrives, so every hop would wait up to 1.5 s; this
+    caps the wait for the dev profile only (real Kafka answers long polls as soon as data lands)."""
+    from faust.transport.drivers import aiokafka as driver
+
+    original = driver.aiokafka.AIOKafkaConsumer
+    if getattr(original, "_meterline_short_wait", False):
+        return
+
+    class ShortWaitConsumer(original):  # type: ignore[misc, valid-type]
+        _meterline_short_wait = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", max_wait_ms)), max_wait_ms)
+            super().__init__(*args, **kwargs)
+
+    driver.aiokafka.AIOKafkaConsumer = ShortWaitConsumer
 
 
 def create_app(settings: Settings) -> faust.App:
