@@ -39,6 +39,12 @@ class BenchConfig:
     analytics_rows: int = 10_000_000
     analytics_repeats: int = 5
     analytics_load_budget_s: float = 100.0  # stop loading more rows after this (the report says so)
+    authorize_concurrency: int = 32    # concurrent clients of POST /v1/authorize
+    authorize_seconds: float = 20.0    # loaded phase; bounded by authorize_max_requests too
+    authorize_max_requests: int = 50_000
+    authorize_single_seconds: float = 5.0  # 1 sequential client first (unloaded latency)
+    stripe_default: tuple[int, int, int] = (1_000_000, 500, 8)  # (events, customers, hours): > 1,000 windows -> v2
+    stripe_v1: tuple[int, int, int] = (200_000, 200, 3)          # v1 forced: one call per window
 
     @classmethod
     def quick_config(cls) -> BenchConfig:
@@ -55,9 +61,15 @@ class BenchConfig:
             latency_rate=5_000,
             latency_seconds=5.0,
             latency_drain_s=30.0,
-            analytics_rows=1_000_000,
+            analytics_rows=500_000,
             analytics_repeats=3,
-            analytics_load_budget_s=20.0,
+            analytics_load_budget_s=10.0,
+            authorize_concurrency=16,
+            authorize_seconds=5.0,
+            authorize_max_requests=5_000,
+            authorize_single_seconds=2.0,
+            stripe_default=(100_000, 300, 4),
+            stripe_v1=(20_000, 50, 2),
         )
 
 

@@ -22,14 +22,7 @@ from typing import Any, Callable
 from bench import BenchConfig, Result
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("pricing", "processor", "e2e", "latency", "analytics")
-
-
-def _not_built() -> list[Result]:
-    return [
-        Result("stripe-sync", "usage -> Stripe meter events", "n/a", note="n/a (not built yet)"),
-        Result("authorize", "authorize (credit check) latency", "n/a", note="n/a (not built yet)"),
-    ]
+BENCHMARKS = ("pricing", "processor", "e2e", "latency", "authorize", "stripe", "analytics")
 
 
 def _machine() -> dict[str, Any]:
@@ -103,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, analytics_rows=args.analytics_rows)
     wanted = set(args.only or BENCHMARKS)
 
-    from bench import analytics, codec_processor, e2e, latency, pricing_core
+    from bench import analytics, authorize, codec_processor, e2e, latency, pricing_core, stripe_sync
     from bench._stack import Stack
 
     plain: list[tuple[str, Callable[[BenchConfig], list[Result]]]] = [
         ("pricing", pricing_core.run), ("processor", codec_processor.run)]
     stacked: list[tuple[str, Callable[[BenchConfig, Any], list[Result]]]] = [
-        ("e2e", e2e.run), ("latency", latency.run), ("analytics", analytics.run)]
+        ("e2e", e2e.run), ("latency", latency.run), ("authorize", authorize.run), ("stripe", stripe_sync.run),
+        ("analytics", analytics.run)]
     results: list[Result] = []
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -136,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             for name, sfn in stacked:
                 if name in wanted:
                     guarded(name, lambda sfn=sfn: sfn(cfg, stack))  # type: ignore[misc]
-    results.extend(_not_built())
     total = round(time.monotonic() - started, 1)
 
     print_table(results)

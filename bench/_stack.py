@@ -4,11 +4,20 @@ Everything binds 127.0.0.1 and lives in a temporary directory removed at the end
 engine path per process, so every benchmark gets its own DATABASE in the one engine, and its own
 topic prefix on the one broker. :class:`PipelineRun` wires a pipeline the way
 ``tests/e2e/conftest.py`` does: faust worker processes + the ClickHouse sink on a thread here.
+:class:`RuntimeRun` starts the whole production stack instead (:class:`meterline.runtime.Runtime`:
+workers with the pricing AND credit agents, both sinks, the HTTP API with the credits routes) on
+the shared broker and a fresh database; load generators run as separate processes
+(:func:`run_loadgen`, ``bench/_loadgen.py``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -190,3 +199,140 @@ class PipelineRun:
                 c.close()
             except Exception:  # noqa: BLE001 - closing on the way out
                 pass
+
+
+class RuntimeRun:
+    """:class:`meterline.runtime.Runtime` (``meterline up`` minus the broker) on the stack's broker, a
+    fresh topic prefix and a fresh database of the stack's chDB engine; the bench price book published.
+    Context manager: stops the runtime and drops the database."""
+
+    def __init__(self, stack: Stack, tag: str, *, price_book: Any, workers: int = 1) -> None:
+        from meterline.runtime import Runtime
+        from meterline.stack.clickhouse import with_database
+
+        self.stack = stack
+        self.prefix = new_prefix(tag)
+        self.database = f"bench_{tag}_{uuid.uuid4().hex[:8]}"
+        settings = Settings(kafka_bootstrap=stack.bootstrap, topic_prefix=self.prefix, partitions=PARTITIONS,
+                            broker_flavor="tansu", data_dir=stack.root / self.prefix.rstrip("."), api_port=0,
+                            clickhouse_dsn=with_database(stack.chdb_dsn, self.database))  # fmt: skip
+        self.runtime = Runtime(settings, workers=workers)
+        self.price_book = price_book
+
+    def __enter__(self) -> RuntimeRun:
+        self.runtime.start(on_step=lambda _s: None)
+        publish_records(self.stack.bootstrap, self.settings.topic("prices"),
+                        load_price_book(self.price_book).to_records())
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.runtime.stop()
+        try:
+            client = self.stack.client("default")
+            client.command(f"DROP DATABASE IF EXISTS `{self.database}` SYNC")
+            client.close()
+        except Exception:  # noqa: BLE001 - the whole engine directory is removed at the end anyway
+            pass
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    @property
+    def url(self) -> str:
+        return str(self.runtime.api_server.url)
+
+    @property
+    def admin_key(self) -> str:
+        return str(self.runtime.admin_key)
+
+    def query(self, sql: str) -> list[Any]:
+        with self.runtime.query_client() as ch:
+            return list(ch.query(sql).result_rows)
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.runtime.workers if w.pid]
+
+
+def run_loadgen(mode: str, spec: dict[str, Any], workdir: Path, *, timeout: float) -> subprocess.Popen[bytes]:
+    """Start ``python -m bench._loadgen mode`` (see that module); :func:`loadgen_result` collects it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{mode}-{uuid.uuid4().hex[:6]}"
+    spec_path, out_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "bench._loadgen", mode, str(spec_path), str(out_path)], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=(workdir / f"{tag}.log").open("wb"))  # fmt: skip
+    proc.out_path = out_path  # type: ignore[attr-defined]
+    proc.timeout = timeout  # type: ignore[attr-defined]
+    return proc
+
+
+def loadgen_result(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    try:
+        proc.wait(timeout=proc.timeout)  # type: ignore[attr-defined]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise TimeoutError(f"load generator {proc.args} did not finish in {proc.timeout} s") from None  # type: ignore[attr-defined]
+    out: Path = proc.out_path  # type: ignore[attr-defined]
+    if proc.returncode != 0 or not out.exists():
+        log = out.with_name(out.name.replace(".out.json", ".log"))
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"load generator {proc.args} exited {proc.returncode}:\n{tail}")
+    return dict(json.loads(out.read_text()))
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process per thread group: Python threads by name (numbers stripped),
+    native threads (librdkafka, chDB) by their kernel name."""
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    out: dict[str, float] = {}
+    pid = os.getpid()
+    for entry in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(entry.name)
+        name = names.get(tid)
+        if name is None:
+            try:
+                name = "native:" + (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+        group = re.sub(r"[-_:]?\d+$", "", re.sub(r"\(.*\)", "", name)).strip() or name
+        if group.startswith("AnyIO worker thread"):
+            group = "API threadpool (anyio)"
+        c = cpu_seconds(pid, tid)
+        if c == c:  # not NaN
+            out[group] = out.get(group, 0.0) + c
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], top: int = 8) -> dict[str, float]:
+    """Per-group CPU seconds spent between two :func:`thread_cpu` snapshots, largest first."""
+    d = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in d.items() if v >= 0.05), key=lambda kv: -kv[1])[:top])
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes | None, int]]:
+    """Every record of ``topic`` as ``(key, value, timestamp_ms)`` (the producer's create time), read
+    from the beginning of each partition to its end (EOF), in partition order."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-read-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})  # fmt: skip
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        out: list[tuple[bytes | None, bytes | None, int]] = []
+        eof: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(eof) < len(parts) and time.monotonic() < deadline:
+            for m in c.consume(1000, 0.5):
+                if m.error() is not None:
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        eof.add(m.partition())
+                    continue
+                eof.discard(m.partition())
+                out.append((m.key(), m.value(), m.timestamp()[1]))
+        return out
+    finally:
+        c.close()

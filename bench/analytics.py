@@ -46,8 +46,8 @@ SELECT
     1 + cityHash64(number, 5) % 1000 AS output_tokens,
     if(cityHash64(number, 6) % 10 < 3, cityHash64(number, 7) % 4000, 0) AS cached_input_tokens,
     0 AS cache_write_tokens, 0 AS reasoning_tokens, 1 AS requests,
-    toDecimal128(input_tokens * 2500000 + output_tokens * 10000000 + cached_input_tokens * 1250000, 0)
-        / toDecimal128(1000000000000, 0) AS cost,
+    toDecimal128(input_tokens * 2500000 + output_tokens * 10000000 + cached_input_tokens * 1250000, 12)
+        / 1000000000000 AS cost,
     cost * toDecimal128('1.2', 1) AS charge,
     'usd' AS currency, 'bench' AS price_version, '*#bench' AS rate_card,
     occurred_at AS priced_at, 0 AS source_partition, number AS source_offset
