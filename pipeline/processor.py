@@ -8,7 +8,8 @@ it at full speed, and what keeps the agent a thin shell.
 Per record::
 
     decode UsageBatch ─┬─ undecodable ───────────────────────────► one dead letter (raw bytes)
-                       └─ for each event, in order:
+                       └─ for each event, in order (validation and pricing run batched, with the
+                          same per-event outcomes):
                             validate ── invalid ─────────────────► dead letter (event re-encoded)
                             dedupe ──── seen in an EARLIER record ► counted as duplicate, dropped
                             price ───── no price / no class rate ─► dead letter
@@ -33,16 +34,23 @@ from typing import Any, Protocol
 
 from meterline.errors import InputError, SchemaError
 from schemas.codec import decode_usage_batch, encode_dead_letter, encode_priced_batch, encode_usage_batch
-from schemas.validation import validate_record
+from schemas.validation import validate_records
 
 DAY_MS = 86_400_000
 
 
 class PriceEngine(Protocol):
-    """What the processor needs from ``meterline.pricing``: price one decoded event dict."""
+    """What the processor needs from ``meterline.pricing``: price one decoded event dict.
+
+    An engine that also has ``price_many(records) -> list[PricedAmounts | UnpriceableEvent]``
+    (as :class:`meterline.pricing.PricingEngine` does) is given the whole record at once.
+    """
 
     def price(self, record: dict[str, Any]) -> Any:  # returns PricedAmounts
         ...
+
+
+_DUPLICATE = object()  # plan marker: first seen in an earlier record
 
 
 @dataclass(slots=True)
@@ -142,39 +150,63 @@ class PricingProcessor:
             result.rejected += 1
             return result
 
+        # 1. validate the whole batch, 2. drop events first seen in an earlier record, 3. price
+        # the rest in one call, 4. walk the events in order: within-record duplicates, dead
+        # letters and priced events come out exactly as an event-by-event loop gives them.
+        verdicts = validate_records(events, now_ms=now_ms, max_future_ms=self.max_future_ms)
+        first_seen = self.dedupe.first_seen
+        here = (partition, offset)
+        plan: list[Any] = []  # per event: its InvalidEvent, _DUPLICATE, or its index in to_price
+        to_price: list[dict[str, Any]] = []
+        for event, invalid in zip(events, verdicts):
+            if invalid is not None:
+                plan.append(invalid)
+                continue
+            seen = first_seen(event["customer_id"], event["event_id"])
+            if seen is not None and seen != here:
+                plan.append(_DUPLICATE)
+                continue
+            plan.append(len(to_price))
+            to_price.append(event)
+        amounts_of = self._price_all(to_price)
+
         priced: list[dict[str, Any]] = []
         new_ids: list[str] = []
         in_record: set[tuple[str, str]] = set()
         customer_of_record = ""
-        for event in events:
-            try:
-                validate_record(event, now_ms=now_ms, max_future_ms=self.max_future_ms)
-                ident = (event["customer_id"], event["event_id"])
-                if ident in in_record:
-                    result.duplicates += 1
-                    continue
-                seen = self.dedupe.first_seen(*ident)
-                if seen is not None and seen != (partition, offset):
-                    result.duplicates += 1
-                    continue
-                amounts = self.engine.price(event)
-            except InputError as exc:
-                result.dead_letters.append((key, self._dead_letter(exc, partition, offset, event, None, "usage_batch", now_ms)))
+        charge_total = 0
+        for event, step in zip(events, plan):
+            if step is _DUPLICATE:
+                result.duplicates += 1
+                continue
+            if type(step) is not int:
+                result.dead_letters.append((key, self._dead_letter(step, partition, offset, event, None, "usage_batch", now_ms)))
+                result.rejected += 1
+                continue
+            customer, event_id = ident = (event["customer_id"], event["event_id"])
+            if ident in in_record:
+                result.duplicates += 1
+                continue
+            amounts = amounts_of[step]
+            if isinstance(amounts, InputError):
+                result.dead_letters.append((key, self._dead_letter(amounts, partition, offset, event, None, "usage_batch", now_ms)))
                 result.rejected += 1
                 continue
             in_record.add(ident)
-            new_ids.append(event["event_id"])
-            customer_of_record = event["customer_id"]
-            event["cost_picos"] = amounts.cost_picos
-            event["charge_picos"] = amounts.charge_picos
-            event["currency"] = amounts.currency
-            event["price_version"] = amounts.price_version
-            event["rate_card"] = amounts.rate_card
+            new_ids.append(event_id)
+            customer_of_record = customer
+            cost, charge, currency, version, card = amounts
+            event["cost_picos"] = cost
+            event["charge_picos"] = charge
+            event["currency"] = currency
+            event["price_version"] = version
+            event["rate_card"] = card
             event["priced_at"] = now_ms
             event["source_partition"] = partition
             event["source_offset"] = offset
-            result.charge_picos += amounts.charge_picos
+            charge_total += charge
             priced.append(event)
+        result.charge_picos = charge_total
 
         if priced:
             result.priced_value = encode_priced_batch(priced)
@@ -183,6 +215,22 @@ class PricingProcessor:
             result.dedupe_value = {"c": customer_of_record, "ids": new_ids, "t": now_ms}
             self.dedupe.load(result.dedupe_key, result.dedupe_value)
         return result
+
+    def _price_all(self, events: list[dict[str, Any]]) -> list[Any]:
+        """PricedAmounts or the InputError pricing raised, per event (price_many when the engine has it)."""
+        price_many = getattr(self.engine, "price_many", None)
+        if price_many is not None:
+            try:
+                return price_many(events)  # type: ignore[no-any-return]
+            except InputError:  # not an UnpriceableEvent (returned in place): find whose, one by one
+                pass
+        out: list[Any] = []
+        for event in events:
+            try:
+                out.append(self.engine.price(event))
+            except InputError as exc:
+                out.append(exc)
+        return out
 
     def _dead_letter(
         self,

@@ -29,13 +29,19 @@ model so adapters/tests can still build such objects and have them rejected with
 model alone checks types (the Avro decoder already guarantees them) and timezone-awareness (an
 epoch-ms int has no zone).
 
+:func:`validate_records` is the batch form (same verdicts, codes, fields and messages, per event):
+it proves a whole batch clean with a few C-level passes per field (``map``/``set``/``min``/``max``)
+and runs :func:`validate_record` event by event only when a batch is not provably clean.
+
 :func:`invalid_event_from_pydantic` maps a pydantic ``ValidationError`` of ``UsageEvent`` to the
 same codes, so the JSON and Avro paths report the same reason for the same fault.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,6 +93,7 @@ __all__ = [
     "REASON_CODES",
     "invalid_event_from_pydantic",
     "validate_record",
+    "validate_records",
 ]
 
 _COUNT_DEFAULTS = {f: 0 for f in TOKEN_FIELDS} | {"requests": 1}
@@ -168,6 +175,73 @@ def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = D
         raise InvalidEvent(
             "all token counts and requests are zero: the event bills nothing", reason_code="empty_usage", field=None
         )
+
+
+_IDS = itemgetter(*REQUIRED_ID_FIELDS, *OPTIONAL_ID_FIELDS)
+_N_IDS = len(REQUIRED_ID_FIELDS) + len(OPTIONAL_ID_FIELDS)
+_OCCURRED = itemgetter("occurred_at")
+_COUNTS = itemgetter(*COUNT_FIELDS)  # requests last
+_N_COUNTS = len(COUNT_FIELDS)
+_LABELS = itemgetter("labels")
+_STR_OR_NONE = {str, type(None)}
+_STR = {str}
+_INT = {int}
+
+
+def validate_records(
+    events: Sequence[Mapping[str, Any]], *, now_ms: int, max_future_ms: int = DEFAULT_MAX_FUTURE_MS
+) -> list[InvalidEvent | None]:
+    """:func:`validate_record` over a batch: element ``i`` is the :class:`InvalidEvent` that
+    ``validate_record(events[i], ...)`` raises, or None when it accepts the event."""
+    if events and _provably_clean(events, now_ms + max_future_ms):
+        return [None] * len(events)
+    out: list[InvalidEvent | None] = []
+    for d in events:
+        try:
+            validate_record(d, now_ms=now_ms, max_future_ms=max_future_ms)
+        except InvalidEvent as exc:
+            out.append(exc)
+        else:
+            out.append(None)
+    return out
+
+
+def _provably_clean(events: Sequence[Mapping[str, Any]], latest_ms: int) -> bool:
+    """True only if :func:`validate_record` accepts every event (False = "not sure": the caller
+    checks event by event). Each check is as strict as validate_record's or stricter (exact
+    ``str``/``int``/``dict`` types, every field present), and runs as C-level passes over columns."""
+    try:
+        ids = list(chain.from_iterable(map(_IDS, events)))
+        occurred = list(map(_OCCURRED, events))
+        counts = list(chain.from_iterable(map(_COUNTS, events)))
+        labels = list(map(_LABELS, events))
+    except (KeyError, TypeError):  # an absent field takes a default: validate_record knows which
+        return False
+    if not set(map(type, ids)) <= _STR_OR_NONE or max(map(len, filter(None, ids)), default=0) > MAX_ID_LEN:
+        return False
+    for i in range(len(REQUIRED_ID_FIELDS)):  # required ids: present and non-empty
+        column = ids[i::_N_IDS]
+        if None in column or "" in column:
+            return False
+    if set(map(type, occurred)) != _INT or min(occurred) < MIN_OCCURRED_AT_MS or max(occurred) > latest_ms:
+        return False
+    if set(map(type, counts)) != _INT or min(counts) < 0 or max(counts) > MAX_TOKENS_PER_EVENT:
+        return False
+    requests = counts[_N_COUNTS - 1 :: _N_COUNTS]
+    if max(requests) > MAX_REQUESTS_PER_EVENT:
+        return False
+    if min(requests) == 0 and min(map(sum, map(_COUNTS, events))) == 0:  # empty_usage
+        return False
+    for lab in filter(None, labels):
+        if (
+            type(lab) is not dict
+            or len(lab) > MAX_LABELS
+            or not set(map(type, lab)) <= _STR
+            or not set(map(type, lab.values())) <= _STR
+            or max(map(len, chain(lab, lab.values()))) > MAX_LABEL_LEN
+        ):
+            return False
+    return True
 
 
 _TYPE_ERRORS_TIMESTAMP = ("datetime", "date", "time", "timezone")

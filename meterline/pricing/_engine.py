@@ -17,12 +17,21 @@ Contract of :meth:`PricingEngine.price`:
 
 Everything is integer arithmetic in picos (1e-12 currency units): no float, no rounding.
 The record is assumed to have passed event validation (non-negative integer token counts).
+
+:meth:`PricingEngine.price_many` is the batch form of :meth:`PricingEngine.price` (same rules, same
+results, errors returned in place instead of raised). It does the lookups once per batch — per
+distinct (customer, provider, model, version) the card and the price version, which is the same
+for every event of the batch when the batch's whole time range falls inside one price version's
+window — and then runs one tight loop of integer arithmetic. Events of a model whose price changes
+inside the batch's time range (or that is unknown) go through :meth:`PricingEngine.price` one by one.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, Mapping, NamedTuple
 
 from meterline.errors import PriceFileError, UnpriceableEvent
@@ -61,6 +70,19 @@ class PricedAmounts(NamedTuple):
 
 _new_tuple = tuple.__new__  # builds a PricedAmounts without the namedtuple's Python-level __new__
 
+# Field extractors of the batch path: one C call per event instead of one subscript per field.
+_OCCURRED = itemgetter("occurred_at")
+_CUSTOMER = itemgetter("customer_id")
+_MODEL = itemgetter("provider", "model", "model_version")
+_INT_ONLY = {int}
+_COUNTS = itemgetter(
+    "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "requests"
+)
+# A loop entry (see PricingEngine._loop_entry) for keys the batch loop cannot price (unknown
+# model, no price yet, or a price change inside the batch's time range): such events are priced
+# zero by the loop, then replaced by what price() says.
+_PER_EVENT: tuple[Any, ...] = (0, 0, 0, 0, 0, 0, None, "", "", "")
+
 
 class PricingEngine:
     """Prices decoded usage records; built from a :class:`PriceBook` or the ``prices`` topic.
@@ -75,6 +97,9 @@ class PricingEngine:
         self._seq = 0
         self._timelines: dict[_ModelKey, _Timeline] = {}
         self._cache: dict[tuple[str, str], _Entry] = {}
+        # price_many's caches: customer -> card id, (card id, version id) -> loop entry.
+        self._card_ids: dict[str, str] = {}
+        self._loop_cache: dict[tuple[str, str | None], tuple[Any, ...]] = {}
         self._dirty = False
 
     @classmethod
@@ -102,7 +127,7 @@ class PricingEngine:
                     self._dirty = True
             elif key.startswith(CARD_KEY_PREFIX):
                 if self._cards.pop(key[len(CARD_KEY_PREFIX):], None) is not None:
-                    self._cache.clear()
+                    self._forget()
             else:
                 raise PriceFileError(f"record {key!r}: unknown key prefix", field=key)
             return
@@ -111,7 +136,7 @@ class PricingEngine:
             self._put_version(key, obj)
         else:
             self._cards[obj.customer_id] = obj
-            self._cache.clear()
+            self._forget()
 
     def _put_version(self, key: str, v: PriceVersion) -> None:
         current = self._versions.get(key)
@@ -140,8 +165,14 @@ class PricingEngine:
                 for alias in v.aliases:
                     timelines.setdefault((mk[0], alias, mk[2]), timelines[mk])
         self._timelines = timelines
-        self._cache.clear()
+        self._forget()
         self._dirty = False
+
+    def _forget(self) -> None:
+        """Drop every derived cache (after a price or card change)."""
+        self._cache.clear()
+        self._card_ids.clear()
+        self._loop_cache.clear()
 
     # ------------------------------------------------------------------ lookups
 
@@ -256,6 +287,134 @@ class PricingEngine:
             cost += wt * rw
             charge += wt * cw
         return _new_tuple(PricedAmounts, (cost, charge, currency, vid, card))
+
+    def price_many(self, records: Sequence[Mapping[str, Any]]) -> list[PricedAmounts | UnpriceableEvent]:
+        """Price a batch: element ``i`` equals what ``price(records[i])`` returns, or is the
+        :class:`UnpriceableEvent` it raises (returned in place, not raised). Any other exception
+        (say a record missing a field) propagates, as from :meth:`price`.
+
+        Fastest when the records share a customer, provider and model version (a ``UsageBatch``),
+        but any mix is priced, and priced identically to :meth:`price`.
+        """
+        if self._dirty:
+            self._rebuild()
+        if not records:
+            return []
+        occurred = list(map(_OCCURRED, records))
+        if set(map(type, occurred)) != _INT_ONLY:  # datetimes (or garbage): the per-event path decides
+            return [self._price_or_error(r) for r in records]
+        entries, per_event = self._batch_entries(records, min(occurred), max(occurred))
+
+        out: list[Any] = []
+        append = out.append
+        new = _new_tuple
+        pa = PricedAmounts
+        for (ri, ro, rc, rw, rr, rf, charge_rates, currency, vid, card), (it, ot, ct, wt, xt, n) in zip(
+            entries, map(_COUNTS, records)
+        ):
+            cost = it * ri + ot * ro
+            if xt:
+                cost += xt * rr
+            if rf:
+                cost += n * rf
+            if ct:
+                if rc is None:
+                    append(_no_rate("cached_input", vid))
+                    continue
+                cost += ct * rc
+            if wt:
+                if rw is None:
+                    append(_no_rate("cache_write", vid))
+                    continue
+                cost += wt * rw
+            if charge_rates is None:  # the customer pays list price
+                append(new(pa, (cost, cost, currency, vid, card)))
+                continue
+            ci, co, cc, cw, cr, cf = charge_rates
+            charge = it * ci + ot * co + xt * cr + n * cf
+            if ct:
+                charge += ct * cc
+            if wt:
+                charge += wt * cw
+            append(new(pa, (cost, charge, currency, vid, card)))
+
+        if per_event:
+            for i, e in enumerate(entries):
+                if e is _PER_EVENT:
+                    out[i] = self._price_or_error(records[i])
+        return out
+
+    def _batch_entries(
+        self, records: Sequence[Mapping[str, Any]], lo: int, hi: int
+    ) -> tuple[list[tuple[Any, ...]], bool]:
+        """The loop entry of every record (all stamped within ``[lo, hi]`` ms), and whether any
+        is :data:`_PER_EVENT`. Lookups run once per distinct key; the per-record mapping runs in C
+        (``map`` over ``itemgetter`` and ``dict.__getitem__``)."""
+        model_keys = list(map(_MODEL, records))
+        customers = set(map(_CUSTOMER, records))
+        keyed = {mk: self._batch_version(*mk, lo, hi) for mk in set(model_keys)}
+        if len(customers) == 1:  # the usual UsageBatch: one customer, a handful of models
+            (customer,) = customers
+            table = {mk: self._loop_entry(customer, vv) for mk, vv in keyed.items()}
+            return list(map(table.__getitem__, model_keys)), None in keyed.values()
+        vids = {mk: None if vv is None else vv[0] for mk, vv in keyed.items()}
+        # customer -> card id and (card id, version id) -> entry are kept across batches (cleared
+        # with the rates cache), so a batch of many customers costs C-level lookups per record.
+        card_ids = self._card_ids
+        missing = customers.difference(card_ids)
+        if missing:
+            if len(card_ids) + len(missing) > MAX_CACHE_ENTRIES:
+                card_ids.clear()
+                missing = customers
+            for c in missing:
+                card_ids[c] = self.card_for(c).card_id
+        pairs = list(zip(map(card_ids.__getitem__, map(_CUSTOMER, records)), map(vids.__getitem__, model_keys)))
+        loop = self._loop_cache
+        todo = set(pairs).difference(loop)
+        if todo:
+            if len(loop) + len(todo) > MAX_CACHE_ENTRIES:
+                loop.clear()
+                todo = set(pairs)
+            customer_of = {card_ids[c]: c for c in customers}  # _resolve wants a customer of the card
+            by_vid = {vv[0]: vv for vv in keyed.values() if vv is not None}
+            for cid, vid in todo:
+                loop[cid, vid] = self._loop_entry(customer_of[cid], None if vid is None else by_vid[vid])
+        return list(map(loop.__getitem__, pairs)), None in vids.values()
+
+    def _batch_version(
+        self, provider: str, model: str, mv: str | None, lo: int, hi: int
+    ) -> tuple[str, PriceVersion] | None:
+        """(version id, version) pricing every event of this model in ``[lo, hi]`` ms, or None
+        when that is not one version (unknown model, no price yet, a price change inside)."""
+        tl = self._timelines.get((provider, model, mv))
+        if tl is None and mv is not None:
+            tl = self._timelines.get((provider, model, None))
+        if tl is None:
+            return None
+        i = bisect_right(tl[0], lo) - 1
+        if i < 0 or i != bisect_right(tl[0], hi) - 1:
+            return None
+        return tl[1][i]
+
+    def _loop_entry(self, customer: str, vv: tuple[str, PriceVersion] | None) -> tuple[Any, ...]:
+        """``(in, out, cached, write, reasoning, fee)`` list picos — cached/write None when the
+        event would be ``no_rate_for_token_class`` — then the charge rates (None when they equal
+        the list rates), currency, version id, card id. :data:`_PER_EVENT` for ``vv`` None."""
+        if vv is None:
+            return _PER_EVENT
+        vid, v = vv
+        e = self._cache.get((customer, vid)) or self._resolve(customer, v)
+        ri, ro, rc, rw, rr, rf, ci, co, cc, cw, cr, cf, currency, vid, card = e
+        charge = None if e[:6] == e[6:12] else (ci, co, cc, cw, cr, cf)
+        rc = None if rc is None or cc is None else rc  # price() refuses if either is missing
+        rw = None if rw is None or cw is None else rw
+        return (ri, ro, rc, rw, rr, rf, charge, currency, vid, card)
+
+    def _price_or_error(self, record: Mapping[str, Any]) -> PricedAmounts | UnpriceableEvent:
+        try:
+            return self.price(record)
+        except UnpriceableEvent as exc:
+            return exc
 
     def _price_slow(self, record: Mapping[str, Any]) -> PricedAmounts:
         ms = record["occurred_at"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from meterline.errors import InvalidEvent
 from schemas.codec import decode_usage_batch, encode_usage_batch, record_to_event
 from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS, MAX_TOKENS_PER_EVENT, TOKEN_FIELDS
-from schemas.validation import MIN_OCCURRED_AT_MS, REASON_CODES, validate_record
+from schemas.validation import MIN_OCCURRED_AT_MS, REASON_CODES, validate_record, validate_records
 
 NOW = 1_750_000_000_000
 
@@ -181,3 +181,59 @@ def test_valid_records_survive_the_wire(d: dict[str, Any]) -> None:
     (back,) = decode_usage_batch(encode_usage_batch([d]))
     assert back == d
     validate_record(back, now_ms=NOW)
+
+
+# --------------------------------------------------------------------------- validate_records
+
+
+def _one(d: dict[str, Any], **kw: Any) -> tuple[str, str | None, str] | None:
+    try:
+        validate_record(d, now_ms=NOW, **kw)
+    except InvalidEvent as exc:
+        return exc.reason_code, exc.field, exc.message
+    return None
+
+
+def _verdicts(ds: list[dict[str, Any]], **kw: Any) -> list[tuple[str, str | None, str] | None]:
+    return [None if e is None else (e.reason_code, e.field, e.message) for e in validate_records(ds, now_ms=NOW, **kw)]
+
+
+@st.composite
+def batch_records(draw: st.DrawFn) -> dict[str, Any]:
+    d = draw(records())
+    pick = draw(st.integers(0, 19))
+    if pick == 0:
+        d["occurred_at"] = draw(st.sampled_from([NOW + 300_000, NOW + 300_001, MIN_OCCURRED_AT_MS, MIN_OCCURRED_AT_MS - 1]))
+    elif pick == 1:
+        del d[draw(st.sampled_from(sorted(d)))]  # absent: defaults or missing_*
+    elif pick == 2:
+        d[draw(st.sampled_from(sorted(d)))] = draw(st.sampled_from([None, True, 1.5, "x", b"x", [], {"a": 1}]))
+    elif pick == 3:
+        for f in _COUNTS:
+            d[f] = 0
+    return d
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(batch_records(), max_size=12), st.sampled_from([300_000, 0]))
+def test_validate_records_agrees_with_validate_record(ds: list[dict[str, Any]], skew: int) -> None:
+    assert _verdicts(ds, max_future_ms=skew) == [_one(d, max_future_ms=skew) for d in ds]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_valid, min_size=1, max_size=12))
+def test_validate_records_clean_batches(ds: list[dict[str, Any]]) -> None:
+    """Mostly-clean batches take the batch path; it must agree too (empty_usage included)."""
+    assert _verdicts(ds) == [_one(d) for d in ds]
+
+
+def test_validate_records_examples() -> None:
+    assert validate_records([], now_ms=NOW) == []
+    assert validate_records([rec(), rec(event_id="e2")], now_ms=NOW) == [None, None]
+    got = validate_records([rec(), rec(input_tokens=-1), rec(labels={"k": 1}), rec(occurred_at=NOW + 300_001)], now_ms=NOW)
+    assert got[0] is None
+    assert [(e.reason_code, e.field) for e in got[1:] if e is not None] == [
+        ("negative_count", "input_tokens"), ("invalid_type", "labels"), ("timestamp_in_future", "occurred_at")]
+    absent = rec()
+    del absent["requests"], absent["labels"]  # Avro defaults: requests=1, no labels
+    assert validate_records([absent, rec()], now_ms=NOW) == [None, None]
