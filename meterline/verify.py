@@ -35,10 +35,10 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from decimal import Context, Decimal, Inexact, localcontext
+from decimal import ROUND_DOWN, ROUND_FLOOR, Context, Decimal, Inexact, localcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,16 +50,28 @@ __all__ = [
     "PRICING_CHECKS",
     "RATES",
     "ChaosStack",
+    "CreditPlan",
     "Delta",
     "Expected",
     "FlakyClickHouse",
     "InvariantCheck",
+    "LedgerOutcome",
+    "StripeReport",
+    "StripeSession",
+    "StripeUnits",
+    "SyncCrash",
     "VerifyReport",
     "check_invariants",
+    "credit_checks",
+    "expected_stripe_units",
     "hostile_records",
+    "ledger_check",
     "make_events",
+    "plan_credits",
     "price_file",
     "run_verify",
+    "status_check",
+    "stripe_deltas",
     "verify_command",
 ]
 
@@ -79,6 +91,7 @@ MARKUP_PCT: dict[str, str] = {"acme": "20", "globex": "7.5"}
 CUSTOMERS: tuple[str, ...] = ("acme", "globex", "initech", "umbrella", "hooli", "cüstomer-ünïcode-✓")
 _MILLION = Decimal(1_000_000)
 _EXACT = Context(prec=80, traps=[Inexact])  # the oracle raises rather than round
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 Query = Callable[[str], list[tuple[Any, ...]]]
 
 
@@ -124,6 +137,8 @@ class Expected:
     priced: dict[tuple[str, str], tuple[Decimal, Decimal]] = field(default_factory=dict)
     rejected: int = 0
     rejected_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    occurred_ms: dict[tuple[str, str], int] = field(default_factory=dict)  # event time (Stripe windows)
+    credit_plans: dict[str, CreditPlan] = field(default_factory=dict)  # customers set up in the ledger
 
     @staticmethod
     def cost_of(ev: Any) -> Decimal:
@@ -149,8 +164,12 @@ class Expected:
 
     def add_priced(self, events: Iterable[Any]) -> None:
         for ev in events:
+            key = (ev.customer_id, ev.event_id)
+            if key in self.priced:
+                continue
             cost = self.cost_of(ev)
-            self.priced.setdefault((ev.customer_id, ev.event_id), (cost, self.charge_of(ev.customer_id, cost)))
+            self.priced[key] = (cost, self.charge_of(ev.customer_id, cost))
+            self.occurred_ms[key] = (ev.occurred_at - _EPOCH) // timedelta(milliseconds=1)
 
     def add_rejected(self, reason_code: str, n: int = 1) -> None:
         self.rejected += n
@@ -237,6 +256,413 @@ PRICING_CHECKS: tuple[InvariantCheck, ...] = (priced_totals_check, rejected_coun
 def check_invariants(query: Query, expected: Expected, checks: Sequence[InvariantCheck] = PRICING_CHECKS) -> list[Delta]:
     """Run every check; an empty list means the invariant holds."""
     return [d for check in checks for d in check(query, expected)]
+
+
+# --------------------------------------------------------------------------- credits: the ledger part
+
+# Per customer (in CUSTOMERS order, cycling): the policy template of the chaos session. Grant sizes are
+# fractions (percent, drawn from the range) of the customer's expected charge; limits are fractions of
+# the expected overage. Together they cover: credit runs out under ``block``, ``credit_limit`` reached
+# and not reached, ``allow`` with overage, the default policy (block once granted) never running out,
+# and a customer with no grant at all (default ``allow``: everything is overage).
+_TEMPLATES: tuple[tuple[str | None, tuple[int, int] | None, tuple[int, int] | None], ...] = (
+    ("block", (30, 90), None),
+    ("credit_limit", (20, 60), (20, 80)),  # limit < overage: blocked
+    ("allow", (20, 80), None),
+    (None, (120, 200), None),  # the default policy, never runs out
+    (None, None, None),  # no grant: default allow
+    ("credit_limit", (50, 90), (150, 300)),  # limit > overage: active
+)
+_CENT = Decimal("0.01")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerOutcome:
+    """What a customer's ledger must end as, from Σ charge and the plan alone."""
+
+    grant_debits: Decimal
+    overage: Decimal
+    remaining: Decimal
+    status: str  # "active" | "blocked"
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CreditPlan:
+    """One customer's prepaid setup, sent as ledger commands BEFORE any of its usage.
+
+    ``grant``: one grant effective a day before the session, no expiry, no scope (None = no grant).
+    ``policy``: the overage policy set explicitly (None = the credit agent's default: ``block`` once
+    the customer has a grant, ``allow`` before). ``credit_limit`` only with ``credit_limit``.
+    """
+
+    customer_id: str
+    grant: Decimal | None
+    policy: str | None
+    credit_limit: Decimal | None = None
+
+    @property
+    def effective_policy(self) -> str:
+        return self.policy or ("block" if self.grant else "allow")
+
+    def outcome(self, charge: Decimal) -> LedgerOutcome:
+        """Every usage is debited (usage is a fact; the policy only decides the status): grants first,
+        the rest is overage. Order-independent because all credit exists before the first event."""
+        granted = self.grant or Decimal(0)
+        from_grants = min(granted, charge)
+        overage, remaining = charge - from_grants, granted - from_grants
+        policy, reason = self.effective_policy, None
+        if policy == "block" and remaining == 0:
+            reason = "credit_exhausted"
+        elif policy == "credit_limit" and remaining - overage <= -(self.credit_limit or Decimal(0)):
+            reason = "credit_limit_reached"
+        return LedgerOutcome(from_grants, overage, remaining, "blocked" if reason else "active", reason)
+
+    def commands(self, at_ms: int) -> list[dict[str, Any]]:
+        """``ledger-commands`` messages (policy first, then the grant), deterministic command ids."""
+        c, out = self.customer_id, []
+        if self.policy is not None:
+            out.append({"type": "set_policy", "command_id": f"verify-policy:{c}", "customer_id": c, "at_ms": at_ms,
+                        "overage": self.policy,
+                        "credit_limit": None if self.credit_limit is None else str(self.credit_limit)})  # fmt: skip
+        if self.grant is not None:
+            out.append({"type": "grant", "command_id": f"verify-grant:{c}", "customer_id": c, "at_ms": at_ms,
+                        "grant_id": f"verify-{c}", "amount": str(self.grant), "currency": "usd",
+                        "effective_at_ms": at_ms, "expires_at_ms": None, "priority": 50, "category": "paid",
+                        "scope": None})  # fmt: skip
+        return out
+
+
+def plan_credits(rng: random.Random, charges: Mapping[str, Decimal],
+                 customers: Sequence[str] = CUSTOMERS) -> list[CreditPlan]:  # fmt: skip
+    """A :data:`_TEMPLATES` plan per customer, sized from its expected Σ charge (whole cents, ≥ 0.01)."""
+
+    def part(amount: Decimal, pct: tuple[int, int]) -> Decimal:
+        return max(_CENT, (amount * rng.randint(*pct) / 100).quantize(_CENT, rounding=ROUND_DOWN))
+
+    plans = []
+    for i, c in enumerate(customers):
+        policy, grant_pct, limit_pct = _TEMPLATES[i % len(_TEMPLATES)]
+        charge = charges.get(c, Decimal(0))
+        grant = part(charge, grant_pct) if grant_pct else None
+        limit = part(max(charge - (grant or 0), _CENT), limit_pct) if limit_pct else None
+        plans.append(CreditPlan(c, grant, policy, limit))
+    return plans
+
+
+def _entries_by_customer(query: Query) -> dict[str, tuple[Decimal, ...]]:
+    rows = query(
+        "SELECT customer_id, sumIf(amount, kind = 'debit' AND grant_id != ''), sumIf(amount, kind = 'debit' AND "
+        "grant_id = ''), sumIf(amount, kind IN ('grant', 'top_up')), count(), max(seq), uniqExact(seq), "
+        "countIf(kind NOT IN ('grant', 'debit')) FROM ledger_entries FINAL GROUP BY customer_id")  # fmt: skip
+    return {str(r[0]): tuple(_norm(x) for x in r[1:]) for r in rows}
+
+
+def ledger_check(query: Query, expected: Expected) -> list[Delta]:
+    """The ledger part of the invariant, per customer with a plan (see docs/invariants.md):
+
+    Σ debits against grants + Σ overage debits = Σ charge of usage_priced = the oracle's Σ charge;
+    the split (grant debits, overage, credit remaining) = :meth:`CreditPlan.outcome`; Σ grant entries =
+    the plan; every priced event debited exactly its charge (per event); entry seqs 1..n with no gap;
+    a replayed entry id never carries different content (raw rows, before FINAL)."""
+    if not expected.credit_plans:
+        return []
+    deltas: list[Delta] = []
+    got = _entries_by_customer(query)
+    priced = {str(c): _norm(x) for c, x in query("SELECT customer_id, sum(charge) FROM usage_priced FINAL "
+                                                 "GROUP BY customer_id")}  # fmt: skip
+    want = expected.per_customer()
+    for c, plan in sorted(expected.credit_plans.items()):
+        charge = want.get(c, (0, Decimal(0), Decimal(0)))[2]
+        out = plan.outcome(charge)
+        g_debit, overage, granted, n, max_seq, n_seq, other = got.get(c, (Decimal(0),) * 7)
+        for what, w, g in (
+            ("debits + overage vs usage_priced", priced.get(c, Decimal(0)), g_debit + overage),
+            ("debits + overage vs oracle", charge, g_debit + overage),
+            ("grant debits", out.grant_debits, g_debit),
+            ("overage", out.overage, overage),
+            ("granted", plan.grant or Decimal(0), granted),
+            ("credit remaining", out.remaining, granted - g_debit),
+        ):
+            if w != g:
+                deltas.append(Delta("ledger", f"{c} {what}", format(w, "f"), f"{g:f} (Δ {g - w:f})"))
+        if not n == max_seq == n_seq:
+            deltas.append(Delta("ledger_seq", c, "seq 1..n without gaps", f"{n} entries, max seq {max_seq}, "
+                                f"{n_seq} distinct"))  # fmt: skip
+        if other:
+            deltas.append(Delta("ledger_kinds", c, "only grant and debit entries", f"{other} others"))
+    bad = query(
+        "SELECT p.customer_id, p.event_id, l.customer_id, l.event_id, p.charge, l.debited FROM "
+        "(SELECT customer_id, event_id, charge FROM usage_priced FINAL) AS p FULL OUTER JOIN "
+        "(SELECT customer_id, event_id, sum(amount) AS debited FROM ledger_entries FINAL WHERE kind = 'debit' "
+        "GROUP BY customer_id, event_id) AS l ON p.customer_id = l.customer_id AND p.event_id = l.event_id "
+        "WHERE p.charge != l.debited LIMIT 5")  # fmt: skip
+    for pc, pe, lc, le, charge, debited in bad:
+        deltas.append(Delta("ledger_per_event", f"{pc or lc} {pe or le}", f"debited {charge}", f"{debited}"))
+    (conflicts,) = query("SELECT count() FROM (SELECT customer_id, entry_id FROM ledger_entries GROUP BY customer_id, "
+                         "entry_id HAVING uniqExact(seq, kind, amount, grant_id, event_id) > 1)")[0]  # fmt: skip
+    if int(conflicts):
+        deltas.append(Delta("ledger_replay", "ledger_entries", "a re-sent entry id repeats its content",
+                            f"{conflicts} ids with different contents"))  # fmt: skip
+    return deltas
+
+
+def status_check(statuses: Mapping[str, Mapping[str, Any]]) -> InvariantCheck:
+    """A check comparing the credit agent's final ``customer-status`` per planned customer (latest
+    record per key) with ``ledger_balances`` (ClickHouse, FINAL) and with the plan's status."""
+
+    def check(query: Query, expected: Expected) -> list[Delta]:
+        deltas: list[Delta] = []
+        sql = {str(r[0]): (_norm(r[1]), _norm(r[2])) for r in query(
+            "SELECT customer_id, credit_remaining, overage FROM ledger_balances")}  # fmt: skip
+        want = expected.per_customer()
+        for c, plan in sorted(expected.credit_plans.items()):
+            out = plan.outcome(want.get(c, (0, Decimal(0), Decimal(0)))[2])
+            st = statuses.get(c)
+            if st is None:
+                deltas.append(Delta("status", c, "a customer-status record", "none"))
+                continue
+            bal = st.get("balance") or {}
+            remaining, overage = sql.get(c, (Decimal(0), Decimal(0)))
+            for what, w, g in (("status", out.status, st.get("status")), ("reason", out.reason, st.get("reason")),
+                               ("remaining vs ledger_balances", remaining, Decimal(str(bal.get("credit_remaining")))),
+                               ("overage vs ledger_balances", overage, Decimal(str(bal.get("overage"))))):  # fmt: skip
+                if w != g:
+                    deltas.append(Delta("status", f"{c} {what}", str(w), str(g)))
+        return deltas
+
+    return check
+
+
+def credit_checks(statuses: Mapping[str, Mapping[str, Any]]) -> tuple[InvariantCheck, ...]:
+    """The credits part: :func:`ledger_check` + :func:`status_check` over these final statuses."""
+    return (ledger_check, status_check(statuses))
+
+
+# --------------------------------------------------------------------------- Stripe: the push part
+
+
+class StripeUnits:
+    """The sync's unit rule (cost mode) replayed from the oracle's charges, independently of the job.
+
+    Per customer, at each sync session (:meth:`plan`, with the data the sync saw): every closed window
+    (start + window ≤ ``until``) whose Σ charge grew since the last plan gets
+    ``exact = growth × 10^exponent + carry``, ``value = floor(exact)``, ``carry = exact − value``, in
+    window order, the carry running across windows AND sessions (late usage = a new revision).
+    ``units[customer][window_start]`` is the Σ of values Stripe must hold per window."""
+
+    def __init__(self, window: int, exponent: int = 6) -> None:
+        self.window = window
+        self.scale = Decimal(10) ** exponent
+        self.planned: dict[str, dict[int, Decimal]] = defaultdict(dict)
+        self.carry: dict[str, Decimal] = defaultdict(Decimal)
+        self.units: dict[str, dict[int, int]] = defaultdict(dict)
+
+    def plan(self, expected: Expected, until: int) -> int:
+        """Account one sync session; returns how many non-zero values it must send."""
+        per: dict[str, dict[int, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+        sends = 0
+        with localcontext(_EXACT):
+            for key, (_cost, charge) in expected.priced.items():
+                ws = expected.occurred_ms[key] // 1000 // self.window * self.window
+                if ws + self.window <= until:
+                    per[key[0]][ws] += charge
+            for c in sorted(per):
+                for ws in sorted(per[c]):
+                    growth = per[c][ws] - self.planned[c].get(ws, Decimal(0))
+                    if growth <= 0:
+                        continue
+                    exact = growth * self.scale + self.carry[c]
+                    value = int(exact.to_integral_value(rounding=ROUND_FLOOR))
+                    self.carry[c] = exact - value
+                    self.units[c][ws] = self.units[c].get(ws, 0) + value
+                    self.planned[c][ws] = per[c][ws]
+                    sends += 1 if value else 0
+        return sends
+
+
+def expected_stripe_units(expected: Expected, *, window: int, until: int, exponent: int = 6) -> dict[str, dict[int, int]]:
+    """Per customer, per closed window: the units one sync session must push (:class:`StripeUnits`)."""
+    units = StripeUnits(window, exponent)
+    units.plan(expected, until)
+    return dict(units.units)
+
+
+def stripe_deltas(want: Mapping[str, Mapping[int, int]], got: Mapping[str, Mapping[int, int]]) -> list[Delta]:
+    """Per customer total and per window (only non-zero windows are compared: a 0-unit window is
+    carried, never sent)."""
+    deltas = []
+    for c in sorted(set(want) | set(got)):
+        w, g = want.get(c, {}), got.get(c, {})
+        if sum(w.values()) != sum(g.values()):
+            deltas.append(Delta("stripe_units", f"{c} total", str(sum(w.values())),
+                                f"{sum(g.values())} (Δ {sum(g.values()) - sum(w.values())})"))  # fmt: skip
+        for ws in sorted({k for k, v in w.items() if v} | {k for k, v in g.items() if v}):
+            if w.get(ws, 0) != g.get(ws, 0):
+                deltas.append(Delta("stripe_units", f"{c} window {ws}", str(w.get(ws, 0)), str(g.get(ws, 0))))
+    return deltas
+
+
+class SyncCrash(Exception):
+    """Raised by the ``on_sent`` hook: the sync dies after Stripe answered, before the cursor heard."""
+
+
+@dataclass
+class StripeReport:
+    """Figures of one :meth:`StripeSession.run`: faults injected by kind, where the first sync run
+    crashed, the sync runs' counters, and per customer (expected units, observed units)."""
+
+    until: int = 0
+    runs: int = 0
+    crashed_after: int | None = None
+    faults: dict[str, int] = field(default_factory=dict)
+    planned: int = 0
+    sent: int = 0
+    acked: int = 0
+    retries: int = 0
+    per_customer: dict[str, tuple[int, int]] = field(default_factory=dict)
+    deltas: list[Delta] = field(default_factory=list)
+
+
+class StripeSession:
+    """The real sync job (``jobs.stripe.sync``, cost mode, 1 h windows, no settle time) pushing from
+    ``ch`` (a clickhouse-connect-like client) to a :class:`~meterline.stripe_local.LocalStripe`.
+
+    ``ls``: an already running LocalStripe (kept open), else one is started and :meth:`close` stops it.
+    Meter summaries are read back per hour (``value_grouping_window=hour``), hence the 1 h window.
+    """
+
+    WINDOW = 3600
+    PATH = "/v1/billing/meter_events"
+
+    def __init__(self, ch: Any, *, ls: Any = None) -> None:
+        from jobs.stripe import StripeTarget, load_billing_config
+        from meterline.stripe_local import LocalStripe
+
+        self.ch = ch
+        self._own = ls is None
+        self.ls = ls if ls is not None else LocalStripe()
+        self.target = StripeTarget.local(self.ls.url, max_network_retries=2)
+        self.cfg = load_billing_config(None, mode="cost").with_sync(
+            settle_seconds=0, backoff_seconds=0.01, window_seconds=self.WINDOW)  # fmt: skip
+        self.meter_ids: dict[str, str] = {}
+        self.units = StripeUnits(self.WINDOW, self.cfg.cost.unit_exponent)  # the oracle, across runs
+        self.slept: list[float] = []  # our own back-off delays (not slept: no wall clock in the checks)
+
+    def close(self) -> None:
+        if self._own:
+            self.ls.stop()
+
+    @property
+    def event_name(self) -> str:
+        return self.cfg.cost.event_name
+
+    def provision(self, customers: Iterable[str]) -> None:
+        from jobs.stripe import provision
+
+        report = provision(self.target.client(), self.ch, self.cfg, customers=sorted(customers))
+        self.meter_ids.update(report.meters)
+
+    def arm_faults(self, rng: random.Random) -> dict[str, int]:
+        """Dropped responses (committed, answer lost), 5xx and plain 429s on the next meter-event calls."""
+        n = {"dropped": rng.randint(1, 2), "5xx": rng.randint(1, 2), "429": rng.randint(1, 2)}
+        self.ls.faults.drop_response(n["dropped"], path_prefix=self.PATH)
+        self.ls.faults.server_error(n["5xx"], status=rng.choice([500, 502, 503]), path_prefix=self.PATH)
+        self.ls.faults.rate_limit(n["429"], path_prefix=self.PATH, should_retry=False)
+        return n
+
+    def sync(self, now: int, on_sent: Callable[[Any], None] | None = None) -> Any:
+        from jobs.stripe import sync
+
+        return sync(self.target, self.ch, self.cfg, now=now, on_sent=on_sent, sleep=self.slept.append)
+
+    def observed(self, customers: Iterable[str], since: int, until: int) -> dict[str, dict[int, int]]:
+        """Per customer, per hour: Stripe's meter event summary over [since, until)."""
+        from jobs.stripe._store import load_customers
+
+        links, client, out = load_customers(self.ch), self.target.client(), {}
+        meter = self.meter_ids[self.event_name]
+        for c in customers:
+            if c not in links:
+                continue
+            res = client.v1.billing.meters.event_summaries.list(meter, {
+                "customer": links[c].stripe_customer_id, "start_time": since, "end_time": until,
+                "value_grouping_window": "hour", "limit": 100})  # fmt: skip
+            out[c] = {int(s.start_time): int(Decimal(str(s.aggregated_value))) for s in res.auto_paging_iter()}
+        return out
+
+    def run(self, expected: Expected, rng: random.Random, *, faults: bool = True, crash: bool = True,
+            now: int | None = None, say: Callable[[str], None] = log.info) -> StripeReport:  # fmt: skip
+        """Provision (once), arm faults, sync with a crash after a random push, re-run, run once more
+        (must plan and send nothing), then compare Stripe with :class:`StripeUnits` (all the data the
+        sync sees must be in ``expected``; call again after more usage: late usage, replays)."""
+        now = self.ls.now() if now is None else now
+        w = self.WINDOW
+        rep = StripeReport(until=(now - self.cfg.sync.settle_seconds) // w * w)
+        customers = sorted({c for c, _ in expected.priced})
+        if self.event_name not in self.meter_ids:
+            self.provision(customers)
+        to_send = self.units.plan(expected, rep.until)
+        want = self.units.units
+        rep.faults = self.arm_faults(rng) if faults else {}
+        crash_at = rng.randint(1, max(1, to_send - 1)) if crash and to_send > 1 else None
+        seen: list[str] = []
+
+        def crasher(push: Any) -> None:
+            seen.append(push.identifier)
+            if len(seen) == crash_at:
+                raise SyncCrash(f"sync killed after push {crash_at} ({push.identifier}), before its cursor write")
+
+        summaries, slept_before = [], len(self.slept)
+        try:
+            summaries.append(self.sync(now, crasher if crash_at else None))
+        except SyncCrash:
+            rep.crashed_after = crash_at
+            say(f"Stripe sync crashed after push {crash_at} of ~{to_send}; re-running")
+        rep.runs = 1
+        for _ in range(2):  # the re-run, then one that must find nothing to do
+            summaries.append(self.sync(now))
+            rep.runs += 1
+        left = self.ls.faults.armed()
+        self.ls.faults.clear()
+        if left:  # not every armed fault was hit: report only what was injected
+            for kind, name in (("drop", "dropped"), ("status", "5xx"), ("rate_limit", "429")):
+                rep.faults[name] -= sum(int(f.get("remaining", 0)) for f in left if f.get("kind") == kind)
+        rep.planned = sum(s.planned for s in summaries)
+        rep.sent = sum(s.sent for s in summaries) + len(seen)
+        rep.acked = sum(s.acked for s in summaries)
+        rep.retries = len(self.slept) - slept_before  # our own back-offs (the crashed run's summary is lost)
+        last = summaries[-1]
+        if (last.planned, last.sent) != (0, 0):
+            rep.deltas.append(Delta("stripe_idempotent", "last sync run", "planned 0, sent 0",
+                                    f"planned {last.planned}, sent {last.sent}"))  # fmt: skip
+        problems = [s for s in summaries if not s.ok]
+        for s in problems:
+            rep.deltas.append(Delta("stripe_sync", "summary", "ok", f"too_old={len(s.too_old)} failed={s.failed[:2]} "
+                                    f"shrunk={s.shrunk[:2]} unmapped={s.unmapped[:2]}"))  # fmt: skip
+        got = self.observed(customers, rep.until - 7 * 86400, rep.until)
+        rep.deltas += stripe_deltas(want, got)
+        rep.deltas += self._raw_event_checks()
+        for c in sorted(set(want) | set(got)):
+            rep.per_customer[c] = (sum(want.get(c, {}).values()), sum(got.get(c, {}).values()))
+        return rep
+
+    def _raw_event_checks(self) -> list[Delta]:
+        """Every stored meter event is one acknowledged push: identifiers unique, count and Σ equal."""
+        from jobs.stripe._store import load_pushes
+
+        events = [e for e in self.ls.meter_events(self.event_name) if e.get("status", "valid") == "valid"]
+        idents = [e["identifier"] for e in events]
+        acked = {p.identifier: p.value for p in load_pushes(self.ch) if p.status == "acked" and p.value}
+        deltas = []
+        if len(idents) != len(set(idents)):
+            deltas.append(Delta("stripe_events", "identifiers", "unique", f"{len(idents) - len(set(idents))} repeated"))
+        stored = {e["identifier"]: int(Decimal(str(e["value"]))) for e in events}
+        if stored != acked:
+            diff = sorted(set(stored.items()) ^ set(acked.items()))[:3]
+            deltas.append(Delta("stripe_events", "meter events vs acked cursor rows",
+                                f"{len(acked)} equal (identifier, value)", f"{len(stored)}, differing: {diff}"))  # fmt: skip
+        return deltas
 
 
 # --------------------------------------------------------------------------- inputs
@@ -414,6 +840,9 @@ class ChaosStack:
         self.sink: Any = None
         self._sink_stop = threading.Event()
         self._sink_thread: threading.Thread | None = None
+        self.ledger_sink: Any = None
+        self._ledger_stop = threading.Event()
+        self._ledger_thread: threading.Thread | None = None
         self.sink_errors: list[BaseException] = []
         self.producer = UsageProducer(self.bootstrap, settings.topic("usage-events"), linger_ms=5)
         self.raw_producer = control_producer(self.bootstrap)
@@ -448,6 +877,98 @@ class ChaosStack:
         self._sink_thread = threading.Thread(target=run, name="chaos-sink", daemon=True)
         self._sink_thread.start()
         return self.sink
+
+    def start_ledger_sink(self, **kwargs: Any) -> Any:
+        """The ``ledger-entries`` → ``ledger_entries`` sink, on the same outage-switchable client."""
+        from pipeline.ledger_sink import LedgerEntrySink
+
+        opts: dict[str, Any] = {"max_interval_ms": 200, "backoff_initial_ms": 50, "backoff_max_ms": 500}
+        opts.update(kwargs)
+        self._ledger_stop = threading.Event()
+        self.ledger_sink = LedgerEntrySink(self.bootstrap, f"{self.settings.topic_prefix}ledger-sink",
+                                           self.settings.topic("ledger-entries"), self.ch, **opts)  # fmt: skip
+        sink, stop = self.ledger_sink, self._ledger_stop
+
+        def run() -> None:
+            try:
+                sink.run(stop)
+            except BaseException as exc:  # noqa: BLE001 - recorded for the test
+                self.sink_errors.append(exc)
+
+        self._ledger_thread = threading.Thread(target=run, name="chaos-ledger-sink", daemon=True)
+        self._ledger_thread.start()
+        return self.ledger_sink
+
+    def send_commands(self, messages: Iterable[Mapping[str, Any]]) -> int:
+        """Publish ``ledger-commands`` messages keyed by customer; waits for every acknowledgement."""
+        from pipeline.credits.messages import encode_message
+        from pipeline.publish import publish_records
+
+        records = [(str(m["customer_id"]), encode_message(m)) for m in messages]
+        return publish_records(self.bootstrap, self.settings.topic("ledger-commands"), records,
+                               producer=self.raw_producer)  # fmt: skip
+
+    def latest(self, topic: str, timeout: float = 20.0) -> dict[str, dict[str, Any]]:
+        """The last JSON value per key of a (customer-keyed) topic, read from offset 0 to its end."""
+        import json
+
+        from confluent_kafka import Consumer, TopicPartition
+
+        name = self.settings.topic(topic)
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"verify-reader-{uuid.uuid4().hex[:6]}",
+                      "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
+        try:
+            parts = sorted(c.list_topics(name, timeout=10).topics[name].partitions)
+            c.assign([TopicPartition(name, p, 0) for p in parts])
+            out: dict[str, dict[str, Any]] = {}
+            eof: set[int] = set()
+            deadline = time.monotonic() + timeout
+            while len(eof) < len(parts) and time.monotonic() < deadline:
+                m = c.poll(0.2)
+                if m is None:
+                    continue
+                if m.error():
+                    eof.add(m.partition())
+                    continue
+                eof.discard(m.partition())
+                out[(m.key() or b"").decode("utf-8", "replace")] = json.loads(m.value() or b"null")
+            return out
+        finally:
+            c.close()
+
+    def ledger_counts(self) -> tuple[int, int]:
+        """(distinct debited (customer, event) pairs, grant entries) in ledger_entries."""
+        debited, grants = self.query("SELECT uniqExactIf((customer_id, event_id), kind = 'debit'), "
+                                     "uniqExactIf(entry_id, kind = 'grant') FROM ledger_entries")[0]  # fmt: skip
+        return int(debited), int(grants)
+
+    def wait_ledger(self, debited: int, grants: int, timeout: float = 120.0, quiet: float = 1.0) -> bool:
+        """Wait until ledger_entries holds ``debited`` debited events and ``grants`` grants, unchanged
+        for ``quiet`` s, with the ledger sink drained."""
+        deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+        while time.monotonic() < deadline:
+            dead = self.dead_workers()
+            if dead:
+                raise RuntimeError("a worker crashed: " + "\n".join(dead))
+            now = self.ledger_counts()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif now[0] >= debited and now[1] >= grants and time.monotonic() - since >= quiet:
+                sink = self.ledger_sink
+                if sink is None or (sink.buffered == 0 and not sink.degraded):
+                    return True
+            time.sleep(0.2)
+        return False
+
+    def settled_statuses(self, expected: Expected, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+        """The latest ``customer-status`` per customer, re-read until it agrees with the ledger (the
+        status is produced with the entries of the same record, so it may trail them briefly)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = self.latest("customer-status")
+            if not status_check(statuses)(self.query, expected) or time.monotonic() > deadline:
+                return statuses
+            time.sleep(0.5)
 
     def sink_alive(self) -> bool:
         return self._sink_thread is not None and self._sink_thread.is_alive()
@@ -538,6 +1059,9 @@ class ChaosStack:
         for w in self.workers:
             w.stop(timeout=5)
         self.stop_sink()
+        self._ledger_stop.set()
+        if self._ledger_thread is not None:
+            self._ledger_thread.join(20)
         try:
             self.producer.close(10)
         except Exception as exc:  # noqa: BLE001 - closing on the way out
@@ -560,6 +1084,9 @@ class VerifyReport:
     priced_rows: int = 0
     rejected_rows: int = 0
     per_customer: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)  # expected, observed charge
+    # credits: customer -> (policy, expected Σ charge, ledger debits + overage, expected status, observed status)
+    ledger: dict[str, tuple[str, Decimal, Decimal, str, str]] = field(default_factory=dict)
+    stripe: StripeReport | None = None
     deltas: list[Delta] = field(default_factory=list)
     settled: bool = False
 
@@ -581,6 +1108,23 @@ class VerifyReport:
         ]
         for c, (want, got) in sorted(self.per_customer.items()):
             lines.append(f"  {c:<28} {want:>22} {got:>22} {format(got - want, 'f')}")
+        if self.ledger:
+            lines.append("  ledger (debits + overage = Σ charge)  policy        expected charge   ledger Δ  status")
+            for c, (policy, want, got, st_want, st_got) in sorted(self.ledger.items()):
+                mark = "" if st_want == st_got else f" (expected {st_want})"
+                lines.append(f"  {c:<28} {policy:<13} {want:>22} {format(got - want, 'f'):>10}  {st_got}{mark}")
+        if self.stripe is not None:
+            s = self.stripe
+            faults = ", ".join(f"{k}×{v}" for k, v in s.faults.items()) or "none"
+            crash = f"after push {s.crashed_after}" if s.crashed_after else "none"
+            lines += [
+                f"  stripe faults        {faults}",
+                f"  stripe sync crash    {crash}; {s.runs} runs, {s.sent} sends, {s.acked} acked by the re-runs, "
+                f"{s.retries} own back-offs",
+                "  stripe (µ$, closed windows)  expected units         pushed units           Δ",
+            ]
+            for c, (want_u, got_u) in sorted(s.per_customer.items()):
+                lines.append(f"  {c:<28} {want_u:>22} {got_u:>22} {got_u - want_u}")
         if not self.settled:
             lines.append("  NOT SETTLED: the stores did not reach the expected counts in time")
         lines += [f"  Δ {d}" for d in self.deltas]
@@ -596,6 +1140,8 @@ def run_verify(
     duplicates: int = 300,
     outages: int = 1,
     hostile: bool = True,
+    credits: bool = True,
+    stripe: bool = True,
     seed: int | None = None,
     timeout: float = 180.0,
     echo: Callable[[str], None] | None = None,
@@ -605,11 +1151,13 @@ def run_verify(
     Always starts its OWN Tansu broker (memory only) and topics under a fresh prefix. ClickHouse is
     ``settings.clickhouse_dsn`` if set (e.g. a test's database in the process's one chDB engine),
     else a new chDB path under a temporary directory (removed afterwards). Steps: publish prices,
-    start the sink (with :class:`FlakyClickHouse`) and one worker; produce ``events`` in
-    ``kills + 1`` chunks with ``duplicates`` resends and the hostile records spread over them;
-    SIGKILL + restart the worker after each of the first ``kills`` chunks while it is working;
-    take ClickHouse down for ``outages`` periods; then wait until the stores settle and check the
-    invariant.
+    start the sinks (with :class:`FlakyClickHouse`) and one worker (pricing + credit agents);
+    ``credits``: send each customer's :class:`CreditPlan` (grant + policy) and wait until the ledger
+    holds the grants; produce ``events`` in ``kills + 1`` chunks with ``duplicates`` resends and the
+    hostile records spread over them; SIGKILL + restart the worker after each of the first ``kills``
+    chunks while it is working; take ClickHouse down for ``outages`` periods; wait until the stores
+    settle and check the invariant (pricing, then the ledger and the final statuses); ``stripe``:
+    run the real sync into a LocalStripe with faults and a crash mid-push, re-run, compare.
     """
     from meterline.stack.broker import TansuBroker
     from meterline.stack.clickhouse import apply_migrations, connect
@@ -638,10 +1186,21 @@ def run_verify(
         say(f"seed {seed}: broker {broker.bootstrap}, ClickHouse {dsn}")
         stack.publish_prices()
         stack.start_sink()
+        if credits:
+            stack.start_ledger_sink()
         worker = stack.start_worker()
 
         all_events = make_events(rng, events)
         now_ms = time.time_ns() // 1_000_000
+        if credits:
+            whole = Expected()
+            whole.add_priced(all_events)
+            plans = plan_credits(rng, {c: t[2] for c, t in whole.per_customer().items()})
+            expected.credit_plans = {p.customer_id: p for p in plans}
+            n_grants = stack.send_commands(m for p in plans for m in p.commands(now_ms - 86_400_000))
+            say(f"credits: {n_grants} policy/grant commands sent; waiting for the ledger to hold the grants")
+            if not stack.wait_ledger(0, sum(1 for p in plans if p.grant), timeout=90, quiet=0.2):
+                raise RuntimeError("the credit agent did not apply the grants in time")
         bad = hostile_records(rng, now_ms) if hostile else []
         chunks = [all_events[i::kills + 1] for i in range(kills + 1)]
         bad_chunks = [bad[i::kills + 1] for i in range(kills + 1)]
@@ -682,14 +1241,37 @@ def run_verify(
         report.distinct_events = len(expected.priced)
         say("waiting for the stores to settle")
         report.settled = stack.wait_settled(expected, timeout=timeout)
+        checks: list[InvariantCheck] = list(PRICING_CHECKS)
+        if credits:
+            n_grants = sum(1 for p in expected.credit_plans.values() if p.grant)
+            report.settled = stack.wait_ledger(len(expected.priced), n_grants, timeout=timeout) and report.settled
+            statuses = stack.settled_statuses(expected)
+            checks += credit_checks(statuses)
         report.kills_survived = stack.kills if report.settled else 0
-        report.deltas = check_invariants(stack.query, expected)
+        report.deltas = check_invariants(stack.query, expected, checks)
         report.priced_rows, report.rejected_rows = stack.counts()
         observed = {str(c): Decimal(ch) for c, ch in stack.query(
             "SELECT customer_id, sum(charge) FROM usage_priced GROUP BY customer_id")}  # fmt: skip
         want = expected.per_customer()
         for c in sorted(set(observed) | set(want)):
             report.per_customer[c] = (want.get(c, (0, Decimal(0), Decimal(0)))[2], observed.get(c, Decimal(0)))
+        if credits:
+            entries = _entries_by_customer(stack.query)
+            for c, plan in expected.credit_plans.items():
+                charge = want.get(c, (0, Decimal(0), Decimal(0)))[2]
+                got = entries.get(c, (Decimal(0), Decimal(0)))
+                out, st = plan.outcome(charge), statuses.get(c) or {}
+                report.ledger[c] = (plan.effective_policy, charge, got[0] + got[1],
+                                    f"{out.status}" + (f" ({out.reason})" if out.reason else ""),
+                                    f"{st.get('status')}" + (f" ({st['reason']})" if st.get("reason") else ""))  # fmt: skip
+        if stripe:
+            say("Stripe: provision, sync with injected faults and a crash mid-push, re-run")
+            session = StripeSession(stack.ch())
+            try:
+                report.stripe = session.run(expected, rng, say=say)
+            finally:
+                session.close()
+            report.deltas += report.stripe.deltas
         return report
     finally:
         if stack is not None:
@@ -708,17 +1290,20 @@ def verify_command(
     kills: int = 2,
     duplicates: int = 300,
     outages: int = 1,
+    credits: bool = True,
+    stripe: bool = True,
     seed: Optional[int] = None,  # noqa: UP007 - typer reads the annotation at runtime
 ) -> None:
-    """Chaos-check this build: kill workers, replay, inject bad input and a ClickHouse outage; every Δ must be 0.
+    """Chaos-check this build: kill workers, replay, inject bad input, a ClickHouse outage and Stripe
+    faults; every Δ must be 0 (pricing, ledger ``--credits``, Stripe push ``--stripe``).
 
     Mount with ``app.command("verify")(verify_command)``; typer reads the parameters as options.
     """
     import typer
 
     settings = Settings().model_copy(update={"clickhouse_dsn": None})  # never write into a configured ClickHouse
-    report = run_verify(settings, events=events, kills=kills, duplicates=duplicates, outages=outages, seed=seed,
-                        echo=lambda s: typer.echo(f"  · {s}"))  # fmt: skip
+    report = run_verify(settings, events=events, kills=kills, duplicates=duplicates, outages=outages, credits=credits,
+                        stripe=stripe, seed=seed, echo=lambda s: typer.echo(f"  · {s}"))  # fmt: skip
     typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(1)

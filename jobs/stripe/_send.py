@@ -23,6 +23,7 @@ are backed off here.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -88,7 +89,8 @@ class MeterEventSender:
     def send_one(self, push: Push, stripe_customer: str) -> tuple[str, str]:
         params = {"event_name": push.meter, "identifier": push.identifier, "timestamp": push.window_start,
                   "payload": {"stripe_customer_id": stripe_customer, "value": str(push.value)}}  # fmt: skip
-        options = {"idempotency_key": f"ml-me-{push.identifier}"}
+        key = push.identifier if push.identifier.isascii() else "h" + hashlib.sha256(push.identifier.encode()).hexdigest()
+        options = {"idempotency_key": f"ml-me-{key}"}  # an HTTP header: latin-1 only
 
         def call() -> tuple[str, str]:
             try:

@@ -46,6 +46,7 @@ class ProvisionReport:
 def idem_key(kind: str, name: str, params: Any) -> str:
     """Deterministic Idempotency-Key: same object + same params -> same key (≤255 chars)."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    name = name if name.isascii() else "h" + hashlib.sha256(name.encode()).hexdigest()[:32]  # headers are latin-1
     return f"ml-{kind}-{name[:160]}-{digest}"
 
 

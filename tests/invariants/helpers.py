@@ -1,9 +1,8 @@
 """Helpers of the invariant suite: a background traffic generator and the one assertion.
 
 The oracle, the checks and the stack live in :mod:`meterline.verify` so ``meterline verify`` and
-these tests prove the same thing. To extend the invariant (credits agent, Stripe sync), write a
-check ``(query, expected) -> list[Delta]`` and pass ``checks=PRICING_CHECKS + (your_check,)`` to
-:func:`assert_invariant`.
+these tests prove the same thing. :func:`assert_credit_invariant` adds the ledger part
+(``meterline.verify.credit_checks``); the Stripe part is ``meterline.verify.StripeSession.run``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,15 @@ from typing import Any
 
 import pytest
 
-from meterline.verify import PRICING_CHECKS, ChaosStack, Expected, InvariantCheck, check_invariants, make_events
+from meterline.verify import (
+    PRICING_CHECKS,
+    ChaosStack,
+    Expected,
+    InvariantCheck,
+    check_invariants,
+    credit_checks,
+    make_events,
+)
 
 
 def assert_invariant(
@@ -87,3 +94,23 @@ class Traffic:
         if self.error is not None:
             raise self.error
         self.stack.producer.flush(30)
+
+
+def assert_credit_invariant(stack: ChaosStack, expected: Expected, seed: int, *, timeout: float = 120.0) -> dict[str, Any]:
+    """The pricing invariant, then the ledger part (entries in ClickHouse, final statuses); returns
+    the final statuses. Fails with every Δ, the seed and the worker logs."""
+    assert_invariant(stack, expected, seed, timeout=timeout)
+    grants = sum(1 for p in expected.credit_plans.values() if p.grant)
+    settled = stack.wait_ledger(len(expected.priced), grants, timeout=timeout)
+    statuses = stack.settled_statuses(expected)
+    deltas = check_invariants(stack.query, expected, credit_checks(statuses))
+    if settled and not deltas:
+        return statuses
+    logs = "\n".join(f"--- {w.name}\n{w.log_tail(1500)}" for w in stack.workers)
+    pytest.fail(
+        f"credit invariant broken (seed={seed}, settled={settled}, ledger counts={stack.ledger_counts()}, "
+        f"expected {len(expected.priced)} debited events / {grants} grants, "
+        f"ledger sink={stack.ledger_sink.stats() if stack.ledger_sink else None}):\n"
+        + "\n".join(str(d) for d in deltas)
+        + f"\n{logs}"
+    )
