@@ -68,6 +68,7 @@ class CreditAgent:
         self.resume: dict[TP, int] = {}  # from the table, at the last recovery
         self.checked: set[TP] = set()  # partitions whose first record after assignment was checked
         self.rewinding: dict[TP, int] = {}  # tp -> first offending offset, while dropping stale records
+        self._seeks: set[asyncio.Future[Any]] = set()  # seek-backs in flight (see admit)
         self.rewinds = 0
         self.resent = 0
         self.records = 0
@@ -127,8 +128,19 @@ class CreditAgent:
         log.warning("credit agent: %s:%d starts at %d beyond the table's %d: seeking back", tp.topic, tp.partition,
                     offset, expected)  # fmt: skip
         self.rewinding[tp] = offset
-        await self.app.consumer.seek(tp, expected)
+        # NOT awaited here: faust's consumer thread may be blocked handing this very agent more
+        # records (its buffer is full while the agent waits), and the seek queues behind that
+        # hand-off — awaiting it inline deadlocked the worker under load. The agent keeps draining
+        # (dropping records past ``offset``) until the seek lands and ``expected`` comes round.
+        task = asyncio.ensure_future(self.app.consumer.seek(tp, expected))
+        self._seeks.add(task)
+        task.add_done_callback(self._seek_done)
         return False
+
+    def _seek_done(self, task: asyncio.Future[Any]) -> None:
+        self._seeks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("credit agent: seek back failed: %r", task.exception())
 
     async def handle(self, event: Any) -> None:
         msg = event.message
