@@ -124,10 +124,7 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(usage_topic)
     async def price_usage(stream: faust.StreamT) -> None:
-        while not feed.ready:
-            if feed.error is not None:
-                raise RuntimeError(f"price feed failed: {feed.error}")
-            await asyncio.sleep(0.05)
+        await feed.until_ready("pricing agent")
         async for event in stream.events():
             message = event.message
             partition = message.partition

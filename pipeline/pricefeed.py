@@ -12,6 +12,7 @@ least once *and* a further quiet period passed with no record.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -47,6 +48,8 @@ class PriceFeed:
         self._thread: threading.Thread | None = None
         self.records_seen = 0
         self.error: BaseException | None = None
+        self._partitions: list[int] = []  # for diagnostics
+        self._eof: set[int] = set()
 
     def start(self) -> PriceFeed:
         self._thread = threading.Thread(target=self._run, name="meterline-pricefeed", daemon=True)
@@ -64,6 +67,21 @@ class PriceFeed:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    async def until_ready(self, who: str, *, warn_every_s: float = 10.0) -> None:
+        """Wait (on the event loop) until the initial catch-up is done; raise if the feed died.
+        Agents price nothing before this, so a feed that never becomes ready is said out loud."""
+        waited = 0.0
+        next_warning = warn_every_s
+        while not self.ready:
+            if self.error is not None:
+                raise RuntimeError(f"price feed failed: {self.error}")
+            await asyncio.sleep(0.05)
+            waited += 0.05
+            if waited >= next_warning:
+                next_warning += warn_every_s
+                log.warning("%s still waiting for the price feed after %.0fs: %d record(s) read, EOF on %s of %s",
+                            who, waited, self.records_seen, sorted(self._eof), self._partitions)  # fmt: skip
 
     def drain_into(self, sink: RecordSink) -> int:
         """Apply every record received so far to ``sink``; call from the engine's owner thread."""
@@ -84,8 +102,9 @@ class PriceFeed:
         try:
             metadata = consumer.list_topics(self.topic, timeout=10)
             partitions = sorted(metadata.topics[self.topic].partitions) if self.topic in metadata.topics else []
+            self._partitions = partitions
             consumer.assign([TopicPartition(self.topic, p, 0) for p in partitions])
-            at_eof: set[int] = set()
+            at_eof = self._eof
             last_record = time.monotonic()
             while not self._stop.is_set():
                 msg = consumer.poll(0.1)

@@ -194,10 +194,7 @@ def register_credit_agent(app: faust.App, settings: Settings, *, engine: Pricing
 
     @app.agent(credit.source)
     async def credit_ledger(stream: faust.StreamT) -> None:
-        while not feed.ready:
-            if feed.error is not None:
-                raise RuntimeError(f"price feed failed: {feed.error}")
-            await asyncio.sleep(0.05)
+        await feed.until_ready("credit agent")
         async for event in stream.events():
             await credit.handle(event)
 
