@@ -19,7 +19,6 @@ repeat by ``(customer_id, event_id)``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -111,9 +110,10 @@ def create_app(settings: Settings) -> faust.App:
                 processor.dedupe.forget_partition(tp.partition)
                 indexed.discard(tp.partition)
 
-    @app.task
-    async def _start_feed() -> None:
-        feed.start()
+    # The feed is a plain thread started with the app, not a faust task: faust starts app tasks
+    # only once the worker is up, and a restarted worker (after a SIGKILL) could sit waiting for
+    # its first rebalance with both agents blocked on a feed that had not even started.
+    feed.start()
 
     def _index_partition(partition: int) -> None:
         prefix = f"{partition}:"

@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,17 @@ class PriceFeed:
     def _run(self) -> None:
         consumer = Consumer(self._config)
         try:
-            metadata = consumer.list_topics(self.topic, timeout=10)
+            # Metadata can be slow right after another client died (seen: > 10 s on the dev broker
+            # after a SIGKILL). A timeout here is transient: keep asking, never give up the feed
+            # (the agents wait for it; a failed feed would stall them for good).
+            metadata = None
+            while metadata is None and not self._stop.is_set():
+                try:
+                    metadata = consumer.list_topics(self.topic, timeout=5)
+                except KafkaException as exc:
+                    log.warning("price feed: no metadata for %s yet (%s); retrying", self.topic, exc)
+            if metadata is None:
+                return
             partitions = sorted(metadata.topics[self.topic].partitions) if self.topic in metadata.topics else []
             self._partitions = partitions
             consumer.assign([TopicPartition(self.topic, p, 0) for p in partitions])
