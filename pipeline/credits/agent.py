@@ -67,7 +67,7 @@ class CreditAgent:
         self.table = app.Table(TABLE, default=None, key_type=str, partitions=settings.partitions)
         self.resume: dict[TP, int] = {}  # from the table, at the last recovery
         self.checked: set[TP] = set()  # partitions whose first record after assignment was checked
-        self.rewinding: dict[TP, int] = {}  # tp -> first offending offset, while dropping stale records
+        self.rewinding: dict[TP, int] = {}  # tp -> the resume offset awaited after a seek-back
         self._seeks: set[asyncio.Future[Any]] = set()  # seek-backs in flight (see admit)
         self.rewinds = 0
         self.resent = 0
@@ -112,9 +112,12 @@ class CreditAgent:
 
     async def admit(self, tp: TP, offset: int) -> bool:
         """The first-record guard (see the module docstring); False = drop this record."""
-        stale_from = self.rewinding.get(tp)
-        if stale_from is not None:
-            if offset > stale_from:
+        waiting_for = self.rewinding.get(tp)
+        if waiting_for is not None:
+            # Until the seek lands, records fetched before it (any offset, even one at or below
+            # the first offending one) may still arrive: accept nothing but the resume offset
+            # itself, or a stale record would be applied ahead of its predecessors.
+            if offset != waiting_for:
                 return False
             del self.rewinding[tp]
             return True
@@ -127,7 +130,7 @@ class CreditAgent:
         self.rewinds += 1
         log.warning("credit agent: %s:%d starts at %d beyond the table's %d: seeking back", tp.topic, tp.partition,
                     offset, expected)  # fmt: skip
-        self.rewinding[tp] = offset
+        self.rewinding[tp] = expected
         # NOT awaited here: faust's consumer thread may be blocked handing this very agent more
         # records (its buffer is full while the agent waits), and the seek queues behind that
         # hand-off — awaiting it inline deadlocked the worker under load. The agent keeps draining
