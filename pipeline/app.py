@@ -75,13 +75,18 @@ def _short_fetch_wait(max_wait_ms: int) -> None:
 def create_app(settings: Settings) -> faust.App:
     if not settings.kafka_bootstrap:
         raise ValueError("create_app needs settings.kafka_bootstrap (meterline up fills it in)")
+    app_id = f"{settings.topic_prefix}pricing"
+    datadir = settings.data_dir.resolve() / "faust" / app_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        f"{settings.topic_prefix}pricing",
+        app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
         processing_guarantee="at_least_once",
         topic_partitions=settings.partitions,
         web_enabled=False,
+        # faust's default datadir is "<app id>-data" in the working directory; keep it under data_dir.
+        datadir=str(datadir),
         **faust_broker_options(settings),
     )
     usage_topic = app.topic(settings.topic("usage-events"), key_serializer="raw", value_serializer="raw")

@@ -19,10 +19,12 @@ not atomic with the changelog, see shared/notes/faust-recovery.md):
   partitions to their committed offsets. It computes, per assigned source partition, the resume
   offset = max applied offset over the table's customers + 1 (0 when the table knows nothing),
   and COMMITS exactly those offsets for the group, so faust's own ``perform_seek`` lands there.
-* Guard in the agent: the first record of each partition after an assignment is compared with that
-  resume offset. Earlier is fine (the ledger skips what it applied). Later means something moved
-  the position past the table: the agent seeks back (``consumer.seek``) and drops records until
-  one at or below the first offending offset arrives (the re-read), counting ``rewinds``.
+* Cursors in the agent (``pipeline/credits/gaps.py``): the next offset due per source partition,
+  from that resume offset, then one past every record applied. A record below it is a
+  re-delivery (dropped); a record above it means faust handed over records fetched from ITS
+  committed offset before seeking: the agent reads the missing range itself (``GapReader``, its
+  own consumer) and applies it first. The agent never seeks faust's consumer (that raced faust's
+  fetch loop and could stall a partition for good, docs/invariants.md).
 
 * On every recovery the outboxes of the assigned customers are re-sent (deterministic ids:
   consumers dedupe), repairing effects lost between step 1 and 2.
@@ -40,6 +42,7 @@ from faust.types import TP
 
 from meterline.config import Settings
 from meterline.pricing import PricingEngine
+from pipeline.credits.gaps import Cursors, GapReader
 from pipeline.credits.processor import ALERTS, DEAD, ENTRIES, REPLIES, STATUS, CreditProcessor
 from pipeline.pricefeed import PriceFeed
 
@@ -49,7 +52,8 @@ TABLE = "ledgers"
 
 
 class CreditAgent:
-    """State of the registered agent (for introspection and tests): ``rewinds``, ``records``."""
+    """State of the registered agent (for introspection and tests): ``gap_fills``, ``redelivered``,
+    ``records``."""
 
     def __init__(self, app: faust.App, settings: Settings, engine: PricingEngine, feed: PriceFeed) -> None:
         self.app = app
@@ -66,10 +70,10 @@ class CreditAgent:
         }
         self.table = app.Table(TABLE, default=None, key_type=str, partitions=settings.partitions)
         self.resume: dict[TP, int] = {}  # from the table, at the last recovery
-        self.checked: set[TP] = set()  # partitions whose first record after assignment was checked
-        self.rewinding: dict[TP, int] = {}  # tp -> the resume offset awaited after a seek-back
-        self._seeks: set[asyncio.Future[Any]] = set()  # seek-backs in flight (see admit)
-        self.rewinds = 0
+        self.cursors = Cursors()  # next offset due per source partition (see gaps.py)
+        self.gaps = GapReader(settings.kafka_bootstrap or "", name=f"{settings.topic_prefix}credit-agent")
+        self.gap_fills = 0  # ranges read by the gap reader
+        self.redelivered = 0  # records dropped as already applied
         self.resent = 0
         self.records = 0
 
@@ -93,79 +97,64 @@ class CreditAgent:
     async def on_recover(self) -> None:
         tps = self.source_tps()
         self.resume = self.table_resume_offsets(tps)
-        self.checked.clear()
-        self.rewinding.clear()
+        self.cursors.reset({(tp.topic, tp.partition): offset for tp, offset in self.resume.items()})
         self.resent = await self.resend_outboxes(tps)
         if self.resume:
             # faust seeks every stream partition to its committed offset right after this callback
-            # (tables/recovery.py: on_recovery_completed -> perform_seek): make that the table's.
+            # (tables/recovery.py: on_recovery_completed -> perform_seek): make that the table's,
+            # so the usual restart needs no gap read. Records faust fetched from its previous
+            # committed offset before that seek are handled by the cursors (handle()).
             ok = await self.app.consumer._commit(dict(self.resume))  # noqa: SLF001 - see docstring
             log.info("credit agent: resume offsets from the table %s (committed=%s)",
                      {f"{tp.topic}:{tp.partition}": o for tp, o in sorted(self.resume.items())}, ok)  # fmt: skip
 
     async def on_revoked(self, revoked: set[TP]) -> None:
         for tp in revoked:
-            self.checked.discard(tp)
-            self.rewinding.pop(tp, None)
+            self.cursors.forget((tp.topic, tp.partition))
 
     # ------------------------------------------------------------------ processing
 
-    async def admit(self, tp: TP, offset: int) -> bool:
-        """The first-record guard (see the module docstring); False = drop this record."""
-        waiting_for = self.rewinding.get(tp)
-        if waiting_for is not None:
-            # Until the seek lands, records fetched before it (any offset, even one at or below
-            # the first offending one) may still arrive: accept nothing but the resume offset
-            # itself, or a stale record would be applied ahead of its predecessors.
-            if offset != waiting_for:
-                return False
-            del self.rewinding[tp]
-            return True
-        if tp in self.checked:
-            return True
-        self.checked.add(tp)
-        expected = self.resume.get(tp, 0)
-        if offset <= expected:
-            return True
-        self.rewinds += 1
-        log.warning("credit agent: %s:%d starts at %d beyond the table's %d: seeking back", tp.topic, tp.partition,
-                    offset, expected)  # fmt: skip
-        self.rewinding[tp] = expected
-        # NOT awaited here: faust's consumer thread may be blocked handing this very agent more
-        # records (its buffer is full while the agent waits), and the seek queues behind that
-        # hand-off — awaiting it inline deadlocked the worker under load. The agent keeps draining
-        # (dropping records past ``offset``) until the seek lands and ``expected`` comes round.
-        task = asyncio.ensure_future(self.app.consumer.seek(tp, expected))
-        self._seeks.add(task)
-        task.add_done_callback(self._seek_done)
-        return False
-
-    def _seek_done(self, task: asyncio.Future[Any]) -> None:
-        self._seeks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("credit agent: seek back failed: %r", task.exception())
-
     async def handle(self, event: Any) -> None:
         msg = event.message
-        tp = msg.tp
-        if not await self.admit(tp, msg.offset):
+        key = (msg.topic, msg.partition)
+        if not self.cursors.known(key):  # assigned without a recovery callback: ask the table
+            tp = TP(msg.topic, msg.partition)
+            self.cursors.set(key, self.table_resume_offsets({tp})[tp])
+        verdict = self.cursors.classify(key, msg.offset)
+        if verdict == "seen":
+            self.redelivered += 1
             return
-        self.feed.drain_into(self.engine)
+        if verdict == "gap":
+            due = self.cursors.due(key)
+            self.gap_fills += 1
+            log.warning("credit agent: %s:%d delivered %d while %d is due: reading [%d, %d) first",
+                        msg.topic, msg.partition, msg.offset, due, due, msg.offset)  # fmt: skip
+            missing = await asyncio.get_running_loop().run_in_executor(
+                None, self.gaps.read, msg.topic, msg.partition, due, msg.offset)
+            for rec in missing:
+                await self.apply(rec.topic, rec.partition, rec.offset, rec.timestamp_ms, rec.key, rec.value)
         ts_ms = int(round(msg.timestamp * 1000)) if msg.timestamp is not None else 0
-        outcome = self.processor.process(msg.topic, msg.partition, msg.offset, ts_ms, msg.key, msg.value, self.table.get)
+        await self.apply(msg.topic, msg.partition, msg.offset, ts_ms, msg.key, msg.value)
+
+    async def apply(self, topic: str, partition: int, offset: int, ts_ms: int, key: bytes | None,
+                    value: bytes | None) -> None:  # fmt: skip
+        """Process one source record: (1) state + outbox to the changelog, acknowledged; (2) effects."""
+        self.feed.drain_into(self.engine)
+        outcome = self.processor.process(topic, partition, offset, ts_ms, key, value, self.table.get)
         if outcome.state is not None and outcome.customer_id is not None:
             # (1) state + progress + this record's effects (the outbox): one changelog record,
             # acknowledged before anything else leaves. Same as ``table[k] = v``, but awaited.
-            value = dict(outcome.state)
-            value["x"] = {**value.get("x", {}), "p": msg.partition,
+            state = dict(outcome.state)
+            state["x"] = {**state.get("x", {}), "p": partition,
                           "ob": [[n, k.decode(), base64.b64encode(v).decode(), same] for n, k, v, same in outcome.sends]}
-            fut = self.table.send_changelog(msg.partition, outcome.customer_id, value)
-            self.table.data[outcome.customer_id] = value
+            fut = self.table.send_changelog(partition, outcome.customer_id, state)
+            self.table.data[outcome.customer_id] = state
             await fut
         # (2) the effects; faust's commit flushes the producer before it commits this offset, and
         # a crash before they are delivered is repaired from the outbox at the next recovery.
-        for name, key, val, same_partition in outcome.sends:
-            await self.out[name].send(key=key, value=val, partition=msg.partition if same_partition else None)
+        for name, k, v, same_partition in outcome.sends:
+            await self.out[name].send(key=k, value=v, partition=partition if same_partition else None)
+        self.cursors.applied((topic, partition), offset)
         self.records += 1
 
     async def resend_outboxes(self, tps: set[TP]) -> int:
@@ -194,6 +183,10 @@ def register_credit_agent(app: faust.App, settings: Settings, *, engine: Pricing
     @app.on_partitions_revoked.connect
     async def _credit_revoked(app: faust.App, revoked: set[Any], **_: Any) -> None:
         await credit.on_revoked(set(revoked))
+
+    @app.on_before_shutdown.connect
+    async def _close_gap_reader(app: faust.App, **_: Any) -> None:
+        credit.gaps.close()
 
     @app.agent(credit.source)
     async def credit_ledger(stream: faust.StreamT) -> None:

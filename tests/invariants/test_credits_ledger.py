@@ -9,7 +9,6 @@ records agreeing with ``ledger_entries`` (FINAL)."""
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
@@ -21,11 +20,6 @@ from tests.invariants.helpers import assert_credit_invariant
 DAY_MS = 86_400_000
 
 
-@pytest.mark.skipif(
-    not os.environ.get("METERLINE_RUN_FLAKY_CHAOS"),
-    reason="quarantined: times out after a SIGKILL in about 1 of 3 CI runs (issue #6, docs/invariants.md "
-    "'Finding: liveness'); totals were never wrong. Run with METERLINE_RUN_FLAKY_CHAOS=1",
-)
 def test_ledger_exact_after_sigkills_replays_and_resent_commands(chaos: ChaosStack, rng: random.Random,
                                                                  seed: int) -> None:  # fmt: skip
     expected = Expected()
