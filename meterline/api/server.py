@@ -72,7 +72,10 @@ class ApiServer:
         if self._thread is not None:
             raise RuntimeError("ApiServer already started")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+        # listening socket says TCP. Without it every kept-alive response after the first waited
+        # ~40 ms (Nagle on uvicorn's two writes, headers and body, against the client's delayed ACK).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self.port))
