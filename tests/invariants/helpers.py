@@ -40,6 +40,7 @@ def assert_invariant(
     if settled and not deltas:
         return
     logs = "\n".join(f"--- {w.name}\n{w.log_tail(1500)}" for w in stack.workers)
+    logs += "\n" + trace_missing(stack, expected)
     counts = stack.counts()
     pytest.fail(
         f"invariant broken (seed={seed}, settled={settled}, priced/rejected rows={counts}, "
@@ -114,3 +115,94 @@ def assert_credit_invariant(stack: ChaosStack, expected: Expected, seed: int, *,
         + "\n".join(str(d) for d in deltas)
         + f"\n{logs}"
     )
+
+
+def _read_topic(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of ``topic`` (all partitions), read with assign() from offset 0 to the end."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "trace", "enable.auto.commit": False,
+                  "enable.partition.eof": True, "log_level": 3})  # fmt: skip
+    try:
+        md = c.list_topics(topic, timeout=10).topics.get(topic)
+        parts = sorted(md.partitions) if md is not None else []
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        out, eof, deadline = [], set(), time.monotonic() + 30
+        while len(eof) < len(parts) and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error() is not None:
+                eof.add(m.partition())
+                continue
+            out.append(m)
+        return out
+    finally:
+        c.close()
+
+
+def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
+    """Where the events missing from ``usage_priced`` are on the way: their usage-events records,
+    any usage-priced record holding them, the pricing dedupe changelog's entries for them, and the
+    faust group's committed offsets. For diagnosing a failed run; never raises."""
+    try:
+        import json
+
+        from confluent_kafka import Consumer, TopicPartition
+
+        from schemas.codec import decode_priced_batch, decode_usage_batch
+
+        have = {(str(c), str(e)) for c, e in stack.query("SELECT customer_id, event_id FROM usage_priced")}
+        missing = set(expected.priced) - have
+        if not missing:
+            return "trace: nothing missing from usage_priced"
+        topic = stack.settings.topic
+        where: dict[tuple[str, str], list[str]] = {k: [] for k in missing}
+        for m in _read_topic(stack.bootstrap, topic("usage-events")):
+            try:
+                events = decode_usage_batch(m.value())
+            except Exception:  # noqa: BLE001 - hostile records
+                continue
+            for ev in events:
+                k = (ev["customer_id"], ev["event_id"])
+                if k in where:
+                    where[k].append(f"events@{m.partition()}:{m.offset()}")
+        for m in _read_topic(stack.bootstrap, topic("usage-priced")):
+            for ev in decode_priced_batch(m.value()):
+                k = (ev["customer_id"], ev["event_id"])
+                if k in where:
+                    where[k].append(f"priced@{m.partition()}:{m.offset()}(src {ev['source_partition']}:{ev['source_offset']})")
+        changelog = f"{stack.settings.topic_prefix}pricing-pricing-dedupe-changelog"
+        positions = {p.split("@")[1] for v in where.values() for p in v if p.startswith("events@")}
+        dedupe = []
+        for m in _read_topic(stack.bootstrap, changelog):
+            key = _text(m.key())
+            if key in positions:
+                value = json.loads(m.value()) if m.value() else None
+                ids = value.get("ids") if isinstance(value, dict) else value
+                dedupe.append(f"{key}@{m.partition()}:{m.offset()} ids={len(ids or [])} "
+                              f"missing={sum(1 for c, e in missing if ids and e in ids)}")  # fmt: skip
+        c = Consumer({"bootstrap.servers": stack.bootstrap, "group.id": f"{stack.settings.topic_prefix}pricing",
+                      "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+        try:
+            committed = c.committed([TopicPartition(topic("usage-events"), p) for p in range(stack.settings.partitions)],
+                                    timeout=10)  # fmt: skip
+        finally:
+            c.close()
+        lines = [f"trace: {len(missing)} event(s) missing from usage_priced"]
+        by_place: dict[str, int] = {}
+        for places in where.values():
+            by_place[" ".join(places) or "nowhere"] = by_place.get(" ".join(places) or "nowhere", 0) + 1
+        lines += [f"  {n} event(s): {place}" for place, n in sorted(by_place.items())[: limit * 4]]
+        lines.append("  dedupe changelog entries at those positions: " + ("; ".join(dedupe) or "none"))
+        lines.append("  committed usage-events offsets: " + ", ".join(f"{t.partition}:{t.offset}" for t in committed))
+        return "\n".join(lines)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the failure it explains
+        return f"trace failed: {exc!r}"
+
+
+def _text(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace")
+    return text[1:-1] if text.startswith('"') and text.endswith('"') else text
