@@ -19,6 +19,7 @@ repeat by ``(customer_id, event_id)``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from meterline.config import Settings
 from meterline.pricing import PricingEngine
 from pipeline.credits.agent import register_credit_agent
 from pipeline.pricefeed import PriceFeed
+from pipeline.watchdog import StallWatchdog
 from pipeline.processor import PricingProcessor, iter_table_entries
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,17 @@ def create_app(settings: Settings) -> faust.App:
     since_expiry: dict[int, int] = {}
     app.meterline_processor = processor  # type: ignore[attr-defined]  # for introspection in tests
     app.meterline_feed = feed  # type: ignore[attr-defined]
-    register_credit_agent(app, settings, engine=engine, feed=feed)
+    credit = register_credit_agent(app, settings, engine=engine, feed=feed)
+    handled = [0]  # usage-events records the pricing agent finished
+    watchdog = StallWatchdog(
+        app, lambda: (handled[0], credit.records, credit.redelivered),
+        {settings.topic("usage-events"), settings.topic("usage-priced"), settings.topic("ledger-commands")},
+    )
+    app.meterline_watchdog = watchdog  # type: ignore[attr-defined]
+
+    @app.task
+    async def _start_watchdog() -> None:
+        watchdog.start(asyncio.get_running_loop())
 
     @app.on_partitions_revoked.connect
     async def _forget(app: faust.App, revoked: set[Any], **_: Any) -> None:
@@ -143,6 +155,7 @@ def create_app(settings: Settings) -> faust.App:
                 await dead_topic.send(key=key, value=dead, partition=partition)
             if result.dedupe_key is not None:
                 dedupe_table[result.dedupe_key] = result.dedupe_value
+            handled[0] += 1
             since_expiry[partition] = since_expiry.get(partition, 0) + 1
             if since_expiry[partition] >= EXPIRE_EVERY_RECORDS:
                 since_expiry[partition] = 0
