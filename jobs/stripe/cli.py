@@ -15,8 +15,9 @@ otherwise the bundled local server started for the command with its state in
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,8 +36,49 @@ err = Console(stderr=True)
 ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", help="Billing configuration YAML.")
 
 
+@dataclass
+class CommandIO:
+    """Where a command's output goes and which settings it uses.
+
+    Every command prints through :func:`_io` only, so the same command code runs in a terminal
+    (the default: ``console`` / ``err`` on the real stdout / stderr, settings from the
+    environment) or inside a running ``meterline up`` with both streams captured and the
+    service's own settings (see :func:`run_captured`).
+    """
+
+    out: Console
+    err: Console
+    settings: Optional[Settings] = None  # None: read the environment (``Settings()``)
+    results: list[Any] = field(default_factory=list)  # summaries the command reported (sync, provision ...)
+
+
+_IO: ContextVar[Optional[CommandIO]] = ContextVar("meterline_stripe_cli_io", default=None)
+
+
+def _io() -> CommandIO:
+    """The current command's output and settings: the captured ones inside ``meterline up``, else
+    the module's real-terminal consoles (looked up on every call, so tests can swap them)."""
+    current = _IO.get()
+    return current if current is not None else CommandIO(console, err)
+
+
+def _settings() -> Settings:
+    """The settings this command runs with (the service's inside ``meterline up``)."""
+    current = _IO.get()
+    if current is not None and current.settings is not None:
+        return current.settings
+    return Settings()
+
+
+def _report(result: Any) -> None:
+    """Hand a command's summary object to whoever runs it in-process (the periodic sync logs it)."""
+    current = _IO.get()
+    if current is not None:
+        current.results.append(result)
+
+
 def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}")
+    _io().err.print(f"[red]error:[/red] {exc}")
     return typer.Exit(code)
 
 
@@ -45,7 +87,7 @@ def _context(config: Path) -> Iterator[tuple[Settings, BillingConfig, StripeTarg
     from meterline.stack.clickhouse import apply_migrations, connect
 
     try:
-        settings = Settings()
+        settings = _settings()
         cfg = load_billing_config(config)
         ch = connect(settings.resolved_clickhouse_dsn)
         apply_migrations(ch)
@@ -61,7 +103,7 @@ def _context(config: Path) -> Iterator[tuple[Settings, BillingConfig, StripeTarg
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         local = LocalStripe(settings.data_dir / "stripe.sqlite")
         target = StripeTarget.local(local.url)
-        err.print(f"[dim]no Stripe key: using the local Stripe server ({settings.data_dir / 'stripe.sqlite'})[/dim]")
+        _io().err.print(f"[dim]no Stripe key: using the local Stripe server ({settings.data_dir / 'stripe.sqlite'})[/dim]")
     try:
         yield settings, cfg, target, ch
     except MeterlineError as exc:
@@ -81,13 +123,15 @@ def provision_command(
     """Create the meters, product, prices and customer subscriptions the config describes (idempotent)."""
     from jobs.stripe.provision import provision, usage_customers
 
-    with _context(config) as (_settings, cfg, target, ch):
+    with _context(config) as (_settings_, cfg, target, ch):
         wanted = set(customer) | (set(usage_customers(ch)) if all_customers else set())
         report = provision(target.client(), ch, cfg, customers=sorted(wanted))
-    console.print(f"created {len(report.created)}: {', '.join(report.created) or '-'}")
-    console.print(f"already there {len(report.existing)}")
+    _report(report)
+    cio = _io()
+    cio.out.print(f"created {len(report.created)}: {', '.join(report.created) or '-'}")
+    cio.out.print(f"already there {len(report.existing)}")
     for w in report.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        cio.err.print(f"[yellow]warning:[/yellow] {w}")
 
 
 @stripe_app.command("sync")
@@ -99,22 +143,24 @@ def sync_command(
     """Push priced usage per customer x meter x window to Stripe; print a summary."""
     from jobs.stripe.sync import sync
 
-    with _context(config) as (_settings, cfg, target, ch):
-        s = sync(target, ch, cfg, now=now, progress=progress and sys.stderr.isatty())
+    cio = _io()
+    with _context(config) as (_settings_, cfg, target, ch):
+        s = sync(target, ch, cfg, now=now, progress=progress and cio.err.file.isatty())
+    _report(s)
     t = Table(title=f"stripe sync ({cfg.mode} mode, {s.transport})")
     for col in ("windows", "planned", "resent", "sent", "acked", "carried", "retries", "too old", "failed"):
         t.add_column(col, justify="right")
     t.add_row(*(str(x) for x in (s.windows, s.planned, s.resent, s.sent, s.acked, s.carried, s.retries,
                                  len(s.too_old), len(s.failed))))  # fmt: skip
-    console.print(t)
+    cio.out.print(t)
     for p in s.too_old:
-        err.print(f"[yellow]too old (not invoiced):[/yellow] {p.identifier} amount {p.amount}")
+        cio.err.print(f"[yellow]too old (not invoiced):[/yellow] {p.identifier} amount {p.amount}")
     for p in s.failed:
-        err.print(f"[red]failed:[/red] {p.identifier}: {p.error}")
+        cio.err.print(f"[red]failed:[/red] {p.identifier}: {p.error}")
     for line in s.shrunk + s.unmapped:
-        err.print(f"[yellow]{line}[/yellow]")
+        cio.err.print(f"[yellow]{line}[/yellow]")
     if s.other_currency_events:
-        err.print(f"[yellow]{s.other_currency_events} event(s) in another currency than {cfg.currency} not pushed[/yellow]")
+        cio.err.print(f"[yellow]{s.other_currency_events} event(s) in another currency than {cfg.currency} not pushed[/yellow]")
     if not s.ok:
         raise typer.Exit(1)
 
@@ -132,9 +178,11 @@ def grants_command(
             raise _fail(MeterlineError("set METERLINE_KAFKA_BOOTSTRAP to read ledger-commands"), 2)
         s = mirror_grants(target.client(), ch, cfg, consume_commands(settings.kafka_bootstrap,
                                                                      settings.topic("ledger-commands"), idle_seconds=idle))
-    console.print(f"created {len(s.created)}, existing {len(s.existing)}, voided {len(s.voided)}, ignored {s.ignored}")
+    _report(s)
+    cio = _io()
+    cio.out.print(f"created {len(s.created)}, existing {len(s.existing)}, voided {len(s.voided)}, ignored {s.ignored}")
     for line in s.skipped:
-        err.print(f"[yellow]skipped:[/yellow] {line}")
+        cio.err.print(f"[yellow]skipped:[/yellow] {line}")
     if s.skipped:
         raise typer.Exit(1)
 
@@ -152,8 +200,9 @@ def reconcile_command(
         start, end = parse_period(period)
     except MeterlineError as exc:
         raise _fail(exc, 2) from exc
-    with _context(config) as (_settings, cfg, target, ch):
+    with _context(config) as (_settings_, cfg, target, ch):
         rows = reconcile(target.client(), ch, cfg, start, end, customer=customer)
+    _report(rows)
     t = Table(title=f"reconcile {period} (meter units)")
     for col in ("customer", "meter", "clickhouse", "pushed", "stripe", "unpushed", "drift"):
         t.add_column(col, justify="left" if col in ("customer", "meter") else "right")
@@ -161,9 +210,10 @@ def reconcile_command(
         t.add_row(r.customer_id, r.meter, format(r.clickhouse, "f"), str(r.pushed),
                   "-" if r.stripe is None else format(r.stripe, "f"), format(r.unpushed, "f"),
                   "[red]DRIFT[/red]" if r.drifted else "ok")  # fmt: skip
-    console.print(t)
+    cio = _io()
+    cio.out.print(t)
     drifted = sum(r.drifted for r in rows)
-    console.print(f"{drifted} drift(s) in {len(rows)} row(s)")
+    cio.out.print(f"{drifted} drift(s) in {len(rows)} row(s)")
     if drifted:
         raise typer.Exit(1)
 
@@ -183,7 +233,7 @@ def statement_command(
         raise _fail(MeterlineError("--format must be html or csv"), 2)
     try:
         start, end = parse_period(period)
-        ch = connect(Settings().resolved_clickhouse_dsn)
+        ch = connect(_settings().resolved_clickhouse_dsn)
         try:
             st = build_statement(ch, customer, start, end)
         finally:
@@ -191,8 +241,9 @@ def statement_command(
     except MeterlineError as exc:
         raise _fail(exc, 2) from exc
     text = render_html(st) if fmt == "html" else render_csv(st)
+    cio = _io()
     if out is None:
-        sys.stdout.write(text)
+        cio.out.file.write(text)
     else:
         out.write_text(text)
-        console.print(f"wrote {out} ({len(st.lines)} line(s))")
+        cio.out.print(f"wrote {out} ({len(st.lines)} line(s))")
