@@ -7,14 +7,18 @@ Start order (each step needs the one before)::
     ClickHouse (connect: this process owns an embedded chDB path; migrations, idempotent)
     faust workers (child processes: pricing agent)
     sink    (thread: usage-priced / usage-dead-letter → ClickHouse)
-    HTTP API (thread: ingest, SQL, …) + data_dir/runtime.json so CLI commands find it
+    HTTP API (thread: ingest, SQL, credits, POST /v1/admin/run, …) + data_dir/runtime.json so
+            CLI commands find it
 
 Stop is the reverse. Ctrl-C (SIGINT) and SIGTERM both lead to :meth:`Runtime.stop`; every child
 process also dies with this one (``PR_SET_PDEATHSIG``), so nothing is left running.
 
 Who owns what: this process is the single owner of the embedded ClickHouse engine; everything
 that reads or writes it while ``up`` runs goes through the sink (writes) or the API (reads),
-guarded by ``clickhouse_lock``.
+guarded by ``clickhouse_lock``. The Stripe jobs and ``meterline statement`` run inside this process
+too: the CLI forwards them to ``POST /v1/admin/run`` (:mod:`meterline.api.admin`), whose
+:class:`~meterline.api.admin.CommandRunner` runs them one at a time with this runtime's settings on
+their own client of the same engine.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Runtime:
         self.ledger_sink: Any = None
         self.api_server: Any = None
         self.admin_key: str | None = None
+        self.cli_runner: Any = None  # meterline.api.admin.CommandRunner, once started
         self._producer: Any = None
         self._credits: list[Any] = []
         self.webhooks: Any = None
@@ -83,6 +88,9 @@ class Runtime:
                 self.workers.append(WorkerProcess(self.settings, name=f"worker-{i}", log_dir=self.log_dir).start())
             step("starting the ClickHouse sink")
             self._start_sink()
+            from meterline.api.admin import CommandRunner
+
+            self.cli_runner = CommandRunner(self.settings)
             if self.with_api:
                 self._start_api()
                 step(f"API listening on {self.api_server.url}")
@@ -192,6 +200,7 @@ class Runtime:
             schema_store_topic=self.settings.topic("schemas"),
         )
         self._producer = producer
+        from meterline.api.admin import admin_routes
         from meterline.api.credits import credit_routes
         from meterline.credits_client import CommandPublisher, ReplyWaiter, StatusView
 
@@ -206,7 +215,7 @@ class Runtime:
             producer=producer,
             clickhouse=self.query_client,
             key_store=keys,
-            extra_routes=credit_routes(*self._credits) + self._stripe_routes(),
+            extra_routes=credit_routes(*self._credits) + self._stripe_routes() + admin_routes(self.cli_runner),
         )
         self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
 

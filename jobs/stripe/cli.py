@@ -10,24 +10,40 @@ Stripe is the real API when ``METERLINE_STRIPE_API_KEY`` is set (``METERLINE_STR
 optionally overrides the address), a running local server when only the base URL is set, and
 otherwise the bundled local server started for the command with its state in
 ``<data_dir>/stripe.sqlite``.
+
+Where the commands run: with the embedded ClickHouse engine (a ``chdb:`` DSN) only one process may
+open the engine, and while ``meterline up`` runs for this data_dir that is ``up``. The commands
+then send their argv (rebuilt from the parsed parameters by :func:`argv_from_params`) to the
+running service's ``POST /v1/admin/run`` (admin key from ``<data_dir>/admin.key``) and print what
+it returns; ``up`` runs the same command code with :func:`run_captured`. With a ClickHouse server
+DSN, or when no ``up`` runs, they run here. Output goes through :func:`_io` only, so the command
+code is the same in both places.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
+from urllib.parse import urlparse
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from jobs.stripe._config import DEFAULT_CONFIG, BillingConfig, StripeTarget, load_billing_config, target_from_settings
 from meterline.config import Settings
 from meterline.errors import MeterlineError
+
+log = logging.getLogger(__name__)
 
 stripe_app = typer.Typer(help="Stripe invoicing: provision, push usage, mirror credits, reconcile.",
                          no_args_is_help=True)  # fmt: skip
@@ -116,12 +132,15 @@ def _context(config: Path) -> Iterator[tuple[Settings, BillingConfig, StripeTarg
 
 @stripe_app.command("provision")
 def provision_command(
+    ctx: typer.Context,
     config: Path = ConfigOpt,
     customer: list[str] = typer.Option([], "--customer", help="Map this meterline customer (repeatable)."),
     all_customers: bool = typer.Option(True, help="Also map every customer with priced usage."),
 ) -> None:
     """Create the meters, product, prices and customer subscriptions the config describes (idempotent)."""
     from jobs.stripe.provision import provision, usage_customers
+
+    _run_in_up_if_running(ctx, "stripe", "provision")
 
     with _context(config) as (_settings_, cfg, target, ch):
         wanted = set(customer) | (set(usage_customers(ch)) if all_customers else set())
@@ -136,12 +155,15 @@ def provision_command(
 
 @stripe_app.command("sync")
 def sync_command(
+    ctx: typer.Context,
     config: Path = ConfigOpt,
     now: Optional[int] = typer.Option(None, help="Stripe's clock as unix seconds (default: now)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Push priced usage per customer x meter x window to Stripe; print a summary."""
     from jobs.stripe.sync import sync
+
+    _run_in_up_if_running(ctx, "stripe", "sync")
 
     cio = _io()
     with _context(config) as (_settings_, cfg, target, ch):
@@ -167,11 +189,14 @@ def sync_command(
 
 @stripe_app.command("grants")
 def grants_command(
+    ctx: typer.Context,
     config: Path = ConfigOpt,
     idle: float = typer.Option(5.0, help="Stop after the topic has been idle this many seconds."),
 ) -> None:
     """Mirror ledger grants / top-ups / voids from the ledger-commands topic as Stripe credit grants."""
     from jobs.stripe.credits import consume_commands, mirror_grants
+
+    _run_in_up_if_running(ctx, "stripe", "grants")
 
     with _context(config) as (settings, cfg, target, ch):
         if not settings.kafka_bootstrap:
@@ -189,12 +214,15 @@ def grants_command(
 
 @stripe_app.command("reconcile")
 def reconcile_command(
+    ctx: typer.Context,
     period: str = typer.Option(..., help="YYYY-MM, YYYY-MM-DD or START..END (UTC, end exclusive)."),
     customer: Optional[str] = typer.Option(None, help="Only this customer."),
     config: Path = ConfigOpt,
 ) -> None:
     """Compare ClickHouse, the sync cursor and Stripe's meter summaries; exit 1 on any drift."""
     from jobs.stripe.reconcile import parse_period, reconcile
+
+    _run_in_up_if_running(ctx, "stripe", "reconcile")
 
     try:
         start, end = parse_period(period)
@@ -219,6 +247,7 @@ def reconcile_command(
 
 
 def statement_command(
+    ctx: typer.Context,
     customer: str = typer.Argument(..., help="meterline customer id."),
     period: str = typer.Option(..., help="YYYY-MM, YYYY-MM-DD or START..END (UTC, end exclusive)."),
     fmt: str = typer.Option("html", "--format", help="html | csv"),
@@ -229,6 +258,15 @@ def statement_command(
     from jobs.stripe.statement import build_statement, render_csv, render_html
     from meterline.stack.clickhouse import connect
 
+    remote = _forward_to_up(ctx, "statement", keep_local=("out",))
+    if remote is not None:
+        if out is None or remote.exit_code != 0:
+            _relay(remote)
+        # `up` rendered the statement to its stdout; the file is written here, by the caller.
+        out.write_text(remote.stdout)
+        _io().err.file.write(remote.stderr)
+        _io().out.print(f"wrote {out} ({len(remote.stdout.encode()):,} bytes, rendered by meterline up)")
+        return
     if fmt not in ("html", "csv"):
         raise _fail(MeterlineError("--format must be html or csv"), 2)
     try:
@@ -247,3 +285,186 @@ def statement_command(
     else:
         out.write_text(text)
         cio.out.print(f"wrote {out} ({len(st.lines)} line(s))")
+
+
+# -- running inside `meterline up` ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CapturedRun:
+    exit_code: int
+    stdout: str
+    stderr: str
+    results: tuple[Any, ...] = ()  # what the command passed to _report (SyncSummary, ProvisionReport ...)
+
+
+_COMMAND: Any = None
+
+
+def _root_command() -> Any:
+    """``meterline stripe ...`` / ``meterline statement`` as one click command (built once)."""
+    global _COMMAND
+    if _COMMAND is None:
+        app = typer.Typer(add_completion=False)
+        app.add_typer(stripe_app, name="stripe")
+        app.command("statement")(statement_command)
+        _COMMAND = typer.main.get_command(app)
+    return _COMMAND
+
+
+def run_captured(argv: Sequence[str], settings: Settings, *, width: int = 100, color: bool = False) -> CapturedRun:
+    """Run ``meterline <argv>`` (a ``stripe`` or ``statement`` command) in this thread, with
+    ``settings`` instead of the environment's and both output streams captured.
+
+    The command's own failures never raise: like in a terminal they are an exit code and text on
+    stderr (usage errors exit 2; an unexpected exception is logged with its traceback and exits 1).
+    Never forwards to a running ``meterline up`` (this is how ``up`` runs them).
+    """
+    out_buf, err_buf = io.StringIO(), io.StringIO()
+
+    def capture(buf: io.StringIO) -> Console:
+        return Console(file=buf, width=width, force_terminal=color, color_system="standard" if color else None,
+                       force_jupyter=False, force_interactive=False, soft_wrap=False)  # fmt: skip
+
+    cio = CommandIO(capture(out_buf), capture(err_buf), settings)
+    token = _IO.set(cio)
+    try:
+        code = _invoke(list(argv), cio)
+    finally:
+        _IO.reset(token)
+    return CapturedRun(code, out_buf.getvalue(), err_buf.getvalue(), tuple(cio.results))
+
+
+def _invoke(argv: list[str], cio: CommandIO) -> int:
+    try:
+        rv = _root_command().main(args=argv, prog_name="meterline", standalone_mode=False)
+    except typer.Abort:
+        cio.err.file.write("Aborted!\n")
+        return 1
+    except typer.TyperException as exc:  # click's usage errors: bad option, missing argument ...
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show(file=cio.err.file)
+        else:
+            cio.err.file.write(f"Error: {exc.format_message()}\n")
+        return int(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - a bug or an unexpected library error: report, never raise
+        log.exception("meterline %s failed", " ".join(argv))
+        cio.err.print(f"[red]error:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
+        return 1
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+# -- forwarding to a running `meterline up` ------------------------------------------------------------
+
+
+def _arg_text(value: Any) -> str:
+    if isinstance(value, Path):
+        return os.path.abspath(value)  # the service does not share the caller's working directory
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+def argv_from_params(ctx: Any, *, skip: Sequence[str] = ()) -> list[str]:
+    """The command line that reproduces ``ctx``'s parsed parameters (options, then ``--`` and the
+    arguments). Every parameter is spelled out, defaults included, so the receiving side runs with
+    exactly what was parsed here; an option whose value is None (not given) is left out, paths are
+    made absolute, and the parameters named in ``skip`` are left out."""
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if name is None or name in skip or name not in ctx.params:
+            continue
+        value = ctx.params[name]
+        if param.param_type_name == "argument":
+            values = value if isinstance(value, (list, tuple)) else [value]
+            arguments.extend(_arg_text(v) for v in values if v is not None)
+            continue
+        if getattr(param, "is_flag", False) and not getattr(param, "multiple", False):
+            if param.secondary_opts:
+                options.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                options.append(param.opts[0])
+            continue
+        if value is None:
+            continue
+        opt = param.opts[0]
+        if getattr(param, "multiple", False):
+            for item in value:
+                options.extend([opt, *(_arg_text(v) for v in (item if isinstance(item, tuple) else (item,)))])
+        elif isinstance(value, tuple):
+            options.extend([opt, *(_arg_text(v) for v in value)])
+        else:
+            options.extend([opt, _arg_text(value)])
+    return options + (["--", *arguments] if arguments else [])
+
+
+def _forward_to_up(ctx: Any, *path: str, keep_local: Sequence[str] = ()) -> CapturedRun | None:
+    """Run this command in the ``meterline up`` of this data_dir when one runs and ClickHouse is the
+    embedded engine (which ``up`` owns); return what it printed. None: run it here (a server DSN,
+    no running ``up``, invalid settings — reported by the local path —, or already inside ``up``).
+    Parameters named in ``keep_local`` are not sent (the caller handles them)."""
+    if _IO.get() is not None:
+        return None
+    try:
+        settings = Settings()
+    except Exception:  # noqa: BLE001 - pydantic ValidationError: the local path reports it
+        return None
+    if urlparse(settings.resolved_clickhouse_dsn).scheme != "chdb":
+        return None
+    from meterline.cli_credits import _running_api  # the discovery `meterline sql` / `credits` use
+
+    api = _running_api(settings.data_dir)
+    if api is None:
+        return None
+    argv = [*path, *argv_from_params(ctx, skip=keep_local)]
+    cio = _io()
+    cio.err.print(f"[dim]meterline up is running ({api[0]}) and owns the embedded ClickHouse engine: "
+                  f"running `meterline {' '.join(path)}` there, with its settings[/dim]")  # fmt: skip
+    try:
+        return _post_run(api, argv, width=cio.out.width,
+                         color=cio.out.is_terminal and cio.err.is_terminal and not cio.out.no_color)
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+
+
+def _post_run(api: tuple[str, str], argv: list[str], *, width: int, color: bool) -> CapturedRun:
+    import httpx
+
+    url, key = api
+    body = {"argv": argv, "width": max(20, min(1000, width)), "color": color}
+    try:
+        # no read timeout: a sync may take minutes; the service answers when the command is done
+        resp = httpx.post(url.rstrip("/") + "/v1/admin/run", json=body, headers={"Authorization": f"Bearer {key}"},
+                          timeout=httpx.Timeout(30.0, read=None))  # fmt: skip
+    except httpx.TransportError as exc:
+        raise MeterlineError(f"meterline API at {url} unreachable: {exc}") from exc
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = {"error": {"code": "http_error", "message": resp.text[:500]}}
+    if resp.status_code >= 400 or not isinstance(doc, dict) or "exit_code" not in doc:
+        e = doc.get("error", {}) if isinstance(doc, dict) else {}
+        hint = " (is the running meterline up older than this CLI? restart it)" if resp.status_code == 404 else ""
+        raise MeterlineError(f"meterline up did not run the command: HTTP {resp.status_code} "
+                             f"{e.get('code')}: {e.get('message')}{hint}")  # fmt: skip
+    return CapturedRun(int(doc["exit_code"]), str(doc.get("stdout", "")), str(doc.get("stderr", "")))
+
+
+def _relay(run: CapturedRun) -> NoReturn:
+    """Print what the service's run printed, to the matching streams, and exit with its code."""
+    cio = _io()
+    cio.out.file.write(run.stdout)
+    cio.out.file.flush()
+    cio.err.file.write(run.stderr)
+    cio.err.file.flush()
+    raise typer.Exit(run.exit_code)
+
+
+def _run_in_up_if_running(ctx: Any, *path: str) -> None:
+    """Forward to the running ``meterline up`` (then exit with its code) or return to run here."""
+    remote = _forward_to_up(ctx, *path)
+    if remote is not None:
+        _relay(remote)
