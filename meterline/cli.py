@@ -86,6 +86,7 @@ def up(
     from meterline.runtime import Runtime
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("meterline.stripe_sync").setLevel(logging.INFO)  # one line per periodic sync
     runtime = Runtime(settings, workers=workers)
     stop = threading.Event()
 

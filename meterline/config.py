@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_base_url: str | None = None
     stripe_webhook_secret: SecretStr | None = None  # enables POST /v1/stripe/webhook (paid top-ups)
+    # `meterline up` runs `meterline stripe sync` every this many seconds (0: never, the default).
+    stripe_sync_every_s: float = Field(default=0, ge=0)
 
     # Alerts: webhook receivers (JSON list in the env var) and the HMAC signing secret.
     alert_webhook_urls: list[str] = Field(default_factory=list)

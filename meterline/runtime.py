@@ -9,6 +9,7 @@ Start order (each step needs the one before)::
     sink    (thread: usage-priced / usage-dead-letter → ClickHouse)
     HTTP API (thread: ingest, SQL, credits, POST /v1/admin/run, …) + data_dir/runtime.json so
             CLI commands find it
+    stripe sync (thread, only when METERLINE_STRIPE_SYNC_EVERY_S > 0)
 
 Stop is the reverse. Ctrl-C (SIGINT) and SIGTERM both lead to :meth:`Runtime.stop`; every child
 process also dies with this one (``PR_SET_PDEATHSIG``), so nothing is left running.
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +41,7 @@ from meterline.stack.topics import ensure_topics
 from pipeline.workers import WorkerProcess
 
 log = logging.getLogger(__name__)
+sync_log = logging.getLogger("meterline.stripe_sync")  # `meterline up` shows it at INFO
 
 RUNTIME_FILE = "runtime.json"
 
@@ -107,6 +110,11 @@ class Runtime:
                     store_path=self.settings.data_dir / "webhooks.sqlite3",
                 ).start()
                 step(f"delivering alerts to {len(self.settings.alert_webhook_urls)} webhook(s)")
+            if self.settings.stripe_sync_every_s > 0:
+                t = threading.Thread(target=self._stripe_sync_loop, name="meterline-stripe-sync", daemon=True)
+                t.start()
+                self._threads.append(t)
+                step(f"running `meterline stripe sync` every {self.settings.stripe_sync_every_s:g} s")
             self._write_runtime_file()
         except BaseException:
             self.stop()
@@ -234,6 +242,30 @@ class Runtime:
             )
         ]
 
+    def _stripe_sync_loop(self) -> None:
+        every = self.settings.stripe_sync_every_s
+        while not self._stop.wait(every):
+            self.stripe_sync_once()
+
+    def stripe_sync_once(self) -> Any:
+        """One periodic ``meterline stripe sync`` through :attr:`cli_runner` (the code path of
+        ``POST /v1/admin/run``), logged as one line on ``meterline.stripe_sync``; skipped when
+        another command is running. Never raises: errors are logged. Returns the RunResult or None."""
+        from meterline.api.admin import RunnerBusy
+
+        started = time.monotonic()
+        try:
+            result = self.cli_runner.run(["stripe", "sync", "--no-progress"], wait_s=0, width=1000)
+        except RunnerBusy as exc:
+            sync_log.info("stripe sync: skipped, `meterline %s` is running", exc.running)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a periodic job must never take `up` down
+            sync_log.error("stripe sync: failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+            return None
+        sync_log.log(logging.INFO if result.exit_code == 0 else logging.WARNING, "%s",
+                     sync_summary_line(result, time.monotonic() - started))  # fmt: skip
+        return result
+
     def _write_runtime_file(self) -> None:
         info = {
             "pid": os.getpid(),
@@ -247,6 +279,22 @@ class Runtime:
     def query_client(self) -> Iterator[Any]:
         with self.clickhouse_lock:
             yield self.clickhouse
+
+
+def sync_summary_line(result: Any, seconds: float) -> str:
+    """One line about a ``stripe sync`` run (a RunResult): its figures, or why it failed."""
+    from jobs.stripe.sync import SyncSummary
+
+    summary = next((r for r in result.results if isinstance(r, SyncSummary)), None)
+    line = f"stripe sync: exit {result.exit_code} in {seconds:.1f} s"
+    if summary is not None:
+        line += (f": windows {summary.windows}, planned {summary.planned}, resent {summary.resent}, "
+                 f"sent {summary.sent}, acked {summary.acked}, carried {summary.carried}, "
+                 f"too old {len(summary.too_old)}, failed {len(summary.failed)}")  # fmt: skip
+    if result.exit_code != 0:
+        problems = [ln.strip() for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("no Stripe key")]
+        line += f" ({'; '.join(problems[-3:]) or 'no error output'})"
+    return line
 
 
 class _LockedClient:

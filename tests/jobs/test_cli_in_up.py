@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -284,3 +285,34 @@ def test_forwarded_argv_reproduces_the_parsed_parameters() -> None:
     ctx = root.commands["statement"].make_context("statement", ["acme", "--period", "2026-01", "--out", "f.html"])
     assert argv_from_params(ctx, skip=("out",)) == ["--period", "2026-01", "--format", "html", "--", "acme"]
 
+
+def test_up_syncs_to_stripe_periodically(settings_factory: Any, clickhouse: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="meterline.stripe_sync")
+    usage = Usage(clickhouse)
+    base = int(time.time()) // HOUR * HOUR - 4 * HOUR
+    usage.add_many([("initech", base + h * HOUR, 1_000_000_000_001 * (h + 1)) for h in range(3)])
+    runtime = Runtime(settings_factory(api_port=0, broker_flavor="tansu", stripe_sync_every_s=0.2)).start()
+    try:
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "meterline.stripe_sync"]
+
+        # Nothing is provisioned in Stripe yet: the periodic runs fail, are logged, and `up` lives on.
+        deadline = time.monotonic() + 30
+        while not any(ln.startswith("stripe sync: exit 1") for ln in lines()):
+            assert time.monotonic() < deadline, lines()
+            time.sleep(0.05)
+        assert runtime.workers[0].alive() and not runtime.stopping
+        provisioned = runtime.cli_runner.run(["stripe", "provision"])
+        assert provisioned.exit_code == 0 and "customer:initech" in provisioned.stdout, provisioned
+        while not any("acked 3" in ln for ln in lines()):
+            assert time.monotonic() < deadline, lines()
+            time.sleep(0.05)
+    finally:
+        _stop(runtime)
+    # (the failed first run had already planned the 3 windows: a later run sends them)
+    done = next(ln for ln in lines() if "acked 3" in ln)
+    assert done.startswith("stripe sync: exit 0") and "windows 3" in done and "sent 3, acked 3" in done
+    assert "failed 0" in done
+    pushes = [p for p in load_pushes(clickhouse) if p.status == ACKED]
+    # (1 + 2 + 3) × 1.000000000001 USD = 6.000000000006 USD: 6000000 micro-dollars pushed, the rest carried
+    assert sum(p.value for p in pushes) == int(usage.charges["initech"].scaleb(6)) == 6_000_000
