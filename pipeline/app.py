@@ -29,6 +29,7 @@ import faust
 from meterline.config import Settings
 from meterline.pricing import PricingEngine
 from pipeline.credits.agent import register_credit_agent
+from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.pricefeed import PriceFeed
 from pipeline.watchdog import StallWatchdog
 from pipeline.processor import PricingProcessor, iter_table_entries
@@ -109,23 +110,89 @@ def create_app(settings: Settings) -> faust.App:
     app.meterline_processor = processor  # type: ignore[attr-defined]  # for introspection in tests
     app.meterline_feed = feed  # type: ignore[attr-defined]
     credit = register_credit_agent(app, settings, engine=engine, feed=feed)
-    handled = [0]  # usage-events records the pricing agent finished
-    watchdog = StallWatchdog(
-        app, lambda: (handled[0], credit.records, credit.redelivered),
-        {settings.topic("usage-events"), settings.topic("usage-priced"), settings.topic("ledger-commands")},
-    )
+    usage_name = usage_topic.get_topic_name()
+    reader = GapReader(settings.kafka_bootstrap, name=f"{app_id}-pricing")
+
+    async def _start_offset(topic: str, partition: int) -> int:
+        # Where faust starts the partition: the group's committed offset (faust commits an offset
+        # only after the records below it were handed to this agent and their sends flushed).
+        return await asyncio.get_running_loop().run_in_executor(
+            None, reader.committed_or_earliest, app_id, topic, partition)
+
+    async def _apply(rec: SourceRecord) -> None:
+        partition = rec.partition
+        if partition not in indexed:
+            _index_partition(partition)
+        feed.drain_into(engine)
+        result = processor.process_record(partition, rec.offset, rec.key, rec.value)
+        if result.priced_value is not None:
+            await priced_topic.send(key=rec.key, value=result.priced_value, partition=partition)
+        for key, dead in result.dead_letters:
+            await dead_topic.send(key=key, value=dead, partition=partition)
+        # Table writes name their changelog partition (= the source partition): a record may be
+        # applied outside faust's stream iteration (gap reads, sweeps), where ``table[k] = v``
+        # cannot tell which partition it belongs to.
+        if result.dedupe_key is not None:
+            dedupe_table.send_changelog(partition, result.dedupe_key, result.dedupe_value)
+            dedupe_table.data[result.dedupe_key] = result.dedupe_value
+        since_expiry[partition] = since_expiry.get(partition, 0) + 1
+        if since_expiry[partition] >= EXPIRE_EVERY_RECORDS:
+            since_expiry[partition] = 0
+            for key in processor.dedupe.expired(partition, int(time.time() * 1000)):
+                dedupe_table.send_changelog(partition, key, None, value_serializer="raw")
+                dedupe_table.data.pop(key, None)
+                processor.dedupe.load(key, None)
+
+    # Every usage-events record once, in offset order, whatever faust hands over (pipeline/ordered.py).
+    ordered = OrderedSource("pricing agent", reader, _start_offset, _apply)
+    app.meterline_pricing_source = ordered  # type: ignore[attr-defined]
+    sources = {usage_name: ordered, credit.priced_name: credit.ordered, credit.commands_name: credit.ordered}
+    watchdog = StallWatchdog(app, lambda: (ordered.applied, ordered.redelivered, credit.records,
+                                           credit.ordered.redelivered), set(sources))  # fmt: skip
     app.meterline_watchdog = watchdog  # type: ignore[attr-defined]
 
     @app.task
     async def _start_watchdog() -> None:
         watchdog.start(asyncio.get_running_loop())
 
+    @app.timer(interval=1.0)
+    async def _sweep_stalled() -> None:
+        """Partitions whose records stopped arriving although some are due (faust lost them)."""
+        consumer = app.consumer
+        try:
+            assigned = consumer.assignment()
+            read = dict(consumer._read_offset)  # noqa: SLF001 - faust keeps no public read position
+        except Exception:  # noqa: BLE001 - not assigned yet
+            return
+        if not feed.ready:
+            return
+        for tp in sorted(assigned):
+            source = sources.get(tp.topic)
+            if source is None:
+                continue
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # noqa: BLE001
+                high = None
+            if source.stalled((tp.topic, tp.partition), read.get(tp), high):
+                await source.sweep((tp.topic, tp.partition))
+
+    @app.on_partitions_assigned.connect
+    async def _assigned(app: faust.App, assigned: set[Any], **_: Any) -> None:
+        ordered.assigned((tp.topic, tp.partition) for tp in assigned if tp.topic == usage_name)
+
     @app.on_partitions_revoked.connect
     async def _forget(app: faust.App, revoked: set[Any], **_: Any) -> None:
-        for tp in revoked:
-            if tp.topic == usage_topic.get_topic_name():
-                processor.dedupe.forget_partition(tp.partition)
-                indexed.discard(tp.partition)
+        mine = [tp for tp in revoked if tp.topic == usage_name]
+        async with ordered.lock:
+            ordered.forget((tp.topic, tp.partition) for tp in mine)
+        for tp in mine:
+            processor.dedupe.forget_partition(tp.partition)
+            indexed.discard(tp.partition)
+
+    @app.on_before_shutdown.connect
+    async def _close_reader(app: faust.App, **_: Any) -> None:
+        reader.close()
 
     # The feed is a plain thread started with the app, not a faust task: faust starts app tasks
     # only once the worker is up, and a restarted worker (after a SIGKILL) could sit waiting for
@@ -143,24 +210,8 @@ def create_app(settings: Settings) -> faust.App:
     async def price_usage(stream: faust.StreamT) -> None:
         await feed.until_ready("pricing agent")
         async for event in stream.events():
-            message = event.message
-            partition = message.partition
-            if partition not in indexed:
-                _index_partition(partition)
-            feed.drain_into(engine)
-            result = processor.process_record(partition, message.offset, message.key, message.value)
-            if result.priced_value is not None:
-                await priced_topic.send(key=message.key, value=result.priced_value, partition=partition)
-            for key, dead in result.dead_letters:
-                await dead_topic.send(key=key, value=dead, partition=partition)
-            if result.dedupe_key is not None:
-                dedupe_table[result.dedupe_key] = result.dedupe_value
-            handled[0] += 1
-            since_expiry[partition] = since_expiry.get(partition, 0) + 1
-            if since_expiry[partition] >= EXPIRE_EVERY_RECORDS:
-                since_expiry[partition] = 0
-                for key in processor.dedupe.expired(partition, int(time.time() * 1000)):
-                    del dedupe_table[key]
-                    processor.dedupe.load(key, None)
+            m = event.message
+            ts_ms = int(round(m.timestamp * 1000)) if m.timestamp is not None else 0
+            await ordered.deliver(SourceRecord(m.topic, m.partition, m.offset, ts_ms, m.key, m.value))
 
     return app

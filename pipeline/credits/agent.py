@@ -19,12 +19,12 @@ not atomic with the changelog, see shared/notes/faust-recovery.md):
   partitions to their committed offsets. It computes, per assigned source partition, the resume
   offset = max applied offset over the table's customers + 1 (0 when the table knows nothing),
   and COMMITS exactly those offsets for the group, so faust's own ``perform_seek`` lands there.
-* Cursors in the agent (``pipeline/credits/gaps.py``): the next offset due per source partition,
-  from that resume offset, then one past every record applied. A record below it is a
-  re-delivery (dropped); a record above it means faust handed over records fetched from ITS
-  committed offset before seeking: the agent reads the missing range itself (``GapReader``, its
-  own consumer) and applies it first. The agent never seeks faust's consumer (that raced faust's
-  fetch loop and could stall a partition for good, docs/invariants.md).
+* Order from the table, not from faust (``pipeline/ordered.py``): an ``OrderedSource`` keeps the
+  next offset due per source partition (from that resume offset, then one past every record
+  applied) and hands the agent each record once, in offset order. Re-deliveries are dropped;
+  records faust skipped or lost are read from the broker by the source's own consumer. The agent
+  never seeks faust's consumer (that raced faust's fetch loop and could stall a partition for
+  good, docs/invariants.md).
 
 * On every recovery the outboxes of the assigned customers are re-sent (deterministic ids:
   consumers dedupe), repairing effects lost between step 1 and 2.
@@ -42,7 +42,7 @@ from faust.types import TP
 
 from meterline.config import Settings
 from meterline.pricing import PricingEngine
-from pipeline.credits.gaps import Cursors, GapReader
+from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.credits.processor import ALERTS, DEAD, ENTRIES, REPLIES, STATUS, CreditProcessor
 from pipeline.pricefeed import PriceFeed
 
@@ -52,8 +52,8 @@ TABLE = "ledgers"
 
 
 class CreditAgent:
-    """State of the registered agent (for introspection and tests): ``gap_fills``, ``redelivered``,
-    ``records``."""
+    """State of the registered agent (for introspection and tests): ``records``, ``ordered`` (its
+    ``OrderedSource``: gap fills, sweeps, re-deliveries)."""
 
     def __init__(self, app: faust.App, settings: Settings, engine: PricingEngine, feed: PriceFeed) -> None:
         self.app = app
@@ -70,10 +70,8 @@ class CreditAgent:
         }
         self.table = app.Table(TABLE, default=None, key_type=str, partitions=settings.partitions)
         self.resume: dict[TP, int] = {}  # from the table, at the last recovery
-        self.cursors = Cursors()  # next offset due per source partition (see gaps.py)
         self.gaps = GapReader(settings.kafka_bootstrap or "", name=f"{settings.topic_prefix}credit-agent")
-        self.gap_fills = 0  # ranges read by the gap reader
-        self.redelivered = 0  # records dropped as already applied
+        self.ordered = OrderedSource("credit agent", self.gaps, self._start_offset, self.apply)
         self.resent = 0
         self.records = 0
 
@@ -97,50 +95,39 @@ class CreditAgent:
     async def on_recover(self) -> None:
         tps = self.source_tps()
         self.resume = self.table_resume_offsets(tps)
-        self.cursors.reset({(tp.topic, tp.partition): offset for tp, offset in self.resume.items()})
+        self.ordered.reset({(tp.topic, tp.partition): offset for tp, offset in self.resume.items()})
         self.resent = await self.resend_outboxes(tps)
         if self.resume:
             # faust seeks every stream partition to its committed offset right after this callback
             # (tables/recovery.py: on_recovery_completed -> perform_seek): make that the table's,
             # so the usual restart needs no gap read. Records faust fetched from its previous
-            # committed offset before that seek are handled by the cursors (handle()).
+            # committed offset before that seek are handled by ``self.ordered``.
             ok = await self.app.consumer._commit(dict(self.resume))  # noqa: SLF001 - see docstring
             log.info("credit agent: resume offsets from the table %s (committed=%s)",
                      {f"{tp.topic}:{tp.partition}": o for tp, o in sorted(self.resume.items())}, ok)  # fmt: skip
 
     async def on_revoked(self, revoked: set[TP]) -> None:
-        for tp in revoked:
-            self.cursors.forget((tp.topic, tp.partition))
+        async with self.ordered.lock:
+            self.ordered.forget((tp.topic, tp.partition) for tp in revoked)
+
+    async def _start_offset(self, topic: str, partition: int) -> int:
+        """A partition assigned without a recovery callback: ask the table."""
+        tp = TP(topic, partition)
+        return self.table_resume_offsets({tp})[tp]
 
     # ------------------------------------------------------------------ processing
 
     async def handle(self, event: Any) -> None:
         msg = event.message
-        key = (msg.topic, msg.partition)
-        if not self.cursors.known(key):  # assigned without a recovery callback: ask the table
-            tp = TP(msg.topic, msg.partition)
-            self.cursors.set(key, self.table_resume_offsets({tp})[tp])
-        verdict = self.cursors.classify(key, msg.offset)
-        if verdict == "seen":
-            self.redelivered += 1
-            return
-        if verdict == "gap":
-            due = self.cursors.due(key)
-            self.gap_fills += 1
-            log.warning("credit agent: %s:%d delivered %d while %d is due: reading [%d, %d) first",
-                        msg.topic, msg.partition, msg.offset, due, due, msg.offset)  # fmt: skip
-            missing = await asyncio.get_running_loop().run_in_executor(
-                None, self.gaps.read, msg.topic, msg.partition, due, msg.offset)
-            for rec in missing:
-                await self.apply(rec.topic, rec.partition, rec.offset, rec.timestamp_ms, rec.key, rec.value)
         ts_ms = int(round(msg.timestamp * 1000)) if msg.timestamp is not None else 0
-        await self.apply(msg.topic, msg.partition, msg.offset, ts_ms, msg.key, msg.value)
+        await self.ordered.deliver(SourceRecord(msg.topic, msg.partition, msg.offset, ts_ms, msg.key, msg.value))
 
-    async def apply(self, topic: str, partition: int, offset: int, ts_ms: int, key: bytes | None,
-                    value: bytes | None) -> None:  # fmt: skip
+    async def apply(self, rec: SourceRecord) -> None:
         """Process one source record: (1) state + outbox to the changelog, acknowledged; (2) effects."""
+        partition = rec.partition
         self.feed.drain_into(self.engine)
-        outcome = self.processor.process(topic, partition, offset, ts_ms, key, value, self.table.get)
+        outcome = self.processor.process(rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, rec.value,
+                                         self.table.get)  # fmt: skip
         if outcome.state is not None and outcome.customer_id is not None:
             # (1) state + progress + this record's effects (the outbox): one changelog record,
             # acknowledged before anything else leaves. Same as ``table[k] = v``, but awaited.
@@ -154,7 +141,6 @@ class CreditAgent:
         # a crash before they are delivered is repaired from the outbox at the next recovery.
         for name, k, v, same_partition in outcome.sends:
             await self.out[name].send(key=k, value=v, partition=partition if same_partition else None)
-        self.cursors.applied((topic, partition), offset)
         self.records += 1
 
     async def resend_outboxes(self, tps: set[TP]) -> int:
