@@ -422,7 +422,7 @@ def _forward_to_up(ctx: Any, *path: str, keep_local: Sequence[str] = ()) -> Capt
     argv = [*path, *argv_from_params(ctx, skip=keep_local)]
     cio = _io()
     cio.err.print(f"[dim]meterline up is running ({api[0]}) and owns the embedded ClickHouse engine: "
-                  f"running `meterline {' '.join(path)}` there, with its settings[/dim]")  # fmt: skip
+                  f"running `meterline {' '.join(path)}` there, with its settings[/dim]", soft_wrap=True)  # fmt: skip
     try:
         return _post_run(api, argv, width=cio.out.width,
                          color=cio.out.is_terminal and cio.err.is_terminal and not cio.out.no_color)
