@@ -70,7 +70,7 @@ class RunnerBusy(Exception):
     """Another command is running in this process."""
 
     def __init__(self, running: str, for_s: float) -> None:
-        super().__init__(f"`meterline {running}` is running in meterline up (for {for_s:.0f} s); retry when it finished")
+        super().__init__(f"`meterline {running}` is running in meterline up (for {for_s:.0f} s); retry when it has finished")
         self.running = running
         self.for_s = for_s
 
