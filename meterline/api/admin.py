@@ -28,7 +28,6 @@ Route
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -42,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from meterline.api.auth import ApiError, require_admin, require_key
+from meterline.api.body import json_object
 from meterline.config import Settings
 from meterline.errors import InputError
 
@@ -141,21 +141,7 @@ class CommandRunner:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "invalid_body", 'body must be {"argv": [...]}')
-    return doc
+    return await json_object(request, MAX_BODY_BYTES, '{"argv": [...]}')
 
 
 def admin_routes(runner: CommandRunner) -> list[BaseRoute]:

@@ -45,7 +45,6 @@ Writes, multi-statements and SQL errors are 400 with the error.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -67,6 +66,7 @@ from starlette.routing import BaseRoute, Route
 
 import meterline
 from meterline.api.auth import ApiError, error_response, require_admin, require_key
+from meterline.api.body import parse_json, read_body
 from meterline.api.keys import KeyRecord, KeyStore
 from meterline.config import Settings
 from meterline.errors import ClickHouseUnavailable, InputError, InvalidEvent, TransientError
@@ -140,32 +140,6 @@ def _clickhouse_access(clickhouse: ClickHouseAccess | None) -> Callable[[], Abst
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise ApiError(400, "invalid_request", "Content-Length is not an integer") from None
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"request body is {size} bytes, at most {limit}")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, "body_too_large", f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
 
 
 def _event_id_of(obj: Any) -> str | None:
@@ -264,8 +238,8 @@ async def _healthz(request: Request) -> Response:
 
 async def _post_events(request: Request) -> Response:
     key = require_key(request)
-    body = await _read_body(request, MAX_BODY_BYTES)
-    doc = await run_in_threadpool(_parse_json, body)
+    body = await read_body(request, MAX_BODY_BYTES)
+    doc = await run_in_threadpool(parse_json, body)
     if isinstance(doc, dict):
         raw = doc.get("events")
         if not isinstance(raw, list):
@@ -303,7 +277,7 @@ async def _post_events(request: Request) -> Response:
 async def _post_sql(request: Request) -> Response:
     key = require_key(request)
     require_admin(key)
-    doc = _parse_json(await _read_body(request, MAX_SQL_BODY_BYTES))
+    doc = parse_json(await read_body(request, MAX_SQL_BODY_BYTES))
     if not isinstance(doc, dict):
         raise ApiError(400, "invalid_body", 'body must be {"query": "...", "parameters"?: {...}, "format"?: ...}')
     query = doc.get("query")

@@ -24,7 +24,6 @@ Bad input → 400 with ``field``; Kafka not acknowledging → 503 ``broker_unava
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -35,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from meterline.api.auth import ApiError, require_admin, require_customer, require_key
+from meterline.api.body import json_object
 from meterline.credits_client import (
     adjust_command,
     authorize_command,
@@ -74,21 +74,7 @@ class _Status(Protocol):
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, "invalid_body", "request body must be a JSON object")
-    return doc
+    return await json_object(request, MAX_BODY_BYTES)
 
 
 def _build(fn: Callable[..., dict[str, Any]], *args: Any, **kw: Any) -> dict[str, Any]:
