@@ -60,22 +60,13 @@ def _settings() -> Settings:
 
 
 def _api_call(api: tuple[str, str], method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    import httpx
+    from meterline.api.client import call_json
 
-    url, key = api
-    try:
-        resp = httpx.request(method, url.rstrip("/") + path, json=body, timeout=30,
-                             headers={"Authorization": f"Bearer {key}"})
-    except httpx.TransportError as exc:
-        raise MeterlineError(f"meterline API at {url} unreachable: {exc}") from exc
-    try:
-        doc = resp.json()
-    except ValueError:
-        doc = {"error": {"code": "http_error", "message": resp.text[:500]}}
-    if resp.status_code >= 400:
-        e = doc.get("error", {}) if isinstance(doc, dict) else {}
+    status, doc = call_json(*api, method, path, body)
+    if status >= 400:
+        e = doc.get("error", {})
         field = f" (field {e['field']})" if e.get("field") else ""
-        raise MeterlineError(f"HTTP {resp.status_code} {e.get('code')}: {e.get('message')}{field}")
+        raise MeterlineError(f"HTTP {status} {e.get('code')}: {e.get('message')}{field}")
     return doc
 
 

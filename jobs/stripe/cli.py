@@ -433,22 +433,15 @@ def _forward_to_up(ctx: Any, *path: str, keep_local: Sequence[str] = ()) -> Capt
 def _post_run(api: tuple[str, str], argv: list[str], *, width: int, color: bool) -> CapturedRun:
     import httpx
 
-    url, key = api
+    from meterline.api.client import call_json
+
     body = {"argv": argv, "width": max(20, min(1000, width)), "color": color}
-    try:
-        # no read timeout: a sync may take minutes; the service answers when the command is done
-        resp = httpx.post(url.rstrip("/") + "/v1/admin/run", json=body, headers={"Authorization": f"Bearer {key}"},
-                          timeout=httpx.Timeout(30.0, read=None))  # fmt: skip
-    except httpx.TransportError as exc:
-        raise MeterlineError(f"meterline API at {url} unreachable: {exc}") from exc
-    try:
-        doc = resp.json()
-    except ValueError:
-        doc = {"error": {"code": "http_error", "message": resp.text[:500]}}
-    if resp.status_code >= 400 or not isinstance(doc, dict) or "exit_code" not in doc:
-        e = doc.get("error", {}) if isinstance(doc, dict) else {}
-        hint = " (is the running meterline up older than this CLI? restart it)" if resp.status_code == 404 else ""
-        raise MeterlineError(f"meterline up did not run the command: HTTP {resp.status_code} "
+    # no read timeout: a sync may take minutes; the service answers when the command is done
+    status, doc = call_json(*api, "POST", "/v1/admin/run", body, timeout=httpx.Timeout(30.0, read=None))
+    if status >= 400 or "exit_code" not in doc:
+        e = doc.get("error", {})
+        hint = " (is the running meterline up older than this CLI? restart it)" if status == 404 else ""
+        raise MeterlineError(f"meterline up did not run the command: HTTP {status} "
                              f"{e.get('code')}: {e.get('message')}{hint}")  # fmt: skip
     return CapturedRun(int(doc["exit_code"]), str(doc.get("stdout", "")), str(doc.get("stderr", "")))
 

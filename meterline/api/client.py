@@ -16,7 +16,28 @@ import httpx
 
 from meterline.errors import ConfigError, InputError, TransientError
 
-__all__ = ["ApiClient"]
+__all__ = ["ApiClient", "call_json"]
+
+
+def call_json(url: str, key: str, method: str, path: str, body: dict[str, Any] | None = None, *,
+              timeout: httpx.Timeout | float = 30.0) -> tuple[int, dict[str, Any]]:
+    """One JSON request with the key; returns (HTTP status, body as a dict). A body that is not
+    JSON becomes ``{"error": {"code": "http_error", "message": <text>}}``. An unreachable API
+    raises :class:`~meterline.errors.MeterlineError`."""
+    from meterline.errors import MeterlineError
+
+    try:
+        resp = httpx.request(method, url.rstrip("/") + path, json=body, timeout=timeout,
+                             headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+    except httpx.TransportError as exc:
+        raise MeterlineError(f"meterline API at {url} unreachable: {exc}") from exc
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        doc = {"error": {"code": "http_error", "message": resp.text[:500]}}
+    return resp.status_code, doc
 
 
 class ApiClient:
