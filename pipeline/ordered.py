@@ -203,7 +203,7 @@ class OrderedSource:
     """
 
     def __init__(self, name: str, reader: GapReader, start_offset: Callable[[str, int], Awaitable[int]],
-                 apply: Callable[[SourceRecord], Awaitable[None]], *, idle_s: float = 3.0) -> None:  # fmt: skip
+                 apply: Callable[[SourceRecord], Awaitable[None]], *, idle_s: float = 10.0) -> None:  # fmt: skip
         self.name = name
         self.reader = reader
         self.start_offset = start_offset

@@ -6,19 +6,30 @@ the same partition number, in one stream task per partition) and keeps the table
 (key customer_id, value ``CustomerLedger.to_dict()`` + ``"x"``: agent bookkeeping). Per record it
 hands the bytes to :class:`pipeline.credits.processor.CreditProcessor`, then:
 
-1. sends the new value (state + applied source offsets + this record's effects as an *outbox*) to
-   the changelog and **awaits its acknowledgement** (``table.send_changelog``);
-2. only then sends the effects (ledger entries, customer status, alerts, authorize replies, dead
-   letters). Effects-first would not be exact with two source topics: a replay may interleave the
-   topics differently and re-use entry ids for different entries (docs/credits.md).
+1. sends the new value (state + applied source offsets + a low watermark + an *outbox*: this
+   record's effects and every earlier effect of the customer not yet delivered) to the changelog,
+   and puts it in the in-memory table at once, so the next record builds on it;
+2. only once that write is acknowledged, sends the effects (ledger entries, customer status,
+   alerts, authorize replies, dead letters), in record order per partition. Effects-first would
+   not be exact with two source topics: a replay may interleave the topics differently and re-use
+   entry ids for different entries (docs/credits.md).
+
+Pipelining: step 2 runs in a per-partition drainer task, so the agent does not wait one broker
+round trip per record (up to ``max_in_flight`` records per partition are between processing and
+delivery). A record is *in flight* until its write is acknowledged and its effects delivered;
+each value stores, per source partition, the low watermark ``lw`` = (lowest offset in flight) - 1:
+every record at or below it was done when the value was written. A failed write or send exits the
+worker (the in-memory table no longer matches the changelog); a revocation waits until nothing of
+the revoked partitions is in flight.
 
 Crash exactness — progress comes from the table, never from faust's committed offsets (which are
 not atomic with the changelog, see shared/notes/faust-recovery.md):
 
 * ``ledgers.on_recover`` runs after the changelog is restored and BEFORE faust seeks the stream
   partitions to their committed offsets. It computes, per assigned source partition, the resume
-  offset = max applied offset over the table's customers + 1 (0 when the table knows nothing),
-  and COMMITS exactly those offsets for the group, so faust's own ``perform_seek`` lands there.
+  offset = max low watermark over the table's values + 1 (0 when the table knows nothing), and
+  COMMITS exactly those offsets for the group, so faust's own ``perform_seek`` lands there.
+  Records between that and a customer's applied offset are skipped for that customer.
 * Order from the table, not from faust (``pipeline/ordered.py``): an ``OrderedSource`` keeps the
   next offset due per source partition (from that resume offset, then one past every record
   applied) and hands the agent each record once, in offset order. Re-deliveries are dropped;
@@ -35,6 +46,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -49,6 +62,18 @@ from pipeline.pricefeed import PriceFeed
 log = logging.getLogger(__name__)
 
 TABLE = "ledgers"
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A processed record between its changelog write and the delivery of its effects."""
+
+    offset: int
+    key: tuple[str, int]
+    customer: str | None
+    sends: list[Any]
+    done: asyncio.Future[None]
+    changelog: Any = None  # the changelog write's FutureMessage (None: nothing persisted)
 
 
 class CreditAgent:
@@ -74,6 +99,11 @@ class CreditAgent:
         self.ordered = OrderedSource("credit agent", self.gaps, self._start_offset, self.apply)
         self.resent = 0
         self.records = 0
+        self.max_in_flight = 256  # records per source partition between processing and delivery
+        self._inflight: dict[tuple[str, int], dict[int, _Pending]] = {}  # offset order (insertion)
+        self._undelivered: dict[str, dict[tuple[str, int], list[Any]]] = {}  # customer -> effects
+        self._queues: dict[int, asyncio.Queue[_Pending]] = {}
+        self._drainers: dict[int, asyncio.Future[Any]] = {}
 
     # ------------------------------------------------------------------ recovery
 
@@ -82,12 +112,19 @@ class CreditAgent:
         return {tp for tp in self.app.consumer.assignment() if tp.topic in names}
 
     def table_resume_offsets(self, tps: set[TP]) -> dict[TP, int]:
-        """Max applied offset + 1 per source partition over every customer in the table (0 if none)."""
+        """Per source partition, the first offset not known to be done: max over the table's values
+        of the *low watermark* ``x.lw`` + 1 (every record at or below a value's watermark had its
+        state persisted and its effects delivered when that value was written; see apply). 0 if
+        the table knows nothing."""
         best: dict[str, int] = {}
         for _key, value in self.table.items():
             if not value:
                 continue
-            for k, off in (value.get("offsets") or {}).items():
+            lw = (value.get("x") or {}).get("lw")
+            # A value written before watermarks existed: its applied offsets (then every record
+            # was persisted and its effects sent before the next one was processed).
+            marks = lw if lw is not None else (value.get("offsets") or {})
+            for k, off in marks.items():
                 if int(off) + 1 > best.get(k, 0):
                     best[k] = int(off) + 1
         return {tp: best.get(f"{tp.topic}:{tp.partition}", 0) for tp in tps}
@@ -108,6 +145,9 @@ class CreditAgent:
 
     async def on_revoked(self, revoked: set[TP]) -> None:
         async with self.ordered.lock:
+            # Everything of these partitions reaches the changelog and the effect topics before
+            # another worker may recover them (one writer per customer, even across a handover).
+            await self.settle({tp.partition for tp in revoked})
             self.ordered.forget((tp.topic, tp.partition) for tp in revoked)
 
     async def _start_offset(self, topic: str, partition: int) -> int:
@@ -123,25 +163,99 @@ class CreditAgent:
         await self.ordered.deliver(SourceRecord(msg.topic, msg.partition, msg.offset, ts_ms, msg.key, msg.value))
 
     async def apply(self, rec: SourceRecord) -> None:
-        """Process one source record: (1) state + outbox to the changelog, acknowledged; (2) effects."""
+        """Process one source record without waiting for the broker (module docstring, "Pipelining").
+
+        The new value (state + progress + outbox + low watermark) goes to the changelog at once
+        and into the in-memory table, so the next record builds on it. The record's effects wait
+        in its partition's queue until that changelog write is acknowledged; the queue's drainer
+        sends them in record order. The record stays *in flight* until its write is acknowledged
+        and its effects are delivered."""
         partition = rec.partition
+        key = (rec.topic, partition)
+        tp_name = f"{rec.topic}:{partition}"
+        flight = self._inflight.setdefault(key, {})
+        if len(flight) >= self.max_in_flight:  # backpressure: wait for the oldest
+            await next(iter(flight.values())).done
         self.feed.drain_into(self.engine)
         outcome = self.processor.process(rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, rec.value,
                                          self.table.get)  # fmt: skip
-        if outcome.state is not None and outcome.customer_id is not None:
-            # (1) state + progress + this record's effects (the outbox): one changelog record,
-            # acknowledged before anything else leaves. Same as ``table[k] = v``, but awaited.
-            state = dict(outcome.state)
-            state["x"] = {**state.get("x", {}), "p": partition,
-                          "ob": [[n, k.decode(), base64.b64encode(v).decode(), same] for n, k, v, same in outcome.sends]}
-            fut = self.table.send_changelog(partition, outcome.customer_id, state)
-            self.table.data[outcome.customer_id] = state
-            await fut
-        # (2) the effects; faust's commit flushes the producer before it commits this offset, and
-        # a crash before they are delivered is repaired from the outbox at the next recovery.
-        for name, k, v, same_partition in outcome.sends:
-            await self.out[name].send(key=k, value=v, partition=partition if same_partition else None)
         self.records += 1
+        if outcome.skipped or (outcome.state is None and not outcome.sends):
+            return  # nothing to persist, nothing to send
+        pending = _Pending(rec.offset, key, outcome.customer_id, outcome.sends, asyncio.get_running_loop().create_future())
+        flight[rec.offset] = pending
+        if outcome.state is not None and outcome.customer_id is not None:
+            customer = outcome.customer_id
+            undelivered = self._undelivered.setdefault(customer, {})
+            # Outbox = this record's effects AND every earlier effect of this customer not yet
+            # delivered: whichever of its values survives a crash re-sends all of them.
+            outbox = [s for sends in undelivered.values() for s in sends] + list(outcome.sends)
+            if outcome.sends:
+                undelivered[(tp_name, rec.offset)] = outcome.sends
+            state = dict(outcome.state)
+            x = dict(state.get("x") or {})
+            # Every record of this partition below the lowest one in flight is done (persisted
+            # and delivered); that includes none of the in-flight ones, this one included.
+            x["lw"] = {**(x.get("lw") or {}), tp_name: min(flight) - 1}
+            x["p"] = partition
+            x["ob"] = [[n, k.decode(), base64.b64encode(v).decode(), same] for n, k, v, same in outbox]
+            state["x"] = x
+            pending.changelog = self.table.send_changelog(partition, customer, state)
+            self.table.data[customer] = state
+        self._queue(partition).put_nowait(pending)
+
+    def _queue(self, partition: int) -> asyncio.Queue[_Pending]:
+        queue = self._queues.get(partition)
+        if queue is None:
+            queue = self._queues[partition] = asyncio.Queue()
+            self._drainers[partition] = asyncio.ensure_future(self._drain(partition, queue))
+        return queue
+
+    async def _drain(self, partition: int, queue: asyncio.Queue[_Pending]) -> None:
+        """Send each record's effects once its changelog write is acknowledged, in record order."""
+        while True:
+            pending = await queue.get()
+            try:
+                if pending.changelog is not None:
+                    await pending.changelog
+                deliveries = [await self.out[name].send(key=k, value=v, partition=partition if same else None)
+                              for name, k, v, same in pending.sends]  # fmt: skip
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the in-memory table no longer matches the changelog
+                log.critical("credit agent: changelog write or effect send failed (%r); exiting so that a restart "
+                             "recovers from the changelog", exc)  # fmt: skip
+                logging.shutdown()
+                os._exit(70)
+            asyncio.ensure_future(self._delivered(pending, deliveries))
+
+    async def _delivered(self, pending: _Pending, deliveries: list[Any]) -> None:
+        try:
+            for fut in deliveries:
+                await fut
+        except BaseException as exc:  # noqa: BLE001 - see _drain
+            log.critical("credit agent: effect delivery failed (%r); exiting", exc)
+            logging.shutdown()
+            os._exit(70)
+        flight = self._inflight.get(pending.key)
+        if flight is not None:
+            flight.pop(pending.offset, None)
+        if pending.customer is not None:
+            undelivered = self._undelivered.get(pending.customer)
+            if undelivered is not None:
+                undelivered.pop((f"{pending.key[0]}:{pending.key[1]}", pending.offset), None)
+                if not undelivered:
+                    del self._undelivered[pending.customer]
+        pending.done.set_result(None)
+
+    async def settle(self, partitions: set[int] | None = None) -> None:
+        """Wait until nothing of these source partitions (all: None) is in flight."""
+        while True:
+            waiting = [p.done for key, flight in self._inflight.items()
+                       if partitions is None or key[1] in partitions for p in flight.values()]  # fmt: skip
+            if not waiting:
+                return
+            await asyncio.wait(waiting)
 
     async def resend_outboxes(self, tps: set[TP]) -> int:
         """Re-send the last record's effects of every customer of these partitions (ids are
@@ -171,7 +285,13 @@ def register_credit_agent(app: faust.App, settings: Settings, *, engine: Pricing
         await credit.on_revoked(set(revoked))
 
     @app.on_before_shutdown.connect
-    async def _close_gap_reader(app: faust.App, **_: Any) -> None:
+    async def _close_credit_agent(app: faust.App, **_: Any) -> None:
+        try:  # deliver what is in flight; whatever is not is re-sent from the outboxes at recovery
+            await asyncio.wait_for(credit.settle(), timeout=10)
+        except asyncio.TimeoutError:
+            log.warning("credit agent: records still in flight at shutdown (the outboxes re-send their effects)")
+        for drainer in credit._drainers.values():  # noqa: SLF001
+            drainer.cancel()
         credit.gaps.close()
 
     @app.agent(credit.source)
