@@ -57,7 +57,10 @@ class Stack:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.broker.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if os.environ.get("METERLINE_BENCH_KEEP"):  # worker logs etc. for a look afterwards
+            print(f"[bench] kept {self.root}")
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     @property
     def bootstrap(self) -> str:
