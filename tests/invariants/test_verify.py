@@ -52,7 +52,7 @@ def test_checks_report_a_delta_when_the_store_disagrees() -> None:
 
 
 def test_verify_command_exits_nonzero_on_delta(monkeypatch, tmp_path: Path) -> None:
-    from meterline import verify as module
+    from meterline.verify import command as module
 
     class Broken(module.VerifyReport):
         pass
