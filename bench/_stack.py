@@ -318,24 +318,6 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], top: int = 8) -
 def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes | None, int]]:
     """Every record of ``topic`` as ``(key, value, timestamp_ms)`` (the producer's create time), read
     from the beginning of each partition to its end (EOF), in partition order."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+    from meterline.stack.topics import read_topic as read_all
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-read-{uuid.uuid4().hex[:8]}",
-                  "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})  # fmt: skip
-    try:
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        out: list[tuple[bytes | None, bytes | None, int]] = []
-        eof: set[int] = set()
-        deadline = time.monotonic() + timeout
-        while len(eof) < len(parts) and time.monotonic() < deadline:
-            for m in c.consume(1000, 0.5):
-                if m.error() is not None:
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        eof.add(m.partition())
-                    continue
-                eof.discard(m.partition())
-                out.append((m.key(), m.value(), m.timestamp()[1]))
-        return out
-    finally:
-        c.close()
+    return [(m.key(), m.value(), m.timestamp()[1]) for m in read_all(bootstrap, topic, timeout=timeout)]

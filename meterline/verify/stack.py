@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -191,29 +190,10 @@ class ChaosStack:
         """The last JSON value per key of a (customer-keyed) topic, read from offset 0 to its end."""
         import json
 
-        from confluent_kafka import Consumer, TopicPartition
+        from meterline.stack.topics import read_topic
 
-        name = self.settings.topic(topic)
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"verify-reader-{uuid.uuid4().hex[:6]}",
-                      "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
-        try:
-            parts = sorted(c.list_topics(name, timeout=10).topics[name].partitions)
-            c.assign([TopicPartition(name, p, 0) for p in parts])
-            out: dict[str, dict[str, Any]] = {}
-            eof: set[int] = set()
-            deadline = time.monotonic() + timeout
-            while len(eof) < len(parts) and time.monotonic() < deadline:
-                m = c.poll(0.2)
-                if m is None:
-                    continue
-                if m.error():
-                    eof.add(m.partition())
-                    continue
-                eof.discard(m.partition())
-                out[(m.key() or b"").decode("utf-8", "replace")] = json.loads(m.value() or b"null")
-            return out
-        finally:
-            c.close()
+        return {(m.key() or b"").decode("utf-8", "replace"): json.loads(m.value() or b"null")
+                for m in read_topic(self.bootstrap, self.settings.topic(topic), timeout=timeout)}  # fmt: skip
 
     def ledger_counts(self) -> tuple[int, int]:
         """(distinct debited (customer, event) pairs, grant entries) in ledger_entries."""

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from meterline.config import Settings
 from meterline.pricing import load_price_book
+from meterline.stack.topics import read_topic
 from pipeline.ledger_sink import LedgerEntrySink
 from pipeline.publish import publish_records
 from pipeline.workers import WorkerProcess
@@ -57,25 +58,8 @@ class CreditPipeline:
 
     def read(self, topic: str, timeout: float = 1.0) -> list[tuple[str, bytes, int, int]]:
         """Every record of a topic now: (key, value, partition, offset), per-partition order."""
-        c = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap, "group.id": "reader",
-                      "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
-        name = self.settings.topic(topic)
-        parts = sorted(c.list_topics(name, timeout=10).topics[name].partitions)
-        c.assign([TopicPartition(name, p, 0) for p in parts])
-        out: list[tuple[str, bytes, int, int]] = []
-        eof: set[int] = set()
-        deadline = time.monotonic() + timeout + 10
-        while len(eof) < len(parts) and time.monotonic() < deadline:
-            m = c.poll(0.2)
-            if m is None:
-                continue
-            if m.error():
-                eof.add(m.partition())
-                continue
-            eof.discard(m.partition())
-            out.append(((m.key() or b"").decode(), m.value(), m.partition(), m.offset()))
-        c.close()
-        return out
+        return [((m.key() or b"").decode(), m.value(), m.partition(), m.offset())
+                for m in read_topic(self.settings.kafka_bootstrap, self.settings.topic(topic), timeout=timeout + 10)]
 
     def latest_json(self, topic: str) -> dict[str, dict[str, Any]]:
         latest: dict[str, dict[str, Any]] = {}

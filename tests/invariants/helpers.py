@@ -117,30 +117,6 @@ def assert_credit_invariant(stack: ChaosStack, expected: Expected, seed: int, *,
     )
 
 
-def _read_topic(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of ``topic`` (all partitions), read with assign() from offset 0 to the end."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "trace", "enable.auto.commit": False,
-                  "enable.partition.eof": True, "log_level": 3})  # fmt: skip
-    try:
-        md = c.list_topics(topic, timeout=10).topics.get(topic)
-        parts = sorted(md.partitions) if md is not None else []
-        c.assign([TopicPartition(topic, p, 0) for p in parts])
-        out, eof, deadline = [], set(), time.monotonic() + 30
-        while len(eof) < len(parts) and time.monotonic() < deadline:
-            m = c.poll(0.5)
-            if m is None:
-                continue
-            if m.error() is not None:
-                eof.add(m.partition())
-                continue
-            out.append(m)
-        return out
-    finally:
-        c.close()
-
-
 def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
     """Where the events missing from ``usage_priced`` are on the way: their usage-events records,
     any usage-priced record holding them, the pricing dedupe changelog's entries for them, and the
@@ -150,6 +126,7 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
 
         from confluent_kafka import Consumer, TopicPartition
 
+        from meterline.stack.topics import read_topic
         from schemas.codec import decode_priced_batch, decode_usage_batch
 
         have = {(str(c), str(e)) for c, e in stack.query("SELECT customer_id, event_id FROM usage_priced")}
@@ -158,7 +135,7 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
             return "trace: nothing missing from usage_priced"
         topic = stack.settings.topic
         where: dict[tuple[str, str], list[str]] = {k: [] for k in missing}
-        for m in _read_topic(stack.bootstrap, topic("usage-events")):
+        for m in read_topic(stack.bootstrap, topic("usage-events")):
             try:
                 events = decode_usage_batch(m.value())
             except Exception:  # noqa: BLE001 - hostile records
@@ -167,7 +144,7 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
                 k = (ev["customer_id"], ev["event_id"])
                 if k in where:
                     where[k].append(f"events@{m.partition()}:{m.offset()}")
-        for m in _read_topic(stack.bootstrap, topic("usage-priced")):
+        for m in read_topic(stack.bootstrap, topic("usage-priced")):
             for ev in decode_priced_batch(m.value()):
                 k = (ev["customer_id"], ev["event_id"])
                 if k in where:
@@ -175,7 +152,7 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
         changelog = f"{stack.settings.topic_prefix}pricing-pricing-dedupe-changelog"
         positions = {p.split("@")[1] for v in where.values() for p in v if p.startswith("events@")}
         dedupe = []
-        for m in _read_topic(stack.bootstrap, changelog):
+        for m in read_topic(stack.bootstrap, changelog):
             key = _text(m.key())
             if key in positions:
                 value = json.loads(m.value()) if m.value() else None
