@@ -31,7 +31,7 @@ from meterline.pricing import PricingEngine
 from pipeline.credits.agent import register_credit_agent
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.pricefeed import PriceFeed
-from pipeline.watchdog import StallWatchdog
+from pipeline.watchdog import StallWatchdog, source_positions
 from pipeline.processor import PricingProcessor, iter_table_entries
 
 log = logging.getLogger(__name__)
@@ -158,23 +158,11 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=1.0)
     async def _sweep_stalled() -> None:
         """Partitions whose records stopped arriving although some are due (faust lost them)."""
-        consumer = app.consumer
-        try:
-            assigned = consumer.assignment()
-            read = dict(consumer._read_offset)  # noqa: SLF001 - faust keeps no public read position
-        except Exception:  # noqa: BLE001 - not assigned yet
-            return
         if not feed.ready:
             return
-        for tp in sorted(assigned):
-            source = sources.get(tp.topic)
-            if source is None:
-                continue
-            try:
-                high = consumer.highwater(tp)
-            except Exception:  # noqa: BLE001
-                high = None
-            if source.stalled((tp.topic, tp.partition), read.get(tp), high):
+        for tp, (read, high) in sorted(source_positions(app.consumer, set(sources)).items()):
+            source = sources[tp.topic]
+            if source.stalled((tp.topic, tp.partition), read, high):
                 await source.sweep((tp.topic, tp.partition))
 
     @app.on_partitions_assigned.connect

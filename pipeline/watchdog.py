@@ -23,6 +23,27 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def source_positions(consumer: Any, topics: set[str]) -> dict[Any, tuple[int | None, int | None]]:
+    """Per assigned partition of ``topics``: (faust's read offset — the last offset it handed over
+    or dropped, None before the first —, the highwater from the last fetch, None if not fetched
+    yet). Empty while the consumer is not assigned. faust keeps no public read position."""
+    try:
+        assignment = consumer.assignment()
+        read = dict(consumer._read_offset)  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - the consumer is not up yet
+        return {}
+    out: dict[Any, tuple[int | None, int | None]] = {}
+    for tp in assignment:
+        if tp.topic not in topics:
+            continue
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001
+            high = None
+        out[tp] = (read.get(tp), high)
+    return out
+
+
 class StallWatchdog:
     def __init__(self, app: Any, progress: Callable[[], tuple[int, ...]], source_topics: set[str], *,
                  every_s: float = 5.0, stall_after_s: float = 20.0) -> None:  # fmt: skip
@@ -46,23 +67,10 @@ class StallWatchdog:
     def lag(self) -> dict[str, int] | None:
         """Source partitions with records not yet handed to the agents: {"topic:p": highwater - read};
         None when a source partition's highwater is not known (nothing fetched from it yet)."""
-        consumer = self.app.consumer
         out: dict[str, int] = {}
-        try:
-            assignment = consumer.assignment()
-            read = dict(consumer._read_offset)  # noqa: SLF001 - faust keeps no public read position
-        except Exception:  # noqa: BLE001 - the consumer is not up yet
-            return out
-        for tp in assignment:
-            if tp.topic not in self.source_topics:
-                continue
-            try:
-                high = consumer.highwater(tp)
-            except Exception:  # noqa: BLE001
-                continue
+        for tp, (position, high) in source_positions(self.app.consumer, self.source_topics).items():
             if high is None:
                 return None
-            position = read.get(tp)
             behind = high - (position + 1 if position is not None else 0)
             if behind > 0:
                 out[f"{tp.topic}:{tp.partition}"] = behind
