@@ -91,8 +91,7 @@ class GapReader:
     an executor thread). Never gives up: a broker that is slow to answer is retried, with a warning
     every ``warn_every_s``, because the partition cannot move on without these records."""
 
-    def __init__(self, bootstrap: str, *, name: str, config: dict[str, Any] | None = None,
-                 warn_every_s: float = 10.0, consumer_factory: Callable[[dict[str, Any]], Any] | None = None) -> None:  # fmt: skip
+    def __init__(self, bootstrap: str, *, name: str, warn_every_s: float = 10.0) -> None:
         self._config = {
             "bootstrap.servers": bootstrap,
             "group.id": f"{name}-gaps",  # never joined, never committed: assign() only
@@ -101,9 +100,7 @@ class GapReader:
             "auto.offset.reset": "earliest",
             "fetch.wait.max.ms": 10,
             "log_level": 3,
-            **(config or {}),
         }
-        self._factory = consumer_factory
         self._consumer: Any = None
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -112,12 +109,9 @@ class GapReader:
 
     def _client(self) -> Any:
         if self._consumer is None:
-            if self._factory is not None:
-                self._consumer = self._factory(self._config)
-            else:
-                from confluent_kafka import Consumer
+            from confluent_kafka import Consumer
 
-                self._consumer = Consumer(self._config)
+            self._consumer = Consumer(self._config)
         return self._consumer
 
     def read(self, topic: str, partition: int, start: int, stop: int | None, *, limit: int = 100_000) -> list[SourceRecord]:

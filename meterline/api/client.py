@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from meterline.errors import ConfigError, InputError, TransientError
+from meterline.errors import ConfigError, InputError, MeterlineError, TransientError
 
 __all__ = ["ApiClient", "call_json"]
 
@@ -24,8 +24,6 @@ def call_json(url: str, key: str, method: str, path: str, body: dict[str, Any] |
     """One JSON request with the key; returns (HTTP status, body as a dict). A body that is not
     JSON becomes ``{"error": {"code": "http_error", "message": <text>}}``. An unreachable API
     raises :class:`~meterline.errors.MeterlineError`."""
-    from meterline.errors import MeterlineError
-
     try:
         resp = httpx.request(method, url.rstrip("/") + path, json=body, timeout=timeout,
                              headers={"Authorization": f"Bearer {key}"})  # fmt: skip

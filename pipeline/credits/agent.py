@@ -101,7 +101,7 @@ class CreditAgent:
         self.records = 0
         self.max_in_flight = 256  # records per source partition between processing and delivery
         self._inflight: dict[tuple[str, int], dict[int, _Pending]] = {}  # offset order (insertion)
-        self._undelivered: dict[str, dict[tuple[str, int], list[Any]]] = {}  # customer -> effects
+        self._undelivered: dict[str, dict[tuple[tuple[str, int], int], list[Any]]] = {}  # customer -> effects
         self._queues: dict[int, asyncio.Queue[_Pending]] = {}
         self._drainers: dict[int, asyncio.Future[Any]] = {}
 
@@ -186,12 +186,12 @@ class CreditAgent:
         flight[rec.offset] = pending
         if outcome.state is not None and outcome.customer_id is not None:
             customer = outcome.customer_id
-            undelivered = self._undelivered.setdefault(customer, {})
+            earlier = self._undelivered.get(customer, {})
             # Outbox = this record's effects AND every earlier effect of this customer not yet
             # delivered: whichever of its values survives a crash re-sends all of them.
-            outbox = [s for sends in undelivered.values() for s in sends] + list(outcome.sends)
+            outbox = [s for sends in earlier.values() for s in sends] + list(outcome.sends)
             if outcome.sends:
-                undelivered[(tp_name, rec.offset)] = outcome.sends
+                self._undelivered.setdefault(customer, {})[(key, rec.offset)] = outcome.sends
             state = dict(outcome.state)
             x = dict(state.get("x") or {})
             # Every record of this partition below the lowest one in flight is done (persisted
@@ -243,7 +243,7 @@ class CreditAgent:
         if pending.customer is not None:
             undelivered = self._undelivered.get(pending.customer)
             if undelivered is not None:
-                undelivered.pop((f"{pending.key[0]}:{pending.key[1]}", pending.offset), None)
+                undelivered.pop((pending.key, pending.offset), None)
                 if not undelivered:
                     del self._undelivered[pending.customer]
         pending.done.set_result(None)
