@@ -380,7 +380,10 @@ def _query(settings: Settings, query: str, parameters: dict[str, Any] | None = N
         return list(out["columns"]), [tuple(r) for r in out["rows"]]
     from meterline.stack.clickhouse import connect
 
-    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters)
+    from meterline.analytics import SqlLimits
+
+    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters,
+                        limits=SqlLimits.from_settings(settings))
 
 
 @app.command()

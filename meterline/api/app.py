@@ -40,7 +40,9 @@ SQL contract (``POST /v1/sql``)
 JSON results are ``{"columns": [...], "rows": [[...]]}`` with Decimals as strings (exact),
 datetimes as ISO 8601 (naive values from chDB are UTC and get ``+00:00``), UUIDs/IPs as strings.
 ``csv`` and ``table`` return ``text/csv`` / ``text/plain`` from :func:`format_result`.
-Writes, multi-statements and SQL errors are 400 with the error.
+Writes, ``INTO OUTFILE``, multi-statements and SQL errors are 400 with the error
+(``sql_not_readonly`` / ``sql_error``); a query stopped by one of the ``METERLINE_SQL_*`` limits
+(time, memory, result rows/bytes) is 400 ``sql_limit_exceeded``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 import meterline
+from meterline.analytics import SqlLimits
 from meterline.api.auth import ApiError, error_response, require_admin, require_key
 from meterline.api.body import parse_json, read_body
 from meterline.api.keys import KeyRecord, KeyStore
@@ -293,11 +296,13 @@ async def _post_sql(request: Request) -> Response:
     if access is None:
         raise ApiError(503, "sql_unavailable", "this API server has no ClickHouse connection")
 
+    limits = request.app.state.sql_limits
+
     def run() -> tuple[Any, Any]:
         from meterline.analytics import run_readonly
 
         with access() as client:
-            return run_readonly(client, query, parameters or None)
+            return run_readonly(client, query, parameters or None, limits=limits)
 
     try:
         columns, rows = await run_in_threadpool(run)
@@ -375,4 +380,5 @@ def create_api(
     app.state.publisher = _Publisher(producer, flush_timeout)
     app.state.clickhouse = _clickhouse_access(clickhouse)
     app.state.max_future_ms = settings.max_future_skew_seconds * 1000
+    app.state.sql_limits = SqlLimits.from_settings(settings)
     return app
