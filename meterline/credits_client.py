@@ -44,6 +44,7 @@ from typing import Any
 
 from meterline.errors import BrokerUnavailable, DeliveryFailed, InputError
 from meterline.ledger import LedgerCommandError, format_picos, parse_amount, to_ms
+from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 __all__ = [
     "CommandPublisher",
@@ -456,8 +457,18 @@ def parse_instant_ms(value: Any, field: str) -> int | None:
     raise _bad(field, f"{field!r} must be epoch milliseconds or an ISO-8601 string")
 
 
+def _customer(doc: dict[str, Any]) -> str:
+    """``doc["customer_id"]`` if it has the one allowed form (schemas.models.CUSTOMER_ID_PATTERN)."""
+    v = doc.get("customer_id")
+    if v is None:
+        raise _bad("customer_id", "'customer_id' is required", "missing_field")
+    if not is_customer_id(v):
+        raise _bad("customer_id", CUSTOMER_ID_RULE, "invalid_customer_id")
+    return str(v)
+
+
 def _check_customer(customer_id: str) -> None:
-    _str({"customer_id": customer_id}, "customer_id", ident=True)
+    _customer({"customer_id": customer_id})
 
 
 def _base(kind: str, command_id: str, customer_id: str, at: int | None) -> dict[str, Any]:
@@ -467,9 +478,8 @@ def _base(kind: str, command_id: str, customer_id: str, at: int | None) -> dict[
 
 def authorize_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
     """``authorize`` command from a ``POST /v1/authorize`` body; request_id generated if absent."""
-    customer_id = _str(doc, "customer_id", ident=True)
+    customer_id = _customer(doc)
     rid = _str(doc, "request_id", required=False, ident=True) or f"req_{uuid.uuid4().hex}"
-    assert customer_id is not None
     return {
         **_base("authorize", f"authorize:{rid}", customer_id, at_ms),
         "request_id": rid,
@@ -505,8 +515,7 @@ def grant_command(doc: dict[str, Any], *, kind: str = "grant", at_ms: int | None
     kind = doc.get("type", kind)
     if kind not in ("grant", "top_up"):
         raise _bad("type", "'type' must be 'grant' or 'top_up'")
-    customer_id = _str(doc, "customer_id", ident=True)
-    assert customer_id is not None
+    customer_id = _customer(doc)
     grant_id = _str(doc, "grant_id", required=False, ident=True) or f"grant_{uuid.uuid4().hex}"
     at = now_ms() if at_ms is None else at_ms
     effective = parse_instant_ms(doc.get("effective_at_ms", doc.get("effective_at")), "effective_at_ms")
@@ -536,16 +545,14 @@ def grant_command(doc: dict[str, Any], *, kind: str = "grant", at_ms: int | None
 
 
 def void_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
-    customer_id = _str(doc, "customer_id", ident=True)
+    customer_id = _customer(doc)
     grant_id = _str(doc, "grant_id", ident=True)
-    assert customer_id is not None
     return {**_base("void", f"void:{grant_id}", customer_id, at_ms), "grant_id": grant_id,
             "reason": _str(doc, "reason", default="voided")}
 
 
 def adjust_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
-    customer_id = _str(doc, "customer_id", ident=True)
-    assert customer_id is not None
+    customer_id = _customer(doc)
     adj = _str(doc, "adjustment_id", required=False, ident=True) or f"adj_{uuid.uuid4().hex}"
     return {**_base("adjust", f"adjust:{adj}", customer_id, at_ms), "adjustment_id": adj,
             "amount": _amount(doc, "amount", nonzero=True), "reason": _str(doc, "reason"),
