@@ -42,6 +42,7 @@ from rich.table import Table
 from jobs.stripe._config import DEFAULT_CONFIG, BillingConfig, StripeTarget, load_billing_config, target_from_settings
 from meterline.config import Settings
 from meterline.errors import MeterlineError
+from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,13 @@ def statement_command(
     from jobs.stripe.statement import build_statement, render_csv, render_html
     from meterline.stack.clickhouse import connect
 
+    if not is_customer_id(customer):  # it lands in file names, HTML and CSV: the contract's form only
+        raise _fail(MeterlineError(f"bad customer id {escape(repr(customer[:64]))}: {CUSTOMER_ID_RULE}"), 2)
+    if out is not None and _IO.get() is not None:
+        # Inside `meterline up` (POST /v1/admin/run): output goes back to the caller, never to a
+        # path on the server. The CLI that forwarded the command writes --out on its own side.
+        raise _fail(MeterlineError("--out is not available inside meterline up: the statement is returned "
+                                   "to the caller, which writes the file"), 2)  # fmt: skip
     remote = _forward_to_up(ctx, "statement", keep_local=("out",))
     if remote is not None:
         if out is None or remote.exit_code != 0:
