@@ -9,6 +9,8 @@ event). It raises :class:`meterline.errors.InvalidEvent` with one of these ``rea
 missing_event_id           event_id empty or absent (likewise missing_customer_id,
                            missing_provider, missing_model, missing_occurred_at)
 id_too_long                a string id longer than MAX_ID_LEN (128) characters
+invalid_encoding           a string that is not valid Unicode (a lone surrogate from JSON ``\\ud800``);
+                           reported by the model (JSON and SDK paths), Avro cannot carry one
 invalid_customer_id        customer_id not of the allowed form (:data:`schemas.models.CUSTOMER_ID_PATTERN`:
                            ASCII letters, digits, ``. _ : @ + = -``; no spaces, controls, ``/``)
 invalid_type               a field holds a value of the wrong type (only for dicts that did not
@@ -81,6 +83,7 @@ REASON_CODES: frozenset[str] = frozenset(
         *(f"missing_{f}" for f in (*REQUIRED_ID_FIELDS, "occurred_at")),
         "id_too_long",
         "invalid_customer_id",
+        "invalid_encoding",
         "invalid_type",
         "invalid_timestamp",
         "negative_count",
@@ -274,6 +277,8 @@ def invalid_event_from_pydantic(exc: ValidationError) -> InvalidEvent:
         code = f"missing_{field}"
     elif kind == "string_too_long":
         code = "id_too_long"
+    elif kind == "string_unicode":  # a lone surrogate (JSON "\\ud800"): pydantic refuses it
+        code = "invalid_encoding"
     elif field == "customer_id" and kind == "value_error":
         code = "invalid_customer_id"
     elif kind == "greater_than_equal":

@@ -11,7 +11,9 @@ Ingest contract (``POST /v1/events``)
 1. The body is at most :data:`MAX_BODY_BYTES` (1 MiB): a larger ``Content-Length`` is refused
    with 413 before any byte is read, and the stream is counted while reading (413 as soon as it
    passes the limit, for chunked bodies). At most :data:`MAX_EVENTS` (1000) events (else 413).
-2. Each event is parsed with :func:`schemas.jsonio.parse_json_event` and checked with the
+2. Every event of the request is checked before any is published. Each event is parsed with
+   :func:`schemas.jsonio.parse_json_event` (a string that is not valid Unicode, e.g. a lone
+   surrogate ``\\ud800``, is ``invalid_encoding``; the answer shows it escaped) and checked with the
    pipeline's own gate :func:`schemas.validation.validate_record` (so events the pipeline would
    dead-letter — future timestamps, empty usage — are refused at the edge with the same
    ``reason_code``). A customer key may only send its own customer's events (else that event is
@@ -47,6 +49,7 @@ Writes, ``INTO OUTFILE``, multi-statements and SQL errors are 400 with the error
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -146,11 +149,21 @@ def _clickhouse_access(clickhouse: ClickHouseAccess | None) -> Callable[[], Abst
 
 
 def _event_id_of(obj: Any) -> str | None:
+    """The (rejected) event's id as the client sent it, made printable: a lone surrogate (which
+    JSON can carry) is shown escaped, so the answer always encodes."""
     if isinstance(obj, dict):
         v = obj.get("event_id")
         if isinstance(v, str):
-            return v[:256]
+            return v[:256].encode("utf-8", "backslashreplace").decode("utf-8")
     return None
+
+
+class _Utf8JSON(JSONResponse):
+    """JSONResponse whose encoding cannot fail: any lone surrogate left in a message is escaped."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace")
 
 
 def _check_events(
@@ -274,7 +287,7 @@ async def _post_events(request: Request) -> Response:
     duplicates = sum(1 for r in results if r["status"] == "duplicate_id_in_batch")
     rejected = len(results) - accepted - duplicates
     log.info("ingest key_id=%s accepted=%d rejected=%d duplicates=%d", key.key_id, accepted, rejected, duplicates)
-    return JSONResponse({"accepted": accepted, "rejected": rejected, "duplicates": duplicates, "results": results})
+    return _Utf8JSON({"accepted": accepted, "rejected": rejected, "duplicates": duplicates, "results": results})
 
 
 async def _post_sql(request: Request) -> Response:
