@@ -117,8 +117,9 @@ def _context(config: Path) -> Iterator[tuple[Settings, BillingConfig, StripeTarg
     if target is None:
         from meterline.stripe_local import LocalStripe
 
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        local = LocalStripe(settings.data_dir / "stripe.sqlite")
+        from meterline.private import private_dir
+
+        local = LocalStripe(private_dir(settings.data_dir) / "stripe.sqlite")
         target = StripeTarget.local(local.url)
         _io().err.print(f"[dim]no Stripe key: using the local Stripe server ({settings.data_dir / 'stripe.sqlite'})[/dim]")
     try:
