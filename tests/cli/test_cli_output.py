@@ -71,3 +71,25 @@ def test_a_table_printed_to_a_pipe_is_whole(tmp_path: Path) -> None:
     rows = [line for line in lines if line.startswith("│")]
     assert len(rows) == 1 and [cell.strip() for cell in rows[0].strip("│").split("│")] == ["0"] * 9, proc.stdout
     assert len(header[0]) > 80  # the case that used to be squeezed into rich's default width
+
+
+def test_captured_output_for_a_forwarded_command_is_not_wrapped_and_its_tables_are_whole() -> None:
+    # What `meterline up` renders for a CLI that forwarded its command (POST /v1/admin/run).
+    import io
+
+    from rich.table import Table
+
+    from meterline.console import capture_console
+
+    buf = io.StringIO()
+    console = capture_console(buf, width=100)
+    long_line = "error: " + "/a-directory-with-a-rather-long-name" * 8 + " is owned by process 42"
+    console.print(long_line)
+    table = Table(title="t")
+    for col in ("customer", "meter", "clickhouse", "pushed", "stripe", "unpushed", "drift"):
+        table.add_column(col)
+    table.add_row("a-customer-with-a-long-name", "tokens", "15000000", "0", "0", "15000000", "ok")
+    console.print(table)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == long_line
+    assert "…" not in buf.getvalue() and len([line for line in lines if line.startswith("│")]) == 1
