@@ -58,11 +58,15 @@ class ClickHouseSeen:
         record_webhook(self.ch, event_id, event_type, command_id)
 
 
-def kafka_publisher(bootstrap: str, topic: str) -> Publisher:
-    """Publish to ``topic`` durably (idempotent producer, acks=all, waits for the ack)."""
+def kafka_publisher(bootstrap: str, topic: str, *, producer: Any = None) -> Publisher:
+    """Publish to ``topic`` durably (idempotent producer, acks=all, waits for the ack).
+
+    Pass ``producer`` (a :func:`pipeline.publish.control_producer`) to own its lifetime: a service
+    closes it before stopping its broker, so it does not reconnect to a broker that is gone."""
     from pipeline.publish import control_producer, publish_records
 
-    producer = control_producer(bootstrap)
+    if producer is None:
+        producer = control_producer(bootstrap)
 
     def publish(key: str, value: bytes) -> None:
         publish_records(bootstrap, topic, [(key, value)], producer=producer)
