@@ -11,7 +11,7 @@ Mount it with ``create_api(..., extra_routes=[webhook_route(...)])``. Contract o
 2. ``checkout.session.completed`` (``payment_status == "paid"``) and ``invoice.paid`` whose object
    carries meterline metadata ``customer_id`` become ``{"type": "top_up", "command_id": <Stripe
    event id>, "grant_id": "topup:<event id>", "amount": <what was PAID>, "currency": <the paid
-   currency>, ...}`` (credit_msgs contract). The amount is Stripe's ``amount_total`` (checkout) /
+   currency>, ...}`` (the schemas.credits contract). The amount is Stripe's ``amount_total`` (checkout) /
    ``amount_paid`` (invoice) in the currency's minor unit, never the metadata; a
    ``metadata.amount`` / ``metadata.currency`` that disagrees with it, a customer id not of the
    contract's form (``schemas.models.CUSTOMER_ID_PATTERN``) or a ``metadata.priority`` that is not
@@ -76,11 +76,15 @@ class ClickHouseSeen:
         record_webhook(self.ch, event_id, event_type, command_id)
 
 
-def kafka_publisher(bootstrap: str, topic: str) -> Publisher:
-    """Publish to ``topic`` durably (idempotent producer, acks=all, waits for the ack)."""
+def kafka_publisher(bootstrap: str, topic: str, *, producer: Any = None) -> Publisher:
+    """Publish to ``topic`` durably (idempotent producer, acks=all, waits for the ack).
+
+    Pass ``producer`` (a :func:`pipeline.publish.control_producer`) to own its lifetime: a service
+    closes it before stopping its broker, so it does not reconnect to a broker that is gone."""
     from pipeline.publish import control_producer, publish_records
 
-    producer = control_producer(bootstrap)
+    if producer is None:
+        producer = control_producer(bootstrap)
 
     def publish(key: str, value: bytes) -> None:
         publish_records(bootstrap, topic, [(key, value)], producer=producer)

@@ -179,7 +179,7 @@ class ChaosStack:
 
     def send_commands(self, messages: Iterable[Mapping[str, Any]]) -> int:
         """Publish ``ledger-commands`` messages keyed by customer; waits for every acknowledgement."""
-        from pipeline.credits.messages import encode_message
+        from schemas.credits import encode_message
         from pipeline.publish import publish_records
 
         records = [(str(m["customer_id"]), encode_message(m)) for m in messages]
@@ -190,7 +190,7 @@ class ChaosStack:
         """The last JSON value per key of a (customer-keyed) topic, read from offset 0 to its end."""
         import json
 
-        from meterline.stack.topics import read_topic
+        from meterline.stack.kafka import read_topic
 
         return {(m.key() or b"").decode("utf-8", "replace"): json.loads(m.value() or b"null")
                 for m in read_topic(self.bootstrap, self.settings.topic(topic), timeout=timeout)}  # fmt: skip
