@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from meterline.errors import InvalidEvent
-from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 from meterline.ledger import (
     Adjust,
     Alert,
@@ -54,6 +53,7 @@ from meterline.ledger import (
     parse_amount,
     status_of,
 )
+from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 __all__ = [
     "COMMAND_TYPES",

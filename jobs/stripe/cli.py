@@ -119,9 +119,8 @@ def _context(config: Path) -> Iterator[tuple[Settings, BillingConfig, StripeTarg
     target = target_from_settings(settings)
     local = None
     if target is None:
-        from meterline.stripe_local import LocalStripe
-
         from meterline.private import private_dir
+        from meterline.stripe_local import LocalStripe
 
         local = LocalStripe(private_dir(settings.data_dir) / "stripe.sqlite")
         target = StripeTarget.local(local.url)

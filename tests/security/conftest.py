@@ -45,7 +45,7 @@ class Receiver:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.deliveries.append(({k.lower(): v for k, v in self.headers.items()}, json.loads(body)))
                 self.send_response(204)

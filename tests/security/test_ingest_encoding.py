@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.broker
 
 def test_lone_surrogates_are_rejected_and_the_answer_encodes(stack: Stack) -> None:
     tag = uuid.uuid4().hex[:8]
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
 
     def ev(event_id: str, **over: str) -> str:
         doc = {"event_id": event_id, "occurred_at": now, "customer_id": f"enc-{tag}", "provider": "openai",
@@ -41,5 +41,5 @@ def test_lone_surrogates_are_rejected_and_the_answer_encodes(stack: Stack) -> No
 
     with UsageProducer(stack.settings.kafka_bootstrap or "", stack.settings.topic("usage-events")) as producer:
         with pytest.raises(InvalidEvent) as info:
-            producer.send(json.loads(ev(f"sdk-{tag}-\ud800")) | {"occurred_at": datetime.now(timezone.utc)})
+            producer.send(json.loads(ev(f"sdk-{tag}-\ud800")) | {"occurred_at": datetime.now(UTC)})
         assert info.value.reason_code == "invalid_encoding"
