@@ -127,8 +127,9 @@ def top_up_command(event: Mapping[str, Any]) -> dict[str, Any] | None:
     etype = str(event.get("type", ""))
     if etype not in TOP_UP_EVENTS:
         return None
-    obj = (event.get("data") or {}).get("object") or {}
-    meta = obj.get("metadata") or {}
+    data = event.get("data") or {}
+    obj = (data.get("object") if isinstance(data, Mapping) else None) or {}
+    meta = (obj.get("metadata") if isinstance(obj, Mapping) else None) or {}
     if not isinstance(obj, Mapping) or not isinstance(meta, Mapping):
         raise Rejected("invalid_event", "data.object and its metadata must be objects")
     customer = meta.get("customer_id") or meta.get("meterline_customer_id")
