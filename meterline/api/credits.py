@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -47,6 +48,7 @@ from meterline.credits_client import (
     void_command,
 )
 from meterline.errors import InputError, TransientError
+from meterline.metrics import AUTHORIZE_SECONDS
 
 __all__ = ["AUTHORIZE_TIMEOUT_S", "MAX_BODY_BYTES", "credit_routes"]
 
@@ -110,12 +112,14 @@ def credit_routes(
         command = _build(authorize_command, doc)
         require_customer(key, command["customer_id"])
         rid = command["request_id"]
+        started = time.monotonic()
         fut = replies.register(rid)  # before publishing: the reply may come back fast
         try:
             await publish(command)
             try:
                 reply = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), authorize_timeout_s)
             except asyncio.TimeoutError:
+                AUTHORIZE_SECONDS.labels("timeout").observe(time.monotonic() - started)
                 log.warning("authorize: no reply for request_id=%s customer_id=%s within %gs",
                             rid, command["customer_id"], authorize_timeout_s)
                 raise ApiError(
@@ -127,6 +131,7 @@ def credit_routes(
         finally:
             replies.discard(rid, fut)
         out = {k: reply.get(k) for k in _REPLY_FIELDS}
+        AUTHORIZE_SECONDS.labels(str(out["decision"])).observe(time.monotonic() - started)
         if out["decision"] not in ("allow", "deny"):
             log.error("authorize: malformed reply for request_id=%s: decision=%r", rid, out["decision"])
             raise ApiError(502, "bad_reply", "the credit service sent a malformed reply; the request is NOT authorized")
