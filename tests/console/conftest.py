@@ -1,7 +1,8 @@
 """A real `meterline up` (Tansu broker, chDB, faust worker, sinks, API) for the console, metrics and
 dashboard tests, plus a produced workload whose counts are known, and a headless Debian chromium.
 
-The stack is started once per module through the installed `meterline` console script, exactly as
+The stack is started once for the package (tests that change it record what they did in
+:class:`Workload`) through the installed `meterline` console script, exactly as
 an operator runs it; ClickHouse figures are read through its admin `POST /v1/sql` (the embedded
 engine belongs to `up`).
 """
@@ -39,6 +40,7 @@ class Workload:
     unpriced: int = 0  # events of a model with no price (dead-lettered: unknown_model)
     duplicates: int = 0  # events re-sent in a later request (dropped by the pricing agent)
     accepted: int = 0  # events the API reported accepted (all of the above)
+    redriven: int = 0  # dead letters re-sent by the console's re-drive (each priced or dead-lettered again)
     customers: set[str] = field(default_factory=set)
 
 
@@ -107,7 +109,7 @@ def _events(now: datetime) -> tuple[list[dict[str, Any]], Workload]:
     return events, w
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("console")
     data = tmp / "data"
@@ -152,6 +154,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         except AssertionError as exc:
             raise AssertionError(f"{exc}: (priced, rejected) = {counts()}, expected {(w.priced, w.unpriced)}; "
                                  f"worker log: {(data / 'logs' / 'worker-0.log').read_text()[-3000:]}") from None
+        # ... and the credit agent has debited all of acme's usage from its $1.00 grant.
+        spent = Decimal(stack.sql("SELECT sum(charge) FROM usage_priced WHERE customer_id = 'acme'")[0][0])
+        assert spent > Decimal("1.00"), "the workload must use the whole grant (credit alerts)"
+        _wait(lambda: Decimal(stack.call("GET", "/v1/customers/acme/balance", admin).json()["available"]) == 0,
+              120, "the credit agent's debits")
         yield stack
     finally:
         up.send_signal(signal.SIGINT)
@@ -163,7 +170,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 

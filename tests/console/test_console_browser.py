@@ -72,7 +72,7 @@ def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, bro
             assert shown == expected, dim
             if dim != "day":
                 labels = page.locator(f"#chart-{dim} text.value")
-                texts = {labels.nth(i).get_attribute("data-label"): labels.nth(i).inner_text() for i in range(labels.count())}
+                texts = {labels.nth(i).get_attribute("data-label"): labels.nth(i).text_content() for i in range(labels.count())}
                 assert {k: t.split(" USD")[0] for k, t in texts.items()} == {k: cents(v) for k, v in expected.items()}
 
         # Balance: equal to the API's live status.
@@ -143,7 +143,8 @@ def test_operator_sees_every_customer_dead_letters_and_pipeline_and_redrives(sta
             button = page.locator("#dead-letters button[data-reason='unknown_model']")
             if button.count():
                 button.click()
-                page.wait_for_selector("#dead-letters >> text=re-drove")
+                done = page.wait_for_selector("#dead-letters >> text=re-drove")
+                stack.workload.redriven += int(done.inner_text().split("re-drove ")[1].split()[0])
             time.sleep(2)
             page.reload()
             page.wait_for_selector("#dead-letters p")
