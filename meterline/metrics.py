@@ -31,7 +31,7 @@ __all__ = [
     "ALERT_DELIVERIES", "AUTHORIZE_SECONDS", "EVENTS_DUPLICATE", "EVENTS_PRICED", "EVENTS_RECEIVED",
     "EVENTS_REJECTED", "INGEST_EVENTS", "SINK_FLUSH_ROWS", "SINK_FLUSH_SECONDS", "STAGE_SECONDS",
     "STRIPE_SYNC_RUNS", "metrics_endpoint", "observe_stage_ms", "read_worker_lag", "serve_worker_metrics",
-    "set_lag_source",
+    "set_lag_source", "worker_endpoints", "worker_metrics_port",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,21 @@ async def metrics_endpoint(request: Any) -> Any:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-def serve_worker_metrics(data_dir: Path, name: str, port: int = 0) -> str:
-    """Start the worker's metrics listener on 127.0.0.1:``port`` and advertise it; return its URL."""
+def worker_metrics_port(name: str, base: str | None) -> int:
+    """``METERLINE_WORKER_METRICS_PORT`` + the worker's index (``worker-<i>``), or 0 (any free port)
+    when unset: ``meterline up --workers 2`` with base 9464 listens on 9464 and 9465."""
+    if not base or int(base) == 0:
+        return 0
+    suffix = name.rsplit("-", 1)[-1]
+    return int(base) + (int(suffix) if suffix.isdigit() else 0)
+
+
+def serve_worker_metrics(data_dir: Path, name: str, port: int = 0, host: str = "127.0.0.1") -> str:
+    """Start the worker's metrics listener on ``host:port`` and advertise it; return its URL.
+    ``host`` stays 127.0.0.1 except in a container whose Prometheus scrapes it from outside."""
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(port, addr="127.0.0.1")
+    server, _thread = start_http_server(port, addr=host)
     url = f"http://127.0.0.1:{server.server_port}/metrics"
     folder = Path(data_dir) / "metrics"
     folder.mkdir(parents=True, exist_ok=True)
