@@ -127,8 +127,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for customer in ("acme", "globex"):
             stack.keys[customer] = json.loads(stack.run("keys", "create", customer).stdout)["secret"]
         stack.run("prices", "load", "infra/prices/seed.yaml")
+        # effective before the oldest event, so the back-dated usage debits it
+        effective_ms = int((datetime.now(timezone.utc) - timedelta(days=4)).timestamp() * 1000)
         r = stack.call("POST", "/v1/credits/grants", admin, json={"customer_id": "acme", "grant_id": "console-g1",
-                                                                   "amount": "1.00", "currency": "usd"})
+                                                                   "amount": "1.00", "currency": "usd",
+                                                                   "effective_at_ms": effective_ms})
         assert r.status_code == 202, r.text
         # The grant first, so the usage debits it and crosses the credit alerts (50/80/100 % used).
         _wait(lambda: stack.call("GET", "/v1/customers/acme/balance", admin).status_code == 200, 60, "the grant")
