@@ -59,7 +59,7 @@ def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, bro
         # Spend: total and every bar, against ClickHouse (exact) and the cent-rounded text.
         total = Decimal(stack.sql("SELECT sum(charge) FROM usage_priced WHERE customer_id = 'acme' "
                                   "AND toYYYYMM(occurred_at) = toYYYYMM(now())")[0][0])  # fmt: skip
-        page.wait_for_function("document.getElementById('spend-total').dataset.exact !== undefined")
+        page.wait_for_selector("#spend-total[data-exact]")
         assert Decimal(page.get_attribute("#spend-total", "data-exact")) == total
         assert page.inner_text("#spend-total") == f"{cents(total)} USD"
         for dim, col in (("model", "model"), ("project", "project"), ("day", "toString(toDate(occurred_at))")):
@@ -77,7 +77,7 @@ def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, bro
 
         # Balance: equal to the API's live status.
         balance = stack.call("GET", "/v1/customers/acme/balance", stack.keys["acme"]).json()
-        page.wait_for_function("document.getElementById('balance').dataset.exact !== undefined")
+        page.wait_for_selector("#balance[data-exact]")
         assert page.get_attribute("#balance", "data-exact") == balance["available"]
         assert page.inner_text("#balance").startswith(cents(balance["available"]))
 
@@ -103,6 +103,7 @@ def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, bro
         page.screenshot(path=str(ARTIFACTS / "console-customer.png"), full_page=True)
         if SCREENSHOT_DIR:
             page.set_viewport_size({"width": 1200, "height": 1000})
+            page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(Path(SCREENSHOT_DIR) / "console.png"), full_page=False)
     page.close()
 
@@ -122,6 +123,10 @@ def test_operator_sees_every_customer_dead_letters_and_pipeline_and_redrives(sta
             assert cells[2] == f"{n:,}" and cells[3] == cents(cost) and cells[4] == cents(charge)
             assert cells[5] == cents(Decimal(charge) - Decimal(cost))
 
+        if SCREENSHOT_DIR:
+            page.wait_for_selector("#dead-letters table")
+            page.wait_for_selector("#pipeline table")
+            page.screenshot(path=str(Path(SCREENSHOT_DIR) / "console-operator.png"), full_page=True)
         # Pipeline health: the priced events of the last 15 minutes, and the open dead letters.
         page.wait_for_selector("#pipeline table")
         health = page.inner_text("#pipeline")
@@ -155,7 +160,7 @@ def test_operator_sees_every_customer_dead_letters_and_pipeline_and_redrives(sta
 
         # An operator opens one customer from the list.
         page.click("#customers tbody tr[data-customer='globex']")
-        page.wait_for_function("document.getElementById('spend-total').dataset.exact !== undefined")
+        page.wait_for_selector("#spend-total[data-exact]")
         globex = stack.sql("SELECT sum(charge) FROM usage_priced WHERE customer_id = 'globex'")[0][0]
         assert Decimal(page.get_attribute("#spend-total", "data-exact")) == Decimal(globex)
     page.close()
