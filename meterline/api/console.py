@@ -58,6 +58,12 @@ ALERTS_LIMIT = 50
 # ------------------------------------------------------------------------------- helpers
 
 
+def _admin(request: Request) -> KeyRecord:
+    key = require_key(request)
+    require_admin(key)
+    return key
+
+
 def _customer_param(request: Request, key: KeyRecord) -> str:
     """The ``customer_id`` query parameter (a customer key defaults to its own), checked against the key."""
     customer = request.query_params.get("customer_id") or key.customer_id
@@ -209,7 +215,7 @@ async def _statement(request: Request) -> Response:
 
 
 async def _customers(request: Request) -> Response:
-    require_admin(require_key(request))
+    _admin(request)
     rows = await _query(
         request,
         "SELECT customer_id, currency, sum(events), sum(cost), sum(charge), max(day) FROM usage_daily "
@@ -236,7 +242,7 @@ def _open_filter(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 async def _dead_letters(request: Request) -> Response:
-    require_admin(require_key(request))
+    _admin(request)
     by_reason = await _query(
         request, "SELECT reason_code, count(), countIf(payload_format = 'usage_batch') FROM v_rejected_open "
                  "GROUP BY reason_code ORDER BY reason_code")  # fmt: skip
@@ -254,7 +260,7 @@ async def _dead_letters(request: Request) -> Response:
 async def _redrive(request: Request) -> Response:
     from pipeline.publish import publish_records
 
-    key = require_admin_key(request)
+    key = _admin(request)
     doc = await json_object(request, 16 * 1024)
     where, params = _open_filter(doc)
     rows = await _query(request, f"SELECT customer_id, hex(payload) FROM v_rejected_open WHERE {where}", params)
@@ -269,14 +275,8 @@ async def _redrive(request: Request) -> Response:
     return JSONResponse({"redriven": n, "topic": topic})
 
 
-def require_admin_key(request: Request) -> KeyRecord:
-    key = require_key(request)
-    require_admin(key)
-    return key
-
-
 async def _pipeline(request: Request) -> Response:
-    require_admin(require_key(request))
+    _admin(request)
     per_minute = await _query(
         request, "SELECT toStartOfMinute(inserted_at) AS m, count() FROM usage_priced "
                  "WHERE inserted_at >= now64(3) - INTERVAL 1 HOUR GROUP BY m ORDER BY m")  # fmt: skip
