@@ -26,8 +26,9 @@ RULE = ("Line amounts are rounded so that they add up to the rounded total: the 
 
 
 def round_total(total: Decimal, quantum: Decimal = CENT) -> Decimal:
-    """The one rounding of a total: half-up to ``quantum``."""
-    return total.quantize(quantum, rounding=ROUND_HALF_UP)
+    """The one rounding of a total: half-up to ``quantum`` (a tiny negative amount gives 0.00, not -0.00)."""
+    rounded = total.quantize(quantum, rounding=ROUND_HALF_UP)
+    return abs(rounded) if rounded == 0 else rounded
 
 
 def allocate(amounts: Sequence[Decimal], quantum: Decimal = CENT) -> list[Decimal]:
