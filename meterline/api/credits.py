@@ -131,10 +131,10 @@ def credit_routes(
         finally:
             replies.discard(rid, fut)
         out = {k: reply.get(k) for k in _REPLY_FIELDS}
-        AUTHORIZE_SECONDS.labels(str(out["decision"])).observe(time.monotonic() - started)
         if out["decision"] not in ("allow", "deny"):
             log.error("authorize: malformed reply for request_id=%s: decision=%r", rid, out["decision"])
             raise ApiError(502, "bad_reply", "the credit service sent a malformed reply; the request is NOT authorized")
+        AUTHORIZE_SECONDS.labels(out["decision"]).observe(time.monotonic() - started)
         log.info("authorize key_id=%s customer_id=%s request_id=%s decision=%s reason=%s",
                  key.key_id, command["customer_id"], rid, out["decision"], out["reason"])
         return JSONResponse(out)

@@ -83,3 +83,11 @@ def test_api_metrics_equal_the_known_counts(stack: Stack) -> None:
 def test_metrics_need_no_key_but_console_data_does(stack: Stack) -> None:
     assert httpx.get(stack.url + "/metrics", timeout=30).status_code == 200
     assert httpx.get(stack.url + "/v1/console/spend", timeout=30).status_code == 401
+
+
+def test_worker_metrics_port_is_base_plus_index() -> None:
+    from meterline.metrics import worker_metrics_port
+
+    assert worker_metrics_port("worker-0", None) == 0 and worker_metrics_port("worker-3", "0") == 0
+    assert worker_metrics_port("worker-0", "9464") == 9464 and worker_metrics_port("worker-1", "9464") == 9465
+    assert worker_metrics_port("custom", "9464") == 9464

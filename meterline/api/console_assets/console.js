@@ -201,6 +201,15 @@ async function loadOperator() {
   await Promise.all([loadPipeline(), loadDeadLetters()]);
 }
 
+// 850 -> "850 ms", 12345 -> "12.3 s", 7260000 -> "2.0 h" (back-dated events make long ones).
+function duration(ms) {
+  if (ms === null || ms === undefined) return "—";
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 120000) return `${(ms / 1000).toFixed(1)} s`;
+  if (ms < 7200000) return `${(ms / 60000).toFixed(1)} min`;
+  return `${(ms / 3600000).toFixed(1)} h`;
+}
+
 async function loadPipeline() {
   const p = await api("/v1/console/pipeline");
   const box = $("pipeline");
@@ -209,8 +218,8 @@ async function loadPipeline() {
   box.replaceChildren(
     table(["last 15 minutes", "value"], [
       ["events priced", last.events.toLocaleString("en-US")],
-      ["occurred → priced, avg / max ms", `${last.occurred_to_priced_ms.avg ?? "—"} / ${last.occurred_to_priced_ms.max ?? "—"}`],
-      ["sink delay priced → row, avg / max ms", `${last.priced_to_row_ms.avg ?? "—"} / ${last.priced_to_row_ms.max ?? "—"}`],
+      ["occurred → priced, avg / max", `${duration(last.occurred_to_priced_ms.avg)} / ${duration(last.occurred_to_priced_ms.max)}`],
+      ["sink delay priced → row, avg / max", `${duration(last.priced_to_row_ms.avg)} / ${duration(last.priced_to_row_ms.max)}`],
       ["open dead letters", String(p.open_dead_letters)],
     ]),
     el("h3", {}, "Throughput (events priced per minute, last hour)"));
