@@ -44,6 +44,7 @@ def login(page: Any, stack: Stack, key: str) -> None:
 
 def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, browser: Any) -> None:
     page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(60_000)  # a loaded CI machine; waits end as soon as the page is ready
     with screenshot_on_failure(page, "console-customer"):
         # No request of the page leaves this origin (no CDN, nothing fetched from the network).
         foreign: list[str] = []
@@ -110,6 +111,7 @@ def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, bro
 
 def test_operator_sees_every_customer_dead_letters_and_pipeline_and_redrives(stack: Stack, browser: Any) -> None:
     page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(60_000)  # a loaded CI machine; waits end as soon as the page is ready
     with screenshot_on_failure(page, "console-operator"):
         login(page, stack, stack.admin)
         page.wait_for_selector("#customers tbody tr")
