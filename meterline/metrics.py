@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 __all__ = [
     "ALERT_DELIVERIES", "AUTHORIZE_SECONDS", "EVENTS_DUPLICATE", "EVENTS_PRICED", "EVENTS_RECEIVED",
     "EVENTS_REJECTED", "INGEST_EVENTS", "SINK_FLUSH_ROWS", "SINK_FLUSH_SECONDS", "STAGE_SECONDS",
-    "STRIPE_SYNC_RUNS", "metrics_endpoint", "observe_stage_ms", "read_worker_lag", "serve_worker_metrics",
+    "STRIPE_METER_EVENTS", "STRIPE_SYNC_RUNS", "metrics_endpoint", "observe_stage_ms", "read_worker_lag", "serve_worker_metrics",
     "set_lag_source", "worker_endpoints", "worker_metrics_port",
 ]
 
@@ -68,6 +68,8 @@ AUTHORIZE_SECONDS = Histogram("meterline_authorize_seconds", "POST /v1/authorize
 # -- jobs ----------------------------------------------------------------------------------------
 STRIPE_SYNC_RUNS = Counter("meterline_stripe_sync_runs", "Periodic `stripe sync` runs inside `meterline up`, by "
                            "outcome (ok, failed, skipped)", ["outcome"])  # fmt: skip
+STRIPE_METER_EVENTS = Counter("meterline_stripe_meter_events", "Meter events a `stripe sync` run sent to Stripe, by "
+                              "outcome (acked, too_old, failed)", ["outcome"])  # fmt: skip
 ALERT_DELIVERIES = Counter("meterline_alert_deliveries", "Alert webhook delivery attempts, by outcome "
                            "(delivered, retry, dead)", ["outcome"])  # fmt: skip
 
