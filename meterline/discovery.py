@@ -1,7 +1,7 @@
 """How a command finds the running ``meterline up`` of its data_dir: one file, one reader.
 
 ``meterline up`` writes ``<data_dir>/runtime.json`` once its API listens: its pid, the Kafka
-bootstrap and topic prefix it runs with, and the API's URL. The file is written atomically and is
+bootstrap and topic prefix it runs with, the API's URL, and where its metrics are scraped. The file is written atomically and is
 private to the user (0600: docs/security.md). A reader ignores a file whose process is gone, so a
 crashed ``up`` never sends a command into the void. The admin key is not in this file: it stays in
 ``<data_dir>/admin.key`` (0600), which :func:`running_api` reads beside it.
@@ -41,6 +41,8 @@ class RuntimeInfo:
     kafka_bootstrap: str | None
     topic_prefix: str
     api_url: str | None
+    metrics_url: str | None = None  # the API's /metrics
+    worker_metrics_dir: str | None = None  # where each faust worker advertises its /metrics address
 
 
 def write_runtime_info(data_dir: Path, info: RuntimeInfo) -> Path:
@@ -48,7 +50,8 @@ def write_runtime_info(data_dir: Path, info: RuntimeInfo) -> Path:
     path = Path(data_dir) / RUNTIME_FILE
     tmp = path.with_name(f".{RUNTIME_FILE}.{os.getpid()}.tmp")
     doc: dict[str, Any] = {"pid": info.pid, "kafka_bootstrap": info.kafka_bootstrap,
-                           "topic_prefix": info.topic_prefix, "api_url": info.api_url}
+                           "topic_prefix": info.topic_prefix, "api_url": info.api_url,
+                           "metrics_url": info.metrics_url, "worker_metrics_dir": info.worker_metrics_dir}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, json.dumps(doc).encode("utf-8"))
@@ -63,7 +66,9 @@ def read_runtime_info(data_dir: Path) -> RuntimeInfo | None:
     try:
         doc = json.loads((Path(data_dir) / RUNTIME_FILE).read_text(encoding="utf-8"))
         info = RuntimeInfo(pid=int(doc["pid"]), kafka_bootstrap=doc.get("kafka_bootstrap") or None,
-                           topic_prefix=str(doc.get("topic_prefix") or ""), api_url=doc.get("api_url") or None)
+                           topic_prefix=str(doc.get("topic_prefix") or ""), api_url=doc.get("api_url") or None,
+                           metrics_url=doc.get("metrics_url") or None,
+                           worker_metrics_dir=doc.get("worker_metrics_dir") or None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:

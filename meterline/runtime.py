@@ -36,6 +36,7 @@ from typing import Any
 from meterline.config import Settings
 from meterline.discovery import RuntimeInfo, remove_runtime_info, write_runtime_info
 from meterline.private import PRIVATE_UMASK, private_dir, write_private
+from meterline.metrics import STRIPE_SYNC_RUNS
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect
 from meterline.stack.topics import ensure_topics
@@ -276,11 +277,14 @@ class Runtime:
         try:
             result = self.cli_runner.run(["stripe", "sync", "--no-progress"], wait_s=0, width=1000)
         except RunnerBusy as exc:
+            STRIPE_SYNC_RUNS.labels("skipped").inc()
             sync_log.info("stripe sync: skipped, `meterline %s` is running", exc.running)
             return None
         except Exception as exc:  # noqa: BLE001 - a periodic job must never take `up` down
+            STRIPE_SYNC_RUNS.labels("failed").inc()
             sync_log.error("stripe sync: failed: %s: %s", type(exc).__name__, exc, exc_info=True)
             return None
+        STRIPE_SYNC_RUNS.labels("ok" if result.exit_code == 0 else "failed").inc()
         sync_log.log(logging.INFO if result.exit_code == 0 else logging.WARNING, "%s",
                      sync_summary_line(result, time.monotonic() - started))  # fmt: skip
         return result
@@ -288,7 +292,9 @@ class Runtime:
     def _write_runtime_file(self) -> None:
         write_runtime_info(self.settings.data_dir, RuntimeInfo(
             pid=os.getpid(), kafka_bootstrap=self.settings.kafka_bootstrap, topic_prefix=self.settings.topic_prefix,
-            api_url=self.api_server.url if self.api_server else None))
+            api_url=self.api_server.url if self.api_server else None,
+            metrics_url=f"{self.api_server.url}/metrics" if self.api_server else None,
+            worker_metrics_dir=str(self.settings.data_dir / "metrics")))
 
     @contextmanager
     def query_client(self) -> Iterator[Any]:
