@@ -211,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _run(self, app: App, method: str, path: str, params: dict[str, Any], token: str,
              commit: bool = True) -> tuple[int, dict[str, Any]]:
         """Run the routed handler under the lock; on error roll back its writes."""
-        fn, args = match(method, path)
+        fn, args, _key = match(method, path)
         with app.lock:
             ctx = Ctx(store=app.store, now=app.store.now(), path=path, token=token)
             try:
