@@ -162,3 +162,34 @@ def apply_credits(lines: Iterable[CreditLine], grants: Sequence[dict[str, Any]],
                 available[grant["id"]] -= take
                 left -= take
                 line.applied.append((grant["id"], take))
+
+
+# ----------------------------------------------------------------------------- subscription periods
+
+
+def period_bounds(sub: dict[str, Any], k: int) -> tuple[int, int]:
+    """Start/end of billing period number ``k`` (0 = the first, possibly short, period)."""
+    first_end = int(sub["_first_period_end"])
+    rec = sub["_recurring"]
+    if k == 0:
+        return int(sub["start_date"]), first_end
+    return (add_interval(first_end, rec["interval"], rec["interval_count"], k - 1),
+            add_interval(first_end, rec["interval"], rec["interval_count"], k))
+
+
+def set_period(sub: dict[str, Any], k: int) -> None:
+    start, end = period_bounds(sub, k)
+    sub["_period_index"] = k
+    for item in sub["items"]["data"]:
+        item["current_period_start"] = start
+        item["current_period_end"] = end
+
+
+def current_period(sub: dict[str, Any]) -> tuple[int, int]:
+    return period_bounds(sub, int(sub["_period_index"]))
+
+
+def full_period_before(sub: dict[str, Any], end: int) -> int:
+    """Start of the full interval that ends at ``end`` (the base of a short first period's proration)."""
+    rec = sub["_recurring"]
+    return add_interval(end, rec["interval"], rec["interval_count"], -1)
