@@ -168,13 +168,17 @@ def apply_credits(lines: Iterable[CreditLine], grants: Sequence[dict[str, Any]],
 
 
 def period_bounds(sub: dict[str, Any], k: int) -> tuple[int, int]:
-    """Start/end of billing period number ``k`` (0 = the first, possibly short, period)."""
-    first_end = int(sub["_first_period_end"])
+    """Start/end of billing period number ``k``, always counted from the billing cycle anchor (never
+    chained), so a subscription anchored on the 31st renews on the 28th/29th, then the 31st again.
+    With an explicit future ``billing_cycle_anchor`` period 0 is the short ``[start, anchor)``."""
+    anchor = int(sub["billing_cycle_anchor"])
     rec = sub["_recurring"]
-    if k == 0:
-        return int(sub["start_date"]), first_end
-    return (add_interval(first_end, rec["interval"], rec["interval_count"], k - 1),
-            add_interval(first_end, rec["interval"], rec["interval_count"], k))
+    iv, n = rec["interval"], rec["interval_count"]
+    if int(sub["start_date"]) < anchor:
+        if k == 0:
+            return int(sub["start_date"]), anchor
+        return add_interval(anchor, iv, n, k - 1), add_interval(anchor, iv, n, k)
+    return add_interval(anchor, iv, n, k), add_interval(anchor, iv, n, k + 1)
 
 
 def set_period(sub: dict[str, Any], k: int) -> None:

@@ -132,13 +132,21 @@ def create_subscription(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         rec, currency = rec or price["recurring"], currency or price["currency"]
         items.append(_new_item(ctx, sid, price, it, f"items[{i}]", ctx.now))
     assert rec is not None and currency is not None
+    start = p_int(params, "backdate_start_date", default=ctx.now)
+    assert start is not None
+    if start > ctx.now:
+        raise invalid("backdate_start_date", "backdate_start_date must be in the past.")
     anchor = p_int(params, "billing_cycle_anchor")
     if anchor is not None and anchor <= ctx.now:
         raise invalid("billing_cycle_anchor", "billing_cycle_anchor must be in the future.")
-    first_end = anchor if anchor is not None else add_interval(ctx.now, rec["interval"], rec["interval_count"], 1)
+    first_end = anchor if anchor is not None else add_interval(start, rec["interval"], rec["interval_count"], 1)
+    if first_end <= ctx.now:
+        raise invalid("backdate_start_date", "The backdated first period must not have ended; pass billing_cycle_anchor.")
+    for it in items:
+        it["_usage_from"] = start  # "backdate a subscription to include usage in the next invoice"
     sub = base("subscription", sid, ctx) | {
         "customer": cid, "status": "active", "currency": currency, "metadata": p_metadata(params),
-        "billing_cycle_anchor": anchor if anchor is not None else ctx.now, "start_date": ctx.now,
+        "billing_cycle_anchor": anchor if anchor is not None else start, "start_date": start,
         "cancel_at_period_end": False, "cancel_at": None, "canceled_at": None, "ended_at": None,
         "latest_invoice": None, "collection_method": "charge_automatically", "test_clock": None, "discounts": [],
         "automatic_tax": {"enabled": False, "liability": None, "disabled_reason": None},
@@ -147,21 +155,20 @@ def create_subscription(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         "default_tax_rates": [], "description": None, "days_until_due": None, "pending_update": None,
         "items": {"object": "list", "data": items, "has_more": False,
                   "url": f"/v1/subscription_items?subscription={sid}"},
-        "_first_period_end": first_end, "_recurring": {"interval": rec["interval"],
-                                                       "interval_count": rec["interval_count"]},
+        "_recurring": {"interval": rec["interval"], "interval_count": rec["interval_count"]},
     }
     set_period(sub, 0)
     # the first invoice: licensed items in advance for the first period, prorated when it is short
     base_start = full_period_before(sub, first_end)
-    short = anchor is not None and behavior != "none"
-    factor = Decimal(first_end - ctx.now) / Decimal(first_end - base_start) if short else Decimal(1)
+    short = anchor is not None and behavior != "none" and start > base_start
+    factor = Decimal(first_end - start) / Decimal(first_end - base_start) if short else Decimal(1)
     specs = [{"kind": "licensed", "item": it["id"], "price": it["price"]["id"], "quantity": it["quantity"],
-              "start": ctx.now, "end": first_end, "factor": str(factor), "proration": short,
+              "start": start, "end": first_end, "factor": str(factor), "proration": short,
               "description": _label(ctx, it) if not short else
               f"Remaining time on {_label(ctx, it)} until {_day(first_end)}"}
              for it in items if not is_metered(it["price"])]
     ctx.store.put("subscription", sub)
-    inv = issue_invoice(ctx, sub, "subscription_create", ctx.now, ctx.now, specs)
+    inv = issue_invoice(ctx, sub, "subscription_create", start, start, specs)
     sub["latest_invoice"] = inv["id"]
     ctx.store.put("subscription", sub)
     return public_subscription(sub, params)
@@ -266,9 +273,27 @@ def update_subscription(ctx: Ctx, params: dict[str, Any], sid: str) -> dict[str,
 
 @route("DELETE", "/v1/subscriptions/{sid}")
 def cancel_subscription(ctx: Ctx, params: dict[str, Any], sid: str) -> dict[str, Any]:
+    """Cancel now. spec3.json: ``prorate`` "will generate a proration invoice item that credits
+    remaining unused time until the subscription period end"; ``invoice_now`` "will generate a final
+    invoice that invoices for any un-invoiced metered usage and new/pending proration invoice items"."""
+    from meterline.stripe_local._invoicing import add_invoice_item, cycle_specs, issue_invoice
+
     sub = need(ctx, "subscription", sid)
     if sub["status"] == "canceled":
         raise invalid("subscription", f"Subscription {sid} is already canceled.")
+    start, end = current_period(sub)
+    if p_bool(params, "prorate", default=False):
+        factor = Decimal(end - ctx.now) / Decimal(end - start)
+        for it in sub["items"]["data"]:
+            if not is_metered(it["price"]):
+                cents = round_cents(licensed_cents(it, factor))
+                if cents:
+                    add_invoice_item(ctx, sub, -cents, f"Unused time on {_label(ctx, it)} after {_day(ctx.now)}",
+                                     ctx.now, end, price=it["price"], quantity=it["quantity"], proration=True,
+                                     subscription_item=it["id"])
+    if p_bool(params, "invoice_now", default=False):
+        inv = issue_invoice(ctx, sub, "subscription_cycle", start, ctx.now, cycle_specs(ctx, sub, start, ctx.now))
+        sub["latest_invoice"] = inv["id"]
     sub["status"] = "canceled"
     sub["canceled_at"] = sub["ended_at"] = ctx.now
     ctx.store.put("subscription", sub)
