@@ -144,7 +144,7 @@ def provision_command(
 
     with _context(config) as (_settings_, cfg, target, ch):
         wanted = set(customer) | (set(usage_customers(ch)) if all_customers else set())
-        report = provision(target.client(), ch, cfg, customers=sorted(wanted))
+        report = provision(target.client(), ch, cfg, customers=sorted(wanted), now=target.now())
     _report(report)
     cio = _io()
     cio.out.print(f"created {len(report.created)}: {', '.join(report.created) or '-'}")
@@ -167,7 +167,8 @@ def sync_command(
 
     cio = _io()
     with _context(config) as (_settings_, cfg, target, ch):
-        s = sync(target, ch, cfg, now=now, progress=progress and cio.err.file.isatty())
+        s = sync(target, ch, cfg, now=now if now is not None else target.now(),
+                 progress=progress and cio.err.file.isatty())
     _report(s)
     t = Table(title=f"stripe sync ({cfg.mode} mode, {s.transport})")
     for col in ("windows", "planned", "resent", "sent", "acked", "carried", "retries", "too old", "failed"):

@@ -261,6 +261,8 @@ def update_subscription(ctx: Ctx, params: dict[str, Any], sid: str) -> dict[str,
         for old in removed_metered:  # flexible mode: bill the usage reported so far at the old price
             lo = max(start, int(old.get("_usage_from", start)))
             qty, cents = metered_cents(ctx, sub["customer"], old["price"], lo, t)
+            if qty == 0 and cents == 0:
+                continue  # no usage reported under that price: nothing to bill
             add_invoice_item(ctx, sub, cents, f"{_label(ctx, old)} usage {_day(lo)} – {_day(t)}", lo, t,
                              price=old["price"], quantity=qty, proration=False, subscription_item=old["id"])
     ctx.store.put("subscription", sub)
