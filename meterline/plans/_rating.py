@@ -278,6 +278,7 @@ class AllowanceUse:
     used: int
     remaining: int
     rollover_out: int = 0
+    segment: int = 0
 
     def to_json(self) -> dict[str, Any]:
         fmt: Callable[[int], Any] = (lambda n: n) if self.unit == "tokens" else format_picos
@@ -384,7 +385,7 @@ def rate_period(
         for a in plan.allowances:
             used = cons.used.get(a.id, 0)
             avail = t.available(a.id)
-            uses.append(AllowanceUse(a.id, key, a.unit, t.included.get(a.id, 0), t.rolled_in.get(a.id, 0), used, avail - used))
+            uses.append(AllowanceUse(a.id, key, a.unit, t.included.get(a.id, 0), t.rolled_in.get(a.id, 0), used, avail - used, 0, i))
             what = "tokens" if a.unit == "tokens" else f"{cur} of usage"
             lines.append(
                 BillLine(
@@ -444,7 +445,7 @@ def rate_period(
             unused_own = max(last_terms.included.get(a.id, 0) - own_used, 0)
             rollover_out[a.id] = min(a.rollover_max, unused_own)
         uses = [
-            AllowanceUse(u.id, u.plan, u.unit, u.included, u.rolled_in, u.used, u.remaining, rollover_out.get(u.id, 0))
+            AllowanceUse(u.id, u.plan, u.unit, u.included, u.rolled_in, u.used, u.remaining, rollover_out.get(u.id, 0), u.segment)
             if j >= len(uses) - len(last_terms.plan.allowances)
             else u
             for j, u in enumerate(uses)

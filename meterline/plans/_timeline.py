@@ -15,8 +15,10 @@ deterministic ``event_id``:
   *same* plan at the start of its first period that begins at or after ``at``, so a migration never
   prorates. It is a no-op if the customer is no longer on that plan by then.
 
-The fold is a pure function of the *set* of facts: events are ordered by ``at`` (then by the order
-they were recorded, for equal instants), duplicates (same ``event_id``) collapse, and a fact that
+The fold is a pure function of the *set* of facts: events are ordered by ``at``, then (for equal
+instants) subscribed, changed, migrated, cancelled, then ``event_id`` -- never by the order they
+were recorded, so a topic and a ClickHouse table give the same timeline. Duplicates (same
+``event_id``) collapse, and a fact that
 breaks a rule (a change with no subscription, an unknown plan version...) is reported in
 ``rejected`` and otherwise ignored, never raised: no fact a producer may send can crash a reader.
 """
@@ -32,6 +34,7 @@ from meterline.plans._catalog import PlanCatalog, PlanVersion
 from meterline.plans._values import SubscriptionError, format_instant, parse_instant, short_hash
 
 EVENT_TYPES: tuple[str, ...] = ("subscribed", "changed", "cancelled", "migrated")
+_TIE_ORDER = {"subscribed": 0, "changed": 1, "migrated": 2, "cancelled": 3}
 _ID_MAX = 256
 
 
@@ -256,12 +259,12 @@ def fold_timeline(customer_id: str, events: Iterable[SubscriptionEvent], catalog
     """Fold one customer's subscription facts into runs (pure; never raises on a bad fact)."""
     seen: set[str] = set()
     ordered: list[tuple[int, int, SubscriptionEvent]] = []
-    for i, ev in enumerate(events):
+    for ev in events:
         if ev.customer_id != customer_id or ev.event_id in seen:
             continue
         seen.add(ev.event_id)
-        ordered.append((ev.at, i, ev))
-    ordered.sort(key=lambda t: (t[0], t[1]))
+        ordered.append((ev.at, _TIE_ORDER[ev.type], ev))
+    ordered.sort(key=lambda t: (t[0], t[1], t[2].event_id))
     runs: list[Run] = []
     rejected: list[Rejected] = []
     cur: _Open | None = None

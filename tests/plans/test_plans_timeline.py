@@ -111,3 +111,17 @@ def test_events_round_trip_through_json_and_reject_garbage() -> None:
                 b'{"type":"cancelled","customer_id":"a","at":"2026-01-01T00:00:00Z","event_id":"x"}'):
         with pytest.raises(SubscriptionError):
             parse_event(bad)
+
+
+def test_the_fold_does_not_depend_on_the_recording_order() -> None:
+    import itertools
+
+    cat = catalog(plan(), plan(id="max", fee="500.00"))
+    events = [
+        SubscriptionEvent("subscribed", "acme", ts(JAN), "pro"),
+        SubscriptionEvent("changed", "acme", ts("2026-01-10T00:00:00Z"), "max"),
+        SubscriptionEvent("cancelled", "acme", ts("2026-01-10T00:00:00Z")),
+        SubscriptionEvent("changed", "acme", ts("2026-01-10T00:00:00Z"), "pro"),
+    ]
+    results = {fold_timeline("acme", list(p), cat) for p in itertools.permutations(events)}
+    assert len(results) == 1
