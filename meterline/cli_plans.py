@@ -124,10 +124,15 @@ def _record_fact(event: Any) -> None:
         if any(e.event_id == event.event_id for e in events):
             _out.print(f"{event.type} {event.customer_id}: already recorded ({event.event_id})")
             return
+        before = {r.event.event_id for r in fold_timeline(event.customer_id, events, catalog).rejected}
         timeline = fold_timeline(event.customer_id, [*events, event], catalog)
+        # Refused when the new fact is rejected, or when it would make a fact already recorded be
+        # rejected (two facts at the same instant conflict: the fold orders them by type and id).
         for r in timeline.rejected:
-            if r.event.event_id == event.event_id:
-                raise _fail(MeterlineError(f"{event.type} {event.customer_id}: {r.reason}"), 2)
+            if r.event.event_id not in before:
+                what = "" if r.event.event_id == event.event_id else f" (it would void {r.event.event_id}: {r.reason})"
+                reason = r.reason if r.event.event_id == event.event_id else "conflicts with a recorded fact"
+                raise _fail(MeterlineError(f"{event.type} {event.customer_id}: {reason}{what}"), 2)
         publish_records(bootstrap, f"{prefix}subscriptions", [event.to_record()])
     except MeterlineError as exc:
         raise _fail(exc) from exc
