@@ -27,8 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import Producer
 
+from meterline.stack.kafka import make_producer
 from meterline.config import Settings
 from meterline.errors import DeliveryFailed
 from meterline.pricing import load_price_book
@@ -90,8 +90,7 @@ def produce_raw(bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes
     """Produce pre-encoded ``(key, value, n_events)`` records (murmur2, idempotent, acks=all) and wait
     for every acknowledgement. Returns (records, events)."""
     failures: list[str] = []
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                         "partitioner": "murmur2_random", "linger.ms": 5, "message.max.bytes": 1_000_000})
+    producer = make_producer(bootstrap, {"linger.ms": 5, "message.max.bytes": 1_000_000})
 
     def on_delivery(err: object, _msg: object) -> None:
         if err is not None:
@@ -318,6 +317,6 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], top: int = 8) -
 def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes | None, int]]:
     """Every record of ``topic`` as ``(key, value, timestamp_ms)`` (the producer's create time), read
     from the beginning of each partition to its end (EOF), in partition order."""
-    from meterline.stack.topics import read_topic as read_all
+    from meterline.stack.kafka import read_topic as read_all
 
     return [(m.key(), m.value(), m.timestamp()[1]) for m in read_all(bootstrap, topic, timeout=timeout)]

@@ -38,6 +38,9 @@ from meterline.verify import verify_command  # noqa: E402
 app.command("verify")(verify_command)
 dead_app = typer.Typer(help="Dead-lettered events: re-drive them once the cause is fixed.", no_args_is_help=True)
 app.add_typer(dead_app, name="dead-letters")
+from meterline.cli_plans import register as register_plans  # noqa: E402 - `meterline plans ...` and `meterline bill ...`
+
+register_plans(app)
 
 # Piped output (CI logs, `| tee`) gets a wider fixed width than rich's 80 so the demo tables fit.
 console = Console(width=None if sys.stdout.isatty() else 120)

@@ -87,21 +87,11 @@ class CommandPublisher:
 
     def __init__(self, bootstrap: str, topic: str, *, ack_timeout_s: float = 10.0,
                  config: dict[str, Any] | None = None) -> None:
-        from confluent_kafka import Producer
+        from meterline.stack.kafka import make_producer
 
-        conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 1,
-            "log_level": 3,
-            **(config or {}),
-            # pinned: ordering + no duplicates per partition, faust-compatible routing
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-        }
         self.topic = topic
         self.ack_timeout_s = ack_timeout_s
-        self._producer = Producer(conf)
+        self._producer = make_producer(bootstrap, {"linger.ms": 1, **(config or {})})
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="meterline-commands-poll", daemon=True)
         self._poller.start()

@@ -29,6 +29,7 @@ import faust
 from meterline.config import Settings
 from meterline.pricing import PricingEngine
 from pipeline.credits.agent import register_credit_agent
+from pipeline.delivery import cap_fetch_wait, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.pricefeed import PriceFeed
 from pipeline.watchdog import StallWatchdog, source_positions
@@ -51,28 +52,8 @@ def faust_broker_options(settings: Settings) -> dict[str, Any]:
         # Tansu reports the high watermark as the base offset of the last batch + 1, so faust's
         # table recovery would skip the last changelog batch: one record per batch avoids that.
         options["producer_max_batch_size"] = 1
-        _short_fetch_wait(20)
+        cap_fetch_wait(20)  # see pipeline.delivery
     return options
-
-
-def _short_fetch_wait(max_wait_ms: int) -> None:
-    """faust hard-codes ``fetch_max_wait_ms=1500`` for its aiokafka consumer. The dev broker (Tansu)
-    does not answer a waiting fetch when data arrives, so every hop would wait up to 1.5 s; this
-    caps the wait for the dev profile only (real Kafka answers long polls as soon as data lands)."""
-    from faust.transport.drivers import aiokafka as driver
-
-    original = driver.aiokafka.AIOKafkaConsumer
-    if getattr(original, "_meterline_short_wait", False):
-        return
-
-    class ShortWaitConsumer(original):  # type: ignore[misc, valid-type]
-        _meterline_short_wait = True
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", max_wait_ms)), max_wait_ms)
-            super().__init__(*args, **kwargs)
-
-    driver.aiokafka.AIOKafkaConsumer = ShortWaitConsumer
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -133,14 +114,14 @@ def create_app(settings: Settings) -> faust.App:
         # applied outside faust's stream iteration (gap reads, sweeps), where ``table[k] = v``
         # cannot tell which partition it belongs to.
         if result.dedupe_key is not None:
-            dedupe_table.send_changelog(partition, result.dedupe_key, result.dedupe_value)
-            dedupe_table.data[result.dedupe_key] = result.dedupe_value
+            send_changelog(dedupe_table, partition, result.dedupe_key, result.dedupe_value)
+            table_data(dedupe_table)[result.dedupe_key] = result.dedupe_value
         since_expiry[partition] = since_expiry.get(partition, 0) + 1
         if since_expiry[partition] >= EXPIRE_EVERY_RECORDS:
             since_expiry[partition] = 0
             for key in processor.dedupe.expired(partition, int(time.time() * 1000)):
-                dedupe_table.send_changelog(partition, key, None, value_serializer="raw")
-                dedupe_table.data.pop(key, None)
+                send_changelog(dedupe_table, partition, key, None, value_serializer="raw")
+                table_data(dedupe_table).pop(key, None)
                 processor.dedupe.load(key, None)
 
     # Every usage-events record once, in offset order, whatever faust hands over (pipeline/ordered.py).

@@ -13,18 +13,12 @@ from collections.abc import Iterable
 from confluent_kafka import KafkaException, Producer
 
 from meterline.errors import DeliveryFailed
+from meterline.stack.kafka import make_producer
 
 
 def control_producer(bootstrap: str) -> Producer:
-    return Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
-            "linger.ms": 5,
-        }
-    )
+    producer: Producer = make_producer(bootstrap, {"linger.ms": 5})
+    return producer
 
 
 def publish_records(

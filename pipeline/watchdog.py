@@ -20,6 +20,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from pipeline.delivery import read_offsets
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def source_positions(consumer: Any, topics: set[str]) -> dict[Any, tuple[int | N
     yet). Empty while the consumer is not assigned. faust keeps no public read position."""
     try:
         assignment = consumer.assignment()
-        read = dict(consumer._read_offset)  # noqa: SLF001
+        read = read_offsets(consumer)
     except Exception:  # noqa: BLE001 - the consumer is not up yet
         return {}
     out: dict[Any, tuple[int | None, int | None]] = {}

@@ -6,7 +6,7 @@ Public surface::
     UsageEvent                                  pydantic model (schemas.models)
     AvroCodec, encode_/decode_usage_batch, encode_/decode_priced_batch,
     encode_/decode_dead_letter, event_to_record, record_to_event      (schemas.codec)
-    SchemaRegistry, default_registry, KafkaSchemaStore, fingerprint   (schemas.registry)
+    SchemaRegistry, default_registry, fingerprint   (schemas.registry)
     validate_record                                                   (schemas.validation)
     parse_json_event, event_to_json, iter_jsonl                       (schemas.jsonio)
 """
@@ -26,12 +26,11 @@ from schemas.codec import (
 )
 from schemas.jsonio import event_to_json, iter_jsonl, parse_json_event
 from schemas.models import UsageEvent
-from schemas.registry import KafkaSchemaStore, SchemaRegistry, default_registry, fingerprint
+from schemas.registry import SchemaRegistry, default_registry, fingerprint
 from schemas.validation import validate_record
 
 __all__ = [
     "AvroCodec",
-    "KafkaSchemaStore",
     "SchemaRegistry",
     "UsageEvent",
     "decode_dead_letter",

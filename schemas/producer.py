@@ -44,10 +44,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message
 from pydantic import ValidationError
 
 from meterline.errors import BrokerUnavailable, ConfigError, DeliveryFailed, InvalidEvent
+from meterline.stack.kafka import make_producer
 from schemas.codec import AvroCodec, encode_usage_batch, event_to_record
 from schemas.models import UsageEvent
 from schemas.validation import invalid_event_from_pydantic, validate_record
@@ -108,24 +109,13 @@ class UsageProducer:
         self.queue_full_timeout = queue_full_timeout
         self._on_delivery = on_delivery
         self._max_future_ms = max_future_ms
-        config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "enable.idempotence": True,
-            "acks": "all",
-            "partitioner": "murmur2_random",
+        self._producer = make_producer(bootstrap, {
             "linger.ms": min(linger_ms, 5),
             "queue.buffering.max.messages": max_pending_records,
             "error_cb": self._on_error,
             "logger": log,  # librdkafka's own log lines go through Python logging, not raw stderr
-        }
-        config.update(extra_config or {})
-        for pinned in ("enable.idempotence", "acks", "partitioner"):
-            if extra_config and pinned in extra_config and str(extra_config[pinned]) != str(config[pinned]):
-                log.warning("UsageProducer: extra_config overrides %s=%r", pinned, extra_config[pinned])
-        try:
-            self._producer = Producer(config)
-        except KafkaException as exc:
-            raise ConfigError(f"invalid producer configuration: {exc}") from exc
+            **(extra_config or {}),
+        })
 
         self._lock = threading.RLock()
         self._buffers: dict[str, _Buffer] = {}
@@ -136,7 +126,7 @@ class UsageProducer:
         self._closed = False
         self.schema_fingerprint: bytes | None = None
         if schema_store_topic is not None:
-            from schemas.registry import KafkaSchemaStore
+            from meterline.stack.schema_store import KafkaSchemaStore
 
             self.schema_fingerprint = KafkaSchemaStore(bootstrap, schema_store_topic).publish(
                 AvroCodec("UsageBatch").schema

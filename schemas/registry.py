@@ -9,9 +9,9 @@ turn a fingerprint back into the writer's schema:
   does not know, it asks an optional ``resolver`` (any ``Callable[[bytes], dict | None]``) once
   and remembers the answer.
 - :func:`default_registry` returns a new registry preloaded with the bundled ``schemas/avro/*.avsc``.
-- :class:`KafkaSchemaStore` publishes schemas to a compacted Kafka topic (key = fingerprint hex,
-  value = canonical schema JSON) and looks them up from it; its ``lookup`` is a resolver. This is
-  how a v1 reader learns a v2 writer's schema without a Confluent Schema Registry.
+- :class:`meterline.stack.schema_store.KafkaSchemaStore` (not here: this module is pure) publishes
+  schemas to a compacted Kafka topic and looks them up from it; its ``lookup`` is a resolver. This
+  is how a v1 reader learns a v2 writer's schema without a Confluent Schema Registry.
 
 The ``.avsc`` files are the source of truth. A file holds one named record; it may refer to a
 record of another file in the same directory by full name (``"meterline.v1.UsageEvent"``), which
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from meterline.errors import BrokerUnavailable, DeliveryFailed, SchemaError
+from meterline.errors import SchemaError
 
 NAMESPACE = "meterline.v1"
 AVRO_DIR = Path(__file__).resolve().parent / "avro"
@@ -43,7 +41,6 @@ _PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "b
 __all__ = [
     "AVRO_DIR",
     "NAMESPACE",
-    "KafkaSchemaStore",
     "Resolver",
     "SchemaRegistry",
     "canonical_json",
@@ -229,145 +226,3 @@ def default_registry(resolver: Resolver | None = None) -> SchemaRegistry:
     for schema in bundled_schemas().values():
         registry.register(schema)
     return registry
-
-
-class KafkaSchemaStore:
-    """Writer schemas on a compacted Kafka topic: key = fingerprint hex, value = canonical JSON.
-
-    ``publish`` is idempotent (same key, same value; compaction keeps one). ``lookup`` reads the
-    whole topic from the beginning with a short-lived assign-only consumer (no group offsets are
-    committed), caches every valid entry, and caches misses for ``miss_ttl`` seconds so a stream
-    of garbage fingerprints cannot turn every decode into a topic scan. The topic itself (1+
-    partitions, ``cleanup.policy=compact``) is created by whoever provisions topics.
-
-    End of topic is detected by partition EOF events or ``idle_timeout`` seconds without a record,
-    never by high watermarks (Tansu reports them wrong, see notes/broker.md).
-    """
-
-    def __init__(
-        self,
-        bootstrap: str,
-        topic: str,
-        *,
-        timeout: float = 10.0,
-        idle_timeout: float = 1.0,
-        miss_ttl: float = 5.0,
-    ) -> None:
-        self.bootstrap = bootstrap
-        self.topic = topic
-        self.timeout = timeout
-        self.idle_timeout = idle_timeout
-        self.miss_ttl = miss_ttl
-        self._cache: dict[bytes, dict[str, Any]] = {}
-        self._misses: dict[bytes, float] = {}
-        self._lock = threading.Lock()
-
-    def publish(self, schema: Mapping[str, Any]) -> bytes:
-        """Write ``schema`` (self-contained) to the topic, wait for acks=all; return its fingerprint.
-
-        Raises DeliveryFailed if the broker rejects the record, BrokerUnavailable on timeout.
-        """
-        from confluent_kafka import KafkaError, Producer
-
-        fp = fingerprint(schema)
-        producer = Producer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "acks": "all",
-                "enable.idempotence": True,
-                "partitioner": "murmur2_random",
-                "message.timeout.ms": int(self.timeout * 1000),
-            }
-        )
-        errors: list[KafkaError] = []
-
-        def _on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                errors.append(err)
-
-        producer.produce(
-            self.topic, key=fp.hex().encode(), value=canonical_json(schema).encode(), on_delivery=_on_delivery
-        )
-        if producer.flush(self.timeout + 1.0) > 0:
-            raise BrokerUnavailable(f"schema {fp.hex()} not acknowledged by {self.bootstrap} in {self.timeout}s")
-        if errors:
-            raise DeliveryFailed(f"publishing schema {fp.hex()} failed: {errors[0]}", topic=self.topic, key=fp.hex().encode())
-        with self._lock:
-            self._cache[fp] = dict(schema)
-            self._misses.pop(fp, None)
-        return fp
-
-    def lookup(self, fp: bytes) -> dict[str, Any] | None:
-        """The schema with fingerprint ``fp`` from the topic, or None. Usable as a registry resolver."""
-        fp = bytes(fp)
-        with self._lock:
-            if fp in self._cache:
-                return self._cache[fp]
-            missed = self._misses.get(fp)
-            if missed is not None and time.monotonic() - missed < self.miss_ttl:
-                return None
-        found = self._scan()
-        with self._lock:
-            self._cache.update(found)
-            if fp in self._cache:
-                return self._cache[fp]
-            self._misses[fp] = time.monotonic()
-            return None
-
-    def _scan(self) -> dict[bytes, dict[str, Any]]:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
-
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"meterline-schema-lookup-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-            }
-        )
-        found: dict[bytes, dict[str, Any]] = {}
-        try:
-            try:
-                meta = consumer.list_topics(self.topic, timeout=self.timeout)
-            except KafkaException as exc:
-                raise BrokerUnavailable(f"cannot read metadata of {self.topic}: {exc}") from exc
-            tmeta = meta.topics.get(self.topic)
-            if tmeta is None or tmeta.error is not None or not tmeta.partitions:
-                return found
-            pending = set(tmeta.partitions)
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in pending])
-            deadline = time.monotonic() + self.timeout
-            last_record = time.monotonic()
-            while pending and time.monotonic() < deadline:
-                msg = consumer.poll(0.1)
-                if msg is None:
-                    if time.monotonic() - last_record > self.idle_timeout:
-                        break
-                    continue
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition())
-                    continue
-                last_record = time.monotonic()
-                entry = self._parse_entry(msg.key(), msg.value())
-                if entry is not None:
-                    found[entry[0]] = entry[1]
-        finally:
-            consumer.close()
-        return found
-
-    @staticmethod
-    def _parse_entry(key: bytes | None, value: bytes | None) -> tuple[bytes, dict[str, Any]] | None:
-        """Accept an entry only if the value's fingerprint equals its key (ignore tombstones/garbage)."""
-        if not key or not value:
-            return None
-        try:
-            fp = bytes.fromhex(key.decode("ascii"))
-            schema = json.loads(value)
-            if fingerprint(schema) != fp:
-                return None
-        except Exception:
-            return None
-        return fp, schema

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,31 +220,3 @@ def delete_topics(bootstrap: str, names: Iterable[str], *, timeout: float = 15.0
             if isinstance(err, KafkaError) and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 continue
             raise BrokerUnavailable(f"cannot delete topic {name!r} on {bootstrap}: {exc}") from exc
-
-
-def read_topic(bootstrap: str, topic: str, *, timeout: float = 30.0) -> list[Any]:
-    """Every record of ``topic`` now, as confluent-kafka messages in per-partition offset order:
-    each partition read from its beginning to its end (EOF) by a consumer that never joins a group
-    or commits. For checks, reports and diagnostics, not for processing. Stops at ``timeout``."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"meterline-read-{uuid.uuid4().hex[:8]}",
-                  "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})  # fmt: skip
-    try:
-        md = c.list_topics(topic, timeout=10).topics.get(topic)
-        parts = sorted(md.partitions) if md is not None and md.error is None else []
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        out: list[Any] = []
-        eof: set[int] = set()
-        deadline = time.monotonic() + timeout
-        while len(eof) < len(parts) and time.monotonic() < deadline:
-            for m in c.consume(1000, 0.5):
-                if m.error() is not None:
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        eof.add(m.partition())
-                    continue
-                eof.discard(m.partition())
-                out.append(m)
-        return out
-    finally:
-        c.close()

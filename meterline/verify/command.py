@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from meterline.config import Settings
 from meterline.verify.oracle import check_invariants, Delta, Expected, InvariantCheck, PRICING_CHECKS
-from meterline.verify.credits import credit_checks, CreditPlan, plan_credits, _entries_by_customer
+from meterline.verify.credits import credit_checks, plan_credits, _entries_by_customer
 from meterline.verify.stripe_sync import StripeReport, StripeSession
 from meterline.verify.inputs import hostile_records, make_events
 from meterline.verify.stack import ChaosStack, FlakyClickHouse

@@ -8,10 +8,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Context, Decimal, Inexact, localcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from meterline.verify.credits import CreditPlan
+from meterline.verify.credit_plan import CreditPlan
 
 # (provider, model, model_version) -> per-million list prices (seed.yaml's numbers, as text).
 RATES: dict[tuple[str, str, str | None], dict[str, str]] = {

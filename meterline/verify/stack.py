@@ -190,7 +190,7 @@ class ChaosStack:
         """The last JSON value per key of a (customer-keyed) topic, read from offset 0 to its end."""
         import json
 
-        from meterline.stack.topics import read_topic
+        from meterline.stack.kafka import read_topic
 
         return {(m.key() or b"").decode("utf-8", "replace"): json.loads(m.value() or b"null")
                 for m in read_topic(self.bootstrap, self.settings.topic(topic), timeout=timeout)}  # fmt: skip

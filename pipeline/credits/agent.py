@@ -55,6 +55,7 @@ from faust.types import TP
 
 from meterline.config import Settings
 from meterline.pricing import PricingEngine
+from pipeline.delivery import commit_offsets, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.credits.processor import ALERTS, DEAD, ENTRIES, REPLIES, STATUS, CreditProcessor
 from pipeline.pricefeed import PriceFeed
@@ -139,7 +140,7 @@ class CreditAgent:
             # (tables/recovery.py: on_recovery_completed -> perform_seek): make that the table's,
             # so the usual restart needs no gap read. Records faust fetched from its previous
             # committed offset before that seek are handled by ``self.ordered``.
-            ok = await self.app.consumer._commit(dict(self.resume))  # noqa: SLF001 - see docstring
+            ok = await commit_offsets(self.app.consumer, self.resume)
             log.info("credit agent: resume offsets from the table %s (committed=%s)",
                      {f"{tp.topic}:{tp.partition}": o for tp, o in sorted(self.resume.items())}, ok)  # fmt: skip
 
@@ -200,8 +201,8 @@ class CreditAgent:
             x["p"] = partition
             x["ob"] = [[n, k.decode(), base64.b64encode(v).decode(), same] for n, k, v, same in outbox]
             state["x"] = x
-            pending.changelog = self.table.send_changelog(partition, customer, state)
-            self.table.data[customer] = state
+            pending.changelog = send_changelog(self.table, partition, customer, state)
+            table_data(self.table)[customer] = state
         self._queue(partition).put_nowait(pending)
 
     def _queue(self, partition: int) -> asyncio.Queue[_Pending]:

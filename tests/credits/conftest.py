@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
 
 from meterline.config import Settings
 from meterline.pricing import load_price_book
-from meterline.stack.topics import read_topic
+from meterline.stack.kafka import make_producer, read_topic
 from pipeline.ledger_sink import LedgerEntrySink
 from pipeline.publish import publish_records
 from pipeline.workers import WorkerProcess
@@ -36,8 +35,7 @@ class CreditPipeline:
         self.sink = LedgerEntrySink(settings.kafka_bootstrap or "", f"{settings.topic_prefix}ledger-sink",
                                     settings.topic("ledger-entries"), clickhouse, max_interval_ms=200)  # fmt: skip
         self.sink_thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), daemon=True)
-        self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True,
-                                  "acks": "all", "partitioner": "murmur2_random", "linger.ms": 2})  # fmt: skip
+        self.producer = make_producer(settings.kafka_bootstrap, {"linger.ms": 2})
         self._n = 0
 
     def publish_prices(self) -> None:

@@ -126,7 +126,7 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
 
         from confluent_kafka import Consumer, TopicPartition
 
-        from meterline.stack.topics import read_topic
+        from meterline.stack.kafka import read_topic
         from schemas.codec import decode_priced_batch, decode_usage_batch
 
         have = {(str(c), str(e)) for c, e in stack.query("SELECT customer_id, event_id FROM usage_priced")}

@@ -283,7 +283,7 @@ def test_public_surface_is_pinned() -> None:
     import schemas
 
     assert sorted(schemas.__all__) == [
-        "AvroCodec", "KafkaSchemaStore", "SchemaRegistry", "UsageEvent", "decode_dead_letter", "decode_priced_batch",
+        "AvroCodec", "SchemaRegistry", "UsageEvent", "decode_dead_letter", "decode_priced_batch",
         "decode_usage_batch", "default_registry", "encode_dead_letter", "encode_priced_batch", "encode_usage_batch",
         "event_to_json", "event_to_record", "fingerprint", "iter_jsonl", "parse_json_event", "record_to_event",
         "validate_record",

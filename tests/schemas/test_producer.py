@@ -18,7 +18,8 @@ from meterline.stack.broker import free_port
 from schemas.codec import decode_usage_batch, event_to_record, record_to_event
 from schemas.models import UsageEvent
 from schemas.producer import MAX_RECORD_BYTES, BatchResult, UsageProducer
-from schemas.registry import KafkaSchemaStore, fingerprint
+from meterline.stack.schema_store import KafkaSchemaStore
+from schemas.registry import fingerprint
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 

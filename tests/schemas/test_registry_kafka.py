@@ -10,7 +10,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from schemas.codec import AvroCodec, event_to_record
 from schemas.models import UsageEvent
-from schemas.registry import KafkaSchemaStore, SchemaRegistry, canonical_json, default_registry, fingerprint, load_schemas
+from meterline.stack.schema_store import KafkaSchemaStore
+from schemas.registry import SchemaRegistry, canonical_json, default_registry, fingerprint, load_schemas
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -67,7 +68,7 @@ def test_v1_reader_learns_v2_writer_from_the_schemas_topic(kafka_bootstrap: str,
 def test_lookup_of_unknown_fingerprint_is_none_and_cached(
     kafka_bootstrap: str, topics: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = KafkaSchemaStore(kafka_bootstrap, topics["schemas"], idle_timeout=0.3, miss_ttl=3600)
+    store = KafkaSchemaStore(kafka_bootstrap, topics["schemas"], miss_ttl=3600)
     assert store.lookup(b"\x00" * 8) is None
 
     def _no_scan() -> None:
