@@ -196,8 +196,13 @@ def _items_by_role(sub: Any) -> dict[str, Any]:
 
 
 def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_id: str, *, now: int,
-                customers: list[str] | None = None, report: PlanReport | None = None) -> PlanReport:  # fmt: skip
-    """Bring each plan customer's Stripe subscription in line with its timeline at Stripe's now."""
+                customers: list[str] | None = None, report: PlanReport | None = None,
+                changes: bool = True) -> PlanReport:  # fmt: skip
+    """Bring each plan customer's Stripe subscription in line with its timeline at Stripe's now.
+
+    ``changes=False`` (``provision``) only creates missing subscriptions. Segment updates belong
+    to ``sync``, which pushes usage first: Stripe bills a replaced metered price's usage from what
+    was reported when the update is made."""
     from jobs.plans.billing import load_catalog, load_events
     from meterline.plans import fold_timeline, terms_for
 
@@ -232,9 +237,10 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
                 "customer": stripe_customer, "items": items,
                 "metadata": {META_CUSTOMER: cid, META_PLAN: t0.plan.key, META_PERIOD: str(period.start),
                              META_APPLIED: "1"}}  # fmt: skip
-            if period.start < now:  # the period began before Stripe's now: backdate it
-                params["backdate_start_date"] = period.start
-                params["billing_cycle_anchor"] = period.end
+            # Stripe's periods must be meterline's: start the subscription at the period start
+            # (backdated: it began before this call reaches Stripe) and anchor its cycle at the end
+            params["backdate_start_date"] = period.start
+            params["billing_cycle_anchor"] = period.end
             from jobs.stripe.provision import idem_key
 
             sub = client.v1.subscriptions.create(params, {"idempotency_key": idem_key("plansub", cid, params)})  # type: ignore[arg-type]
@@ -244,12 +250,13 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
             meta = sub.metadata.to_dict() if sub.metadata else {}
             applied = int(meta.get(META_APPLIED, "1")) if meta.get(META_PERIOD) == str(period.start) else 0
             report.existing.append(f"subscription:{cid}")
-        for i in range(applied, current + 1):
+        todo = range(applied, current + 1) if changes else range(0)
+        for i in todo:
             if i > 0:  # the previous segment now ends at this change: re-price it with its prorated allowance
                 _swap(client, sub, prices, terms[i - 1], terms[i - 1].start, fee=False)
             _swap(client, sub, prices, terms[i], terms[i].start, fee=True)
             report.updated.append(f"subscription:{cid}@{terms[i].start}")
-        if applied <= current:
+        if todo:
             client.v1.subscriptions.update(sub.id, {"metadata": {
                 META_PERIOD: str(period.start), META_APPLIED: str(current + 1), META_PLAN: terms[current].plan.key}})
         link = CustomerLink(cid, stripe_customer, str(sub.id))

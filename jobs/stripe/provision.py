@@ -137,7 +137,7 @@ def provision(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, *, custo
     if on_plans:
         report.meters[PLAN_METER.event_name] = _ensure_meter(client, PLAN_METER, existing, report)
         report.plans = apply_plans(client, ch, cfg, report.meters[PLAN_METER.event_name],
-                                   now=int(time.time()) if now is None else now)
+                                   now=int(time.time()) if now is None else now, changes=False)
         report.created += report.plans.created
         report.existing += report.plans.existing
         report.warnings += report.plans.unmapped + report.plans.warnings

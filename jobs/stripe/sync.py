@@ -212,7 +212,6 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
     summary.failed = [p for p in new if p.status == FAILED]
     to_send = sorted(pending_before + [p for p in new if p.status == PENDING],
                      key=lambda p: (p.window_start, p.customer_id, p.meter, p.revision))  # fmt: skip
-    _apply_plans(target, ch, cfg, now, summary)
     links = _customer_links(target, ch, cfg, {p.customer_id for p in to_send}, root, summary)
     to_send = [p for p in to_send if p.customer_id in links]
     sender = MeterEventSender(target, max_attempts=cfg.sync.max_attempts, backoff=cfg.sync.backoff_seconds, sleep=sleep)
@@ -256,9 +255,10 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
         summary.retries = sender.retries
         if bar is not None:
             bar.stop()
-    if _has_plans(ch):
+    if _has_plans(ch):  # after the pushes: a plan change bills the replaced price's usage reported so far
         from jobs.stripe.plans import true_ups
 
+        _apply_plans(target, ch, cfg, now, summary)
         summary.true_ups = true_ups(target.client(), ch, cfg)
     return summary
 
