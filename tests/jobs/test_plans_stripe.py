@@ -20,6 +20,7 @@ import stripe
 from jobs.plans.billing import bill_preview
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe.plans import PLAN_EVENT, stripe_period_cents, to_cents
+from jobs.stripe.statement import build_statement, render_csv, render_html
 from meterline.plans import SubscriptionEvent, load_plan_catalog
 from meterline.stripe_local import LocalStripe
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
@@ -126,6 +127,13 @@ def test_included_usage_and_overage_200_and_260(ls: LocalStripe, target: StripeT
         (10_000_000, Decimal("0")), (None, Decimal("0.003"))]
     meter = client.v1.billing.meters.retrieve(usage_item.price.recurring.meter)
     assert meter.event_name == PLAN_EVENT
+    # `meterline statement` carries the plan lines
+    st = build_statement(clickhouse, "globex", NOV, DEC)
+    assert st.plan_total == Decimal("260.00")
+    assert [(pl.kind, pl.amount) for pl in st.plan_lines if pl.amount] == [("fee", 200), ("overage", 60)]
+    csv_text = render_csv(st)
+    assert "period_start,kind,description,quantity,unit_price,amount" in csv_text and "total" in csv_text
+    assert "<h2>Plan</h2>" in render_html(st)
 
 
 def test_flat_plan_bills_its_fee_whatever_the_usage(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
