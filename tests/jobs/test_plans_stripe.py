@@ -18,7 +18,7 @@ from typing import Any
 import stripe
 
 from jobs.plans.billing import bill_preview
-from jobs.stripe import BillingConfig, StripeTarget, provision, sync
+from jobs.stripe import BillingConfig, StripeTarget, provision, reconcile, sync
 from jobs.stripe.plans import PLAN_EVENT, stripe_period_cents, to_cents
 from jobs.stripe.statement import build_statement, render_csv, render_html
 from meterline.plans import SubscriptionEvent, load_plan_catalog
@@ -212,3 +212,12 @@ def test_mid_period_upgrade_prorates_fee_and_allowance(ls: LocalStripe, target: 
                         and ln.parent.invoice_item_details.proration)  # fmt: skip
     assert prorations == [-5_000, 10_000]
     assert calendar.monthrange(2026, 11)[1] == 30
+    # the next period is a full pro period again: sync put the 10M price back at its start
+    jan = DEC + 31 * 86400
+    for h in range(11):
+        tokens(usage, "up", DEC + (h + 1) * HOUR, 1_000_000)
+    close_period(ls, target, clickhouse, cfg, jan)
+    december = preview(clickhouse, "up", "2026-12")
+    assert december["total"] == "230.00"  # $200 + 1M over 10M at $30/M
+    assert stripe_total(client, "up", clickhouse, DEC, jan) == 23_000
+    assert not [r for r in reconcile(client, clickhouse, cfg, NOV, jan) if r.drifted]
