@@ -221,3 +221,39 @@ def test_mid_period_upgrade_prorates_fee_and_allowance(ls: LocalStripe, target: 
     assert december["total"] == "230.00"  # $200 + 1M over 10M at $30/M
     assert stripe_total(client, "up", clickhouse, DEC, jan) == 23_000
     assert not [r for r in reconcile(client, clickhouse, cfg, NOV, jan) if r.drifted]
+
+
+def test_cli_provision_sync_statement_with_a_plan(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
+                                                  clickhouse_dsn: str, usage: Usage, tmp_path: Any) -> None:
+    """The commands themselves (in-process, as test_cli_statement does): no --now, so they read the
+    local server's clock; the plan customer gets the plan subscription, never the pay-per-token one."""
+    import typer
+    from typer.testing import CliRunner
+
+    from jobs.stripe.cli import statement_command, stripe_app
+
+    app = typer.Typer()
+    app.add_typer(stripe_app, name="stripe")
+    app.command("statement")(statement_command)
+    env = {"METERLINE_CLICKHOUSE_DSN": clickhouse_dsn, "METERLINE_STRIPE_BASE_URL": ls.url,
+           "METERLINE_DATA_DIR": str(tmp_path), "METERLINE_STRIPE_API_KEY": ""}
+    setup_plans(clickhouse)
+    ls.set_clock(NOV)
+    fact(clickhouse, "subscribed", "acme", NOV, "pro")
+    for h in range(12):
+        tokens(usage, "acme", NOV + (h + 1) * HOUR, 1_000_000)
+    runner = CliRunner()
+    r = runner.invoke(app, ["stripe", "provision"], env=env)
+    assert r.exit_code == 0 and "subscription:acme" in r.output, r.output
+    for at in (DEC - 60, DEC + 120):
+        ls.set_clock(at)
+        r = runner.invoke(app, ["stripe", "sync", "--no-progress"], env=env)
+        assert r.exit_code == 0, r.output
+    ls.close_periods(finalize=True)
+    client = target.client()
+    (cus,) = client.v1.customers.list().data
+    assert [s.metadata.to_dict().get("meterline_plan") for s in client.v1.subscriptions.list({"customer": cus.id}).data] == ["pro@1"]
+    assert stripe_total(client, "acme", clickhouse, NOV, DEC) == 26_000
+    r = runner.invoke(app, ["statement", "acme", "--period", "2026-11", "--format", "csv"], env=env)
+    assert r.exit_code == 0 and "period_start,kind,description,quantity,unit_price,amount" in r.output
+    assert r.output.rstrip().splitlines()[-1].endswith(",260.00")
