@@ -352,21 +352,19 @@ def compute_invoice(ctx: Ctx, inv: dict[str, Any], *, record: bool) -> dict[str,
     if record:
         customer = need(ctx, "customer", sub["customer"])
         starting = int(customer.get("balance") or 0)
-        if total < 0:  # a net credit (prorations) goes to the customer balance, as on Stripe
-            applied = total
-        elif starting < 0:
-            applied = max(starting, -total)
-        else:
-            applied = starting
-        if customer.get("currency") not in (None, sub["currency"]):
-            applied = 0
+        same_currency = customer.get("currency") in (None, sub["currency"])
         inv["starting_balance"] = starting
-        inv["ending_balance"] = starting - applied if total >= 0 else starting + total
-        inv["amount_due"] = inv["amount_remaining"] = max(total + applied, 0) if total >= 0 else 0
-        if total < 0:
+        if total < 0:  # a net credit (a downgrade's prorations) goes to the customer balance, as on Stripe
+            inv["ending_balance"] = starting + total
+            inv["amount_due"] = inv["amount_remaining"] = 0
             add_balance_transaction(ctx, customer, total, sub["currency"], type_="adjustment", invoice=inv["id"],
                                     description=f"Credit from invoice {inv['id']}")
-        elif applied:
+            return inv
+        # a credit (negative balance) lowers what is due down to 0; a debit raises it
+        applied = (max(starting, -total) if starting < 0 else starting) if same_currency else 0
+        inv["ending_balance"] = starting - applied
+        inv["amount_due"] = inv["amount_remaining"] = total + applied
+        if applied:
             add_balance_transaction(ctx, customer, -applied, sub["currency"], type_="applied_to_invoice",
                                     invoice=inv["id"], description=f"Applied to invoice {inv['id']}")
     return inv

@@ -258,3 +258,28 @@ def test_invoice_item_on_a_draft_invoice(ls: LocalStripe, client: stripe.StripeC
     assert final.total == 1234 and final.lines.data[-1].description == "minimum commitment true-up"
     with pytest.raises(stripe.InvalidRequestError):
         client.v1.invoice_items.create({"customer": m.customer, "invoice": draft.id, "amount": 1, "currency": "usd"})
+
+
+def test_downgrade_credit_goes_to_the_customer_balance(ls: LocalStripe, client: stripe.StripeClient) -> None:
+    """A downgrade invoiced at once (``always_invoice``) has a negative total; Stripe's invoices docs:
+    "If the invoice total is negative, ... the amount due is 0 and the credit is added to the
+    customer's credit balance", which the next invoice then uses."""
+    m = make_metered(client)
+    pro, basic = fee_price(client, 30_000, "Pro fee"), fee_price(client, 10_000, "Basic fee")
+    sub = client.v1.subscriptions.create({"customer": m.customer, "items": [{"price": pro.id}]})
+    item = sub["items"].data[0]
+    start, end = item.current_period_start, item.current_period_end
+    ls.advance_clock(DAY)
+    t = ls.now()
+    client.v1.subscriptions.update(sub.id, {"proration_behavior": "always_invoice", "proration_date": t,
+                                            "items": [{"id": item.id, "price": basic.id}]})
+    (upd,) = by_reason(client, m.customer, "subscription_update")
+    r = Decimal(end - t) / Decimal(end - start)
+    assert upd.total == cents(10_000 * r) - cents(30_000 * r) < 0 and upd.amount_due == 0
+    assert client.v1.customers.retrieve(m.customer).balance == upd.total
+    ls.advance_clock(end - ls.now() + 1)
+    (cycle,) = by_reason(client, m.customer, "subscription_cycle")
+    ls.close_periods(finalize=True)
+    cycle = client.v1.invoices.retrieve(cycle.id)
+    assert cycle.total == 10_000 and cycle.starting_balance == upd.total
+    assert cycle.amount_due == max(0, 10_000 + upd.total) and cycle.ending_balance == min(0, 10_000 + upd.total)
