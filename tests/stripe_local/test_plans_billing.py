@@ -261,9 +261,10 @@ def test_invoice_item_on_a_draft_invoice(ls: LocalStripe, client: stripe.StripeC
 
 
 def test_downgrade_credit_goes_to_the_customer_balance(ls: LocalStripe, client: stripe.StripeClient) -> None:
-    """A downgrade invoiced at once (``always_invoice``) has a negative total; Stripe's invoices docs:
-    "If the invoice total is negative, ... the amount due is 0 and the credit is added to the
-    customer's credit balance", which the next invoice then uses."""
+    """A downgrade invoiced at once (``always_invoice``) has a negative total. Stripe's customer
+    credit balance docs: "Prorations from downgrading a subscription can indirectly create credits
+    to reduce the amount due on the next invoice", and "The credit balance automatically applies
+    toward the next invoice finalized to a customer"."""
     m = make_metered(client)
     pro, basic = fee_price(client, 30_000, "Pro fee"), fee_price(client, 10_000, "Basic fee")
     sub = client.v1.subscriptions.create({"customer": m.customer, "items": [{"price": pro.id}]})
