@@ -96,8 +96,8 @@ def test_event_summary_windows_must_be_aligned(ls: LocalStripe, client: stripe.S
 
 
 def test_price_tiers_only_when_expanded(client: stripe.StripeClient) -> None:
-    """spec3.json, Price.tiers: "This field is not included by default. To include it in the
-    response, expand the `tiers` field." It is an array (never null) when included."""
+    """Price.tiers is an includable field: Stripe returns it only with ``expand[]=tiers``, and then
+    as an array, never null (checked against spec3.json, shared/notes/stripe.md)."""
     m = make_metered(client)
     tiered = allowance_price(client, m, 1000, "0.5")
     flat = fee_price(client, 2000)
@@ -222,8 +222,9 @@ def test_upgrade_prorates_by_seconds(ls: LocalStripe, client: stripe.StripeClien
 
 
 def test_credit_grants_apply_to_metered_lines_only(ls: LocalStripe, client: stripe.StripeClient) -> None:
-    """Billing credits: "You can only apply billing credits to metered prices" (credit grant
-    applicability scope ``price_type: metered``); the licensed fee is paid in full."""
+    """Credit grants apply to metered prices only: spec3.json, ``applicability_config.scope.price_type``
+    "The price type that credit grants can apply to. We currently only support the `metered` price
+    type." The licensed fee is paid in full."""
     m = make_metered(client)
     fee = fee_price(client, 5_000)
     use = allowance_price(client, m, 0, "1")
