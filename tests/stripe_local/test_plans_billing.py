@@ -243,9 +243,9 @@ def test_credit_grants_apply_to_metered_lines_only(ls: LocalStripe, client: stri
 
 
 def test_invoice_item_on_a_draft_invoice(ls: LocalStripe, client: stripe.StripeClient) -> None:
-    """An invoice item created with ``invoice`` joins that draft invoice (spec3.json,
-    ``invoice``: "The ID of an existing invoice to add this invoice item to ... [it] must be a
-    draft"); without it, it waits for the customer's next invoice."""
+    """spec3.json, invoice item ``invoice``: "The ID of an existing invoice to add this invoice item
+    to. For subscription invoices, when left blank, the invoice item will be added to the next
+    upcoming scheduled invoice. ... You can only add invoice items to draft invoices"."""
     m = make_metered(client)
     use = allowance_price(client, m, 0, "1")
     sub = client.v1.subscriptions.create({"customer": m.customer, "items": [{"price": use.id}]})
