@@ -38,6 +38,8 @@ plans:
      allowances: [{id: tokens, tokens: 1000000}], overage: {per_million: "40.00"}, on_exhausted: allow}
   - {id: flat, version: 1, effective_from: "2026-01-01T00:00:00Z", interval: month, fee: "25.00",
      allowances: [{id: tokens, tokens: 1000000}], overage: {per_million: "0"}, on_exhausted: allow}
+  - {id: capped, version: 1, effective_from: "2026-01-01T00:00:00Z", interval: month, fee: "50.00",
+     allowances: [{id: tokens, tokens: 2000000}], overage: {per_million: "30.00"}, on_exhausted: block}
   - {id: commit, version: 1, effective_from: "2026-01-01T00:00:00Z", interval: month, fee: "0",
      overage: {per_million: "30.00"}, on_exhausted: allow, minimum_commitment: "100.00"}
   - id: grad
@@ -146,6 +148,19 @@ def test_flat_plan_bills_its_fee_whatever_the_usage(ls: LocalStripe, target: Str
         bill = preview(clickhouse, customer, "2026-11")
         assert bill["total"] == "25.00", customer
         assert stripe_total(target.client(), customer, clickhouse, NOV, DEC) == 2_500
+
+
+def test_block_plan_writes_off_what_got_past_the_gate(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
+                                                     usage: Usage, cfg: BillingConfig) -> None:
+    """A ``block`` plan stops the customer at the allowance; usage in flight past it (within the
+    published bound) is written off by meterline's bill, and priced at 0 by the Stripe overage tier."""
+    start(ls, clickhouse, cfg, target, {"blocked": "capped"})
+    tokens(usage, "blocked", NOV + HOUR, 2_000_000)
+    tokens(usage, "blocked", NOV + 2 * HOUR, 3_000)  # got past the gate while the allowance ran out
+    close_period(ls, target, clickhouse, cfg, DEC)
+    bill = preview(clickhouse, "blocked", "2026-11")
+    assert bill["total"] == "50.00" and "blocked" in [ln["kind"] for ln in bill["lines"]]
+    assert stripe_total(target.client(), "blocked", clickhouse, NOV, DEC) == 5_000
 
 
 def test_minimum_commitment_trues_up(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
