@@ -46,6 +46,7 @@ META_PLAN = "meterline_plan"
 META_PERIOD = "meterline_period"
 META_APPLIED = "meterline_segments"
 META_ROLE = "meterline_role"
+META_ANCHOR = "meterline_anchor"
 PICOS_PER_CENT = 10**10
 
 
@@ -204,7 +205,7 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
     to ``sync``, which pushes usage first: Stripe bills a replaced metered price's usage from what
     was reported when the update is made."""
     from jobs.plans.billing import load_catalog, load_events
-    from meterline.plans import fold_timeline, terms_for
+    from meterline.plans import fold_timeline
 
     report = report if report is not None else PlanReport()
     prices = PlanPrices(client, cfg, meter_id, report)
@@ -216,53 +217,68 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
         if period is None:
             report.warnings.append(f"{cid}: no plan in force now (cancellation is not mapped to Stripe yet)")
             continue
-        current = period.segment_at(now)
-        current = len(period.segments) - 1 if current is None else current
         try:
-            for seg in period.segments[: current + 1]:
-                check_mappable(seg.plan)
+            link = _apply_customer(client, ch, prices, links, report, cid, period, now, changes)
         except NotMappable as exc:
             report.unmapped.append(f"{cid}: {exc}")
             continue
-        terms = [terms_for(period, i) for i in range(current + 1)]
-        stripe_customer = _ensure_customer(client, cid, links, report)
-        sub = _find_subscription(client, stripe_customer, cid)
-        if sub is None:
-            t0 = terms[0]
-            items = [{"price": prices.usage(t0.plan, _included(t0)), "metadata": {META_ROLE: "usage"}}]
-            fee = prices.fee(t0.plan)
-            if fee is not None:
-                items.insert(0, {"price": fee, "quantity": 1, "metadata": {META_ROLE: "fee"}})
-            params: dict[str, Any] = {
-                "customer": stripe_customer, "items": items,
-                "metadata": {META_CUSTOMER: cid, META_PLAN: t0.plan.key, META_PERIOD: str(period.start),
-                             META_APPLIED: "1"}}  # fmt: skip
+        except stripe.StripeError as exc:  # one customer's refusal never stops the others
+            report.unmapped.append(f"{cid}: Stripe refused the plan mapping: {exc.user_message or exc}")
+            continue
+        report.customers[cid] = link
+    return report
+
+
+def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, links: dict[str, CustomerLink],
+                    report: PlanReport, cid: str, period: Any, now: int, changes: bool) -> CustomerLink:  # fmt: skip
+    from meterline.plans import terms_for
+
+    current = period.segment_at(now)
+    current = len(period.segments) - 1 if current is None else current
+    for seg in period.segments[: current + 1]:
+        check_mappable(seg.plan)
+    terms = [terms_for(period, i) for i in range(current + 1)]
+    stripe_customer = _ensure_customer(client, cid, links, report)
+    sub = _find_subscription(client, stripe_customer, cid)
+    if sub is None:
+        t0 = terms[0]
+        items = [{"price": prices.usage(t0.plan, _included(t0)), "metadata": {META_ROLE: "usage"}}]
+        fee = prices.fee(t0.plan)
+        if fee is not None:
+            items.insert(0, {"price": fee, "quantity": 1, "metadata": {META_ROLE: "fee"}})
+        params: dict[str, Any] = {
+            "customer": stripe_customer, "items": items,
+            "metadata": {META_CUSTOMER: cid, META_PLAN: t0.plan.key, META_PERIOD: str(period.start),
+                         META_APPLIED: "1", META_ANCHOR: str(period.anchor)},
             # Stripe's periods must be meterline's: start the subscription at the period start
             # (backdated: it began before this call reaches Stripe) and anchor its cycle at the end
-            params["backdate_start_date"] = period.start
-            params["billing_cycle_anchor"] = period.end
-            from jobs.stripe.provision import idem_key
+            "backdate_start_date": period.start, "billing_cycle_anchor": period.end,
+        }  # fmt: skip
+        from jobs.stripe.provision import idem_key
 
-            sub = client.v1.subscriptions.create(params, {"idempotency_key": idem_key("plansub", cid, params)})  # type: ignore[arg-type]
-            report.created.append(f"subscription:{cid}")
-            applied = 1
-        else:
-            meta = sub.metadata.to_dict() if sub.metadata else {}
-            applied = int(meta.get(META_APPLIED, "1")) if meta.get(META_PERIOD) == str(period.start) else 0
-            report.existing.append(f"subscription:{cid}")
-        todo = range(applied, current + 1) if changes else range(0)
-        for i in todo:
-            if i > 0:  # the previous segment now ends at this change: re-price it with its prorated allowance
-                _swap(client, sub, prices, terms[i - 1], terms[i - 1].start, fee=False)
-            _swap(client, sub, prices, terms[i], terms[i].start, fee=True)
-            report.updated.append(f"subscription:{cid}@{terms[i].start}")
-        if todo:
-            client.v1.subscriptions.update(sub.id, {"metadata": {
-                META_PERIOD: str(period.start), META_APPLIED: str(current + 1), META_PLAN: terms[current].plan.key}})
-        link = CustomerLink(cid, stripe_customer, str(sub.id))
-        if links.get(cid) != link:
-            save_customer(ch, link, "plan")
-        report.customers[cid] = link
+        sub = client.v1.subscriptions.create(params, {"idempotency_key": idem_key("plansub", cid, params)})  # type: ignore[arg-type]
+        report.created.append(f"subscription:{cid}")
+        applied = 1
+    else:
+        meta = sub.metadata.to_dict() if sub.metadata else {}
+        if meta.get(META_ANCHOR, str(period.anchor)) != str(period.anchor):
+            raise NotMappable(f"a new subscription run from {period.anchor} (a resubscription or an interval "
+                              f"change) needs its Stripe subscription {sub.id} ended first")  # fmt: skip
+        applied = int(meta.get(META_APPLIED, "1")) if meta.get(META_PERIOD) == str(period.start) else 0
+        report.existing.append(f"subscription:{cid}")
+    todo = range(applied, current + 1) if changes else range(0)
+    for i in todo:
+        if i > 0:  # the previous segment now ends at this change: re-price it with its prorated allowance
+            _swap(client, sub, prices, terms[i - 1], terms[i - 1].start, fee=False)
+        _swap(client, sub, prices, terms[i], terms[i].start, fee=True)
+        report.updated.append(f"subscription:{cid}@{terms[i].start}")
+    if todo:
+        client.v1.subscriptions.update(sub.id, {"metadata": {
+            META_PERIOD: str(period.start), META_APPLIED: str(current + 1), META_PLAN: terms[current].plan.key}})
+    link = CustomerLink(cid, stripe_customer, str(sub.id))
+    if links.get(cid) != link:
+        save_customer(ch, link, "plan")
+    return link
     return report
 
 

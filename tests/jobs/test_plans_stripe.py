@@ -40,6 +40,8 @@ plans:
      allowances: [{id: tokens, tokens: 1000000}], overage: {per_million: "0"}, on_exhausted: allow}
   - {id: capped, version: 1, effective_from: "2026-01-01T00:00:00Z", interval: month, fee: "50.00",
      allowances: [{id: tokens, tokens: 2000000}], overage: {per_million: "30.00"}, on_exhausted: block}
+  - {id: capx, version: 1, effective_from: "2026-01-01T00:00:00Z", interval: month, fee: "10.00",
+     allowances: [{id: tokens, tokens: 1000}], overage: {per_million: "30.00"}, on_exhausted: cap, cap: "5.00"}
   - {id: commit, version: 1, effective_from: "2026-01-01T00:00:00Z", interval: month, fee: "0",
      overage: {per_million: "30.00"}, on_exhausted: allow, minimum_commitment: "100.00"}
   - id: grad
@@ -161,6 +163,21 @@ def test_block_plan_writes_off_what_got_past_the_gate(ls: LocalStripe, target: S
     bill = preview(clickhouse, "blocked", "2026-11")
     assert bill["total"] == "50.00" and "blocked" in [ln["kind"] for ln in bill["lines"]]
     assert stripe_total(target.client(), "blocked", clickhouse, NOV, DEC) == 5_000
+
+
+def test_a_plan_stripe_cannot_express_is_reported_not_guessed(ls: LocalStripe, target: StripeTarget,
+                                                              clickhouse: Any, cfg: BillingConfig) -> None:
+    """A cap on overage has no Stripe price: provision reports it and creates nothing for that
+    customer (never a subscription that would bill something else); the other customer is mapped."""
+    setup_plans(clickhouse)
+    ls.set_clock(NOV)
+    fact(clickhouse, "subscribed", "capped-co", NOV, "capx")
+    fact(clickhouse, "subscribed", "ok-co", NOV, "pro")
+    report = provision(target.client(), clickhouse, cfg, now=ls.now())
+    assert any("capped-co" in w and "cap" in w for w in report.warnings), report.warnings
+    assert "subscription:ok-co" in report.created and "subscription:capped-co" not in report.created
+    summary = sync(target, clickhouse, cfg, now=ls.now())
+    assert not summary.ok and any("capped-co" in u for u in summary.unmapped)
 
 
 def test_minimum_commitment_trues_up(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
