@@ -41,6 +41,16 @@ plans:
     interval: month
     fee: "25.00"
     overage: {per_million: "0"}
+  - id: max
+    version: 1
+    effective_from: "2026-01-01T00:00:00Z"
+    interval: month
+    fee: "500.00"
+    allowances:
+      - id: tokens
+        tokens: 40000000
+    overage:
+      per_million: "20.00"
 """
 
 
@@ -71,7 +81,7 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         _run(env, "prices", "load", "infra/prices/seed.yaml")
         plans = tmp_path / "plans.yaml"
         plans.write_text(PLANS)
-        assert "published 2 plan version(s)" in _run(env, "plans", "load", str(plans)).stdout
+        assert "published 3 plan version(s)" in _run(env, "plans", "load", str(plans)).stdout
         assert "published 0 plan version(s)" in _run(env, "plans", "load", str(plans)).stdout  # idempotent
         changed = tmp_path / "changed.yaml"
         changed.write_text(PLANS.replace('fee: "200.00"', 'fee: "199.00"'))
@@ -81,7 +91,7 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         now = datetime.now(timezone.utc)
         month = now.strftime("%Y-%m")
         start = now.strftime("%Y-%m-01T00:00:00Z")
-        for customer, plan in (("plan-7m", "pro"), ("plan-12m", "pro"), ("plan-flat", "flat")):
+        for customer, plan in (("plan-7m", "pro"), ("plan-12m", "pro"), ("plan-flat", "flat"), ("plan-up", "pro")):
             assert "recorded" in _run(env, "plans", "subscribe", customer, plan, "--from", start).stdout
         assert "already recorded" in _run(env, "plans", "subscribe", "plan-7m", "pro", "--from", start).stdout
         bad = _run(env, "plans", "change", "nobody", "pro", check=False)
@@ -89,6 +99,13 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         bad = _run(env, "plans", "subscribe", "plan-7m", "flat", "--from", start, "--version", "1", check=False)
         assert bad.returncode == 2 and ("already subscribed" in bad.stderr or "conflicts" in bad.stderr)
 
+        # plan-up upgrades to max exactly half-way through the month (a whole number of seconds)
+        first = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        nxt = first.replace(year=first.year + first.month // 12, month=first.month % 12 + 1)
+        half = first + (nxt - first) / 2
+        assert "recorded" in _run(env, "plans", "change", "plan-up", "max", "--at", half.strftime("%Y-%m-%dT%H:%M:%SZ")).stdout
+        assert "recorded" in _run(env, "plans", "cancel", "plan-flat", "--at-period-end").stdout
+        early = int(first.timestamp()) * 1000 + 3_600_000  # in the first half, whatever today is
         at = int(now.timestamp()) * 1000 - 60_000  # a minute ago: inside the period that began on the 1st
         at = max(at, int(datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()) * 1000)
         usage = [
@@ -96,17 +113,18 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
             ("plan-12m", 5_000_000, 1_000_000), ("plan-12m", 4_000_000, 2_000_000),
             ("plan-flat", 40_000_000, 10_000_000),
             ("payg", 1_000_000, 1_000_000),
+            ("plan-up", 6_000_000, 1_000_000),
         ]  # fmt: skip
         events = tmp_path / "events.jsonl"
         events.write_text("".join(
-            json.dumps({"event_id": f"e{i}", "occurred_at": at, "customer_id": c, "provider": "meta", "model": "llama-3-70b",
+            json.dumps({"event_id": f"e{i}", "occurred_at": early if c == "plan-up" else at, "customer_id": c, "provider": "meta", "model": "llama-3-70b",
                         "input_tokens": n_in, "output_tokens": n_out}) + "\n"
             for i, (c, n_in, n_out) in enumerate(usage)))  # fmt: skip
         assert f"produced {len(usage)} event(s)" in _run(env, "produce", str(events)).stdout
 
         deadline = time.monotonic() + 90
         while (_count(env, "SELECT count() FROM usage_priced"), _count(env, "SELECT count() FROM subscription_events"),
-               _count(env, "SELECT count() FROM plans")) != (len(usage), 3, 2):  # fmt: skip
+               _count(env, "SELECT count() FROM plans")) != (len(usage), 6, 3):  # fmt: skip
             assert time.monotonic() < deadline, "usage, plans and subscriptions did not land in ClickHouse in time"
             time.sleep(0.5)
 
@@ -128,6 +146,15 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         assert preview("plan-flat")["total"] == "25.00"
         payg = preview("payg")  # no plan: the pay-per-token bill, (0.59 + 0.79) at list price
         assert payg["plan"] is None and payg["total"] == "1.38" and payg["lines"][0]["kind"] == "usage"
+
+        # mid-period upgrade: half of each fee (100 + 250), half of pro's allowance (5M) for the
+        # first half, whose 7M tokens leave 2M overage at $30; max's 20M (half of 40M) is unused
+        up_bill = preview("plan-up")
+        assert [(line["kind"], line["plan"], line["amount"]) for line in up_bill["lines"] if line["kind"] in ("fee", "overage")] == [
+            ("fee", "pro@1", "100.00"), ("overage", "pro@1", "60.00"), ("fee", "max@1", "250.00")]
+        assert [(a["plan"], a["included"], a["used"], a["remaining"]) for a in up_bill["allowances"]] == [
+            ("pro@1", 5_000_000, 5_000_000, 0), ("max@1", 20_000_000, 0, 20_000_000)]
+        assert up_bill["total"] == "410.00"
 
         table = _run(env, "bill", "preview", "plan-12m", "--period", month).stdout
         assert "260.00" in table and "overage" in table
