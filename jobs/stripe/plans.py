@@ -63,8 +63,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def check_mappable(plan: Any) -> None:
-    """Raise NotMappable (with the reason) unless ``plan`` has an exact Stripe mapping."""
+def check_mappable(plan: Any, currency: str) -> None:
+    """Raise NotMappable (with the reason) unless ``plan`` has an exact Stripe mapping in ``currency``."""
+    if plan.currency.lower() != currency:
+        raise NotMappable(f"{plan.key}: priced in {plan.currency}, the billing currency is {currency}")
     if len(plan.allowances) > 1:
         raise NotMappable(f"{plan.key}: several allowances need one meter each")
     ov = plan.overage
@@ -89,7 +91,7 @@ def _all_classes() -> tuple[str, ...]:
     return tuple(TOKEN_CLASSES)
 
 
-def usage_price_params(plan: Any, included: int, cfg_currency: str) -> dict[str, Any]:
+def usage_price_params(plan: Any, included: int) -> dict[str, Any]:
     """The metered price of ``plan``'s usage with ``included`` free tokens (Stripe params, no meter)."""
     ov = plan.overage
     free = plan.on_exhausted == "block"
@@ -173,7 +175,7 @@ class PlanPrices:
             "recurring": {"interval": plan.interval, "usage_type": "licensed"}})
 
     def usage(self, plan: Any, included: int) -> str:
-        params = usage_price_params(plan, included, self.cfg.currency)
+        params = usage_price_params(plan, included)
         params["recurring"] = {"interval": plan.interval, "usage_type": "metered", "meter": self.meter_id}
         return self._price(plan, _lookup(plan, self.cfg.currency, f"use_a{included}"), params)
 
@@ -236,7 +238,7 @@ def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, li
     current = period.segment_at(now)
     current = len(period.segments) - 1 if current is None else current
     for seg in period.segments[: current + 1]:
-        check_mappable(seg.plan)
+        check_mappable(seg.plan, prices.cfg.currency)
     terms = [terms_for(period, i) for i in range(current + 1)]
     stripe_customer = _ensure_customer(client, cid, links, report)
     sub = _find_subscription(client, stripe_customer, cid)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+import pytest
 import stripe
 
 from jobs.plans.billing import bill_preview
@@ -289,3 +290,26 @@ def test_cli_provision_sync_statement_with_a_plan(ls: LocalStripe, target: Strip
     r = runner.invoke(app, ["statement", "acme", "--period", "2026-11", "--format", "csv"], env=env)
     assert r.exit_code == 0 and "period_start,kind,description,quantity,unit_price,amount" in r.output
     assert r.output.rstrip().splitlines()[-1].endswith(",260.00")
+
+
+def test_usage_price_shapes() -> None:
+    """Each plan shape's Stripe usage price (pure): free first tier + shifted overage tiers, per-unit
+    without allowance, volume tiers as they are, free overage on a block plan, in cents per token."""
+    from jobs.stripe.plans import NotMappable, check_mappable, usage_price_params
+
+    catalog = {v.plan_id: v for v in load_plan_catalog(PLANS).versions}
+    assert usage_price_params(catalog["pro"], 10_000_000) == {"billing_scheme": "tiered", "tiers_mode": "graduated", "tiers": [
+        {"up_to": 10_000_000, "unit_amount_decimal": "0"}, {"up_to": "inf", "unit_amount_decimal": "0.003"}]}
+    assert usage_price_params(catalog["pro"], 0) == {"billing_scheme": "per_unit", "unit_amount_decimal": "0.003"}
+    assert usage_price_params(catalog["grad"], 1_000_000)["tiers"] == [
+        {"up_to": 1_000_000, "unit_amount_decimal": "0"}, {"up_to": 3_000_000, "unit_amount_decimal": "0.003"},
+        {"up_to": "inf", "unit_amount_decimal": "0.002"}]
+    assert usage_price_params(catalog["vol"], 0) == {"billing_scheme": "tiered", "tiers_mode": "volume", "tiers": [
+        {"up_to": 2_000_000, "unit_amount_decimal": "0.003"}, {"up_to": "inf", "unit_amount_decimal": "0.002"}]}
+    assert {t["unit_amount_decimal"] for t in usage_price_params(catalog["capped"], 2_000_000)["tiers"]} == {"0"}
+    for ok in ("pro", "flat", "grad", "vol", "capped", "commit"):
+        check_mappable(catalog[ok], "usd")
+    with pytest.raises(NotMappable):
+        check_mappable(catalog["capx"], "usd")
+    with pytest.raises(NotMappable):
+        check_mappable(catalog["pro"], "eur")
