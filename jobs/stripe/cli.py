@@ -176,6 +176,10 @@ def sync_command(
     t.add_row(*(str(x) for x in (s.windows, s.planned, s.resent, s.sent, s.acked, s.carried, s.retries,
                                  len(s.too_old), len(s.failed))))  # fmt: skip
     cio.out.print(t)
+    for line in s.plan_updates:
+        cio.out.print(f"plan subscription {line}")
+    for marker in s.true_ups:
+        cio.out.print(f"minimum commitment true-up added: {marker}")
     for p in s.too_old:
         cio.err.print(f"[yellow]too old (not invoiced):[/yellow] {p.identifier} amount {p.amount}")
     for p in s.failed:
