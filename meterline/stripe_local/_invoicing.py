@@ -73,7 +73,7 @@ def create_grant(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     obj = base("billing.credit_grant", new_id("credgr"), ctx) | {
         "amount": {"type": "monetary", "monetary": {"currency": currency, "value": value}},
         "applicability_config": {"scope": {"price_type": price_type, "prices": prices or None}},
-        "category": p_str(params, "category", required=True, choices=("paid", "promotional")),
+        "category": p_str(params, "category", default="paid", choices=("paid", "promotional")),  # spec default
         "customer": cid, "customer_account": None, "effective_at": effective_at, "expires_at": expires_at,
         "metadata": p_metadata(params), "name": p_str(params, "name", max_len=100),
         "priority": p_int(params, "priority", default=50, lo=0, hi=100), "test_clock": None,

@@ -285,3 +285,12 @@ def test_downgrade_credit_goes_to_the_customer_balance(ls: LocalStripe, client: 
     cycle = client.v1.invoices.retrieve(cycle.id)
     assert cycle.total == 10_000 and cycle.starting_balance == upd.total
     assert cycle.amount_due == max(0, 10_000 + upd.total) and cycle.ending_balance == min(0, 10_000 + upd.total)
+
+
+def test_credit_grant_category_defaults_to_paid(client: stripe.StripeClient) -> None:
+    """spec3.json, credit grant ``category``: "It defaults to `paid` if not specified."."""
+    cus = client.v1.customers.create({"name": "g"})
+    grant = client.v1.billing.credit_grants.create({
+        "customer": cus.id, "applicability_config": {"scope": {"price_type": "metered"}},
+        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 100}}})
+    assert grant.category == "paid"
