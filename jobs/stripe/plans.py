@@ -23,7 +23,9 @@ The mapping (docs/stripe.md, "Plans"):
 
 Not mapped (``provision`` reports them and creates nothing for the customer): allowances limited
 to some token classes or models, several allowances, ``amount`` allowances and ``rate_card``
-overage (a charge multiplier), ``cap``, rollover, and volume tiers with an allowance.
+overage (a charge multiplier), ``cap``, rollover, volume tiers with an allowance, and a plan that
+stops mid-period (an immediate cancellation, an interval change). A cancellation at period end is
+Stripe's ``cancel_at_period_end``.
 """
 
 from __future__ import annotations
@@ -217,10 +219,16 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
         timeline = fold_timeline(cid, load_events(ch, cid), catalog)
         period = timeline.period_at(now)
         if period is None:
-            report.warnings.append(f"{cid}: no plan in force now (cancellation is not mapped to Stripe yet)")
+            report.warnings.append(f"{cid}: no plan in force now")
             continue
+        run = next((r for r in timeline.runs if r.anchor == period.anchor), None)
         try:
+            if run is not None and run.end is not None and run.end < period.end:
+                raise NotMappable(f"the plan stops mid-period at {run.end} (an immediate cancellation or an "
+                                  "interval change): not mapped to Stripe")  # fmt: skip
             link = _apply_customer(client, ch, prices, links, report, cid, period, now, changes)
+            if run is not None and run.end == period.end and run.cancelled:
+                _cancel_at_period_end(client, link, report)
         except NotMappable as exc:
             report.unmapped.append(f"{cid}: {exc}")
             continue
@@ -282,6 +290,15 @@ def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, li
         save_customer(ch, link, "plan")
     return link
     return report
+
+
+def _cancel_at_period_end(client: stripe.StripeClient, link: CustomerLink, report: PlanReport) -> None:
+    """A plan cancelled at its period end: Stripe's ``cancel_at_period_end``, so the last cycle
+    invoice bills the period's usage and no next fee."""
+    sub = client.v1.subscriptions.retrieve(link.subscription_id)
+    if not sub.cancel_at_period_end:
+        client.v1.subscriptions.update(link.subscription_id, {"cancel_at_period_end": True})
+        report.updated.append(f"subscription:{link.customer_id} cancels at period end")
 
 
 def _swap(client: stripe.StripeClient, sub: Any, prices: PlanPrices, terms: Any, at: int, *, fee: bool) -> None:

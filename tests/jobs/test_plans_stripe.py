@@ -70,8 +70,8 @@ def setup_plans(ch: Any) -> None:
     ch.insert("plans", [plan_row(v) for v in catalog.versions], column_names=list(PLAN_COLUMNS))
 
 
-def fact(ch: Any, kind: str, customer: str, at: int, plan: str | None = None) -> None:
-    ev = SubscriptionEvent(kind, customer, at, plan_id=plan)
+def fact(ch: Any, kind: str, customer: str, at: int, plan: str | None = None, *, at_period_end: bool = False) -> None:
+    ev = SubscriptionEvent(kind, customer, at, plan_id=plan, at_period_end=at_period_end)
     ch.insert("subscription_events", [subscription_row(ev)], column_names=list(SUBSCRIPTION_COLUMNS))
 
 
@@ -179,6 +179,24 @@ def test_a_plan_stripe_cannot_express_is_reported_not_guessed(ls: LocalStripe, t
     assert "subscription:ok-co" in report.created and "subscription:capped-co" not in report.created
     summary = sync(target, clickhouse, cfg, now=ls.now())
     assert not summary.ok and any("capped-co" in u for u in summary.unmapped)
+
+
+def test_cancel_at_period_end(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
+                              cfg: BillingConfig) -> None:
+    """``meterline plans cancel --at-period-end``: Stripe's ``cancel_at_period_end`` ("cancel at the
+    end of the current period"): the last invoice bills the period's usage and no next fee."""
+    start(ls, clickhouse, cfg, target, {"leaving": "pro"})
+    for h in range(12):
+        tokens(usage, "leaving", NOV + (h + 1) * HOUR, 1_000_000)
+    ls.set_clock(NOV + 10 * 86400)
+    fact(clickhouse, "cancelled", "leaving", NOV + 10 * 86400, at_period_end=True)
+    close_period(ls, target, clickhouse, cfg, DEC)
+    assert preview(clickhouse, "leaving", "2026-11")["total"] == "260.00"
+    client = target.client()
+    assert stripe_total(client, "leaving", clickhouse, NOV, DEC) == 26_000
+    sub = clickhouse.query("SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = 'leaving'").result_rows[0][0]
+    assert client.v1.subscriptions.retrieve(sub).status == "canceled"
+    assert stripe_period_cents(client, sub, DEC, DEC + 31 * 86400) == 0  # no December fee
 
 
 def test_minimum_commitment_trues_up(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
