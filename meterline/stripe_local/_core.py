@@ -1,4 +1,4 @@
-"""Customers, customer balance transactions, products, prices and subscriptions."""
+"""Customers, customer balance transactions, products and prices (subscriptions: ``_subscriptions``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 
 from meterline.stripe_local._billing import INTERVALS
 from meterline.stripe_local._params import (
-    ApiError,
     fmt_decimal,
     invalid,
     missing,
