@@ -160,6 +160,22 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         assert "260.00" in table and "overage" in table
         bad = _run(env, "bill", "preview", "plan-12m", "--period", "2026-13", check=False)
         assert bad.returncode == 2
+
+        # a new version leaves subscribers alone until migrated; a migration starts next period
+        v2 = tmp_path / "v2.yaml"
+        v2.write_text(PLANS.replace("version: 1", "version: 2", 1).replace('fee: "200.00"', 'fee: "210.00"'))
+        assert "published 1 plan version(s)" in _run(env, "plans", "load", str(v2)).stdout
+        assert "migrating 2 subscriber(s)" in _run(env, "plans", "migrate", "pro", "--to", "2").stdout
+        assert "migrating 0 subscriber(s)" in _run(env, "plans", "migrate", "pro", "--to", "2").stdout
+        deadline = time.monotonic() + 60
+        while _count(env, "SELECT count() FROM subscription_events WHERE type = 'migrated'") != 2:
+            assert time.monotonic() < deadline, "the migrations did not land"
+            time.sleep(0.5)
+        assert preview("plan-7m")["total"] == "200.00"  # this period stays on pro@1
+        following = nxt.strftime("%Y-%m")
+        nb = preview("plan-7m") if following == month else json.loads(
+            _run(env, "bill", "preview", "plan-7m", "--period", following, "--format", "json").stdout)
+        assert nb["plan"] == "pro@2" and nb["total"] == "210.00"
     finally:
         up.send_signal(signal.SIGINT)
         try:
