@@ -29,6 +29,7 @@ Per period (``docs/plans.md`` has the worked rules):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from meterline.plans._catalog import TOKEN_CLASSES, Allowance, Overage, PlanVersion
@@ -311,7 +312,7 @@ class Bill:
         return sum(line.amount for line in self.lines)
 
     @property
-    def total(self):  # -> Decimal
+    def total(self) -> Decimal:
         """THE rounded total (currency minor unit, once)."""
         return round_total(self.subtotal, self.currency)
 
