@@ -19,6 +19,7 @@ Live burn-down (the credit agent; the same code the bill runs):
 
 from __future__ import annotations
 
+from meterline.money import PICOS_PER_UNIT, format_picos
 from meterline.plans._calendar import INTERVALS, add_intervals, period_bounds, period_index
 from meterline.plans._catalog import (
     ON_EXHAUSTED,
@@ -63,11 +64,10 @@ from meterline.plans._timeline import (
     parse_event,
 )
 from meterline.plans._values import (
-    PICOS_PER_UNIT,
     PlanFileError,
     SubscriptionError,
     format_instant,
-    format_picos,
+    instant_of,
     parse_instant,
     round_total,
 )
@@ -108,6 +108,7 @@ __all__ = [
     "fold_timeline",
     "format_instant",
     "format_picos",
+    "instant_of",
     "load_plan_catalog",
     "overage_price",
     "parse_event",

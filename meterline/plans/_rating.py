@@ -28,16 +28,17 @@ Per period (``docs/plans.md`` has the worked rules):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+from meterline.money import format_picos
 from meterline.plans._catalog import TOKEN_CLASSES, Allowance, Overage, PlanVersion
 from meterline.plans._timeline import Period, Timeline
 from meterline.plans._values import (
     define_share,
     format_instant,
-    format_picos,
     fraction_text,
     per_million_text,
     round_total,

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterline.plans import Consumption, Usage, consume, overage_price, rate_period, terms_for
-
 from tests.plans.helpers import JAN, M, catalog, plan, subscribed, ts
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude")]

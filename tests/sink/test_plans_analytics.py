@@ -4,6 +4,7 @@ every query of docs/analytics.md's "Plan queries" section, with exact answers.""
 from __future__ import annotations
 
 import re
+from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -141,9 +142,9 @@ def test_rollover_chains_periods_and_prepaid_comes_from_the_ledger(clickhouse: A
 
 
 def _utc_dt(text: str) -> Any:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(_ts(text), tz=timezone.utc)
+    return datetime.fromtimestamp(_ts(text), tz=UTC)
 
 
 def test_usage_in_another_currency_is_refused_not_mixed(seeded: Any) -> None:
