@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
 def _settings() -> Settings:
     try:
         return Settings()
-    except Exception as exc:  # noqa: BLE001 - pydantic ValidationError
+    except Exception as exc:
         _err.print(f"[red]invalid configuration:[/red] {exc}")
         raise typer.Exit(2) from exc
 
@@ -73,9 +73,9 @@ def _kafka(settings: Settings) -> tuple[str, str]:
 
 
 def _now() -> int:
-    from meterline.plans._values import instant_of
+    from meterline.plans import instant_of
 
-    return instant_of(datetime.now(timezone.utc).replace(microsecond=0))
+    return instant_of(datetime.now(UTC).replace(microsecond=0))
 
 
 def _instant(text: str | None, option: str) -> int:
@@ -113,13 +113,20 @@ def _published_events(bootstrap: str, prefix: str) -> list[Any]:
 def _record_fact(event: Any) -> None:
     """Fold ``event`` with the customer's published facts; refuse it if the timeline would, else
     publish it (a fact already published is reported and not sent again)."""
-    from meterline.plans import fold_timeline
+    from meterline.plans import SubscriptionEvent, fold_timeline
     from pipeline.publish import publish_records
 
     settings = _settings()
     bootstrap, prefix = _kafka(settings)
     try:
         catalog = _published_catalog(bootstrap, prefix)
+        if event.plan_id is not None and event.version is None:
+            # Pin the version in the fact: resolved at fold time, a version published later with
+            # an earlier effective_from would silently move the customer.
+            current = catalog.current(event.plan_id, event.at)
+            if current is None:
+                raise _fail(MeterlineError(f"no version of plan {event.plan_id!r} is in force at {_iso(event.at)}"), 2)
+            event = SubscriptionEvent(event.type, event.customer_id, event.at, event.plan_id, current.version)
         events = [e for e in _published_events(bootstrap, prefix) if e.customer_id == event.customer_id]
         if any(e.event_id == event.event_id for e in events):
             _out.print(f"{event.type} {event.customer_id}: already recorded ({event.event_id})")
@@ -171,7 +178,7 @@ def plans_load(file: Path = typer.Argument(..., exists=True, dir_okay=False, hel
             raise _fail(MeterlineError(
                 f"published plan versions are immutable, and this file changes {', '.join(conflicts)}: "
                 "give the changed plan a new version (then `meterline plans migrate`)"), 2)  # fmt: skip
-        fresh = [(k, v) for (k, v), pv in zip(catalog.to_records(), catalog.versions) if published.get(pv.plan_id, pv.version) is None]
+        fresh = [(k, v) for (k, v), pv in zip(catalog.to_records(), catalog.versions, strict=True) if published.get(pv.plan_id, pv.version) is None]
         if fresh:
             publish_records(bootstrap, f"{prefix}plans", fresh)
     except MeterlineError as exc:
@@ -184,8 +191,8 @@ def plans_load(file: Path = typer.Argument(..., exists=True, dir_okay=False, hel
 def plans_subscribe(
     customer: str = typer.Argument(..., help="meterline customer id."),
     plan_id: str = typer.Argument(..., help="Plan id from the catalog."),
-    version: Optional[int] = typer.Option(None, "--version", help="Plan version (default: the one in force at --from)."),
-    from_: Optional[str] = typer.Option(None, "--from", help="ISO-8601 start, may be in the past (default: now). The period anchor."),
+    version: int | None = typer.Option(None, "--version", help="Plan version (default: the one in force at --from)."),
+    from_: str | None = typer.Option(None, "--from", help="ISO-8601 start, may be in the past (default: now). The period anchor."),
 ) -> None:
     """Start a subscription: the billing periods are anchored at its start."""
     from meterline.plans import SubscriptionEvent
@@ -197,8 +204,8 @@ def plans_subscribe(
 def plans_change(
     customer: str = typer.Argument(..., help="meterline customer id."),
     plan_id: str = typer.Argument(..., help="The plan to move to."),
-    version: Optional[int] = typer.Option(None, "--version", help="Plan version (default: the one in force at --at)."),
-    at: Optional[str] = typer.Option(None, "--at", help="ISO-8601 instant of the change (default: now)."),
+    version: int | None = typer.Option(None, "--version", help="Plan version (default: the one in force at --at)."),
+    at: str | None = typer.Option(None, "--at", help="ISO-8601 instant of the change (default: now)."),
 ) -> None:
     """Change plan: the period is split at --at and fee and allowances are prorated by seconds."""
     from meterline.plans import SubscriptionEvent
@@ -209,7 +216,7 @@ def plans_change(
 @plans_app.command("cancel")
 def plans_cancel(
     customer: str = typer.Argument(..., help="meterline customer id."),
-    at: Optional[str] = typer.Option(None, "--at", help="ISO-8601 instant the subscription stops (default: now)."),
+    at: str | None = typer.Option(None, "--at", help="ISO-8601 instant the subscription stops (default: now)."),
     at_period_end: bool = typer.Option(False, "--at-period-end", help="Stop at the end of the current period."),
 ) -> None:
     """Cancel a subscription now, at --at (prorated), or at the end of the current period."""
@@ -224,7 +231,7 @@ def plans_cancel(
 def plans_migrate(
     plan_id: str = typer.Argument(..., help="The plan whose subscribers move."),
     to: int = typer.Option(..., "--to", help="The version to move them to."),
-    at: Optional[str] = typer.Option(None, "--at", help="ISO-8601 instant of the decision (default: now)."),
+    at: str | None = typer.Option(None, "--at", help="ISO-8601 instant of the decision (default: now)."),
 ) -> None:
     """Move every subscriber of PLAN to version --to, each at the start of its next period."""
     from meterline.plans import SubscriptionEvent, fold_timeline
@@ -246,8 +253,10 @@ def plans_migrate(
         for cid in sorted(by_customer):
             timeline = fold_timeline(cid, by_customer[cid], catalog)
             period = timeline.period_at(when)
-            on = timeline.plan_at(period.end - 1) if period is not None else None
-            if on is None or on.plan_id != plan_id or on.version == to:
+            # what the customer will be on in its next period: already there (an earlier
+            # migration), cancelled, or on another plan -> nothing to do (so re-running is a no-op)
+            upcoming = timeline.plan_at(period.end) if period is not None else None
+            if upcoming is None or upcoming.plan_id != plan_id or upcoming.version == to:
                 continue
             ev = SubscriptionEvent("migrated", cid, when, plan_id, to)
             if any(e.event_id == ev.event_id for e in by_customer[cid]):
@@ -360,9 +369,9 @@ def bill_close_command(
     from meterline.stack.clickhouse import connect
 
     settings = _settings()
-    from meterline.plans._values import instant_of
+    from meterline.plans import instant_of
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     closed_at_ms = instant_of(now) * 1000 + now.microsecond // 1000
     try:
         client = connect(settings.resolved_clickhouse_dsn)

@@ -21,11 +21,13 @@ from __future__ import annotations
 import calendar
 import json
 import re
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
-from meterline.errors import InputError
+from meterline.errors import InputError, MeterlineError
+from meterline.money import decimal_to_picos
 from meterline.plans import (
     PLAN_KEY_PREFIX,
     Bill,
@@ -61,15 +63,14 @@ def month_bounds(text: str) -> tuple[int, int]:
 
 def _picos(d: Any) -> int:
     """An exact ClickHouse Decimal(38, 12) (or int) -> integer picos."""
-    v = Decimal(d) if not isinstance(d, Decimal) else d
-    scaled = v.scaleb(12)
-    if scaled != scaled.to_integral_value():
-        raise ValueError(f"{d!r} is finer than a pico")
-    return int(scaled)
+    picos = decimal_to_picos(d if isinstance(d, Decimal) else Decimal(d))
+    if picos is None:
+        raise MeterlineError(f"{d!r} is not an exact amount in picos")
+    return picos
 
 
 def _ts(seconds: int) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def load_catalog(client: Any) -> PlanCatalog:
@@ -93,7 +94,7 @@ def load_events(client: Any, customer_id: str | None = None) -> list[Subscriptio
     out = []
     for event_id, typ, cid, at, plan_id, version, ape in rows:
         doc: dict[str, Any] = {"event_id": event_id, "type": typ, "customer_id": cid,
-                               "at": datetime.fromtimestamp(int(at), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+                               "at": datetime.fromtimestamp(int(at), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
         if plan_id:
             doc["plan_id"] = plan_id
         if version:
@@ -119,7 +120,7 @@ def period_usage(client: Any, period: Period) -> list[list[Usage]]:
         seg = "0"
     rows = client.query(
         f"SELECT {seg} AS seg, provider, model, sum(input_tokens), sum(output_tokens), sum(cached_input_tokens),"
-        " sum(cache_write_tokens), sum(reasoning_tokens), sum(charge)"
+        " sum(cache_write_tokens), sum(reasoning_tokens), sum(charge), groupUniqArray(upper(currency))"
         " FROM usage_priced FINAL WHERE customer_id = {c:String}"
         " AND occurred_at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC')"
         " AND occurred_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"
@@ -128,8 +129,14 @@ def period_usage(client: Any, period: Period) -> list[list[Usage]]:
     ).result_rows
     out: list[list[Usage]] = [[] for _ in period.segments]
     for seg_i, provider, model, *rest in rows:
-        counts, charge = rest[:5], rest[5]
-        tokens = {c: int(n) for c, n in zip(_CLASSES, counts) if int(n)}
+        counts, charge, currencies = rest[:5], rest[5], rest[6]
+        plan = period.segments[int(seg_i)].plan
+        foreign = sorted(str(c) for c in currencies if c and str(c) != plan.currency.upper())
+        if foreign:
+            raise MeterlineError(
+                f"{period.customer_id}: usage priced in {', '.join(foreign)} cannot be billed on {plan.key} ({plan.currency})"
+            )
+        tokens = {c: int(n) for c, n in zip(_CLASSES, counts, strict=True) if int(n)}
         out[int(seg_i)].append(Usage(str(provider), str(model), tokens, _picos(charge)))
     return out
 
@@ -164,10 +171,10 @@ def _bills(client: Any, timeline: Timeline, start: int, end: int) -> list[tuple[
     if not wanted:
         return []
     rolls = any(a.rollover_max is not None for p in periods for s in p.segments for a in s.plan.allowances)
-    chain = [p for p in periods if p.start < end and (rolls and any(p.anchor == w.anchor for w in wanted) or p in wanted)]
+    chain = [p for p in periods if p.start < end and ((rolls and any(p.anchor == w.anchor for w in wanted)) or p in wanted)]
     bills = rate_periods(chain, lambda p: period_usage(client, p),
                          lambda p: _prepaid(client, p.customer_id, p.start, p.stop))  # fmt: skip
-    return [(p, b) for p, b in zip(chain, bills) if p in wanted]
+    return [(p, b) for p, b in zip(chain, bills, strict=True) if p in wanted]
 
 
 def bill_preview(client: Any, customer_id: str, month: str) -> dict[str, Any]:
@@ -221,7 +228,7 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
     for ev in events:
         by_customer.setdefault(ev.customer_id, []).append(ev)
     wanted = set(customers) if customers is not None else None
-    closed_at = datetime.fromtimestamp(closed_at_ms // 1000, tz=timezone.utc).replace(microsecond=(closed_at_ms % 1000) * 1000)
+    closed_at = datetime.fromtimestamp(closed_at_ms // 1000, tz=UTC).replace(microsecond=(closed_at_ms % 1000) * 1000)
     bill_rows: list[tuple[Any, ...]] = []
     use_rows: list[tuple[Any, ...]] = []
     for cid in sorted(by_customer):
@@ -231,7 +238,10 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
         for period, bill in _bills(client, timeline, start, end):
             last = period.segments[-1].plan
             charge, _ = _charge(client, cid, period.start, period.stop)
-            units = lambda k: Decimal(bill.amount_of(k)).scaleb(-12)  # noqa: E731 - local shorthand
+
+            def units(kind: str, bill: Bill = bill) -> Decimal:
+                return Decimal(bill.amount_of(kind)).scaleb(-12)
+
             bill_rows.append((
                 cid, _ts(period.start), _ts(period.end), _ts(period.stop), last.plan_id, last.version, bill.currency,
                 units("fee"), units("overage"), units("cap") + units("blocked"), units("minimum_commitment"),
@@ -240,7 +250,11 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
             ))  # fmt: skip
             for a in bill.allowances:
                 plan_id, _, version = a.plan.rpartition("@")
-                conv = (lambda n: Decimal(n)) if a.unit == "tokens" else (lambda n: Decimal(n).scaleb(-12))
+                scale = 0 if a.unit == "tokens" else -12  # tokens, or picos -> currency units
+
+                def conv(n: int, scale: int = scale) -> Decimal:
+                    return Decimal(n).scaleb(scale)
+
                 use_rows.append((
                     cid, _ts(period.start), a.segment, a.id, plan_id, int(version), a.unit, conv(a.included),
                     conv(a.rolled_in), conv(a.used), conv(a.remaining), conv(a.rollover_out), closed_at,

@@ -11,7 +11,7 @@ the edges; subscription instants are epoch seconds (UTC). See ``docs/plans.md``.
 
 Live burn-down (the credit agent; the same code the bill runs):
 
-    terms = terms_for(period, period.segment_at(event_at), rollover_in)
+    terms = terms_at(timeline, event_at, rollover_in)   # None: no plan then, pay-per-token
     consumption, split = consume(terms, consumption, Usage(provider, model, tokens, charge))
     # split.allowance: drawn per allowance; split.overage_amount: picos to debit from prepaid
     # grants, then the plan's on_exhausted policy (allow | block | cap).
@@ -19,6 +19,7 @@ Live burn-down (the credit agent; the same code the bill runs):
 
 from __future__ import annotations
 
+from meterline.money import PICOS_PER_UNIT, format_picos
 from meterline.plans._calendar import INTERVALS, add_intervals, period_bounds, period_index
 from meterline.plans._catalog import (
     ON_EXHAUSTED,
@@ -48,6 +49,7 @@ from meterline.plans._rating import (
     overage_price,
     rate_period,
     rate_periods,
+    terms_at,
     terms_for,
 )
 from meterline.plans._timeline import (
@@ -62,11 +64,10 @@ from meterline.plans._timeline import (
     parse_event,
 )
 from meterline.plans._values import (
-    PICOS_PER_UNIT,
     PlanFileError,
     SubscriptionError,
     format_instant,
-    format_picos,
+    instant_of,
     parse_instant,
     round_total,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "fold_timeline",
     "format_instant",
     "format_picos",
+    "instant_of",
     "load_plan_catalog",
     "overage_price",
     "parse_event",
@@ -116,6 +118,7 @@ __all__ = [
     "rate_period",
     "rate_periods",
     "round_total",
+    "terms_at",
     "terms_for",
     "version_conflicts",
 ]

@@ -16,13 +16,15 @@ order events arrived in (so live burn-down and the period's bill are the same co
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -263,7 +265,7 @@ def _read(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
         if is_json:
             data = json.loads(text, parse_float=Decimal, object_pairs_hook=_no_dup_pairs)
         else:
-            data = yaml.load(text, Loader=_ExactLoader)  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(text, Loader=_ExactLoader)
     except (ValueError, yaml.YAMLError) as exc:
         raise PlanFileError(f"plan file is not valid {'JSON' if is_json else 'YAML'}: {exc}", field="source") from None
     if not isinstance(data, Mapping):
@@ -578,9 +580,9 @@ def load_plan_catalog(source: str | Path | Mapping[str, Any]) -> PlanCatalog:
     by_plan: dict[str, list[PlanVersion]] = {}
     for v in versions:
         by_plan.setdefault(v.plan_id, []).append(v)
-    for pid, vs in by_plan.items():
+    for vs in by_plan.values():
         vs.sort(key=lambda v: v.version)
-        for a, b in zip(vs, vs[1:]):
+        for a, b in itertools.pairwise(vs):
             if b.effective_from < a.effective_from:
                 raise PlanFileError(
                     f"plans: {b.key} takes effect before {a.key}; a later version cannot be effective earlier",

@@ -26,8 +26,9 @@ breaks a rule (a change with no subscription, an unknown plan version...) is rep
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from meterline.plans._calendar import add_intervals, period_bounds, period_index
 from meterline.plans._catalog import PlanCatalog, PlanVersion

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -88,7 +88,7 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         refused = _run(env, "plans", "load", str(changed), check=False)
         assert refused.returncode == 2 and "immutable" in refused.stderr
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         month = now.strftime("%Y-%m")
         start = now.strftime("%Y-%m-01T00:00:00Z")
         for customer, plan in (("plan-7m", "pro"), ("plan-12m", "pro"), ("plan-flat", "flat"), ("plan-up", "pro")):
@@ -100,14 +100,14 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         assert bad.returncode == 2 and ("already subscribed" in bad.stderr or "conflicts" in bad.stderr)
 
         # plan-up upgrades to max exactly half-way through the month (a whole number of seconds)
-        first = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        first = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         nxt = first.replace(year=first.year + first.month // 12, month=first.month % 12 + 1)
         half = first + (nxt - first) / 2
         assert "recorded" in _run(env, "plans", "change", "plan-up", "max", "--at", half.strftime("%Y-%m-%dT%H:%M:%SZ")).stdout
         assert "recorded" in _run(env, "plans", "cancel", "plan-flat", "--at-period-end").stdout
         early = int(first.timestamp()) * 1000 + 3_600_000  # in the first half, whatever today is
         at = int(now.timestamp()) * 1000 - 60_000  # a minute ago: inside the period that began on the 1st
-        at = max(at, int(datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()) * 1000)
+        at = max(at, int(datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()) * 1000)
         usage = [
             ("plan-7m", 4_000_000, 3_000_000),
             ("plan-12m", 5_000_000, 1_000_000), ("plan-12m", 4_000_000, 2_000_000),
@@ -160,6 +160,22 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         assert "260.00" in table and "overage" in table
         bad = _run(env, "bill", "preview", "plan-12m", "--period", "2026-13", check=False)
         assert bad.returncode == 2
+
+        # a new version leaves subscribers alone until migrated; a migration starts next period
+        v2 = tmp_path / "v2.yaml"
+        v2.write_text(PLANS.replace("version: 1", "version: 2", 1).replace('fee: "200.00"', 'fee: "210.00"'))
+        assert "published 1 plan version(s)" in _run(env, "plans", "load", str(v2)).stdout
+        assert "migrating 2 subscriber(s)" in _run(env, "plans", "migrate", "pro", "--to", "2").stdout
+        assert "migrating 0 subscriber(s)" in _run(env, "plans", "migrate", "pro", "--to", "2").stdout
+        deadline = time.monotonic() + 60
+        while _count(env, "SELECT count() FROM subscription_events WHERE type = 'migrated'") != 2:
+            assert time.monotonic() < deadline, "the migrations did not land"
+            time.sleep(0.5)
+        assert preview("plan-7m")["total"] == "200.00"  # this period stays on pro@1
+        following = nxt.strftime("%Y-%m")
+        nb = preview("plan-7m") if following == month else json.loads(
+            _run(env, "bill", "preview", "plan-7m", "--period", following, "--format", "json").stdout)
+        assert nb["plan"] == "pro@2" and nb["total"] == "210.00"
     finally:
         up.send_signal(signal.SIGINT)
         try:

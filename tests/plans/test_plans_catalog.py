@@ -14,7 +14,6 @@ from meterline.plans import (
     load_plan_catalog,
     version_conflicts,
 )
-
 from tests.plans.helpers import catalog, plan
 
 ISSUE_YAML = """

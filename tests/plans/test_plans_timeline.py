@@ -14,7 +14,6 @@ from meterline.plans import (
     period_bounds,
     period_index,
 )
-
 from tests.plans.helpers import JAN, catalog, plan, subscribed, ts
 
 

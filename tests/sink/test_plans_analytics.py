@@ -4,6 +4,7 @@ every query of docs/analytics.md's "Plan queries" section, with exact answers.""
 from __future__ import annotations
 
 import re
+from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,46 @@ def test_bill_close_and_the_doc_queries(seeded: Any) -> None:
     # pay-per-token at $5/M: a $35 < $200, b $60 < $260, c $250 > $25 (flat plan bargain), d $50 < $100
     assert verdict == {"a": (Decimal("35"), "below"), "b": (Decimal("60"), "below"), "c": (Decimal("250"), "above"),
                        "d": (Decimal("50"), "below")}  # fmt: skip
+
+
+def test_rollover_chains_periods_and_prepaid_comes_from_the_ledger(clickhouse: Any) -> None:
+    cat = load_plan_catalog({"currency": "USD", "plans": [
+        {"id": "roll", "version": 1, "effective_from": "2026-01-01T00:00:00Z", "interval": "month", "fee": "100.00",
+         "allowances": [{"id": "tokens", "tokens": 10 * M, "rollover": {"max": 5 * M}}], "overage": {"per_million": "10.00"}}]})  # fmt: skip
+    clickhouse.insert("plans", [plan_row(v) for v in cat.versions], column_names=PLAN_COLUMNS)
+    jan = _ts("2026-01-15T00:00:00Z")  # anchored mid-month: periods run 15th to 15th
+    clickhouse.insert("subscription_events", [subscription_row(SubscriptionEvent("subscribed", "r", jan, "roll", 1))],
+                      column_names=SUBSCRIPTION_COLUMNS)  # fmt: skip
+    rows = []
+    for n, (when, tokens) in enumerate(((jan + 86_400, 2 * M), (_ts("2026-02-20T00:00:00Z"), 17 * M))):
+        rows.append(priced_row({"event_id": f"r{n}", "occurred_at": when * 1000, "customer_id": "r", "provider": "openai",
+                                "model": "gpt-4o", "input_tokens": tokens, "cost_picos": 0, "charge_picos": tokens * M,
+                                "currency": "usd"}, partition=0, offset=n))  # fmt: skip
+    clickhouse.insert("usage_priced", rows, column_names=PRICED_COLUMNS)
+    clickhouse.insert("ledger_entries", [("r:1", _utc_dt("2026-02-21T00:00:00Z"), "r", 1, "debit", Decimal("7.5"), "USD", "g1", "r1", "usage")],
+                      column_names=["entry_id", "at", "customer_id", "seq", "kind", "amount", "currency", "grant_id", "event_id", "reason"])  # fmt: skip
+    jan_bill = bill_preview(clickhouse, "r", "2026-01")
+    assert jan_bill["total"] == "100.00" and jan_bill["periods"][0]["allowances"][0]["rollover_out"] == 5 * M
+    feb = bill_preview(clickhouse, "r", "2026-02")
+    # 10M own + 5M rolled in; 17M used -> 2M overage at $10 = $20, of which the ledger's $7.50 was prepaid
+    assert [(a["included"], a["rolled_in"], a["used"], a["remaining"]) for a in feb["allowances"]] == [(10 * M, 5 * M, 15 * M, 0)]
+    assert [(x["kind"], x["amount"]) for x in feb["lines"]] == [
+        ("fee", "100.00"), ("allowance", "0.00"), ("overage", "20.00"), ("prepaid_credit", "-7.50")]
+    assert feb["total"] == "112.50"
+
+
+def _utc_dt(text: str) -> Any:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(_ts(text), tz=UTC)
+
+
+def test_usage_in_another_currency_is_refused_not_mixed(seeded: Any) -> None:
+    from meterline.errors import MeterlineError
+
+    seeded.insert("usage_priced", [priced_row({
+        "event_id": "eur-1", "occurred_at": _ts("2026-03-05T00:00:00Z") * 1000, "customer_id": "a", "provider": "openai",
+        "model": "gpt-4o", "input_tokens": 1, "cost_picos": 1, "charge_picos": 1, "currency": "EUR"}, partition=0, offset=99)],
+        column_names=PRICED_COLUMNS)  # fmt: skip
+    with pytest.raises(MeterlineError, match="EUR"):
+        bill_preview(seeded, "a", "2026-03")
