@@ -252,7 +252,7 @@ def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, li
     sub = _find_subscription(client, stripe_customer, cid)
     if sub is None:
         t0 = terms[0]
-        items = [{"price": prices.usage(t0.plan, _included(t0)), "metadata": {META_ROLE: "usage"}}]
+        items: list[dict[str, Any]] = [{"price": prices.usage(t0.plan, _included(t0)), "metadata": {META_ROLE: "usage"}}]
         fee = prices.fee(t0.plan)
         if fee is not None:
             items.insert(0, {"price": fee, "quantity": 1, "metadata": {META_ROLE: "fee"}})
@@ -322,8 +322,8 @@ def _swap(client: stripe.StripeClient, sub: Any, prices: PlanPrices, terms: Any,
         elif cur is not None and cur.price.id != want_fee:
             items.append({"id": cur.id, "price": want_fee})
     if items:
-        client.v1.subscriptions.update(sub.id, {"items": items, "proration_date": at,  # type: ignore[typeddict-item]
-                                                "proration_behavior": "create_prorations"})
+        params: dict[str, Any] = {"items": items, "proration_date": at, "proration_behavior": "create_prorations"}
+        client.v1.subscriptions.update(sub.id, params)  # type: ignore[arg-type]
 
 
 def _ensure_customer(client: stripe.StripeClient, cid: str, links: dict[str, CustomerLink], report: PlanReport) -> str:
@@ -425,7 +425,7 @@ def plan_windows(ch: Any, cfg: BillingConfig, since: int, until: int, customer: 
 
     try:
         wanted = plan_customers(ch) if customer is None else [customer]
-    except Exception:  # noqa: BLE001 - no subscription_events table: no plans
+    except Exception:  # no subscription_events table: no plans
         return set(), {}
     if not wanted:
         return set(), {}

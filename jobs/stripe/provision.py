@@ -123,7 +123,7 @@ def provision(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, *, custo
     report = ProvisionReport()
     try:
         on_plans = plan_customers(ch)
-    except Exception:  # noqa: BLE001 - no subscription_events table: no plans
+    except Exception:  # no subscription_events table: no plans
         on_plans = []
     specs = meter_specs(cfg, root)
     existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}

@@ -268,7 +268,7 @@ def _has_plans(ch: Any) -> bool:
 
     try:
         return bool(plan_customers(ch))
-    except Exception:  # noqa: BLE001 - no subscription_events table
+    except Exception:  # no subscription_events table
         return False
 
 
@@ -296,7 +296,7 @@ def _customer_links(target: StripeTarget, ch: Any, cfg: BillingConfig, customers
 
         try:
             on_plans = set(plan_customers(ch))
-        except Exception:  # noqa: BLE001 - no subscription_events table yet
+        except Exception:  # no subscription_events table yet
             on_plans = set()
         missing = [c for c in missing if c not in on_plans]
     if missing and cfg.sync.auto_provision_customers:

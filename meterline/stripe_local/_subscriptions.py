@@ -110,7 +110,7 @@ def _label(ctx: Ctx, item: dict[str, Any]) -> str:
 
 
 def _day(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%d %b %Y")
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%d %b %Y")
 
 
 @route("POST", "/v1/subscriptions")
@@ -260,10 +260,10 @@ def update_subscription(ctx: Ctx, params: dict[str, Any], sid: str) -> dict[str,
                                  quantity=item["quantity"], proration=True, subscription_item=item["id"])
         for old in removed_metered:  # flexible mode: bill the usage reported so far at the old price
             lo = max(start, int(old.get("_usage_from", start)))
-            qty, cents = metered_cents(ctx, sub["customer"], old["price"], lo, t)
-            if qty == 0 and cents == 0:
+            qty, used_cents = metered_cents(ctx, sub["customer"], old["price"], lo, t)
+            if qty == 0 and used_cents == 0:
                 continue  # no usage reported under that price: nothing to bill
-            add_invoice_item(ctx, sub, cents, f"{_label(ctx, old)} usage {_day(lo)} – {_day(t)}", lo, t,
+            add_invoice_item(ctx, sub, used_cents, f"{_label(ctx, old)} usage {_day(lo)} – {_day(t)}", lo, t,
                              price=old["price"], quantity=qty, proration=False, subscription_item=old["id"])
     ctx.store.put("subscription", sub)
     if behavior == "always_invoice":

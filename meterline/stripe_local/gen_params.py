@@ -25,10 +25,10 @@ import json
 import re
 import sys
 import typing
-
-import typing_extensions
 from pathlib import Path
 from typing import Any
+
+import typing_extensions
 
 OUT = Path(__file__).with_name("stripe_params.json")
 MAX_DEPTH = 4  # deeper objects are recorded as "*" (not checked): none of them is used by meterline
@@ -77,7 +77,7 @@ def _resolve(annotation: Any, owner: type) -> Any:
     if isinstance(annotation, typing.ForwardRef):
         annotation = annotation.__forward_arg__
     if isinstance(annotation, str):
-        annotation = eval(annotation, dict(ns))  # noqa: S307 - the SDK's own generated type expressions
+        annotation = eval(annotation, dict(ns))  # the SDK's own generated type expressions
     while typing_extensions.get_origin(annotation) in (typing_extensions.NotRequired, typing_extensions.Required):
         annotation = typing_extensions.get_args(annotation)[0]
     if isinstance(annotation, (str, typing.ForwardRef)):
@@ -98,9 +98,9 @@ def _tree(tp: Any, depth: int, owner: type) -> Any:
                 merged.update(t)
             return merged
         return "*" if "*" in trees else None
-    if origin in (list, typing.List):
+    if origin is list:
         return _tree(typing.get_args(tp)[0], depth, owner)
-    if origin in (dict, typing.Dict) or getattr(origin, "__name__", "") == "UntypedStripeObject":
+    if origin is dict or getattr(origin, "__name__", "") == "UntypedStripeObject":
         return "*"
     if isinstance(tp, type) and typing_extensions.is_typeddict(tp):
         if depth >= MAX_DEPTH:

@@ -11,7 +11,7 @@ opened it, usage / prorations / true-up on the one that closed it.
 from __future__ import annotations
 
 import calendar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -27,7 +27,7 @@ from meterline.stripe_local import LocalStripe
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 from tests.jobs.conftest import HOUR, Usage
 
-NOV = int(datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp())  # a 30-day month: Nov 1 -> Dec 1
+NOV = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())  # a 30-day month: Nov 1 -> Dec 1
 DEC = NOV + 30 * 86400
 
 PLANS = """
