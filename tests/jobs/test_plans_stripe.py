@@ -236,6 +236,10 @@ def test_graduated_and_volume_tiers(ls: LocalStripe, target: StripeTarget, click
 
 def test_mid_period_upgrade_prorates_fee_and_allowance(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
                                                        usage: Usage, cfg: BillingConfig) -> None:
+    """Fee: Stripe's documented proration by seconds at ``proration_date``. Allowance: each segment
+    bills on a price whose free tier is its prorated share; this relies on a replaced metered
+    price's usage being cut at ``proration_date`` too (docs/stripe.md, "What the change mapping
+    assumes": not verified against live Stripe)."""
     start(ls, clickhouse, cfg, target, {"up": "basic"})
     client = target.client()
     change = NOV + 15 * 86400  # exactly half of the 30-day period
