@@ -28,18 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from meterline.config import Settings
+from meterline.console import make_console, markup_mode
 from meterline.errors import InputError, MeterlineError
 
 __all__ = ["bill_app", "plans_app", "register"]
 
-plans_app = typer.Typer(help="Subscription plans: load the catalog, subscribe, change, cancel, migrate.", no_args_is_help=True)
-bill_app = typer.Typer(help="Plan bills computed from meterline's own data.", no_args_is_help=True)
-_out = Console(width=None if sys.stdout.isatty() else 120)
-_err = Console(stderr=True)
+plans_app = typer.Typer(help="Subscription plans: load the catalog, subscribe, change, cancel, migrate, show.",
+                        no_args_is_help=True, rich_markup_mode=markup_mode())  # fmt: skip
+bill_app = typer.Typer(help="Plan bills computed from meterline's own data.", no_args_is_help=True,
+                       rich_markup_mode=markup_mode())  # fmt: skip
+_out = make_console()
+_err = make_console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
