@@ -20,10 +20,10 @@ def test_public_surface_is_pinned() -> None:
             "EVENT_TYPES", "INTERVALS", "ON_EXHAUSTED", "PICOS_PER_UNIT", "PLAN_KEY_PREFIX", "TOKEN_CLASSES",
             "Allowance", "AllowanceUse", "Band", "Bill", "BillLine", "Consumption", "ModelScope", "Overage",
             "Period", "PlanCatalog", "PlanFileError", "PlanVersion", "Rejected", "Run", "Segment", "Split",
-            "SubscriptionError", "SubscriptionEvent", "Terms", "TierStep", "Timeline", "Usage", "add_intervals",
+            "SubscriptionError", "SubscriptionEvent", "Terms", "TierStep", "Timeline", "Usage", "add_intervals", "allowance_remaining",
             "catalog_from_records", "consume", "decode_plan_record", "fold_timeline", "format_instant",
             "format_picos", "instant_of", "load_plan_catalog", "overage_price", "parse_event", "parse_instant",
-            "period_bounds", "period_index", "rate_period", "rate_periods", "round_total", "terms_at", "terms_for",
+            "period_bounds", "period_index", "policy_room", "rate_period", "rate_periods", "round_total", "terms_at", "terms_for",
             "version_conflicts",
         ]
     )  # fmt: skip
