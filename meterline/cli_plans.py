@@ -5,6 +5,7 @@ Wiring (meterline/cli.py): ``register(app)`` adds both sub-apps.
 - ``plans load FILE`` validates a plan file and publishes each version to the compacted ``plans``
   topic. Idempotent: identical versions already published are not sent again; a published
   ``plan@version`` is immutable (changing one is refused: publish a new version and migrate).
+- ``plans show CUSTOMER`` prints the folded timeline (runs, segments, rejected facts).
 - ``plans subscribe|change|cancel|migrate`` publish subscription facts to ``subscriptions``
   (keyed by customer). Each fact is first folded with the customer's published facts: one the
   timeline would reject (a change with no subscription, an unknown version...) is refused here
@@ -27,18 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from meterline.config import Settings
+from meterline.console import make_console, markup_mode
 from meterline.errors import InputError, MeterlineError
 
 __all__ = ["bill_app", "plans_app", "register"]
 
-plans_app = typer.Typer(help="Subscription plans: load the catalog, subscribe, change, cancel, migrate.", no_args_is_help=True)
-bill_app = typer.Typer(help="Plan bills computed from meterline's own data.", no_args_is_help=True)
-_out = Console(width=None if sys.stdout.isatty() else 120)
-_err = Console(stderr=True)
+plans_app = typer.Typer(help="Subscription plans: load the catalog, subscribe, change, cancel, migrate, show.",
+                        no_args_is_help=True, rich_markup_mode=markup_mode())  # fmt: skip
+bill_app = typer.Typer(help="Plan bills computed from meterline's own data.", no_args_is_help=True,
+                       rich_markup_mode=markup_mode())  # fmt: skip
+_out = make_console()
+_err = make_console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -273,6 +276,63 @@ def plans_migrate(
     _out.print(f"migrating {len(records)} subscriber(s) of {plan_id} to {plan_id}@{to}, each at its next period start")
     for s in skipped:
         _err.print(f"skipped {s}")
+
+
+@plans_app.command("show")
+def plans_show(
+    customer: str = typer.Argument(..., help="meterline customer id."),
+    fmt: str = typer.Option("table", "--format", help="table | json"),
+) -> None:
+    """A customer's subscription timeline as folded from its facts: runs, segments, the plan in
+    force now, and any fact the fold rejected (with the reason)."""
+    from meterline.plans import fold_timeline
+
+    if fmt not in ("table", "json"):
+        raise _fail(MeterlineError("--format must be table or json"), 2)
+    settings = _settings()
+    bootstrap, prefix = _kafka(settings)
+    try:
+        catalog = _published_catalog(bootstrap, prefix)
+        events = [e for e in _published_events(bootstrap, prefix) if e.customer_id == customer]
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+    timeline = fold_timeline(customer, events, catalog)
+    now = _now()
+    current = timeline.plan_at(now)
+    period = timeline.period_at(now)
+    doc = {
+        "customer_id": customer,
+        "plan": current.key if current is not None else None,
+        "current_period": None if period is None else {"start": _iso(period.start), "end": _iso(period.end)},
+        "runs": [
+            {
+                "anchor": _iso(r.anchor),
+                "interval": r.interval,
+                "end": None if r.end is None else _iso(r.end),
+                "cancelled": r.cancelled,
+                "segments": [
+                    {"plan": s.plan.key, "start": _iso(s.start), "end": None if s.end is None else _iso(s.end)}
+                    for s in r.segments
+                ],
+            }
+            for r in timeline.runs
+        ],
+        "facts": [e.to_json() for e in sorted(events, key=lambda e: (e.at, e.event_id))],
+        "rejected": [{"event_id": r.event.event_id, "reason": r.reason} for r in timeline.rejected],
+    }
+    if fmt == "json":
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    t = Table(title=f"{customer}: " + (f"on {doc['plan']} now" if current is not None else "no plan now (pay-per-token)"))
+    for col in ("plan", "from", "until", "run anchor", "interval"):
+        t.add_column(col)
+    for r in timeline.runs:
+        for seg in r.segments:
+            until = seg.end if seg.end is not None else r.end
+            t.add_row(seg.plan.key, _iso(seg.start), "" if until is None else _iso(until), _iso(r.anchor), r.interval)
+    _out.print(t)
+    for rej in doc["rejected"]:
+        _err.print(f"[yellow]rejected fact[/yellow] {rej['event_id']}: {rej['reason']}")
 
 
 # --------------------------------------------------------------------------- bill

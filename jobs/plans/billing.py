@@ -163,11 +163,14 @@ def _charge(client: Any, customer_id: str, start: int, stop: int) -> tuple[int, 
     return _picos(rows[0][0] or 0), (str(rows[0][1]) or None)
 
 
-def _bills(client: Any, timeline: Timeline, start: int, end: int) -> list[tuple[Period, Bill]]:
-    """Bills of the timeline's periods starting in ``[start, end)``; earlier periods of the same
+def _bills(client: Any, timeline: Timeline, start: int, end: int, *, overlapping: bool = False) -> list[tuple[Period, Bill]]:
+    """Bills of the timeline's periods starting in ``[start, end)`` (with ``overlapping``, when
+    none starts there, e.g. a yearly plan: the periods overlapping it); earlier periods of the same
     run are rated too when a plan in it rolls allowances over (rollover chains periods)."""
     periods = timeline.periods(end)
     wanted = [p for p in periods if start <= p.start < end]
+    if not wanted and overlapping:
+        wanted = [p for p in periods if p.start < end and p.stop > start]
     if not wanted:
         return []
     rolls = any(a.rollover_max is not None for p in periods for s in p.segments for a in s.plan.allowances)
@@ -177,40 +180,60 @@ def _bills(client: Any, timeline: Timeline, start: int, end: int) -> list[tuple[
     return [(p, b) for p, b in zip(chain, bills, strict=True) if p in wanted]
 
 
+def _gaps(timeline: Timeline, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``[start, end)`` in which the customer had no subscription (pay-per-token)."""
+    gaps, cur = [], start
+    for a, b in sorted((r.anchor, r.end if r.end is not None else end) for r in timeline.runs):
+        if a >= end or cur >= end:
+            break
+        if b <= cur:
+            continue
+        if a > cur:
+            gaps.append((cur, a))
+        cur = max(cur, b)
+    if cur < end:
+        gaps.append((cur, end))
+    return gaps
+
+
 def bill_preview(client: Any, customer_id: str, month: str) -> dict[str, Any]:
     """The JSON of ``meterline bill preview CUSTOMER --period YYYY-MM``: ``total`` (decimal
     string, rounded once), ``lines`` (kind, description, quantity, amount, ...), ``allowances``
-    (id, included, used, remaining, ...) and, per billing period, its own bill."""
+    (id, included, used, remaining, ...) and, per billing period, its own bill.
+
+    The bill is that of the customer's billing periods starting in the month (or, when none
+    does, the period overlapping it, e.g. a yearly plan), plus one ``usage`` line for the
+    pay-per-token usage of the calendar month that fell outside any subscription."""
     start, end = month_bounds(month)
     catalog = load_catalog(client)
     timeline = fold_timeline(customer_id, load_events(client, customer_id), catalog)
-    pairs = _bills(client, timeline, start, end)
-    doc: dict[str, Any] = {"customer_id": customer_id, "period": month}
-    if not pairs:
-        charge, currency = _charge(client, customer_id, start, end)
-        cur = currency or catalog.currency
-        doc.update({
-            "plan": None, "currency": cur, "total": str(round_total(charge, cur)), "subtotal": format_picos(charge),
-            "lines": [{"kind": "usage", "description": "pay-per-token usage at the customer's rate card", "plan": None,
-                       "ref": None, "quantity": format_picos(charge), "unit": "amount", "unit_price": None,
-                       "amount": format_picos(charge), "start": _iso(start), "end": _iso(end)}],
-            "allowances": [], "periods": [],
-        })  # fmt: skip
-        return doc
-    currency = pairs[0][1].currency
-    subtotal = sum(b.subtotal for _, b in pairs)
+    pairs = _bills(client, timeline, start, end, overlapping=True)
+    payg, payg_currency = 0, None
+    usage_lines: list[dict[str, Any]] = []
+    for a, b in _gaps(timeline, start, end):
+        charge, cur = _charge(client, customer_id, a, b)
+        payg, payg_currency = payg + charge, payg_currency or cur
+        if charge or not pairs:
+            usage_lines.append({
+                "kind": "usage", "description": "pay-per-token usage at the customer's rate card (no plan then)",
+                "plan": None, "ref": None, "quantity": format_picos(charge), "unit": "amount", "unit_price": None,
+                "amount": format_picos(charge), "start": _iso(a), "end": _iso(b),
+            })  # fmt: skip
+    currency = pairs[0][1].currency if pairs else (payg_currency or catalog.currency).upper()
+    subtotal = sum(b.subtotal for _, b in pairs) + payg
     bills = [b.to_json() for _, b in pairs]
-    doc.update({
-        "plan": pairs[-1][0].segments[-1].plan.key if pairs[-1][0].segments else None,
+    return {
+        "customer_id": customer_id,
+        "period": month,
+        "plan": pairs[-1][0].segments[-1].plan.key if pairs else None,
         "currency": currency,
         "total": str(round_total(subtotal, currency)),
         "subtotal": format_picos(subtotal),
-        "lines": [line for b in bills for line in b["lines"]],
+        "lines": usage_lines + [line for b in bills for line in b["lines"]],
         "allowances": [a for b in bills for a in b["allowances"]],
         "periods": bills,
         "rejected_facts": [{"event_id": r.event.event_id, "reason": r.reason} for r in timeline.rejected],
-    })  # fmt: skip
-    return doc
+    }
 
 
 def _iso(seconds: int) -> str:

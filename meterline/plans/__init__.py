@@ -14,7 +14,9 @@ Live burn-down (the credit agent; the same code the bill runs):
     terms = terms_at(timeline, event_at, rollover_in)   # None: no plan then, pay-per-token
     consumption, split = consume(terms, consumption, Usage(provider, model, tokens, charge))
     # split.allowance: drawn per allowance; split.overage_amount: picos to debit from prepaid
-    # grants, then the plan's on_exhausted policy (allow | block | cap).
+    # grants, then the plan's on_exhausted policy (allow | block | cap):
+    allowance_remaining(terms, consumption)   # what status shows / authorize reserves against
+    policy_room(terms, invoiced_overage)      # None: unlimited; else picos left before blocking
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ from meterline.plans._rating import (
     Split,
     Terms,
     Usage,
+    allowance_remaining,
     consume,
     overage_price,
+    policy_room,
     rate_period,
     rate_periods,
     terms_at,
@@ -102,6 +106,7 @@ __all__ = [
     "Timeline",
     "Usage",
     "add_intervals",
+    "allowance_remaining",
     "catalog_from_records",
     "consume",
     "decode_plan_record",
@@ -115,6 +120,7 @@ __all__ = [
     "parse_instant",
     "period_bounds",
     "period_index",
+    "policy_room",
     "rate_period",
     "rate_periods",
     "round_total",

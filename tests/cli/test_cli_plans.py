@@ -106,6 +106,10 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         assert "recorded" in _run(env, "plans", "change", "plan-up", "max", "--at", half.strftime("%Y-%m-%dT%H:%M:%SZ")).stdout
         assert "recorded" in _run(env, "plans", "cancel", "plan-flat", "--at-period-end").stdout
         early = int(first.timestamp()) * 1000 + 3_600_000  # in the first half, whatever today is
+        shown = json.loads(_run(env, "plans", "show", "plan-up", "--format", "json").stdout)
+        assert [s["plan"] for s in shown["runs"][0]["segments"]] == ["pro@1", "max@1"] and shown["rejected"] == []
+        assert shown["runs"][0]["segments"][1]["start"] == half.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert "pro@1" in _run(env, "plans", "show", "plan-7m").stdout
         at = int(now.timestamp()) * 1000 - 60_000  # a minute ago: inside the period that began on the 1st
         at = max(at, int(datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()) * 1000)
         usage = [
