@@ -51,6 +51,9 @@ dead_app = typer.Typer(
     rich_markup_mode=markup_mode(),
 )
 app.add_typer(dead_app, name="dead-letters")
+from meterline.cli_plans import register as register_plans  # noqa: E402 - `meterline plans ...` and `meterline bill ...`
+
+register_plans(app)
 
 # Off a terminal (CI logs, `| tee`, a file) nothing is wrapped and tables come out whole: meterline.console.
 console = make_console()

@@ -199,7 +199,15 @@ class Runtime:
             self.settings.topic("ledger-entries"),
             _LockedClient(self.clickhouse, self.clickhouse_lock),
         )
-        for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink)):
+        from pipeline.plans_sink import PlanCatalogSink, SubscriptionSink
+
+        plan_sinks = [
+            ("meterline-plans-sink", PlanCatalogSink(self.settings.kafka_bootstrap, f"{self.settings.topic_prefix}plans-sink",
+                                                     self.settings.topic("plans"), _LockedClient(self.clickhouse, self.clickhouse_lock))),
+            ("meterline-subscriptions-sink", SubscriptionSink(self.settings.kafka_bootstrap, f"{self.settings.topic_prefix}subscriptions-sink",
+                                                              self.settings.topic("subscriptions"), _LockedClient(self.clickhouse, self.clickhouse_lock))),
+        ]  # fmt: skip
+        for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink), *plan_sinks):
             t = threading.Thread(target=sink.run, args=(self._stop,), name=name, daemon=True)
             t.start()
             self._threads.append(t)

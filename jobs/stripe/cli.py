@@ -107,7 +107,7 @@ def provision_command(
 
     with _context(config) as (_settings_, cfg, target, ch):
         wanted = set(customer) | (set(usage_customers(ch)) if all_customers else set())
-        report = provision(target.client(), ch, cfg, customers=sorted(wanted))
+        report = provision(target.client(), ch, cfg, customers=sorted(wanted), now=target.now())
     report_result(report)
     cio = current_io()
     cio.out.print(f"created {len(report.created)}: {', '.join(report.created) or '-'}")
@@ -130,7 +130,8 @@ def sync_command(
 
     cio = current_io()
     with _context(config) as (_settings_, cfg, target, ch):
-        s = sync(target, ch, cfg, now=now, progress=progress and cio.err.file.isatty())
+        s = sync(target, ch, cfg, now=now if now is not None else target.now(),
+                 progress=progress and cio.err.file.isatty())
     report_result(s)
     t = Table(title=f"stripe sync ({cfg.mode} mode, {s.transport})")
     for col in ("windows", "planned", "resent", "sent", "acked", "carried", "retries", "too old", "failed"):
@@ -138,6 +139,10 @@ def sync_command(
     t.add_row(*(str(x) for x in (s.windows, s.planned, s.resent, s.sent, s.acked, s.carried, s.retries,
                                  len(s.too_old), len(s.failed))))  # fmt: skip
     cio.out.print(t)
+    for line in s.plan_updates:
+        cio.out.print(f"plan subscription {line}")
+    for marker in s.true_ups:
+        cio.out.print(f"minimum commitment true-up added: {marker}")
     for p in s.too_old:
         cio.err.print(f"[yellow]too old (not invoiced):[/yellow] {p.identifier} amount {p.amount}")
     for p in s.failed:

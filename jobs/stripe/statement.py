@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import html
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -24,6 +24,7 @@ from meterline.allocation import RULE, allocate
 
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 CSV_COLUMNS = ("day", "project", "provider", "model", "currency", "events", "requests", *TOKEN_COLUMNS, "charge")
+PLAN_CSV_COLUMNS = ("period_start", "kind", "description", "quantity", "unit_price", "amount")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +40,26 @@ class StatementLine:
     charge: Decimal
 
 
+@dataclass(frozen=True, slots=True)
+class PlanLine:
+    """One line of a plan bill (``meterline bill preview``) for a billing period in the statement."""
+
+    period_start: int
+    kind: str
+    description: str
+    quantity: str
+    unit_price: str
+    amount: Decimal  # exact currency units
+
+
 @dataclass(frozen=True)
 class Statement:
     customer_id: str
     start: int
     end: int
     lines: list[StatementLine]
+    plan_lines: list[PlanLine] = field(default_factory=list)  # bills of plan periods starting in [start, end)
+    plan_total: Decimal | None = None  # the plan bills' total, rounded once (None: no plan period)
 
     def totals(self) -> dict[str, Decimal]:
         out: dict[str, Decimal] = {}
@@ -90,7 +105,27 @@ def build_statement(ch: Any, customer: str, start: int, end: int) -> Statement:
     rows = ch.query(sql, parameters={"c": customer, "s": utc(start), "e": utc(end)}).result_rows
     lines = [StatementLine(r[0], r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), tuple(int(x) for x in r[7:12]),  # type: ignore[arg-type]
                            Decimal(r[12])) for r in rows]  # fmt: skip
-    return Statement(customer, start, end, lines)
+    plan_lines, plan_total = _plan_bills(ch, customer, start, end)
+    return Statement(customer, start, end, lines, plan_lines, plan_total)
+
+
+def _plan_bills(ch: Any, customer: str, start: int, end: int) -> tuple[list[PlanLine], Decimal | None]:
+    """The plan bills (the plans domain's, as ``bill preview``) of periods starting in ``[start, end)``."""
+    from jobs.plans.billing import _bills, load_catalog, load_events
+    from meterline.plans import fold_timeline, round_total
+
+    try:
+        events = load_events(ch, customer)
+    except Exception:  # no plans tables: a pay-per-token deployment
+        return [], None
+    if not events:
+        return [], None
+    pairs = _bills(ch, fold_timeline(customer, events, load_catalog(ch)), start, end)
+    if not pairs:
+        return [], None
+    out = [PlanLine(p.start, ln.kind, ln.description, ln.quantity, ln.unit_price or "", Decimal(ln.amount).scaleb(-12))
+           for p, bill in pairs for ln in bill.lines]  # fmt: skip
+    return out, round_total(sum(b.subtotal for _, b in pairs), pairs[0][1].currency)
 
 
 def render_csv(st: Statement) -> str:
@@ -100,11 +135,32 @@ def render_csv(st: Statement) -> str:
     for ln in st.lines:
         w.writerow([ln.day.isoformat(), ln.project, ln.provider, ln.model, ln.currency, ln.events, ln.requests,
                     *ln.tokens, format(ln.charge, "f")])  # fmt: skip
+    if st.plan_lines:  # a second table after one blank line: the plan bill lines, exact amounts
+        w.writerow([])
+        w.writerow(PLAN_CSV_COLUMNS)
+        for pl in st.plan_lines:
+            w.writerow([utc(pl.period_start).isoformat(), pl.kind, pl.description, pl.quantity, pl.unit_price,
+                        format(pl.amount, "f")])  # fmt: skip
+        w.writerow(["", "total", "", "", "", format(st.plan_total, "f")])
     return buf.getvalue()
 
 
 def _cents(d: Decimal) -> str:
     return money(d)
+
+
+def _plan_html(st: Statement) -> str:
+    """The plan bill lines (fee, allowances, overage per tier, true-up, credit) and their total."""
+    if not st.plan_lines:
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(f'{utc(pl.period_start):%Y-%m-%d}')}</td><td>{e(pl.kind)}</td><td>{e(pl.description)}</td>"
+        f"<td>{e(pl.quantity)}</td><td>{e(pl.unit_price)}</td><td>{e(format(pl.amount, 'f'))}</td></tr>"
+        for pl in st.plan_lines)  # fmt: skip
+    head = "".join(f"<th>{e(c.replace('_', ' '))}</th>" for c in PLAN_CSV_COLUMNS)
+    return (f"<h2>Plan</h2><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            f"<p>Plan total <b>{e(format(st.plan_total, 'f'))}</b> (rounded once; exact line amounts above).</p>")
 
 
 def render_html(st: Statement) -> str:
@@ -151,6 +207,7 @@ tr.total td{{font-weight:bold}}.rule{{font-size:12px;color:#444;max-width:60em}}
 <h1>Usage statement</h1>
 <p>Customer <b>{e(st.customer_id)}</b>, period {e(period)}. Generated {generated}.</p>
 <h2>Total</h2><ul>{totals or "<li>0.00</li>"}</ul>
+{_plan_html(st)}
 <h2>Spend</h2>
 {"".join(charts) or "<p>No usage in this period.</p>"}
 <h2>Detail</h2>

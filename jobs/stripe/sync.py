@@ -73,6 +73,8 @@ class SyncSummary:
     shrunk: list[str] = field(default_factory=list)  # windows whose usage went DOWN (cannot un-push)
     unmapped: list[str] = field(default_factory=list)  # customers / models with no Stripe mapping
     other_currency_events: int = 0
+    plan_updates: list[str] = field(default_factory=list)  # plan subscriptions created / updated
+    true_ups: list[str] = field(default_factory=list)  # minimum-commitment true-ups added ("customer:period")
 
     @property
     def ok(self) -> bool:
@@ -101,7 +103,12 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
         where += " AND customer_id = {customer:String}"
         params["customer"] = customer
     ws = "intDiv(toUnixTimestamp(occurred_at), {w:UInt32}) * {w:UInt32}"
-    out: dict[UsageKey, Decimal] = {}
+    from jobs.stripe.plans import plan_windows
+
+    plan_customers, out = plan_windows(ch, cfg, since, until, customer)  # plan customers: their own buckets
+    if plan_customers:
+        where += " AND customer_id NOT IN {plan_customers:Array(String)}"
+        params["plan_customers"] = sorted(plan_customers)
     if summary is not None:
         summary.other_currency_events = int(ch.query(
             f"SELECT count() FROM usage_priced FINAL WHERE {where} AND lower(currency) != {{cur:String}}", parameters=params
@@ -139,7 +146,9 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
 def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: int, since: int,
          summary: SyncSummary) -> list[Push]:  # fmt: skip
     """New revisions for every window whose usage grew since it was last planned (not yet stored)."""
-    scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
+    from jobs.stripe.plans import PLAN_EVENT
+
+    cost_scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
     by_key: dict[UsageKey, list[Push]] = defaultdict(list)
     for p in load_pushes(ch, since=since):
         by_key[(p.customer_id, p.meter, p.window_start)].append(p)
@@ -163,6 +172,7 @@ def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: in
             push = Push(cust, meter, ws, rev, ident, seq, delta, 0, before, TOO_OLD,
                         f"window older than {cfg.sync.max_age_seconds}s: Stripe refuses it")  # fmt: skip
         else:
+            scale = Decimal(1) if meter == PLAN_EVENT else cost_scale  # the plan meter counts tokens
             exact = delta * scale + before
             value = int(exact.to_integral_value(rounding=ROUND_FLOOR))
             push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
@@ -247,13 +257,50 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
         summary.retries = sender.retries
         if bar is not None:
             bar.stop()
+    if _has_plans(ch):  # after the pushes: a plan change bills the replaced price's usage reported so far
+        from jobs.stripe.plans import true_ups
+
+        _apply_plans(target, ch, cfg, now, summary)
+        summary.true_ups = true_ups(target.client(), ch, cfg)
     return summary
+
+
+def _has_plans(ch: Any) -> bool:
+    from jobs.stripe.plans import plan_customers
+
+    try:
+        return bool(plan_customers(ch))
+    except Exception:  # no subscription_events table
+        return False
+
+
+def _apply_plans(target: StripeTarget, ch: Any, cfg: BillingConfig, now: int, summary: SyncSummary) -> None:
+    """Keep plan subscriptions in step with the timeline (a change since the last run) before pushing."""
+    if not (cfg.sync.auto_provision_customers and _has_plans(ch)):
+        return
+    from jobs.stripe.plans import PLAN_METER, apply_plans
+    from jobs.stripe.provision import ProvisionReport, _ensure_meter
+
+    client = target.client()
+    existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
+    meter_id = _ensure_meter(client, PLAN_METER, existing, ProvisionReport())
+    report = apply_plans(client, ch, cfg, meter_id, now=now)
+    summary.plan_updates = report.created + report.updated
+    summary.unmapped.extend(report.unmapped)
 
 
 def _customer_links(target: StripeTarget, ch: Any, cfg: BillingConfig, customers: set[str], root: Path,
                     summary: SyncSummary) -> dict[str, str]:  # fmt: skip
     links = {cid: link.stripe_customer_id for cid, link in load_customers(ch).items() if cid in customers}
     missing = sorted(customers - set(links))
+    if missing:  # a plan customer gets its plan subscription from `provision`, never the pay-per-token one
+        from jobs.stripe.plans import plan_customers
+
+        try:
+            on_plans = set(plan_customers(ch))
+        except Exception:  # no subscription_events table yet
+            on_plans = set()
+        missing = [c for c in missing if c not in on_plans]
     if missing and cfg.sync.auto_provision_customers:
         from jobs.stripe.provision import ensure_customers, price_ids
 
