@@ -394,9 +394,11 @@ def _query(settings: Settings, query: str, parameters: dict[str, Any] | None = N
         key = (settings.data_dir / "admin.key").read_text().strip()
         out = ApiClient(info["api_url"], key).sql(query, "json", parameters)
         return list(out["columns"]), [tuple(r) for r in out["rows"]]
+    from meterline.analytics import SqlLimits
     from meterline.stack.clickhouse import connect
 
-    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters)
+    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters,
+                        limits=SqlLimits.from_settings(settings))
 
 
 @app.command()

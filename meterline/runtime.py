@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from meterline.config import Settings
+from meterline.private import PRIVATE_UMASK, private_dir, write_private
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect
 from meterline.stack.topics import ensure_topics
@@ -68,13 +69,17 @@ class Runtime:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.log_dir = settings.data_dir / "logs"
+        self._umask: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self, *, on_step: Callable[[str], None] | None = None) -> Runtime:
         step = on_step or (lambda s: log.info(s))
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Billing data is private to this user (meterline.private): everything `up` and its child
+        # processes create from here on is 0600/0700.
+        self._umask = os.umask(PRIVATE_UMASK)
+        private_dir(self.settings.data_dir)
+        private_dir(self.log_dir)
         try:
             if not self.settings.kafka_bootstrap:
                 step("starting the embedded Kafka-protocol broker (Tansu, memory only)")
@@ -153,6 +158,9 @@ class Runtime:
                 except Exception:  # noqa: BLE001 - closing on the way out
                     pass
         (self.settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+        if self._umask is not None:
+            os.umask(self._umask)
+            self._umask = None
 
     @property
     def commands(self) -> Any:
@@ -216,8 +224,7 @@ class Runtime:
             self.admin_key = admin_file.read_text().strip()
         else:
             _, self.admin_key = keys.create(None, role="admin")
-            admin_file.write_text(self.admin_key + "\n")
-            os.chmod(admin_file, 0o600)
+            write_private(admin_file, self.admin_key + "\n")  # 0600 from creation, never briefly wider
         producer = UsageProducer(
             self.settings.kafka_bootstrap,
             self.settings.topic("usage-events"),
@@ -294,7 +301,7 @@ class Runtime:
             "topic_prefix": self.settings.topic_prefix,
             "api_url": self.api_server.url if self.api_server else None,
         }
-        (self.settings.data_dir / RUNTIME_FILE).write_text(json.dumps(info))
+        write_private(self.settings.data_dir / RUNTIME_FILE, json.dumps(info))
 
     @contextmanager
     def query_client(self) -> Iterator[Any]:

@@ -43,6 +43,7 @@ from jobs.stripe._config import DEFAULT_CONFIG, BillingConfig, StripeTarget, loa
 from meterline.config import Settings
 from meterline.console import capture_console, make_console, markup_mode
 from meterline.errors import MeterlineError
+from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,10 @@ def _context(config: Path) -> Iterator[tuple[Settings, BillingConfig, StripeTarg
     target = target_from_settings(settings)
     local = None
     if target is None:
+        from meterline.private import private_dir
         from meterline.stripe_local import LocalStripe
 
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        local = LocalStripe(settings.data_dir / "stripe.sqlite")
+        local = LocalStripe(private_dir(settings.data_dir) / "stripe.sqlite")
         target = StripeTarget.local(local.url)
         _io().err.print(f"[dim]no Stripe key: using the local Stripe server ({settings.data_dir / 'stripe.sqlite'})[/dim]")
     try:
@@ -262,6 +263,13 @@ def statement_command(
     from jobs.stripe.statement import build_statement, render_csv, render_html
     from meterline.stack.clickhouse import connect
 
+    if not is_customer_id(customer):  # it lands in file names, HTML and CSV: the contract's form only
+        raise _fail(MeterlineError(f"bad customer id {escape(repr(customer[:64]))}: {CUSTOMER_ID_RULE}"), 2)
+    if out is not None and _IO.get() is not None:
+        # Inside `meterline up` (POST /v1/admin/run): output goes back to the caller, never to a
+        # path on the server. The CLI that forwarded the command writes --out on its own side.
+        raise _fail(MeterlineError("--out is not available inside meterline up: the statement is returned "
+                                   "to the caller, which writes the file"), 2)  # fmt: skip
     remote = _forward_to_up(ctx, "statement", keep_local=("out",))
     if remote is not None:
         if out is None or remote.exit_code != 0:

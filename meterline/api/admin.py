@@ -14,7 +14,10 @@ Route
 
 - ``argv[0]`` must be ``stripe`` followed by one of its commands (provision, sync, grants,
   reconcile) or ``statement``; anything else is 400 ``command_not_allowed``. ``--help`` is 400
-  ``help_not_available`` (run it locally). ``width`` is the console width the output is rendered
+  ``help_not_available`` (run it locally). ``statement --out`` is 400 ``option_not_allowed``:
+  nothing run here writes to a path the caller chose; the statement comes back in ``stdout`` and
+  the CLI writes ``--out`` on the caller's machine (the command itself refuses ``--out`` when run
+  inside ``up``, exit 2). The customer argument must have the contract's customer-id form. ``width`` is the console width the output is rendered
   for (20–1000, default 100); ``color`` asks for ANSI colours.
 - The command runs in a worker thread, never on the event loop, with this service's settings
   (its ClickHouse, its Stripe key or local Stripe server, its Kafka) — not the caller's
@@ -106,6 +109,10 @@ class CommandRunner:
                 raise InputError(f"'stripe' needs one of its commands: {', '.join(names)}",
                                  reason_code="command_not_allowed", field="argv")  # fmt: skip
         options = argv[: argv.index("--")] if "--" in argv else argv
+        if argv[0] == "statement" and any(a == "--out" or a.startswith("--out=") for a in options):
+            raise InputError("--out would write a file on the server: the statement is returned in 'stdout' "
+                             "(the meterline CLI writes --out on the caller's side)",
+                             reason_code="option_not_allowed", field="argv")  # fmt: skip
         if "--help" in options:
             raise InputError("--help is not available through the API: run it locally",
                              reason_code="help_not_available", field="argv")  # fmt: skip
