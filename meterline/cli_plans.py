@@ -116,9 +116,13 @@ def _published_events(bootstrap: str, prefix: str) -> list[Any]:
 def _record_fact(event: Any) -> None:
     """Fold ``event`` with the customer's published facts; refuse it if the timeline would, else
     publish it (a fact already published is reported and not sent again)."""
-    from meterline.plans import SubscriptionEvent, fold_timeline
+    from meterline.plans import SubscriptionEvent, fold_timeline, parse_event
     from pipeline.publish import publish_records
 
+    try:
+        parse_event(event.to_json())  # the checks every reader applies (customer id form, ...)
+    except MeterlineError as exc:
+        raise _fail(exc, 2) from exc
     settings = _settings()
     bootstrap, prefix = _kafka(settings)
     try:
