@@ -99,7 +99,7 @@ def parse_event(data: Any) -> SubscriptionEvent:
     plan_id = data.get("plan_id")
     version = data.get("version")
     if typ in ("subscribed", "changed", "migrated"):
-        if not isinstance(plan_id, str) or not PLAN_ID_RE.match(plan_id):
+        if not isinstance(plan_id, str) or not PLAN_ID_RE.fullmatch(plan_id):
             raise SubscriptionError(f"subscription event: {typ} needs a plan_id", field="plan_id")
     elif plan_id is not None or version is not None:
         raise SubscriptionError("subscription event: cancelled takes no plan_id or version", field="plan_id")
