@@ -25,18 +25,18 @@ their own client of the same engine.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from meterline.config import Settings
+from meterline.discovery import RuntimeInfo, remove_runtime_info, write_runtime_info
 from meterline.private import PRIVATE_UMASK, private_dir, write_private
+from meterline.metrics import STRIPE_SYNC_RUNS
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect
 from meterline.stack.topics import ensure_topics
@@ -45,7 +45,6 @@ from pipeline.workers import WorkerProcess
 log = logging.getLogger(__name__)
 sync_log = logging.getLogger("meterline.stripe_sync")  # `meterline up` shows it at INFO
 
-RUNTIME_FILE = "runtime.json"
 
 
 class Runtime:
@@ -98,9 +97,10 @@ class Runtime:
                 self.workers.append(WorkerProcess(self.settings, name=f"worker-{i}", log_dir=self.log_dir).start())
             step("starting the ClickHouse sink")
             self._start_sink()
+            from jobs.stripe.cli import run_captured, stripe_subcommands
             from meterline.api.admin import CommandRunner
 
-            self.cli_runner = CommandRunner(self.settings)
+            self.cli_runner = CommandRunner(self.settings, run=run_captured, stripe_commands=stripe_subcommands())
             if self.with_api:
                 self._start_api()
                 step(f"API listening on {self.api_server.url}")
@@ -157,7 +157,7 @@ class Runtime:
                     self.clickhouse.close()
                 except Exception:  # noqa: BLE001 - closing on the way out
                     pass
-        (self.settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+        remove_runtime_info(self.settings.data_dir, only_if_pid=os.getpid())
         if self._umask is not None:
             os.umask(self._umask)
             self._umask = None
@@ -285,23 +285,24 @@ class Runtime:
         try:
             result = self.cli_runner.run(["stripe", "sync", "--no-progress"], wait_s=0, width=1000)
         except RunnerBusy as exc:
+            STRIPE_SYNC_RUNS.labels("skipped").inc()
             sync_log.info("stripe sync: skipped, `meterline %s` is running", exc.running)
             return None
         except Exception as exc:  # noqa: BLE001 - a periodic job must never take `up` down
+            STRIPE_SYNC_RUNS.labels("failed").inc()
             sync_log.error("stripe sync: failed: %s: %s", type(exc).__name__, exc, exc_info=True)
             return None
+        STRIPE_SYNC_RUNS.labels("ok" if result.exit_code == 0 else "failed").inc()
         sync_log.log(logging.INFO if result.exit_code == 0 else logging.WARNING, "%s",
                      sync_summary_line(result, time.monotonic() - started))  # fmt: skip
         return result
 
     def _write_runtime_file(self) -> None:
-        info = {
-            "pid": os.getpid(),
-            "kafka_bootstrap": self.settings.kafka_bootstrap,
-            "topic_prefix": self.settings.topic_prefix,
-            "api_url": self.api_server.url if self.api_server else None,
-        }
-        write_private(self.settings.data_dir / RUNTIME_FILE, json.dumps(info))
+        write_runtime_info(self.settings.data_dir, RuntimeInfo(
+            pid=os.getpid(), kafka_bootstrap=self.settings.kafka_bootstrap, topic_prefix=self.settings.topic_prefix,
+            api_url=self.api_server.url if self.api_server else None,
+            metrics_url=f"{self.api_server.url}/metrics" if self.api_server else None,
+            worker_metrics_dir=str(self.settings.data_dir / "metrics")))
 
     @contextmanager
     def query_client(self) -> Iterator[Any]:
@@ -342,17 +343,3 @@ class _LockedClient:
                 return attr(*args, **kwargs)
 
         return call
-
-
-def read_runtime_file(data_dir: Path) -> dict[str, Any] | None:
-    """The running ``meterline up``'s addresses, if one is running for this data_dir."""
-    path = data_dir / RUNTIME_FILE
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(int(info["pid"]), 0)
-    except (OSError, KeyError, ValueError):
-        return None
-    return info

@@ -46,6 +46,7 @@ import meterline
 from meterline.alerts._signing import ALERT_ID_HEADER, SIGNATURE_HEADER, sign
 from meterline.alerts._store import DeliveredStore
 from meterline.errors import ConfigError
+from meterline.metrics import ALERT_DELIVERIES
 
 log = logging.getLogger(__name__)
 
@@ -232,16 +233,19 @@ class WebhookDispatcher:
             if problem is None:
                 self.store.record(alert_id, url, "delivered", attempt)
                 self.delivered += 1
+                ALERT_DELIVERIES.labels("delivered").inc()
                 log.info("alerts: delivered alert_id=%s to %s (attempt %d)", alert_id, _safe_url(url), attempt)
                 return True
             age_s = time.time() - at_ms / 1000
             if age_s > self.max_age_s:
                 self.store.record(alert_id, url, "dead", attempt)
                 self.dead += 1
+                ALERT_DELIVERIES.labels("dead").inc()
                 log.error("alerts: giving up alert_id=%s to %s after %d attempts (%s; alert %.0fs old)",
                           alert_id, _safe_url(url), attempt, problem, age_s)
                 return True
             delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(attempt - 1, 30))
+            ALERT_DELIVERIES.labels("retry").inc()
             log.warning("alerts: alert_id=%s to %s failed (%s), attempt %d; retrying in %.2fs",
                         alert_id, _safe_url(url), problem, attempt, delay)
             if stop.wait(delay):

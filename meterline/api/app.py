@@ -73,9 +73,11 @@ import meterline
 from meterline.analytics import SqlLimits
 from meterline.api.auth import ApiError, error_response, require_admin, require_key
 from meterline.api.body import parse_json, read_body
+from meterline.api.console import console_routes
 from meterline.api.keys import KeyRecord, KeyStore
 from meterline.config import Settings
 from meterline.errors import ClickHouseUnavailable, InputError, InvalidEvent, TransientError
+from meterline.metrics import INGEST_EVENTS, metrics_endpoint
 
 __all__ = ["MAX_BODY_BYTES", "MAX_EVENTS", "MAX_SQL_BODY_BYTES", "ClickHouseAccess", "create_api"]
 
@@ -286,6 +288,9 @@ async def _post_events(request: Request) -> Response:
     accepted = sum(1 for r in results if r["status"] == "accepted")
     duplicates = sum(1 for r in results if r["status"] == "duplicate_id_in_batch")
     rejected = len(results) - accepted - duplicates
+    for status, n in (("accepted", accepted), ("duplicate_id_in_batch", duplicates), ("rejected", rejected)):
+        if n:
+            INGEST_EVENTS.labels(status).inc(n)
     log.info("ingest key_id=%s accepted=%d rejected=%d duplicates=%d", key.key_id, accepted, rejected, duplicates)
     return _Utf8JSON({"accepted": accepted, "rejected": rejected, "duplicates": duplicates, "results": results})
 
@@ -378,6 +383,8 @@ def create_api(
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/v1/events", _post_events, methods=["POST"]),
         Route("/v1/sql", _post_sql, methods=["POST"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *console_routes(),
         *(extra_routes or ()),
     ]
     app = Starlette(

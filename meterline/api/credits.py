@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -49,6 +50,7 @@ from meterline.credits_client import (
     void_command,
 )
 from meterline.errors import InputError, TransientError
+from meterline.metrics import AUTHORIZE_SECONDS
 
 __all__ = ["AUTHORIZE_TIMEOUT_S", "MAX_BODY_BYTES", "credit_routes"]
 
@@ -113,12 +115,14 @@ def credit_routes(
         require_customer(key, command["customer_id"])
         rid = command["request_id"]
         customer_id = command["customer_id"]
+        started = time.monotonic()
         fut = replies.register(customer_id, rid)  # before publishing: the reply may come back fast
         try:
             await publish(command)
             try:
                 reply = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), authorize_timeout_s)
             except asyncio.TimeoutError:
+                AUTHORIZE_SECONDS.labels("timeout").observe(time.monotonic() - started)
                 log.warning("authorize: no reply for request_id=%s customer_id=%s within %gs",
                             rid, command["customer_id"], authorize_timeout_s)
                 raise ApiError(
@@ -138,6 +142,7 @@ def credit_routes(
         if out["decision"] not in ("allow", "deny"):
             log.error("authorize: malformed reply for request_id=%s: decision=%r", rid, out["decision"])
             raise ApiError(502, "bad_reply", "the credit service sent a malformed reply; the request is NOT authorized")
+        AUTHORIZE_SECONDS.labels(out["decision"]).observe(time.monotonic() - started)
         log.info("authorize key_id=%s customer_id=%s request_id=%s decision=%s reason=%s",
                  key.key_id, command["customer_id"], rid, out["decision"], out["reason"])
         return JSONResponse(out)
