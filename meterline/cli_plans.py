@@ -67,7 +67,7 @@ def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
 
 
 def _kafka(settings: Settings) -> tuple[str, str]:
-    from meterline.cli_credits import kafka_bootstrap
+    from meterline.discovery import kafka_bootstrap
 
     try:
         return kafka_bootstrap(settings)
@@ -116,9 +116,13 @@ def _published_events(bootstrap: str, prefix: str) -> list[Any]:
 def _record_fact(event: Any) -> None:
     """Fold ``event`` with the customer's published facts; refuse it if the timeline would, else
     publish it (a fact already published is reported and not sent again)."""
-    from meterline.plans import SubscriptionEvent, fold_timeline
+    from meterline.plans import SubscriptionEvent, fold_timeline, parse_event
     from pipeline.publish import publish_records
 
+    try:
+        parse_event(event.to_json())  # the checks every reader applies (customer id form, ...)
+    except MeterlineError as exc:
+        raise _fail(exc, 2) from exc
     settings = _settings()
     bootstrap, prefix = _kafka(settings)
     try:
@@ -343,16 +347,15 @@ class _ReadClient:
     read-only SQL API when it runs (it owns the embedded engine), else straight to ClickHouse."""
 
     def __init__(self, settings: Settings) -> None:
-        from meterline.runtime import read_runtime_file
+        from meterline.discovery import running_api
 
         self._api: Any = None
         self._client: Any = None
-        info = read_runtime_file(settings.data_dir)
-        key_file = settings.data_dir / "admin.key"
-        if info and info.get("api_url") and key_file.exists():
+        api = running_api(settings.data_dir)
+        if api is not None:
             from meterline.api.client import ApiClient
 
-            self._api = ApiClient(info["api_url"], key_file.read_text().strip())
+            self._api = ApiClient(*api)
         else:
             from meterline.stack.clickhouse import connect
 
@@ -372,6 +375,8 @@ class _ReadClient:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if self._api is not None:
+            self._api.close()
 
 
 @bill_app.command("preview")

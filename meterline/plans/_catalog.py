@@ -47,7 +47,7 @@ TOKEN_CLASSES: tuple[str, ...] = ("input", "output", "cached_input", "cache_writ
 ON_EXHAUSTED: tuple[str, ...] = ("allow", "block", "cap")
 MAX_NAME_LEN = 128
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+PLAN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 _TOP_KEYS = frozenset({"currency", "plans"})
 _PLAN_KEYS = frozenset(
@@ -283,7 +283,7 @@ def _check_keys(entry: Any, allowed: frozenset[str], where: str) -> Mapping[str,
 
 
 def _ident(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not PLAN_ID_RE.fullmatch(value):
         raise PlanFileError(
             f"{where}: expected an id of letters, digits, '_', '.', '-' (at most 128, not starting with a symbol), got {value!r}",
             field=where,
@@ -298,7 +298,7 @@ def _name(value: Any, where: str) -> str:
 
 
 def parse_currency(value: Any, where: str = "currency") -> str:
-    if not isinstance(value, str) or not _CURRENCY_RE.match(value):
+    if not isinstance(value, str) or not _CURRENCY_RE.fullmatch(value):
         raise PlanFileError(f"{where}: expected an ISO 4217 code such as USD, got {value!r}", field=where)
     return value
 

@@ -51,3 +51,11 @@ def test_plans_load_rejects_a_bad_file_before_touching_kafka(tmp_path: Path) -> 
     proc = subprocess.run([METERLINE, "plans", "load", str(bad)], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "plans[0].fee" in proc.stderr and "negative" in proc.stderr
+
+
+def test_plans_subscribe_rejects_a_bad_customer_id_before_touching_kafka(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
+    env["METERLINE_DATA_DIR"] = str(tmp_path / "data")
+    proc = subprocess.run([METERLINE, "plans", "subscribe", "bad customer", "pro"], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 2 and "customer_id" in proc.stderr, proc.stdout + proc.stderr
