@@ -9,6 +9,7 @@ STAMP   = $(VENV)/.installed
 .PHONY: run test setup bench verify clean
 
 $(STAMP): pyproject.toml
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
