@@ -41,6 +41,10 @@ app.add_typer(dead_app, name="dead-letters")
 from meterline.cli_plans import register as register_plans  # noqa: E402 - `meterline plans ...` and `meterline bill ...`
 
 register_plans(app)
+from meterline.cli_plans import plans_app  # noqa: E402
+from meterline.cli_simulate import register as register_simulate  # noqa: E402 - `meterline plans simulate`
+
+register_simulate(plans_app)
 
 # Piped output (CI logs, `| tee`) gets a wider fixed width than rich's 80 so the demo tables fit.
 console = Console(width=None if sys.stdout.isatty() else 120)
