@@ -1,0 +1,76 @@
+"""``GET /v1/customers/{id}/simulate`` (customer's own key) and ``GET /v1/simulate`` (admin) over a
+real uvicorn server and chDB: same document as the simulator itself, keys scoped, errors clear."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import httpx
+
+from jobs.plans.simulate import simulate
+from meterline.api.simulate import simulate_routes
+from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
+
+PLANS = {"currency": "USD", "plans": [
+    {"id": "flat", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "25", "overage": {"per_million": "0"}},
+    {"id": "pro", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "20",
+     "allowances": [{"id": "t", "tokens": 1000000}], "overage": {"per_million": "30"}},
+]}  # fmt: skip
+
+
+class _NoProducer:
+    def send(self, event: Any) -> None:
+        raise AssertionError("not used")
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+
+def _seed(ch: Any) -> None:
+    cat = load_plan_catalog(PLANS)
+    ch.insert("plans", [plan_row(v) for v in cat.versions], column_names=PLAN_COLUMNS)
+    ev = SubscriptionEvent("subscribed", "cust-a", parse_instant("2026-01-01T00:00:00Z", where="t"), "pro", 1)
+    ch.insert("subscription_events", [subscription_row(ev)], column_names=SUBSCRIPTION_COLUMNS)
+    ch.command(
+        "INSERT INTO usage_priced (event_id, occurred_at, customer_id, provider, model, input_tokens, output_tokens, requests,"
+        " cost, charge, currency)"
+        " SELECT concat('e', toString(number)), toDateTime64('2026-01-01 00:00:00', 3, 'UTC') + toIntervalMinute(number * 31),"
+        " if(number % 2 = 0, 'cust-a', 'cust-b'), 'openai', 'gpt-4o', 40000 + number, 5000, 1, toDecimal128(0, 12),"
+        " toDecimal128((40000 + number) * 5 + 5000 * 15, 12) / 1000000, 'USD' FROM numbers(2000)"
+    )
+
+
+def test_simulate_routes(api_factory: Callable[..., Any], keys: Any, clickhouse: Any) -> None:
+    _seed(clickhouse)
+    api = api_factory(producer=_NoProducer(), clickhouse=clickhouse, extra_routes=simulate_routes())
+    get = lambda path, key: httpx.get(api.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)  # noqa: E731
+
+    r = get("/v1/customers/cust-a/simulate?period=2026-01..2026-02&plans=flat,pro@1", keys.cust_a)
+    assert r.status_code == 200, r.text
+    cat = load_plan_catalog(PLANS)
+    want = simulate(clickhouse, "2026-01..2026-02", [cat.get("flat", 1), cat.get("pro", 1)], customer="cust-a")
+    assert r.json() == want
+    [c] = r.json()["customers"]
+    assert c["customer_id"] == "cust-a" and c["current_plan"] == "pro@1"
+    assert [x["plan"] for x in c["candidates"]] == ["payg", "pro@1", "flat@1", "pro@1"]
+
+    assert get("/v1/customers/cust-b/simulate?period=2026-01&plans=flat", keys.cust_a).status_code == 403
+    assert get("/v1/simulate?period=2026-01&plans=flat", keys.cust_a).status_code == 403
+    assert get("/v1/customers/cust-a/simulate?period=2026-01&plans=flat", None).status_code == 401
+
+    r = get("/v1/simulate?period=2026-01..2026-02&plans=flat,pro", keys.admin)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert [c["customer_id"] for c in doc["customers"]] == ["cust-a", "cust-b"]
+    assert doc["cohorts"][0]["plan"] == "pro@1" and doc["cohorts"][0]["customers"] == 1
+    r = get("/v1/simulate?period=2026-01..2026-02&plans=flat&cohort=pro", keys.admin)
+    assert [c["customer_id"] for c in r.json()["customers"]] == ["cust-a"]
+
+    bad = get("/v1/customers/cust-a/simulate?period=2026-13&plans=flat", keys.cust_a)
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "period"
+    unknown = get("/v1/customers/cust-a/simulate?period=2026-01&plans=nope", keys.cust_a)
+    assert unknown.status_code == 400 and unknown.json()["error"]["field"] == "plans"
+    html = get("/v1/customers/cust-a/simulate?period=2026-01&plans=flat&format=html", keys.cust_a)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert '<svg class="chart" data-chart="break_even"' in html.text and "http://" not in html.text.replace("http://www.w3.org/2000/svg", "")
