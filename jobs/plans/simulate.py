@@ -138,13 +138,51 @@ class _Agg:
 
 def _merge(rows: Iterable[_Agg]) -> list[Usage]:
     """Aggregates -> one Usage per (provider, model), in billing's order (provider, model)."""
-    acc: dict[tuple[str, str], tuple[dict[str, int], list[int]]] = {}
+    acc: dict[tuple[str, str], list[int]] = {}
     for r in rows:
-        toks, ch = acc.setdefault((r.provider, r.model), ({}, [0]))
-        for c, n in r.tokens.items():
-            toks[c] = toks.get(c, 0) + n
-        ch[0] += r.charge
-    return [Usage(p, m, {c: n for c, n in t.items() if n}, ch[0]) for (p, m), (t, ch) in sorted(acc.items())]
+        v = acc.get((r.provider, r.model))
+        if v is None:
+            v = acc[(r.provider, r.model)] = [0, 0, 0, 0, 0, 0]
+        t = r.tokens
+        for i, c in enumerate(_CLASSES):
+            v[i] += t.get(c, 0)
+        v[5] += r.charge
+    return [Usage(p, m, {c: v[i] for i, c in enumerate(_CLASSES) if v[i]}, v[5]) for (p, m), v in sorted(acc.items())]
+
+
+_SIGNATURES: dict[tuple[str, str, str], tuple[Any, ...]] = {}  # (plan_hash, provider, model) -> allowance ids
+
+
+def _collapse(plan: PlanVersion, usage: list[Usage]) -> list[Usage]:
+    """Merge the usage of models that ``plan`` treats alike (the same allowance for every token
+    class, or the same amount allowance) into one item named after the first of them.
+
+    Rating-neutral: :func:`meterline.plans.consume` looks at provider and model only through
+    ``plan.allowance_for``, allowance draw is ``min(available, usage in scope)`` and overage is
+    priced on the cumulative quantity, so the bill of a merged aggregate is the bill of its parts
+    (``rate_period`` takes usage "aggregated any way"). It turns ~20 items per period into ~1."""
+    if len(usage) < 2:
+        return usage
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for u in usage:
+        ck = (plan.plan_hash, u.provider, u.model)
+        key = _SIGNATURES.get(ck)
+        if key is None:
+            if plan.unit == "tokens":
+                key = tuple(getattr(plan.allowance_for(u.provider, u.model, c), "id", None) for c in _CLASSES)
+            else:
+                key = (getattr(plan.allowance_for(u.provider, u.model, None), "id", None),)
+            if len(_SIGNATURES) > 100_000:
+                _SIGNATURES.clear()
+            _SIGNATURES[ck] = key
+        g = groups.get(key)
+        if g is None:
+            groups[key] = [u.provider, u.model, dict(u.tokens), u.charge]
+        else:
+            for c, n in u.tokens.items():
+                g[2][c] = g[2].get(c, 0) + n
+            g[3] += u.charge
+    return [Usage(p, m, t, ch) for p, m, t, ch in groups.values()]
 
 
 def _ms(seconds: int) -> int:
@@ -214,6 +252,7 @@ def simulate(
     for ev in events:
         by_cust[ev.customer_id].append(ev)
     timelines: dict[str, Timeline] = {c: fold_timeline(c, evs, catalog) for c, evs in by_cust.items()}
+    tperiods: dict[str, list[Period]] = {c: tl.periods(r_end) for c, tl in timelines.items()}
 
     # candidate plans: one synthetic timeline each, anchored at the range's start
     cand_catalog = PlanCatalog(catalog.currency, tuple(sorted({*catalog.versions, *plans}, key=lambda v: (v.plan_id, v.version))))
@@ -232,7 +271,7 @@ def simulate(
         if customer is not None and c != customer:
             continue
         bs: set[int] = set()
-        for p in tl.periods(r_end):
+        for p in tperiods[c]:
             bs.update((p.start, p.stop))
             for s in p.segments:
                 bs.add(s.start)
@@ -242,6 +281,13 @@ def simulate(
     lo = min([shared[0], *(b[0] for b in own.values())])
     hi = max([shared[-1], *(b[-1] for b in own.values())])
     cids = sorted(own)
+    # Models matter to rating only through allowance model scopes (token classes are columns of
+    # their own). When no plan involved has one, ClickHouse sums over models too: a customer's
+    # usage per bucket is then one row, and rating gets the same totals per allowance.
+    involved = [*plans, *{s.plan for c in own for p in tperiods[c] for s in p.segments}]
+    by_model = any(a.models for pv in involved for a in pv.allowances)
+    model_cols = "provider, model" if by_model else "'' AS provider, '' AS model"
+    model_group = ", provider, model" if by_model else ""
 
     where = ""
     params: dict[str, Any] = {
@@ -258,12 +304,12 @@ def simulate(
         "WITH toUnixTimestamp64Milli(occurred_at) AS t"
         " SELECT customer_id, arrayCount(b -> b <= t, {shared:Array(Int64)}) AS s,"
         " arrayCount(b -> b <= t, {own:Array(Array(Int64))}[indexOf({cids:Array(String)}, customer_id) + 1]) AS o,"
-        " provider, model, sum(input_tokens), sum(output_tokens), sum(cached_input_tokens),"
+        f" {model_cols}, sum(input_tokens), sum(output_tokens), sum(cached_input_tokens),"
         " sum(cache_write_tokens), sum(reasoning_tokens), sum(charge), any(currency)"
         " FROM usage_priced FINAL"
         " WHERE occurred_at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC')"
         " AND occurred_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')" + where +
-        " GROUP BY customer_id, s, o, provider, model",
+        f" GROUP BY customer_id, s, o{model_group}",
         parameters=params,
     ).result_rows  # fmt: skip
     aggs: dict[str, list[_Agg]] = defaultdict(list)
@@ -293,7 +339,7 @@ def simulate(
         raise InputError(f"usage in several currencies ({', '.join(sorted(currencies))}): simulate one currency at a time", field="period")
 
     # which customers
-    wanted = set(aggs) | {c for c in own if any(r_start <= p.start < r_end for p in timelines[c].periods(r_end))}
+    wanted = set(aggs) | {c for c in own if any(r_start <= p.start < r_end for p in tperiods[c])}
     if customer is not None:
         wanted = {customer}
     month_of_shared: dict[int, int] = {}
@@ -306,7 +352,7 @@ def simulate(
         tl = timelines.get(c)
         if tl is None:
             return None
-        ps = [p for p in tl.periods(r_end) if p.start < r_end and p.segments]
+        ps = [p for p in tperiods[c] if p.start < r_end and p.segments]
         return ps[-1].segments[-1].plan if ps else None
 
     customers_out: list[dict[str, Any]] = []
@@ -370,37 +416,44 @@ def _customer(
         for r in rows:
             by_o[r.o].append(r)
 
+        own_start = {o: b[0] for o in by_o if (b := _bucket_of(own, o))}
+
         def usage_of(p: Period) -> list[list[Usage]]:
             out = []
-            for i, s in enumerate(p.segments):
+            for s in p.segments:
                 s_end = s.end if s.end is not None else p.stop
-                out.append(_merge(r for o, rs in by_o.items() if (b := _bucket_of(own, o)) and s.start <= b[0] < s_end for r in rs))
+                out.append(_collapse(s.plan, _merge(r for o, rs in by_o.items() if o in own_start and s.start <= own_start[o] < s_end for r in rs)))
             return out
 
         def prepaid_of(p: Period) -> int:
             return sum(v for o, v in prepaid.items() if (b := _bucket_of(own, o)) and p.start <= b[0] < p.stop)
 
         cur = _Cand(cur_plan.key if cur_plan else "current", "current", cur_plan)
-        any_bill = False
-        for a, b in spans:
-            pairs = _bills(None, timeline, a, b, usage_of=usage_of, prepaid_of=prepaid_of)
-            any_bill = any_bill or bool(pairs)
-            if pairs:
-                cur.months.append((sum(x.subtotal for _, x in pairs), [x for _, x in pairs]))
+        # one call over the whole range: the same chain (and so the same bills) as one call per month
+        pairs = _bills(None, timeline, spans[0][0], spans[-1][1], usage_of=usage_of, prepaid_of=prepaid_of)
+        for k, (a, b) in enumerate(spans):
+            mine = [x for p, x in pairs if a <= p.start < b]
+            if mine:
+                cur.months.append((sum(x.subtotal for x in mine), mine))
             else:  # not subscribed that month: billed pay-per-token, as bill preview does
-                cur.months.append((month_charge[len(cur.months)], []))
-        if any_bill:
+                cur.months.append((month_charge[k], []))
+        if pairs:
             cands.append(cur)
 
     # candidate plans
     by_s: dict[int, list[_Agg]] = defaultdict(list)
     for r in rows:
         by_s[r.s].append(r)
+    s_start = {s: b[0] for s in by_s if (b := _bucket_of(shared, s))}
+    merged: dict[tuple[int, int], list[Usage]] = {}  # a period's usage, shared by the candidates
     for pv in plans:
         periods = cand_periods[pv.key]
 
-        def usage_of_c(p: Period) -> list[list[Usage]]:
-            return [_merge(r for s, rs in by_s.items() if (b := _bucket_of(shared, s)) and p.start <= b[0] < p.stop for r in rs)]
+        def usage_of_c(p: Period, pv: PlanVersion = pv) -> list[list[Usage]]:
+            key = (p.start, p.stop)
+            if key not in merged:
+                merged[key] = _merge(r for s, rs in by_s.items() if s in s_start and p.start <= s_start[s] < p.stop for r in rs)
+            return [_collapse(pv, merged[key])]
 
         named = [Period(c, p.index, p.anchor, p.start, p.end, p.stop, p.segments) for p in periods]
         bills = rate_periods(named, usage_of_c)
