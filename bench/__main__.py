@@ -52,8 +52,9 @@ def _met(r: Result) -> str:
 
 def print_table(results: list[Result]) -> None:
     try:
-        from rich.console import Console
         from rich.table import Table
+
+        from meterline.console import make_console
     except ImportError:  # plain fallback
         for r in results:
             print(f"{r.benchmark:16} {r.name:58} {_fmt(r.figure):>12} {r.unit:10} {r.target:10} {_met(r):4} {r.note}")
@@ -66,7 +67,7 @@ def print_table(results: list[Result]) -> None:
         met = _met(r)
         style = "red" if met == "NO" else None
         table.add_row(r.benchmark, r.name, _fmt(r.figure), r.unit, r.target, met, r.note, style=style)
-    Console(width=200).print(table)
+    make_console().print(table)
 
 
 def print_profiles(results: list[Result]) -> None:

@@ -14,16 +14,25 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
 from meterline.config import Settings
+from meterline.console import make_console, markup_mode
 from meterline.errors import MeterlineError
 
-app = typer.Typer(help="meterline: meter, price, enforce and invoice pay-per-token AI usage.", no_args_is_help=True)
-prices_app = typer.Typer(help="Price catalog: load price files, import LiteLLM's price map.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True)
+app = typer.Typer(
+    help="meterline: meter, price, enforce and invoice pay-per-token AI usage.",
+    no_args_is_help=True,
+    rich_markup_mode=markup_mode(),
+)
+prices_app = typer.Typer(
+    help="Price catalog: load price files, import LiteLLM's price map.",
+    no_args_is_help=True,
+    rich_markup_mode=markup_mode(),
+)
+keys_app = typer.Typer(help="API keys for the HTTP API.", no_args_is_help=True, rich_markup_mode=markup_mode())
 app.add_typer(prices_app, name="prices")
 app.add_typer(keys_app, name="keys")
 from meterline.cli_credits import credits_app  # noqa: E402 - sub-app defined in its own module
@@ -36,7 +45,11 @@ app.command("statement")(statement_command)
 from meterline.verify import verify_command  # noqa: E402
 
 app.command("verify")(verify_command)
-dead_app = typer.Typer(help="Dead-lettered events: re-drive them once the cause is fixed.", no_args_is_help=True)
+dead_app = typer.Typer(
+    help="Dead-lettered events: re-drive them once the cause is fixed.",
+    no_args_is_help=True,
+    rich_markup_mode=markup_mode(),
+)
 app.add_typer(dead_app, name="dead-letters")
 from meterline.cli_plans import register as register_plans  # noqa: E402 - `meterline plans ...` and `meterline bill ...`
 
@@ -46,9 +59,9 @@ from meterline.cli_simulate import register as register_simulate  # noqa: E402 -
 
 register_simulate(plans_app)
 
-# Piped output (CI logs, `| tee`) gets a wider fixed width than rich's 80 so the demo tables fit.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True)
+# Off a terminal (CI logs, `| tee`, a file) nothing is wrapped and tables come out whole: meterline.console.
+console = make_console()
+err = make_console(stderr=True)
 
 
 def _settings() -> Settings:
@@ -276,7 +289,7 @@ def _close_demo_period(traffic: Any) -> None:
     for r in rows:
         table.add_row(
             r.customer_id, f"${r.usage_charge.normalize():f}", r.invoice_id, f"${r.subtotal_cents / 100:,.2f}",
-            f"-${r.credit_cents / 100:,.2f}", f"${r.total_cents / 100:,.2f}", r.status,
+            f"-${r.credit_cents / 100:,.2f}" if r.credit_cents else "", f"${r.total_cents / 100:,.2f}", r.status,
         )  # fmt: skip
     console.print(table)
     console.print(f"[dim]invoices are kept in {billing.path}: python -m meterline.stripe_local --state {billing.path}[/dim]")

@@ -15,16 +15,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
 from meterline.config import Settings
+from meterline.console import make_console, markup_mode
 from meterline.errors import MeterlineError
 
 __all__ = ["credits_app", "kafka_bootstrap"]
 
-credits_app = typer.Typer(help="Prepaid credits: grants, top-ups, balances, overage policy.", no_args_is_help=True)
-_out = Console()
-_err = Console(stderr=True)
+credits_app = typer.Typer(
+    help="Prepaid credits: grants, top-ups, balances, overage policy.",
+    no_args_is_help=True,
+    rich_markup_mode=markup_mode(),
+)
+_out = make_console()
+_err = make_console(stderr=True)
 
 
 def kafka_bootstrap(settings: Settings) -> tuple[str, str]:

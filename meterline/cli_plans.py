@@ -116,18 +116,32 @@ def _record_fact(event: Any) -> None:
     from meterline.plans import fold_timeline
     from pipeline.publish import publish_records
 
+    from meterline.plans import SubscriptionEvent
+
     settings = _settings()
     bootstrap, prefix = _kafka(settings)
     try:
         catalog = _published_catalog(bootstrap, prefix)
+        if event.plan_id is not None and event.version is None:
+            # Pin the version in the fact: resolved at fold time, a version published later with
+            # an earlier effective_from would silently move the customer.
+            current = catalog.current(event.plan_id, event.at)
+            if current is None:
+                raise _fail(MeterlineError(f"no version of plan {event.plan_id!r} is in force at {_iso(event.at)}"), 2)
+            event = SubscriptionEvent(event.type, event.customer_id, event.at, event.plan_id, current.version)
         events = [e for e in _published_events(bootstrap, prefix) if e.customer_id == event.customer_id]
         if any(e.event_id == event.event_id for e in events):
             _out.print(f"{event.type} {event.customer_id}: already recorded ({event.event_id})")
             return
+        before = {r.event.event_id for r in fold_timeline(event.customer_id, events, catalog).rejected}
         timeline = fold_timeline(event.customer_id, [*events, event], catalog)
+        # Refused when the new fact is rejected, or when it would make a fact already recorded be
+        # rejected (two facts at the same instant conflict: the fold orders them by type and id).
         for r in timeline.rejected:
-            if r.event.event_id == event.event_id:
-                raise _fail(MeterlineError(f"{event.type} {event.customer_id}: {r.reason}"), 2)
+            if r.event.event_id not in before:
+                what = "" if r.event.event_id == event.event_id else f" (it would void {r.event.event_id}: {r.reason})"
+                reason = r.reason if r.event.event_id == event.event_id else "conflicts with a recorded fact"
+                raise _fail(MeterlineError(f"{event.type} {event.customer_id}: {reason}{what}"), 2)
         publish_records(bootstrap, f"{prefix}subscriptions", [event.to_record()])
     except MeterlineError as exc:
         raise _fail(exc) from exc
@@ -241,8 +255,10 @@ def plans_migrate(
         for cid in sorted(by_customer):
             timeline = fold_timeline(cid, by_customer[cid], catalog)
             period = timeline.period_at(when)
-            on = timeline.plan_at(period.end - 1) if period is not None else None
-            if on is None or on.plan_id != plan_id or on.version == to:
+            # what the customer will be on in its next period: already there (an earlier
+            # migration), cancelled, or on another plan -> nothing to do (so re-running is a no-op)
+            upcoming = timeline.plan_at(period.end) if period is not None else None
+            if upcoming is None or upcoming.plan_id != plan_id or upcoming.version == to:
                 continue
             ev = SubscriptionEvent("migrated", cid, when, plan_id, to)
             if any(e.event_id == ev.event_id for e in by_customer[cid]):

@@ -134,9 +134,15 @@ class CommandPublisher:
                                  topic=self.topic, key=customer_id.encode("utf-8"))
 
     def close(self, timeout_s: float = 10.0) -> None:
+        """Deliver what is queued (up to ``timeout_s``), then destroy the librdkafka client, so it
+        does not reconnect (and log ``Connection refused``) after the broker stops. Idempotent."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         self._poller.join(timeout_s)
-        self._producer.flush(timeout_s)
+        if self._producer.flush(timeout_s) > 0:
+            self._producer.purge()  # unacknowledged: their senders already got DeliveryFailed
+        self._producer.close()
 
 
 # ------------------------------------------------------------------------------- consumers

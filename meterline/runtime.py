@@ -11,8 +11,9 @@ Start order (each step needs the one before)::
             CLI commands find it
     stripe sync (thread, only when METERLINE_STRIPE_SYNC_EVERY_S > 0)
 
-Stop is the reverse. Ctrl-C (SIGINT) and SIGTERM both lead to :meth:`Runtime.stop`; every child
-process also dies with this one (``PR_SET_PDEATHSIG``), so nothing is left running.
+Stop is the reverse. Ctrl-C (SIGINT) and SIGTERM both lead to :meth:`Runtime.stop`; every Kafka
+client of this process is closed (not only flushed) before the broker stops, so none reconnects to
+it; every child process also dies with this one (``PR_SET_PDEATHSIG``), so nothing is left running.
 
 Who owns what: this process is the single owner of the embedded ClickHouse engine; everything
 that reads or writes it while ``up`` runs goes through the sink (writes) or the API (reads),
@@ -61,6 +62,7 @@ class Runtime:
         self.admin_key: str | None = None
         self.cli_runner: Any = None  # meterline.api.admin.CommandRunner, once started
         self._producer: Any = None
+        self._control_producers: list[Any] = []  # confluent Producers the API's routes publish with
         self._credits: list[Any] = []
         self.webhooks: Any = None
         self._stop = threading.Event()
@@ -130,8 +132,14 @@ class Runtime:
                 t.join(timeout=15)
         if self.api_server is not None:
             self.api_server.stop()
+        # Every Kafka client closes before the broker stops: a client left open reconnects to the
+        # stopped broker and logs "Connect ... failed: Connection refused" until the process exits.
         if self._producer is not None:
             self._producer.close()
+        for producer in self._control_producers:
+            if producer.flush(10) > 0:
+                producer.purge()  # unacknowledged: the webhook that sent it answered 503
+            producer.close()
         for part in self._credits:
             part.close()
         if self.webhooks is not None:
@@ -243,11 +251,16 @@ class Runtime:
         if secret is None:
             return []
         from jobs.stripe import ClickHouseSeen, kafka_publisher, webhook_route
+        from pipeline.publish import control_producer
 
+        producer = control_producer(self.settings.kafka_bootstrap)
+        self._control_producers.append(producer)
         return [
             webhook_route(
                 endpoint_secret=secret.get_secret_value(),
-                publish=kafka_publisher(self.settings.kafka_bootstrap, self.settings.topic("ledger-commands")),
+                publish=kafka_publisher(
+                    self.settings.kafka_bootstrap, self.settings.topic("ledger-commands"), producer=producer
+                ),
                 seen=ClickHouseSeen(_LockedClient(self.clickhouse, self.clickhouse_lock)),
             )
         ]

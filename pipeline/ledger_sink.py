@@ -28,7 +28,7 @@ from confluent_kafka import Message
 from meterline.errors import InputError
 from meterline.ledger import LedgerCommandError, parse_amount, to_decimal
 from pipeline import sink as _sink
-from pipeline.credits.messages import decode_json
+from schemas.credits import decode_json
 from pipeline.sink import ClickHouseSink
 
 __all__ = ["LEDGER_COLUMNS", "LedgerEntrySink", "ledger_row"]

@@ -40,7 +40,6 @@ rollups would count it twice: :func:`rebuild_rollups` recomputes them from ``usa
 
 from __future__ import annotations
 
-import decimal
 import logging
 import threading
 import time
@@ -52,6 +51,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from meterline.errors import ClickHouseUnavailable, InputError
+from meterline.money import to_decimal
 
 __all__ = [
     "PRICED_COLUMNS",
@@ -79,7 +79,6 @@ _OPTIONAL_STR = ("api_key_id", "project", "feature", "user_id", "session_id", "g
                  "request_id", "price_version", "rate_card")  # fmt: skip
 _COUNTS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MONEY_CTX = decimal.Context(prec=38)
 _P_CUSTOMER, _P_EVENT, _P_OCCURRED = 2, 0, 1  # positions in PRICED_COLUMNS
 _P_SPART, _P_SOFFSET = PRICED_COLUMNS.index("source_partition"), PRICED_COLUMNS.index("source_offset")
 _R_KEY = (3, 4, 5, 7)  # (source_topic, source_partition, source_offset, event_id) in REJECTED_COLUMNS
@@ -102,7 +101,7 @@ def _money(item: Mapping[str, Any], name: str) -> Decimal:
     """``<name>_picos`` (int, 10^-12 units) or an exact ``<name>`` Decimal/str -> Decimal; never float."""
     picos = item.get(f"{name}_picos")
     if picos is not None:
-        return Decimal(int(picos)).scaleb(-12, _MONEY_CTX)
+        return to_decimal(int(picos))
     value = item.get(name)
     if value is None or isinstance(value, float):
         raise InputError(f"{name} is missing or not exact ({type(value).__name__})", reason_code="invalid_money",

@@ -181,15 +181,28 @@ class UsageProducer:
             raise BrokerUnavailable(f"{remaining} usage record(s) to {self.topic!r} not acknowledged within {timeout}s")
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush, then stop the background thread. Idempotent; raises what :meth:`flush` raises."""
+        """Flush, stop the background thread, then destroy the librdkafka client. Idempotent;
+        raises what :meth:`flush` raises.
+
+        A flushed client left alive keeps its broker connections and, once the broker is gone,
+        reconnects and logs ``Connect ... failed: Connection refused`` until the process exits:
+        closing it here lets its owner stop the broker afterwards, quietly. When the flush failed,
+        what librdkafka still holds is purged first (the raised error already reported it), so
+        closing never waits for ``message.timeout.ms``.
+        """
         if self._closed:
             return
+        flushed = False
         try:
             self.flush(timeout)
+            flushed = True
         finally:
             self._closed = True
             self._stop.set()
             self._thread.join(timeout=5)
+            if not flushed:
+                self._producer.purge()
+            self._producer.close()
 
     @property
     def buffered_events(self) -> int:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Iterable
 
-from meterline.errors import InputError
+from meterline.errors import InputError, MeterlineError
 from meterline.plans import (
     PLAN_KEY_PREFIX,
     Bill,
@@ -119,7 +119,7 @@ def period_usage(client: Any, period: Period) -> list[list[Usage]]:
         seg = "0"
     rows = client.query(
         f"SELECT {seg} AS seg, provider, model, sum(input_tokens), sum(output_tokens), sum(cached_input_tokens),"
-        " sum(cache_write_tokens), sum(reasoning_tokens), sum(charge)"
+        " sum(cache_write_tokens), sum(reasoning_tokens), sum(charge), groupUniqArray(upper(currency))"
         " FROM usage_priced FINAL WHERE customer_id = {c:String}"
         " AND occurred_at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC')"
         " AND occurred_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"
@@ -128,7 +128,13 @@ def period_usage(client: Any, period: Period) -> list[list[Usage]]:
     ).result_rows
     out: list[list[Usage]] = [[] for _ in period.segments]
     for seg_i, provider, model, *rest in rows:
-        counts, charge = rest[:5], rest[5]
+        counts, charge, currencies = rest[:5], rest[5], rest[6]
+        plan = period.segments[int(seg_i)].plan
+        foreign = sorted(str(c) for c in currencies if c and str(c) != plan.currency.upper())
+        if foreign:
+            raise MeterlineError(
+                f"{period.customer_id}: usage priced in {', '.join(foreign)} cannot be billed on {plan.key} ({plan.currency})"
+            )
         tokens = {c: int(n) for c, n in zip(_CLASSES, counts) if int(n)}
         out[int(seg_i)].append(Usage(str(provider), str(model), tokens, _picos(charge)))
     return out

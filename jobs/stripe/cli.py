@@ -41,14 +41,18 @@ from rich.table import Table
 
 from jobs.stripe._config import DEFAULT_CONFIG, BillingConfig, StripeTarget, load_billing_config, target_from_settings
 from meterline.config import Settings
+from meterline.console import capture_console, make_console, markup_mode
 from meterline.errors import MeterlineError
 
 log = logging.getLogger(__name__)
 
-stripe_app = typer.Typer(help="Stripe invoicing: provision, push usage, mirror credits, reconcile.",
-                         no_args_is_help=True)  # fmt: skip
-console = Console()
-err = Console(stderr=True)
+stripe_app = typer.Typer(
+    help="Stripe invoicing: provision, push usage, mirror credits, reconcile.",
+    no_args_is_help=True,
+    rich_markup_mode=markup_mode(),
+)
+console = make_console()
+err = make_console(stderr=True)
 ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", help="Billing configuration YAML.")
 
 
@@ -321,12 +325,9 @@ def run_captured(argv: Sequence[str], settings: Settings, *, width: int = 100, c
     Never forwards to a running ``meterline up`` (this is how ``up`` runs them).
     """
     out_buf, err_buf = io.StringIO(), io.StringIO()
-
-    def capture(buf: io.StringIO) -> Console:
-        return Console(file=buf, width=width, force_terminal=color, color_system="standard" if color else None,
-                       force_jupyter=False, force_interactive=False, soft_wrap=False)  # fmt: skip
-
-    cio = CommandIO(capture(out_buf), capture(err_buf), settings)
+    cio = CommandIO(
+        capture_console(out_buf, width=width, color=color), capture_console(err_buf, width=width, color=color), settings
+    )
     token = _IO.set(cio)
     try:
         code = _invoke(list(argv), cio)

@@ -57,7 +57,7 @@ def _scoped(scope: Mapping[str, Any] | None) -> bool:
 
 def mirror_grants(client: stripe.StripeClient, ch: Any, cfg: BillingConfig,
                   commands: Iterable[Mapping[str, Any]]) -> GrantSummary:  # fmt: skip
-    """Apply ledger commands (``credit_msgs`` contract dicts) to Stripe credit grants, idempotently.
+    """Apply ledger commands (``schemas.credits`` message dicts) to Stripe credit grants, idempotently.
 
     Customers must be provisioned (``stripe_customers``); commands for unknown customers are skipped
     and reported (run provision, then mirror again: the replay is harmless).

@@ -8,7 +8,7 @@ Mount it with ``create_api(..., extra_routes=[webhook_route(...)])``. Contract o
 2. ``checkout.session.completed`` (``payment_status == "paid"``) and ``invoice.paid`` whose object
    carries meterline metadata ``customer_id`` + ``amount`` (+ ``currency``, default the object's)
    become ``{"type": "top_up", "command_id": <Stripe event id>, "grant_id": "topup:<event id>",
-   ...}`` (credit_msgs contract); any other event -> 200 ``{"ignored": type}``;
+   ...}`` (the schemas.credits contract); any other event -> 200 ``{"ignored": type}``;
 3. exactly once: an event id already recorded (``stripe_webhook_events``) is answered 200 without
    publishing; otherwise the command is published (acks=all, waited for) and THEN the event id is
    recorded. A crash between the two makes Stripe redeliver and the command is published again
@@ -58,11 +58,15 @@ class ClickHouseSeen:
         record_webhook(self.ch, event_id, event_type, command_id)
 
 
-def kafka_publisher(bootstrap: str, topic: str) -> Publisher:
-    """Publish to ``topic`` durably (idempotent producer, acks=all, waits for the ack)."""
+def kafka_publisher(bootstrap: str, topic: str, *, producer: Any = None) -> Publisher:
+    """Publish to ``topic`` durably (idempotent producer, acks=all, waits for the ack).
+
+    Pass ``producer`` (a :func:`pipeline.publish.control_producer`) to own its lifetime: a service
+    closes it before stopping its broker, so it does not reconnect to a broker that is gone."""
     from pipeline.publish import control_producer, publish_records
 
-    producer = control_producer(bootstrap)
+    if producer is None:
+        producer = control_producer(bootstrap)
 
     def publish(key: str, value: bytes) -> None:
         publish_records(bootstrap, topic, [(key, value)], producer=producer)

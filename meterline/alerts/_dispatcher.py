@@ -45,6 +45,8 @@ from meterline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_AGE_S = 3 * 86_400
+DEFAULT_KEEP_OUTCOMES_S = 31 * 86_400  # the alerts topic keeps 30 days (infra/topics.yaml); one day more
+PRUNE_EVERY_S = 3600.0
 
 
 def _safe_url(url: str) -> str:
@@ -70,6 +72,7 @@ class WebhookDispatcher:
         backoff_cap_s: float = 300.0,
         http_timeout_s: float = 10.0,
         consumer_config: dict[str, Any] | None = None,
+        keep_outcomes_s: float = DEFAULT_KEEP_OUTCOMES_S,
     ) -> None:
         if not urls:
             raise ConfigError("WebhookDispatcher needs at least one webhook URL")
@@ -85,6 +88,8 @@ class WebhookDispatcher:
         self.group_id = group_id
         self.urls = list(urls)
         self.store = DeliveredStore(store_path)
+        self.keep_outcomes_s = keep_outcomes_s
+        self._next_prune = 0.0
         self.max_age_s = max_age_s
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
@@ -131,6 +136,7 @@ class WebhookDispatcher:
         consumer.subscribe([self.topic])
         try:
             while not stop.is_set():
+                self._maybe_prune()
                 msg = consumer.poll(0.2)
                 if msg is None:
                     continue
@@ -146,6 +152,20 @@ class WebhookDispatcher:
                                 msg.offset(), exc)
         finally:
             consumer.close()
+
+    def _maybe_prune(self) -> None:
+        """Forget delivery outcomes older than ``keep_outcomes_s``, at most once an hour.
+
+        The store only needs an outcome while its alert can still be re-read from the topic, so
+        ``keep_outcomes_s`` defaults to the alerts topic's retention plus a day; without pruning the
+        file would grow forever."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY_S
+        pruned = self.store.prune(int(self.keep_outcomes_s))
+        if pruned:
+            log.info("alerts: forgot %d delivery outcomes older than %.0f days", pruned, self.keep_outcomes_s / 86400)
 
     # -- one alert -------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Exact money and time helpers for the ledger: integer picos inside, Decimal at the edges.
+"""The ledger's money and time helpers: amounts as integer picos (:mod:`meterline.money`), times as
+epoch milliseconds.
 
 One currency unit is ``PICOS_PER_UNIT`` (10**12) picos. ``parse_amount("10.00")`` is exactly
 ``10_000_000_000_000``; more than 12 decimals, floats, NaN and infinities are rejected. Times are
@@ -13,8 +14,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Literal
 
 from meterline.errors import InputError
+from meterline.money import PICOS_PER_UNIT, decimal_to_picos, format_picos, to_decimal
 
-PICOS_PER_UNIT = 10**12
+__all__ = ["PICOS_PER_UNIT", "format_picos", "to_decimal"]  # re-exported by meterline.ledger
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 Period = Literal["day", "month"]
@@ -42,24 +44,10 @@ def parse_amount(value: str | Decimal | int) -> int:
         raise LedgerCommandError(f"not a decimal amount: {value!r}", reason_code="invalid_amount") from exc
     if not d.is_finite():
         raise LedgerCommandError(f"amount must be finite: {value!r}", reason_code="invalid_amount")
-    scaled = d.scaleb(12)
-    if scaled != scaled.to_integral_value():
+    picos = decimal_to_picos(d)
+    if picos is None:
         raise LedgerCommandError(f"more than 12 decimals: {value!r}", reason_code="invalid_amount")
-    return int(scaled)
-
-
-def to_decimal(picos: int) -> Decimal:
-    """Integer picos to an exact Decimal in currency units."""
-    return Decimal(picos).scaleb(-12)
-
-
-def format_picos(picos: int) -> str:
-    """Integer picos to a Decimal string with at least 2 and at most 12 decimals (``"10.00"``)."""
-    d = to_decimal(picos).normalize()
-    exponent = d.as_tuple().exponent
-    if isinstance(exponent, int) and exponent > -2:
-        d = d.quantize(Decimal("0.01"))
-    return f"{d:f}"
+    return picos
 
 
 def to_ms(dt: datetime) -> int:

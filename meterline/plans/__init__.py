@@ -11,7 +11,7 @@ the edges; subscription instants are epoch seconds (UTC). See ``docs/plans.md``.
 
 Live burn-down (the credit agent; the same code the bill runs):
 
-    terms = terms_for(period, period.segment_at(event_at), rollover_in)
+    terms = terms_at(timeline, event_at, rollover_in)   # None: no plan then, pay-per-token
     consumption, split = consume(terms, consumption, Usage(provider, model, tokens, charge))
     # split.allowance: drawn per allowance; split.overage_amount: picos to debit from prepaid
     # grants, then the plan's on_exhausted policy (allow | block | cap).
@@ -48,6 +48,7 @@ from meterline.plans._rating import (
     overage_price,
     rate_period,
     rate_periods,
+    terms_at,
     terms_for,
 )
 from meterline.plans._timeline import (
@@ -116,6 +117,7 @@ __all__ = [
     "rate_period",
     "rate_periods",
     "round_total",
+    "terms_at",
     "terms_for",
     "version_conflicts",
 ]

@@ -29,10 +29,11 @@ Per period (``docs/plans.md`` has the worked rules):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from meterline.plans._catalog import TOKEN_CLASSES, Allowance, Overage, PlanVersion
-from meterline.plans._timeline import Period
+from meterline.plans._timeline import Period, Timeline
 from meterline.plans._values import (
     define_share,
     format_instant,
@@ -120,6 +121,17 @@ def terms_for(period: Period, segment: int, rollover_in: Mapping[str, int] | Non
         cap=None if plan.cap is None else share(plan.cap),
         commitment=None if plan.minimum_commitment is None else share(plan.minimum_commitment),
     )
+
+
+def terms_at(timeline: Timeline, at: int, rollover_in: Mapping[str, int] | None = None) -> Terms | None:
+    """The terms in force at instant ``at`` (epoch seconds of the event time), or None when the
+    customer has no plan then (pay-per-token). What the credit agent looks up per priced event;
+    consumption restarts at zero whenever the returned terms' ``(start, plan)`` change."""
+    period = timeline.period_at(at)
+    if period is None:
+        return None
+    i = period.segment_at(at)
+    return None if i is None else terms_for(period, i, rollover_in)
 
 
 # --------------------------------------------------------------------------- burn-down
@@ -311,7 +323,7 @@ class Bill:
         return sum(line.amount for line in self.lines)
 
     @property
-    def total(self):  # -> Decimal
+    def total(self) -> Decimal:
         """THE rounded total (currency minor unit, once)."""
         return round_total(self.subtotal, self.currency)
 

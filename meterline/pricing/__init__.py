@@ -7,11 +7,11 @@ charges are integer picos and are never rounded here. See ``docs/pricing.md``.
 
 from __future__ import annotations
 
+from meterline.money import PICOS_PER_UNIT
 from meterline.pricing._book import PriceBook, load_price_book
 from meterline.pricing._engine import PricedAmounts, PricingEngine
 from meterline.pricing._litellm import ImportReport, import_litellm
 from meterline.pricing._model import (
-    PICOS_PER_UNIT,
     TOKEN_CLASSES,
     Override,
     PriceVersion,

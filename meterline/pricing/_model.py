@@ -25,7 +25,6 @@ from typing import Any, Mapping
 
 from meterline.errors import PriceFileError
 
-PICOS_PER_UNIT = 10**12
 PICOS_PER_TOKEN_PER_UNIT_PER_MILLION = 10**6  # 1 unit / M tokens = 1e6 picos / token
 
 # Sanity cap on any rate per million tokens and on a request fee (keeps every event cost far

@@ -179,7 +179,7 @@ class ChaosStack:
 
     def send_commands(self, messages: Iterable[Mapping[str, Any]]) -> int:
         """Publish ``ledger-commands`` messages keyed by customer; waits for every acknowledgement."""
-        from pipeline.credits.messages import encode_message
+        from schemas.credits import encode_message
         from pipeline.publish import publish_records
 
         records = [(str(m["customer_id"]), encode_message(m)) for m in messages]

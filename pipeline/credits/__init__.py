@@ -7,7 +7,7 @@ See docs/credits.md ("The credit agent") for the design and why it is crash-exac
 from __future__ import annotations
 
 from pipeline.credits.agent import CreditAgent, register_credit_agent
-from pipeline.credits.messages import (
+from schemas.credits import (
     AuthorizeRequest,
     LedgerRequest,
     alert_message,

@@ -51,7 +51,7 @@ from meterline.ledger import (
     mark_applied,
     new_ledger,
 )
-from pipeline.credits.messages import (
+from schemas.credits import (
     AuthorizeRequest,
     LedgerRequest,
     alert_message,

@@ -70,8 +70,12 @@ def test_up_serves_cli_commands_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> 
         children = _children(up.pid)
         assert len(children) >= 2, "expected the broker and a worker as child processes"
 
-        # Another process cannot open the embedded engine while `up` owns it...
-        assert "owned by process" in _run(env, "migrate", check=False).stderr.replace("\n", " ")
+        # Another process cannot open the embedded engine while `up` owns it, and says so on one
+        # line (stderr is a pipe: never wrapped, however long the checkout's path)...
+        refused = _run(env, "migrate", check=False)
+        lines = [line for line in refused.stderr.splitlines() if "owned by process" in line]
+        assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+        assert str(tmp_path / "data") in lines[0] and "while `meterline up` runs" in lines[0], refused.stderr
         # ...but `meterline sql` routes through the running service's API.
         _run(env, "prices", "load", "infra/prices/seed.yaml")
         now = int(time.time() * 1000)

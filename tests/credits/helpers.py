@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from meterline.ledger import CustomerLedger, LedgerEntry, fold_entries, parse_amount
-from pipeline.credits.messages import encode_message
+from schemas.credits import encode_message
 from pipeline.credits.processor import ENTRIES, REPLIES, STATUS, CreditProcessor
 from schemas.codec import encode_priced_batch
 

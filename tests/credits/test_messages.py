@@ -11,7 +11,7 @@ from meterline.ledger import (
     Adjust, Budget, CreditGrant, Grant, GrantScope, LedgerCommandError, Policy, SetBlock, SetBudget, SetPolicy,
     TopUp, VelocityRule, Void, parse_amount,
 )
-from pipeline.credits.messages import (
+from schemas.credits import (
     authorize_message, command_message, decode_command, encode_message, entry_from_message, entry_message,
 )
 from tests.credits.helpers import grant_msg

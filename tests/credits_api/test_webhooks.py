@@ -171,3 +171,26 @@ def test_verify_signature_rejects_tampering_and_old_timestamps() -> None:
         assert not verify_signature(SECRET, bad, body, now=now)
     rotated = f"{header},v1={'0' * 64}"  # several v1 values (secret rotation): any match counts
     assert verify_signature(SECRET, rotated, body, now=now)
+
+
+def test_dispatcher_prunes_outcomes_older_than_it_keeps(tmp_path: Path) -> None:
+    """The deliveries file does not grow forever: outcomes past ``keep_outcomes_s`` are forgotten
+    when the dispatcher runs, newer ones are kept (the alert could still be re-read)."""
+    import sqlite3
+
+    store_path = tmp_path / "deliveries.sqlite"
+    seed = DeliveredStore(store_path)
+    seed.record("old-alert", "http://127.0.0.1:9/hook", "delivered", 1)
+    seed.record("new-alert", "http://127.0.0.1:9/hook", "delivered", 1)
+    seed.close()
+    db = sqlite3.connect(str(store_path))
+    db.execute("UPDATE deliveries SET at_s = ? WHERE alert_id = 'old-alert'", (int(time.time()) - 40 * 86_400,))
+    db.commit()
+    db.close()
+
+    dispatcher = WebhookDispatcher("127.0.0.1:9", "no-topic", "g", urls=["http://127.0.0.1:9/hook"],
+                                   secret="s", store_path=store_path)
+    dispatcher._maybe_prune()
+    assert dispatcher.store.outcome("old-alert", "http://127.0.0.1:9/hook") is None
+    assert dispatcher.store.outcome("new-alert", "http://127.0.0.1:9/hook") == "delivered"
+    dispatcher.stop()

@@ -73,3 +73,20 @@ def test_event_by_event_burn_down_equals_the_aggregate_bill(name: str, events: l
     for a in bill.allowances:
         assert 0 <= a.used <= a.included and a.remaining == a.included - a.used
     assert bill.subtotal == sum(line.amount for line in bill.lines)
+
+
+def test_terms_at_follows_the_timeline_by_event_time() -> None:
+    from meterline.plans import SubscriptionEvent, fold_timeline, terms_at
+
+    cat = catalog(plan(), plan(id="max", fee="500.00", allowances=[{"id": "tokens", "tokens": 40 * M}], overage={"per_million": "20.00"}))
+    tl = fold_timeline("acme", [SubscriptionEvent("subscribed", "acme", ts("2026-04-01T00:00:00Z"), "pro"),
+                                SubscriptionEvent("changed", "acme", ts("2026-04-16T00:00:00Z"), "max"),
+                                SubscriptionEvent("cancelled", "acme", ts("2026-05-10T00:00:00Z"))], cat)  # fmt: skip
+    assert terms_at(tl, ts("2026-03-31T23:59:59Z")) is None
+    first = terms_at(tl, ts("2026-04-15T23:59:59Z"))
+    assert first.plan.key == "pro@1" and first.included == {"tokens": 5 * M} and first.fee == 100 * 10**12
+    second = terms_at(tl, ts("2026-04-16T00:00:00Z"))
+    assert second.plan.key == "max@1" and second.included == {"tokens": 20 * M}
+    may = terms_at(tl, ts("2026-05-09T00:00:00Z"))
+    assert may.plan.key == "max@1" and (may.start, may.end) == (ts("2026-05-01T00:00:00Z"), ts("2026-05-10T00:00:00Z"))
+    assert terms_at(tl, ts("2026-05-10T00:00:00Z")) is None

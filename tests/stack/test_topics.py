@@ -21,6 +21,8 @@ EXPECTED = {
     "alerts",
     "ledger-replies",
     "ledger-entries",
+    "plans",
+    "subscriptions",
 }
 
 
@@ -30,8 +32,11 @@ def test_topic_file_declares_every_topic() -> None:
     # co-partitioned topics share settings.partitions
     for name in ("usage-events", "usage-priced", "usage-dead-letter", "customer-status", "ledger-commands"):
         assert specs[name].partitions is None
-    for name in ("prices", "schemas", "customer-status"):
+    for name in ("prices", "schemas", "customer-status", "plans"):
         assert specs[name].cleanup_policy == "compact"
+    # subscription facts share a key per customer and every one counts: never compacted, kept forever
+    assert specs["subscriptions"].cleanup_policy == "delete" and specs["subscriptions"].retention_ms == -1
+    assert specs["subscriptions"].partitions is None
     day = 24 * 3600 * 1000
     assert specs["usage-events"].retention_ms == 7 * day
     assert specs["usage-dead-letter"].retention_ms == 30 * day

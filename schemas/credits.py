@@ -1,5 +1,7 @@
-"""JSON messages of the credits topics (``/tmp/credit_msgs.md`` is the contract) to and from
-``meterline.ledger`` values.
+"""The contract of the credits topics: their JSON messages to and from ``meterline.ledger`` values.
+
+This module is the one codec of ``ledger-commands``, ``ledger-entries``, ``customer-status``,
+``alerts`` and ``ledger-replies``: every producer and consumer of those topics goes through it.
 
 Inbound (``ledger-commands``): :func:`decode_command` turns one record value into a
 :class:`LedgerRequest` — the ledger ``Command`` it stands for (or, for ``authorize``, an
