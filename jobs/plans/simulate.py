@@ -337,6 +337,9 @@ def simulate(
     currency = sorted(currencies)[0] if len(currencies) == 1 else catalog.currency
     if len(currencies) > 1:
         raise InputError(f"usage in several currencies ({', '.join(sorted(currencies))}): simulate one currency at a time", field="period")
+    other = [pv.key for pv in plans if pv.currency != currency]
+    if other:
+        raise InputError(f"plan(s) {', '.join(other)} are not in {currency}, the usage's currency", field="plans")
 
     # which customers
     wanted = set(aggs) | {c for c in own if any(r_start <= p.start < r_end for p in tperiods[c])}

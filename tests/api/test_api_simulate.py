@@ -3,6 +3,7 @@ real uvicorn server and chDB: same document as the simulator itself, keys scoped
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Callable
 
 import httpx
@@ -16,6 +17,10 @@ PLANS = {"currency": "USD", "plans": [
     {"id": "flat", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "25", "overage": {"per_million": "0"}},
     {"id": "pro", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "20",
      "allowances": [{"id": "t", "tokens": 1000000}], "overage": {"per_million": "30"}},
+    # model-scoped: only gpt-4o draws on the allowance (the simulator then groups by model in SQL)
+    {"id": "scoped", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "10",
+     "allowances": [{"id": "g", "tokens": 2000000, "models": [{"provider": "openai", "model": "gpt-4o"}]}],
+     "overage": {"per_million": "7"}},
 ]}  # fmt: skip
 
 
@@ -36,7 +41,8 @@ def _seed(ch: Any) -> None:
         "INSERT INTO usage_priced (event_id, occurred_at, customer_id, provider, model, input_tokens, output_tokens, requests,"
         " cost, charge, currency)"
         " SELECT concat('e', toString(number)), toDateTime64('2026-01-01 00:00:00', 3, 'UTC') + toIntervalMinute(number * 31),"
-        " if(number % 2 = 0, 'cust-a', 'cust-b'), 'openai', 'gpt-4o', 40000 + number, 5000, 1, toDecimal128(0, 12),"
+        " if(number % 2 = 0, 'cust-a', 'cust-b'), if(number % 5 = 0, 'mistral', 'openai'), if(number % 5 = 0, 'mixtral', 'gpt-4o'),"
+        " 40000 + number, 5000, 1, toDecimal128(0, 12),"
         " toDecimal128((40000 + number) * 5 + 5000 * 15, 12) / 1000000, 'USD' FROM numbers(2000)"
     )
 
@@ -66,6 +72,17 @@ def test_simulate_routes(api_factory: Callable[..., Any], keys: Any, clickhouse:
     assert doc["cohorts"][0]["plan"] == "pro@1" and doc["cohorts"][0]["customers"] == 1
     r = get("/v1/simulate?period=2026-01..2026-02&plans=flat&cohort=pro", keys.admin)
     assert [c["customer_id"] for c in r.json()["customers"]] == ["cust-a"]
+
+    # the model-scoped plan against a hand computation from the stored rows
+    r = get("/v1/customers/cust-a/simulate?period=2026-01..2026-02&plans=scoped", keys.cust_a)
+    scoped = next(x for x in r.json()["customers"][0]["candidates"] if x["plan"] == "scoped@1")
+    for p in scoped["periods"]:
+        rows = clickhouse.query(
+            "SELECT model = 'gpt-4o', sum(input_tokens + output_tokens) FROM usage_priced WHERE customer_id = 'cust-a'"
+            " AND formatDateTime(occurred_at, '%Y-%m') = {m:String} GROUP BY 1", parameters={"m": p["period"]}).result_rows
+        t = {bool(k): int(v) for k, v in rows}
+        over = max(t.get(True, 0) - 2_000_000, 0) + t.get(False, 0)
+        assert Decimal(p["total"]) == (Decimal(10) + Decimal(over) * 7 / 1_000_000).quantize(Decimal("0.01"), ROUND_HALF_EVEN)
 
     bad = get("/v1/customers/cust-a/simulate?period=2026-13&plans=flat", keys.cust_a)
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "period"
