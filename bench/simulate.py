@@ -83,7 +83,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         client.insert("plans", [plan_row(v) for v in catalog.versions], column_names=PLAN_COLUMNS)
         subs = [SubscriptionEvent("subscribed", f"cust-{i:04d}", START_MS // 1000, "pro", 1) for i in range(0, 1000, 2)]
         client.insert("subscription_events", [subscription_row(e) for e in subs], column_names=SUBSCRIPTION_COLUMNS)
-        candidates = [catalog.get(p, 1) for p in ("flat", "tiered", "commit")]
+        candidates = [v for v in catalog.versions if v.plan_id in ("flat", "tiered", "commit")]
         simulate(client, "2026-01..2026-12", candidates, customer="cust-0000")  # warm-up
         t = time.perf_counter()
         doc = simulate(client, "2026-01..2026-12", candidates)

@@ -11,7 +11,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -23,7 +23,7 @@ __all__ = ["load_price_engine", "register"]
 def load_price_engine(bootstrap: str, prefix: str) -> tuple[Any, dict[tuple[str, str], list[int]]]:
     """A PricingEngine from the compacted prices topic, and each model's price version starts
     (epoch ms; aliases count as their model) for the routing what-if."""
-    from meterline.pricing import PricingEngine, PriceVersion
+    from meterline.pricing import PriceVersion, PricingEngine
     from meterline.pricing._book import PRICE_KEY_PREFIX, decode_record
     from meterline.stack.kafka import read_topic
 
@@ -58,13 +58,13 @@ def register(plans_app: typer.Typer) -> None:
 
 def simulate_command(
     period: str = typer.Option(..., "--period", help="YYYY-MM, or YYYY-MM..YYYY-MM for several months."),
-    customer: Optional[str] = typer.Option(None, "--customer", help="One customer."),
+    customer: str | None = typer.Option(None, "--customer", help="One customer."),
     all_: bool = typer.Option(False, "--all", help="Every customer with usage or a subscription in the period."),
     plans: str = typer.Option(..., "--plans", help="A plan file (YAML/JSON), or published plan ids: ID,ID@VERSION,..."),
-    routing: Optional[Path] = typer.Option(None, "--routing", exists=True, dir_okay=False, help="Routing what-if file."),
-    cohort: Optional[str] = typer.Option(None, "--cohort", help="Only customers currently on this plan id (with --all)."),
+    routing: Path | None = typer.Option(None, "--routing", exists=True, dir_okay=False, help="Routing what-if file."),
+    cohort: str | None = typer.Option(None, "--cohort", help="Only customers currently on this plan id (with --all)."),
     fmt: str = typer.Option("table", "--format", help="table | json | html"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the output to this file instead of stdout."),
+    out: Path | None = typer.Option(None, "--out", help="Write the output to this file instead of stdout."),
 ) -> None:
     """Re-rate real usage under pay-per-token, the customer's current plan and each given plan
     (same rating code as billing), with break-even volumes, cohort and routing what-ifs."""
@@ -91,7 +91,8 @@ def simulate_command(
         months = parse_months(period)
         ids, file_catalog = _plans_arg(plans)
         routes = load_routing(routing) if routing is not None else ()
-        engine, versions = None, {}
+        engine: Any = None
+        versions: dict[tuple[str, str], list[int]] = {}
         if routes:
             from meterline.cli_credits import kafka_bootstrap
 

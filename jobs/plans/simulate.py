@@ -35,14 +35,13 @@ fraction beside it).
 
 from __future__ import annotations
 
-import calendar
-import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from jobs.plans.billing import _bills, _picos, load_catalog, load_events, month_bounds
 from meterline.errors import InputError
@@ -97,9 +96,9 @@ def resolve_plans(spec: Sequence[str], catalog: PlanCatalog, at: int, file_catal
     ``at``, else its latest; ``pro@2`` = that version) from the published catalog."""
     if file_catalog is not None:
         latest: dict[str, PlanVersion] = {}
-        for v in file_catalog.versions:
-            if v.plan_id not in latest or v.version > latest[v.plan_id].version:
-                latest[v.plan_id] = v
+        for fv in file_catalog.versions:
+            if fv.plan_id not in latest or fv.version > latest[fv.plan_id].version:
+                latest[fv.plan_id] = fv
         return list(latest.values())
     out: list[PlanVersion] = []
     for item in spec:
@@ -109,7 +108,7 @@ def resolve_plans(spec: Sequence[str], catalog: PlanCatalog, at: int, file_catal
         if ver:
             if not ver.isdigit():
                 raise InputError(f"bad plan {item!r}: use ID or ID@VERSION", field="plans")
-            v = catalog.get(pid, int(ver))
+            v: PlanVersion | None = catalog.get(pid, int(ver))
         else:
             v = catalog.current(pid, at) or (catalog.versions_of(pid)[-1] if catalog.versions_of(pid) else None)
         if v is None:
@@ -221,7 +220,7 @@ def _per_million(subtotal: int, tokens: int) -> str | None:
 
 
 def _ts(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def simulate(
@@ -267,7 +266,7 @@ def simulate(
 
     # each subscribed customer's own boundaries
     own: dict[str, list[int]] = {}
-    for c, tl in timelines.items():
+    for c in timelines:
         if customer is not None and c != customer:
             continue
         bs: set[int] = set()
@@ -318,7 +317,7 @@ def simulate(
         counts, charge, cur = rest[:5], rest[5], rest[6]
         if cur:
             currencies.add(str(cur))
-        tokens = {c: int(n) for c, n in zip(_CLASSES, counts) if int(n)}
+        tokens = {c: int(n) for c, n in zip(_CLASSES, counts, strict=True) if int(n)}
         aggs[str(cid)].append(_Agg(int(s), int(o), str(provider), str(model), tokens, _picos(charge)))
 
     prepaid: dict[str, dict[int, int]] = defaultdict(dict)
@@ -434,8 +433,8 @@ def _customer(
         cur = _Cand(cur_plan.key if cur_plan else "current", "current", cur_plan)
         # one call over the whole range: the same chain (and so the same bills) as one call per month
         pairs = _bills(None, timeline, spans[0][0], spans[-1][1], usage_of=usage_of, prepaid_of=prepaid_of)
-        for k, (a, b) in enumerate(spans):
-            mine = [x for p, x in pairs if a <= p.start < b]
+        for k, (lo, hi) in enumerate(spans):
+            mine = [x for p, x in pairs if lo <= p.start < hi]
             if mine:
                 cur.months.append((sum(x.subtotal for x in mine), mine))
             else:  # not subscribed that month: billed pay-per-token, as bill preview does
@@ -461,8 +460,8 @@ def _customer(
         named = [Period(c, p.index, p.anchor, p.start, p.end, p.stop, p.segments) for p in periods]
         bills = rate_periods(named, usage_of_c)
         cand = _Cand(pv.key, "plan", pv)
-        for a, b in spans:
-            mine = [x for p, x in zip(named, bills) if a <= p.start < b]
+        for lo, hi in spans:
+            mine = [x for p, x in zip(named, bills, strict=True) if lo <= p.start < hi]
             cand.months.append((sum(x.subtotal for x in mine), mine))
         cands.append(cand)
 
@@ -484,7 +483,10 @@ def _customer(
 def _candidate_json(x: _Cand, months: list[str], tokens: int, currency: str) -> dict[str, Any]:
     totals = [round_total(sub, currency) for sub, _ in x.months]
     bills = [b for _, bs in x.months for b in bs]
-    amt = lambda kind: sum(b.amount_of(kind) for b in bills)  # noqa: E731 - local shorthand
+
+    def amt(kind: str) -> int:
+        return sum(b.amount_of(kind) for b in bills)
+
     subtotal = sum(sub for sub, _ in x.months)
     allowances: dict[tuple[str, str], dict[str, Any]] = {}
     for b in bills:
@@ -498,8 +500,9 @@ def _candidate_json(x: _Cand, months: list[str], tokens: int, currency: str) -> 
     for d in allowances.values():
         avail = d["included"] + d["rolled_in"]
         util = None if avail == 0 else str((Decimal(d["used"] * 100) / Decimal(avail)).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
-        fmt = (lambda v: v) if d["unit"] == "tokens" else format_picos
-        allow_json.append({**{k: (fmt(v) if k in ("included", "rolled_in", "used", "unused") else v) for k, v in d.items()}, "utilisation_pct": util})
+        money = d["unit"] != "tokens"
+        allow_json.append({**{k: (format_picos(v) if money and k in ("included", "rolled_in", "used", "unused") else v)
+                              for k, v in d.items()}, "utilisation_pct": util})  # fmt: skip
     fee = amt("fee")
     total = sum(totals, Decimal(0))
     average = Fraction(int(total.scaleb(minor_unit(currency))), len(totals)) / 10 ** minor_unit(currency) if totals else Fraction(0)
@@ -516,8 +519,8 @@ def _candidate_json(x: _Cand, months: list[str], tokens: int, currency: str) -> 
         "prepaid_credit": format_picos(-amt("prepaid_credit")),
         "effective_per_million": _per_million(subtotal, tokens),
         "allowances": allow_json,
-        "unused_included_tokens": sum(int(a["unused"]) for a in allow_json if a["unit"] == "tokens"),
-        "periods": [{"period": m, "total": str(t)} for m, t in zip(months, totals)],
+        "unused_included_tokens": sum(int(d["unused"]) for d in allowances.values() if d["unit"] == "tokens"),
+        "periods": [{"period": m, "total": str(t)} for m, t in zip(months, totals, strict=True)],
         "range": {"min": str(min(totals)), "max": str(max(totals))} if totals else None,
         "average": _round_fraction(average, currency),
         "average_exact": f"{average.numerator}/{average.denominator}" if average.denominator != 1 else str(average.numerator),
@@ -535,13 +538,13 @@ def _break_even(cands: list[_Cand], rows: list[_Agg], months: list[str], month_t
         elif x.plan is not None and x.name not in curves:
             curves[x.name] = plan_curve(x.plan, mix)
     names = list(curves)
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             xs = crossings(curves[names[i]], curves[names[j]])
             pairs.append({"a": names[i], "b": names[j], "volumes": [fraction_json(v) for v in xs]})
-    peak = max(month_tokens + [0])
-    top = max([Fraction(peak * 2)] + [Fraction(v["exact"]) * Fraction(5, 4) for p in pairs for v in p["volumes"]] + [Fraction(1_000_000)])
+    peak = max([*month_tokens, 0])
+    top = max([Fraction(peak * 2), Fraction(1_000_000), *(Fraction(v["exact"]) * Fraction(5, 4) for p in pairs for v in p["volumes"])])
     chart = {
         "max_tokens": str(int(top)),
         "series": {n: [[str(int(v)), format_picos(int(a))] for v, a in curve_points(f, top)] for n, f in curves.items()},

@@ -6,6 +6,15 @@ rating itself is :mod:`meterline.plans` (the same code as billing). See ``docs/p
 
 from __future__ import annotations
 
-from meterline.simulator._breakeven import PL, Mix, crossings, curve_points, fraction_json, mix_of, payg_curve, plan_curve
+from meterline.simulator._breakeven import (
+    PL,
+    Mix,
+    crossings,
+    curve_points,
+    fraction_json,
+    mix_of,
+    payg_curve,
+    plan_curve,
+)
 
 __all__ = ["PL", "Mix", "crossings", "curve_points", "fraction_json", "mix_of", "payg_curve", "plan_curve"]

@@ -17,9 +17,9 @@ real volume); it is an analysis of the same rules, not a second biller.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Mapping, Sequence
 
 from meterline.plans import TOKEN_CLASSES, Overage, PlanVersion, TierStep, Usage
 
@@ -65,7 +65,7 @@ class PL:
     def __add__(self, other: PL) -> PL:
         xs = sorted(set(self.xs) | set(other.xs))
         p, q = self._on(xs), other._on(xs)
-        return PL(tuple(xs), tuple(x + y for x, y in zip(p.a, q.a)), tuple(x + y for x, y in zip(p.b, q.b)))
+        return PL(tuple(xs), tuple(x + y for x, y in zip(p.a, q.a, strict=True)), tuple(x + y for x, y in zip(p.b, q.b, strict=True)))
 
     def __neg__(self) -> PL:
         return PL(self.xs, tuple(-x for x in self.a), tuple(-x for x in self.b))
@@ -245,7 +245,7 @@ def crossings(f: PL, g: PL) -> list[Fraction]:
     return sorted(out)
 
 
-def fraction_json(x: Fraction) -> dict[str, str]:
+def fraction_json(x: Fraction) -> dict[str, str | bool]:
     """``{"exact": "25000000/3", "tokens": "8333333.333333"}`` (tokens: truncated to 6 places)."""
     scaled = x.numerator * 10**6 // x.denominator
     sign = "-" if scaled < 0 else ""

@@ -9,10 +9,11 @@ Pixel geometry is computed with fractions and printed to 0.1 px; money is never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
 from html import escape
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["MAX_CUSTOMERS", "render_html"]
 
@@ -67,10 +68,15 @@ def _lines(kind: str, title: str, series: dict[str, list[tuple[str, str]]], mark
     """Polylines: name -> [(x decimal string, y decimal string)], plus vertical marks (label, x)."""
     xs = [_frac(x) for pts in series.values() for x, _ in pts] + [_frac(x) for _, x in marks]
     ys = [_frac(y) for pts in series.values() for _, y in pts]
-    x_max = max(xs + [Fraction(1)])
-    y_max = max(ys + [Fraction(1)])
-    sx = lambda x: _PAD + _frac(x) / x_max * (_W - _PAD - 16)  # noqa: E731 - local shorthands
-    sy = lambda y: _H - _PAD - _frac(y) / y_max * (_H - _PAD - 16)  # noqa: E731
+    x_max = max([*xs, Fraction(1)])
+    y_max = max([*ys, Fraction(1)])
+
+    def sx(x: str) -> Fraction:
+        return _PAD + _frac(x) / x_max * (_W - _PAD - 16)
+
+    def sy(y: str) -> Fraction:
+        return _H - _PAD - _frac(y) / y_max * (_H - _PAD - 16)
+
     body = [f'<text x="4" y="16" font-size="10">{_e(y_max.__round__())}</text>',
             f'<text x="{_W - 90}" y="{_H - _PAD + 28}" font-size="10">{_e(x_max.__round__())}</text>']  # fmt: skip
     for i, (name, pts) in enumerate(series.items()):
@@ -102,7 +108,10 @@ def _customer(c: dict[str, Any], periods: list[str], currency: str) -> str:
     table = ("<table class=\"candidates\"><thead><tr><th>plan</th><th>role</th><th>total</th><th>fee</th><th>overage</th>"
              "<th>true-up</th><th>per M tokens</th><th>unused included tokens</th><th>range per period</th><th>average</th>"
              "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")  # fmt: skip
-    label = lambda x: x["plan"] if x["role"] != "current" else f'current: {x["plan"]}'  # noqa: E731
+
+    def label(x: dict[str, Any]) -> str:
+        return str(x["plan"]) if x["role"] != "current" else f'current: {x["plan"]}'
+
     charts = [_bars("candidates", f"Bill per candidate ({currency}, {len(periods)} period(s))", [(label(x), x["total"]) for x in c["candidates"]])]
     charts.append(_lines("periods", f"Bill per period ({currency})",
                          {label(x): [(str(i + 1), p["total"]) for i, p in enumerate(x["periods"])] for x in c["candidates"]}))  # fmt: skip

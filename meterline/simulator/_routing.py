@@ -14,9 +14,10 @@ Validated as strictly as a price file: unknown keys, empty names, a non-integer 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

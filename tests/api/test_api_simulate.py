@@ -3,8 +3,9 @@ real uvicorn server and chDB: same document as the simulator itself, keys scoped
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -96,7 +96,7 @@ def expected_plan(plan: str, tokens: int, charge: Decimal) -> Decimal:
 def rate_at(provider: str, model: str, at: datetime) -> tuple[Decimal, Decimal]:
     best = None
     for since, i, o in RATES[(provider, model)]:
-        if at >= datetime.fromisoformat(since).replace(tzinfo=timezone.utc):
+        if at >= datetime.fromisoformat(since).replace(tzinfo=UTC):
             best = (Decimal(i), Decimal(o))
     assert best is not None
     return best
@@ -118,7 +118,7 @@ def make_events() -> list[UsageEvent]:
         out.append(UsageEvent(event_id=str(uuid.uuid4()), occurred_at=at, customer_id=cust, provider=model[0],
                               model=model[1], input_tokens=i, output_tokens=o))  # fmt: skip
 
-    jan, feb = datetime(2026, 1, 3, tzinfo=timezone.utc), datetime(2026, 2, 3, tzinfo=timezone.utc)
+    jan, feb = datetime(2026, 1, 3, tzinfo=UTC), datetime(2026, 2, 3, tzinfo=UTC)
     gpt, opus = ("openai", "gpt-4o"), ("anthropic", "claude-3-opus")
     for k in range(16):  # sim-a, January: 16 x 10,000 = 160,000 tokens (over its 100,000 allowance)
         ev("sim-a", gpt, jan + timedelta(hours=7 * k), 7000 + k, 3000 - k)
