@@ -302,7 +302,7 @@ def simulate(
     rows = client.query(
         "WITH toUnixTimestamp64Milli(occurred_at) AS t"
         " SELECT customer_id, arrayCount(b -> b <= t, {shared:Array(Int64)}) AS s,"
-        " arrayCount(b -> b <= t, {own:Array(Array(Int64))}[indexOf({cids:Array(String)}, customer_id) + 1]) AS o,"
+        " arrayCount(b -> b <= t, {own:Array(Array(Int64))}[transform(customer_id, {cids:Array(String)}, range(2, length({cids:Array(String)}) + 2), 1)]) AS o,"
         f" {model_cols}, sum(input_tokens), sum(output_tokens), sum(cached_input_tokens),"
         " sum(cache_write_tokens), sum(reasoning_tokens), sum(charge), any(currency)"
         " FROM usage_priced FINAL"
@@ -324,7 +324,7 @@ def simulate(
     if cids:
         for cid, o, amount in client.query(
             "WITH toUnixTimestamp64Milli(at) AS t"
-            " SELECT customer_id, arrayCount(b -> b <= t, {own:Array(Array(Int64))}[indexOf({cids:Array(String)}, customer_id) + 1]) AS o,"
+            " SELECT customer_id, arrayCount(b -> b <= t, {own:Array(Array(Int64))}[transform(customer_id, {cids:Array(String)}, range(2, length({cids:Array(String)}) + 2), 1)]) AS o,"
             " sum(amount) FROM ledger_entries FINAL WHERE kind = 'debit' AND grant_id != ''"
             " AND has({cids:Array(String)}, customer_id)"
             " AND at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC') AND at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"
@@ -354,7 +354,7 @@ def simulate(
         tl = timelines.get(c)
         if tl is None:
             return None
-        ps = [p for p in tperiods[c] if p.start < r_end and p.segments]
+        ps = [p for p in tperiods[c] if p.start < r_end and p.stop > r_start and p.segments]
         return ps[-1].segments[-1].plan if ps else None
 
     customers_out: list[dict[str, Any]] = []
@@ -557,7 +557,7 @@ def _cohorts(customers: list[dict[str, Any]], currency: str) -> list[dict[str, A
     many of its customers would pay more, less or the same."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in customers:
-        if c["current_plan"]:
+        if c["current_plan"] and any(x["role"] == "current" for x in c["candidates"]):
             groups[c["current_plan"]].append(c)
     out = []
     for plan, members in sorted(groups.items()):

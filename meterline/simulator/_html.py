@@ -113,8 +113,8 @@ def _customer(c: dict[str, Any], periods: list[str], currency: str) -> str:
         return str(x["plan"]) if x["role"] != "current" else f'current: {x["plan"]}'
 
     charts = [_bars("candidates", f"Bill per candidate ({currency}, {len(periods)} period(s))", [(label(x), x["total"]) for x in c["candidates"]])]
-    charts.append(_lines("periods", f"Bill per period ({currency})",
-                         {label(x): [(str(i + 1), p["total"]) for i, p in enumerate(x["periods"])] for x in c["candidates"]}))  # fmt: skip
+    charts.append(_lines("periods", f"Bill per period ({currency}): {periods[0]} to {periods[-1]}",
+                         {label(x): [(str(i), p["total"]) for i, p in enumerate(x["periods"])] for x in c["candidates"]}))  # fmt: skip
     util = [(f'{x["plan"]}:{a["id"]}', a["utilisation_pct"]) for x in c["candidates"] for a in x["allowances"] if a["utilisation_pct"] is not None]
     charts.append(_bars("utilisation", "Allowance utilisation (% of included used)", util, "%") if util
                   else _svg("utilisation", ['<text x="60" y="100" font-size="12">no allowances among the candidates</text>'],
