@@ -520,7 +520,11 @@ def _candidate_json(x: _Cand, months: list[str], tokens: int, currency: str) -> 
         "effective_per_million": _per_million(subtotal, tokens),
         "allowances": allow_json,
         "unused_included_tokens": sum(int(d["unused"]) for d in allowances.values() if d["unit"] == "tokens"),
-        "periods": [{"period": m, "total": str(t)} for m, t in zip(months, totals, strict=True)],
+        "periods": [
+            {"period": m, "total": str(t), "overage": format_picos(sum(b.amount_of("overage") for b in bs)),
+             "unused_included_tokens": sum(a.remaining for b in bs for a in b.allowances if a.unit == "tokens")}
+            for m, t, (_, bs) in zip(months, totals, x.months, strict=True)
+        ],  # fmt: skip
         "range": {"min": str(min(totals)), "max": str(max(totals))} if totals else None,
         "average": _round_fraction(average, currency),
         "average_exact": f"{average.numerator}/{average.denominator}" if average.denominator != 1 else str(average.numerator),

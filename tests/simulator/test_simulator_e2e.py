@@ -185,6 +185,8 @@ def test_simulator_on_produced_usage(pipeline: Any, tmp_path: Path) -> None:
     assert [p["total"] for p in cur["periods"]] == ["21.80", "20.00"]  # 20 + 60,000 x $30/M ; 20
     assert cur["overage"] == "1.80"
     assert cur["allowances"][0]["unused"] == 70000 and cur["unused_included_tokens"] == 70000
+    assert [p["unused_included_tokens"] for p in cur["periods"]] == [0, 70000]  # the quiet month's waste
+    assert [p["overage"] for p in cur["periods"]] == ["1.80", "0.00"]  # the spike month's overage
     assert cur["allowances"][0]["utilisation_pct"] == str(cents(Decimal(130000 * 100) / Decimal(200000)))
     for i, m in enumerate(months):
         assert bill_preview(pipeline.ch, "sim-a", m)["total"] == cur["periods"][i]["total"]
@@ -275,6 +277,14 @@ def _cli_checks(pipeline: Any, tmp_path: Path, doc: dict[str, Any]) -> None:
                            "--format", "json"], env, work).stdout)  # fmt: skip
     full_b = {x["plan"]: x["total"] for x in next(c for c in doc["customers"] if c["customer_id"] == "sim-b")["candidates"]}
     assert {x["plan"]: x["total"] for x in one["customers"][0]["candidates"]} == {k: full_b[k] for k in ("payg", "flat@1", "grad@1")}
+    # the routing what-if from the command line reads the prices topic of the running pipeline
+    routing = work / "routing.yaml"
+    routing.write_text("routes:\n  - from: {provider: anthropic, model: claude-3-opus}\n"
+                       "    to: {provider: anthropic, model: claude-3-haiku}\n    under_tokens: 2000\n")  # fmt: skip
+    renv = {**env, "METERLINE_KAFKA_BOOTSTRAP": pipeline.settings.kafka_bootstrap, "METERLINE_TOPIC_PREFIX": pipeline.settings.topic_prefix}
+    routed = json.loads(_run(["plans", "simulate", "--period", "2026-01..2026-02", "--customer", "sim-b", "--plans", "flat",
+                              "--routing", str(routing), "--format", "json"], renv, work).stdout)  # fmt: skip
+    assert routed["customers"][0]["routing"]["savings"] == next(c for c in doc["routing"]["customers"] if c["customer_id"] == "sim-b")["savings"]
     # a bad period is a clear usage error, not a traceback
     bad = subprocess.run([str(BIN / "meterline"), "plans", "simulate", "--period", "2026-13", "--all", "--plans", "flat"],
                          env=env, cwd=work, capture_output=True, text=True, timeout=120)  # fmt: skip
