@@ -79,16 +79,12 @@ def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
 
 def _bootstrap(settings: Settings) -> tuple[str, str]:
     """The Kafka bootstrap and topic prefix: configured, or those of a running ``meterline up``."""
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap, settings.topic_prefix
-    from meterline.runtime import read_runtime_file
+    from meterline.discovery import kafka_bootstrap
 
-    info = read_runtime_file(settings.data_dir)
-    if info and info.get("kafka_bootstrap"):
-        return str(info["kafka_bootstrap"]), str(info.get("topic_prefix", settings.topic_prefix))
-    raise _fail(
-        MeterlineError("no Kafka broker: start `meterline up` (embedded broker) or set METERLINE_KAFKA_BOOTSTRAP")
-    )
+    try:
+        return kafka_bootstrap(settings)
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
 
 
 # -- up ---------------------------------------------------------------------------------------
@@ -389,18 +385,19 @@ def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="
 def _query(settings: Settings, query: str, parameters: dict[str, Any] | None = None) -> tuple[list[str], list[Any]]:
     """Read-only SQL: through the running service's API if ``meterline up`` owns the engine, else directly."""
     from meterline.analytics import run_readonly
-    from meterline.runtime import read_runtime_file
+    from meterline.discovery import running_api
 
-    info = read_runtime_file(settings.data_dir)
-    if info and info.get("api_url"):
+    api = running_api(settings.data_dir)
+    if api is not None:
         from meterline.api.client import ApiClient
 
-        key = (settings.data_dir / "admin.key").read_text().strip()
-        out = ApiClient(info["api_url"], key).sql(query, "json", parameters)
+        out = ApiClient(*api).sql(query, "json", parameters)
         return list(out["columns"]), [tuple(r) for r in out["rows"]]
+    from meterline.analytics import SqlLimits
     from meterline.stack.clickhouse import connect
 
-    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters)
+    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters,
+                        limits=SqlLimits.from_settings(settings))
 
 
 @app.command()

@@ -5,6 +5,7 @@ Wiring (meterline/cli.py): ``register(app)`` adds both sub-apps.
 - ``plans load FILE`` validates a plan file and publishes each version to the compacted ``plans``
   topic. Idempotent: identical versions already published are not sent again; a published
   ``plan@version`` is immutable (changing one is refused: publish a new version and migrate).
+- ``plans show CUSTOMER`` prints the folded timeline (runs, segments, rejected facts).
 - ``plans subscribe|change|cancel|migrate`` publish subscription facts to ``subscriptions``
   (keyed by customer). Each fact is first folded with the customer's published facts: one the
   timeline would reject (a change with no subscription, an unknown version...) is refused here
@@ -22,23 +23,25 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from meterline.config import Settings
+from meterline.console import make_console, markup_mode
 from meterline.errors import InputError, MeterlineError
 
 __all__ = ["bill_app", "plans_app", "register"]
 
-plans_app = typer.Typer(help="Subscription plans: load the catalog, subscribe, change, cancel, migrate.", no_args_is_help=True)
-bill_app = typer.Typer(help="Plan bills computed from meterline's own data.", no_args_is_help=True)
-_out = Console(width=None if sys.stdout.isatty() else 120)
-_err = Console(stderr=True)
+plans_app = typer.Typer(help="Subscription plans: load the catalog, subscribe, change, cancel, migrate, show.",
+                        no_args_is_help=True, rich_markup_mode=markup_mode())  # fmt: skip
+bill_app = typer.Typer(help="Plan bills computed from meterline's own data.", no_args_is_help=True,
+                       rich_markup_mode=markup_mode())  # fmt: skip
+_out = make_console()
+_err = make_console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -53,7 +56,7 @@ def register(app: typer.Typer) -> None:
 def _settings() -> Settings:
     try:
         return Settings()
-    except Exception as exc:  # noqa: BLE001 - pydantic ValidationError
+    except Exception as exc:
         _err.print(f"[red]invalid configuration:[/red] {exc}")
         raise typer.Exit(2) from exc
 
@@ -73,9 +76,9 @@ def _kafka(settings: Settings) -> tuple[str, str]:
 
 
 def _now() -> int:
-    from meterline.plans._values import instant_of
+    from meterline.plans import instant_of
 
-    return instant_of(datetime.now(timezone.utc).replace(microsecond=0))
+    return instant_of(datetime.now(UTC).replace(microsecond=0))
 
 
 def _instant(text: str | None, option: str) -> int:
@@ -113,11 +116,13 @@ def _published_events(bootstrap: str, prefix: str) -> list[Any]:
 def _record_fact(event: Any) -> None:
     """Fold ``event`` with the customer's published facts; refuse it if the timeline would, else
     publish it (a fact already published is reported and not sent again)."""
-    from meterline.plans import fold_timeline
+    from meterline.plans import SubscriptionEvent, fold_timeline, parse_event
     from pipeline.publish import publish_records
 
-    from meterline.plans import SubscriptionEvent
-
+    try:
+        parse_event(event.to_json())  # the checks every reader applies (customer id form, ...)
+    except MeterlineError as exc:
+        raise _fail(exc, 2) from exc
     settings = _settings()
     bootstrap, prefix = _kafka(settings)
     try:
@@ -180,7 +185,7 @@ def plans_load(file: Path = typer.Argument(..., exists=True, dir_okay=False, hel
             raise _fail(MeterlineError(
                 f"published plan versions are immutable, and this file changes {', '.join(conflicts)}: "
                 "give the changed plan a new version (then `meterline plans migrate`)"), 2)  # fmt: skip
-        fresh = [(k, v) for (k, v), pv in zip(catalog.to_records(), catalog.versions) if published.get(pv.plan_id, pv.version) is None]
+        fresh = [(k, v) for (k, v), pv in zip(catalog.to_records(), catalog.versions, strict=True) if published.get(pv.plan_id, pv.version) is None]
         if fresh:
             publish_records(bootstrap, f"{prefix}plans", fresh)
     except MeterlineError as exc:
@@ -193,8 +198,8 @@ def plans_load(file: Path = typer.Argument(..., exists=True, dir_okay=False, hel
 def plans_subscribe(
     customer: str = typer.Argument(..., help="meterline customer id."),
     plan_id: str = typer.Argument(..., help="Plan id from the catalog."),
-    version: Optional[int] = typer.Option(None, "--version", help="Plan version (default: the one in force at --from)."),
-    from_: Optional[str] = typer.Option(None, "--from", help="ISO-8601 start, may be in the past (default: now). The period anchor."),
+    version: int | None = typer.Option(None, "--version", help="Plan version (default: the one in force at --from)."),
+    from_: str | None = typer.Option(None, "--from", help="ISO-8601 start, may be in the past (default: now). The period anchor."),
 ) -> None:
     """Start a subscription: the billing periods are anchored at its start."""
     from meterline.plans import SubscriptionEvent
@@ -206,8 +211,8 @@ def plans_subscribe(
 def plans_change(
     customer: str = typer.Argument(..., help="meterline customer id."),
     plan_id: str = typer.Argument(..., help="The plan to move to."),
-    version: Optional[int] = typer.Option(None, "--version", help="Plan version (default: the one in force at --at)."),
-    at: Optional[str] = typer.Option(None, "--at", help="ISO-8601 instant of the change (default: now)."),
+    version: int | None = typer.Option(None, "--version", help="Plan version (default: the one in force at --at)."),
+    at: str | None = typer.Option(None, "--at", help="ISO-8601 instant of the change (default: now)."),
 ) -> None:
     """Change plan: the period is split at --at and fee and allowances are prorated by seconds."""
     from meterline.plans import SubscriptionEvent
@@ -218,7 +223,7 @@ def plans_change(
 @plans_app.command("cancel")
 def plans_cancel(
     customer: str = typer.Argument(..., help="meterline customer id."),
-    at: Optional[str] = typer.Option(None, "--at", help="ISO-8601 instant the subscription stops (default: now)."),
+    at: str | None = typer.Option(None, "--at", help="ISO-8601 instant the subscription stops (default: now)."),
     at_period_end: bool = typer.Option(False, "--at-period-end", help="Stop at the end of the current period."),
 ) -> None:
     """Cancel a subscription now, at --at (prorated), or at the end of the current period."""
@@ -233,7 +238,7 @@ def plans_cancel(
 def plans_migrate(
     plan_id: str = typer.Argument(..., help="The plan whose subscribers move."),
     to: int = typer.Option(..., "--to", help="The version to move them to."),
-    at: Optional[str] = typer.Option(None, "--at", help="ISO-8601 instant of the decision (default: now)."),
+    at: str | None = typer.Option(None, "--at", help="ISO-8601 instant of the decision (default: now)."),
 ) -> None:
     """Move every subscriber of PLAN to version --to, each at the start of its next period."""
     from meterline.plans import SubscriptionEvent, fold_timeline
@@ -275,6 +280,63 @@ def plans_migrate(
     _out.print(f"migrating {len(records)} subscriber(s) of {plan_id} to {plan_id}@{to}, each at its next period start")
     for s in skipped:
         _err.print(f"skipped {s}")
+
+
+@plans_app.command("show")
+def plans_show(
+    customer: str = typer.Argument(..., help="meterline customer id."),
+    fmt: str = typer.Option("table", "--format", help="table | json"),
+) -> None:
+    """A customer's subscription timeline as folded from its facts: runs, segments, the plan in
+    force now, and any fact the fold rejected (with the reason)."""
+    from meterline.plans import fold_timeline
+
+    if fmt not in ("table", "json"):
+        raise _fail(MeterlineError("--format must be table or json"), 2)
+    settings = _settings()
+    bootstrap, prefix = _kafka(settings)
+    try:
+        catalog = _published_catalog(bootstrap, prefix)
+        events = [e for e in _published_events(bootstrap, prefix) if e.customer_id == customer]
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
+    timeline = fold_timeline(customer, events, catalog)
+    now = _now()
+    current = timeline.plan_at(now)
+    period = timeline.period_at(now)
+    doc = {
+        "customer_id": customer,
+        "plan": current.key if current is not None else None,
+        "current_period": None if period is None else {"start": _iso(period.start), "end": _iso(period.end)},
+        "runs": [
+            {
+                "anchor": _iso(r.anchor),
+                "interval": r.interval,
+                "end": None if r.end is None else _iso(r.end),
+                "cancelled": r.cancelled,
+                "segments": [
+                    {"plan": s.plan.key, "start": _iso(s.start), "end": None if s.end is None else _iso(s.end)}
+                    for s in r.segments
+                ],
+            }
+            for r in timeline.runs
+        ],
+        "facts": [e.to_json() for e in sorted(events, key=lambda e: (e.at, e.event_id))],
+        "rejected": [{"event_id": r.event.event_id, "reason": r.reason} for r in timeline.rejected],
+    }
+    if fmt == "json":
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    t = Table(title=f"{customer}: " + (f"on {doc['plan']} now" if current is not None else "no plan now (pay-per-token)"))
+    for col in ("plan", "from", "until", "run anchor", "interval"):
+        t.add_column(col)
+    for r in timeline.runs:
+        for seg in r.segments:
+            until = seg.end if seg.end is not None else r.end
+            t.add_row(seg.plan.key, _iso(seg.start), "" if until is None else _iso(until), _iso(r.anchor), r.interval)
+    _out.print(t)
+    for rej in doc["rejected"]:
+        _err.print(f"[yellow]rejected fact[/yellow] {rej['event_id']}: {rej['reason']}")
 
 
 # --------------------------------------------------------------------------- bill
@@ -371,9 +433,9 @@ def bill_close_command(
     from meterline.stack.clickhouse import connect
 
     settings = _settings()
-    from meterline.plans._values import instant_of
+    from meterline.plans import instant_of
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     closed_at_ms = instant_of(now) * 1000 + now.microsecond // 1000
     try:
         client = connect(settings.resolved_clickhouse_dsn)

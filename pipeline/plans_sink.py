@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import Message
 
 from meterline.errors import InputError
+from meterline.money import to_decimal
 from meterline.plans import PlanVersion, SubscriptionEvent, decode_plan_record, parse_event
 from pipeline import sink as _sink
 from pipeline.sink import ClickHouseSink
@@ -42,11 +43,11 @@ assert PLAN_COLUMNS.index("version_key") == SUBSCRIPTION_COLUMNS.index("event_id
 
 
 def _units(picos: int) -> Decimal:
-    return Decimal(picos).scaleb(-12)
+    return to_decimal(picos)
 
 
 def _utc(seconds: int) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def plan_row(v: PlanVersion) -> tuple[Any, ...]:
@@ -104,7 +105,7 @@ class _FactSink(ClickHouseSink):
             parameters={"owners": sorted({k[0] for k in keys}), "keys": keys},
         )
         stored = {(str(o), str(i)) for o, i in result.result_rows}
-        return [r for r, k in zip(rows, keys) if k not in stored]
+        return [r for r, k in zip(rows, keys, strict=True) if k not in stored]
 
 
 class PlanCatalogSink(_FactSink):

@@ -17,11 +17,28 @@ disjoint** — every token the provider billed is counted in exactly one class, 
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_ID_LEN = 128
+
+# THE allowed form of a customer id, for every entrance (HTTP ingest, producer SDK, pricing agent,
+# credit commands, the Stripe webhook, API keys): 1-128 ASCII characters, letters, digits and
+# ``. _ : @ + = -``, starting with a letter or digit. No whitespace, control, format (RTL override,
+# zero-width) or non-ASCII characters, no ``/``: a customer id is safe in a URL path, a file name,
+# an HTTP header and a log line, and one customer has exactly one spelling (no normalisation).
+CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
+CUSTOMER_ID_RULE = (
+    "a customer id is 1-128 characters from A-Z a-z 0-9 . _ : @ + = -, starting with a letter or digit"
+)
+_CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}")
+
+
+def is_customer_id(value: object) -> bool:
+    """True if ``value`` is a string of the allowed customer-id form (:data:`CUSTOMER_ID_PATTERN`)."""
+    return type(value) is str and _CUSTOMER_ID.fullmatch(value) is not None
 MAX_TOKENS_PER_EVENT = 10**12  # far above any real request; beyond this the count is treated as absurd
 MAX_REQUESTS_PER_EVENT = 10**6
 MAX_LABELS = 64
@@ -43,7 +60,7 @@ class UsageEvent(BaseModel):
 
     event_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
     occurred_at: datetime
-    customer_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    customer_id: str = Field(min_length=1, max_length=MAX_ID_LEN)  # form checked by _customer_id_form
     api_key_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
     project: str | None = Field(default=None, max_length=MAX_ID_LEN)
     feature: str | None = Field(default=None, max_length=MAX_ID_LEN)
@@ -68,6 +85,13 @@ class UsageEvent(BaseModel):
         if v.tzinfo is None:
             raise ValueError("occurred_at must carry a timezone (UTC)")
         return v.astimezone(timezone.utc)
+
+    @field_validator("customer_id")
+    @classmethod
+    def _customer_id_form(cls, v: str) -> str:
+        if not is_customer_id(v):
+            raise ValueError(CUSTOMER_ID_RULE)
+        return v
 
     @field_validator("labels")
     @classmethod

@@ -21,11 +21,13 @@ from __future__ import annotations
 import calendar
 import json
 import re
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any
 
 from meterline.errors import InputError, MeterlineError
+from meterline.money import decimal_to_picos
 from meterline.plans import (
     PLAN_KEY_PREFIX,
     Bill,
@@ -61,15 +63,14 @@ def month_bounds(text: str) -> tuple[int, int]:
 
 def _picos(d: Any) -> int:
     """An exact ClickHouse Decimal(38, 12) (or int) -> integer picos."""
-    v = Decimal(d) if not isinstance(d, Decimal) else d
-    scaled = v.scaleb(12)
-    if scaled != scaled.to_integral_value():
-        raise ValueError(f"{d!r} is finer than a pico")
-    return int(scaled)
+    picos = decimal_to_picos(d if isinstance(d, Decimal) else Decimal(d))
+    if picos is None:
+        raise MeterlineError(f"{d!r} is not an exact amount in picos")
+    return picos
 
 
 def _ts(seconds: int) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def load_catalog(client: Any) -> PlanCatalog:
@@ -93,7 +94,7 @@ def load_events(client: Any, customer_id: str | None = None) -> list[Subscriptio
     out = []
     for event_id, typ, cid, at, plan_id, version, ape in rows:
         doc: dict[str, Any] = {"event_id": event_id, "type": typ, "customer_id": cid,
-                               "at": datetime.fromtimestamp(int(at), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+                               "at": datetime.fromtimestamp(int(at), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
         if plan_id:
             doc["plan_id"] = plan_id
         if version:
@@ -135,7 +136,7 @@ def period_usage(client: Any, period: Period) -> list[list[Usage]]:
             raise MeterlineError(
                 f"{period.customer_id}: usage priced in {', '.join(foreign)} cannot be billed on {plan.key} ({plan.currency})"
             )
-        tokens = {c: int(n) for c, n in zip(_CLASSES, counts) if int(n)}
+        tokens = {c: int(n) for c, n in zip(_CLASSES, counts, strict=True) if int(n)}
         out[int(seg_i)].append(Usage(str(provider), str(model), tokens, _picos(charge)))
     return out
 
@@ -162,56 +163,81 @@ def _charge(client: Any, customer_id: str, start: int, stop: int) -> tuple[int, 
     return _picos(rows[0][0] or 0), (str(rows[0][1]) or None)
 
 
-def _bills(client: Any, timeline: Timeline, start: int, end: int, usage_of: Any = None, prepaid_of: Any = None) -> list[tuple[Period, Bill]]:
-    """Bills of the timeline's periods starting in ``[start, end)``; earlier periods of the same
+def _bills(
+    client: Any, timeline: Timeline, start: int, end: int, *, overlapping: bool = False, usage_of: Any = None, prepaid_of: Any = None
+) -> list[tuple[Period, Bill]]:
+    """Bills of the timeline's periods starting in ``[start, end)`` (with ``overlapping``, when
+    none starts there, e.g. a yearly plan: the periods overlapping it); earlier periods of the same
     run are rated too when a plan in it rolls allowances over (rollover chains periods).
     ``usage_of`` / ``prepaid_of`` replace the per-period queries (the simulator passes its own
     aggregates, so its "current plan" figure is this very function)."""
     periods = timeline.periods(end)
     wanted = [p for p in periods if start <= p.start < end]
+    if not wanted and overlapping:
+        wanted = [p for p in periods if p.start < end and p.stop > start]
     if not wanted:
         return []
     rolls = any(a.rollover_max is not None for p in periods for s in p.segments for a in s.plan.allowances)
-    chain = [p for p in periods if p.start < end and (rolls and any(p.anchor == w.anchor for w in wanted) or p in wanted)]
+    chain = [p for p in periods if p.start < end and ((rolls and any(p.anchor == w.anchor for w in wanted)) or p in wanted)]
     bills = rate_periods(chain, usage_of or (lambda p: period_usage(client, p)),
                          prepaid_of or (lambda p: _prepaid(client, p.customer_id, p.start, p.stop)))  # fmt: skip
-    return [(p, b) for p, b in zip(chain, bills) if p in wanted]
+    return [(p, b) for p, b in zip(chain, bills, strict=True) if p in wanted]
+
+
+def _gaps(timeline: Timeline, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``[start, end)`` in which the customer had no subscription (pay-per-token)."""
+    gaps, cur = [], start
+    for a, b in sorted((r.anchor, r.end if r.end is not None else end) for r in timeline.runs):
+        if a >= end or cur >= end:
+            break
+        if b <= cur:
+            continue
+        if a > cur:
+            gaps.append((cur, a))
+        cur = max(cur, b)
+    if cur < end:
+        gaps.append((cur, end))
+    return gaps
 
 
 def bill_preview(client: Any, customer_id: str, month: str) -> dict[str, Any]:
     """The JSON of ``meterline bill preview CUSTOMER --period YYYY-MM``: ``total`` (decimal
     string, rounded once), ``lines`` (kind, description, quantity, amount, ...), ``allowances``
-    (id, included, used, remaining, ...) and, per billing period, its own bill."""
+    (id, included, used, remaining, ...) and, per billing period, its own bill.
+
+    The bill is that of the customer's billing periods starting in the month (or, when none
+    does, the period overlapping it, e.g. a yearly plan), plus one ``usage`` line for the
+    pay-per-token usage of the calendar month that fell outside any subscription."""
     start, end = month_bounds(month)
     catalog = load_catalog(client)
     timeline = fold_timeline(customer_id, load_events(client, customer_id), catalog)
-    pairs = _bills(client, timeline, start, end)
-    doc: dict[str, Any] = {"customer_id": customer_id, "period": month}
-    if not pairs:
-        charge, currency = _charge(client, customer_id, start, end)
-        cur = currency or catalog.currency
-        doc.update({
-            "plan": None, "currency": cur, "total": str(round_total(charge, cur)), "subtotal": format_picos(charge),
-            "lines": [{"kind": "usage", "description": "pay-per-token usage at the customer's rate card", "plan": None,
-                       "ref": None, "quantity": format_picos(charge), "unit": "amount", "unit_price": None,
-                       "amount": format_picos(charge), "start": _iso(start), "end": _iso(end)}],
-            "allowances": [], "periods": [],
-        })  # fmt: skip
-        return doc
-    currency = pairs[0][1].currency
-    subtotal = sum(b.subtotal for _, b in pairs)
+    pairs = _bills(client, timeline, start, end, overlapping=True)
+    payg, payg_currency = 0, None
+    usage_lines: list[dict[str, Any]] = []
+    for a, b in _gaps(timeline, start, end):
+        charge, cur = _charge(client, customer_id, a, b)
+        payg, payg_currency = payg + charge, payg_currency or cur
+        if charge or not pairs:
+            usage_lines.append({
+                "kind": "usage", "description": "pay-per-token usage at the customer's rate card (no plan then)",
+                "plan": None, "ref": None, "quantity": format_picos(charge), "unit": "amount", "unit_price": None,
+                "amount": format_picos(charge), "start": _iso(a), "end": _iso(b),
+            })  # fmt: skip
+    currency = pairs[0][1].currency if pairs else (payg_currency or catalog.currency).upper()
+    subtotal = sum(b.subtotal for _, b in pairs) + payg
     bills = [b.to_json() for _, b in pairs]
-    doc.update({
-        "plan": pairs[-1][0].segments[-1].plan.key if pairs[-1][0].segments else None,
+    return {
+        "customer_id": customer_id,
+        "period": month,
+        "plan": pairs[-1][0].segments[-1].plan.key if pairs else None,
         "currency": currency,
         "total": str(round_total(subtotal, currency)),
         "subtotal": format_picos(subtotal),
-        "lines": [line for b in bills for line in b["lines"]],
+        "lines": usage_lines + [line for b in bills for line in b["lines"]],
         "allowances": [a for b in bills for a in b["allowances"]],
         "periods": bills,
         "rejected_facts": [{"event_id": r.event.event_id, "reason": r.reason} for r in timeline.rejected],
-    })  # fmt: skip
-    return doc
+    }
 
 
 def _iso(seconds: int) -> str:
@@ -229,7 +255,7 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
     for ev in events:
         by_customer.setdefault(ev.customer_id, []).append(ev)
     wanted = set(customers) if customers is not None else None
-    closed_at = datetime.fromtimestamp(closed_at_ms // 1000, tz=timezone.utc).replace(microsecond=(closed_at_ms % 1000) * 1000)
+    closed_at = datetime.fromtimestamp(closed_at_ms // 1000, tz=UTC).replace(microsecond=(closed_at_ms % 1000) * 1000)
     bill_rows: list[tuple[Any, ...]] = []
     use_rows: list[tuple[Any, ...]] = []
     for cid in sorted(by_customer):
@@ -239,7 +265,10 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
         for period, bill in _bills(client, timeline, start, end):
             last = period.segments[-1].plan
             charge, _ = _charge(client, cid, period.start, period.stop)
-            units = lambda k: Decimal(bill.amount_of(k)).scaleb(-12)  # noqa: E731 - local shorthand
+
+            def units(kind: str, bill: Bill = bill) -> Decimal:
+                return Decimal(bill.amount_of(kind)).scaleb(-12)
+
             bill_rows.append((
                 cid, _ts(period.start), _ts(period.end), _ts(period.stop), last.plan_id, last.version, bill.currency,
                 units("fee"), units("overage"), units("cap") + units("blocked"), units("minimum_commitment"),
@@ -248,7 +277,11 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
             ))  # fmt: skip
             for a in bill.allowances:
                 plan_id, _, version = a.plan.rpartition("@")
-                conv = (lambda n: Decimal(n)) if a.unit == "tokens" else (lambda n: Decimal(n).scaleb(-12))
+                scale = 0 if a.unit == "tokens" else -12  # tokens, or picos -> currency units
+
+                def conv(n: int, scale: int = scale) -> Decimal:
+                    return Decimal(n).scaleb(scale)
+
                 use_rows.append((
                     cid, _ts(period.start), a.segment, a.id, plan_id, int(version), a.unit, conv(a.included),
                     conv(a.rolled_in), conv(a.used), conv(a.remaining), conv(a.rollover_out), closed_at,

@@ -44,7 +44,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from typing import Any
 
-from jobs.plans.billing import _bills, _picos, load_catalog, load_events, month_bounds
+from jobs.plans.billing import _bills, _gaps, _picos, load_catalog, load_events, month_bounds
 from meterline.errors import InputError
 from meterline.plans import (
     Bill,
@@ -205,6 +205,7 @@ class _Cand:
     role: str  # payg | current | plan
     plan: PlanVersion | None = None
     months: list[tuple[int, list[Bill]]] = field(default_factory=list)  # (month charge or subtotal, bills)
+    distinct_subtotal: int | None = None  # current plan: each billing period once over the range
 
 
 def _round_fraction(x: Fraction, currency: str) -> str:
@@ -280,6 +281,7 @@ def simulate(
                 bs.add(s.start)
                 bs.add(s.end if s.end is not None else p.stop)
         if bs:
+            bs.update(b for span in spans for b in span)  # months: pay-per-token gaps are cut at them
             own[c] = sorted(bs)
     lo = min([shared[0], *(b[0] for b in own.values())])
     hi = max([shared[-1], *(b[-1] for b in own.values())])
@@ -439,15 +441,22 @@ def _customer(
             return sum(v for o, v in prepaid.items() if (b := _bucket_of(own, o)) and p.start <= b[0] < p.stop)
 
         cur = _Cand(cur_plan.key if cur_plan else "current", "current", cur_plan)
-        # one call over the whole range: the same chain (and so the same bills) as one call per month
-        pairs = _bills(None, timeline, spans[0][0], spans[-1][1], usage_of=usage_of, prepaid_of=prepaid_of)
-        for k, (lo, hi) in enumerate(spans):
-            mine = [x for p, x in pairs if lo <= p.start < hi]
-            if mine:
-                cur.months.append((sum(x.subtotal for x in mine), mine))
-            else:  # not subscribed that month: billed pay-per-token, as bill preview does
-                cur.months.append((month_charge[k], []))
-        if pairs:
+        # per month exactly what `bill preview` does: the periods starting in the month (or, when
+        # none does, the one overlapping it), plus pay-per-token usage outside any subscription
+        seen: dict[tuple[int, int], int] = {}
+        gap_total = 0
+        for lo_m, hi_m in spans:
+            pairs = _bills(None, timeline, lo_m, hi_m, overlapping=True, usage_of=usage_of, prepaid_of=prepaid_of)
+            gap = sum(r.charge for a, b in _gaps(timeline, lo_m, hi_m) for o, rs in by_o.items()
+                      if o in own_start and a <= own_start[o] < b for r in rs)  # fmt: skip
+            gap_total += gap
+            for p, x in pairs:
+                seen[(p.anchor, p.index)] = x.subtotal
+            cur.months.append((sum(x.subtotal for _, x in pairs) + gap, [x for _, x in pairs]))
+        if seen:
+            # a period overlapping several months (a yearly plan) shows in each month's preview;
+            # the range's total counts each billing period once
+            cur.distinct_subtotal = sum(seen.values()) + gap_total
             cands.append(cur)
 
     # candidate plans
@@ -513,6 +522,8 @@ def _candidate_json(x: _Cand, months: list[str], tokens: int, currency: str) -> 
                               for k, v in d.items()}, "utilisation_pct": util})  # fmt: skip
     fee = amt("fee")
     total = sum(totals, Decimal(0))
+    if x.distinct_subtotal is not None and x.distinct_subtotal != subtotal:
+        total = round_total(x.distinct_subtotal, currency)
     average = Fraction(int(total.scaleb(minor_unit(currency))), len(totals)) / 10 ** minor_unit(currency) if totals else Fraction(0)
     return {
         "plan": x.name,

@@ -50,6 +50,7 @@ from jobs.stripe._store import (
     load_pushes,
     utc,
 )
+from meterline.metrics import STRIPE_METER_EVENTS
 
 MAX_VALUE = 10**15 - 1  # Stripe: at most 15 significant digits
 MAX_IDENTIFIER = 100
@@ -212,6 +213,7 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
         if on_sent is not None:
             on_sent(push)
         summary.sent += 1
+        STRIPE_METER_EVENTS.labels(status).inc()
         final = push.with_status(status, error)
         if status == ACKED:
             summary.acked += 1

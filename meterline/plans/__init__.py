@@ -14,11 +14,14 @@ Live burn-down (the credit agent; the same code the bill runs):
     terms = terms_at(timeline, event_at, rollover_in)   # None: no plan then, pay-per-token
     consumption, split = consume(terms, consumption, Usage(provider, model, tokens, charge))
     # split.allowance: drawn per allowance; split.overage_amount: picos to debit from prepaid
-    # grants, then the plan's on_exhausted policy (allow | block | cap).
+    # grants, then the plan's on_exhausted policy (allow | block | cap):
+    allowance_remaining(terms, consumption)   # what status shows / authorize reserves against
+    policy_room(terms, invoiced_overage)      # None: unlimited; else picos left before blocking
 """
 
 from __future__ import annotations
 
+from meterline.money import PICOS_PER_UNIT, format_picos
 from meterline.plans._calendar import INTERVALS, add_intervals, period_bounds, period_index
 from meterline.plans._catalog import (
     ON_EXHAUSTED,
@@ -44,8 +47,10 @@ from meterline.plans._rating import (
     Split,
     Terms,
     Usage,
+    allowance_remaining,
     consume,
     overage_price,
+    policy_room,
     rate_period,
     rate_periods,
     terms_at,
@@ -63,11 +68,10 @@ from meterline.plans._timeline import (
     parse_event,
 )
 from meterline.plans._values import (
-    PICOS_PER_UNIT,
     PlanFileError,
     SubscriptionError,
     format_instant,
-    format_picos,
+    instant_of,
     parse_instant,
     round_total,
 )
@@ -102,18 +106,21 @@ __all__ = [
     "Timeline",
     "Usage",
     "add_intervals",
+    "allowance_remaining",
     "catalog_from_records",
     "consume",
     "decode_plan_record",
     "fold_timeline",
     "format_instant",
     "format_picos",
+    "instant_of",
     "load_plan_catalog",
     "overage_price",
     "parse_event",
     "parse_instant",
     "period_bounds",
     "period_index",
+    "policy_room",
     "rate_period",
     "rate_periods",
     "round_total",

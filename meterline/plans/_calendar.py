@@ -11,7 +11,7 @@ common years. ``day`` and ``week`` are 86 400 and 604 800 seconds (UTC has no DS
 from __future__ import annotations
 
 import calendar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from meterline.plans._values import instant_of
 
@@ -23,7 +23,7 @@ def add_intervals(anchor: int, n: int, interval: str) -> int:
     """The instant ``n`` intervals after ``anchor`` (epoch seconds), month ends clamped."""
     if interval in _FIXED:
         return anchor + n * _FIXED[interval]
-    dt = datetime.fromtimestamp(anchor, tz=timezone.utc)
+    dt = datetime.fromtimestamp(anchor, tz=UTC)
     months = n * (12 if interval == "year" else 1) if interval in ("month", "year") else None
     if months is None:
         raise ValueError(f"unknown interval {interval!r}")
@@ -41,8 +41,8 @@ def period_index(anchor: int, at: int, interval: str) -> int:
         raise ValueError("at is before the anchor")
     if interval in _FIXED:
         return (at - anchor) // _FIXED[interval]
-    a = datetime.fromtimestamp(anchor, tz=timezone.utc)
-    b = datetime.fromtimestamp(at, tz=timezone.utc)
+    a = datetime.fromtimestamp(anchor, tz=UTC)
+    b = datetime.fromtimestamp(at, tz=UTC)
     per = 12 if interval == "year" else 1
     k = ((b.year - a.year) * 12 + (b.month - a.month)) // per
     k = max(k - 1, 0)  # the estimate is never off by more than one; step forward exactly

@@ -16,13 +16,15 @@ order events arrived in (so live burn-down and the period's bill are the same co
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -45,7 +47,7 @@ TOKEN_CLASSES: tuple[str, ...] = ("input", "output", "cached_input", "cache_writ
 ON_EXHAUSTED: tuple[str, ...] = ("allow", "block", "cap")
 MAX_NAME_LEN = 128
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+PLAN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 _TOP_KEYS = frozenset({"currency", "plans"})
 _PLAN_KEYS = frozenset(
@@ -263,7 +265,7 @@ def _read(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
         if is_json:
             data = json.loads(text, parse_float=Decimal, object_pairs_hook=_no_dup_pairs)
         else:
-            data = yaml.load(text, Loader=_ExactLoader)  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(text, Loader=_ExactLoader)
     except (ValueError, yaml.YAMLError) as exc:
         raise PlanFileError(f"plan file is not valid {'JSON' if is_json else 'YAML'}: {exc}", field="source") from None
     if not isinstance(data, Mapping):
@@ -281,7 +283,7 @@ def _check_keys(entry: Any, allowed: frozenset[str], where: str) -> Mapping[str,
 
 
 def _ident(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not PLAN_ID_RE.fullmatch(value):
         raise PlanFileError(
             f"{where}: expected an id of letters, digits, '_', '.', '-' (at most 128, not starting with a symbol), got {value!r}",
             field=where,
@@ -296,7 +298,7 @@ def _name(value: Any, where: str) -> str:
 
 
 def parse_currency(value: Any, where: str = "currency") -> str:
-    if not isinstance(value, str) or not _CURRENCY_RE.match(value):
+    if not isinstance(value, str) or not _CURRENCY_RE.fullmatch(value):
         raise PlanFileError(f"{where}: expected an ISO 4217 code such as USD, got {value!r}", field=where)
     return value
 
@@ -578,9 +580,9 @@ def load_plan_catalog(source: str | Path | Mapping[str, Any]) -> PlanCatalog:
     by_plan: dict[str, list[PlanVersion]] = {}
     for v in versions:
         by_plan.setdefault(v.plan_id, []).append(v)
-    for pid, vs in by_plan.items():
+    for vs in by_plan.values():
         vs.sort(key=lambda v: v.version)
-        for a, b in zip(vs, vs[1:]):
+        for a, b in itertools.pairwise(vs):
             if b.effective_from < a.effective_from:
                 raise PlanFileError(
                     f"plans: {b.key} takes effect before {a.key}; a later version cannot be effective earlier",

@@ -28,16 +28,17 @@ Per period (``docs/plans.md`` has the worked rules):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
+from meterline.money import format_picos
 from meterline.plans._catalog import TOKEN_CLASSES, Allowance, Overage, PlanVersion
 from meterline.plans._timeline import Period, Timeline
 from meterline.plans._values import (
     define_share,
     format_instant,
-    format_picos,
     fraction_text,
     per_million_text,
     round_total,
@@ -188,6 +189,24 @@ def consume(terms: Terms, before: Consumption, usage: Usage) -> tuple[Consumptio
     after = Consumption(used, before.overage + over)
     delta = overage_price(plan.overage, after.overage)[0] - overage_price(plan.overage, before.overage)[0]
     return after, Split(draw, over, delta)
+
+
+def allowance_remaining(terms: Terms, consumption: Consumption) -> dict[str, int]:
+    """What is left of each allowance of the segment (tokens or picos), never negative: the
+    "remaining" a customer status shows, and what an authorization may reserve against."""
+    return {a.id: max(terms.available(a.id) - consumption.used.get(a.id, 0), 0) for a in terms.plan.allowances}
+
+
+def policy_room(terms: Terms, invoiced_overage: int) -> int | None:
+    """How much more overage (picos) the plan lets the customer incur beyond its prepaid credit,
+    given the overage already left to invoice this segment (overage amount minus what prepaid
+    credit paid): None = unlimited (``allow``), 0 = none (``block``: stop at exhaustion of the
+    allowances and the prepaid grants), ``cap - invoiced`` (``cap``, never negative)."""
+    if terms.plan.on_exhausted == "allow":
+        return None
+    if terms.plan.on_exhausted == "block":
+        return 0
+    return max((terms.cap or 0) - invoiced_overage, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,16 +26,17 @@ breaks a rule (a change with no subscription, an unknown plan version...) is rep
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from meterline.plans._calendar import add_intervals, period_bounds, period_index
-from meterline.plans._catalog import PlanCatalog, PlanVersion
+from meterline.plans._catalog import PLAN_ID_RE, PlanCatalog, PlanVersion
 from meterline.plans._values import SubscriptionError, format_instant, parse_instant, short_hash
+from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 EVENT_TYPES: tuple[str, ...] = ("subscribed", "changed", "cancelled", "migrated")
 _TIE_ORDER = {"subscribed": 0, "changed": 1, "migrated": 2, "cancelled": 3}
-_ID_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +92,14 @@ def parse_event(data: Any) -> SubscriptionEvent:
     if typ not in EVENT_TYPES:
         raise SubscriptionError(f"subscription event: type must be one of {', '.join(EVENT_TYPES)}, got {typ!r}", field="type")
     cid = data.get("customer_id")
-    if not isinstance(cid, str) or not cid or len(cid) > _ID_MAX or cid != cid.strip():
-        raise SubscriptionError(f"subscription event: bad customer_id {cid!r}", field="customer_id")
+    if not is_customer_id(cid):
+        raise SubscriptionError(f"subscription event: bad customer_id {cid!r}: {CUSTOMER_ID_RULE}", field="customer_id")
+    assert isinstance(cid, str)
     at = parse_instant(data.get("at"), where="at", error=SubscriptionError)
     plan_id = data.get("plan_id")
     version = data.get("version")
     if typ in ("subscribed", "changed", "migrated"):
-        if not isinstance(plan_id, str) or not plan_id or len(plan_id) > _ID_MAX:
+        if not isinstance(plan_id, str) or not PLAN_ID_RE.fullmatch(plan_id):
             raise SubscriptionError(f"subscription event: {typ} needs a plan_id", field="plan_id")
     elif plan_id is not None or version is not None:
         raise SubscriptionError("subscription event: cancelled takes no plan_id or version", field="plan_id")

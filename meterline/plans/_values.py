@@ -2,7 +2,8 @@
 
 Units (the whole contract of this package):
 
-- Money is integer **picos** (1e-12 currency unit), as everywhere in meterline. Plan files state
+- Money is integer **picos** (1e-12 currency unit), as everywhere in meterline
+  (:mod:`meterline.money`: the scale and the picos <-> Decimal conversions). Plan files state
   amounts as Decimal currency units (``"200.00"``, at most 12 decimals) and overage rates as
   Decimal currency units **per million tokens** (at most 6 decimals, so a rate is a whole number of
   picos per token). Nothing is rounded on the way in: a more precise value is rejected.
@@ -21,17 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
+from meterline import money
 from meterline.errors import InputError
 
-PICOS_PER_UNIT = 10**12
 MAX_AMOUNT = Decimal(10) ** 12  # sanity cap on any fee / cap / commitment / allowance amount
 MAX_TOKENS = 10**18  # sanity cap on any token count in a plan file
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # ISO 4217 minor units that differ from 2 (the default). Rounding happens once, at the total.
 _MINOR_UNITS: dict[str, int] = {
@@ -88,7 +89,7 @@ def scaled_int(d: Decimal, places: int, *, where: str, what: str) -> int:
     if shift >= 0:
         n *= 10**shift
     else:
-        q, r = divmod(n, 10**-shift)
+        q, r = divmod(n, int(10 ** (-shift)))
         if r:
             raise PlanFileError(
                 f"{where}: {format(d, 'f')} has more than {places} decimal places {what}; plans are exact and never round",
@@ -156,18 +157,18 @@ def parse_instant(value: Any, *, where: str, error: type[InputError] = PlanFileE
         raise error(f"{where}: {value!r} has no timezone; write e.g. 2026-01-01T00:00:00Z", field=where)
     if dt.microsecond:
         raise error(f"{where}: {value!r} is finer than a second (plans prorate by whole seconds)", field=where)
-    delta = dt.astimezone(timezone.utc) - _EPOCH
+    delta = dt.astimezone(UTC) - _EPOCH
     return delta.days * 86_400 + delta.seconds
 
 
 def format_instant(seconds: int) -> str:
     """Epoch seconds -> ``2026-01-01T00:00:00Z``."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def instant_of(dt: datetime) -> int:
     """An aware datetime -> epoch seconds (sub-second part dropped: callers pass whole seconds)."""
-    delta = dt.astimezone(timezone.utc) - _EPOCH
+    delta = dt.astimezone(UTC) - _EPOCH
     return delta.days * 86_400 + delta.seconds
 
 
@@ -180,19 +181,6 @@ def define_share(whole: int, num: int, den: int) -> int:
     return round(Fraction(whole * num, den))
 
 
-def format_picos(picos: int) -> str:
-    """Integer picos -> an exact decimal string with at least 2 decimals (``"200.00"``)."""
-    d = Decimal(picos).scaleb(-12)
-    s = format(d, "f")
-    if "." in s:
-        s = s.rstrip("0")
-        whole, _, frac = s.partition(".")
-        s = f"{whole}.{frac.ljust(2, '0')}"
-    else:
-        s += ".00"
-    return s
-
-
 def minor_unit(currency: str) -> int:
     return _MINOR_UNITS.get(currency.upper(), 2)
 
@@ -201,7 +189,7 @@ def round_total(picos: int, currency: str) -> Decimal:
     """THE rounding: an exact bill total in picos -> currency units at the currency's minor unit,
     half away from zero (what Stripe and ``meterline statement`` do)."""
     places = minor_unit(currency)
-    return Decimal(picos).scaleb(-12).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return money.to_decimal(picos).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
 
 
 def short_hash(payload: Any) -> str:
@@ -220,7 +208,7 @@ def canon(d: Decimal) -> str:
 
 def picos_text(picos: int) -> str:
     """Canonical text of a pico amount in currency units (used in records and hashes)."""
-    return canon(Decimal(picos).scaleb(-12))
+    return canon(money.to_decimal(picos))
 
 
 def per_million_text(picos_per_token: int) -> str:

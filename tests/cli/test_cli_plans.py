@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -88,7 +88,7 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         refused = _run(env, "plans", "load", str(changed), check=False)
         assert refused.returncode == 2 and "immutable" in refused.stderr
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         month = now.strftime("%Y-%m")
         start = now.strftime("%Y-%m-01T00:00:00Z")
         for customer, plan in (("plan-7m", "pro"), ("plan-12m", "pro"), ("plan-flat", "flat"), ("plan-up", "pro")):
@@ -100,14 +100,18 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         assert bad.returncode == 2 and ("already subscribed" in bad.stderr or "conflicts" in bad.stderr)
 
         # plan-up upgrades to max exactly half-way through the month (a whole number of seconds)
-        first = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        first = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         nxt = first.replace(year=first.year + first.month // 12, month=first.month % 12 + 1)
         half = first + (nxt - first) / 2
         assert "recorded" in _run(env, "plans", "change", "plan-up", "max", "--at", half.strftime("%Y-%m-%dT%H:%M:%SZ")).stdout
         assert "recorded" in _run(env, "plans", "cancel", "plan-flat", "--at-period-end").stdout
         early = int(first.timestamp()) * 1000 + 3_600_000  # in the first half, whatever today is
+        shown = json.loads(_run(env, "plans", "show", "plan-up", "--format", "json").stdout)
+        assert [s["plan"] for s in shown["runs"][0]["segments"]] == ["pro@1", "max@1"] and shown["rejected"] == []
+        assert shown["runs"][0]["segments"][1]["start"] == half.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert "pro@1" in _run(env, "plans", "show", "plan-7m").stdout
         at = int(now.timestamp()) * 1000 - 60_000  # a minute ago: inside the period that began on the 1st
-        at = max(at, int(datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()) * 1000)
+        at = max(at, int(datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()) * 1000)
         usage = [
             ("plan-7m", 4_000_000, 3_000_000),
             ("plan-12m", 5_000_000, 1_000_000), ("plan-12m", 4_000_000, 2_000_000),

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterline.plans import Consumption, Usage, consume, overage_price, rate_period, terms_for
-
 from tests.plans.helpers import JAN, M, catalog, plan, subscribed, ts
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude")]
@@ -90,3 +89,18 @@ def test_terms_at_follows_the_timeline_by_event_time() -> None:
     may = terms_at(tl, ts("2026-05-09T00:00:00Z"))
     assert may.plan.key == "max@1" and (may.start, may.end) == (ts("2026-05-01T00:00:00Z"), ts("2026-05-10T00:00:00Z"))
     assert terms_at(tl, ts("2026-05-10T00:00:00Z")) is None
+
+
+def test_remaining_allowance_and_policy_room_for_enforcement() -> None:
+    from meterline.plans import allowance_remaining, policy_room
+
+    period = subscribed(catalog(plan(on_exhausted="cap", cap="45.00"))).period_at(ts(JAN))
+    terms = terms_for(period, 0)
+    cons, _ = consume(terms, Consumption(), Usage("openai", "gpt-4o", {"input": 4 * M, "output": 5 * M}))
+    assert allowance_remaining(terms, cons) == {"tokens": 1 * M}
+    cons, split = consume(terms, cons, Usage("openai", "gpt-4o", {"output": 2 * M}))
+    assert allowance_remaining(terms, cons) == {"tokens": 0} and split.overage_amount == 30 * 10**12
+    assert policy_room(terms, split.overage_amount) == 15 * 10**12
+    assert policy_room(terms, 60 * 10**12) == 0
+    assert policy_room(terms_for(subscribed(catalog(plan())).period_at(ts(JAN)), 0), 10**15) is None
+    assert policy_room(terms_for(subscribed(catalog(plan(on_exhausted="block"))).period_at(ts(JAN)), 0), 0) == 0

@@ -14,7 +14,6 @@ from meterline.plans import (
     load_plan_catalog,
     version_conflicts,
 )
-
 from tests.plans.helpers import catalog, plan
 
 ISSUE_YAML = """
@@ -152,3 +151,10 @@ def test_disjoint_scopes_by_class_or_model_are_fine() -> None:
     v = cat.versions[0]
     assert v.allowance_for("openai", "b", "output").id == "out-b"
     assert v.allowance_for("openai", "c", "output") is None
+
+
+def test_ids_and_currency_with_a_trailing_newline_are_refused() -> None:
+    with pytest.raises(PlanFileError, match="id"):
+        catalog(plan(id="pro\n"))
+    with pytest.raises(PlanFileError, match="ISO 4217"):
+        catalog(plan(), currency="USD\n")

@@ -3,11 +3,12 @@ time, segments tile each period, and prorated fees add up to the fee to within a
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterline.plans import SubscriptionEvent, fold_timeline, rate_period
-
 from tests.plans.helpers import catalog, plan, ts
 
 CAT = catalog(
@@ -38,13 +39,13 @@ def test_any_fact_set_folds_into_tiling_periods(facts: list[SubscriptionEvent]) 
     for p in periods:
         assert p.start < p.end and p.start < p.stop <= p.end
         assert p.segments and p.segments[0].start == p.start
-        for a, b in zip(p.segments, p.segments[1:]):
+        for a, b in itertools.pairwise(p.segments):
             assert a.end == b.start and a.plan != b.plan
         assert (p.segments[-1].end or p.stop) == p.stop
         assert all(s.plan.interval == p.segments[0].plan.interval for s in p.segments)
         mid = (p.start + p.stop) // 2
         assert tl.period_at(mid) == p and tl.plan_at(mid) is not None
-    for a, b in zip(periods, periods[1:]):
+    for a, b in itertools.pairwise(periods):
         assert a.stop <= b.start  # never overlapping
         if a.anchor == b.anchor:
             assert a.end == b.start and a.index + 1 == b.index

@@ -13,7 +13,6 @@ from meterline.plans import (
     overage_price,
     rate_period,
 )
-
 from tests.plans.helpers import JAN, M, catalog, plan, subscribed, tokens, ts
 
 D = PICOS_PER_UNIT

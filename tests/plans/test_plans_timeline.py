@@ -14,7 +14,6 @@ from meterline.plans import (
     period_bounds,
     period_index,
 )
-
 from tests.plans.helpers import JAN, catalog, plan, subscribed, ts
 
 
@@ -125,3 +124,14 @@ def test_the_fold_does_not_depend_on_the_recording_order() -> None:
     ]
     results = {fold_timeline("acme", list(p), cat) for p in itertools.permutations(events)}
     assert len(results) == 1
+
+
+def test_customer_ids_follow_the_contract_form() -> None:
+    import pytest
+
+    from meterline.plans import SubscriptionError
+
+    for bad in ("", " acme", "a b", "-acme", "x" * 129, "acme\n"):
+        with pytest.raises(SubscriptionError, match="customer"):
+            parse_event(SubscriptionEvent("cancelled", bad, ts(JAN)).to_json())
+    assert parse_event(SubscriptionEvent("cancelled", "org:acme@eu+1", ts(JAN)).to_json()).customer_id == "org:acme@eu+1"

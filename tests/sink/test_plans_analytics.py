@@ -4,6 +4,7 @@ every query of docs/analytics.md's "Plan queries" section, with exact answers.""
 from __future__ import annotations
 
 import re
+from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -141,9 +142,9 @@ def test_rollover_chains_periods_and_prepaid_comes_from_the_ledger(clickhouse: A
 
 
 def _utc_dt(text: str) -> Any:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(_ts(text), tz=timezone.utc)
+    return datetime.fromtimestamp(_ts(text), tz=UTC)
 
 
 def test_usage_in_another_currency_is_refused_not_mixed(seeded: Any) -> None:
@@ -155,3 +156,32 @@ def test_usage_in_another_currency_is_refused_not_mixed(seeded: Any) -> None:
         column_names=PRICED_COLUMNS)  # fmt: skip
     with pytest.raises(MeterlineError, match="EUR"):
         bill_preview(seeded, "a", "2026-03")
+
+
+def test_usage_before_a_mid_month_subscription_is_pay_per_token_and_yearly_plans_show(clickhouse: Any) -> None:
+    cat = load_plan_catalog({"currency": "USD", "plans": [
+        {"id": "pro", "version": 1, "effective_from": "2026-01-01T00:00:00Z", "interval": "month", "fee": "200.00",
+         "allowances": [{"id": "tokens", "tokens": 10 * M}], "overage": {"per_million": "30.00"}},
+        {"id": "annual", "version": 1, "effective_from": "2026-01-01T00:00:00Z", "interval": "year", "fee": "1200.00",
+         "overage": {"per_million": "1"}}]})  # fmt: skip
+    clickhouse.insert("plans", [plan_row(v) for v in cat.versions], column_names=PLAN_COLUMNS)
+    clickhouse.insert("subscription_events", [subscription_row(e) for e in (
+        SubscriptionEvent("subscribed", "m", _ts("2026-03-10T00:00:00Z"), "pro", 1),
+        SubscriptionEvent("subscribed", "y", _ts("2026-01-01T00:00:00Z"), "annual", 1))], column_names=SUBSCRIPTION_COLUMNS)  # fmt: skip
+    rows = [priced_row({"event_id": eid, "occurred_at": _ts(when) * 1000, "customer_id": c, "provider": "openai",
+                        "model": "gpt-4o", "input_tokens": M, "cost_picos": 0, "charge_picos": charge, "currency": "USD"},
+                       partition=0, offset=i)
+            for i, (eid, c, when, charge) in enumerate((
+                ("m-before", "m", "2026-03-05T00:00:00Z", 3_250_000_000_000),  # $3.25 before the plan
+                ("m-after", "m", "2026-03-12T00:00:00Z", 99 * P),  # inside the plan: the allowance covers it
+                ("y-may", "y", "2026-05-05T00:00:00Z", P)))]  # fmt: skip
+    clickhouse.insert("usage_priced", rows, column_names=PRICED_COLUMNS)
+    m = bill_preview(clickhouse, "m", "2026-03")
+    assert [(x["kind"], x["amount"]) for x in m["lines"]] == [("usage", "3.25"), ("fee", "200.00"), ("allowance", "0.00")]
+    assert m["total"] == "203.25" and m["lines"][0]["end"] == "2026-03-10T00:00:00Z"
+    y = bill_preview(clickhouse, "y", "2026-05")  # no yearly period starts in May: the year's bill
+    assert y["plan"] == "annual@1" and y["total"] == "1201.00"
+    # bills are closed in the month their period starts: m's May 10 period, not y's year
+    assert close_period(clickhouse, "2026-05", closed_at_ms=1) == 1
+    assert clickhouse.query("SELECT customer_id, period_start FROM plan_bills FINAL").result_rows == [
+        ("m", _utc_dt("2026-05-10T00:00:00Z").replace(tzinfo=None))]

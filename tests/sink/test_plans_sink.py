@@ -25,7 +25,7 @@ def test_plans_and_subscriptions_land_once(kafka_bootstrap: str, topics: dict[st
     at = parse_instant("2026-03-01T00:00:00Z", where="t")
     facts = [SubscriptionEvent("subscribed", f"c{i}", at, "pro") for i in range(5)]
     facts.append(SubscriptionEvent("cancelled", "c0", at + 86_400, at_period_end=True))
-    publish_records(kafka_bootstrap, topics["plans"], CATALOG.to_records() + [("plan:pro@1", None)])  # a tombstone too
+    publish_records(kafka_bootstrap, topics["plans"], [*CATALOG.to_records(), ("plan:pro@1", None)])  # a tombstone too
     publish_records(kafka_bootstrap, topics["subscriptions"], [f.to_record() for f in facts] + [
         ("c9", b'{"type":"paused","customer_id":"c9","at":"2026-03-01T00:00:00Z"}'), ("c9", b"\xff")])  # fmt: skip
     # the same facts twice (a producer retry): deduped in the buffer
