@@ -347,16 +347,15 @@ class _ReadClient:
     read-only SQL API when it runs (it owns the embedded engine), else straight to ClickHouse."""
 
     def __init__(self, settings: Settings) -> None:
-        from meterline.runtime import read_runtime_file
+        from meterline.discovery import running_api
 
         self._api: Any = None
         self._client: Any = None
-        info = read_runtime_file(settings.data_dir)
-        key_file = settings.data_dir / "admin.key"
-        if info and info.get("api_url") and key_file.exists():
+        api = running_api(settings.data_dir)
+        if api is not None:
             from meterline.api.client import ApiClient
 
-            self._api = ApiClient(info["api_url"], key_file.read_text().strip())
+            self._api = ApiClient(*api)
         else:
             from meterline.stack.clickhouse import connect
 

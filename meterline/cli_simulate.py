@@ -94,7 +94,7 @@ def simulate_command(
         engine: Any = None
         versions: dict[tuple[str, str], list[int]] = {}
         if routes:
-            from meterline.cli_credits import kafka_bootstrap
+            from meterline.discovery import kafka_bootstrap
 
             engine, versions = load_price_engine(*kafka_bootstrap(settings))
         client = _ReadClient(settings)
