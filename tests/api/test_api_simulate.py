@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from jobs.plans.billing import bill_preview
 from jobs.plans.simulate import simulate
 from meterline.api.simulate import simulate_routes
 from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
@@ -37,7 +38,9 @@ def _seed(ch: Any) -> None:
     cat = load_plan_catalog(PLANS)
     ch.insert("plans", [plan_row(v) for v in cat.versions], column_names=PLAN_COLUMNS)
     ev = SubscriptionEvent("subscribed", "cust-a", parse_instant("2026-01-01T00:00:00Z", where="t"), "pro", 1)
-    ch.insert("subscription_events", [subscription_row(ev)], column_names=SUBSCRIPTION_COLUMNS)
+    # cust-b subscribes mid-January: its January is pay-per-token until the 15th, then a period
+    late = SubscriptionEvent("subscribed", "cust-b", parse_instant("2026-01-15T12:00:00Z", where="t"), "pro", 1)
+    ch.insert("subscription_events", [subscription_row(e) for e in (ev, late)], column_names=SUBSCRIPTION_COLUMNS)
     ch.command(
         "INSERT INTO usage_priced (event_id, occurred_at, customer_id, provider, model, input_tokens, output_tokens, requests,"
         " cost, charge, currency)"
@@ -70,9 +73,18 @@ def test_simulate_routes(api_factory: Callable[..., Any], keys: Any, clickhouse:
     assert r.status_code == 200, r.text
     doc = r.json()
     assert [c["customer_id"] for c in doc["customers"]] == ["cust-a", "cust-b"]
-    assert doc["cohorts"][0]["plan"] == "pro@1" and doc["cohorts"][0]["customers"] == 1
+    assert doc["cohorts"][0]["plan"] == "pro@1" and doc["cohorts"][0]["customers"] == 2
+    # the current plan is what bill preview says, month by month (cust-b: pay-per-token gap + period)
+    for c in doc["customers"]:
+        cur = next(x for x in c["candidates"] if x["role"] == "current")
+        for p in cur["periods"]:
+            assert p["total"] == bill_preview(clickhouse, c["customer_id"], p["period"])["total"]
+    b_jan = next(c for c in doc["customers"] if c["customer_id"] == "cust-b")["candidates"][1]["periods"][0]
+    assert Decimal(b_jan["total"]) > Decimal("20.00")  # the fee plus the usage before the 15th
     r = get("/v1/simulate?period=2026-01..2026-02&plans=flat&cohort=pro", keys.admin)
-    assert [c["customer_id"] for c in r.json()["customers"]] == ["cust-a"]
+    assert [c["customer_id"] for c in r.json()["customers"]] == ["cust-a", "cust-b"]
+    r = get("/v1/simulate?period=2026-01..2026-02&plans=flat&cohort=flat", keys.admin)
+    assert r.json()["customers"] == [] and r.json()["cohorts"] == []
 
     # the model-scoped plan against a hand computation from the stored rows
     r = get("/v1/customers/cust-a/simulate?period=2026-01..2026-02&plans=scoped", keys.cust_a)
