@@ -56,6 +56,8 @@ def test_simulate_routes(api_factory: Callable[..., Any], keys: Any, clickhouse:
     api = api_factory(producer=_NoProducer(), clickhouse=clickhouse, extra_routes=simulate_routes())
     get = lambda path, key: httpx.get(api.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)  # noqa: E731
 
+    tables = "SELECT name, total_rows FROM system.tables WHERE database = currentDatabase() ORDER BY name"
+    before = clickhouse.query(tables).result_rows
     r = get("/v1/customers/cust-a/simulate?period=2026-01..2026-02&plans=flat,pro@1", keys.cust_a)
     assert r.status_code == 200, r.text
     cat = load_plan_catalog(PLANS)
@@ -96,6 +98,8 @@ def test_simulate_routes(api_factory: Callable[..., Any], keys: Any, clickhouse:
         t = {bool(k): int(v) for k, v in rows}
         over = max(t.get(True, 0) - 2_000_000, 0) + t.get(False, 0)
         assert Decimal(p["total"]) == (Decimal(10) + Decimal(over) * 7 / 1_000_000).quantize(Decimal("0.01"), ROUND_HALF_EVEN)
+
+    assert clickhouse.query(tables).result_rows == before  # read-only: no table changed
 
     bad = get("/v1/customers/cust-a/simulate?period=2026-13&plans=flat", keys.cust_a)
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "period"
