@@ -67,7 +67,7 @@ def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
 
 
 def _kafka(settings: Settings) -> tuple[str, str]:
-    from meterline.cli_credits import kafka_bootstrap
+    from meterline.discovery import kafka_bootstrap
 
     try:
         return kafka_bootstrap(settings)
@@ -375,6 +375,8 @@ class _ReadClient:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if self._api is not None:
+            self._api.close()
 
 
 @bill_app.command("preview")
