@@ -54,6 +54,10 @@ app.add_typer(dead_app, name="dead-letters")
 from meterline.cli_plans import register as register_plans  # noqa: E402 - `meterline plans ...` and `meterline bill ...`
 
 register_plans(app)
+from meterline.cli_plans import plans_app  # noqa: E402
+from meterline.cli_simulate import register as register_simulate  # noqa: E402 - `meterline plans simulate`
+
+register_simulate(plans_app)
 
 # Off a terminal (CI logs, `| tee`, a file) nothing is wrapped and tables come out whole: meterline.console.
 console = make_console()

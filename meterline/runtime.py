@@ -233,6 +233,7 @@ class Runtime:
         self._producer = producer
         from meterline.api.admin import admin_routes
         from meterline.api.credits import credit_routes
+        from meterline.api.simulate import simulate_routes
         from meterline.credits_client import CommandPublisher, ReplyWaiter, StatusView
 
         bootstrap = self.settings.kafka_bootstrap
@@ -246,7 +247,8 @@ class Runtime:
             producer=producer,
             clickhouse=self.query_client,
             key_store=keys,
-            extra_routes=credit_routes(*self._credits) + self._stripe_routes() + admin_routes(self.cli_runner),
+            extra_routes=credit_routes(*self._credits) + self._stripe_routes() + admin_routes(self.cli_runner)
+            + simulate_routes(),
         )
         self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
 

@@ -163,10 +163,14 @@ def _charge(client: Any, customer_id: str, start: int, stop: int) -> tuple[int, 
     return _picos(rows[0][0] or 0), (str(rows[0][1]) or None)
 
 
-def _bills(client: Any, timeline: Timeline, start: int, end: int, *, overlapping: bool = False) -> list[tuple[Period, Bill]]:
+def _bills(
+    client: Any, timeline: Timeline, start: int, end: int, *, overlapping: bool = False, usage_of: Any = None, prepaid_of: Any = None
+) -> list[tuple[Period, Bill]]:
     """Bills of the timeline's periods starting in ``[start, end)`` (with ``overlapping``, when
     none starts there, e.g. a yearly plan: the periods overlapping it); earlier periods of the same
-    run are rated too when a plan in it rolls allowances over (rollover chains periods)."""
+    run are rated too when a plan in it rolls allowances over (rollover chains periods).
+    ``usage_of`` / ``prepaid_of`` replace the per-period queries (the simulator passes its own
+    aggregates, so its "current plan" figure is this very function)."""
     periods = timeline.periods(end)
     wanted = [p for p in periods if start <= p.start < end]
     if not wanted and overlapping:
@@ -175,8 +179,8 @@ def _bills(client: Any, timeline: Timeline, start: int, end: int, *, overlapping
         return []
     rolls = any(a.rollover_max is not None for p in periods for s in p.segments for a in s.plan.allowances)
     chain = [p for p in periods if p.start < end and ((rolls and any(p.anchor == w.anchor for w in wanted)) or p in wanted)]
-    bills = rate_periods(chain, lambda p: period_usage(client, p),
-                         lambda p: _prepaid(client, p.customer_id, p.start, p.stop))  # fmt: skip
+    bills = rate_periods(chain, usage_of or (lambda p: period_usage(client, p)),
+                         prepaid_of or (lambda p: _prepaid(client, p.customer_id, p.start, p.stop)))  # fmt: skip
     return [(p, b) for p, b in zip(chain, bills, strict=True) if p in wanted]
 
 
