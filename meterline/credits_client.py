@@ -31,7 +31,7 @@ Command builders (``*_command``) validate operator input (amounts parsed exactly
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import re
 import threading
@@ -43,6 +43,7 @@ from datetime import datetime
 from typing import Any
 
 from meterline.errors import BrokerUnavailable, DeliveryFailed, InputError
+from schemas.credits import decode_json, encode_message
 from meterline.ledger import LedgerCommandError, format_picos, parse_amount, to_ms
 from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
@@ -76,10 +77,9 @@ def _decode(value: bytes | None) -> dict[str, Any] | None:
     if value is None:
         return None
     try:
-        doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
+        return decode_json(value)
+    except InputError:
         return None
-    return doc if isinstance(doc, dict) else None
 
 
 # ------------------------------------------------------------------------------- publisher
@@ -117,7 +117,7 @@ class CommandPublisher:
                 errors.append(str(err))
             done.set()
 
-        body = json.dumps(command, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        body = encode_message(command)
         timeout = self.ack_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         while True:
@@ -330,7 +330,7 @@ class StatusView(_ConsumerThread):
         """The latest status value of ``customer_id`` (a copy), or None if none was seen."""
         with self._lock:
             v = self._values.get(customer_id)
-            return json.loads(json.dumps(v)) if v is not None else None
+            return copy.deepcopy(v) if v is not None else None
 
     def customers(self) -> list[str]:
         with self._lock:

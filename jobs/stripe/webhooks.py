@@ -44,6 +44,7 @@ from starlette.routing import Route
 from meterline.api.auth import ApiError
 from meterline.api.body import read_body
 from meterline.errors import MeterlineError, TransientError
+from schemas.credits import encode_message
 from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def webhook_route(*, endpoint_secret: str, publish: Publisher, seen: SeenEvents 
 def _deliver(cmd: dict[str, Any], event_type: str, publish: Publisher, seen: SeenEvents | None) -> bool:
     if seen is not None and seen.seen(cmd["command_id"]):
         return True
-    publish(cmd["customer_id"], json.dumps(cmd, sort_keys=True).encode())  # 1. publish (waits for the ack)
+    publish(cmd["customer_id"], encode_message(cmd))  # 1. publish (waits for the ack)
     if seen is not None:
         seen.record(cmd["command_id"], event_type, cmd["command_id"])  # 2. then remember
     return False
