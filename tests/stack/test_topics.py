@@ -46,12 +46,12 @@ def test_topic_file_declares_every_topic() -> None:
     "body, needle",
     [
         ("topics: nope", "topics"),
-        ("topics:\n  - {name: a, partitions: 0, retention_ms: 1, cleanup_policy: delete, key: k, value: v}", "partitions"),
-        ("topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: zap, key: k, value: v}", "cleanup_policy"),
+        ("topics:\n  - {name: a, partitions: 0, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}", "partitions"),
+        ("topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: zap, key: k, value: v, encoding: json}", "cleanup_policy"),
         ("topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k}", "missing"),
         (
-            "topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v}\n"
-            "  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v}",
+            "topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}\n"
+            "  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}",
             "twice",
         ),
         ("topics: [", "YAML"),
@@ -87,7 +87,7 @@ def test_ensure_topics_is_idempotent(kafka_bootstrap: str, topic_prefix: str) ->
 
 
 def test_partition_mismatch_is_a_config_error(kafka_bootstrap: str, topic_prefix: str) -> None:
-    spec = TopicSpec("solo", None, 60_000, "delete", "k", "v")
+    spec = TopicSpec("solo", None, 60_000, "delete", "k", "v", "json")
     ensure_topics(kafka_bootstrap, topic_prefix, 2, [spec])
     with pytest.raises(ConfigError, match="exists with 2 partitions but 5"):
         ensure_topics(kafka_bootstrap, topic_prefix, 5, [spec])
