@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from meterline.errors import InvalidEvent
@@ -61,7 +62,8 @@ def _by_modality(usage: Mapping[str, Any], key: str, *, where: str) -> dict[str,
     for d in details:
         if not isinstance(d, Mapping):
             raise InvalidEvent(f"{where}: {key} entries must be objects", reason_code=INVALID_USAGE, field=key)
-        modality = str(d.get("modality") or "MODALITY_UNSPECIFIED").upper()
+        raw = d.get("modality") or "MODALITY_UNSPECIFIED"
+        modality = str(raw.value if isinstance(raw, Enum) else raw).upper()  # model_dump() keeps the enum
         out[modality] = out.get(modality, 0) + count(d, "token_count", where=where)
     return out
 
