@@ -180,10 +180,14 @@ def epoch_seconds(value: Any, *, where: str, field: str) -> datetime | None:
     """A UTC datetime from epoch seconds (int or float); None when absent."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise InvalidEvent(f"{where}: {field!r} must be epoch seconds, got {value!r}",
                            reason_code=INVALID_TIMESTAMP, field=field)
-    return datetime.fromtimestamp(value, tz=timezone.utc)
+    try:
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError) as exc:  # beyond year 9999 / the platform's time_t
+        raise InvalidEvent(f"{where}: {field!r} {value!r} is not a representable time",
+                           reason_code=INVALID_TIMESTAMP, field=field) from exc
 
 
 def rfc3339(value: Any, *, where: str, field: str) -> datetime | None:
