@@ -40,7 +40,7 @@ prices:
     model: claude-3-5-sonnet
     model_version: "20241022"
     effective_from: "2024-01-01T00:00:00Z"
-    per_million: {input: "3.00", output: "15.00", cached_input: "0.30", cache_write: "3.75"}
+    per_million: {input: "3.00", output: "15.00", cached_input: "0.30", cache_write: "3.75", cache_write_long: "6.00"}
 """
 
 
@@ -143,3 +143,21 @@ def test_anthropic_request_direct_via_litellm_via_openrouter(litellm_payload: An
     fields = same([direct, router, lite])
     assert (fields["model"], fields["model_version"]) == ("claude-3-5-sonnet", "20241022")
     assert (fields["input_tokens"], fields["cached_input_tokens"], fields["cache_write_tokens"]) == (50, 1000, 3000)
+
+
+def test_anthropic_5m_and_1h_writes_direct_and_via_litellm(litellm_payload: Any) -> None:
+    direct = usage_event_from_anthropic(
+        Message(id="msg_2", type="message", role="assistant", content=[], model="claude-3-5-sonnet-20241022",
+                stop_reason="end_turn", stop_sequence=None,
+                usage=Usage(input_tokens=50, output_tokens=400, cache_read_input_tokens=1000,
+                            cache_creation_input_tokens=3000,
+                            cache_creation={"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000})),
+        customer_id="acme", occurred_at=WHEN)
+    inclusive = {"prompt_tokens": 4050, "completion_tokens": 400, "total_tokens": 4450,
+                 "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 3000,
+                                           "cache_creation_token_details": {"ephemeral_5m_input_tokens": 1000,
+                                                                            "ephemeral_1h_input_tokens": 2000}}}
+    lite = usage_event_from_litellm(litellm_payload("anthropic/claude-3-5-sonnet-20241022", inclusive),
+                                    customer_id="acme", occurred_at=WHEN)
+    fields = same([direct, lite])
+    assert (fields["cache_write_tokens"], fields["cache_write_long_tokens"]) == (1000, 2000)
