@@ -18,14 +18,16 @@ the API key (``OpenAI(base_url="http://127.0.0.1:8788/v1", api_key="ml_live_..."
 4. **Meter** from the upstream's own ``usage`` with the OpenAI adapter (same normalisation as
    everywhere) and **settle**: the event carries the authorize ``request_id`` and is sent to the
    API's ``POST /v1/events`` with the customer's key; the credit agent releases the hold and debits
-   the actual charge. An upstream error or a stream without usage produces no event: the hold
-   expires after its TTL (logged).
+   the actual charge. The post is retried; an event that still cannot be recorded is logged whole
+   (a JSON line ``meterline produce`` replays). An upstream error or a stream without usage
+   produces no event: the hold expires after its TTL (logged).
 
 The proxy holds no state of its own; it is safe to run several behind a load balancer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -50,6 +52,7 @@ __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "create_proxy_app", "deny_status"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
+SETTLE_ATTEMPTS = 5
 GATEWAY = "meterline-proxy"
 _RATE_LIMIT_REASONS = frozenset({"runaway_guard"})
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"})
@@ -134,13 +137,23 @@ def create_proxy_app(
                       reason)
 
     async def settle(secret: str, event: UsageEvent) -> None:
-        try:
-            r = await api.post("/v1/events", json={"events": [event_to_json(event)]},
-                               headers={"Authorization": f"Bearer {secret}"})
-            if r.status_code != 200:
-                log.error("proxy: usage event %s not accepted: %s %s", event.event_id, r.status_code, r.text[:300])
-        except httpx.HTTPError as exc:
-            log.error("proxy: usage event %s not sent: %s", event.event_id, exc)
+        """Post the event; retried (the event id makes a re-send harmless). If it still fails, the
+        event is logged whole, as a canonical JSON line for ``meterline produce``: never dropped silently."""
+        doc = event_to_json(event)
+        problem: object = None
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                r = await api.post("/v1/events", json={"events": [doc]}, headers={"Authorization": f"Bearer {secret}"})
+                if r.status_code == 200:
+                    return
+                problem = (r.status_code, r.text[:300])
+                if r.status_code < 500:
+                    break  # refused: retrying cannot help
+            except httpx.HTTPError as exc:
+                problem = exc
+            await asyncio.sleep(0.5 * (attempt + 1))
+        log.error("proxy: usage event %s NOT recorded (%s); replay it with `meterline produce`: %s",
+                  event.event_id, problem, json.dumps(doc, default=str))
 
     def meter(record: KeyRecord, rid: str, source: Any, stream: OpenAIChatStream | None = None) -> UsageEvent | None:
         ctx = {"customer_id": record.customer_id, "request_id": rid, "api_key_id": record.key_id,

@@ -35,10 +35,12 @@ What it does:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -65,6 +67,7 @@ log = logging.getLogger(__name__)
 CUSTOMER_KEY = "meterline_customer_id"
 REQUEST_KEY = "meterline_request_id"
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
+SEND_ATTEMPTS = 3
 
 
 class MeterlineDenied(Exception):
@@ -167,7 +170,10 @@ class MeterlineCallback(CustomLogger):  # type: ignore[misc,valid-type]
     def _record(self, event: UsageEvent, response: httpx.Response | None, error: Exception | None) -> None:
         if error is not None or response is None or response.status_code != 200:
             detail = error if error is not None else (response.status_code, response.text[:300])  # type: ignore[union-attr]
-            log.error("meterline: usage event %s not accepted: %s", event.event_id, detail)
+            log.error("meterline: usage event %s NOT recorded (%s); replay it with `meterline produce`: %s",
+                      event.event_id, detail, json.dumps(event_to_json(event), default=str))
+            with self._lock:
+                self._seen.pop(event.event_id, None)  # a later report of the same call may try again
             return
         with self._lock:
             self.sent.append(event)
@@ -177,23 +183,36 @@ class MeterlineCallback(CustomLogger):  # type: ignore[misc,valid-type]
         event = self.event_for(kwargs)
         if event is None or not self._first_time(event):
             return
-        try:
-            r = httpx.post(f"{self.api_url}/v1/events", json=self._body(event), headers=self._headers(),
-                           timeout=self.timeout_s)
-            self._record(event, r, None)
-        except httpx.HTTPError as exc:
-            self._record(event, None, exc)
+        r: httpx.Response | None = None
+        error: Exception | None = None
+        for attempt in range(SEND_ATTEMPTS):  # the event id makes a re-send harmless
+            try:
+                r, error = httpx.post(f"{self.api_url}/v1/events", json=self._body(event), headers=self._headers(),
+                                      timeout=self.timeout_s), None
+                if r.status_code < 500:
+                    break
+            except httpx.HTTPError as exc:
+                error = exc
+            time.sleep(0.5 * (attempt + 1))
+        self._record(event, r, error)
 
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         event = self.event_for(kwargs)
         if event is None or not self._first_time(event):
             return
-        try:
-            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-                r = await client.post(f"{self.api_url}/v1/events", json=self._body(event), headers=self._headers())
-            self._record(event, r, None)
-        except httpx.HTTPError as exc:
-            self._record(event, None, exc)
+        r: httpx.Response | None = None
+        error: Exception | None = None
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            for attempt in range(SEND_ATTEMPTS):
+                try:
+                    r, error = await client.post(f"{self.api_url}/v1/events", json=self._body(event),
+                                                 headers=self._headers()), None
+                    if r.status_code < 500:
+                        break
+                except httpx.HTTPError as exc:
+                    error = exc
+                await asyncio.sleep(0.5 * (attempt + 1))
+        self._record(event, r, error)
 
     # ------------------------------------------------------------------ authorization
 
