@@ -155,8 +155,11 @@ def usage_event_from_litellm(
         ctx["api_key_id"] = optional_str(metadata, "user_api_key_hash")
     if ctx.get("user_id") is None:
         ctx["user_id"] = optional_str(payload, "end_user")
+    # The tier the provider served at: the logged response's service_tier (OpenAI), else hidden_params.
+    response = payload.get("response")
     hidden = get_mapping(payload, "hidden_params", where=where)
-    tier = optional_str(hidden, "service_tier") if hidden is not None else None
+    tier = (optional_str(response, "service_tier") if isinstance(response, Mapping) else None) or (
+        optional_str(hidden, "service_tier") if hidden is not None else None)
     return build_event(
         source="litellm",
         provider=provider,

@@ -109,3 +109,11 @@ def test_litellm_bad_payload(payload, mutate, reason):
     with pytest.raises(InvalidEvent) as exc:
         usage_event_from_litellm(body, customer_id="c")
     assert exc.value.reason_code == reason
+
+
+def test_litellm_service_tier_comes_from_the_logged_response(payload):
+    body = payload("litellm_openai_minimal.json")
+    body["response"] = {"id": "chatcmpl-1", "object": "chat.completion", "service_tier": "flex"}
+    assert usage_event_from_litellm(body, customer_id="acme").service_tier == "flex"
+    body["response"]["service_tier"] = "default"
+    assert usage_event_from_litellm(body, customer_id="acme").service_tier is None
