@@ -77,11 +77,14 @@ _NO_EXTRAS = (0,) * len(EXTRA_FIELDS)
 
 
 def _extras_of(record: Mapping[str, Any]) -> tuple[int, ...]:
-    """The record's v2 counts (0 for a v1 record that lacks them)."""
-    try:
-        return _EXTRAS(record)  # type: ignore[no-any-return]
-    except KeyError:
-        return tuple(record.get(f) or 0 for f in EXTRA_FIELDS)
+    """The record's v2 counts (0 for a v1 record that lacks them). A v2 decoder record has every
+    field (one C-level itemgetter call); other dicts take the per-field ``get`` path."""
+    if "service_tier" in record:
+        try:
+            return _EXTRAS(record)  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+    return tuple(map(record.get, EXTRA_FIELDS, _NO_EXTRAS))
 
 
 class PricedAmounts(NamedTuple):
@@ -314,9 +317,15 @@ class PricingEngine:
         """
         if self._dirty:
             self._rebuild()
-        tl = self.timeline(record["provider"], record["model"], record["model_version"], record.get("service_tier"))
+        provider = record["provider"]
+        model = record["model"]
+        mv = record["model_version"]
+        tier = record.get("service_tier")
+        tl = self._timelines.get((provider, model, mv, tier))  # the exact key: no normalisation needed
         if tl is None:
-            return self._price_slow(record)
+            tl = self.timeline(provider, model, mv, tier)
+            if tl is None:
+                return self._price_slow(record)
         ms = record["occurred_at"]
         if type(ms) is not int:
             return self._price_slow(record)
@@ -348,7 +357,13 @@ class PricingEngine:
                 raise _no_rate("cache_write", vid)
             cost += wt * rw
             charge += wt * cw
-        extras = _extras_of(record)
+        if tier is not None or "service_tier" not in record:
+            extras = _extras_of(record)  # a v1-shaped dict, or a tier: the general path
+        else:
+            try:
+                extras = _EXTRAS(record)  # a v2 decoder record: every field present
+            except KeyError:
+                extras = _extras_of(record)
         if extras != _NO_EXTRAS:
             cost, charge = _add_extras(cost, charge, extras, xl, xc, vid)
         return _new_tuple(PricedAmounts, (cost, charge, currency, vid, card))
