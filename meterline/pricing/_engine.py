@@ -74,6 +74,8 @@ _Timeline = tuple[list[int], list[tuple[str, PriceVersion]]]
 _Entry = tuple[Any, ...]
 _EXTRAS = itemgetter(*EXTRA_FIELDS)
 _NO_EXTRAS = (0,) * len(EXTRA_FIELDS)
+_EXTRAS_AND_TIER = itemgetter(*EXTRA_FIELDS, "service_tier")
+_CLEAN = {(*_NO_EXTRAS, None)}
 
 
 def _extras_of(record: Mapping[str, Any]) -> tuple[int, ...]:
@@ -385,10 +387,16 @@ class PricingEngine:
             return [self._price_or_error(r) for r in records]
         entries, per_event = self._batch_entries(records, min(occurred), max(occurred))
         # Events with a service tier or v2 classes take the per-event path (same rules as price()).
-        for i, r in enumerate(records):
-            if r.get("service_tier") is not None or _extras_of(r) != _NO_EXTRAS:
-                entries[i] = _PER_EVENT
-                per_event = True
+        # Usually none has any: proven with C-level passes (v2 decoder records have every field).
+        try:
+            clean = set(map(_EXTRAS_AND_TIER, records)) == _CLEAN
+        except KeyError:
+            clean = False
+        if not clean:
+            for i, r in enumerate(records):
+                if r.get("service_tier") is not None or _extras_of(r) != _NO_EXTRAS:
+                    entries[i] = _PER_EVENT
+                    per_event = True
 
         out: list[Any] = []
         append = out.append
