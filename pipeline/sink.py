@@ -69,7 +69,7 @@ PRICED_COLUMNS: tuple[str, ...] = (
     "session_id", "gateway", "provider", "model", "model_version", "request_id", "labels", "input_tokens", "output_tokens",
     "cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "requests", "cost", "charge",
     "currency", "price_version", "rate_card", "priced_at", "source_partition", "source_offset",
-    # UsageEvent v2 (migration 0008)
+    # UsageEvent v2 (migration 0009)
     "cache_write_long_tokens", "input_audio_tokens", "output_audio_tokens", "input_image_tokens",
     "output_image_tokens", "web_search_requests", "service_tier",
 )  # fmt: skip

@@ -1,6 +1,6 @@
 """UsageEvent v2 through the real pipeline (Tansu, a faust pricing worker, the ClickHouse sink on
 chDB, the seed prices): long cache writes, web-search calls and a batch-tier event are priced
-exactly and land in their migration-0008 columns; a class or tier the seed does not price is
+exactly and land in their migration-0009 columns; a class or tier the seed does not price is
 dead-lettered with its reason, never priced at 0; a raw dated model id prices."""
 
 from __future__ import annotations
