@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -23,7 +22,7 @@ _err = Console(stderr=True)
 
 def proxy_command(
     upstream: str = typer.Option(..., "--upstream", help="OpenAI-compatible base URL to forward to, e.g. https://api.openai.com/v1."),
-    api_url: Optional[str] = typer.Option(None, "--api-url", help="meterline API base URL (default: the running `meterline up`)."),
+    api_url: str | None = typer.Option(None, "--api-url", help="meterline API base URL (default: the running `meterline up`)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8788, "--port", help="Port to listen on (0 = any free port)."),
     provider: str = typer.Option("openai", "--provider", help="Provider the upstream bills as (price lookup)."),

@@ -156,8 +156,8 @@ def create_proxy_app(
                   event.event_id, problem, json.dumps(doc, default=str))
 
     def meter(record: KeyRecord, rid: str, source: Any, stream: OpenAIChatStream | None = None) -> UsageEvent | None:
-        ctx = {"customer_id": record.customer_id, "request_id": rid, "api_key_id": record.key_id,
-               "gateway": GATEWAY}
+        ctx: dict[str, Any] = {"customer_id": record.customer_id, "request_id": rid, "api_key_id": record.key_id,
+                               "gateway": GATEWAY}
         try:
             if stream is not None:
                 return stream.event(**ctx)

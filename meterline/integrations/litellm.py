@@ -95,7 +95,7 @@ def _metadata(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class MeterlineCallback(CustomLogger):  # type: ignore[misc,valid-type]
+class MeterlineCallback(CustomLogger):
     """Meter LiteLLM calls into meterline (see the module docstring)."""
 
     def __init__(

@@ -60,7 +60,6 @@ from meterline.pricing._model import (
     format_timestamp,
     per_million_to_picos,
 )
-
 from schemas.naming import normalize_model
 
 # Bound on the (customer, price version) -> rates cache; it is simply cleared when full.
@@ -279,7 +278,8 @@ class PricingEngine:
         cost = v.rates.picos()
         ov = card.override_for(v.provider, v.model, v.model_version)
         extra_cost = v.rates.extra_picos()
-        list_picos = dict(zip(BASE_CLASSES, cost)) | dict(zip(EXTRA_CLASSES, extra_cost))
+        list_picos = dict(zip(BASE_CLASSES, cost[: len(BASE_CLASSES)], strict=True)) | dict(
+            zip(EXTRA_CLASSES, extra_cost[: len(EXTRA_CLASSES)], strict=True))
         stated: dict[str, int | None] = {}
         for cls in TOKEN_CLASSES:
             if ov is not None and cls in ov.rates:
@@ -296,7 +296,7 @@ class PricingEngine:
             fee = fee_to_picos(ov.rates["request_fee"], where=f"rate_cards[{card.customer_id}]")
         else:
             fee = card.charge_picos(cost[5])
-        charge = tuple(stated[c] for c in BASE_CLASSES) + (fee,)
+        charge = (*(stated[c] for c in BASE_CLASSES), fee)
         tool_cost = extra_cost[len(EXTRA_CLASSES):]
         extra_charge = tuple(stated[c] for c in EXTRA_CLASSES) + tuple(
             None if p is None else card.charge_picos(p) for p in tool_cost
@@ -445,7 +445,7 @@ class PricingEngine:
         (``map`` over ``itemgetter`` and ``dict.__getitem__``)."""
         model_keys = list(map(_MODEL, records))
         customers = set(map(_CUSTOMER, records))
-        keyed = {mk: self._batch_version(*mk, lo, hi) for mk in set(model_keys)}
+        keyed = {mk: self._batch_version(mk[0], mk[1], mk[2], lo, hi) for mk in set(model_keys)}
         if len(customers) == 1:  # the usual UsageBatch: one customer, a handful of models
             (customer,) = customers
             table = {mk: self._loop_entry(customer, vv) for mk, vv in keyed.items()}
@@ -524,7 +524,7 @@ class PricingEngine:
 def _add_extras(cost: int, charge: int, extras: tuple[int, ...], xl: tuple[int | None, ...],
                 xc: tuple[int | None, ...], vid: str) -> tuple[int, int]:
     """Add the v2 classes and tool fees; a count without a rate is ``no_rate_for_token_class``."""
-    for n, lp, cp, cls in zip(extras, xl, xc, EXTRA_RATED):
+    for n, lp, cp, cls in zip(extras, xl, xc, EXTRA_RATED, strict=True):
         if n:
             if lp is None or cp is None:
                 raise _no_rate(cls, vid)

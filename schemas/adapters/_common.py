@@ -237,8 +237,8 @@ def build_event(
     occurred_at: datetime | None,
     created: datetime | None,
     model_version: str | None,
-    input_tokens: int,
-    output_tokens: int,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
     cached_input_tokens: int = 0,
     cache_write_tokens: int = 0,
     reasoning_tokens: int = 0,
@@ -249,6 +249,7 @@ def build_event(
     output_image_tokens: int = 0,
     web_search_requests: int = 0,
     service_tier: str | None = None,
+    counts: Mapping[str, int] | None = None,
     context: Mapping[str, Any],
 ) -> UsageEvent:
     """Assemble and validate the event; every failure surfaces as :class:`InvalidEvent`.
@@ -294,6 +295,8 @@ def build_event(
         "web_search_requests": web_search_requests,
         "service_tier": normalize_service_tier(context.get("service_tier") or service_tier),
     }
+    if counts:  # an adapter's disjoint counts (``*_counts()``), overriding the keyword defaults
+        fields.update(counts)
     fields.update({k: v for k, v in context.items() if v is not None and k != "service_tier"})
     try:
         return UsageEvent(**fields)

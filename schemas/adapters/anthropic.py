@@ -116,7 +116,7 @@ def usage_event_from_anthropic(
         model_version=None,
         service_tier=optional_str(usage, "service_tier"),
         context=context,
-        **anthropic_counts(usage, where=where),
+        counts=anthropic_counts(usage, where=where),
     )
 
 

@@ -143,7 +143,7 @@ def usage_event_from_gemini(
         created=rfc3339(response.get("create_time"), where=where, field="createTime"),
         model_version=None if version is None else normalize_model(provider, version)[2],
         context=context,
-        **gemini_counts(usage, where=where),
+        counts=gemini_counts(usage, where=where),
     )
 
 

@@ -172,5 +172,5 @@ def usage_event_from_litellm(
         model_version=None,
         service_tier=tier,
         context=ctx,
-        **counts,
+        counts=counts,
     )

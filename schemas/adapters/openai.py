@@ -112,7 +112,7 @@ def usage_event_from_openai_chat(
         model_version=None,
         service_tier=optional_str(response, "service_tier"),
         context=context,
-        **openai_chat_counts(usage, where=where),
+        counts=openai_chat_counts(usage, where=where),
     )
 
 

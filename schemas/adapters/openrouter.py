@@ -17,7 +17,6 @@ request gives the same event through OpenRouter as through OpenAI. Variant suffi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -73,7 +72,7 @@ def usage_event_from_openrouter(
         model_version=None,
         service_tier=optional_str(response, "service_tier"),
         context=context,
-        **openai_chat_counts(usage, where=where),
+        counts=openai_chat_counts(usage, where=where),
     )
 
 

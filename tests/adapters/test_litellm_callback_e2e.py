@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.api.keys import KeyStore
 from meterline.config import Settings
 from meterline.pricing import PricingEngine, load_price_book
 from meterline.runtime import Runtime

@@ -48,7 +48,7 @@ class FakeOpenAI:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.calls.append((body, self.headers.get("Authorization", "")))
                 base = {"id": f"chatcmpl-{len(outer.calls)}", "created": int(time.time()), "model": "gpt-4o-2024-05-13"}

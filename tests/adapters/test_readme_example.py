@@ -5,7 +5,7 @@ against the real broker; the event read back prices against the shipped price li
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -46,7 +46,7 @@ def test_readme_example_with_a_real_sdk_response(kafka_bootstrap: str, topics: d
     code = readme_example()
     assert "usage_event_from_openai_chat(response" in code
     code = code.replace("127.0.0.1:9092", kafka_bootstrap).replace("meterline.usage-events", topics["usage-events"])
-    exec(compile(code, "README.md", "exec"), {"response": response})  # noqa: S102 - the documented example
+    exec(compile(code, "README.md", "exec"), {"response": response})
 
     (message,) = read_topic(kafka_bootstrap, topics["usage-events"])
     (record,) = decode_usage_batch(message.value())
@@ -60,7 +60,7 @@ def test_readme_example_with_a_real_sdk_response(kafka_bootstrap: str, topics: d
 
 
 def test_dated_and_aliased_ids_price_against_the_shipped_list(seed: PricingEngine) -> None:
-    when = datetime(2026, 6, 1, tzinfo=timezone.utc)
+    when = datetime(2026, 6, 1, tzinfo=UTC)
     claude = usage_event_from_anthropic(
         Message(id="msg_1", type="message", role="assistant", content=[], model="claude-3-5-sonnet-20241022",
                 stop_reason="end_turn", stop_sequence=None, usage=Usage(input_tokens=1000, output_tokens=100)),

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 import threading
-from datetime import datetime, timezone
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -25,7 +25,7 @@ from schemas.adapters import (
 from schemas.codec import event_to_record
 from schemas.models import TOKEN_FIELDS, UsageEvent
 
-WHEN = datetime(2026, 6, 1, tzinfo=timezone.utc)
+WHEN = datetime(2026, 6, 1, tzinfo=UTC)
 COMPARED = ("provider", "model", "model_version", "service_tier", *TOKEN_FIELDS, "web_search_requests", "requests")
 
 BOOK = """

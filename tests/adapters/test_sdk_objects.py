@@ -7,7 +7,7 @@ normalised (disjoint) classes, then the exact price against a price book that st
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -39,7 +39,7 @@ from schemas.adapters import (
 )
 from schemas.codec import event_to_record
 
-WHEN = datetime(2026, 6, 1, tzinfo=timezone.utc)
+WHEN = datetime(2026, 6, 1, tzinfo=UTC)
 
 # Every class priced, so each test can check an exact amount (picos = per_million x 10^6 per token).
 BOOK = """
@@ -276,7 +276,7 @@ def gemini(total: int | None = 1130, **over: Any) -> gt.GenerateContentResponse:
     )
     usage.update(over)
     return gt.GenerateContentResponse(
-        response_id="g-1", model_version="gemini-2.5-flash", create_time=datetime(2026, 3, 1, tzinfo=timezone.utc),
+        response_id="g-1", model_version="gemini-2.5-flash", create_time=datetime(2026, 3, 1, tzinfo=UTC),
         usage_metadata=gt.GenerateContentResponseUsageMetadata(**usage),
     )
 
@@ -290,7 +290,7 @@ def test_gemini_object_model_dump_and_rest_json_read_the_same(engine: PricingEng
     ev = events[0]
     # the SDK's provider name "gemini" and the price list's "google" are one provider
     assert (ev.provider, ev.model, ev.model_version) == ("google", "gemini-2.5-flash", None)
-    assert ev.occurred_at == datetime(2026, 3, 1, tzinfo=timezone.utc)
+    assert ev.occurred_at == datetime(2026, 3, 1, tzinfo=UTC)
     # prompt 1000 includes 200 cached (text) and 300 audio; candidates 100 exclude 30 thoughts and hold 40 image
     assert counts(ev) == {"input_tokens": 500, "cached_input_tokens": 200, "input_audio_tokens": 300,
                           "output_tokens": 60, "output_image_tokens": 40, "reasoning_tokens": 30}

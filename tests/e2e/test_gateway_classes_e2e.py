@@ -5,7 +5,7 @@ dead-lettered with its reason, never priced at 0; a raw dated model id prices.""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.broker
 
 
 def test_v2_classes_tiers_and_raw_dated_ids_through_the_pipeline(pipeline) -> None:
-    at = datetime.now(timezone.utc) - timedelta(minutes=10)
+    at = datetime.now(UTC) - timedelta(minutes=10)
     claude = dict(occurred_at=at, customer_id="zeta", provider="anthropic", model="claude-3-5-sonnet",
                   model_version="20241022")
     events = [
