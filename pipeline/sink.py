@@ -70,6 +70,9 @@ PRICED_COLUMNS: tuple[str, ...] = (
     "session_id", "gateway", "provider", "model", "model_version", "request_id", "labels", "input_tokens", "output_tokens",
     "cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "requests", "cost", "charge",
     "currency", "price_version", "rate_card", "priced_at", "source_partition", "source_offset",
+    # UsageEvent v2 (migration 0009)
+    "cache_write_long_tokens", "input_audio_tokens", "output_audio_tokens", "input_image_tokens",
+    "output_image_tokens", "web_search_requests", "service_tier",
 )  # fmt: skip
 REJECTED_COLUMNS: tuple[str, ...] = (
     "reason_code", "reason", "field", "source_topic", "source_partition", "source_offset",
@@ -77,8 +80,10 @@ REJECTED_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 _OPTIONAL_STR = ("api_key_id", "project", "feature", "user_id", "session_id", "gateway", "model_version",
-                 "request_id", "price_version", "rate_card")  # fmt: skip
-_COUNTS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
+                 "request_id", "price_version", "rate_card", "service_tier")  # fmt: skip
+_COUNTS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens",
+           "cache_write_long_tokens", "input_audio_tokens", "output_audio_tokens", "input_image_tokens",
+           "output_image_tokens", "web_search_requests")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _P_CUSTOMER, _P_EVENT, _P_OCCURRED = 2, 0, 1  # positions in PRICED_COLUMNS
 _P_SPART, _P_SOFFSET = PRICED_COLUMNS.index("source_partition"), PRICED_COLUMNS.index("source_offset")

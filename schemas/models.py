@@ -13,6 +13,20 @@ disjoint** — every token the provider billed is counted in exactly one class, 
 - ``reasoning_tokens``: hidden reasoning / thinking tokens (priced at the reasoning rate, which
   defaults to the output rate).
 - ``requests``: number of billable API requests this event stands for (default 1; per-request fees).
+
+Added in UsageEvent **v2** (every field optional with a default, so v1 bytes still decode; see
+docs/gateways.md):
+
+- ``cache_write_long_tokens``: cache writes with the LONG retention (Anthropic 1-hour,
+  OpenAI 12-hour), priced apart from ``cache_write_tokens`` (the short retention: Anthropic
+  5-minute, OpenAI 30-minute, or a provider with one cache-write price).
+- ``input_audio_tokens`` / ``output_audio_tokens``: audio tokens (OpenAI audio models, Gemini audio
+  input). EXCLUDED from ``input_tokens`` / ``output_tokens``.
+- ``input_image_tokens`` / ``output_image_tokens``: image tokens the provider reports apart
+  (OpenAI ``image_tokens``, Gemini IMAGE modality). EXCLUDED from input / output.
+- ``web_search_requests``: billable web-search tool calls (per-call fee).
+- ``service_tier``: the tier the provider served and bills at (``batch``, ``flex``, ``priority``);
+  None is the standard tier.
 """
 
 from __future__ import annotations
@@ -50,7 +64,23 @@ TOKEN_FIELDS: tuple[str, ...] = (
     "cached_input_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "cache_write_long_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
 )
+#: Tokens classes and counts that UsageEvent v2 added (absent from v1 records: they read as 0).
+V2_COUNT_FIELDS: tuple[str, ...] = (
+    "cache_write_long_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
+    "web_search_requests",
+)
+#: Per-call tool fees an event counts (field -> price-file fee name).
+TOOL_FIELDS: tuple[str, ...] = ("web_search_requests",)
 
 
 class UsageEvent(BaseModel):
@@ -76,7 +106,14 @@ class UsageEvent(BaseModel):
     cached_input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
     cache_write_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
     reasoning_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    cache_write_long_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    input_audio_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    output_audio_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    input_image_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    output_image_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
     requests: int = Field(default=1, ge=0, le=MAX_REQUESTS_PER_EVENT)
+    web_search_requests: int = Field(default=0, ge=0, le=MAX_REQUESTS_PER_EVENT)
+    service_tier: str | None = Field(default=None, max_length=MAX_ID_LEN)
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("occurred_at")

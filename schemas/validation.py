@@ -59,6 +59,7 @@ from schemas.models import (
     MAX_REQUESTS_PER_EVENT,
     MAX_TOKENS_PER_EVENT,
     TOKEN_FIELDS,
+    TOOL_FIELDS,
     is_customer_id,
 )
 
@@ -75,8 +76,9 @@ OPTIONAL_ID_FIELDS: tuple[str, ...] = (
     "gateway",
     "model_version",
     "request_id",
+    "service_tier",
 )
-COUNT_FIELDS: tuple[str, ...] = (*TOKEN_FIELDS, "requests")
+COUNT_FIELDS: tuple[str, ...] = (*TOKEN_FIELDS, *TOOL_FIELDS, "requests")
 
 REASON_CODES: frozenset[str] = frozenset(
     {
@@ -104,8 +106,12 @@ __all__ = [
     "validate_records",
 ]
 
-_COUNT_DEFAULTS = {f: 0 for f in TOKEN_FIELDS} | {"requests": 1}
-_COUNT_LIMITS = {f: MAX_TOKENS_PER_EVENT for f in TOKEN_FIELDS} | {"requests": MAX_REQUESTS_PER_EVENT}
+_COUNT_DEFAULTS = {f: 0 for f in (*TOKEN_FIELDS, *TOOL_FIELDS)} | {"requests": 1}
+_COUNT_LIMITS = (
+    {f: MAX_TOKENS_PER_EVENT for f in TOKEN_FIELDS}
+    | {f: MAX_REQUESTS_PER_EVENT for f in TOOL_FIELDS}
+    | {"requests": MAX_REQUESTS_PER_EVENT}
+)
 
 
 def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = DEFAULT_MAX_FUTURE_MS) -> None:
@@ -240,9 +246,10 @@ def _provably_clean(events: Sequence[Mapping[str, Any]], latest_ms: int) -> bool
         return False
     if set(map(type, counts)) != _INT or min(counts) < 0 or max(counts) > MAX_TOKENS_PER_EVENT:
         return False
+    for i in range(len(TOKEN_FIELDS), _N_COUNTS):  # tool calls and requests have the lower limit
+        if max(counts[i::_N_COUNTS]) > MAX_REQUESTS_PER_EVENT:
+            return False
     requests = counts[_N_COUNTS - 1 :: _N_COUNTS]
-    if max(requests) > MAX_REQUESTS_PER_EVENT:
-        return False
     if min(requests) == 0 and min(map(sum, map(_COUNTS, events))) == 0:  # empty_usage
         return False
     for lab in filter(None, labels):
