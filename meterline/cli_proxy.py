@@ -35,12 +35,12 @@ def proxy_command(
     from meterline.api.keys import KeyStore
     from meterline.api.server import ApiServer
     from meterline.proxy import create_proxy_app
-    from meterline.runtime import read_runtime_file
+    from meterline.discovery import read_runtime_info
 
     settings = Settings()
     if api_url is None:
-        info = read_runtime_file(settings.data_dir)
-        api_url = str(info["api_url"]) if info and info.get("api_url") else None
+        info = read_runtime_info(settings.data_dir)
+        api_url = info.api_url if info is not None else None
     if not api_url:
         _err.print("[red]no meterline API: start `meterline up` for this data_dir or pass --api-url[/red]")
         raise typer.Exit(2)

@@ -169,7 +169,7 @@ async def _spend(request: Request) -> Response:
 def recent_alerts(bootstrap: str, topic: str, customer_id: str | None, limit: int = ALERTS_LIMIT) -> list[dict[str, Any]]:
     """The latest ``limit`` alerts of ``customer_id`` (all customers when None), newest first,
     one per ``alert_id`` (deliveries are at-least-once)."""
-    from meterline.stack.topics import read_topic
+    from meterline.stack.kafka import read_topic
 
     seen: dict[str, dict[str, Any]] = {}
     for m in read_topic(bootstrap, topic, timeout=10.0):

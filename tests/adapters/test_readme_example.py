@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.completion_usage import PromptTokensDetails
 
 from meterline.pricing import PricingEngine, load_price_book
-from meterline.stack.topics import read_topic
+from meterline.stack.kafka import read_topic
 from schemas.adapters import usage_event_from_anthropic, usage_event_from_gemini
 from schemas.codec import decode_usage_batch, event_to_record
 
