@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS reprice_runs
     delta            Decimal(38, 12),
     ledger_commands  String,               -- JSON list of the ledger commands (sent again on resume)
     status           LowCardinality(String),
-    ver              UInt8,
+    ver              UInt32,              -- +1 per step: the latest step wins
     created_at       DateTime64(3, 'UTC'),
     updated_at       DateTime64(3, 'UTC') DEFAULT now64(3)
 )

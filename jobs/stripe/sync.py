@@ -106,8 +106,12 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
             f"SELECT count() FROM usage_priced FINAL WHERE {where} AND lower(currency) != {{cur:String}}", parameters=params
         ).result_rows[0][0])  # fmt: skip
     if cfg.mode == "cost":
-        rows = ch.query(f"SELECT customer_id, {ws} AS ws, sum(charge) FROM usage_priced FINAL "
-                        f"WHERE {where} AND lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
+        # usage_priced + the re-rating corrections (jobs/reprice): a corrected window grows (a new
+        # revision) or shrinks (reported) like late usage does.
+        rows = ch.query(f"SELECT customer_id, {ws} AS ws, sum(charge) FROM ("
+                        f"SELECT customer_id, occurred_at, charge, currency FROM usage_priced FINAL WHERE {where} "
+                        f"UNION ALL SELECT customer_id, occurred_at, charge, currency FROM usage_corrections FINAL "
+                        f"WHERE {where}) WHERE lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
                         parameters=params).result_rows  # fmt: skip
         for cust, start, charge in rows:
             out[(cust, specs[0].event_name, int(start))] = Decimal(charge)

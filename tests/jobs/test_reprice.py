@@ -1,0 +1,238 @@
+"""Re-rating (jobs/reprice) on the real ClickHouse engine (chDB): exactness against the Python
+pricing engine event by event, corrections reaching the rollups, the ledger (through the real
+ledger-commands codec and the pure ledger the credit agent runs) and the Stripe sync, idempotence,
+and a crash at every step of an apply followed by a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from jobs.reprice.apply import apply_plan, correction_id
+from jobs.reprice.compute import Filters, plan_reprice
+from meterline.ledger import CreditGrant, Grant, Policy, apply, new_ledger
+from meterline.ledger._types import ApplyPricedUsage
+from meterline.money import to_decimal
+from schemas.credits import decode_command
+from tests.jobs.reprice_helpers import (
+    BOOK_AFTER,
+    BOOK_BEFORE,
+    CUSTOMERS,
+    PERIOD,
+    T0,
+    engine,
+    expected_totals,
+    insert_priced,
+    make_events,
+)
+
+FILTERS = Filters(T0, T0 + 31 * 86400)
+AT_MS = (T0 + 40 * 86400) * 1000
+
+
+def _sums(ch: Any, sql: str) -> dict[str, tuple[Decimal, Decimal]]:
+    return {str(c): (Decimal(a), Decimal(b)) for c, a, b in ch.query(sql).result_rows}
+
+
+def _rollups(ch: Any) -> tuple[dict[str, tuple[Decimal, Decimal]], ...]:
+    return tuple(_sums(ch, f"SELECT customer_id, sum(cost), sum(charge) FROM {t} GROUP BY customer_id")
+                 for t in ("usage_hourly", "usage_daily"))  # fmt: skip
+
+
+def test_clickhouse_rerating_equals_the_python_engine_event_by_event(clickhouse: Any) -> None:
+    events = make_events(7, 3000)
+    insert_priced(clickhouse, events, engine(BOOK_BEFORE))
+    plan = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True)
+    new, old = expected_totals(events, engine(BOOK_AFTER)), expected_totals(events, engine(BOOK_BEFORE))
+    got = {c["customer_id"]: c for c in plan.customers()}
+    assert set(got) == set(new)
+    for cust, (cost, charge) in new.items():
+        assert (got[cust]["new_cost"], got[cust]["new_charge"]) == (cost, charge)
+        assert (got[cust]["old_cost"], got[cust]["old_charge"]) == old[cust]
+        assert got[cust]["delta"] == charge - old[cust][1]
+    # per model and new version: the same split the engine makes
+    per: dict[tuple[str, str, str], int] = {}
+    eng = engine(BOOK_AFTER)
+    for ev in events:
+        p = eng.price(ev)
+        k = (ev["customer_id"], ev["model"], p.price_version)
+        per[k] = per.get(k, 0) + p.charge_picos
+    assert {(ln.customer_id, ln.model, ln.new_version): ln.new_charge for ln in plan.lines} == {
+        k: to_decimal(v) for k, v in per.items()}
+    # the gpt-4o correction splits at the new version's first millisecond
+    assert {ln.new_version.split("@")[1][:10] for ln in plan.lines if ln.model == "gpt-4o"} == {"2025-11-01", "2025-12-10"}
+    # Σ deltas per customer = the customer delta, and the sum of correction keys is exact
+    by: dict[str, Decimal] = {}
+    for d in plan.deltas:
+        by[d.customer_id] = by.get(d.customer_id, Decimal(0)) + d.charge
+    assert by == {c: got[c]["delta"] for c in got}
+
+
+def _ledger_run(ch: Any, events: list[dict[str, Any]], eng: Any, grants: dict[str, int]) -> dict[str, Any]:
+    """The credit agent's pure ledger over the original usage; its entries stored like the ledger sink does."""
+    states = {c: new_ledger(c, "usd", Policy(overage="allow")) for c in CUSTOMERS}
+    rows = []
+    for cust, amount in grants.items():
+        s, eff = apply(states[cust], Grant(grant=CreditGrant(grant_id=f"g-{cust}", customer_id=cust, amount_picos=amount,
+                                                   currency="usd", effective_at_ms=(T0 - 86400) * 1000),
+                                at_ms=(T0 - 86400) * 1000))  # fmt: skip
+        states[cust] = s
+        rows += eff.entries
+    for ev in sorted(events, key=lambda e: e["occurred_at"]):
+        p = eng.price(ev)
+        s, eff = apply(states[ev["customer_id"]], ApplyPricedUsage(
+            event_id=ev["event_id"], occurred_at_ms=ev["occurred_at"], charge_picos=p.charge_picos, currency="usd",
+            provider=ev["provider"], model=ev["model"], project=ev["project"]))  # fmt: skip
+        states[ev["customer_id"]] = s
+        rows += eff.entries
+    ch.insert("ledger_entries", [[e.entry_id, datetime.fromtimestamp(e.at_ms // 1000, timezone.utc), e.customer_id, e.seq, e.kind, to_decimal(e.amount_picos),
+                                  e.currency, e.grant_id or "", e.event_id or "", e.reason or ""] for e in rows],
+              column_names=["entry_id", "at", "customer_id", "seq", "kind", "amount", "currency", "grant_id",
+                            "event_id", "reason"])  # fmt: skip
+    return states
+
+
+def _credit_used(state: Any, granted: int) -> int:
+    """What the customer was charged per the ledger's balances: credit granted (before any
+    correction: a refund to credit raises the remaining) − remaining + overage."""
+    return granted - sum(g.remaining for g in state.grants.values()) + state.overage_picos
+
+
+@pytest.mark.parametrize("direction", ["retroactive_correction_down", "price_raised_after_the_fact"])
+def test_apply_reaches_rollups_and_ledger_and_a_second_apply_is_a_noop(clickhouse: Any, direction: str) -> None:
+    before, after = (BOOK_BEFORE, BOOK_AFTER) if direction.endswith("down") else (BOOK_AFTER, BOOK_BEFORE)
+    events = make_events(11, 1500)
+    insert_priced(clickhouse, events, engine(before))
+    old = expected_totals(events, engine(before))
+    # acme's grant covers everything, globex's half of it, initech has none (all overage)
+    grants = {"acme": 10**15, "globex": int(old["globex"][1].scaleb(12)) // 2}
+    states = _ledger_run(clickhouse, events, engine(before), grants)
+
+    sent: list[dict[str, Any]] = []
+    plan = plan_reprice(clickhouse, engine(after), FILTERS, with_deltas=True)
+    res = apply_plan(clickhouse, plan, ran_by="test", reason="provider price fix", command="test", send=sent.append,
+                     at_ms=AT_MS)  # fmt: skip
+    assert res.correction_id and res.rows == len(plan.deltas) > 0 and res.commands == len(sent) > 0
+
+    new = expected_totals(events, engine(after))
+    # ClickHouse: usage_priced + usage_corrections and both rollups equal the re-rated figures, exactly
+    combined = _sums(clickhouse, "SELECT customer_id, sum(cost), sum(charge) FROM (SELECT customer_id, cost, charge "
+                                 "FROM usage_priced UNION ALL SELECT customer_id, cost, charge FROM usage_corrections) "
+                                 "GROUP BY customer_id")  # fmt: skip
+    assert combined == new
+    hourly, daily = _rollups(clickhouse)
+    assert hourly == new and daily == new
+    assert clickhouse.query("SELECT sum(events) FROM usage_hourly").result_rows[0][0] == len(events)
+
+    # Ledger: the commands through the real codec into the pure ledger the credit agent runs
+    for cmd in sent:
+        req = decode_command(json.dumps(cmd).encode())
+        assert req.command is not None
+        s, eff = apply(states[req.customer_id] if req.customer_id in states else new_ledger(req.customer_id, "usd"),
+                       req.command)  # fmt: skip
+        assert eff.skipped is None
+        states[req.customer_id] = s
+    for cust, (_, charge) in new.items():
+        assert to_decimal(_credit_used(states[cust], grants.get(cust, 0))) == charge, cust
+    # applying the same commands again (a re-send) changes nothing
+    for cmd in sent:
+        req = decode_command(json.dumps(cmd).encode())
+        s, eff = apply(states[req.customer_id], req.command)  # type: ignore[arg-type]
+        assert eff.skipped == "duplicate"
+
+    # audit
+    run = clickhouse.query("SELECT ran_by, reason, status, versions_before != versions_after, delta "
+                           "FROM reprice_runs FINAL").result_rows  # fmt: skip
+    assert run == [("test", "provider price fix", "done", 1,
+                    sum((new[c][1] - old[c][1] for c in new), Decimal(0)))]  # fmt: skip
+
+    # a second apply: nothing left to correct, nothing written, nothing sent
+    again: list[dict[str, Any]] = []
+    plan2 = plan_reprice(clickhouse, engine(after), FILTERS, with_deltas=True)
+    assert plan2.deltas == [] and all(c["delta"] == 0 for c in plan2.customers())
+    res2 = apply_plan(clickhouse, plan2, ran_by="test", reason="again", command="test", send=again.append, at_ms=AT_MS)
+    assert res2.noop and again == []
+    assert _rollups(clickhouse) == (new, new)
+    assert clickhouse.query("SELECT count() FROM reprice_runs FINAL").result_rows[0][0] == 1
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_crash_at_every_step_then_a_resume_is_exact(clickhouse: Any) -> None:
+    events = make_events(13, 600)
+    insert_priced(clickhouse, events, engine(BOOK_BEFORE))
+    new = expected_totals(events, engine(BOOK_AFTER))
+    step = 0
+    crashes = 0
+    sent: list[dict[str, Any]] = []
+    while True:  # crash after step 1, then after step 2 of the resumed run, ... until a run completes
+        step += 1
+        seen = [0]
+
+        def on_step(_name: str) -> None:
+            seen[0] += 1
+            if seen[0] == step:
+                raise Crash(_name)
+
+        plan = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True)
+        try:
+            apply_plan(clickhouse, plan, ran_by="test", reason="crash", command="test", send=sent.append,
+                       at_ms=AT_MS, on_step=on_step)  # fmt: skip
+            break
+        except Crash:
+            crashes += 1
+    assert crashes >= 3
+    # one final resume finds nothing to do
+    final = apply_plan(clickhouse, plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True),
+                       ran_by="test", reason="crash", command="test", send=sent.append, at_ms=AT_MS)  # fmt: skip
+    assert final.noop
+    assert _rollups(clickhouse) == (new, new)
+    assert clickhouse.query("SELECT uniqExact(correction_id), count() FROM usage_corrections").result_rows[0][0] == 1
+    assert clickhouse.query("SELECT status FROM reprice_runs FINAL").result_rows == [("done",)]
+    # commands may have been re-sent after a crash, but always with the same ids and content
+    by_id: dict[str, str] = {}
+    for cmd in sent:
+        assert by_id.setdefault(cmd["command_id"], json.dumps(cmd, sort_keys=True)) == json.dumps(cmd, sort_keys=True)
+
+
+def test_correction_id_is_deterministic(clickhouse: Any) -> None:
+    insert_priced(clickhouse, make_events(3, 200), engine(BOOK_BEFORE))
+    a = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True)
+    b = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True)
+    assert correction_id(a.filters, a.deltas) == correction_id(b.filters, b.deltas)
+
+
+def test_cli_dry_run_json_is_exact_and_writes_nothing(clickhouse: Any, clickhouse_dsn: str, tmp_path: Path) -> None:
+    events = make_events(5, 400)
+    insert_priced(clickhouse, events, engine(BOOK_BEFORE))
+    prices = tmp_path / "after.yaml"
+    prices.write_text(yaml.safe_dump(BOOK_AFTER))
+    env = {**os.environ, "METERLINE_CLICKHOUSE_DSN": clickhouse_dsn, "METERLINE_DATA_DIR": str(tmp_path / "data")}
+    clickhouse.close()  # one process at a time on the embedded engine
+    exe = Path(sys.executable).with_name("meterline")
+    out = subprocess.run([str(exe), "reprice", "--period", PERIOD, "--dry-run", "--prices", str(prices),
+                          "--format", "json", "--customer", "globex"],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    new, old = expected_totals(events, engine(BOOK_AFTER)), expected_totals(events, engine(BOOK_BEFORE))
+    assert [c["customer_id"] for c in doc["customers"]] == ["globex"]
+    c = doc["customers"][0]
+    assert (Decimal(c["old_charge"]), Decimal(c["new_charge"])) == (old["globex"][1], new["globex"][1])
+    assert Decimal(c["delta"]) == new["globex"][1] - old["globex"][1]
+    assert isinstance(c["delta"], str) and "globex#" in c["models"][0]["new_rate_card"]
+    table = subprocess.run([str(exe), "reprice", "--period", PERIOD, "--dry-run", "--prices", str(prices),
+                            "--model", "openai/gpt-4o"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "openai/gpt-4o" in table.stdout and "anthropic" not in table.stdout and "\x1b[" not in table.stderr
