@@ -39,6 +39,8 @@ class BenchConfig:
     analytics_rows: int = 10_000_000
     analytics_repeats: int = 5
     analytics_load_budget_s: float = 100.0  # stop loading more rows after this (the report says so)
+    reprice_rows: int = 10_000_000     # a month of events re-rated by `meterline reprice`
+    reprice_load_budget_s: float = 150.0
     authorize_concurrency: int = 32    # concurrent clients of POST /v1/authorize
     authorize_seconds: float = 20.0    # loaded phase; bounded by authorize_max_requests too
     authorize_max_requests: int = 50_000
@@ -64,6 +66,8 @@ class BenchConfig:
             analytics_rows=500_000,
             analytics_repeats=3,
             analytics_load_budget_s=10.0,
+            reprice_rows=500_000,
+            reprice_load_budget_s=10.0,
             authorize_concurrency=16,
             authorize_seconds=5.0,
             authorize_max_requests=5_000,

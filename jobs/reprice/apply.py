@@ -2,24 +2,28 @@
 
 Order of one correction (each step is safe to crash after; the next run resumes it):
 
-1. **Plan** (:func:`jobs.reprice.compute.plan_reprice`): the signed delta per correction key.
-   ``correction_id`` is a hash of the period, the filters and the deltas, so the same re-rating
-   gets the same id. Nothing left to correct (a second apply) = no-op: nothing is written.
-2. **Audit row** ``planned`` in ``reprice_runs``, with who/why/versions and the exact ledger
-   commands this correction will send (so a resume sends the same ones).
-3. **Correction rows** into ``usage_corrections`` in ONE insert, unless rows of that id exist; the
-   rollups follow through their materialized views. -> ``stored``.
-4. **Ledger commands** to ``ledger-commands`` (the credit agent stays the single writer of
-   balances): an extra charge is a ``usage_correction`` (debited under grants and policy), a refund
-   is ``adjust`` commands (overage first, then the grants the customer's debits came from). Each
-   has a deterministic ``command_id`` / ``event_id`` / ``adjustment_id``, so re-sending after a crash
-   is applied once. -> ``ledger``, then ``done``.
-5. **Stripe** is not pushed from here: ``meterline stripe sync`` reads usage_priced +
-   usage_corrections (jobs/stripe/sync.py) and pushes the growth as a new revision of the window.
+1. **Resume** every earlier run whose latest audit row is not ``done`` (below).
+2. **Deltas** (:meth:`jobs.reprice.compute.Repricing.delta_summary`): how many correction keys
+   change and a fingerprint of their values. None = no-op (a second apply): nothing is written.
+   ``correction_id`` hashes the period, the filters and that summary: the same re-rating gets the
+   same id.
+3. **Audit row** ``planned`` in ``reprice_runs`` (who, why, the command line, versions and cards
+   before/after, the totals).
+4. **Correction rows** into ``usage_corrections`` by one ``INSERT … SELECT`` computed by
+   ClickHouse; the rollups follow through their materialized views.
+5. **Ledger commands**, computed from the rows STORED under the id (so a cut-short insert sends
+   what it wrote; the next plan corrects the rest under a new id), kept in the audit row
+   (``stored``) and sent to ``ledger-commands``: the credit agent stays the single writer of
+   balances. An extra charge is a ``usage_correction`` (debited under grants and policy), a refund
+   is ``adjust`` commands (overage first, then the grants the debits came from). Deterministic
+   ``command_id`` / ``event_id`` / ``adjustment_id``: a re-send is applied once. -> ``ledger``,
+   ``done``.
+6. **Stripe** is not pushed from here: ``meterline stripe sync`` reads usage_priced +
+   usage_corrections (jobs/stripe/sync.py) and pushes a grown window as a new revision.
 
-Resume: every run whose latest audit row is not ``done`` is finished first: with its correction
-rows stored -> its ledger commands are (re)sent; without -> it is ``abandoned`` (the current plan
-recomputes it, under the same id when nothing else changed).
+Resume of a run not ``done``: ``planned`` with rows stored -> its commands are computed from them
+and sent; ``planned`` without rows -> ``abandoned`` (the current plan redoes it, under the same id
+when nothing else changed); ``stored`` / ``ledger`` -> its recorded commands are (re)sent.
 """
 
 from __future__ import annotations
@@ -32,15 +36,13 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from jobs.reprice.compute import Filters, KeyDelta, Plan
+from jobs.reprice.compute import Filters, Plan, Repricing
 from meterline.money import format_picos
 
 __all__ = ["ApplyResult", "apply_plan", "correction_id", "ledger_commands", "resume"]
 
 Send = Callable[[dict[str, Any]], None]
 
-_CORR_COLUMNS = ["correction_id", "occurred_at", "customer_id", "provider", "model", "model_version", "project",
-                 "feature", "currency", "cost", "charge", "price_version", "rate_card", "created_at"]  # fmt: skip
 _RUN_COLUMNS = ["correction_id", "ran_by", "reason", "command", "period_start", "period_end", "customer_filter",
                 "model_filter", "versions_before", "versions_after", "cards_before", "cards_after", "customers",
                 "old_charge", "new_charge", "delta", "ledger_commands", "status", "ver", "created_at"]  # fmt: skip
@@ -59,12 +61,10 @@ class ApplyResult:
         return not self.correction_id and not self.resumed
 
 
-def correction_id(filters: Filters, deltas: list[KeyDelta]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([filters.start, filters.end, filters.customer, filters.provider, filters.model]).encode())
-    for d in deltas:
-        h.update(json.dumps([d.customer_id, d.hour.isoformat(), d.provider, d.model, d.model_version, d.project,
-                             d.feature, d.currency, str(d.cost), str(d.charge)]).encode())  # fmt: skip
+def correction_id(filters: Filters, rows: int, fingerprint: int) -> str:
+    """Deterministic: the period, the filters and the deltas (their count and fingerprint)."""
+    h = hashlib.sha256(json.dumps([filters.start, filters.end, filters.customer, filters.provider, filters.model,
+                                   rows, fingerprint]).encode())  # fmt: skip
     return "rp-" + h.hexdigest()[:24]
 
 
@@ -74,23 +74,27 @@ def _picos(d: Decimal) -> int:
     return int(p)
 
 
-def ledger_commands(ch: Any, cid: str, deltas: list[KeyDelta], *, at_ms: int, reason: str) -> list[dict[str, Any]]:
-    """The ledger-commands messages of a correction (deterministic ids; see the module docstring).
+def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[str, Any]]:
+    """The ledger-commands messages of the correction rows STORED under ``cid`` (so a correction
+    whose insert was cut short sends exactly what it wrote; deterministic ids).
 
-    Extra charge per customer × provider × model × project × currency: a ``usage_correction``
-    debited like usage. Refund per customer × currency: ``adjust`` on the overage first (what the
-    customer still owes), then credit back to the grants its debits came from, latest first, each
-    capped at what was debited from it net of earlier refunds (read from ``ledger_entries``: history,
-    not balances)."""
+    Extra charge per customer × currency × provider × model × project: a ``usage_correction``
+    debited like usage (grants in debit order, then overage under the policy). Refund per customer ×
+    currency: ``adjust`` on the overage first (what the customer still owes), then credit back to
+    the grants its debits came from, latest first, each capped at what was debited from it net of
+    earlier reprice refunds (read from ``ledger_entries``: history, not balances)."""
+    groups = ch.query(
+        "SELECT customer_id, lower(currency), provider, model, project, sum(charge) FROM usage_corrections FINAL "
+        "WHERE correction_id = {c:String} GROUP BY customer_id, currency, provider, model, project "
+        "ORDER BY customer_id, currency, provider, model, project", parameters={"c": cid}).result_rows  # fmt: skip
     up: dict[tuple[str, str, str, str, str], int] = {}
     down: dict[tuple[str, str], int] = {}
-    for d in deltas:
-        p = _picos(d.charge)
+    for cust, cur, provider, model, project, charge in groups:
+        p = _picos(Decimal(charge))
         if p > 0:
-            k = (d.customer_id, d.currency, d.provider, d.model, d.project)
-            up[k] = up.get(k, 0) + p
+            up[(str(cust), str(cur), str(provider), str(model), str(project))] = p
         elif p < 0:
-            down[(d.customer_id, d.currency)] = down.get((d.customer_id, d.currency), 0) - p
+            down[(str(cust), str(cur))] = down.get((str(cust), str(cur)), 0) - p
     out: list[dict[str, Any]] = []
     for (cust, cur, provider, model, project), p in sorted(up.items()):
         eid = f"reprice:{cid}:{cust}:{provider}/{model}:{project}"
@@ -143,12 +147,16 @@ def _run_row(cid: str, plan: Plan, *, ran_by: str, reason: str, command: str, co
             old, new, new - old, json.dumps(commands, ensure_ascii=False), status, ver, now]  # fmt: skip
 
 
-def _set_status(ch: Any, cid: str, status: str) -> None:
+def _set_status(ch: Any, cid: str, status: str, commands: list[dict[str, Any]] | None = None) -> None:
     """A new audit row for ``cid`` with ``status`` (copy of its latest row, higher ``ver``)."""
-    cols = ", ".join(c if c not in ("status", "ver") else ({"status": "{s:String} AS status",
-                                                            "ver": "ver + 1 AS ver"}[c]) for c in _RUN_COLUMNS)  # fmt: skip
+    swap = {"status": "{s:String} AS status", "ver": "ver + 1 AS ver"}
+    params: dict[str, Any] = {"c": cid, "s": status}
+    if commands is not None:
+        swap["ledger_commands"] = "{lc:String} AS ledger_commands"
+        params["lc"] = json.dumps(commands, ensure_ascii=False)
+    cols = ", ".join(swap.get(c, c) for c in _RUN_COLUMNS)
     ch.command(f"INSERT INTO reprice_runs ({', '.join(_RUN_COLUMNS)}) SELECT {cols} FROM reprice_runs FINAL "
-               "WHERE correction_id = {c:String}", parameters={"c": cid, "s": status})  # fmt: skip
+               "WHERE correction_id = {c:String}", parameters=params)  # fmt: skip
 
 
 def _stored(ch: Any, cid: str) -> int:
@@ -170,56 +178,53 @@ def _send_all(ch: Any, cid: str, commands: list[dict[str, Any]], send: Send | No
     return len(commands)
 
 
-def resume(ch: Any, send: Send | None, *, keep: str = "", on_step: Callable[[str], None] | None = None,
+def resume(ch: Any, send: Send | None, *, at_ms: int, on_step: Callable[[str], None] | None = None,
            result: ApplyResult | None = None) -> ApplyResult:  # fmt: skip
-    """Finish every unfinished run (see the module docstring); ``keep`` = the id being applied now."""
+    """Finish every unfinished run (see the module docstring)."""
     result = result or ApplyResult()
-    rows = ch.query("SELECT correction_id, status, ledger_commands FROM reprice_runs FINAL "
+    rows = ch.query("SELECT correction_id, status, ledger_commands, reason FROM reprice_runs FINAL "
                     "WHERE status NOT IN ('done', 'abandoned') ORDER BY created_at, correction_id").result_rows  # fmt: skip
-    for cid, status, commands in rows:
-        if cid == keep:
-            continue
+    for cid, status, commands, reason in rows:
         if _stored(ch, cid) == 0:
             _set_status(ch, cid, "abandoned")
             result.abandoned.append(str(cid))
             continue
-        if status == "planned":
-            _set_status(ch, cid, "stored")
-        result.commands += _send_all(ch, str(cid), json.loads(commands), send, on_step)
+        if status == "planned":  # cut short at or after the insert: send what was written
+            cmds = ledger_commands(ch, str(cid), at_ms=at_ms, reason=str(reason))
+            _set_status(ch, str(cid), "stored", cmds)
+        else:
+            cmds = json.loads(commands)
+        result.commands += _send_all(ch, str(cid), cmds, send, on_step)
         result.resumed.append(str(cid))
     return result
 
 
-def apply_plan(ch: Any, plan: Plan, *, ran_by: str, reason: str, command: str, send: Send | None, at_ms: int,
+def apply_plan(ch: Any, rp: Repricing, *, ran_by: str, reason: str, command: str, send: Send | None, at_ms: int,
                on_step: Callable[[str], None] | None = None) -> ApplyResult:  # fmt: skip
-    """Apply ``plan`` (built ``with_deltas``) after finishing any interrupted run."""
-    cid = correction_id(plan.filters, plan.deltas) if plan.deltas else ""
-    result = resume(ch, send, keep=cid, on_step=on_step)
-    if not plan.deltas:
+    """Apply the re-rating ``rp`` (inside :func:`jobs.reprice.compute.open_reprice`) after finishing any
+    interrupted run; its report must have been computed (``rp.report()``)."""
+    result = resume(ch, send, at_ms=at_ms, on_step=on_step)
+    n, fingerprint = rp.delta_summary()
+    if n == 0:
         return result
+    plan = rp.plan
+    cid = correction_id(plan.filters, n, fingerprint)
     now = datetime.fromtimestamp(at_ms / 1000, timezone.utc)
-    existing = ch.query("SELECT status, ledger_commands, ver FROM reprice_runs FINAL WHERE correction_id = {c:String}",
+    existing = ch.query("SELECT ver FROM reprice_runs FINAL WHERE correction_id = {c:String}",
                         parameters={"c": cid}).result_rows  # fmt: skip
-    if existing and existing[0][0] != "abandoned":
-        commands = json.loads(existing[0][1])
-    else:
-        commands = ledger_commands(ch, cid, plan.deltas, at_ms=at_ms, reason=reason)
-        ch.insert("reprice_runs", [_run_row(cid, plan, ran_by=ran_by, reason=reason, command=command,
-                                            commands=commands, status="planned",
-                                            ver=int(existing[0][2]) + 1 if existing else 1, now=now)],
-                  column_names=_RUN_COLUMNS)  # fmt: skip
+    ch.insert("reprice_runs", [_run_row(cid, plan, ran_by=ran_by, reason=reason, command=command, commands=[],
+                                        status="planned", ver=int(existing[0][0]) + 1 if existing else 1, now=now)],
+              column_names=_RUN_COLUMNS)  # fmt: skip
     if on_step is not None:
         on_step("planned")
-    if _stored(ch, cid) == 0:
-        rows = [[cid, d.hour.replace(tzinfo=timezone.utc), d.customer_id, d.provider, d.model, d.model_version,
-                 d.project, d.feature, d.currency, d.cost, d.charge, d.price_versions, d.rate_cards, now]
-                for d in plan.deltas]  # fmt: skip
-        ch.insert("usage_corrections", rows, column_names=_CORR_COLUMNS)
-        result.rows = len(rows)
-    _set_status(ch, cid, "stored")
+    rp.insert_corrections(cid, now)
+    result.rows = _stored(ch, cid)
+    if on_step is not None:
+        on_step("inserted")
+    commands = ledger_commands(ch, cid, at_ms=at_ms, reason=reason)
+    _set_status(ch, cid, "stored", commands)
     if on_step is not None:
         on_step("stored")
     result.commands += _send_all(ch, cid, commands, send, on_step)
     result.correction_id = cid
     return result
-

@@ -132,7 +132,7 @@ def reprice_command(
     """Re-rate a period with the catalog and rate cards as they stand now; without --dry-run, apply the
     difference as correction events (ClickHouse rollups, ledger adjustments, Stripe via sync)."""
     from jobs.reprice.apply import apply_plan
-    from jobs.reprice.compute import Filters, plan_reprice
+    from jobs.reprice.compute import Filters, open_reprice
     from jobs.stripe.reconcile import parse_period
     from meterline.stack.clickhouse import apply_migrations, connect
 
@@ -160,17 +160,18 @@ def reprice_command(
     publisher = None
     try:
         apply_migrations(ch)
-        with _progress(True) as step:
-            plan = plan_reprice(ch, engine, filters, with_deltas=not dry_run, progress=step)
         result = None
-        if not dry_run:
-            from meterline.credits_client import CommandPublisher
+        with _progress(True) as step, open_reprice(ch, engine, filters, step) as rp:
+            plan = rp.report(step)
+            if not dry_run:
+                from meterline.credits_client import CommandPublisher
 
-            assert boot is not None
-            publisher = CommandPublisher(boot[0], f"{boot[1]}ledger-commands")
-            argv = " ".join(["meterline", "reprice", *sys.argv[2:]]) if len(sys.argv) > 1 else "meterline reprice"
-            result = apply_plan(ch, plan, ran_by=os.environ.get("METERLINE_OPERATOR") or getpass.getuser(),
-                                reason=reason, command=argv, send=publisher.send, at_ms=int(time.time() * 1000))  # fmt: skip
+                assert boot is not None
+                publisher = CommandPublisher(boot[0], f"{boot[1]}ledger-commands")
+                argv = " ".join(["meterline", "reprice", *sys.argv[2:]])
+                result = apply_plan(ch, rp, ran_by=os.environ.get("METERLINE_OPERATOR") or getpass.getuser(),
+                                    reason=reason, command=argv, send=publisher.send,
+                                    at_ms=int(time.time() * 1000))  # fmt: skip
     except MeterlineError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc

@@ -1,4 +1,4 @@
-"""Re-rating in ClickHouse: the rate segments (:mod:`jobs.reprice.rates`) as an inline ``values()``
+"""Re-rating in ClickHouse: the rate segments (:mod:`jobs.reprice.rates`) in an auxiliary Memory
 table, joined to ``usage_priced`` and aggregated there; only aggregates come back to Python.
 
 Arithmetic: the new cost / charge of an event is ``Σ toInt128(count) × rate`` in integer picos
@@ -15,17 +15,19 @@ re-rating twice finds nothing left to correct.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from jobs.reprice.rates import RATE_FIELDS, Segment, all_segments
+from jobs.reprice.rates import RATE_FIELDS, Segment, group_segments
 from meterline.errors import InputError
 from meterline.pricing import PricingEngine
 
-__all__ = ["Filters", "KeyDelta", "ModelLine", "Plan", "plan_reprice"]
+__all__ = ["Filters", "ModelLine", "Plan", "Repricing", "open_reprice", "plan_reprice"]
 
 KEY_COLUMNS = ("customer_id", "hour", "provider", "model", "model_version", "project", "feature", "currency")
 _PICO = "CAST('0.000000000001' AS Decimal(38, 12))"
@@ -76,30 +78,11 @@ class ModelLine:
     new_charge: Decimal
 
 
-@dataclass(frozen=True, slots=True)
-class KeyDelta:
-    """One correction row: what the re-rating changes for one correction key."""
-
-    customer_id: str
-    hour: datetime
-    provider: str
-    model: str
-    model_version: str
-    project: str
-    feature: str
-    currency: str
-    cost: Decimal
-    charge: Decimal
-    price_versions: str
-    rate_cards: str
-
-
 @dataclass
 class Plan:
     filters: Filters
     lines: list[ModelLine] = field(default_factory=list)
     prior: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)  # customer -> Σ corrections (cost, charge)
-    deltas: list[KeyDelta] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
 
     def customers(self) -> list[dict[str, Any]]:
@@ -135,30 +118,33 @@ class Plan:
         return vb, va, cb, ca
 
 
-def _q(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def _rates_columns() -> list[tuple[str, str]]:
+    cols = [("customer_id", "String"), ("provider", "String"), ("model", "String"), ("model_version", "String"),
+            ("t_from", "Int64"), ("t_to", "Int64"), ("price_version", "String"), ("rate_card", "String"),
+            ("error", "String")]  # fmt: skip
+    cols += [(f"k{i}", "Nullable(Int128)") for i in range(len(RATE_FIELDS))]
+    cols += [(f"c{i}", "Nullable(Int128)") for i in range(len(RATE_FIELDS))]
+    return cols
 
 
-def _n(v: int | None) -> str:
-    return "NULL" if v is None else str(int(v))
+@contextmanager
+def _rates_table(ch: Any, segments: Sequence[Segment]) -> Iterator[str]:
+    """The segments in an auxiliary Memory table (dropped afterwards): a join target for ClickHouse.
+    (An inline ``values()`` literal hits ``max_query_size`` at tens of thousands of segments.)"""
+    name = f"reprice_rates_{uuid.uuid4().hex[:12]}"
+    cols = _rates_columns()
+    ch.command(f"CREATE TABLE {name} ({', '.join(f'{c} {t}' for c, t in cols)}) ENGINE = Memory")
+    try:
+        n = len(RATE_FIELDS)
+        rows = [[s.customer_id, s.provider, s.model, s.model_version, s.t_from_ms, s.t_to_ms, s.price_version,
+                 s.rate_card, s.error, *(s.cost or (None,) * n), *(s.charge or (None,) * n)] for s in segments]  # fmt: skip
+        ch.insert(name, rows, column_names=[c for c, _ in cols])
+        yield name
+    finally:
+        ch.command(f"DROP TABLE IF EXISTS {name}")
 
 
-def _rates_table(segments: Sequence[Segment]) -> str:
-    cols = ["customer_id String", "provider String", "model String", "model_version String", "t_from Int64",
-            "t_to Int64", "price_version String", "rate_card String", "error String"]  # fmt: skip
-    cols += [f"k{i} Nullable(Int128)" for i in range(len(RATE_FIELDS))]
-    cols += [f"c{i} Nullable(Int128)" for i in range(len(RATE_FIELDS))]
-    rows = []
-    for s in segments:
-        cost = s.cost or (None,) * len(RATE_FIELDS)
-        charge = s.charge or (None,) * len(RATE_FIELDS)
-        vals = [_q(s.customer_id), _q(s.provider), _q(s.model), _q(s.model_version), str(s.t_from_ms), str(s.t_to_ms),
-                _q(s.price_version), _q(s.rate_card), _q(s.error)] + [_n(x) for x in cost] + [_n(x) for x in charge]  # fmt: skip
-        rows.append("(" + ", ".join(vals) + ")")
-    return f"values({_q(', '.join(cols))}, {', '.join(rows)})"
-
-
-def _events_sql(segments: Sequence[Segment], where: str) -> str:
+def _events_sql(rates: str, where: str) -> str:
     """One row per event of the period with its re-rated picos (Int128) and whether it is priceable now."""
     ok = ["r.error = ''"] + [f"(u.{f} = 0 OR r.k{i} IS NOT NULL)" for i, f in enumerate(RATE_FIELDS)]
     cost = " + ".join(f"toInt128(u.{f}) * ifNull(r.k{i}, toInt128(0))" for i, f in enumerate(RATE_FIELDS))
@@ -171,7 +157,7 @@ def _events_sql(segments: Sequence[Segment], where: str) -> str:
                u.cost AS old_cost, u.charge AS old_charge, ({' AND '.join(ok)}) AS ok,
                ({cost}) AS new_cost_p, ({charge}) AS new_charge_p
         FROM (SELECT * FROM usage_priced FINAL WHERE {where}) AS u
-        INNER JOIN (SELECT * FROM {_rates_table(segments)}) AS r
+        INNER JOIN {rates} AS r
             ON u.customer_id = r.customer_id AND u.provider = r.provider AND u.model = r.model
                AND u.model_version = r.model_version
         WHERE toUnixTimestamp64Milli(u.occurred_at) >= r.t_from AND toUnixTimestamp64Milli(u.occurred_at) < r.t_to
@@ -183,9 +169,92 @@ def _new(picos_col: str, kept_col: str) -> str:
     return f"(toDecimal128(toString(sumIf({picos_col}, ok)), 0) * {_PICO} + sumIf({kept_col}, NOT ok))"
 
 
-def plan_reprice(ch: Any, engine: PricingEngine, filters: Filters, *, with_deltas: bool,
-                 progress: Callable[[str, int, int], None] | None = None) -> Plan:  # fmt: skip
-    """Re-rate the filtered period with ``engine`` (the catalog now); deltas only if asked (apply)."""
+class Repricing:
+    """One re-rating with its rate segments loaded (inside :func:`open_reprice`): the report, the
+    deltas' summary, and the correction rows written by ClickHouse itself (``INSERT … SELECT``)."""
+
+    def __init__(self, ch: Any, plan: Plan, rates: str | None, params: dict[str, Any]) -> None:
+        self.ch = ch
+        self.plan = plan
+        self._rates = rates
+        self._params = params
+
+    def _delta_sql(self) -> str:
+        assert self._rates is not None
+        where, _ = self.plan.filters.where()
+        ev = _events_sql(self._rates, where)
+        keys = ", ".join(KEY_COLUMNS)
+        return (
+            f"SELECT n.customer_id AS customer_id, n.hour AS hour, n.provider AS provider, n.model AS model, "
+            f"n.model_version AS model_version, n.project AS project, n.feature AS feature, n.currency AS currency, "
+            f"n.n_cost - n.o_cost - c.cost AS dcost, n.n_charge - n.o_charge - c.charge AS dcharge, "
+            f"trim(BOTH ',' FROM n.versions) AS versions, trim(BOTH ',' FROM n.cards) AS cards FROM ("
+            f"  SELECT {keys}, sum(old_cost) AS o_cost, sum(old_charge) AS o_charge, "
+            f"  {_new('new_cost_p', 'old_cost')} AS n_cost, {_new('new_charge_p', 'old_charge')} AS n_charge, "
+            f"  arrayStringConcat(arraySort(groupUniqArray(if(ok, new_version, ''))), ',') AS versions, "
+            f"  arrayStringConcat(arraySort(groupUniqArray(if(ok, new_card, ''))), ',') AS cards "
+            f"  FROM ({ev}) GROUP BY {keys}) AS n "
+            f"LEFT JOIN (SELECT customer_id, toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, provider, model, "
+            f"  model_version, project, feature, currency, sum(cost) AS cost, sum(charge) AS charge "
+            f"  FROM usage_corrections FINAL WHERE {where} GROUP BY {keys}) AS c USING ({keys}) "
+            f"WHERE dcost != 0 OR dcharge != 0"
+        )
+
+    def report(self, progress: Callable[[str, int, int], None] | None = None) -> Plan:
+        """Fill the plan's report lines and the earlier corrections per customer."""
+        plan, where = self.plan, self.plan.filters.where()[0]
+        if self._rates is None:
+            return plan
+        if progress is not None:
+            progress("re-rating in ClickHouse", 0, 1)
+        ev = _events_sql(self._rates, where)
+        rows = self.ch.query(
+            f"SELECT customer_id, provider, model, arrayStringConcat(arraySort(groupUniqArray(old_version)), ','), "
+            f"arrayStringConcat(arraySort(groupUniqArray(old_card)), ','), new_version, new_card, error, count(), "
+            f"countIf(NOT ok), sum(old_cost), sum(old_charge), {_new('new_cost_p', 'old_cost')}, "
+            f"{_new('new_charge_p', 'old_charge')} FROM ({ev}) "
+            f"GROUP BY customer_id, provider, model, new_version, new_card, error "
+            f"ORDER BY customer_id, provider, model, new_version, new_card, error",
+            parameters=self._params,
+        ).result_rows
+        plan.lines = [ModelLine(str(c), str(p), str(m), str(ov), str(oc), str(nv), str(nc), str(err), int(n),
+                                int(bad), Decimal(a), Decimal(b), Decimal(x), Decimal(y))
+                      for c, p, m, ov, oc, nv, nc, err, n, bad, a, b, x, y in rows]  # fmt: skip
+        q = f"SELECT customer_id, sum(cost), sum(charge) FROM usage_corrections FINAL WHERE {where} GROUP BY customer_id"
+        for c, cost, charge in self.ch.query(q, parameters=self._params).result_rows:
+            plan.prior[str(c)] = (Decimal(cost), Decimal(charge))
+        if progress is not None:
+            progress("re-rating in ClickHouse", 1, 1)
+        return plan
+
+    def delta_summary(self) -> tuple[int, int]:
+        """(number of correction rows the re-rating needs, an order-independent fingerprint of them)."""
+        if self._rates is None:
+            return 0, 0
+        row = self.ch.query(
+            f"SELECT count(), sum(cityHash64(customer_id, toString(hour), provider, model, model_version, project, "
+            f"feature, currency, toString(dcost), toString(dcharge))) FROM ({self._delta_sql()})",
+            parameters=self._params, settings={"join_use_nulls": 0},
+        ).result_rows[0]  # fmt: skip
+        return int(row[0]), int(row[1] or 0)
+
+    def insert_corrections(self, correction_id: str, created_at: datetime) -> None:
+        """Write the deltas as ``usage_corrections`` rows, computed and inserted by ClickHouse."""
+        params = {**self._params, "rp_cid": correction_id, "rp_created": created_at}
+        self.ch.command(
+            "INSERT INTO usage_corrections (correction_id, occurred_at, customer_id, provider, model, model_version, "
+            "project, feature, currency, cost, charge, price_version, rate_card, created_at) "
+            "SELECT {rp_cid:String}, hour, customer_id, provider, model, model_version, project, feature, currency, "
+            f"dcost, dcharge, versions, cards, {{rp_created:DateTime64(3)}} FROM ({self._delta_sql()})",
+            parameters=params, settings={"join_use_nulls": 0, "max_insert_block_size": 10_000_000,
+                                         "min_insert_block_size_rows": 10_000_000},
+        )  # fmt: skip
+
+
+@contextmanager
+def open_reprice(ch: Any, engine: PricingEngine, filters: Filters,
+                 progress: Callable[[str, int, int], None] | None = None) -> Iterator[Repricing]:  # fmt: skip
+    """Load the rate segments of the filtered period (the catalog in ``engine``) next to the data."""
     if filters.start % 3600 or filters.end % 3600:
         raise InputError("the period must start and end on whole UTC hours (corrections are hourly)", field="period")
     where, params = filters.where()
@@ -196,52 +265,21 @@ def plan_reprice(ch: Any, engine: PricingEngine, filters: Filters, *, with_delta
         parameters=params,
     ).result_rows
     plan = Plan(filters)
-    if progress is not None:
-        progress("rates", 0, len(groups))
-    plan.segments = all_segments(engine, [(str(c), str(p), str(m), str(v), int(lo), int(hi)) for c, p, m, v, lo, hi in groups])
-    if progress is not None:
-        progress("rates", len(groups), len(groups))
-    if not plan.segments:
-        return plan
-    ev = _events_sql(plan.segments, where)
-    if progress is not None:
-        progress("re-rating in ClickHouse", 0, 1)
-    rows = ch.query(
-        f"SELECT customer_id, provider, model, arrayStringConcat(arraySort(groupUniqArray(old_version)), ','), "
-        f"arrayStringConcat(arraySort(groupUniqArray(old_card)), ','), new_version, new_card, error, count(), "
-        f"countIf(NOT ok), sum(old_cost), sum(old_charge), {_new('new_cost_p', 'old_cost')}, "
-        f"{_new('new_charge_p', 'old_charge')} FROM ({ev}) "
-        f"GROUP BY customer_id, provider, model, new_version, new_card, error "
-        f"ORDER BY customer_id, provider, model, new_version, new_card, error",
-        parameters=params,
-    ).result_rows
-    plan.lines = [ModelLine(str(c), str(p), str(m), str(ov), str(oc), str(nv), str(nc), str(err), int(n), int(bad),
-                            Decimal(a), Decimal(b), Decimal(x), Decimal(y))
-                  for c, p, m, ov, oc, nv, nc, err, n, bad, a, b, x, y in rows]  # fmt: skip
-    for c, cost, charge in ch.query(f"SELECT customer_id, sum(cost), sum(charge) FROM usage_corrections FINAL "
-                                    f"WHERE {where} GROUP BY customer_id", parameters=params).result_rows:  # fmt: skip
-        plan.prior[str(c)] = (Decimal(cost), Decimal(charge))
-    if progress is not None:
-        progress("re-rating in ClickHouse", 1, 1)
-    if with_deltas:
-        keys = ", ".join(KEY_COLUMNS)
-        cwhere, _ = filters.where()
-        drows = ch.query(
-            f"SELECT n.customer_id, n.hour, n.provider, n.model, n.model_version, n.project, n.feature, n.currency, "
-            f"n.n_cost - n.o_cost - c.cost AS dcost, n.n_charge - n.o_charge - c.charge AS dcharge, "
-            f"n.versions, n.cards FROM ("
-            f"  SELECT {keys}, sum(old_cost) AS o_cost, sum(old_charge) AS o_charge, "
-            f"  {_new('new_cost_p', 'old_cost')} AS n_cost, {_new('new_charge_p', 'old_charge')} AS n_charge, "
-            f"  arrayStringConcat(arraySort(groupUniqArray(if(ok, new_version, ''))), ',') AS versions, "
-            f"  arrayStringConcat(arraySort(groupUniqArray(if(ok, new_card, ''))), ',') AS cards "
-            f"  FROM ({ev}) GROUP BY {keys}) AS n "
-            f"LEFT JOIN (SELECT customer_id, toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, provider, model, "
-            f"  model_version, project, feature, currency, sum(cost) AS cost, sum(charge) AS charge "
-            f"  FROM usage_corrections FINAL WHERE {cwhere} GROUP BY {keys}) AS c USING ({keys}) "
-            f"WHERE dcost != 0 OR dcharge != 0 ORDER BY {keys}",
-            parameters=params, settings={"join_use_nulls": 0},
-        ).result_rows  # fmt: skip
-        plan.deltas = [KeyDelta(str(r[0]), r[1], str(r[2]), str(r[3]), str(r[4]), str(r[5]), str(r[6]), str(r[7]),
-                                Decimal(r[8]), Decimal(r[9]), str(r[10]).strip(","), str(r[11]).strip(","))
-                       for r in drows]  # fmt: skip
-    return plan
+    segments: list[Segment] = []
+    for i, (c, p, m, v, lo, hi) in enumerate(groups):
+        segments.extend(group_segments(engine, str(c), str(p), str(m), str(v), int(lo), int(hi)))
+        if progress is not None and (i % 200 == 0 or i == len(groups) - 1):
+            progress("rates (customer × model)", i + 1, len(groups))
+    plan.segments = segments
+    if not segments:
+        yield Repricing(ch, plan, None, params)
+        return
+    with _rates_table(ch, segments) as rates:
+        yield Repricing(ch, plan, rates, params)
+
+
+def plan_reprice(ch: Any, engine: PricingEngine, filters: Filters,
+                 progress: Callable[[str, int, int], None] | None = None) -> Plan:  # fmt: skip
+    """The dry run: the report only."""
+    with open_reprice(ch, engine, filters, progress) as rp:
+        return rp.report(progress)

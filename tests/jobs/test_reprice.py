@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from jobs.reprice.apply import apply_plan, correction_id
-from jobs.reprice.compute import Filters, plan_reprice
+from jobs.reprice.compute import Filters, open_reprice, plan_reprice
 from meterline.ledger import CreditGrant, Grant, Policy, apply, new_ledger
 from meterline.ledger._types import ApplyPricedUsage
 from meterline.money import to_decimal
@@ -51,7 +51,7 @@ def _rollups(ch: Any) -> tuple[dict[str, tuple[Decimal, Decimal]], ...]:
 def test_clickhouse_rerating_equals_the_python_engine_event_by_event(clickhouse: Any) -> None:
     events = make_events(7, 3000)
     insert_priced(clickhouse, events, engine(BOOK_BEFORE))
-    plan = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True)
+    plan = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS)
     new, old = expected_totals(events, engine(BOOK_AFTER)), expected_totals(events, engine(BOOK_BEFORE))
     got = {c["customer_id"]: c for c in plan.customers()}
     assert set(got) == set(new)
@@ -70,11 +70,11 @@ def test_clickhouse_rerating_equals_the_python_engine_event_by_event(clickhouse:
         k: to_decimal(v) for k, v in per.items()}
     # the gpt-4o correction splits at the new version's first millisecond
     assert {ln.new_version.split("@")[1][:10] for ln in plan.lines if ln.model == "gpt-4o"} == {"2025-11-01", "2025-12-10"}
-    # Σ deltas per customer = the customer delta, and the sum of correction keys is exact
-    by: dict[str, Decimal] = {}
-    for d in plan.deltas:
-        by[d.customer_id] = by.get(d.customer_id, Decimal(0)) + d.charge
-    assert by == {c: got[c]["delta"] for c in got}
+    # the correction rows ClickHouse writes sum to the customer deltas, exactly
+    with open_reprice(clickhouse, engine(BOOK_AFTER), FILTERS) as rp:
+        rp.insert_corrections("t", datetime.now(timezone.utc))
+    by = _sums(clickhouse, "SELECT customer_id, sum(cost), sum(charge) FROM usage_corrections GROUP BY customer_id")
+    assert by == {c: (got[c]["cost_delta"], got[c]["delta"]) for c in got}
 
 
 def _ledger_run(ch: Any, events: list[dict[str, Any]], eng: Any, grants: dict[str, int]) -> dict[str, Any]:
@@ -118,10 +118,14 @@ def test_apply_reaches_rollups_and_ledger_and_a_second_apply_is_a_noop(clickhous
     states = _ledger_run(clickhouse, events, engine(before), grants)
 
     sent: list[dict[str, Any]] = []
-    plan = plan_reprice(clickhouse, engine(after), FILTERS, with_deltas=True)
-    res = apply_plan(clickhouse, plan, ran_by="test", reason="provider price fix", command="test", send=sent.append,
-                     at_ms=AT_MS)  # fmt: skip
-    assert res.correction_id and res.rows == len(plan.deltas) > 0 and res.commands == len(sent) > 0
+    with open_reprice(clickhouse, engine(after), FILTERS) as rp:
+        plan = rp.report()
+        n, _ = rp.delta_summary()
+        res = apply_plan(clickhouse, rp, ran_by="test", reason="provider price fix", command="test",
+                         send=sent.append, at_ms=AT_MS)  # fmt: skip
+    assert res.correction_id and res.rows == n > 0 and res.commands == len(sent) > 0
+    assert {c["customer_id"]: c["delta"] for c in plan.customers()} == {c: new_[1] - old[c][1] for c, new_ in
+                                                                       expected_totals(events, engine(after)).items()}
 
     new = expected_totals(events, engine(after))
     # ClickHouse: usage_priced + usage_corrections and both rollups equal the re-rated figures, exactly
@@ -157,9 +161,11 @@ def test_apply_reaches_rollups_and_ledger_and_a_second_apply_is_a_noop(clickhous
 
     # a second apply: nothing left to correct, nothing written, nothing sent
     again: list[dict[str, Any]] = []
-    plan2 = plan_reprice(clickhouse, engine(after), FILTERS, with_deltas=True)
-    assert plan2.deltas == [] and all(c["delta"] == 0 for c in plan2.customers())
-    res2 = apply_plan(clickhouse, plan2, ran_by="test", reason="again", command="test", send=again.append, at_ms=AT_MS)
+    with open_reprice(clickhouse, engine(after), FILTERS) as rp:
+        plan2 = rp.report()
+        assert rp.delta_summary() == (0, 0) and all(c["delta"] == 0 for c in plan2.customers())
+        res2 = apply_plan(clickhouse, rp, ran_by="test", reason="again", command="test", send=again.append,
+                          at_ms=AT_MS)  # fmt: skip
     assert res2.noop and again == []
     assert _rollups(clickhouse) == (new, new)
     assert clickhouse.query("SELECT count() FROM reprice_runs FINAL").result_rows[0][0] == 1
@@ -185,17 +191,19 @@ def test_a_crash_at_every_step_then_a_resume_is_exact(clickhouse: Any) -> None:
             if seen[0] == step:
                 raise Crash(_name)
 
-        plan = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True)
         try:
-            apply_plan(clickhouse, plan, ran_by="test", reason="crash", command="test", send=sent.append,
-                       at_ms=AT_MS, on_step=on_step)  # fmt: skip
+            with open_reprice(clickhouse, engine(BOOK_AFTER), FILTERS) as rp:
+                rp.report()
+                apply_plan(clickhouse, rp, ran_by="test", reason="crash", command="test", send=sent.append,
+                           at_ms=AT_MS, on_step=on_step)  # fmt: skip
             break
         except Crash:
             crashes += 1
     assert crashes >= 3
     # one final resume finds nothing to do
-    final = apply_plan(clickhouse, plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True),
-                       ran_by="test", reason="crash", command="test", send=sent.append, at_ms=AT_MS)  # fmt: skip
+    with open_reprice(clickhouse, engine(BOOK_AFTER), FILTERS) as rp:
+        final = apply_plan(clickhouse, rp, ran_by="test", reason="crash", command="test", send=sent.append,
+                           at_ms=AT_MS)  # fmt: skip
     assert final.noop
     assert _rollups(clickhouse) == (new, new)
     assert clickhouse.query("SELECT uniqExact(correction_id), count() FROM usage_corrections").result_rows[0][0] == 1
@@ -208,18 +216,39 @@ def test_a_crash_at_every_step_then_a_resume_is_exact(clickhouse: Any) -> None:
 
 def test_correction_id_is_deterministic(clickhouse: Any) -> None:
     insert_priced(clickhouse, make_events(3, 200), engine(BOOK_BEFORE))
-    a = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True)
-    b = plan_reprice(clickhouse, engine(BOOK_AFTER), FILTERS, with_deltas=True)
-    assert correction_id(a.filters, a.deltas) == correction_id(b.filters, b.deltas)
+    ids = []
+    for _ in range(2):
+        with open_reprice(clickhouse, engine(BOOK_AFTER), FILTERS) as rp:
+            ids.append(correction_id(FILTERS, *rp.delta_summary()))
+    assert ids[0] == ids[1]
+    with open_reprice(clickhouse, engine(BOOK_AFTER), Filters(FILTERS.start, FILTERS.end, "acme")) as rp:
+        assert correction_id(rp.plan.filters, *rp.delta_summary()) != ids[0]
 
 
-def test_cli_dry_run_json_is_exact_and_writes_nothing(clickhouse: Any, clickhouse_dsn: str, tmp_path: Path) -> None:
+_SEED_SCRIPT = """
+import sys
+from meterline.stack.clickhouse import apply_migrations, connect
+from tests.jobs.reprice_helpers import BOOK_BEFORE, engine, insert_priced, make_events
+ch = connect(sys.argv[1])
+apply_migrations(ch)
+insert_priced(ch, make_events(5, 400), engine(BOOK_BEFORE))
+ch.close()
+"""
+
+
+def test_cli_dry_run_json_is_exact_and_writes_nothing(tmp_path: Path) -> None:
+    """The installed command as a subprocess, on its own embedded engine (seeded by another process:
+    one process at a time may open an embedded engine, and this test's process holds the session's)."""
+    dsn = f"chdb://{tmp_path / 'engine'}?database=rp"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "METERLINE_CLICKHOUSE_DSN": dsn, "METERLINE_DATA_DIR": str(tmp_path / "data"),
+           "PYTHONPATH": str(root)}  # fmt: skip
+    seeded = subprocess.run([sys.executable, "-c", _SEED_SCRIPT, dsn], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert seeded.returncode == 0, seeded.stderr
     events = make_events(5, 400)
-    insert_priced(clickhouse, events, engine(BOOK_BEFORE))
     prices = tmp_path / "after.yaml"
     prices.write_text(yaml.safe_dump(BOOK_AFTER))
-    env = {**os.environ, "METERLINE_CLICKHOUSE_DSN": clickhouse_dsn, "METERLINE_DATA_DIR": str(tmp_path / "data")}
-    clickhouse.close()  # one process at a time on the embedded engine
     exe = Path(sys.executable).with_name("meterline")
     out = subprocess.run([str(exe), "reprice", "--period", PERIOD, "--dry-run", "--prices", str(prices),
                           "--format", "json", "--customer", "globex"],
@@ -230,9 +259,15 @@ def test_cli_dry_run_json_is_exact_and_writes_nothing(clickhouse: Any, clickhous
     assert [c["customer_id"] for c in doc["customers"]] == ["globex"]
     c = doc["customers"][0]
     assert (Decimal(c["old_charge"]), Decimal(c["new_charge"])) == (old["globex"][1], new["globex"][1])
-    assert Decimal(c["delta"]) == new["globex"][1] - old["globex"][1]
-    assert isinstance(c["delta"], str) and "globex#" in c["models"][0]["new_rate_card"]
+    assert Decimal(c["delta"]) == new["globex"][1] - old["globex"][1] != 0
+    assert isinstance(c["delta"], str) and all("globex#" in m["new_rate_card"] for m in c["models"])
     table = subprocess.run([str(exe), "reprice", "--period", PERIOD, "--dry-run", "--prices", str(prices),
                             "--model", "openai/gpt-4o"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert table.returncode == 0, table.stderr
-    assert "openai/gpt-4o" in table.stdout and "anthropic" not in table.stdout and "\x1b[" not in table.stderr
+    assert "openai/gpt-4o" in table.stdout and "anthropic" not in table.stdout
+    assert "\x1b[" not in table.stderr + table.stdout  # no progress bar or colour off a terminal
+    # a dry run wrote nothing
+    check = subprocess.run([str(exe), "sql", "SELECT count() FROM usage_corrections", "--format", "csv"], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip().splitlines()[-1] == "0"
