@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from jobs.reprice.rates import RATE_FIELDS, Segment, group_segments
+from jobs.reprice.rates import RATE_FIELDS, Segment, all_segments
 from meterline.errors import InputError
 from meterline.pricing import PricingEngine
 
@@ -178,6 +178,21 @@ class Repricing:
         self.plan = plan
         self._rates = rates
         self._params = params
+        self._staged: str | None = None
+
+    def _stage(self) -> str:
+        """The deltas, computed once into an auxiliary Memory table (dropped with the rates)."""
+        if self._staged is None:
+            name = f"{self._rates}_delta"
+            self.ch.command(f"CREATE TABLE {name} ENGINE = Memory AS {self._delta_sql()}", parameters=self._params,
+                            settings={"join_use_nulls": 0})  # fmt: skip
+            self._staged = name
+        return self._staged
+
+    def drop(self) -> None:
+        if self._staged is not None:
+            self.ch.command(f"DROP TABLE IF EXISTS {self._staged}")
+            self._staged = None
 
     def _delta_sql(self) -> str:
         assert self._rates is not None
@@ -188,11 +203,12 @@ class Repricing:
             f"SELECT n.customer_id AS customer_id, n.hour AS hour, n.provider AS provider, n.model AS model, "
             f"n.model_version AS model_version, n.project AS project, n.feature AS feature, n.currency AS currency, "
             f"n.n_cost - n.o_cost - c.cost AS dcost, n.n_charge - n.o_charge - c.charge AS dcharge, "
-            f"trim(BOTH ',' FROM n.versions) AS versions, trim(BOTH ',' FROM n.cards) AS cards FROM ("
+            f"if(n.v_lo = n.v_hi, n.v_lo, concat(n.v_lo, ',', n.v_hi)) AS versions, "
+            f"if(n.c_lo = n.c_hi, n.c_lo, concat(n.c_lo, ',', n.c_hi)) AS cards FROM ("
             f"  SELECT {keys}, sum(old_cost) AS o_cost, sum(old_charge) AS o_charge, "
             f"  {_new('new_cost_p', 'old_cost')} AS n_cost, {_new('new_charge_p', 'old_charge')} AS n_charge, "
-            f"  arrayStringConcat(arraySort(groupUniqArray(if(ok, new_version, ''))), ',') AS versions, "
-            f"  arrayStringConcat(arraySort(groupUniqArray(if(ok, new_card, ''))), ',') AS cards "
+            f"  minIf(new_version, ok) AS v_lo, maxIf(new_version, ok) AS v_hi, "
+            f"  minIf(new_card, ok) AS c_lo, maxIf(new_card, ok) AS c_hi "
             f"  FROM ({ev}) GROUP BY {keys}) AS n "
             f"LEFT JOIN (SELECT customer_id, toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, provider, model, "
             f"  model_version, project, feature, currency, sum(cost) AS cost, sum(charge) AS charge "
@@ -233,21 +249,20 @@ class Repricing:
             return 0, 0
         row = self.ch.query(
             f"SELECT count(), sum(cityHash64(customer_id, toString(hour), provider, model, model_version, project, "
-            f"feature, currency, toString(dcost), toString(dcharge))) FROM ({self._delta_sql()})",
-            parameters=self._params, settings={"join_use_nulls": 0},
-        ).result_rows[0]  # fmt: skip
+            f"feature, currency, toString(dcost), toString(dcharge))) FROM {self._stage()}").result_rows[0]  # fmt: skip
         return int(row[0]), int(row[1] or 0)
 
     def insert_corrections(self, correction_id: str, created_at: datetime) -> None:
         """Write the deltas as ``usage_corrections`` rows, computed and inserted by ClickHouse."""
-        params = {**self._params, "rp_cid": correction_id, "rp_created": created_at}
+        if self._rates is None:
+            return
         self.ch.command(
             "INSERT INTO usage_corrections (correction_id, occurred_at, customer_id, provider, model, model_version, "
             "project, feature, currency, cost, charge, price_version, rate_card, created_at) "
             "SELECT {rp_cid:String}, hour, customer_id, provider, model, model_version, project, feature, currency, "
-            f"dcost, dcharge, versions, cards, {{rp_created:DateTime64(3)}} FROM ({self._delta_sql()})",
-            parameters=params, settings={"join_use_nulls": 0, "max_insert_block_size": 10_000_000,
-                                         "min_insert_block_size_rows": 10_000_000},
+            f"dcost, dcharge, versions, cards, {{rp_created:DateTime64(3)}} FROM {self._stage()}",
+            parameters={"rp_cid": correction_id, "rp_created": created_at},
+            settings={"max_insert_block_size": 10_000_000, "min_insert_block_size_rows": 10_000_000},
         )  # fmt: skip
 
 
@@ -265,17 +280,23 @@ def open_reprice(ch: Any, engine: PricingEngine, filters: Filters,
         parameters=params,
     ).result_rows
     plan = Plan(filters)
-    segments: list[Segment] = []
-    for i, (c, p, m, v, lo, hi) in enumerate(groups):
-        segments.extend(group_segments(engine, str(c), str(p), str(m), str(v), int(lo), int(hi)))
-        if progress is not None and (i % 200 == 0 or i == len(groups) - 1):
-            progress("rates (customer × model)", i + 1, len(groups))
+
+    def tick(done: int) -> None:
+        if progress is not None and (done % 500 == 0 or done == len(groups)):
+            progress("rates (customer × model)", done, len(groups))
+
+    segments = all_segments(engine, [(str(c), str(p), str(m), str(v), int(lo), int(hi))
+                                     for c, p, m, v, lo, hi in groups], tick)  # fmt: skip
     plan.segments = segments
     if not segments:
         yield Repricing(ch, plan, None, params)
         return
     with _rates_table(ch, segments) as rates:
-        yield Repricing(ch, plan, rates, params)
+        rp = Repricing(ch, plan, rates, params)
+        try:
+            yield rp
+        finally:
+            rp.drop()
 
 
 def plan_reprice(ch: Any, engine: PricingEngine, filters: Filters,

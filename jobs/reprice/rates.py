@@ -5,10 +5,10 @@ what it needs per *group* (customer × provider × model × model_version of the
 ClickHouse do the per-event arithmetic:
 
 1. **Where the price changes.** The engine's public :meth:`PricingEngine.price` is called at the
-   group's first and last event time; if the version differs, a binary search over epoch ms finds
+   model's first and last event time; if the version differs, a binary search over epoch ms finds
    the exact millisecond where the next version (or error) begins (a version ends where the next
    begins, docs/pricing.md rule 2). So a group becomes a few ``[t_from, t_to)`` segments, each
-   priced by one version and one card.
+   priced by one version and one card. Versions depend on the model only: this runs once per model.
 2. **The rates of a segment.** Pricing is linear in the token counts (cost = Σ tokens × rate +
    requests × fee, the same over the card's rates): pricing a record with exactly one token of one
    class (or one request) returns that class's rate in picos. Those unit prices come from
@@ -23,14 +23,14 @@ the engine's per-event prices.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from meterline.errors import UnpriceableEvent
 from meterline.pricing import TOKEN_CLASSES, PricedAmounts, PricingEngine
 
-__all__ = ["RATE_FIELDS", "Segment", "group_segments", "unit_rates"]
+__all__ = ["RATE_FIELDS", "Segment", "all_segments", "group_segments", "unit_rates"]
 
 # The usage_priced count columns multiplied by a rate, in the engine's class order, then requests.
 RATE_FIELDS: tuple[str, ...] = tuple(f"{c}_tokens" for c in TOKEN_CLASSES) + ("requests",)
@@ -94,37 +94,68 @@ def unit_rates(engine: PricingEngine, customer: str, provider: str, model: str, 
     return tuple(cost), tuple(charge), zero
 
 
-def group_segments(engine: PricingEngine, customer: str, provider: str, model: str, mv: str,
-                   lo_ms: int, hi_ms: int) -> list[Segment]:  # fmt: skip
-    """The segments covering every event of the group stamped in ``[lo_ms, hi_ms]``."""
-    out: list[Segment] = []
+def _timeline(engine: PricingEngine, customer: str, provider: str, model: str, mv: str, lo_ms: int,
+              hi_ms: int) -> list[tuple[int, int, str]]:  # fmt: skip
+    """``[t_from, t_to)`` pieces of ``[lo_ms, hi_ms]`` each priced by one version (or one error)."""
+    def code(ms: int) -> str:
+        return _version(engine, customer, provider, model, mv, ms).split("|", 1)[0]
+
+    out: list[tuple[int, int, str]] = []
     start = lo_ms
     while start <= hi_ms:
-        here = _version(engine, customer, provider, model, mv, start)
-        if _version(engine, customer, provider, model, mv, hi_ms) == here:
+        here = code(start)
+        if code(hi_ms) == here:
             end = hi_ms + 1
         else:  # the last ms still priced like `start`, by bisection (the timeline is monotone)
-            a, b = start, hi_ms  # f(a) == here, f(b) != here
+            a, b = start, hi_ms  # code(a) == here, code(b) != here
             while b - a > 1:
                 m = (a + b) // 2
-                if _version(engine, customer, provider, model, mv, m) == here:
+                if code(m) == here:
                     a = m
                 else:
                     b = m
             end = b
-        if here.startswith("e:"):
-            out.append(Segment(customer, provider, model, mv, start, end, "", "", here[2:], (), ()))
-        else:
-            cost, charge, p = unit_rates(engine, customer, provider, model, mv, start)
-            out.append(Segment(customer, provider, model, mv, start, end, p.price_version, p.rate_card, "",
-                               cost, charge))  # fmt: skip
+        out.append((start, end, here))
         start = end
     return out
 
 
-def all_segments(engine: PricingEngine, groups: Iterable[tuple[str, str, str, str, int, int]]) -> list[Segment]:
-    """:func:`group_segments` of every ``(customer, provider, model, model_version, lo_ms, hi_ms)``."""
-    out: list[Segment] = []
+def group_segments(engine: PricingEngine, customer: str, provider: str, model: str, mv: str,
+                   lo_ms: int, hi_ms: int) -> list[Segment]:  # fmt: skip
+    """The segments covering every event of the group stamped in ``[lo_ms, hi_ms]``."""
+    return all_segments(engine, [(customer, provider, model, mv, lo_ms, hi_ms)])
+
+
+def all_segments(engine: PricingEngine, groups: Iterable[tuple[str, str, str, str, int, int]],
+                 progress: Callable[[int], None] | None = None) -> list[Segment]:  # fmt: skip
+    """The segments of every ``(customer, provider, model, model_version, lo_ms, hi_ms)`` group.
+
+    Where a price changes depends on the model only, and the rates on the version and the customer's
+    card (:meth:`PricingEngine.card_for`), so the bisection runs once per model over the union of
+    its groups' ranges and unit prices once per card × version: each group then costs a lookup."""
+    groups = list(groups)
+    span: dict[tuple[str, str, str], tuple[int, int, str]] = {}
     for customer, provider, model, mv, lo, hi in groups:
-        out.extend(group_segments(engine, customer, provider, model, mv, lo, hi))
+        k = (provider, model, mv)
+        a, b, c = span.get(k, (lo, hi, customer))
+        span[k] = (min(a, lo), max(b, hi), c)
+    timelines = {k: _timeline(engine, c, *k, lo, hi) for k, (lo, hi, c) in span.items()}
+    rates: dict[tuple[str, str, str, str, int], tuple[Any, ...]] = {}
+    out: list[Segment] = []
+    for i, (customer, provider, model, mv, lo, hi) in enumerate(groups):
+        card = engine.card_for(customer).card_id
+        for t_from, t_to, code in timelines[(provider, model, mv)]:
+            if t_to <= lo or t_from > hi:
+                continue
+            if code.startswith("e:"):
+                out.append(Segment(customer, provider, model, mv, t_from, t_to, "", "", code[2:], (), ()))
+                continue
+            key = (card, provider, model, mv, t_from)
+            if key not in rates:
+                cost, charge, p = unit_rates(engine, customer, provider, model, mv, t_from)
+                rates[key] = (cost, charge, p.price_version, p.rate_card)
+            cost, charge, version, rate_card = rates[key]
+            out.append(Segment(customer, provider, model, mv, t_from, t_to, version, rate_card, "", cost, charge))
+        if progress is not None:
+            progress(i + 1)
     return out
