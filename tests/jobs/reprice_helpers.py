@@ -57,15 +57,16 @@ def engine(book: dict[str, Any]) -> PricingEngine:
     return PricingEngine.from_book(load_price_book(book))
 
 
-def make_events(seed: int, n: int, *, days: int = 20) -> list[dict[str, Any]]:
-    """Usage events of the period (unpriced), seeded."""
+def make_events(seed: int, n: int, *, days: int = 20, t0: int = T0, seconds: int | None = None) -> list[dict[str, Any]]:
+    """Usage events in ``[t0, t0 + days)`` (or ``seconds``), unpriced, seeded."""
     rng = random.Random(seed)
+    span = seconds if seconds is not None else days * 86400
     out = []
     for i in range(n):
         claude = rng.random() < 0.4
         ev: dict[str, Any] = {
             "event_id": f"ev-{seed}-{i:06d}", "customer_id": rng.choice(CUSTOMERS),
-            "occurred_at": (T0 + rng.randrange(days * 86400)) * 1000 + rng.randrange(1000),
+            "occurred_at": (t0 + rng.randrange(span)) * 1000 + rng.randrange(1000),
             "provider": "anthropic" if claude else "openai", "model": "claude-3-5-sonnet" if claude else "gpt-4o",
             "model_version": "20241022" if claude else None, "project": rng.choice(("chat", "search")),
             "feature": rng.choice(("", "summarize")), "input_tokens": rng.randrange(0, 50_000),

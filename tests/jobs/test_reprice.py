@@ -18,6 +18,11 @@ import pytest
 import yaml
 
 from jobs.reprice.apply import apply_plan, correction_id
+from jobs.stripe import BillingConfig, StripeTarget, provision, sync
+from jobs.stripe._store import load_pushes
+from jobs.stripe.reconcile import reconcile
+from meterline.stripe_local import LocalStripe
+from tests.jobs.conftest import DAY, HOUR
 from jobs.reprice.compute import Filters, open_reprice, plan_reprice
 from meterline.ledger import CreditGrant, Grant, Policy, apply, new_ledger
 from meterline.ledger._types import ApplyPricedUsage
@@ -271,3 +276,37 @@ def test_cli_dry_run_json_is_exact_and_writes_nothing(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_stripe_gets_the_grown_windows_as_revisions_and_reconcile_is_clean(
+        ls: LocalStripe, target: StripeTarget, clickhouse: Any, cfg: BillingConfig) -> None:  # fmt: skip
+    """A surcharge agreed after the fact (acme +20 % -> +35 %) and a cache-write rate found too low:
+    the next sync pushes each grown hour as a new revision; Stripe's summaries equal the re-rated
+    charge (to the µ$ carry) and reconcile shows no drift."""
+    client = target.client()
+    provision(client, clickhouse, cfg, customers=list(CUSTOMERS))
+    base = ls.now() // HOUR * HOUR - 6 * HOUR
+    events = make_events(17, 400, t0=base, seconds=5 * HOUR)
+    raised = {**BOOK_BEFORE, "prices": [BOOK_BEFORE["prices"][0], {**BOOK_BEFORE["prices"][1], "per_million": {
+        **BOOK_BEFORE["prices"][1]["per_million"], "cache_write": "4.00"}}],
+        "rate_cards": [{"customer_id": "*", "markup_pct": "0"}, {"customer_id": "acme", "markup_pct": "35"}]}  # fmt: skip
+    insert_priced(clickhouse, events, engine(BOOK_BEFORE))
+    assert sync(target, clickhouse, cfg, now=ls.now()).ok
+    filters = Filters(base, base + 6 * HOUR)
+    with open_reprice(clickhouse, engine(raised), filters) as rp:
+        rp.report()
+        res = apply_plan(clickhouse, rp, ran_by="test", reason="surcharge", command="test", send=lambda c: None,
+                         at_ms=ls.now() * 1000)  # fmt: skip
+    assert res.rows > 0
+    summary = sync(target, clickhouse, cfg, now=ls.now())
+    assert summary.ok and summary.planned > 0
+    assert all(p.revision <= 1 for p in load_pushes(clickhouse))
+    new = expected_totals(events, engine(raised))
+    rows = reconcile(client, clickhouse, cfg, base - DAY, base + DAY)
+    assert rows and not any(r.drifted for r in rows)
+    for r in rows:
+        assert r.clickhouse == new[r.customer_id][1] * 10**6  # ClickHouse's view includes the corrections
+        assert r.stripe == r.pushed and 0 <= r.clickhouse - r.pushed < 1
+    # a second sync sends nothing
+    again = sync(target, clickhouse, cfg, now=ls.now())
+    assert again.ok and again.planned == 0 and again.sent == 0
