@@ -11,10 +11,11 @@ segments from the pricing engine + the aggregate report in ClickHouse) and the w
 from __future__ import annotations
 
 import time
+from datetime import UTC
 
 from bench import BenchConfig, Result
 from bench._stack import Stack
-from bench.analytics import CHUNK, _INSERT
+from bench.analytics import _INSERT, CHUNK
 
 NAME = "reprice"
 MONTH_MS = 30 * 86_400_000
@@ -33,7 +34,7 @@ def _book(mid_iso: str) -> dict:
 
 
 def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from jobs.reprice.compute import Filters, open_reprice
     from meterline.pricing import PricingEngine, load_price_book
@@ -49,7 +50,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
             client.command(_INSERT, parameters={"start": start_s * 1000, "span": MONTH_MS, "n": n, "first": first,
                                                 "count": min(CHUNK, n - first)})  # fmt: skip
         stored = int(client.query("SELECT count() FROM usage_priced").result_rows[0][0])
-        mid = datetime.fromtimestamp(start_s + 15 * 86400, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        mid = datetime.fromtimestamp(start_s + 15 * 86400, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         engine = PricingEngine.from_book(load_price_book(_book(mid)))
         filters = Filters(start_s, start_s + 31 * 86400)
         scaled = "" if stored >= 10_000_000 else f" (SCALED DOWN from 10,000,000: {stored:,} rows)"
@@ -61,7 +62,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
             report_s = time.perf_counter() - t
             t = time.perf_counter()
             n_rows, _ = rp.delta_summary()
-            rp.insert_corrections("bench", datetime.now(timezone.utc))
+            rp.insert_corrections("bench", datetime.now(UTC))
             write_s = time.perf_counter() - t
         written = int(client.query("SELECT count() FROM usage_corrections").result_rows[0][0])
         dry_s = seg_s + report_s

@@ -31,8 +31,8 @@ from typing import Any
 from meterline.errors import InvalidEvent
 from meterline.ledger import (
     Adjust,
-    ApplyPricedUsage,
     Alert,
+    ApplyPricedUsage,
     Budget,
     Command,
     CreditGrant,

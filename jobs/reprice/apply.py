@@ -32,7 +32,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -142,8 +142,8 @@ def _run_row(cid: str, plan: Plan, *, ran_by: str, reason: str, command: str, co
     new = sum((c["new_charge"] for c in customers), Decimal(0))
     f = plan.filters
     model = f"{f.provider}/{f.model}" if f.provider else (f.model or "")
-    return [cid, ran_by, reason, command, datetime.fromtimestamp(f.start, timezone.utc),
-            datetime.fromtimestamp(f.end, timezone.utc), f.customer or "", model, vb, va, cb, ca, len(customers),
+    return [cid, ran_by, reason, command, datetime.fromtimestamp(f.start, UTC),
+            datetime.fromtimestamp(f.end, UTC), f.customer or "", model, vb, va, cb, ca, len(customers),
             old, new, new - old, json.dumps(commands, ensure_ascii=False), status, ver, now]  # fmt: skip
 
 
@@ -209,7 +209,7 @@ def apply_plan(ch: Any, rp: Repricing, *, ran_by: str, reason: str, command: str
         return result
     plan = rp.plan
     cid = correction_id(plan.filters, n, fingerprint)
-    now = datetime.fromtimestamp(at_ms / 1000, timezone.utc)
+    now = datetime.fromtimestamp(at_ms / 1000, UTC)
     existing = ch.query("SELECT ver FROM reprice_runs FINAL WHERE correction_id = {c:String}",
                         parameters={"c": cid}).result_rows  # fmt: skip
     ch.insert("reprice_runs", [_run_row(cid, plan, ran_by=ran_by, reason=reason, command=command, commands=[],

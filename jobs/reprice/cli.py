@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -101,7 +101,7 @@ def _progress(enabled: bool) -> Iterator[Any]:
         yield step
 
 
-def _engine(settings: Settings, prices: Optional[Path], bootstrap: Optional[tuple[str, str]]) -> Any:
+def _engine(settings: Settings, prices: Path | None, bootstrap: tuple[str, str] | None) -> Any:
     from meterline.pricing import PricingEngine, load_price_book
 
     if prices is not None:
@@ -122,12 +122,12 @@ def _engine(settings: Settings, prices: Optional[Path], bootstrap: Optional[tupl
 
 def reprice_command(
     period: str = typer.Option(..., "--period", help="YYYY-MM, YYYY-MM-DD or START..END (whole UTC hours)."),
-    customer: Optional[str] = typer.Option(None, "--customer", help="Only this customer."),
-    model: Optional[str] = typer.Option(None, "--model", help="Only this model: PROVIDER/MODEL."),
+    customer: str | None = typer.Option(None, "--customer", help="Only this customer."),
+    model: str | None = typer.Option(None, "--model", help="Only this model: PROVIDER/MODEL."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the diff; write nothing."),
     reason: str = typer.Option("", "--reason", help="Why (kept in the audit record)."),
     fmt: str = typer.Option("table", "--format", help="table | json"),
-    prices: Optional[Path] = typer.Option(None, "--prices", help="Price file to use instead of the prices topic."),
+    prices: Path | None = typer.Option(None, "--prices", help="Price file to use instead of the prices topic."),
 ) -> None:
     """Re-rate a period with the catalog and rate cards as they stand now; without --dry-run, apply the
     difference as correction events (ClickHouse rollups, ledger adjustments, Stripe via sync)."""

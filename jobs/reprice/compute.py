@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -43,8 +43,8 @@ class Filters:
 
     def where(self, table_alias: str = "") -> tuple[str, dict[str, Any]]:
         a = f"{table_alias}." if table_alias else ""
-        params: dict[str, Any] = {"rp_start": datetime.fromtimestamp(self.start, timezone.utc),
-                                  "rp_end": datetime.fromtimestamp(self.end, timezone.utc)}  # fmt: skip
+        params: dict[str, Any] = {"rp_start": datetime.fromtimestamp(self.start, UTC),
+                                  "rp_end": datetime.fromtimestamp(self.end, UTC)}  # fmt: skip
         parts = [f"{a}occurred_at >= {{rp_start:DateTime64(3)}}", f"{a}occurred_at < {{rp_end:DateTime64(3)}}"]
         if self.customer is not None:
             parts.append(f"{a}customer_id = {{rp_customer:String}}")

@@ -33,7 +33,7 @@ from meterline.pricing import TOKEN_CLASSES, PricedAmounts, PricingEngine
 __all__ = ["RATE_FIELDS", "Segment", "all_segments", "group_segments", "unit_rates"]
 
 # The usage_priced count columns multiplied by a rate, in the engine's class order, then requests.
-RATE_FIELDS: tuple[str, ...] = tuple(f"{c}_tokens" for c in TOKEN_CLASSES) + ("requests",)
+RATE_FIELDS: tuple[str, ...] = (*(f"{c}_tokens" for c in TOKEN_CLASSES), "requests")
 
 
 @dataclass(frozen=True, slots=True)

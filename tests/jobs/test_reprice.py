@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,16 @@ import pytest
 import yaml
 
 from jobs.reprice.apply import apply_plan, correction_id
+from jobs.reprice.compute import Filters, open_reprice, plan_reprice
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe._store import load_pushes
 from jobs.stripe.reconcile import reconcile
-from meterline.stripe_local import LocalStripe
-from tests.jobs.conftest import DAY, HOUR
-from jobs.reprice.compute import Filters, open_reprice, plan_reprice
 from meterline.ledger import CreditGrant, Grant, Policy, apply, new_ledger
 from meterline.ledger._types import ApplyPricedUsage
 from meterline.money import to_decimal
+from meterline.stripe_local import LocalStripe
 from schemas.credits import decode_command
+from tests.jobs.conftest import DAY, HOUR
 from tests.jobs.reprice_helpers import (
     BOOK_AFTER,
     BOOK_BEFORE,
@@ -77,7 +77,7 @@ def test_clickhouse_rerating_equals_the_python_engine_event_by_event(clickhouse:
     assert {ln.new_version.split("@")[1][:10] for ln in plan.lines if ln.model == "gpt-4o"} == {"2025-11-01", "2025-12-10"}
     # the correction rows ClickHouse writes sum to the customer deltas, exactly
     with open_reprice(clickhouse, engine(BOOK_AFTER), FILTERS) as rp:
-        rp.insert_corrections("t", datetime.now(timezone.utc))
+        rp.insert_corrections("t", datetime.now(UTC))
     by = _sums(clickhouse, "SELECT customer_id, sum(cost), sum(charge) FROM usage_corrections GROUP BY customer_id")
     assert by == {c: (got[c]["cost_delta"], got[c]["delta"]) for c in got}
 
@@ -99,7 +99,7 @@ def _ledger_run(ch: Any, events: list[dict[str, Any]], eng: Any, grants: dict[st
             provider=ev["provider"], model=ev["model"], project=ev["project"]))  # fmt: skip
         states[ev["customer_id"]] = s
         rows += eff.entries
-    ch.insert("ledger_entries", [[e.entry_id, datetime.fromtimestamp(e.at_ms // 1000, timezone.utc), e.customer_id, e.seq, e.kind, to_decimal(e.amount_picos),
+    ch.insert("ledger_entries", [[e.entry_id, datetime.fromtimestamp(e.at_ms // 1000, UTC), e.customer_id, e.seq, e.kind, to_decimal(e.amount_picos),
                                   e.currency, e.grant_id or "", e.event_id or "", e.reason or ""] for e in rows],
               column_names=["entry_id", "at", "customer_id", "seq", "kind", "amount", "currency", "grant_id",
                             "event_id", "reason"])  # fmt: skip
@@ -189,12 +189,10 @@ def test_a_crash_at_every_step_then_a_resume_is_exact(clickhouse: Any) -> None:
     sent: list[dict[str, Any]] = []
     while True:  # crash after step 1, then after step 2 of the resumed run, ... until a run completes
         step += 1
-        seen = [0]
-
-        def on_step(_name: str) -> None:
+        def on_step(name: str, seen: list[int] = [0], at: int = step) -> None:  # noqa: B006 - one list per run
             seen[0] += 1
-            if seen[0] == step:
-                raise Crash(_name)
+            if seen[0] == at:
+                raise Crash(name)
 
         try:
             with open_reprice(clickhouse, engine(BOOK_AFTER), FILTERS) as rp:
