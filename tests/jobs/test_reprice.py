@@ -276,11 +276,12 @@ def test_cli_dry_run_json_is_exact_and_writes_nothing(tmp_path: Path) -> None:
     assert check.stdout.strip().splitlines()[-1] == "0"
 
 
-def test_stripe_gets_the_grown_windows_as_revisions_and_reconcile_is_clean(
+def test_stripe_gets_the_corrected_windows_and_reconcile_is_clean(
         ls: LocalStripe, target: StripeTarget, clickhouse: Any, cfg: BillingConfig) -> None:  # fmt: skip
     """A surcharge agreed after the fact (acme +20 % -> +35 %) and a cache-write rate found too low:
-    the next sync pushes each grown hour as a new revision; Stripe's summaries equal the re-rated
-    charge (to the µ$ carry) and reconcile shows no drift."""
+    the next sync pushes each grown hour as a new revision. Then a discount agreed after the fact:
+    the sync cancels the shrunk windows' events and re-pushes them. Each time Stripe's summaries
+    equal the re-rated charge (to the µ$ carry) and reconcile shows no drift."""
     client = target.client()
     provision(client, clickhouse, cfg, customers=list(CUSTOMERS))
     base = ls.now() // HOUR * HOUR - 6 * HOUR
@@ -308,3 +309,22 @@ def test_stripe_gets_the_grown_windows_as_revisions_and_reconcile_is_clean(
     # a second sync sends nothing
     again = sync(target, clickhouse, cfg, now=ls.now())
     assert again.ok and again.planned == 0 and again.sent == 0
+
+    # then a discount agreed after the fact (globex -15 %) and acme back to +20 %: windows shrink.
+    # Within Stripe's 24 h the sync cancels the windows' meter events and re-pushes the rest.
+    discounted = {**BOOK_BEFORE, "rate_cards": [*BOOK_BEFORE["rate_cards"], {"customer_id": "globex",
+                                                                            "discount_pct": "15"}]}  # fmt: skip
+    with open_reprice(clickhouse, engine(discounted), filters) as rp:
+        rp.report()
+        assert apply_plan(clickhouse, rp, ran_by="test", reason="discount", command="test", send=lambda c: None,
+                          at_ms=ls.now() * 1000).rows > 0  # fmt: skip
+    cut = sync(target, clickhouse, cfg, now=ls.now())
+    assert cut.ok and cut.cancels > 0 and cut.canceled == cut.cancels and not cut.shrunk, cut
+    new = expected_totals(events, engine(discounted))
+    rows = reconcile(client, clickhouse, cfg, base - DAY, base + DAY)
+    assert rows and not any(r.drifted for r in rows)
+    for r in rows:
+        assert r.clickhouse == new[r.customer_id][1] * 10**6
+        assert r.stripe == r.pushed and 0 <= r.clickhouse - r.pushed < 1
+    final = sync(target, clickhouse, cfg, now=ls.now())
+    assert final.ok and final.planned == 0 and final.sent == 0 and final.cancels == 0
