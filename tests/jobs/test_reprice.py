@@ -328,3 +328,33 @@ def test_stripe_gets_the_corrected_windows_and_reconcile_is_clean(
         assert r.stripe == r.pushed and 0 <= r.clickhouse - r.pushed < 1
     final = sync(target, clickhouse, cfg, now=ls.now())
     assert final.ok and final.planned == 0 and final.sent == 0 and final.cancels == 0
+
+
+@pytest.mark.parametrize("kill_at", [2, 4])
+def test_sigkill_mid_apply_then_resume_is_exact(tmp_path: Path, kill_at: int) -> None:
+    """A real SIGKILL of the applying process (after the insert; in the middle of the ledger sends),
+    then a new run: the rollups equal the re-rated totals and every command id carries one content."""
+    dsn = f"chdb://{tmp_path / 'engine'}?database=rk"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = tmp_path / "commands.jsonl"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tests.jobs.reprice_kill_driver", *args], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    assert run("seed", dsn).returncode == 0
+    killed = run("apply", dsn, str(out), str(kill_at))
+    assert killed.returncode == -9, killed.stderr
+    resumed = run("apply", dsn, str(out), "0")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(run("apply", dsn, str(out), "0").stdout)["noop"]  # then nothing is left to do
+    done = json.loads(run("totals", dsn).stdout)
+    new = expected_totals(make_events(41, 800), engine(BOOK_AFTER))
+    assert {c: Decimal(v) for c, v in done["hourly"].items()} == {c: v[1] for c, v in new.items()}
+    statuses = [r[1] for r in done["runs"]]
+    assert "done" in statuses and set(statuses) <= {"done", "abandoned"}
+    by_id: dict[str, str] = {}
+    for line in out.read_text().splitlines():
+        assert by_id.setdefault(json.loads(line)["command_id"], line) == line
+    assert by_id  # the ledger got its commands
