@@ -358,3 +358,45 @@ def test_sigkill_mid_apply_then_resume_is_exact(tmp_path: Path, kill_at: int) ->
     for line in out.read_text().splitlines():
         assert by_id.setdefault(json.loads(line)["command_id"], line) == line
     assert by_id  # the ledger got its commands
+
+
+def test_cli_apply_sends_ledger_commands_and_a_second_apply_is_a_noop(
+        tmp_path: Path, kafka_bootstrap: str, topics: dict[str, str], topic_prefix: str) -> None:  # fmt: skip
+    """The installed command, applying: the catalog from the prices topic, the ledger commands on
+    ledger-commands (read back), the audit row; run again: nothing to correct, nothing sent."""
+    from meterline.pricing import load_price_book
+    from meterline.stack.kafka import read_topic
+    from pipeline.publish import publish_records
+
+    dsn = f"chdb://{tmp_path / 'engine'}?database=rp"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "METERLINE_CLICKHOUSE_DSN": dsn, "METERLINE_DATA_DIR": str(tmp_path / "data"),
+           "METERLINE_KAFKA_BOOTSTRAP": kafka_bootstrap, "METERLINE_TOPIC_PREFIX": topic_prefix,
+           "METERLINE_OPERATOR": "alice", "PYTHONPATH": str(root)}  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", _SEED_SCRIPT, dsn], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300).returncode == 0  # fmt: skip
+    publish_records(kafka_bootstrap, f"{topic_prefix}prices", load_price_book(BOOK_AFTER).to_records())
+    exe = str(Path(sys.executable).with_name("meterline"))
+    first = subprocess.run([exe, "reprice", "--period", PERIOD, "--reason", "provider fixed prices late",
+                            "--format", "json"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    doc = json.loads(first.stdout)
+    applied = doc["applied"]
+    assert applied["correction_id"] and applied["correction_rows"] > 0 and applied["ledger_commands"] > 0
+    events = make_events(5, 400)
+    new, old = expected_totals(events, engine(BOOK_AFTER)), expected_totals(events, engine(BOOK_BEFORE))
+    assert {c["customer_id"]: Decimal(c["delta"]) for c in doc["customers"]} == {c: new[c][1] - old[c][1] for c in new}
+    commands = [json.loads(m.value()) for m in read_topic(kafka_bootstrap, f"{topic_prefix}ledger-commands", timeout=15)]
+    assert len(commands) == applied["ledger_commands"]
+    assert {c["command_id"].split(":")[1] for c in commands} == {applied["correction_id"]}
+    for cust in new:  # the commands move each customer by exactly its delta
+        moved = sum((Decimal(c["amount"]) * (1 if c["type"] == "usage_correction" else -1)
+                     for c in commands if c["customer_id"] == cust), Decimal(0))  # fmt: skip
+        assert moved == new[cust][1] - old[cust][1]
+    second = subprocess.run([exe, "reprice", "--period", PERIOD], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "nothing to correct" in second.stdout
+    assert len(read_topic(kafka_bootstrap, f"{topic_prefix}ledger-commands", timeout=15)) == len(commands)
+    audit = subprocess.run([exe, "sql", "SELECT ran_by, reason, status FROM reprice_runs FINAL", "--format", "csv"],
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert audit.stdout.strip().splitlines()[-1] == "alice,provider fixed prices late,done"
