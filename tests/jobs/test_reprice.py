@@ -22,6 +22,7 @@ from jobs.reprice.compute import Filters, open_reprice, plan_reprice
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe._store import load_pushes
 from jobs.stripe.reconcile import reconcile
+from pipeline.sink import rebuild_rollups
 from meterline.ledger import CreditGrant, Grant, Policy, apply, new_ledger
 from meterline.ledger._types import ApplyPricedUsage
 from meterline.money import to_decimal
@@ -174,6 +175,9 @@ def test_apply_reaches_rollups_and_ledger_and_a_second_apply_is_a_noop(clickhous
     assert res2.noop and again == []
     assert _rollups(clickhouse) == (new, new)
     assert clickhouse.query("SELECT count() FROM reprice_runs FINAL").result_rows[0][0] == 1
+    # a rollup repair (pipeline/sink.py) keeps the corrections
+    rebuild_rollups(clickhouse)
+    assert _rollups(clickhouse) == (new, new)
 
 
 class Crash(Exception):
