@@ -404,3 +404,29 @@ def test_cli_apply_sends_ledger_commands_and_a_second_apply_is_a_noop(
     audit = subprocess.run([exe, "sql", "SELECT ran_by, reason, status FROM reprice_runs FINAL", "--format", "csv"],
                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert audit.stdout.strip().splitlines()[-1] == "alice,provider fixed prices late,done"
+
+
+def test_events_nothing_prices_now_keep_their_charge_never_zero(clickhouse: Any) -> None:
+    """A model dropped from the catalog (and a class whose rate is gone): its events are reported
+    unpriceable with the reason and keep what they were billed; no correction is written for them."""
+    llama = {"provider": "meta", "model": "llama-3-70b", "effective_from": "2025-11-01T00:00:00Z",
+             "per_million": {"input": "0.59", "output": "0.79"}}  # fmt: skip
+    with_llama = {**BOOK_BEFORE, "prices": [*BOOK_BEFORE["prices"], llama]}
+    events = make_events(19, 300)
+    for ev in events[:60]:
+        ev.update(provider="meta", model="llama-3-70b", model_version=None, cached_input_tokens=0, cache_write_tokens=0)
+    insert_priced(clickhouse, events, engine(with_llama))
+    # now: llama is gone and claude has no cache_write rate any more
+    claude = {**BOOK_BEFORE["prices"][1], "per_million": {"input": "3.00", "output": "15.00", "cached_input": "0.30"}}
+    now_book = {**BOOK_BEFORE, "prices": [BOOK_BEFORE["prices"][0], claude]}
+    with open_reprice(clickhouse, engine(now_book), FILTERS) as rp:
+        plan = rp.report()
+        apply_plan(clickhouse, rp, ran_by="t", reason="t", command="t", send=lambda c: None, at_ms=AT_MS)
+    lost = [ln for ln in plan.lines if ln.model == "llama-3-70b"]
+    assert lost and all(ln.unpriceable_reason == "unknown_model" and ln.unpriceable == ln.events for ln in lost)
+    assert all(ln.new_charge == ln.old_charge > 0 for ln in lost)
+    no_rate = sum(1 for ev in events if ev["model"] == "claude-3-5-sonnet" and ev["cache_write_tokens"])
+    assert no_rate and sum(ln.unpriceable for ln in plan.lines if ln.model == "claude-3-5-sonnet") == no_rate
+    assert clickhouse.query("SELECT count() FROM usage_corrections WHERE model = 'llama-3-70b'").result_rows[0][0] == 0
+    # everything is as billed: the catalog now prices the rest identically
+    assert all(c["delta"] == 0 for c in plan.customers())
