@@ -22,11 +22,11 @@ from jobs.reprice.compute import Filters, open_reprice, plan_reprice
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe._store import load_pushes
 from jobs.stripe.reconcile import reconcile
-from pipeline.sink import rebuild_rollups
 from meterline.ledger import CreditGrant, Grant, Policy, apply, new_ledger
 from meterline.ledger._types import ApplyPricedUsage
 from meterline.money import to_decimal
 from meterline.stripe_local import LocalStripe
+from pipeline.sink import rebuild_rollups
 from schemas.credits import decode_command
 from tests.jobs.conftest import DAY, HOUR
 from tests.jobs.reprice_helpers import (
