@@ -6,7 +6,11 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test setup bench verify clean
+.PHONY: run test setup browser bench verify clean
+
+# Debian's chromium for the console's browser tests (Playwright drives it; no browser download).
+browser:
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,12 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: browser $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/meterline up --demo
 
-test: $(STAMP)
+test: browser $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: $(STAMP)

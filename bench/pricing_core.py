@@ -114,7 +114,7 @@ def run(cfg: BenchConfig) -> list[Result]:
         litellm, tokencost = _peers()
     except ImportError as exc:
         return [Result(NAME, "pricing core", None, note=f"skipped: peers not installed ({exc}); pip install "
-                       "tokencost==0.1.26 litellm==1.106.2")]
+                       "tokencost==0.1.26 litellm==1.110.2")]
     models, skipped = select_models(litellm, tokencost)
     events = make_events(models, cfg.pricing_events)
     lt_events = events[: cfg.litellm_events]

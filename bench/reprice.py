@@ -1,4 +1,4 @@
-"""Benchmark 8: ``meterline reprice`` over a month of N priced events (embedded chDB).
+"""Benchmark 10: ``meterline reprice`` over a month of N priced events (embedded chDB).
 
 Rows are generated inside ClickHouse with the analytics benchmark's ``INSERT … SELECT`` (1,000
 customers, 20 models, 5 projects), spread over 30 days. The catalog "as it stands now" has two

@@ -45,6 +45,9 @@ app.command("statement")(statement_command)
 from meterline.verify import verify_command  # noqa: E402
 
 app.command("verify")(verify_command)
+from meterline.cli_proxy import proxy_command  # noqa: E402
+
+app.command("proxy")(proxy_command)
 from jobs.reprice.cli import reprice_command  # noqa: E402
 
 app.command("reprice")(reprice_command)
@@ -54,6 +57,13 @@ dead_app = typer.Typer(
     rich_markup_mode=markup_mode(),
 )
 app.add_typer(dead_app, name="dead-letters")
+from meterline.cli_plans import register as register_plans  # noqa: E402 - `meterline plans ...` and `meterline bill ...`
+
+register_plans(app)
+from meterline.cli_plans import plans_app  # noqa: E402
+from meterline.cli_simulate import register as register_simulate  # noqa: E402 - `meterline plans simulate`
+
+register_simulate(plans_app)
 
 # Off a terminal (CI logs, `| tee`, a file) nothing is wrapped and tables come out whole: meterline.console.
 console = make_console()
@@ -75,16 +85,12 @@ def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
 
 def _bootstrap(settings: Settings) -> tuple[str, str]:
     """The Kafka bootstrap and topic prefix: configured, or those of a running ``meterline up``."""
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap, settings.topic_prefix
-    from meterline.runtime import read_runtime_file
+    from meterline.discovery import kafka_bootstrap
 
-    info = read_runtime_file(settings.data_dir)
-    if info and info.get("kafka_bootstrap"):
-        return str(info["kafka_bootstrap"]), str(info.get("topic_prefix", settings.topic_prefix))
-    raise _fail(
-        MeterlineError("no Kafka broker: start `meterline up` (embedded broker) or set METERLINE_KAFKA_BOOTSTRAP")
-    )
+    try:
+        return kafka_bootstrap(settings)
+    except MeterlineError as exc:
+        raise _fail(exc) from exc
 
 
 # -- up ---------------------------------------------------------------------------------------
@@ -385,18 +391,19 @@ def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="
 def _query(settings: Settings, query: str, parameters: dict[str, Any] | None = None) -> tuple[list[str], list[Any]]:
     """Read-only SQL: through the running service's API if ``meterline up`` owns the engine, else directly."""
     from meterline.analytics import run_readonly
-    from meterline.runtime import read_runtime_file
+    from meterline.discovery import running_api
 
-    info = read_runtime_file(settings.data_dir)
-    if info and info.get("api_url"):
+    api = running_api(settings.data_dir)
+    if api is not None:
         from meterline.api.client import ApiClient
 
-        key = (settings.data_dir / "admin.key").read_text().strip()
-        out = ApiClient(info["api_url"], key).sql(query, "json", parameters)
+        out = ApiClient(*api).sql(query, "json", parameters)
         return list(out["columns"]), [tuple(r) for r in out["rows"]]
+    from meterline.analytics import SqlLimits
     from meterline.stack.clickhouse import connect
 
-    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters)
+    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters,
+                        limits=SqlLimits.from_settings(settings))
 
 
 @app.command()

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from meterline.config import Settings
 from meterline.console import make_console, markup_mode
+from meterline.discovery import kafka_bootstrap, running_api
 from meterline.errors import MeterlineError
 
-__all__ = ["credits_app", "kafka_bootstrap"]
+__all__ = ["credits_app"]
 
 credits_app = typer.Typer(
     help="Prepaid credits: grants, top-ups, balances, overage policy.",
@@ -29,30 +29,6 @@ credits_app = typer.Typer(
 )
 _out = make_console()
 _err = make_console(stderr=True)
-
-
-def kafka_bootstrap(settings: Settings) -> tuple[str, str]:
-    """The Kafka bootstrap and topic prefix: configured, or those of a running ``meterline up``
-    (same logic as ``meterline.cli._bootstrap``). Raises MeterlineError when there is none."""
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap, settings.topic_prefix
-    from meterline.runtime import read_runtime_file
-
-    info = read_runtime_file(settings.data_dir)
-    if info and info.get("kafka_bootstrap"):
-        return str(info["kafka_bootstrap"]), str(info.get("topic_prefix", settings.topic_prefix))
-    raise MeterlineError("no Kafka broker: start `meterline up` (embedded broker) or set METERLINE_KAFKA_BOOTSTRAP")
-
-
-def _running_api(data_dir: Path) -> tuple[str, str] | None:
-    """``(api_url, admin_key)`` of a running ``meterline up`` for ``data_dir``, else None."""
-    from meterline.runtime import read_runtime_file
-
-    info = read_runtime_file(data_dir)
-    key_file = data_dir / "admin.key"
-    if not info or not info.get("api_url") or not key_file.exists():
-        return None
-    return str(info["api_url"]), key_file.read_text().strip()
 
 
 def _settings() -> Settings:
@@ -95,7 +71,7 @@ def _run(fn: Any) -> None:
 
 def _send_admin(settings: Settings, api_path: tuple[str, str], body: dict[str, Any], build: Any) -> None:
     """Through the running API when there is one, else straight to Kafka; print the command_id."""
-    api = _running_api(settings.data_dir)
+    api = running_api(settings.data_dir)
     if api is not None:
         method, path = api_path
         result = _api_call(api, method, path, body)
@@ -199,7 +175,7 @@ def balance(
     settings = _settings()
 
     def show() -> None:
-        api = _running_api(settings.data_dir)
+        api = running_api(settings.data_dir)
         if api is not None:
             doc = _api_call(api, "GET", f"/v1/customers/{customer}/balance")
         else:

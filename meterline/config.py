@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8787, ge=0, le=65535)
 
+    # Read-only SQL (`meterline sql`, POST /v1/sql): limits the engine enforces per query
+    # (meterline.analytics.SqlLimits; docs/security.md). A query over a limit fails, 400.
+    sql_max_execution_time_s: int = Field(default=30, ge=1, le=3600)
+    sql_max_memory_usage_bytes: int = Field(default=1024**3, ge=16 * 1024**2)
+    sql_max_result_rows: int = Field(default=100_000, ge=1)
+    sql_max_result_bytes: int = Field(default=64 * 1024**2, ge=1024)
+
     # Processing.
     dedupe_window_days: int = Field(default=35, ge=1, le=400)
     max_future_skew_seconds: int = Field(default=300, ge=0)

@@ -12,8 +12,10 @@ the credit agent applies each id once, so re-sending is safe.
 
 :class:`ReplyWaiter` reads every partition of ``ledger-replies`` from where it ended when the
 waiter started (no consumer group). Register interest *before* publishing (:meth:`ReplyWaiter.register`),
-then wait on the returned future. Replies nobody waits for are kept in a bounded recent cache, so
-a retry with the same ``request_id`` finds the answer the agent already gave.
+then wait on the returned future. Replies are matched on ``(customer_id, request_id)``, never on
+the client-chosen ``request_id`` alone (docs/security.md). Replies nobody waits for are kept in a
+bounded recent cache, so a retry with the same ``request_id`` finds the answer the agent already
+gave that customer.
 
 :class:`StatusView` reads ``customer-status`` from the beginning and keeps the last value per key
 (a null value deletes the key, as compaction would). It is *ready* once every partition reported
@@ -29,7 +31,7 @@ Command builders (``*_command``) validate operator input (amounts parsed exactly
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import re
 import threading
@@ -41,7 +43,9 @@ from datetime import datetime
 from typing import Any
 
 from meterline.errors import BrokerUnavailable, DeliveryFailed, InputError
+from schemas.credits import decode_json, encode_message
 from meterline.ledger import LedgerCommandError, format_picos, parse_amount, to_ms
+from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 __all__ = [
     "CommandPublisher",
@@ -73,10 +77,9 @@ def _decode(value: bytes | None) -> dict[str, Any] | None:
     if value is None:
         return None
     try:
-        doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
+        return decode_json(value)
+    except InputError:
         return None
-    return doc if isinstance(doc, dict) else None
 
 
 # ------------------------------------------------------------------------------- publisher
@@ -114,7 +117,7 @@ class CommandPublisher:
                 errors.append(str(err))
             done.set()
 
-        body = json.dumps(command, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        body = encode_message(command)
         timeout = self.ack_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         while True:
@@ -205,8 +208,15 @@ class _ConsumerThread:
         self._closed = True
 
 
+ReplyKey = tuple[str, str]  # (customer_id, request_id)
+
+
 class ReplyWaiter(_ConsumerThread):
-    """Futures of ``ledger-replies`` keyed by ``request_id``.
+    """Futures of ``ledger-replies`` keyed by ``(customer_id, request_id)``.
+
+    Request ids are chosen by clients, so two customers may use the same one (by accident, or to
+    steer the other's decision): a reply is only ever handed to a waiter, or kept in the recent
+    cache, under the customer it names. A reply without a string ``customer_id`` is dropped.
 
     ``start()`` assigns every partition at its current end (an end reported too early by the broker
     only means a few old replies are read again, which is harmless).
@@ -216,8 +226,8 @@ class ReplyWaiter(_ConsumerThread):
                  config: dict[str, Any] | None = None) -> None:
         super().__init__(bootstrap, topic, "replies", dict(config or {}))
         self._lock = threading.Lock()
-        self._waiting: dict[str, list[Future[dict[str, Any]]]] = {}
-        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._waiting: dict[ReplyKey, list[Future[dict[str, Any]]]] = {}
+        self._recent: OrderedDict[ReplyKey, dict[str, Any]] = OrderedDict()
         self._recent_max = recent_max
 
     def start(self, timeout_s: float = 15.0) -> ReplyWaiter:
@@ -234,49 +244,51 @@ class ReplyWaiter(_ConsumerThread):
         self._thread.start()
         return self
 
-    def register(self, request_id: str) -> Future[dict[str, Any]]:
-        """A future resolved with the reply for ``request_id`` (at once if it already arrived)."""
+    def register(self, customer_id: str, request_id: str) -> Future[dict[str, Any]]:
+        """A future resolved with ``customer_id``'s reply for ``request_id`` (at once if it already arrived)."""
+        key = (customer_id, request_id)
         fut: Future[dict[str, Any]] = Future()
         with self._lock:
-            known = self._recent.get(request_id)
+            known = self._recent.get(key)
             if known is not None:
                 fut.set_result(known)
             else:
-                self._waiting.setdefault(request_id, []).append(fut)
+                self._waiting.setdefault(key, []).append(fut)
         return fut
 
-    def discard(self, request_id: str, fut: Future[dict[str, Any]]) -> None:
+    def discard(self, customer_id: str, request_id: str, fut: Future[dict[str, Any]]) -> None:
         """Stop waiting with ``fut`` (call it after a timeout so nothing leaks)."""
+        key = (customer_id, request_id)
         with self._lock:
-            futs = self._waiting.get(request_id)
+            futs = self._waiting.get(key)
             if futs and fut in futs:
                 futs.remove(fut)
                 if not futs:
-                    del self._waiting[request_id]
+                    del self._waiting[key]
 
-    def wait(self, request_id: str, timeout_s: float) -> dict[str, Any]:
+    def wait(self, customer_id: str, request_id: str, timeout_s: float) -> dict[str, Any]:
         """Block for the reply; raises TimeoutError. Synchronous callers only (register first!)."""
-        fut = self.register(request_id)
+        fut = self.register(customer_id, request_id)
         try:
             return fut.result(timeout_s)
         finally:
-            self.discard(request_id, fut)
+            self.discard(customer_id, request_id, fut)
 
     def _on_message(self, msg: Any) -> None:
         if msg is None or msg.error() is not None:
             return
         reply = _decode(msg.value())
-        if reply is None or not isinstance(reply.get("request_id"), str):
+        if reply is None or not isinstance(reply.get("request_id"), str) or not isinstance(reply.get("customer_id"), str):
             log.warning("ledger-replies: ignoring an undecodable reply at %s[%d]@%d",
                         msg.topic(), msg.partition(), msg.offset())
             return
-        rid = reply["request_id"]
+        key = (reply["customer_id"], reply["request_id"])
         with self._lock:
-            self._recent[rid] = reply
-            self._recent.move_to_end(rid)
+            self._recent[key] = reply
+            self._recent.move_to_end(key)
             while len(self._recent) > self._recent_max:
                 self._recent.popitem(last=False)
-            futs = self._waiting.pop(rid, [])
+            futs = self._waiting.pop(key, [])
         for fut in futs:
             try:
                 fut.set_result(reply)
@@ -318,7 +330,7 @@ class StatusView(_ConsumerThread):
         """The latest status value of ``customer_id`` (a copy), or None if none was seen."""
         with self._lock:
             v = self._values.get(customer_id)
-            return json.loads(json.dumps(v)) if v is not None else None
+            return copy.deepcopy(v) if v is not None else None
 
     def customers(self) -> list[str]:
         with self._lock:
@@ -441,8 +453,18 @@ def parse_instant_ms(value: Any, field: str) -> int | None:
     raise _bad(field, f"{field!r} must be epoch milliseconds or an ISO-8601 string")
 
 
+def _customer(doc: dict[str, Any]) -> str:
+    """``doc["customer_id"]`` if it has the one allowed form (schemas.models.CUSTOMER_ID_PATTERN)."""
+    v = doc.get("customer_id")
+    if v is None:
+        raise _bad("customer_id", "'customer_id' is required", "missing_field")
+    if not is_customer_id(v):
+        raise _bad("customer_id", CUSTOMER_ID_RULE, "invalid_customer_id")
+    return str(v)
+
+
 def _check_customer(customer_id: str) -> None:
-    _str({"customer_id": customer_id}, "customer_id", ident=True)
+    _customer({"customer_id": customer_id})
 
 
 def _base(kind: str, command_id: str, customer_id: str, at: int | None) -> dict[str, Any]:
@@ -452,9 +474,8 @@ def _base(kind: str, command_id: str, customer_id: str, at: int | None) -> dict[
 
 def authorize_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
     """``authorize`` command from a ``POST /v1/authorize`` body; request_id generated if absent."""
-    customer_id = _str(doc, "customer_id", ident=True)
+    customer_id = _customer(doc)
     rid = _str(doc, "request_id", required=False, ident=True) or f"req_{uuid.uuid4().hex}"
-    assert customer_id is not None
     return {
         **_base("authorize", f"authorize:{rid}", customer_id, at_ms),
         "request_id": rid,
@@ -490,8 +511,7 @@ def grant_command(doc: dict[str, Any], *, kind: str = "grant", at_ms: int | None
     kind = doc.get("type", kind)
     if kind not in ("grant", "top_up"):
         raise _bad("type", "'type' must be 'grant' or 'top_up'")
-    customer_id = _str(doc, "customer_id", ident=True)
-    assert customer_id is not None
+    customer_id = _customer(doc)
     grant_id = _str(doc, "grant_id", required=False, ident=True) or f"grant_{uuid.uuid4().hex}"
     at = now_ms() if at_ms is None else at_ms
     effective = parse_instant_ms(doc.get("effective_at_ms", doc.get("effective_at")), "effective_at_ms")
@@ -521,16 +541,14 @@ def grant_command(doc: dict[str, Any], *, kind: str = "grant", at_ms: int | None
 
 
 def void_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
-    customer_id = _str(doc, "customer_id", ident=True)
+    customer_id = _customer(doc)
     grant_id = _str(doc, "grant_id", ident=True)
-    assert customer_id is not None
     return {**_base("void", f"void:{grant_id}", customer_id, at_ms), "grant_id": grant_id,
             "reason": _str(doc, "reason", default="voided")}
 
 
 def adjust_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
-    customer_id = _str(doc, "customer_id", ident=True)
-    assert customer_id is not None
+    customer_id = _customer(doc)
     adj = _str(doc, "adjustment_id", required=False, ident=True) or f"adj_{uuid.uuid4().hex}"
     return {**_base("adjust", f"adjust:{adj}", customer_id, at_ms), "adjustment_id": adj,
             "amount": _amount(doc, "amount", nonzero=True), "reason": _str(doc, "reason"),

@@ -72,6 +72,8 @@ class DemoBilling:
         rows = []
         for customer, link in sorted(self.links.items()):
             for inv in client.v1.invoices.list({"customer": link.stripe_customer_id}).data:
+                if inv.billing_reason != "subscription_cycle":
+                    continue  # the 0 invoice Stripe issues when a (metered-only) subscription starts
                 rows.append(
                     InvoiceRow(
                         customer_id=customer,

@@ -25,17 +25,18 @@ their own client of the same engine.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from meterline.config import Settings
+from meterline.discovery import RuntimeInfo, remove_runtime_info, write_runtime_info
+from meterline.private import PRIVATE_UMASK, private_dir, write_private
+from meterline.metrics import STRIPE_SYNC_RUNS
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect
 from meterline.stack.topics import ensure_topics
@@ -44,7 +45,6 @@ from pipeline.workers import WorkerProcess
 log = logging.getLogger(__name__)
 sync_log = logging.getLogger("meterline.stripe_sync")  # `meterline up` shows it at INFO
 
-RUNTIME_FILE = "runtime.json"
 
 
 class Runtime:
@@ -68,13 +68,17 @@ class Runtime:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.log_dir = settings.data_dir / "logs"
+        self._umask: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self, *, on_step: Callable[[str], None] | None = None) -> Runtime:
         step = on_step or (lambda s: log.info(s))
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Billing data is private to this user (meterline.private): everything `up` and its child
+        # processes create from here on is 0600/0700.
+        self._umask = os.umask(PRIVATE_UMASK)
+        private_dir(self.settings.data_dir)
+        private_dir(self.log_dir)
         try:
             if not self.settings.kafka_bootstrap:
                 step("starting the embedded Kafka-protocol broker (Tansu, memory only)")
@@ -93,9 +97,10 @@ class Runtime:
                 self.workers.append(WorkerProcess(self.settings, name=f"worker-{i}", log_dir=self.log_dir).start())
             step("starting the ClickHouse sink")
             self._start_sink()
+            from jobs.stripe.cli import run_captured, stripe_subcommands
             from meterline.api.admin import CommandRunner
 
-            self.cli_runner = CommandRunner(self.settings)
+            self.cli_runner = CommandRunner(self.settings, run=run_captured, stripe_commands=stripe_subcommands())
             if self.with_api:
                 self._start_api()
                 step(f"API listening on {self.api_server.url}")
@@ -152,7 +157,10 @@ class Runtime:
                     self.clickhouse.close()
                 except Exception:  # noqa: BLE001 - closing on the way out
                     pass
-        (self.settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+        remove_runtime_info(self.settings.data_dir, only_if_pid=os.getpid())
+        if self._umask is not None:
+            os.umask(self._umask)
+            self._umask = None
 
     @property
     def commands(self) -> Any:
@@ -191,7 +199,15 @@ class Runtime:
             self.settings.topic("ledger-entries"),
             _LockedClient(self.clickhouse, self.clickhouse_lock),
         )
-        for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink)):
+        from pipeline.plans_sink import PlanCatalogSink, SubscriptionSink
+
+        plan_sinks = [
+            ("meterline-plans-sink", PlanCatalogSink(self.settings.kafka_bootstrap, f"{self.settings.topic_prefix}plans-sink",
+                                                     self.settings.topic("plans"), _LockedClient(self.clickhouse, self.clickhouse_lock))),
+            ("meterline-subscriptions-sink", SubscriptionSink(self.settings.kafka_bootstrap, f"{self.settings.topic_prefix}subscriptions-sink",
+                                                              self.settings.topic("subscriptions"), _LockedClient(self.clickhouse, self.clickhouse_lock))),
+        ]  # fmt: skip
+        for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink), *plan_sinks):
             t = threading.Thread(target=sink.run, args=(self._stop,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -208,8 +224,7 @@ class Runtime:
             self.admin_key = admin_file.read_text().strip()
         else:
             _, self.admin_key = keys.create(None, role="admin")
-            admin_file.write_text(self.admin_key + "\n")
-            os.chmod(admin_file, 0o600)
+            write_private(admin_file, self.admin_key + "\n")  # 0600 from creation, never briefly wider
         producer = UsageProducer(
             self.settings.kafka_bootstrap,
             self.settings.topic("usage-events"),
@@ -218,6 +233,7 @@ class Runtime:
         self._producer = producer
         from meterline.api.admin import admin_routes
         from meterline.api.credits import credit_routes
+        from meterline.api.simulate import simulate_routes
         from meterline.credits_client import CommandPublisher, ReplyWaiter, StatusView
 
         bootstrap = self.settings.kafka_bootstrap
@@ -231,7 +247,8 @@ class Runtime:
             producer=producer,
             clickhouse=self.query_client,
             key_store=keys,
-            extra_routes=credit_routes(*self._credits) + self._stripe_routes() + admin_routes(self.cli_runner),
+            extra_routes=credit_routes(*self._credits) + self._stripe_routes() + admin_routes(self.cli_runner)
+            + simulate_routes(),
         )
         self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
 
@@ -270,23 +287,24 @@ class Runtime:
         try:
             result = self.cli_runner.run(["stripe", "sync", "--no-progress"], wait_s=0, width=1000)
         except RunnerBusy as exc:
+            STRIPE_SYNC_RUNS.labels("skipped").inc()
             sync_log.info("stripe sync: skipped, `meterline %s` is running", exc.running)
             return None
         except Exception as exc:  # noqa: BLE001 - a periodic job must never take `up` down
+            STRIPE_SYNC_RUNS.labels("failed").inc()
             sync_log.error("stripe sync: failed: %s: %s", type(exc).__name__, exc, exc_info=True)
             return None
+        STRIPE_SYNC_RUNS.labels("ok" if result.exit_code == 0 else "failed").inc()
         sync_log.log(logging.INFO if result.exit_code == 0 else logging.WARNING, "%s",
                      sync_summary_line(result, time.monotonic() - started))  # fmt: skip
         return result
 
     def _write_runtime_file(self) -> None:
-        info = {
-            "pid": os.getpid(),
-            "kafka_bootstrap": self.settings.kafka_bootstrap,
-            "topic_prefix": self.settings.topic_prefix,
-            "api_url": self.api_server.url if self.api_server else None,
-        }
-        (self.settings.data_dir / RUNTIME_FILE).write_text(json.dumps(info))
+        write_runtime_info(self.settings.data_dir, RuntimeInfo(
+            pid=os.getpid(), kafka_bootstrap=self.settings.kafka_bootstrap, topic_prefix=self.settings.topic_prefix,
+            api_url=self.api_server.url if self.api_server else None,
+            metrics_url=f"{self.api_server.url}/metrics" if self.api_server else None,
+            worker_metrics_dir=str(self.settings.data_dir / "metrics")))
 
     @contextmanager
     def query_client(self) -> Iterator[Any]:
@@ -327,17 +345,3 @@ class _LockedClient:
                 return attr(*args, **kwargs)
 
         return call
-
-
-def read_runtime_file(data_dir: Path) -> dict[str, Any] | None:
-    """The running ``meterline up``'s addresses, if one is running for this data_dir."""
-    path = data_dir / RUNTIME_FILE
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(int(info["pid"]), 0)
-    except (OSError, KeyError, ValueError):
-        return None
-    return info

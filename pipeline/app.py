@@ -26,6 +26,7 @@ from typing import Any
 
 import faust
 
+from meterline import metrics
 from meterline.config import Settings
 from meterline.pricing import PricingEngine
 from pipeline.credits.agent import register_credit_agent
@@ -33,7 +34,7 @@ from pipeline.delivery import cap_fetch_wait, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.pricefeed import PriceFeed
 from pipeline.watchdog import StallWatchdog, source_positions
-from pipeline.processor import PricingProcessor, iter_table_entries
+from pipeline.processor import PricingProcessor, ProcessResult, iter_table_entries
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def create_app(settings: Settings) -> faust.App:
             _index_partition(partition)
         feed.drain_into(engine)
         result = processor.process_record(partition, rec.offset, rec.key, rec.value)
+        _record_metrics(result)
         if result.priced_value is not None:
             await priced_topic.send(key=rec.key, value=result.priced_value, partition=partition)
         for key, dead in result.dead_letters:
@@ -131,6 +133,16 @@ def create_app(settings: Settings) -> faust.App:
     watchdog = StallWatchdog(app, lambda: (ordered.applied, ordered.redelivered, credit.records,
                                            credit.ordered.redelivered), set(sources))  # fmt: skip
     app.meterline_watchdog = watchdog  # type: ignore[attr-defined]
+
+    def _lag() -> dict[str, int]:
+        """Records behind per assigned source partition (0 included), for meterline_consumer_lag_records."""
+        out: dict[str, int] = {}
+        for tp, (position, high) in source_positions(app.consumer, set(sources)).items():
+            if high is not None:
+                out[f"{tp.topic}:{tp.partition}"] = max(0, high - (position + 1 if position is not None else 0))
+        return out
+
+    metrics.set_lag_source(_lag)
 
     @app.task
     async def _start_watchdog() -> None:
@@ -184,3 +196,17 @@ def create_app(settings: Settings) -> faust.App:
             await ordered.deliver(SourceRecord(m.topic, m.partition, m.offset, ts_ms, m.key, m.value))
 
     return app
+
+
+def _record_metrics(result: ProcessResult) -> None:
+    """Count one usage-events record's outcome (meterline_events_*_total) and the priced events'
+    occurred -> priced delay."""
+    metrics.EVENTS_RECEIVED.inc(result.priced + result.rejected + result.duplicates)
+    if result.priced:
+        metrics.EVENTS_PRICED.inc(result.priced)
+        for occurred in result.occurred_ms:
+            metrics.observe_stage_ms("priced", occurred, result.priced_at_ms)
+    if result.duplicates:
+        metrics.EVENTS_DUPLICATE.inc(result.duplicates)
+    for reason in result.reasons:
+        metrics.EVENTS_REJECTED.labels(reason).inc()

@@ -65,6 +65,9 @@ class ProcessResult:
     rejected: int = 0
     duplicates: int = 0
     charge_picos: int = 0
+    reasons: list[str] = field(default_factory=list)  # reason_code of each dead letter (for metrics)
+    occurred_ms: list[int] = field(default_factory=list)  # occurred_at of each priced event (for metrics)
+    priced_at_ms: int = 0
 
 
 class DedupeIndex:
@@ -148,6 +151,7 @@ class PricingProcessor:
         except SchemaError as exc:
             result.dead_letters.append((key, self._dead_letter(exc, partition, offset, None, value or b"", "raw", now_ms)))
             result.rejected += 1
+            result.reasons.append(exc.reason_code)
             return result
 
         # 1. validate the whole batch, 2. drop events first seen in an earlier record, 3. price
@@ -182,6 +186,7 @@ class PricingProcessor:
             if type(step) is not int:
                 result.dead_letters.append((key, self._dead_letter(step, partition, offset, event, None, "usage_batch", now_ms)))
                 result.rejected += 1
+                result.reasons.append(step.reason_code)
                 continue
             customer, event_id = ident = (event["customer_id"], event["event_id"])
             if ident in in_record:
@@ -191,6 +196,7 @@ class PricingProcessor:
             if isinstance(amounts, InputError):
                 result.dead_letters.append((key, self._dead_letter(amounts, partition, offset, event, None, "usage_batch", now_ms)))
                 result.rejected += 1
+                result.reasons.append(amounts.reason_code)
                 continue
             in_record.add(ident)
             new_ids.append(event_id)
@@ -211,6 +217,8 @@ class PricingProcessor:
         if priced:
             result.priced_value = encode_priced_batch(priced)
             result.priced = len(priced)
+            result.occurred_ms = [e["occurred_at"] for e in priced]
+            result.priced_at_ms = now_ms
             result.dedupe_key = DedupeIndex.table_key(partition, offset)
             result.dedupe_value = {"c": customer_of_record, "ids": new_ids, "t": now_ms}
             self.dedupe.load(result.dedupe_key, result.dedupe_value)

@@ -50,6 +50,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from meterline import metrics
 from meterline.errors import ClickHouseUnavailable, InputError
 from meterline.money import to_decimal
 
@@ -69,6 +70,9 @@ PRICED_COLUMNS: tuple[str, ...] = (
     "session_id", "gateway", "provider", "model", "model_version", "request_id", "labels", "input_tokens", "output_tokens",
     "cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "requests", "cost", "charge",
     "currency", "price_version", "rate_card", "priced_at", "source_partition", "source_offset",
+    # UsageEvent v2 (migration 0009)
+    "cache_write_long_tokens", "input_audio_tokens", "output_audio_tokens", "input_image_tokens",
+    "output_image_tokens", "web_search_requests", "service_tier",
 )  # fmt: skip
 REJECTED_COLUMNS: tuple[str, ...] = (
     "reason_code", "reason", "field", "source_topic", "source_partition", "source_offset",
@@ -76,11 +80,14 @@ REJECTED_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 _OPTIONAL_STR = ("api_key_id", "project", "feature", "user_id", "session_id", "gateway", "model_version",
-                 "request_id", "price_version", "rate_card")  # fmt: skip
-_COUNTS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
+                 "request_id", "price_version", "rate_card", "service_tier")  # fmt: skip
+_COUNTS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens",
+           "cache_write_long_tokens", "input_audio_tokens", "output_audio_tokens", "input_image_tokens",
+           "output_image_tokens", "web_search_requests")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _P_CUSTOMER, _P_EVENT, _P_OCCURRED = 2, 0, 1  # positions in PRICED_COLUMNS
 _P_SPART, _P_SOFFSET = PRICED_COLUMNS.index("source_partition"), PRICED_COLUMNS.index("source_offset")
+_P_PRICED_AT = PRICED_COLUMNS.index("priced_at")
 _R_KEY = (3, 4, 5, 7)  # (source_topic, source_partition, source_offset, event_id) in REJECTED_COLUMNS
 
 ClientLike = Any  # a clickhouse_connect Client (kept loose: tests wrap it)
@@ -317,6 +324,7 @@ class ClickHouseSink:
         with self._lock:
             if not self._offsets and not self._priced and not self._rejected:
                 return 0
+            started = time.monotonic()
             priced, rejected = self._priced, self._rejected
             try:
                 client = self._get_client()
@@ -344,7 +352,18 @@ class ClickHouseSink:
             # (3) commit last consumed + 1 per partition, synchronously. Failure: the rows are stored;
             # the offsets stay pending for the next flush, and a replay meanwhile is dropped by (1).
             self._commit()
+            self._observe_flush(new_priced, len(new_priced) + len(new_rejected), time.monotonic() - started)
             return len(new_priced) + len(new_rejected)
+
+    def _observe_flush(self, new_priced: list[tuple[Any, ...]], rows: int, seconds: float) -> None:
+        """meterline_sink_flush_rows/_seconds, and priced -> row per inserted usage row."""
+        name = self.main_table
+        metrics.SINK_FLUSH_ROWS.labels(name).observe(rows)
+        metrics.SINK_FLUSH_SECONDS.labels(name).observe(seconds)
+        if name == "usage_priced" and new_priced:
+            now_ms = time.time_ns() // 1_000_000
+            for row in new_priced:
+                metrics.observe_stage_ms("row", _epoch_ms(row[_P_PRICED_AT]), now_ms)
 
     def run(self, stop_event: threading.Event) -> None:
         """Consume and flush until ``stop_event`` is set, then flush once more and close.

@@ -46,6 +46,7 @@ class WorkerProcess:
         # Settings come only from ``self.settings``; METERLINE_WORKER_* (log level, profiling) pass through.
         env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_") or k.startswith("METERLINE_WORKER_")}
         env.update(settings_env(self.settings))
+        env["METERLINE_WORKER_NAME"] = self.name  # names its metrics listener's advert (meterline.metrics)
         env.setdefault("PYTHONUNBUFFERED", "1")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

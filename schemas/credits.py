@@ -54,6 +54,7 @@ from meterline.ledger import (
     parse_amount,
     status_of,
 )
+from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 __all__ = [
     "COMMAND_TYPES",
@@ -232,6 +233,8 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
                            field="type")  # fmt: skip
     command_id = _get(d, "command_id", str)
     customer = _get(d, "customer_id", str)
+    if not is_customer_id(customer):  # the contract's one allowed form (docs/security.md)
+        raise _bad(CUSTOMER_ID_RULE, "customer_id")
     at = _get(d, "at_ms", int)
     env = {"type": kind, "command_id": command_id, "customer_id": customer, "at_ms": at}
     if kind in ("grant", "top_up"):

@@ -13,15 +13,46 @@ disjoint** — every token the provider billed is counted in exactly one class, 
 - ``reasoning_tokens``: hidden reasoning / thinking tokens (priced at the reasoning rate, which
   defaults to the output rate).
 - ``requests``: number of billable API requests this event stands for (default 1; per-request fees).
+
+Added in UsageEvent **v2** (every field optional with a default, so v1 bytes still decode; see
+docs/gateways.md):
+
+- ``cache_write_long_tokens``: cache writes with the LONG retention (Anthropic 1-hour,
+  OpenAI 12-hour), priced apart from ``cache_write_tokens`` (the short retention: Anthropic
+  5-minute, OpenAI 30-minute, or a provider with one cache-write price).
+- ``input_audio_tokens`` / ``output_audio_tokens``: audio tokens (OpenAI audio models, Gemini audio
+  input). EXCLUDED from ``input_tokens`` / ``output_tokens``.
+- ``input_image_tokens`` / ``output_image_tokens``: image tokens the provider reports apart
+  (OpenAI ``image_tokens``, Gemini IMAGE modality). EXCLUDED from input / output.
+- ``web_search_requests``: billable web-search tool calls (per-call fee).
+- ``service_tier``: the tier the provider served and bills at (``batch``, ``flex``, ``priority``);
+  None is the standard tier.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_ID_LEN = 128
+
+# THE allowed form of a customer id, for every entrance (HTTP ingest, producer SDK, pricing agent,
+# credit commands, the Stripe webhook, API keys): 1-128 ASCII characters, letters, digits and
+# ``. _ : @ + = -``, starting with a letter or digit. No whitespace, control, format (RTL override,
+# zero-width) or non-ASCII characters, no ``/``: a customer id is safe in a URL path, a file name,
+# an HTTP header and a log line, and one customer has exactly one spelling (no normalisation).
+CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
+CUSTOMER_ID_RULE = (
+    "a customer id is 1-128 characters from A-Z a-z 0-9 . _ : @ + = -, starting with a letter or digit"
+)
+_CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}")
+
+
+def is_customer_id(value: object) -> bool:
+    """True if ``value`` is a string of the allowed customer-id form (:data:`CUSTOMER_ID_PATTERN`)."""
+    return type(value) is str and _CUSTOMER_ID.fullmatch(value) is not None
 MAX_TOKENS_PER_EVENT = 10**12  # far above any real request; beyond this the count is treated as absurd
 MAX_REQUESTS_PER_EVENT = 10**6
 MAX_LABELS = 64
@@ -33,7 +64,23 @@ TOKEN_FIELDS: tuple[str, ...] = (
     "cached_input_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "cache_write_long_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
 )
+#: Tokens classes and counts that UsageEvent v2 added (absent from v1 records: they read as 0).
+V2_COUNT_FIELDS: tuple[str, ...] = (
+    "cache_write_long_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
+    "web_search_requests",
+)
+#: Per-call tool fees an event counts (field -> price-file fee name).
+TOOL_FIELDS: tuple[str, ...] = ("web_search_requests",)
 
 
 class UsageEvent(BaseModel):
@@ -43,7 +90,7 @@ class UsageEvent(BaseModel):
 
     event_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
     occurred_at: datetime
-    customer_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    customer_id: str = Field(min_length=1, max_length=MAX_ID_LEN)  # form checked by _customer_id_form
     api_key_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
     project: str | None = Field(default=None, max_length=MAX_ID_LEN)
     feature: str | None = Field(default=None, max_length=MAX_ID_LEN)
@@ -59,7 +106,14 @@ class UsageEvent(BaseModel):
     cached_input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
     cache_write_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
     reasoning_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    cache_write_long_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    input_audio_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    output_audio_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    input_image_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
+    output_image_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_PER_EVENT)
     requests: int = Field(default=1, ge=0, le=MAX_REQUESTS_PER_EVENT)
+    web_search_requests: int = Field(default=0, ge=0, le=MAX_REQUESTS_PER_EVENT)
+    service_tier: str | None = Field(default=None, max_length=MAX_ID_LEN)
     labels: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("occurred_at")
@@ -68,6 +122,13 @@ class UsageEvent(BaseModel):
         if v.tzinfo is None:
             raise ValueError("occurred_at must carry a timezone (UTC)")
         return v.astimezone(timezone.utc)
+
+    @field_validator("customer_id")
+    @classmethod
+    def _customer_id_form(cls, v: str) -> str:
+        if not is_customer_id(v):
+            raise ValueError(CUSTOMER_ID_RULE)
+        return v
 
     @field_validator("labels")
     @classmethod

@@ -33,6 +33,9 @@ from meterline.errors import SchemaError
 
 NAMESPACE = "meterline.v1"
 AVRO_DIR = Path(__file__).resolve().parent / "avro"
+#: Earlier versions of the bundled schemas (``UsageEvent.v1.avsc``...). Every reader knows them, so
+#: bytes an older producer wrote keep decoding (to the current reader schema, new fields defaulted).
+HISTORY_DIR = AVRO_DIR / "history"
 
 Resolver = Callable[[bytes], "dict[str, Any] | None"]
 
@@ -220,9 +223,39 @@ def bundled_schemas() -> dict[str, dict[str, Any]]:
     return _BUNDLED
 
 
+_HISTORY: list[dict[str, Any]] | None = None
+
+
+def historical_schemas() -> list[dict[str, Any]]:
+    """Expanded earlier versions of the bundled schemas (``schemas/avro/history``), oldest first.
+
+    Files are named ``<Name>.v<N>.avsc``; each version N is one directory-like group expanded on
+    its own, so ``UsageBatch.v1`` inlines ``UsageEvent.v1``.
+    """
+    global _HISTORY
+    if _HISTORY is None:
+        groups: dict[str, dict[str, dict[str, Any]]] = {}
+        for path in sorted(HISTORY_DIR.glob("*.v*.avsc")):
+            version = path.name.split(".")[1]
+            schema = json.loads(path.read_text(encoding="utf-8"))
+            groups.setdefault(version, {})[full_name(schema["name"], schema.get("namespace"))] = schema
+        out: list[dict[str, Any]] = []
+        for version in sorted(groups, key=lambda v: int(v.lstrip("v") or 0)):
+            raw = groups[version]
+            out.extend(_expand(s, raw, set(), s.get("namespace")) for s in raw.values())
+        _HISTORY = out
+    return _HISTORY
+
+
 def default_registry(resolver: Resolver | None = None) -> SchemaRegistry:
-    """A new registry preloaded with the bundled schemas (cheap: the files are read once)."""
+    """A new registry preloaded with the bundled schemas (cheap: the files are read once).
+
+    The current schemas are registered first (they are what :meth:`SchemaRegistry.named` returns);
+    then the historical ones, so readers decode records of older writers too.
+    """
     registry = SchemaRegistry(resolver)
     for schema in bundled_schemas().values():
+        registry.register(schema)
+    for schema in historical_schemas():
         registry.register(schema)
     return registry

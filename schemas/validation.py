@@ -9,6 +9,10 @@ event). It raises :class:`meterline.errors.InvalidEvent` with one of these ``rea
 missing_event_id           event_id empty or absent (likewise missing_customer_id,
                            missing_provider, missing_model, missing_occurred_at)
 id_too_long                a string id longer than MAX_ID_LEN (128) characters
+invalid_encoding           a string that is not valid Unicode (a lone surrogate from JSON ``\\ud800``);
+                           reported by the model (JSON and SDK paths), Avro cannot carry one
+invalid_customer_id        customer_id not of the allowed form (:data:`schemas.models.CUSTOMER_ID_PATTERN`:
+                           ASCII letters, digits, ``. _ : @ + = -``; no spaces, controls, ``/``)
 invalid_type               a field holds a value of the wrong type (only for dicts that did not
                            come from the Avro decoder, which guarantees types)
 negative_count             a token count or ``requests`` below zero
@@ -48,12 +52,15 @@ from pydantic import ValidationError
 
 from meterline.errors import InvalidEvent
 from schemas.models import (
+    CUSTOMER_ID_RULE,
     MAX_ID_LEN,
     MAX_LABEL_LEN,
     MAX_LABELS,
     MAX_REQUESTS_PER_EVENT,
     MAX_TOKENS_PER_EVENT,
     TOKEN_FIELDS,
+    TOOL_FIELDS,
+    is_customer_id,
 )
 
 MIN_OCCURRED_AT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -69,13 +76,16 @@ OPTIONAL_ID_FIELDS: tuple[str, ...] = (
     "gateway",
     "model_version",
     "request_id",
+    "service_tier",
 )
-COUNT_FIELDS: tuple[str, ...] = (*TOKEN_FIELDS, "requests")
+COUNT_FIELDS: tuple[str, ...] = (*TOKEN_FIELDS, *TOOL_FIELDS, "requests")
 
 REASON_CODES: frozenset[str] = frozenset(
     {
         *(f"missing_{f}" for f in (*REQUIRED_ID_FIELDS, "occurred_at")),
         "id_too_long",
+        "invalid_customer_id",
+        "invalid_encoding",
         "invalid_type",
         "invalid_timestamp",
         "negative_count",
@@ -96,8 +106,12 @@ __all__ = [
     "validate_records",
 ]
 
-_COUNT_DEFAULTS = {f: 0 for f in TOKEN_FIELDS} | {"requests": 1}
-_COUNT_LIMITS = {f: MAX_TOKENS_PER_EVENT for f in TOKEN_FIELDS} | {"requests": MAX_REQUESTS_PER_EVENT}
+_COUNT_DEFAULTS = {f: 0 for f in (*TOKEN_FIELDS, *TOOL_FIELDS)} | {"requests": 1}
+_COUNT_LIMITS = (
+    {f: MAX_TOKENS_PER_EVENT for f in TOKEN_FIELDS}
+    | {f: MAX_REQUESTS_PER_EVENT for f in TOOL_FIELDS}
+    | {"requests": MAX_REQUESTS_PER_EVENT}
+)
 
 
 def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = DEFAULT_MAX_FUTURE_MS) -> None:
@@ -114,6 +128,8 @@ def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = D
             raise InvalidEvent(f"{name} is required and must not be empty", reason_code=f"missing_{name}", field=name)
         if len(v) > MAX_ID_LEN:
             raise InvalidEvent(f"{name} is {len(v)} characters, at most {MAX_ID_LEN}", reason_code="id_too_long", field=name)
+    if not is_customer_id(d.get("customer_id")):
+        raise InvalidEvent(CUSTOMER_ID_RULE, reason_code="invalid_customer_id", field="customer_id")
     for name in OPTIONAL_ID_FIELDS:
         v = d.get(name)
         if v is not None:
@@ -179,6 +195,7 @@ def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = D
 
 _IDS = itemgetter(*REQUIRED_ID_FIELDS, *OPTIONAL_ID_FIELDS)
 _N_IDS = len(REQUIRED_ID_FIELDS) + len(OPTIONAL_ID_FIELDS)
+_CUSTOMER_AT = REQUIRED_ID_FIELDS.index("customer_id")
 _OCCURRED = itemgetter("occurred_at")
 _COUNTS = itemgetter(*COUNT_FIELDS)  # requests last
 _N_COUNTS = len(COUNT_FIELDS)
@@ -223,13 +240,16 @@ def _provably_clean(events: Sequence[Mapping[str, Any]], latest_ms: int) -> bool
         column = ids[i::_N_IDS]
         if None in column or "" in column:
             return False
+    if not all(map(is_customer_id, set(ids[_CUSTOMER_AT::_N_IDS]))):  # few distinct customers per batch
+        return False
     if set(map(type, occurred)) != _INT or min(occurred) < MIN_OCCURRED_AT_MS or max(occurred) > latest_ms:
         return False
     if set(map(type, counts)) != _INT or min(counts) < 0 or max(counts) > MAX_TOKENS_PER_EVENT:
         return False
+    for i in range(len(TOKEN_FIELDS), _N_COUNTS):  # tool calls and requests have the lower limit
+        if max(counts[i::_N_COUNTS]) > MAX_REQUESTS_PER_EVENT:
+            return False
     requests = counts[_N_COUNTS - 1 :: _N_COUNTS]
-    if max(requests) > MAX_REQUESTS_PER_EVENT:
-        return False
     if min(requests) == 0 and min(map(sum, map(_COUNTS, events))) == 0:  # empty_usage
         return False
     for lab in filter(None, labels):
@@ -264,6 +284,10 @@ def invalid_event_from_pydantic(exc: ValidationError) -> InvalidEvent:
         code = f"missing_{field}"
     elif kind == "string_too_long":
         code = "id_too_long"
+    elif kind == "string_unicode":  # a lone surrogate (JSON "\\ud800"): pydantic refuses it
+        code = "invalid_encoding"
+    elif field == "customer_id" and kind == "value_error":
+        code = "invalid_customer_id"
     elif kind == "greater_than_equal":
         code = "negative_count"
     elif kind == "less_than_equal":

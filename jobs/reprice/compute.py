@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from jobs.reprice.rates import RATE_FIELDS, Segment, all_segments
+from jobs.reprice.rates import Segment, all_segments, rated_fields
 from meterline.errors import InputError
 from meterline.pricing import PricingEngine
 
@@ -118,25 +118,25 @@ class Plan:
         return vb, va, cb, ca
 
 
-def _rates_columns() -> list[tuple[str, str]]:
+def _rates_columns(fields: tuple[str, ...]) -> list[tuple[str, str]]:
     cols = [("customer_id", "String"), ("provider", "String"), ("model", "String"), ("model_version", "String"),
-            ("t_from", "Int64"), ("t_to", "Int64"), ("price_version", "String"), ("rate_card", "String"),
-            ("error", "String")]  # fmt: skip
-    cols += [(f"k{i}", "Nullable(Int128)") for i in range(len(RATE_FIELDS))]
-    cols += [(f"c{i}", "Nullable(Int128)") for i in range(len(RATE_FIELDS))]
+            ("service_tier", "String"), ("t_from", "Int64"), ("t_to", "Int64"), ("price_version", "String"),
+            ("rate_card", "String"), ("error", "String")]  # fmt: skip
+    cols += [(f"k{i}", "Nullable(Int128)") for i in range(len(fields))]
+    cols += [(f"c{i}", "Nullable(Int128)") for i in range(len(fields))]
     return cols
 
 
 @contextmanager
-def _rates_table(ch: Any, segments: Sequence[Segment]) -> Iterator[str]:
+def _rates_table(ch: Any, segments: Sequence[Segment], fields: tuple[str, ...]) -> Iterator[str]:
     """The segments in an auxiliary Memory table (dropped afterwards): a join target for ClickHouse.
     (An inline ``values()`` literal hits ``max_query_size`` at tens of thousands of segments.)"""
     name = f"reprice_rates_{uuid.uuid4().hex[:12]}"
-    cols = _rates_columns()
+    cols = _rates_columns(fields)
     ch.command(f"CREATE TABLE {name} ({', '.join(f'{c} {t}' for c, t in cols)}) ENGINE = Memory")
     try:
-        n = len(RATE_FIELDS)
-        rows = [[s.customer_id, s.provider, s.model, s.model_version, s.t_from_ms, s.t_to_ms, s.price_version,
+        n = len(fields)
+        rows = [[s.customer_id, s.provider, s.model, s.model_version, s.service_tier, s.t_from_ms, s.t_to_ms, s.price_version,
                  s.rate_card, s.error, *(s.cost or (None,) * n), *(s.charge or (None,) * n)] for s in segments]  # fmt: skip
         ch.insert(name, rows, column_names=[c for c, _ in cols])
         yield name
@@ -144,11 +144,11 @@ def _rates_table(ch: Any, segments: Sequence[Segment]) -> Iterator[str]:
         ch.command(f"DROP TABLE IF EXISTS {name}")
 
 
-def _events_sql(rates: str, where: str) -> str:
+def _events_sql(rates: str, where: str, fields: tuple[str, ...]) -> str:
     """One row per event of the period with its re-rated picos (Int128) and whether it is priceable now."""
-    ok = ["r.error = ''"] + [f"(u.{f} = 0 OR r.k{i} IS NOT NULL)" for i, f in enumerate(RATE_FIELDS)]
-    cost = " + ".join(f"toInt128(u.{f}) * ifNull(r.k{i}, toInt128(0))" for i, f in enumerate(RATE_FIELDS))
-    charge = " + ".join(f"toInt128(u.{f}) * ifNull(r.c{i}, toInt128(0))" for i, f in enumerate(RATE_FIELDS))
+    ok = ["r.error = ''"] + [f"(u.{f} = 0 OR r.k{i} IS NOT NULL)" for i, f in enumerate(fields)]
+    cost = " + ".join(f"toInt128(u.{f}) * ifNull(r.k{i}, toInt128(0))" for i, f in enumerate(fields))
+    charge = " + ".join(f"toInt128(u.{f}) * ifNull(r.c{i}, toInt128(0))" for i, f in enumerate(fields))
     return f"""
         SELECT u.customer_id AS customer_id, toStartOfHour(toDateTime(u.occurred_at, 'UTC')) AS hour,
                u.provider AS provider, u.model AS model, u.model_version AS model_version, u.project AS project,
@@ -159,7 +159,7 @@ def _events_sql(rates: str, where: str) -> str:
         FROM (SELECT * FROM usage_priced FINAL WHERE {where}) AS u
         INNER JOIN {rates} AS r
             ON u.customer_id = r.customer_id AND u.provider = r.provider AND u.model = r.model
-               AND u.model_version = r.model_version
+               AND u.model_version = r.model_version AND u.service_tier = r.service_tier
         WHERE toUnixTimestamp64Milli(u.occurred_at) >= r.t_from AND toUnixTimestamp64Milli(u.occurred_at) < r.t_to
     """
 
@@ -173,8 +173,10 @@ class Repricing:
     """One re-rating with its rate segments loaded (inside :func:`open_reprice`): the report, the
     deltas' summary, and the correction rows written by ClickHouse itself (``INSERT … SELECT``)."""
 
-    def __init__(self, ch: Any, plan: Plan, rates: str | None, params: dict[str, Any]) -> None:
+    def __init__(self, ch: Any, plan: Plan, rates: str | None, params: dict[str, Any],
+                 fields: tuple[str, ...]) -> None:  # fmt: skip
         self.ch = ch
+        self.fields = fields
         self.plan = plan
         self._rates = rates
         self._params = params
@@ -197,7 +199,7 @@ class Repricing:
     def _delta_sql(self) -> str:
         assert self._rates is not None
         where, _ = self.plan.filters.where()
-        ev = _events_sql(self._rates, where)
+        ev = _events_sql(self._rates, where, self.fields)
         keys = ", ".join(KEY_COLUMNS)
         return (
             f"SELECT n.customer_id AS customer_id, n.hour AS hour, n.provider AS provider, n.model AS model, "
@@ -223,7 +225,7 @@ class Repricing:
             return plan
         if progress is not None:
             progress("re-rating in ClickHouse", 0, 1)
-        ev = _events_sql(self._rates, where)
+        ev = _events_sql(self._rates, where, self.fields)
         rows = self.ch.query(
             f"SELECT customer_id, provider, model, arrayStringConcat(arraySort(groupUniqArray(old_version)), ','), "
             f"arrayStringConcat(arraySort(groupUniqArray(old_card)), ','), new_version, new_card, error, count(), "
@@ -274,9 +276,10 @@ def open_reprice(ch: Any, engine: PricingEngine, filters: Filters,
         raise InputError("the period must start and end on whole UTC hours (corrections are hourly)", field="period")
     where, params = filters.where()
     groups = ch.query(
-        f"SELECT customer_id, provider, model, model_version, toUnixTimestamp64Milli(min(occurred_at)), "
+        f"SELECT customer_id, provider, model, model_version, service_tier, toUnixTimestamp64Milli(min(occurred_at)), "
         f"toUnixTimestamp64Milli(max(occurred_at)) FROM usage_priced WHERE {where} "
-        f"GROUP BY customer_id, provider, model, model_version ORDER BY customer_id, provider, model, model_version",
+        f"GROUP BY customer_id, provider, model, model_version, service_tier "
+        f"ORDER BY customer_id, provider, model, model_version, service_tier",
         parameters=params,
     ).result_rows
     plan = Plan(filters)
@@ -285,14 +288,15 @@ def open_reprice(ch: Any, engine: PricingEngine, filters: Filters,
         if progress is not None and (done % 500 == 0 or done == len(groups)):
             progress("rates (customer × model)", done, len(groups))
 
-    segments = all_segments(engine, [(str(c), str(p), str(m), str(v), int(lo), int(hi))
-                                     for c, p, m, v, lo, hi in groups], tick)  # fmt: skip
+    fields = rated_fields(ch)
+    segments = all_segments(engine, [(str(c), str(p), str(m), str(v), str(t), int(lo), int(hi))
+                                     for c, p, m, v, t, lo, hi in groups], fields, tick)  # fmt: skip
     plan.segments = segments
     if not segments:
-        yield Repricing(ch, plan, None, params)
+        yield Repricing(ch, plan, None, params, fields)
         return
-    with _rates_table(ch, segments) as rates:
-        rp = Repricing(ch, plan, rates, params)
+    with _rates_table(ch, segments, fields) as rates:
+        rp = Repricing(ch, plan, rates, params, fields)
         try:
             yield rp
         finally:

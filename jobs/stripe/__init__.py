@@ -10,12 +10,15 @@ Public surface (see docs/stripe.md):
 - ``reconcile`` / ``Drift``                   ClickHouse vs cursor vs Stripe meter summaries
 - ``build_statement`` / ``render_html`` / ``render_csv``  the itemized usage statement
 - ``webhook_route``                           the Stripe webhook endpoint (paid top-ups)
+- ``apply_plans`` / ``PlanReport``            plan customers' Stripe subscriptions (docs/stripe.md, Plans)
+- ``stripe_period_cents``                     what Stripe bills for one service period of a subscription
 """
 
 from __future__ import annotations
 
 from jobs.stripe._config import BillingConfig, MeterSpec, StripeTarget, load_billing_config, meter_specs
 from jobs.stripe.credits import GrantSummary, mirror_grants
+from jobs.stripe.plans import PlanReport, apply_plans, stripe_period_cents
 from jobs.stripe.provision import ProvisionReport, provision
 from jobs.stripe.reconcile import Drift, parse_period, reconcile
 from jobs.stripe.statement import Statement, build_statement, render_csv, render_html
@@ -28,10 +31,12 @@ __all__ = [
     "Drift",
     "GrantSummary",
     "MeterSpec",
+    "PlanReport",
     "ProvisionReport",
     "Statement",
     "StripeTarget",
     "SyncSummary",
+    "apply_plans",
     "build_statement",
     "kafka_publisher",
     "load_billing_config",
@@ -42,6 +47,7 @@ __all__ = [
     "reconcile",
     "render_csv",
     "render_html",
+    "stripe_period_cents",
     "sync",
     "top_up_command",
     "webhook_route",

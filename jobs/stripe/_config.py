@@ -178,6 +178,22 @@ class StripeTarget:
             kwargs["base_addresses"] = self.base_addresses
         return stripe.StripeClient(api_key or self.api_key, **kwargs)
 
+    def now(self) -> int:
+        """Stripe's clock in unix seconds: wall time, or a local server's test clock
+        (``GET /_test/clock``) when this target is one that answers it."""
+        import time
+
+        if self.base_addresses and "api.stripe.com" not in self.base_addresses.get("api", ""):
+            import httpx
+
+            try:
+                resp = httpx.get(self.base_addresses["api"].rstrip("/") + "/_test/clock", timeout=5)
+                if resp.status_code == 200:
+                    return int(resp.json()["now"])
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+        return int(time.time())
+
     @classmethod
     def local(cls, url: str, **kwargs: Any) -> StripeTarget:
         return cls("sk_test_meterline_local", {"api": url, "meter_events": url}, **kwargs)

@@ -28,6 +28,7 @@ import stripe
 
 from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, meter_specs, product_id
 from jobs.stripe._store import CustomerLink, load_customers, save_customer
+from jobs.stripe.plans import PlanReport
 from meterline.errors import ConfigError
 
 META_KEY = "meterline_customer_id"
@@ -41,6 +42,7 @@ class ProvisionReport:
     meters: dict[str, str] = field(default_factory=dict)  # event_name -> meter id
     prices: dict[str, str] = field(default_factory=dict)  # event_name -> price id
     customers: dict[str, CustomerLink] = field(default_factory=dict)
+    plans: PlanReport | None = None  # plan customers (jobs/stripe/plans.py)
 
 
 def idem_key(kind: str, name: str, params: Any) -> str:
@@ -106,22 +108,40 @@ def _ensure_price(client: stripe.StripeClient, cfg: BillingConfig, spec: MeterSp
 
 
 def provision(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, *, customers: Iterable[str] = (),
-              root: Path = REPO_ROOT) -> ProvisionReport:  # fmt: skip
+              root: Path = REPO_ROOT, now: int | None = None) -> ProvisionReport:  # fmt: skip
     """Create what is missing: meters, the product, metered prices, then each customer's mapping.
 
     ``customers``: meterline customer ids to map (in addition to nothing: pass
-    :func:`usage_customers` to map everyone with priced usage).
+    :func:`usage_customers` to map everyone with priced usage). Customers with subscription facts
+    (``meterline plans subscribe``) get their plan's prices and subscription instead
+    (:func:`jobs.stripe.plans.apply_plans`, at Stripe's clock ``now``, default wall time).
     """
+    import time
+
+    from jobs.stripe.plans import PLAN_METER, apply_plans, plan_customers
+
     report = ProvisionReport()
+    try:
+        on_plans = plan_customers(ch)
+    except Exception:  # no subscription_events table: no plans
+        on_plans = []
     specs = meter_specs(cfg, root)
     existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
     pid = _ensure_product(client, cfg, report)
     for spec in specs:
         report.meters[spec.event_name] = _ensure_meter(client, spec, existing, report)
         report.prices[spec.event_name] = _ensure_price(client, cfg, spec, report.meters[spec.event_name], pid, report)
-    wanted = sorted(set(customers))
+    wanted = sorted(set(customers) - set(on_plans))
     if wanted:
         report.customers = ensure_customers(client, ch, cfg, wanted, list(report.prices.values()), report)
+    if on_plans:
+        report.meters[PLAN_METER.event_name] = _ensure_meter(client, PLAN_METER, existing, report)
+        report.plans = apply_plans(client, ch, cfg, report.meters[PLAN_METER.event_name],
+                                   now=int(time.time()) if now is None else now, changes=False)
+        report.created += report.plans.created
+        report.existing += report.plans.existing
+        report.warnings += report.plans.unmapped + report.plans.warnings
+        report.customers.update(report.plans.customers)
     return report
 
 

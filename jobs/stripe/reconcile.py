@@ -81,8 +81,10 @@ def reconcile(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, start: i
     scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
     usage = aggregate_usage(ch, cfg, specs, start, end, customer=customer)
     ch_units: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    from jobs.stripe.plans import PLAN_EVENT
+
     for (cust, meter, _ws), amount in usage.items():
-        ch_units[(cust, meter)] += amount * scale
+        ch_units[(cust, meter)] += amount * (Decimal(1) if meter == PLAN_EVENT else scale)
     pushed: dict[tuple[str, str], int] = defaultdict(int)
     unpushed: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     for p in load_pushes(ch, since=start, until=end, customer=customer):
@@ -91,7 +93,7 @@ def reconcile(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, start: i
         elif p.status == CANCELED:
             continue
         else:
-            unpushed[(p.customer_id, p.meter)] += p.amount * scale
+            unpushed[(p.customer_id, p.meter)] += p.amount * (Decimal(1) if p.meter == PLAN_EVENT else scale)
     links = load_customers(ch)
     meter_ids = {m.event_name: m.id for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
     lo, hi = start - start % 60, end - end % 60  # minute-aligned; windows are whole minutes

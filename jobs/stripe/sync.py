@@ -59,6 +59,7 @@ from jobs.stripe._store import (
     load_pushes,
     utc,
 )
+from meterline.metrics import STRIPE_METER_EVENTS
 
 MAX_VALUE = 10**15 - 1  # Stripe: at most 15 significant digits
 CANCEL_WINDOW_S = 23 * 3600  # Stripe cancels a meter event within 24 h of receipt; 1 h of slack
@@ -84,6 +85,8 @@ class SyncSummary:
     other_currency_events: int = 0
     cancels: int = 0  # acked revisions planned for cancellation (their window shrank: re-rating)
     canceled: int = 0  # of which Stripe cancelled this run
+    plan_updates: list[str] = field(default_factory=list)  # plan subscriptions created / updated
+    true_ups: list[str] = field(default_factory=list)  # minimum-commitment true-ups added ("customer:period")
 
     @property
     def ok(self) -> bool:
@@ -112,14 +115,19 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
         where += " AND customer_id = {customer:String}"
         params["customer"] = customer
     ws = "intDiv(toUnixTimestamp(occurred_at), {w:UInt32}) * {w:UInt32}"
-    out: dict[UsageKey, Decimal] = {}
+    from jobs.stripe.plans import plan_windows
+
+    plan_customers, out = plan_windows(ch, cfg, since, until, customer)  # plan customers: their own buckets
+    if plan_customers:
+        where += " AND customer_id NOT IN {plan_customers:Array(String)}"
+        params["plan_customers"] = sorted(plan_customers)
     if summary is not None:
         summary.other_currency_events = int(ch.query(
             f"SELECT count() FROM usage_priced FINAL WHERE {where} AND lower(currency) != {{cur:String}}", parameters=params
         ).result_rows[0][0])  # fmt: skip
     if cfg.mode == "cost":
         # usage_priced + the re-rating corrections (jobs/reprice): a corrected window grows (a new
-        # revision) or shrinks (reported) like late usage does.
+        # revision, like late usage) or shrinks (cancel and re-push, see plan()).
         rows = ch.query(f"SELECT customer_id, {ws} AS ws, sum(charge) FROM ("
                         f"SELECT customer_id, occurred_at, charge, currency FROM usage_priced FINAL WHERE {where} "
                         f"UNION ALL SELECT customer_id, occurred_at, charge, currency FROM usage_corrections FINAL "
@@ -154,7 +162,9 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
 def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: int, since: int,
          summary: SyncSummary) -> list[Push]:  # fmt: skip
     """New revisions for every window whose usage grew since it was last planned (not yet stored)."""
-    scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
+    from jobs.stripe.plans import PLAN_EVENT
+
+    cost_scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
     by_key: dict[UsageKey, list[Push]] = defaultdict(list)
     for p in load_pushes(ch, since=since):
         by_key[(p.customer_id, p.meter, p.window_start)].append(p)
@@ -172,6 +182,7 @@ def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: in
         seq, before = carry.get((cust, meter), (0, Decimal(0)))
         seq += 1
         ident = identifier(cust, meter, ws, rev)
+        scale = Decimal(1) if meter == PLAN_EVENT else cost_scale  # the plan meter counts tokens
         if delta < 0:  # a re-rating lowered the window: cancel what Stripe has, re-push the rest
             live = [p for p in prior if p.status == ACKED and p.value > 0]
             acked = acked_at(ch, cust, meter, ws) if live else {}
@@ -253,6 +264,7 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
         if on_sent is not None:
             on_sent(push)
         summary.sent += 1
+        STRIPE_METER_EVENTS.labels(status).inc()
         final = push.with_status(status, error)
         if status == ACKED:
             summary.acked += 1
@@ -286,13 +298,50 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
         summary.retries = sender.retries
         if bar is not None:
             bar.stop()
+    if _has_plans(ch):  # after the pushes: a plan change bills the replaced price's usage reported so far
+        from jobs.stripe.plans import true_ups
+
+        _apply_plans(target, ch, cfg, now, summary)
+        summary.true_ups = true_ups(target.client(), ch, cfg)
     return summary
+
+
+def _has_plans(ch: Any) -> bool:
+    from jobs.stripe.plans import plan_customers
+
+    try:
+        return bool(plan_customers(ch))
+    except Exception:  # no subscription_events table
+        return False
+
+
+def _apply_plans(target: StripeTarget, ch: Any, cfg: BillingConfig, now: int, summary: SyncSummary) -> None:
+    """Keep plan subscriptions in step with the timeline (a change since the last run) before pushing."""
+    if not (cfg.sync.auto_provision_customers and _has_plans(ch)):
+        return
+    from jobs.stripe.plans import PLAN_METER, apply_plans
+    from jobs.stripe.provision import ProvisionReport, _ensure_meter
+
+    client = target.client()
+    existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
+    meter_id = _ensure_meter(client, PLAN_METER, existing, ProvisionReport())
+    report = apply_plans(client, ch, cfg, meter_id, now=now)
+    summary.plan_updates = report.created + report.updated
+    summary.unmapped.extend(report.unmapped)
 
 
 def _customer_links(target: StripeTarget, ch: Any, cfg: BillingConfig, customers: set[str], root: Path,
                     summary: SyncSummary) -> dict[str, str]:  # fmt: skip
     links = {cid: link.stripe_customer_id for cid, link in load_customers(ch).items() if cid in customers}
     missing = sorted(customers - set(links))
+    if missing:  # a plan customer gets its plan subscription from `provision`, never the pay-per-token one
+        from jobs.stripe.plans import plan_customers
+
+        try:
+            on_plans = set(plan_customers(ch))
+        except Exception:  # no subscription_events table yet
+            on_plans = set()
+        missing = [c for c in missing if c not in on_plans]
     if missing and cfg.sync.auto_provision_customers:
         from jobs.stripe.provision import ensure_customers, price_ids
 

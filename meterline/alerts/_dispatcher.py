@@ -3,7 +3,11 @@
 Processing contract, per alert record (one thread, records in partition order):
 
 1. Decode the JSON value. A value that is not a JSON object with a string ``alert_id`` cannot be
-   delivered: it is logged (error) and its offset committed.
+   delivered: it is logged (error) and its offset committed. An ``alert_id`` that is not
+   header-safe (1-512 visible ASCII characters: no CR/LF, controls, spaces or non-ASCII) could
+   never be sent either: it is recorded ``dead`` for every URL at once and never retried, so one
+   bad alert cannot hold up the ones behind it (likewise a request the HTTP client refuses to
+   build, ``httpx.LocalProtocolError``).
 2. For each URL: skip it when the delivered-store already has an outcome for ``(alert_id, url)``
    (a replayed or re-read alert is delivered once). Otherwise POST the body with a fresh
    ``Meterline-Signature`` per attempt; any 2xx is success → record ``delivered``. Anything else
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -41,12 +46,15 @@ import meterline
 from meterline.alerts._signing import ALERT_ID_HEADER, SIGNATURE_HEADER, sign
 from meterline.alerts._store import DeliveredStore
 from meterline.errors import ConfigError
+from meterline.metrics import ALERT_DELIVERIES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_AGE_S = 3 * 86_400
 DEFAULT_KEEP_OUTCOMES_S = 31 * 86_400  # the alerts topic keeps 30 days (infra/topics.yaml); one day more
 PRUNE_EVERY_S = 3600.0
+# An alert id is sent as the Meterline-Alert-Id header: visible ASCII only, bounded.
+_HEADER_SAFE_ID = re.compile(r"[\x21-\x7e]{1,512}")
 
 
 def _safe_url(url: str) -> str:
@@ -180,6 +188,17 @@ class WebhookDispatcher:
                       msg.topic(), msg.partition(), msg.offset())
             return True
         alert_id = alert["alert_id"]
+        if not _HEADER_SAFE_ID.fullmatch(alert_id):
+            # It could never be sent (the id travels in a header: CR/LF, controls, non-ASCII are
+            # refused by the HTTP client); retrying it for max_age_s would hold up every alert
+            # behind it. Settle it as dead for every URL, with a log line that cannot inject.
+            for url in self.urls:
+                if self.store.outcome(alert_id, url) is None:
+                    self.store.record(alert_id, url, "dead", 0)
+                    self.dead += 1
+            log.error("alerts: refusing alert %s[%d]@%d: alert_id %r is not a header-safe id",
+                      msg.topic(), msg.partition(), msg.offset(), alert_id[:200])
+            return True
         at_ms = alert.get("at_ms")
         if not isinstance(at_ms, int) or isinstance(at_ms, bool):
             _kind, at_ms = msg.timestamp()
@@ -203,21 +222,30 @@ class WebhookDispatcher:
             try:
                 resp = self._http.post(url, content=body, headers=headers)
                 problem = None if 200 <= resp.status_code < 300 else f"HTTP {resp.status_code}"
+            except httpx.LocalProtocolError as exc:  # this request can never be sent: do not retry it
+                self.store.record(alert_id, url, "dead", attempt)
+                self.dead += 1
+                log.error("alerts: alert_id=%r to %s cannot be sent (%s); giving up", alert_id[:200],
+                          _safe_url(url), type(exc).__name__)  # fmt: skip
+                return True
             except httpx.HTTPError as exc:
                 problem = type(exc).__name__
             if problem is None:
                 self.store.record(alert_id, url, "delivered", attempt)
                 self.delivered += 1
+                ALERT_DELIVERIES.labels("delivered").inc()
                 log.info("alerts: delivered alert_id=%s to %s (attempt %d)", alert_id, _safe_url(url), attempt)
                 return True
             age_s = time.time() - at_ms / 1000
             if age_s > self.max_age_s:
                 self.store.record(alert_id, url, "dead", attempt)
                 self.dead += 1
+                ALERT_DELIVERIES.labels("dead").inc()
                 log.error("alerts: giving up alert_id=%s to %s after %d attempts (%s; alert %.0fs old)",
                           alert_id, _safe_url(url), attempt, problem, age_s)
                 return True
             delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(attempt - 1, 30))
+            ALERT_DELIVERIES.labels("retry").inc()
             log.warning("alerts: alert_id=%s to %s failed (%s), attempt %d; retrying in %.2fs",
                         alert_id, _safe_url(url), problem, attempt, delay)
             if stop.wait(delay):

@@ -20,9 +20,6 @@ _EXPORTS = {
     "KeyRecord": "meterline.api.keys",
     "KeyStore": "meterline.api.keys",
     "ApiServer": "meterline.api.server",
-    "read_discovery": "meterline.api.server",
-    "remove_discovery": "meterline.api.server",
-    "write_discovery": "meterline.api.server",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,10 @@ Route
 
 - ``argv[0]`` must be ``stripe`` followed by one of its commands (provision, sync, grants,
   reconcile) or ``statement``; anything else is 400 ``command_not_allowed``. ``--help`` is 400
-  ``help_not_available`` (run it locally). ``width`` is the console width the output is rendered
+  ``help_not_available`` (run it locally). ``statement --out`` is 400 ``option_not_allowed``:
+  nothing run here writes to a path the caller chose; the statement comes back in ``stdout`` and
+  the CLI writes ``--out`` on the caller's machine (the command itself refuses ``--out`` when run
+  inside ``up``, exit 2). The customer argument must have the contract's customer-id form. ``width`` is the console width the output is rendered
   for (20–1000, default 100); ``color`` asks for ANSI colours.
 - The command runs in a worker thread, never on the event loop, with this service's settings
   (its ClickHouse, its Stripe key or local Stripe server, its Kafka) — not the caller's
@@ -33,7 +36,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -66,6 +69,12 @@ class RunResult:
         return {"exit_code": self.exit_code, "stdout": self.stdout, "stderr": self.stderr}
 
 
+class RunCaptured(Protocol):
+    """Runs ``meterline <argv>`` in this thread with ``settings``, output captured."""
+
+    def __call__(self, argv: Sequence[str], settings: Settings, *, width: int = ..., color: bool = ...) -> Any: ...
+
+
 class RunnerBusy(Exception):
     """Another command is running in this process."""
 
@@ -75,23 +84,24 @@ class RunnerBusy(Exception):
         self.for_s = for_s
 
 
-def _stripe_subcommands() -> list[str]:
-    from jobs.stripe.cli import stripe_app
-
-    return sorted(str(info.name) for info in stripe_app.registered_commands)
-
-
 class CommandRunner:
-    """Runs allow-listed ``meterline`` commands in this process, one at a time, with ``settings``."""
+    """Runs allow-listed ``meterline`` commands in this process, one at a time, with ``settings``.
 
-    def __init__(self, settings: Settings, *, wait_s: float = RUN_WAIT_S) -> None:
+    ``run`` runs one command line with output captured (``jobs.stripe.cli.run_captured``) and
+    ``stripe_commands`` names the ``meterline stripe`` subcommands that may run; both are given by
+    whoever assembles the service (``meterline up``), so the API does not import the CLI.
+    """
+
+    def __init__(self, settings: Settings, *, run: RunCaptured, stripe_commands: Sequence[str],
+                 wait_s: float = RUN_WAIT_S) -> None:  # fmt: skip
         self.settings = settings
+        self._run = run
+        self.stripe_commands = sorted(stripe_commands)
         self.wait_s = wait_s
         self._lock = threading.Lock()
         self._running: tuple[str, float] | None = None
 
-    @staticmethod
-    def check(argv: Any) -> list[str]:
+    def check(self, argv: Any) -> list[str]:
         """``argv`` as a list of strings if it names an allowed command; InputError otherwise."""
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise InputError("'argv' must be a non-empty array of strings", reason_code="invalid_body", field="argv")
@@ -101,11 +111,15 @@ class CommandRunner:
                 f"not {argv[0]!r}", reason_code="command_not_allowed", field="argv",
             )  # fmt: skip
         if argv[0] == "stripe":
-            names = _stripe_subcommands()
+            names = self.stripe_commands
             if len(argv) < 2 or argv[1] not in names:
                 raise InputError(f"'stripe' needs one of its commands: {', '.join(names)}",
                                  reason_code="command_not_allowed", field="argv")  # fmt: skip
         options = argv[: argv.index("--")] if "--" in argv else argv
+        if argv[0] == "statement" and any(a == "--out" or a.startswith("--out=") for a in options):
+            raise InputError("--out would write a file on the server: the statement is returned in 'stdout' "
+                             "(the meterline CLI writes --out on the caller's side)",
+                             reason_code="option_not_allowed", field="argv")  # fmt: skip
         if "--help" in options:
             raise InputError("--help is not available through the API: run it locally",
                              reason_code="help_not_available", field="argv")  # fmt: skip
@@ -124,8 +138,6 @@ class CommandRunner:
         Waits up to ``wait_s`` (default :attr:`wait_s`) for a run in progress; raises RunnerBusy
         after that, InputError for a command that is not allowed.
         """
-        from jobs.stripe.cli import run_captured
-
         args = self.check(list(argv))
         if not self._lock.acquire(timeout=self.wait_s if wait_s is None else wait_s):
             running = self.running
@@ -133,7 +145,7 @@ class CommandRunner:
         line = " ".join(args)
         self._running = (line, time.monotonic())
         try:
-            captured = run_captured(args, self.settings, width=width, color=color)
+            captured = self._run(args, self.settings, width=width, color=color)
         finally:
             self._running = None
             self._lock.release()

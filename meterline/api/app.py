@@ -11,7 +11,9 @@ Ingest contract (``POST /v1/events``)
 1. The body is at most :data:`MAX_BODY_BYTES` (1 MiB): a larger ``Content-Length`` is refused
    with 413 before any byte is read, and the stream is counted while reading (413 as soon as it
    passes the limit, for chunked bodies). At most :data:`MAX_EVENTS` (1000) events (else 413).
-2. Each event is parsed with :func:`schemas.jsonio.parse_json_event` and checked with the
+2. Every event of the request is checked before any is published. Each event is parsed with
+   :func:`schemas.jsonio.parse_json_event` (a string that is not valid Unicode, e.g. a lone
+   surrogate ``\\ud800``, is ``invalid_encoding``; the answer shows it escaped) and checked with the
    pipeline's own gate :func:`schemas.validation.validate_record` (so events the pipeline would
    dead-letter — future timestamps, empty usage — are refused at the edge with the same
    ``reason_code``). A customer key may only send its own customer's events (else that event is
@@ -40,11 +42,14 @@ SQL contract (``POST /v1/sql``)
 JSON results are ``{"columns": [...], "rows": [[...]]}`` with Decimals as strings (exact),
 datetimes as ISO 8601 (naive values from chDB are UTC and get ``+00:00``), UUIDs/IPs as strings.
 ``csv`` and ``table`` return ``text/csv`` / ``text/plain`` from :func:`format_result`.
-Writes, multi-statements and SQL errors are 400 with the error.
+Writes, ``INTO OUTFILE``, multi-statements and SQL errors are 400 with the error
+(``sql_not_readonly`` / ``sql_error``); a query stopped by one of the ``METERLINE_SQL_*`` limits
+(time, memory, result rows/bytes) is 400 ``sql_limit_exceeded``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -65,11 +70,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 import meterline
+from meterline.analytics import SqlLimits
 from meterline.api.auth import ApiError, error_response, require_admin, require_key
 from meterline.api.body import parse_json, read_body
+from meterline.api.console import console_routes
 from meterline.api.keys import KeyRecord, KeyStore
 from meterline.config import Settings
 from meterline.errors import ClickHouseUnavailable, InputError, InvalidEvent, TransientError
+from meterline.metrics import INGEST_EVENTS, metrics_endpoint
 
 __all__ = ["MAX_BODY_BYTES", "MAX_EVENTS", "MAX_SQL_BODY_BYTES", "ClickHouseAccess", "create_api"]
 
@@ -143,11 +151,21 @@ def _clickhouse_access(clickhouse: ClickHouseAccess | None) -> Callable[[], Abst
 
 
 def _event_id_of(obj: Any) -> str | None:
+    """The (rejected) event's id as the client sent it, made printable: a lone surrogate (which
+    JSON can carry) is shown escaped, so the answer always encodes."""
     if isinstance(obj, dict):
         v = obj.get("event_id")
         if isinstance(v, str):
-            return v[:256]
+            return v[:256].encode("utf-8", "backslashreplace").decode("utf-8")
     return None
+
+
+class _Utf8JSON(JSONResponse):
+    """JSONResponse whose encoding cannot fail: any lone surrogate left in a message is escaped."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace")
 
 
 def _check_events(
@@ -270,8 +288,11 @@ async def _post_events(request: Request) -> Response:
     accepted = sum(1 for r in results if r["status"] == "accepted")
     duplicates = sum(1 for r in results if r["status"] == "duplicate_id_in_batch")
     rejected = len(results) - accepted - duplicates
+    for status, n in (("accepted", accepted), ("duplicate_id_in_batch", duplicates), ("rejected", rejected)):
+        if n:
+            INGEST_EVENTS.labels(status).inc(n)
     log.info("ingest key_id=%s accepted=%d rejected=%d duplicates=%d", key.key_id, accepted, rejected, duplicates)
-    return JSONResponse({"accepted": accepted, "rejected": rejected, "duplicates": duplicates, "results": results})
+    return _Utf8JSON({"accepted": accepted, "rejected": rejected, "duplicates": duplicates, "results": results})
 
 
 async def _post_sql(request: Request) -> Response:
@@ -293,11 +314,13 @@ async def _post_sql(request: Request) -> Response:
     if access is None:
         raise ApiError(503, "sql_unavailable", "this API server has no ClickHouse connection")
 
+    limits = request.app.state.sql_limits
+
     def run() -> tuple[Any, Any]:
         from meterline.analytics import run_readonly
 
         with access() as client:
-            return run_readonly(client, query, parameters or None)
+            return run_readonly(client, query, parameters or None, limits=limits)
 
     try:
         columns, rows = await run_in_threadpool(run)
@@ -360,6 +383,8 @@ def create_api(
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/v1/events", _post_events, methods=["POST"]),
         Route("/v1/sql", _post_sql, methods=["POST"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *console_routes(),
         *(extra_routes or ()),
     ]
     app = Starlette(
@@ -375,4 +400,5 @@ def create_api(
     app.state.publisher = _Publisher(producer, flush_timeout)
     app.state.clickhouse = _clickhouse_access(clickhouse)
     app.state.max_future_ms = settings.max_future_skew_seconds * 1000
+    app.state.sql_limits = SqlLimits.from_settings(settings)
     return app

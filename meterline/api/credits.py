@@ -4,7 +4,9 @@ Routes (bearer keys; a customer key acts only for its own customer, an admin key
 ----------------------------------------------------------------------------------------
 ``POST /v1/authorize``                   customer/admin. Publishes an ``authorize`` command
     (``command_id = "authorize:<request_id>"``, request_id generated when absent) and waits up to
-    ``authorize_timeout_s`` for the credit agent's reply. 200 with the reply
+    ``authorize_timeout_s`` for the credit agent's reply to THIS customer (replies are matched on
+    ``(customer_id, request_id)``: another customer's request with the same id is never this
+    request's answer, docs/security.md). 200 with the reply
     ``{request_id, customer_id, decision: allow|deny, reason, hold_id, estimate, available,
     expires_at_ms}`` (a deny is a 200 too: the decision is the answer). No reply in time → 503
     ``authorize_timeout``: the request is NOT authorized (never "allow" by default); retrying with
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -47,6 +50,7 @@ from meterline.credits_client import (
     void_command,
 )
 from meterline.errors import InputError, TransientError
+from meterline.metrics import AUTHORIZE_SECONDS
 
 __all__ = ["AUTHORIZE_TIMEOUT_S", "MAX_BODY_BYTES", "credit_routes"]
 
@@ -63,8 +67,8 @@ class _Sender(Protocol):
 
 
 class _Replies(Protocol):
-    def register(self, request_id: str) -> Any: ...  # concurrent.futures.Future[dict]
-    def discard(self, request_id: str, fut: Any) -> None: ...
+    def register(self, customer_id: str, request_id: str) -> Any: ...  # concurrent.futures.Future[dict]
+    def discard(self, customer_id: str, request_id: str, fut: Any) -> None: ...
 
 
 class _Status(Protocol):
@@ -110,12 +114,15 @@ def credit_routes(
         command = _build(authorize_command, doc)
         require_customer(key, command["customer_id"])
         rid = command["request_id"]
-        fut = replies.register(rid)  # before publishing: the reply may come back fast
+        customer_id = command["customer_id"]
+        started = time.monotonic()
+        fut = replies.register(customer_id, rid)  # before publishing: the reply may come back fast
         try:
             await publish(command)
             try:
                 reply = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), authorize_timeout_s)
             except asyncio.TimeoutError:
+                AUTHORIZE_SECONDS.labels("timeout").observe(time.monotonic() - started)
                 log.warning("authorize: no reply for request_id=%s customer_id=%s within %gs",
                             rid, command["customer_id"], authorize_timeout_s)
                 raise ApiError(
@@ -125,11 +132,17 @@ def credit_routes(
                     headers={"Retry-After": "1"},
                 ) from None
         finally:
-            replies.discard(rid, fut)
+            replies.discard(customer_id, rid, fut)
         out = {k: reply.get(k) for k in _REPLY_FIELDS}
+        if out["customer_id"] != customer_id or out["request_id"] != rid:  # the waiter matches both; never trust less
+            log.error("authorize: reply for customer_id=%r request_id=%r handed to customer_id=%r request_id=%r",
+                      out["customer_id"], out["request_id"], customer_id, rid)
+            raise ApiError(502, "bad_reply", "the credit service sent a reply for another request; the request is "
+                           "NOT authorized")
         if out["decision"] not in ("allow", "deny"):
             log.error("authorize: malformed reply for request_id=%s: decision=%r", rid, out["decision"])
             raise ApiError(502, "bad_reply", "the credit service sent a malformed reply; the request is NOT authorized")
+        AUTHORIZE_SECONDS.labels(out["decision"]).observe(time.monotonic() - started)
         log.info("authorize key_id=%s customer_id=%s request_id=%s decision=%s reason=%s",
                  key.key_id, command["customer_id"], rid, out["decision"], out["reason"])
         return JSONResponse(out)

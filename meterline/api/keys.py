@@ -137,6 +137,10 @@ class KeyStore:
         if role == "customer":
             if not customer_id or not customer_id.strip():
                 raise InputError("a customer key needs a customer_id", reason_code="missing_customer_id")
+            from schemas.models import CUSTOMER_ID_RULE, is_customer_id
+
+            if not is_customer_id(customer_id):
+                raise InputError(CUSTOMER_ID_RULE, reason_code="invalid_customer_id", field="customer_id")
         elif customer_id is not None:
             raise InputError("an admin key has no customer_id", reason_code="invalid_role")
         random_part = secrets.token_urlsafe(24)

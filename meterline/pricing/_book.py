@@ -25,18 +25,25 @@ import yaml
 
 from meterline.errors import PriceFileError
 from meterline.pricing._model import (
+    MAX_AMOUNT,
+    TOOL_FEES,
     Override,
     PriceVersion,
     RateCard,
     Rates,
+    fee_to_picos,
     parse_rates,
     parse_timestamp,
     to_decimal,
 )
+from schemas.naming import normalize_service_tier
 
 MAX_NAME_LEN = 128
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
-_PRICE_KEYS = frozenset({"provider", "model", "model_version", "aliases", "effective_from", "per_million", "request_fee"})
+_PRICE_KEYS = frozenset(
+    {"provider", "model", "model_version", "aliases", "effective_from", "per_million", "request_fee", "tool_fees",
+     "service_tier"}
+)
 _CARD_KEYS = frozenset({"customer_id", "markup_pct", "discount_pct", "overrides"})
 _OVERRIDE_KEYS = frozenset({"provider", "model", "model_version", "per_million", "request_fee"})
 _TOP_KEYS = frozenset({"currency", "prices", "rate_cards"})
@@ -169,9 +176,43 @@ def parse_price(entry: Any, *, currency: str, where: str) -> PriceVersion:
         cache_write=r.get("cache_write"),
         reasoning=r.get("reasoning"),
         request_fee=r.get("request_fee") or Decimal(0),
+        cache_write_long=r.get("cache_write_long"),
+        input_audio=r.get("input_audio"),
+        output_audio=r.get("output_audio"),
+        input_image=r.get("input_image"),
+        output_image=r.get("output_image"),
+        tool_fees=_tool_fees(e.get("tool_fees"), where=where),
     )
+    tier_name = _name(e, "service_tier", where, optional=True)
+    tier = normalize_service_tier(tier_name)
+    if tier_name is not None and tier != tier_name:
+        raise PriceFileError(
+            f"{where}.service_tier: write the tier as the engine names it ({tier!r}; the standard tier is "
+            "written by leaving service_tier out)",
+            field=f"{where}.service_tier",
+        )
     assert provider is not None and model is not None
-    return PriceVersion(provider, model, mv, eff, rates, currency, tuple(sorted(aliases)))
+    return PriceVersion(provider, model, mv, eff, rates, currency, tuple(sorted(aliases)), tier)
+
+
+def _tool_fees(raw: Any, *, where: str) -> tuple[tuple[str, Decimal], ...]:
+    """``tool_fees: {web_search: "0.01"}`` (currency units per call, at most 12 decimals)."""
+    if raw is None:
+        return ()
+    fw = f"{where}.tool_fees"
+    if not isinstance(raw, Mapping):
+        raise PriceFileError(f"{fw}: expected a mapping of tool to fee per call", field=fw)
+    out: list[tuple[str, Decimal]] = []
+    for key, value in raw.items():
+        kw = f"{fw}.{key}"
+        if key not in TOOL_FEES:
+            raise PriceFileError(f"{kw}: unknown tool fee {key!r}; known: {', '.join(TOOL_FEES)}", field=kw)
+        d = to_decimal(value, where=kw)
+        fee_to_picos(d, where=kw)
+        if d > MAX_AMOUNT:
+            raise PriceFileError(f"{kw}: {value!r} is above the sanity limit of {MAX_AMOUNT}", field=kw)
+        out.append((key, d))
+    return tuple(sorted(out))
 
 
 def parse_card(entry: Any, *, where: str) -> RateCard:
@@ -295,15 +336,15 @@ def load_price_book(source: str | Path | Mapping[str, Any]) -> PriceBook:
         raise PriceFileError("prices: expected a non-empty list", field="prices")
     versions = [parse_price(p, currency=currency, where=f"prices[{i}]") for i, p in enumerate(raw_prices)]
 
-    slots: dict[tuple[str, str, str | None, int], int] = {}
+    slots: dict[tuple[str, str, str | None, str | None, int], int] = {}
     models: dict[tuple[str, str | None], set[str]] = {}
     alias_owner: dict[tuple[str, str, str | None], str] = {}
     for i, v in enumerate(versions):
-        slot = (v.provider, v.model, v.model_version, v.effective_ms)
+        slot = (v.provider, v.model, v.model_version, v.service_tier, v.effective_ms)
         if slot in slots:
             raise PriceFileError(
-                f"prices[{i}]: duplicate of prices[{slots[slot]}] (same provider, model, model_version and "
-                f"effective_from)",
+                f"prices[{i}]: duplicate of prices[{slots[slot]}] (same provider, model, model_version, "
+                f"service_tier and effective_from)",
                 field=f"prices[{i}]",
             )
         slots[slot] = i
@@ -328,6 +369,6 @@ def load_price_book(source: str | Path | Mapping[str, Any]) -> PriceBook:
             raise PriceFileError(f"rate_cards[{card.customer_id}]: duplicate card", field=f"rate_cards[{i}]")
         cards[card.customer_id] = card
 
-    versions.sort(key=lambda v: (v.provider, v.model, v.model_version or "", v.effective_ms))
+    versions.sort(key=lambda v: (v.provider, v.model, v.model_version or "", v.service_tier or "", v.effective_ms))
     return PriceBook(currency, tuple(versions), tuple(cards[k] for k in sorted(cards)))
 

@@ -2,15 +2,21 @@
 
 Contract of :meth:`PricingEngine.price`:
 
-1. Model lookup: exact ``(provider, model, model_version)``, else ``(provider, model, None)``.
-   Aliases (exact strings) name the same timeline as their model. A model that matches neither
-   is ``unknown_model``. (The version-less fallback is used only when the exact key has no
-   timeline at all, never to fill a gap in time.)
+1. Model lookup: exact ``(provider, model, model_version)``, else ``(provider, model, None)``;
+   then the same two with the names normalised by :func:`schemas.naming.normalize_model` (the
+   function every adapter applies: ``claude-3-5-sonnet-20241022`` → ``claude-3-5-sonnet`` version
+   ``20241022``, ``gemini`` → ``google``, ``:online`` dropped). Price entries are reachable under
+   their normalised names too. Aliases (exact strings) name the same timeline as their model. A
+   model that matches none is ``unknown_model``. (The version-less fallback is used only when the
+   exact key has no timeline at all, never to fill a gap in time.) The event's ``service_tier``
+   is part of the key: a ``batch`` / ``flex`` / ``priority`` event is priced only by a price entry
+   of that tier — without one it is ``no_price_for_service_tier``, never the standard price.
 2. Time: the version in force at ``occurred_at`` prices the event — the one with the greatest
    ``effective_from <= occurred_at`` (bisect over epoch ms). Before the first one:
    ``no_price_at_time``. Late events therefore keep the price of their own time.
 3. Cost (list price) = Σ tokens(class) × list_picos(class) + requests × request_fee_picos.
-   A class with tokens but no rate is ``no_rate_for_token_class`` — never priced at 0.
+   A class with tokens but no rate is ``no_rate_for_token_class`` — never priced at 0; likewise a
+   tool call (``web_search_requests``) whose price has no such ``tool_fees`` entry.
 4. Charge (customer price) = the same sum over the customer's rates: the customer's card, else
    the ``"*"`` card, else charge = cost. Those rates are resolved once per (customer, price
    version) — see :meth:`RateCard.charge_picos` — and cached.
@@ -37,9 +43,16 @@ from typing import Any, Mapping, NamedTuple
 from meterline.errors import PriceFileError, UnpriceableEvent
 from meterline.pricing._book import CARD_KEY_PREFIX, PRICE_KEY_PREFIX, PriceBook, decode_record
 from meterline.pricing._model import (
+    BASE_CLASSES,
+    CLASS_FALLBACK,
+    CLASS_TO_FIELD,
     DEFAULT_CARD_ID,
+    EXTRA_CLASSES,
+    EXTRA_FIELDS,
+    EXTRA_RATED,
     NO_CARD,
     TOKEN_CLASSES,
+    TOOL_FEES,
     PriceVersion,
     RateCard,
     epoch_ms,
@@ -47,15 +60,32 @@ from meterline.pricing._model import (
     format_timestamp,
     per_million_to_picos,
 )
+from schemas.naming import normalize_model
 
 # Bound on the (customer, price version) -> rates cache; it is simply cleared when full.
 MAX_CACHE_ENTRIES = 1_000_000
 
-_ModelKey = tuple[str, str, "str | None"]
+_ModelKey = tuple[str, str, "str | None", "str | None"]  # provider, model, model_version, service_tier
 _Timeline = tuple[list[int], list[tuple[str, PriceVersion]]]
 # (in, out, cached, write, reasoning, fee) list picos, then the same for the charge, then
-# currency, version id, card id.
+# currency, version id, card id, then the EXTRA_RATED list picos and charge picos (tuples,
+# None = no price).
 _Entry = tuple[Any, ...]
+_EXTRAS = itemgetter(*EXTRA_FIELDS)
+_NO_EXTRAS = (0,) * len(EXTRA_FIELDS)
+_EXTRAS_AND_TIER = itemgetter(*EXTRA_FIELDS, "service_tier")
+_CLEAN = {(*_NO_EXTRAS, None)}
+
+
+def _extras_of(record: Mapping[str, Any]) -> tuple[int, ...]:
+    """The record's v2 counts (0 for a v1 record that lacks them). A v2 decoder record has every
+    field (one C-level itemgetter call); other dicts take the per-field ``get`` path."""
+    if "service_tier" in record:
+        try:
+            return _EXTRAS(record)  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+    return tuple(map(record.get, EXTRA_FIELDS, _NO_EXTRAS))
 
 
 class PricedAmounts(NamedTuple):
@@ -96,6 +126,8 @@ class PricingEngine:
         self._cards: dict[str, RateCard] = {}
         self._seq = 0
         self._timelines: dict[_ModelKey, _Timeline] = {}
+        # reported (provider, model, version, tier) -> its timeline after normalisation (or None)
+        self._resolved: dict[_ModelKey, _Timeline | None] = {}
         self._cache: dict[tuple[str, str], _Entry] = {}
         # price_many's caches: customer -> card id, (card id, version id) -> loop entry.
         self._card_ids: dict[str, str] = {}
@@ -147,24 +179,29 @@ class PricingEngine:
         self._dirty = True
 
     def _rebuild(self) -> None:
-        winners: dict[tuple[str, str, str | None, int], tuple[int, PriceVersion]] = {}
+        winners: dict[tuple[str, str, str | None, str | None, int], tuple[int, PriceVersion]] = {}
         for seq, v in self._versions.values():
-            slot = (v.provider, v.model, v.model_version, v.effective_ms)
+            slot = (*v.lookup_key, v.effective_ms)
             if slot not in winners or winners[slot][0] < seq:
                 winners[slot] = (seq, v)
         grouped: dict[_ModelKey, list[PriceVersion]] = {}
         for _, v in winners.values():
-            grouped.setdefault(v.model_key, []).append(v)
+            grouped.setdefault(v.lookup_key, []).append(v)
         timelines: dict[_ModelKey, _Timeline] = {}
         for mk, vs in grouped.items():
             vs.sort(key=lambda x: x.effective_ms)
             timelines[mk] = ([x.effective_ms for x in vs], [(x.version_id, x) for x in vs])
         # Aliases name a model's whole timeline; real model names win, then the first model by name.
-        for mk in sorted(grouped, key=lambda k: (k[0], k[1], k[2] or "")):
+        order = sorted(grouped, key=lambda k: (k[0], k[1], k[2] or "", k[3] or ""))
+        for mk in order:
             for v in grouped[mk]:
                 for alias in v.aliases:
-                    timelines.setdefault((mk[0], alias, mk[2]), timelines[mk])
+                    timelines.setdefault((mk[0], alias, mk[2], mk[3]), timelines[mk])
+        # Every name is also reachable normalised (a file may say "claude-3-5-sonnet-20241022").
+        for key in sorted(timelines, key=lambda k: (k[0], k[1], k[2] or "", k[3] or "")):
+            timelines.setdefault((*normalize_model(key[0], key[1], key[2]), key[3]), timelines[key])
         self._timelines = timelines
+        self._resolved = {}
         self._forget()
         self._dirty = False
 
@@ -176,14 +213,42 @@ class PricingEngine:
 
     # ------------------------------------------------------------------ lookups
 
-    def version_at(self, provider: str, model: str, model_version: str | None, occurred_at_ms: int) -> PriceVersion:
+    def timeline(self, provider: str, model: str, model_version: str | None,
+                 service_tier: str | None = None) -> _Timeline | None:
+        """The price timeline of a reported model (rule 1), or None. Memoised per reported key."""
+        key = (provider, model, model_version, service_tier)
+        try:
+            return self._resolved[key]
+        except KeyError:
+            pass
+        t = self._timelines
+        tl = t.get(key)
+        if tl is None and model_version is not None:
+            tl = t.get((provider, model, None, service_tier))
+        if tl is None:
+            np, nm, nv = normalize_model(provider, model, model_version)
+            tl = t.get((np, nm, nv, service_tier))
+            if tl is None and nv is not None:
+                tl = t.get((np, nm, None, service_tier))
+        if len(self._resolved) >= MAX_CACHE_ENTRIES:
+            self._resolved.clear()
+        self._resolved[key] = tl
+        return tl
+
+    def version_at(self, provider: str, model: str, model_version: str | None, occurred_at_ms: int,
+                   service_tier: str | None = None) -> PriceVersion:
         """The price version that prices an event of this model at this time (rules 1–2 above)."""
         if self._dirty:
             self._rebuild()
-        tl = self._timelines.get((provider, model, model_version))
-        if tl is None and model_version is not None:
-            tl = self._timelines.get((provider, model, None))
+        tl = self.timeline(provider, model, model_version, service_tier)
         if tl is None:
+            if service_tier is not None and self.timeline(provider, model, model_version) is not None:
+                raise UnpriceableEvent(
+                    f"{provider}/{model} has no price for service tier {service_tier!r}; refusing to bill it at "
+                    "the standard price",
+                    reason_code="no_price_for_service_tier",
+                    field="service_tier",
+                )
             raise UnpriceableEvent(
                 f"no price for model {provider}/{model} (version {model_version})",
                 reason_code="unknown_model",
@@ -212,23 +277,31 @@ class PricingEngine:
         card = self.card_for(customer_id)
         cost = v.rates.picos()
         ov = card.override_for(v.provider, v.model, v.model_version)
+        extra_cost = v.rates.extra_picos()
+        list_picos = dict(zip(BASE_CLASSES, cost[: len(BASE_CLASSES)], strict=True)) | dict(
+            zip(EXTRA_CLASSES, extra_cost[: len(EXTRA_CLASSES)], strict=True))
         stated: dict[str, int | None] = {}
-        for i, cls in enumerate(TOKEN_CLASSES):
+        for cls in TOKEN_CLASSES:
             if ov is not None and cls in ov.rates:
                 stated[cls] = per_million_to_picos(ov.rates[cls], where=f"rate_cards[{card.customer_id}]")
-            elif cls == "reasoning" and v.rates.reasoning is None:
-                stated[cls] = None  # defaults to the (customer's) output rate below
+            elif cls in CLASS_FALLBACK and v.rates.get(cls) is None:
+                stated[cls] = None  # follows the customer's rate of the fallback class below
             else:
-                p = cost[i]
+                p = list_picos[cls]
                 stated[cls] = None if p is None else card.charge_picos(p)
-        if stated["reasoning"] is None:
-            stated["reasoning"] = stated["output"]
+        for cls, other in CLASS_FALLBACK.items():
+            if stated[cls] is None:
+                stated[cls] = stated[other]
         if ov is not None and "request_fee" in ov.rates:
             fee = fee_to_picos(ov.rates["request_fee"], where=f"rate_cards[{card.customer_id}]")
         else:
             fee = card.charge_picos(cost[5])
-        charge = tuple(stated[c] for c in TOKEN_CLASSES) + (fee,)
-        entry = cost + charge + (v.currency, v.version_id, card.card_id)
+        charge = (*(stated[c] for c in BASE_CLASSES), fee)
+        tool_cost = extra_cost[len(EXTRA_CLASSES):]
+        extra_charge = tuple(stated[c] for c in EXTRA_CLASSES) + tuple(
+            None if p is None else card.charge_picos(p) for p in tool_cost
+        )
+        entry = cost + charge + (v.currency, v.version_id, card.card_id, extra_cost, extra_charge)
         if len(self._cache) >= MAX_CACHE_ENTRIES:
             self._cache.clear()
         self._cache[(customer_id, v.version_id)] = entry
@@ -249,10 +322,10 @@ class PricingEngine:
         provider = record["provider"]
         model = record["model"]
         mv = record["model_version"]
-        tl = self._timelines.get((provider, model, mv))
+        tier = record.get("service_tier")
+        tl = self._timelines.get((provider, model, mv, tier))  # the exact key: no normalisation needed
         if tl is None:
-            if mv is not None:
-                tl = self._timelines.get((provider, model, None))
+            tl = self.timeline(provider, model, mv, tier)
             if tl is None:
                 return self._price_slow(record)
         ms = record["occurred_at"]
@@ -267,7 +340,7 @@ class PricingEngine:
         if e is None:
             e = self._resolve(customer, v)
         # Inlined copy of _compute (a function call is ~15 % of the budget here).
-        ri, ro, rc, rw, rr, rf, ci, co, cc, cw, cr, cf, currency, vid, card = e
+        ri, ro, rc, rw, rr, rf, ci, co, cc, cw, cr, cf, currency, vid, card, xl, xc = e
         it = record["input_tokens"]
         ot = record["output_tokens"]
         xt = record["reasoning_tokens"]
@@ -286,6 +359,15 @@ class PricingEngine:
                 raise _no_rate("cache_write", vid)
             cost += wt * rw
             charge += wt * cw
+        if tier is not None or "service_tier" not in record:
+            extras = _extras_of(record)  # a v1-shaped dict, or a tier: the general path
+        else:
+            try:
+                extras = _EXTRAS(record)  # a v2 decoder record: every field present
+            except KeyError:
+                extras = _extras_of(record)
+        if extras != _NO_EXTRAS:
+            cost, charge = _add_extras(cost, charge, extras, xl, xc, vid)
         return _new_tuple(PricedAmounts, (cost, charge, currency, vid, card))
 
     def price_many(self, records: Sequence[Mapping[str, Any]]) -> list[PricedAmounts | UnpriceableEvent]:
@@ -304,6 +386,17 @@ class PricingEngine:
         if set(map(type, occurred)) != _INT_ONLY:  # datetimes (or garbage): the per-event path decides
             return [self._price_or_error(r) for r in records]
         entries, per_event = self._batch_entries(records, min(occurred), max(occurred))
+        # Events with a service tier or v2 classes take the per-event path (same rules as price()).
+        # Usually none has any: proven with C-level passes (v2 decoder records have every field).
+        try:
+            clean = set(map(_EXTRAS_AND_TIER, records)) == _CLEAN
+        except KeyError:
+            clean = False
+        if not clean:
+            for i, r in enumerate(records):
+                if r.get("service_tier") is not None or _extras_of(r) != _NO_EXTRAS:
+                    entries[i] = _PER_EVENT
+                    per_event = True
 
         out: list[Any] = []
         append = out.append
@@ -352,7 +445,7 @@ class PricingEngine:
         (``map`` over ``itemgetter`` and ``dict.__getitem__``)."""
         model_keys = list(map(_MODEL, records))
         customers = set(map(_CUSTOMER, records))
-        keyed = {mk: self._batch_version(*mk, lo, hi) for mk in set(model_keys)}
+        keyed = {mk: self._batch_version(mk[0], mk[1], mk[2], lo, hi) for mk in set(model_keys)}
         if len(customers) == 1:  # the usual UsageBatch: one customer, a handful of models
             (customer,) = customers
             table = {mk: self._loop_entry(customer, vv) for mk, vv in keyed.items()}
@@ -386,9 +479,7 @@ class PricingEngine:
     ) -> tuple[str, PriceVersion] | None:
         """(version id, version) pricing every event of this model in ``[lo, hi]`` ms, or None
         when that is not one version (unknown model, no price yet, a price change inside)."""
-        tl = self._timelines.get((provider, model, mv))
-        if tl is None and mv is not None:
-            tl = self._timelines.get((provider, model, None))
+        tl = self.timeline(provider, model, mv)
         if tl is None:
             return None
         i = bisect_right(tl[0], lo) - 1
@@ -404,7 +495,7 @@ class PricingEngine:
             return _PER_EVENT
         vid, v = vv
         e = self._cache.get((customer, vid)) or self._resolve(customer, v)
-        ri, ro, rc, rw, rr, rf, ci, co, cc, cw, cr, cf, currency, vid, card = e
+        ri, ro, rc, rw, rr, rf, ci, co, cc, cw, cr, cf, currency, vid, card, _xl, _xc = e
         charge = None if e[:6] == e[6:12] else (ci, co, cc, cw, cr, cf)
         rc = None if rc is None or cc is None else rc  # price() refuses if either is missing
         rw = None if rw is None or cw is None else rw
@@ -423,14 +514,27 @@ class PricingEngine:
         elif type(ms) is not int:
             raise UnpriceableEvent(f"occurred_at must be epoch ms or a datetime, got {type(ms).__name__}",
                                    reason_code="no_price_at_time", field="occurred_at")
-        v = self.version_at(record["provider"], record["model"], record["model_version"], ms)
+        v = self.version_at(record["provider"], record["model"], record["model_version"], ms,
+                            record.get("service_tier"))
         customer = record["customer_id"]
         e = self._cache.get((customer, v.version_id)) or self._resolve(customer, v)
         return _compute(record, e)
 
 
+def _add_extras(cost: int, charge: int, extras: tuple[int, ...], xl: tuple[int | None, ...],
+                xc: tuple[int | None, ...], vid: str) -> tuple[int, int]:
+    """Add the v2 classes and tool fees; a count without a rate is ``no_rate_for_token_class``."""
+    for n, lp, cp, cls in zip(extras, xl, xc, EXTRA_RATED, strict=True):
+        if n:
+            if lp is None or cp is None:
+                raise _no_rate(cls, vid)
+            cost += n * lp
+            charge += n * cp
+    return cost, charge
+
+
 def _compute(record: Mapping[str, Any], e: _Entry) -> PricedAmounts:
-    ri, ro, rc, rw, rr, rf, ci, co, cc, cw, cr, cf, currency, vid, card = e
+    ri, ro, rc, rw, rr, rf, ci, co, cc, cw, cr, cf, currency, vid, card, xl, xc = e
     it = record["input_tokens"]
     ot = record["output_tokens"]
     xt = record["reasoning_tokens"]
@@ -449,10 +553,19 @@ def _compute(record: Mapping[str, Any], e: _Entry) -> PricedAmounts:
             raise _no_rate("cache_write", vid)
         cost += wt * rw
         charge += wt * cw
+    extras = _extras_of(record)
+    if extras != _NO_EXTRAS:
+        cost, charge = _add_extras(cost, charge, extras, xl, xc, vid)
     return PricedAmounts(cost, charge, currency, vid, card)
 
 
 def _no_rate(cls: str, vid: str) -> UnpriceableEvent:
+    if cls in TOOL_FEES:
+        return UnpriceableEvent(
+            f"{vid} has no {cls} tool fee but the event has {cls} calls",
+            reason_code="no_rate_for_token_class",
+            field=CLASS_TO_FIELD[cls],
+        )
     return UnpriceableEvent(
         f"{vid} has no {cls} rate but the event has {cls} tokens",
         reason_code="no_rate_for_token_class",

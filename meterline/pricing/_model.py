@@ -31,16 +31,34 @@ PICOS_PER_TOKEN_PER_UNIT_PER_MILLION = 10**6  # 1 unit / M tokens = 1e6 picos / 
 # inside ClickHouse Decimal(38, 12) even at 10**12 tokens).
 MAX_AMOUNT = Decimal(1_000_000)
 
-TOKEN_CLASSES: tuple[str, ...] = ("input", "output", "cached_input", "cache_write", "reasoning")
+BASE_CLASSES: tuple[str, ...] = ("input", "output", "cached_input", "cache_write", "reasoning")
+#: Classes UsageEvent v2 added (long-retention cache writes, audio, separately reported images).
+EXTRA_CLASSES: tuple[str, ...] = ("cache_write_long", "input_audio", "output_audio", "input_image", "output_image")
+TOKEN_CLASSES: tuple[str, ...] = (*BASE_CLASSES, *EXTRA_CLASSES)
 REQUIRED_CLASSES: frozenset[str] = frozenset({"input", "output"})
-# Token class -> the usage record field that counts it.
+#: A class whose rate the price does not state is priced at this other class's rate. Reasoning
+#: tokens are output tokens; image input is billed as input by the chat models that report it.
+#: Every other absent class is "no price" (``no_rate_for_token_class``), never 0.
+CLASS_FALLBACK: dict[str, str] = {"reasoning": "output", "input_image": "input"}
+#: Per-call tool fees a price may state (``tool_fees``), by name; each counts one event field.
+TOOL_FEES: tuple[str, ...] = ("web_search",)
+# Token class / tool fee -> the usage record field that counts it.
 CLASS_TO_FIELD: dict[str, str] = {
     "input": "input_tokens",
     "output": "output_tokens",
     "cached_input": "cached_input_tokens",
     "cache_write": "cache_write_tokens",
     "reasoning": "reasoning_tokens",
+    "cache_write_long": "cache_write_long_tokens",
+    "input_audio": "input_audio_tokens",
+    "output_audio": "output_audio_tokens",
+    "input_image": "input_image_tokens",
+    "output_image": "output_image_tokens",
+    "web_search": "web_search_requests",
 }
+#: The record fields priced by the "extra" part of an engine entry, in entry order.
+EXTRA_RATED: tuple[str, ...] = (*EXTRA_CLASSES, *TOOL_FEES)
+EXTRA_FIELDS: tuple[str, ...] = tuple(CLASS_TO_FIELD[c] for c in EXTRA_RATED)
 
 
 # --------------------------------------------------------------------------- exact conversions
@@ -176,9 +194,38 @@ class Rates:
     cache_write: Decimal | None = None
     reasoning: Decimal | None = None
     request_fee: Decimal = Decimal(0)
+    cache_write_long: Decimal | None = None
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
+    input_image: Decimal | None = None
+    output_image: Decimal | None = None
+    tool_fees: tuple[tuple[str, Decimal], ...] = ()  # (fee name, per call), sorted by name
 
     def get(self, cls: str) -> Decimal | None:
         return getattr(self, cls)  # type: ignore[no-any-return]
+
+    def tool_fee(self, name: str) -> Decimal | None:
+        for k, v in self.tool_fees:
+            if k == name:
+                return v
+        return None
+
+    def extra_picos(self) -> tuple[int | None, ...]:
+        """List picos of :data:`EXTRA_RATED` (per token, then per tool call); None = no price.
+
+        An absent class with a :data:`CLASS_FALLBACK` takes that class's rate.
+        """
+        w = "rates"
+        out: list[int | None] = []
+        for cls in EXTRA_CLASSES:
+            v = self.get(cls)
+            if v is None and cls in CLASS_FALLBACK:
+                v = self.get(CLASS_FALLBACK[cls])
+            out.append(None if v is None else per_million_to_picos(v, where=w))
+        for name in TOOL_FEES:
+            fee = self.tool_fee(name)
+            out.append(None if fee is None else fee_to_picos(fee, where=w))
+        return tuple(out)
 
     def per_million(self) -> dict[str, str]:
         """The stated (not defaulted) rates as canonical strings, by token class."""
@@ -254,29 +301,41 @@ class PriceVersion:
     rates: Rates
     currency: str
     aliases: tuple[str, ...] = ()
+    service_tier: str | None = None  # None = the standard tier
     version_id: str = field(init=False)
     effective_ms: int = field(init=False)
 
     def __post_init__(self) -> None:
         name = f"{self.provider}/{self.model}" + (f":{self.model_version}" if self.model_version is not None else "")
+        if self.service_tier is not None:
+            name += f"~{self.service_tier}"
         ts = format_timestamp(self.effective_from)
-        digest = short_hash(
-            {
-                "provider": self.provider,
-                "model": self.model,
-                "model_version": self.model_version,
-                "effective_from": ts,
-                "currency": self.currency,
-                "per_million": self.rates.per_million(),
-                "request_fee": canon(self.rates.request_fee),
-            }
-        )
+        hashed: dict[str, Any] = {
+            "provider": self.provider,
+            "model": self.model,
+            "model_version": self.model_version,
+            "effective_from": ts,
+            "currency": self.currency,
+            "per_million": self.rates.per_million(),
+            "request_fee": canon(self.rates.request_fee),
+        }
+        # Only when set, so the ids of prices without them are what they always were.
+        if self.service_tier is not None:
+            hashed["service_tier"] = self.service_tier
+        if self.rates.tool_fees:
+            hashed["tool_fees"] = {k: canon(v) for k, v in self.rates.tool_fees}
+        digest = short_hash(hashed)
         object.__setattr__(self, "version_id", f"{name}@{ts}#{digest}")
         object.__setattr__(self, "effective_ms", epoch_ms(self.effective_from))
 
     @property
     def model_key(self) -> tuple[str, str, str | None]:
         return (self.provider, self.model, self.model_version)
+
+    @property
+    def lookup_key(self) -> tuple[str, str, str | None, str | None]:
+        """(provider, model, model_version, service_tier): one price timeline."""
+        return (self.provider, self.model, self.model_version, self.service_tier)
 
     def to_json(self) -> dict[str, Any]:
         """The canonical dict of this version (the ``prices`` topic value and the file entry)."""
@@ -292,6 +351,10 @@ class PriceVersion:
             d["aliases"] = list(self.aliases)
         if self.rates.request_fee:
             d["request_fee"] = canon(self.rates.request_fee)
+        if self.rates.tool_fees:
+            d["tool_fees"] = {k: canon(v) for k, v in self.rates.tool_fees}
+        if self.service_tier is not None:
+            d["service_tier"] = self.service_tier
         return d
 
 

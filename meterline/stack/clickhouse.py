@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 from meterline.errors import ClickHouseUnavailable, ConfigError
+from meterline.private import private_dir
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver import Client
@@ -126,8 +127,9 @@ def _acquire_engine_lock(path: str) -> bool:
         if held is not None and held[0] == os.getpid():
             return False
         lock_path = f"{path}.meterline.lock"
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(path)  # the engine's files hold billing data: owner only (docs/security.md)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

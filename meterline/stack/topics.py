@@ -24,7 +24,7 @@ from meterline.errors import BrokerUnavailable, ConfigError
 __all__ = ["TopicSpec", "default_topics_path", "delete_topics", "ensure_topics", "load_topic_specs"]
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_FIELDS = {"name", "partitions", "retention_ms", "cleanup_policy", "key", "value", "description"}
+_FIELDS = {"name", "partitions", "retention_ms", "cleanup_policy", "key", "value", "encoding", "description"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,7 @@ class TopicSpec:
     cleanup_policy: Literal["delete", "compact"]
     key: str
     value: str
+    encoding: Literal["avro", "json"]
     description: str = ""
 
     def full_name(self, prefix: str) -> str:
@@ -95,6 +96,9 @@ def _parse_entry(path: Path, index: int, entry: Any) -> TopicSpec:
     retention = entry["retention_ms"]
     if not isinstance(retention, int) or isinstance(retention, bool) or (retention < 1 and retention != -1):
         raise ConfigError(f"{where} ({name}): retention_ms must be a positive integer or -1, got {retention!r}")
+    encoding = entry.get("encoding")
+    if encoding not in ("avro", "json"):
+        raise ConfigError(f"{where} ({name}): encoding must be `avro` or `json`, got {encoding!r}")
     policy = entry["cleanup_policy"]
     if policy not in ("delete", "compact"):
         raise ConfigError(f"{where} ({name}): cleanup_policy must be `delete` or `compact`, got {policy!r}")
@@ -105,6 +109,7 @@ def _parse_entry(path: Path, index: int, entry: Any) -> TopicSpec:
         cleanup_policy=policy,
         key=str(entry["key"]),
         value=str(entry["value"]),
+        encoding=encoding,
         description=str(entry.get("description") or "").strip(),
     )
 

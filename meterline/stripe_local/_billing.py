@@ -162,3 +162,38 @@ def apply_credits(lines: Iterable[CreditLine], grants: Sequence[dict[str, Any]],
                 available[grant["id"]] -= take
                 left -= take
                 line.applied.append((grant["id"], take))
+
+
+# ----------------------------------------------------------------------------- subscription periods
+
+
+def period_bounds(sub: dict[str, Any], k: int) -> tuple[int, int]:
+    """Start/end of billing period number ``k``, always counted from the billing cycle anchor (never
+    chained), so a subscription anchored on the 31st renews on the 28th/29th, then the 31st again.
+    With an explicit future ``billing_cycle_anchor`` period 0 is the short ``[start, anchor)``."""
+    anchor = int(sub["billing_cycle_anchor"])
+    rec = sub["_recurring"]
+    iv, n = rec["interval"], rec["interval_count"]
+    if int(sub["start_date"]) < anchor:
+        if k == 0:
+            return int(sub["start_date"]), anchor
+        return add_interval(anchor, iv, n, k - 1), add_interval(anchor, iv, n, k)
+    return add_interval(anchor, iv, n, k), add_interval(anchor, iv, n, k + 1)
+
+
+def set_period(sub: dict[str, Any], k: int) -> None:
+    start, end = period_bounds(sub, k)
+    sub["_period_index"] = k
+    for item in sub["items"]["data"]:
+        item["current_period_start"] = start
+        item["current_period_end"] = end
+
+
+def current_period(sub: dict[str, Any]) -> tuple[int, int]:
+    return period_bounds(sub, int(sub["_period_index"]))
+
+
+def full_period_before(sub: dict[str, Any], end: int) -> int:
+    """Start of the full interval that ends at ``end`` (the base of a short first period's proration)."""
+    rec = sub["_recurring"]
+    return add_interval(end, rec["interval"], rec["interval_count"], -1)

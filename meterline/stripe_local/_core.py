@@ -1,13 +1,12 @@
-"""Customers, customer balance transactions, products, prices and subscriptions."""
+"""Customers, customer balance transactions, products and prices (subscriptions: ``_subscriptions``)."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 from typing import Any
 
-from meterline.stripe_local._billing import INTERVALS, add_interval
+from meterline.stripe_local._billing import INTERVALS
 from meterline.stripe_local._params import (
-    ApiError,
     fmt_decimal,
     invalid,
     missing,
@@ -116,7 +115,9 @@ def create_product(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     obj = base("product", p_str(params, "id") or new_id("prod"), ctx) | {
         "name": p_str(params, "name", required=True), "active": p_bool(params, "active", default=True),
         "description": p_str(params, "description"), "metadata": p_metadata(params),
-        "default_price": None, "updated": ctx.now, "type": "service",
+        "default_price": None, "updated": ctx.now, "type": "service", "images": [], "marketing_features": [],
+        "package_dimensions": None, "shippable": None, "statement_descriptor": None, "tax_code": None,
+        "unit_label": None, "url": None,
     }
     if ctx.store.get("product", obj["id"]) is not None:
         raise invalid("id", f"Product already exists with ID {obj['id']}", code="resource_already_exists")
@@ -192,7 +193,7 @@ def create_price(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         pdata = p_dict(params, "product_data")
         if not pdata:
             raise missing("product")
-        product_id = create_product(ctx, pdata)["id"]
+        product_id = create_product(ctx, {k: v for k, v in pdata.items()})["id"]
     need(ctx, "product", product_id, param="product")
     scheme = p_str(params, "billing_scheme", default="per_unit", choices=("per_unit", "tiered"))
     recurring = p_dict(params, "recurring")
@@ -245,12 +246,28 @@ def create_price(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         "unit_amount": int(unit_dec) if unit_dec is not None and unit_dec == unit_dec.to_integral_value() else None,
         "unit_amount_decimal": fmt_decimal(unit_dec) if unit_dec is not None else None,
     }
-    return ctx.store.put("price", obj)
+    return public_price(ctx.store.put("price", obj), expands(params, "tiers"))
+
+
+def expands(params: dict[str, Any], field: str) -> bool:
+    """Whether ``expand[]`` names ``field`` (a dotted path such as ``data.tiers``)."""
+    raw = params.get("expand")
+    values = raw if isinstance(raw, list) else [raw] if isinstance(raw, str) else []
+    return field in values
+
+
+def public_price(price: dict[str, Any], expand_tiers: bool) -> dict[str, Any]:
+    """A price as Stripe returns it: ``tiers`` is "included only if requested" (``expand[]=tiers``)
+    and then never null (an empty list for a per-unit price)."""
+    out = {k: v for k, v in price.items() if k != "tiers"}
+    if expand_tiers:
+        out["tiers"] = price.get("tiers") or []
+    return out
 
 
 @route("GET", "/v1/prices/{pid}")
 def get_price(ctx: Ctx, params: dict[str, Any], pid: str) -> dict[str, Any]:
-    return need(ctx, "price", pid)
+    return public_price(need(ctx, "price", pid), expands(params, "tiers"))
 
 
 @route("POST", "/v1/prices/{pid}")
@@ -261,7 +278,7 @@ def update_price(ctx: Ctx, params: dict[str, Any], pid: str) -> dict[str, Any]:
         if key in params:
             obj[key] = p_str(params, key)
     obj["metadata"] = p_metadata(params, obj["metadata"])
-    return ctx.store.put("price", obj)
+    return public_price(ctx.store.put("price", obj), expands(params, "tiers"))
 
 
 @route("GET", "/v1/prices")
@@ -272,115 +289,4 @@ def list_prices(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     items = ctx.store.list_objects("price", lambda p: (product is None or p["product"] == product)
                                    and (active is None or p["active"] == (active == "true"))
                                    and (not keys or p.get("lookup_key") in keys))
-    return list_response(ctx, items, params)
-
-
-# ----------------------------------------------------------------------------- subscriptions
-
-
-def period_bounds(sub: dict[str, Any], k: int) -> tuple[int, int]:
-    """Start/end of billing period number ``k`` (0 = the first, possibly short, period)."""
-    first_end = int(sub["_first_period_end"])
-    rec = sub["_recurring"]
-    if k == 0:
-        return int(sub["start_date"]), first_end
-    return (add_interval(first_end, rec["interval"], rec["interval_count"], k - 1),
-            add_interval(first_end, rec["interval"], rec["interval_count"], k))
-
-
-def set_period(sub: dict[str, Any], k: int) -> None:
-    start, end = period_bounds(sub, k)
-    sub["_period_index"] = k
-    for item in sub["items"]["data"]:
-        item["current_period_start"] = start
-        item["current_period_end"] = end
-
-
-def public_subscription(sub: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in sub.items() if not k.startswith("_")}
-
-
-@route("POST", "/v1/subscriptions")
-def create_subscription(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
-    cid = p_str(params, "customer", required=True) or ""
-    need(ctx, "customer", cid, param="customer")
-    raw_items = p_list(params, "items")
-    if not raw_items:
-        raise missing("items")
-    sid = new_id("sub")
-    items = []
-    rec: dict[str, Any] | None = None
-    currency = None
-    for i, it in enumerate(raw_items):
-        price_id = p_str(it, "price", required=True) or ""
-        price = need(ctx, "price", price_id, param=f"items[{i}][price]")
-        if price["recurring"] is None:
-            raise invalid(f"items[{i}][price]", f"Price {price_id} is not recurring.")
-        if rec is None:
-            rec, currency = price["recurring"], price["currency"]
-        elif (rec["interval"], rec["interval_count"]) != (price["recurring"]["interval"],
-                                                          price["recurring"]["interval_count"]):
-            raise invalid(f"items[{i}][price]", "All prices on a subscription must share one billing interval.")
-        elif price["currency"] != currency:
-            raise invalid(f"items[{i}][price]", "All prices on a subscription must share one currency.")
-        metered = price["recurring"]["usage_type"] == "metered"
-        if metered and it.get("quantity") not in (None, ""):
-            raise invalid(f"items[{i}][quantity]", "Quantity cannot be set for metered prices.")
-        items.append(base("subscription_item", new_id("si"), ctx) | {
-            "price": price, "quantity": None if metered else p_int(it, "quantity", default=1, lo=0),
-            "subscription": sid, "metadata": p_metadata(it), "discounts": [], "tax_rates": [],
-        })
-    assert rec is not None
-    anchor = p_int(params, "billing_cycle_anchor")
-    if anchor is not None and anchor <= ctx.now:
-        raise invalid("billing_cycle_anchor", "billing_cycle_anchor must be in the future.")
-    first_end = anchor if anchor is not None else add_interval(ctx.now, rec["interval"], rec["interval_count"], 1)
-    sub = base("subscription", sid, ctx) | {
-        "customer": cid, "status": "active", "currency": currency, "metadata": p_metadata(params),
-        "billing_cycle_anchor": anchor if anchor is not None else ctx.now, "start_date": ctx.now,
-        "cancel_at_period_end": False, "canceled_at": None, "ended_at": None, "latest_invoice": None,
-        "collection_method": "charge_automatically", "test_clock": None, "discounts": [],
-        "items": {"object": "list", "data": items, "has_more": False,
-                  "url": f"/v1/subscription_items?subscription={sid}"},
-        "_first_period_end": first_end, "_recurring": {"interval": rec["interval"],
-                                                       "interval_count": rec["interval_count"]},
-    }
-    set_period(sub, 0)
-    ctx.store.put("subscription", sub)
-    return public_subscription(sub)
-
-
-@route("GET", "/v1/subscriptions/{sid}")
-def get_subscription(ctx: Ctx, params: dict[str, Any], sid: str) -> dict[str, Any]:
-    return public_subscription(need(ctx, "subscription", sid))
-
-
-@route("POST", "/v1/subscriptions/{sid}")
-def update_subscription(ctx: Ctx, params: dict[str, Any], sid: str) -> dict[str, Any]:
-    sub = need(ctx, "subscription", sid)
-    if set(params) - {"metadata", "expand"}:
-        raise ApiError(400, "The local Stripe server only supports updating subscription metadata.",
-                       code="parameter_unknown", param=sorted(set(params) - {"metadata", "expand"})[0])
-    sub["metadata"] = p_metadata(params, sub["metadata"])
-    ctx.store.put("subscription", sub)
-    return public_subscription(sub)
-
-
-@route("DELETE", "/v1/subscriptions/{sid}")
-def cancel_subscription(ctx: Ctx, params: dict[str, Any], sid: str) -> dict[str, Any]:
-    sub = need(ctx, "subscription", sid)
-    if sub["status"] == "canceled":
-        raise invalid("subscription", f"Subscription {sid} is already canceled.")
-    sub["status"] = "canceled"
-    sub["canceled_at"] = sub["ended_at"] = ctx.now
-    ctx.store.put("subscription", sub)
-    return public_subscription(sub)
-
-
-@route("GET", "/v1/subscriptions")
-def list_subscriptions(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
-    cid = p_str(params, "customer")
-    status = p_str(params, "status")
-    items = ctx.store.list_objects("subscription", lambda s: (cid is None or s["customer"] == cid) and (
-        (status is None and s["status"] != "canceled") or status in ("all", s["status"])))
-    return list_response(ctx, [public_subscription(s) for s in items], params)
+    return list_response(ctx, [public_price(p, expands(params, "data.tiers")) for p in items], params)

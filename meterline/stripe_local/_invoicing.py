@@ -21,11 +21,16 @@ from meterline.stripe_local._billing import (
     CreditLine,
     aggregate,
     apply_credits,
+    current_period,
+    exact_amount,
     grant_available,
     grant_covers,
     line_amount_cents,
+    period_bounds,
+    round_cents,
+    set_period,
 )
-from meterline.stripe_local._core import add_balance_transaction, need, set_period
+from meterline.stripe_local._core import add_balance_transaction, need
 from meterline.stripe_local._params import (
     ApiError,
     invalid,
@@ -68,7 +73,7 @@ def create_grant(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     obj = base("billing.credit_grant", new_id("credgr"), ctx) | {
         "amount": {"type": "monetary", "monetary": {"currency": currency, "value": value}},
         "applicability_config": {"scope": {"price_type": price_type, "prices": prices or None}},
-        "category": p_str(params, "category", required=True, choices=("paid", "promotional")),
+        "category": p_str(params, "category", default="paid", choices=("paid", "promotional")),  # spec default
         "customer": cid, "customer_account": None, "effective_at": effective_at, "expires_at": expires_at,
         "metadata": p_metadata(params), "name": p_str(params, "name", max_len=100),
         "priority": p_int(params, "priority", default=50, lo=0, hi=100), "test_clock": None,
@@ -171,42 +176,149 @@ def get_credit_transaction(ctx: Ctx, params: dict[str, Any], tid: str) -> dict[s
     return need(ctx, "billing.credit_balance_transaction", tid, "billing.credit_balance_transaction")
 
 
+# ----------------------------------------------------------------------------- invoice items
+
+
+def add_invoice_item(ctx: Ctx, sub: dict[str, Any] | None, amount: int, description: str | None, start: int,
+                     end: int, *, customer: str | None = None, currency: str | None = None,
+                     price: dict[str, Any] | None = None, quantity: int | None = None, proration: bool = False,
+                     subscription_item: str | None = None, invoice: str | None = None,
+                     metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """A pending invoice item (``invoice`` None): the next invoice of its customer/subscription takes it."""
+    cus = customer or (sub["customer"] if sub else "")
+    obj = base("invoiceitem", new_id("ii"), ctx) | {
+        "amount": amount, "currency": currency or (sub["currency"] if sub else "usd"), "customer": cus,
+        "customer_account": None, "date": ctx.now, "description": description, "discountable": not proration,
+        "discounts": [], "invoice": invoice, "metadata": metadata or {}, "net_amount": amount,
+        "period": {"start": start, "end": end}, "proration": proration,
+        "proration_details": {"discount_amounts": []}, "quantity": quantity if quantity is not None else 1,
+        "quantity_decimal": str(quantity if quantity is not None else 1), "tax_rates": [], "test_clock": None,
+        "parent": None if sub is None else {
+            "type": "subscription_details",
+            "subscription_details": {"subscription": sub["id"], "subscription_item": subscription_item}},
+        "pricing": None if price is None else {
+            "type": "price_details", "price_details": {"price": price["id"], "product": price["product"]},
+            "unit_amount_decimal": price.get("unit_amount_decimal")},
+    }
+    return ctx.store.put("invoiceitem", obj)
+
+
+def metered_cents(ctx: Ctx, customer: str, price: dict[str, Any], lo: int, hi: int) -> tuple[int, int]:
+    """Meter aggregate of ``customer`` over ``[lo, hi)`` and its amount at ``price`` (cents, rounded once)."""
+    meter = ctx.store.get("billing.meter", price["recurring"]["meter"])
+    if meter is None or hi <= lo:
+        return 0, 0
+    events = ctx.store.valid_events(meter["event_name"], customer, lo, hi)
+    qty = aggregate(meter["default_aggregation"]["formula"], events)
+    return int(qty), line_amount_cents(price, qty)
+
+
+@route("POST", "/v1/invoiceitems")
+def create_invoice_item(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
+    cid = p_str(params, "customer", required=True) or ""
+    need(ctx, "customer", cid, param="customer")
+    implemented = {"customer", "amount", "currency", "description", "period", "subscription", "invoice",
+                   "metadata", "expand"}
+    extra = sorted(set(params) - implemented)
+    if extra:
+        raise ApiError(400, f"The local Stripe server does not implement invoice item parameter {extra[0]}.",
+                       code="parameter_unsupported_locally", param=extra[0])
+    amount = p_int(params, "amount", required=True)
+    currency = (p_str(params, "currency", required=True) or "").lower()
+    sub = None
+    sid = p_str(params, "subscription")
+    if sid is not None:
+        sub = need(ctx, "subscription", sid, param="subscription")
+        if sub["customer"] != cid:
+            raise invalid("subscription", f"Subscription {sid} does not belong to customer {cid}.")
+    period = p_dict(params, "period")
+    start = p_int(period, "start", default=ctx.now) if period else ctx.now
+    end = p_int(period, "end", default=start) if period else ctx.now
+    inv = None
+    iid = p_str(params, "invoice")
+    if iid is not None:
+        inv = need_invoice(ctx, iid)
+        if inv["status"] != "draft":
+            raise invalid("invoice", f"Invoice {iid} is not a draft.", code="invoice_not_editable")
+        if inv["customer"] != cid:
+            raise invalid("invoice", f"Invoice {iid} does not belong to customer {cid}.")
+    item = add_invoice_item(ctx, sub, int(amount or 0), p_str(params, "description"), int(start or 0), int(end or 0),
+                            customer=cid, currency=currency, invoice=iid, metadata=p_metadata(params))
+    if inv is not None:
+        inv["_specs"].append({"kind": "invoiceitem", "id": item["id"]})
+        compute_invoice(ctx, inv, record=False)
+        ctx.store.put("invoice", inv)
+    return item
+
+
+@route("GET", "/v1/invoiceitems/{iid}")
+def get_invoice_item(ctx: Ctx, params: dict[str, Any], iid: str) -> dict[str, Any]:
+    return need(ctx, "invoiceitem", iid, "invoiceitem")
+
+
+@route("GET", "/v1/invoiceitems")
+def list_invoice_items(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
+    cid = p_str(params, "customer")
+    iid = p_str(params, "invoice")
+    pending = params.get("pending")
+    items = ctx.store.list_objects("invoiceitem", lambda x: (cid is None or x["customer"] == cid) and (
+        iid is None or x["invoice"] == iid) and (pending is None or (x["invoice"] is None) == (pending == "true")))
+    return list_response(ctx, items, params)
+
+
 # ----------------------------------------------------------------------------- invoices
 
 
-def _line(ctx: Ctx, inv_id: str, sub: dict[str, Any], item: dict[str, Any], start: int, end: int) -> dict[str, Any]:
-    price = ctx.store.get("price", item["price"]["id"]) or item["price"]
-    rec = price["recurring"]
-    if rec["usage_type"] == "metered":
-        meter = ctx.store.get("billing.meter", rec["meter"])
-        formula = meter["default_aggregation"]["formula"] if meter else "sum"
-        events = ctx.store.valid_events(meter["event_name"], sub["customer"], start, end) if meter else []
-        qty = aggregate(formula, events)
+def _line(ctx: Ctx, inv: dict[str, Any], sub: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """One invoice line from its spec: a subscription item (licensed in advance, metered from the meter)
+    or an invoice item. Amounts are rounded once, per line, half-up."""
+    if spec["kind"] == "invoiceitem":
+        ii = need(ctx, "invoiceitem", spec["id"])
+        price = ctx.store.get("price", ii["pricing"]["price_details"]["price"]) if ii["pricing"] else None
+        return {
+            "id": "il_" + ii["id"][3:], "object": "line_item", "amount": ii["amount"], "currency": ii["currency"],
+            "description": ii["description"], "period": ii["period"], "quantity": ii["quantity"],
+            "quantity_decimal": ii["quantity_decimal"], "pricing": ii["pricing"] and dict(ii["pricing"]),
+            "parent": {"type": "invoice_item_details", "subscription_item_details": None,
+                       "invoice_item_details": {"invoice_item": ii["id"], "proration": ii["proration"],
+                                                "proration_details": {"credited_items": None},
+                                                "subscription": sub["id"]}},
+            "_metered": bool(price and price["recurring"] and price["recurring"]["usage_type"] == "metered"),
+            "_price": price["id"] if price else None,
+        }
+    price = ctx.store.get("price", spec["price"]) or {}
+    if spec["kind"] == "metered":
+        qty_int, amount = metered_cents(ctx, sub["customer"], price, spec["start"], spec["end"])
+        qty = Decimal(qty_int)
     else:
-        qty = Decimal(item["quantity"] or 0)
-    amount = line_amount_cents(price, qty)
+        qty = Decimal(spec["quantity"] or 0)
+        amount = round_cents(exact_amount(price, qty) * Decimal(spec.get("factor") or "1"))
+    nick = price.get("nickname") or (ctx.store.get("product", price.get("product", "")) or {}).get("name")
     return {
-        "id": "il_" + item["id"][3:] + "_" + str(start), "object": "line_item", "amount": amount,
-        "currency": price["currency"], "description": f"{price.get('nickname') or price['product']} ({rec['usage_type']})",
-        "discount_amounts": [], "discountable": True, "discounts": [], "invoice": inv_id, "livemode": False,
-        "metadata": {}, "period": {"start": start, "end": end}, "pretax_credit_amounts": [],
-        "parent": {"type": "subscription_item_details", "invoice_item_details": None,
-                   "subscription_item_details": {"subscription": sub["id"], "subscription_item": item["id"],
-                                                 "invoice_item": None, "proration": False,
-                                                 "proration_details": {"credited_items": None}}},
+        "id": f"il_{spec['item'][3:]}_{spec['start']}_{spec['kind'][0]}", "object": "line_item", "amount": amount,
+        "currency": price["currency"], "description": spec.get("description") or f"{nick} ({spec['kind']})",
+        "period": {"start": spec["start"], "end": spec["end"]}, "quantity": int(qty),
+        "quantity_decimal": format(qty, "f"),
         "pricing": {"type": "price_details", "price_details": {"price": price["id"], "product": price["product"]},
                     "unit_amount_decimal": price.get("unit_amount_decimal")},
-        "quantity": int(qty) if qty == qty.to_integral_value() else None,
-        "quantity_decimal": format(qty, "f"), "subscription": sub["id"], "subtotal": amount, "taxes": [],
-        "_metered": rec["usage_type"] == "metered", "_price": price["id"],
+        "parent": {"type": "subscription_item_details", "invoice_item_details": None,
+                   "subscription_item_details": {"subscription": sub["id"], "subscription_item": spec["item"],
+                                                 "invoice_item": None, "proration": bool(spec.get("proration")),
+                                                 "proration_details": {"credited_items": None}}},
+        "_metered": spec["kind"] == "metered", "_price": price["id"],
     }
 
 
 def compute_invoice(ctx: Ctx, inv: dict[str, Any], *, record: bool) -> dict[str, Any]:
     """(Re)compute lines, credits and totals of ``inv``; ``record`` writes credit/balance transactions."""
     sub = need(ctx, "subscription", inv["_subscription"])
-    start, end = inv["period_start"], inv["period_end"]
-    lines = [_line(ctx, inv["id"], sub, item, start, end) for item in sub["items"]["data"]]
+    lines = []
+    for spec in inv["_specs"]:
+        line = _line(ctx, inv, sub, spec) | {
+            "discount_amounts": [], "discountable": True, "discounts": [], "invoice": inv["id"], "livemode": False,
+            "metadata": {}, "pretax_credit_amounts": [], "subscription": sub["id"], "taxes": []}
+        line["subtotal"] = line["amount"]
+        lines.append(line)
     grants, available = grants_available(ctx, sub["customer"])
     credit_lines = [CreditLine(i, ln["_price"], ln["currency"], ln["amount"])
                     for i, ln in enumerate(lines) if ln["_metered"]]
@@ -235,15 +347,21 @@ def compute_invoice(ctx: Ctx, inv: dict[str, Any], *, record: bool) -> dict[str,
     total = subtotal - sum(c["amount"] for c in total_credits)
     inv.update({"lines": {"object": "list", "data": lines, "has_more": False, "url": f"/v1/invoices/{inv['id']}/lines"},
                 "subtotal": subtotal, "subtotal_excluding_tax": subtotal, "total": total, "total_excluding_tax": total,
-                "total_pretax_credit_amounts": total_credits, "amount_due": total, "amount_remaining": total,
-                "currency": sub["currency"]})
+                "total_pretax_credit_amounts": total_credits, "amount_due": max(total, 0),
+                "amount_remaining": max(total, 0), "currency": sub["currency"]})
     if record:
         customer = need(ctx, "customer", sub["customer"])
         starting = int(customer.get("balance") or 0)
-        applied = max(starting, -total) if starting < 0 else starting
-        if customer.get("currency") not in (None, sub["currency"]):
-            applied = 0
+        same_currency = customer.get("currency") in (None, sub["currency"])
         inv["starting_balance"] = starting
+        if total < 0:  # a net credit (a downgrade's prorations) goes to the customer balance, as on Stripe
+            inv["ending_balance"] = starting + total
+            inv["amount_due"] = inv["amount_remaining"] = 0
+            add_balance_transaction(ctx, customer, total, sub["currency"], type_="adjustment", invoice=inv["id"],
+                                    description=f"Credit from invoice {inv['id']}")
+            return inv
+        # a credit (negative balance) lowers what is due down to 0; a debit raises it
+        applied = (max(starting, -total) if starting < 0 else starting) if same_currency else 0
         inv["ending_balance"] = starting - applied
         inv["amount_due"] = inv["amount_remaining"] = total + applied
         if applied:
@@ -252,21 +370,49 @@ def compute_invoice(ctx: Ctx, inv: dict[str, Any], *, record: bool) -> dict[str,
     return inv
 
 
-def new_invoice(ctx: Ctx, sub: dict[str, Any], start: int, end: int, ident: str) -> dict[str, Any]:
+def new_invoice(ctx: Ctx, sub: dict[str, Any], start: int, end: int, ident: str,
+                reason: str = "subscription_cycle") -> dict[str, Any]:
     return base("invoice", ident, ctx) | {
-        "customer": sub["customer"], "status": "draft", "billing_reason": "subscription_cycle",
+        "customer": sub["customer"], "status": "draft", "billing_reason": reason,
         "collection_method": "charge_automatically", "period_start": start, "period_end": end,
         "parent": {"type": "subscription_details", "quote_details": None,
                    "subscription_details": {"subscription": sub["id"], "metadata": sub["metadata"]}},
-        "amount_paid": 0, "amount_overpaid": 0, "amount_shipping": 0, "attempt_count": 0, "attempted": False,
-        "auto_advance": True, "automatically_finalizes_at": end + GRACE, "discounts": [], "metadata": {},
-        "number": None, "starting_balance": 0, "ending_balance": None, "total_discount_amounts": [],
-        "total_taxes": [], "effective_at": None, "post_payment_credit_notes_amount": 0,
-        "pre_payment_credit_notes_amount": 0,
+        "amount_paid": 0, "amount_overpaid": 0, "amount_shipping": 0, "amount_paid_off_stripe": 0,
+        "attempt_count": 0, "attempted": False, "auto_advance": True, "automatically_finalizes_at": end + GRACE,
+        "automatic_tax": {"enabled": False, "liability": None, "provider": None, "status": None,
+                          "disabled_reason": None},
+        "default_tax_rates": [], "issuer": {"type": "self"},
+        "payment_settings": {"default_mandate": None, "payment_method_options": None, "payment_method_types": None},
+        "discounts": [], "metadata": {}, "number": None, "starting_balance": 0, "ending_balance": None,
+        "total_discount_amounts": [], "total_taxes": [], "effective_at": None,
+        "post_payment_credit_notes_amount": 0, "pre_payment_credit_notes_amount": 0,
         "status_transitions": {"finalized_at": None, "paid_at": None, "voided_at": None,
                                "marked_uncollectible_at": None},
-        "_subscription": sub["id"],
+        "_subscription": sub["id"], "_specs": [],
     }
+
+
+def _take_pending(ctx: Ctx, inv: dict[str, Any], sub: dict[str, Any]) -> None:
+    """Attach the customer's pending invoice items (of this subscription, or of none) to ``inv``."""
+    for ii in reversed(ctx.store.list_objects("invoiceitem", lambda x: x["invoice"] is None
+                                              and x["customer"] == sub["customer"])):
+        parent = ii.get("parent") or {}
+        owner = (parent.get("subscription_details") or {}).get("subscription")
+        if owner not in (None, sub["id"]):
+            continue
+        ii["invoice"] = inv["id"]
+        ctx.store.put("invoiceitem", ii)
+        inv["_specs"].append({"kind": "invoiceitem", "id": ii["id"]})
+
+
+def issue_invoice(ctx: Ctx, sub: dict[str, Any], reason: str, start: int, end: int,
+                  specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """An invoice outside the cycle (``subscription_create`` / ``subscription_update``), finalized at once."""
+    inv = new_invoice(ctx, sub, start, end, new_id("in"), reason)
+    inv["_specs"] = list(specs)
+    _take_pending(ctx, inv, sub)
+    ctx.store.put("invoice", inv)
+    return finalize(ctx, inv)
 
 
 def public_invoice(inv: dict[str, Any]) -> dict[str, Any]:
@@ -287,17 +433,43 @@ def finalize(ctx: Ctx, inv: dict[str, Any]) -> dict[str, Any]:
     return ctx.store.put("invoice", inv)
 
 
+def cycle_specs(ctx: Ctx, sub: dict[str, Any], start: int, end: int) -> list[dict[str, Any]]:
+    """Metered usage of ``[start, end)`` per metered item (from when the item was added)."""
+    from meterline.stripe_local._subscriptions import is_metered
+
+    return [{"kind": "metered", "item": it["id"], "price": it["price"]["id"],
+             "start": max(start, int(it.get("_usage_from", start))), "end": end}
+            for it in sub["items"]["data"] if is_metered(it["price"])]
+
+
+def advance_specs(ctx: Ctx, sub: dict[str, Any], start: int, end: int) -> list[dict[str, Any]]:
+    """Licensed items billed in advance for ``[start, end)``."""
+    from meterline.stripe_local._subscriptions import _label, is_metered
+
+    return [{"kind": "licensed", "item": it["id"], "price": it["price"]["id"], "quantity": it["quantity"],
+             "start": start, "end": end, "factor": "1", "description": _label(ctx, it)}
+            for it in sub["items"]["data"] if not is_metered(it["price"])]
+
+
 def tick(ctx: Ctx, *, finalize_now: bool = False) -> list[str]:
     """Cut invoices for ended periods and finalize due drafts; returns the ids touched."""
     touched: list[str] = []
     for sub in ctx.store.list_objects("subscription", lambda s: s["status"] == "active"):
-        while sub["items"]["data"][0]["current_period_end"] <= ctx.now:
-            item0 = sub["items"]["data"][0]
-            inv = new_invoice(ctx, sub, item0["current_period_start"], item0["current_period_end"], new_id("in"))
+        while sub["status"] == "active" and sub["items"]["data"][0]["current_period_end"] <= ctx.now:
+            start, end = current_period(sub)
+            inv = new_invoice(ctx, sub, start, end, new_id("in"))
+            inv["_specs"] = cycle_specs(ctx, sub, start, end)
+            _take_pending(ctx, inv, sub)
+            set_period(sub, int(sub["_period_index"]) + 1)
+            if sub["cancel_at_period_end"]:
+                sub["status"] = "canceled"
+                sub["canceled_at"] = sub["ended_at"] = end
+            else:
+                nxt_start, nxt_end = current_period(sub)
+                inv["_specs"] += advance_specs(ctx, sub, nxt_start, nxt_end)
             compute_invoice(ctx, inv, record=False)
             ctx.store.put("invoice", inv)
             sub["latest_invoice"] = inv["id"]
-            set_period(sub, int(sub["_period_index"]) + 1)
             touched.append(inv["id"])
         ctx.store.put("subscription", sub)
     for inv in reversed(ctx.store.list_objects("invoice", lambda i: i["status"] == "draft")):
@@ -342,22 +514,34 @@ def finalize_invoice(ctx: Ctx, params: dict[str, Any], iid: str) -> dict[str, An
 
 @route("POST", "/v1/invoices/create_preview")
 def create_preview(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
-    cid = p_str(params, "customer", required=True) or ""
-    need(ctx, "customer", cid, param="customer")
+    """The next cycle invoice as it stands: usage so far, pending items, the next period in advance.
+
+    ``customer`` is optional when ``subscription`` is given (spec3.json: "at least one of
+    `customer`, `customer_account` or `subscription`")."""
+    cid = p_str(params, "customer")
     sid = p_str(params, "subscription")
+    if cid is None and sid is None:
+        raise missing("customer")
     if sid is None:
+        need(ctx, "customer", cid or "", param="customer")
         subs = ctx.store.list_objects("subscription", lambda s: s["customer"] == cid and s["status"] == "active")
         if not subs:
             raise ApiError(400, f"Customer {cid} has no active subscription to preview.", code="invoice_upcoming_none")
         sub = subs[0]
     else:
         sub = need(ctx, "subscription", sid, param="subscription")
-        if sub["customer"] != cid:
+        if cid is not None and sub["customer"] != cid:
             raise invalid("subscription", f"Subscription {sid} does not belong to customer {cid}.")
-    item0 = sub["items"]["data"][0]
-    inv = new_invoice(ctx, sub, item0["current_period_start"], item0["current_period_end"],
-                      "upcoming_in_" + secrets.token_hex(12))
-    inv["billing_reason"] = "upcoming"
+    start, end = current_period(sub)
+    inv = new_invoice(ctx, sub, start, end, "upcoming_in_" + secrets.token_hex(12), "upcoming")
+    inv["_specs"] = cycle_specs(ctx, sub, start, end)
+    for ii in reversed(ctx.store.list_objects("invoiceitem", lambda x: x["invoice"] is None
+                                              and x["customer"] == sub["customer"])):
+        inv["_specs"].append({"kind": "invoiceitem", "id": ii["id"]})
+    if not sub["cancel_at_period_end"]:
+        k = int(sub["_period_index"]) + 1
+        nxt = period_bounds(sub, k)
+        inv["_specs"] += advance_specs(ctx, sub, *nxt)
     return public_invoice(compute_invoice(ctx, inv, record=False))
 
 

@@ -345,6 +345,11 @@ def event_summaries(ctx: Ctx, params: dict[str, Any], mid: str) -> dict[str, Any
     if start >= end:
         raise invalid("end_time", "end_time must be after start_time.")
     window = p_str(params, "value_grouping_window", choices=("hour", "day"))
+    if window is not None:  # spec3.json: start/end "must be aligned with value_grouping_window boundaries"
+        size = 3600 if window == "hour" else 86400
+        for name, value in (("start_time", start), ("end_time", end)):
+            if value % size:
+                raise invalid(name, f"{name} must be aligned with value_grouping_window ({window}) boundaries.")
     formula = meter["default_aggregation"]["formula"]
     events = ctx.store.valid_events(meter["event_name"], customer, start, end)
     ranges: list[tuple[int, int]]

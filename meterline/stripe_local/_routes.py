@@ -24,27 +24,34 @@ class Ctx:
 
 
 Handler = Callable[..., dict[str, Any]]
-_ROUTES: list[tuple[str, re.Pattern[str], Handler]] = []
+_ROUTES: list[tuple[str, re.Pattern[str], Handler, str]] = []
 
 
 def route(method: str, pattern: str) -> Callable[[Handler], Handler]:
     regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+    key = f"{method} " + re.sub(r"\{\w+\}", "{}", pattern)
 
     def deco(fn: Handler) -> Handler:
-        _ROUTES.append((method, regex, fn))
+        _ROUTES.append((method, regex, fn, key))
         return fn
 
     return deco
 
 
-def match(method: str, path: str) -> tuple[Handler, dict[str, str]]:
+def route_keys() -> list[str]:
+    """``"POST /v1/prices/{}"`` for every registered route (the keys of stripe_params.json)."""
+    return [r[3] for r in _ROUTES]
+
+
+def match(method: str, path: str) -> tuple[Handler, dict[str, str], str]:
+    """The handler for ``method path``, its path arguments and its route key."""
     path_known = False
-    for m, regex, fn in _ROUTES:
+    for m, regex, fn, key in _ROUTES:
         found = regex.match(path)
         if found:
             path_known = True
             if m == method:
-                return fn, found.groupdict()
+                return fn, found.groupdict(), key
     if path_known:
         raise ApiError(405, f"Unrecognized request method {method} for {path}", code="method_not_allowed")
     raise ApiError(404, f"Unrecognized request URL ({method}: {path}).", code="resource_missing")

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from meterline.stripe_local import _core, _invoicing, _meters  # noqa: F401  (register routes)
+from meterline.stripe_local import _core, _invoicing, _meters, _subscriptions  # noqa: F401  (register routes)
 from meterline.stripe_local._params import ApiError, canonical, parse_form
 from meterline.stripe_local._routes import Ctx, match
+from meterline.stripe_local._spec import check_params
 from meterline.stripe_local._store import Store
 
 log = logging.getLogger("meterline.stripe_local")
@@ -176,7 +177,6 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(400, "Request body must be a JSON object.")
         else:
             params = parse_form(body if method == "POST" else query)
-        params.pop("expand", None)
         key = self.headers.get("Idempotency-Key") if method == "POST" or (v2 and method == "DELETE") else None
         status, out, replayed = self._idempotent(app, method, path, params, token, key)
         headers = {"Idempotent-Replayed": "true"} if replayed else {}
@@ -211,10 +211,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _run(self, app: App, method: str, path: str, params: dict[str, Any], token: str,
              commit: bool = True) -> tuple[int, dict[str, Any]]:
         """Run the routed handler under the lock; on error roll back its writes."""
-        fn, args = match(method, path)
+        fn, args, route_key = match(method, path)
         with app.lock:
             ctx = Ctx(store=app.store, now=app.store.now(), path=path, token=token)
             try:
+                check_params(route_key, params)
                 out = fn(ctx, params, **args)
                 status = 200
             except ApiError as exc:

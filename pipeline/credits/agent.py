@@ -53,6 +53,7 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from meterline import metrics
 from meterline.config import Settings
 from meterline.pricing import PricingEngine
 from pipeline.delivery import commit_offsets, send_changelog, table_data
@@ -181,6 +182,8 @@ class CreditAgent:
         outcome = self.processor.process(rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, rec.value,
                                          self.table.get)  # fmt: skip
         self.records += 1
+        if rec.topic == self.priced_name and not outcome.skipped:
+            metrics.observe_stage_ms("balance", rec.timestamp_ms)  # priced (record time) -> applied
         if outcome.skipped or (outcome.state is None and not outcome.sends):
             return  # nothing to persist, nothing to send
         pending = _Pending(rec.offset, key, outcome.customer_id, outcome.sends, asyncio.get_running_loop().create_future())

@@ -9,28 +9,28 @@ and ``output = completion_tokens - completion_tokens_details.reasoning_tokens``.
 The model id is ``"<provider>/<model>"`` (``anthropic/claude-3.5-sonnet``): the event gets
 ``provider="anthropic"``, ``model="claude-3.5-sonnet"`` and, unless the caller says otherwise,
 ``gateway="openrouter"``. OpenRouter's own ``usage.cost`` (credits) is ignored: meterline prices
-tokens itself.
+tokens itself. Counts are read exactly as OpenAI's (:func:`~schemas.adapters.openai.openai_chat_counts`,
+including ``cache_write_tokens``, audio/image details and the ``total_tokens`` check), so the same
+request gives the same event through OpenRouter as through OpenAI. Variant suffixes (``:online``,
+``:floor``...) are dropped by :func:`schemas.naming.normalize_model`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from meterline.errors import InvalidEvent
 from schemas.adapters._common import (
     MISSING_FIELD,
+    as_mapping,
     build_event,
-    count,
-    dated_model_version,
     epoch_seconds,
     get_mapping,
     optional_str,
     require_str,
-    subtract,
 )
-from schemas.adapters.openai import OpenAIChatStream
+from schemas.adapters.openai import OpenAIChatStream, openai_chat_counts
 from schemas.models import UsageEvent
 
 __all__ = ["OpenRouterStream", "split_model", "usage_event_from_openrouter"]
@@ -46,7 +46,7 @@ def split_model(model_id: str) -> tuple[str, str]:
 
 
 def usage_event_from_openrouter(
-    response: Mapping[str, Any],
+    response: Any,
     *,
     customer_id: str,
     event_id: str | None = None,
@@ -55,15 +55,10 @@ def usage_event_from_openrouter(
 ) -> UsageEvent:
     """Event for one OpenRouter ``chat.completion`` response (or its merged stream)."""
     where = "openrouter"
+    response = as_mapping(response, where=where)
     provider, model = split_model(require_str(response, "model", where=where))
     usage = get_mapping(response, "usage", where=where, required=True)
     assert usage is not None
-    prompt = count(usage, "prompt_tokens", where=where, required=True)
-    completion = count(usage, "completion_tokens", where=where, required=True)
-    details = get_mapping(usage, "prompt_tokens_details", where=where)
-    cached = count(details, "cached_tokens", where=where)
-    write = count(details, "cache_write_tokens", where=where)
-    reasoning = count(get_mapping(usage, "completion_tokens_details", where=where), "reasoning_tokens", where=where)
     context.setdefault("gateway", "openrouter")
     return build_event(
         source="openrouter",
@@ -74,15 +69,10 @@ def usage_event_from_openrouter(
         event_id=event_id,
         occurred_at=occurred_at,
         created=epoch_seconds(response.get("created"), where=where, field="created"),
-        model_version=dated_model_version(model),
-        input_tokens=subtract(prompt, cached + write, total_name="prompt_tokens",
-                              part_name="cached_tokens + cache_write_tokens", where=where),
-        cached_input_tokens=cached,
-        cache_write_tokens=write,
-        output_tokens=subtract(completion, reasoning, total_name="completion_tokens",
-                               part_name="reasoning_tokens", where=where),
-        reasoning_tokens=reasoning,
+        model_version=None,
+        service_tier=optional_str(response, "service_tier"),
         context=context,
+        counts=openai_chat_counts(usage, where=where),
     )
 
 
@@ -93,6 +83,6 @@ class OpenRouterStream(OpenAIChatStream):
               **context: Any) -> UsageEvent:
         self._require_usage("openrouter stream")
         assert self._first is not None
-        merged = {**self._first, "usage": self._usage}
+        merged = {**self._first, "usage": self._usage, "service_tier": self._tier}
         return usage_event_from_openrouter(merged, customer_id=customer_id, event_id=event_id,
                                            occurred_at=occurred_at, **context)

@@ -9,7 +9,7 @@ from schemas.adapters import AnthropicMessageStream, usage_event_from_anthropic
 def test_message_with_cache_write(payload):
     ev = usage_event_from_anthropic(payload("anthropic_message.json"), customer_id="cus_1", gateway="gw-eu")
     assert ev.event_id == "anthropic:msg_01XFDUDYJgAACzvnptvVoYEL"
-    assert (ev.provider, ev.model, ev.model_version) == ("anthropic", "claude-3-5-sonnet-20241022", "20241022")
+    assert (ev.provider, ev.model, ev.model_version) == ("anthropic", "claude-3-5-sonnet", "20241022")
     # Anthropic's input_tokens already excludes the cache: copied as-is
     assert (ev.input_tokens, ev.cache_write_tokens, ev.cached_input_tokens) == (21, 188086, 0)
     assert (ev.output_tokens, ev.reasoning_tokens) == (393, 0)
@@ -20,7 +20,9 @@ def test_message_with_cache_read_and_ttl_split(payload):
     ev = usage_event_from_anthropic(payload("anthropic_message_cache_read.json"), customer_id="cus_1",
                                     provider="bedrock")
     assert (ev.provider, ev.model_version) == ("bedrock", "20250929")
-    assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens, ev.output_tokens) == (50, 188086, 2048, 1503)
+    # 1024 written for 5 minutes, 1024 for 1 hour: priced apart (1.25x and 2x input)
+    assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens, ev.cache_write_long_tokens,
+            ev.output_tokens) == (50, 188086, 1024, 1024, 1503)
 
 
 def test_ttl_split_must_match_total(payload):
@@ -53,7 +55,7 @@ def test_stream_takes_cumulative_usage_from_message_delta(payload):
     stream.extend(payload("anthropic_stream.jsonl"))
     ev = stream.event(customer_id="cus_4")
     assert ev.event_id == "anthropic:msg_014p7gG3wDgGV9EUtLvnow3U"
-    assert (ev.model, ev.model_version) == ("claude-3-haiku-20240307", "20240307")
+    assert (ev.model, ev.model_version) == ("claude-3-haiku", "20240307")
     # input/cache from message_start, final output from message_delta (89, not the initial 2)
     assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens, ev.output_tokens) == (472, 1800, 0, 89)
 

@@ -11,7 +11,7 @@ from schemas.adapters import GeminiStream, usage_event_from_gemini
 def test_thinking_model(payload):
     ev = usage_event_from_gemini(payload("gemini_generate_content.json"), customer_id="cus_1")
     assert ev.event_id == "gemini:mAitaLmkHPPlz7IPvtfUqQ4"
-    assert (ev.provider, ev.model, ev.model_version) == ("gemini", "gemini-2.5-flash", "gemini-2.5-flash")
+    assert (ev.provider, ev.model, ev.model_version) == ("google", "gemini-2.5-flash", None)
     # candidatesTokenCount excludes thoughts; both kept as they are
     assert (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens, ev.reasoning_tokens) == (10, 0, 350, 848)
     total = payload("gemini_generate_content.json")["usageMetadata"]["totalTokenCount"]
@@ -21,7 +21,7 @@ def test_thinking_model(payload):
 def test_vertex_cached_content_and_tool_prompt(payload):
     ev = usage_event_from_gemini(payload("gemini_vertex_cached.json"), customer_id="cus_1",
                                  model="gemini-2.0-flash", provider="vertex_ai")
-    assert (ev.provider, ev.model, ev.model_version) == ("vertex_ai", "gemini-2.0-flash", "gemini-2.0-flash-001")
+    assert (ev.provider, ev.model, ev.model_version) == ("vertex_ai", "gemini-2.0-flash", "001")
     # promptTokenCount includes the cached content: 33077 - 32768 + 125 tool-use prompt tokens
     assert (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens, ev.reasoning_tokens) == (434, 32768, 412, 0)
     assert ev.occurred_at == datetime(2025, 3, 10, 14, 31, 5, 845321, tzinfo=timezone.utc)

@@ -12,7 +12,7 @@ def test_openrouter_provider_from_model_prefix(payload):
     ev = usage_event_from_openrouter(payload("openrouter_chat.json"), customer_id="cus_1")
     assert ev.event_id == "openrouter:gen-1741624262-2fFXe2yqCMa4VbHlOPkK"
     assert (ev.provider, ev.model, ev.model_version, ev.gateway) == (
-        "anthropic", "claude-3.5-sonnet", None, "openrouter")
+        "anthropic", "claude-3-5-sonnet", None, "openrouter")  # Anthropic's own spelling
     # prompt 3194 includes 2900 cache reads and 200 cache writes
     assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens) == (94, 2900, 200)
     assert (ev.output_tokens, ev.reasoning_tokens) == (12, 0)
@@ -57,7 +57,7 @@ def test_openrouter_stream(payload):
 def test_litellm_anthropic_payload(payload):
     ev = usage_event_from_litellm(payload("litellm_anthropic.json"), customer_id="acme")
     assert ev.event_id == "litellm:0c1b5a6e-9f4d-4c8b-a2f1-7d3e8b9c1a42"
-    assert (ev.provider, ev.model, ev.model_version) == ("anthropic", "claude-sonnet-4-5-20250929", "20250929")
+    assert (ev.provider, ev.model, ev.model_version) == ("anthropic", "claude-sonnet-4-5", "20250929")
     # LiteLLM's prompt_tokens = input + cache reads + cache writes
     assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens) == (50, 188086, 2048)
     assert (ev.output_tokens, ev.reasoning_tokens) == (1503, 0)
@@ -70,16 +70,26 @@ def test_litellm_anthropic_payload(payload):
 def test_litellm_openai_payload_provider_from_model_map_key(payload):
     ev = usage_event_from_litellm(payload("litellm_openai_minimal.json"), customer_id="acme",
                                   api_key_id="k1", user_id="u1")
-    assert (ev.provider, ev.model, ev.model_version) == ("openai", "gpt-4o-mini-2024-07-18", "2024-07-18")
+    assert (ev.provider, ev.model, ev.model_version) == ("openai", "gpt-4o-mini", "2024-07-18")
     assert (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens) == (176, 1024, 145)
     assert (ev.api_key_id, ev.user_id) == ("k1", "u1")
 
 
-def test_litellm_without_usage_object_uses_top_level_counts(payload):
+def test_litellm_without_usage_object_is_refused_not_over_billed(payload):
+    # the top-level prompt_tokens (1200) include 1024 cache reads that cannot be told apart:
+    # billing all 1200 at the input rate would over-bill, so the payload is refused with a reason
     body = payload("litellm_openai_minimal.json")
     body["metadata"].pop("usage_object")
+    with pytest.raises(InvalidEvent) as exc:
+        usage_event_from_litellm(body, customer_id="acme")
+    assert exc.value.reason_code == "ambiguous_usage"
+
+
+def test_litellm_without_usage_object_reads_the_logged_response_usage(payload):
+    body = payload("litellm_openai_minimal.json")
+    body["response"] = {"id": "chatcmpl-1", "usage": body["metadata"].pop("usage_object")}
     ev = usage_event_from_litellm(body, customer_id="acme")
-    assert (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens) == (1200, 0, 145)
+    assert (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens) == (176, 1024, 145)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +109,11 @@ def test_litellm_bad_payload(payload, mutate, reason):
     with pytest.raises(InvalidEvent) as exc:
         usage_event_from_litellm(body, customer_id="c")
     assert exc.value.reason_code == reason
+
+
+def test_litellm_service_tier_comes_from_the_logged_response(payload):
+    body = payload("litellm_openai_minimal.json")
+    body["response"] = {"id": "chatcmpl-1", "object": "chat.completion", "service_tier": "flex"}
+    assert usage_event_from_litellm(body, customer_id="acme").service_tier == "flex"
+    body["response"]["service_tier"] = "default"
+    assert usage_event_from_litellm(body, customer_id="acme").service_tier is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -15,7 +16,8 @@ import pytest
 
 from meterline.api.app import MAX_BODY_BYTES, MAX_EVENTS
 from meterline.api.client import ApiClient
-from meterline.api.server import ApiServer, read_discovery, write_discovery
+from meterline.api.server import ApiServer
+from meterline.discovery import RuntimeInfo, read_runtime_info, remove_runtime_info, running_api, write_runtime_info
 from meterline.errors import ConfigError, InputError, TransientError
 from meterline.stack.broker import free_port
 from schemas.producer import UsageProducer
@@ -299,11 +301,12 @@ def test_client_and_discovery(
     tmp_path: Path,
 ) -> None:
     api = api_factory(producer=usage_producer, clickhouse=clickhouse)
-    write_discovery(tmp_path, api.url, keys.admin)
-    found = read_discovery(tmp_path)
-    assert found is not None and found.url == api.url and found.admin_key == keys.admin
+    write_runtime_info(tmp_path, RuntimeInfo(os.getpid(), None, "meterline.", api.url))
+    (tmp_path / "admin.key").write_text(keys.admin + "\n")
+    found = running_api(tmp_path)
+    assert found == (api.url, keys.admin)
 
-    with ApiClient(found.url, found.admin_key or "") as client:
+    with ApiClient(*found) as client:
         assert client.sql("SELECT toDecimal128('2.000000000001', 12) AS x") == {
             "columns": ["x"], "rows": [["2.000000000001"]]}
         assert client.sql("SELECT 1 AS x", fmt="csv") == "x\n1\n"
@@ -318,25 +321,33 @@ def test_client_and_discovery(
         client.sql("SELECT 1")
 
 
-def test_server_port_zero_stop_and_discovery_cleanup(api_factory: Any, keys: Any, tmp_path: Path) -> None:
+def test_server_port_zero_and_stop(api_factory: Any, keys: Any) -> None:
     api = api_factory(producer=_NoProducer())
-    ddir = tmp_path / "disc"
-    server = ApiServer(api.server.app, "127.0.0.1", 0, discovery_dir=ddir).start()
+    server = ApiServer(api.server.app, "127.0.0.1", 0).start()
     assert server.port != 0
     assert httpx.get(server.url + "/healthz").status_code == 200
-    info = read_discovery(ddir)
-    assert info is not None and info.url == server.url and info.admin_key is None
     server.stop()
-    assert read_discovery(ddir) is None and not (ddir / "api.json").exists()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/healthz")
     server.stop()  # idempotent
 
 
-def test_read_discovery_ignores_dead_pid(tmp_path: Path) -> None:
-    (tmp_path / "api.json").write_text(json.dumps({"url": "http://127.0.0.1:1", "pid": 2**22 + 12345}))
-    assert read_discovery(tmp_path) is None
-    assert read_discovery(tmp_path / "missing") is None
+def test_runtime_info_is_private_and_removed_only_by_its_writer(tmp_path: Path) -> None:
+    path = write_runtime_info(tmp_path, RuntimeInfo(os.getpid(), "127.0.0.1:9092", "p.", "http://127.0.0.1:1"))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert read_runtime_info(tmp_path) == RuntimeInfo(os.getpid(), "127.0.0.1:9092", "p.", "http://127.0.0.1:1")
+    assert running_api(tmp_path) is None  # no admin.key beside it
+    remove_runtime_info(tmp_path, only_if_pid=os.getpid() + 1)
+    assert read_runtime_info(tmp_path) is not None
+    remove_runtime_info(tmp_path, only_if_pid=os.getpid())
+    assert read_runtime_info(tmp_path) is None and not path.exists()
+
+
+def test_read_runtime_info_ignores_dead_pid(tmp_path: Path) -> None:
+    (tmp_path / "runtime.json").write_text(json.dumps({"api_url": "http://127.0.0.1:1", "pid": 2**22 + 12345}))
+    assert read_runtime_info(tmp_path) is None
+    assert read_runtime_info(tmp_path / "missing") is None
+
 
 
 def test_extra_routes_use_the_same_auth_and_error_shape(api_factory: Any, keys: Any) -> None:

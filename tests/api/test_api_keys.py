@@ -103,7 +103,7 @@ def test_public_surface_is_pinned() -> None:
 
     assert api.__all__ == sorted([
         "MAX_BODY_BYTES", "MAX_EVENTS", "ApiClient", "ApiError", "ApiServer", "KeyRecord", "KeyStore", "create_api",
-        "read_discovery", "remove_discovery", "require_admin", "require_customer", "require_key", "write_discovery",
+        "require_admin", "require_customer", "require_key",
     ])
     for name in api.__all__:
         assert getattr(api, name) is not None

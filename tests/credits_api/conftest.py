@@ -37,7 +37,7 @@ def credit_topics(kafka_bootstrap: str, topics: dict[str, str], topic_prefix: st
     """infra/topics.yaml topics plus ``ledger-replies`` (created here if the yaml lacks it)."""
     names = dict(topics)
     if "ledger-replies" not in names:
-        spec = TopicSpec("ledger-replies", None, 86_400_000, "delete", "request_id", "JSON reply")
+        spec = TopicSpec("ledger-replies", None, 86_400_000, "delete", "request_id", "JSON reply", "json")
         names.update(ensure_topics(kafka_bootstrap, topic_prefix, 4, [spec]))
     return names
 

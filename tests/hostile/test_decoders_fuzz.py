@@ -131,11 +131,16 @@ def test_hostile_fields_have_their_reason(override: dict[str, Any], reason: str)
 
 
 def test_unicode_ids_are_valid_and_round_trip() -> None:
+    """Unicode event ids are fine; customer ids have one restricted ASCII form (docs/security.md)."""
     ids = ["évènement-✓", "😀" * 30, "\u202eRTL", "中文-ключ", "a\u0301"]
     records = [{**GOOD, "event_id": i, "customer_id": i} for i in ids]
     decoded = decode_usage_batch(encode_usage_batch(records))
     assert [(d["event_id"], d["customer_id"]) for d in decoded] == [(i, i) for i in ids]
     for d in decoded:
+        with pytest.raises(InvalidEvent) as info:
+            validate_record(d, now_ms=NOW_MS)
+        assert (info.value.reason_code, info.value.field) == ("invalid_customer_id", "customer_id")
+        d = {**d, "customer_id": "cust-1"}
         validate_record(d, now_ms=NOW_MS)
         assert record_to_event(d).event_id == d["event_id"]
 

@@ -34,7 +34,8 @@ import typer
 from typer.testing import CliRunner
 
 from jobs.stripe._store import ACKED, load_pushes
-from jobs.stripe.cli import argv_from_params, statement_command, stripe_app
+from jobs.stripe.cli import statement_command, stripe_app
+from meterline.forwarding import argv_from_params
 from meterline.api.admin import CommandRunner, RunnerBusy
 from meterline.api.keys import KeyStore
 from meterline.config import Settings

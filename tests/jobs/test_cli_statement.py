@@ -63,7 +63,7 @@ def test_statement_html_and_csv(clickhouse: Any, usage: Usage, env: dict[str, st
     assert len(rows) == 8 and sum(Decimal(r["charge"]) for r in rows) == usage.charges["acme"]
     assert {r["model"] for r in rows} == {"gpt-4o", "o1"} and rows[0]["day"] == "2026-01-01"
     page = render_html(st)
-    assert "<svg" in page and page.count("<rect") == 5
+    assert "<svg" in page and page.count("<rect class=\"bar\"") == 5 + 2 + 2  # days, models, projects
     assert "src=" not in page and "<script" not in page and "<link" not in page
     out = tmp_path / "acme.html"
     r = CliRunner().invoke(app, ["statement", "acme", "--period", "2026-01", "--out", str(out)], env=env)

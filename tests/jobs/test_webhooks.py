@@ -45,7 +45,7 @@ def test_signed_paid_top_up_becomes_exactly_one_command(kafka_bootstrap: str, to
                           seen=ClickHouseSeen(clickhouse))
     http = TestClient(Starlette(routes=[route]))
     event = {"id": "evt_1TopUp", "object": "event", "type": "checkout.session.completed", "created": 1_767_225_600,
-             "data": {"object": {"object": "checkout.session", "payment_status": "paid", "currency": "usd",
+             "data": {"object": {"object": "checkout.session", "payment_status": "paid", "currency": "usd", "amount_total": 2500,
                                  "metadata": {"customer_id": "acme", "amount": "25.00", "currency": "usd"}}}}
     body = json.dumps(event)
     first = http.post("/v1/stripe/webhook", content=body, headers=signed(body))

@@ -109,7 +109,7 @@ def test_missing_file() -> None:
 def test_seed_file_loads() -> None:
     book = load_price_book(SEED)
     assert {c.customer_id for c in book.cards} == {"*", "acme"}
-    assert len(book.versions) == 8
+    assert len(book.versions) == 12
 
 
 def test_records_are_deterministic_and_idempotent() -> None:

@@ -58,12 +58,12 @@ def test_import_from_dict_with_provider_filter_is_deterministic() -> None:
     assert dict(ra.skipped)["groq/llama3-70b-8192"] == "provider 'groq' not selected"
 
 
-def test_import_without_litellm_installed() -> None:
-    # litellm is not installed in this environment; the lookup must say so, not import anything
+def test_import_without_litellm_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # litellm is a test extra now: hide it, the lookup must say so, not import anything
     import importlib.util
 
-    if importlib.util.find_spec("litellm") is not None:
-        pytest.skip("litellm is installed here")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "litellm" else real(name, *a))
     with pytest.raises(PriceFileError, match="litellm is not installed"):
         import_litellm(None, effective_from=EFF)
 

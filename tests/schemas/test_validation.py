@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from meterline.errors import InvalidEvent
 from schemas.codec import decode_usage_batch, encode_usage_batch, record_to_event
-from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS, MAX_TOKENS_PER_EVENT, TOKEN_FIELDS
+from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS, MAX_TOKENS_PER_EVENT, TOKEN_FIELDS, TOOL_FIELDS
 from schemas.validation import MIN_OCCURRED_AT_MS, REASON_CODES, validate_record, validate_records
 
 NOW = 1_750_000_000_000
@@ -117,8 +117,9 @@ _edge_labels = st.one_of(
     st.integers(min_value=MAX_LABELS - 1, max_value=MAX_LABELS + 1).map(lambda n: {f"l{i}": "v" for i in range(n)}),
 )
 _REQUIRED = ("event_id", "customer_id", "provider", "model")
-_OPTIONAL = ("api_key_id", "project", "feature", "user_id", "session_id", "gateway", "model_version", "request_id")
-_COUNTS = (*TOKEN_FIELDS, "requests")
+_OPTIONAL = ("api_key_id", "project", "feature", "user_id", "session_id", "gateway", "model_version", "request_id",
+             "service_tier")
+_COUNTS = (*TOKEN_FIELDS, *TOOL_FIELDS, "requests")
 
 # A mostly valid record with 0-2 fields pushed to an edge, so both outcomes are common.
 # occurred_at stays within 2000..now: the time checks only validate_record makes stay out.
@@ -165,7 +166,7 @@ def test_validate_record_agrees_with_pydantic(d: dict[str, Any]) -> None:
     except InvalidEvent as exc:
         ours = None if exc.reason_code == "empty_usage" else False
     if ours is None:  # the model has no empty_usage rule; it must accept what is otherwise fine
-        assert all(d[f] == 0 for f in (*TOKEN_FIELDS, "requests"))
+        assert all(d[f] == 0 for f in _COUNTS)
         assert _model_accepts(d)
     else:
         assert ours == _model_accepts(d)

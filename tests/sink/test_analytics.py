@@ -68,7 +68,7 @@ def test_the_engine_itself_refuses_writes_on_the_readonly_path(clickhouse, seede
     """Second lock: with the text guard switched off, readonly=1 in the engine still refuses."""
     import meterline.analytics as analytics
 
-    monkeypatch.setattr(analytics, "check_readonly_sql", lambda s: s)
+    monkeypatch.setattr(analytics, "check_readonly_sql", lambda runner, s, *a: s)
     before = scalar(clickhouse, "SELECT count() FROM usage_priced")
     for sql in ENGINE_REFUSED:
         with pytest.raises(InputError) as info:
@@ -114,13 +114,13 @@ def test_engine_errors_become_input_errors(clickhouse):
     assert info.value.reason_code == "sql_error"
 
 
-def test_check_readonly_sql_strips_one_trailing_semicolon():
-    assert check_readonly_sql("SELECT 1;  ") == "SELECT 1"
-    assert check_readonly_sql("select 'x; y'") == "select 'x; y'"
+def test_check_readonly_sql_strips_one_trailing_semicolon(clickhouse):
+    assert check_readonly_sql(clickhouse, "SELECT 1;  ") == "SELECT 1"
+    assert check_readonly_sql(clickhouse, "select 'x; y'") == "SELECT 'x; y'"
     with pytest.raises(InputError):
-        check_readonly_sql("SELECT 1;;")
+        check_readonly_sql(clickhouse, "SELECT 1; SELECT 2")
     with pytest.raises(InputError):
-        check_readonly_sql("SELECT 1 /* unterminated")
+        check_readonly_sql(clickhouse, "SELECT 1 /* unterminated")
 
 
 def test_format_result_prints_decimals_exactly():

@@ -21,6 +21,8 @@ EXPECTED = {
     "alerts",
     "ledger-replies",
     "ledger-entries",
+    "plans",
+    "subscriptions",
 }
 
 
@@ -30,8 +32,11 @@ def test_topic_file_declares_every_topic() -> None:
     # co-partitioned topics share settings.partitions
     for name in ("usage-events", "usage-priced", "usage-dead-letter", "customer-status", "ledger-commands"):
         assert specs[name].partitions is None
-    for name in ("prices", "schemas", "customer-status"):
+    for name in ("prices", "schemas", "customer-status", "plans"):
         assert specs[name].cleanup_policy == "compact"
+    # subscription facts share a key per customer and every one counts: never compacted, kept forever
+    assert specs["subscriptions"].cleanup_policy == "delete" and specs["subscriptions"].retention_ms == -1
+    assert specs["subscriptions"].partitions is None
     day = 24 * 3600 * 1000
     assert specs["usage-events"].retention_ms == 7 * day
     assert specs["usage-dead-letter"].retention_ms == 30 * day
@@ -41,12 +46,12 @@ def test_topic_file_declares_every_topic() -> None:
     "body, needle",
     [
         ("topics: nope", "topics"),
-        ("topics:\n  - {name: a, partitions: 0, retention_ms: 1, cleanup_policy: delete, key: k, value: v}", "partitions"),
-        ("topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: zap, key: k, value: v}", "cleanup_policy"),
+        ("topics:\n  - {name: a, partitions: 0, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}", "partitions"),
+        ("topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: zap, key: k, value: v, encoding: json}", "cleanup_policy"),
         ("topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k}", "missing"),
         (
-            "topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v}\n"
-            "  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v}",
+            "topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}\n"
+            "  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}",
             "twice",
         ),
         ("topics: [", "YAML"),
@@ -82,7 +87,7 @@ def test_ensure_topics_is_idempotent(kafka_bootstrap: str, topic_prefix: str) ->
 
 
 def test_partition_mismatch_is_a_config_error(kafka_bootstrap: str, topic_prefix: str) -> None:
-    spec = TopicSpec("solo", None, 60_000, "delete", "k", "v")
+    spec = TopicSpec("solo", None, 60_000, "delete", "k", "v", "json")
     ensure_topics(kafka_bootstrap, topic_prefix, 2, [spec])
     with pytest.raises(ConfigError, match="exists with 2 partitions but 5"):
         ensure_topics(kafka_bootstrap, topic_prefix, 5, [spec])

@@ -122,8 +122,11 @@ def test_invoice_at_period_close_uses_meter_aggregate_and_credits(ls: LocalStrip
     assert isinstance(preview, stripe.Invoice) and preview.lines.data[0].quantity == 1_234_567
 
     ls.advance_clock(end - ls.now() + 600)  # 10 min past period end: draft, still in the grace hour
-    drafts = client.v1.invoices.list({"customer": m.customer}).data
-    assert [i.status for i in drafts] == ["draft"]
+    # the subscription_create invoice bills nothing in advance (metered only) and is paid at 0
+    first, *_ = client.v1.invoices.list({"customer": m.customer, "status": "paid"}).data
+    assert (first.billing_reason, first.total) == ("subscription_create", 0)
+    drafts = client.v1.invoices.list({"customer": m.customer, "status": "draft"}).data
+    assert [i.billing_reason for i in drafts] == ["subscription_cycle"]
     send(client, m, 1000, timestamp=end - 30)  # late usage inside the grace hour still counts
     ls.advance_clock(3600)
     inv = client.v1.invoices.retrieve(drafts[0].id)
@@ -246,7 +249,8 @@ def test_remaining_endpoints_via_sdk(ls: LocalStripe, client: stripe.StripeClien
         "src": "topup"}
     send(client, m, 3)
     ls.advance_clock(86400)
-    (inv2,) = [i for i in client.v1.invoices.list({"customer": m.customer}).data if i.id != inv.id]
+    (inv2,) = [i for i in client.v1.invoices.list({"customer": m.customer}).data
+               if i.id != inv.id and i.billing_reason == "subscription_cycle"]
     assert inv2.status == "paid" and inv2.total == 0 and inv2.subtotal == 6
     (txn,) = client.v1.billing.credit_balance_transactions.list({"customer": m.customer}).data
     assert client.v1.billing.credit_balance_transactions.retrieve(txn.id).credit_grant == grant.id

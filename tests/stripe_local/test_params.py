@@ -27,3 +27,17 @@ def test_rounding_is_once_per_line_half_up() -> None:
     assert exact_amount(price, Decimal(1)) == Decimal("0.005")
     assert round_cents(exact_amount(price, Decimal(100))) == 1  # 0.5 -> 1 (half-up)
     assert round_cents(exact_amount(price, Decimal(99))) == 0  # 0.495 -> 0
+
+
+def test_every_stripe_route_has_its_parameter_list_and_the_list_matches_the_sdk() -> None:
+    """stripe_params.json covers every /v1 and /v2 route the server serves, and regenerating it from
+    the pinned SDK's spec-generated parameter types gives the same file (an SDK upgrade that changes
+    a parameter list fails here until the file is regenerated and reviewed)."""
+    import json
+
+    from meterline.stripe_local._spec import PARAMS_FILE
+    from meterline.stripe_local.gen_params import generate, served_routes
+
+    stored = json.loads(PARAMS_FILE.read_text())
+    assert set(served_routes()) == set(stored)
+    assert generate(served_routes()) == stored

@@ -1,0 +1,1 @@
+"""Plan bills from meterline's own data (ClickHouse + the subscription timeline)."""

@@ -1,0 +1,1 @@
+"""Drop-in integrations of meterline into gateways (LiteLLM)."""
