@@ -430,3 +430,29 @@ def test_events_nothing_prices_now_keep_their_charge_never_zero(clickhouse: Any)
     assert clickhouse.query("SELECT count() FROM usage_corrections WHERE model = 'llama-3-70b'").result_rows[0][0] == 0
     # everything is as billed: the catalog now prices the rest identically
     assert all(c["delta"] == 0 for c in plan.customers())
+
+
+def test_v2_classes_tool_fees_and_service_tiers_are_rerated_exactly(clickhouse: Any) -> None:
+    """Every count column of usage_priced is re-rated (audio tokens, web-search calls), and a
+    service tier is its own timeline: the ClickHouse figures equal the engine's, event by event."""
+    def book(audio: str, search: str, batch_input: str) -> dict[str, Any]:
+        std = {"provider": "openai", "model": "gpt-4o", "effective_from": "2025-11-01T00:00:00Z",
+               "per_million": {"input": "5.00", "output": "15.00", "input_audio": audio},
+               "tool_fees": {"web_search": search}}
+        batch = {**std, "service_tier": "batch", "per_million": {"input": batch_input, "output": "7.50",
+                                                                 "input_audio": audio}}
+        return {"currency": "USD", "prices": [std, batch],
+                "rate_cards": [{"customer_id": "*", "markup_pct": "0"}, {"customer_id": "acme", "markup_pct": "10"}]}
+
+    events = make_events(23, 500)
+    for i, ev in enumerate(events):
+        ev.update(provider="openai", model="gpt-4o", model_version=None, cached_input_tokens=0, cache_write_tokens=0,
+                  input_audio_tokens=(i * 37) % 5000, web_search_requests=i % 3,
+                  service_tier="batch" if i % 4 == 0 else None)  # fmt: skip
+    before, after = engine(book("40.00", "0.01", "2.50")), engine(book("32.00", "0.025", "2.00"))
+    insert_priced(clickhouse, events, before)
+    plan = plan_reprice(clickhouse, after, FILTERS)
+    want = expected_totals(events, after)
+    got = {c["customer_id"]: (c["new_cost"], c["new_charge"]) for c in plan.customers()}
+    assert got == want
+    assert {ln.new_version.split("@")[0] for ln in plan.lines} == {"openai/gpt-4o", "openai/gpt-4o~batch"}
