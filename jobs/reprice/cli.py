@@ -194,12 +194,7 @@ def reprice_command(
 
 
 def _bootstrap(settings: Settings) -> tuple[str, str]:
-    if settings.kafka_bootstrap:
-        return settings.kafka_bootstrap, settings.topic_prefix
-    from meterline.runtime import read_runtime_file
+    """The Kafka bootstrap and topic prefix: configured, or those of a running ``meterline up``."""
+    from meterline.discovery import kafka_bootstrap
 
-    info = read_runtime_file(settings.data_dir)
-    if info and info.get("kafka_bootstrap"):
-        return str(info["kafka_bootstrap"]), str(info.get("topic_prefix", settings.topic_prefix))
-    raise MeterlineError("no Kafka broker: start `meterline up` or set METERLINE_KAFKA_BOOTSTRAP "
-                         "(a dry run with --prices FILE needs none)")  # fmt: skip
+    return kafka_bootstrap(settings)
