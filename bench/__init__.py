@@ -39,6 +39,8 @@ class BenchConfig:
     analytics_rows: int = 10_000_000
     analytics_repeats: int = 5
     analytics_load_budget_s: float = 100.0  # stop loading more rows after this (the report says so)
+    reprice_rows: int = 10_000_000     # a month of events re-rated by `meterline reprice`
+    reprice_load_budget_s: float = 600.0  # bounded: 10M rows load in ~2-10 min on 2 shared cores
     simulate_rows: int = 10_000_000    # priced rows under the plan simulator (issue #13)
     simulate_load_budget_s: float = 420.0  # ~26 s per million rows here: 10M fit
     authorize_concurrency: int = 32    # concurrent clients of POST /v1/authorize
@@ -66,6 +68,8 @@ class BenchConfig:
             analytics_rows=500_000,
             analytics_repeats=3,
             analytics_load_budget_s=10.0,
+            reprice_rows=500_000,
+            reprice_load_budget_s=10.0,
             simulate_rows=500_000,
             simulate_load_budget_s=15.0,
             authorize_concurrency=16,

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from bench import BenchConfig, Result
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("pricing", "processor", "e2e", "latency", "authorize", "stripe", "analytics", "simulate")
+BENCHMARKS = ("pricing", "processor", "e2e", "latency", "authorize", "stripe", "analytics", "simulate", "reprice")
 
 
 def _machine() -> dict[str, Any]:
@@ -97,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, analytics_rows=args.analytics_rows)
     wanted = set(args.only or BENCHMARKS)
 
-    from bench import analytics, authorize, codec_processor, e2e, latency, pricing_core, simulate, stripe_sync
+    from bench import analytics, authorize, codec_processor, e2e, latency, pricing_core, reprice, simulate, stripe_sync
     from bench._stack import Stack
 
     plain: list[tuple[str, Callable[[BenchConfig], list[Result]]]] = [
         ("pricing", pricing_core.run), ("processor", codec_processor.run)]
     stacked: list[tuple[str, Callable[[BenchConfig, Any], list[Result]]]] = [
         ("e2e", e2e.run), ("latency", latency.run), ("authorize", authorize.run), ("stripe", stripe_sync.run),
-        ("analytics", analytics.run), ("simulate", simulate.run)]
+        ("analytics", analytics.run), ("simulate", simulate.run), ("reprice", reprice.run)]
     results: list[Result] = []
     timings: dict[str, float] = {}
     started = time.monotonic()

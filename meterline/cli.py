@@ -48,6 +48,9 @@ app.command("verify")(verify_command)
 from meterline.cli_proxy import proxy_command  # noqa: E402
 
 app.command("proxy")(proxy_command)
+from jobs.reprice.cli import reprice_command  # noqa: E402
+
+app.command("reprice")(reprice_command)
 dead_app = typer.Typer(
     help="Dead-lettered events: re-drive them once the cause is fixed.",
     no_args_is_help=True,

@@ -593,6 +593,15 @@ SELECT
 FROM usage_priced FINAL
 GROUP BY {name}, customer_id, provider, model, project, feature, currency
 """
+# The re-rating corrections' share (0008_corrections.sql's views): money only, events and tokens 0.
+_CORRECTIONS_SELECT = """
+SELECT
+    {bucket} AS {name}, customer_id, provider, model, project, feature, currency,
+    0 AS events, 0 AS requests, 0 AS input_tokens, 0 AS output_tokens, 0 AS cached_input_tokens,
+    0 AS cache_write_tokens, 0 AS reasoning_tokens, sum(cost) AS cost, sum(charge) AS charge
+FROM usage_corrections FINAL
+GROUP BY {name}, customer_id, provider, model, project, feature, currency
+"""
 _ROLLUPS: tuple[tuple[str, str, str], ...] = (
     ("usage_hourly", "hour", "toStartOfHour(toDateTime(occurred_at, 'UTC'))"),
     ("usage_daily", "day", "toDate(occurred_at, 'UTC')"),
@@ -600,7 +609,8 @@ _ROLLUPS: tuple[tuple[str, str, str], ...] = (
 
 
 def rebuild_rollups(client: ClientLike, tables: Iterable[str] = ("usage_hourly", "usage_daily")) -> None:
-    """Recompute ``usage_hourly`` / ``usage_daily`` from ``usage_priced FINAL`` (repairs double counts).
+    """Recompute ``usage_hourly`` / ``usage_daily`` from ``usage_priced FINAL`` plus the re-rating
+    corrections (``usage_corrections FINAL``, docs/corrections.md) (repairs double counts).
 
     Run it with the sink stopped: rows inserted while it runs reach the rollup through the
     materialized view *and* through this rebuild. The SELECT mirrors ``0002_rollups.sql`` (a test
@@ -612,3 +622,4 @@ def rebuild_rollups(client: ClientLike, tables: Iterable[str] = ("usage_hourly",
             continue
         client.command(f"TRUNCATE TABLE {table}")
         client.command(f"INSERT INTO {table} {_ROLLUP_SELECT.format(bucket=bucket, name=name)}")
+        client.command(f"INSERT INTO {table} {_CORRECTIONS_SELECT.format(bucket=bucket, name=name)}")

@@ -32,6 +32,7 @@ from meterline.errors import InvalidEvent
 from meterline.ledger import (
     Adjust,
     Alert,
+    ApplyPricedUsage,
     Budget,
     Command,
     CreditGrant,
@@ -71,7 +72,8 @@ __all__ = [
     "status_message",
 ]
 
-COMMAND_TYPES = ("grant", "top_up", "void", "adjust", "set_policy", "set_budget", "set_block", "authorize")
+COMMAND_TYPES = ("grant", "top_up", "void", "adjust", "set_policy", "set_budget", "set_block", "authorize",
+                 "usage_correction")
 _MISSING = object()
 
 
@@ -245,6 +247,15 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
         )  # fmt: skip
         cmd: Command = TopUp(grant=g, at_ms=at) if kind == "top_up" else Grant(grant=g, at_ms=at)
         return LedgerRequest(**env, command=cmd, currency=currency)
+    if kind == "usage_correction":
+        # An extra charge found by re-rating (jobs/reprice, docs/corrections.md): debited exactly like
+        # usage (grants in debit order, then overage under the policy), deduped by its event_id.
+        charge = _amount(d, "amount")
+        assert charge is not None
+        return LedgerRequest(**env, currency=_get(d, "currency", str).lower(), command=ApplyPricedUsage(
+            event_id=_get(d, "event_id", str), occurred_at_ms=at, charge_picos=charge,
+            currency=_get(d, "currency", str).lower(), provider=_get(d, "provider", str), model=_get(d, "model", str),
+            project=_get(d, "project", str, optional=True)))  # fmt: skip
     if kind == "void":
         return LedgerRequest(**env, command=Void(grant_id=_get(d, "grant_id", str), at_ms=at,
                                                  reason=_get(d, "reason", str, default="voided")))  # fmt: skip

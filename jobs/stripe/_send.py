@@ -32,7 +32,7 @@ from typing import Any
 import stripe
 
 from jobs.stripe._config import StripeTarget
-from jobs.stripe._store import ACKED, FAILED, TOO_OLD, Push
+from jobs.stripe._store import ACKED, CANCELED, FAILED, TOO_OLD, Push
 from meterline.errors import ConfigError, TransientError
 
 STREAM_BATCH = 100
@@ -102,6 +102,23 @@ class MeterEventSender:
             return ACKED, ""
 
         return self._retrying(push.identifier, call)  # type: ignore[no-any-return]
+
+    def cancel_one(self, push: Push) -> tuple[str, str]:
+        """Cancel an acked meter event (a meter event adjustment; Stripe allows it within 24 h of
+        receipt). CANCELED when Stripe dropped it (or had already), else FAILED with the reason."""
+        params = {"event_name": push.meter, "type": "cancel", "cancel": {"identifier": push.identifier}}
+
+        def call() -> tuple[str, str]:
+            try:
+                self.client.v1.billing.meter_event_adjustments.create(params)  # type: ignore[arg-type]
+            except stripe.InvalidRequestError as exc:
+                msg = str(exc.user_message or exc)
+                if "already canceled" in msg:
+                    return CANCELED, ""
+                return FAILED, f"{exc.code or ''}: {msg}"
+            return CANCELED, ""
+
+        return self._retrying(f"cancel {push.identifier}", call)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ v2: ≤100 events per request
     def _stream_client(self) -> stripe.StripeClient:

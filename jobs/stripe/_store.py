@@ -14,7 +14,10 @@ from typing import Any
 from meterline.errors import ClickHouseUnavailable
 
 PENDING, ACKED, TOO_OLD, FAILED = "pending", "acked", "too_old", "failed"
-_VER = {PENDING: 1, ACKED: 2, TOO_OLD: 2, FAILED: 2}
+# An acked revision whose window shrank (a re-rating correction, docs/corrections.md) is cancelled
+# at Stripe: canceling (planned) -> canceled (Stripe dropped it). Higher ver: the later state wins.
+CANCELING, CANCELED = "canceling", "canceled"
+_VER = {PENDING: 1, ACKED: 2, TOO_OLD: 2, FAILED: 2, CANCELING: 3, CANCELED: 4}
 
 PUSH_COLUMNS = ("customer_id", "meter", "window_start", "revision", "identifier", "seq", "amount", "value",
                 "carry_after", "status", "error", "ver")  # fmt: skip
@@ -142,3 +145,12 @@ def webhook_seen(ch: Any, event_id: str) -> bool:
 def record_webhook(ch: Any, event_id: str, event_type: str, command_id: str) -> None:
     _run(ch.insert, "stripe_webhook_events", [(event_id, event_type, command_id)],
          column_names=["event_id", "event_type", "command_id"])  # fmt: skip
+
+
+def acked_at(ch: Any, customer: str, meter: str, window_start: int) -> dict[int, int]:
+    """revision -> when the cursor recorded it acked (unix seconds, ~ Stripe's receipt time)."""
+    rows = _run(ch.query, "SELECT revision, toUnixTimestamp(min(updated_at)) FROM stripe_pushes WHERE customer_id = "
+                          "{c:String} AND meter = {m:String} AND window_start = {w:DateTime} AND status = 'acked' "
+                          "GROUP BY revision", parameters={"c": customer, "m": meter, "w": utc(window_start)},
+                ).result_rows  # fmt: skip
+    return {int(r): int(t) for r, t in rows}

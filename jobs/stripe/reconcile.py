@@ -26,7 +26,7 @@ from typing import Any
 import stripe
 
 from jobs.stripe._config import REPO_ROOT, BillingConfig, meter_specs
-from jobs.stripe._store import ACKED, load_customers, load_pushes
+from jobs.stripe._store import ACKED, CANCELED, CANCELING, load_customers, load_pushes
 from jobs.stripe.sync import aggregate_usage
 from meterline.errors import InputError
 
@@ -88,8 +88,10 @@ def reconcile(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, start: i
     pushed: dict[tuple[str, str], int] = defaultdict(int)
     unpushed: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     for p in load_pushes(ch, since=start, until=end, customer=customer):
-        if p.status == ACKED:
+        if p.status in (ACKED, CANCELING):  # a canceling revision is still counted at Stripe
             pushed[(p.customer_id, p.meter)] += p.value
+        elif p.status == CANCELED:
+            continue
         else:
             unpushed[(p.customer_id, p.meter)] += p.amount * (Decimal(1) if p.meter == PLAN_EVENT else scale)
     links = load_customers(ch)

@@ -16,7 +16,13 @@ The cursor (``stripe_pushes``) and the order of every run — each step is safe 
     1. re-read the cursor; windows whose usage grew get a new revision ``r{n+1}`` carrying the
        delta (late usage); windows older than ``max_age_seconds`` (Stripe: 35 days) are recorded
        ``too_old`` and reported, never silently dropped;
+       windows whose usage went down (a re-rating correction, docs/corrections.md) get their acked
+       revisions planned ``canceling`` and a new revision re-pushing the rest, when every acked
+       revision is younger than Stripe's 24 h cancellation window; otherwise they are reported
+       ``shrunk``;
     2. insert the new revisions as ``pending`` (intent log) BEFORE sending anything;
+    2b. cancel every ``canceling`` revision (meter event adjustment) -> ``canceled``; a window whose
+       cancellation failed keeps its re-push pending (retried next run);
     3. send every ``pending`` row (older runs' too) with identifier
        ``ml:{customer}:{meter}:{window_start}:r{revision}`` and Idempotency-Key ``ml-me-{identifier}``;
        Stripe answers "already exists" for one it has: that counts as delivered;
@@ -40,10 +46,13 @@ from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, StripeTarge
 from jobs.stripe._send import STREAM_BATCH, MeterEventSender
 from jobs.stripe._store import (
     ACKED,
+    CANCELED,
+    CANCELING,
     FAILED,
     PENDING,
     TOO_OLD,
     Push,
+    acked_at,
     insert_pushes,
     last_carry,
     load_customers,
@@ -53,6 +62,7 @@ from jobs.stripe._store import (
 from meterline.metrics import STRIPE_METER_EVENTS
 
 MAX_VALUE = 10**15 - 1  # Stripe: at most 15 significant digits
+CANCEL_WINDOW_S = 23 * 3600  # Stripe cancels a meter event within 24 h of receipt; 1 h of slack
 MAX_IDENTIFIER = 100
 ACK_FLUSH = 100
 UsageKey = tuple[str, str, int]  # (customer_id, meter event_name, window_start)
@@ -73,6 +83,8 @@ class SyncSummary:
     shrunk: list[str] = field(default_factory=list)  # windows whose usage went DOWN (cannot un-push)
     unmapped: list[str] = field(default_factory=list)  # customers / models with no Stripe mapping
     other_currency_events: int = 0
+    cancels: int = 0  # acked revisions planned for cancellation (their window shrank: re-rating)
+    canceled: int = 0  # of which Stripe cancelled this run
     plan_updates: list[str] = field(default_factory=list)  # plan subscriptions created / updated
     true_ups: list[str] = field(default_factory=list)  # minimum-commitment true-ups added ("customer:period")
 
@@ -114,8 +126,12 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
             f"SELECT count() FROM usage_priced FINAL WHERE {where} AND lower(currency) != {{cur:String}}", parameters=params
         ).result_rows[0][0])  # fmt: skip
     if cfg.mode == "cost":
-        rows = ch.query(f"SELECT customer_id, {ws} AS ws, sum(charge) FROM usage_priced FINAL "
-                        f"WHERE {where} AND lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
+        # usage_priced + the re-rating corrections (jobs/reprice): a corrected window grows (a new
+        # revision, like late usage) or shrinks (cancel and re-push, see plan()).
+        rows = ch.query(f"SELECT customer_id, {ws} AS ws, sum(charge) FROM ("
+                        f"SELECT customer_id, occurred_at, charge, currency FROM usage_priced FINAL WHERE {where} "
+                        f"UNION ALL SELECT customer_id, occurred_at, charge, currency FROM usage_corrections FINAL "
+                        f"WHERE {where}) WHERE lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
                         parameters=params).result_rows  # fmt: skip
         for cust, start, charge in rows:
             out[(cust, specs[0].event_name, int(start))] = Decimal(charge)
@@ -154,6 +170,7 @@ def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: in
         by_key[(p.customer_id, p.meter, p.window_start)].append(p)
     carry = last_carry(ch)
     oldest_ok = now - cfg.sync.max_age_seconds + 60  # one minute of slack for clock skew and transit
+    wall_now = int(time.time())  # the cursor's updated_at clock (when a revision was recorded acked)
     new: list[Push] = []
     for key in sorted(usage):
         cust, meter, ws = key
@@ -161,18 +178,28 @@ def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: in
         delta = usage[key] - sum((p.amount for p in prior), Decimal(0))
         if delta == 0:
             continue
-        if delta < 0:
-            summary.shrunk.append(f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed {usage[key] - delta}")
-            continue
         rev = max((p.revision for p in prior), default=-1) + 1
         seq, before = carry.get((cust, meter), (0, Decimal(0)))
         seq += 1
         ident = identifier(cust, meter, ws, rev)
-        if ws < oldest_ok:
+        scale = Decimal(1) if meter == PLAN_EVENT else cost_scale  # the plan meter counts tokens
+        if delta < 0:  # a re-rating lowered the window: cancel what Stripe has, re-push the rest
+            live = [p for p in prior if p.status == ACKED and p.value > 0]
+            acked = acked_at(ch, cust, meter, ws) if live else {}
+            fresh = all(wall_now - acked.get(p.revision, 0) < CANCEL_WINDOW_S for p in live)
+            if not fresh or any(p.status in (PENDING, CANCELING) for p in prior):
+                summary.shrunk.append(f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed "
+                                      f"{usage[key] - delta}")  # fmt: skip
+                continue
+            exact = delta * scale + sum(p.value for p in live) + before
+            value = max(0, int(exact.to_integral_value(rounding=ROUND_FLOOR)))
+            new.extend(p.with_status(CANCELING) for p in live)
+            push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
+            summary.cancels += len(live)
+        elif ws < oldest_ok:
             push = Push(cust, meter, ws, rev, ident, seq, delta, 0, before, TOO_OLD,
                         f"window older than {cfg.sync.max_age_seconds}s: Stripe refuses it")  # fmt: skip
         else:
-            scale = Decimal(1) if meter == PLAN_EVENT else cost_scale  # the plan meter counts tokens
             exact = delta * scale + before
             value = int(exact.to_integral_value(rounding=ROUND_FLOOR))
             push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
@@ -203,7 +230,8 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
     until = (now - cfg.sync.settle_seconds) // w * w  # only windows that ended settle_seconds ago
     usage = aggregate_usage(ch, cfg, specs, since, until, summary)
     summary.windows = len(usage)
-    pending_before = [p for p in load_pushes(ch, since=since) if p.status == PENDING]
+    before = load_pushes(ch, since=since)
+    pending_before = [p for p in before if p.status == PENDING]
     new = plan(ch, cfg, usage, now=now, since=since, summary=summary)
     insert_pushes(ch, new)  # step 2: the intent log, before anything is sent
     summary.planned = len(new)
@@ -211,11 +239,24 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
     summary.carried = sum(1 for p in new if p.status == ACKED)
     summary.too_old = [p for p in new if p.status == TOO_OLD]
     summary.failed = [p for p in new if p.status == FAILED]
-    to_send = sorted(pending_before + [p for p in new if p.status == PENDING],
+    sender = MeterEventSender(target, max_attempts=cfg.sync.max_attempts, backoff=cfg.sync.backoff_seconds, sleep=sleep)
+    # Cancellations first (a shrunk window's acked revisions): its re-push goes out only once they are done.
+    blocked: set[UsageKey] = set()
+    cancelled: list[Push] = []
+    for p in [q for q in before if q.status == CANCELING] + [q for q in new if q.status == CANCELING]:
+        status, error = sender.cancel_one(p)
+        if status == CANCELED:
+            cancelled.append(p.with_status(CANCELED))
+        else:
+            blocked.add((p.customer_id, p.meter, p.window_start))
+            summary.failed.append(p.with_status(FAILED, error))  # stays `canceling` in the cursor: retried
+    insert_pushes(ch, cancelled)
+    summary.canceled = len(cancelled)
+    to_send = sorted([p for p in pending_before + [p for p in new if p.status == PENDING]
+                      if (p.customer_id, p.meter, p.window_start) not in blocked],
                      key=lambda p: (p.window_start, p.customer_id, p.meter, p.revision))  # fmt: skip
     links = _customer_links(target, ch, cfg, {p.customer_id for p in to_send}, root, summary)
     to_send = [p for p in to_send if p.customer_id in links]
-    sender = MeterEventSender(target, max_attempts=cfg.sync.max_attempts, backoff=cfg.sync.backoff_seconds, sleep=sleep)
     summary.transport = "v2" if len(to_send) > cfg.sync.stream_threshold else "v1"
     done: list[Push] = []
 
