@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from meterline.pricing import TOKEN_CLASSES
+
 METERLINE = str(Path(sys.executable).parent / "meterline")
 
 
@@ -43,7 +45,7 @@ def test_errors_about_a_long_path_reach_a_redirected_stderr_on_one_line(tmp_path
     text = err_file.read_text()
     assert proc.returncode == 2, text
     # The whole message on one line (rich at 80 columns broke it after "unknown token class").
-    message = "unknown token class 'bogus'; known: input, output, cached_input, cache_write, reasoning"
+    message = f"unknown token class 'bogus'; known: {', '.join(TOKEN_CLASSES)}"
     assert f"error: prices[0].per_million.bogus: {message}\n" in text, text
 
     # A usage error that typer reports itself: the full path on one line, not inside an 80-column panel.
