@@ -7,6 +7,9 @@ are the running fold of the ledger entries it emitted (see ``fold_entries``), ne
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import struct
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +26,46 @@ from meterline.ledger._types import (
 )
 
 FORMAT_VERSION = 1
+DIGEST_BYTES = 12  # 96-bit digests: P(any collision among 10,000 ids) ≈ 6·10⁻²²
+
+
+def dedupe_digest(key: str) -> str:
+    """The fixed-size form a dedupe id is remembered by (16 url-safe characters, whatever the id's
+    length: the dedupe set must not grow with the ids' size; a table value has to fit in one
+    Kafka message). Deterministic, so a replay finds the same digest."""
+    return base64.urlsafe_b64encode(hashlib.blake2b(key.encode("utf-8"), digest_size=DIGEST_BYTES).digest()).decode()
+
+
+_PACKED = struct.Struct(f">{DIGEST_BYTES}sq")
+
+
+def pack_recent(ids: dict[str, int]) -> str:
+    """``{digest: t}`` (insertion order) as one base64 string of 20-byte (digest, t) pairs: about
+    27 bytes per id in the JSON value instead of ~40 + the id's length."""
+    raw = b"".join(_PACKED.pack(base64.urlsafe_b64decode(k), t) for k, t in ids.items())
+    return base64.b64encode(raw).decode()
+
+
+def unpack_recent(packed: str | list[list[Any]]) -> dict[str, int]:
+    """Inverse of :func:`pack_recent`; also reads the older list form ``[[key, t], ...]`` (keys
+    are digested as they are read)."""
+    if isinstance(packed, list):
+        out: dict[str, int] = {}
+        for k, t in packed:
+            k = str(k)
+            out[k if _is_digest(k) else dedupe_digest(k)] = int(t)
+        return out
+    raw = base64.b64decode(packed)
+    return {base64.urlsafe_b64encode(d).decode(): t for d, t in _PACKED.iter_unpack(raw)}
+
+
+def _is_digest(k: str) -> bool:
+    if len(k) != 16 or ":" in k:
+        return False
+    try:
+        return len(base64.urlsafe_b64decode(k)) == DIGEST_BYTES
+    except ValueError:
+        return False
 
 
 @dataclass(slots=True)
@@ -40,7 +83,7 @@ class CustomerLedger:
     alert_tracks: dict[str, tuple[int, bool]] = field(default_factory=dict)  # key -> (crossings, active)
     velocity: dict[str, dict[int, int]] = field(default_factory=dict)  # key -> bucket index -> picos
     applied_offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> highest offset
-    recent_ids: dict[str, int] = field(default_factory=dict)  # dedupe key -> clock_ms when applied (ordered)
+    recent_ids: dict[str, int] = field(default_factory=dict)  # dedupe_digest(key) -> clock_ms when applied (ordered)
 
     def clone(self) -> CustomerLedger:
         """A copy safe to mutate (inner records are frozen; containers are copied)."""
@@ -75,7 +118,7 @@ class CustomerLedger:
             "alerts": {k: [n, a] for k, (n, a) in self.alert_tracks.items()},
             "vel": {k: [[b, p] for b, p in v.items()] for k, v in self.velocity.items()},
             "offsets": dict(self.applied_offsets),
-            "recent": [[k, t] for k, t in self.recent_ids.items()],
+            "recent": pack_recent(self.recent_ids),
         }
 
     @classmethod
@@ -99,7 +142,7 @@ class CustomerLedger:
             alert_tracks={k: (int(v[0]), bool(v[1])) for k, v in d["alerts"].items()},
             velocity={k: {int(b): int(p) for b, p in v} for k, v in d["vel"].items()},
             applied_offsets={k: int(v) for k, v in d["offsets"].items()},
-            recent_ids={k: int(t) for k, t in d["recent"]},
+            recent_ids=unpack_recent(d["recent"]),
         )
 
 
