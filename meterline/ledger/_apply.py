@@ -142,7 +142,7 @@ def resume_offsets(states: list[CustomerLedger] | tuple[CustomerLedger, ...]) ->
 # -------------------------------------------------------------------------------------- internals
 
 
-def dedupe_key(cmd: Command) -> str | None:
+def dedupe_key(cmd: Command) -> bytes | None:
     """The key a usage event / adjustment is remembered by: a fixed-size digest of its id."""
     if isinstance(cmd, ApplyPricedUsage):
         return dedupe_digest(f"e:{cmd.event_id}")
@@ -163,7 +163,7 @@ def _is_duplicate(s: CustomerLedger, cmd: Command) -> bool:
     return False
 
 
-def _remember(s: CustomerLedger, key: str) -> None:
+def _remember(s: CustomerLedger, key: bytes) -> None:
     s.recent_ids[key] = s.clock_ms
     horizon = s.clock_ms - s.policy.dedupe_window_ms
     excess = len(s.recent_ids) - s.policy.dedupe_max_ids

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import struct
+import sys
+from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,43 +31,35 @@ FORMAT_VERSION = 1
 DIGEST_BYTES = 12  # 96-bit digests: P(any collision among 10,000 ids) ≈ 6·10⁻²²
 
 
-def dedupe_digest(key: str) -> str:
-    """The fixed-size form a dedupe id is remembered by (16 url-safe characters, whatever the id's
-    length: the dedupe set must not grow with the ids' size; a table value has to fit in one
-    Kafka message). Deterministic, so a replay finds the same digest."""
-    return base64.urlsafe_b64encode(hashlib.blake2b(key.encode("utf-8"), digest_size=DIGEST_BYTES).digest()).decode()
+def dedupe_digest(key: str) -> bytes:
+    """The fixed-size form a dedupe id is remembered by (12 bytes, whatever the id's length: the
+    dedupe set must not grow with the ids' size, since a table value has to fit in one Kafka
+    message). Deterministic, so a replay finds the same digest."""
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=DIGEST_BYTES).digest()
 
 
-_PACKED = struct.Struct(f">{DIGEST_BYTES}sq")
+def pack_recent(ids: Mapping[bytes, int]) -> str:
+    """``{digest: t}`` (insertion order kept) as one base64 string: every digest, then every time
+    as a little-endian int64 (20 bytes per id, ~27 in the JSON value)."""
+    times = array("q", ids.values())
+    if sys.byteorder != "little":
+        times.byteswap()
+    return base64.b64encode(b"".join(ids) + times.tobytes()).decode()
 
 
-def pack_recent(ids: dict[str, int]) -> str:
-    """``{digest: t}`` (insertion order) as one base64 string of 20-byte (digest, t) pairs: about
-    27 bytes per id in the JSON value instead of ~40 + the id's length."""
-    raw = b"".join(_PACKED.pack(base64.urlsafe_b64decode(k), t) for k, t in ids.items())
-    return base64.b64encode(raw).decode()
-
-
-def unpack_recent(packed: str | list[list[Any]]) -> dict[str, int]:
-    """Inverse of :func:`pack_recent`; also reads the older list form ``[[key, t], ...]`` (keys
-    are digested as they are read)."""
+def unpack_recent(packed: str | list[list[Any]]) -> dict[bytes, int]:
+    """Inverse of :func:`pack_recent`; also reads the older list form ``[[key, t], ...]`` (the
+    keys are digested as they are read)."""
     if isinstance(packed, list):
-        out: dict[str, int] = {}
-        for k, t in packed:
-            k = str(k)
-            out[k if _is_digest(k) else dedupe_digest(k)] = int(t)
-        return out
+        return {dedupe_digest(str(k)): int(t) for k, t in packed}
     raw = base64.b64decode(packed)
-    return {base64.urlsafe_b64encode(d).decode(): t for d, t in _PACKED.iter_unpack(raw)}
-
-
-def _is_digest(k: str) -> bool:
-    if len(k) != 16 or ":" in k:
-        return False
-    try:
-        return len(base64.urlsafe_b64decode(k)) == DIGEST_BYTES
-    except ValueError:
-        return False
+    n = len(raw) // (DIGEST_BYTES + 8)
+    cut = n * DIGEST_BYTES
+    times = array("q")
+    times.frombytes(raw[cut:])
+    if sys.byteorder != "little":
+        times.byteswap()
+    return dict(zip((raw[i:i + DIGEST_BYTES] for i in range(0, cut, DIGEST_BYTES)), times))
 
 
 @dataclass(slots=True)
@@ -83,7 +77,7 @@ class CustomerLedger:
     alert_tracks: dict[str, tuple[int, bool]] = field(default_factory=dict)  # key -> (crossings, active)
     velocity: dict[str, dict[int, int]] = field(default_factory=dict)  # key -> bucket index -> picos
     applied_offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> highest offset
-    recent_ids: dict[str, int] = field(default_factory=dict)  # dedupe_digest(key) -> clock_ms when applied (ordered)
+    recent_ids: dict[bytes, int] = field(default_factory=dict)  # dedupe_digest(key) -> clock_ms when applied (ordered)
 
     def clone(self) -> CustomerLedger:
         """A copy safe to mutate (inner records are frozen; containers are copied)."""

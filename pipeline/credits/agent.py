@@ -66,7 +66,7 @@ TABLE = "ledgers"
 #: Undelivered effects one customer's value may carry in its outbox (bytes of the messages). Past
 #: it, the agent waits for that customer's oldest deliveries before writing the next value: the
 #: outbox (and so the changelog message) never grows with the customer's activity.
-OUTBOX_MAX_BYTES = 200_000
+OUTBOX_MAX_BYTES = 100_000
 #: Largest table value written (JSON bytes). Kafka's default message limit is 1 MB; the state's
 #: parts are bounded (packed dedupe ids, open holds, the outbox), this is the last line.
 MAX_VALUE_BYTES = 900_000
@@ -175,6 +175,17 @@ class CreditAgent:
         await self.ordered.deliver(SourceRecord(msg.topic, msg.partition, msg.offset, ts_ms, msg.key, msg.value))
 
     async def apply(self, rec: SourceRecord) -> None:
+        """Apply one source record; a priced record of more than ``CHUNK_EVENTS`` events is applied
+        in parts, each persisted with its effects before the next is processed (only the last
+        marks the offset applied; a replay skips the parts done by event-id dedupe)."""
+        parts = self.processor.split_record(rec.topic, rec.value)
+        for i, part in enumerate(parts):
+            final = i == len(parts) - 1
+            pending = await self._apply(rec, part, final)
+            if not final and pending is not None:
+                await pending.done
+
+    async def _apply(self, rec: SourceRecord, value: bytes | None, final: bool) -> _Pending | None:
         """Process one source record without waiting for the broker (module docstring, "Pipelining").
 
         The new value (state + progress + outbox + low watermark) goes to the changelog at once
@@ -189,11 +200,11 @@ class CreditAgent:
         if len(flight) >= self.max_in_flight:  # backpressure: wait for the oldest
             await next(iter(flight.values())).done
         self.feed.drain_into(self.engine)
-        outcome = self.processor.process(rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, rec.value,
-                                         self.table.get)  # fmt: skip
-        self.records += 1
+        outcome = self.processor.process(rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, value,
+                                         self.table.get, final=final)  # fmt: skip
+        self.records += final
         if outcome.skipped or (outcome.state is None and not outcome.sends):
-            return  # nothing to persist, nothing to send
+            return None  # nothing to persist, nothing to send
         pending = _Pending(rec.offset, key, outcome.customer_id, outcome.sends, asyncio.get_running_loop().create_future())
         flight[rec.offset] = pending
         if outcome.state is not None and outcome.customer_id is not None:
@@ -215,13 +226,14 @@ class CreditAgent:
             if state is None:  # cannot be stored (never seen): dead-letter the record, keep the old value
                 pending.sends = [self._too_large(rec, customer)]
                 self._queue(partition).put_nowait(pending)
-                return
+                return pending
             if outcome.sends:
                 self._undelivered.setdefault(customer, {})[(key, rec.offset)] = outcome.sends
                 self._undelivered_bytes[customer] = self._undelivered_bytes.get(customer, 0) + _size(outcome.sends)
             pending.changelog = self.table.send_changelog(partition, customer, state)
             self.table.data[customer] = state
         self._queue(partition).put_nowait(pending)
+        return pending
 
     async def _bound_outbox(self, customer: str) -> None:
         """Wait for this customer's oldest deliveries while its undelivered effects exceed

@@ -73,6 +73,9 @@ COMMAND_ID_WINDOW_MS = 35 * 86_400_000
 #: Ledger entries per ``ledger-entries`` message (an entry is at most ~1 KB with 128-char ids):
 #: a record's entries travel together, in messages that stay far below Kafka's 1 MB.
 ENTRIES_PER_MESSAGE = 200
+#: Events of a priced record applied (and persisted, with their effects in the outbox) together; a
+#: larger record is applied in parts of this size (``split_record``).
+CHUNK_EVENTS = 200
 
 
 class Pricer(Protocol):
@@ -112,18 +115,21 @@ class CreditProcessor:
 
     def process(
         self, topic: str, partition: int, offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None,
-        load: Callable[[str], Mapping[str, Any] | None],
+        load: Callable[[str], Mapping[str, Any] | None], *, final: bool = True,
     ) -> Outcome:
+        """``final=False``: ``value`` is one part of a priced record split by :meth:`split_record`
+        (not the last); its offset is not marked applied, so a crash before the last part replays
+        the record, and the parts already applied are skipped by event-id dedupe."""
         src = SourcePos(topic, partition, offset)
         try:
             if topic == self.priced_topic:
-                return self._priced(src, timestamp_ms, key, value, load)
+                return self._priced(src, timestamp_ms, key, value, load, final)
             return self._command(src, timestamp_ms, key, value, load)
         except Exception as exc:  # noqa: BLE001 - no input may crash the worker
-            return self._unforeseen(src, timestamp_ms, key, value, exc, load)
+            return self._unforeseen(src, timestamp_ms, key, value, exc, load, final)
 
     def _unforeseen(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None, exc: Exception,
-                    load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+                    load: Callable[[str], Mapping[str, Any] | None], final: bool = True) -> Outcome:
         """Something no rule foresaw (a bug, a value the code cannot read). ``apply`` never mutates
         its input, so nothing of the record was applied: the WHOLE record goes to the dead letter
         (reason ``internal_error``, its bytes kept up to a bound, to re-drive once fixed) and its
@@ -135,7 +141,7 @@ class CreditProcessor:
         out.sends.append((DEAD, (customer or "").encode(), unforeseen_dead_letter(
             src.topic, src.partition, src.offset, key, value, exc, now, fmt), True))  # fmt: skip
         try:
-            stored = load(customer) if customer else None
+            stored = load(customer) if customer and final else None
             if stored is not None:
                 state = CustomerLedger.from_dict(dict(stored))
                 if state.applied_offsets.get(src.key, -1) >= src.offset:
@@ -149,8 +155,22 @@ class CreditProcessor:
 
     # ---------------------------------------------------------------------------- usage
 
+    def split_record(self, topic: str, value: bytes | None) -> list[bytes | None]:
+        """A priced record of more than CHUNK_EVENTS events as parts of at most that many (each
+        applied and persisted as its own value, so no value or outbox grows with the size of one
+        record); anything else (commands, undecodable bytes) as itself."""
+        if topic != self.priced_topic or not value:
+            return [value]
+        try:
+            events = decode_priced_batch(value)
+        except Exception:  # noqa: BLE001 - undecodable: process() dead-letters it whole
+            return [value]
+        if len(events) <= CHUNK_EVENTS:
+            return [value]
+        return [encode_priced_batch(events[i:i + CHUNK_EVENTS]) for i in range(0, len(events), CHUNK_EVENTS)]
+
     def _priced(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
-                load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+                load: Callable[[str], Mapping[str, Any] | None], final: bool = True) -> Outcome:
         try:
             if not value:
                 raise LedgerCommandError("empty record", reason_code="empty_record")
@@ -186,7 +206,7 @@ class CreditProcessor:
                 self._dead_priced(src, now, customer, ev, res, out)
             else:
                 self._effects(customer, res, out)
-        return self._finish(state, extra, src, now, out)
+        return self._finish(state, extra, src, now, out, mark=final)
 
     # ---------------------------------------------------------------------------- commands
 
@@ -295,8 +315,9 @@ class CreditProcessor:
                 "reason": s.reason}), True))  # fmt: skip
 
     def _finish(self, state: CustomerLedger, extra: dict[str, Any], src: SourcePos, now: int, out: Outcome,
-                *, status: bool = True) -> Outcome:
-        state = mark_applied(state, src)
+                *, status: bool = True, mark: bool = True) -> Outcome:
+        if mark:
+            state = mark_applied(state, src)
         for i in range(0, len(out.entries), ENTRIES_PER_MESSAGE):
             # Few messages per source record: a 500-event record writes 500 debits, and faust pays
             # ~100 µs per Kafka record, so entries travel together (the sink unpacks them), in
@@ -348,7 +369,7 @@ def _with_overage(p: Policy, overage: str) -> Policy:
     return replace(p, overage=overage)  # type: ignore[arg-type]
 
 
-def _command_ids(stored: Any) -> dict[str, int]:
+def _command_ids(stored: Any) -> dict[bytes, int]:
     """The remembered command ids (digest -> time) from the value's ``x.cmds``: the packed form,
     or the older ``[[command_id, t], ...]`` list (digested as it is read)."""
     if not stored:
@@ -358,7 +379,7 @@ def _command_ids(stored: Any) -> dict[str, int]:
     return unpack_recent(stored)
 
 
-def _bounded(seen: dict[str, int]) -> str:
+def _bounded(seen: dict[bytes, int]) -> str:
     """Most recent command ids (fixed-size digests, packed), within the window and the count bound
     (oldest dropped first): bounded bytes in the value whatever the ids' length or number."""
     if not seen:
