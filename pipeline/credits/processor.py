@@ -212,6 +212,9 @@ class CreditProcessor:
 
     def _command(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
                  load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+        restore = _restore_request(value)
+        if restore is not None:
+            return self._restore(src, now, restore, load)
         try:
             req = decode_command(value or b"")
         except InputError as exc:
@@ -252,6 +255,27 @@ class CreditProcessor:
         seen[cmd_key] = max(state.clock_ms, req.at_ms)
         extra["cmds"] = _bounded(seen)
         return self._finish(state, extra, src, now, out)
+
+    def _restore(self, src: SourcePos, now: int, d: Mapping[str, Any],
+                 load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+        """``{"type": "restore", "customer_id", "state"}`` (published by ``meterline.restore`` when
+        the broker lost the table): the customer's state rebuilt from ClickHouse. Applied ONLY when
+        the table has no state for the customer, so a restore can never overwrite (or re-apply
+        onto) a state the broker kept. Emits the status, no ledger entry (they are stored)."""
+        customer = str(d.get("customer_id") or "")
+        stored = load(customer) if customer else None
+        if stored is not None:
+            state = CustomerLedger.from_dict(dict(stored))
+            if state.applied_offsets.get(src.key, -1) >= src.offset:
+                return Outcome(customer_id=customer, skipped=True)
+            out = Outcome(customer_id=customer)
+            return self._finish(state, dict(stored.get("x") or {}), src, now, out, status=False)
+        raw = dict(d["state"])
+        state = CustomerLedger.from_dict(raw)
+        if state.customer_id != customer:
+            raise LedgerCommandError("restore state of another customer", reason_code="wrong_customer")
+        extra = {k: v for k, v in dict(raw.get("x") or {}).items() if k in ("explicit_policy", "ver")}
+        return self._finish(state, extra, src, now, Outcome(customer_id=customer))
 
     def _dead_priced(self, src: SourcePos, now: int, customer: str, ev: dict[str, Any], exc: Exception,
                      out: Outcome) -> None:
@@ -318,16 +342,22 @@ class CreditProcessor:
                 *, status: bool = True, mark: bool = True) -> Outcome:
         if mark:
             state = mark_applied(state, src)
-        for i in range(0, len(out.entries), ENTRIES_PER_MESSAGE):
+        extra["ver"] = int(extra.get("ver") or 0) + 1
+        value = state.to_dict()
+        value["x"] = extra
+        chunks = [out.entries[i:i + ENTRIES_PER_MESSAGE] for i in range(0, len(out.entries), ENTRIES_PER_MESSAGE)] or [[]]
+        for i, chunk in enumerate(chunks):
             # Few messages per source record: a 500-event record writes 500 debits, and faust pays
             # ~100 µs per Kafka record, so entries travel together (the sink unpacks them), in
             # bounded messages (a record's debits must never make a message over Kafka's limit).
-            chunk = out.entries[i:i + ENTRIES_PER_MESSAGE]
-            out.sends.append((ENTRIES, state.customer_id.encode(), encode_message({"entries": chunk}, trusted=True), True))
+            # The last one also carries the state after the record (``snapshot``): the durable
+            # fact a one-box restart restores from (the ledger sink stores it after the entries).
+            doc: dict[str, Any] = {"entries": chunk}
+            if i == len(chunks) - 1:
+                doc["snapshot"] = snapshot_of(value)
+            out.sends.append((ENTRIES, state.customer_id.encode(), encode_message(doc, trusted=True), True))
         if status:
             out.sends.append((STATUS, state.customer_id.encode(), encode_message(status_message(state, max(now, state.clock_ms)), trusted=True), True))
-        value = state.to_dict()
-        value["x"] = extra
         out.state = value
         return out
 
@@ -361,6 +391,29 @@ class CreditProcessor:
             "payload_format": fmt, "failed_at": now,
         })  # fmt: skip
         return DEAD, (customer or "").encode(), record, True
+
+
+def snapshot_of(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The durable part of a table value: everything but the remembered ids (rebuilt from the
+    stored debits), the applied offsets (broker positions), the holds (minutes-long reservations)
+    and the agent's delivery bookkeeping (outbox, watermarks)."""
+    snap = {k: v for k, v in value.items() if k not in ("recent", "offsets", "holds", "x")}
+    x = value.get("x") or {}
+    snap["x"] = {"explicit_policy": bool(x.get("explicit_policy")), "ver": int(x.get("ver") or 0)}
+    return snap
+
+
+def _restore_request(value: bytes | None) -> dict[str, Any] | None:
+    """The decoded message when it is a ``restore`` (checked cheaply first), else None."""
+    if not value or b'"restore"' not in value:
+        return None
+    try:
+        d = json.loads(value)
+    except ValueError:
+        return None
+    if isinstance(d, dict) and d.get("type") == "restore" and isinstance(d.get("state"), dict):
+        return d
+    return None
 
 
 def _with_overage(p: Policy, overage: str) -> Policy:
