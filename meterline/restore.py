@@ -215,11 +215,14 @@ class PriceMirror:
         self.mirrored = 0
 
     def run(self, stop: threading.Event) -> None:
-        from confluent_kafka import Consumer
+        """Read the topic from its beginning (assigned, no group: a group join is slow on the dev
+        broker and buys nothing here) and store what is new; re-storing a record is harmless."""
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group_id, "auto.offset.reset": "earliest",
-                      "enable.auto.commit": False, "log_level": 3})  # fmt: skip
-        c.subscribe([self.topic])
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group_id, "enable.auto.commit": False,
+                      "log_level": 3})  # fmt: skip
+        c.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])  # prices has one partition
+        seen: set[str] = set()
         try:
             while not stop.is_set():
                 msgs = [m for m in c.consume(500, timeout=0.5) if m.error() is None and m.value() is not None]
@@ -228,6 +231,9 @@ class PriceMirror:
                 rows = [(hashlib.sha256((m.key() or b"") + b"\0" + m.value()).hexdigest(),
                          (m.key() or b"").decode("utf-8", "replace"), base64.b64encode(m.value()).decode())
                         for m in msgs]  # fmt: skip
+                rows = [r for r in rows if r[0] not in seen]
+                if not rows:
+                    continue
                 while not stop.is_set():
                     try:
                         self.ch.insert("price_records", rows, column_names=["digest", "key", "value_b64"])
@@ -236,6 +242,6 @@ class PriceMirror:
                         log.warning("price mirror: insert failed (%s), retrying", exc)
                         stop.wait(1.0)
                 self.mirrored += len(rows)
-                c.commit(asynchronous=False)
+                seen.update(r[0] for r in rows)
         finally:
             c.close()
