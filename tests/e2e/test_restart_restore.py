@@ -128,3 +128,75 @@ def test_up_stop_start_keeps_grants_and_balances_and_counts_nothing_twice(topic_
         assert kept.broker_kept_state and kept.epoch == read_epoch(bootstrap, rt.settings.topic("epoch"))
     finally:
         rt.stop()
+
+
+def test_sigkill_of_the_whole_stack_restores_the_facts_and_counts_nothing_twice(topic_prefix: str,
+                                                                                clickhouse_dsn: str,
+                                                                                tmp_path: Path) -> None:  # fmt: skip
+    """The broker and the workers are SIGKILLed while usage is being priced and debited. On the
+    next start the balances equal what ClickHouse's ledger_entries say (the facts), no event is
+    debited twice, and once the gateways retry everything each event is debited exactly once."""
+    import os
+    import signal
+
+    rng = random.Random(23)
+    settings = Settings(topic_prefix=topic_prefix, partitions=4, data_dir=tmp_path, clickhouse_dsn=clickhouse_dsn,
+                        api_port=0)  # fmt: skip
+    customers = list(CUSTOMERS[:4])
+    events = [e for e in make_events(rng, 3000) if e.customer_id in customers]
+    rt = Runtime(settings).start()
+    try:
+        bootstrap = rt.settings.kafka_bootstrap
+        publish_records(bootstrap, rt.settings.topic("prices"), load_price_book(price_file()).to_records())
+        http = httpx.Client(base_url=rt.api_server.url, timeout=30)
+        admin = {"Authorization": f"Bearer {rt.admin_key}"}
+        day_ago = int(time.time() * 1000) - 86_400_000
+        for i, cust in enumerate(customers):
+            body = {"customer_id": cust, "grant_id": f"g-{cust}", "amount": f"{37 * (i + 1)}.123456789012",
+                    "effective_at_ms": day_ago}  # fmt: skip
+            assert http.post("/v1/credits/grants", json=body, headers=admin).status_code == 202
+        _wait("grants", lambda: len(_q(rt, "SELECT entry_id FROM ledger_entries FINAL WHERE kind = 'grant'")) == 4)
+        producer = UsageProducer(bootstrap, rt.settings.topic("usage-events"), linger_ms=5, max_batch_events=50)
+        for e in events:
+            producer.send(e)
+        producer.flush(30)
+        producer.close()
+        _wait("some usage debited", lambda: _q(rt, "SELECT count() FROM ledger_entries WHERE kind = 'debit'")[0][0] > 50)
+        # SIGKILL: the broker (its whole process group) and every worker, mid-stream.
+        assert rt.broker is not None and rt.broker.pid is not None
+        os.killpg(rt.broker.pid, signal.SIGKILL)
+        for w in rt.workers:
+            w.kill()
+    finally:
+        rt.stop()
+
+    rt = Runtime(settings).start()
+    try:
+        report = rt.restore_report
+        assert not report.broker_kept_state
+        http = httpx.Client(base_url=rt.api_server.url, timeout=30)
+        admin = {"Authorization": f"Bearer {rt.admin_key}"}
+        facts = {str(c): (Decimal(r), Decimal(o)) for c, r, o in _q(
+            rt, "SELECT customer_id, credit_remaining, overage FROM ledger_balances")}  # fmt: skip
+        assert set(facts) == set(customers) <= set(report.customers)
+        _wait("the API's status view", lambda: all(_money(http, admin, x)["available"] is not None for x in customers))
+        for cust in customers:
+            m = _money(http, admin, cust)
+            assert (Decimal(m["credit_remaining"]), Decimal(m["overage"])) == facts[cust], cust
+        # Nothing counted twice: each event is either fully debited once or not yet at all.
+        partial = _q(rt, "SELECT p.customer_id, p.event_id FROM usage_priced AS p FINAL INNER JOIN (SELECT customer_id, "
+                         "event_id, sum(amount) AS s FROM ledger_entries FINAL WHERE kind = 'debit' GROUP BY "
+                         "customer_id, event_id) AS d ON p.customer_id = d.customer_id AND p.event_id = d.event_id "
+                         "WHERE d.s != p.charge")  # fmt: skip
+        assert partial == []
+
+        # The gateways retry everything they did not get an acknowledgement for (here: all).
+        producer = UsageProducer(rt.settings.kafka_bootstrap, rt.settings.topic("usage-events"), linger_ms=5)
+        for e in events:
+            producer.send(e)
+        producer.flush(30)
+        producer.close()
+        _wait("every event priced and debited", lambda: _settled(rt, len(events)))
+        assert _per_event_debits_once(rt) == []
+    finally:
+        rt.stop()
