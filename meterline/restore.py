@@ -86,9 +86,11 @@ def read_epoch(bootstrap: str, topic: str) -> str | None:
 
 
 def restore_if_lost(bootstrap: str, topic: Callable[[str], str], ch: Any,
-                    step: Callable[[str], None] = log.info) -> RestoreReport:  # fmt: skip
+                    step: Callable[[str], None] = log.info, *, partitions: int = 4,
+                    dedupe_window_days: int = 35) -> RestoreReport:  # fmt: skip
     """Detect (epoch) and, only if the broker lost its state, republish the facts. ``topic`` maps a
-    logical topic name to the full one (``Settings.topic``)."""
+    logical topic name to the full one (``Settings.topic``); ``partitions`` is the partition count
+    of the customer-keyed topics (for the pricing agent's dedupe changelog)."""
     from pipeline.publish import publish_records
 
     current = read_epoch(bootstrap, topic("epoch"))
@@ -103,6 +105,9 @@ def restore_if_lost(bootstrap: str, topic: Callable[[str], str], ch: Any,
         publish_records(bootstrap, topic("prices"), prices)
     states = rebuild_states(ch)
     now = time.time_ns() // 1_000_000
+    seen = restore_pricing_dedupe(bootstrap, topic, ch, partitions, now - dedupe_window_days * 86_400_000)
+    if seen:
+        step(f"the broker lost its state: {seen} priced event id(s) of the dedupe window given back to the pricing agent")
     if states:
         step(f"the broker lost its state: restoring {len(states)} customer ledger(s) from ClickHouse")
         publish_records(bootstrap, topic("ledger-commands"), [
@@ -194,6 +199,61 @@ def rebuild_state(customer: str, snap: Mapping[str, Any] | None, entries: list[L
     x = dict(base.get("x") or {})
     base["x"] = {"explicit_policy": bool(x.get("explicit_policy")), "ver": int(x.get("ver") or 0)}
     return base
+
+
+# --------------------------------------------------------------------------------- pricing dedupe
+
+DEDUPE_IDS_PER_ENTRY = 1000
+
+
+def restore_pricing_dedupe(bootstrap: str, topic: Callable[[str], str], ch: Any, partitions: int, since_ms: int) -> int:
+    """Give the pricing agent back the event ids it priced within its dedupe window, so a gateway
+    retry after the restart is a duplicate there (not only downstream, whose dedupe is bounded).
+
+    Written straight into the ``pricing-dedupe`` table's changelog (the faust topic, created here
+    with the table's partition count if missing), as entries keyed ``"<partition>:<negative n>"``:
+    a first-seen position no real record has, so every re-sent event is "first seen elsewhere".
+    faust's table codec is JSON for keys and values (key_type/value_type None)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from pipeline.publish import control_producer
+
+    rows = ch.query("SELECT source_partition, customer_id, event_id, toUnixTimestamp64Milli(priced_at) "
+                    "FROM usage_priced WHERE priced_at >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') "
+                    "ORDER BY source_partition, customer_id", parameters={"s": since_ms}).result_rows  # fmt: skip
+    if not rows:
+        return 0
+    changelog = f"{topic('')}pricing-pricing-dedupe-changelog"  # faust: "<app id>-<table>-changelog"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if changelog not in admin.list_topics(timeout=10).topics:
+        futures = admin.create_topics([NewTopic(changelog, partitions, -1, config={"cleanup.policy": "compact"})])
+        for fut in futures.values():
+            try:
+                fut.result(15)
+            except Exception as exc:  # noqa: BLE001 - created meanwhile by someone else is fine
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+    groups: dict[tuple[int, str], list[tuple[str, int]]] = defaultdict(list)
+    for p, c, e, t in rows:
+        groups[(int(p) % partitions, str(c))].append((str(e), int(t)))
+    producer = control_producer(bootstrap)
+    failures: list[str] = []
+    n = 0
+    for (p, c), ids in groups.items():
+        ids = list(dict(ids).items())
+        for i in range(0, len(ids), DEDUPE_IDS_PER_ENTRY):
+            part = ids[i:i + DEDUPE_IDS_PER_ENTRY]
+            n += 1
+            key = json.dumps(f"{p}:{-n}").encode()
+            value = json.dumps({"c": c, "ids": [e for e, _ in part], "t": max(t for _, t in part)}).encode()
+            producer.produce(changelog, key=key, value=value, partition=p,
+                             on_delivery=lambda err, _m: failures.append(str(err)) if err else None)  # fmt: skip
+            # One record per batch: faust's table recovery stops at the high watermark, which the
+            # dev broker reports as the last batch's base offset + 1 (shared/notes/broker.md).
+            producer.flush(30)
+    if producer.flush(60) or failures:
+        raise RuntimeError(f"restoring the pricing dedupe failed: {failures[:3]}")
+    return len(rows)
 
 
 # --------------------------------------------------------------------------------- price records

@@ -93,7 +93,9 @@ class Runtime:
             # Before any worker: an empty broker gets its money state back from ClickHouse; a
             # broker that kept its state (real Kafka) is left alone (meterline/restore.py).
             self.restore_report = restore_if_lost(self.settings.kafka_bootstrap, self.settings.topic,
-                                                  _LockedClient(self.clickhouse, self.clickhouse_lock), step)  # fmt: skip
+                                                  _LockedClient(self.clickhouse, self.clickhouse_lock), step,
+                                                  partitions=self.settings.partitions,
+                                                  dedupe_window_days=self.settings.dedupe_window_days)  # fmt: skip
             step(self.restore_report.line())
             for i in range(self.n_workers):
                 step(f"starting faust worker {i + 1}/{self.n_workers}")

@@ -152,6 +152,9 @@ def run_verify(
         ensure_topics(broker.bootstrap, prefix, run_settings.partitions)
         client = connect(dsn)
         apply_migrations(client)
+        from meterline.restore import restore_if_lost
+
+        restore_if_lost(broker.bootstrap, run_settings.topic, client, partitions=run_settings.partitions)  # its epoch
         stack = ChaosStack(run_settings, client, tmp / "logs")
         expected = Expected()
         say(f"seed {seed}: broker {broker.bootstrap}, ClickHouse {dsn}")
@@ -310,7 +313,8 @@ def _restart_everything(stack: ChaosStack, broker: Any, expected: Expected, repo
     broker = TansuBroker(log_dir=stack.log_dir.parent).start()
     settings = stack.settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
     ensure_topics(broker.bootstrap, settings.topic_prefix, settings.partitions)
-    restored = restore_if_lost(broker.bootstrap, settings.topic, client, say)
+    restored = restore_if_lost(broker.bootstrap, settings.topic, client, say, partitions=settings.partitions,
+                               dedupe_window_days=settings.dedupe_window_days)  # fmt: skip
     say(restored.line())
     report.restarts += 1
     report.restored_ledgers = len(restored.customers)
