@@ -334,18 +334,9 @@ class ChaosStack:
         for w in self.workers:
             w.stop(timeout=5)
         self.stop_sink()
-        self._ledger_stop.set()
-        if self._ledger_thread is not None:
-            self._ledger_thread.join(20)
         self._mirror_stop.set()
         if self._mirror_thread is not None:
             self._mirror_thread.join(10)
-        try:  # stop the producers' client threads (they would keep reconnecting to a killed broker)
-            self.producer.close(timeout=2)
-        except Exception:  # noqa: BLE001 - undelivered events are the scenario's business, not close's
-            pass
-        self.raw_producer.flush(2)
-        self.raw_producer = None  # type: ignore[assignment]
         self._ledger_stop.set()
         if self._ledger_thread is not None:
             self._ledger_thread.join(20)
