@@ -16,8 +16,9 @@ first start on a broker. At start:
 
 What is restored (before any worker starts):
 
-* price records: every record ever seen on ``prices`` (mirrored into ``price_records`` by
-  :class:`PriceMirror`), republished in first-seen order;
+* catalog records: every record ever seen on ``prices`` (and ``plans`` / ``subscriptions``
+  where declared), mirrored into ``price_records`` by :class:`PriceMirror`, republished in
+  first-seen order;
 * per customer, one ``restore`` ledger command: the latest ``ledger_snapshots`` state (grants
   with their definitions, policy, budgets, blocks, alert tracks, guard buckets), with the grant
   balances, overage and seq replaced by the fold of the customer's ``ledger_entries`` (so the
@@ -100,9 +101,10 @@ def restore_if_lost(bootstrap: str, topic: Callable[[str], str], ch: Any,
             _note_epoch(ch, current, 0, "first seen: the broker kept its state")
         return RestoreReport(current, True)
     epoch = uuid.uuid4().hex
-    prices = price_records(ch)
-    if prices:
-        publish_records(bootstrap, topic("prices"), prices)
+    prices = 0
+    for name, records in catalog_records(ch).items():
+        publish_records(bootstrap, topic(name), records)
+        prices += len(records)
     states = rebuild_states(ch)
     now = time.time_ns() // 1_000_000
     seen = restore_pricing_dedupe(bootstrap, topic, ch, partitions, now - dedupe_window_days * 86_400_000)
@@ -115,8 +117,8 @@ def restore_if_lost(bootstrap: str, topic: Callable[[str], str], ch: Any,
                             "state": v}, separators=(",", ":")).encode())
             for c, v in sorted(states.items())])  # fmt: skip
     publish_records(bootstrap, topic("epoch"), [(EPOCH_KEY, epoch.encode())])
-    _note_epoch(ch, epoch, len(states), f"restored {len(states)} ledgers, {len(prices)} price records")
-    return RestoreReport(epoch, False, tuple(sorted(states)), len(prices))
+    _note_epoch(ch, epoch, len(states), f"restored {len(states)} ledgers, {prices} catalog records")
+    return RestoreReport(epoch, False, tuple(sorted(states)), prices)
 
 
 def _note_epoch(ch: Any, epoch: str, restored: int, note: str) -> None:
@@ -259,19 +261,35 @@ def restore_pricing_dedupe(bootstrap: str, topic: Callable[[str], str], ch: Any,
 # --------------------------------------------------------------------------------- price records
 
 
-def price_records(ch: Any) -> list[tuple[bytes, bytes]]:
-    """Every distinct price record ever seen, in first-seen order."""
-    rows = ch.query("SELECT key, any(value_b64), min(first_seen) AS f FROM price_records "
-                    "GROUP BY digest, key ORDER BY f").result_rows  # fmt: skip
-    return [(str(k).encode(), base64.b64decode(v)) for k, v, _f in rows]
+#: Topics whose records are facts nothing else keeps: mirrored into ``price_records`` and given
+#: back to an empty broker (those of them that ``infra/topics.yaml`` declares).
+CATALOG_TOPICS = ("prices", "plans", "subscriptions")
+
+
+def catalog_topics() -> list[str]:
+    from meterline.stack.topics import load_topic_specs
+
+    declared = {s.name for s in load_topic_specs()}
+    return [t for t in CATALOG_TOPICS if t in declared]
+
+
+def catalog_records(ch: Any) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Every distinct record ever seen per catalog topic (logical name), in first-seen order."""
+    out: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
+    rows = ch.query("SELECT topic, key, any(value_b64), min(first_seen) AS f FROM price_records "
+                    "GROUP BY topic, digest, key ORDER BY f").result_rows  # fmt: skip
+    for t, k, v, _f in rows:
+        out[str(t)].append((str(k).encode(), base64.b64decode(v)))
+    return dict(out)
 
 
 class PriceMirror:
-    """Copies every record of the ``prices`` topic into ClickHouse ``price_records`` (once per
-    distinct record), so a broker that lost the topic can be given it back. A thread of ``up``."""
+    """Copies every record of a catalog topic (``prices``, ``plans``, ``subscriptions``) into
+    ClickHouse ``price_records`` (once per distinct record), so a broker that lost the topic can be
+    given it back. A thread of ``up``. ``name`` is the logical topic name, ``topic`` the full one."""
 
-    def __init__(self, bootstrap: str, topic: str, group_id: str, ch: Any) -> None:
-        self.bootstrap, self.topic, self.group_id, self.ch = bootstrap, topic, group_id, ch
+    def __init__(self, bootstrap: str, topic: str, group_id: str, ch: Any, name: str = "prices") -> None:
+        self.bootstrap, self.topic, self.group_id, self.ch, self.name = bootstrap, topic, group_id, ch, name
         self.mirrored = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -281,27 +299,29 @@ class PriceMirror:
 
         c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group_id, "enable.auto.commit": False,
                       "log_level": 3})  # fmt: skip
-        c.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])  # prices has one partition
+        md = c.list_topics(self.topic, timeout=10).topics.get(self.topic)
+        parts = sorted(md.partitions) if md is not None and md.error is None else [0]
+        c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
         seen: set[str] = set()
         try:
             while not stop.is_set():
                 msgs = [m for m in c.consume(500, timeout=0.5) if m.error() is None and m.value() is not None]
                 if not msgs:
                     continue
-                rows = [(hashlib.sha256((m.key() or b"") + b"\0" + m.value()).hexdigest(),
+                rows = [(self.name, hashlib.sha256((m.key() or b"") + b"\0" + m.value()).hexdigest(),
                          (m.key() or b"").decode("utf-8", "replace"), base64.b64encode(m.value()).decode())
                         for m in msgs]  # fmt: skip
-                rows = [r for r in rows if r[0] not in seen]
+                rows = [r for r in rows if r[1] not in seen]
                 if not rows:
                     continue
                 while not stop.is_set():
                     try:
-                        self.ch.insert("price_records", rows, column_names=["digest", "key", "value_b64"])
+                        self.ch.insert("price_records", rows, column_names=["topic", "digest", "key", "value_b64"])
                         break
                     except Exception as exc:  # noqa: BLE001 - ClickHouse down: retry, never drop
                         log.warning("price mirror: insert failed (%s), retrying", exc)
                         stop.wait(1.0)
                 self.mirrored += len(rows)
-                seen.update(r[0] for r in rows)
+                seen.update(r[1] for r in rows)
         finally:
             c.close()

@@ -197,13 +197,13 @@ class Runtime:
             self.settings.topic("ledger-entries"),
             _LockedClient(self.clickhouse, self.clickhouse_lock),
         )
-        from meterline.restore import PriceMirror
+        from meterline.restore import PriceMirror, catalog_topics
 
-        self.price_mirror = PriceMirror(self.settings.kafka_bootstrap, self.settings.topic("prices"),
-                                        f"{self.settings.topic_prefix}price-mirror",
-                                        _LockedClient(self.clickhouse, self.clickhouse_lock))  # fmt: skip
+        mirrors = [PriceMirror(self.settings.kafka_bootstrap, self.settings.topic(t), f"{self.settings.topic_prefix}mirror",
+                               _LockedClient(self.clickhouse, self.clickhouse_lock), name=t) for t in catalog_topics()]  # fmt: skip
+        self.price_mirror = mirrors[0] if mirrors else None
         for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink),
-                           ("meterline-price-mirror", self.price_mirror)):  # fmt: skip
+                           *((f"meterline-{m.name}-mirror", m) for m in mirrors)):  # fmt: skip
             t = threading.Thread(target=sink.run, args=(self._stop,), name=name, daemon=True)
             t.start()
             self._threads.append(t)

@@ -18,17 +18,19 @@ CREATE TABLE IF NOT EXISTS ledger_snapshots
 ENGINE = ReplacingMergeTree(version)
 ORDER BY customer_id;
 
--- price_records: every record ever published to the prices topic (key, Avro bytes as base64),
--- once per distinct record; republished in first-seen order when the broker lost the topic.
+-- price_records: every record ever published to a catalog topic (`prices`, and `plans` /
+-- `subscriptions` where they exist; logical name in `topic`): key, value bytes as base64, once per
+-- distinct record; republished in first-seen order when the broker lost the topic.
 CREATE TABLE IF NOT EXISTS price_records
 (
+    topic        LowCardinality(String),
     digest       String,
     key          String,
     value_b64    String,
     first_seen   DateTime64(6, 'UTC') DEFAULT now64(6)
 )
 ENGINE = ReplacingMergeTree
-ORDER BY digest;
+ORDER BY (topic, digest);
 
 -- broker_epochs: one row per broker epoch seen at start. The epoch is a random id written to the
 -- `epoch` topic; an empty `epoch` topic means the broker lost everything (restore from the facts
