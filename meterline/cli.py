@@ -123,6 +123,7 @@ def up(
         raise _fail(exc) from exc
     console.print(f"[green]meterline is up[/green]  API {runtime.api_server.url}  (Ctrl-C to stop)")
     console.print(f"[dim]admin API key in {settings.data_dir / 'admin.key'}[/dim]")
+    console.print(f"[yellow]{runtime.durability_line}[/yellow]")
     traffic = None
     demo_thread = None
     try:

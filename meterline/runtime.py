@@ -69,6 +69,8 @@ class Runtime:
         self._threads: list[threading.Thread] = []
         self.log_dir = settings.data_dir / "logs"
         self._umask: int | None = None
+        self.restore_report: Any = None
+        self.price_mirror: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -92,11 +94,23 @@ class Runtime:
             self.clickhouse = connect(self.settings.resolved_clickhouse_dsn)
             applied = apply_migrations(self.clickhouse)
             step(f"migrations: {len(applied)} applied" if applied else "migrations: up to date")
+            from meterline.restore import restore_if_lost
+
+            # Before any worker: an empty broker gets its money state back from ClickHouse; a
+            # broker that kept its state (real Kafka) is left alone (meterline/restore.py).
+            self.restore_report = restore_if_lost(self.settings.kafka_bootstrap, self.settings.topic,
+                                                  _LockedClient(self.clickhouse, self.clickhouse_lock), step,
+                                                  partitions=self.settings.partitions,
+                                                  dedupe_window_days=self.settings.dedupe_window_days)  # fmt: skip
+            step(self.restore_report.line())
             for i in range(self.n_workers):
                 step(f"starting faust worker {i + 1}/{self.n_workers}")
                 self.workers.append(WorkerProcess(self.settings, name=f"worker-{i}", log_dir=self.log_dir).start())
             step("starting the ClickHouse sink")
             self._start_sink()
+            if self.restore_report.customers:
+                step(f"waiting for the credit agent to take the {len(self.restore_report.customers)} restored ledger(s)")
+                self._await_restored(self.restore_report.customers)
             from jobs.stripe.cli import run_captured, stripe_subcommands
             from meterline.api.admin import CommandRunner
 
@@ -207,10 +221,43 @@ class Runtime:
             ("meterline-subscriptions-sink", SubscriptionSink(self.settings.kafka_bootstrap, f"{self.settings.topic_prefix}subscriptions-sink",
                                                               self.settings.topic("subscriptions"), _LockedClient(self.clickhouse, self.clickhouse_lock))),
         ]  # fmt: skip
-        for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink), *plan_sinks):
+        from meterline.restore import PriceMirror, catalog_topics
+
+        mirrors = [PriceMirror(self.settings.kafka_bootstrap, self.settings.topic(t), f"{self.settings.topic_prefix}mirror",
+                               _LockedClient(self.clickhouse, self.clickhouse_lock), name=t) for t in catalog_topics()]  # fmt: skip
+        self.price_mirror = mirrors[0] if mirrors else None
+        for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink), *plan_sinks,
+                           *((f"meterline-{m.name}-mirror", m) for m in mirrors)):  # fmt: skip
             t = threading.Thread(target=sink.run, args=(self._stop,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _await_restored(self, customers: tuple[str, ...], timeout: float = 300.0) -> None:
+        """Until the credit agent published a status for every restored customer: new usage must
+        not reach a customer before its restored state does (the API starts after this)."""
+        from meterline.errors import BrokerUnavailable
+        from meterline.stack.kafka import read_topic
+
+        want, deadline = set(customers), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = {(m.key() or b"").decode("utf-8", "replace")
+                    for m in read_topic(self.settings.kafka_bootstrap, self.settings.topic("customer-status"), timeout=15)}  # fmt: skip
+            if want <= seen:
+                return
+            if any(not w.alive() for w in self.workers):
+                raise BrokerUnavailable("a worker exited while restoring the ledgers")
+            time.sleep(0.5)
+        raise BrokerUnavailable(f"the credit agent did not take the restored ledgers within {timeout:.0f} s")
+
+    @property
+    def durability_line(self) -> str:
+        """What this mode can lose, said at start-up (issue #19.2)."""
+        if self.broker is None:
+            return ("broker: external Kafka (durable; state kept by the broker, nothing restored unless the "
+                    "broker lost it)")
+        return ("one-box mode: the embedded broker keeps nothing on disk; balances, grants and prices are "
+                "restored from ClickHouse at the next start, but events accepted and not yet processed "
+                "when everything is killed are lost (use real Kafka for zero loss: see README)")
 
     def _start_api(self) -> None:
         from meterline.api.app import create_api

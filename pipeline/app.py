@@ -34,7 +34,7 @@ from pipeline.delivery import cap_fetch_wait, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.pricefeed import PriceFeed
 from pipeline.watchdog import StallWatchdog, source_positions
-from pipeline.processor import PricingProcessor, ProcessResult, iter_table_entries
+from pipeline.processor import PricingProcessor, ProcessResult, iter_table_entries, unforeseen_dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,21 @@ def create_app(settings: Settings) -> faust.App:
         if partition not in indexed:
             _index_partition(partition)
         feed.drain_into(engine)
-        result = processor.process_record(partition, rec.offset, rec.key, rec.value)
+        try:
+            result = processor.process_record(partition, rec.offset, rec.key, rec.value)
+        except Exception as exc:  # noqa: BLE001 - no input may crash the worker: dead-letter it, carry on
+            # Processing is pure (the dedupe index is updated only at the end of a successful
+            # record), so nothing was priced or remembered: the whole record goes to the dead
+            # letter with its bytes and the reason, and nothing is charged for it.
+            log.exception("pricing agent: unforeseen error on %s:%s@%s; dead-lettered", rec.topic, partition, rec.offset)
+            dead = unforeseen_dead_letter(rec.topic, partition, rec.offset, rec.key, rec.value, exc, int(time.time() * 1000))
+            await dead_topic.send(key=rec.key, value=dead, partition=partition)
+            return
         _record_metrics(result)
         if result.priced_value is not None:
             await priced_topic.send(key=rec.key, value=result.priced_value, partition=partition)
+        for part in result.priced_extra:
+            await priced_topic.send(key=rec.key, value=part, partition=partition)
         for key, dead in result.dead_letters:
             await dead_topic.send(key=key, value=dead, partition=partition)
         # Table writes name their changelog partition (= the source partition): a record may be

@@ -19,6 +19,7 @@ on ``(customer_id, entry_id)``: ``FINAL`` reads stay exact even in the parent's 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,10 +29,10 @@ from confluent_kafka import Message
 from meterline.errors import InputError
 from meterline.ledger import LedgerCommandError, parse_amount, to_decimal
 from pipeline import sink as _sink
+from pipeline.sink import ClickHouseSink, ClickHouseUnavailable
 from schemas.credits import decode_json
-from pipeline.sink import ClickHouseSink
 
-__all__ = ["LEDGER_COLUMNS", "LedgerEntrySink", "ledger_row"]
+__all__ = ["LEDGER_COLUMNS", "SNAPSHOT_COLUMNS", "LedgerEntrySink", "ledger_row", "snapshot_row"]
 
 LEDGER_COLUMNS: tuple[str, ...] = (
     "entry_id", "at", "customer_id", "seq", "kind", "amount", "currency", "grant_id", "event_id", "reason",
@@ -50,6 +51,18 @@ def ledger_row(d: Mapping[str, Any]) -> tuple[Any, ...]:
         raise LedgerCommandError(f"not a ledger entry: {exc!r}", reason_code="undecodable") from exc
 
 
+SNAPSHOT_COLUMNS: tuple[str, ...] = ("customer_id", "version", "seq", "state", "at")
+
+
+def snapshot_row(snap: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A ``snapshot`` (pipeline.credits.processor.snapshot_of) -> a ``ledger_snapshots`` row."""
+    try:
+        return (str(snap["customer"]), int((snap.get("x") or {}).get("ver") or 0), int(snap["seq"]),
+                json.dumps(snap, separators=(",", ":")), _sink._utc(int(snap.get("clock") or 0)))  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LedgerCommandError(f"not a ledger snapshot: {exc!r}", reason_code="undecodable") from exc
+
+
 class LedgerEntrySink(ClickHouseSink):
     """``ClickHouseSink`` for ``ledger-entries`` (undecodable values go to ``usage_rejected``)."""
 
@@ -60,15 +73,43 @@ class LedgerEntrySink(ClickHouseSink):
                  clickhouse: Any | Callable[[], Any], **kwargs: Any) -> None:  # fmt: skip
         super().__init__(bootstrap, group_id, entries_topic, None, clickhouse,
                          decode_priced=decode_json, decode_dead_letter=decode_json, **kwargs)  # fmt: skip
+        self._snapshots: list[tuple[Any, ...]] = []
+        self.snapshots_inserted = 0
+
+    def flush(self) -> int:
+        """The parent's flush (entries, then commit), THEN the state snapshots of those messages:
+        a crash in between leaves a snapshot behind its entries, which a restore rolls forward
+        with the entries' fold (never a snapshot ahead of entries that are not stored).
+        Snapshots are versioned (ReplacingMergeTree): re-inserting one is harmless."""
+        with self._lock:
+            snaps = self._snapshots
+            n = super().flush()
+            if snaps:
+                try:
+                    client = self._get_client()
+                    client.insert("ledger_snapshots", snaps, column_names=SNAPSHOT_COLUMNS)
+                except ClickHouseUnavailable:
+                    raise
+                except Exception as exc:  # kept for the next flush, like the parent's buffer
+                    self._drop_client()
+                    raise ClickHouseUnavailable(f"ClickHouse snapshot insert failed: {exc}") from exc
+                self._snapshots = self._snapshots[len(snaps):]
+                self.snapshots_inserted += len(snaps)
+            return n
 
     def _buffer(self, msg: Message) -> None:
+        snap: tuple[Any, ...] | None = None
         try:
             doc = decode_json(msg.value() or b"")
             batch = doc.get("entries") if isinstance(doc, dict) else None
             rows_entries = [ledger_row(e) for e in batch] if isinstance(batch, list) else [ledger_row(doc)]
+            if isinstance(doc, dict) and isinstance(doc.get("snapshot"), dict):
+                snap = snapshot_row(doc["snapshot"])
             rows_rej: list[tuple[Any, ...]] = []
         except InputError as exc:
             rows_entries, rows_rej = [], [_sink._undecodable_row(msg, exc)]
+        if snap is not None:
+            self._snapshots.append(snap)
         self._priced.extend(rows_entries)
         self._rejected.extend(rows_rej)
         self._offsets[(msg.topic(), msg.partition())] = msg.offset()

@@ -37,6 +37,15 @@ from schemas.codec import decode_usage_batch, encode_dead_letter, encode_priced_
 from schemas.validation import validate_records
 
 DAY_MS = 86_400_000
+#: Largest ``usage-priced`` value sent as one record. Pricing adds fields to every event, so a
+#: usage record just under the broker's limit (1 MB by default) can price into one above it; such
+#: a batch is split into several records (consumers dedupe by event id; the credit agent and the
+#: sink take them as they take any record).
+MAX_PRICED_BYTES = 900_000
+#: Largest payload kept in a dead letter; a bigger one (a whole oversized record) is left out (the
+#: dead letter names the source position, where the record still is) so the dead letter itself
+#: always fits in a Kafka message.
+MAX_DEAD_PAYLOAD_BYTES = 256_000
 
 
 class PriceEngine(Protocol):
@@ -58,6 +67,7 @@ class ProcessResult:
     """What the agent must send for one source record, and the dedupe entry to store."""
 
     priced_value: bytes | None = None
+    priced_extra: list[bytes] = field(default_factory=list)  # further parts of a batch split for size
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     dedupe_key: str | None = None
     dedupe_value: dict[str, Any] | None = None
@@ -215,7 +225,8 @@ class PricingProcessor:
         result.charge_picos = charge_total
 
         if priced:
-            result.priced_value = encode_priced_batch(priced)
+            parts = split_priced(priced)
+            result.priced_value, result.priced_extra = parts[0], parts[1:]
             result.priced = len(priced)
             result.occurred_ms = [e["occurred_at"] for e in priced]
             result.priced_at_ms = now_ms
@@ -256,11 +267,15 @@ class PricingProcessor:
                 payload = encode_usage_batch([event])
             except Exception:  # noqa: BLE001 - an event too broken to re-encode is kept as its repr
                 payload, payload_format = repr(event).encode("utf-8", "replace"), "repr"
+        reason = exc.message
+        if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
+            reason += f" (payload of {len(payload)} bytes left out: read it at the source position)"
+            payload = b""
         occurred = event.get("occurred_at") if event else None
         return encode_dead_letter(
             {
                 "reason_code": exc.reason_code,
-                "reason": exc.message,
+                "reason": reason,
                 "field": exc.field,
                 "source_topic": self.source_topic,
                 "source_partition": partition,
@@ -273,6 +288,33 @@ class PricingProcessor:
                 "failed_at": now_ms,
             }
         )
+
+
+def split_priced(priced: list[dict[str, Any]], limit: int = MAX_PRICED_BYTES) -> list[bytes]:
+    """``priced`` as one PricedBatch value, or halved (in order) until every part is ≤ ``limit``."""
+    value = encode_priced_batch(priced)
+    if len(value) <= limit or len(priced) == 1:
+        return [value]
+    half = len(priced) // 2
+    return split_priced(priced[:half], limit) + split_priced(priced[half:], limit)
+
+
+def unforeseen_dead_letter(source_topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+                           exc: BaseException, now_ms: int, payload_format: str = "raw") -> bytes:  # fmt: skip
+    """The dead letter of a whole record whose processing raised something no rule foresaw (a bug,
+    a state the code cannot read). Reason ``internal_error`` with the exception; the record's
+    bytes are kept (up to MAX_DEAD_PAYLOAD_BYTES) so it can be re-driven once fixed."""
+    payload = value or b""
+    reason = f"unforeseen error while processing the record: {exc!r}"[:2000]
+    if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
+        reason += f" (payload of {len(payload)} bytes left out: read it at the source position)"
+        payload = b""
+    customer = key.decode("utf-8", "replace")[:512] if key else None
+    return encode_dead_letter({
+        "reason_code": "internal_error", "reason": reason, "field": None, "source_topic": source_topic,
+        "source_partition": partition, "source_offset": offset, "customer_id": customer, "event_id": None,
+        "occurred_at": None, "payload": payload, "payload_format": payload_format, "failed_at": now_ms,
+    })  # fmt: skip
 
 
 def _str_or_none(event: dict[str, Any] | None, name: str) -> str | None:

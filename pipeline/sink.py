@@ -243,6 +243,7 @@ class ClickHouseSink:
         self._offsets: dict[tuple[str, int], int] = {}  # last consumed offset per (topic, partition)
         self._first_buffered: float | None = None
         self._source_high: dict[int, int] | None = None  # see _drop_stored_priced
+        self._all_suspects = False  # more than one broker epoch: high marks say nothing (see _broker_changed)
         self._degraded = False  # ClickHouse unreachable: partitions paused, flush being retried
         self._lock = threading.RLock()
 
@@ -472,8 +473,12 @@ class ClickHouseSink:
         if self._source_high is None:
             result = client.query("SELECT source_partition, max(source_offset) FROM usage_priced GROUP BY source_partition")
             self._source_high = {int(p): int(o) for p, o in result.result_rows}
+            self._all_suspects = _broker_changed(client)
         high = self._source_high
-        suspects = [r for r in rows if r[_P_SOFFSET] <= high.get(r[_P_SPART], -1)]
+        if self._all_suspects:  # offsets restarted on a new broker: any row may be stored already
+            suspects = rows
+        else:
+            suspects = [r for r in rows if r[_P_SOFFSET] <= high.get(r[_P_SPART], -1)]
         stored = self._stored_priced(client, suspects) if suspects else set()
         fresh = [r for r in rows if (r[_P_CUSTOMER], r[_P_EVENT]) not in stored]
         for r in fresh:
@@ -562,6 +567,17 @@ class ClickHouseSink:
                 self._priced, self._rejected, self._offsets, self._first_buffered = [], [], {}, None
             # Offsets that could not be committed belong to partitions we no longer own.
             self._offsets = {}
+
+
+def _broker_changed(client: ClientLike) -> bool:
+    """True when ClickHouse has seen more than one broker epoch (``broker_epochs``, written at
+    every start by meterline.restore): source offsets restarted from 0 on a new broker, so a row
+    above the stored high mark may still be an event stored under the old broker (a gateway retry
+    after a one-box restart). The sink then looks every row up (docs/restore.md)."""
+    try:
+        return int(client.query("SELECT uniqExact(epoch) FROM broker_epochs").result_rows[0][0]) > 1
+    except Exception:  # noqa: BLE001 - no such table (not migrated): no restore ever happened
+        return False
 
 
 def _unique(rows: Sequence[tuple[Any, ...]], key: tuple[int, ...]) -> list[tuple[Any, ...]]:

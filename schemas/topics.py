@@ -13,12 +13,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["TOPIC_CODECS", "TopicCodec"]
+__all__ = ["TOPIC_CODECS", "TopicCodec", "decode_epoch", "encode_epoch"]
+
+
+def encode_epoch(epoch: str) -> bytes:
+    """The ``epoch`` topic's value: the broker epoch id as UTF-8 text (docs/restore.md)."""
+    return epoch.encode("utf-8")
+
+
+def decode_epoch(value: bytes) -> str:
+    return bytes(value).decode("utf-8", "replace")
 
 
 @dataclass(frozen=True, slots=True)
 class TopicCodec:
-    encoding: Literal["avro", "json"]
+    encoding: Literal["avro", "json", "text"]
     encoder: str  # "module:attribute" that turns a value into the record's bytes (or its message)
     decoder: str  # "module:attribute" that turns the record's bytes back
 
@@ -28,6 +37,7 @@ TOPIC_CODECS: dict[str, TopicCodec] = {
     "usage-priced": TopicCodec("avro", "schemas.codec:encode_priced_batch", "schemas.codec:decode_priced_batch"),
     "usage-dead-letter": TopicCodec("avro", "schemas.codec:encode_dead_letter", "schemas.codec:decode_dead_letter"),
     "prices": TopicCodec("json", "meterline.pricing._book:PriceBook.to_records", "meterline.pricing._book:decode_record"),
+    "epoch": TopicCodec("text", "schemas.topics:encode_epoch", "schemas.topics:decode_epoch"),
     "schemas": TopicCodec("json", "schemas.registry:canonical_json", "meterline.stack.schema_store:KafkaSchemaStore._parse_entry"),
     "customer-status": TopicCodec("json", "schemas.credits:encode_message", "schemas.credits:decode_json"),
     "ledger-commands": TopicCodec("json", "schemas.credits:encode_message", "schemas.credits:decode_command"),

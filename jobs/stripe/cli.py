@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -186,8 +187,12 @@ def reconcile_command(
     period: str = typer.Option(..., help="YYYY-MM, YYYY-MM-DD or START..END (UTC, end exclusive)."),
     customer: Optional[str] = typer.Option(None, help="Only this customer."),
     config: Path = ConfigOpt,
+    now: Optional[int] = typer.Option(None, help="Stripe's clock as unix seconds (default: now); decides what is due."),
 ) -> None:
-    """Compare ClickHouse, the sync cursor and Stripe's meter summaries; exit 1 on any drift."""
+    """Compare ClickHouse, the sync cursor and Stripe's meter summaries; exit 1 on real drift only.
+
+    Usage in windows that have not settled yet (``settle_seconds``) is reported as pending, with
+    the time from which the next sync pushes it; it is not drift."""
     from jobs.stripe.reconcile import parse_period, reconcile
 
     run_in_up_if_running(ctx, "stripe", "reconcile")
@@ -197,19 +202,28 @@ def reconcile_command(
     except MeterlineError as exc:
         raise fail(exc, 2) from exc
     with _context(config) as (_settings_, cfg, target, ch):
-        rows = reconcile(target.client(), ch, cfg, start, end, customer=customer)
+        rows = reconcile(target.client(), ch, cfg, start, end, customer=customer, now=now)
     report_result(rows)
     t = Table(title=f"reconcile {period} (meter units)")
-    for col in ("customer", "meter", "clickhouse", "pushed", "stripe", "unpushed", "drift"):
-        t.add_column(col, justify="left" if col in ("customer", "meter") else "right")
+    for col in ("customer", "meter", "clickhouse", "pushed", "stripe", "unpushed", "pending", "due at", "status"):
+        t.add_column(col, justify="left" if col in ("customer", "meter", "due at") else "right")
+    label = {"drift": "[red]DRIFT[/red]", "pending": "[yellow]pending[/yellow]", "ok": "ok"}
     for r in rows:
+        due = "-" if r.due_at is None else datetime.fromtimestamp(r.due_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
         t.add_row(r.customer_id, r.meter, format(r.clickhouse, "f"), str(r.pushed),
                   "-" if r.stripe is None else format(r.stripe, "f"), format(r.unpushed, "f"),
-                  "[red]DRIFT[/red]" if r.drifted else "ok")  # fmt: skip
+                  format(r.pending, "f"), due, label[r.status])  # fmt: skip
     cio = current_io()
     cio.out.print(t)
     drifted = sum(r.drifted for r in rows)
-    cio.out.print(f"{drifted} drift(s) in {len(rows)} row(s)")
+    waiting = [r for r in rows if r.status == "pending"]
+    line = f"{drifted} drift(s) in {len(rows)} row(s)"
+    if waiting:
+        last = max(r.due_at or 0 for r in waiting)
+        line += (f"; {len(waiting)} row(s) pending (not due yet: settle_seconds={cfg.sync.settle_seconds}), "
+                 f"all pushed by the first sync after "
+                 f"{datetime.fromtimestamp(last, timezone.utc).strftime('%Y-%m-%d %H:%M:%SZ')}")
+    cio.out.print(line)
     if drifted:
         raise typer.Exit(1)
 

@@ -6,9 +6,16 @@ Per customer x meter, over the windows starting in ``[start, end)``, three numbe
 * ``pushed``     — the sum of values the cursor says Stripe acknowledged (``stripe_pushes`` acked);
 * ``stripe``     — Stripe's ``event_summaries`` aggregate for the customer over the same range.
 
-A row drifts when ``|clickhouse − pushed| >= 1`` unit (the carried sub-unit remainder is < 1 unit, so
-anything above is real: unpushed, too old, failed or shrunk usage) or when ``pushed != stripe``
-(an event lost, deleted or double counted at Stripe). Summaries are eventually consistent at real
+Usage in a window that has not settled yet is **pending**, not drift: the sync pushes a window only
+once it ended ``settle_seconds`` ago (``sync.until``), so right after a sync the current window (and
+the previous one, within the settle time) is rightly held back. ``pending`` is that quantity and
+``due_at`` the unix second from which the next sync pushes all of it (last pending window's end +
+``settle_seconds``).
+
+A row drifts when ``|clickhouse − pending − pushed| >= 1`` unit (the carried sub-unit remainder is
+< 1 unit, so anything above is real: unpushed, too old, failed or shrunk usage) or when
+``pushed != stripe`` (an event lost, deleted or double counted at Stripe). A row with pending usage
+and no drift has the status ``pending``; only ``drift`` is an error (the CLI exits 1 on it alone). Summaries are eventually consistent at real
 Stripe: reconcile a period some minutes after the last sync.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import calendar
 import re
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -39,10 +47,20 @@ class Drift:
     pushed: int
     stripe: Decimal | None  # None: the customer has no Stripe mapping
     unpushed: Decimal  # clickhouse quantity the cursor holds as pending / too_old / failed
+    pending: Decimal = Decimal(0)  # clickhouse quantity in windows not due yet (settle_seconds)
+    due_at: int | None = None  # unix s from which a sync pushes all of ``pending`` (None: nothing pending)
 
     @property
     def drifted(self) -> bool:
-        return abs(self.clickhouse - self.pushed) >= 1 or self.stripe is None or self.stripe != self.pushed
+        due = self.clickhouse - self.pending
+        return abs(due - self.pushed) >= 1 or self.stripe is None or self.stripe != self.pushed
+
+    @property
+    def status(self) -> str:
+        """``drift`` (real), ``pending`` (only usage not due yet is unpushed) or ``ok``."""
+        if self.drifted:
+            return "drift"
+        return "pending" if self.pending > 0 else "ok"
 
 
 def parse_period(text: str) -> tuple[int, int]:
@@ -75,16 +93,26 @@ def parse_period(text: str) -> tuple[int, int]:
 
 
 def reconcile(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, start: int, end: int, *,
-              customer: str | None = None, root: Path = REPO_ROOT) -> list[Drift]:  # fmt: skip
-    """One row per customer x meter with usage or pushes in the period (sorted)."""
+              customer: str | None = None, root: Path = REPO_ROOT, now: int | None = None) -> list[Drift]:  # fmt: skip
+    """One row per customer x meter with usage or pushes in the period (sorted). ``now`` is
+    Stripe's clock as the sync sees it (default: wall time); it decides which windows are due."""
+    now = int(time.time()) if now is None else int(now)
+    w = cfg.sync.window_seconds
+    horizon = (now - cfg.sync.settle_seconds) // w * w  # the sync pushes windows starting before this
     specs = meter_specs(cfg, root)
     scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
     usage = aggregate_usage(ch, cfg, specs, start, end, customer=customer)
     ch_units: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     from jobs.stripe.plans import PLAN_EVENT
 
-    for (cust, meter, _ws), amount in usage.items():
-        ch_units[(cust, meter)] += amount * (Decimal(1) if meter == PLAN_EVENT else scale)
+    pending: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    due_at: dict[tuple[str, str], int] = {}
+    for (cust, meter, ws), amount in usage.items():
+        units = amount * (Decimal(1) if meter == PLAN_EVENT else scale)
+        ch_units[(cust, meter)] += units
+        if ws >= horizon:  # not settled yet: the sync holds it back until the window end + settle time
+            pending[(cust, meter)] += units
+            due_at[(cust, meter)] = max(due_at.get((cust, meter), 0), ws + w + cfg.sync.settle_seconds)
     pushed: dict[tuple[str, str], int] = defaultdict(int)
     unpushed: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     for p in load_pushes(ch, since=start, until=end, customer=customer):
@@ -107,5 +135,5 @@ def reconcile(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, start: i
                 mid, {"customer": link.stripe_customer_id, "start_time": lo, "end_time": hi})
             at_stripe = sum((Decimal(str(s.aggregated_value)) for s in res.auto_paging_iter()), Decimal(0))
         out.append(Drift(cust, meter, ch_units.get(key, Decimal(0)), pushed.get(key, 0), at_stripe,
-                         unpushed.get(key, Decimal(0))))  # fmt: skip
+                         unpushed.get(key, Decimal(0)), pending.get(key, Decimal(0)), due_at.get(key)))  # fmt: skip
     return out

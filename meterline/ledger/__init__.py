@@ -48,8 +48,10 @@ from meterline.ledger._money import (
     to_decimal,
     to_ms,
 )
-from meterline.ledger._state import CustomerLedger, new_ledger
+from meterline.ledger._state import CustomerLedger, dedupe_digest, new_ledger, pack_recent, unpack_recent
 from meterline.ledger._types import (
+    MAX_DEDUPE_IDS,
+    MAX_OPEN_HOLDS,
     Adjust,
     Alert,
     ApplyPricedUsage,
@@ -77,6 +79,8 @@ from meterline.ledger._types import (
 from meterline.ledger._view import balance_view, fold_entries, status_of
 
 __all__ = [
+    "MAX_DEDUPE_IDS",
+    "MAX_OPEN_HOLDS",
     "PICOS_PER_UNIT",
     "Adjust",
     "Alert",
@@ -86,6 +90,9 @@ __all__ = [
     "Command",
     "CreditGrant",
     "CustomerLedger",
+    "dedupe_digest",
+    "pack_recent",
+    "unpack_recent",
     "Decision",
     "Effects",
     "ExpireDue",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from meterline.ledger._guards import Ctx, add_budget_spend, add_velocity, blocked_reason, held_by_grant, reevaluate
 from meterline.ledger._money import LedgerCommandError, period_key
-from meterline.ledger._state import CustomerLedger
+from meterline.ledger._state import CustomerLedger, dedupe_digest
 from meterline.ledger._types import (
     Adjust,
     ApplyPricedUsage,
@@ -28,6 +28,7 @@ from meterline.ledger._types import (
     ExpireDue,
     Grant,
     GrantState,
+    MAX_OPEN_HOLDS,
     Hold,
     LedgerEntry,
     SetBlock,
@@ -65,7 +66,7 @@ def _apply_in_place(s: CustomerLedger, cmd: Command) -> Effects:
     ctx = Ctx(s)
     _HANDLERS[type(cmd)](ctx, cmd)
     reevaluate(ctx)
-    key = _dedupe_key(cmd)
+    key = dedupe_key(cmd)
     if key is not None:
         _remember(s, key)
     if src is not None:
@@ -141,16 +142,17 @@ def resume_offsets(states: list[CustomerLedger] | tuple[CustomerLedger, ...]) ->
 # -------------------------------------------------------------------------------------- internals
 
 
-def _dedupe_key(cmd: Command) -> str | None:
+def dedupe_key(cmd: Command) -> bytes | None:
+    """The key a usage event / adjustment is remembered by: a fixed-size digest of its id."""
     if isinstance(cmd, ApplyPricedUsage):
-        return f"e:{cmd.event_id}"
+        return dedupe_digest(f"e:{cmd.event_id}")
     if isinstance(cmd, Adjust):
-        return f"a:{cmd.adjustment_id}"
+        return dedupe_digest(f"a:{cmd.adjustment_id}")
     return None
 
 
 def _is_duplicate(s: CustomerLedger, cmd: Command) -> bool:
-    key = _dedupe_key(cmd)
+    key = dedupe_key(cmd)
     if key is not None:
         return key in s.recent_ids
     if isinstance(cmd, (Grant, TopUp)):
@@ -161,7 +163,7 @@ def _is_duplicate(s: CustomerLedger, cmd: Command) -> bool:
     return False
 
 
-def _remember(s: CustomerLedger, key: str) -> None:
+def _remember(s: CustomerLedger, key: bytes) -> None:
     s.recent_ids[key] = s.clock_ms
     horizon = s.clock_ms - s.policy.dedupe_window_ms
     excess = len(s.recent_ids) - s.policy.dedupe_max_ids
@@ -361,6 +363,8 @@ def _authorize(ctx: Ctx, c: Authorize) -> None:
     reason = blocked_reason(s, c.project, c.api_key_id)
     if reason is not None:
         return decide(False, reason, None)
+    if len(s.holds) >= MAX_OPEN_HOLDS:  # the state value must stay bounded (one Kafka message)
+        return decide(False, "too_many_holds", None)
     for b in s.budgets.values():
         bd = b.budget
         if bd.hard and bd.matches(c.project, c.api_key_id):

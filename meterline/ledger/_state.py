@@ -7,6 +7,11 @@ are the running fold of the ledger entries it emitted (see ``fold_entries``), ne
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import sys
+from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +28,38 @@ from meterline.ledger._types import (
 )
 
 FORMAT_VERSION = 1
+DIGEST_BYTES = 12  # 96-bit digests: P(any collision among 10,000 ids) ≈ 6·10⁻²²
+
+
+def dedupe_digest(key: str) -> bytes:
+    """The fixed-size form a dedupe id is remembered by (12 bytes, whatever the id's length: the
+    dedupe set must not grow with the ids' size, since a table value has to fit in one Kafka
+    message). Deterministic, so a replay finds the same digest."""
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=DIGEST_BYTES).digest()
+
+
+def pack_recent(ids: Mapping[bytes, int]) -> str:
+    """``{digest: t}`` (insertion order kept) as one base64 string: every digest, then every time
+    as a little-endian int64 (20 bytes per id, ~27 in the JSON value)."""
+    times = array("q", ids.values())
+    if sys.byteorder != "little":
+        times.byteswap()
+    return base64.b64encode(b"".join(ids) + times.tobytes()).decode()
+
+
+def unpack_recent(packed: str | list[list[Any]]) -> dict[bytes, int]:
+    """Inverse of :func:`pack_recent`; also reads the older list form ``[[key, t], ...]`` (the
+    keys are digested as they are read)."""
+    if isinstance(packed, list):
+        return {dedupe_digest(str(k)): int(t) for k, t in packed}
+    raw = base64.b64decode(packed)
+    n = len(raw) // (DIGEST_BYTES + 8)
+    cut = n * DIGEST_BYTES
+    times = array("q")
+    times.frombytes(raw[cut:])
+    if sys.byteorder != "little":
+        times.byteswap()
+    return dict(zip((raw[i:i + DIGEST_BYTES] for i in range(0, cut, DIGEST_BYTES)), times))
 
 
 @dataclass(slots=True)
@@ -40,7 +77,7 @@ class CustomerLedger:
     alert_tracks: dict[str, tuple[int, bool]] = field(default_factory=dict)  # key -> (crossings, active)
     velocity: dict[str, dict[int, int]] = field(default_factory=dict)  # key -> bucket index -> picos
     applied_offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> highest offset
-    recent_ids: dict[str, int] = field(default_factory=dict)  # dedupe key -> clock_ms when applied (ordered)
+    recent_ids: dict[bytes, int] = field(default_factory=dict)  # dedupe_digest(key) -> clock_ms when applied (ordered)
 
     def clone(self) -> CustomerLedger:
         """A copy safe to mutate (inner records are frozen; containers are copied)."""
@@ -75,7 +112,7 @@ class CustomerLedger:
             "alerts": {k: [n, a] for k, (n, a) in self.alert_tracks.items()},
             "vel": {k: [[b, p] for b, p in v.items()] for k, v in self.velocity.items()},
             "offsets": dict(self.applied_offsets),
-            "recent": [[k, t] for k, t in self.recent_ids.items()],
+            "recent": pack_recent(self.recent_ids),
         }
 
     @classmethod
@@ -99,7 +136,7 @@ class CustomerLedger:
             alert_tracks={k: (int(v[0]), bool(v[1])) for k, v in d["alerts"].items()},
             velocity={k: {int(b): int(p) for b, p in v} for k, v in d["vel"].items()},
             applied_offsets={k: int(v) for k, v in d["offsets"].items()},
-            recent_ids={k: int(t) for k, t in d["recent"]},
+            recent_ids=unpack_recent(d["recent"]),
         )
 
 

@@ -121,6 +121,14 @@ class VelocityRule:
 DAY_MS = 86_400_000
 
 
+#: Upper bound of ``Policy.dedupe_max_ids``: the remembered ids live in the customer's state value,
+#: which must fit in one Kafka message whatever the customer's activity (20 bytes per id packed).
+MAX_DEDUPE_IDS = 10_000
+#: Open holds one customer may have at once; an authorize beyond it is denied ``too_many_holds``
+#: (each hold lives in the state value, which must stay bounded).
+MAX_OPEN_HOLDS = 2_000
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Per-customer enforcement policy. ``credit_limit_picos`` is used only with ``credit_limit``."""
@@ -138,8 +146,8 @@ class Policy:
     def __post_init__(self) -> None:
         if self.overage not in ("block", "allow", "credit_limit"):
             raise _err("overage must be block, allow or credit_limit")
-        if self.credit_limit_picos < 0 or self.hold_ttl_ms <= 0 or self.dedupe_max_ids <= 0:
-            raise _err("credit_limit_picos ≥ 0, hold_ttl_ms > 0 and dedupe_max_ids > 0 are required")
+        if self.credit_limit_picos < 0 or self.hold_ttl_ms <= 0 or not 0 < self.dedupe_max_ids <= MAX_DEDUPE_IDS:
+            raise _err(f"credit_limit_picos ≥ 0, hold_ttl_ms > 0 and 0 < dedupe_max_ids ≤ {MAX_DEDUPE_IDS} are required")
         if any(not 0 < p <= 1000 for p in self.used_alert_pcts):
             raise _err("used_alert_pcts must be in 1..1000")
 

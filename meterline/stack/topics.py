@@ -37,7 +37,7 @@ class TopicSpec:
     cleanup_policy: Literal["delete", "compact"]
     key: str
     value: str
-    encoding: Literal["avro", "json"]
+    encoding: Literal["avro", "json", "text"]
     description: str = ""
 
     def full_name(self, prefix: str) -> str:
@@ -97,8 +97,8 @@ def _parse_entry(path: Path, index: int, entry: Any) -> TopicSpec:
     if not isinstance(retention, int) or isinstance(retention, bool) or (retention < 1 and retention != -1):
         raise ConfigError(f"{where} ({name}): retention_ms must be a positive integer or -1, got {retention!r}")
     encoding = entry.get("encoding")
-    if encoding not in ("avro", "json"):
-        raise ConfigError(f"{where} ({name}): encoding must be `avro` or `json`, got {encoding!r}")
+    if encoding not in ("avro", "json", "text"):
+        raise ConfigError(f"{where} ({name}): encoding must be `avro`, `json` or `text`, got {encoding!r}")
     policy = entry["cleanup_policy"]
     if policy not in ("delete", "compact"):
         raise ConfigError(f"{where} ({name}): cleanup_policy must be `delete` or `compact`, got {policy!r}")

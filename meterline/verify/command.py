@@ -43,6 +43,11 @@ class VerifyReport:
     stripe: StripeReport | None = None
     deltas: list[Delta] = field(default_factory=list)
     settled: bool = False
+    busy_events: int = 0  # oversized input: events of ONE customer in one burst
+    big_record_bytes: int = 0  # oversized input: one raw usage record of max-label events
+    restarts: int = 0  # restart of everything (broker included, SIGKILL), state restored
+    restored_ledgers: int = 0
+    balances_kept: bool | None = None  # every balance after the restart equal to before, to the pico
 
     @property
     def ok(self) -> bool:
@@ -56,6 +61,10 @@ class VerifyReport:
             f"  bad inputs tried     {self.bad_inputs}",
             f"  kills survived       {self.kills_survived}",
             f"  outages injected     {self.outages_injected}",
+            f"  oversized input      {self.busy_events} events of one customer in one burst; "
+            f"one {self.big_record_bytes}-byte record of max-label events",
+            f"  restart of all       {self.restarts} (broker SIGKILLed; {self.restored_ledgers} ledgers restored, "
+            f"balances kept: {self.balances_kept}; all events re-sent after it)",
             f"  usage_priced rows    {self.priced_rows}",
             f"  usage_rejected rows  {self.rejected_rows}",
             "  customer                     expected charge        observed charge        Δ",
@@ -99,6 +108,8 @@ def run_verify(
     seed: int | None = None,
     timeout: float = 180.0,
     echo: Callable[[str], None] | None = None,
+    busy: int = 15_000,
+    restart: bool = True,
 ) -> VerifyReport:
     """Run a bounded chaos session on its own embedded stack and return the figures.
 
@@ -112,6 +123,12 @@ def run_verify(
     chunks while it is working; take ClickHouse down for ``outages`` periods; wait until the stores
     settle and check the invariant (pricing, then the ledger and the final statuses); ``stripe``:
     run the real sync into a LocalStripe with faults and a crash mid-push, re-run, compare.
+
+    Oversized input (issue #19.1): ``busy`` more events of ONE customer in the same burst, and one
+    raw record of max-label events just under 1 MB. Restart of everything (``restart``, issue
+    #19.2): after the checks pass, the broker and the worker are SIGKILLed, a NEW empty broker is
+    started, ``meterline.restore`` rebuilds the state from ClickHouse, every event is re-sent (the
+    gateways' retry), and the checks run again; the balances must equal those before the restart.
     """
     from meterline.stack.broker import TansuBroker
     from meterline.stack.clickhouse import apply_migrations, connect
@@ -135,6 +152,9 @@ def run_verify(
         ensure_topics(broker.bootstrap, prefix, run_settings.partitions)
         client = connect(dsn)
         apply_migrations(client)
+        from meterline.restore import restore_if_lost
+
+        restore_if_lost(broker.bootstrap, run_settings.topic, client, partitions=run_settings.partitions)  # its epoch
         stack = ChaosStack(run_settings, client, tmp / "logs")
         expected = Expected()
         say(f"seed {seed}: broker {broker.bootstrap}, ClickHouse {dsn}")
@@ -145,10 +165,15 @@ def run_verify(
         worker = stack.start_worker()
 
         all_events = make_events(rng, events)
+        if busy:
+            one = all_events[0].customer_id if all_events else "acme"
+            all_events += [e.model_copy(update={"customer_id": one}) for e in make_events(rng, busy, prefix="busy-")]
+            report.busy_events = busy
+        big = _max_label_record(rng, all_events[0].customer_id if all_events else "acme") if busy else None
         now_ms = time.time_ns() // 1_000_000
         if credits:
             whole = Expected()
-            whole.add_priced(all_events)
+            whole.add_priced(all_events + (big[1] if big else []))
             plans = plan_credits(rng, {c: t[2] for c, t in whole.per_customer().items()})
             expected.credit_plans = {p.customer_id: p for p in plans}
             n_grants = stack.send_commands(m for p in plans for m in p.commands(now_ms - 86_400_000))
@@ -191,6 +216,11 @@ def run_verify(
                 say(f"chunk {i}: SIGKILL {worker.name} (pid {worker.pid})")
                 stack.kill_worker(worker)
                 worker = stack.start_worker()
+        if big is not None:
+            stack.produce_raw([big[0]])
+            expected.add_priced(big[1])
+            report.big_record_bytes = len(big[0][1])
+        stack.price_mirror_start()
         report.outages_injected = stack.ch.outages
         report.distinct_events = len(expected.priced)
         say("waiting for the stores to settle")
@@ -218,6 +248,9 @@ def run_verify(
                 report.ledger[c] = (plan.effective_policy, charge, got[0] + got[1],
                                     f"{out.status}" + (f" ({out.reason})" if out.reason else ""),
                                     f"{st.get('status')}" + (f" ({st['reason']})" if st.get("reason") else ""))  # fmt: skip
+        if restart and credits and report.settled and not report.deltas:
+            stack, broker = _restart_everything(stack, broker, expected, report, events=all_events + (big[1] if big else []),
+                                                checks_of=credit_checks, timeout=timeout, say=say)  # fmt: skip
         if stripe:
             say("Stripe: provision, sync with injected faults and a crash mid-push, re-run")
             session = StripeSession(stack.ch())
@@ -239,6 +272,81 @@ def run_verify(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _max_label_record(rng: random.Random, customer: str) -> tuple[tuple[bytes, bytes], list[Any]]:
+    """One raw usage record just under 1 MB: events with 64 labels of 256-character keys and values."""
+    from schemas.codec import encode_usage_batch, event_to_record
+    from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS
+
+    events = [e.model_copy(update={
+        "customer_id": customer, "event_id": f"big-{uuid.UUID(int=rng.getrandbits(128))}".ljust(MAX_ID_LEN, "x"),
+        "labels": {f"{i}-{k}-".ljust(MAX_LABEL_LEN, "k"): str(k).ljust(MAX_LABEL_LEN, "v") for k in range(MAX_LABELS)},
+    }) for i, e in enumerate(make_events(rng, 40))]  # fmt: skip
+    while len(encode_usage_batch([event_to_record(e) for e in events])) > 990_000:
+        events.pop()
+    return (customer.encode(), encode_usage_batch([event_to_record(e) for e in events])), events
+
+
+def _restart_everything(stack: ChaosStack, broker: Any, expected: Expected, report: VerifyReport, *,
+                        events: list[Any], checks_of: Callable[..., Any], timeout: float,
+                        say: Callable[[str], None]) -> tuple[ChaosStack, Any]:  # fmt: skip
+    """SIGKILL the broker and the worker, start a new empty broker, restore from ClickHouse, re-send
+    every event, check again (the caller's ``report`` gets the new deltas)."""
+    import os
+    import signal
+
+    from meterline.restore import restore_if_lost
+    from meterline.stack.broker import TansuBroker
+    from meterline.stack.topics import ensure_topics
+
+    before = _balances(stack)
+    until = time.monotonic() + 30
+    while (stack.price_mirror is None or not stack.price_mirror.mirrored) and time.monotonic() < until:
+        time.sleep(0.2)
+    say(f"restart of everything: SIGKILL the broker (pid {broker.pid}) and the worker")
+    if broker.pid is not None:
+        os.killpg(broker.pid, signal.SIGKILL)
+    for w in stack.workers:
+        stack.kill_worker(w)
+    client = stack.ch.client
+    stack.close()
+    broker.stop()
+    broker = TansuBroker(log_dir=stack.log_dir.parent).start()
+    settings = stack.settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+    ensure_topics(broker.bootstrap, settings.topic_prefix, settings.partitions)
+    restored = restore_if_lost(broker.bootstrap, settings.topic, client, say, partitions=settings.partitions,
+                               dedupe_window_days=settings.dedupe_window_days)  # fmt: skip
+    say(restored.line())
+    report.restarts += 1
+    report.restored_ledgers = len(restored.customers)
+    stack = ChaosStack(settings, client, stack.log_dir)
+    stack.start_sink()
+    stack.start_ledger_sink()
+    stack.start_worker()
+    stack.price_mirror_start()
+    want = set(expected.credit_plans)
+    deadline = time.monotonic() + timeout
+    while not want <= set(stack.latest("customer-status")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    report.balances_kept = _balances(stack) == before
+    if not report.balances_kept:
+        report.deltas.append(Delta("restart", "balances", str(before), str(_balances(stack))))
+    say("restart of everything: re-sending every event (the gateways' retry)")
+    stack.produce(events)
+    settled = stack.wait_settled(expected, timeout=timeout)
+    n_grants = sum(1 for p in expected.credit_plans.values() if p.grant)
+    settled = stack.wait_ledger(len(expected.priced), n_grants, timeout=timeout) and settled
+    statuses = stack.settled_statuses(expected)
+    report.settled = report.settled and settled
+    report.deltas += check_invariants(stack.query, expected, list(PRICING_CHECKS) + list(checks_of(statuses)))
+    return stack, broker
+
+
+def _balances(stack: ChaosStack) -> dict[str, tuple[str, str]]:
+    """credit_remaining and overage per customer, from the latest customer-status records."""
+    return {c: (str((v.get("balance") or {}).get("credit_remaining")), str((v.get("balance") or {}).get("overage")))
+            for c, v in stack.latest("customer-status").items()}  # fmt: skip
+
+
 def verify_command(
     events: int = 3000,
     kills: int = 2,
@@ -247,9 +355,13 @@ def verify_command(
     credits: bool = True,
     stripe: bool = True,
     seed: Optional[int] = None,  # noqa: UP007 - typer reads the annotation at runtime
+    busy: int = 15_000,
+    restart: bool = True,
 ) -> None:
     """Chaos-check this build: kill workers, replay, inject bad input, a ClickHouse outage and Stripe
-    faults; every Δ must be 0 (pricing, ledger ``--credits``, Stripe push ``--stripe``).
+    faults; every Δ must be 0 (pricing, ledger ``--credits``, Stripe push ``--stripe``). ``--busy N``:
+    N events of one customer in one burst plus a ~1 MB record of max-label events (0: off);
+    ``--restart``: SIGKILL everything (broker included), restore from ClickHouse, re-send, re-check.
 
     Mount with ``app.command("verify")(verify_command)``; typer reads the parameters as options.
     """
@@ -257,7 +369,8 @@ def verify_command(
 
     settings = Settings().model_copy(update={"clickhouse_dsn": None})  # never write into a configured ClickHouse
     report = run_verify(settings, events=events, kills=kills, duplicates=duplicates, outages=outages, credits=credits,
-                        stripe=stripe, seed=seed, echo=lambda s: typer.echo(f"  · {s}"))  # fmt: skip
+                        stripe=stripe, seed=seed, busy=busy, restart=restart,
+                        echo=lambda s: typer.echo(f"  · {s}"))  # fmt: skip
     typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(1)

@@ -126,6 +126,9 @@ class ChaosStack:
         self.raw_producer = control_producer(self.bootstrap)
         self._n = 0
         self.kills = 0
+        self.price_mirror: Any = None
+        self._mirror_stop = threading.Event()
+        self._mirror_thread: threading.Thread | None = None
 
     # -- pieces
     def publish_prices(self, source: Any = None) -> None:
@@ -155,6 +158,19 @@ class ChaosStack:
         self._sink_thread = threading.Thread(target=run, name="chaos-sink", daemon=True)
         self._sink_thread.start()
         return self.sink
+
+    def price_mirror_start(self) -> Any:
+        """``meterline up``'s price mirror (prices topic → ClickHouse ``price_records``), so a
+        restart on an empty broker can republish the prices (meterline/restore.py)."""
+        from meterline.restore import PriceMirror
+
+        self._mirror_stop = threading.Event()
+        self.price_mirror = PriceMirror(self.bootstrap, self.settings.topic("prices"),
+                                        f"{self.settings.topic_prefix}price-mirror", self.ch())  # fmt: skip
+        self._mirror_thread = threading.Thread(target=self.price_mirror.run, args=(self._mirror_stop,),
+                                               name="chaos-price-mirror", daemon=True)  # fmt: skip
+        self._mirror_thread.start()
+        return self.price_mirror
 
     def start_ledger_sink(self, **kwargs: Any) -> Any:
         """The ``ledger-entries`` → ``ledger_entries`` sink, on the same outage-switchable client."""
@@ -318,6 +334,9 @@ class ChaosStack:
         for w in self.workers:
             w.stop(timeout=5)
         self.stop_sink()
+        self._mirror_stop.set()
+        if self._mirror_thread is not None:
+            self._mirror_thread.join(10)
         self._ledger_stop.set()
         if self._ledger_thread is not None:
             self._ledger_thread.join(20)

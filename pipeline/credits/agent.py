@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -64,6 +65,13 @@ from pipeline.pricefeed import PriceFeed
 log = logging.getLogger(__name__)
 
 TABLE = "ledgers"
+#: Undelivered effects one customer's value may carry in its outbox (bytes of the messages). Past
+#: it, the agent waits for that customer's oldest deliveries before writing the next value: the
+#: outbox (and so the changelog message) never grows with the customer's activity.
+OUTBOX_MAX_BYTES = 100_000
+#: Largest table value written (JSON bytes). Kafka's default message limit is 1 MB; the state's
+#: parts are bounded (packed dedupe ids, open holds, the outbox), this is the last line.
+MAX_VALUE_BYTES = 900_000
 
 
 @dataclass(slots=True, eq=False)
@@ -104,6 +112,10 @@ class CreditAgent:
         self.max_in_flight = 256  # records per source partition between processing and delivery
         self._inflight: dict[tuple[str, int], dict[int, _Pending]] = {}  # offset order (insertion)
         self._undelivered: dict[str, dict[tuple[tuple[str, int], int], list[Any]]] = {}  # customer -> effects
+        self._undelivered_bytes: dict[str, int] = {}
+        self.outbox_waits = 0  # times a customer's outbox was full and the agent waited for deliveries
+        self.trimmed = 0  # values whose dedupe ids had to be trimmed to fit MAX_VALUE_BYTES
+        self.max_value_bytes = 0  # largest value written (introspection, tests)
         self._queues: dict[int, asyncio.Queue[_Pending]] = {}
         self._drainers: dict[int, asyncio.Future[Any]] = {}
 
@@ -165,6 +177,17 @@ class CreditAgent:
         await self.ordered.deliver(SourceRecord(msg.topic, msg.partition, msg.offset, ts_ms, msg.key, msg.value))
 
     async def apply(self, rec: SourceRecord) -> None:
+        """Apply one source record; a priced record of more than ``CHUNK_EVENTS`` events is applied
+        in parts, each persisted with its effects before the next is processed (only the last
+        marks the offset applied; a replay skips the parts done by event-id dedupe)."""
+        parts = self.processor.split_record(rec.topic, rec.value)
+        for i, part in enumerate(parts):
+            final = i == len(parts) - 1
+            pending = await self._apply(rec, part, final)
+            if not final and pending is not None:
+                await pending.done
+
+    async def _apply(self, rec: SourceRecord, value: bytes | None, final: bool) -> _Pending | None:
         """Process one source record without waiting for the broker (module docstring, "Pipelining").
 
         The new value (state + progress + outbox + low watermark) goes to the changelog at once
@@ -179,23 +202,22 @@ class CreditAgent:
         if len(flight) >= self.max_in_flight:  # backpressure: wait for the oldest
             await next(iter(flight.values())).done
         self.feed.drain_into(self.engine)
-        outcome = self.processor.process(rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, rec.value,
-                                         self.table.get)  # fmt: skip
-        self.records += 1
-        if rec.topic == self.priced_name and not outcome.skipped:
+        outcome = self.processor.process(rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, value,
+                                         self.table.get, final=final)  # fmt: skip
+        self.records += final
+        if final and rec.topic == self.priced_name and not outcome.skipped:
             metrics.observe_stage_ms("balance", rec.timestamp_ms)  # priced (record time) -> applied
         if outcome.skipped or (outcome.state is None and not outcome.sends):
-            return  # nothing to persist, nothing to send
+            return None  # nothing to persist, nothing to send
         pending = _Pending(rec.offset, key, outcome.customer_id, outcome.sends, asyncio.get_running_loop().create_future())
         flight[rec.offset] = pending
         if outcome.state is not None and outcome.customer_id is not None:
             customer = outcome.customer_id
+            await self._bound_outbox(customer)
             earlier = self._undelivered.get(customer, {})
             # Outbox = this record's effects AND every earlier effect of this customer not yet
             # delivered: whichever of its values survives a crash re-sends all of them.
             outbox = [s for sends in earlier.values() for s in sends] + list(outcome.sends)
-            if outcome.sends:
-                self._undelivered.setdefault(customer, {})[(key, rec.offset)] = outcome.sends
             state = dict(outcome.state)
             x = dict(state.get("x") or {})
             # Every record of this partition below the lowest one in flight is done (persisted
@@ -204,9 +226,69 @@ class CreditAgent:
             x["p"] = partition
             x["ob"] = [[n, k.decode(), base64.b64encode(v).decode(), same] for n, k, v, same in outbox]
             state["x"] = x
+            state = self._fit(customer, state)
+            if state is None:  # cannot be stored (never seen): dead-letter the record, keep the old value
+                pending.sends = [self._too_large(rec, customer)]
+                self._queue(partition).put_nowait(pending)
+                return pending
+            if outcome.sends:
+                self._undelivered.setdefault(customer, {})[(key, rec.offset)] = outcome.sends
+                self._undelivered_bytes[customer] = self._undelivered_bytes.get(customer, 0) + _size(outcome.sends)
             pending.changelog = send_changelog(self.table, partition, customer, state)
             table_data(self.table)[customer] = state
         self._queue(partition).put_nowait(pending)
+        return pending
+
+    async def _bound_outbox(self, customer: str) -> None:
+        """Wait for this customer's oldest deliveries while its undelivered effects exceed
+        OUTBOX_MAX_BYTES (they are delivered in record order by the drainers, which never wait
+        for the agent, so this always ends)."""
+        while self._undelivered_bytes.get(customer, 0) > OUTBOX_MAX_BYTES:
+            key, offset = next(iter(self._undelivered[customer]))
+            pending = self._inflight.get(key, {}).get(offset)
+            if pending is None:  # no longer in flight (cannot happen: _delivered drops it first)
+                sends = self._undelivered[customer].pop((key, offset))
+                self._undelivered_bytes[customer] -= _size(sends)
+                if not self._undelivered[customer]:
+                    del self._undelivered[customer]
+                    self._undelivered_bytes.pop(customer, None)
+                continue
+            self.outbox_waits += 1
+            await pending.done
+
+    def _fit(self, customer: str, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The value, within MAX_VALUE_BYTES. Its parts are bounded by construction; should they
+        still add up past the limit, the oldest remembered event / command ids (dedupe only: no
+        money) are dropped, halving, until it fits. None: it cannot fit even without them."""
+        size = len(json.dumps(state))
+        self.max_value_bytes = max(self.max_value_bytes, size)
+        if size <= MAX_VALUE_BYTES:
+            return state
+        from meterline.ledger import pack_recent, unpack_recent
+
+        state = dict(state)
+        x = state["x"] = dict(state["x"])
+        while size > MAX_VALUE_BYTES:
+            recent = unpack_recent(state.get("recent") or [])
+            cmds = unpack_recent(x.get("cmds") or []) if x.get("cmds") else {}
+            if not recent and not cmds:
+                log.error("credit agent: the value of %r is %d bytes even without dedupe ids", customer, size)
+                return None
+            state["recent"] = pack_recent(dict(list(recent.items())[len(recent) // 2:]))
+            x["cmds"] = pack_recent(dict(sorted(cmds.items(), key=lambda kv: kv[1])[len(cmds) // 2:])) if cmds else ""
+            size = len(json.dumps(state))
+        self.trimmed += 1
+        log.warning("credit agent: trimmed the oldest dedupe ids of %r to keep its value under %d bytes",
+                    customer, MAX_VALUE_BYTES)  # fmt: skip
+        return state
+
+    def _too_large(self, rec: SourceRecord, customer: str) -> tuple[str, bytes, bytes, bool]:
+        from pipeline.processor import unforeseen_dead_letter
+
+        err = RuntimeError(f"the state of {customer!r} would exceed {MAX_VALUE_BYTES} bytes")
+        fmt = "priced_batch" if rec.topic == self.priced_name else "json"
+        dead = unforeseen_dead_letter(rec.topic, rec.partition, rec.offset, rec.key, rec.value, err, rec.timestamp_ms, fmt)
+        return DEAD, customer.encode(), dead, True
 
     def _queue(self, partition: int) -> asyncio.Queue[_Pending]:
         queue = self._queues.get(partition)
@@ -247,9 +329,12 @@ class CreditAgent:
         if pending.customer is not None:
             undelivered = self._undelivered.get(pending.customer)
             if undelivered is not None:
-                undelivered.pop((pending.key, pending.offset), None)
+                sends = undelivered.pop((pending.key, pending.offset), None)
+                if sends is not None:
+                    self._undelivered_bytes[pending.customer] -= _size(sends)
                 if not undelivered:
                     del self._undelivered[pending.customer]
+                    self._undelivered_bytes.pop(pending.customer, None)
         pending.done.set_result(None)
 
     async def settle(self, partitions: set[int] | None = None) -> None:
@@ -276,6 +361,11 @@ class CreditAgent:
         for fut in pending:
             await fut
         return len(pending)
+
+
+def _size(sends: list[Any]) -> int:
+    """Bytes an outbox entry takes in the value (base64 of the message + key + framing)."""
+    return sum(len(v) * 4 // 3 + len(k) + 24 for _n, k, v, _same in sends)
 
 
 def register_credit_agent(app: faust.App, settings: Settings, *, engine: PricingEngine, feed: PriceFeed) -> CreditAgent:

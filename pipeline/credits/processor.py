@@ -48,8 +48,11 @@ from meterline.ledger import (
     TopUp,
     apply,
     apply_many,
+    dedupe_digest,
     mark_applied,
     new_ledger,
+    pack_recent,
+    unpack_recent,
 )
 from schemas.credits import (
     AuthorizeRequest,
@@ -61,11 +64,18 @@ from schemas.credits import (
     reply_message,
     status_message,
 )
+from pipeline.processor import MAX_DEAD_PAYLOAD_BYTES, unforeseen_dead_letter
 from schemas.codec import decode_priced_batch, encode_dead_letter, encode_priced_batch
 
 ENTRIES, STATUS, ALERTS, REPLIES, DEAD = "ledger-entries", "customer-status", "alerts", "ledger-replies", "usage-dead-letter"
 MAX_COMMAND_IDS = 10_000
 COMMAND_ID_WINDOW_MS = 35 * 86_400_000
+#: Ledger entries per ``ledger-entries`` message (an entry is at most ~1 KB with 128-char ids):
+#: a record's entries travel together, in messages that stay far below Kafka's 1 MB.
+ENTRIES_PER_MESSAGE = 200
+#: Events of a priced record applied (and persisted, with their effects in the outbox) together; a
+#: larger record is applied in parts of this size (``split_record``).
+CHUNK_EVENTS = 200
 
 
 class Pricer(Protocol):
@@ -105,17 +115,62 @@ class CreditProcessor:
 
     def process(
         self, topic: str, partition: int, offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None,
-        load: Callable[[str], Mapping[str, Any] | None],
+        load: Callable[[str], Mapping[str, Any] | None], *, final: bool = True,
     ) -> Outcome:
+        """``final=False``: ``value`` is one part of a priced record split by :meth:`split_record`
+        (not the last); its offset is not marked applied, so a crash before the last part replays
+        the record, and the parts already applied are skipped by event-id dedupe."""
         src = SourcePos(topic, partition, offset)
-        if topic == self.priced_topic:
-            return self._priced(src, timestamp_ms, key, value, load)
-        return self._command(src, timestamp_ms, key, value, load)
+        try:
+            if topic == self.priced_topic:
+                return self._priced(src, timestamp_ms, key, value, load, final)
+            return self._command(src, timestamp_ms, key, value, load)
+        except Exception as exc:  # noqa: BLE001 - no input may crash the worker
+            return self._unforeseen(src, timestamp_ms, key, value, exc, load, final)
+
+    def _unforeseen(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None, exc: Exception,
+                    load: Callable[[str], Mapping[str, Any] | None], final: bool = True) -> Outcome:
+        """Something no rule foresaw (a bug, a value the code cannot read). ``apply`` never mutates
+        its input, so nothing of the record was applied: the WHOLE record goes to the dead letter
+        (reason ``internal_error``, its bytes kept up to a bound, to re-drive once fixed) and its
+        offset is marked on the key's customer when that state can be read. Nothing is charged
+        twice: a re-drive of the dead letter is deduped by event id / command id like any record."""
+        fmt = "priced_batch" if src.topic == self.priced_topic else "json"
+        customer = key.decode("utf-8", "replace") if key else None
+        out = Outcome(customer_id=customer, dead_letters=1)
+        out.sends.append((DEAD, (customer or "").encode(), unforeseen_dead_letter(
+            src.topic, src.partition, src.offset, key, value, exc, now, fmt), True))  # fmt: skip
+        try:
+            stored = load(customer) if customer and final else None
+            if stored is not None:
+                state = CustomerLedger.from_dict(dict(stored))
+                if state.applied_offsets.get(src.key, -1) >= src.offset:
+                    return Outcome(customer_id=customer, skipped=True)
+                value_d = mark_applied(state, src).to_dict()
+                value_d["x"] = dict(stored.get("x") or {})
+                out.state = value_d
+        except Exception:  # noqa: BLE001 - the state itself is unreadable: dead letter only
+            out.state = None
+        return out
 
     # ---------------------------------------------------------------------------- usage
 
+    def split_record(self, topic: str, value: bytes | None) -> list[bytes | None]:
+        """A priced record of more than CHUNK_EVENTS events as parts of at most that many (each
+        applied and persisted as its own value, so no value or outbox grows with the size of one
+        record); anything else (commands, undecodable bytes) as itself."""
+        if topic != self.priced_topic or not value:
+            return [value]
+        try:
+            events = decode_priced_batch(value)
+        except Exception:  # noqa: BLE001 - undecodable: process() dead-letters it whole
+            return [value]
+        if len(events) <= CHUNK_EVENTS:
+            return [value]
+        return [encode_priced_batch(events[i:i + CHUNK_EVENTS]) for i in range(0, len(events), CHUNK_EVENTS)]
+
     def _priced(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
-                load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+                load: Callable[[str], Mapping[str, Any] | None], final: bool = True) -> Outcome:
         try:
             if not value:
                 raise LedgerCommandError("empty record", reason_code="empty_record")
@@ -151,12 +206,15 @@ class CreditProcessor:
                 self._dead_priced(src, now, customer, ev, res, out)
             else:
                 self._effects(customer, res, out)
-        return self._finish(state, extra, src, now, out)
+        return self._finish(state, extra, src, now, out, mark=final)
 
     # ---------------------------------------------------------------------------- commands
 
     def _command(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
                  load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+        restore = _restore_request(value)
+        if restore is not None:
+            return self._restore(src, now, restore, load)
         try:
             req = decode_command(value or b"")
         except InputError as exc:
@@ -166,8 +224,9 @@ class CreditProcessor:
         if state.applied_offsets.get(src.key, -1) >= src.offset:
             return Outcome(customer_id=customer, skipped=True)
         out = Outcome(customer_id=customer)
-        seen = dict(extra.get("cmds", []))
-        if req.command_id in seen and not (req.authorize and req.authorize.request_id in state.holds):
+        seen = _command_ids(extra.get("cmds"))
+        cmd_key = dedupe_digest(req.command_id)
+        if cmd_key in seen and not (req.authorize and req.authorize.request_id in state.holds):
             if req.authorize is not None:  # a client re-sent an answered request: answer, apply nothing
                 out.sends.append((REPLIES, req.authorize.request_id.encode(), encode_message({
                     "request_id": req.authorize.request_id, "customer_id": customer, "decision": "deny",
@@ -193,9 +252,30 @@ class CreditProcessor:
         except LedgerCommandError as exc:
             out.sends.append(self._dead(src, now, customer, req.command_id, None, value or b"", "json", exc))
             out.dead_letters += 1
-        seen[req.command_id] = max(state.clock_ms, req.at_ms)
+        seen[cmd_key] = max(state.clock_ms, req.at_ms)
         extra["cmds"] = _bounded(seen)
         return self._finish(state, extra, src, now, out)
+
+    def _restore(self, src: SourcePos, now: int, d: Mapping[str, Any],
+                 load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+        """``{"type": "restore", "customer_id", "state"}`` (published by ``meterline.restore`` when
+        the broker lost the table): the customer's state rebuilt from ClickHouse. Applied ONLY when
+        the table has no state for the customer, so a restore can never overwrite (or re-apply
+        onto) a state the broker kept. Emits the status, no ledger entry (they are stored)."""
+        customer = str(d.get("customer_id") or "")
+        stored = load(customer) if customer else None
+        if stored is not None:
+            state = CustomerLedger.from_dict(dict(stored))
+            if state.applied_offsets.get(src.key, -1) >= src.offset:
+                return Outcome(customer_id=customer, skipped=True)
+            out = Outcome(customer_id=customer)
+            return self._finish(state, dict(stored.get("x") or {}), src, now, out, status=False)
+        raw = dict(d["state"])
+        state = CustomerLedger.from_dict(raw)
+        if state.customer_id != customer:
+            raise LedgerCommandError("restore state of another customer", reason_code="wrong_customer")
+        extra = {k: v for k, v in dict(raw.get("x") or {}).items() if k in ("explicit_policy", "ver")}
+        return self._finish(state, extra, src, now, Outcome(customer_id=customer))
 
     def _dead_priced(self, src: SourcePos, now: int, customer: str, ev: dict[str, Any], exc: Exception,
                      out: Outcome) -> None:
@@ -259,16 +339,25 @@ class CreditProcessor:
                 "reason": s.reason}), True))  # fmt: skip
 
     def _finish(self, state: CustomerLedger, extra: dict[str, Any], src: SourcePos, now: int, out: Outcome,
-                *, status: bool = True) -> Outcome:
-        state = mark_applied(state, src)
-        if out.entries:
-            # One message per source record: a 500-event record writes 500 debits, and faust pays
-            # ~100 µs per Kafka record, so entries travel together (the sink unpacks them).
-            out.sends.append((ENTRIES, state.customer_id.encode(), encode_message({"entries": out.entries}, trusted=True), True))
-        if status:
-            out.sends.append((STATUS, state.customer_id.encode(), encode_message(status_message(state, max(now, state.clock_ms)), trusted=True), True))
+                *, status: bool = True, mark: bool = True) -> Outcome:
+        if mark:
+            state = mark_applied(state, src)
+        extra["ver"] = int(extra.get("ver") or 0) + 1
         value = state.to_dict()
         value["x"] = extra
+        chunks = [out.entries[i:i + ENTRIES_PER_MESSAGE] for i in range(0, len(out.entries), ENTRIES_PER_MESSAGE)] or [[]]
+        for i, chunk in enumerate(chunks):
+            # Few messages per source record: a 500-event record writes 500 debits, and faust pays
+            # ~100 µs per Kafka record, so entries travel together (the sink unpacks them), in
+            # bounded messages (a record's debits must never make a message over Kafka's limit).
+            # The last one also carries the state after the record (``snapshot``): the durable
+            # fact a one-box restart restores from (the ledger sink stores it after the entries).
+            doc: dict[str, Any] = {"entries": chunk}
+            if i == len(chunks) - 1:
+                doc["snapshot"] = snapshot_of(value)
+            out.sends.append((ENTRIES, state.customer_id.encode(), encode_message(doc, trusted=True), True))
+        if status:
+            out.sends.append((STATUS, state.customer_id.encode(), encode_message(status_message(state, max(now, state.clock_ms)), trusted=True), True))
         out.state = value
         return out
 
@@ -290,8 +379,12 @@ class CreditProcessor:
     @staticmethod
     def _dead(src: SourcePos, now: int, customer: str | None, event_id: Any, occurred: Any, payload: bytes,
               fmt: str, exc: InputError) -> tuple[str, bytes, bytes, bool]:
+        reason = exc.message
+        if len(payload) > MAX_DEAD_PAYLOAD_BYTES:  # the dead letter itself must fit in a message
+            reason += f" (payload of {len(payload)} bytes left out: read it at the source position)"
+            payload = b""
         record = encode_dead_letter({
-            "reason_code": exc.reason_code, "reason": exc.message, "field": exc.field, "source_topic": src.topic,
+            "reason_code": exc.reason_code, "reason": reason, "field": exc.field, "source_topic": src.topic,
             "source_partition": src.partition, "source_offset": src.offset, "customer_id": customer,
             "event_id": event_id if isinstance(event_id, str) else None,
             "occurred_at": occurred if isinstance(occurred, int) else None, "payload": payload,
@@ -300,23 +393,57 @@ class CreditProcessor:
         return DEAD, (customer or "").encode(), record, True
 
 
+def snapshot_of(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The durable part of a table value: everything but the remembered ids (rebuilt from the
+    stored debits), the applied offsets (broker positions), the holds (minutes-long reservations)
+    and the agent's delivery bookkeeping (outbox, watermarks)."""
+    snap = {k: v for k, v in value.items() if k not in ("recent", "offsets", "holds", "x")}
+    x = value.get("x") or {}
+    snap["x"] = {"explicit_policy": bool(x.get("explicit_policy")), "ver": int(x.get("ver") or 0)}
+    return snap
+
+
+def _restore_request(value: bytes | None) -> dict[str, Any] | None:
+    """The decoded message when it is a ``restore`` (checked cheaply first), else None."""
+    if not value or b'"restore"' not in value:
+        return None
+    try:
+        d = json.loads(value)
+    except ValueError:
+        return None
+    if isinstance(d, dict) and d.get("type") == "restore" and isinstance(d.get("state"), dict):
+        return d
+    return None
+
+
 def _with_overage(p: Policy, overage: str) -> Policy:
     from dataclasses import replace
 
     return replace(p, overage=overage)  # type: ignore[arg-type]
 
 
-def _bounded(seen: dict[str, int]) -> list[list[Any]]:
-    """Most recent command ids, within the window and the count bound (oldest dropped first)."""
+def _command_ids(stored: Any) -> dict[bytes, int]:
+    """The remembered command ids (digest -> time) from the value's ``x.cmds``: the packed form,
+    or the older ``[[command_id, t], ...]`` list (digested as it is read)."""
+    if not stored:
+        return {}
+    if isinstance(stored, list):
+        return {dedupe_digest(str(k)): int(t) for k, t in stored}
+    return unpack_recent(stored)
+
+
+def _bounded(seen: dict[bytes, int]) -> str:
+    """Most recent command ids (fixed-size digests, packed), within the window and the count bound
+    (oldest dropped first): bounded bytes in the value whatever the ids' length or number."""
     if not seen:
-        return []
+        return ""
     horizon = max(seen.values()) - COMMAND_ID_WINDOW_MS
     items = sorted(((t, k) for k, t in seen.items() if t >= horizon))[-MAX_COMMAND_IDS:]
-    return [[k, t] for t, k in items]
+    return pack_recent({k: t for t, k in items})
 
 
 def _priced_payload(ev: Mapping[str, Any]) -> bytes:
     try:
         return encode_priced_batch([dict(ev)])
     except Exception:  # noqa: BLE001 - an event too broken to re-encode is kept as JSON-ish repr
-        return json.dumps(ev, default=repr).encode()
+        return json.dumps(ev, default=repr).encode()[:256_000]

@@ -15,12 +15,17 @@ from meterline.verify import Delta, Expected, check_invariants, run_verify, veri
 def test_run_verify_small_session_has_no_delta(clickhouse_dsn: str, tmp_path: Path, seed: int) -> None:
     lines: list[str] = []
     report = run_verify(Settings(clickhouse_dsn=clickhouse_dsn, data_dir=tmp_path, partitions=4),
-                        events=600, kills=1, duplicates=60, outages=1, seed=seed, echo=lines.append)  # fmt: skip
+                        events=600, kills=1, duplicates=60, outages=1, seed=seed, echo=lines.append,
+                        busy=300, restart=True)  # fmt: skip
     text = report.render()
     assert report.ok, text
     assert report.kills_survived == 1 and report.outages_injected == 1
     assert report.duplicates_injected == 60 and report.bad_inputs > 10
-    assert report.distinct_events == 600 and report.priced_rows == 600
+    # oversized input: 300 events of one customer in the burst + one ~1 MB record of max-label events
+    assert report.busy_events == 300 and report.big_record_bytes > 900_000
+    assert report.distinct_events > 900 and report.priced_rows == report.distinct_events
+    # restart of everything: broker SIGKILLed, state restored, every event re-sent, checks again
+    assert report.restarts == 1 and report.balances_kept and report.restored_ledgers >= 5
     assert report.rejected_rows == report.bad_inputs
     assert all(want == got for want, got in report.per_customer.values()) and len(report.per_customer) >= 5
     assert f"seed {seed}" in text and "RESULT: OK" in text and any("SIGKILL" in s for s in lines)

@@ -44,6 +44,7 @@ def test_public_surface_is_pinned() -> None:
     import meterline.ledger as ledger
 
     assert sorted(ledger.__all__) == sorted([
+        "MAX_DEDUPE_IDS", "MAX_OPEN_HOLDS", "dedupe_digest", "pack_recent", "unpack_recent",
         "PICOS_PER_UNIT", "Adjust", "Alert", "ApplyPricedUsage", "Authorize", "Budget", "Command",
         "CreditGrant", "CustomerLedger", "Decision", "Effects", "ExpireDue", "Grant", "GrantScope", "Hold",
         "LedgerCommandError", "LedgerEntry", "Policy", "SetBlock", "SetBudget", "SetPolicy", "SourcePos",

@@ -35,7 +35,9 @@ def test_declared_encoding_matches_the_codec(topic: str) -> None:
     spec, codec = _declared()[topic], TOPIC_CODECS[topic]
     assert spec.get("encoding") == codec.encoding, f"{topic}: topics.yaml says {spec.get('encoding')!r}"
     value = str(spec["value"])
-    if codec.encoding == "json":
+    if codec.encoding == "text":
+        assert "text" in value, f"{topic}: value says {value!r}"
+    elif codec.encoding == "json":
         assert "JSON" in value and "Avro single-object" not in value, f"{topic}: value says {value!r}"
     else:
         assert "Avro" in value, f"{topic}: value says {value!r}"

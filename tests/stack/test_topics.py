@@ -16,6 +16,7 @@ EXPECTED = {
     "usage-dead-letter",
     "prices",
     "schemas",
+    "epoch",
     "customer-status",
     "ledger-commands",
     "alerts",
