@@ -42,6 +42,7 @@ from starlette.routing import Route
 
 from meterline.api.keys import KeyRecord, KeyStore
 from meterline.errors import InvalidEvent
+from meterline.integrations.decisions import deny_status
 from schemas.adapters import OpenAIChatStream, usage_event_from_openai_chat
 from schemas.jsonio import event_to_json
 from schemas.models import UsageEvent
@@ -54,15 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
 SETTLE_ATTEMPTS = 5
 GATEWAY = "meterline-proxy"
-_RATE_LIMIT_REASONS = frozenset({"runaway_guard"})
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"})
-
-
-def deny_status(reason: str | None) -> tuple[int, str]:
-    """HTTP status and OpenAI error type for a meterline deny reason."""
-    if reason in _RATE_LIMIT_REASONS:
-        return 429, "rate_limit_exceeded"
-    return 402, "insufficient_quota"
 
 
 def _error(status: int, kind: str, message: str, code: str | None = None,

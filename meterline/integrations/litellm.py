@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 
 from meterline.errors import InvalidEvent
-from meterline.proxy import deny_status
+from meterline.integrations.decisions import deny_status
 from schemas.adapters import usage_event_from_litellm
 from schemas.jsonio import event_to_json
 from schemas.models import UsageEvent
