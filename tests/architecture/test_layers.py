@@ -9,7 +9,10 @@ rank  packages                what lives there
 1     ``schemas``             the contracts: Avro schemas and one codec per topic, models,
                               validation, provider adapters (pure as well)
 2     ``meterline.stack``     adapters to the outside: broker, ClickHouse, topics, Kafka producer
-                              factory and compacted-topic reader, the producer SDK, analytics SQL
+                              factory and compacted-topic reader, the producer SDK, analytics SQL,
+                              metrics, private files
+2     ``meterline.``          drop-in integrations that run inside a gateway (the LiteLLM
+      ``integrations``        callback)
 3     ``pipeline``            agents and sinks, one folder per concept (credits/, alerts/, ...)
 4     ``jobs``                batch jobs that read ClickHouse and the ledger and talk to Stripe
 5     ``meterline.shell``     the CLI, ``meterline up`` (runtime), the HTTP API, the demo
@@ -34,6 +37,7 @@ LAYERS: list[tuple[str, int]] = [
     ("meterline.core", 0),
     ("schemas", 1),
     ("meterline.stack", 2),
+    ("meterline.integrations", 2),
     ("pipeline", 3),
     ("jobs", 4),
     ("meterline.shell", 5),
