@@ -54,7 +54,7 @@ def print_table(results: list[Result]) -> None:
     try:
         from rich.table import Table
 
-        from meterline.console import make_console
+        from meterline.shell.console import make_console
     except ImportError:  # plain fallback
         for r in results:
             print(f"{r.benchmark:16} {r.name:58} {_fmt(r.figure):>12} {r.unit:10} {r.target:10} {_met(r):4} {r.note}")

@@ -1,13 +1,13 @@
 """Load generators the credit benchmarks run as SEPARATE processes (``python -m bench._loadgen MODE SPEC OUT``).
 
-They run outside the bench process on purpose: the bench process hosts the :class:`meterline.runtime.Runtime`
+They run outside the bench process on purpose: the bench process hosts the :class:`meterline.shell.runtime.Runtime`
 (API server, sinks, status view — as ``meterline up`` does), and a generator in the same process would
 take the GIL from the very code it measures. Each mode reads a JSON spec, writes a JSON result (with
 its own CPU seconds), talks only to 127.0.0.1, and is bounded in time and count.
 
 Modes
 -----
-``send``       paced usage events through the gateway SDK (:class:`schemas.producer.UsageProducer`):
+``send``       paced usage events through the gateway SDK (:class:`meterline.stack.producer.UsageProducer`):
                ``rate`` events/s for ``seconds`` s, ticks of 10 ms, ``occurred_at`` = send time; event
                ``i`` goes to customer ``i % customers``. The first ``watched`` customers get a FIXED
                request (one model, fixed token counts) so each of their events costs the same exact
@@ -40,7 +40,7 @@ def _cpu_s() -> float:
 
 def send(spec: dict[str, Any]) -> dict[str, Any]:
     from bench._events import customer_id, event
-    from schemas.producer import UsageProducer
+    from meterline.stack.producer import UsageProducer
 
     rng = random.Random(spec.get("seed", 5))
     models: list[str] = spec["models"]
@@ -88,7 +88,7 @@ def poll(spec: dict[str, Any]) -> dict[str, Any]:
     import http.client
     from urllib.parse import urlsplit
 
-    from meterline.ledger import parse_amount
+    from meterline.core.ledger import parse_amount
 
     customers: list[str] = spec["customers"]
     expect: dict[str, int] = spec["expect"]

@@ -4,7 +4,7 @@ Everything binds 127.0.0.1 and lives in a temporary directory removed at the end
 engine path per process, so every benchmark gets its own DATABASE in the one engine, and its own
 topic prefix on the one broker. :class:`PipelineRun` wires a pipeline the way
 ``tests/e2e/conftest.py`` does: faust worker processes + the ClickHouse sink on a thread here.
-:class:`RuntimeRun` starts the whole production stack instead (:class:`meterline.runtime.Runtime`:
+:class:`RuntimeRun` starts the whole production stack instead (:class:`meterline.shell.runtime.Runtime`:
 workers with the pricing AND credit agents, both sinks, the HTTP API with the credits routes) on
 the shared broker and a fresh database; load generators run as separate processes
 (:func:`run_loadgen`, ``bench/_loadgen.py``).
@@ -29,9 +29,9 @@ from typing import Any
 
 
 from meterline.stack.kafka import make_producer
-from meterline.config import Settings
-from meterline.errors import DeliveryFailed
-from meterline.pricing import load_price_book
+from meterline.core.config import Settings
+from meterline.core.errors import DeliveryFailed
+from meterline.core.pricing import load_price_book
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir
 from meterline.stack.topics import ensure_topics
@@ -204,12 +204,12 @@ class PipelineRun:
 
 
 class RuntimeRun:
-    """:class:`meterline.runtime.Runtime` (``meterline up`` minus the broker) on the stack's broker, a
+    """:class:`meterline.shell.runtime.Runtime` (``meterline up`` minus the broker) on the stack's broker, a
     fresh topic prefix and a fresh database of the stack's chDB engine; the bench price book published.
     Context manager: stops the runtime and drops the database."""
 
     def __init__(self, stack: Stack, tag: str, *, price_book: Any, workers: int = 1) -> None:
-        from meterline.runtime import Runtime
+        from meterline.shell.runtime import Runtime
         from meterline.stack.clickhouse import with_database
 
         self.stack = stack

@@ -61,7 +61,7 @@ def agent_hop_ms(rr: RuntimeRun) -> list[int]:
 
 
 def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
-    from meterline.api.keys import KeyStore
+    from meterline.shell.api.keys import KeyStore
 
     customers = [customer_id(c) for c in range(CUSTOMERS)]
     with RuntimeRun(stack, "auth", price_book=bench_price_book()) as rr:

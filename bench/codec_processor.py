@@ -57,7 +57,7 @@ def profile_top(engine: Any, records: list[tuple[bytes, bytes, int]], top: int =
 
 
 def run(cfg: BenchConfig) -> list[Result]:
-    from meterline.pricing import PricingEngine, load_price_book
+    from meterline.core.pricing import PricingEngine, load_price_book
 
     engine = PricingEngine.from_book(load_price_book(bench_price_book()))
     records = _records(cfg)

@@ -130,7 +130,7 @@ def profile_sink(stack: Stack, records: list[tuple[bytes, bytes, int]], top: int
     import cProfile
     import pstats
 
-    from meterline.pricing import PricingEngine, load_price_book
+    from meterline.core.pricing import PricingEngine, load_price_book
     from pipeline.processor import PricingProcessor
     from pipeline.sink import PRICED_COLUMNS, priced_row
     from schemas.codec import decode_priced_batch

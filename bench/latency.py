@@ -1,7 +1,7 @@
 """Benchmark 4: end-to-end latency at a steady offered rate — to the ClickHouse row, and to the
 balance visible over the API.
 
-The production stack (:class:`bench._stack.RuntimeRun` = :class:`meterline.runtime.Runtime`: 1 faust
+The production stack (:class:`bench._stack.RuntimeRun` = :class:`meterline.shell.runtime.Runtime`: 1 faust
 worker running the pricing AND credit agents, the ClickHouse and ledger-entries sinks, the HTTP API
 with the credits routes and its StatusView) on the bench broker. Set-up: each watched customer gets
 a large grant through ``POST /v1/credits/grants``; a warm-up event is sent and awaited in the
@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from meterline.ledger import parse_amount
+from meterline.core.ledger import parse_amount
 
 from bench import BenchConfig, Result
 from bench._events import bench_models, bench_price_book, customer_id, event
@@ -77,7 +77,7 @@ def grant_and_wait(rr: RuntimeRun, customers: list[str], amount: str, *, timeout
 
 def warm_up(rr: RuntimeRun, customer: str, *, timeout: float = 120) -> None:
     """One usage event for ``customer`` (granted) through the SDK, awaited in its balance."""
-    from schemas.producer import UsageProducer
+    from meterline.stack.producer import UsageProducer
 
     producer = UsageProducer(rr.stack.bootstrap, rr.settings.topic("usage-events"), linger_ms=5)
     try:
@@ -96,7 +96,7 @@ def warm_up(rr: RuntimeRun, customer: str, *, timeout: float = 120) -> None:
 
 def watched_charges(customers: list[str]) -> dict[str, int]:
     """Exact charge (picos) of one watched event per customer (rate cards differ per customer)."""
-    from meterline.pricing import PricingEngine, load_price_book
+    from meterline.core.pricing import PricingEngine, load_price_book
 
     engine = PricingEngine.from_book(load_price_book(bench_price_book()))
     out = {}

@@ -2,7 +2,7 @@
 
 Same events for all three, ~20 models that all three know. Every engine prices with its OWN
 price table (meterline: a price book imported from litellm's map with
-:func:`meterline.pricing.import_litellm`; litellm: ``litellm.model_cost``; tokencost:
+:func:`meterline.core.pricing.import_litellm`; litellm: ``litellm.model_cost``; tokencost:
 ``tokencost.TOKEN_COSTS``). Correctness is judged against the exact Decimal cost computed from
 the same engine's table: ``Σ tokens × Decimal(repr(rate per token))``. A peer's float result is
 read through its shortest repr (the most generous reading); "inexact" counts events whose cost
@@ -64,7 +64,7 @@ def _exact(table: dict[str, Any], key: str, inp: int, out: int, cached: int) -> 
 
 def select_models(litellm: Any, tokencost: Any) -> tuple[list[dict[str, Any]], list[str]]:
     """The usable models (name, provider, model in meterline, cached?) and why others were skipped."""
-    from meterline.pricing import import_litellm
+    from meterline.core.pricing import import_litellm
 
     lt, tc = litellm.model_cost, tokencost.TOKEN_COSTS
     chosen: list[dict[str, Any]] = []
@@ -108,7 +108,7 @@ def make_events(models: list[dict[str, Any]], n: int, seed: int = 11) -> list[di
 
 
 def run(cfg: BenchConfig) -> list[Result]:
-    from meterline.pricing import PricingEngine, import_litellm, load_price_book
+    from meterline.core.pricing import PricingEngine, import_litellm, load_price_book
 
     try:
         litellm, tokencost = _peers()

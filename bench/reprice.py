@@ -37,7 +37,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
     from datetime import datetime
 
     from jobs.reprice.compute import Filters, open_reprice
-    from meterline.pricing import PricingEngine, load_price_book
+    from meterline.core.pricing import PricingEngine, load_price_book
 
     name, client = stack.database("bench_reprice")
     n = cfg.reprice_rows

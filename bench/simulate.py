@@ -63,7 +63,7 @@ PLANS = {
 
 def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
     from jobs.plans.simulate import simulate
-    from meterline.plans import SubscriptionEvent, load_plan_catalog
+    from meterline.core.plans import SubscriptionEvent, load_plan_catalog
     from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 
     name, client = stack.database("bench_simulate")

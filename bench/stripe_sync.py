@@ -1,7 +1,7 @@
 """Benchmark 8: Stripe sync — priced usage in ClickHouse aggregated and pushed to LocalStripe.
 
 Set-up per run: a fresh database of the stack's chDB engine, a fresh in-memory
-:class:`meterline.stripe_local.LocalStripe` (the real stripe SDK talks to it over 127.0.0.1),
+:class:`devtools.stripe_local.LocalStripe` (the real stripe SDK talks to it over 127.0.0.1),
 ``jobs.stripe.provision`` of the customers (timed apart: a one-off), then N priced rows generated
 inside ClickHouse (``INSERT … SELECT … FROM numbers()``: C customers, the last H whole hours, exact
 Decimal money) and ONE ``jobs.stripe.sync`` run with the shipped ``infra/stripe/billing.yaml``
@@ -65,7 +65,7 @@ def _endpoint(path: str) -> str:
 def counting(ls: Any) -> Counter[str]:
     """Count every request the LocalStripe server receives, by endpoint (swaps its handler class
     for a counting subclass; bench only)."""
-    from meterline.stripe_local._server import _Handler
+    from devtools.stripe_local._server import _Handler
 
     counts: Counter[str] = Counter()
 
@@ -82,7 +82,7 @@ def counting(ls: Any) -> Counter[str]:
 
 def _one(stack: Stack, events: int, customers: int, hours: int, *, force_v1: bool) -> dict[str, Any]:
     from jobs.stripe import StripeTarget, load_billing_config, provision, sync
-    from meterline.stripe_local import LocalStripe
+    from devtools.stripe_local import LocalStripe
 
     name, ch = stack.database("bench_stripe")
     try:

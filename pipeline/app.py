@@ -26,9 +26,9 @@ from typing import Any
 
 import faust
 
-from meterline import metrics
-from meterline.config import Settings
-from meterline.pricing import PricingEngine
+from meterline.stack import metrics
+from meterline.core.config import Settings
+from meterline.core.pricing import PricingEngine
 from pipeline.credits.agent import register_credit_agent
 from pipeline.delivery import cap_fetch_wait, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord

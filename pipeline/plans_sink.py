@@ -2,7 +2,7 @@
 
 Both sinks ARE :class:`pipeline.sink.ClickHouseSink` (same consumer loop, same flush contract:
 dedupe against what is stored → one insert → synchronous commit; same failure paths), like
-:class:`pipeline.ledger_sink.LedgerEntrySink`. Only the row mapping and the dedupe target differ.
+:class:`pipeline.credits.sink.LedgerEntrySink`. Only the row mapping and the dedupe target differ.
 A record that does not decode or validate is not dropped: it becomes a ``usage_rejected`` row
 with its bytes and the reason (the topics are written only by ``meterline plans``, which
 validates first, so this is a defect report, not a data path).
@@ -22,9 +22,9 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from meterline.errors import InputError
-from meterline.money import to_decimal
-from meterline.plans import PlanVersion, SubscriptionEvent, decode_plan_record, parse_event
+from meterline.core.errors import InputError
+from meterline.core.money import to_decimal
+from meterline.core.plans import PlanVersion, SubscriptionEvent, decode_plan_record, parse_event
 from pipeline import sink as _sink
 from pipeline.sink import ClickHouseSink
 

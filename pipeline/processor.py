@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meterline.errors import InputError, SchemaError
+from meterline.core.errors import InputError, SchemaError
 from schemas.codec import decode_usage_batch, encode_dead_letter, encode_priced_batch, encode_usage_batch
 from schemas.validation import validate_records
 
@@ -49,10 +49,10 @@ MAX_DEAD_PAYLOAD_BYTES = 256_000
 
 
 class PriceEngine(Protocol):
-    """What the processor needs from ``meterline.pricing``: price one decoded event dict.
+    """What the processor needs from ``meterline.core.pricing``: price one decoded event dict.
 
     An engine that also has ``price_many(records) -> list[PricedAmounts | UnpriceableEvent]``
-    (as :class:`meterline.pricing.PricingEngine` does) is given the whole record at once.
+    (as :class:`meterline.core.pricing.PricingEngine` does) is given the whole record at once.
     """
 
     def price(self, record: dict[str, Any]) -> Any:  # returns PricedAmounts

@@ -19,7 +19,7 @@ Flush contract (``flush()``; the order is what makes it crash-safe without Kafka
 Failure paths:
 
 * ClickHouse down (any error in 1–2, or the client factory fails): nothing is committed, the buffer
-  is kept, ``flush()`` raises :class:`~meterline.errors.ClickHouseUnavailable`. ``run()`` then pauses
+  is kept, ``flush()`` raises :class:`~meterline.core.errors.ClickHouseUnavailable`. ``run()`` then pauses
   every assigned partition, retries the whole flush (from step 1) with capped exponential backoff while
   still polling (heartbeats, rebalances), and resumes consumption once it succeeds.
 * Crash between (2) and (3): the records are consumed again from the committed offsets; step (1)
@@ -50,9 +50,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from meterline import metrics
-from meterline.errors import ClickHouseUnavailable, InputError
-from meterline.money import to_decimal
+from meterline.stack import metrics
+from meterline.core.errors import ClickHouseUnavailable, InputError
+from meterline.core.money import to_decimal
 
 __all__ = [
     "PRICED_COLUMNS",
@@ -198,7 +198,7 @@ class ClickHouseSink:
     """
 
     #: where the main stream's rows go; a subclass for another stream overrides these (see
-    #: pipeline/ledger_sink.py) and its row mapping / dedupe; the flush contract stays this class's.
+    #: pipeline/credits/sink.py) and its row mapping / dedupe; the flush contract stays this class's.
     main_table: str = "usage_priced"
     main_columns: tuple[str, ...] = PRICED_COLUMNS
 
@@ -571,7 +571,7 @@ class ClickHouseSink:
 
 def _broker_changed(client: ClientLike) -> bool:
     """True when ClickHouse has seen more than one broker epoch (``broker_epochs``, written at
-    every start by meterline.restore): source offsets restarted from 0 on a new broker, so a row
+    every start by pipeline.restore): source offsets restarted from 0 on a new broker, so a row
     above the stored high mark may still be an event stored under the old broker (a gateway retry
     after a one-box restart). The sink then looks every row up (docs/restore.md)."""
     try:

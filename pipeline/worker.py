@@ -12,8 +12,8 @@ import os
 
 import faust
 
-from meterline.config import Settings
-from meterline.metrics import serve_worker_metrics, worker_metrics_port
+from meterline.core.config import Settings
+from meterline.stack.metrics import serve_worker_metrics, worker_metrics_port
 from pipeline.app import create_app
 
 

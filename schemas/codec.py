@@ -17,7 +17,7 @@ milliseconds as ``int`` — and ``encode`` expects the same. Stripping logical t
 change fingerprints (the Parsing Canonical Form has no logical types). Use
 :func:`event_to_record` / :func:`record_to_event` to convert to and from the pydantic model.
 
-Errors are :class:`meterline.errors.SchemaError` with ``reason_code``:
+Errors are :class:`meterline.core.errors.SchemaError` with ``reason_code``:
 
 - ``not_single_object``: shorter than the 10-byte header or wrong magic;
 - ``unknown_schema``: the fingerprint is in neither the registry nor its resolver;
@@ -37,7 +37,7 @@ from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
-from meterline.errors import InvalidEvent, SchemaError
+from meterline.core.errors import InvalidEvent, SchemaError
 from schemas.models import UsageEvent
 from schemas.registry import SchemaRegistry, default_registry, full_name
 

@@ -1,4 +1,4 @@
-"""The contract of the credits topics: their JSON messages to and from ``meterline.ledger`` values.
+"""The contract of the credits topics: their JSON messages to and from ``meterline.core.ledger`` values.
 
 This module is the one codec of ``ledger-commands``, ``ledger-entries``, ``customer-status``,
 ``alerts`` and ``ledger-replies``: every producer and consumer of those topics goes through it.
@@ -16,8 +16,8 @@ Outbound (produced by the credit agent): :func:`entry_message` (``ledger-entries
 (:func:`entry_from_message`, :func:`decode_json`).
 
 Errors: a value that is not a JSON object, or an unknown ``type``, raises
-:class:`meterline.errors.InvalidEvent` (``reason_code="invalid_ledger_message"``); a well-formed
-message whose values break the ledger's rules raises :class:`meterline.ledger.LedgerCommandError`
+:class:`meterline.core.errors.InvalidEvent` (``reason_code="invalid_ledger_message"``); a well-formed
+message whose values break the ledger's rules raises :class:`meterline.core.ledger.LedgerCommandError`
 (missing/ill-typed fields, bad amounts, float money). Both are ``InputError``: dead-letter, never retry.
 """
 
@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meterline.errors import InvalidEvent
-from meterline.ledger import (
+from meterline.core.errors import InvalidEvent
+from meterline.core.ledger import (
     Adjust,
     Alert,
     ApplyPricedUsage,

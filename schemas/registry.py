@@ -29,7 +29,7 @@ from typing import Any
 from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from meterline.errors import SchemaError
+from meterline.core.errors import SchemaError
 
 NAMESPACE = "meterline.v1"
 AVRO_DIR = Path(__file__).resolve().parent / "avro"

@@ -1,7 +1,7 @@
 """Fast contract checks on decoded ``UsageEvent`` dicts, with stable reason codes.
 
 :func:`validate_record` is the pipeline's per-event gate (pure Python, no pydantic, a few µs per
-event). It raises :class:`meterline.errors.InvalidEvent` with one of these ``reason_code`` values
+event). It raises :class:`meterline.core.errors.InvalidEvent` with one of these ``reason_code`` values
 (snake_case, stable: they land in the dead-letter topic and ``usage_rejected.reason_code``), and
 ``field`` naming the offending field:
 
@@ -50,7 +50,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.models import (
     CUSTOMER_ID_RULE,
     MAX_ID_LEN,

@@ -2,7 +2,7 @@
 
 ``bill_preview`` is what ``meterline bill preview`` prints; ``close_period`` is ``meterline bill
 close`` (it writes ``plan_bills`` / ``plan_allowance_usage`` for analysts). The arithmetic is the
-pure :mod:`meterline.plans` (the same code the credit agent burns allowances down with); this
+pure :mod:`meterline.core.plans` (the same code the credit agent burns allowances down with); this
 module only reads:
 
 - the catalog from ``plans FINAL`` and the customer's facts from ``subscription_events FINAL``;
@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from meterline.errors import InputError, MeterlineError
-from meterline.money import decimal_to_picos
-from meterline.plans import (
+from meterline.core.errors import InputError, MeterlineError
+from meterline.core.money import decimal_to_picos
+from meterline.core.plans import (
     PLAN_KEY_PREFIX,
     Bill,
     Period,

@@ -14,7 +14,7 @@ boundaries)``; two independent bucketings are grouped at once:
   subscription timeline (so its current plan is rated per segment exactly as billing does).
 
 Python then only folds those aggregates (a few per customer, model and period) through
-:mod:`meterline.plans` — the SAME rating code as billing. The customer's current plan goes through
+:mod:`meterline.core.plans` — the SAME rating code as billing. The customer's current plan goes through
 :func:`jobs.plans.billing._bills` itself (only the source of the aggregates differs), so its figure
 equals ``meterline bill preview`` to the cent; prepaid credit is bucketed the same way from
 ``ledger_entries``.
@@ -45,8 +45,8 @@ from fractions import Fraction
 from typing import Any
 
 from jobs.plans.billing import _bills, _gaps, _picos, load_catalog, load_events, month_bounds
-from meterline.errors import InputError
-from meterline.plans import (
+from meterline.core.errors import InputError
+from meterline.core.plans import (
     Bill,
     Period,
     PlanCatalog,
@@ -59,9 +59,9 @@ from meterline.plans import (
     rate_periods,
     round_total,
 )
-from meterline.plans._values import minor_unit
-from meterline.simulator import crossings, curve_points, fraction_json, mix_of, payg_curve, plan_curve
-from meterline.simulator._routing import Route
+from meterline.core.plans._values import minor_unit
+from meterline.core.simulator import crossings, curve_points, fraction_json, mix_of, payg_curve, plan_curve
+from meterline.core.simulator._routing import Route
 
 __all__ = ["MAX_MONTHS", "parse_months", "resolve_plans", "simulate"]
 
@@ -157,7 +157,7 @@ def _collapse(plan: PlanVersion, usage: list[Usage]) -> list[Usage]:
     """Merge the usage of models that ``plan`` treats alike (the same allowance for every token
     class, or the same amount allowance) into one item named after the first of them.
 
-    Rating-neutral: :func:`meterline.plans.consume` looks at provider and model only through
+    Rating-neutral: :func:`meterline.core.plans.consume` looks at provider and model only through
     ``plan.allowance_for``, allowance draw is ``min(available, usage in scope)`` and overage is
     priced on the cumulative quantity, so the bill of a merged aggregate is the bill of its parts
     (``rate_period`` takes usage "aggregated any way"). It turns ~20 items per period into ~1."""
@@ -242,7 +242,7 @@ def simulate(
 
     ``customer``: one customer; else every customer with usage or a subscription in the range.
     ``cohort``: only customers whose current plan (at the range's end) is this plan id.
-    ``routes`` with ``price_engine`` (a :class:`meterline.pricing.PricingEngine` built from the
+    ``routes`` with ``price_engine`` (a :class:`meterline.core.pricing.PricingEngine` built from the
     prices topic) and ``substitute_versions`` ((provider, model) -> effective_from epoch ms of its
     price versions) add the routing what-if. ``timings`` (if given) receives the seconds spent in
     ClickHouse (``query_s``) and folding in Python (``fold_s``), for the benchmark."""
@@ -613,7 +613,7 @@ def _routing(
     its versions' ``effective_from``), so every group lies inside one substitute price version
     and is priced exactly by the pricing engine at the group's earliest instant (charges are
     linear in tokens within a version)."""
-    from meterline.errors import UnpriceableEvent
+    from meterline.core.errors import UnpriceableEvent
 
     if engine is None:
         raise InputError("the routing what-if needs the price book (the prices topic)", field="routing")

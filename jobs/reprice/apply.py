@@ -37,7 +37,7 @@ from decimal import Decimal
 from typing import Any
 
 from jobs.reprice.compute import Filters, Plan, Repricing
-from meterline.money import format_picos
+from meterline.core.money import format_picos
 
 __all__ = ["ApplyResult", "apply_plan", "correction_id", "ledger_commands", "resume"]
 

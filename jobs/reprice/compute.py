@@ -24,8 +24,8 @@ from decimal import Decimal
 from typing import Any
 
 from jobs.reprice.rates import Segment, all_segments, rated_fields
-from meterline.errors import InputError
-from meterline.pricing import PricingEngine
+from meterline.core.errors import InputError
+from meterline.core.pricing import PricingEngine
 
 __all__ = ["Filters", "ModelLine", "Plan", "Repricing", "open_reprice", "plan_reprice"]
 

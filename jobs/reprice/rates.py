@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from meterline.errors import UnpriceableEvent
-from meterline.pricing import TOKEN_CLASSES, PricedAmounts, PricingEngine
+from meterline.core.errors import UnpriceableEvent
+from meterline.core.pricing import TOKEN_CLASSES, PricedAmounts, PricingEngine
 
 __all__ = ["RATE_FIELDS", "Segment", "all_segments", "group_segments", "rated_fields", "unit_rates"]
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import date, timedelta
 from decimal import Decimal
 
-from meterline.allocation import round_total
+from meterline.core.allocation import round_total
 
 __all__ = ["day_columns", "hbars", "money"]
 

@@ -12,7 +12,7 @@ exists"
 other 400 / 404 / idempotency_error        failed      reported; reconcile shows the drift
 429, 5xx, connection error, timeout        (retry)     exponential back-off with the SAME
                                                        Idempotency-Key and identifier, then
-                                                       :class:`~meterline.errors.TransientError`
+                                                       :class:`~meterline.core.errors.TransientError`
 401 on the stream (session expired)        (retry)     a new session, then the same batch again
 =========================================  ==========  ==========================================
 
@@ -33,7 +33,7 @@ import stripe
 
 from jobs.stripe._config import StripeTarget
 from jobs.stripe._store import ACKED, CANCELED, FAILED, TOO_OLD, Push
-from meterline.errors import ConfigError, TransientError
+from meterline.core.errors import ConfigError, TransientError
 
 STREAM_BATCH = 100
 MAX_BACKOFF = 30.0

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-from meterline.errors import ClickHouseUnavailable
+from meterline.core.errors import ClickHouseUnavailable
 
 PENDING, ACKED, TOO_OLD, FAILED = "pending", "acked", "too_old", "failed"
 # An acked revision whose window shrank (a re-rating correction, docs/corrections.md) is cancelled

@@ -28,7 +28,7 @@ import stripe
 
 from jobs.stripe._config import BillingConfig
 from jobs.stripe._store import load_customers, load_grants, save_grant
-from meterline.errors import TransientError, InputError
+from meterline.core.errors import TransientError, InputError
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Any
 
 import stripe
 
-from jobs.stripe._config import BillingConfig, MeterSpec
+from jobs.stripe._config import BillingConfig, MeterSpec, idem_key
 from jobs.stripe._store import CustomerLink, load_customers, save_customer
 
 PLAN_EVENT = "meterline_plan_tokens"
@@ -88,7 +88,7 @@ def check_mappable(plan: Any, currency: str) -> None:
 
 
 def _all_classes() -> tuple[str, ...]:
-    from meterline.plans import TOKEN_CLASSES
+    from meterline.core.plans import TOKEN_CLASSES
 
     return tuple(TOKEN_CLASSES)
 
@@ -139,7 +139,6 @@ class PlanPrices:
         self._cache: dict[str, str] = {}
 
     def _product(self, plan: Any) -> str:
-        from jobs.stripe.provision import idem_key
 
         pid = f"ml_plan_{_slug(plan.plan_id)}_v{plan.version}"
         try:
@@ -153,7 +152,6 @@ class PlanPrices:
         return pid
 
     def _price(self, plan: Any, key: str, params: dict[str, Any]) -> str:
-        from jobs.stripe.provision import idem_key
 
         if key in self._cache:
             return self._cache[key]
@@ -209,7 +207,7 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
     to ``sync``, which pushes usage first: Stripe bills a replaced metered price's usage from what
     was reported when the update is made."""
     from jobs.plans.billing import load_catalog, load_events
-    from meterline.plans import fold_timeline
+    from meterline.core.plans import fold_timeline
 
     report = report if report is not None else PlanReport()
     prices = PlanPrices(client, cfg, meter_id, report)
@@ -241,7 +239,7 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
 
 def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, links: dict[str, CustomerLink],
                     report: PlanReport, cid: str, period: Any, now: int, changes: bool) -> CustomerLink:  # fmt: skip
-    from meterline.plans import terms_for
+    from meterline.core.plans import terms_for
 
     current = period.segment_at(now)
     current = len(period.segments) - 1 if current is None else current
@@ -264,7 +262,6 @@ def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, li
             # (backdated: it began before this call reaches Stripe) and anchor its cycle at the end
             "backdate_start_date": period.start, "billing_cycle_anchor": period.end,
         }  # fmt: skip
-        from jobs.stripe.provision import idem_key
 
         sub = client.v1.subscriptions.create(params, {"idempotency_key": idem_key("plansub", cid, params)})  # type: ignore[arg-type]
         report.created.append(f"subscription:{cid}")
@@ -327,7 +324,6 @@ def _swap(client: stripe.StripeClient, sub: Any, prices: PlanPrices, terms: Any,
 
 
 def _ensure_customer(client: stripe.StripeClient, cid: str, links: dict[str, CustomerLink], report: PlanReport) -> str:
-    from jobs.stripe.provision import idem_key
 
     link = links.get(cid)
     if link is not None:
@@ -374,7 +370,7 @@ def to_cents(total: Decimal) -> int:
 def true_ups(client: stripe.StripeClient, ch: Any, cfg: BillingConfig) -> list[str]:
     """Add the minimum-commitment true-up to each plan customer's draft cycle invoice (idempotent)."""
     from jobs.plans.billing import _bills, load_catalog, load_events
-    from meterline.plans import fold_timeline
+    from meterline.core.plans import fold_timeline
 
     done: list[str] = []
     catalog = load_catalog(ch)
@@ -421,7 +417,7 @@ def plan_windows(ch: Any, cfg: BillingConfig, since: int, until: int, customer: 
     goes to the plan meter in tokens (every token class); outside one (pay-per-token before or after
     a plan) to the cost meter, as for any other customer. Returns (plan customers, quantities)."""
     from jobs.plans.billing import load_catalog, load_events
-    from meterline.plans import fold_timeline
+    from meterline.core.plans import fold_timeline
 
     try:
         wanted = plan_customers(ch) if customer is None else [customer]

@@ -16,8 +16,6 @@ reported in ``ProvisionReport.warnings`` (Stripe prices are immutable; see docs/
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -26,10 +24,10 @@ from typing import Any
 
 import stripe
 
-from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, meter_specs, product_id
+from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, idem_key, meter_specs, product_id
 from jobs.stripe._store import CustomerLink, load_customers, save_customer
 from jobs.stripe.plans import PlanReport
-from meterline.errors import ConfigError
+from meterline.core.errors import ConfigError
 
 META_KEY = "meterline_customer_id"
 
@@ -43,13 +41,6 @@ class ProvisionReport:
     prices: dict[str, str] = field(default_factory=dict)  # event_name -> price id
     customers: dict[str, CustomerLink] = field(default_factory=dict)
     plans: PlanReport | None = None  # plan customers (jobs/stripe/plans.py)
-
-
-def idem_key(kind: str, name: str, params: Any) -> str:
-    """Deterministic Idempotency-Key: same object + same params -> same key (≤255 chars)."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    name = name if name.isascii() else "h" + hashlib.sha256(name.encode()).hexdigest()[:32]  # headers are latin-1
-    return f"ml-{kind}-{name[:160]}-{digest}"
 
 
 def _create(fn: Any, params: dict[str, Any], key: str) -> Any:

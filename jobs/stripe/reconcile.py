@@ -36,7 +36,7 @@ import stripe
 from jobs.stripe._config import REPO_ROOT, BillingConfig, meter_specs
 from jobs.stripe._store import ACKED, CANCELED, CANCELING, load_customers, load_pushes
 from jobs.stripe.sync import aggregate_usage
-from meterline.errors import InputError
+from meterline.core.errors import InputError
 
 
 @dataclass(frozen=True, slots=True)

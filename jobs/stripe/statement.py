@@ -5,7 +5,7 @@ events and the exact charge, read from ``usage_daily`` (exact Decimal sums). Ren
 amounts) or as one self-contained HTML page (inline SVG charts of spend by day, model and project;
 no external assets, no scripts). Display rounding happens only in the HTML, and adds up: the total
 is rounded half-up to the cent and the lines get the largest-remainder allocation of it
-(:mod:`meterline.allocation`), with the exact amount beside each line and the rule on the page.
+(:mod:`meterline.core.allocation`), with the exact amount beside each line and the rule on the page.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from jobs.stripe._charts import day_columns, hbars, money
 from jobs.stripe._store import utc
-from meterline.allocation import RULE, allocate
+from meterline.core.allocation import RULE, allocate
 
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 CSV_COLUMNS = ("day", "project", "provider", "model", "currency", "events", "requests", *TOKEN_COLUMNS, "charge")
@@ -69,7 +69,7 @@ class Statement:
 
     def allocated(self) -> list[Decimal]:
         """Each line's amount in cents, allocated per currency so the lines add up to the
-        cent-rounded total (:func:`meterline.allocation.allocate`); in line order."""
+        cent-rounded total (:func:`meterline.core.allocation.allocate`); in line order."""
         out: list[Decimal] = [Decimal(0)] * len(self.lines)
         for cur in self.totals():
             idx = [i for i, ln in enumerate(self.lines) if ln.currency == cur]
@@ -112,7 +112,7 @@ def build_statement(ch: Any, customer: str, start: int, end: int) -> Statement:
 def _plan_bills(ch: Any, customer: str, start: int, end: int) -> tuple[list[PlanLine], Decimal | None]:
     """The plan bills (the plans domain's, as ``bill preview``) of periods starting in ``[start, end)``."""
     from jobs.plans.billing import _bills, load_catalog, load_events
-    from meterline.plans import fold_timeline, round_total
+    from meterline.core.plans import fold_timeline, round_total
 
     try:
         events = load_events(ch, customer)
@@ -166,7 +166,7 @@ def _plan_html(st: Statement) -> str:
 def render_html(st: Statement) -> str:
     """One self-contained HTML page (no external assets, no scripts).
 
-    Line amounts are allocated with :func:`meterline.allocation.allocate` per currency, so the
+    Line amounts are allocated with :func:`meterline.core.allocation.allocate` per currency, so the
     detail lines add up to the total shown; each line's exact amount is shown beside it.
     """
     e = html.escape

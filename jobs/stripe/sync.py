@@ -59,7 +59,7 @@ from jobs.stripe._store import (
     load_pushes,
     utc,
 )
-from meterline.metrics import STRIPE_METER_EVENTS
+from meterline.stack.metrics import STRIPE_METER_EVENTS
 
 MAX_VALUE = 10**15 - 1  # Stripe: at most 15 significant digits
 CANCEL_WINDOW_S = 23 * 3600  # Stripe cancels a meter event within 24 h of receipt; 1 h of slack

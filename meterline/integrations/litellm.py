@@ -48,12 +48,12 @@ from typing import Any
 
 import httpx
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from meterline.integrations.decisions import deny_status
 from schemas.adapters import usage_event_from_litellm
 from schemas.jsonio import event_to_json
 from schemas.models import UsageEvent
-from schemas.naming import normalize_model
+from meterline.core.naming import normalize_model
 
 try:  # LiteLLM is what loads this module; importing meterline without it still works
     from litellm.integrations.custom_logger import CustomLogger

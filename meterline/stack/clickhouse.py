@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
-from meterline.errors import ClickHouseUnavailable, ConfigError
-from meterline.private import private_dir
+from meterline.core.errors import ClickHouseUnavailable, ConfigError
+from meterline.stack.private import private_dir
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver import Client

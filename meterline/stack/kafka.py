@@ -11,7 +11,7 @@ comes from :func:`producer_config`, which pins:
   when the client retries, and a record counts as sent only once every in-sync replica has it.
 
 A caller may add settings (linger, queue sizes, callbacks) but cannot change a pinned one:
-:func:`producer_config` raises :class:`~meterline.errors.ConfigError` instead.
+:func:`producer_config` raises :class:`~meterline.core.errors.ConfigError` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from meterline.errors import ConfigError
+from meterline.core.errors import ConfigError
 
 PINNED_PRODUCER_SETTINGS: Mapping[str, Any] = {
     "enable.idempotence": True,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from meterline.errors import BrokerUnavailable, DeliveryFailed
+from meterline.core.errors import BrokerUnavailable, DeliveryFailed
 from meterline.stack.kafka import make_producer, read_topic
 from schemas.registry import canonical_json, fingerprint
 

@@ -54,9 +54,9 @@ from typing import Any
 import faust
 from faust.types import TP
 
-from meterline import metrics
-from meterline.config import Settings
-from meterline.pricing import PricingEngine
+from meterline.stack import metrics
+from meterline.core.config import Settings
+from meterline.core.pricing import PricingEngine
 from pipeline.delivery import commit_offsets, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.credits.processor import ALERTS, DEAD, ENTRIES, REPLIES, STATUS, CreditProcessor
@@ -264,7 +264,7 @@ class CreditAgent:
         self.max_value_bytes = max(self.max_value_bytes, size)
         if size <= MAX_VALUE_BYTES:
             return state
-        from meterline.ledger import pack_recent, unpack_recent
+        from meterline.core.ledger import pack_recent, unpack_recent
 
         state = dict(state)
         x = state["x"] = dict(state["x"])

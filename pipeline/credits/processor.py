@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from meterline.errors import InputError
-from meterline.ledger import (
+from meterline.core.errors import InputError
+from meterline.core.ledger import (
     ApplyPricedUsage,
     Authorize,
     Command,
@@ -258,7 +258,7 @@ class CreditProcessor:
 
     def _restore(self, src: SourcePos, now: int, d: Mapping[str, Any],
                  load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
-        """``{"type": "restore", "customer_id", "state"}`` (published by ``meterline.restore`` when
+        """``{"type": "restore", "customer_id", "state"}`` (published by ``pipeline.restore`` when
         the broker lost the table): the customer's state rebuilt from ClickHouse. Applied ONLY when
         the table has no state for the customer, so a restore can never overwrite (or re-apply
         onto) a state the broker kept. Emits the status, no ledger entry (they are stored)."""

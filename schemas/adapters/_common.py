@@ -18,7 +18,7 @@ Every adapter reads a provider's usage block, normalises it to meterline's DISJO
   ``anthropic``, ``google-genai``, ``litellm`` types), a dict (snake_case or camelCase keys: a
   Gemini ``.model_dump()`` and its REST JSON read the same) or JSON text (``str``/``bytes``), see
   :func:`as_mapping`; anything else is ``InvalidEvent(reason_code="invalid_input")``;
-- provider and model go through :func:`schemas.naming.normalize_model` (the same function the
+- provider and model go through :func:`meterline.core.naming.normalize_model` (the same function the
   price lookup applies), so every adapter reports one canonical name per model.
 """
 
@@ -32,9 +32,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.models import UsageEvent
-from schemas.naming import normalize_model, normalize_service_tier
+from meterline.core.naming import normalize_model, normalize_service_tier
 from schemas.validation import invalid_event_from_pydantic
 
 MISSING_USAGE = "missing_usage"
@@ -256,8 +256,8 @@ def build_event(
 
     ``context`` keys must be in :data:`CONTEXT_FIELDS` (an unknown key is a programming error:
     ``TypeError``). ``request_id`` defaults to the provider's response id. Provider, model and
-    version are normalised with :func:`schemas.naming.normalize_model`, the tier with
-    :func:`schemas.naming.normalize_service_tier`.
+    version are normalised with :func:`meterline.core.naming.normalize_model`, the tier with
+    :func:`meterline.core.naming.normalize_service_tier`.
     """
     unknown = set(context) - CONTEXT_FIELDS
     if unknown:

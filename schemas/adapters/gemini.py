@@ -31,7 +31,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters._common import (
     INCONSISTENT_USAGE,
     INVALID_USAGE,
@@ -47,7 +47,7 @@ from schemas.adapters._common import (
     subtract,
 )
 from schemas.models import UsageEvent
-from schemas.naming import normalize_model
+from meterline.core.naming import normalize_model
 
 __all__ = ["GeminiStream", "gemini_counts", "usage_event_from_gemini"]
 

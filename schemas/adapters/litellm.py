@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters._common import (
     INCONSISTENT_USAGE,
     MISSING_FIELD,

@@ -12,7 +12,7 @@ The model id is ``"<provider>/<model>"`` (``anthropic/claude-3.5-sonnet``): the 
 tokens itself. Counts are read exactly as OpenAI's (:func:`~schemas.adapters.openai.openai_chat_counts`,
 including ``cache_write_tokens``, audio/image details and the ``total_tokens`` check), so the same
 request gives the same event through OpenRouter as through OpenAI. Variant suffixes (``:online``,
-``:floor``...) are dropped by :func:`schemas.naming.normalize_model`.
+``:floor``...) are dropped by :func:`meterline.core.naming.normalize_model`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters._common import (
     MISSING_FIELD,
     as_mapping,

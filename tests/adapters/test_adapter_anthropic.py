@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters import AnthropicMessageStream, usage_event_from_anthropic
 
 

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters import OpenAIChatStream, usage_event_from_openai_chat, usage_event_from_openai_response
 
 

@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters import OpenRouterStream, usage_event_from_litellm, usage_event_from_openrouter
 
 

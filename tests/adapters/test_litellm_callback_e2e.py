@@ -1,4 +1,4 @@
-"""The LiteLLM callback end to end on the real stack (meterline.runtime.Runtime: API, credit agent,
+"""The LiteLLM callback end to end on the real stack (meterline.shell.runtime.Runtime: API, credit agent,
 pricing workers, Tansu, chDB), driven by the real ``litellm`` package with its mock responses (no
 network): every successful call (sync, async, streamed) becomes one usage event; the pre-call
 authorization reserves, the event settles, a customer without credit is refused before the call."""
@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.config import Settings
-from meterline.pricing import PricingEngine, load_price_book
-from meterline.runtime import Runtime
+from meterline.core.config import Settings
+from meterline.core.pricing import PricingEngine, load_price_book
+from meterline.shell.runtime import Runtime
 from pipeline.publish import publish_records
 from schemas.codec import event_to_record
 

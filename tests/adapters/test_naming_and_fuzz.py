@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters import (
     AnthropicMessageStream,
     GeminiStream,
@@ -21,7 +21,7 @@ from schemas.adapters import (
     usage_event_from_openai_response,
     usage_event_from_openrouter,
 )
-from schemas.naming import normalize_model, normalize_service_tier
+from meterline.core.naming import normalize_model, normalize_service_tier
 
 
 @pytest.mark.parametrize(("reported", "canonical"), [

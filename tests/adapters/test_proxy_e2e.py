@@ -1,4 +1,4 @@
-"""``meterline proxy`` end to end on the real stack (meterline.runtime.Runtime: the HTTP API, the
+"""``meterline proxy`` end to end on the real stack (meterline.shell.runtime.Runtime: the HTTP API, the
 faust credit agent and pricing workers, Tansu, chDB), with the real ``openai`` SDK as the client and
 a local fake upstream speaking the OpenAI wire format.
 
@@ -25,10 +25,10 @@ import httpx
 import openai
 import pytest
 
-from meterline.api.keys import KeyStore
-from meterline.config import Settings
-from meterline.pricing import load_price_book
-from meterline.runtime import Runtime
+from meterline.shell.api.keys import KeyStore
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
+from meterline.shell.runtime import Runtime
 from pipeline.publish import publish_records
 
 pytestmark = pytest.mark.broker

@@ -14,7 +14,7 @@ from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion
 from openai.types.completion_usage import PromptTokensDetails
 
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.pricing import PricingEngine, load_price_book
 from meterline.stack.kafka import read_topic
 from schemas.adapters import usage_event_from_anthropic, usage_event_from_gemini
 from schemas.codec import decode_usage_batch, event_to_record
@@ -78,7 +78,7 @@ def test_dated_and_aliased_ids_price_against_the_shipped_list(seed: PricingEngin
     raw = {**event_to_record(claude), "model": "claude-3-5-sonnet-20241022", "model_version": None}
     assert seed.price(raw).cost_picos == priced.cost_picos
     # and a model that really is unknown stays unknown_model
-    from meterline.errors import UnpriceableEvent
+    from meterline.core.errors import UnpriceableEvent
 
     with pytest.raises(UnpriceableEvent) as exc:
         seed.price({**raw, "model": "claude-9-opus-20300101"})

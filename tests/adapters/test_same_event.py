@@ -15,7 +15,7 @@ from anthropic.types import Message, Usage
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion
 
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.pricing import PricingEngine, load_price_book
 from schemas.adapters import (
     usage_event_from_anthropic,
     usage_event_from_litellm,

@@ -27,8 +27,8 @@ from openai.types.chat import ChatCompletion
 from openai.types.completion_usage import CompletionTokensDetails, PromptTokensDetails
 from openai.types.responses import Response
 
-from meterline.errors import InvalidEvent, UnpriceableEvent
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.errors import InvalidEvent, UnpriceableEvent
+from meterline.core.pricing import PricingEngine, load_price_book
 from schemas.adapters import (
     AnthropicMessageStream,
     GeminiStream,

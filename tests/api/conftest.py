@@ -13,11 +13,11 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from meterline.api.app import create_api
-from meterline.api.keys import KeyStore
-from meterline.api.server import ApiServer
+from meterline.shell.api.app import create_api
+from meterline.shell.api.keys import KeyStore
+from meterline.shell.api.server import ApiServer
 from schemas.codec import decode_usage_batch
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 
 
 @dataclass

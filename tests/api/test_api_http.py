@@ -14,13 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.api.app import MAX_BODY_BYTES, MAX_EVENTS
-from meterline.api.client import ApiClient
-from meterline.api.server import ApiServer
-from meterline.discovery import RuntimeInfo, read_runtime_info, remove_runtime_info, running_api, write_runtime_info
-from meterline.errors import ConfigError, InputError, TransientError
+from meterline.shell.api.app import MAX_BODY_BYTES, MAX_EVENTS
+from meterline.shell.api.client import ApiClient
+from meterline.shell.api.server import ApiServer
+from meterline.shell.discovery import RuntimeInfo, read_runtime_info, remove_runtime_info, running_api, write_runtime_info
+from meterline.core.errors import ConfigError, InputError, TransientError
 from meterline.stack.broker import free_port
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 
 MakeEvent = Callable[..., dict[str, Any]]
 
@@ -355,7 +355,7 @@ def test_extra_routes_use_the_same_auth_and_error_shape(api_factory: Any, keys: 
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from meterline.api.auth import ApiError, require_customer, require_key
+    from meterline.shell.api.auth import ApiError, require_customer, require_key
 
     async def balance(request: Request) -> JSONResponse:
         record = require_key(request)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from meterline.api.keys import KEY_PREFIX, KeyStore, hash_secret
-from meterline.errors import InputError
+from meterline.shell.api.keys import KEY_PREFIX, KeyStore, hash_secret
+from meterline.core.errors import InputError
 
 
 def test_create_returns_secret_once_and_file_holds_only_hash(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -73,7 +73,7 @@ def test_changes_from_another_store_are_seen(tmp_path: Path) -> None:
 _CHILD = """
 import json, sys
 from pathlib import Path
-from meterline.api.keys import KeyStore
+from meterline.shell.api.keys import KeyStore
 store = KeyStore(Path(sys.argv[1]))
 print(json.dumps([store.create(f"c{sys.argv[2]}-{i}") for i in range(int(sys.argv[3]))]))
 """
@@ -99,7 +99,7 @@ def test_concurrent_processes_lose_no_keys(tmp_path: Path) -> None:
 
 
 def test_public_surface_is_pinned() -> None:
-    import meterline.api as api
+    import meterline.shell.api as api
 
     assert api.__all__ == sorted([
         "MAX_BODY_BYTES", "MAX_EVENTS", "ApiClient", "ApiError", "ApiServer", "KeyRecord", "KeyStore", "create_api",

@@ -11,8 +11,8 @@ import httpx
 
 from jobs.plans.billing import bill_preview
 from jobs.plans.simulate import simulate
-from meterline.api.simulate import simulate_routes
-from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from meterline.shell.api.simulate import simulate_routes
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog, parse_instant
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 
 PLANS = {"currency": "USD", "plans": [

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from meterline.api.server import ApiServer
+from meterline.shell.api.server import ApiServer
 
 
 async def _ok(_: Request) -> JSONResponse:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meterline.pricing import TOKEN_CLASSES
+from meterline.core.pricing import TOKEN_CLASSES
 
 METERLINE = str(Path(sys.executable).parent / "meterline")
 
@@ -81,7 +81,7 @@ def test_captured_output_for_a_forwarded_command_is_not_wrapped_and_its_tables_a
 
     from rich.table import Table
 
-    from meterline.console import capture_console
+    from meterline.shell.console import capture_console
 
     buf = io.StringIO()
     console = capture_console(buf, width=100)

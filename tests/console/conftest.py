@@ -186,6 +186,6 @@ def browser() -> Iterator[Any]:
 
 
 def cents(exact: str | Decimal) -> str:
-    from meterline.allocation import round_total
+    from meterline.core.allocation import round_total
 
     return f"{round_total(Decimal(exact)):,}"

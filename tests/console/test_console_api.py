@@ -9,7 +9,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from meterline.api.console import ASSETS
+from meterline.shell.api.console import ASSETS
 from tests.console.conftest import Stack
 
 pytestmark = pytest.mark.broker

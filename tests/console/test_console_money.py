@@ -1,5 +1,5 @@
 """The console's display rounding (console.js ``cents``, BigInt arithmetic in the browser) agrees
-with the statements' (``meterline.allocation.round_total``, half-up) on every amount shape."""
+with the statements' (``meterline.core.allocation.round_total``, half-up) on every amount shape."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.api.console import ASSETS
+from meterline.shell.api.console import ASSETS
 from tests.console.conftest import cents
 
 PICO = Decimal("0.000000000001")

@@ -86,7 +86,7 @@ def test_metrics_need_no_key_but_console_data_does(stack: Stack) -> None:
 
 
 def test_worker_metrics_port_is_base_plus_index() -> None:
-    from meterline.metrics import worker_metrics_port
+    from meterline.stack.metrics import worker_metrics_port
 
     assert worker_metrics_port("worker-0", None) == 0 and worker_metrics_port("worker-3", "0") == 0
     assert worker_metrics_port("worker-0", "9464") == 9464 and worker_metrics_port("worker-1", "9464") == 9465

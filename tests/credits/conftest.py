@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from meterline.config import Settings
-from meterline.pricing import load_price_book
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
 from meterline.stack.kafka import make_producer, read_topic
-from pipeline.ledger_sink import LedgerEntrySink
+from pipeline.credits.sink import LedgerEntrySink
 from pipeline.publish import publish_records
 from pipeline.workers import WorkerProcess
 

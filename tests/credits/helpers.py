@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from meterline.ledger import CustomerLedger, LedgerEntry, fold_entries, parse_amount
+from meterline.core.ledger import CustomerLedger, LedgerEntry, fold_entries, parse_amount
 from schemas.credits import encode_message
 from pipeline.credits.processor import ENTRIES, REPLIES, STATUS, CreditProcessor
 from schemas.codec import encode_priced_batch

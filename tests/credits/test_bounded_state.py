@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from meterline.ledger import CustomerLedger, dedupe_digest, pack_recent, unpack_recent
+from meterline.core.ledger import CustomerLedger, dedupe_digest, pack_recent, unpack_recent
 from pipeline.credits.processor import CHUNK_EVENTS, DEAD, ENTRIES, CreditProcessor
 from schemas.codec import decode_dead_letter
 from tests.credits.helpers import COMMANDS, PRICED, Replay, enc, grant_msg, priced_event, priced_record

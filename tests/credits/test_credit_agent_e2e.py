@@ -1,5 +1,5 @@
 """The credit agent end to end on real parts (Tansu, faust worker process, chDB), checked against a
-pure replay of the same records through the same processor and meterline.ledger."""
+pure replay of the same records through the same processor and meterline.core.ledger."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.pricing import PricingEngine, load_price_book
 from tests.credits.conftest import SEED, CreditPipeline
 from tests.credits.helpers import Replay, enc, grant_msg, priced_event, priced_record
 

@@ -1,4 +1,4 @@
-"""Enforcement in the request path, on the production wiring (meterline.runtime.Runtime): the real
+"""Enforcement in the request path, on the production wiring (meterline.shell.runtime.Runtime): the real
 HTTP API, the real faust credit agent, real Kafka, real chDB, a real webhook receiver.
 
 - 50 concurrent authorizations against a small balance never reserve more than it holds;
@@ -23,14 +23,14 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.alerts import verify_signature
-from meterline.api.keys import KeyStore
-from meterline.config import Settings
-from meterline.pricing import load_price_book
-from meterline.runtime import Runtime
+from pipeline.alerts import verify_signature
+from meterline.shell.api.keys import KeyStore
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
+from meterline.shell.runtime import Runtime
 from pipeline.publish import publish_records
 from schemas.models import UsageEvent
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 
 pytestmark = pytest.mark.broker
 

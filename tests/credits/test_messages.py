@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from meterline.errors import InvalidEvent
-from meterline.ledger import (
+from meterline.core.errors import InvalidEvent
+from meterline.core.ledger import (
     Adjust, Budget, CreditGrant, Grant, GrantScope, LedgerCommandError, Policy, SetBlock, SetBudget, SetPolicy,
     TopUp, VelocityRule, Void, parse_amount,
 )
@@ -42,7 +42,7 @@ def test_authorize_and_entries_round_trip() -> None:
                             input_tokens_estimate=100, max_output_tokens=50)
     req = decode_command(json.dumps(msg))
     assert req.command_id == "authorize:r1" and req.authorize is not None and req.authorize.max_output_tokens == 50
-    from meterline.ledger import LedgerEntry
+    from meterline.core.ledger import LedgerEntry
 
     e = LedgerEntry("c1:3", "c1", 3, "adjustment", -parse_amount("0.1"), "usd", 9, None, None, "x")
     assert entry_from_message(json.loads(encode_message(entry_message(e)))) == e

@@ -12,7 +12,7 @@ from typing import Any
 
 from jobs.reprice.apply import apply_plan
 from jobs.reprice.compute import Filters, open_reprice
-from meterline.credits_client import CommandPublisher
+from pipeline.credits.client import CommandPublisher
 from tests.credits.conftest import CreditPipeline
 from tests.credits.helpers import enc, grant_msg, priced_record
 from tests.jobs.reprice_helpers import BOOK_AFTER, BOOK_BEFORE, engine, expected_totals, insert_priced, make_events

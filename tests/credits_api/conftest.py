@@ -21,12 +21,12 @@ import httpx
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from meterline.api.app import create_api
-from meterline.api.credits import credit_routes
-from meterline.api.keys import KeyStore
-from meterline.api.server import ApiServer
-from meterline.credits_client import CommandPublisher, ReplyWaiter, StatusView
-from meterline.ledger import format_picos, parse_amount
+from meterline.shell.api.app import create_api
+from meterline.shell.api.credits import credit_routes
+from meterline.shell.api.keys import KeyStore
+from meterline.shell.api.server import ApiServer
+from pipeline.credits.client import CommandPublisher, ReplyWaiter, StatusView
+from meterline.core.ledger import format_picos, parse_amount
 from meterline.stack.topics import TopicSpec, ensure_topics
 
 PICOS_PER_TOKEN = 10**6  # the stand-in's flat price: 0.000001 per token

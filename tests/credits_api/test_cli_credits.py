@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from meterline.cli_credits import credits_app
+from meterline.shell.cli_credits import credits_app
 from tests.credits_api.conftest import CreditsApi, Keys
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.credits_api.conftest import CreditsApi, Keys, producer, publish_json
-from meterline.credits_client import StatusView
+from pipeline.credits.client import StatusView
 
 
 def _auth_body(customer: str = "cust-a", **over: Any) -> dict[str, Any]:

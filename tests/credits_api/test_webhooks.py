@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from meterline.alerts import DeliveredStore, WebhookDispatcher, sign, verify_signature
+from pipeline.alerts import DeliveredStore, WebhookDispatcher, sign, verify_signature
 from meterline.stack.broker import free_port
 from tests.credits_api.conftest import producer, publish_json
 
@@ -104,7 +104,7 @@ def test_delivered_signed_and_verifiable(dispatcher_factory: Callable[..., Webho
 def test_receiver_down_retried_then_delivered_once(dispatcher_factory: Callable[..., WebhookDispatcher],
                                                    topics: dict[str, str], kafka_bootstrap: str,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="meterline.alerts")
+    caplog.set_level(logging.WARNING, logger="pipeline.alerts")
     port = free_port()
     d = dispatcher_factory([f"http://127.0.0.1:{port}/hooks/meterline"])
     p = producer(kafka_bootstrap)

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from meterline.config import Settings
-from meterline.pricing import load_price_book
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
 from pipeline.publish import publish_records
 from pipeline.sink import ClickHouseSink
 from pipeline.workers import WorkerProcess
 from schemas.models import UsageEvent
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "infra" / "prices" / "seed.yaml"

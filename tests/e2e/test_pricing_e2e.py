@@ -1,6 +1,6 @@
 """End to end on real parts: gateway events → faust pricing worker → usage-priced → sink → chDB.
 
-The expected money is computed here, independently of meterline.pricing, from the list prices
+The expected money is computed here, independently of meterline.core.pricing, from the list prices
 the pricing issue names (per million input/output tokens) and plain Decimal arithmetic.
 """
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from jobs.reprice.apply import apply_plan
 from jobs.reprice.compute import Filters, open_reprice
-from meterline.money import to_decimal
+from meterline.core.money import to_decimal
 from pipeline.publish import publish_records
 from schemas.models import UsageEvent
 from tests.e2e.conftest import Pipeline

@@ -13,14 +13,14 @@ from typing import Any
 
 import httpx
 
-from meterline.config import Settings
-from meterline.pricing import load_price_book
-from meterline.restore import read_epoch, restore_if_lost
-from meterline.runtime import Runtime
-from meterline.verify import make_events
-from meterline.verify.oracle import CUSTOMERS, Expected, price_file
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
+from pipeline.restore import read_epoch, restore_if_lost
+from meterline.shell.runtime import Runtime
+from devtools.verify import make_events
+from devtools.verify.oracle import CUSTOMERS, Expected, price_file
 from pipeline.publish import publish_records
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 
 MONEY = ("available", "credit_remaining", "overage", "net_balance", "overage_policy")
 

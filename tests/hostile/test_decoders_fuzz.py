@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from meterline.errors import InvalidEvent, SchemaError
+from meterline.core.errors import InvalidEvent, SchemaError
 from schemas.codec import (
     decode_dead_letter,
     decode_priced_batch,

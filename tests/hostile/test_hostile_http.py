@@ -16,7 +16,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from meterline.api.app import MAX_BODY_BYTES, MAX_EVENTS
+from meterline.shell.api.app import MAX_BODY_BYTES, MAX_EVENTS
 
 ROUTES = [("POST", "/v1/events"), ("POST", "/v1/sql")]
 

@@ -8,7 +8,7 @@ import random
 import time
 from collections import Counter
 
-from meterline.verify import ChaosStack, Expected, hostile_records, make_events
+from devtools.verify import ChaosStack, Expected, hostile_records, make_events
 from schemas.codec import encode_usage_batch, event_to_record
 from tests.invariants.helpers import assert_invariant
 

@@ -1,5 +1,5 @@
 """Fixtures of the invariant suite: a seeded RNG (printed, so a failure can be replayed) and a
-:class:`meterline.verify.ChaosStack` on the session's Tansu broker and this test's chDB database.
+:class:`devtools.verify.ChaosStack` on the session's Tansu broker and this test's chDB database.
 
 Replay a failing run with ``METERLINE_TEST_SEED=<seed> pytest tests/invariants -k <test>``.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from meterline.config import Settings
-from meterline.verify import ChaosStack
+from meterline.core.config import Settings
+from devtools.verify import ChaosStack
 
 
 @pytest.fixture

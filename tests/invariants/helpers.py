@@ -1,8 +1,8 @@
 """Helpers of the invariant suite: a background traffic generator and the one assertion.
 
-The oracle, the checks and the stack live in :mod:`meterline.verify` so ``meterline verify`` and
+The oracle, the checks and the stack live in :mod:`devtools.verify` so ``meterline verify`` and
 these tests prove the same thing. :func:`assert_credit_invariant` adds the ledger part
-(``meterline.verify.credit_checks``); the Stripe part is ``meterline.verify.StripeSession.run``.
+(``devtools.verify.credit_checks``); the Stripe part is ``devtools.verify.StripeSession.run``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from meterline.verify import (
+from devtools.verify import (
     PRICING_CHECKS,
     ChaosStack,
     Expected,

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from meterline.verify import ChaosStack, Expected, make_events, plan_credits
+from devtools.verify import ChaosStack, Expected, make_events, plan_credits
 from tests.invariants.helpers import assert_credit_invariant
 
 DAY_MS = 86_400_000

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from meterline.stack.kafka import read_topic
-from meterline.verify import ChaosStack, Expected, make_events, plan_credits
-from meterline.verify.oracle import CUSTOMERS
+from devtools.verify import ChaosStack, Expected, make_events, plan_credits
+from devtools.verify.oracle import CUSTOMERS
 from schemas.codec import encode_usage_batch, event_to_record
 from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS
 from tests.invariants.helpers import assert_credit_invariant
@@ -97,7 +97,7 @@ def test_customer_with_10k_undelivered_effects(chaos: ChaosStack, rng: random.Ra
     assert chaos.wait_ledger(0, 60 + (1 if plan.grant else 0), timeout=90, quiet=0.2)
     # The oracle's plan knows one grant: the 60 tiny ones (unscoped, no expiry) add to it.
     expected.credit_plans[busy] = replace(plan, grant=(plan.grant or Decimal(0)) + Decimal("0.000060"))
-    from schemas.producer import UsageProducer
+    from meterline.stack.producer import UsageProducer
 
     one_per_record = UsageProducer(chaos.bootstrap, chaos.settings.topic("usage-events"), max_batch_events=1,
                                    linger_ms=0, max_pending_records=20_000)  # fmt: skip

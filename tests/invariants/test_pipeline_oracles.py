@@ -6,7 +6,7 @@ import random
 from decimal import Decimal
 from typing import Any
 
-from meterline.verify import (
+from devtools.verify import (
     CreditPlan,
     Expected,
     StripeUnits,

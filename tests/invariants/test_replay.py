@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from datetime import datetime, timedelta, timezone
 
-from meterline.verify import CUSTOMERS, ChaosStack, Expected, make_events
+from devtools.verify import CUSTOMERS, ChaosStack, Expected, make_events
 from schemas.codec import encode_usage_batch, event_to_record
 from schemas.models import UsageEvent
 from tests.invariants.helpers import assert_invariant

@@ -14,7 +14,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from meterline.verify import ChaosStack, Expected, hostile_records, make_events
+from devtools.verify import ChaosStack, Expected, hostile_records, make_events
 from pipeline.sink import ClickHouseSink
 from tests.invariants.helpers import assert_invariant
 

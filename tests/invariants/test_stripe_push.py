@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from jobs.stripe._store import load_pushes
-from meterline.verify import ChaosStack, Expected, StripeSession, make_events
+from devtools.verify import ChaosStack, Expected, StripeSession, make_events
 from tests.invariants.helpers import assert_invariant
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from meterline.config import Settings
-from meterline.verify import Delta, Expected, check_invariants, run_verify, verify_command
+from meterline.core.config import Settings
+from devtools.verify import Delta, Expected, check_invariants, run_verify, verify_command
 
 
 def test_run_verify_small_session_has_no_delta(clickhouse_dsn: str, tmp_path: Path, seed: int) -> None:
@@ -33,7 +33,7 @@ def test_run_verify_small_session_has_no_delta(clickhouse_dsn: str, tmp_path: Pa
 
 def test_checks_report_a_delta_when_the_store_disagrees() -> None:
     """The checks are not vacuous: a store missing one cent for one customer is a Δ."""
-    from meterline.verify import make_events
+    from devtools.verify import make_events
     import random
 
     expected = Expected()
@@ -57,7 +57,7 @@ def test_checks_report_a_delta_when_the_store_disagrees() -> None:
 
 
 def test_verify_command_exits_nonzero_on_delta(monkeypatch, tmp_path: Path) -> None:
-    from meterline.verify import command as module
+    from devtools.verify import command as module
 
     class Broken(module.VerifyReport):
         pass

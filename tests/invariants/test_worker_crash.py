@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 
-from meterline.verify import ChaosStack, Expected, make_events
+from devtools.verify import ChaosStack, Expected, make_events
 from tests.invariants.helpers import Traffic, assert_invariant
 
 KILLS = 3

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from jobs.stripe import BillingConfig, StripeTarget, load_billing_config
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from pipeline.sink import PRICED_COLUMNS, priced_row
 
 HOUR = 3600

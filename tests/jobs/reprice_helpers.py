@@ -7,8 +7,8 @@ import random
 from decimal import Decimal
 from typing import Any
 
-from meterline.money import to_decimal
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.money import to_decimal
+from meterline.core.pricing import PricingEngine, load_price_book
 from pipeline.sink import PRICED_COLUMNS, priced_row
 
 T0 = 1_764_547_200  # 2025-12-01T00:00:00Z

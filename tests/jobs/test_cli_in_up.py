@@ -1,6 +1,6 @@
 """``meterline stripe ...`` / ``meterline statement`` while ``meterline up`` owns the embedded engine.
 
-A real :class:`meterline.runtime.Runtime` (broker of the session, this pytest process's chDB engine,
+A real :class:`meterline.shell.runtime.Runtime` (broker of the session, this pytest process's chDB engine,
 a faust worker, sinks, the HTTP API) runs for the module. The commands are started as separate
 processes through the ``meterline`` console script: such a process cannot open the engine (the
 runtime's process holds its lock, checked below with ``meterline migrate``), so they only succeed
@@ -34,12 +34,12 @@ import typer
 from typer.testing import CliRunner
 
 from jobs.stripe._store import ACKED, load_pushes
-from jobs.stripe.cli import statement_command, stripe_app
-from meterline.forwarding import argv_from_params
-from meterline.api.admin import CommandRunner, RunnerBusy
-from meterline.api.keys import KeyStore
-from meterline.config import Settings
-from meterline.runtime import Runtime
+from meterline.shell.cli_stripe import statement_command, stripe_app
+from meterline.shell.forwarding import argv_from_params
+from meterline.shell.api.admin import CommandRunner, RunnerBusy
+from meterline.shell.api.keys import KeyStore
+from meterline.core.config import Settings
+from meterline.shell.runtime import Runtime
 from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir, with_database
 from meterline.stack.topics import ensure_topics
 from tests.jobs.conftest import DAY, HOUR, Usage

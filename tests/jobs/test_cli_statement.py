@@ -14,9 +14,9 @@ import typer
 from typer.testing import CliRunner
 
 from jobs.stripe._store import load_pushes
-from jobs.stripe.cli import statement_command, stripe_app
+from meterline.shell.cli_stripe import statement_command, stripe_app
 from jobs.stripe.statement import build_statement, render_csv, render_html
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.jobs.conftest import DAY, HOUR, Usage
 
 app = typer.Typer()

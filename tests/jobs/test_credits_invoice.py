@@ -7,7 +7,7 @@ from typing import Any
 
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe.credits import mirror_grants
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.jobs.conftest import DAY, HOUR, Usage
 
 

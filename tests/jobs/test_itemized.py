@@ -8,7 +8,7 @@ from typing import Any
 from jobs.stripe import StripeTarget, load_billing_config, meter_specs, provision, sync
 from jobs.stripe._store import load_customers
 from jobs.stripe.reconcile import reconcile
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.jobs.conftest import DAY, HOUR, Usage
 
 

@@ -22,8 +22,8 @@ from jobs.plans.billing import bill_preview
 from jobs.stripe import BillingConfig, StripeTarget, provision, reconcile, sync
 from jobs.stripe.plans import PLAN_EVENT, stripe_period_cents, to_cents
 from jobs.stripe.statement import build_statement, render_csv, render_html
-from meterline.plans import SubscriptionEvent, load_plan_catalog
-from meterline.stripe_local import LocalStripe
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog
+from devtools.stripe_local import LocalStripe
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 from tests.jobs.conftest import HOUR, Usage
 
@@ -285,7 +285,7 @@ def test_cli_provision_sync_statement_with_a_plan(ls: LocalStripe, target: Strip
     import typer
     from typer.testing import CliRunner
 
-    from jobs.stripe.cli import statement_command, stripe_app
+    from meterline.shell.cli_stripe import statement_command, stripe_app
 
     app = typer.Typer()
     app.add_typer(stripe_app, name="stripe")

@@ -10,7 +10,7 @@ import stripe
 
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe._store import load_customers, load_pushes
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.jobs.conftest import DAY, HOUR, Usage
 
 
@@ -134,7 +134,7 @@ def test_faults_never_double_count(ls: LocalStripe, target: StripeTarget, clickh
 def test_transient_outage_leaves_rows_pending_then_next_run_delivers(ls: LocalStripe, target: StripeTarget,
                                                                       clickhouse: Any, usage: Usage,
                                                                       cfg: BillingConfig) -> None:
-    from meterline.errors import TransientError
+    from meterline.core.errors import TransientError
 
     base, sc = _setup(ls, target, clickhouse, cfg, ["acme"])
     _seed(usage, base, ["acme"], hours=3)

@@ -8,7 +8,7 @@ from typing import Any
 from jobs.stripe import BillingConfig, StripeTarget, load_billing_config, provision, sync
 from jobs.stripe._store import load_pushes
 from jobs.stripe.reconcile import parse_period, reconcile
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.jobs.conftest import DAY, HOUR, Usage
 
 
@@ -81,7 +81,7 @@ def test_cli_reconcile_exit_code_pending_vs_drift(ls: LocalStripe, clickhouse: A
     import typer
     from typer.testing import CliRunner
 
-    from jobs.stripe.cli import stripe_app
+    from meterline.shell.cli_stripe import stripe_app
 
     app = typer.Typer()
     app.add_typer(stripe_app, name="stripe")

@@ -22,10 +22,10 @@ from jobs.reprice.compute import Filters, open_reprice, plan_reprice
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe._store import load_pushes
 from jobs.stripe.reconcile import reconcile
-from meterline.ledger import CreditGrant, Grant, Policy, apply, new_ledger
-from meterline.ledger._types import ApplyPricedUsage
-from meterline.money import to_decimal
-from meterline.stripe_local import LocalStripe
+from meterline.core.ledger import CreditGrant, Grant, Policy, apply, new_ledger
+from meterline.core.ledger._types import ApplyPricedUsage
+from meterline.core.money import to_decimal
+from devtools.stripe_local import LocalStripe
 from pipeline.sink import rebuild_rollups
 from schemas.credits import decode_command
 from tests.jobs.conftest import DAY, HOUR
@@ -368,7 +368,7 @@ def test_cli_apply_sends_ledger_commands_and_a_second_apply_is_a_noop(
         tmp_path: Path, kafka_bootstrap: str, topics: dict[str, str], topic_prefix: str) -> None:  # fmt: skip
     """The installed command, applying: the catalog from the prices topic, the ledger commands on
     ledger-commands (read back), the audit row; run again: nothing to correct, nothing sent."""
-    from meterline.pricing import load_price_book
+    from meterline.core.pricing import load_price_book
     from meterline.stack.kafka import read_topic
     from pipeline.publish import publish_records
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.stripe.statement import Statement, StatementLine, render_html
-from meterline.allocation import CENT, allocate, round_total
+from meterline.core.allocation import CENT, allocate, round_total
 
 PICO = Decimal("0.000000000001")
 amounts = st.lists(st.integers(min_value=0, max_value=10**15).map(lambda p: Decimal(p) * PICO), max_size=40)

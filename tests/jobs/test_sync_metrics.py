@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from jobs.stripe import BillingConfig, StripeTarget, sync
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.jobs.conftest import Usage
 from tests.jobs.test_provision_sync import _seed, _setup
 

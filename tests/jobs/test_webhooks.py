@@ -11,7 +11,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from jobs.stripe.webhooks import ClickHouseSeen, kafka_publisher, webhook_route
+from jobs.stripe.webhooks import ClickHouseSeen, kafka_publisher
+from meterline.shell.api.stripe_webhook import webhook_route
 
 SECRET = "whsec_test_meterline"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meterline.ledger import (
+from meterline.core.ledger import (
     ApplyPricedUsage,
     Command,
     CreditGrant,

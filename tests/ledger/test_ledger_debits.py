@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meterline.ledger import (
+from meterline.core.ledger import (
     Adjust,
     ExpireDue,
     GrantScope,

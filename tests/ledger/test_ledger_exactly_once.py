@@ -8,7 +8,7 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterline.ledger import (
+from meterline.core.ledger import (
     dedupe_digest,
     Adjust,
     Authorize,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from meterline.ledger import (
+from meterline.core.ledger import (
     Budget,
     ExpireDue,
     GrantScope,

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from meterline.ledger import LedgerCommandError, format_picos, parse_amount, period_key, to_decimal, to_ms
+from meterline.core.ledger import LedgerCommandError, format_picos, parse_amount, period_key, to_decimal, to_ms
 
 
 def test_parse_exact() -> None:
@@ -41,7 +41,7 @@ def test_time_helpers() -> None:
 
 
 def test_public_surface_is_pinned() -> None:
-    import meterline.ledger as ledger
+    import meterline.core.ledger as ledger
 
     assert sorted(ledger.__all__) == sorted([
         "MAX_DEDUPE_IDS", "MAX_OPEN_HOLDS", "dedupe_digest", "pack_recent", "unpack_recent",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meterline.plans import (
+from meterline.core.plans import (
     PlanCatalog,
     SubscriptionEvent,
     Timeline,

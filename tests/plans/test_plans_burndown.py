@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.plans import Consumption, Usage, consume, overage_price, rate_period, terms_for
+from meterline.core.plans import Consumption, Usage, consume, overage_price, rate_period, terms_for
 from tests.plans.helpers import JAN, M, catalog, plan, subscribed, ts
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude")]
@@ -75,7 +75,7 @@ def test_event_by_event_burn_down_equals_the_aggregate_bill(name: str, events: l
 
 
 def test_terms_at_follows_the_timeline_by_event_time() -> None:
-    from meterline.plans import SubscriptionEvent, fold_timeline, terms_at
+    from meterline.core.plans import SubscriptionEvent, fold_timeline, terms_at
 
     cat = catalog(plan(), plan(id="max", fee="500.00", allowances=[{"id": "tokens", "tokens": 40 * M}], overage={"per_million": "20.00"}))
     tl = fold_timeline("acme", [SubscriptionEvent("subscribed", "acme", ts("2026-04-01T00:00:00Z"), "pro"),
@@ -92,7 +92,7 @@ def test_terms_at_follows_the_timeline_by_event_time() -> None:
 
 
 def test_remaining_allowance_and_policy_room_for_enforcement() -> None:
-    from meterline.plans import allowance_remaining, policy_room
+    from meterline.core.plans import allowance_remaining, policy_room
 
     period = subscribed(catalog(plan(on_exhausted="cap", cap="45.00"))).period_at(ts(JAN))
     terms = terms_for(period, 0)

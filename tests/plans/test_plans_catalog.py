@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meterline.plans import (
+from meterline.core.plans import (
     PlanFileError,
     catalog_from_records,
     decode_plan_record,

@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.plans import SubscriptionEvent, fold_timeline, rate_period
+from meterline.core.plans import SubscriptionEvent, fold_timeline, rate_period
 from tests.plans.helpers import catalog, plan, ts
 
 CAT = catalog(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 
-from meterline.plans import (
+from meterline.core.plans import (
     PICOS_PER_UNIT,
     SubscriptionEvent,
     Usage,
@@ -189,7 +189,7 @@ def test_cancel_mid_period_prorates_and_at_period_end_does_not() -> None:
 
 
 def test_rollover_carries_unused_up_to_max_and_does_not_compound() -> None:
-    from meterline.plans import rate_periods
+    from meterline.core.plans import rate_periods
 
     cat = catalog(plan(allowances=[{"id": "tokens", "tokens": 10 * M, "rollover": {"max": 5 * M}}]))
     tl = subscribed(cat)

@@ -1,4 +1,4 @@
-"""The public surface of meterline.plans, its purity, and the CLI's validation before any I/O."""
+"""The public surface of meterline.core.plans, its purity, and the CLI's validation before any I/O."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import meterline.plans as plans
+import meterline.core.plans as plans
 
 REPO = Path(__file__).resolve().parents[2]
 METERLINE = str(Path(sys.executable).parent / "meterline")

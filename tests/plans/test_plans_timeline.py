@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meterline.plans import (
+from meterline.core.plans import (
     SubscriptionEvent,
     add_intervals,
     fold_timeline,
@@ -98,7 +98,7 @@ def test_bad_facts_are_rejected_not_raised_and_duplicates_collapse() -> None:
 def test_events_round_trip_through_json_and_reject_garbage() -> None:
     import pytest
 
-    from meterline.plans import SubscriptionError
+    from meterline.core.plans import SubscriptionError
 
     ev = SubscriptionEvent("cancelled", "acme", ts(JAN), at_period_end=True)
     key, value = ev.to_record()
@@ -129,7 +129,7 @@ def test_the_fold_does_not_depend_on_the_recording_order() -> None:
 def test_customer_ids_follow_the_contract_form() -> None:
     import pytest
 
-    from meterline.plans import SubscriptionError
+    from meterline.core.plans import SubscriptionError
 
     for bad in ("", " acme", "a b", "-acme", "x" * 129, "acme\n"):
         with pytest.raises(SubscriptionError, match="customer"):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.pricing import PricingEngine, load_price_book
 
 SEED = Path(__file__).resolve().parents[2] / "infra" / "prices" / "seed.yaml"
 

@@ -5,8 +5,8 @@ from typing import Any, Callable
 
 import pytest
 
-from meterline.pricing import PricingEngine, load_price_book
-from meterline.pricing._model import epoch_ms
+from meterline.core.pricing import PricingEngine, load_price_book
+from meterline.core.pricing._model import epoch_ms
 
 BOOK = """
 currency: USD

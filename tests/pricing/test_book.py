@@ -8,8 +8,8 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from meterline.errors import PriceFileError
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.errors import PriceFileError
+from meterline.core.pricing import PricingEngine, load_price_book
 from tests.pricing.conftest import BOOK, ms
 
 SEED = Path(__file__).resolve().parents[2] / "infra" / "prices" / "seed.yaml"

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import UnpriceableEvent
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.errors import UnpriceableEvent
+from meterline.core.pricing import PricingEngine, load_price_book
 from tests.pricing.conftest import BOOK, ms
 
 Rec = Callable[..., dict[str, Any]]

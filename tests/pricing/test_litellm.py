@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from meterline.errors import PriceFileError
-from meterline.pricing import PricingEngine, import_litellm, load_price_book
+from meterline.core.errors import PriceFileError
+from meterline.core.pricing import PricingEngine, import_litellm, load_price_book
 
 FIXTURE = Path(__file__).parent / "fixtures" / "litellm_sample.json"
 EFF = datetime(2025, 1, 1, tzinfo=timezone.utc)

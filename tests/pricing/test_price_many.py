@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import UnpriceableEvent
-from meterline.pricing import PricedAmounts, PricingEngine, load_price_book
-from meterline.pricing._book import card_record_value, price_record_value, _dumps, parse_card, parse_price
+from meterline.core.errors import UnpriceableEvent
+from meterline.core.pricing import PricedAmounts, PricingEngine, load_price_book
+from meterline.core.pricing._book import card_record_value, price_record_value, _dumps, parse_card, parse_price
 from tests.pricing.conftest import BOOK, ms
 
 # Models of BOOK plus unknown ones; gpt-4o changes price on 2024-10-01, llama has no cached rate,

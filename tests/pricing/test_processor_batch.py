@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InputError, SchemaError
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.errors import InputError, SchemaError
+from meterline.core.pricing import PricingEngine, load_price_book
 from pipeline.processor import DedupeIndex, PricingProcessor, ProcessResult
 from schemas.codec import (
     decode_dead_letter,

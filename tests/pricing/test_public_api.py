@@ -3,7 +3,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import meterline.pricing as pricing
+import meterline.core.pricing as pricing
 
 
 def test_public_surface_is_pinned() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from meterline.errors import PriceFileError, UnpriceableEvent
-from meterline.pricing import PricingEngine, load_price_book
-from meterline.pricing._model import short_hash
+from meterline.core.errors import PriceFileError, UnpriceableEvent
+from meterline.core.pricing import PricingEngine, load_price_book
+from meterline.core.pricing._model import short_hash
 
 BASE = """
 currency: USD

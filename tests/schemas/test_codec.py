@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InvalidEvent, SchemaError
+from meterline.core.errors import InvalidEvent, SchemaError
 from schemas import codec as codec_mod
 from schemas.codec import (
     MAGIC,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.codec import decode_usage_batch, encode_usage_batch, event_to_record, record_to_event
 from schemas.jsonio import event_to_json, iter_jsonl, parse_json_event
 from schemas.models import UsageEvent

@@ -13,11 +13,11 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from meterline.errors import BrokerUnavailable, DeliveryFailed, InvalidEvent
+from meterline.core.errors import BrokerUnavailable, DeliveryFailed, InvalidEvent
 from meterline.stack.broker import free_port
 from schemas.codec import decode_usage_batch, event_to_record, record_to_event
 from schemas.models import UsageEvent
-from schemas.producer import MAX_RECORD_BYTES, BatchResult, UsageProducer
+from meterline.stack.producer import MAX_RECORD_BYTES, BatchResult, UsageProducer
 from meterline.stack.schema_store import KafkaSchemaStore
 from schemas.registry import fingerprint
 
@@ -257,9 +257,9 @@ def test_invalid_events_never_reach_kafka(change, reason):
 
 
 def test_public_surface_is_pinned():
-    import schemas.producer
+    import meterline.stack.producer
 
-    assert sorted(schemas.producer.__all__) == ["BatchResult", "UsageProducer"]
+    assert sorted(meterline.stack.producer.__all__) == ["BatchResult", "UsageProducer"]
 
 
 def test_oversized_batches_are_split_under_the_record_limit():

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.codec import decode_usage_batch, encode_usage_batch, record_to_event
 from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS, MAX_TOKENS_PER_EVENT, TOKEN_FIELDS, TOOL_FIELDS
 from schemas.validation import MIN_OCCURRED_AT_MS, REASON_CODES, validate_record, validate_records

@@ -1,4 +1,4 @@
-"""One real ``meterline up`` (:class:`meterline.runtime.Runtime`) for the security tests (issue #20).
+"""One real ``meterline up`` (:class:`meterline.shell.runtime.Runtime`) for the security tests (issue #20).
 
 Real Tansu broker (the session's), this process's chDB engine (own database), the faust workers
 (pricing + credit agent), the sinks, the HTTP API with the credit routes, the Stripe top-up
@@ -22,10 +22,10 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.api.keys import KeyStore
-from meterline.config import Settings
-from meterline.pricing import load_price_book
-from meterline.runtime import Runtime
+from meterline.shell.api.keys import KeyStore
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
+from meterline.shell.runtime import Runtime
 from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir, with_database
 from pipeline.publish import publish_records
 

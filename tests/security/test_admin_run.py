@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.stripe.cli import run_captured
+from meterline.shell.cli_stripe import run_captured
 from tests.security.conftest import Stack
 
 pytestmark = pytest.mark.broker

@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from meterline.api.keys import KeyStore
-from meterline.errors import InputError, InvalidEvent
+from meterline.shell.api.keys import KeyStore
+from meterline.core.errors import InputError, InvalidEvent
 from pipeline.publish import publish_records
 from schemas.codec import encode_usage_batch
 from schemas.models import is_customer_id
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 from tests.security.conftest import Stack, wait_for
 
 pytestmark = pytest.mark.broker

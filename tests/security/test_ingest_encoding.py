@@ -36,8 +36,8 @@ def test_lone_surrogates_are_rejected_and_the_answer_encodes(stack: Stack) -> No
     assert results[1]["event_id"].startswith(f"bad-{tag}-")  # shown escaped, not dropped
 
     # The SDK refuses the same input with the same reason instead of failing inside Avro encoding.
-    from meterline.errors import InvalidEvent
-    from schemas.producer import UsageProducer
+    from meterline.core.errors import InvalidEvent
+    from meterline.stack.producer import UsageProducer
 
     with UsageProducer(stack.settings.kafka_bootstrap or "", stack.settings.topic("usage-events")) as producer:
         with pytest.raises(InvalidEvent) as info:

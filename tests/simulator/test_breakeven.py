@@ -1,6 +1,6 @@
 """Break-even curves are exact and agree with billing's rating at every volume.
 
-The curve of a plan is an analysis of the same rules as :func:`meterline.plans.rate_period`; here
+The curve of a plan is an analysis of the same rules as :func:`meterline.core.plans.rate_period`; here
 it is checked against rate_period itself (for one full period) at many volumes and every plan
 shape, and the issue's own example is checked to the exact rational."""
 
@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InputError
-from meterline.plans import Usage, rate_period
-from meterline.simulator import crossings, fraction_json, mix_of, payg_curve, plan_curve
-from meterline.simulator._routing import load_routing
+from meterline.core.errors import InputError
+from meterline.core.plans import Usage, rate_period
+from meterline.core.simulator import crossings, fraction_json, mix_of, payg_curve, plan_curve
+from meterline.core.simulator._routing import load_routing
 from tests.plans.helpers import catalog, plan, subscribed
 
 PER_TOKEN = 3_000_000  # $3 per million tokens, in picos per token

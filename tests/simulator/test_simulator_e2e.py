@@ -1,6 +1,6 @@
 """The plan simulator on usage produced through the real pipeline (Tansu, faust pricing worker,
 sink, chDB). Every expected figure is computed here with plain Decimal arithmetic from the events
-this test sends and the plan/price numbers written below, independently of meterline.plans.
+this test sends and the plan/price numbers written below, independently of meterline.core.plans.
 
 Then the installed ``meterline`` command is run as a subprocess on a copy of the same data (chDB
 allows one engine per process): ``plans simulate`` must agree with the in-process run, and the
@@ -26,9 +26,9 @@ import pytest
 
 from jobs.plans.billing import bill_preview
 from jobs.plans.simulate import simulate
-from meterline.cli_simulate import load_price_engine
-from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
-from meterline.simulator._routing import load_routing
+from meterline.shell.cli_simulate import load_price_engine
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from meterline.core.simulator._routing import load_routing
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 from schemas.models import UsageEvent
 

@@ -1,4 +1,4 @@
-"""meterline.analytics: read-only SQL against the real embedded engine, exact formatting."""
+"""meterline.stack.analytics: read-only SQL against the real embedded engine, exact formatting."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from meterline.analytics import check_readonly_sql, format_result, run_readonly
-from meterline.errors import InputError
+from meterline.stack.analytics import check_readonly_sql, format_result, run_readonly
+from meterline.core.errors import InputError
 from pipeline.sink import PRICED_COLUMNS, priced_row
 from tests.sink.helpers import make_events, picos, scalar
 
@@ -66,7 +66,7 @@ def test_writes_and_multi_statements_are_refused(clickhouse, seeded):
 
 def test_the_engine_itself_refuses_writes_on_the_readonly_path(clickhouse, seeded, monkeypatch):
     """Second lock: with the text guard switched off, readonly=1 in the engine still refuses."""
-    import meterline.analytics as analytics
+    import meterline.stack.analytics as analytics
 
     monkeypatch.setattr(analytics, "check_readonly_sql", lambda runner, s, *a: s)
     before = scalar(clickhouse, "SELECT count() FROM usage_priced")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from meterline.analytics import run_readonly
+from meterline.stack.analytics import run_readonly
 from pipeline.sink import PRICED_COLUMNS, REJECTED_COLUMNS, priced_row, rejected_row
 from tests.sink.helpers import DAY_MS, dead_letter, make_events, picos
 

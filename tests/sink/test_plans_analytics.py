@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from jobs.plans.billing import bill_preview, close_period
-from meterline.analytics import run_readonly
-from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from meterline.stack.analytics import run_readonly
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog, parse_instant
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 from pipeline.sink import PRICED_COLUMNS, priced_row
 
@@ -148,7 +148,7 @@ def _utc_dt(text: str) -> Any:
 
 
 def test_usage_in_another_currency_is_refused_not_mixed(seeded: Any) -> None:
-    from meterline.errors import MeterlineError
+    from meterline.core.errors import MeterlineError
 
     seeded.insert("usage_priced", [priced_row({
         "event_id": "eur-1", "occurred_at": _ts("2026-03-05T00:00:00Z") * 1000, "customer_id": "a", "provider": "openai",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog, parse_instant
 from pipeline.plans_sink import PlanCatalogSink, SubscriptionSink
 from pipeline.publish import publish_records
 from tests.sink.helpers import drain

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from meterline.errors import ClickHouseUnavailable
+from meterline.core.errors import ClickHouseUnavailable
 from pipeline.sink import rebuild_rollups
 from tests.sink.helpers import (
     DAY_MS,

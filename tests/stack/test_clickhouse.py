@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from meterline.config import Settings
-from meterline.errors import ConfigError
+from meterline.core.config import Settings
+from meterline.core.errors import ConfigError
 from meterline.stack.clickhouse import (
     apply_migrations,
     connect,
@@ -125,7 +125,7 @@ def test_second_process_gets_a_clear_error(clickhouse: Client, chdb_dsn: str) ->
     """This pytest process owns the engine (the fixture connected); another process must be refused."""
     code = textwrap.dedent(
         f"""
-        from meterline.errors import ConfigError
+        from meterline.core.errors import ConfigError
         from meterline.stack.clickhouse import connect
         try:
             connect({chdb_dsn!r})

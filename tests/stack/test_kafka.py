@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meterline.errors import ConfigError
+from meterline.core.errors import ConfigError
 from meterline.stack.kafka import PINNED_PRODUCER_SETTINGS, producer_config
 
 

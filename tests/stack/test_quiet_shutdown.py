@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from meterline.config import Settings
-from meterline.credits_client import CommandPublisher, grant_command
+from meterline.core.config import Settings
+from pipeline.credits.client import CommandPublisher, grant_command
 from meterline.stack.broker import TansuBroker
 from meterline.stack.topics import ensure_topics
 from schemas.models import UsageEvent
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 
 pytestmark = pytest.mark.broker
 
@@ -58,7 +58,7 @@ def test_up_closes_every_kafka_client_before_its_broker_stops(
 ) -> None:
     # `meterline up` with its own embedded broker and every API route that publishes (usage
     # ingest, credits, the Stripe webhook): after stop, nothing of this process talks to the broker.
-    from meterline.runtime import Runtime
+    from meterline.shell.runtime import Runtime
 
     settings = settings_factory(kafka_bootstrap=None, api_port=0, stripe_webhook_secret="whsec_quiet_shutdown")
     runtime = Runtime(settings).start()

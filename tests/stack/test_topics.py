@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from meterline.errors import ConfigError
+from meterline.core.errors import ConfigError
 from meterline.stack.topics import TopicSpec, delete_topics, ensure_topics, load_topic_specs
 
 EXPECTED = {

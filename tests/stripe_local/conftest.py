@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.stripe_local.conftest import Metered, make_metered, send, total
 
 
@@ -210,7 +210,7 @@ def test_state_survives_restart(tmp_path: Path) -> None:
 
 
 def test_standalone_process(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "meterline.stripe_local", "--port", "0", "--state",
+    proc = subprocess.Popen([sys.executable, "-m", "devtools.stripe_local", "--port", "0", "--state",
                              str(tmp_path / "s.db")], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

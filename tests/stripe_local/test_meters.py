@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.stripe_local.conftest import make_metered, send, total
 
 

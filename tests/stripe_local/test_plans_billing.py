@@ -13,7 +13,7 @@ import httpx
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.stripe_local.conftest import Metered, make_metered, send
 
 DAY = 86400
