@@ -159,7 +159,9 @@ class PricingProcessor:
                 raise SchemaError("record has no value", reason_code="empty_record")
             events = decode_usage_batch(value)
         except SchemaError as exc:
-            result.dead_letters.append((key, self._dead_letter(exc, partition, offset, None, value or b"", "raw", now_ms)))
+            result.dead_letters.append(
+                (key, self._dead_letter(exc, partition, offset, None, value or b"", "raw", now_ms))
+            )
             result.rejected += 1
             result.reasons.append(exc.reason_code)
             return result
@@ -194,7 +196,9 @@ class PricingProcessor:
                 result.duplicates += 1
                 continue
             if type(step) is not int:
-                result.dead_letters.append((key, self._dead_letter(step, partition, offset, event, None, "usage_batch", now_ms)))
+                result.dead_letters.append(
+                    (key, self._dead_letter(step, partition, offset, event, None, "usage_batch", now_ms))
+                )
                 result.rejected += 1
                 result.reasons.append(step.reason_code)
                 continue
@@ -204,7 +208,9 @@ class PricingProcessor:
                 continue
             amounts = amounts_of[step]
             if isinstance(amounts, InputError):
-                result.dead_letters.append((key, self._dead_letter(amounts, partition, offset, event, None, "usage_batch", now_ms)))
+                result.dead_letters.append(
+                    (key, self._dead_letter(amounts, partition, offset, event, None, "usage_batch", now_ms))
+                )
                 result.rejected += 1
                 result.reasons.append(amounts.reason_code)
                 continue
@@ -265,7 +271,7 @@ class PricingProcessor:
         if event is not None:
             try:
                 payload = encode_usage_batch([event])
-            except Exception:  # noqa: BLE001 - an event too broken to re-encode is kept as its repr
+            except Exception:
                 payload, payload_format = repr(event).encode("utf-8", "replace"), "repr"
         reason = exc.message
         if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
@@ -299,8 +305,16 @@ def split_priced(priced: list[dict[str, Any]], limit: int = MAX_PRICED_BYTES) ->
     return split_priced(priced[:half], limit) + split_priced(priced[half:], limit)
 
 
-def unforeseen_dead_letter(source_topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-                           exc: BaseException, now_ms: int, payload_format: str = "raw") -> bytes:  # fmt: skip
+def unforeseen_dead_letter(
+    source_topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    exc: BaseException,
+    now_ms: int,
+    payload_format: str = "raw",
+) -> bytes:
     """The dead letter of a whole record whose processing raised something no rule foresaw (a bug,
     a state the code cannot read). Reason ``internal_error`` with the exception; the record's
     bytes are kept (up to MAX_DEAD_PAYLOAD_BYTES) so it can be re-driven once fixed."""
@@ -310,11 +324,22 @@ def unforeseen_dead_letter(source_topic: str, partition: int, offset: int, key: 
         reason += f" (payload of {len(payload)} bytes left out: read it at the source position)"
         payload = b""
     customer = key.decode("utf-8", "replace")[:512] if key else None
-    return encode_dead_letter({
-        "reason_code": "internal_error", "reason": reason, "field": None, "source_topic": source_topic,
-        "source_partition": partition, "source_offset": offset, "customer_id": customer, "event_id": None,
-        "occurred_at": None, "payload": payload, "payload_format": payload_format, "failed_at": now_ms,
-    })  # fmt: skip
+    return encode_dead_letter(
+        {
+            "reason_code": "internal_error",
+            "reason": reason,
+            "field": None,
+            "source_topic": source_topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "customer_id": customer,
+            "event_id": None,
+            "occurred_at": None,
+            "payload": payload,
+            "payload_format": payload_format,
+            "failed_at": now_ms,
+        }
+    )
 
 
 def _str_or_none(event: dict[str, Any] | None, name: str) -> str | None:

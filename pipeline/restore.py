@@ -75,8 +75,10 @@ class RestoreReport:
             return f"broker epoch {self.epoch}: the broker kept its state, nothing restored"
         if not self.customers and not self.prices:
             return f"broker epoch {self.epoch}: new broker, nothing to restore"
-        return (f"broker epoch {self.epoch}: the broker had lost its state; restored {len(self.customers)} "
-                f"customer ledger(s) and {self.prices} price record(s) from ClickHouse")  # fmt: skip
+        return (
+            f"broker epoch {self.epoch}: the broker had lost its state; restored {len(self.customers)} "
+            f"customer ledger(s) and {self.prices} price record(s) from ClickHouse"
+        )
 
 
 def read_epoch(bootstrap: str, topic: str) -> str | None:
@@ -88,9 +90,15 @@ def read_epoch(bootstrap: str, topic: str) -> str | None:
     return None
 
 
-def restore_if_lost(bootstrap: str, topic: Callable[[str], str], ch: Any,
-                    step: Callable[[str], None] = log.info, *, partitions: int = 4,
-                    dedupe_window_days: int = 35) -> RestoreReport:  # fmt: skip
+def restore_if_lost(
+    bootstrap: str,
+    topic: Callable[[str], str],
+    ch: Any,
+    step: Callable[[str], None] = log.info,
+    *,
+    partitions: int = 4,
+    dedupe_window_days: int = 35,
+) -> RestoreReport:
     """Detect (epoch) and, only if the broker lost its state, republish the facts. ``topic`` maps a
     logical topic name to the full one (``Settings.topic``); ``partitions`` is the partition count
     of the customer-keyed topics (for the pricing agent's dedupe changelog)."""
@@ -111,13 +119,30 @@ def restore_if_lost(bootstrap: str, topic: Callable[[str], str], ch: Any,
     now = time.time_ns() // 1_000_000
     seen = restore_pricing_dedupe(bootstrap, topic, ch, partitions, now - dedupe_window_days * 86_400_000)
     if seen:
-        step(f"the broker lost its state: {seen} priced event id(s) of the dedupe window given back to the pricing agent")
+        step(
+            f"the broker lost its state: {seen} priced event id(s) of the dedupe window given back to the pricing agent"
+        )
     if states:
         step(f"the broker lost its state: restoring {len(states)} customer ledger(s) from ClickHouse")
-        publish_records(bootstrap, topic("ledger-commands"), [
-            (c, encode_message({"type": "restore", "command_id": f"restore:{epoch}:{c}", "customer_id": c,
-                                "at_ms": now, "state": v}))
-            for c, v in sorted(states.items())])  # fmt: skip
+        publish_records(
+            bootstrap,
+            topic("ledger-commands"),
+            [
+                (
+                    c,
+                    encode_message(
+                        {
+                            "type": "restore",
+                            "command_id": f"restore:{epoch}:{c}",
+                            "customer_id": c,
+                            "at_ms": now,
+                            "state": v,
+                        }
+                    ),
+                )
+                for c, v in sorted(states.items())
+            ],
+        )
     publish_records(bootstrap, topic("epoch"), [(EPOCH_KEY, encode_epoch(epoch))])
     _note_epoch(ch, epoch, len(states), f"restored {len(states)} ledgers, {prices} catalog records")
     return RestoreReport(epoch, False, tuple(sorted(states)), prices)
@@ -126,8 +151,11 @@ def restore_if_lost(bootstrap: str, topic: Callable[[str], str], ch: Any,
 def _note_epoch(ch: Any, epoch: str, restored: int, note: str) -> None:
     from pipeline.sink import _utc
 
-    ch.insert("broker_epochs", [(epoch, _utc(time.time_ns() // 1_000_000), restored, note)],
-              column_names=["epoch", "started_at", "restored", "note"])  # fmt: skip
+    ch.insert(
+        "broker_epochs",
+        [(epoch, _utc(time.time_ns() // 1_000_000), restored, note)],
+        column_names=["epoch", "started_at", "restored", "note"],
+    )
 
 
 # --------------------------------------------------------------------------------- ledger states
@@ -135,15 +163,31 @@ def _note_epoch(ch: Any, epoch: str, restored: int, note: str) -> None:
 
 def rebuild_states(ch: Any) -> dict[str, dict[str, Any]]:
     """customer -> table value (``CustomerLedger.to_dict()`` + ``x``) from ClickHouse facts."""
-    snaps = {str(c): json.loads(s) for c, s in ch.query(
-        "SELECT customer_id, argMax(state, version) FROM ledger_snapshots GROUP BY customer_id").result_rows}  # fmt: skip
+    snaps = {
+        str(c): json.loads(s)
+        for c, s in ch.query(
+            "SELECT customer_id, argMax(state, version) FROM ledger_snapshots GROUP BY customer_id"
+        ).result_rows
+    }
     entries: dict[str, list[LedgerEntry]] = defaultdict(list)
-    for r in ch.query("SELECT entry_id, customer_id, seq, kind, amount, currency, toUnixTimestamp64Milli(at), "
-                      "grant_id, event_id, reason FROM ledger_entries FINAL ORDER BY customer_id, seq").result_rows:  # fmt: skip
-        entries[str(r[1])].append(LedgerEntry(
-            entry_id=str(r[0]), customer_id=str(r[1]), seq=int(r[2]), kind=str(r[3]),  # type: ignore[arg-type]
-            amount_picos=parse_amount(format(r[4], "f")), currency=str(r[5]), at_ms=int(r[6]),
-            grant_id=str(r[7]) or None, event_id=str(r[8]) or None, reason=str(r[9]) or None))  # fmt: skip
+    for r in ch.query(
+        "SELECT entry_id, customer_id, seq, kind, amount, currency, toUnixTimestamp64Milli(at), "
+        "grant_id, event_id, reason FROM ledger_entries FINAL ORDER BY customer_id, seq"
+    ).result_rows:
+        entries[str(r[1])].append(
+            LedgerEntry(
+                entry_id=str(r[0]),
+                customer_id=str(r[1]),
+                seq=int(r[2]),
+                kind=str(r[3]),  # type: ignore[arg-type]
+                amount_picos=parse_amount(format(r[4], "f")),
+                currency=str(r[5]),
+                at_ms=int(r[6]),
+                grant_id=str(r[7]) or None,
+                event_id=str(r[8]) or None,
+                reason=str(r[9]) or None,
+            )
+        )
     out = {}
     for customer in sorted(set(snaps) | set(entries)):
         value = rebuild_state(customer, snaps.get(customer), entries.get(customer, []))
@@ -169,12 +213,27 @@ def rebuild_state(customer: str, snap: Mapping[str, Any] | None, entries: list[L
         if e.grant_id is not None and e.kind in ("grant", "top_up") and e.grant_id not in defs:
             # A grant whose snapshot did not reach ClickHouse (only possible for the last record
             # before a crash): its definition from the entry, defaults for what the entry lacks.
-            defs[e.grant_id] = {"g": {"id": e.grant_id, "cust": customer, "amt": e.amount_picos, "cur": e.currency,
-                                      "eff": e.at_ms, "exp": None, "prio": 50,
-                                      "cat": "paid" if e.kind == "top_up" else "paid", "scope": None},
-                                "granted": 0, "rem": 0, "st": "live"}  # fmt: skip
-            log.warning("restore: grant %r of %r has no stored definition; restored with priority 50, no expiry, "
-                        "no scope", e.grant_id, customer)  # fmt: skip
+            defs[e.grant_id] = {
+                "g": {
+                    "id": e.grant_id,
+                    "cust": customer,
+                    "amt": e.amount_picos,
+                    "cur": e.currency,
+                    "eff": e.at_ms,
+                    "exp": None,
+                    "prio": 50,
+                    "cat": "paid",  # entries carry no category; a snapshot, when there is one, has it
+                    "scope": None,
+                },
+                "granted": 0,
+                "rem": 0,
+                "st": "live",
+            }
+            log.warning(
+                "restore: grant %r of %r has no stored definition; restored with priority 50, no expiry, no scope",
+                e.grant_id,
+                customer,
+            )
     grants = []
     for gid, g in defs.items():
         g = dict(g)
@@ -222,9 +281,12 @@ def restore_pricing_dedupe(bootstrap: str, topic: Callable[[str], str], ch: Any,
 
     from pipeline.publish import control_producer
 
-    rows = ch.query("SELECT source_partition, customer_id, event_id, toUnixTimestamp64Milli(priced_at) "
-                    "FROM usage_priced WHERE priced_at >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') "
-                    "ORDER BY source_partition, customer_id", parameters={"s": since_ms}).result_rows  # fmt: skip
+    rows = ch.query(
+        "SELECT source_partition, customer_id, event_id, toUnixTimestamp64Milli(priced_at) "
+        "FROM usage_priced WHERE priced_at >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') "
+        "ORDER BY source_partition, customer_id",
+        parameters={"s": since_ms},
+    ).result_rows
     if not rows:
         return 0
     changelog = f"{topic('')}pricing-pricing-dedupe-changelog"  # faust: "<app id>-<table>-changelog"
@@ -234,7 +296,7 @@ def restore_pricing_dedupe(bootstrap: str, topic: Callable[[str], str], ch: Any,
         for fut in futures.values():
             try:
                 fut.result(15)
-            except Exception as exc:  # noqa: BLE001 - created meanwhile by someone else is fine
+            except Exception as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
     groups: dict[tuple[int, str], list[tuple[str, int]]] = defaultdict(list)
@@ -246,12 +308,17 @@ def restore_pricing_dedupe(bootstrap: str, topic: Callable[[str], str], ch: Any,
     for (p, c), ids in groups.items():
         ids = list(dict(ids).items())
         for i in range(0, len(ids), DEDUPE_IDS_PER_ENTRY):
-            part = ids[i:i + DEDUPE_IDS_PER_ENTRY]
+            part = ids[i : i + DEDUPE_IDS_PER_ENTRY]
             n += 1
             key = json.dumps(f"{p}:{-n}").encode()
             value = json.dumps({"c": c, "ids": [e for e, _ in part], "t": max(t for _, t in part)}).encode()
-            producer.produce(changelog, key=key, value=value, partition=p,
-                             on_delivery=lambda err, _m: failures.append(str(err)) if err else None)  # fmt: skip
+            producer.produce(
+                changelog,
+                key=key,
+                value=value,
+                partition=p,
+                on_delivery=lambda err, _m: failures.append(str(err)) if err else None,
+            )
             # One record per batch: faust's table recovery stops at the high watermark, which the
             # dev broker reports as the last batch's base offset + 1 (shared/notes/broker.md).
             producer.flush(30)
@@ -278,8 +345,10 @@ def catalog_topics() -> list[str]:
 def catalog_records(ch: Any) -> dict[str, list[tuple[bytes, bytes]]]:
     """Every distinct record ever seen per catalog topic (logical name), in first-seen order."""
     out: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
-    rows = ch.query("SELECT topic, key, any(value_b64), min(first_seen) AS f FROM price_records "
-                    "GROUP BY topic, digest, key ORDER BY f").result_rows  # fmt: skip
+    rows = ch.query(
+        "SELECT topic, key, any(value_b64), min(first_seen) AS f FROM price_records "
+        "GROUP BY topic, digest, key ORDER BY f"
+    ).result_rows
     for t, k, v, _f in rows:
         out[str(t)].append((str(k).encode(), base64.b64decode(v)))
     return dict(out)
@@ -299,8 +368,14 @@ class PriceMirror:
         broker and buys nothing here) and store what is new; re-storing a record is harmless."""
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group_id, "enable.auto.commit": False,
-                      "log_level": 3})  # fmt: skip
+        c = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "log_level": 3,
+            }
+        )
         md = c.list_topics(self.topic, timeout=10).topics.get(self.topic)
         parts = sorted(md.partitions) if md is not None and md.error is None else [0]
         c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
@@ -310,9 +385,15 @@ class PriceMirror:
                 msgs = [m for m in c.consume(500, timeout=0.5) if m.error() is None and m.value() is not None]
                 if not msgs:
                     continue
-                rows = [(self.name, hashlib.sha256((m.key() or b"") + b"\0" + m.value()).hexdigest(),
-                         (m.key() or b"").decode("utf-8", "replace"), base64.b64encode(m.value()).decode())
-                        for m in msgs]  # fmt: skip
+                rows = [
+                    (
+                        self.name,
+                        hashlib.sha256((m.key() or b"") + b"\0" + m.value()).hexdigest(),
+                        (m.key() or b"").decode("utf-8", "replace"),
+                        base64.b64encode(m.value()).decode(),
+                    )
+                    for m in msgs
+                ]
                 rows = [r for r in rows if r[1] not in seen]
                 if not rows:
                     continue
@@ -320,7 +401,7 @@ class PriceMirror:
                     try:
                         self.ch.insert("price_records", rows, column_names=["topic", "digest", "key", "value_b64"])
                         break
-                    except Exception as exc:  # noqa: BLE001 - ClickHouse down: retry, never drop
+                    except Exception as exc:
                         log.warning("price mirror: insert failed (%s), retrying", exc)
                         stop.wait(1.0)
                 self.mirrored += len(rows)

@@ -44,7 +44,9 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # Settings come only from ``self.settings``; METERLINE_WORKER_* (log level, profiling) pass through.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_") or k.startswith("METERLINE_WORKER_")}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("METERLINE_") or k.startswith("METERLINE_WORKER_")
+        }
         env.update(settings_env(self.settings))
         env["METERLINE_WORKER_NAME"] = self.name  # names its metrics listener's advert (meterline.stack.metrics)
         env.setdefault("PYTHONUNBUFFERED", "1")

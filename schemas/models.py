@@ -31,7 +31,7 @@ docs/gateways.md):
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -109,7 +109,7 @@ class UsageEvent(BaseModel):
     def _aware_utc(cls, v: datetime) -> datetime:
         if v.tzinfo is None:
             raise ValueError("occurred_at must carry a timezone (UTC)")
-        return v.astimezone(timezone.utc)
+        return v.astimezone(UTC)
 
     @field_validator("customer_id")
     @classmethod

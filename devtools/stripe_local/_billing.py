@@ -27,7 +27,7 @@ def add_interval(anchor: int, interval: str, count: int, k: int) -> int:
         return anchor + 86400 * count * k
     if interval == "week":
         return anchor + 7 * 86400 * count * k
-    base = dt.datetime.fromtimestamp(anchor, tz=dt.timezone.utc)
+    base = dt.datetime.fromtimestamp(anchor, tz=dt.UTC)
     months = count * k * (12 if interval == "year" else 1)
     total = base.year * 12 + (base.month - 1) + months
     year, month = divmod(total, 12)
@@ -142,12 +142,15 @@ def grant_covers(grant: dict[str, Any], price_id: str, currency: str) -> bool:
 def grant_order(grant: dict[str, Any]) -> tuple[int, int, int, str]:
     """Application order: priority (0 first; default 50), then soonest expiry, then oldest."""
     exp = grant.get("expires_at")
-    return (int(grant.get("priority") if grant.get("priority") is not None else 50),
-            exp if exp is not None else 2**62, int(grant["created"]), str(grant["id"]))
+    return (
+        int(grant.get("priority") if grant.get("priority") is not None else 50),
+        exp if exp is not None else 2**62,
+        int(grant["created"]),
+        str(grant["id"]),
+    )
 
 
-def apply_credits(lines: Iterable[CreditLine], grants: Sequence[dict[str, Any]],
-                  available: dict[str, int]) -> None:
+def apply_credits(lines: Iterable[CreditLine], grants: Sequence[dict[str, Any]], available: dict[str, int]) -> None:
     """Draw grants onto lines in place. ``available`` maps grant id -> cents left; it is decremented."""
     ordered = sorted(grants, key=grant_order)
     for line in lines:

@@ -36,10 +36,15 @@ def need(ctx: Ctx, kind: str, ident: str, label: str | None = None, param: str =
 @route("POST", "/v1/customers")
 def create_customer(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     obj = base("customer", new_id("cus"), ctx) | {
-        "email": p_str(params, "email"), "name": p_str(params, "name"),
-        "description": p_str(params, "description"), "metadata": p_metadata(params),
-        "balance": p_int(params, "balance", default=0), "currency": None, "delinquent": False,
-        "invoice_prefix": None, "test_clock": None,
+        "email": p_str(params, "email"),
+        "name": p_str(params, "name"),
+        "description": p_str(params, "description"),
+        "metadata": p_metadata(params),
+        "balance": p_int(params, "balance", default=0),
+        "currency": None,
+        "delinquent": False,
+        "invoice_prefix": None,
+        "test_clock": None,
     }
     return ctx.store.put("customer", obj)
 
@@ -66,17 +71,31 @@ def list_customers(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     return list_response(ctx, items, params)
 
 
-def add_balance_transaction(ctx: Ctx, customer: dict[str, Any], amount: int, currency: str, *,
-                            type_: str, description: str | None = None, invoice: str | None = None,
-                            metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def add_balance_transaction(
+    ctx: Ctx,
+    customer: dict[str, Any],
+    amount: int,
+    currency: str,
+    *,
+    type_: str,
+    description: str | None = None,
+    invoice: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Record a balance change (negative = credit to the customer) and update ``customer.balance``."""
     customer["balance"] = int(customer.get("balance") or 0) + amount
     customer["currency"] = customer.get("currency") or currency
     ctx.store.put("customer", customer)
     txn = base("customer_balance_transaction", new_id("cbtxn"), ctx) | {
-        "amount": amount, "currency": currency, "customer": customer["id"], "description": description,
-        "ending_balance": customer["balance"], "invoice": invoice, "type": type_,
-        "metadata": metadata or {}, "credit_note": None,
+        "amount": amount,
+        "currency": currency,
+        "customer": customer["id"],
+        "description": description,
+        "ending_balance": customer["balance"],
+        "invoice": invoice,
+        "type": type_,
+        "metadata": metadata or {},
+        "credit_note": None,
     }
     return ctx.store.put("customer_balance_transaction", txn)
 
@@ -88,8 +107,15 @@ def create_balance_transaction(ctx: Ctx, params: dict[str, Any], cid: str) -> di
     currency = (p_str(params, "currency", required=True) or "").lower()
     if customer.get("currency") and customer["currency"] != currency:
         raise invalid("currency", f"Customer balance is in {customer['currency']}, not {currency}.")
-    return add_balance_transaction(ctx, customer, int(amount or 0), currency, type_="adjustment",
-                                   description=p_str(params, "description"), metadata=p_metadata(params))
+    return add_balance_transaction(
+        ctx,
+        customer,
+        int(amount or 0),
+        currency,
+        type_="adjustment",
+        description=p_str(params, "description"),
+        metadata=p_metadata(params),
+    )
 
 
 @route("GET", "/v1/customers/{cid}/balance_transactions")
@@ -113,11 +139,21 @@ def get_balance_transaction(ctx: Ctx, params: dict[str, Any], cid: str, tid: str
 @route("POST", "/v1/products")
 def create_product(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     obj = base("product", p_str(params, "id") or new_id("prod"), ctx) | {
-        "name": p_str(params, "name", required=True), "active": p_bool(params, "active", default=True),
-        "description": p_str(params, "description"), "metadata": p_metadata(params),
-        "default_price": None, "updated": ctx.now, "type": "service", "images": [], "marketing_features": [],
-        "package_dimensions": None, "shippable": None, "statement_descriptor": None, "tax_code": None,
-        "unit_label": None, "url": None,
+        "name": p_str(params, "name", required=True),
+        "active": p_bool(params, "active", default=True),
+        "description": p_str(params, "description"),
+        "metadata": p_metadata(params),
+        "default_price": None,
+        "updated": ctx.now,
+        "type": "service",
+        "images": [],
+        "marketing_features": [],
+        "package_dimensions": None,
+        "shippable": None,
+        "statement_descriptor": None,
+        "tax_code": None,
+        "unit_label": None,
+        "url": None,
     }
     if ctx.store.get("product", obj["id"]) is not None:
         raise invalid("id", f"Product already exists with ID {obj['id']}", code="resource_already_exists")
@@ -170,13 +206,15 @@ def _parse_tiers(params: dict[str, Any]) -> list[dict[str, Any]]:
         flat = p_decimal(t, "flat_amount_decimal")
         if flat is None and t.get("flat_amount") not in (None, ""):
             flat = Decimal(p_int(t, "flat_amount", lo=0) or 0)
-        tiers.append({
-            "up_to": up_to,
-            "unit_amount": int(unit) if unit is not None and unit == unit.to_integral_value() else None,
-            "unit_amount_decimal": fmt_decimal(unit) if unit is not None else None,
-            "flat_amount": int(flat) if flat is not None and flat == flat.to_integral_value() else None,
-            "flat_amount_decimal": fmt_decimal(flat) if flat is not None else None,
-        })
+        tiers.append(
+            {
+                "up_to": up_to,
+                "unit_amount": int(unit) if unit is not None and unit == unit.to_integral_value() else None,
+                "unit_amount_decimal": fmt_decimal(unit) if unit is not None else None,
+                "flat_amount": int(flat) if flat is not None and flat == flat.to_integral_value() else None,
+                "flat_amount_decimal": fmt_decimal(flat) if flat is not None else None,
+            }
+        )
     if tiers[-1]["up_to"] is not None:
         raise invalid("tiers", "The last tier must have up_to=inf.")
     ups = [t["up_to"] for t in tiers[:-1]]
@@ -204,8 +242,11 @@ def create_price(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         meter = p_str(recurring, "meter")
         if usage_type == "metered":
             if meter is None:
-                raise invalid("recurring[meter]", "Metered prices must be backed by a meter: pass recurring[meter].",
-                              code="parameter_missing")
+                raise invalid(
+                    "recurring[meter]",
+                    "Metered prices must be backed by a meter: pass recurring[meter].",
+                    code="parameter_missing",
+                )
             m = ctx.store.get("billing.meter", meter)
             if m is None:
                 raise not_found("billing meter", meter, "recurring[meter]")
@@ -213,8 +254,13 @@ def create_price(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
                 raise invalid("recurring[meter]", f"Meter {meter} is not active.")
         elif meter is not None:
             raise invalid("recurring[meter]", "recurring[meter] is only allowed with usage_type=metered.")
-        rec = {"interval": interval, "interval_count": p_int(recurring, "interval_count", default=1, lo=1, hi=36),
-               "usage_type": usage_type, "meter": meter, "trial_period_days": None}
+        rec = {
+            "interval": interval,
+            "interval_count": p_int(recurring, "interval_count", default=1, lo=1, hi=36),
+            "usage_type": usage_type,
+            "meter": meter,
+            "trial_period_days": None,
+        }
     unit_dec: Decimal | None = None
     tiers = None
     tiers_mode = None
@@ -235,13 +281,24 @@ def create_price(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     tq = None
     if "transform_quantity" in params:
         raw = p_dict(params, "transform_quantity")
-        tq = {"divide_by": p_int(raw, "divide_by", required=True, lo=1),
-              "round": p_str(raw, "round", required=True, choices=("up", "down"))}
+        tq = {
+            "divide_by": p_int(raw, "divide_by", required=True, lo=1),
+            "round": p_str(raw, "round", required=True, choices=("up", "down")),
+        }
     obj = base("price", new_id("price"), ctx) | {
-        "active": p_bool(params, "active", default=True), "billing_scheme": scheme, "currency": currency,
-        "custom_unit_amount": None, "lookup_key": p_str(params, "lookup_key"), "metadata": p_metadata(params),
-        "nickname": p_str(params, "nickname"), "product": product_id, "recurring": rec,
-        "tax_behavior": "unspecified", "tiers": tiers, "tiers_mode": tiers_mode, "transform_quantity": tq,
+        "active": p_bool(params, "active", default=True),
+        "billing_scheme": scheme,
+        "currency": currency,
+        "custom_unit_amount": None,
+        "lookup_key": p_str(params, "lookup_key"),
+        "metadata": p_metadata(params),
+        "nickname": p_str(params, "nickname"),
+        "product": product_id,
+        "recurring": rec,
+        "tax_behavior": "unspecified",
+        "tiers": tiers,
+        "tiers_mode": tiers_mode,
+        "transform_quantity": tq,
         "type": "recurring" if rec else "one_time",
         "unit_amount": int(unit_dec) if unit_dec is not None and unit_dec == unit_dec.to_integral_value() else None,
         "unit_amount_decimal": fmt_decimal(unit_dec) if unit_dec is not None else None,
@@ -286,7 +343,12 @@ def list_prices(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     product = p_str(params, "product")
     active = params.get("active")
     keys = p_list(params, "lookup_keys")
-    items = ctx.store.list_objects("price", lambda p: (product is None or p["product"] == product)
-                                   and (active is None or p["active"] == (active == "true"))
-                                   and (not keys or p.get("lookup_key") in keys))
+    items = ctx.store.list_objects(
+        "price",
+        lambda p: (
+            (product is None or p["product"] == product)
+            and (active is None or p["active"] == (active == "true"))
+            and (not keys or p.get("lookup_key") in keys)
+        ),
+    )
     return list_response(ctx, [public_price(p, expands(params, "data.tiers")) for p in items], params)

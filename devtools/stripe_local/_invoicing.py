@@ -74,10 +74,16 @@ def create_grant(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         "amount": {"type": "monetary", "monetary": {"currency": currency, "value": value}},
         "applicability_config": {"scope": {"price_type": price_type, "prices": prices or None}},
         "category": p_str(params, "category", default="paid", choices=("paid", "promotional")),  # spec default
-        "customer": cid, "customer_account": None, "effective_at": effective_at, "expires_at": expires_at,
-        "metadata": p_metadata(params), "name": p_str(params, "name", max_len=100),
-        "priority": p_int(params, "priority", default=50, lo=0, hi=100), "test_clock": None,
-        "updated": ctx.now, "voided_at": None,
+        "customer": cid,
+        "customer_account": None,
+        "effective_at": effective_at,
+        "expires_at": expires_at,
+        "metadata": p_metadata(params),
+        "name": p_str(params, "name", max_len=100),
+        "priority": p_int(params, "priority", default=50, lo=0, hi=100),
+        "test_clock": None,
+        "updated": ctx.now,
+        "voided_at": None,
     }
     return ctx.store.put("billing.credit_grant", obj)
 
@@ -90,8 +96,9 @@ def get_grant(ctx: Ctx, params: dict[str, Any], gid: str) -> dict[str, Any]:
 @route("GET", "/v1/billing/credit_grants")
 def list_grants(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     cid = p_str(params, "customer")
-    return list_response(ctx, ctx.store.list_objects(
-        "billing.credit_grant", lambda g: cid is None or g["customer"] == cid), params)
+    return list_response(
+        ctx, ctx.store.list_objects("billing.credit_grant", lambda g: cid is None or g["customer"] == cid), params
+    )
 
 
 @route("POST", "/v1/billing/credit_grants/{gid}")
@@ -156,19 +163,34 @@ def balance_summary(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     for g in grants:
         cur = g["amount"]["monetary"]["currency"]
         per_currency[cur] = per_currency.get(cur, 0) + available[g["id"]]
-    balances = [{"available_balance": {"type": "monetary", "monetary": {"currency": c, "value": v}},
-                 "ledger_balance": {"type": "monetary", "monetary": {"currency": c, "value": v}}}
-                for c, v in sorted(per_currency.items())]
-    return {"object": "billing.credit_balance_summary", "balances": balances, "customer": cid,
-            "customer_account": None, "livemode": False}
+    balances = [
+        {
+            "available_balance": {"type": "monetary", "monetary": {"currency": c, "value": v}},
+            "ledger_balance": {"type": "monetary", "monetary": {"currency": c, "value": v}},
+        }
+        for c, v in sorted(per_currency.items())
+    ]
+    return {
+        "object": "billing.credit_balance_summary",
+        "balances": balances,
+        "customer": cid,
+        "customer_account": None,
+        "livemode": False,
+    }
 
 
 @route("GET", "/v1/billing/credit_balance_transactions")
 def list_credit_transactions(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     cid = p_str(params, "customer", required=True)
     gid = p_str(params, "credit_grant")
-    return list_response(ctx, ctx.store.list_objects("billing.credit_balance_transaction", lambda t: t[
-        "customer"] == cid and (gid is None or t["credit_grant"] == gid)), params)
+    return list_response(
+        ctx,
+        ctx.store.list_objects(
+            "billing.credit_balance_transaction",
+            lambda t: t["customer"] == cid and (gid is None or t["credit_grant"] == gid),
+        ),
+        params,
+    )
 
 
 @route("GET", "/v1/billing/credit_balance_transactions/{tid}")
@@ -179,26 +201,57 @@ def get_credit_transaction(ctx: Ctx, params: dict[str, Any], tid: str) -> dict[s
 # ----------------------------------------------------------------------------- invoice items
 
 
-def add_invoice_item(ctx: Ctx, sub: dict[str, Any] | None, amount: int, description: str | None, start: int,
-                     end: int, *, customer: str | None = None, currency: str | None = None,
-                     price: dict[str, Any] | None = None, quantity: int | None = None, proration: bool = False,
-                     subscription_item: str | None = None, invoice: str | None = None,
-                     metadata: dict[str, str] | None = None) -> dict[str, Any]:
+def add_invoice_item(
+    ctx: Ctx,
+    sub: dict[str, Any] | None,
+    amount: int,
+    description: str | None,
+    start: int,
+    end: int,
+    *,
+    customer: str | None = None,
+    currency: str | None = None,
+    price: dict[str, Any] | None = None,
+    quantity: int | None = None,
+    proration: bool = False,
+    subscription_item: str | None = None,
+    invoice: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A pending invoice item (``invoice`` None): the next invoice of its customer/subscription takes it."""
     cus = customer or (sub["customer"] if sub else "")
     obj = base("invoiceitem", new_id("ii"), ctx) | {
-        "amount": amount, "currency": currency or (sub["currency"] if sub else "usd"), "customer": cus,
-        "customer_account": None, "date": ctx.now, "description": description, "discountable": not proration,
-        "discounts": [], "invoice": invoice, "metadata": metadata or {}, "net_amount": amount,
-        "period": {"start": start, "end": end}, "proration": proration,
-        "proration_details": {"discount_amounts": []}, "quantity": quantity if quantity is not None else 1,
-        "quantity_decimal": str(quantity if quantity is not None else 1), "tax_rates": [], "test_clock": None,
-        "parent": None if sub is None else {
+        "amount": amount,
+        "currency": currency or (sub["currency"] if sub else "usd"),
+        "customer": cus,
+        "customer_account": None,
+        "date": ctx.now,
+        "description": description,
+        "discountable": not proration,
+        "discounts": [],
+        "invoice": invoice,
+        "metadata": metadata or {},
+        "net_amount": amount,
+        "period": {"start": start, "end": end},
+        "proration": proration,
+        "proration_details": {"discount_amounts": []},
+        "quantity": quantity if quantity is not None else 1,
+        "quantity_decimal": str(quantity if quantity is not None else 1),
+        "tax_rates": [],
+        "test_clock": None,
+        "parent": None
+        if sub is None
+        else {
             "type": "subscription_details",
-            "subscription_details": {"subscription": sub["id"], "subscription_item": subscription_item}},
-        "pricing": None if price is None else {
-            "type": "price_details", "price_details": {"price": price["id"], "product": price["product"]},
-            "unit_amount_decimal": price.get("unit_amount_decimal")},
+            "subscription_details": {"subscription": sub["id"], "subscription_item": subscription_item},
+        },
+        "pricing": None
+        if price is None
+        else {
+            "type": "price_details",
+            "price_details": {"price": price["id"], "product": price["product"]},
+            "unit_amount_decimal": price.get("unit_amount_decimal"),
+        },
     }
     return ctx.store.put("invoiceitem", obj)
 
@@ -217,12 +270,25 @@ def metered_cents(ctx: Ctx, customer: str, price: dict[str, Any], lo: int, hi: i
 def create_invoice_item(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     cid = p_str(params, "customer", required=True) or ""
     need(ctx, "customer", cid, param="customer")
-    implemented = {"customer", "amount", "currency", "description", "period", "subscription", "invoice",
-                   "metadata", "expand"}
+    implemented = {
+        "customer",
+        "amount",
+        "currency",
+        "description",
+        "period",
+        "subscription",
+        "invoice",
+        "metadata",
+        "expand",
+    }
     extra = sorted(set(params) - implemented)
     if extra:
-        raise ApiError(400, f"The local Stripe server does not implement invoice item parameter {extra[0]}.",
-                       code="parameter_unsupported_locally", param=extra[0])
+        raise ApiError(
+            400,
+            f"The local Stripe server does not implement invoice item parameter {extra[0]}.",
+            code="parameter_unsupported_locally",
+            param=extra[0],
+        )
     amount = p_int(params, "amount", required=True)
     currency = (p_str(params, "currency", required=True) or "").lower()
     sub = None
@@ -242,8 +308,18 @@ def create_invoice_item(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
             raise invalid("invoice", f"Invoice {iid} is not a draft.", code="invoice_not_editable")
         if inv["customer"] != cid:
             raise invalid("invoice", f"Invoice {iid} does not belong to customer {cid}.")
-    item = add_invoice_item(ctx, sub, int(amount or 0), p_str(params, "description"), int(start or 0), int(end or 0),
-                            customer=cid, currency=currency, invoice=iid, metadata=p_metadata(params))
+    item = add_invoice_item(
+        ctx,
+        sub,
+        int(amount or 0),
+        p_str(params, "description"),
+        int(start or 0),
+        int(end or 0),
+        customer=cid,
+        currency=currency,
+        invoice=iid,
+        metadata=p_metadata(params),
+    )
     if inv is not None:
         inv["_specs"].append({"kind": "invoiceitem", "id": item["id"]})
         compute_invoice(ctx, inv, record=False)
@@ -261,8 +337,14 @@ def list_invoice_items(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     cid = p_str(params, "customer")
     iid = p_str(params, "invoice")
     pending = params.get("pending")
-    items = ctx.store.list_objects("invoiceitem", lambda x: (cid is None or x["customer"] == cid) and (
-        iid is None or x["invoice"] == iid) and (pending is None or (x["invoice"] is None) == (pending == "true")))
+    items = ctx.store.list_objects(
+        "invoiceitem",
+        lambda x: (
+            (cid is None or x["customer"] == cid)
+            and (iid is None or x["invoice"] == iid)
+            and (pending is None or (x["invoice"] is None) == (pending == "true"))
+        ),
+    )
     return list_response(ctx, items, params)
 
 
@@ -276,13 +358,25 @@ def _line(ctx: Ctx, inv: dict[str, Any], sub: dict[str, Any], spec: dict[str, An
         ii = need(ctx, "invoiceitem", spec["id"])
         price = ctx.store.get("price", ii["pricing"]["price_details"]["price"]) if ii["pricing"] else None
         return {
-            "id": "il_" + ii["id"][3:], "object": "line_item", "amount": ii["amount"], "currency": ii["currency"],
-            "description": ii["description"], "period": ii["period"], "quantity": ii["quantity"],
-            "quantity_decimal": ii["quantity_decimal"], "pricing": ii["pricing"] and dict(ii["pricing"]),
-            "parent": {"type": "invoice_item_details", "subscription_item_details": None,
-                       "invoice_item_details": {"invoice_item": ii["id"], "proration": ii["proration"],
-                                                "proration_details": {"credited_items": None},
-                                                "subscription": sub["id"]}},
+            "id": "il_" + ii["id"][3:],
+            "object": "line_item",
+            "amount": ii["amount"],
+            "currency": ii["currency"],
+            "description": ii["description"],
+            "period": ii["period"],
+            "quantity": ii["quantity"],
+            "quantity_decimal": ii["quantity_decimal"],
+            "pricing": ii["pricing"] and dict(ii["pricing"]),
+            "parent": {
+                "type": "invoice_item_details",
+                "subscription_item_details": None,
+                "invoice_item_details": {
+                    "invoice_item": ii["id"],
+                    "proration": ii["proration"],
+                    "proration_details": {"credited_items": None},
+                    "subscription": sub["id"],
+                },
+            },
             "_metered": bool(price and price["recurring"] and price["recurring"]["usage_type"] == "metered"),
             "_price": price["id"] if price else None,
         }
@@ -295,17 +389,32 @@ def _line(ctx: Ctx, inv: dict[str, Any], sub: dict[str, Any], spec: dict[str, An
         amount = round_cents(exact_amount(price, qty) * Decimal(spec.get("factor") or "1"))
     nick = price.get("nickname") or (ctx.store.get("product", price.get("product", "")) or {}).get("name")
     return {
-        "id": f"il_{spec['item'][3:]}_{spec['start']}_{spec['kind'][0]}", "object": "line_item", "amount": amount,
-        "currency": price["currency"], "description": spec.get("description") or f"{nick} ({spec['kind']})",
-        "period": {"start": spec["start"], "end": spec["end"]}, "quantity": int(qty),
+        "id": f"il_{spec['item'][3:]}_{spec['start']}_{spec['kind'][0]}",
+        "object": "line_item",
+        "amount": amount,
+        "currency": price["currency"],
+        "description": spec.get("description") or f"{nick} ({spec['kind']})",
+        "period": {"start": spec["start"], "end": spec["end"]},
+        "quantity": int(qty),
         "quantity_decimal": format(qty, "f"),
-        "pricing": {"type": "price_details", "price_details": {"price": price["id"], "product": price["product"]},
-                    "unit_amount_decimal": price.get("unit_amount_decimal")},
-        "parent": {"type": "subscription_item_details", "invoice_item_details": None,
-                   "subscription_item_details": {"subscription": sub["id"], "subscription_item": spec["item"],
-                                                 "invoice_item": None, "proration": bool(spec.get("proration")),
-                                                 "proration_details": {"credited_items": None}}},
-        "_metered": spec["kind"] == "metered", "_price": price["id"],
+        "pricing": {
+            "type": "price_details",
+            "price_details": {"price": price["id"], "product": price["product"]},
+            "unit_amount_decimal": price.get("unit_amount_decimal"),
+        },
+        "parent": {
+            "type": "subscription_item_details",
+            "invoice_item_details": None,
+            "subscription_item_details": {
+                "subscription": sub["id"],
+                "subscription_item": spec["item"],
+                "invoice_item": None,
+                "proration": bool(spec.get("proration")),
+                "proration_details": {"credited_items": None},
+            },
+        },
+        "_metered": spec["kind"] == "metered",
+        "_price": price["id"],
     }
 
 
@@ -315,13 +424,22 @@ def compute_invoice(ctx: Ctx, inv: dict[str, Any], *, record: bool) -> dict[str,
     lines = []
     for spec in inv["_specs"]:
         line = _line(ctx, inv, sub, spec) | {
-            "discount_amounts": [], "discountable": True, "discounts": [], "invoice": inv["id"], "livemode": False,
-            "metadata": {}, "pretax_credit_amounts": [], "subscription": sub["id"], "taxes": []}
+            "discount_amounts": [],
+            "discountable": True,
+            "discounts": [],
+            "invoice": inv["id"],
+            "livemode": False,
+            "metadata": {},
+            "pretax_credit_amounts": [],
+            "subscription": sub["id"],
+            "taxes": [],
+        }
         line["subtotal"] = line["amount"]
         lines.append(line)
     grants, available = grants_available(ctx, sub["customer"])
-    credit_lines = [CreditLine(i, ln["_price"], ln["currency"], ln["amount"])
-                    for i, ln in enumerate(lines) if ln["_metered"]]
+    credit_lines = [
+        CreditLine(i, ln["_price"], ln["currency"], ln["amount"]) for i, ln in enumerate(lines) if ln["_metered"]
+    ]
     apply_credits(credit_lines, grants, available)
     total_credits: list[dict[str, Any]] = []
     for cl in credit_lines:
@@ -329,15 +447,30 @@ def compute_invoice(ctx: Ctx, inv: dict[str, Any], *, record: bool) -> dict[str,
         for gid, cents in cl.applied:
             txn_id = new_id("credtxn") if record else None
             if record:
-                ctx.store.put("billing.credit_balance_transaction", base(
-                    "billing.credit_balance_transaction", txn_id or "", ctx) | {
-                    "credit": None, "credit_grant": gid, "customer": sub["customer"], "customer_account": None,
-                    "effective_at": ctx.now, "test_clock": None, "type": "debit",
-                    "debit": {"type": "credits_applied",
-                              "amount": {"type": "monetary", "monetary": {"currency": cl.currency, "value": cents}},
-                              "credits_applied": {"invoice": inv["id"], "invoice_line_item": line["id"]}}})
-            entry = {"amount": cents, "type": "credit_balance_transaction", "credit_balance_transaction": txn_id,
-                     "discount": None}
+                ctx.store.put(
+                    "billing.credit_balance_transaction",
+                    base("billing.credit_balance_transaction", txn_id or "", ctx)
+                    | {
+                        "credit": None,
+                        "credit_grant": gid,
+                        "customer": sub["customer"],
+                        "customer_account": None,
+                        "effective_at": ctx.now,
+                        "test_clock": None,
+                        "type": "debit",
+                        "debit": {
+                            "type": "credits_applied",
+                            "amount": {"type": "monetary", "monetary": {"currency": cl.currency, "value": cents}},
+                            "credits_applied": {"invoice": inv["id"], "invoice_line_item": line["id"]},
+                        },
+                    },
+                )
+            entry = {
+                "amount": cents,
+                "type": "credit_balance_transaction",
+                "credit_balance_transaction": txn_id,
+                "discount": None,
+            }
             line["pretax_credit_amounts"].append(entry)
             total_credits.append(entry)
     for line in lines:
@@ -345,10 +478,19 @@ def compute_invoice(ctx: Ctx, inv: dict[str, Any], *, record: bool) -> dict[str,
         line.pop("_price")
     subtotal = sum(ln["amount"] for ln in lines)
     total = subtotal - sum(c["amount"] for c in total_credits)
-    inv.update({"lines": {"object": "list", "data": lines, "has_more": False, "url": f"/v1/invoices/{inv['id']}/lines"},
-                "subtotal": subtotal, "subtotal_excluding_tax": subtotal, "total": total, "total_excluding_tax": total,
-                "total_pretax_credit_amounts": total_credits, "amount_due": max(total, 0),
-                "amount_remaining": max(total, 0), "currency": sub["currency"]})
+    inv.update(
+        {
+            "lines": {"object": "list", "data": lines, "has_more": False, "url": f"/v1/invoices/{inv['id']}/lines"},
+            "subtotal": subtotal,
+            "subtotal_excluding_tax": subtotal,
+            "total": total,
+            "total_excluding_tax": total,
+            "total_pretax_credit_amounts": total_credits,
+            "amount_due": max(total, 0),
+            "amount_remaining": max(total, 0),
+            "currency": sub["currency"],
+        }
+    )
     if record:
         customer = need(ctx, "customer", sub["customer"])
         starting = int(customer.get("balance") or 0)
@@ -357,45 +499,92 @@ def compute_invoice(ctx: Ctx, inv: dict[str, Any], *, record: bool) -> dict[str,
         if total < 0:  # a net credit (a downgrade's prorations) goes to the customer balance, as on Stripe
             inv["ending_balance"] = starting + total
             inv["amount_due"] = inv["amount_remaining"] = 0
-            add_balance_transaction(ctx, customer, total, sub["currency"], type_="adjustment", invoice=inv["id"],
-                                    description=f"Credit from invoice {inv['id']}")
+            add_balance_transaction(
+                ctx,
+                customer,
+                total,
+                sub["currency"],
+                type_="adjustment",
+                invoice=inv["id"],
+                description=f"Credit from invoice {inv['id']}",
+            )
             return inv
         # a credit (negative balance) lowers what is due down to 0; a debit raises it
         applied = (max(starting, -total) if starting < 0 else starting) if same_currency else 0
         inv["ending_balance"] = starting - applied
         inv["amount_due"] = inv["amount_remaining"] = total + applied
         if applied:
-            add_balance_transaction(ctx, customer, -applied, sub["currency"], type_="applied_to_invoice",
-                                    invoice=inv["id"], description=f"Applied to invoice {inv['id']}")
+            add_balance_transaction(
+                ctx,
+                customer,
+                -applied,
+                sub["currency"],
+                type_="applied_to_invoice",
+                invoice=inv["id"],
+                description=f"Applied to invoice {inv['id']}",
+            )
     return inv
 
 
-def new_invoice(ctx: Ctx, sub: dict[str, Any], start: int, end: int, ident: str,
-                reason: str = "subscription_cycle") -> dict[str, Any]:
+def new_invoice(
+    ctx: Ctx, sub: dict[str, Any], start: int, end: int, ident: str, reason: str = "subscription_cycle"
+) -> dict[str, Any]:
     return base("invoice", ident, ctx) | {
-        "customer": sub["customer"], "status": "draft", "billing_reason": reason,
-        "collection_method": "charge_automatically", "period_start": start, "period_end": end,
-        "parent": {"type": "subscription_details", "quote_details": None,
-                   "subscription_details": {"subscription": sub["id"], "metadata": sub["metadata"]}},
-        "amount_paid": 0, "amount_overpaid": 0, "amount_shipping": 0, "amount_paid_off_stripe": 0,
-        "attempt_count": 0, "attempted": False, "auto_advance": True, "automatically_finalizes_at": end + GRACE,
-        "automatic_tax": {"enabled": False, "liability": None, "provider": None, "status": None,
-                          "disabled_reason": None},
-        "default_tax_rates": [], "issuer": {"type": "self"},
+        "customer": sub["customer"],
+        "status": "draft",
+        "billing_reason": reason,
+        "collection_method": "charge_automatically",
+        "period_start": start,
+        "period_end": end,
+        "parent": {
+            "type": "subscription_details",
+            "quote_details": None,
+            "subscription_details": {"subscription": sub["id"], "metadata": sub["metadata"]},
+        },
+        "amount_paid": 0,
+        "amount_overpaid": 0,
+        "amount_shipping": 0,
+        "amount_paid_off_stripe": 0,
+        "attempt_count": 0,
+        "attempted": False,
+        "auto_advance": True,
+        "automatically_finalizes_at": end + GRACE,
+        "automatic_tax": {
+            "enabled": False,
+            "liability": None,
+            "provider": None,
+            "status": None,
+            "disabled_reason": None,
+        },
+        "default_tax_rates": [],
+        "issuer": {"type": "self"},
         "payment_settings": {"default_mandate": None, "payment_method_options": None, "payment_method_types": None},
-        "discounts": [], "metadata": {}, "number": None, "starting_balance": 0, "ending_balance": None,
-        "total_discount_amounts": [], "total_taxes": [], "effective_at": None,
-        "post_payment_credit_notes_amount": 0, "pre_payment_credit_notes_amount": 0,
-        "status_transitions": {"finalized_at": None, "paid_at": None, "voided_at": None,
-                               "marked_uncollectible_at": None},
-        "_subscription": sub["id"], "_specs": [],
+        "discounts": [],
+        "metadata": {},
+        "number": None,
+        "starting_balance": 0,
+        "ending_balance": None,
+        "total_discount_amounts": [],
+        "total_taxes": [],
+        "effective_at": None,
+        "post_payment_credit_notes_amount": 0,
+        "pre_payment_credit_notes_amount": 0,
+        "status_transitions": {
+            "finalized_at": None,
+            "paid_at": None,
+            "voided_at": None,
+            "marked_uncollectible_at": None,
+        },
+        "_subscription": sub["id"],
+        "_specs": [],
     }
 
 
 def _take_pending(ctx: Ctx, inv: dict[str, Any], sub: dict[str, Any]) -> None:
     """Attach the customer's pending invoice items (of this subscription, or of none) to ``inv``."""
-    for ii in reversed(ctx.store.list_objects("invoiceitem", lambda x: x["invoice"] is None
-                                              and x["customer"] == sub["customer"])):
+    for ii in reversed(
+        ctx.store.list_objects("invoiceitem", lambda x: x["invoice"] is None and x["customer"] == sub["customer"])
+    ):
         parent = ii.get("parent") or {}
         owner = (parent.get("subscription_details") or {}).get("subscription")
         if owner not in (None, sub["id"]):
@@ -405,8 +594,9 @@ def _take_pending(ctx: Ctx, inv: dict[str, Any], sub: dict[str, Any]) -> None:
         inv["_specs"].append({"kind": "invoiceitem", "id": ii["id"]})
 
 
-def issue_invoice(ctx: Ctx, sub: dict[str, Any], reason: str, start: int, end: int,
-                  specs: list[dict[str, Any]]) -> dict[str, Any]:
+def issue_invoice(
+    ctx: Ctx, sub: dict[str, Any], reason: str, start: int, end: int, specs: list[dict[str, Any]]
+) -> dict[str, Any]:
     """An invoice outside the cycle (``subscription_create`` / ``subscription_update``), finalized at once."""
     inv = new_invoice(ctx, sub, start, end, new_id("in"), reason)
     inv["_specs"] = list(specs)
@@ -421,8 +611,11 @@ def public_invoice(inv: dict[str, Any]) -> dict[str, Any]:
 
 def finalize(ctx: Ctx, inv: dict[str, Any]) -> dict[str, Any]:
     if inv["status"] != "draft":
-        raise invalid("invoice", f"Invoice {inv['id']} is already finalized (status {inv['status']}).",
-                      code="invoice_not_editable")
+        raise invalid(
+            "invoice",
+            f"Invoice {inv['id']} is already finalized (status {inv['status']}).",
+            code="invoice_not_editable",
+        )
     compute_invoice(ctx, inv, record=True)
     inv["status"] = "paid" if inv["amount_due"] == 0 else "open"
     inv["number"] = f"LOCAL-{ctx.store.next_number('invoice'):05d}"
@@ -435,16 +628,35 @@ def finalize(ctx: Ctx, inv: dict[str, Any]) -> dict[str, Any]:
 
 def cycle_specs(ctx: Ctx, sub: dict[str, Any], start: int, end: int) -> list[dict[str, Any]]:
     """Metered usage of ``[start, end)`` per metered item (from when the item was added)."""
-    return [{"kind": "metered", "item": it["id"], "price": it["price"]["id"],
-             "start": max(start, int(it.get("_usage_from", start))), "end": end}
-            for it in sub["items"]["data"] if is_metered(it["price"])]
+    return [
+        {
+            "kind": "metered",
+            "item": it["id"],
+            "price": it["price"]["id"],
+            "start": max(start, int(it.get("_usage_from", start))),
+            "end": end,
+        }
+        for it in sub["items"]["data"]
+        if is_metered(it["price"])
+    ]
 
 
 def advance_specs(ctx: Ctx, sub: dict[str, Any], start: int, end: int) -> list[dict[str, Any]]:
     """Licensed items billed in advance for ``[start, end)``."""
-    return [{"kind": "licensed", "item": it["id"], "price": it["price"]["id"], "quantity": it["quantity"],
-             "start": start, "end": end, "factor": "1", "description": _label(ctx, it)}
-            for it in sub["items"]["data"] if not is_metered(it["price"])]
+    return [
+        {
+            "kind": "licensed",
+            "item": it["id"],
+            "price": it["price"]["id"],
+            "quantity": it["quantity"],
+            "start": start,
+            "end": end,
+            "factor": "1",
+            "description": _label(ctx, it),
+        }
+        for it in sub["items"]["data"]
+        if not is_metered(it["price"])
+    ]
 
 
 def tick(ctx: Ctx, *, finalize_now: bool = False) -> list[str]:
@@ -486,8 +698,14 @@ def list_invoices(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     cid = p_str(params, "customer")
     sid = p_str(params, "subscription")
     status = p_str(params, "status")
-    items = ctx.store.list_objects("invoice", lambda i: (cid is None or i["customer"] == cid) and (
-        sid is None or i["_subscription"] == sid) and (status is None or i["status"] == status))
+    items = ctx.store.list_objects(
+        "invoice",
+        lambda i: (
+            (cid is None or i["customer"] == cid)
+            and (sid is None or i["_subscription"] == sid)
+            and (status is None or i["status"] == status)
+        ),
+    )
     return list_response(ctx, [public_invoice(i) for i in items], params)
 
 
@@ -531,8 +749,9 @@ def create_preview(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     start, end = current_period(sub)
     inv = new_invoice(ctx, sub, start, end, "upcoming_in_" + secrets.token_hex(12), "upcoming")
     inv["_specs"] = cycle_specs(ctx, sub, start, end)
-    for ii in reversed(ctx.store.list_objects("invoiceitem", lambda x: x["invoice"] is None
-                                              and x["customer"] == sub["customer"])):
+    for ii in reversed(
+        ctx.store.list_objects("invoiceitem", lambda x: x["invoice"] is None and x["customer"] == sub["customer"])
+    ):
         inv["_specs"].append({"kind": "invoiceitem", "id": ii["id"]})
     if not sub["cancel_at_period_end"]:
         k = int(sub["_period_index"]) + 1

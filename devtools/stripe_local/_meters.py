@@ -32,7 +32,7 @@ _WHOLE = re.compile(r"^\d+$")
 
 
 def iso(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def parse_iso(value: Any, param: str) -> int:
@@ -41,7 +41,7 @@ def parse_iso(value: Any, param: str) -> int:
     except ValueError:
         raise invalid(param, f"Invalid timestamp {value!r}: expected ISO-8601.") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+        parsed = parsed.replace(tzinfo=dt.UTC)
     return int(parsed.timestamp())
 
 
@@ -57,16 +57,22 @@ def create_meter(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     cm = p_dict(params, "customer_mapping")
     vs = p_dict(params, "value_settings")
     if ctx.store.list_objects("billing.meter", lambda m: m["event_name"] == event_name):
-        raise invalid("event_name", f"A meter with event_name '{event_name}' already exists.",
-                      code="resource_already_exists")
+        raise invalid(
+            "event_name", f"A meter with event_name '{event_name}' already exists.", code="resource_already_exists"
+        )
     obj = base("billing.meter", new_id("mtr"), ctx) | {
-        "display_name": display_name, "event_name": event_name,
+        "display_name": display_name,
+        "event_name": event_name,
         "default_aggregation": {"formula": formula},
-        "customer_mapping": {"type": p_str(cm, "type", default="by_id", choices=("by_id",)),
-                             "event_payload_key": p_str(cm, "event_payload_key", default="stripe_customer_id")},
+        "customer_mapping": {
+            "type": p_str(cm, "type", default="by_id", choices=("by_id",)),
+            "event_payload_key": p_str(cm, "event_payload_key", default="stripe_customer_id"),
+        },
         "value_settings": {"event_payload_key": p_str(vs, "event_payload_key", default="value")},
         "event_time_window": p_str(params, "event_time_window", choices=("day", "hour")),
-        "status": "active", "status_transitions": {"deactivated_at": None}, "updated": ctx.now,
+        "status": "active",
+        "status_transitions": {"deactivated_at": None},
+        "updated": ctx.now,
     }
     return ctx.store.put("billing.meter", obj)
 
@@ -97,8 +103,9 @@ def update_meter(ctx: Ctx, params: dict[str, Any], mid: str) -> dict[str, Any]:
 @route("GET", "/v1/billing/meters")
 def list_meters(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     status = p_str(params, "status", choices=("active", "inactive"))
-    return list_response(ctx, ctx.store.list_objects(
-        "billing.meter", lambda m: status is None or m["status"] == status), params)
+    return list_response(
+        ctx, ctx.store.list_objects("billing.meter", lambda m: status is None or m["status"] == status), params
+    )
 
 
 def _set_status(ctx: Ctx, mid: str, status: str) -> dict[str, Any]:
@@ -124,15 +131,23 @@ def reactivate_meter(ctx: Ctx, params: dict[str, Any], mid: str) -> dict[str, An
 # ----------------------------------------------------------------------------- ingestion
 
 
-def error_report(ctx: Ctx, code: str, message: str, *, event_name: str, identifier: str,
-                 meter: str | None) -> None:
-    ctx.store.put("error_report", base("billing.meter_error_report", new_id("mtrerr"), ctx) | {
-        "code": code, "message": message, "event_name": event_name, "identifier": identifier, "meter": meter,
-    })
+def error_report(ctx: Ctx, code: str, message: str, *, event_name: str, identifier: str, meter: str | None) -> None:
+    ctx.store.put(
+        "error_report",
+        base("billing.meter_error_report", new_id("mtrerr"), ctx)
+        | {
+            "code": code,
+            "message": message,
+            "event_name": event_name,
+            "identifier": identifier,
+            "meter": meter,
+        },
+    )
 
 
-def ingest(ctx: Ctx, *, event_name: Any, payload: Any, identifier: Any, timestamp: int | None,
-           sync: bool, prefix: str = "") -> tuple[str, int] | None:
+def ingest(
+    ctx: Ctx, *, event_name: Any, payload: Any, identifier: Any, timestamp: int | None, sync: bool, prefix: str = ""
+) -> tuple[str, int] | None:
     """Validate and store one event; returns ``(identifier, timestamp)`` or None when dropped (async).
 
     ``sync`` raises ``ApiError`` for request-level problems; otherwise they become error reports.
@@ -156,31 +171,49 @@ def ingest(ctx: Ctx, *, event_name: Any, payload: Any, identifier: Any, timestam
     if ctx.store.recent_event(ident, ctx.now - IDENTIFIER_WINDOW) is not None:
         if not sync:
             return None
-        raise ApiError(400, f"An event already exists with identifier {ident}.",
-                       code="duplicate_meter_event", param=prefix + "identifier")
+        raise ApiError(
+            400,
+            f"An event already exists with identifier {ident}.",
+            code="duplicate_meter_event",
+            param=prefix + "identifier",
+        )
     if ts < ctx.now - PAST_WINDOW:
-        problem = ("timestamp_too_far_in_past",
-                   f"Timestamp {ts} is more than 35 days in the past (now {ctx.now}).", "timestamp")
+        problem = (
+            "timestamp_too_far_in_past",
+            f"Timestamp {ts} is more than 35 days in the past (now {ctx.now}).",
+            "timestamp",
+        )
     elif ts > ctx.now + FUTURE_SKEW:
-        problem = ("timestamp_in_future", f"Timestamp {ts} is more than 5 minutes in the future (now {ctx.now}).",
-                   "timestamp")
+        problem = (
+            "timestamp_in_future",
+            f"Timestamp {ts} is more than 5 minutes in the future (now {ctx.now}).",
+            "timestamp",
+        )
     elif meter is None or meter["default_aggregation"]["formula"] != "count" or value is not None:
         if value is None:
-            problem = ("meter_event_invalid_value", f"The payload must contain '{value_key}' as a string.",
-                       f"payload[{value_key}]")
+            problem = (
+                "meter_event_invalid_value",
+                f"The payload must contain '{value_key}' as a string.",
+                f"payload[{value_key}]",
+            )
         elif not _WHOLE.match(value):
-            problem = ("meter_event_invalid_value",
-                       f"The value in the event payload must be a non-negative whole number. Received {value}.",
-                       f"payload[{value_key}]")
+            problem = (
+                "meter_event_invalid_value",
+                f"The value in the event payload must be a non-negative whole number. Received {value}.",
+                f"payload[{value_key}]",
+            )
         elif len(value.lstrip("0")) > 15:
-            problem = ("meter_event_value_too_many_digits",
-                       f"The value in the event payload can have at most 15 digits. Received {value}.",
-                       f"payload[{value_key}]")
+            problem = (
+                "meter_event_value_too_many_digits",
+                f"The value in the event payload can have at most 15 digits. Received {value}.",
+                f"payload[{value_key}]",
+            )
     if problem is not None:
         if sync:
             raise ApiError(400, problem[1], code=problem[0], param=prefix + problem[2])
-        error_report(ctx, problem[0], problem[1], event_name=event_name, identifier=ident,
-                     meter=meter["id"] if meter else None)
+        error_report(
+            ctx, problem[0], problem[1], event_name=event_name, identifier=ident, meter=meter["id"] if meter else None
+        )
         return None
 
     customer = payload.get(customer_key)
@@ -195,12 +228,18 @@ def ingest(ctx: Ctx, *, event_name: Any, payload: Any, identifier: Any, timestam
         code, message = "meter_event_customer_not_found", f"No customer found with id {customer}."
     if code is not None:
         status = "invalid"
-        error_report(ctx, code, message, event_name=event_name, identifier=ident,
-                     meter=meter["id"] if meter else None)
-    ctx.store.insert_event(event_name=event_name, identifier=ident,
-                           customer=customer if isinstance(customer, str) else None, value=value or "0",
-                           timestamp=ts, received=ctx.now, status=status, error_code=code,
-                           payload={str(k): str(v) for k, v in payload.items()})
+        error_report(ctx, code, message, event_name=event_name, identifier=ident, meter=meter["id"] if meter else None)
+    ctx.store.insert_event(
+        event_name=event_name,
+        identifier=ident,
+        customer=customer if isinstance(customer, str) else None,
+        value=value or "0",
+        timestamp=ts,
+        received=ctx.now,
+        status=status,
+        error_code=code,
+        payload={str(k): str(v) for k, v in payload.items()},
+    )
     return ident, ts
 
 
@@ -213,28 +252,60 @@ def create_meter_event(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
             ts = int(str(ts_raw))
         except ValueError:
             raise invalid("timestamp", f"Invalid integer: {ts_raw}") from None
-    result = ingest(ctx, event_name=params.get("event_name"), payload=params.get("payload"),
-                    identifier=params.get("identifier"), timestamp=ts, sync=True)
+    result = ingest(
+        ctx,
+        event_name=params.get("event_name"),
+        payload=params.get("payload"),
+        identifier=params.get("identifier"),
+        timestamp=ts,
+        sync=True,
+    )
     assert result is not None
-    return {"object": "billing.meter_event", "created": ctx.now, "event_name": params["event_name"],
-            "identifier": result[0], "livemode": False, "payload": params["payload"], "timestamp": result[1]}
+    return {
+        "object": "billing.meter_event",
+        "created": ctx.now,
+        "event_name": params["event_name"],
+        "identifier": result[0],
+        "livemode": False,
+        "payload": params["payload"],
+        "timestamp": result[1],
+    }
 
 
 @route("POST", "/v2/billing/meter_events")
 def create_meter_event_v2(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     ts = parse_iso(params["timestamp"], "timestamp") if params.get("timestamp") else None
-    result = ingest(ctx, event_name=params.get("event_name"), payload=params.get("payload"),
-                    identifier=params.get("identifier"), timestamp=ts, sync=True)
+    result = ingest(
+        ctx,
+        event_name=params.get("event_name"),
+        payload=params.get("payload"),
+        identifier=params.get("identifier"),
+        timestamp=ts,
+        sync=True,
+    )
     assert result is not None
-    return {"object": "v2.billing.meter_event", "created": iso(ctx.now), "event_name": params["event_name"],
-            "identifier": result[0], "livemode": False, "payload": params["payload"], "timestamp": iso(result[1])}
+    return {
+        "object": "v2.billing.meter_event",
+        "created": iso(ctx.now),
+        "event_name": params["event_name"],
+        "identifier": result[0],
+        "livemode": False,
+        "payload": params["payload"],
+        "timestamp": iso(result[1]),
+    }
 
 
 @route("POST", "/v2/billing/meter_event_session")
 def create_session(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     token = "mes_tok_" + secrets.token_urlsafe(24)
-    obj = {"id": new_id("mes"), "object": "v2.billing.meter_event_session", "authentication_token": token,
-           "created": iso(ctx.now), "expires_at": iso(ctx.now + SESSION_TTL), "livemode": False}
+    obj = {
+        "id": new_id("mes"),
+        "object": "v2.billing.meter_event_session",
+        "authentication_token": token,
+        "created": iso(ctx.now),
+        "expires_at": iso(ctx.now + SESSION_TTL),
+        "livemode": False,
+    }
     ctx.store.put("meter_event_session", obj | {"_token": token, "_expires": ctx.now + SESSION_TTL})
     return obj
 
@@ -243,11 +314,19 @@ def check_session_token(ctx: Ctx) -> None:
     """Raise 401 unless ``ctx.token`` is a live meter event session token."""
     found = ctx.store.list_objects("meter_event_session", lambda s: s["_token"] == ctx.token)
     if not found:
-        raise ApiError(401, "Invalid meter event session authentication token.", type="authentication_error",
-                       code="invalid_api_key")
+        raise ApiError(
+            401,
+            "Invalid meter event session authentication token.",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
     if found[0]["_expires"] <= ctx.now:
-        raise ApiError(401, "The meter event session has expired; create a new session.",
-                       type="temporary_session_expired", code="billing_meter_event_session_expired")
+        raise ApiError(
+            401,
+            "The meter event session has expired; create a new session.",
+            type="temporary_session_expired",
+            code="billing_meter_event_session_expired",
+        )
 
 
 @route("POST", "/v2/billing/meter_event_stream")
@@ -264,12 +343,20 @@ def meter_event_stream(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
             raise invalid(f"events[{i}]", "Each event must be an object.")
         ts = parse_iso(ev["timestamp"], f"events[{i}].timestamp") if ev.get("timestamp") else None
         if not isinstance(ev.get("event_name"), str) or not isinstance(ev.get("payload"), dict):
-            raise missing(f"events[{i}].event_name" if not isinstance(ev.get("event_name"), str)
-                          else f"events[{i}].payload")
+            raise missing(
+                f"events[{i}].event_name" if not isinstance(ev.get("event_name"), str) else f"events[{i}].payload"
+            )
         parsed.append((ev, ts))
     for i, (ev, ts) in enumerate(parsed):
-        ingest(ctx, event_name=ev["event_name"], payload=ev["payload"], identifier=ev.get("identifier"),
-               timestamp=ts, sync=False, prefix=f"events[{i}].")
+        ingest(
+            ctx,
+            event_name=ev["event_name"],
+            payload=ev["payload"],
+            identifier=ev.get("identifier"),
+            timestamp=ts,
+            sync=False,
+            prefix=f"events[{i}].",
+        )
     return {}
 
 
@@ -279,8 +366,11 @@ def meter_event_stream(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
 def cancel_event(ctx: Ctx, event_name: str, identifier: str, param: str) -> None:
     ev = ctx.store.recent_event(identifier, ctx.now - IDENTIFIER_WINDOW)
     if ev is None or ev.event_name != event_name:
-        raise invalid(param, f"No meter event with identifier {identifier} for {event_name} received in the last"
-                      " 24 hours.", code="resource_missing")
+        raise invalid(
+            param,
+            f"No meter event with identifier {identifier} for {event_name} received in the last 24 hours.",
+            code="resource_missing",
+        )
     if ev.status == "canceled":
         raise invalid(param, f"The meter event {identifier} is already canceled.")
     ctx.store.set_event_status(ev.seq, "canceled")
@@ -299,17 +389,30 @@ def _adjustment_params(params: dict[str, Any], sep: str) -> tuple[str, str]:
 def create_adjustment(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     event_name, ident = _adjustment_params(params, "[")
     cancel_event(ctx, event_name, ident, "cancel[identifier]")
-    return {"object": "billing.meter_event_adjustment", "cancel": {"identifier": ident}, "event_name": event_name,
-            "livemode": False, "status": "complete", "type": "cancel"}
+    return {
+        "object": "billing.meter_event_adjustment",
+        "cancel": {"identifier": ident},
+        "event_name": event_name,
+        "livemode": False,
+        "status": "complete",
+        "type": "cancel",
+    }
 
 
 @route("POST", "/v2/billing/meter_event_adjustments")
 def create_adjustment_v2(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     event_name, ident = _adjustment_params(params, ".")
     cancel_event(ctx, event_name, ident, "cancel.identifier")
-    return {"id": new_id("mtradj"), "object": "v2.billing.meter_event_adjustment", "created": iso(ctx.now),
-            "cancel": {"identifier": ident}, "event_name": event_name, "livemode": False, "status": "complete",
-            "type": "cancel"}
+    return {
+        "id": new_id("mtradj"),
+        "object": "v2.billing.meter_event_adjustment",
+        "created": iso(ctx.now),
+        "cancel": {"identifier": ident},
+        "event_name": event_name,
+        "livemode": False,
+        "status": "complete",
+        "type": "cancel",
+    }
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -362,9 +465,17 @@ def event_summaries(ctx: Ctx, params: dict[str, Any], mid: str) -> dict[str, Any
     out = []
     for lo, hi in ranges:
         in_range = [e for e in events if lo <= e.timestamp < hi]
-        out.append({"id": f"mtrusum_{mid[4:]}_{lo}_{hi}", "object": "billing.meter_event_summary",
-                    "aggregated_value": json_number(aggregate(formula, in_range)), "start_time": lo,
-                    "end_time": hi, "livemode": False, "meter": mid})
+        out.append(
+            {
+                "id": f"mtrusum_{mid[4:]}_{lo}_{hi}",
+                "object": "billing.meter_event_summary",
+                "aggregated_value": json_number(aggregate(formula, in_range)),
+                "start_time": lo,
+                "end_time": hi,
+                "livemode": False,
+                "meter": mid,
+            }
+        )
     return list_response(ctx, out, params)
 
 
@@ -378,9 +489,20 @@ def list_error_reports(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
 @route("GET", "/_test/meter_events")
 def list_raw_events(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     rows = ctx.store.all_events(p_str(params, "event_name"))
-    data = [{"identifier": e.identifier, "event_name": e.event_name, "customer": e.customer, "value": e.value,
-             "timestamp": e.timestamp, "received": e.received, "status": e.status, "error_code": e.error_code,
-             "payload": e.payload} for e in rows]
+    data = [
+        {
+            "identifier": e.identifier,
+            "event_name": e.event_name,
+            "customer": e.customer,
+            "value": e.value,
+            "timestamp": e.timestamp,
+            "received": e.received,
+            "status": e.status,
+            "error_code": e.error_code,
+            "payload": e.payload,
+        }
+        for e in rows
+    ]
     return {"object": "list", "data": data, "has_more": False, "url": ctx.path}
 
 
@@ -391,4 +513,3 @@ def delete_meter_event(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     if not deleted:
         raise not_found("meter event", ident, "identifier")
     return {"deleted": deleted, "identifier": ident}
-

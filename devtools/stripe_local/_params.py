@@ -114,8 +114,15 @@ def canonical(params: Any) -> Any:
 # ----------------------------------------------------------------------------- typed accessors
 
 
-def p_str(params: dict[str, Any], name: str, *, required: bool = False, default: str | None = None,
-          choices: tuple[str, ...] | None = None, max_len: int = 5000) -> str | None:
+def p_str(
+    params: dict[str, Any],
+    name: str,
+    *,
+    required: bool = False,
+    default: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    max_len: int = 5000,
+) -> str | None:
     value = params.get(name)
     if value is None or value == "":
         if required:
@@ -130,8 +137,15 @@ def p_str(params: dict[str, Any], name: str, *, required: bool = False, default:
     return value
 
 
-def p_int(params: dict[str, Any], name: str, *, required: bool = False, default: int | None = None,
-          lo: int | None = None, hi: int | None = None) -> int | None:
+def p_int(
+    params: dict[str, Any],
+    name: str,
+    *,
+    required: bool = False,
+    default: int | None = None,
+    lo: int | None = None,
+    hi: int | None = None,
+) -> int | None:
     value = params.get(name)
     if value is None or value == "":
         if required:

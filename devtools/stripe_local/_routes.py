@@ -66,12 +66,12 @@ def list_response(ctx: Ctx, items: list[dict[str, Any]], params: dict[str, Any])
     if after is not None:
         if after not in ids:
             raise invalid("starting_after", f"No such object: '{after}'", code="resource_missing")
-        items = items[ids.index(after) + 1:]
+        items = items[ids.index(after) + 1 :]
         page, more = items[:limit], len(items) > limit
     elif before is not None:
         if before not in ids:
             raise invalid("ending_before", f"No such object: '{before}'", code="resource_missing")
-        items = items[:ids.index(before)]
+        items = items[: ids.index(before)]
         page, more = items[-limit:], len(items) > limit
     else:
         page, more = items[:limit], len(items) > limit

@@ -78,8 +78,11 @@ class App:
                     kind = str(params.get("kind"))
                     if kind not in FAULT_KINDS:
                         raise ApiError(400, f"kind must be one of {', '.join(FAULT_KINDS)}", param="kind")
-                    fields = {k: params[k] for k in ("path_prefix", "status", "retry_after", "seconds", "should_retry")
-                              if params.get(k) is not None}
+                    fields = {
+                        k: params[k]
+                        for k in ("path_prefix", "status", "retry_after", "seconds", "should_retry")
+                        if params.get(k) is not None
+                    }
                     self.faults.append(Fault(kind=kind, remaining=int(params.get("count", 1)), **fields))
                 elif method == "DELETE":
                     self.faults.clear()
@@ -101,16 +104,16 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.0"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._dispatch("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch("POST")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
     # ------------------------------------------------------------------ plumbing
@@ -165,8 +168,12 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         token = auth[7:].strip() if auth.startswith("Bearer ") else ""
         if path != STREAM_PATH and not token.startswith("sk_test_"):
-            raise ApiError(401, f"Invalid API Key provided: {token[:12] or '(none)'}", type="authentication_error",
-                           code="invalid_api_key")
+            raise ApiError(
+                401,
+                f"Invalid API Key provided: {token[:12] or '(none)'}",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
         v2 = path.startswith("/v2/")
         if method == "POST" and v2:
             try:
@@ -189,27 +196,32 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(status, out, headers)
 
-    def _idempotent(self, app: App, method: str, path: str, params: dict[str, Any], token: str,
-                    key: str | None) -> tuple[int, Any, bool]:
+    def _idempotent(
+        self, app: App, method: str, path: str, params: dict[str, Any], token: str, key: str | None
+    ) -> tuple[int, Any, bool]:
         with app.lock:
             if key:
                 fp = _fingerprint(method, path, token, params)
                 stored = app.store.idem_get(key)
                 if stored is not None:
                     if stored[0] != fp:
-                        raise ApiError(400, "Keys for idempotent requests can only be used with the same parameters"
-                                       f" they were first used with. Try using a key other than '{key}' if you"
-                                       " meant to execute a different request.", type="idempotency_error")
+                        raise ApiError(
+                            400,
+                            "Keys for idempotent requests can only be used with the same parameters"
+                            f" they were first used with. Try using a key other than '{key}' if you"
+                            " meant to execute a different request.",
+                            type="idempotency_error",
+                        )
                     return stored[1], stored[2], True
             status, out = self._run(app, method, path, params, token, commit=False)
             if key and status < 500:
-                app.store.idem_put(key, _fingerprint(method, path, token, params), status,
-                                   json.dumps(out, default=str))
+                app.store.idem_put(key, _fingerprint(method, path, token, params), status, json.dumps(out, default=str))
             app.store.commit()
             return status, out, False
 
-    def _run(self, app: App, method: str, path: str, params: dict[str, Any], token: str,
-             commit: bool = True) -> tuple[int, dict[str, Any]]:
+    def _run(
+        self, app: App, method: str, path: str, params: dict[str, Any], token: str, commit: bool = True
+    ) -> tuple[int, dict[str, Any]]:
         """Run the routed handler under the lock; on error roll back its writes."""
         fn, args, route_key = match(method, path)
         with app.lock:
@@ -235,12 +247,21 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"Retry-After": str(fault.retry_after)}
             if fault.should_retry:
                 headers["Stripe-Should-Retry"] = "true"
-            self._send(429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
-                                       "message": "Too many requests hit the API too quickly (injected fault)."}},
-                       headers)
+            self._send(
+                429,
+                {
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "rate_limit",
+                        "message": "Too many requests hit the API too quickly (injected fault).",
+                    }
+                },
+                headers,
+            )
         elif fault.kind == "status":
-            self._send(fault.status, {"error": {"type": "api_error",
-                                                "message": f"Injected HTTP {fault.status} fault."}})
+            self._send(
+                fault.status, {"error": {"type": "api_error", "message": f"Injected HTTP {fault.status} fault."}}
+            )
         else:  # hang: hold the connection, then close it without processing or answering
             app.stopping.wait(fault.seconds)
             self.close_connection = True
@@ -269,8 +290,9 @@ class StripeServer:
         return f"http://{host!s}:{port}"
 
     def start(self) -> StripeServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="local-stripe", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="local-stripe", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -160,9 +160,19 @@ class Store:
         return [o for o in out if where is None or where(o)]
 
     # ------------------------------------------------------------------ meter events
-    def insert_event(self, *, event_name: str, identifier: str, customer: str | None, value: str | None,
-                     timestamp: int, received: int, status: str, error_code: str | None,
-                     payload: dict[str, Any]) -> int:
+    def insert_event(
+        self,
+        *,
+        event_name: str,
+        identifier: str,
+        customer: str | None,
+        value: str | None,
+        timestamp: int,
+        received: int,
+        status: str,
+        error_code: str | None,
+        payload: dict[str, Any],
+    ) -> int:
         cur = self._db.execute(
             "INSERT INTO events (event_name, identifier, customer, value, timestamp, received, status,"
             " error_code, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -178,9 +188,13 @@ class Store:
 
     def recent_event(self, identifier: str, received_since: int) -> StoredEvent | None:
         """The newest non-deleted event with ``identifier`` received at or after ``received_since``."""
-        rows = list(self._rows(
-            f"SELECT {self._COLS} FROM events WHERE identifier = ? AND received >= ? AND status != 'deleted'"
-            " ORDER BY seq DESC LIMIT 1", (identifier, received_since)))
+        rows = list(
+            self._rows(
+                f"SELECT {self._COLS} FROM events WHERE identifier = ? AND received >= ? AND status != 'deleted'"
+                " ORDER BY seq DESC LIMIT 1",
+                (identifier, received_since),
+            )
+        )
         return rows[0] if rows else None
 
     def set_event_status(self, seq: int, status: str) -> None:
@@ -192,9 +206,13 @@ class Store:
 
     def valid_events(self, event_name: str, customer: str, start: int, end: int) -> list[StoredEvent]:
         """Counted events of a meter/customer with ``start <= timestamp < end``, oldest first."""
-        return list(self._rows(
-            f"SELECT {self._COLS} FROM events WHERE event_name = ? AND customer = ? AND status = 'valid'"
-            " AND timestamp >= ? AND timestamp < ? ORDER BY timestamp, seq", (event_name, customer, start, end)))
+        return list(
+            self._rows(
+                f"SELECT {self._COLS} FROM events WHERE event_name = ? AND customer = ? AND status = 'valid'"
+                " AND timestamp >= ? AND timestamp < ? ORDER BY timestamp, seq",
+                (event_name, customer, start, end),
+            )
+        )
 
     def all_events(self, event_name: str | None = None) -> list[StoredEvent]:
         if event_name is None:

@@ -31,8 +31,9 @@ class Faults:
         body = {"kind": kind, "count": count, "path_prefix": path_prefix or "/v", **extra}
         self._http.post("/_test/faults", json=body).raise_for_status()
 
-    def rate_limit(self, count: int = 1, *, path_prefix: str | None = None, retry_after: int = 1,
-                   should_retry: bool = True) -> None:
+    def rate_limit(
+        self, count: int = 1, *, path_prefix: str | None = None, retry_after: int = 1, should_retry: bool = True
+    ) -> None:
         """429 with ``Retry-After``; ``Stripe-Should-Retry: true`` unless ``should_retry=False``
         (stripe-python only retries a 429 when that header says so)."""
         self._arm("rate_limit", count, path_prefix, retry_after=retry_after, should_retry=should_retry)
@@ -71,8 +72,9 @@ class LocalStripe:
     def __enter__(self) -> LocalStripe:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def stop(self) -> None:
@@ -86,12 +88,17 @@ class LocalStripe:
     def base_addresses(self) -> dict[str, str]:
         return {"api": self.url, "meter_events": self.url}
 
-    def client(self, api_key: str = "sk_test_123", *, max_network_retries: int = 2,
-               timeout: float | None = None) -> stripe.StripeClient:
+    def client(
+        self, api_key: str = "sk_test_123", *, max_network_retries: int = 2, timeout: float | None = None
+    ) -> stripe.StripeClient:
         """A real ``stripe.StripeClient`` for this server (``timeout`` in seconds, default SDK's 80)."""
         http_client = stripe.RequestsClient(timeout=timeout) if timeout is not None else None
-        return stripe.StripeClient(api_key, base_addresses=self.base_addresses,  # type: ignore[arg-type]
-                                   max_network_retries=max_network_retries, http_client=http_client)
+        return stripe.StripeClient(
+            api_key,
+            base_addresses=self.base_addresses,  # type: ignore[arg-type]
+            max_network_retries=max_network_retries,
+            http_client=http_client,
+        )
 
     def stream_client(self, authentication_token: str, *, max_network_retries: int = 2) -> stripe.StripeClient:
         """Client for ``v2.billing.meter_event_stream`` authenticated by a meter event session token."""

@@ -49,8 +49,12 @@ def _sdk_routes(sdk_root: Path) -> dict[str, str]:
                     found = re.search(r"['\"](\w+Params)['\"]", text)
                     ptype = found.group(1) if found else None
             for call in ast.walk(fn):
-                if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-                        and call.func.attr == "_request" and len(call.args) >= 2):
+                if not (
+                    isinstance(call, ast.Call)
+                    and isinstance(call.func, ast.Attribute)
+                    and call.func.attr == "_request"
+                    and len(call.args) >= 2
+                ):
                     continue
                 method, target = call.args[0], call.args[1]
                 if isinstance(target, ast.Call) and isinstance(target.func, ast.Attribute):

@@ -32,6 +32,16 @@ here.
 
 from __future__ import annotations
 
+from devtools.verify.command import VerifyReport, run_verify, verify_command
+from devtools.verify.credits import (
+    CreditPlan,
+    LedgerOutcome,
+    credit_checks,
+    ledger_check,
+    plan_credits,
+    status_check,
+)
+from devtools.verify.inputs import hostile_records, make_events
 from devtools.verify.oracle import (
     CUSTOMERS,
     MARKUP_PCT,
@@ -43,14 +53,7 @@ from devtools.verify.oracle import (
     check_invariants,
     price_file,
 )
-from devtools.verify.credits import (
-    CreditPlan,
-    LedgerOutcome,
-    credit_checks,
-    ledger_check,
-    plan_credits,
-    status_check,
-)
+from devtools.verify.stack import ChaosStack, FlakyClickHouse
 from devtools.verify.stripe_sync import (
     StripeReport,
     StripeSession,
@@ -59,9 +62,6 @@ from devtools.verify.stripe_sync import (
     expected_stripe_units,
     stripe_deltas,
 )
-from devtools.verify.inputs import hostile_records, make_events
-from devtools.verify.stack import ChaosStack, FlakyClickHouse
-from devtools.verify.command import VerifyReport, run_verify, verify_command
 
 __all__ = [
     "CUSTOMERS",

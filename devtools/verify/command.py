@@ -12,14 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from meterline.core.config import Settings
-from devtools.verify.oracle import check_invariants, Delta, Expected, InvariantCheck, PRICING_CHECKS
-from devtools.verify.credits import credit_checks, plan_credits, _entries_by_customer
-from devtools.verify.stripe_sync import StripeReport, StripeSession
+from devtools.verify.credits import _entries_by_customer, credit_checks, plan_credits
 from devtools.verify.inputs import hostile_records, make_events
-from devtools.verify.stack import ChaosStack, FlakyClickHouse
+from devtools.verify.oracle import PRICING_CHECKS, Delta, Expected, InvariantCheck, check_invariants
+from devtools.verify.stack import ChaosStack
+from devtools.verify.stripe_sync import StripeReport, StripeSession
+from meterline.core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,15 @@ def run_verify(
     stack: ChaosStack | None = None
     client = None
     try:
-        run_settings = settings.model_copy(update={
-            "kafka_bootstrap": broker.bootstrap, "broker_flavor": "tansu", "topic_prefix": prefix,
-            "data_dir": tmp, "clickhouse_dsn": dsn,
-        })  # fmt: skip
+        run_settings = settings.model_copy(
+            update={
+                "kafka_bootstrap": broker.bootstrap,
+                "broker_flavor": "tansu",
+                "topic_prefix": prefix,
+                "data_dir": tmp,
+                "clickhouse_dsn": dsn,
+            }
+        )
         ensure_topics(broker.bootstrap, prefix, run_settings.partitions)
         client = connect(dsn)
         apply_migrations(client)
@@ -181,8 +186,8 @@ def run_verify(
             if not stack.wait_ledger(0, sum(1 for p in plans if p.grant), timeout=90, quiet=0.2):
                 raise RuntimeError("the credit agent did not apply the grants in time")
         bad = hostile_records(rng, now_ms) if hostile else []
-        chunks = [all_events[i::kills + 1] for i in range(kills + 1)]
-        bad_chunks = [bad[i::kills + 1] for i in range(kills + 1)]
+        chunks = [all_events[i :: kills + 1] for i in range(kills + 1)]
+        bad_chunks = [bad[i :: kills + 1] for i in range(kills + 1)]
         outage_at = {rng.randrange(kills + 1) for _ in range(outages)} if outages else set()
         produced: list[Any] = []
         for i, chunk in enumerate(chunks):
@@ -234,8 +239,10 @@ def run_verify(
         report.kills_survived = stack.kills if report.settled else 0
         report.deltas = check_invariants(stack.query, expected, checks)
         report.priced_rows, report.rejected_rows = stack.counts()
-        observed = {str(c): Decimal(ch) for c, ch in stack.query(
-            "SELECT customer_id, sum(charge) FROM usage_priced GROUP BY customer_id")}  # fmt: skip
+        observed = {
+            str(c): Decimal(ch)
+            for c, ch in stack.query("SELECT customer_id, sum(charge) FROM usage_priced GROUP BY customer_id")
+        }
         want = expected.per_customer()
         for c in sorted(set(observed) | set(want)):
             report.per_customer[c] = (want.get(c, (0, Decimal(0), Decimal(0)))[2], observed.get(c, Decimal(0)))
@@ -245,12 +252,24 @@ def run_verify(
                 charge = want.get(c, (0, Decimal(0), Decimal(0)))[2]
                 got = entries.get(c, (Decimal(0), Decimal(0)))
                 out, st = plan.outcome(charge), statuses.get(c) or {}
-                report.ledger[c] = (plan.effective_policy, charge, got[0] + got[1],
-                                    f"{out.status}" + (f" ({out.reason})" if out.reason else ""),
-                                    f"{st.get('status')}" + (f" ({st['reason']})" if st.get("reason") else ""))  # fmt: skip
+                report.ledger[c] = (
+                    plan.effective_policy,
+                    charge,
+                    got[0] + got[1],
+                    f"{out.status}" + (f" ({out.reason})" if out.reason else ""),
+                    f"{st.get('status')}" + (f" ({st['reason']})" if st.get("reason") else ""),
+                )
         if restart and credits and report.settled and not report.deltas:
-            stack, broker = _restart_everything(stack, broker, expected, report, events=all_events + (big[1] if big else []),
-                                                checks_of=credit_checks, timeout=timeout, say=say)  # fmt: skip
+            stack, broker = _restart_everything(
+                stack,
+                broker,
+                expected,
+                report,
+                events=all_events + (big[1] if big else []),
+                checks_of=credit_checks,
+                timeout=timeout,
+                say=say,
+            )
         if stripe:
             say("Stripe: provision, sync with injected faults and a crash mid-push, re-run")
             session = StripeSession(stack.ch())
@@ -266,7 +285,7 @@ def run_verify(
         if client is not None:
             try:
                 client.close()
-            except Exception:  # noqa: BLE001 - closing on the way out
+            except Exception:
                 pass
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,26 +296,42 @@ def _max_label_record(rng: random.Random, customer: str) -> tuple[tuple[bytes, b
     from schemas.codec import encode_usage_batch, event_to_record
     from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS
 
-    events = [e.model_copy(update={
-        "customer_id": customer, "event_id": f"big-{uuid.UUID(int=rng.getrandbits(128))}".ljust(MAX_ID_LEN, "x"),
-        "labels": {f"{i}-{k}-".ljust(MAX_LABEL_LEN, "k"): str(k).ljust(MAX_LABEL_LEN, "v") for k in range(MAX_LABELS)},
-    }) for i, e in enumerate(make_events(rng, 40))]  # fmt: skip
+    events = [
+        e.model_copy(
+            update={
+                "customer_id": customer,
+                "event_id": f"big-{uuid.UUID(int=rng.getrandbits(128))}".ljust(MAX_ID_LEN, "x"),
+                "labels": {
+                    f"{i}-{k}-".ljust(MAX_LABEL_LEN, "k"): str(k).ljust(MAX_LABEL_LEN, "v") for k in range(MAX_LABELS)
+                },
+            }
+        )
+        for i, e in enumerate(make_events(rng, 40))
+    ]
     while len(encode_usage_batch([event_to_record(e) for e in events])) > 990_000:
         events.pop()
     return (customer.encode(), encode_usage_batch([event_to_record(e) for e in events])), events
 
 
-def _restart_everything(stack: ChaosStack, broker: Any, expected: Expected, report: VerifyReport, *,
-                        events: list[Any], checks_of: Callable[..., Any], timeout: float,
-                        say: Callable[[str], None]) -> tuple[ChaosStack, Any]:  # fmt: skip
+def _restart_everything(
+    stack: ChaosStack,
+    broker: Any,
+    expected: Expected,
+    report: VerifyReport,
+    *,
+    events: list[Any],
+    checks_of: Callable[..., Any],
+    timeout: float,
+    say: Callable[[str], None],
+) -> tuple[ChaosStack, Any]:
     """SIGKILL the broker and the worker, start a new empty broker, restore from ClickHouse, re-send
     every event, check again (the caller's ``report`` gets the new deltas)."""
     import os
     import signal
 
-    from pipeline.restore import restore_if_lost
     from meterline.stack.broker import TansuBroker
     from meterline.stack.topics import ensure_topics
+    from pipeline.restore import restore_if_lost
 
     before = _balances(stack)
     until = time.monotonic() + 30
@@ -313,8 +348,14 @@ def _restart_everything(stack: ChaosStack, broker: Any, expected: Expected, repo
     broker = TansuBroker(log_dir=stack.log_dir.parent).start()
     settings = stack.settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
     ensure_topics(broker.bootstrap, settings.topic_prefix, settings.partitions)
-    restored = restore_if_lost(broker.bootstrap, settings.topic, client, say, partitions=settings.partitions,
-                               dedupe_window_days=settings.dedupe_window_days)  # fmt: skip
+    restored = restore_if_lost(
+        broker.bootstrap,
+        settings.topic,
+        client,
+        say,
+        partitions=settings.partitions,
+        dedupe_window_days=settings.dedupe_window_days,
+    )
     say(restored.line())
     report.restarts += 1
     report.restored_ledgers = len(restored.customers)
@@ -343,8 +384,10 @@ def _restart_everything(stack: ChaosStack, broker: Any, expected: Expected, repo
 
 def _balances(stack: ChaosStack) -> dict[str, tuple[str, str]]:
     """credit_remaining and overage per customer, from the latest customer-status records."""
-    return {c: (str((v.get("balance") or {}).get("credit_remaining")), str((v.get("balance") or {}).get("overage")))
-            for c, v in stack.latest("customer-status").items()}  # fmt: skip
+    return {
+        c: (str((v.get("balance") or {}).get("credit_remaining")), str((v.get("balance") or {}).get("overage")))
+        for c, v in stack.latest("customer-status").items()
+    }
 
 
 def verify_command(
@@ -354,7 +397,7 @@ def verify_command(
     outages: int = 1,
     credits: bool = True,
     stripe: bool = True,
-    seed: Optional[int] = None,  # noqa: UP007 - typer reads the annotation at runtime
+    seed: int | None = None,
     busy: int = 15_000,
     restart: bool = True,
 ) -> None:
@@ -368,9 +411,19 @@ def verify_command(
     import typer
 
     settings = Settings().model_copy(update={"clickhouse_dsn": None})  # never write into a configured ClickHouse
-    report = run_verify(settings, events=events, kills=kills, duplicates=duplicates, outages=outages, credits=credits,
-                        stripe=stripe, seed=seed, busy=busy, restart=restart,
-                        echo=lambda s: typer.echo(f"  · {s}"))  # fmt: skip
+    report = run_verify(
+        settings,
+        events=events,
+        kills=kills,
+        duplicates=duplicates,
+        outages=outages,
+        credits=credits,
+        stripe=stripe,
+        seed=seed,
+        busy=busy,
+        restart=restart,
+        echo=lambda s: typer.echo(f"  · {s}"),
+    )
     typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(1)

@@ -57,12 +57,31 @@ class CreditPlan:
         """``ledger-commands`` messages (policy first, then the grant), deterministic command ids."""
         c, out = self.customer_id, []
         if self.policy is not None:
-            out.append({"type": "set_policy", "command_id": f"verify-policy:{c}", "customer_id": c, "at_ms": at_ms,
-                        "overage": self.policy,
-                        "credit_limit": None if self.credit_limit is None else str(self.credit_limit)})  # fmt: skip
+            out.append(
+                {
+                    "type": "set_policy",
+                    "command_id": f"verify-policy:{c}",
+                    "customer_id": c,
+                    "at_ms": at_ms,
+                    "overage": self.policy,
+                    "credit_limit": None if self.credit_limit is None else str(self.credit_limit),
+                }
+            )
         if self.grant is not None:
-            out.append({"type": "grant", "command_id": f"verify-grant:{c}", "customer_id": c, "at_ms": at_ms,
-                        "grant_id": f"verify-{c}", "amount": str(self.grant), "currency": "usd",
-                        "effective_at_ms": at_ms, "expires_at_ms": None, "priority": 50, "category": "paid",
-                        "scope": None})  # fmt: skip
+            out.append(
+                {
+                    "type": "grant",
+                    "command_id": f"verify-grant:{c}",
+                    "customer_id": c,
+                    "at_ms": at_ms,
+                    "grant_id": f"verify-{c}",
+                    "amount": str(self.grant),
+                    "currency": "usd",
+                    "effective_at_ms": at_ms,
+                    "expires_at_ms": None,
+                    "priority": 50,
+                    "category": "paid",
+                    "scope": None,
+                }
+            )
         return out

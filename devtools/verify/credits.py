@@ -31,8 +31,9 @@ _CENT = Decimal("0.01")
 __all__ = ["CreditPlan", "LedgerOutcome", "credit_checks", "ledger_check", "plan_credits", "status_check"]
 
 
-def plan_credits(rng: random.Random, charges: Mapping[str, Decimal],
-                 customers: Sequence[str] = CUSTOMERS) -> list[CreditPlan]:  # fmt: skip
+def plan_credits(
+    rng: random.Random, charges: Mapping[str, Decimal], customers: Sequence[str] = CUSTOMERS
+) -> list[CreditPlan]:
     """A :data:`_TEMPLATES` plan per customer, sized from its expected Σ charge (whole cents, ≥ 0.01)."""
 
     def part(amount: Decimal, pct: tuple[int, int]) -> Decimal:
@@ -52,7 +53,8 @@ def _entries_by_customer(query: Query) -> dict[str, tuple[Decimal, ...]]:
     rows = query(
         "SELECT customer_id, sumIf(amount, kind = 'debit' AND grant_id != ''), sumIf(amount, kind = 'debit' AND "
         "grant_id = ''), sumIf(amount, kind IN ('grant', 'top_up')), count(), max(seq), uniqExact(seq), "
-        "countIf(kind NOT IN ('grant', 'debit')) FROM ledger_entries FINAL GROUP BY customer_id")  # fmt: skip
+        "countIf(kind NOT IN ('grant', 'debit')) FROM ledger_entries FINAL GROUP BY customer_id"
+    )
     return {str(r[0]): tuple(_norm(x) for x in r[1:]) for r in rows}
 
 
@@ -67,8 +69,10 @@ def ledger_check(query: Query, expected: Expected) -> list[Delta]:
         return []
     deltas: list[Delta] = []
     got = _entries_by_customer(query)
-    priced = {str(c): _norm(x) for c, x in query("SELECT customer_id, sum(charge) FROM usage_priced FINAL "
-                                                 "GROUP BY customer_id")}  # fmt: skip
+    priced = {
+        str(c): _norm(x)
+        for c, x in query("SELECT customer_id, sum(charge) FROM usage_priced FINAL GROUP BY customer_id")
+    }
     want = expected.per_customer()
     for c, plan in sorted(expected.credit_plans.items()):
         charge = want.get(c, (0, Decimal(0), Decimal(0)))[2]
@@ -85,8 +89,9 @@ def ledger_check(query: Query, expected: Expected) -> list[Delta]:
             if w != g:
                 deltas.append(Delta("ledger", f"{c} {what}", format(w, "f"), f"{g:f} (Δ {g - w:f})"))
         if not n == max_seq == n_seq:
-            deltas.append(Delta("ledger_seq", c, "seq 1..n without gaps", f"{n} entries, max seq {max_seq}, "
-                                f"{n_seq} distinct"))  # fmt: skip
+            deltas.append(
+                Delta("ledger_seq", c, "seq 1..n without gaps", f"{n} entries, max seq {max_seq}, {n_seq} distinct")
+            )
         if other:
             deltas.append(Delta("ledger_kinds", c, "only grant and debit entries", f"{other} others"))
     bad = query(
@@ -94,14 +99,23 @@ def ledger_check(query: Query, expected: Expected) -> list[Delta]:
         "(SELECT customer_id, event_id, charge FROM usage_priced FINAL) AS p FULL OUTER JOIN "
         "(SELECT customer_id, event_id, sum(amount) AS debited FROM ledger_entries FINAL WHERE kind = 'debit' "
         "GROUP BY customer_id, event_id) AS l ON p.customer_id = l.customer_id AND p.event_id = l.event_id "
-        "WHERE p.charge != l.debited LIMIT 5")  # fmt: skip
+        "WHERE p.charge != l.debited LIMIT 5"
+    )
     for pc, pe, lc, le, charge, debited in bad:
         deltas.append(Delta("ledger_per_event", f"{pc or lc} {pe or le}", f"debited {charge}", f"{debited}"))
-    (conflicts,) = query("SELECT count() FROM (SELECT customer_id, entry_id FROM ledger_entries GROUP BY customer_id, "
-                         "entry_id HAVING uniqExact(seq, kind, amount, grant_id, event_id) > 1)")[0]  # fmt: skip
+    (conflicts,) = query(
+        "SELECT count() FROM (SELECT customer_id, entry_id FROM ledger_entries GROUP BY customer_id, "
+        "entry_id HAVING uniqExact(seq, kind, amount, grant_id, event_id) > 1)"
+    )[0]
     if int(conflicts):
-        deltas.append(Delta("ledger_replay", "ledger_entries", "a re-sent entry id repeats its content",
-                            f"{conflicts} ids with different contents"))  # fmt: skip
+        deltas.append(
+            Delta(
+                "ledger_replay",
+                "ledger_entries",
+                "a re-sent entry id repeats its content",
+                f"{conflicts} ids with different contents",
+            )
+        )
     return deltas
 
 
@@ -111,8 +125,10 @@ def status_check(statuses: Mapping[str, Mapping[str, Any]]) -> InvariantCheck:
 
     def check(query: Query, expected: Expected) -> list[Delta]:
         deltas: list[Delta] = []
-        sql = {str(r[0]): (_norm(r[1]), _norm(r[2])) for r in query(
-            "SELECT customer_id, credit_remaining, overage FROM ledger_balances")}  # fmt: skip
+        sql = {
+            str(r[0]): (_norm(r[1]), _norm(r[2]))
+            for r in query("SELECT customer_id, credit_remaining, overage FROM ledger_balances")
+        }
         want = expected.per_customer()
         for c, plan in sorted(expected.credit_plans.items()):
             out = plan.outcome(want.get(c, (0, Decimal(0), Decimal(0)))[2])
@@ -122,9 +138,12 @@ def status_check(statuses: Mapping[str, Mapping[str, Any]]) -> InvariantCheck:
                 continue
             bal = st.get("balance") or {}
             remaining, overage = sql.get(c, (Decimal(0), Decimal(0)))
-            for what, w, g in (("status", out.status, st.get("status")), ("reason", out.reason, st.get("reason")),
-                               ("remaining vs ledger_balances", remaining, Decimal(str(bal.get("credit_remaining")))),
-                               ("overage vs ledger_balances", overage, Decimal(str(bal.get("overage"))))):  # fmt: skip
+            for what, w, g in (
+                ("status", out.status, st.get("status")),
+                ("reason", out.reason, st.get("reason")),
+                ("remaining vs ledger_balances", remaining, Decimal(str(bal.get("credit_remaining")))),
+                ("overage vs ledger_balances", overage, Decimal(str(bal.get("overage")))),
+            ):
                 if w != g:
                     deltas.append(Delta("status", f"{c} {what}", str(w), str(g)))
         return deltas

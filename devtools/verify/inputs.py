@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from devtools.verify.oracle import CUSTOMERS, RATES
@@ -17,22 +17,29 @@ def make_events(rng: random.Random, n: int, *, now: datetime | None = None, pref
     """``n`` valid UsageEvents over :data:`CUSTOMERS` and :data:`RATES`, occurred in the last ~3 hours."""
     from schemas.models import UsageEvent
 
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     models = list(RATES)
     out = []
     for _ in range(n):
         provider, model, version = rng.choice(models)
         rates = RATES[(provider, model, version)]
-        out.append(UsageEvent(
-            event_id=f"{prefix}{uuid.UUID(int=rng.getrandbits(128))}",
-            occurred_at=now - timedelta(seconds=rng.randint(60, 3 * 3600), milliseconds=rng.randint(0, 999)),
-            customer_id=rng.choice(CUSTOMERS), project=rng.choice(["alpha", "beta", None]), feature="chat",
-            provider=provider, model=model, model_version=version,
-            input_tokens=rng.randint(0, 200_000), output_tokens=rng.randint(1, 8_000),
-            reasoning_tokens=rng.randint(0, 4_000) if model == "o1" else 0,
-            cached_input_tokens=rng.randint(0, 50_000) if "cached_input" in rates else 0,
-            cache_write_tokens=rng.randint(0, 9_999) if "cache_write" in rates else 0,
-        ))  # fmt: skip
+        out.append(
+            UsageEvent(
+                event_id=f"{prefix}{uuid.UUID(int=rng.getrandbits(128))}",
+                occurred_at=now - timedelta(seconds=rng.randint(60, 3 * 3600), milliseconds=rng.randint(0, 999)),
+                customer_id=rng.choice(CUSTOMERS),
+                project=rng.choice(["alpha", "beta", None]),
+                feature="chat",
+                provider=provider,
+                model=model,
+                model_version=version,
+                input_tokens=rng.randint(0, 200_000),
+                output_tokens=rng.randint(1, 8_000),
+                reasoning_tokens=rng.randint(0, 4_000) if model == "o1" else 0,
+                cached_input_tokens=rng.randint(0, 50_000) if "cached_input" in rates else 0,
+                cache_write_tokens=rng.randint(0, 9_999) if "cache_write" in rates else 0,
+            )
+        )
     return out
 
 
@@ -46,14 +53,24 @@ def hostile_records(rng: random.Random, now_ms: int, *, tag: str = "") -> list[t
     from schemas.registry import default_registry
 
     def ev(i: int, **over: Any) -> dict[str, Any]:
-        d: dict[str, Any] = {"event_id": f"hostile-{tag}{i}", "occurred_at": now_ms - 60_000, "customer_id": "hooli",
-                             "provider": "openai", "model": "gpt-4o", "input_tokens": 10, "output_tokens": 5}  # fmt: skip
+        d: dict[str, Any] = {
+            "event_id": f"hostile-{tag}{i}",
+            "occurred_at": now_ms - 60_000,
+            "customer_id": "hooli",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "input_tokens": 10,
+            "output_tokens": 5,
+        }
         d.update(over)
         return d
 
     good = encode_usage_batch([ev(0)])
-    unknown_fp = next(fp for fp in (bytes(rng.getrandbits(8) for _ in range(8)) for _ in range(100))
-                      if not _known(default_registry(), fp))  # fmt: skip
+    unknown_fp = next(
+        fp
+        for fp in (bytes(rng.getrandbits(8) for _ in range(8)) for _ in range(100))
+        if not _known(default_registry(), fp)
+    )
     return [
         (b"hooli", good[: len(good) // 2], "undecodable", 1),  # truncated
         (None, b"\x00" + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))), "not_single_object", 1),

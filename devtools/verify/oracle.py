@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, Inexact, localcontext
 from typing import Any
 
@@ -16,17 +16,21 @@ from devtools.verify.credit_plan import CreditPlan
 RATES: dict[tuple[str, str, str | None], dict[str, str]] = {
     ("openai", "gpt-4o", None): {"input": "5.00", "output": "15.00", "cached_input": "2.50"},
     ("openai", "o1", None): {"input": "15.00", "output": "60.00", "cached_input": "7.50"},
-    ("anthropic", "claude-3-5-sonnet", "20241022"): {"input": "3.00", "output": "15.00", "cached_input": "0.30",
-                                                      "cache_write": "3.75"},
+    ("anthropic", "claude-3-5-sonnet", "20241022"): {
+        "input": "3.00",
+        "output": "15.00",
+        "cached_input": "0.30",
+        "cache_write": "3.75",
+    },
     ("google", "gemini-1.5-pro", None): {"input": "3.50", "output": "10.50", "cached_input": "0.875"},
     ("meta", "llama-3-70b", None): {"input": "0.59", "output": "0.79"},
     ("mistral", "mixtral-8x22b", None): {"input": "1.20", "output": "1.20"},
-}  # fmt: skip
+}
 MARKUP_PCT: dict[str, str] = {"acme": "20", "globex": "7.5"}
 CUSTOMERS: tuple[str, ...] = ("acme", "globex", "initech", "umbrella", "hooli", "edge.id:a@b+c=d-_9")
 _MILLION = Decimal(1_000_000)
 _EXACT = Context(prec=80, traps=[Inexact])  # the oracle raises rather than round
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Query = Callable[[str], list[tuple[Any, ...]]]
 
 
@@ -34,8 +38,12 @@ def price_file() -> dict[str, Any]:
     """:data:`RATES` / :data:`MARKUP_PCT` as a price-file mapping (``load_price_book`` input)."""
     prices = []
     for (provider, model, version), rates in RATES.items():
-        entry: dict[str, Any] = {"provider": provider, "model": model, "effective_from": "2024-01-01T00:00:00Z",
-                                 "per_million": dict(rates)}  # fmt: skip
+        entry: dict[str, Any] = {
+            "provider": provider,
+            "model": model,
+            "effective_from": "2024-01-01T00:00:00Z",
+            "per_million": dict(rates),
+        }
         if version is not None:
             entry["model_version"] = version
         prices.append(entry)
@@ -132,8 +140,10 @@ def priced_totals_check(query: Query, expected: Expected) -> list[Delta]:
     """Per customer: row count, Σ cost, Σ charge of usage_priced (raw, no FINAL) = the oracle; no
     duplicate and no missing (customer_id, event_id)."""
     deltas: list[Delta] = []
-    rows = query("SELECT customer_id, count(), uniqExact(event_id), sum(cost), sum(charge) FROM usage_priced "
-                 "GROUP BY customer_id")  # fmt: skip
+    rows = query(
+        "SELECT customer_id, count(), uniqExact(event_id), sum(cost), sum(charge) FROM usage_priced "
+        "GROUP BY customer_id"
+    )
     got = {str(c): (int(n), int(u), _norm(cost), _norm(charge)) for c, n, u, cost, charge in rows}
     want = expected.per_customer()
     for customer in sorted(set(got) | set(want)):
@@ -166,17 +176,23 @@ def rejected_count_check(query: Query, expected: Expected) -> list[Delta]:
     return deltas
 
 
-_RAW_BY = ("SELECT customer_id, model, {bucket} AS b, count(), sum(cost), sum(charge), sum(input_tokens), "
-           "sum(output_tokens) FROM usage_priced GROUP BY customer_id, model, b ORDER BY customer_id, model, b")
-_ROLLUP_BY = ("SELECT customer_id, model, {name} AS b, sum(events), sum(cost), sum(charge), sum(input_tokens), "
-              "sum(output_tokens) FROM {table} GROUP BY customer_id, model, b ORDER BY customer_id, model, b")  # fmt: skip
+_RAW_BY = (
+    "SELECT customer_id, model, {bucket} AS b, count(), sum(cost), sum(charge), sum(input_tokens), "
+    "sum(output_tokens) FROM usage_priced GROUP BY customer_id, model, b ORDER BY customer_id, model, b"
+)
+_ROLLUP_BY = (
+    "SELECT customer_id, model, {name} AS b, sum(events), sum(cost), sum(charge), sum(input_tokens), "
+    "sum(output_tokens) FROM {table} GROUP BY customer_id, model, b ORDER BY customer_id, model, b"
+)
 
 
 def rollup_check(query: Query, expected: Expected) -> list[Delta]:
     """usage_hourly / usage_daily (materialized views) equal the raw sums of usage_priced, exactly."""
     deltas = []
-    for table, name, bucket in (("usage_hourly", "hour", "toStartOfHour(toDateTime(occurred_at, 'UTC'))"),
-                                ("usage_daily", "day", "toDate(occurred_at, 'UTC')")):  # fmt: skip
+    for table, name, bucket in (
+        ("usage_hourly", "hour", "toStartOfHour(toDateTime(occurred_at, 'UTC'))"),
+        ("usage_daily", "day", "toDate(occurred_at, 'UTC')"),
+    ):
         raw = [tuple(r) for r in query(_RAW_BY.format(bucket=bucket))]
         rolled = [tuple(r) for r in query(_ROLLUP_BY.format(name=name, table=table))]
         if raw != rolled:
@@ -188,6 +204,8 @@ def rollup_check(query: Query, expected: Expected) -> list[Delta]:
 PRICING_CHECKS: tuple[InvariantCheck, ...] = (priced_totals_check, rejected_count_check, rollup_check)
 
 
-def check_invariants(query: Query, expected: Expected, checks: Sequence[InvariantCheck] = PRICING_CHECKS) -> list[Delta]:
+def check_invariants(
+    query: Query, expected: Expected, checks: Sequence[InvariantCheck] = PRICING_CHECKS
+) -> list[Delta]:
     """Run every check; an empty list means the invariant holds."""
     return [d for check in checks for d in check(query, expected)]

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from meterline.core.config import Settings
-from devtools.verify.oracle import Expected, price_file
 from devtools.verify.credits import status_check
+from devtools.verify.oracle import Expected, price_file
+from meterline.core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class ChaosStack:
     """
 
     def __init__(self, settings: Settings, client: Any, log_dir: Path) -> None:
-        from pipeline.publish import control_producer
         from meterline.stack.producer import UsageProducer
+        from pipeline.publish import control_producer
 
         assert settings.kafka_bootstrap, "ChaosStack needs settings.kafka_bootstrap"
         self.settings = settings
@@ -145,14 +145,20 @@ class ChaosStack:
         self._sink_stop = threading.Event()
         opts: dict[str, Any] = {"max_interval_ms": 200, "backoff_initial_ms": 50, "backoff_max_ms": 500}
         opts.update(kwargs)
-        self.sink = cls(self.bootstrap, f"{self.settings.topic_prefix}sink", self.settings.topic("usage-priced"),
-                        self.settings.topic("usage-dead-letter"), self.ch, **opts)  # fmt: skip
+        self.sink = cls(
+            self.bootstrap,
+            f"{self.settings.topic_prefix}sink",
+            self.settings.topic("usage-priced"),
+            self.settings.topic("usage-dead-letter"),
+            self.ch,
+            **opts,
+        )
         sink, stop = self.sink, self._sink_stop
 
         def run() -> None:
             try:
                 sink.run(stop)
-            except BaseException as exc:  # noqa: BLE001 - a crashed sink is a scenario, recorded for the test
+            except BaseException as exc:
                 self.sink_errors.append(exc)
 
         self._sink_thread = threading.Thread(target=run, name="chaos-sink", daemon=True)
@@ -165,10 +171,12 @@ class ChaosStack:
         from pipeline.restore import PriceMirror
 
         self._mirror_stop = threading.Event()
-        self.price_mirror = PriceMirror(self.bootstrap, self.settings.topic("prices"),
-                                        f"{self.settings.topic_prefix}price-mirror", self.ch())  # fmt: skip
-        self._mirror_thread = threading.Thread(target=self.price_mirror.run, args=(self._mirror_stop,),
-                                               name="chaos-price-mirror", daemon=True)  # fmt: skip
+        self.price_mirror = PriceMirror(
+            self.bootstrap, self.settings.topic("prices"), f"{self.settings.topic_prefix}price-mirror", self.ch()
+        )
+        self._mirror_thread = threading.Thread(
+            target=self.price_mirror.run, args=(self._mirror_stop,), name="chaos-price-mirror", daemon=True
+        )
         self._mirror_thread.start()
         return self.price_mirror
 
@@ -179,14 +187,19 @@ class ChaosStack:
         opts: dict[str, Any] = {"max_interval_ms": 200, "backoff_initial_ms": 50, "backoff_max_ms": 500}
         opts.update(kwargs)
         self._ledger_stop = threading.Event()
-        self.ledger_sink = LedgerEntrySink(self.bootstrap, f"{self.settings.topic_prefix}ledger-sink",
-                                           self.settings.topic("ledger-entries"), self.ch, **opts)  # fmt: skip
+        self.ledger_sink = LedgerEntrySink(
+            self.bootstrap,
+            f"{self.settings.topic_prefix}ledger-sink",
+            self.settings.topic("ledger-entries"),
+            self.ch,
+            **opts,
+        )
         sink, stop = self.ledger_sink, self._ledger_stop
 
         def run() -> None:
             try:
                 sink.run(stop)
-            except BaseException as exc:  # noqa: BLE001 - recorded for the test
+            except BaseException as exc:
                 self.sink_errors.append(exc)
 
         self._ledger_thread = threading.Thread(target=run, name="chaos-ledger-sink", daemon=True)
@@ -195,12 +208,13 @@ class ChaosStack:
 
     def send_commands(self, messages: Iterable[Mapping[str, Any]]) -> int:
         """Publish ``ledger-commands`` messages keyed by customer; waits for every acknowledgement."""
-        from schemas.credits import encode_message
         from pipeline.publish import publish_records
+        from schemas.credits import encode_message
 
         records = [(str(m["customer_id"]), encode_message(m)) for m in messages]
-        return publish_records(self.bootstrap, self.settings.topic("ledger-commands"), records,
-                               producer=self.raw_producer)  # fmt: skip
+        return publish_records(
+            self.bootstrap, self.settings.topic("ledger-commands"), records, producer=self.raw_producer
+        )
 
     def latest(self, topic: str, timeout: float = 20.0) -> dict[str, dict[str, Any]]:
         """The last JSON value per key of a (customer-keyed) topic, read from offset 0 to its end."""
@@ -208,13 +222,17 @@ class ChaosStack:
 
         from meterline.stack.kafka import read_topic
 
-        return {(m.key() or b"").decode("utf-8", "replace"): json.loads(m.value() or b"null")
-                for m in read_topic(self.bootstrap, self.settings.topic(topic), timeout=timeout)}  # fmt: skip
+        return {
+            (m.key() or b"").decode("utf-8", "replace"): json.loads(m.value() or b"null")
+            for m in read_topic(self.bootstrap, self.settings.topic(topic), timeout=timeout)
+        }
 
     def ledger_counts(self) -> tuple[int, int]:
         """(distinct debited (customer, event) pairs, grant entries) in ledger_entries."""
-        debited, grants = self.query("SELECT uniqExactIf((customer_id, event_id), kind = 'debit'), "
-                                     "uniqExactIf(entry_id, kind = 'grant') FROM ledger_entries")[0]  # fmt: skip
+        debited, grants = self.query(
+            "SELECT uniqExactIf((customer_id, event_id), kind = 'debit'), "
+            "uniqExactIf(entry_id, kind = 'grant') FROM ledger_entries"
+        )[0]
         return int(debited), int(grants)
 
     def wait_ledger(self, debited: int, grants: int, timeout: float = 120.0, quiet: float = 1.0) -> bool:
@@ -295,8 +313,11 @@ class ChaosStack:
 
     def dead_workers(self) -> list[str]:
         """Workers that exited by themselves (not by our SIGKILL), with their log tails."""
-        return [f"{w.name} exited {w.proc.returncode}:\n{w.log_tail()}" for w in self.workers
-                if w.proc is not None and w.proc.poll() not in (None, -9)]  # fmt: skip
+        return [
+            f"{w.name} exited {w.proc.returncode}:\n{w.log_tail()}"
+            for w in self.workers
+            if w.proc is not None and w.proc.poll() not in (None, -9)
+        ]
 
     def wait_settled(self, expected: Expected, timeout: float = 120.0, quiet: float = 1.0) -> bool:
         """Wait until both tables hold at least what ``expected`` says and stayed unchanged ``quiet`` s."""
@@ -342,6 +363,6 @@ class ChaosStack:
             self._ledger_thread.join(20)
         try:
             self.producer.close(10)
-        except Exception as exc:  # noqa: BLE001 - closing on the way out
+        except Exception as exc:
             log.warning("producer close: %s", exc)
         self.raw_producer.flush(5)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal, localcontext
 from typing import Any
 
-from devtools.verify.oracle import Delta, Expected, _EXACT
+from devtools.verify.oracle import _EXACT, Delta, Expected
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ class StripeUnits:
         return sends
 
 
-def expected_stripe_units(expected: Expected, *, window: int, until: int, exponent: int = 6) -> dict[str, dict[int, int]]:
+def expected_stripe_units(
+    expected: Expected, *, window: int, until: int, exponent: int = 6
+) -> dict[str, dict[int, int]]:
     """Per customer, per closed window: the units one sync session must push (:class:`StripeUnits`)."""
     units = StripeUnits(window, exponent)
     units.plan(expected, until)
@@ -71,8 +73,14 @@ def stripe_deltas(want: Mapping[str, Mapping[int, int]], got: Mapping[str, Mappi
     for c in sorted(set(want) | set(got)):
         w, g = want.get(c, {}), got.get(c, {})
         if sum(w.values()) != sum(g.values()):
-            deltas.append(Delta("stripe_units", f"{c} total", str(sum(w.values())),
-                                f"{sum(g.values())} (Δ {sum(g.values()) - sum(w.values())})"))  # fmt: skip
+            deltas.append(
+                Delta(
+                    "stripe_units",
+                    f"{c} total",
+                    str(sum(w.values())),
+                    f"{sum(g.values())} (Δ {sum(g.values()) - sum(w.values())})",
+                )
+            )
         for ws in sorted({k for k, v in w.items() if v} | {k for k, v in g.items() if v}):
             if w.get(ws, 0) != g.get(ws, 0):
                 deltas.append(Delta("stripe_units", f"{c} window {ws}", str(w.get(ws, 0)), str(g.get(ws, 0))))
@@ -112,15 +120,16 @@ class StripeSession:
     PATH = "/v1/billing/meter_events"
 
     def __init__(self, ch: Any, *, ls: Any = None) -> None:
-        from jobs.stripe import StripeTarget, load_billing_config
         from devtools.stripe_local import LocalStripe
+        from jobs.stripe import StripeTarget, load_billing_config
 
         self.ch = ch
         self._own = ls is None
         self.ls = ls if ls is not None else LocalStripe()
         self.target = StripeTarget.local(self.ls.url, max_network_retries=2)
         self.cfg = load_billing_config(None, mode="cost").with_sync(
-            settle_seconds=0, backoff_seconds=0.01, window_seconds=self.WINDOW)  # fmt: skip
+            settle_seconds=0, backoff_seconds=0.01, window_seconds=self.WINDOW
+        )
         self.meter_ids: dict[str, str] = {}
         self.units = StripeUnits(self.WINDOW, self.cfg.cost.unit_exponent)  # the oracle, across runs
         self.slept: list[float] = []  # our own back-off delays (not slept: no wall clock in the checks)
@@ -161,14 +170,29 @@ class StripeSession:
         for c in customers:
             if c not in links:
                 continue
-            res = client.v1.billing.meters.event_summaries.list(meter, {
-                "customer": links[c].stripe_customer_id, "start_time": since, "end_time": until,
-                "value_grouping_window": "hour", "limit": 100})  # fmt: skip
+            res = client.v1.billing.meters.event_summaries.list(
+                meter,
+                {
+                    "customer": links[c].stripe_customer_id,
+                    "start_time": since,
+                    "end_time": until,
+                    "value_grouping_window": "hour",
+                    "limit": 100,
+                },
+            )
             out[c] = {int(s.start_time): int(Decimal(str(s.aggregated_value))) for s in res.auto_paging_iter()}
         return out
 
-    def run(self, expected: Expected, rng: random.Random, *, faults: bool = True, crash: bool = True,
-            now: int | None = None, say: Callable[[str], None] = log.info) -> StripeReport:  # fmt: skip
+    def run(
+        self,
+        expected: Expected,
+        rng: random.Random,
+        *,
+        faults: bool = True,
+        crash: bool = True,
+        now: int | None = None,
+        say: Callable[[str], None] = log.info,
+    ) -> StripeReport:
         """Provision (once), arm faults, sync with a crash after a random push, re-run, run once more
         (must plan and send nothing), then compare Stripe with :class:`StripeUnits` (all the data the
         sync sees must be in ``expected``; call again after more usage: late usage, replays)."""
@@ -210,12 +234,24 @@ class StripeSession:
         rep.retries = len(self.slept) - slept_before  # our own back-offs (the crashed run's summary is lost)
         last = summaries[-1]
         if (last.planned, last.sent) != (0, 0):
-            rep.deltas.append(Delta("stripe_idempotent", "last sync run", "planned 0, sent 0",
-                                    f"planned {last.planned}, sent {last.sent}"))  # fmt: skip
+            rep.deltas.append(
+                Delta(
+                    "stripe_idempotent",
+                    "last sync run",
+                    "planned 0, sent 0",
+                    f"planned {last.planned}, sent {last.sent}",
+                )
+            )
         problems = [s for s in summaries if not s.ok]
         for s in problems:
-            rep.deltas.append(Delta("stripe_sync", "summary", "ok", f"too_old={len(s.too_old)} failed={s.failed[:2]} "
-                                    f"shrunk={s.shrunk[:2]} unmapped={s.unmapped[:2]}"))  # fmt: skip
+            rep.deltas.append(
+                Delta(
+                    "stripe_sync",
+                    "summary",
+                    "ok",
+                    f"too_old={len(s.too_old)} failed={s.failed[:2]} shrunk={s.shrunk[:2]} unmapped={s.unmapped[:2]}",
+                )
+            )
         got = self.observed(customers, rep.until - 7 * 86400, rep.until)
         rep.deltas += stripe_deltas(want, got)
         rep.deltas += self._raw_event_checks()
@@ -236,6 +272,12 @@ class StripeSession:
         stored = {e["identifier"]: int(Decimal(str(e["value"]))) for e in events}
         if stored != acked:
             diff = sorted(set(stored.items()) ^ set(acked.items()))[:3]
-            deltas.append(Delta("stripe_events", "meter events vs acked cursor rows",
-                                f"{len(acked)} equal (identifier, value)", f"{len(stored)}, differing: {diff}"))  # fmt: skip
+            deltas.append(
+                Delta(
+                    "stripe_events",
+                    "meter events vs acked cursor rows",
+                    f"{len(acked)} equal (identifier, value)",
+                    f"{len(stored)}, differing: {diff}",
+                )
+            )
         return deltas

@@ -121,11 +121,14 @@ def meter_specs(cfg: BillingConfig, root: Path = REPO_ROOT) -> list[MeterSpec]:
     """The meters + prices of ``cfg``: one in cost mode, one per model x token class in itemized mode."""
     if cfg.mode == "cost":
         cents = Decimal(1).scaleb(2 - cfg.cost.unit_exponent)
-        return [MeterSpec(
-            event_name=cfg.cost.event_name, display_name=cfg.cost.display_name,
-            lookup_key=f"ml_cost_{cfg.cost.event_name}_{cfg.currency}_{cfg.interval}",
-            unit_amount_decimal=_cents_string(cents, "cost.unit_exponent"),
-        )]  # fmt: skip
+        return [
+            MeterSpec(
+                event_name=cfg.cost.event_name,
+                display_name=cfg.cost.display_name,
+                lookup_key=f"ml_cost_{cfg.cost.event_name}_{cfg.currency}_{cfg.interval}",
+                unit_amount_decimal=_cents_string(cents, "cost.unit_exponent"),
+            )
+        ]
     from meterline.core.pricing import load_price_book
 
     path = cfg.itemized.price_book if cfg.itemized.price_book.is_absolute() else root / cfg.itemized.price_book
@@ -151,12 +154,18 @@ def meter_specs(cfg: BillingConfig, root: Path = REPO_ROOT) -> list[MeterSpec]:
             if len(name) > MAX_EVENT_NAME - 20:
                 name = f"ml_tok_{hashlib.sha256(name.encode()).hexdigest()[:24]}_{cls}"
             label = f"{provider}/{model}" + (f":{version}" if version else "")
-            specs.append(MeterSpec(
-                event_name=name, display_name=f"{label} {cls} tokens",
-                lookup_key=f"{name}_{cfg.currency}_{cfg.interval}",
-                unit_amount_decimal=_cents_string(rate / Decimal(10_000), f"{label}.{cls}"),
-                provider=provider, model=model, model_version=version, token_class=cls,
-            ))  # fmt: skip
+            specs.append(
+                MeterSpec(
+                    event_name=name,
+                    display_name=f"{label} {cls} tokens",
+                    lookup_key=f"{name}_{cfg.currency}_{cfg.interval}",
+                    unit_amount_decimal=_cents_string(rate / Decimal(10_000), f"{label}.{cls}"),
+                    provider=provider,
+                    model=model,
+                    model_version=version,
+                    token_class=cls,
+                )
+            )
     return specs
 
 

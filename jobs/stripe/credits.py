@@ -28,7 +28,7 @@ import stripe
 
 from jobs.stripe._config import BillingConfig
 from jobs.stripe._store import load_customers, load_grants, save_grant
-from meterline.core.errors import TransientError, InputError
+from meterline.core.errors import InputError, TransientError
 
 
 @dataclass
@@ -55,8 +55,9 @@ def _scoped(scope: Mapping[str, Any] | None) -> bool:
     return bool(scope) and any(scope.get(k) for k in ("providers", "models", "projects"))  # type: ignore[union-attr]
 
 
-def mirror_grants(client: stripe.StripeClient, ch: Any, cfg: BillingConfig,
-                  commands: Iterable[Mapping[str, Any]]) -> GrantSummary:  # fmt: skip
+def mirror_grants(
+    client: stripe.StripeClient, ch: Any, cfg: BillingConfig, commands: Iterable[Mapping[str, Any]]
+) -> GrantSummary:
     """Apply ledger commands (``schemas.credits`` message dicts) to Stripe credit grants, idempotently.
 
     Customers must be provisioned (``stripe_customers``); commands for unknown customers are skipped
@@ -109,13 +110,14 @@ def mirror_grants(client: stripe.StripeClient, ch: Any, cfg: BillingConfig,
         existing = _find_by_metadata(client, link.stripe_customer_id, grant_id)
         if existing is None:
             params: dict[str, Any] = {
-                "customer": link.stripe_customer_id, "name": f"meterline {kind} {grant_id}"[:100],
+                "customer": link.stripe_customer_id,
+                "name": f"meterline {kind} {grant_id}"[:100],
                 "category": "paid" if kind == "top_up" else str(cmd.get("category") or "promotional"),
                 "priority": max(0, min(100, int(cmd.get("priority") if cmd.get("priority") is not None else 50))),
                 "applicability_config": {"scope": {"price_type": "metered"}},
                 "amount": {"type": "monetary", "monetary": {"currency": currency, "value": cents}},
                 "metadata": {"meterline_grant_id": grant_id, "meterline_customer_id": customer},
-            }  # fmt: skip
+            }
             if cmd.get("effective_at_ms"):
                 params["effective_at"] = int(cmd["effective_at_ms"]) // 1000
             if cmd.get("expires_at_ms"):
@@ -137,8 +139,9 @@ def _find_by_metadata(client: stripe.StripeClient, stripe_customer: str, grant_i
     return None
 
 
-def consume_commands(bootstrap: str, topic: str, *, group: str = "meterline-stripe-credits",
-                     idle_seconds: float = 5.0) -> Iterator[dict[str, Any]]:  # fmt: skip
+def consume_commands(
+    bootstrap: str, topic: str, *, group: str = "meterline-stripe-credits", idle_seconds: float = 5.0
+) -> Iterator[dict[str, Any]]:
     """Yield commands from the ``ledger-commands`` topic until it has been idle ``idle_seconds``.
 
     A record's offset is committed only when the caller asks for the NEXT command (i.e. after it
@@ -149,9 +152,16 @@ def consume_commands(bootstrap: str, topic: str, *, group: str = "meterline-stri
 
     from confluent_kafka import Consumer
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
-                         "enable.auto.commit": False,
-                         "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500,
+        }
+    )
     assigned: list[bool] = []
     consumer.subscribe([topic], on_assign=lambda _c, _parts: assigned.append(True))
     # The idle clock starts once the group has assigned partitions: a group join alone can take

@@ -34,7 +34,6 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
-
 from schemas.credits import encode_message
 from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
@@ -95,8 +94,9 @@ class Rejected(Exception):
 
 # ISO 4217 currencies whose Stripe amounts are not in hundredths (Stripe's "zero-decimal" and
 # "three-decimal" lists); every other currency: the amount is in 1/100 of the unit.
-_ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd",
-                           "vuv", "xaf", "xof", "xpf"})  # fmt: skip
+_ZERO_DECIMAL = frozenset(
+    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"}
+)
 _THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
 # What Stripe says was paid, per event type (an integer in the currency's smallest unit).
 _PAID_FIELD = {"checkout.session.completed": "amount_total", "invoice.paid": "amount_paid"}
@@ -147,8 +147,10 @@ def top_up_command(event: Mapping[str, Any]) -> dict[str, Any] | None:
         except InvalidOperation:
             raise Rejected("amount_mismatch", "metadata.amount is not a decimal amount") from None
         if not asked.is_finite() or asked != paid:
-            raise Rejected("amount_mismatch", f"metadata.amount {str(meta['amount'])[:32]} but {paid} {currency} "
-                           "was paid; nothing credited")  # fmt: skip
+            raise Rejected(
+                "amount_mismatch",
+                f"metadata.amount {str(meta['amount'])[:32]} but {paid} {currency} was paid; nothing credited",
+            )
     if paid <= 0:
         return None  # nothing was paid: nothing to credit
     priority = meta.get("priority", 10)
@@ -161,11 +163,19 @@ def top_up_command(event: Mapping[str, Any]) -> dict[str, Any] | None:
     at_ms = int(event.get("created") or 0) * 1000
     event_id = str(event["id"])
     return {
-        "type": "top_up", "command_id": event_id, "customer_id": str(customer), "at_ms": at_ms,
-        "grant_id": f"topup:{event_id}", "amount": format(paid, "f"), "currency": currency,
-        "effective_at_ms": at_ms, "expires_at_ms": None, "priority": priority,
-        "category": "paid", "scope": None,
-    }  # fmt: skip
+        "type": "top_up",
+        "command_id": event_id,
+        "customer_id": str(customer),
+        "at_ms": at_ms,
+        "grant_id": f"topup:{event_id}",
+        "amount": format(paid, "f"),
+        "currency": currency,
+        "effective_at_ms": at_ms,
+        "expires_at_ms": None,
+        "priority": priority,
+        "category": "paid",
+        "scope": None,
+    }
 
 
 def deliver(cmd: dict[str, Any], event_type: str, publish: Publisher, seen: SeenEvents | None) -> bool:

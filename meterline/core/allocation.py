@@ -19,10 +19,12 @@ __all__ = ["CENT", "RULE", "allocate", "round_total"]
 
 CENT = Decimal("0.01")
 
-RULE = ("Line amounts are rounded so that they add up to the rounded total: the total is rounded "
-        "half-up to the cent, every line is rounded down to the cent, and the cents left over go one "
-        "each to the lines with the largest remainders (largest remainder method; ties go to the "
-        "earlier line). Each line is within one cent of its exact amount, shown beside it.")
+RULE = (
+    "Line amounts are rounded so that they add up to the rounded total: the total is rounded "
+    "half-up to the cent, every line is rounded down to the cent, and the cents left over go one "
+    "each to the lines with the largest remainders (largest remainder method; ties go to the "
+    "earlier line). Each line is within one cent of its exact amount, shown beside it."
+)
 
 
 def round_total(total: Decimal, quantum: Decimal = CENT) -> Decimal:

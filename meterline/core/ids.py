@@ -12,9 +12,7 @@ __all__ = ["CUSTOMER_ID_PATTERN", "CUSTOMER_ID_RULE", "is_customer_id"]
 # zero-width) or non-ASCII characters, no ``/``: a customer id is safe in a URL path, a file name,
 # an HTTP header and a log line, and one customer has exactly one spelling (no normalisation).
 CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
-CUSTOMER_ID_RULE = (
-    "a customer id is 1-128 characters from A-Z a-z 0-9 . _ : @ + = -, starting with a letter or digit"
-)
+CUSTOMER_ID_RULE = "a customer id is 1-128 characters from A-Z a-z 0-9 . _ : @ + = -, starting with a letter or digit"
 _CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from decimal import Context, Decimal, Inexact, InvalidOperation
 
 MONEY_SCALE = 12
-PICOS_PER_UNIT = 10**MONEY_SCALE
+PICOS_PER_UNIT: int = 10**MONEY_SCALE
 
 # Exact context for conversions: 38 digits (ClickHouse Decimal(38, 12)); an inexact result raises.
 _EXACT = Context(prec=60, traps=[Inexact, InvalidOperation])

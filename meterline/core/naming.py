@@ -76,7 +76,7 @@ def normalize_model(provider: str, model: str, model_version: str | None = None)
     p = normalize_provider(provider)
     m = model.strip()
     if m.startswith("models/"):
-        m = m[len("models/"):]
+        m = m[len("models/") :]
     base, sep, variant = m.rpartition(":")
     if sep and base and variant in VARIANT_SUFFIXES:
         m = base

@@ -9,9 +9,9 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Group
@@ -19,8 +19,8 @@ from rich.live import Live
 from rich.table import Table
 
 from meterline.core.config import Settings
-from meterline.shell.console import make_console, markup_mode
 from meterline.core.errors import MeterlineError
+from meterline.shell.console import make_console, markup_mode
 
 app = typer.Typer(
     help="meterline: meter, price, enforce and invoice pay-per-token AI usage.",
@@ -99,8 +99,8 @@ def _bootstrap(settings: Settings) -> tuple[str, str]:
 @app.command()
 def up(
     demo: bool = typer.Option(False, "--demo", help="Load the seed prices and generate demo gateway traffic."),
-    workers: Optional[int] = typer.Option(None, help="faust worker processes (default METERLINE_WORKERS)."),
-    duration: Optional[float] = typer.Option(None, help="Stop by itself after this many seconds."),
+    workers: int | None = typer.Option(None, help="faust worker processes (default METERLINE_WORKERS)."),
+    duration: float | None = typer.Option(None, help="Stop by itself after this many seconds."),
     rate: float = typer.Option(200.0, help="Demo events per second."),
 ) -> None:
     """Start broker (embedded unless configured), migrations, faust workers, sink and HTTP API."""
@@ -163,6 +163,7 @@ def up(
 
 
 def _start_demo(runtime: Any, stop: threading.Event) -> tuple[Any, threading.Thread]:
+    from meterline.core.pricing import load_price_book
     from meterline.shell.demo import (
         RUNAWAY_AFTER_S,
         RUNAWAY_CAP_PER_MINUTE,
@@ -172,9 +173,8 @@ def _start_demo(runtime: Any, stop: threading.Event) -> tuple[Any, threading.Thr
         DemoTraffic,
         demo_credit_commands,
     )
-    from meterline.core.pricing import load_price_book
-    from pipeline.publish import publish_records
     from meterline.stack.producer import UsageProducer
+    from pipeline.publish import publish_records
 
     seed = Path(__file__).resolve().parents[2] / SEED_PRICES
     book = load_price_book(seed)
@@ -253,10 +253,10 @@ def _summary_tables(runtime: Any, traffic: Any) -> list[Table]:
 def _print_summary(runtime: Any, traffic: Any) -> None:
     try:
         tables = _summary_tables(runtime, traffic)
-    except Exception as exc:  # noqa: BLE001 - the summary is best-effort display
+    except Exception as exc:
         err.print(f"[yellow]summary unavailable: {exc}[/yellow]")
         return
-    console.print(f"[dim]{datetime.now(timezone.utc):%H:%M:%S}[/dim]")
+    console.print(f"[dim]{datetime.now(UTC):%H:%M:%S}[/dim]")
     for t in tables:
         console.print(t)
 
@@ -279,10 +279,12 @@ def _close_demo_period(traffic: Any) -> None:
     billing = getattr(traffic, "billing", None)
     if billing is None:
         return
-    console.print("[dim]·[/dim] closing the billing period: mirror prepaid grants, sync usage to Stripe meters, invoice")
+    console.print(
+        "[dim]·[/dim] closing the billing period: mirror prepaid grants, sync usage to Stripe meters, invoice"
+    )
     try:
         rows, summary = billing.close_period()
-    except Exception as exc:  # noqa: BLE001 - the demo reports what went wrong and still stops cleanly
+    except Exception as exc:
         err.print(f"[red]billing failed: {exc}[/red]")
         billing.stop()
         return
@@ -291,11 +293,18 @@ def _close_demo_period(traffic: Any) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(
-            r.customer_id, f"${r.usage_charge.normalize():f}", r.invoice_id, f"${r.subtotal_cents / 100:,.2f}",
-            f"-${r.credit_cents / 100:,.2f}" if r.credit_cents else "", f"${r.total_cents / 100:,.2f}", r.status,
-        )  # fmt: skip
+            r.customer_id,
+            f"${r.usage_charge.normalize():f}",
+            r.invoice_id,
+            f"${r.subtotal_cents / 100:,.2f}",
+            f"-${r.credit_cents / 100:,.2f}" if r.credit_cents else "",
+            f"${r.total_cents / 100:,.2f}",
+            r.status,
+        )
     console.print(table)
-    console.print(f"[dim]invoices are kept in {billing.path}: python -m devtools.stripe_local --state {billing.path}[/dim]")
+    console.print(
+        f"[dim]invoices are kept in {billing.path}: python -m devtools.stripe_local --state {billing.path}[/dim]"
+    )
     billing.stop()
 
 
@@ -341,7 +350,9 @@ def prices_load(file: Path = typer.Argument(..., exists=True, dir_okay=False, he
 
 @prices_app.command("import-litellm")
 def prices_import_litellm(
-    source: Optional[Path] = typer.Option(None, help="LiteLLM model_prices JSON; default: the installed litellm package's."),
+    source: Path | None = typer.Option(
+        None, help="LiteLLM model_prices JSON; default: the installed litellm package's."
+    ),
     effective_from: str = typer.Option(..., help="ISO-8601 instant the imported prices take effect."),
     out: Path = typer.Option(Path("prices-litellm.yaml"), help="Where to write the price file."),
     provider: list[str] = typer.Option([], help="Only these litellm providers (repeatable)."),
@@ -366,11 +377,13 @@ def prices_import_litellm(
 
 
 @app.command()
-def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Canonical JSON events, one per line.")) -> None:
+def produce(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Canonical JSON events, one per line."),
+) -> None:
     """Validate and produce canonical JSON usage events; bad lines are reported, good ones still go."""
     from meterline.core.errors import InvalidEvent
-    from schemas.jsonio import iter_jsonl
     from meterline.stack.producer import UsageProducer
+    from schemas.jsonio import iter_jsonl
 
     settings = _settings()
     bootstrap, prefix = _bootstrap(settings)
@@ -391,8 +404,8 @@ def produce(file: Path = typer.Argument(..., exists=True, dir_okay=False, help="
 
 def _query(settings: Settings, query: str, parameters: dict[str, Any] | None = None) -> tuple[list[str], list[Any]]:
     """Read-only SQL: through the running service's API if ``meterline up`` owns the engine, else directly."""
-    from meterline.stack.analytics import run_readonly
     from meterline.shell.discovery import running_api
+    from meterline.stack.analytics import run_readonly
 
     api = running_api(settings.data_dir)
     if api is not None:
@@ -403,8 +416,9 @@ def _query(settings: Settings, query: str, parameters: dict[str, Any] | None = N
     from meterline.stack.analytics import SqlLimits
     from meterline.stack.clickhouse import connect
 
-    return run_readonly(connect(settings.resolved_clickhouse_dsn), query, parameters,
-                        limits=SqlLimits.from_settings(settings))
+    return run_readonly(
+        connect(settings.resolved_clickhouse_dsn), query, parameters, limits=SqlLimits.from_settings(settings)
+    )
 
 
 @app.command()
@@ -426,8 +440,8 @@ def sql(
 
 @dead_app.command("redrive")
 def dead_letters_redrive(
-    reason: Optional[str] = typer.Option(None, help="Only this reason_code (e.g. unknown_model)."),
-    customer: Optional[str] = typer.Option(None, help="Only this customer."),
+    reason: str | None = typer.Option(None, help="Only this reason_code (e.g. unknown_model)."),
+    customer: str | None = typer.Option(None, help="Only this customer."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be re-driven; send nothing."),
 ) -> None:
     """Re-send open dead-lettered events (e.g. after adding the missing price) to usage-events.
@@ -468,7 +482,7 @@ def dead_letters_redrive(
 
 @keys_app.command("create")
 def keys_create(
-    customer: Optional[str] = typer.Argument(None, help="Customer the key acts for (omit with --admin)."),
+    customer: str | None = typer.Argument(None, help="Customer the key acts for (omit with --admin)."),
     admin: bool = typer.Option(False, "--admin", help="An operator key that can act on every customer."),
 ) -> None:
     """Create an API key; the secret is shown once and stored only as a hash."""

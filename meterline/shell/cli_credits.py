@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from meterline.core.config import Settings
+from meterline.core.errors import MeterlineError
 from meterline.shell.console import make_console, markup_mode
 from meterline.shell.discovery import kafka_bootstrap, running_api
-from meterline.core.errors import MeterlineError
 
 __all__ = ["credits_app"]
 
@@ -34,7 +34,7 @@ _err = make_console(stderr=True)
 def _settings() -> Settings:
     try:
         return Settings()
-    except Exception as exc:  # noqa: BLE001 - pydantic ValidationError
+    except Exception as exc:
         _err.print(f"[red]invalid configuration:[/red] {exc}")
         raise typer.Exit(2) from exc
 
@@ -82,13 +82,27 @@ def _send_admin(settings: Settings, api_path: tuple[str, str], body: dict[str, A
     _out.print_json(json.dumps(result))
 
 
-def _grant(kind: str, customer: str, amount: str, expires: Optional[str], priority: int, promotional: bool,
-           currency: str, grant_id: Optional[str]) -> None:
+def _grant(
+    kind: str,
+    customer: str,
+    amount: str,
+    expires: str | None,
+    priority: int,
+    promotional: bool,
+    currency: str,
+    grant_id: str | None,
+) -> None:
     from pipeline.credits.client import grant_command
 
     settings = _settings()
-    body: dict[str, Any] = {"type": kind, "customer_id": customer, "amount": amount, "currency": currency,
-                            "priority": priority, "category": "promotional" if promotional else "paid"}
+    body: dict[str, Any] = {
+        "type": kind,
+        "customer_id": customer,
+        "amount": amount,
+        "currency": currency,
+        "priority": priority,
+        "category": "promotional" if promotional else "paid",
+    }
     if expires:
         body["expires_at"] = expires
     if grant_id:
@@ -124,11 +138,11 @@ def _input_errors(fn: Any) -> Any:
 def grant(
     customer: str = typer.Argument(..., help="Customer id."),
     amount: str = typer.Argument(..., help="Decimal amount in currency units, e.g. 10.00."),
-    expires: Optional[str] = _EXPIRES,
+    expires: str | None = _EXPIRES,
     priority: int = _PRIORITY,
     promotional: bool = _PROMO,
     currency: str = _CURRENCY,
-    grant_id: Optional[str] = _GRANT_ID,
+    grant_id: str | None = _GRANT_ID,
 ) -> None:
     """Grant credit to a customer."""
     _grant("grant", customer, amount, expires, priority, promotional, currency, grant_id)
@@ -139,11 +153,11 @@ def grant(
 def top_up(
     customer: str = typer.Argument(..., help="Customer id."),
     amount: str = typer.Argument(..., help="Decimal amount in currency units, e.g. 10.00."),
-    expires: Optional[str] = _EXPIRES,
+    expires: str | None = _EXPIRES,
     priority: int = _PRIORITY,
     promotional: bool = _PROMO,
     currency: str = _CURRENCY,
-    grant_id: Optional[str] = _GRANT_ID,
+    grant_id: str | None = _GRANT_ID,
 ) -> None:
     """Record a paid top-up (a grant written as a top_up entry)."""
     _grant("top_up", customer, amount, expires, priority, promotional, currency, grant_id)
@@ -154,7 +168,7 @@ def top_up(
 def policy(
     customer: str = typer.Argument(..., help="Customer id."),
     overage: str = typer.Option(..., "--overage", help="block | allow | credit_limit"),
-    limit: Optional[str] = typer.Option(None, "--limit", help="Credit limit (decimal) with --overage credit_limit."),
+    limit: str | None = typer.Option(None, "--limit", help="Credit limit (decimal) with --overage credit_limit."),
 ) -> None:
     """Set what happens when the customer's credit runs out."""
     from pipeline.credits.client import policy_command
@@ -162,8 +176,11 @@ def policy(
     settings = _settings()
     body: dict[str, Any] = {"overage": overage, "credit_limit": limit}
     policy_command(customer, body)  # validate locally
-    _run(lambda: _send_admin(settings, ("PUT", f"/v1/customers/{customer}/policy"), body,
-                             lambda: policy_command(customer, body)))
+    _run(
+        lambda: _send_admin(
+            settings, ("PUT", f"/v1/customers/{customer}/policy"), body, lambda: policy_command(customer, body)
+        )
+    )
 
 
 @credits_app.command("balance")

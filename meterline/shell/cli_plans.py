@@ -31,15 +31,19 @@ import typer
 from rich.table import Table
 
 from meterline.core.config import Settings
-from meterline.shell.console import make_console, markup_mode
 from meterline.core.errors import InputError, MeterlineError
+from meterline.shell.console import make_console, markup_mode
 
 __all__ = ["bill_app", "plans_app", "register"]
 
-plans_app = typer.Typer(help="Subscription plans: load the catalog, subscribe, change, cancel, migrate, show.",
-                        no_args_is_help=True, rich_markup_mode=markup_mode())  # fmt: skip
-bill_app = typer.Typer(help="Plan bills computed from meterline's own data.", no_args_is_help=True,
-                       rich_markup_mode=markup_mode())  # fmt: skip
+plans_app = typer.Typer(
+    help="Subscription plans: load the catalog, subscribe, change, cancel, migrate, show.",
+    no_args_is_help=True,
+    rich_markup_mode=markup_mode(),
+)
+bill_app = typer.Typer(
+    help="Plan bills computed from meterline's own data.", no_args_is_help=True, rich_markup_mode=markup_mode()
+)
 _out = make_console()
 _err = make_console(stderr=True)
 
@@ -182,16 +186,26 @@ def plans_load(file: Path = typer.Argument(..., exists=True, dir_okay=False, hel
         published = _published_catalog(bootstrap, prefix)
         conflicts = version_conflicts(catalog, published)
         if conflicts:
-            raise _fail(MeterlineError(
-                f"published plan versions are immutable, and this file changes {', '.join(conflicts)}: "
-                "give the changed plan a new version (then `meterline plans migrate`)"), 2)  # fmt: skip
-        fresh = [(k, v) for (k, v), pv in zip(catalog.to_records(), catalog.versions, strict=True) if published.get(pv.plan_id, pv.version) is None]
+            raise _fail(
+                MeterlineError(
+                    f"published plan versions are immutable, and this file changes {', '.join(conflicts)}: "
+                    "give the changed plan a new version (then `meterline plans migrate`)"
+                ),
+                2,
+            )
+        fresh = [
+            (k, v)
+            for (k, v), pv in zip(catalog.to_records(), catalog.versions, strict=True)
+            if published.get(pv.plan_id, pv.version) is None
+        ]
         if fresh:
             publish_records(bootstrap, f"{prefix}plans", fresh)
     except MeterlineError as exc:
         raise _fail(exc) from exc
-    _out.print(f"published {len(fresh)} plan version(s) from {file} to {prefix}plans "
-               f"({len(catalog.versions) - len(fresh)} already published)")  # fmt: skip
+    _out.print(
+        f"published {len(fresh)} plan version(s) from {file} to {prefix}plans "
+        f"({len(catalog.versions) - len(fresh)} already published)"
+    )
 
 
 @plans_app.command("subscribe")
@@ -199,7 +213,9 @@ def plans_subscribe(
     customer: str = typer.Argument(..., help="meterline customer id."),
     plan_id: str = typer.Argument(..., help="Plan id from the catalog."),
     version: int | None = typer.Option(None, "--version", help="Plan version (default: the one in force at --from)."),
-    from_: str | None = typer.Option(None, "--from", help="ISO-8601 start, may be in the past (default: now). The period anchor."),
+    from_: str | None = typer.Option(
+        None, "--from", help="ISO-8601 start, may be in the past (default: now). The period anchor."
+    ),
 ) -> None:
     """Start a subscription: the billing periods are anchored at its start."""
     from meterline.core.plans import SubscriptionEvent
@@ -268,7 +284,11 @@ def plans_migrate(
             ev = SubscriptionEvent("migrated", cid, when, plan_id, to)
             if any(e.event_id == ev.event_id for e in by_customer[cid]):
                 continue
-            rejected = [r for r in fold_timeline(cid, [*by_customer[cid], ev], catalog).rejected if r.event.event_id == ev.event_id]
+            rejected = [
+                r
+                for r in fold_timeline(cid, [*by_customer[cid], ev], catalog).rejected
+                if r.event.event_id == ev.event_id
+            ]
             if rejected:
                 skipped.append(f"{cid}: {rejected[0].reason}")
                 continue
@@ -327,7 +347,9 @@ def plans_show(
     if fmt == "json":
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return
-    t = Table(title=f"{customer}: " + (f"on {doc['plan']} now" if current is not None else "no plan now (pay-per-token)"))
+    t = Table(
+        title=f"{customer}: " + (f"on {doc['plan']} now" if current is not None else "no plan now (pay-per-token)")
+    )
     for col in ("plan", "from", "until", "run anchor", "interval"):
         t.add_column(col)
     for r in timeline.runs:
@@ -407,7 +429,9 @@ def bill_preview_command(
 
 
 def _print_bill(doc: dict[str, Any]) -> None:
-    title = f"{doc['customer_id']} · {doc['period']} · " + (f"plan {doc['plan']}" if doc.get("plan") else "pay-per-token")
+    title = f"{doc['customer_id']} · {doc['period']} · " + (
+        f"plan {doc['plan']}" if doc.get("plan") else "pay-per-token"
+    )
     lines = Table(title=title)
     for col in ("kind", "description", "quantity", "unit price", "amount"):
         lines.add_column(col, justify="right" if col in ("quantity", "amount") else "left")

@@ -23,8 +23,8 @@ import typer
 from rich.table import Table
 
 from meterline.core.config import Settings
-from meterline.shell.console import is_terminal, make_console
 from meterline.core.errors import MeterlineError
+from meterline.shell.console import is_terminal, make_console
 
 __all__ = ["reprice_command"]
 
@@ -36,47 +36,118 @@ def _dec(d: Decimal) -> str:
 def _json(plan: Any, result: Any) -> dict[str, Any]:
     customers = []
     for c in plan.customers():
-        customers.append({
-            "customer_id": c["customer_id"], "events": c["events"], "unpriceable_events": c["unpriceable"],
-            "old_cost": _dec(c["old_cost"]), "new_cost": _dec(c["new_cost"]), "cost_delta": _dec(c["cost_delta"]),
-            "old_charge": _dec(c["old_charge"]), "new_charge": _dec(c["new_charge"]), "delta": _dec(c["delta"]),
-            "prior_corrections": _dec(c["prior_corrections"]),
-            "models": [{
-                "model": f"{m.provider}/{m.model}", "events": m.events, "old_price_versions": m.old_version.split(","),
-                "new_price_version": m.new_version, "old_rate_cards": m.old_card.split(","),
-                "new_rate_card": m.new_card, "unpriceable_events": m.unpriceable,
-                "unpriceable_reason": m.unpriceable_reason or None,
-                "old_cost": _dec(m.old_cost), "new_cost": _dec(m.new_cost),
-                "old_charge": _dec(m.old_charge), "new_charge": _dec(m.new_charge),
-            } for m in c["models"]],
-        })  # fmt: skip
+        customers.append(
+            {
+                "customer_id": c["customer_id"],
+                "events": c["events"],
+                "unpriceable_events": c["unpriceable"],
+                "old_cost": _dec(c["old_cost"]),
+                "new_cost": _dec(c["new_cost"]),
+                "cost_delta": _dec(c["cost_delta"]),
+                "old_charge": _dec(c["old_charge"]),
+                "new_charge": _dec(c["new_charge"]),
+                "delta": _dec(c["delta"]),
+                "prior_corrections": _dec(c["prior_corrections"]),
+                "models": [
+                    {
+                        "model": f"{m.provider}/{m.model}",
+                        "events": m.events,
+                        "old_price_versions": m.old_version.split(","),
+                        "new_price_version": m.new_version,
+                        "old_rate_cards": m.old_card.split(","),
+                        "new_rate_card": m.new_card,
+                        "unpriceable_events": m.unpriceable,
+                        "unpriceable_reason": m.unpriceable_reason or None,
+                        "old_cost": _dec(m.old_cost),
+                        "new_cost": _dec(m.new_cost),
+                        "old_charge": _dec(m.old_charge),
+                        "new_charge": _dec(m.new_charge),
+                    }
+                    for m in c["models"]
+                ],
+            }
+        )
     vb, va, cb, ca = plan.versions()
-    out: dict[str, Any] = {"period": {"start": plan.filters.start, "end": plan.filters.end}, "customers": customers,
-                           "versions_before": vb, "versions_after": va, "cards_before": cb, "cards_after": ca}  # fmt: skip
+    out: dict[str, Any] = {
+        "period": {"start": plan.filters.start, "end": plan.filters.end},
+        "customers": customers,
+        "versions_before": vb,
+        "versions_after": va,
+        "cards_before": cb,
+        "cards_after": ca,
+    }
     if result is not None:
-        out["applied"] = {"correction_id": result.correction_id or None, "correction_rows": result.rows,
-                          "ledger_commands": result.commands, "resumed": result.resumed,
-                          "abandoned": result.abandoned, "noop": result.noop}  # fmt: skip
+        out["applied"] = {
+            "correction_id": result.correction_id or None,
+            "correction_rows": result.rows,
+            "ledger_commands": result.commands,
+            "resumed": result.resumed,
+            "abandoned": result.abandoned,
+            "noop": result.noop,
+        }
     return out
 
 
 def _table(plan: Any) -> Table:
     t = Table(title="re-rating (old = as billed so far, earlier corrections included)")
-    for col in ("customer", "model", "events", "price versions old → new", "card old → new", "old cost", "new cost",
-                "old charge", "new charge", "delta"):  # fmt: skip
-        t.add_column(col, justify="right" if col in ("events", "old cost", "new cost", "old charge", "new charge",
-                                                      "delta") else "left")  # fmt: skip
+    for col in (
+        "customer",
+        "model",
+        "events",
+        "price versions old → new",
+        "card old → new",
+        "old cost",
+        "new cost",
+        "old charge",
+        "new charge",
+        "delta",
+    ):
+        t.add_column(
+            col,
+            justify="right"
+            if col in ("events", "old cost", "new cost", "old charge", "new charge", "delta")
+            else "left",
+        )
     for c in plan.customers():
         for m in c["models"]:
             versions = f"{m.old_version} → {m.new_version or m.unpriceable_reason}"
-            t.add_row(c["customer_id"], f"{m.provider}/{m.model}", str(m.events), versions,
-                      f"{m.old_card} → {m.new_card}", _dec(m.old_cost), _dec(m.new_cost), _dec(m.old_charge),
-                      _dec(m.new_charge), _dec(m.new_charge - m.old_charge))  # fmt: skip
+            t.add_row(
+                c["customer_id"],
+                f"{m.provider}/{m.model}",
+                str(m.events),
+                versions,
+                f"{m.old_card} → {m.new_card}",
+                _dec(m.old_cost),
+                _dec(m.new_cost),
+                _dec(m.old_charge),
+                _dec(m.new_charge),
+                _dec(m.new_charge - m.old_charge),
+            )
         if c["prior_corrections"]:
-            t.add_row(c["customer_id"], "(earlier corrections)", "", "", "", "", "", _dec(c["prior_corrections"]), "",
-                      _dec(-c["prior_corrections"]))  # fmt: skip
-        t.add_row(f"[b]{c['customer_id']}[/b]", "[b]total[/b]", str(c["events"]), "", "", _dec(c["old_cost"]),
-                  _dec(c["new_cost"]), _dec(c["old_charge"]), _dec(c["new_charge"]), f"[b]{_dec(c['delta'])}[/b]")  # fmt: skip
+            t.add_row(
+                c["customer_id"],
+                "(earlier corrections)",
+                "",
+                "",
+                "",
+                "",
+                "",
+                _dec(c["prior_corrections"]),
+                "",
+                _dec(-c["prior_corrections"]),
+            )
+        t.add_row(
+            f"[b]{c['customer_id']}[/b]",
+            "[b]total[/b]",
+            str(c["events"]),
+            "",
+            "",
+            _dec(c["old_cost"]),
+            _dec(c["new_cost"]),
+            _dec(c["old_charge"]),
+            _dec(c["new_charge"]),
+            f"[b]{_dec(c['delta'])}[/b]",
+        )
     return t
 
 
@@ -88,8 +159,14 @@ def _progress(enabled: bool) -> Iterator[Any]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=make_console(stderr=True), transient=True)  # fmt: skip
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=make_console(stderr=True),
+        transient=True,
+    )
     tasks: dict[str, Any] = {}
 
     def step(name: str, done: int, total: int) -> None:
@@ -169,9 +246,15 @@ def reprice_command(
                 assert boot is not None
                 publisher = CommandPublisher(boot[0], f"{boot[1]}ledger-commands")
                 argv = " ".join(["meterline", "reprice", *sys.argv[2:]])
-                result = apply_plan(ch, rp, ran_by=os.environ.get("METERLINE_OPERATOR") or getpass.getuser(),
-                                    reason=reason, command=argv, send=publisher.send,
-                                    at_ms=int(time.time() * 1000))  # fmt: skip
+                result = apply_plan(
+                    ch,
+                    rp,
+                    ran_by=os.environ.get("METERLINE_OPERATOR") or getpass.getuser(),
+                    reason=reason,
+                    command=argv,
+                    send=publisher.send,
+                    at_ms=int(time.time() * 1000),
+                )
     except MeterlineError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -189,8 +272,10 @@ def reprice_command(
         for cid in result.resumed:
             out.print(f"resumed interrupted correction {cid}")
         if result.correction_id:
-            out.print(f"applied correction {result.correction_id}: {result.rows} correction row(s), "
-                      f"{result.commands} ledger command(s); `meterline stripe sync` pushes the Stripe delta")  # fmt: skip
+            out.print(
+                f"applied correction {result.correction_id}: {result.rows} correction row(s), "
+                f"{result.commands} ledger command(s); `meterline stripe sync` pushes the Stripe delta"
+            )
 
 
 def _bootstrap(settings: Settings) -> tuple[str, str]:

@@ -72,9 +72,9 @@ def simulate_command(
 
     from jobs.plans.billing import load_catalog, month_bounds
     from jobs.plans.simulate import parse_months, resolve_plans, simulate
-    from meterline.shell.cli_plans import _ReadClient, _settings
     from meterline.core.simulator._html import render_html
     from meterline.core.simulator._routing import load_routing
+    from meterline.shell.cli_plans import _ReadClient, _settings
 
     err = Console(stderr=True)
 
@@ -101,8 +101,16 @@ def simulate_command(
         try:
             catalog = load_catalog(client)
             candidates = resolve_plans(ids, catalog, month_bounds(months[0])[0], file_catalog)
-            doc = simulate(client, period, candidates, customer=customer, cohort=cohort, routes=routes,
-                           price_engine=engine, substitute_versions=versions)  # fmt: skip
+            doc = simulate(
+                client,
+                period,
+                candidates,
+                customer=customer,
+                cohort=cohort,
+                routes=routes,
+                price_engine=engine,
+                substitute_versions=versions,
+            )
         finally:
             client.close()
     except MeterlineError as exc:
@@ -126,13 +134,38 @@ def _table(doc: dict[str, Any]) -> str:
 
     console = Console(record=True, width=160, file=io.StringIO())  # recorded, exported as text
     for c in doc["customers"]:
-        t = Table(title=f"{c['customer_id']} · {doc['period']} · current {c['current_plan'] or 'pay-per-token'} · cheapest {c['cheapest']}")
-        for col in ("plan", "role", "total", "fee", "overage", "true-up", "per M", "unused incl.", "min", "max", "average"):
+        t = Table(
+            title=f"{c['customer_id']} · {doc['period']} · current {c['current_plan'] or 'pay-per-token'} · cheapest {c['cheapest']}"
+        )
+        for col in (
+            "plan",
+            "role",
+            "total",
+            "fee",
+            "overage",
+            "true-up",
+            "per M",
+            "unused incl.",
+            "min",
+            "max",
+            "average",
+        ):
             t.add_column(col, justify="left" if col in ("plan", "role") else "right")
         for x in c["candidates"]:
             rng = x["range"] or {"min": "", "max": ""}
-            t.add_row(x["plan"], x["role"], x["total"], x["fee"], x["overage"], x["true_up"], x["effective_per_million"] or "",
-                      str(x["unused_included_tokens"]), rng["min"], rng["max"], x["average"])  # fmt: skip
+            t.add_row(
+                x["plan"],
+                x["role"],
+                x["total"],
+                x["fee"],
+                x["overage"],
+                x["true_up"],
+                x["effective_per_million"] or "",
+                str(x["unused_included_tokens"]),
+                rng["min"],
+                rng["max"],
+                x["average"],
+            )
         console.print(t)
         for p in c.get("break_even", []):
             vols = ", ".join(f"{v['tokens']} ({v['exact']})" for v in p["volumes"]) or "never"
@@ -144,6 +177,13 @@ def _table(doc: dict[str, Any]) -> str:
         for col in ("against", "revenue", "difference", "pay more", "pay less", "same"):
             t.add_column(col)
         for a in k["against"]:
-            t.add_row(a["plan"], a["revenue"], a["difference"], str(a["would_pay_more"]), str(a["would_pay_less"]), str(a["same"]))
+            t.add_row(
+                a["plan"],
+                a["revenue"],
+                a["difference"],
+                str(a["would_pay_more"]),
+                str(a["would_pay_less"]),
+                str(a["same"]),
+            )
         console.print(t)
     return console.export_text()

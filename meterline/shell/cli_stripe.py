@@ -26,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -36,9 +36,9 @@ from rich.table import Table
 
 from jobs.stripe._config import DEFAULT_CONFIG, BillingConfig, StripeTarget, load_billing_config, target_from_settings
 from meterline.core.config import Settings
-from meterline.shell.console import markup_mode
-from meterline.shell import forwarding
 from meterline.core.errors import MeterlineError
+from meterline.shell import forwarding
+from meterline.shell.console import markup_mode
 from meterline.shell.forwarding import (
     CapturedRun,
     captured,
@@ -78,12 +78,14 @@ def _context(config: Path) -> Iterator[tuple[Settings, BillingConfig, StripeTarg
     target = target_from_settings(settings)
     local = None
     if target is None:
-        from meterline.stack.private import private_dir
         from devtools.stripe_local import LocalStripe
+        from meterline.stack.private import private_dir
 
         local = LocalStripe(private_dir(settings.data_dir) / "stripe.sqlite")
         target = StripeTarget.local(local.url)
-        current_io().err.print(f"[dim]no Stripe key: using the local Stripe server ({settings.data_dir / 'stripe.sqlite'})[/dim]")
+        current_io().err.print(
+            f"[dim]no Stripe key: using the local Stripe server ({settings.data_dir / 'stripe.sqlite'})[/dim]"
+        )
     try:
         yield settings, cfg, target, ch
     except MeterlineError as exc:
@@ -121,7 +123,7 @@ def provision_command(
 def sync_command(
     ctx: typer.Context,
     config: Path = ConfigOpt,
-    now: Optional[int] = typer.Option(None, help="Stripe's clock as unix seconds (default: now)."),
+    now: int | None = typer.Option(None, help="Stripe's clock as unix seconds (default: now)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Push priced usage per customer x meter x window to Stripe; print a summary."""
@@ -131,14 +133,29 @@ def sync_command(
 
     cio = current_io()
     with _context(config) as (_settings_, cfg, target, ch):
-        s = sync(target, ch, cfg, now=now if now is not None else target.now(),
-                 progress=progress and cio.err.file.isatty())
+        s = sync(
+            target, ch, cfg, now=now if now is not None else target.now(), progress=progress and cio.err.file.isatty()
+        )
     report_result(s)
     t = Table(title=f"stripe sync ({cfg.mode} mode, {s.transport})")
     for col in ("windows", "planned", "resent", "sent", "acked", "carried", "retries", "too old", "failed"):
         t.add_column(col, justify="right")
-    t.add_row(*(str(x) for x in (s.windows, s.planned, s.resent, s.sent, s.acked, s.carried, s.retries,
-                                 len(s.too_old), len(s.failed))))  # fmt: skip
+    t.add_row(
+        *(
+            str(x)
+            for x in (
+                s.windows,
+                s.planned,
+                s.resent,
+                s.sent,
+                s.acked,
+                s.carried,
+                s.retries,
+                len(s.too_old),
+                len(s.failed),
+            )
+        )
+    )
     cio.out.print(t)
     for line in s.plan_updates:
         cio.out.print(f"plan subscription {line}")
@@ -151,7 +168,9 @@ def sync_command(
     for line in s.shrunk + s.unmapped:
         cio.err.print(f"[yellow]{line}[/yellow]")
     if s.other_currency_events:
-        cio.err.print(f"[yellow]{s.other_currency_events} event(s) in another currency than {cfg.currency} not pushed[/yellow]")
+        cio.err.print(
+            f"[yellow]{s.other_currency_events} event(s) in another currency than {cfg.currency} not pushed[/yellow]"
+        )
     if not s.ok:
         raise typer.Exit(1)
 
@@ -170,8 +189,12 @@ def grants_command(
     with _context(config) as (settings, cfg, target, ch):
         if not settings.kafka_bootstrap:
             raise fail(MeterlineError("set METERLINE_KAFKA_BOOTSTRAP to read ledger-commands"), 2)
-        s = mirror_grants(target.client(), ch, cfg, consume_commands(settings.kafka_bootstrap,
-                                                                     settings.topic("ledger-commands"), idle_seconds=idle))
+        s = mirror_grants(
+            target.client(),
+            ch,
+            cfg,
+            consume_commands(settings.kafka_bootstrap, settings.topic("ledger-commands"), idle_seconds=idle),
+        )
     report_result(s)
     cio = current_io()
     cio.out.print(f"created {len(s.created)}, existing {len(s.existing)}, voided {len(s.voided)}, ignored {s.ignored}")
@@ -185,9 +208,9 @@ def grants_command(
 def reconcile_command(
     ctx: typer.Context,
     period: str = typer.Option(..., help="YYYY-MM, YYYY-MM-DD or START..END (UTC, end exclusive)."),
-    customer: Optional[str] = typer.Option(None, help="Only this customer."),
+    customer: str | None = typer.Option(None, help="Only this customer."),
     config: Path = ConfigOpt,
-    now: Optional[int] = typer.Option(None, help="Stripe's clock as unix seconds (default: now); decides what is due."),
+    now: int | None = typer.Option(None, help="Stripe's clock as unix seconds (default: now); decides what is due."),
 ) -> None:
     """Compare ClickHouse, the sync cursor and Stripe's meter summaries; exit 1 on real drift only.
 
@@ -209,10 +232,18 @@ def reconcile_command(
         t.add_column(col, justify="left" if col in ("customer", "meter", "due at") else "right")
     label = {"drift": "[red]DRIFT[/red]", "pending": "[yellow]pending[/yellow]", "ok": "ok"}
     for r in rows:
-        due = "-" if r.due_at is None else datetime.fromtimestamp(r.due_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-        t.add_row(r.customer_id, r.meter, format(r.clickhouse, "f"), str(r.pushed),
-                  "-" if r.stripe is None else format(r.stripe, "f"), format(r.unpushed, "f"),
-                  format(r.pending, "f"), due, label[r.status])  # fmt: skip
+        due = "-" if r.due_at is None else datetime.fromtimestamp(r.due_at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        t.add_row(
+            r.customer_id,
+            r.meter,
+            format(r.clickhouse, "f"),
+            str(r.pushed),
+            "-" if r.stripe is None else format(r.stripe, "f"),
+            format(r.unpushed, "f"),
+            format(r.pending, "f"),
+            due,
+            label[r.status],
+        )
     cio = current_io()
     cio.out.print(t)
     drifted = sum(r.drifted for r in rows)
@@ -220,9 +251,11 @@ def reconcile_command(
     line = f"{drifted} drift(s) in {len(rows)} row(s)"
     if waiting:
         last = max(r.due_at or 0 for r in waiting)
-        line += (f"; {len(waiting)} row(s) pending (not due yet: settle_seconds={cfg.sync.settle_seconds}), "
-                 f"all pushed by the first sync after "
-                 f"{datetime.fromtimestamp(last, timezone.utc).strftime('%Y-%m-%d %H:%M:%SZ')}")
+        line += (
+            f"; {len(waiting)} row(s) pending (not due yet: settle_seconds={cfg.sync.settle_seconds}), "
+            f"all pushed by the first sync after "
+            f"{datetime.fromtimestamp(last, UTC).strftime('%Y-%m-%d %H:%M:%SZ')}"
+        )
     cio.out.print(line)
     if drifted:
         raise typer.Exit(1)
@@ -233,7 +266,7 @@ def statement_command(
     customer: str = typer.Argument(..., help="meterline customer id."),
     period: str = typer.Option(..., help="YYYY-MM, YYYY-MM-DD or START..END (UTC, end exclusive)."),
     fmt: str = typer.Option("html", "--format", help="html | csv"),
-    out: Optional[Path] = typer.Option(None, help="Write here (default: stdout)."),
+    out: Path | None = typer.Option(None, help="Write here (default: stdout)."),
 ) -> None:
     """The itemized usage statement behind an invoice (per day, project, model, token class)."""
     from jobs.stripe.reconcile import parse_period
@@ -245,8 +278,13 @@ def statement_command(
     if out is not None and captured():
         # Inside `meterline up` (POST /v1/admin/run): output goes back to the caller, never to a
         # path on the server. The CLI that forwarded the command writes --out on its own side.
-        raise fail(MeterlineError("--out is not available inside meterline up: the statement is returned "
-                                   "to the caller, which writes the file"), 2)  # fmt: skip
+        raise fail(
+            MeterlineError(
+                "--out is not available inside meterline up: the statement is returned "
+                "to the caller, which writes the file"
+            ),
+            2,
+        )
     remote = forward_to_up(ctx, "statement", keep_local=("out",))
     if remote is not None:
         if out is None or remote.exit_code != 0:

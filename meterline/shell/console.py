@@ -18,7 +18,7 @@ one line per message) unless both stdout and stderr are terminals.
 from __future__ import annotations
 
 import sys
-from typing import IO, Literal, Optional
+from typing import IO, Literal
 
 from rich.console import Console
 
@@ -29,7 +29,7 @@ __all__ = ["NON_TERMINAL_WIDTH", "capture_console", "is_terminal", "make_console
 NON_TERMINAL_WIDTH = 10_000
 
 
-def is_terminal(stream: Optional[IO[str]]) -> bool:
+def is_terminal(stream: IO[str] | None) -> bool:
     """Whether ``stream`` is an interactive terminal (a closed or odd stream is not)."""
     try:
         return bool(stream is not None and stream.isatty())
@@ -50,12 +50,18 @@ def capture_console(file: IO[str], *, width: int, color: bool = False) -> Consol
     that forwarded a command to ``meterline up``): tables laid out for ``width`` columns (the
     reader's terminal, or as wide as allowed when the reader is not one), text never wrapped (the
     reader's terminal wraps long lines itself; a pipe or log keeps them whole)."""
-    return Console(file=file, width=width, soft_wrap=True, force_terminal=color,
-                   color_system="standard" if color else None, force_jupyter=False,
-                   force_interactive=False)  # fmt: skip
+    return Console(
+        file=file,
+        width=width,
+        soft_wrap=True,
+        force_terminal=color,
+        color_system="standard" if color else None,
+        force_jupyter=False,
+        force_interactive=False,
+    )
 
 
-def markup_mode() -> Optional[Literal["rich"]]:
+def markup_mode() -> Literal["rich"] | None:
     """typer's ``rich_markup_mode``: rich panels for usage errors and help only when both stdout
     and stderr are terminals; None (plain click output, unwrapped messages) otherwise."""
     return "rich" if is_terminal(sys.stdout) and is_terminal(sys.stderr) else None

@@ -15,7 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -34,17 +34,21 @@ class DemoCustomer:
 
 CUSTOMERS: tuple[DemoCustomer, ...] = (
     DemoCustomer(
-        "acme", 5,
+        "acme",
+        5,
         (("openai", "gpt-4o", None), ("anthropic", "claude-3-5-sonnet", "20241022"), ("openai", "o1", None)),
         ("support-bot", "search"),
     ),
     DemoCustomer("globex", 3, (("google", "gemini-1.5-pro", None), ("meta", "llama-3.1-405b", None)), ("summaries",)),
     DemoCustomer(
-        "initech", 2, (("mistral", "mistral-large-2", None), ("mistral", "mixtral-8x22b", None)), ("tps-reports", "agents")
+        "initech",
+        2,
+        (("mistral", "mistral-large-2", None), ("mistral", "mixtral-8x22b", None)),
+        ("tps-reports", "agents"),
     ),
     DemoCustomer("umbrella", 1, (("meta", "llama-3-70b", None), ("openai", "gpt-4o", None)), ("research",)),
     DemoCustomer("hooli", 1, (("openai", "o1", None),), ("agents",)),
-)  # fmt: skip
+)
 
 # Credit story of the demo: umbrella prepaid a little and runs out (blocked: credit_exhausted);
 # hooli's agent gets stuck in a loop after RUNAWAY_AFTER_S and trips the runaway guard (blocked).
@@ -61,7 +65,12 @@ def demo_credit_commands() -> list[dict[str, Any]]:
     return [
         policy_command("umbrella", {"overage": "block", "command_id": "demo:umbrella:policy"}),
         grant_command(
-            {"customer_id": "umbrella", "grant_id": "demo-umbrella-prepaid", "amount": UMBRELLA_CREDIT, "currency": "usd"}
+            {
+                "customer_id": "umbrella",
+                "grant_id": "demo-umbrella-prepaid",
+                "amount": UMBRELLA_CREDIT,
+                "currency": "usd",
+            }
         ),
         policy_command(
             RUNAWAY_CUSTOMER,
@@ -69,12 +78,16 @@ def demo_credit_commands() -> list[dict[str, Any]]:
                 "overage": "allow",
                 "command_id": "demo:hooli:policy",
                 "runaway_customer": {
-                    "window_ms": 60_000, "bucket_ms": 10_000, "baseline_ms": 600_000,
-                    "abs_cap": RUNAWAY_CAP_PER_MINUTE, "block": True,
+                    "window_ms": 60_000,
+                    "bucket_ms": 10_000,
+                    "baseline_ms": 600_000,
+                    "abs_cap": RUNAWAY_CAP_PER_MINUTE,
+                    "block": True,
                 },
             },
         ),
-    ]  # fmt: skip
+    ]
+
 
 UNPRICED_MODEL = ("openai", "gpt-7-preview", None)
 
@@ -115,7 +128,7 @@ class DemoTraffic:
         reasoning = int(output * rng.uniform(1, 4)) if model == "o1" else 0
         return UsageEvent(
             event_id=str(uuid.UUID(int=rng.getrandbits(128))),
-            occurred_at=datetime.now(timezone.utc),
+            occurred_at=datetime.now(UTC),
             customer_id=customer.customer_id,
             api_key_id=f"key-{customer.customer_id}-1",
             project=rng.choice(customer.projects),
@@ -147,14 +160,21 @@ class DemoTraffic:
             base.model_copy(
                 update={
                     "event_id": str(uuid.UUID(int=self.rng.getrandbits(128))),
-                    "customer_id": RUNAWAY_CUSTOMER, "api_key_id": f"key-{RUNAWAY_CUSTOMER}-1",
-                    "provider": "openai", "model": "o1", "model_version": None, "project": "agents",
-                    "input_tokens": 20_000, "cached_input_tokens": 0, "cache_write_tokens": 0,
-                    "output_tokens": 2_000, "reasoning_tokens": 3_000,
+                    "customer_id": RUNAWAY_CUSTOMER,
+                    "api_key_id": f"key-{RUNAWAY_CUSTOMER}-1",
+                    "provider": "openai",
+                    "model": "o1",
+                    "model_version": None,
+                    "project": "agents",
+                    "input_tokens": 20_000,
+                    "cached_input_tokens": 0,
+                    "cache_write_tokens": 0,
+                    "output_tokens": 2_000,
+                    "reasoning_tokens": 3_000,
                 }
             )
             for _ in range(n)
-        ]  # fmt: skip
+        ]
 
     def tick(self, n: int) -> None:
         if self.runaway_after_s is not None and time.monotonic() - self._started >= self.runaway_after_s:

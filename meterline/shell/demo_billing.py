@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from devtools.stripe_local import LocalStripe
 from jobs.stripe import StripeTarget, load_billing_config, mirror_grants, provision, sync
 from jobs.stripe.credits import consume_commands
-from devtools.stripe_local import LocalStripe
 
 HOUR = 3600
 PERIOD_DAYS = 32  # past a monthly period's end
@@ -60,13 +60,17 @@ class DemoBilling:
         client = self.target.client()
         self.local.set_clock(int(time.time()) + HOUR + self.cfg.sync.settle_seconds + 1)
         commands = consume_commands(
-            settings.kafka_bootstrap, settings.topic("ledger-commands"), group=f"{settings.topic_prefix}demo-billing",
+            settings.kafka_bootstrap,
+            settings.topic("ledger-commands"),
+            group=f"{settings.topic_prefix}demo-billing",
             idle_seconds=2.0,
-        )  # fmt: skip
+        )
         with self.runtime.query_client() as ch:
             mirror_grants(client, ch, self.cfg, commands)
             summary = sync(self.target, ch, self.cfg, now=self.local.now())
-            charges = dict(ch.query("SELECT customer_id, sum(charge) FROM usage_priced GROUP BY customer_id").result_rows)
+            charges = dict(
+                ch.query("SELECT customer_id, sum(charge) FROM usage_priced GROUP BY customer_id").result_rows
+            )
         self.local.advance_clock(PERIOD_DAYS * 86_400)
         self.local.close_periods(finalize=True)
         rows = []

@@ -49,9 +49,14 @@ def write_runtime_info(data_dir: Path, info: RuntimeInfo) -> Path:
     """Write ``<data_dir>/runtime.json`` atomically (a private temporary file, then a rename)."""
     path = Path(data_dir) / RUNTIME_FILE
     tmp = path.with_name(f".{RUNTIME_FILE}.{os.getpid()}.tmp")
-    doc: dict[str, Any] = {"pid": info.pid, "kafka_bootstrap": info.kafka_bootstrap,
-                           "topic_prefix": info.topic_prefix, "api_url": info.api_url,
-                           "metrics_url": info.metrics_url, "worker_metrics_dir": info.worker_metrics_dir}
+    doc: dict[str, Any] = {
+        "pid": info.pid,
+        "kafka_bootstrap": info.kafka_bootstrap,
+        "topic_prefix": info.topic_prefix,
+        "api_url": info.api_url,
+        "metrics_url": info.metrics_url,
+        "worker_metrics_dir": info.worker_metrics_dir,
+    }
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, json.dumps(doc).encode("utf-8"))
@@ -65,10 +70,14 @@ def read_runtime_info(data_dir: Path) -> RuntimeInfo | None:
     """The running ``meterline up`` of ``data_dir``, or None (no file, unreadable, process gone)."""
     try:
         doc = json.loads((Path(data_dir) / RUNTIME_FILE).read_text(encoding="utf-8"))
-        info = RuntimeInfo(pid=int(doc["pid"]), kafka_bootstrap=doc.get("kafka_bootstrap") or None,
-                           topic_prefix=str(doc.get("topic_prefix") or ""), api_url=doc.get("api_url") or None,
-                           metrics_url=doc.get("metrics_url") or None,
-                           worker_metrics_dir=doc.get("worker_metrics_dir") or None)
+        info = RuntimeInfo(
+            pid=int(doc["pid"]),
+            kafka_bootstrap=doc.get("kafka_bootstrap") or None,
+            topic_prefix=str(doc.get("topic_prefix") or ""),
+            api_url=doc.get("api_url") or None,
+            metrics_url=doc.get("metrics_url") or None,
+            worker_metrics_dir=doc.get("worker_metrics_dir") or None,
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:

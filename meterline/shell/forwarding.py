@@ -23,7 +23,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 import typer
@@ -31,9 +31,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from meterline.core.config import Settings
+from meterline.core.errors import MeterlineError
 from meterline.shell.console import capture_console, make_console
 from meterline.shell.discovery import running_api
-from meterline.core.errors import MeterlineError
 
 __all__ = [
     "CapturedRun",
@@ -65,11 +65,11 @@ class CommandIO:
 
     out: Console
     err: Console
-    settings: Optional[Settings] = None  # None: read the environment (``Settings()``)
+    settings: Settings | None = None  # None: read the environment (``Settings()``)
     results: list[Any] = field(default_factory=list)  # summaries the command reported (sync, provision ...)
 
 
-_IO: ContextVar[Optional[CommandIO]] = ContextVar("meterline_command_io", default=None)
+_IO: ContextVar[CommandIO | None] = ContextVar("meterline_command_io", default=None)
 
 
 def current_io() -> CommandIO:
@@ -113,8 +113,9 @@ class CapturedRun:
     results: tuple[Any, ...] = ()  # what the command passed to _report (SyncSummary, ProvisionReport ...)
 
 
-def run_captured(command: Any, argv: Sequence[str], settings: Settings, *, width: int = 100,
-                 color: bool = False) -> CapturedRun:
+def run_captured(
+    command: Any, argv: Sequence[str], settings: Settings, *, width: int = 100, color: bool = False
+) -> CapturedRun:
     """Run ``meterline <argv>`` with the click ``command`` in this thread, with ``settings`` instead
     of the environment's and both output streams captured.
 
@@ -147,7 +148,7 @@ def _invoke(command: Any, argv: list[str], cio: CommandIO) -> int:
         else:
             cio.err.file.write(f"Error: {exc.format_message()}\n")
         return int(exc.exit_code)
-    except Exception as exc:  # noqa: BLE001 - a bug or an unexpected library error: report, never raise
+    except Exception as exc:
         log.exception("meterline %s failed", " ".join(argv))
         cio.err.print(f"[red]error:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
         return 1
@@ -209,7 +210,7 @@ def forward_to_up(ctx: Any, *path: str, keep_local: Sequence[str] = ()) -> Captu
         return None
     try:
         settings = Settings()
-    except Exception:  # noqa: BLE001 - pydantic ValidationError: the local path reports it
+    except Exception:
         return None
     if urlparse(settings.resolved_clickhouse_dsn).scheme != "chdb":
         return None
@@ -218,11 +219,15 @@ def forward_to_up(ctx: Any, *path: str, keep_local: Sequence[str] = ()) -> Captu
         return None
     argv = [*path, *argv_from_params(ctx, skip=keep_local)]
     cio = current_io()
-    cio.err.print(f"[dim]meterline up is running ({api[0]}) and owns the embedded ClickHouse engine: "
-                  f"running `meterline {' '.join(path)}` there, with its settings[/dim]", soft_wrap=True)  # fmt: skip
+    cio.err.print(
+        f"[dim]meterline up is running ({api[0]}) and owns the embedded ClickHouse engine: "
+        f"running `meterline {' '.join(path)}` there, with its settings[/dim]",
+        soft_wrap=True,
+    )
     try:
-        return post_run(api, argv, width=cio.out.width,
-                         color=cio.out.is_terminal and cio.err.is_terminal and not cio.out.no_color)
+        return post_run(
+            api, argv, width=cio.out.width, color=cio.out.is_terminal and cio.err.is_terminal and not cio.out.no_color
+        )
     except MeterlineError as exc:
         raise fail(exc) from exc
 
@@ -238,8 +243,9 @@ def post_run(api: tuple[str, str], argv: list[str], *, width: int, color: bool) 
     if status >= 400 or "exit_code" not in doc:
         e = doc.get("error", {})
         hint = " (is the running meterline up older than this CLI? restart it)" if status == 404 else ""
-        raise MeterlineError(f"meterline up did not run the command: HTTP {status} "
-                             f"{e.get('code')}: {e.get('message')}{hint}")  # fmt: skip
+        raise MeterlineError(
+            f"meterline up did not run the command: HTTP {status} {e.get('code')}: {e.get('message')}{hint}"
+        )
     return CapturedRun(int(doc["exit_code"]), str(doc.get("stdout", "")), str(doc.get("stderr", "")))
 
 

@@ -40,13 +40,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from meterline.shell.api.keys import KeyRecord, KeyStore
 from meterline.core.errors import InvalidEvent
+from meterline.core.naming import normalize_model
 from meterline.integrations.decisions import deny_status
+from meterline.shell.api.keys import KeyRecord, KeyStore
 from schemas.adapters import OpenAIChatStream, usage_event_from_openai_chat
 from schemas.jsonio import event_to_json
 from schemas.models import UsageEvent
-from meterline.core.naming import normalize_model
 
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "create_proxy_app", "deny_status"]
 
@@ -58,11 +58,13 @@ GATEWAY = "meterline-proxy"
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "content-encoding", "keep-alive"})
 
 
-def _error(status: int, kind: str, message: str, code: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int, kind: str, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """An error in the OpenAI wire format, so SDK clients raise the matching exception."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status, headers=headers
+    )
 
 
 def _estimate_input_tokens(body: dict[str, Any]) -> int:
@@ -99,35 +101,52 @@ def create_proxy_app(
     async def authorize(secret: str, record: KeyRecord, body: dict[str, Any], rid: str) -> Response | None:
         p, m, v = normalize_model(provider, str(body.get("model") or ""))
         max_out = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_output_tokens
-        doc = {"customer_id": record.customer_id, "request_id": rid, "provider": p, "model": m,
-               "model_version": v, "api_key_id": record.key_id,
-               "input_tokens_estimate": _estimate_input_tokens(body),
-               "max_output_tokens": int(max_out) if isinstance(max_out, int) else default_max_output_tokens}
+        doc = {
+            "customer_id": record.customer_id,
+            "request_id": rid,
+            "provider": p,
+            "model": m,
+            "model_version": v,
+            "api_key_id": record.key_id,
+            "input_tokens_estimate": _estimate_input_tokens(body),
+            "max_output_tokens": int(max_out) if isinstance(max_out, int) else default_max_output_tokens,
+        }
         try:
             r = await api.post("/v1/authorize", json=doc, headers={"Authorization": f"Bearer {secret}"})
         except httpx.HTTPError as exc:
             log.warning("proxy: authorize failed for %s: %s", record.customer_id, exc)
-            return _error(503, "service_unavailable", "meterline is unreachable; the request was not authorized",
-                          "authorize_unavailable", {"Retry-After": "1"})
+            return _error(
+                503,
+                "service_unavailable",
+                "meterline is unreachable; the request was not authorized",
+                "authorize_unavailable",
+                {"Retry-After": "1"},
+            )
         if r.status_code != 200:
             try:
                 err = r.json().get("error", {})
             except ValueError:
                 err = {}
             status = r.status_code if r.status_code in (400, 401, 403) else 503
-            return _error(status, "invalid_request_error" if status == 400 else "service_unavailable",
-                          f"meterline did not authorize the request: {err.get('message') or r.text[:200]}",
-                          err.get("code") or "authorize_failed")
+            return _error(
+                status,
+                "invalid_request_error" if status == 400 else "service_unavailable",
+                f"meterline did not authorize the request: {err.get('message') or r.text[:200]}",
+                err.get("code") or "authorize_failed",
+            )
         reply = r.json()
         if reply.get("decision") == "allow":
             return None
         reason = reply.get("reason") or "denied"
         status, kind = deny_status(reason)
         log.info("proxy: deny customer_id=%s request_id=%s reason=%s", record.customer_id, rid, reason)
-        return _error(status, kind,
-                      f"meterline refused the request for customer {record.customer_id}: {reason} "
-                      f"(available {reply.get('available')}, this request may cost up to {reply.get('estimate')})",
-                      reason)
+        return _error(
+            status,
+            kind,
+            f"meterline refused the request for customer {record.customer_id}: {reason} "
+            f"(available {reply.get('available')}, this request may cost up to {reply.get('estimate')})",
+            reason,
+        )
 
     async def settle(secret: str, event: UsageEvent) -> None:
         """Post the event; retried (the event id makes a re-send harmless). If it still fails, the
@@ -145,19 +164,32 @@ def create_proxy_app(
             except httpx.HTTPError as exc:
                 problem = exc
             await asyncio.sleep(0.5 * (attempt + 1))
-        log.error("proxy: usage event %s NOT recorded (%s); replay it with `meterline produce`: %s",
-                  event.event_id, problem, json.dumps(doc, default=str))
+        log.error(
+            "proxy: usage event %s NOT recorded (%s); replay it with `meterline produce`: %s",
+            event.event_id,
+            problem,
+            json.dumps(doc, default=str),
+        )
 
     def meter(record: KeyRecord, rid: str, source: Any, stream: OpenAIChatStream | None = None) -> UsageEvent | None:
-        ctx: dict[str, Any] = {"customer_id": record.customer_id, "request_id": rid, "api_key_id": record.key_id,
-                               "gateway": GATEWAY}
+        ctx: dict[str, Any] = {
+            "customer_id": record.customer_id,
+            "request_id": rid,
+            "api_key_id": record.key_id,
+            "gateway": GATEWAY,
+        }
         try:
             if stream is not None:
                 return stream.event(**ctx)
             return usage_event_from_openai_chat(source, provider=provider, **ctx)
         except InvalidEvent as exc:
-            log.error("proxy: cannot meter request %s of %s (%s: %s); its hold will expire",
-                      rid, record.customer_id, exc.reason_code, exc.message)
+            log.error(
+                "proxy: cannot meter request %s of %s (%s: %s); its hold will expire",
+                rid,
+                record.customer_id,
+                exc.reason_code,
+                exc.message,
+            )
             return None
 
     def upstream_headers() -> dict[str, str]:
@@ -233,11 +265,16 @@ def create_proxy_app(
                 if event is not None:
                     await settle(secret, event)
 
-        return StreamingResponse(relay(), status_code=200,
-                                 media_type=r.headers.get("content-type", "text/event-stream"))
+        return StreamingResponse(
+            relay(), status_code=200, media_type=r.headers.get("content-type", "text/event-stream")
+        )
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok", "service": "meterline-proxy", "upstream": upstream})
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-                             Route("/healthz", healthz, methods=["GET"])])
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ]
+    )

@@ -35,16 +35,15 @@ from typing import Any
 
 from meterline.core.config import Settings
 from meterline.shell.discovery import RuntimeInfo, remove_runtime_info, write_runtime_info
-from meterline.stack.private import PRIVATE_UMASK, private_dir, write_private
-from meterline.stack.metrics import STRIPE_SYNC_RUNS
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect
+from meterline.stack.metrics import STRIPE_SYNC_RUNS
+from meterline.stack.private import PRIVATE_UMASK, private_dir, write_private
 from meterline.stack.topics import ensure_topics
 from pipeline.workers import WorkerProcess
 
 log = logging.getLogger(__name__)
 sync_log = logging.getLogger("meterline.stripe_sync")  # `meterline up` shows it at INFO
-
 
 
 class Runtime:
@@ -98,10 +97,14 @@ class Runtime:
 
             # Before any worker: an empty broker gets its money state back from ClickHouse; a
             # broker that kept its state (real Kafka) is left alone (pipeline/restore.py).
-            self.restore_report = restore_if_lost(self.settings.kafka_bootstrap, self.settings.topic,
-                                                  _LockedClient(self.clickhouse, self.clickhouse_lock), step,
-                                                  partitions=self.settings.partitions,
-                                                  dedupe_window_days=self.settings.dedupe_window_days)  # fmt: skip
+            self.restore_report = restore_if_lost(
+                self.settings.kafka_bootstrap,
+                self.settings.topic,
+                _LockedClient(self.clickhouse, self.clickhouse_lock),
+                step,
+                partitions=self.settings.partitions,
+                dedupe_window_days=self.settings.dedupe_window_days,
+            )
             step(self.restore_report.line())
             for i in range(self.n_workers):
                 step(f"starting faust worker {i + 1}/{self.n_workers}")
@@ -109,10 +112,12 @@ class Runtime:
             step("starting the ClickHouse sink")
             self._start_sink()
             if self.restore_report.customers:
-                step(f"waiting for the credit agent to take the {len(self.restore_report.customers)} restored ledger(s)")
+                step(
+                    f"waiting for the credit agent to take the {len(self.restore_report.customers)} restored ledger(s)"
+                )
                 self._await_restored(self.restore_report.customers)
-            from meterline.shell.cli_stripe import run_captured, stripe_subcommands
             from meterline.shell.api.admin import CommandRunner
+            from meterline.shell.cli_stripe import run_captured, stripe_subcommands
 
             self.cli_runner = CommandRunner(self.settings, run=run_captured, stripe_commands=stripe_subcommands())
             if self.with_api:
@@ -169,7 +174,7 @@ class Runtime:
             if self.clickhouse is not None:
                 try:
                     self.clickhouse.close()
-                except Exception:  # noqa: BLE001 - closing on the way out
+                except Exception:
                     pass
         remove_runtime_info(self.settings.data_dir, only_if_pid=os.getpid())
         if self._umask is not None:
@@ -216,18 +221,44 @@ class Runtime:
         from pipeline.plans_sink import PlanCatalogSink, SubscriptionSink
 
         plan_sinks = [
-            ("meterline-plans-sink", PlanCatalogSink(self.settings.kafka_bootstrap, f"{self.settings.topic_prefix}plans-sink",
-                                                     self.settings.topic("plans"), _LockedClient(self.clickhouse, self.clickhouse_lock))),
-            ("meterline-subscriptions-sink", SubscriptionSink(self.settings.kafka_bootstrap, f"{self.settings.topic_prefix}subscriptions-sink",
-                                                              self.settings.topic("subscriptions"), _LockedClient(self.clickhouse, self.clickhouse_lock))),
-        ]  # fmt: skip
+            (
+                "meterline-plans-sink",
+                PlanCatalogSink(
+                    self.settings.kafka_bootstrap,
+                    f"{self.settings.topic_prefix}plans-sink",
+                    self.settings.topic("plans"),
+                    _LockedClient(self.clickhouse, self.clickhouse_lock),
+                ),
+            ),
+            (
+                "meterline-subscriptions-sink",
+                SubscriptionSink(
+                    self.settings.kafka_bootstrap,
+                    f"{self.settings.topic_prefix}subscriptions-sink",
+                    self.settings.topic("subscriptions"),
+                    _LockedClient(self.clickhouse, self.clickhouse_lock),
+                ),
+            ),
+        ]
         from pipeline.restore import PriceMirror, catalog_topics
 
-        mirrors = [PriceMirror(self.settings.kafka_bootstrap, self.settings.topic(t), f"{self.settings.topic_prefix}mirror",
-                               _LockedClient(self.clickhouse, self.clickhouse_lock), name=t) for t in catalog_topics()]  # fmt: skip
+        mirrors = [
+            PriceMirror(
+                self.settings.kafka_bootstrap,
+                self.settings.topic(t),
+                f"{self.settings.topic_prefix}mirror",
+                _LockedClient(self.clickhouse, self.clickhouse_lock),
+                name=t,
+            )
+            for t in catalog_topics()
+        ]
         self.price_mirror = mirrors[0] if mirrors else None
-        for name, sink in (("meterline-sink", self.sink), ("meterline-ledger-sink", self.ledger_sink), *plan_sinks,
-                           *((f"meterline-{m.name}-mirror", m) for m in mirrors)):  # fmt: skip
+        for name, sink in (
+            ("meterline-sink", self.sink),
+            ("meterline-ledger-sink", self.ledger_sink),
+            *plan_sinks,
+            *((f"meterline-{m.name}-mirror", m) for m in mirrors),
+        ):
             t = threading.Thread(target=sink.run, args=(self._stop,), name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -240,8 +271,10 @@ class Runtime:
 
         want, deadline = set(customers), time.monotonic() + timeout
         while time.monotonic() < deadline:
-            seen = {(m.key() or b"").decode("utf-8", "replace")
-                    for m in read_topic(self.settings.kafka_bootstrap, self.settings.topic("customer-status"), timeout=15)}  # fmt: skip
+            seen = {
+                (m.key() or b"").decode("utf-8", "replace")
+                for m in read_topic(self.settings.kafka_bootstrap, self.settings.topic("customer-status"), timeout=15)
+            }
             if want <= seen:
                 return
             if any(not w.alive() for w in self.workers):
@@ -253,11 +286,14 @@ class Runtime:
     def durability_line(self) -> str:
         """What this mode can lose, said at start-up (issue #19.2)."""
         if self.broker is None:
-            return ("broker: external Kafka (durable; state kept by the broker, nothing restored unless the "
-                    "broker lost it)")
-        return ("one-box mode: the embedded broker keeps nothing on disk; balances, grants and prices are "
-                "restored from ClickHouse at the next start, but events accepted and not yet processed "
-                "when everything is killed are lost (use real Kafka for zero loss: see README)")
+            return (
+                "broker: external Kafka (durable; state kept by the broker, nothing restored unless the broker lost it)"
+            )
+        return (
+            "one-box mode: the embedded broker keeps nothing on disk; balances, grants and prices are "
+            "restored from ClickHouse at the next start, but events accepted and not yet processed "
+            "when everything is killed are lost (use real Kafka for zero loss: see README)"
+        )
 
     def _start_api(self) -> None:
         from meterline.shell.api.app import create_api
@@ -294,7 +330,9 @@ class Runtime:
             producer=producer,
             clickhouse=self.query_client,
             key_store=keys,
-            extra_routes=credit_routes(*self._credits) + self._stripe_routes() + admin_routes(self.cli_runner)
+            extra_routes=credit_routes(*self._credits)
+            + self._stripe_routes()
+            + admin_routes(self.cli_runner)
             + simulate_routes(),
         )
         self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
@@ -338,21 +376,30 @@ class Runtime:
             STRIPE_SYNC_RUNS.labels("skipped").inc()
             sync_log.info("stripe sync: skipped, `meterline %s` is running", exc.running)
             return None
-        except Exception as exc:  # noqa: BLE001 - a periodic job must never take `up` down
+        except Exception as exc:
             STRIPE_SYNC_RUNS.labels("failed").inc()
             sync_log.error("stripe sync: failed: %s: %s", type(exc).__name__, exc, exc_info=True)
             return None
         STRIPE_SYNC_RUNS.labels("ok" if result.exit_code == 0 else "failed").inc()
-        sync_log.log(logging.INFO if result.exit_code == 0 else logging.WARNING, "%s",
-                     sync_summary_line(result, time.monotonic() - started))  # fmt: skip
+        sync_log.log(
+            logging.INFO if result.exit_code == 0 else logging.WARNING,
+            "%s",
+            sync_summary_line(result, time.monotonic() - started),
+        )
         return result
 
     def _write_runtime_file(self) -> None:
-        write_runtime_info(self.settings.data_dir, RuntimeInfo(
-            pid=os.getpid(), kafka_bootstrap=self.settings.kafka_bootstrap, topic_prefix=self.settings.topic_prefix,
-            api_url=self.api_server.url if self.api_server else None,
-            metrics_url=f"{self.api_server.url}/metrics" if self.api_server else None,
-            worker_metrics_dir=str(self.settings.data_dir / "metrics")))
+        write_runtime_info(
+            self.settings.data_dir,
+            RuntimeInfo(
+                pid=os.getpid(),
+                kafka_bootstrap=self.settings.kafka_bootstrap,
+                topic_prefix=self.settings.topic_prefix,
+                api_url=self.api_server.url if self.api_server else None,
+                metrics_url=f"{self.api_server.url}/metrics" if self.api_server else None,
+                worker_metrics_dir=str(self.settings.data_dir / "metrics"),
+            ),
+        )
 
     @contextmanager
     def query_client(self) -> Iterator[Any]:
@@ -367,11 +414,15 @@ def sync_summary_line(result: Any, seconds: float) -> str:
     summary = next((r for r in result.results if isinstance(r, SyncSummary)), None)
     line = f"stripe sync: exit {result.exit_code} in {seconds:.1f} s"
     if summary is not None:
-        line += (f": windows {summary.windows}, planned {summary.planned}, resent {summary.resent}, "
-                 f"sent {summary.sent}, acked {summary.acked}, carried {summary.carried}, "
-                 f"too old {len(summary.too_old)}, failed {len(summary.failed)}")  # fmt: skip
+        line += (
+            f": windows {summary.windows}, planned {summary.planned}, resent {summary.resent}, "
+            f"sent {summary.sent}, acked {summary.acked}, carried {summary.carried}, "
+            f"too old {len(summary.too_old)}, failed {len(summary.failed)}"
+        )
     if result.exit_code != 0:
-        problems = [ln.strip() for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("no Stripe key")]
+        problems = [
+            ln.strip() for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("no Stripe key")
+        ]
         line += f" ({'; '.join(problems[-3:]) or 'no error output'})"
     return line
 

@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Literal
@@ -53,20 +54,62 @@ from meterline.core.errors import InputError
 __all__ = ["ALLOWED_STATEMENTS", "DEFAULT_LIMITS", "SqlLimits", "check_readonly_sql", "format_result", "run_readonly"]
 
 # Root nodes of ClickHouse's AST (``EXPLAIN AST``) that may run: the read statements.
-ALLOWED_STATEMENTS: frozenset[str] = frozenset({
-    "SelectWithUnionQuery", "SelectIntersectExceptQuery", "Explain", "ShowTables", "ShowColumns",
-    "ShowIndexes", "DescribeQuery", "ExistsTableQuery", "ExistsDatabaseQuery", "ExistsDictionaryQuery",
-    "ExistsViewQuery", "ShowCreateTableQuery", "ShowCreateViewQuery", "ShowCreateDatabaseQuery",
-    "ShowCreateDictionaryQuery",
-})  # fmt: skip
+ALLOWED_STATEMENTS: frozenset[str] = frozenset(
+    {
+        "SelectWithUnionQuery",
+        "SelectIntersectExceptQuery",
+        "Explain",
+        "ShowTables",
+        "ShowColumns",
+        "ShowIndexes",
+        "DescribeQuery",
+        "ExistsTableQuery",
+        "ExistsDatabaseQuery",
+        "ExistsDictionaryQuery",
+        "ExistsViewQuery",
+        "ShowCreateTableQuery",
+        "ShowCreateViewQuery",
+        "ShowCreateDatabaseQuery",
+        "ShowCreateDictionaryQuery",
+    }
+)
 # Table functions that reach outside the database (read or write); refused even though readonly=1
 # already blocks them in the engine (defence in depth, and a clearer error).
-_EXTERNAL_FUNCTIONS: frozenset[str] = frozenset({
-    "file", "url", "urlcluster", "s3", "s3cluster", "gcs", "hdfs", "hdfscluster", "azureblobstorage",
-    "azureblobstoragecluster", "remote", "remotesecure", "cluster", "clusterallreplicas", "mysql",
-    "postgresql", "sqlite", "mongodb", "redis", "jdbc", "odbc", "executable", "input", "iceberg",
-    "deltalake", "hudi", "fuzzjson", "fuzzquery", "filecluster", "ytsaurus", "arrowflight",
-})  # fmt: skip
+_EXTERNAL_FUNCTIONS: frozenset[str] = frozenset(
+    {
+        "file",
+        "url",
+        "urlcluster",
+        "s3",
+        "s3cluster",
+        "gcs",
+        "hdfs",
+        "hdfscluster",
+        "azureblobstorage",
+        "azureblobstoragecluster",
+        "remote",
+        "remotesecure",
+        "cluster",
+        "clusterallreplicas",
+        "mysql",
+        "postgresql",
+        "sqlite",
+        "mongodb",
+        "redis",
+        "jdbc",
+        "odbc",
+        "executable",
+        "input",
+        "iceberg",
+        "deltalake",
+        "hudi",
+        "fuzzjson",
+        "fuzzquery",
+        "filecluster",
+        "ytsaurus",
+        "arrowflight",
+    }
+)
 # ClickHouse error codes of the resource limits below.
 _LIMIT_CODES = {159: "max_execution_time", 241: "max_memory_usage", 396: "max_result_rows/max_result_bytes"}
 
@@ -91,8 +134,12 @@ class SqlLimits:
 
     @classmethod
     def from_settings(cls, settings: Any) -> SqlLimits:
-        return cls(settings.sql_max_execution_time_s, settings.sql_max_memory_usage_bytes,
-                   settings.sql_max_result_rows, settings.sql_max_result_bytes)  # fmt: skip
+        return cls(
+            settings.sql_max_execution_time_s,
+            settings.sql_max_memory_usage_bytes,
+            settings.sql_max_result_rows,
+            settings.sql_max_result_bytes,
+        )
 
     def engine_settings(self) -> dict[str, Any]:
         """Engine settings, ``readonly`` LAST (once it is 1 no other setting may change)."""
@@ -118,8 +165,9 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).split("\n", 1)[0]
 
 
-def check_readonly_sql(runner: Any, sql: str, parameters: Mapping[str, Any] | None = None,
-                       settings: Mapping[str, Any] | None = None) -> str:
+def check_readonly_sql(
+    runner: Any, sql: str, parameters: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None
+) -> str:
     """The statement to run, as ClickHouse itself formats it, if ``sql`` is ONE read-only statement
     without ``INTO OUTFILE``; else InputError ``sql_not_readonly``.
 
@@ -136,13 +184,18 @@ def check_readonly_sql(runner: Any, sql: str, parameters: Mapping[str, Any] | No
 
     params = dict(parameters or {})
     try:
-        canonical = runner.query("SELECT formatQuery({q:String})", parameters={"q": sql},
-                                 settings=dict(settings or {}) or None).result_rows[0][0]  # fmt: skip
+        canonical = runner.query(
+            "SELECT formatQuery({q:String})", parameters={"q": sql}, settings=dict(settings or {}) or None
+        ).result_rows[0][0]
     except DatabaseError as exc:
         raise _reject(f"not one parseable SQL statement: {_first_line(exc)}") from exc
     try:
-        lines = [str(r[0]) for r in runner.query(f"EXPLAIN AST {canonical}", parameters=params,
-                                                 settings=dict(settings or {}) or None).result_rows]  # fmt: skip
+        lines = [
+            str(r[0])
+            for r in runner.query(
+                f"EXPLAIN AST {canonical}", parameters=params, settings=dict(settings or {}) or None
+            ).result_rows
+        ]
     except DatabaseError as exc:
         raise _reject(f"cannot analyse the statement: {_first_line(exc)}") from exc
     nodes = [(len(line) - len(line.lstrip(" ")), line.strip()) for line in lines if line.strip()]
@@ -154,7 +207,7 @@ def check_readonly_sql(runner: Any, sql: str, parameters: Mapping[str, Any] | No
     for depth, node in nodes[1:]:
         if depth == 1 and node.startswith("Literal "):
             raise _reject("INTO OUTFILE is not allowed")
-    for (depth, node), (next_depth, child) in zip(nodes, nodes[1:]):
+    for (depth, node), (next_depth, child) in itertools.pairwise(nodes):
         if node.startswith("TableExpression") and next_depth == depth + 1 and child.startswith("Function "):
             name = child.split(" ")[1]
             if name.lower() in _EXTERNAL_FUNCTIONS:
@@ -172,8 +225,9 @@ def _readonly_client(client: Any, limits: SqlLimits) -> tuple[Any, dict[str, Any
         if sibling is None:
             import clickhouse_connect
 
-            sibling = clickhouse_connect.get_client(interface="chdb", path=client.path, database=client.database,
-                                                    settings=limits.engine_settings())  # fmt: skip
+            sibling = clickhouse_connect.get_client(
+                interface="chdb", path=client.path, database=client.database, settings=limits.engine_settings()
+            )
             siblings[limits] = sibling
     if sibling.database != client.database:  # the caller switched databases since
         sibling.database = client.database
@@ -200,8 +254,10 @@ def run_readonly(
             if code == 164:
                 raise InputError(_first_line(exc), reason_code="sql_not_readonly") from exc
             if code in _LIMIT_CODES:
-                raise InputError(f"query stopped by the {_LIMIT_CODES[code]} limit: {_first_line(exc)}",
-                                 reason_code="sql_limit_exceeded") from exc  # fmt: skip
+                raise InputError(
+                    f"query stopped by the {_LIMIT_CODES[code]} limit: {_first_line(exc)}",
+                    reason_code="sql_limit_exceeded",
+                ) from exc
             raise InputError(_first_line(exc), reason_code="sql_error") from exc
         raise
     rows = [tuple(_aware(v) for v in row) for row in result.result_rows]
@@ -218,7 +274,7 @@ def _error_code(exc: BaseException) -> int | None:
 
 def _aware(value: Any) -> Any:
     if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -232,7 +288,7 @@ def _text(value: Any) -> str:
     if isinstance(value, Decimal):
         return format(value, "f")
     if isinstance(value, datetime):
-        value = _aware(value).astimezone(timezone.utc)
+        value = _aware(value).astimezone(UTC)
         text = value.isoformat(timespec="milliseconds" if value.microsecond else "seconds")
         return text.replace("+00:00", "Z")
     if isinstance(value, date):
@@ -274,8 +330,10 @@ def format_result(columns: Sequence[str], rows: Sequence[Sequence[Any]], fmt: Fo
     if fmt == "table":
         cells = [[_text(v) for v in row] for row in rows]
         widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-        numeric = [bool(rows) and all(isinstance(r[i], (int, Decimal)) or r[i] is None for r in rows)
-                   for i in range(len(columns))]  # fmt: skip
+        numeric = [
+            bool(rows) and all(isinstance(r[i], (int, Decimal)) or r[i] is None for r in rows)
+            for i in range(len(columns))
+        ]
 
         def line(values: Sequence[str]) -> str:
             return " | ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()

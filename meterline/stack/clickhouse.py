@@ -384,7 +384,7 @@ def apply_migrations(client: Client, migrations_dir: Path | None = None, *, data
                     raise ConfigError(f"migration {mig.path.name} statement {idx} failed: {exc}") from exc
             client.insert(
                 "schema_migrations",
-                [[mig.version, mig.name, mig.checksum, dt.datetime.now(dt.timezone.utc)]],
+                [[mig.version, mig.name, mig.checksum, dt.datetime.now(dt.UTC)]],
                 column_names=["version", "name", "checksum", "applied_at"],
             )
             done.append(mig.name)

@@ -28,10 +28,25 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
-    "ALERT_DELIVERIES", "AUTHORIZE_SECONDS", "EVENTS_DUPLICATE", "EVENTS_PRICED", "EVENTS_RECEIVED",
-    "EVENTS_REJECTED", "INGEST_EVENTS", "SINK_FLUSH_ROWS", "SINK_FLUSH_SECONDS", "STAGE_SECONDS",
-    "STRIPE_METER_EVENTS", "STRIPE_SYNC_RUNS", "metrics_endpoint", "observe_stage_ms", "read_worker_lag", "serve_worker_metrics",
-    "set_lag_source", "worker_endpoints", "worker_metrics_port",
+    "ALERT_DELIVERIES",
+    "AUTHORIZE_SECONDS",
+    "EVENTS_DUPLICATE",
+    "EVENTS_PRICED",
+    "EVENTS_RECEIVED",
+    "EVENTS_REJECTED",
+    "INGEST_EVENTS",
+    "SINK_FLUSH_ROWS",
+    "SINK_FLUSH_SECONDS",
+    "STAGE_SECONDS",
+    "STRIPE_METER_EVENTS",
+    "STRIPE_SYNC_RUNS",
+    "metrics_endpoint",
+    "observe_stage_ms",
+    "read_worker_lag",
+    "serve_worker_metrics",
+    "set_lag_source",
+    "worker_endpoints",
+    "worker_metrics_port",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,8 +56,10 @@ log = logging.getLogger(__name__)
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 # -- pricing agent (faust workers) ------------------------------------------------------------
-EVENTS_RECEIVED = Counter("meterline_events_received", "Usage events read by the pricing agent from usage-events "
-                          "(an undecodable record counts as one)")  # fmt: skip
+EVENTS_RECEIVED = Counter(
+    "meterline_events_received",
+    "Usage events read by the pricing agent from usage-events (an undecodable record counts as one)",
+)
 EVENTS_PRICED = Counter("meterline_events_priced", "Usage events priced and sent to usage-priced")
 EVENTS_REJECTED = Counter("meterline_events_rejected", "Usage events dead-lettered, by reason_code", ["reason"])
 EVENTS_DUPLICATE = Counter("meterline_events_duplicate", "Usage events dropped as duplicates by the pricing agent")
@@ -50,28 +67,44 @@ STAGE_SECONDS = Histogram(
     "meterline_stage_latency_seconds",
     "Delay of each event at each stage: priced = occurred_at -> priced (pricing agent); row = priced -> row "
     "inserted in usage_priced (sink); balance = priced -> debited in the balance (credit agent)",
-    ["stage"], buckets=_LATENCY,
+    ["stage"],
+    buckets=_LATENCY,
 )
 
 # -- ClickHouse sinks (meterline up) -----------------------------------------------------------
-SINK_FLUSH_ROWS = Histogram("meterline_sink_flush_rows", "Rows inserted by one sink flush", ["sink"],
-                            buckets=(0, 1, 10, 50, 100, 500, 1000, 5000, 10000, 50000))
-SINK_FLUSH_SECONDS = Histogram("meterline_sink_flush_seconds", "Duration of one sink flush (dedupe, insert, "
-                               "commit)", ["sink"], buckets=_LATENCY)  # fmt: skip
+SINK_FLUSH_ROWS = Histogram(
+    "meterline_sink_flush_rows",
+    "Rows inserted by one sink flush",
+    ["sink"],
+    buckets=(0, 1, 10, 50, 100, 500, 1000, 5000, 10000, 50000),
+)
+SINK_FLUSH_SECONDS = Histogram(
+    "meterline_sink_flush_seconds", "Duration of one sink flush (dedupe, insert, commit)", ["sink"], buckets=_LATENCY
+)
 
 # -- API -----------------------------------------------------------------------------------------
-INGEST_EVENTS = Counter("meterline_api_ingest_events", "Events posted to POST /v1/events, by result status",
-                        ["status"])
-AUTHORIZE_SECONDS = Histogram("meterline_authorize_seconds", "POST /v1/authorize, request to answer, by outcome "
-                              "(allow, deny, timeout)", ["outcome"], buckets=_LATENCY)  # fmt: skip
+INGEST_EVENTS = Counter("meterline_api_ingest_events", "Events posted to POST /v1/events, by result status", ["status"])
+AUTHORIZE_SECONDS = Histogram(
+    "meterline_authorize_seconds",
+    "POST /v1/authorize, request to answer, by outcome (allow, deny, timeout)",
+    ["outcome"],
+    buckets=_LATENCY,
+)
 
 # -- jobs ----------------------------------------------------------------------------------------
-STRIPE_SYNC_RUNS = Counter("meterline_stripe_sync_runs", "Periodic `stripe sync` runs inside `meterline up`, by "
-                           "outcome (ok, failed, skipped)", ["outcome"])  # fmt: skip
-STRIPE_METER_EVENTS = Counter("meterline_stripe_meter_events", "Meter events a `stripe sync` run sent to Stripe, by "
-                              "outcome (acked, too_old, failed)", ["outcome"])  # fmt: skip
-ALERT_DELIVERIES = Counter("meterline_alert_deliveries", "Alert webhook delivery attempts, by outcome "
-                           "(delivered, retry, dead)", ["outcome"])  # fmt: skip
+STRIPE_SYNC_RUNS = Counter(
+    "meterline_stripe_sync_runs",
+    "Periodic `stripe sync` runs inside `meterline up`, by outcome (ok, failed, skipped)",
+    ["outcome"],
+)
+STRIPE_METER_EVENTS = Counter(
+    "meterline_stripe_meter_events",
+    "Meter events a `stripe sync` run sent to Stripe, by outcome (acked, too_old, failed)",
+    ["outcome"],
+)
+ALERT_DELIVERIES = Counter(
+    "meterline_alert_deliveries", "Alert webhook delivery attempts, by outcome (delivered, retry, dead)", ["outcome"]
+)
 
 
 def observe_stage_ms(stage: str, from_ms: int | None, to_ms: int | None = None) -> None:
@@ -92,15 +125,17 @@ class _LagCollector(Collector):
     watchdog: highwater minus the next offset to hand to the agents, per assigned source partition."""
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        g = GaugeMetricFamily("meterline_consumer_lag_records",
-                              "Records of an assigned source partition not yet handed to the agents "
-                              "(highwater - position)", labels=["topic", "partition"])  # fmt: skip
+        g = GaugeMetricFamily(
+            "meterline_consumer_lag_records",
+            "Records of an assigned source partition not yet handed to the agents (highwater - position)",
+            labels=["topic", "partition"],
+        )
         source = _lag_source
         lag = None
         if source is not None:
             try:
                 lag = source()
-            except Exception as exc:  # noqa: BLE001 - a scrape must not break the worker
+            except Exception as exc:
                 log.debug("lag source failed: %s", exc)
         for name, n in sorted((lag or {}).items()):
             topic, _, part = name.rpartition(":")

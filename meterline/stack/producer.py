@@ -101,21 +101,26 @@ class UsageProducer:
         max_future_ms: int | None = None,
     ) -> None:
         if linger_ms < 0 or max_batch_events < 1 or max_pending_records < 1 or queue_full_timeout < 0:
-            raise ConfigError("linger_ms >= 0, max_batch_events >= 1, max_pending_records >= 1 and "
-                              "queue_full_timeout >= 0 are required")
+            raise ConfigError(
+                "linger_ms >= 0, max_batch_events >= 1, max_pending_records >= 1 and "
+                "queue_full_timeout >= 0 are required"
+            )
         self.topic = topic
         self.linger_s = linger_ms / 1000
         self.max_batch_events = max_batch_events
         self.queue_full_timeout = queue_full_timeout
         self._on_delivery = on_delivery
         self._max_future_ms = max_future_ms
-        self._producer = make_producer(bootstrap, {
-            "linger.ms": min(linger_ms, 5),
-            "queue.buffering.max.messages": max_pending_records,
-            "error_cb": self._on_error,
-            "logger": log,  # librdkafka's own log lines go through Python logging, not raw stderr
-            **(extra_config or {}),
-        })
+        self._producer = make_producer(
+            bootstrap,
+            {
+                "linger.ms": min(linger_ms, 5),
+                "queue.buffering.max.messages": max_pending_records,
+                "error_cb": self._on_error,
+                "logger": log,  # librdkafka's own log lines go through Python logging, not raw stderr
+                **(extra_config or {}),
+            },
+        )
 
         self._lock = threading.RLock()
         self._buffers: dict[str, _Buffer] = {}
@@ -219,8 +224,9 @@ class UsageProducer:
     def __enter__(self) -> UsageProducer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:  # don't mask the original error; still try to deliver what was accepted
@@ -242,8 +248,9 @@ class UsageProducer:
         if isinstance(event, UsageEvent):
             return event
         if not isinstance(event, Mapping):
-            raise InvalidEvent(f"event must be a UsageEvent or a mapping, got {type(event).__name__}",
-                               reason_code="invalid_type")
+            raise InvalidEvent(
+                f"event must be a UsageEvent or a mapping, got {type(event).__name__}", reason_code="invalid_type"
+            )
         try:
             return UsageEvent.model_validate(dict(event))
         except ValidationError as exc:
@@ -264,7 +271,9 @@ class UsageProducer:
         event_ids = tuple(eid for f in failed for eid in getattr(f, "event_ids", ()))
         err = DeliveryFailed(
             f"{len(failed)} usage record(s) ({len(event_ids)} events) were not delivered to "
-            f"{self.topic!r}; first: {first}", topic=self.topic, key=first.key,
+            f"{self.topic!r}; first: {first}",
+            topic=self.topic,
+            key=first.key,
         )
         err.event_ids = event_ids  # type: ignore[attr-defined]
         raise err
@@ -292,8 +301,9 @@ class UsageProducer:
                         # Put back everything not yet handed over, ahead of newer events.
                         rest = [r for recs, _ in chunks[i:] for r in recs]
                         newer = self._buffers.pop(customer_id, None)
-                        self._buffers[customer_id] = _Buffer(started=buf.started,
-                                                             records=rest + (newer.records if newer else []))
+                        self._buffers[customer_id] = _Buffer(
+                            started=buf.started, records=rest + (newer.records if newer else [])
+                        )
                         raise BrokerUnavailable(
                             f"local producer queue full for {self.queue_full_timeout}s "
                             f"({len(self._producer)} records waiting for {self.topic!r}); "

@@ -69,7 +69,9 @@ class KafkaSchemaStore:
         if producer.flush(self.timeout + 1.0) > 0:
             raise BrokerUnavailable(f"schema {fp.hex()} not acknowledged by {self.bootstrap} in {self.timeout}s")
         if errors:
-            raise DeliveryFailed(f"publishing schema {fp.hex()} failed: {errors[0]}", topic=self.topic, key=fp.hex().encode())
+            raise DeliveryFailed(
+                f"publishing schema {fp.hex()} failed: {errors[0]}", topic=self.topic, key=fp.hex().encode()
+            )
         with self._lock:
             self._cache[fp] = dict(schema)
             self._misses.pop(fp, None)

@@ -11,7 +11,7 @@ See docs/alerts.md for the payload, headers and retry policy.
 from __future__ import annotations
 
 from pipeline.alerts._dispatcher import WebhookDispatcher
-from pipeline.alerts._signing import SIGNATURE_HEADER, ALERT_ID_HEADER, sign, verify_signature
+from pipeline.alerts._signing import ALERT_ID_HEADER, SIGNATURE_HEADER, sign, verify_signature
 from pipeline.alerts._store import DeliveredStore
 
 __all__ = ["ALERT_ID_HEADER", "SIGNATURE_HEADER", "DeliveredStore", "WebhookDispatcher", "sign", "verify_signature"]

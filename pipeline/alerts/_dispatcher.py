@@ -43,10 +43,10 @@ import httpx
 from pydantic import SecretStr
 
 import meterline
-from pipeline.alerts._signing import ALERT_ID_HEADER, SIGNATURE_HEADER, sign
-from pipeline.alerts._store import DeliveredStore
 from meterline.core.errors import ConfigError
 from meterline.stack.metrics import ALERT_DELIVERIES
+from pipeline.alerts._signing import ALERT_ID_HEADER, SIGNATURE_HEADER, sign
+from pipeline.alerts._store import DeliveredStore
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,11 @@ class WebhookDispatcher:
         self.max_age_s = max_age_s
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
-        self._http = httpx.Client(timeout=http_timeout_s, follow_redirects=False,
-                                  headers={"User-Agent": f"meterline-webhooks/{meterline.__version__}"})
+        self._http = httpx.Client(
+            timeout=http_timeout_s,
+            follow_redirects=False,
+            headers={"User-Agent": f"meterline-webhooks/{meterline.__version__}"},
+        )
         self._consumer_config = dict(consumer_config or {})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -130,17 +133,19 @@ class WebhookDispatcher:
         """Consume until ``stop`` is set (also what :meth:`start` runs in its thread)."""
         from confluent_kafka import Consumer
 
-        consumer = Consumer({
-            "bootstrap.servers": self.bootstrap,
-            "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-            "heartbeat.interval.ms": 500,
-            "max.poll.interval.ms": 86_400_000,
-            "log_level": 3,
-            **self._consumer_config,
-        })
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 500,
+                "max.poll.interval.ms": 86_400_000,
+                "log_level": 3,
+                **self._consumer_config,
+            }
+        )
         consumer.subscribe([self.topic])
         try:
             while not stop.is_set():
@@ -155,9 +160,10 @@ class WebhookDispatcher:
                     return  # stopping mid-retry: leave the offset uncommitted
                 try:
                     consumer.commit(message=msg, asynchronous=False)
-                except Exception as exc:  # noqa: BLE001 - left the group meanwhile: re-read, store dedupes
-                    log.warning("alerts: commit of %s[%d]@%d failed: %s", msg.topic(), msg.partition(),
-                                msg.offset(), exc)
+                except Exception as exc:
+                    log.warning(
+                        "alerts: commit of %s[%d]@%d failed: %s", msg.topic(), msg.partition(), msg.offset(), exc
+                    )
         finally:
             consumer.close()
 
@@ -184,8 +190,12 @@ class WebhookDispatcher:
         except (ValueError, UnicodeDecodeError):
             alert = None
         if not isinstance(alert, dict) or not isinstance(alert.get("alert_id"), str) or not alert["alert_id"]:
-            log.error("alerts: skipping undeliverable record %s[%d]@%d (not a JSON alert with alert_id)",
-                      msg.topic(), msg.partition(), msg.offset())
+            log.error(
+                "alerts: skipping undeliverable record %s[%d]@%d (not a JSON alert with alert_id)",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+            )
             return True
         alert_id = alert["alert_id"]
         if not _HEADER_SAFE_ID.fullmatch(alert_id):
@@ -196,8 +206,13 @@ class WebhookDispatcher:
                 if self.store.outcome(alert_id, url) is None:
                     self.store.record(alert_id, url, "dead", 0)
                     self.dead += 1
-            log.error("alerts: refusing alert %s[%d]@%d: alert_id %r is not a header-safe id",
-                      msg.topic(), msg.partition(), msg.offset(), alert_id[:200])
+            log.error(
+                "alerts: refusing alert %s[%d]@%d: alert_id %r is not a header-safe id",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                alert_id[:200],
+            )
             return True
         at_ms = alert.get("at_ms")
         if not isinstance(at_ms, int) or isinstance(at_ms, bool):
@@ -225,8 +240,12 @@ class WebhookDispatcher:
             except httpx.LocalProtocolError as exc:  # this request can never be sent: do not retry it
                 self.store.record(alert_id, url, "dead", attempt)
                 self.dead += 1
-                log.error("alerts: alert_id=%r to %s cannot be sent (%s); giving up", alert_id[:200],
-                          _safe_url(url), type(exc).__name__)  # fmt: skip
+                log.error(
+                    "alerts: alert_id=%r to %s cannot be sent (%s); giving up",
+                    alert_id[:200],
+                    _safe_url(url),
+                    type(exc).__name__,
+                )
                 return True
             except httpx.HTTPError as exc:
                 problem = type(exc).__name__
@@ -241,12 +260,24 @@ class WebhookDispatcher:
                 self.store.record(alert_id, url, "dead", attempt)
                 self.dead += 1
                 ALERT_DELIVERIES.labels("dead").inc()
-                log.error("alerts: giving up alert_id=%s to %s after %d attempts (%s; alert %.0fs old)",
-                          alert_id, _safe_url(url), attempt, problem, age_s)
+                log.error(
+                    "alerts: giving up alert_id=%s to %s after %d attempts (%s; alert %.0fs old)",
+                    alert_id,
+                    _safe_url(url),
+                    attempt,
+                    problem,
+                    age_s,
+                )
                 return True
             delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(attempt - 1, 30))
             ALERT_DELIVERIES.labels("retry").inc()
-            log.warning("alerts: alert_id=%s to %s failed (%s), attempt %d; retrying in %.2fs",
-                        alert_id, _safe_url(url), problem, attempt, delay)
+            log.warning(
+                "alerts: alert_id=%s to %s failed (%s), attempt %d; retrying in %.2fs",
+                alert_id,
+                _safe_url(url),
+                problem,
+                attempt,
+                delay,
+            )
             if stop.wait(delay):
                 return False

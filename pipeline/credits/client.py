@@ -43,8 +43,8 @@ from datetime import datetime
 from typing import Any
 
 from meterline.core.errors import BrokerUnavailable, DeliveryFailed, InputError
-from schemas.credits import decode_json, encode_message
 from meterline.core.ledger import LedgerCommandError, format_picos, parse_amount, to_ms
+from schemas.credits import decode_json, encode_message
 from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 __all__ = [
@@ -88,8 +88,9 @@ def _decode(value: bytes | None) -> dict[str, Any] | None:
 class CommandPublisher:
     """Publishes ledger commands (JSON, key ``customer_id``) and waits for each acknowledgement."""
 
-    def __init__(self, bootstrap: str, topic: str, *, ack_timeout_s: float = 10.0,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, *, ack_timeout_s: float = 10.0, config: dict[str, Any] | None = None
+    ) -> None:
         from meterline.stack.kafka import make_producer
 
         self.topic = topic
@@ -122,19 +123,24 @@ class CommandPublisher:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self._producer.produce(self.topic, key=customer_id.encode("utf-8"), value=body,
-                                       on_delivery=on_delivery)
+                self._producer.produce(self.topic, key=customer_id.encode("utf-8"), value=body, on_delivery=on_delivery)
                 break
             except BufferError:  # local queue full: let the poller drain it
                 if time.monotonic() > deadline:
                     raise DeliveryFailed("producer queue full", topic=self.topic) from None
                 time.sleep(0.01)
         if not done.wait(max(0.0, deadline - time.monotonic())):
-            raise DeliveryFailed(f"command {command['command_id']} not acknowledged within {timeout:g}s",
-                                 topic=self.topic, key=customer_id.encode("utf-8"))
+            raise DeliveryFailed(
+                f"command {command['command_id']} not acknowledged within {timeout:g}s",
+                topic=self.topic,
+                key=customer_id.encode("utf-8"),
+            )
         if errors:
-            raise DeliveryFailed(f"command {command['command_id']} not delivered: {errors[0]}",
-                                 topic=self.topic, key=customer_id.encode("utf-8"))
+            raise DeliveryFailed(
+                f"command {command['command_id']} not delivered: {errors[0]}",
+                topic=self.topic,
+                key=customer_id.encode("utf-8"),
+            )
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Deliver what is queued (up to ``timeout_s``), then destroy the librdkafka client, so it
@@ -158,18 +164,20 @@ class _ConsumerThread:
         from confluent_kafka import Consumer
 
         self.topic = topic
-        self._consumer = Consumer({
-            "bootstrap.servers": bootstrap,
-            "group.id": f"meterline-{name}-{uuid.uuid4().hex[:12]}",  # never joined: assign() only
-            "enable.auto.commit": False,
-            "log_level": 3,
-            # Replies and statuses are on the request path: don't let an idle fetch sit on the
-            # broker for librdkafka's default 500 ms (the dev broker does not wake a waiting fetch
-            # when data arrives; real Kafka does, so this only costs a few idle fetches there).
-            "fetch.wait.max.ms": 10,
-            **_TIMEOUTS,
-            **config,
-        })
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"meterline-{name}-{uuid.uuid4().hex[:12]}",  # never joined: assign() only
+                "enable.auto.commit": False,
+                "log_level": 3,
+                # Replies and statuses are on the request path: don't let an idle fetch sit on the
+                # broker for librdkafka's default 500 ms (the dev broker does not wake a waiting fetch
+                # when data arrives; real Kafka does, so this only costs a few idle fetches there).
+                "fetch.wait.max.ms": 10,
+                **_TIMEOUTS,
+                **config,
+            }
+        )
         self._stop = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"meterline-{name}", daemon=True)
@@ -177,7 +185,7 @@ class _ConsumerThread:
     def _partitions(self, timeout_s: float) -> list[int]:
         try:
             md = self._consumer.list_topics(self.topic, timeout=timeout_s)
-        except Exception as exc:  # noqa: BLE001 - KafkaException: broker unreachable
+        except Exception as exc:
             raise BrokerUnavailable(f"cannot read metadata of {self.topic}: {exc}") from exc
         t = md.topics.get(self.topic)
         if t is None or t.error is not None or not t.partitions:
@@ -188,7 +196,7 @@ class _ConsumerThread:
         while not self._stop.is_set():
             try:
                 msg = self._consumer.poll(0.1)
-            except Exception as exc:  # noqa: BLE001 - keep the thread alive; log and go on
+            except Exception as exc:
                 log.warning("%s: poll failed: %s", self.topic, exc)
                 time.sleep(0.5)
                 continue
@@ -222,8 +230,9 @@ class ReplyWaiter(_ConsumerThread):
     only means a few old replies are read again, which is harmless).
     """
 
-    def __init__(self, bootstrap: str, topic: str, *, recent_max: int = 10_000,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, *, recent_max: int = 10_000, config: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(bootstrap, topic, "replies", dict(config or {}))
         self._lock = threading.Lock()
         self._waiting: dict[ReplyKey, list[Future[dict[str, Any]]]] = {}
@@ -237,7 +246,7 @@ class ReplyWaiter(_ConsumerThread):
         for p in self._partitions(timeout_s):
             try:
                 _low, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise BrokerUnavailable(f"cannot read offsets of {self.topic}[{p}]: {exc}") from exc
             tps.append(TopicPartition(self.topic, p, max(0, high)))
         self._consumer.assign(tps)
@@ -278,9 +287,14 @@ class ReplyWaiter(_ConsumerThread):
         if msg is None or msg.error() is not None:
             return
         reply = _decode(msg.value())
-        if reply is None or not isinstance(reply.get("request_id"), str) or not isinstance(reply.get("customer_id"), str):
-            log.warning("ledger-replies: ignoring an undecodable reply at %s[%d]@%d",
-                        msg.topic(), msg.partition(), msg.offset())
+        if (
+            reply is None
+            or not isinstance(reply.get("request_id"), str)
+            or not isinstance(reply.get("customer_id"), str)
+        ):
+            log.warning(
+                "ledger-replies: ignoring an undecodable reply at %s[%d]@%d", msg.topic(), msg.partition(), msg.offset()
+            )
             return
         key = (reply["customer_id"], reply["request_id"])
         with self._lock:
@@ -299,8 +313,9 @@ class ReplyWaiter(_ConsumerThread):
 class StatusView(_ConsumerThread):
     """The last ``customer-status`` value per customer, read from the beginning of the topic."""
 
-    def __init__(self, bootstrap: str, topic: str, *, quiet_s: float = 0.5,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, *, quiet_s: float = 0.5, config: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(bootstrap, topic, "status", {"enable.partition.eof": True, **(config or {})})
         self.quiet_s = quiet_s
         self._lock = threading.Lock()
@@ -373,16 +388,27 @@ def balance_summary(customer_id: str, value: dict[str, Any]) -> dict[str, Any]:
     """``GET /v1/customers/{id}/balance``: the status value's ``balance`` (balance_view output:
     available, grants[].remaining, overage, ...) with the customer-level ``status``/``reason``."""
     bal = value.get("balance") if isinstance(value.get("balance"), dict) else {}
-    return {**bal, "customer_id": customer_id, "status": value.get("status"), "reason": value.get("reason"),
-            "updated_at_ms": value.get("updated_at_ms")}
+    return {
+        **bal,
+        "customer_id": customer_id,
+        "status": value.get("status"),
+        "reason": value.get("reason"),
+        "updated_at_ms": value.get("updated_at_ms"),
+    }
 
 
 def status_summary(customer_id: str, value: dict[str, Any]) -> dict[str, Any]:
     """``GET /v1/customers/{id}/status``: may this customer make requests now?"""
     bal = value.get("balance") if isinstance(value.get("balance"), dict) else {}
-    return {"customer_id": customer_id, "allowed": value.get("status") == "active", "status": value.get("status"),
-            "reason": value.get("reason"), "since_ms": value.get("since_ms"), "available": bal.get("available"),
-            "updated_at_ms": value.get("updated_at_ms")}
+    return {
+        "customer_id": customer_id,
+        "allowed": value.get("status") == "active",
+        "status": value.get("status"),
+        "reason": value.get("reason"),
+        "since_ms": value.get("since_ms"),
+        "available": bal.get("available"),
+        "updated_at_ms": value.get("updated_at_ms"),
+    }
 
 
 # ------------------------------------------------------------------------------- command builders
@@ -395,8 +421,9 @@ def _bad(field: str, message: str, code: str = "invalid_field") -> InputError:
     return InputError(message, reason_code=code, field=field)
 
 
-def _str(doc: dict[str, Any], field: str, *, required: bool = True, ident: bool = False,
-         default: str | None = None) -> str | None:
+def _str(
+    doc: dict[str, Any], field: str, *, required: bool = True, ident: bool = False, default: str | None = None
+) -> str | None:
     v = doc.get(field)
     if v is None:
         if required and default is None:
@@ -421,8 +448,7 @@ def _int(doc: dict[str, Any], field: str, *, lo: int, hi: int | None = None, def
 def _amount(doc: dict[str, Any], field: str, *, positive: bool = False, nonzero: bool = False) -> str:
     v = doc.get(field)
     if not isinstance(v, str):
-        raise _bad(field, f"{field!r} must be a decimal string such as \"10.00\" (never a JSON number)",
-                   "invalid_amount")
+        raise _bad(field, f'{field!r} must be a decimal string such as "10.00" (never a JSON number)', "invalid_amount")
     try:
         picos = parse_amount(v)
     except LedgerCommandError as exc:
@@ -468,8 +494,7 @@ def _check_customer(customer_id: str) -> None:
 
 
 def _base(kind: str, command_id: str, customer_id: str, at: int | None) -> dict[str, Any]:
-    return {"type": kind, "command_id": command_id, "customer_id": customer_id,
-            "at_ms": now_ms() if at is None else at}
+    return {"type": kind, "command_id": command_id, "customer_id": customer_id, "at_ms": now_ms() if at is None else at}
 
 
 def authorize_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
@@ -498,8 +523,9 @@ def _scope(doc: dict[str, Any]) -> dict[str, list[str] | None] | None:
     out: dict[str, list[str] | None] = {}
     for dim in ("providers", "models", "projects"):
         items = v.get(dim)
-        if items is not None and (not isinstance(items, list) or not items
-                                  or not all(isinstance(i, str) and i for i in items)):
+        if items is not None and (
+            not isinstance(items, list) or not items or not all(isinstance(i, str) and i for i in items)
+        ):
             raise _bad(f"scope.{dim}", f"'scope.{dim}' must be a non-empty list of strings or null")
         out[dim] = sorted(set(items)) if items is not None else None
     return out
@@ -543,16 +569,23 @@ def grant_command(doc: dict[str, Any], *, kind: str = "grant", at_ms: int | None
 def void_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
     customer_id = _customer(doc)
     grant_id = _str(doc, "grant_id", ident=True)
-    return {**_base("void", f"void:{grant_id}", customer_id, at_ms), "grant_id": grant_id,
-            "reason": _str(doc, "reason", default="voided")}
+    return {
+        **_base("void", f"void:{grant_id}", customer_id, at_ms),
+        "grant_id": grant_id,
+        "reason": _str(doc, "reason", default="voided"),
+    }
 
 
 def adjust_command(doc: dict[str, Any], *, at_ms: int | None = None) -> dict[str, Any]:
     customer_id = _customer(doc)
     adj = _str(doc, "adjustment_id", required=False, ident=True) or f"adj_{uuid.uuid4().hex}"
-    return {**_base("adjust", f"adjust:{adj}", customer_id, at_ms), "adjustment_id": adj,
-            "amount": _amount(doc, "amount", nonzero=True), "reason": _str(doc, "reason"),
-            "grant_id": _str(doc, "grant_id", required=False, ident=True)}
+    return {
+        **_base("adjust", f"adjust:{adj}", customer_id, at_ms),
+        "adjustment_id": adj,
+        "amount": _amount(doc, "amount", nonzero=True),
+        "reason": _str(doc, "reason"),
+        "grant_id": _str(doc, "grant_id", required=False, ident=True),
+    }
 
 
 _RULE_INTS = ("window_ms", "bucket_ms", "baseline_ms", "baseline_multiple")
@@ -597,13 +630,21 @@ def policy_command(customer_id: str, doc: dict[str, Any], *, at_ms: int | None =
         raise _bad("credit_limit", "'credit_limit' is only allowed with overage credit_limit")
     else:
         limit = None
-    cmd = {**_base("set_policy", _str(doc, "command_id", required=False, ident=True)
-                   or f"set_policy:{uuid.uuid4().hex}", customer_id, at_ms),
-           "overage": overage, "credit_limit": limit}
+    cmd = {
+        **_base(
+            "set_policy",
+            _str(doc, "command_id", required=False, ident=True) or f"set_policy:{uuid.uuid4().hex}",
+            customer_id,
+            at_ms,
+        ),
+        "overage": overage,
+        "credit_limit": limit,
+    }
     if doc.get("used_alert_pcts") is not None:
         pcts = doc["used_alert_pcts"]
-        if not isinstance(pcts, list) or not all(isinstance(p, int) and not isinstance(p, bool)
-                                                 and 0 < p <= 1000 for p in pcts):
+        if not isinstance(pcts, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p <= 1000 for p in pcts
+        ):
             raise _bad("used_alert_pcts", "'used_alert_pcts' must be a list of integers in 1..1000")
         cmd["used_alert_pcts"] = sorted(set(pcts))
     if doc.get("low_balance") is not None:
@@ -639,14 +680,30 @@ def budget_command(customer_id: str, doc: dict[str, Any], *, at_ms: int | None =
     if not isinstance(pcts, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in pcts):
         raise _bad("budget.alert_pcts", "'alert_pcts' must be a list of integers")
     try:
-        Budget(budget_id=str(budget_id), scope=b.get("scope"), scope_value=b.get("scope_value"),
-               period=b.get("period"), limit_picos=parse_amount(limit), hard=hard, alert_pcts=tuple(pcts))
+        Budget(
+            budget_id=str(budget_id),
+            scope=b.get("scope"),
+            scope_value=b.get("scope_value"),
+            period=b.get("period"),
+            limit_picos=parse_amount(limit),
+            hard=hard,
+            alert_pcts=tuple(pcts),
+        )
     except LedgerCommandError as exc:
         raise _bad("budget", exc.message) from None
-    return {**_base("set_budget", f"set_budget:{budget_id}:{uuid.uuid4().hex}", customer_id, at_ms),
-            "budget": {"budget_id": budget_id, "scope": b["scope"], "scope_value": b.get("scope_value"),
-                       "period": b["period"], "limit": limit, "hard": hard, "alert_pcts": sorted(set(pcts))},
-            "remove": remove}
+    return {
+        **_base("set_budget", f"set_budget:{budget_id}:{uuid.uuid4().hex}", customer_id, at_ms),
+        "budget": {
+            "budget_id": budget_id,
+            "scope": b["scope"],
+            "scope_value": b.get("scope_value"),
+            "period": b["period"],
+            "limit": limit,
+            "hard": hard,
+            "alert_pcts": sorted(set(pcts)),
+        },
+        "remove": remove,
+    }
 
 
 def block_command(customer_id: str, doc: dict[str, Any], *, blocked: bool, at_ms: int | None = None) -> dict[str, Any]:
@@ -659,5 +716,9 @@ def block_command(customer_id: str, doc: dict[str, Any], *, blocked: bool, at_ms
     if reason not in ("manual", "runaway_guard"):
         raise _bad("reason", "'reason' must be 'manual' or 'runaway_guard'")
     kind = "block" if blocked else "unblock"
-    return {**_base("set_block", f"{kind}:{uuid.uuid4().hex}", customer_id, at_ms),
-            "scope": scope, "blocked": blocked, "reason": reason}
+    return {
+        **_base("set_block", f"{kind}:{uuid.uuid4().hex}", customer_id, at_ms),
+        "scope": scope,
+        "blocked": blocked,
+        "reason": reason,
+    }

@@ -35,8 +35,17 @@ from schemas.credits import decode_json
 __all__ = ["LEDGER_COLUMNS", "SNAPSHOT_COLUMNS", "LedgerEntrySink", "ledger_row", "snapshot_row"]
 
 LEDGER_COLUMNS: tuple[str, ...] = (
-    "entry_id", "at", "customer_id", "seq", "kind", "amount", "currency", "grant_id", "event_id", "reason",
-)  # fmt: skip
+    "entry_id",
+    "at",
+    "customer_id",
+    "seq",
+    "kind",
+    "amount",
+    "currency",
+    "grant_id",
+    "event_id",
+    "reason",
+)
 assert (LEDGER_COLUMNS.index("customer_id"), LEDGER_COLUMNS.index("entry_id")) == (_sink._P_CUSTOMER, _sink._P_EVENT)
 
 
@@ -44,9 +53,18 @@ def ledger_row(d: Mapping[str, Any]) -> tuple[Any, ...]:
     """One ``ledger-entries`` value (dict) -> a ``ledger_entries`` row; exact Decimal amount."""
     try:
         amount = to_decimal(parse_amount(str(d["amount"])))
-        return (str(d["entry_id"]), _sink._utc(int(d["at_ms"])), str(d["customer_id"]), int(d["seq"]), str(d["kind"]),
-                amount, str(d["currency"]), str(d.get("grant_id") or ""), str(d.get("event_id") or ""),
-                str(d.get("reason") or ""))  # fmt: skip
+        return (
+            str(d["entry_id"]),
+            _sink._utc(int(d["at_ms"])),
+            str(d["customer_id"]),
+            int(d["seq"]),
+            str(d["kind"]),
+            amount,
+            str(d["currency"]),
+            str(d.get("grant_id") or ""),
+            str(d.get("event_id") or ""),
+            str(d.get("reason") or ""),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise LedgerCommandError(f"not a ledger entry: {exc!r}", reason_code="undecodable") from exc
 
@@ -57,8 +75,13 @@ SNAPSHOT_COLUMNS: tuple[str, ...] = ("customer_id", "version", "seq", "state", "
 def snapshot_row(snap: Mapping[str, Any]) -> tuple[Any, ...]:
     """A ``snapshot`` (pipeline.credits.processor.snapshot_of) -> a ``ledger_snapshots`` row."""
     try:
-        return (str(snap["customer"]), int((snap.get("x") or {}).get("ver") or 0), int(snap["seq"]),
-                json.dumps(snap, separators=(",", ":")), _sink._utc(int(snap.get("clock") or 0)))  # fmt: skip
+        return (
+            str(snap["customer"]),
+            int((snap.get("x") or {}).get("ver") or 0),
+            int(snap["seq"]),
+            json.dumps(snap, separators=(",", ":")),
+            _sink._utc(int(snap.get("clock") or 0)),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise LedgerCommandError(f"not a ledger snapshot: {exc!r}", reason_code="undecodable") from exc
 
@@ -69,10 +92,19 @@ class LedgerEntrySink(ClickHouseSink):
     main_table = "ledger_entries"
     main_columns = LEDGER_COLUMNS
 
-    def __init__(self, bootstrap: str, group_id: str, entries_topic: str,
-                 clickhouse: Any | Callable[[], Any], **kwargs: Any) -> None:  # fmt: skip
-        super().__init__(bootstrap, group_id, entries_topic, None, clickhouse,
-                         decode_priced=decode_json, decode_dead_letter=decode_json, **kwargs)  # fmt: skip
+    def __init__(
+        self, bootstrap: str, group_id: str, entries_topic: str, clickhouse: Any | Callable[[], Any], **kwargs: Any
+    ) -> None:
+        super().__init__(
+            bootstrap,
+            group_id,
+            entries_topic,
+            None,
+            clickhouse,
+            decode_priced=decode_json,
+            decode_dead_letter=decode_json,
+            **kwargs,
+        )
         self._snapshots: list[tuple[Any, ...]] = []
         self.snapshots_inserted = 0
 
@@ -93,7 +125,7 @@ class LedgerEntrySink(ClickHouseSink):
                 except Exception as exc:  # kept for the next flush, like the parent's buffer
                     self._drop_client()
                     raise ClickHouseUnavailable(f"ClickHouse snapshot insert failed: {exc}") from exc
-                self._snapshots = self._snapshots[len(snaps):]
+                self._snapshots = self._snapshots[len(snaps) :]
                 self.snapshots_inserted += len(snaps)
             return n
 

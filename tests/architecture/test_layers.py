@@ -47,20 +47,44 @@ PACKAGES = ("meterline", "schemas", "pipeline", "jobs", "devtools")
 
 # Upward imports that are allowed, each with its reason. Keys are (importer, imported) module names.
 UPWARD: dict[tuple[str, str], str] = {
-    ("meterline.shell.cli", "devtools.verify"):
-        "the CLI mounts `meterline verify`, the chaos tool's command",
-    ("meterline.shell.cli_stripe", "devtools.stripe_local"):
-        "with no Stripe key, a stripe command starts the bundled Stripe-compatible server for its run",
-    ("meterline.shell.demo_billing", "devtools.stripe_local"):
-        "the demo closes its billing period in the bundled Stripe-compatible server",
+    ("meterline.shell.cli", "devtools.verify"): "the CLI mounts `meterline verify`, the chaos tool's command",
+    (
+        "meterline.shell.cli_stripe",
+        "devtools.stripe_local",
+    ): "with no Stripe key, a stripe command starts the bundled Stripe-compatible server for its run",
+    (
+        "meterline.shell.demo_billing",
+        "devtools.stripe_local",
+    ): "the demo closes its billing period in the bundled Stripe-compatible server",
 }
 
 # Libraries the pure core and the contracts must never import (I/O, network, processes).
 IO_LIBRARIES = {
-    "confluent_kafka", "aiokafka", "faust", "mode", "clickhouse_connect", "chdb", "stripe",
-    "httpx", "requests", "starlette", "uvicorn", "socket", "sqlite3", "subprocess", "urllib.request",
-    "http.client", "http.server", "asyncio", "prometheus_client", "playwright", "litellm", "openai",
-    "anthropic", "os.system", "shutil",
+    "confluent_kafka",
+    "aiokafka",
+    "faust",
+    "mode",
+    "clickhouse_connect",
+    "chdb",
+    "stripe",
+    "httpx",
+    "requests",
+    "starlette",
+    "uvicorn",
+    "socket",
+    "sqlite3",
+    "subprocess",
+    "urllib.request",
+    "http.client",
+    "http.server",
+    "asyncio",
+    "prometheus_client",
+    "playwright",
+    "litellm",
+    "openai",
+    "anthropic",
+    "os.system",
+    "shutil",
 }
 
 
@@ -161,7 +185,7 @@ def test_no_import_cycles() -> None:
     # A package's __init__ re-exporting its own private modules is not a cycle of design:
     # drop edges from a private module up to its own package face.
     for m, targets in graph.items():
-        graph[m] = {t for t in targets if not (m.startswith(t + ".") )}
+        graph[m] = {t for t in targets if not (m.startswith(t + "."))}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []

@@ -40,7 +40,11 @@ def test_errors_about_a_long_path_reach_a_redirected_stderr_on_one_line(tmp_path
     err_file = tmp_path / "stderr.txt"
     with err_file.open("w") as err:  # stderr to a file, stdout to a pipe
         proc = subprocess.run(
-            [METERLINE, "prices", "load", str(prices)], env=_env(tmp_path), stdout=subprocess.PIPE, stderr=err, text=True
+            [METERLINE, "prices", "load", str(prices)],
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
         )
     text = err_file.read_text()
     assert proc.returncode == 2, text
@@ -50,7 +54,9 @@ def test_errors_about_a_long_path_reach_a_redirected_stderr_on_one_line(tmp_path
 
     # A usage error that typer reports itself: the full path on one line, not inside an 80-column panel.
     missing = deep / "missing-prices-file.yaml"
-    proc = subprocess.run([METERLINE, "prices", "load", str(missing)], env=_env(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run(
+        [METERLINE, "prices", "load", str(missing)], env=_env(tmp_path), capture_output=True, text=True
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "does not exist" in line]
     assert len(lines) == 1 and f"'{missing}'" in lines[0], proc.stderr

@@ -16,14 +16,22 @@ PICO = Decimal("0.000000000001")
 
 
 @settings(max_examples=5, deadline=None)
-@given(st.lists(st.integers(min_value=-10**18, max_value=10**18), min_size=50, max_size=200))
+@given(st.lists(st.integers(min_value=-(10**18), max_value=10**18), min_size=50, max_size=200))
 def test_console_cents_equal_python_half_up(browser: Any, picos: list[int]) -> None:
     page = browser.new_page()
     try:
         page.set_content("<!doctype html><p>money</p>")
         page.add_script_tag(content=(ASSETS / "console.js").read_text())
-        amounts = [format(Decimal(p) * PICO, "f") for p in picos] + ["0", "0.005", "-0.005", "12.345", "1", "999.995",
-                                                                     "1234567.5", "0.004999999999"]  # fmt: skip
+        amounts = [format(Decimal(p) * PICO, "f") for p in picos] + [
+            "0",
+            "0.005",
+            "-0.005",
+            "12.345",
+            "1",
+            "999.995",
+            "1234567.5",
+            "0.004999999999",
+        ]
         shown = page.evaluate("values => values.map(cents)", amounts)
         wrong = [(a, s, cents(a)) for a, s in zip(amounts, shown) if s != cents(a)]
         assert wrong == []

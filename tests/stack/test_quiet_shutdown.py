@@ -6,25 +6,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from meterline.core.config import Settings
-from pipeline.credits.client import CommandPublisher, grant_command
 from meterline.stack.broker import TansuBroker
-from meterline.stack.topics import ensure_topics
-from schemas.models import UsageEvent
 from meterline.stack.producer import UsageProducer
+from meterline.stack.topics import ensure_topics
+from pipeline.credits.client import CommandPublisher, grant_command
+from schemas.models import UsageEvent
 
 pytestmark = pytest.mark.broker
 
 
 def _event(event_id: str) -> UsageEvent:
-    now = datetime.now(timezone.utc)
-    return UsageEvent(event_id=event_id, occurred_at=now, customer_id="acme", provider="openai", model="gpt-4o",
-                      input_tokens=10, output_tokens=5)
+    now = datetime.now(UTC)
+    return UsageEvent(
+        event_id=event_id,
+        occurred_at=now,
+        customer_id="acme",
+        provider="openai",
+        model="gpt-4o",
+        input_tokens=10,
+        output_tokens=5,
+    )
 
 
 def test_closed_producers_do_not_reconnect_after_the_broker_stops(

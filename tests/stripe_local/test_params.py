@@ -14,12 +14,18 @@ def test_public_surface() -> None:
 
 
 def test_bracket_notation() -> None:
-    body = ("payload[value]=1500&payload[stripe_customer_id]=cus_1&items[0][price]=p1&items[1][price]=p2"
-            "&items[1][quantity]=3&metadata[k]=v&expand[]=a&expand[]=b&tiers[0][up_to]=inf&empty=")
+    body = (
+        "payload[value]=1500&payload[stripe_customer_id]=cus_1&items[0][price]=p1&items[1][price]=p2"
+        "&items[1][quantity]=3&metadata[k]=v&expand[]=a&expand[]=b&tiers[0][up_to]=inf&empty="
+    )
     assert parse_form(body) == {
         "payload": {"value": "1500", "stripe_customer_id": "cus_1"},
         "items": [{"price": "p1"}, {"price": "p2", "quantity": "3"}],
-        "metadata": {"k": "v"}, "expand": ["a", "b"], "tiers": [{"up_to": "inf"}], "empty": ""}
+        "metadata": {"k": "v"},
+        "expand": ["a", "b"],
+        "tiers": [{"up_to": "inf"}],
+        "empty": "",
+    }
 
 
 def test_rounding_is_once_per_line_half_up() -> None:

@@ -13,10 +13,14 @@ clock, no I/O; time comes only from commands. Order inside one ``apply``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from meterline.core.ledger._guards import Ctx, add_budget_spend, add_velocity, blocked_reason, held_by_grant, reevaluate
 from meterline.core.ledger._money import LedgerCommandError, period_key
 from meterline.core.ledger._state import CustomerLedger, dedupe_digest
 from meterline.core.ledger._types import (
+    MAX_OPEN_HOLDS,
     Adjust,
     ApplyPricedUsage,
     Authorize,
@@ -28,7 +32,6 @@ from meterline.core.ledger._types import (
     ExpireDue,
     Grant,
     GrantState,
-    MAX_OPEN_HOLDS,
     Hold,
     LedgerEntry,
     SetBlock,
@@ -74,9 +77,7 @@ def _apply_in_place(s: CustomerLedger, cmd: Command) -> Effects:
     return ctx.effects()
 
 
-def apply_many(
-    state: CustomerLedger, cmds: list[Command]
-) -> tuple[CustomerLedger, list[Effects | LedgerCommandError]]:
+def apply_many(state: CustomerLedger, cmds: list[Command]) -> tuple[CustomerLedger, list[Effects | LedgerCommandError]]:
     """``apply`` each command in order, with ONE clone for the whole list (a 500-event record would
     otherwise copy the state 500 times). Returns the final state and, per command, its Effects or
     the LedgerCommandError it raised (that command changes nothing; the others apply as if it were
@@ -112,8 +113,14 @@ def authorize(
     """Reserve ``estimate_picos`` (the caller's worst-case charge) for one request: ``apply`` of an
     ``Authorize`` command, returning the new state (holding the hold) and the decision."""
     cmd = Authorize(
-        request_id=request_id, estimate_picos=estimate_picos, now_ms=now_ms, provider=provider,
-        model=model, project=project, api_key_id=api_key_id, ttl_ms=ttl_ms,
+        request_id=request_id,
+        estimate_picos=estimate_picos,
+        now_ms=now_ms,
+        provider=provider,
+        model=model,
+        project=project,
+        api_key_id=api_key_id,
+        ttl_ms=ttl_ms,
     )
     new, eff = apply(state, cmd)
     assert eff.decision is not None
@@ -177,15 +184,28 @@ def _remember(s: CustomerLedger, key: bytes) -> None:
 
 
 def _post(
-    ctx: Ctx, kind: EntryKind, amount: int, at_ms: int, *, grant_id: str | None = None,
-    event_id: str | None = None, reason: str | None = None,
+    ctx: Ctx,
+    kind: EntryKind,
+    amount: int,
+    at_ms: int,
+    *,
+    grant_id: str | None = None,
+    event_id: str | None = None,
+    reason: str | None = None,
 ) -> None:
     """Write one ledger entry and fold it into the balances: the only place balances change."""
     s = ctx.s
     s.seq += 1
     entry = LedgerEntry(
-        entry_id=f"{s.customer_id}:{s.seq}", customer_id=s.customer_id, seq=s.seq, kind=kind,
-        amount_picos=amount, currency=s.currency, at_ms=at_ms, grant_id=grant_id, event_id=event_id,
+        entry_id=f"{s.customer_id}:{s.seq}",
+        customer_id=s.customer_id,
+        seq=s.seq,
+        kind=kind,
+        amount_picos=amount,
+        currency=s.currency,
+        at_ms=at_ms,
+        grant_id=grant_id,
+        event_id=event_id,
         reason=reason,
     )
     if grant_id is None:
@@ -238,8 +258,11 @@ def _usage(ctx: Ctx, c: ApplyPricedUsage) -> None:
     if need:
         eligible = sorted(
             (
-                g for g in s.grants.values()
-                if g.state == "live" and g.remaining > 0 and g.grant.valid_at(c.occurred_at_ms)
+                g
+                for g in s.grants.values()
+                if g.state == "live"
+                and g.remaining > 0
+                and g.grant.valid_at(c.occurred_at_ms)
                 and (g.grant.scope is None or g.grant.scope.covers(c.provider, c.model, c.project))
             ),
             key=lambda g: g.grant.order_key(),
@@ -258,8 +281,14 @@ def _usage(ctx: Ctx, c: ApplyPricedUsage) -> None:
                 need -= t
         for g in eligible:
             if take.get(g.grant.grant_id):
-                _post(ctx, "debit", take[g.grant.grant_id], c.occurred_at_ms, grant_id=g.grant.grant_id,
-                      event_id=c.event_id)
+                _post(
+                    ctx,
+                    "debit",
+                    take[g.grant.grant_id],
+                    c.occurred_at_ms,
+                    grant_id=g.grant.grant_id,
+                    event_id=c.event_id,
+                )
         if need:
             _post(ctx, "debit", need, c.occurred_at_ms, event_id=c.event_id, reason="overage")
     add_budget_spend(s, c)
@@ -269,8 +298,11 @@ def _usage(ctx: Ctx, c: ApplyPricedUsage) -> None:
 def _expire(ctx: Ctx, c: ExpireDue) -> None:
     s = ctx.s
     due = sorted(
-        (g for g in s.grants.values()
-         if g.state == "live" and g.grant.expires_at_ms is not None and g.grant.expires_at_ms <= c.now_ms),
+        (
+            g
+            for g in s.grants.values()
+            if g.state == "live" and g.grant.expires_at_ms is not None and g.grant.expires_at_ms <= c.now_ms
+        ),
         key=lambda g: (g.grant.expires_at_ms, g.grant.grant_id),
     )
     for g in due:
@@ -317,7 +349,10 @@ def _set_budget(ctx: Ctx, c: SetBudget) -> None:
         s.budgets.pop(b.budget_id, None)
         return
     same = old is not None and (old.budget.scope, old.budget.scope_value, old.budget.period) == (
-        b.scope, b.scope_value, b.period)
+        b.scope,
+        b.scope_value,
+        b.period,
+    )
     s.budgets[b.budget_id] = BudgetState(b, old.spent, old.fired) if same and old else BudgetState(b)
 
 
@@ -345,9 +380,13 @@ def _authorize(ctx: Ctx, c: Authorize) -> None:
     _drop_expired_holds(s, now)
     reevaluate(ctx)  # statuses as of now (a budget period may have rolled over)
     eligible = sorted(
-        (g for g in s.grants.values()
-         if g.state == "live" and g.grant.valid_at(now)
-         and (g.grant.scope is None or g.grant.scope.covers(c.provider, c.model, c.project))),
+        (
+            g
+            for g in s.grants.values()
+            if g.state == "live"
+            and g.grant.valid_at(now)
+            and (g.grant.scope is None or g.grant.scope.covers(c.provider, c.model, c.project))
+        ),
         key=lambda g: g.grant.order_key(),
     )
     held = held_by_grant(s)
@@ -386,14 +425,20 @@ def _authorize(ctx: Ctx, c: Authorize) -> None:
             return decide(False, "credit_limit_reached", None)
     ttl = pol.hold_ttl_ms if c.ttl_ms is None else c.ttl_ms
     hold = Hold(
-        request_id=c.request_id, amount_picos=c.estimate_picos, allocations=tuple(alloc), overage_picos=need,
-        created_ms=now, expires_ms=now + ttl, project=c.project, api_key_id=c.api_key_id,
+        request_id=c.request_id,
+        amount_picos=c.estimate_picos,
+        allocations=tuple(alloc),
+        overage_picos=need,
+        created_ms=now,
+        expires_ms=now + ttl,
+        project=c.project,
+        api_key_id=c.api_key_id,
     )
     s.holds[c.request_id] = hold
     decide(True, None, hold)
 
 
-_HANDLERS = {
+_HANDLERS: dict[type, Callable[[Ctx, Any], None]] = {
     ApplyPricedUsage: _usage,
     Grant: _grant,
     TopUp: _grant,

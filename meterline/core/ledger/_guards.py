@@ -19,6 +19,7 @@ from meterline.core.ledger._types import (
     BLOCK_REASONS,
     DERIVED_REASONS,
     Alert,
+    AlertKind,
     ApplyPricedUsage,
     BudgetState,
     Decision,
@@ -113,8 +114,9 @@ def _rule_for(s: CustomerLedger, key: str) -> VelocityRule | None:
     return s.policy.runaway_customer if key == "customer" else s.policy.runaway_api_key
 
 
-def _track(ctx: Ctx, seen: set[str], key: str, over: bool, kind: str, scope: str, threshold: int,
-           value: int) -> bool:
+def _track(
+    ctx: Ctx, seen: set[str], key: str, over: bool, kind: AlertKind, scope: str, threshold: int, value: int
+) -> bool:
     """Fire an alert once per crossing; returns True when it fired now."""
     s = ctx.s
     seen.add(key)
@@ -122,8 +124,17 @@ def _track(ctx: Ctx, seen: set[str], key: str, over: bool, kind: str, scope: str
     if over and not active:
         n += 1
         s.alert_tracks[key] = (n, True)
-        ctx.alerts.append(Alert(f"{s.customer_id}/{key}/{n}", s.customer_id, kind, scope, threshold,  # type: ignore[arg-type]
-                                value, s.clock_ms))
+        ctx.alerts.append(
+            Alert(
+                f"{s.customer_id}/{key}/{n}",
+                s.customer_id,
+                kind,
+                scope,
+                threshold,
+                value,
+                s.clock_ms,
+            )
+        )
         return True
     if not over and active:
         s.alert_tracks[key] = (n, False)
@@ -150,8 +161,17 @@ def reevaluate(ctx: Ctx) -> None:
             for pct in sorted(bd.alert_pcts):
                 if spent * 100 >= pct * bd.limit_picos and (pk, pct) not in fired:
                     fired.add((pk, pct))
-                    ctx.alerts.append(Alert(f"{s.customer_id}/budget:{bid}:{pk}:{pct}", s.customer_id, "budget",
-                                            bd.block_scope, pct, spent, now))
+                    ctx.alerts.append(
+                        Alert(
+                            f"{s.customer_id}/budget:{bid}:{pk}:{pct}",
+                            s.customer_id,
+                            "budget",
+                            bd.block_scope,
+                            pct,
+                            spent,
+                            now,
+                        )
+                    )
         periods = {pk for pk, _ in b.spent}
         s.budgets[bid] = BudgetState(bd, b.spent, tuple(sorted(x for x in fired if x[0] in periods)))
 
@@ -167,11 +187,27 @@ def reevaluate(ctx: Ctx) -> None:
 
     for pct in pol.used_alert_pcts:
         used = granted - usable
-        _track(ctx, seen, f"credit_used:{pct}", granted > 0 and used * 100 >= pct * granted, "credit_used",
-               "customer", pct, used)
+        _track(
+            ctx,
+            seen,
+            f"credit_used:{pct}",
+            granted > 0 and used * 100 >= pct * granted,
+            "credit_used",
+            "customer",
+            pct,
+            used,
+        )
     for amount in pol.low_balance_picos:
-        _track(ctx, seen, f"low_balance:{amount}", granted > 0 and usable < amount, "low_balance", "customer",
-               amount, usable)
+        _track(
+            ctx,
+            seen,
+            f"low_balance:{amount}",
+            granted > 0 and usable < amount,
+            "low_balance",
+            "customer",
+            amount,
+            usable,
+        )
 
     for key in sorted(s.velocity):
         rule = _rule_for(s, key)
@@ -183,12 +219,14 @@ def reevaluate(ctx: Ctx) -> None:
         buckets = {b: p for b, p in s.velocity[key].items() if b > nb - base_n}
         short = sum(p for b, p in buckets.items() if b > nb - w)
         base = sum(p for b, p in buckets.items() if b <= nb - w)
-        over = (rule.abs_cap_picos is not None and short > rule.abs_cap_picos) or (
-            rule.baseline_multiple is not None and base > 0 and short >= rule.min_picos
+        over_cap = (rule.abs_cap_picos is not None and short > rule.abs_cap_picos) or (
+            rule.baseline_multiple is not None
+            and base > 0
+            and short >= rule.min_picos
             and short * (rule.baseline_ms - rule.window_ms) > rule.baseline_multiple * base * rule.window_ms
         )
-        fired = _track(ctx, seen, f"runaway:{key}", over, "runaway", key, rule.abs_cap_picos or 0, short)
-        if fired and rule.block and "runaway_guard" not in s.blocks.get(key, {}):
+        tripped = _track(ctx, seen, f"runaway:{key}", over_cap, "runaway", key, rule.abs_cap_picos or 0, short)
+        if tripped and rule.block and "runaway_guard" not in s.blocks.get(key, {}):
             s.blocks.setdefault(key, {})["runaway_guard"] = now
             ctx.status(key, "runaway_guard", True)
         if buckets:

@@ -9,7 +9,7 @@ arithmetic only.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
@@ -17,7 +17,7 @@ from meterline.core.errors import InputError
 from meterline.core.money import PICOS_PER_UNIT, decimal_to_picos, format_picos, to_decimal
 
 __all__ = ["PICOS_PER_UNIT", "format_picos", "to_decimal"]  # re-exported by meterline.core.ledger
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Period = Literal["day", "month"]
 

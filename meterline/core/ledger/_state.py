@@ -59,7 +59,7 @@ def unpack_recent(packed: str | list[list[Any]]) -> dict[bytes, int]:
     times.frombytes(raw[cut:])
     if sys.byteorder != "little":
         times.byteswap()
-    return dict(zip((raw[i:i + DIGEST_BYTES] for i in range(0, cut, DIGEST_BYTES)), times))
+    return dict(zip((raw[i : i + DIGEST_BYTES] for i in range(0, cut, DIGEST_BYTES)), times))
 
 
 @dataclass(slots=True)
@@ -159,8 +159,14 @@ def _set_opt(v: list[str] | None) -> frozenset[str] | None:
 def _grant_to(g: CreditGrant) -> dict[str, Any]:
     sc = g.scope
     return {
-        "id": g.grant_id, "cust": g.customer_id, "amt": g.amount_picos, "cur": g.currency,
-        "eff": g.effective_at_ms, "exp": g.expires_at_ms, "prio": g.priority, "cat": g.category,
+        "id": g.grant_id,
+        "cust": g.customer_id,
+        "amt": g.amount_picos,
+        "cur": g.currency,
+        "eff": g.effective_at_ms,
+        "exp": g.expires_at_ms,
+        "prio": g.priority,
+        "cat": g.category,
         "scope": None if sc is None else [_opt_set(sc.providers), _opt_set(sc.models), _opt_set(sc.projects)],
     }
 
@@ -168,8 +174,14 @@ def _grant_to(g: CreditGrant) -> dict[str, Any]:
 def _grant_from(d: dict[str, Any]) -> CreditGrant:
     sc = d["scope"]
     return CreditGrant(
-        grant_id=d["id"], customer_id=d["cust"], amount_picos=d["amt"], currency=d["cur"],
-        effective_at_ms=d["eff"], expires_at_ms=d["exp"], priority=d["prio"], category=d["cat"],
+        grant_id=d["id"],
+        customer_id=d["cust"],
+        amount_picos=d["amt"],
+        currency=d["cur"],
+        effective_at_ms=d["eff"],
+        expires_at_ms=d["exp"],
+        priority=d["prio"],
+        category=d["cat"],
         scope=None if sc is None else GrantScope(_set_opt(sc[0]), _set_opt(sc[1]), _set_opt(sc[2])),
     )
 
@@ -184,15 +196,27 @@ def _grant_state_from(d: dict[str, Any]) -> GrantState:
 
 def _hold_to(h: Hold) -> dict[str, Any]:
     return {
-        "rid": h.request_id, "amt": h.amount_picos, "alloc": [list(a) for a in h.allocations],
-        "ovg": h.overage_picos, "c": h.created_ms, "x": h.expires_ms, "prj": h.project, "key": h.api_key_id,
+        "rid": h.request_id,
+        "amt": h.amount_picos,
+        "alloc": [list(a) for a in h.allocations],
+        "ovg": h.overage_picos,
+        "c": h.created_ms,
+        "x": h.expires_ms,
+        "prj": h.project,
+        "key": h.api_key_id,
     }
 
 
 def _hold_from(d: dict[str, Any]) -> Hold:
     return Hold(
-        request_id=d["rid"], amount_picos=d["amt"], allocations=tuple((g, int(p)) for g, p in d["alloc"]),
-        overage_picos=d["ovg"], created_ms=d["c"], expires_ms=d["x"], project=d["prj"], api_key_id=d["key"],
+        request_id=d["rid"],
+        amount_picos=d["amt"],
+        allocations=tuple((g, int(p)) for g, p in d["alloc"]),
+        overage_picos=d["ovg"],
+        created_ms=d["c"],
+        expires_ms=d["x"],
+        project=d["prj"],
+        api_key_id=d["key"],
     )
 
 
@@ -208,33 +232,56 @@ def _rule_from(v: list[Any] | None) -> VelocityRule | None:
 
 def _policy_to(p: Policy) -> dict[str, Any]:
     return {
-        "overage": p.overage, "limit": p.credit_limit_picos, "used": list(p.used_alert_pcts),
-        "low": list(p.low_balance_picos), "ttl": p.hold_ttl_ms, "rc": _rule_to(p.runaway_customer),
-        "rk": _rule_to(p.runaway_api_key), "dw": p.dedupe_window_ms, "dn": p.dedupe_max_ids,
+        "overage": p.overage,
+        "limit": p.credit_limit_picos,
+        "used": list(p.used_alert_pcts),
+        "low": list(p.low_balance_picos),
+        "ttl": p.hold_ttl_ms,
+        "rc": _rule_to(p.runaway_customer),
+        "rk": _rule_to(p.runaway_api_key),
+        "dw": p.dedupe_window_ms,
+        "dn": p.dedupe_max_ids,
     }
 
 
 def _policy_from(d: dict[str, Any]) -> Policy:
     return Policy(
-        overage=d["overage"], credit_limit_picos=d["limit"], used_alert_pcts=tuple(d["used"]),
-        low_balance_picos=tuple(d["low"]), hold_ttl_ms=d["ttl"], runaway_customer=_rule_from(d["rc"]),
-        runaway_api_key=_rule_from(d["rk"]), dedupe_window_ms=d["dw"], dedupe_max_ids=d["dn"],
+        overage=d["overage"],
+        credit_limit_picos=d["limit"],
+        used_alert_pcts=tuple(d["used"]),
+        low_balance_picos=tuple(d["low"]),
+        hold_ttl_ms=d["ttl"],
+        runaway_customer=_rule_from(d["rc"]),
+        runaway_api_key=_rule_from(d["rk"]),
+        dedupe_window_ms=d["dw"],
+        dedupe_max_ids=d["dn"],
     )
 
 
 def _budget_state_to(b: BudgetState) -> dict[str, Any]:
     bd = b.budget
     return {
-        "id": bd.budget_id, "scope": bd.scope, "sv": bd.scope_value, "per": bd.period, "lim": bd.limit_picos,
-        "hard": bd.hard, "pcts": list(bd.alert_pcts), "spent": [list(x) for x in b.spent],
+        "id": bd.budget_id,
+        "scope": bd.scope,
+        "sv": bd.scope_value,
+        "per": bd.period,
+        "lim": bd.limit_picos,
+        "hard": bd.hard,
+        "pcts": list(bd.alert_pcts),
+        "spent": [list(x) for x in b.spent],
         "fired": [list(x) for x in b.fired],
     }
 
 
 def _budget_state_from(d: dict[str, Any]) -> BudgetState:
     bd = Budget(
-        budget_id=d["id"], scope=d["scope"], scope_value=d["sv"], period=d["per"], limit_picos=d["lim"],
-        hard=d["hard"], alert_pcts=tuple(d["pcts"]),
+        budget_id=d["id"],
+        scope=d["scope"],
+        scope_value=d["sv"],
+        period=d["per"],
+        limit_picos=d["lim"],
+        hard=d["hard"],
+        alert_pcts=tuple(d["pcts"]),
     )
     return BudgetState(
         budget=bd, spent=tuple((k, int(v)) for k, v in d["spent"]), fired=tuple((k, int(p)) for k, p in d["fired"])

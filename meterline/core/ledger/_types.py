@@ -5,7 +5,7 @@ commands and effects. All frozen; all amounts are integer picos; all times integ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from meterline.core.ledger._money import LedgerCommandError, Period
 
@@ -16,7 +16,11 @@ BudgetScope = Literal["customer", "project", "api_key"]
 BlockReason = Literal["credit_exhausted", "credit_limit_reached", "budget_exceeded", "runaway_guard", "manual"]
 
 BLOCK_REASONS: tuple[str, ...] = (
-    "manual", "credit_limit_reached", "credit_exhausted", "budget_exceeded", "runaway_guard"
+    "manual",
+    "credit_limit_reached",
+    "credit_exhausted",
+    "budget_exceeded",
+    "runaway_guard",
 )  # precedence: the first present reason is the one ``status`` reports
 DERIVED_REASONS = frozenset({"credit_exhausted", "credit_limit_reached", "budget_exceeded"})
 MAX_PRIORITY = 100
@@ -147,7 +151,9 @@ class Policy:
         if self.overage not in ("block", "allow", "credit_limit"):
             raise _err("overage must be block, allow or credit_limit")
         if self.credit_limit_picos < 0 or self.hold_ttl_ms <= 0 or not 0 < self.dedupe_max_ids <= MAX_DEDUPE_IDS:
-            raise _err(f"credit_limit_picos ≥ 0, hold_ttl_ms > 0 and 0 < dedupe_max_ids ≤ {MAX_DEDUPE_IDS} are required")
+            raise _err(
+                f"credit_limit_picos ≥ 0, hold_ttl_ms > 0 and 0 < dedupe_max_ids ≤ {MAX_DEDUPE_IDS} are required"
+            )
         if any(not 0 < p <= 1000 for p in self.used_alert_pcts):
             raise _err("used_alert_pcts must be in 1..1000")
 
@@ -226,11 +232,14 @@ class LedgerEntry:
     reason: str | None = None
 
 
+AlertKind = Literal["credit_used", "low_balance", "budget", "runaway"]
+
+
 @dataclass(frozen=True, slots=True)
 class Alert:
     alert_id: str  # deterministic: same commands → same ids (downstream dedupes on it)
     customer_id: str
-    kind: Literal["credit_used", "low_balance", "budget", "runaway"]
+    kind: AlertKind
     scope: str
     threshold: int  # percent for credit_used / budget, picos for low_balance / runaway cap
     value_picos: int
@@ -420,6 +429,4 @@ class Authorize:
         return self.now_ms
 
 
-Command = Union[
-    ApplyPricedUsage, Grant, TopUp, Void, Adjust, ExpireDue, SetPolicy, SetBudget, SetBlock, Authorize
-]
+Command = ApplyPricedUsage | Grant | TopUp | Void | Adjust | ExpireDue | SetPolicy | SetBudget | SetBlock | Authorize

@@ -36,13 +36,24 @@ def balance_view(state: CustomerLedger, now_ms: int) -> dict[str, Any]:
         if valid:
             usable += g.remaining
             held_total += h
-        state_name = g.state if g.state != "live" else ("live" if valid else (
-            "pending" if now_ms < g.grant.effective_at_ms else "expiring"))
-        grants.append({
-            "grant_id": gid, "category": g.grant.category, "priority": g.grant.priority,
-            "granted": format_picos(g.granted), "remaining": format_picos(g.remaining), "held": format_picos(h),
-            "effective_at_ms": g.grant.effective_at_ms, "expires_at_ms": g.grant.expires_at_ms, "state": state_name,
-        })
+        state_name = (
+            g.state
+            if g.state != "live"
+            else ("live" if valid else ("pending" if now_ms < g.grant.effective_at_ms else "expiring"))
+        )
+        grants.append(
+            {
+                "grant_id": gid,
+                "category": g.grant.category,
+                "priority": g.grant.priority,
+                "granted": format_picos(g.granted),
+                "remaining": format_picos(g.remaining),
+                "held": format_picos(h),
+                "effective_at_ms": g.grant.effective_at_ms,
+                "expires_at_ms": g.grant.expires_at_ms,
+                "state": state_name,
+            }
+        )
     pol = state.policy
     holds = _live_holds(state, now_ms).holds
     budgets = []
@@ -50,11 +61,18 @@ def balance_view(state: CustomerLedger, now_ms: int) -> dict[str, Any]:
         b = state.budgets[bid]
         pk = period_key(now_ms, b.budget.period)
         spent = b.spent_in(pk)
-        budgets.append({
-            "budget_id": bid, "scope": b.budget.block_scope, "period": b.budget.period, "period_key": pk,
-            "limit": format_picos(b.budget.limit_picos), "spent": format_picos(spent),
-            "mode": "hard" if b.budget.hard else "soft", "exceeded": spent >= b.budget.limit_picos,
-        })
+        budgets.append(
+            {
+                "budget_id": bid,
+                "scope": b.budget.block_scope,
+                "period": b.budget.period,
+                "period_key": pk,
+                "limit": format_picos(b.budget.limit_picos),
+                "spent": format_picos(spent),
+                "mode": "hard" if b.budget.hard else "soft",
+                "exceeded": spent >= b.budget.limit_picos,
+            }
+        )
     return {
         "customer_id": state.customer_id,
         "currency": state.currency,
@@ -70,7 +88,8 @@ def balance_view(state: CustomerLedger, now_ms: int) -> dict[str, Any]:
         "status": status_of(state),
         "blocks": [
             {"scope": scope, "reason": r, "since": t}
-            for scope in sorted(state.blocks) for r, t in sorted(state.blocks[scope].items())
+            for scope in sorted(state.blocks)
+            for r, t in sorted(state.blocks[scope].items())
         ],
         "grants": grants,
         "budgets": budgets,

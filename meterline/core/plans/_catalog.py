@@ -51,7 +51,19 @@ PLAN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 _TOP_KEYS = frozenset({"currency", "plans"})
 _PLAN_KEYS = frozenset(
-    {"id", "version", "name", "effective_from", "interval", "fee", "allowances", "overage", "on_exhausted", "cap", "minimum_commitment"}
+    {
+        "id",
+        "version",
+        "name",
+        "effective_from",
+        "interval",
+        "fee",
+        "allowances",
+        "overage",
+        "on_exhausted",
+        "cap",
+        "minimum_commitment",
+    }
 )
 _ALLOWANCE_KEYS = frozenset({"id", "tokens", "amount", "token_classes", "models", "rollover"})
 _OVERAGE_KEYS = frozenset({"per_million", "rate_card", "tiers"})
@@ -138,7 +150,11 @@ class Overage:
         steps: list[dict[str, Any]] = []
         for s in self.steps:
             up: Any = None if s.up_to is None else (s.up_to if self.unit == "tokens" else picos_text(s.up_to))
-            rate = {"per_million": per_million_text(s.rate_picos)} if self.unit == "tokens" else {"multiplier": fraction_text(s.multiplier)}
+            rate = (
+                {"per_million": per_million_text(s.rate_picos)}
+                if self.unit == "tokens"
+                else {"multiplier": fraction_text(s.multiplier)}
+            )
             steps.append({"up_to": up, **rate})
         return {"tiers": {"mode": self.mode, "unit": self.unit, "steps": steps}}
 
@@ -226,7 +242,9 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
         d = None
     if d is None or not d.is_finite():
         line = node.start_mark.line + 1
-        raise PlanFileError(f"line {line}: {text!r} is not a finite decimal number; quote amounts", field=f"line {line}")
+        raise PlanFileError(
+            f"line {line}: {text!r} is not a finite decimal number; quote amounts", field=f"line {line}"
+        )
     return d
 
 
@@ -278,7 +296,9 @@ def _check_keys(entry: Any, allowed: frozenset[str], where: str) -> Mapping[str,
         raise PlanFileError(f"{where}: expected a mapping", field=where)
     unknown = sorted(str(k) for k in entry if k not in allowed)
     if unknown:
-        raise PlanFileError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}", field=where)
+        raise PlanFileError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}", field=where
+        )
     return entry
 
 
@@ -293,7 +313,9 @@ def _ident(value: Any, where: str) -> str:
 
 def _name(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip() or value != value.strip() or len(value) > MAX_NAME_LEN:
-        raise PlanFileError(f"{where}: expected a non-empty string of at most {MAX_NAME_LEN} characters, got {value!r}", field=where)
+        raise PlanFileError(
+            f"{where}: expected a non-empty string of at most {MAX_NAME_LEN} characters, got {value!r}", field=where
+        )
     return value
 
 
@@ -317,7 +339,11 @@ def _parse_allowance(entry: Any, where: str) -> Allowance:
     if ("tokens" in e) == ("amount" in e):
         raise PlanFileError(f"{where}: give exactly one of tokens or amount", field=where)
     unit = "tokens" if "tokens" in e else "amount"
-    included = token_count(e["tokens"], where=f"{where}.tokens") if unit == "tokens" else amount_picos(e["amount"], where=f"{where}.amount")
+    included = (
+        token_count(e["tokens"], where=f"{where}.tokens")
+        if unit == "tokens"
+        else amount_picos(e["amount"], where=f"{where}.amount")
+    )
     if unit == "amount" and included == 0:
         raise PlanFileError(f"{where}.amount: must be above 0", field=f"{where}.amount")
     classes = TOKEN_CLASSES
@@ -357,7 +383,9 @@ def _parse_allowance(entry: Any, where: str) -> Allowance:
         if "max" not in re_:
             raise PlanFileError(f"{rw}.max: required", field=f"{rw}.max")
         rollover = (
-            token_count(re_["max"], where=f"{rw}.max") if unit == "tokens" else amount_picos(re_["max"], where=f"{rw}.max")
+            token_count(re_["max"], where=f"{rw}.max")
+            if unit == "tokens"
+            else amount_picos(re_["max"], where=f"{rw}.max")
         )
     models.sort(key=lambda m: (m.provider, m.model))
     return Allowance(aid, unit, included, classes, tuple(models), rollover)
@@ -368,7 +396,9 @@ def _parse_overage(entry: Any, where: str) -> Overage:
     if len(e) != 1:
         raise PlanFileError(f"{where}: give exactly one of per_million, rate_card, tiers", field=where)
     if "per_million" in e:
-        return Overage("per_million", "tokens", rate_picos=per_million_picos(e["per_million"], where=f"{where}.per_million"))
+        return Overage(
+            "per_million", "tokens", rate_picos=per_million_picos(e["per_million"], where=f"{where}.per_million")
+        )
     if "rate_card" in e:
         rw = f"{where}.rate_card"
         rc = _check_keys(e["rate_card"], frozenset({"multiplier"}), rw)
@@ -401,7 +431,11 @@ def _parse_overage(entry: Any, where: str) -> Overage:
         else:
             if last:
                 raise PlanFileError(f"{sw}.up_to: the last step must be unbounded (up_to: null)", field=f"{sw}.up_to")
-            up = token_count(raw_up, where=f"{sw}.up_to") if unit == "tokens" else amount_picos(raw_up, where=f"{sw}.up_to")
+            up = (
+                token_count(raw_up, where=f"{sw}.up_to")
+                if unit == "tokens"
+                else amount_picos(raw_up, where=f"{sw}.up_to")
+            )
             if up <= prev:
                 raise PlanFileError(f"{sw}.up_to: must be above the previous step's", field=f"{sw}.up_to")
             prev = up
@@ -429,18 +463,24 @@ def parse_plan(entry: Any, *, currency: str, where: str) -> PlanVersion:
     pid = _ident(e["id"], f"{where}.id")
     version = e["version"]
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 1_000_000:
-        raise PlanFileError(f"{where}.version: expected a whole number from 1, got {version!r}", field=f"{where}.version")
+        raise PlanFileError(
+            f"{where}.version: expected a whole number from 1, got {version!r}", field=f"{where}.version"
+        )
     eff = parse_instant(e["effective_from"], where=f"{where}.effective_from")
     interval = e["interval"]
     if interval not in INTERVALS:
-        raise PlanFileError(f"{where}.interval: expected one of {', '.join(INTERVALS)}, got {interval!r}", field=f"{where}.interval")
+        raise PlanFileError(
+            f"{where}.interval: expected one of {', '.join(INTERVALS)}, got {interval!r}", field=f"{where}.interval"
+        )
     fee = amount_picos(e["fee"], where=f"{where}.fee")
     allowances: list[Allowance] = []
     for i, a in enumerate(_list(e.get("allowances", []) or [], f"{where}.allowances")):
         allowance = _parse_allowance(a, f"{where}.allowances[{i}]")
         for j, other in enumerate(allowances):
             if other.id == allowance.id:
-                raise PlanFileError(f"{where}.allowances[{i}].id: duplicate of allowances[{j}]", field=f"{where}.allowances[{i}].id")
+                raise PlanFileError(
+                    f"{where}.allowances[{i}].id: duplicate of allowances[{j}]", field=f"{where}.allowances[{i}].id"
+                )
             if _overlaps(other, allowance):
                 raise PlanFileError(
                     f"{where}.allowances[{i}]: its scope overlaps allowances[{j}] ({other.id}); allowance scopes must be "
@@ -459,7 +499,10 @@ def parse_plan(entry: Any, *, currency: str, where: str) -> PlanVersion:
             )
     on_exhausted = e.get("on_exhausted", "allow")
     if on_exhausted not in ON_EXHAUSTED:
-        raise PlanFileError(f"{where}.on_exhausted: expected one of {', '.join(ON_EXHAUSTED)}, got {on_exhausted!r}", field=f"{where}.on_exhausted")
+        raise PlanFileError(
+            f"{where}.on_exhausted: expected one of {', '.join(ON_EXHAUSTED)}, got {on_exhausted!r}",
+            field=f"{where}.on_exhausted",
+        )
     cap = None
     if on_exhausted == "cap":
         if "cap" not in e:
@@ -471,7 +514,9 @@ def parse_plan(entry: Any, *, currency: str, where: str) -> PlanVersion:
     if "minimum_commitment" in e:
         commitment = amount_picos(e["minimum_commitment"], where=f"{where}.minimum_commitment")
     name = _name(e["name"], f"{where}.name") if "name" in e else None
-    return PlanVersion(pid, version, eff, interval, fee, tuple(allowances), overage, on_exhausted, cap, commitment, currency, name)
+    return PlanVersion(
+        pid, version, eff, interval, fee, tuple(allowances), overage, on_exhausted, cap, commitment, currency, name
+    )
 
 
 # --------------------------------------------------------------------------- the catalog

@@ -353,7 +353,11 @@ class Bill:
         return {
             "customer_id": self.customer_id,
             "currency": self.currency,
-            "period": {"start": format_instant(self.start), "end": format_instant(self.end), "stop": format_instant(self.stop)},
+            "period": {
+                "start": format_instant(self.start),
+                "end": format_instant(self.end),
+                "stop": format_instant(self.stop),
+            },
             "total": str(self.total),
             "subtotal": format_picos(self.subtotal),
             "lines": [line.to_json() for line in self.lines],
@@ -402,13 +406,33 @@ def rate_period(
         # fee, billed in advance for the period (prorated for a segment)
         if plan.fee or t.full:
             if t.full:
-                lines.append(BillLine("fee", f"{_plan_label(plan)} fee, {plan.interval}", key, None, "1", "period", format_picos(plan.fee), t.fee, t.start, t.end))
+                lines.append(
+                    BillLine(
+                        "fee",
+                        f"{_plan_label(plan)} fee, {plan.interval}",
+                        key,
+                        None,
+                        "1",
+                        "period",
+                        format_picos(plan.fee),
+                        t.fee,
+                        t.start,
+                        t.end,
+                    )
+                )
             else:
                 lines.append(
                     BillLine(
                         "fee",
                         f"{_plan_label(plan)} fee, prorated {t.seconds} of {period.seconds} seconds",
-                        key, None, str(t.seconds), "seconds", None, t.fee, t.start, t.end,
+                        key,
+                        None,
+                        str(t.seconds),
+                        "seconds",
+                        None,
+                        t.fee,
+                        t.start,
+                        t.end,
                     )
                 )
         charged += t.fee
@@ -416,14 +440,25 @@ def rate_period(
         for a in plan.allowances:
             used = cons.used.get(a.id, 0)
             avail = t.available(a.id)
-            uses.append(AllowanceUse(a.id, key, a.unit, t.included.get(a.id, 0), t.rolled_in.get(a.id, 0), used, avail - used, 0, i))
+            uses.append(
+                AllowanceUse(
+                    a.id, key, a.unit, t.included.get(a.id, 0), t.rolled_in.get(a.id, 0), used, avail - used, 0, i
+                )
+            )
             what = "tokens" if a.unit == "tokens" else f"{cur} of usage"
             lines.append(
                 BillLine(
                     "allowance",
                     f"{a.id}: {_qty_text(a.unit, avail)} {what} included, {_qty_text(a.unit, used)} used, "
                     f"{_qty_text(a.unit, avail - used)} unused",
-                    key, a.id, _qty_text(a.unit, used), a.unit, "0", 0, t.start, t.end,
+                    key,
+                    a.id,
+                    _qty_text(a.unit, used),
+                    a.unit,
+                    "0",
+                    0,
+                    t.start,
+                    t.end,
                 )
             )
         # overage, per band
@@ -436,7 +471,14 @@ def rate_period(
                     "overage",
                     f"overage{'' if ref is None else ' ' + ref + (' (' + plan.overage.mode + ')' if plan.overage.mode else '')}: "
                     f"{_qty_text(plan.unit, b.quantity)} {'tokens' if plan.unit == 'tokens' else cur} at {b.rate} {per}",
-                    key, ref, _qty_text(plan.unit, b.quantity), plan.unit, b.rate, b.amount, t.start, t.end,
+                    key,
+                    ref,
+                    _qty_text(plan.unit, b.quantity),
+                    plan.unit,
+                    b.rate,
+                    b.amount,
+                    t.start,
+                    t.end,
                 )
             )
         paid = min(amount, prepaid_left)
@@ -446,11 +488,35 @@ def rate_period(
         written = 0
         if plan.on_exhausted == "cap" and t.cap is not None and invoiced > t.cap:
             written = invoiced - t.cap
-            lines.append(BillLine("cap", f"overage above the cap of {format_picos(t.cap)} written off", key, None, "1", "period", None, -written, t.start, t.end))
+            lines.append(
+                BillLine(
+                    "cap",
+                    f"overage above the cap of {format_picos(t.cap)} written off",
+                    key,
+                    None,
+                    "1",
+                    "period",
+                    None,
+                    -written,
+                    t.start,
+                    t.end,
+                )
+            )
         elif plan.on_exhausted == "block" and invoiced > 0:
             written = invoiced
             lines.append(
-                BillLine("blocked", "overage beyond allowance and prepaid credit on a block plan written off", key, None, "1", "period", None, -written, t.start, t.end)
+                BillLine(
+                    "blocked",
+                    "overage beyond allowance and prepaid credit on a block plan written off",
+                    key,
+                    None,
+                    "1",
+                    "period",
+                    None,
+                    -written,
+                    t.start,
+                    t.end,
+                )
             )
         charged += amount - written
         if t.commitment is not None:
@@ -461,11 +527,31 @@ def rate_period(
             BillLine(
                 "minimum_commitment",
                 f"minimum commitment true-up: {format_picos(commitment)} committed, {format_picos(charged)} charged",
-                None, None, "1", "period", None, commitment - charged, period.start, period.stop,
+                None,
+                None,
+                "1",
+                "period",
+                None,
+                commitment - charged,
+                period.start,
+                period.stop,
             )
         )
     if prepaid_used:
-        lines.append(BillLine("prepaid_credit", "prepaid credit applied to overage", None, None, format_picos(prepaid_used), "amount", None, -prepaid_used, period.start, period.stop))
+        lines.append(
+            BillLine(
+                "prepaid_credit",
+                "prepaid credit applied to overage",
+                None,
+                None,
+                format_picos(prepaid_used),
+                "amount",
+                None,
+                -prepaid_used,
+                period.start,
+                period.stop,
+            )
+        )
     rollover_out: dict[str, int] = {}
     if last_terms is not None and last_cons is not None and period.stop == period.end:
         for a in last_terms.plan.allowances:
@@ -476,7 +562,9 @@ def rate_period(
             unused_own = max(last_terms.included.get(a.id, 0) - own_used, 0)
             rollover_out[a.id] = min(a.rollover_max, unused_own)
         uses = [
-            AllowanceUse(u.id, u.plan, u.unit, u.included, u.rolled_in, u.used, u.remaining, rollover_out.get(u.id, 0), u.segment)
+            AllowanceUse(
+                u.id, u.plan, u.unit, u.included, u.rolled_in, u.used, u.remaining, rollover_out.get(u.id, 0), u.segment
+            )
             if j >= len(uses) - len(last_terms.plan.allowances)
             else u
             for j, u in enumerate(uses)

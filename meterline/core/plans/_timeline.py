@@ -30,10 +30,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meterline.core.ids import CUSTOMER_ID_RULE, is_customer_id
 from meterline.core.plans._calendar import add_intervals, period_bounds, period_index
 from meterline.core.plans._catalog import PLAN_ID_RE, PlanCatalog, PlanVersion
 from meterline.core.plans._values import SubscriptionError, format_instant, parse_instant, short_hash
-from meterline.core.ids import CUSTOMER_ID_RULE, is_customer_id
 
 EVENT_TYPES: tuple[str, ...] = ("subscribed", "changed", "cancelled", "migrated")
 _TIE_ORDER = {"subscribed": 0, "changed": 1, "migrated": 2, "cancelled": 3}
@@ -90,7 +90,9 @@ def parse_event(data: Any) -> SubscriptionEvent:
         raise SubscriptionError(f"subscription event: unknown key(s) {', '.join(unknown)}")
     typ = data.get("type")
     if typ not in EVENT_TYPES:
-        raise SubscriptionError(f"subscription event: type must be one of {', '.join(EVENT_TYPES)}, got {typ!r}", field="type")
+        raise SubscriptionError(
+            f"subscription event: type must be one of {', '.join(EVENT_TYPES)}, got {typ!r}", field="type"
+        )
     cid = data.get("customer_id")
     if not is_customer_id(cid):
         raise SubscriptionError(f"subscription event: bad customer_id {cid!r}: {CUSTOMER_ID_RULE}", field="customer_id")
@@ -104,16 +106,22 @@ def parse_event(data: Any) -> SubscriptionEvent:
     elif plan_id is not None or version is not None:
         raise SubscriptionError("subscription event: cancelled takes no plan_id or version", field="plan_id")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-        raise SubscriptionError(f"subscription event: version must be a whole number from 1, got {version!r}", field="version")
+        raise SubscriptionError(
+            f"subscription event: version must be a whole number from 1, got {version!r}", field="version"
+        )
     if typ == "migrated" and version is None:
         raise SubscriptionError("subscription event: migrated needs the target version", field="version")
     ape = data.get("at_period_end", False)
     if not isinstance(ape, bool) or (ape and typ != "cancelled"):
-        raise SubscriptionError("subscription event: at_period_end is a boolean, for cancelled only", field="at_period_end")
+        raise SubscriptionError(
+            "subscription event: at_period_end is a boolean, for cancelled only", field="at_period_end"
+        )
     ev = SubscriptionEvent(typ, cid, at, plan_id, version, ape)
     given = data.get("event_id")
     if given is not None and given != ev.event_id:
-        raise SubscriptionError(f"subscription event: event_id {given!r} does not match its content ({ev.event_id})", field="event_id")
+        raise SubscriptionError(
+            f"subscription event: event_id {given!r} does not match its content ({ev.event_id})", field="event_id"
+        )
     return ev
 
 
@@ -319,7 +327,11 @@ def fold_timeline(customer_id: str, events: Iterable[SubscriptionEvent], catalog
                 if pv.interval != cur.interval:
                     raise SubscriptionError("a migration cannot change the interval; use change")
                 k = period_index(cur.anchor, at, cur.interval)
-                eff = at if add_intervals(cur.anchor, k, cur.interval) == at else add_intervals(cur.anchor, k + 1, cur.interval)
+                eff = (
+                    at
+                    if add_intervals(cur.anchor, k, cur.interval) == at
+                    else add_intervals(cur.anchor, k + 1, cur.interval)
+                )
                 on = cur.plan_at(eff)
                 if on.plan_id != pv.plan_id:
                     raise SubscriptionError(f"the customer is not on plan {pv.plan_id!r} at {format_instant(eff)}")

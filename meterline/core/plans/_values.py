@@ -36,7 +36,28 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # ISO 4217 minor units that differ from 2 (the default). Rounding happens once, at the total.
 _MINOR_UNITS: dict[str, int] = {
-    **{c: 0 for c in ("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF")},
+    **{
+        c: 0
+        for c in (
+            "BIF",
+            "CLP",
+            "DJF",
+            "GNF",
+            "ISK",
+            "JPY",
+            "KMF",
+            "KRW",
+            "PYG",
+            "RWF",
+            "UGX",
+            "UYI",
+            "VND",
+            "VUV",
+            "XAF",
+            "XOF",
+            "XPF",
+        )
+    },
     **{c: 3 for c in ("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND")},
 }
 
@@ -60,7 +81,8 @@ def to_decimal(value: Any, *, where: str) -> Decimal:
     """A non-negative finite Decimal from an int, Decimal or numeric string; floats are refused."""
     if isinstance(value, (bool, float)):
         raise PlanFileError(
-            f"{where}: {value!r} is a binary float; write the amount as a quoted decimal string, e.g. \"2.50\"", field=where
+            f'{where}: {value!r} is a binary float; write the amount as a quoted decimal string, e.g. "2.50"',
+            field=where,
         )
     if isinstance(value, int):
         d = Decimal(value)
@@ -150,7 +172,9 @@ def parse_instant(value: Any, *, where: str, error: type[InputError] = PlanFileE
         try:
             dt = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise error(f"{where}: {value!r} is not an ISO-8601 timestamp (e.g. 2026-01-01T00:00:00Z)", field=where) from None
+            raise error(
+                f"{where}: {value!r} is not an ISO-8601 timestamp (e.g. 2026-01-01T00:00:00Z)", field=where
+            ) from None
     else:
         raise error(f"{where}: expected an ISO-8601 timestamp string, got {type(value).__name__}", field=where)
     if dt.tzinfo is None or dt.utcoffset() is None:

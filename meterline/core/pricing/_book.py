@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
 from meterline.core.errors import PriceFileError
+from meterline.core.naming import normalize_service_tier
 from meterline.core.pricing._model import (
     MAX_AMOUNT,
     TOOL_FEES,
@@ -36,13 +38,21 @@ from meterline.core.pricing._model import (
     parse_timestamp,
     to_decimal,
 )
-from meterline.core.naming import normalize_service_tier
 
 MAX_NAME_LEN = 128
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 _PRICE_KEYS = frozenset(
-    {"provider", "model", "model_version", "aliases", "effective_from", "per_million", "request_fee", "tool_fees",
-     "service_tier"}
+    {
+        "provider",
+        "model",
+        "model_version",
+        "aliases",
+        "effective_from",
+        "per_million",
+        "request_fee",
+        "tool_fees",
+        "service_tier",
+    }
 )
 _CARD_KEYS = frozenset({"customer_id", "markup_pct", "discount_pct", "overrides"})
 _OVERRIDE_KEYS = frozenset({"provider", "model", "model_version", "per_million", "request_fee"})
@@ -78,7 +88,7 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
         d = None
     if d is None or not d.is_finite():
         raise PriceFileError(
-            f"line {node.start_mark.line + 1}: {text!r} is not a finite decimal number; quote amounts, e.g. \"2.50\"",
+            f'line {node.start_mark.line + 1}: {text!r} is not a finite decimal number; quote amounts, e.g. "2.50"',
             field=f"line {node.start_mark.line + 1}",
         )
     return d
@@ -107,9 +117,11 @@ def _read(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
         text = source
     is_json = is_json or text.lstrip().startswith("{")
     try:
-        data = json.loads(text, parse_float=Decimal) if is_json else yaml.load(text, Loader=_ExactLoader)  # noqa: S506
+        data = json.loads(text, parse_float=Decimal) if is_json else yaml.load(text, Loader=_ExactLoader)
     except (ValueError, yaml.YAMLError) as exc:
-        raise PriceFileError(f"price file is not valid {'JSON' if is_json else 'YAML'}: {exc}", field="source") from None
+        raise PriceFileError(
+            f"price file is not valid {'JSON' if is_json else 'YAML'}: {exc}", field="source"
+        ) from None
     if not isinstance(data, Mapping):
         raise PriceFileError("price file: the top level must be a mapping with 'currency' and 'prices'", field="source")
     return data
@@ -132,7 +144,7 @@ def _check_name(v: Any, fw: str) -> str:
     if not isinstance(v, str) or not v.strip() or len(v) > MAX_NAME_LEN or v != v.strip():
         raise PriceFileError(
             f"{fw}: expected a non-empty string of at most {MAX_NAME_LEN} characters without surrounding "
-            f"spaces, got {v!r} (quote values such as versions: \"20241022\")",
+            f'spaces, got {v!r} (quote values such as versions: "20241022")',
             field=fw,
         )
     return v
@@ -143,7 +155,9 @@ def _check_keys(entry: Any, allowed: frozenset[str], where: str) -> Mapping[str,
         raise PriceFileError(f"{where}: expected a mapping", field=where)
     unknown = sorted(str(k) for k in entry if k not in allowed)
     if unknown:
-        raise PriceFileError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}", field=where)
+        raise PriceFileError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}", field=where
+        )
     return entry
 
 
@@ -240,7 +254,9 @@ def parse_card(entry: Any, *, where: str) -> RateCard:
         assert p is not None and m is not None
         rates = parse_rates(oe.get("per_million") or {}, oe.get("request_fee"), where=ow, require_io=False)
         if not rates:
-            raise PriceFileError(f"{ow}.per_million: an override must state at least one rate", field=f"{ow}.per_million")
+            raise PriceFileError(
+                f"{ow}.per_million: an override must state at least one rate", field=f"{ow}.per_million"
+            )
         if (p, m, v) in seen:
             raise PriceFileError(f"{ow}: duplicate override for {p}/{m} version {v}", field=ow)
         seen.add((p, m, v))
@@ -280,7 +296,8 @@ class PriceBook:
         mine = {k for k, _ in self.to_records()}
         slots = {k.rpartition("#")[0] for k in mine if k.startswith(PRICE_KEY_PREFIX)}
         return sorted(
-            k for k in set(existing_keys)
+            k
+            for k in set(existing_keys)
             if k.startswith(PRICE_KEY_PREFIX) and k not in mine and k.rpartition("#")[0] in slots
         )
 
@@ -352,11 +369,14 @@ def load_price_book(source: str | Path | Mapping[str, Any]) -> PriceBook:
     for i, v in enumerate(versions):
         for a in v.aliases:
             if a in models.get((v.provider, v.model_version), ()):
-                raise PriceFileError(f"prices[{i}].aliases: {a!r} is itself a priced model", field=f"prices[{i}].aliases")
+                raise PriceFileError(
+                    f"prices[{i}].aliases: {a!r} is itself a priced model", field=f"prices[{i}].aliases"
+                )
             owner = alias_owner.setdefault((v.provider, a, v.model_version), v.model)
             if owner != v.model:
                 raise PriceFileError(
-                    f"prices[{i}].aliases: {a!r} is already an alias of {v.provider}/{owner}", field=f"prices[{i}].aliases"
+                    f"prices[{i}].aliases: {a!r} is already an alias of {v.provider}/{owner}",
+                    field=f"prices[{i}].aliases",
                 )
 
     raw_cards = data.get("rate_cards") or []
@@ -371,4 +391,3 @@ def load_price_book(source: str | Path | Mapping[str, Any]) -> PriceBook:
 
     versions.sort(key=lambda v: (v.provider, v.model, v.model_version or "", v.service_tier or "", v.effective_ms))
     return PriceBook(currency, tuple(versions), tuple(cards[k] for k in sorted(cards)))
-

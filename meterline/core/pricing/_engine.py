@@ -35,12 +35,13 @@ inside the batch's time range (or that is unknown) go through :meth:`PricingEngi
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from operator import itemgetter
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from meterline.core.errors import PriceFileError, UnpriceableEvent
+from meterline.core.naming import normalize_model
 from meterline.core.pricing._book import CARD_KEY_PREFIX, PRICE_KEY_PREFIX, PriceBook, decode_record
 from meterline.core.pricing._model import (
     BASE_CLASSES,
@@ -60,7 +61,6 @@ from meterline.core.pricing._model import (
     format_timestamp,
     per_million_to_picos,
 )
-from meterline.core.naming import normalize_model
 
 # Bound on the (customer, price version) -> rates cache; it is simply cleared when full.
 MAX_CACHE_ENTRIES = 1_000_000
@@ -158,7 +158,7 @@ class PricingEngine:
                 if self._versions.pop(key, None) is not None:
                     self._dirty = True
             elif key.startswith(CARD_KEY_PREFIX):
-                if self._cards.pop(key[len(CARD_KEY_PREFIX):], None) is not None:
+                if self._cards.pop(key[len(CARD_KEY_PREFIX) :], None) is not None:
                     self._forget()
             else:
                 raise PriceFileError(f"record {key!r}: unknown key prefix", field=key)
@@ -213,8 +213,9 @@ class PricingEngine:
 
     # ------------------------------------------------------------------ lookups
 
-    def timeline(self, provider: str, model: str, model_version: str | None,
-                 service_tier: str | None = None) -> _Timeline | None:
+    def timeline(
+        self, provider: str, model: str, model_version: str | None, service_tier: str | None = None
+    ) -> _Timeline | None:
         """The price timeline of a reported model (rule 1), or None. Memoised per reported key."""
         key = (provider, model, model_version, service_tier)
         try:
@@ -235,8 +236,9 @@ class PricingEngine:
         self._resolved[key] = tl
         return tl
 
-    def version_at(self, provider: str, model: str, model_version: str | None, occurred_at_ms: int,
-                   service_tier: str | None = None) -> PriceVersion:
+    def version_at(
+        self, provider: str, model: str, model_version: str | None, occurred_at_ms: int, service_tier: str | None = None
+    ) -> PriceVersion:
         """The price version that prices an event of this model at this time (rules 1–2 above)."""
         if self._dirty:
             self._rebuild()
@@ -279,7 +281,8 @@ class PricingEngine:
         ov = card.override_for(v.provider, v.model, v.model_version)
         extra_cost = v.rates.extra_picos()
         list_picos = dict(zip(BASE_CLASSES, cost[: len(BASE_CLASSES)], strict=True)) | dict(
-            zip(EXTRA_CLASSES, extra_cost[: len(EXTRA_CLASSES)], strict=True))
+            zip(EXTRA_CLASSES, extra_cost[: len(EXTRA_CLASSES)], strict=True)
+        )
         stated: dict[str, int | None] = {}
         for cls in TOKEN_CLASSES:
             if ov is not None and cls in ov.rates:
@@ -297,7 +300,7 @@ class PricingEngine:
         else:
             fee = card.charge_picos(cost[5])
         charge = (*(stated[c] for c in BASE_CLASSES), fee)
-        tool_cost = extra_cost[len(EXTRA_CLASSES):]
+        tool_cost = extra_cost[len(EXTRA_CLASSES) :]
         extra_charge = tuple(stated[c] for c in EXTRA_CLASSES) + tuple(
             None if p is None else card.charge_picos(p) for p in tool_cost
         )
@@ -512,17 +515,22 @@ class PricingEngine:
         if isinstance(ms, datetime):
             ms = epoch_ms(ms)
         elif type(ms) is not int:
-            raise UnpriceableEvent(f"occurred_at must be epoch ms or a datetime, got {type(ms).__name__}",
-                                   reason_code="no_price_at_time", field="occurred_at")
-        v = self.version_at(record["provider"], record["model"], record["model_version"], ms,
-                            record.get("service_tier"))
+            raise UnpriceableEvent(
+                f"occurred_at must be epoch ms or a datetime, got {type(ms).__name__}",
+                reason_code="no_price_at_time",
+                field="occurred_at",
+            )
+        v = self.version_at(
+            record["provider"], record["model"], record["model_version"], ms, record.get("service_tier")
+        )
         customer = record["customer_id"]
         e = self._cache.get((customer, v.version_id)) or self._resolve(customer, v)
         return _compute(record, e)
 
 
-def _add_extras(cost: int, charge: int, extras: tuple[int, ...], xl: tuple[int | None, ...],
-                xc: tuple[int | None, ...], vid: str) -> tuple[int, int]:
+def _add_extras(
+    cost: int, charge: int, extras: tuple[int, ...], xl: tuple[int | None, ...], xc: tuple[int | None, ...], vid: str
+) -> tuple[int, int]:
     """Add the v2 classes and tool fees; a count without a rate is ``no_rate_for_token_class``."""
     for n, lp, cp, cls in zip(extras, xl, xc, EXTRA_RATED, strict=True):
         if n:

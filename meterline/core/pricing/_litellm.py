@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from meterline.core.errors import PriceFileError
 from meterline.core.pricing._book import MAX_NAME_LEN, load_price_book
@@ -45,8 +46,9 @@ def find_litellm_json() -> Path:
     """The price JSON inside an installed ``litellm`` package (found without importing it)."""
     spec = importlib.util.find_spec("litellm")
     if spec is None or not spec.submodule_search_locations:
-        raise PriceFileError("litellm is not installed; pass the path of model_prices_and_context_window.json",
-                             field="source")
+        raise PriceFileError(
+            "litellm is not installed; pass the path of model_prices_and_context_window.json", field="source"
+        )
     for loc in spec.submodule_search_locations:
         found = sorted(Path(loc).glob("model_prices_and_context_window*.json"))
         if found:
@@ -137,7 +139,7 @@ def import_litellm(
         if problem:
             skipped.append((key, problem))
             continue
-        model = key[len(provider) + 1:] if key.startswith(provider + "/") else key
+        model = key[len(provider) + 1 :] if key.startswith(provider + "/") else key
         if not model or len(model) > MAX_NAME_LEN or model != model.strip():
             skipped.append((key, "model name is empty, too long or padded"))
             continue

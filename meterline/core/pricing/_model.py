@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any
 
 from meterline.core.errors import PriceFileError
 
@@ -72,7 +73,7 @@ def to_decimal(value: Any, *, where: str) -> Decimal:
     """
     if isinstance(value, bool) or isinstance(value, float):
         raise PriceFileError(
-            f"{where}: {value!r} is a binary float; write the amount as a quoted decimal string, e.g. \"2.50\"",
+            f'{where}: {value!r} is a binary float; write the amount as a quoted decimal string, e.g. "2.50"',
             field=where,
         )
     if isinstance(value, int):
@@ -151,7 +152,7 @@ def parse_timestamp(value: Any, *, where: str) -> datetime:
         raise PriceFileError(f"{where}: expected an ISO-8601 timestamp string, got {type(value).__name__}", field=where)
     if dt.tzinfo is None or dt.utcoffset() is None:
         raise PriceFileError(f"{where}: {value!r} has no timezone; write e.g. 2024-05-13T00:00:00Z", field=where)
-    dt = dt.astimezone(timezone.utc)
+    dt = dt.astimezone(UTC)
     if dt.microsecond % 1000:
         raise PriceFileError(f"{where}: {value!r} is finer than a millisecond", field=where)
     return dt
@@ -159,13 +160,13 @@ def parse_timestamp(value: Any, *, where: str) -> datetime:
 
 def epoch_ms(dt: datetime) -> int:
     """Milliseconds since the Unix epoch of an aware datetime (exact integer arithmetic)."""
-    delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
 def format_timestamp(dt: datetime) -> str:
     """``2024-05-13T00:00:00Z`` (``.123`` milliseconds only when non-zero)."""
-    base = dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    base = dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
     ms = dt.microsecond // 1000
     return f"{base}.{ms:03d}Z" if ms else f"{base}Z"
 
@@ -259,14 +260,14 @@ def parse_rates(
     more precise than 6 decimals per million (or 12 per request for the fee).
     """
     if not isinstance(per_million, Mapping):
-        raise PriceFileError(f"{where}.per_million: expected a mapping of token class to rate", field=f"{where}.per_million")
+        raise PriceFileError(
+            f"{where}.per_million: expected a mapping of token class to rate", field=f"{where}.per_million"
+        )
     out: dict[str, Decimal | None] = {}
     for key, raw in per_million.items():
         fw = f"{where}.per_million.{key}"
         if key not in TOKEN_CLASSES:
-            raise PriceFileError(
-                f"{fw}: unknown token class {key!r}; known: {', '.join(TOKEN_CLASSES)}", field=fw
-            )
+            raise PriceFileError(f"{fw}: unknown token class {key!r}; known: {', '.join(TOKEN_CLASSES)}", field=fw)
         d = to_decimal(raw, where=fw)
         per_million_to_picos(d, where=fw)
         if d > MAX_AMOUNT:

@@ -65,7 +65,11 @@ class PL:
     def __add__(self, other: PL) -> PL:
         xs = sorted(set(self.xs) | set(other.xs))
         p, q = self._on(xs), other._on(xs)
-        return PL(tuple(xs), tuple(x + y for x, y in zip(p.a, q.a, strict=True)), tuple(x + y for x, y in zip(p.b, q.b, strict=True)))
+        return PL(
+            tuple(xs),
+            tuple(x + y for x, y in zip(p.a, q.a, strict=True)),
+            tuple(x + y for x, y in zip(p.b, q.b, strict=True)),
+        )
 
     def __neg__(self) -> PL:
         return PL(self.xs, tuple(-x for x in self.a), tuple(-x for x in self.b))

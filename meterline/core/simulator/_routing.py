@@ -95,10 +95,13 @@ def load_routing(source: str | Path | Mapping[str, Any]) -> tuple[Route, ...]:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
             raise InputError(f"{w}.under_tokens: expected a positive integer", field=f"{w}.under_tokens")
         r = Route(
-            str(_name(src, "provider", f"{w}.from")), str(_name(src, "model", f"{w}.from")),
-            str(_name(dst, "provider", f"{w}.to")), str(_name(dst, "model", f"{w}.to")),
-            _name(dst, "model_version", f"{w}.to", optional=True), n,
-        )  # fmt: skip
+            str(_name(src, "provider", f"{w}.from")),
+            str(_name(src, "model", f"{w}.from")),
+            str(_name(dst, "provider", f"{w}.to")),
+            str(_name(dst, "model", f"{w}.to")),
+            _name(dst, "model_version", f"{w}.to", optional=True),
+            n,
+        )
         if (r.provider, r.model) in seen:
             raise InputError(f"{w}: {r.provider}/{r.model} is routed twice", field=w)
         if (r.provider, r.model) == (r.to_provider, r.to_model):

@@ -43,12 +43,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from meterline.shell.api.auth import ApiError, require_admin, require_key
-from meterline.shell.api.body import json_object
 from meterline.core.config import Settings
 from meterline.core.errors import InputError
+from meterline.shell.api.auth import ApiError, require_admin, require_key
+from meterline.shell.api.body import json_object
 
-__all__ = ["ALLOWED_COMMANDS", "RUN_WAIT_S", "CommandRunner", "RunnerBusy", "RunResult", "admin_routes"]
+__all__ = ["ALLOWED_COMMANDS", "RUN_WAIT_S", "CommandRunner", "RunResult", "RunnerBusy", "admin_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ class RunnerBusy(Exception):
     """Another command is running in this process."""
 
     def __init__(self, running: str, for_s: float) -> None:
-        super().__init__(f"`meterline {running}` is running in meterline up (for {for_s:.0f} s); retry when it has finished")
+        super().__init__(
+            f"`meterline {running}` is running in meterline up (for {for_s:.0f} s); retry when it has finished"
+        )
         self.running = running
         self.for_s = for_s
 
@@ -92,8 +94,9 @@ class CommandRunner:
     whoever assembles the service (``meterline up``), so the API does not import the CLI.
     """
 
-    def __init__(self, settings: Settings, *, run: RunCaptured, stripe_commands: Sequence[str],
-                 wait_s: float = RUN_WAIT_S) -> None:  # fmt: skip
+    def __init__(
+        self, settings: Settings, *, run: RunCaptured, stripe_commands: Sequence[str], wait_s: float = RUN_WAIT_S
+    ) -> None:
         self.settings = settings
         self._run = run
         self.stripe_commands = sorted(stripe_commands)
@@ -107,22 +110,32 @@ class CommandRunner:
             raise InputError("'argv' must be a non-empty array of strings", reason_code="invalid_body", field="argv")
         if argv[0] not in ALLOWED_COMMANDS:
             raise InputError(
-                f"only {' and '.join(repr(c) for c in ALLOWED_COMMANDS)} commands run through the API, "
-                f"not {argv[0]!r}", reason_code="command_not_allowed", field="argv",
-            )  # fmt: skip
+                f"only {' and '.join(repr(c) for c in ALLOWED_COMMANDS)} commands run through the API, not {argv[0]!r}",
+                reason_code="command_not_allowed",
+                field="argv",
+            )
         if argv[0] == "stripe":
             names = self.stripe_commands
             if len(argv) < 2 or argv[1] not in names:
-                raise InputError(f"'stripe' needs one of its commands: {', '.join(names)}",
-                                 reason_code="command_not_allowed", field="argv")  # fmt: skip
+                raise InputError(
+                    f"'stripe' needs one of its commands: {', '.join(names)}",
+                    reason_code="command_not_allowed",
+                    field="argv",
+                )
         options = argv[: argv.index("--")] if "--" in argv else argv
         if argv[0] == "statement" and any(a == "--out" or a.startswith("--out=") for a in options):
-            raise InputError("--out would write a file on the server: the statement is returned in 'stdout' "
-                             "(the meterline CLI writes --out on the caller's side)",
-                             reason_code="option_not_allowed", field="argv")  # fmt: skip
+            raise InputError(
+                "--out would write a file on the server: the statement is returned in 'stdout' "
+                "(the meterline CLI writes --out on the caller's side)",
+                reason_code="option_not_allowed",
+                field="argv",
+            )
         if "--help" in options:
-            raise InputError("--help is not available through the API: run it locally",
-                             reason_code="help_not_available", field="argv")  # fmt: skip
+            raise InputError(
+                "--help is not available through the API: run it locally",
+                reason_code="help_not_available",
+                field="argv",
+            )
         return list(argv)
 
     @property
@@ -131,8 +144,9 @@ class CommandRunner:
         current = self._running
         return None if current is None else (current[0], time.monotonic() - current[1])
 
-    def run(self, argv: Sequence[str], *, wait_s: float | None = None, width: int = DEFAULT_WIDTH,
-            color: bool = False) -> RunResult:  # fmt: skip
+    def run(
+        self, argv: Sequence[str], *, wait_s: float | None = None, width: int = DEFAULT_WIDTH, color: bool = False
+    ) -> RunResult:
         """Run ``meterline <argv>`` here and return its exit code and captured output.
 
         Waits up to ``wait_s`` (default :attr:`wait_s`) for a run in progress; raises RunnerBusy

@@ -56,7 +56,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import date, datetime, time as dtime, timezone
+from datetime import UTC, date, datetime
+from datetime import time as dtime
 from decimal import Decimal
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
@@ -70,13 +71,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 import meterline
-from meterline.stack.analytics import SqlLimits
+from meterline.core.config import Settings
+from meterline.core.errors import ClickHouseUnavailable, InputError, InvalidEvent, TransientError
 from meterline.shell.api.auth import ApiError, error_response, require_admin, require_key
 from meterline.shell.api.body import parse_json, read_body
 from meterline.shell.api.console import console_routes
 from meterline.shell.api.keys import KeyRecord, KeyStore
-from meterline.core.config import Settings
-from meterline.core.errors import ClickHouseUnavailable, InputError, InvalidEvent, TransientError
+from meterline.stack.analytics import SqlLimits
 from meterline.stack.metrics import INGEST_EVENTS, metrics_endpoint
 
 __all__ = ["MAX_BODY_BYTES", "MAX_EVENTS", "MAX_SQL_BODY_BYTES", "ClickHouseAccess", "create_api"]
@@ -165,7 +166,8 @@ class _Utf8JSON(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
-            "utf-8", "backslashreplace")
+            "utf-8", "backslashreplace"
+        )
 
 
 def _check_events(
@@ -188,24 +190,28 @@ def _check_events(
             results.append({"index": index, "event_id": _event_id_of(obj), "status": "rejected", **_reason(exc)})
             continue
         if not key.can_act_for(ev.customer_id):
-            results.append({
-                "index": index,
-                "event_id": ev.event_id,
-                "status": "rejected",
-                "reason_code": "customer_mismatch",
-                "message": "this API key may only send events of its own customer",
-                "field": "customer_id",
-            })
+            results.append(
+                {
+                    "index": index,
+                    "event_id": ev.event_id,
+                    "status": "rejected",
+                    "reason_code": "customer_mismatch",
+                    "message": "this API key may only send events of its own customer",
+                    "field": "customer_id",
+                }
+            )
             continue
         if ev.event_id in seen:
-            results.append({
-                "index": index,
-                "event_id": ev.event_id,
-                "status": "duplicate_id_in_batch",
-                "reason_code": "duplicate_id_in_batch",
-                "message": "an earlier event of this request has the same event_id; this one was not sent",
-                "field": "event_id",
-            })
+            results.append(
+                {
+                    "index": index,
+                    "event_id": ev.event_id,
+                    "status": "duplicate_id_in_batch",
+                    "reason_code": "duplicate_id_in_batch",
+                    "message": "an earlier event of this request has the same event_id; this one was not sent",
+                    "field": "event_id",
+                }
+            )
             continue
         seen.add(ev.event_id)
         to_send.append((index, ev))
@@ -229,7 +235,7 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, Decimal):
         return str(v)
     if isinstance(v, datetime):
-        return (v if v.tzinfo is not None else v.replace(tzinfo=timezone.utc)).isoformat()
+        return (v if v.tzinfo is not None else v.replace(tzinfo=UTC)).isoformat()
     if isinstance(v, (date, dtime)):
         return v.isoformat()
     if isinstance(v, (UUID, IPv4Address, IPv6Address)):
@@ -267,8 +273,9 @@ async def _post_events(request: Request) -> Response:
     else:
         raise ApiError(400, "invalid_body", 'body must be {"events": [...]} or a JSON array')
     if len(raw) > MAX_EVENTS:
-        raise ApiError(413, "too_many_events", f"{len(raw)} events in one request, at most {MAX_EVENTS}",
-                       field="events")
+        raise ApiError(
+            413, "too_many_events", f"{len(raw)} events in one request, at most {MAX_EVENTS}", field="events"
+        )
     state = request.app.state
     results, to_send = await run_in_threadpool(_check_events, raw, key, state.max_future_ms)
     if to_send:
@@ -277,14 +284,19 @@ async def _post_events(request: Request) -> Response:
         except TransientError as exc:
             log.warning("ingest: delivery failed key_id=%s events=%d: %s", key.key_id, len(to_send), exc)
             raise ApiError(
-                503, "broker_unavailable",
+                503,
+                "broker_unavailable",
                 f"events were not acknowledged by Kafka, none accepted; retry the whole request ({exc})",
                 headers={"Retry-After": "1"},
             ) from None
         for pos, exc in refused.items():
             index = to_send[pos][0]
-            results[index] = {"index": index, "event_id": results[index]["event_id"], "status": "rejected",
-                              **_reason(exc)}
+            results[index] = {
+                "index": index,
+                "event_id": results[index]["event_id"],
+                "status": "rejected",
+                **_reason(exc),
+            }
     accepted = sum(1 for r in results if r["status"] == "accepted")
     duplicates = sum(1 for r in results if r["status"] == "duplicate_id_in_batch")
     rejected = len(results) - accepted - duplicates
@@ -328,7 +340,7 @@ async def _post_sql(request: Request) -> Response:
         raise ApiError(400, exc.reason_code, exc.message, field=exc.field) from None
     except (ClickHouseUnavailable, TransientError) as exc:
         raise ApiError(503, "clickhouse_unavailable", str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - ClickHouse's own errors (syntax, unknown table ...)
+    except Exception as exc:
         raise ApiError(400, "query_failed", str(exc)[:2000]) from None
     log.info("sql key_id=%s rows=%d format=%s", key.key_id, len(rows), fmt)
     if fmt == "json":

@@ -73,9 +73,7 @@ def require_key(request: Request) -> KeyRecord:
     """The live key record of this request; ApiError 401 when missing, unknown or revoked."""
     token = _bearer_token(request)
     if token is None:
-        raise ApiError(
-            401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'", headers=_CHALLENGE
-        )
+        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'", headers=_CHALLENGE)
     store: KeyStore = request.app.state.key_store
     record = store.verify(token)
     if record is None:

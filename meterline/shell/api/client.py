@@ -19,14 +19,22 @@ from meterline.core.errors import ConfigError, InputError, MeterlineError, Trans
 __all__ = ["ApiClient", "call_json"]
 
 
-def call_json(url: str, key: str, method: str, path: str, body: dict[str, Any] | None = None, *,
-              timeout: httpx.Timeout | float = 30.0) -> tuple[int, dict[str, Any]]:
+def call_json(
+    url: str,
+    key: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    timeout: httpx.Timeout | float = 30.0,
+) -> tuple[int, dict[str, Any]]:
     """One JSON request with the key; returns (HTTP status, body as a dict). A body that is not
     JSON becomes ``{"error": {"code": "http_error", "message": <text>}}``. An unreachable API
     raises :class:`~meterline.core.errors.MeterlineError`."""
     try:
-        resp = httpx.request(method, url.rstrip("/") + path, json=body, timeout=timeout,
-                             headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        resp = httpx.request(
+            method, url.rstrip("/") + path, json=body, timeout=timeout, headers={"Authorization": f"Bearer {key}"}
+        )
     except httpx.TransportError as exc:
         raise MeterlineError(f"meterline API at {url} unreachable: {exc}") from exc
     try:
@@ -41,9 +49,7 @@ def call_json(url: str, key: str, method: str, path: str, body: dict[str, Any] |
 class ApiClient:
     def __init__(self, url: str, key: str, *, timeout: float = 60.0) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout
-        )
+        self._http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()

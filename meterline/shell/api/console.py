@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from meterline.core.errors import ClickHouseUnavailable, MeterlineError, TransientError
 from meterline.shell.api.auth import ApiError, require_admin, require_customer, require_key
 from meterline.shell.api.body import json_object
 from meterline.shell.api.keys import KeyRecord
-from meterline.core.errors import ClickHouseUnavailable, MeterlineError, TransientError
 
 __all__ = ["console_routes"]
 
@@ -76,7 +76,7 @@ def _customer_param(request: Request, key: KeyRecord) -> str:
 def _period(request: Request) -> tuple[int, int]:
     from jobs.stripe.reconcile import parse_period
 
-    raw = request.query_params.get("period") or datetime.now(timezone.utc).strftime("%Y-%m")
+    raw = request.query_params.get("period") or datetime.now(UTC).strftime("%Y-%m")
     try:
         return parse_period(raw)
     except (MeterlineError, ValueError) as exc:
@@ -106,7 +106,7 @@ def _iso(v: Any) -> str | None:
     if v is None:
         return None
     if isinstance(v, datetime):
-        return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).isoformat()
+        return (v if v.tzinfo else v.replace(tzinfo=UTC)).isoformat()
     return str(v)
 
 
@@ -114,13 +114,18 @@ def _iso(v: Any) -> str | None:
 
 
 async def _page(request: Request) -> Response:
-    return FileResponse(ASSETS / "index.html", media_type="text/html",
-                        headers={"Cache-Control": "no-store", "Content-Security-Policy": _CSP})
+    return FileResponse(
+        ASSETS / "index.html",
+        media_type="text/html",
+        headers={"Cache-Control": "no-store", "Content-Security-Policy": _CSP},
+    )
 
 
 # Everything comes from this origin; no inline script; fetches only to this API.
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-        "connect-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'")
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'"
+)
 
 
 async def _asset(request: Request) -> Response:
@@ -135,8 +140,13 @@ async def _asset(request: Request) -> Response:
 
 async def _me(request: Request) -> Response:
     key = require_key(request)
-    return JSONResponse({"role": "admin" if key.is_admin else "customer", "customer_id": key.customer_id,
-                         "key_prefix": key.public_dict().get("prefix")})
+    return JSONResponse(
+        {
+            "role": "admin" if key.is_admin else "customer",
+            "customer_id": key.customer_id,
+            "key_prefix": key.public_dict().get("prefix"),
+        }
+    )
 
 
 async def _spend(request: Request) -> Response:
@@ -148,8 +158,11 @@ async def _spend(request: Request) -> Response:
         "SELECT currency, toString(day), model, project, sum(charge) FROM usage_daily "
         "WHERE customer_id = {c:String} AND day >= toDate({s:DateTime}) AND day < toDate({e:DateTime}) "
         "GROUP BY currency, day, model, project ORDER BY currency, day, model, project",
-        {"c": customer, "s": datetime.fromtimestamp(start, timezone.utc).replace(tzinfo=None),
-         "e": datetime.fromtimestamp(end, timezone.utc).replace(tzinfo=None)},
+        {
+            "c": customer,
+            "s": datetime.fromtimestamp(start, UTC).replace(tzinfo=None),
+            "e": datetime.fromtimestamp(end, UTC).replace(tzinfo=None),
+        },
     )
     out: dict[str, dict[str, Any]] = {}
     for cur, day, model, project, charge in rows:
@@ -158,15 +171,26 @@ async def _spend(request: Request) -> Response:
         c["total"] += amount
         for dim, k in (("by_day", day), ("by_model", model), ("by_project", project or "(none)")):
             c[dim][k] = c[dim].get(k, Decimal(0)) + amount
-    doc = {cur: {"total": _dec(c["total"]),
-                 **{dim: {k: _dec(v) for k, v in sorted(c[dim].items())}
-                    for dim in ("by_day", "by_model", "by_project")}}
-           for cur, c in sorted(out.items())}  # fmt: skip
-    return JSONResponse({"customer_id": customer, "start": datetime.fromtimestamp(start, timezone.utc).date().isoformat(),
-                         "end": datetime.fromtimestamp(end, timezone.utc).date().isoformat(), "currency": doc})
+    doc = {
+        cur: {
+            "total": _dec(c["total"]),
+            **{dim: {k: _dec(v) for k, v in sorted(c[dim].items())} for dim in ("by_day", "by_model", "by_project")},
+        }
+        for cur, c in sorted(out.items())
+    }
+    return JSONResponse(
+        {
+            "customer_id": customer,
+            "start": datetime.fromtimestamp(start, UTC).date().isoformat(),
+            "end": datetime.fromtimestamp(end, UTC).date().isoformat(),
+            "currency": doc,
+        }
+    )
 
 
-def recent_alerts(bootstrap: str, topic: str, customer_id: str | None, limit: int = ALERTS_LIMIT) -> list[dict[str, Any]]:
+def recent_alerts(
+    bootstrap: str, topic: str, customer_id: str | None, limit: int = ALERTS_LIMIT
+) -> list[dict[str, Any]]:
     """The latest ``limit`` alerts of ``customer_id`` (all customers when None), newest first,
     one per ``alert_id`` (deliveries are at-least-once)."""
     from meterline.stack.kafka import read_topic
@@ -221,10 +245,22 @@ async def _customers(request: Request) -> Response:
         "SELECT customer_id, currency, sum(events), sum(cost), sum(charge), max(day) FROM usage_daily "
         "GROUP BY customer_id, currency ORDER BY customer_id, currency",
     )
-    return JSONResponse({"customers": [
-        {"customer_id": c, "currency": cur, "events": int(n), "cost": _dec(cost), "charge": _dec(charge),
-         "margin": _dec(Decimal(charge) - Decimal(cost)), "last_day": str(last)}
-        for c, cur, n, cost, charge, last in rows]})  # fmt: skip
+    return JSONResponse(
+        {
+            "customers": [
+                {
+                    "customer_id": c,
+                    "currency": cur,
+                    "events": int(n),
+                    "cost": _dec(cost),
+                    "charge": _dec(charge),
+                    "margin": _dec(Decimal(charge) - Decimal(cost)),
+                    "last_day": str(last),
+                }
+                for c, cur, n, cost, charge, last in rows
+            ]
+        }
+    )
 
 
 def _open_filter(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -244,17 +280,32 @@ def _open_filter(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 async def _dead_letters(request: Request) -> Response:
     _admin(request)
     by_reason = await _query(
-        request, "SELECT reason_code, count(), countIf(payload_format = 'usage_batch') FROM v_rejected_open "
-                 "GROUP BY reason_code ORDER BY reason_code")  # fmt: skip
+        request,
+        "SELECT reason_code, count(), countIf(payload_format = 'usage_batch') FROM v_rejected_open "
+        "GROUP BY reason_code ORDER BY reason_code",
+    )
     latest = await _query(
-        request, "SELECT failed_at, customer_id, event_id, reason_code, reason, payload_format FROM v_rejected_open "
-                 "ORDER BY failed_at DESC, event_id LIMIT 50")  # fmt: skip
-    return JSONResponse({
-        "open": sum(int(n) for _, n, _ in by_reason),
-        "by_reason": [{"reason_code": r, "open": int(n), "redrivable": int(d)} for r, n, d in by_reason],
-        "latest": [{"failed_at": _iso(t), "customer_id": c, "event_id": e, "reason_code": r, "reason": why,
-                    "redrivable": fmt == "usage_batch"} for t, c, e, r, why, fmt in latest],
-    })  # fmt: skip
+        request,
+        "SELECT failed_at, customer_id, event_id, reason_code, reason, payload_format FROM v_rejected_open "
+        "ORDER BY failed_at DESC, event_id LIMIT 50",
+    )
+    return JSONResponse(
+        {
+            "open": sum(int(n) for _, n, _ in by_reason),
+            "by_reason": [{"reason_code": r, "open": int(n), "redrivable": int(d)} for r, n, d in by_reason],
+            "latest": [
+                {
+                    "failed_at": _iso(t),
+                    "customer_id": c,
+                    "event_id": e,
+                    "reason_code": r,
+                    "reason": why,
+                    "redrivable": fmt == "usage_batch",
+                }
+                for t, c, e, r, why, fmt in latest
+            ],
+        }
+    )
 
 
 async def _redrive(request: Request) -> Response:
@@ -278,8 +329,10 @@ async def _redrive(request: Request) -> Response:
 async def _pipeline(request: Request) -> Response:
     _admin(request)
     per_minute = await _query(
-        request, "SELECT toStartOfMinute(inserted_at) AS m, count() FROM usage_priced "
-                 "WHERE inserted_at >= now64(3) - INTERVAL 1 HOUR GROUP BY m ORDER BY m")  # fmt: skip
+        request,
+        "SELECT toStartOfMinute(inserted_at) AS m, count() FROM usage_priced "
+        "WHERE inserted_at >= now64(3) - INTERVAL 1 HOUR GROUP BY m ORDER BY m",
+    )
     delays = await _query(
         request,
         "SELECT count(), "
@@ -292,17 +345,19 @@ async def _pipeline(request: Request) -> Response:
     settings = request.app.state.settings
     from meterline.stack.metrics import read_worker_lag
 
-    return JSONResponse({
-        "throughput_per_minute": [{"minute": _iso(m), "events": int(c)} for m, c in per_minute],
-        "last_15_minutes": {
-            "events": int(n),
-            "occurred_to_priced_ms": {"avg": _num(occ_avg), "max": _num(occ_max)},
-            "priced_to_row_ms": {"avg": _num(sink_avg), "max": _num(sink_max)},
-        },
-        "open_dead_letters": int(open_dl[0][0]) if open_dl else 0,
-        "consumer_lag": await run_in_threadpool(read_worker_lag, settings.data_dir),
-        "at": datetime.now(timezone.utc).isoformat(),
-    })  # fmt: skip
+    return JSONResponse(
+        {
+            "throughput_per_minute": [{"minute": _iso(m), "events": int(c)} for m, c in per_minute],
+            "last_15_minutes": {
+                "events": int(n),
+                "occurred_to_priced_ms": {"avg": _num(occ_avg), "max": _num(occ_max)},
+                "priced_to_row_ms": {"avg": _num(sink_avg), "max": _num(sink_max)},
+            },
+            "open_dead_letters": int(open_dl[0][0]) if open_dl else 0,
+            "consumer_lag": await run_in_threadpool(read_worker_lag, settings.data_dir),
+            "at": datetime.now(UTC).isoformat(),
+        }
+    )
 
 
 def _num(v: Any) -> int | None:
@@ -311,7 +366,7 @@ def _num(v: Any) -> int | None:
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return None if f != f else int(round(f))
+    return None if f != f else round(f)
 
 
 def console_routes() -> list[BaseRoute]:
@@ -328,4 +383,3 @@ def console_routes() -> list[BaseRoute]:
         Route("/v1/console/dead-letters/redrive", _redrive, methods=["POST"]),
         Route("/v1/console/pipeline", _pipeline, methods=["GET"]),
     ]
-

@@ -36,8 +36,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from meterline.core.errors import InputError, TransientError
 from meterline.shell.api.auth import ApiError, require_admin, require_customer, require_key
 from meterline.shell.api.body import json_object
+from meterline.stack.metrics import AUTHORIZE_SECONDS
 from pipeline.credits.client import (
     adjust_command,
     authorize_command,
@@ -49,8 +51,6 @@ from pipeline.credits.client import (
     status_summary,
     void_command,
 )
-from meterline.core.errors import InputError, TransientError
-from meterline.stack.metrics import AUTHORIZE_SECONDS
 
 __all__ = ["AUTHORIZE_TIMEOUT_S", "MAX_BODY_BYTES", "credit_routes"]
 
@@ -58,8 +58,7 @@ log = logging.getLogger(__name__)
 
 AUTHORIZE_TIMEOUT_S = 5.0
 MAX_BODY_BYTES = 64 * 1024
-_REPLY_FIELDS = ("request_id", "customer_id", "decision", "reason", "hold_id", "estimate", "available",
-                 "expires_at_ms")
+_REPLY_FIELDS = ("request_id", "customer_id", "decision", "reason", "hold_id", "estimate", "available", "expires_at_ms")
 
 
 class _Sender(Protocol):
@@ -103,10 +102,13 @@ def credit_routes(
         try:
             await run_in_threadpool(commands.send, command)
         except TransientError as exc:
-            log.warning("credits: command %s (%s) not acknowledged: %s",
-                        command["command_id"], command["type"], exc)
-            raise ApiError(503, "broker_unavailable", f"the command was not acknowledged by Kafka; "
-                           f"retry ({exc})", headers={"Retry-After": "1"}) from None
+            log.warning("credits: command %s (%s) not acknowledged: %s", command["command_id"], command["type"], exc)
+            raise ApiError(
+                503,
+                "broker_unavailable",
+                f"the command was not acknowledged by Kafka; retry ({exc})",
+                headers={"Retry-After": "1"},
+            ) from None
 
     async def authorize(request: Request) -> Response:
         key = require_key(request)
@@ -121,12 +123,17 @@ def credit_routes(
             await publish(command)
             try:
                 reply = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), authorize_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 AUTHORIZE_SECONDS.labels("timeout").observe(time.monotonic() - started)
-                log.warning("authorize: no reply for request_id=%s customer_id=%s within %gs",
-                            rid, command["customer_id"], authorize_timeout_s)
+                log.warning(
+                    "authorize: no reply for request_id=%s customer_id=%s within %gs",
+                    rid,
+                    command["customer_id"],
+                    authorize_timeout_s,
+                )
                 raise ApiError(
-                    503, "authorize_timeout",
+                    503,
+                    "authorize_timeout",
                     f"no decision from the credit service within {authorize_timeout_s:g}s; the request is NOT "
                     f"authorized. Retry with the same request_id ({rid}).",
                     headers={"Retry-After": "1"},
@@ -135,16 +142,28 @@ def credit_routes(
             replies.discard(customer_id, rid, fut)
         out = {k: reply.get(k) for k in _REPLY_FIELDS}
         if out["customer_id"] != customer_id or out["request_id"] != rid:  # the waiter matches both; never trust less
-            log.error("authorize: reply for customer_id=%r request_id=%r handed to customer_id=%r request_id=%r",
-                      out["customer_id"], out["request_id"], customer_id, rid)
-            raise ApiError(502, "bad_reply", "the credit service sent a reply for another request; the request is "
-                           "NOT authorized")
+            log.error(
+                "authorize: reply for customer_id=%r request_id=%r handed to customer_id=%r request_id=%r",
+                out["customer_id"],
+                out["request_id"],
+                customer_id,
+                rid,
+            )
+            raise ApiError(
+                502, "bad_reply", "the credit service sent a reply for another request; the request is NOT authorized"
+            )
         if out["decision"] not in ("allow", "deny"):
             log.error("authorize: malformed reply for request_id=%s: decision=%r", rid, out["decision"])
             raise ApiError(502, "bad_reply", "the credit service sent a malformed reply; the request is NOT authorized")
         AUTHORIZE_SECONDS.labels(out["decision"]).observe(time.monotonic() - started)
-        log.info("authorize key_id=%s customer_id=%s request_id=%s decision=%s reason=%s",
-                 key.key_id, command["customer_id"], rid, out["decision"], out["reason"])
+        log.info(
+            "authorize key_id=%s customer_id=%s request_id=%s decision=%s reason=%s",
+            key.key_id,
+            command["customer_id"],
+            rid,
+            out["decision"],
+            out["reason"],
+        )
         return JSONResponse(out)
 
     def status_value(request: Request) -> tuple[str, dict[str, Any]]:
@@ -152,12 +171,17 @@ def credit_routes(
         customer_id = request.path_params["customer_id"]
         require_customer(key, customer_id)
         if not status.ready:
-            raise ApiError(503, "status_catching_up", "customer status is still being loaded; retry shortly",
-                           headers={"Retry-After": "1"})
+            raise ApiError(
+                503,
+                "status_catching_up",
+                "customer status is still being loaded; retry shortly",
+                headers={"Retry-After": "1"},
+            )
         value = status.get(customer_id)
         if value is None:
-            raise ApiError(404, "unknown_customer", f"no credit status for customer {customer_id!r}",
-                           field="customer_id")
+            raise ApiError(
+                404, "unknown_customer", f"no credit status for customer {customer_id!r}", field="customer_id"
+            )
         return customer_id, value
 
     async def get_balance(request: Request) -> Response:
@@ -173,10 +197,17 @@ def credit_routes(
             doc = await _json_body(request)
             command = build(request, doc)
             await publish(command)
-            log.info("credits: %s command_id=%s customer_id=%s by key_id=%s",
-                     command["type"], command["command_id"], command["customer_id"], key.key_id)
-            return JSONResponse({"command_id": command["command_id"], "type": command["type"],
-                                 "customer_id": command["customer_id"]}, status_code=202)
+            log.info(
+                "credits: %s command_id=%s customer_id=%s by key_id=%s",
+                command["type"],
+                command["command_id"],
+                command["customer_id"],
+                key.key_id,
+            )
+            return JSONResponse(
+                {"command_id": command["command_id"], "type": command["type"], "customer_id": command["customer_id"]},
+                status_code=202,
+            )
 
         return handler
 
@@ -190,14 +221,24 @@ def credit_routes(
         Route("/v1/credits/grants", admin_command(lambda r, d: _build(grant_command, d)), methods=["POST"]),
         Route("/v1/credits/void", admin_command(lambda r, d: _build(void_command, d)), methods=["POST"]),
         Route("/v1/credits/adjust", admin_command(lambda r, d: _build(adjust_command, d)), methods=["POST"]),
-        Route("/v1/customers/{customer_id}/policy",
-              admin_command(lambda r, d: _build(policy_command, path_customer(r), d)), methods=["PUT"]),
-        Route("/v1/customers/{customer_id}/budgets",
-              admin_command(lambda r, d: _build(budget_command, path_customer(r), d)), methods=["PUT"]),
-        Route("/v1/customers/{customer_id}/block",
-              admin_command(lambda r, d: _build(block_command, path_customer(r), d, blocked=True)),
-              methods=["POST"]),
-        Route("/v1/customers/{customer_id}/unblock",
-              admin_command(lambda r, d: _build(block_command, path_customer(r), d, blocked=False)),
-              methods=["POST"]),
+        Route(
+            "/v1/customers/{customer_id}/policy",
+            admin_command(lambda r, d: _build(policy_command, path_customer(r), d)),
+            methods=["PUT"],
+        ),
+        Route(
+            "/v1/customers/{customer_id}/budgets",
+            admin_command(lambda r, d: _build(budget_command, path_customer(r), d)),
+            methods=["PUT"],
+        ),
+        Route(
+            "/v1/customers/{customer_id}/block",
+            admin_command(lambda r, d: _build(block_command, path_customer(r), d, blocked=True)),
+            methods=["POST"],
+        ),
+        Route(
+            "/v1/customers/{customer_id}/unblock",
+            admin_command(lambda r, d: _build(block_command, path_customer(r), d, blocked=False)),
+            methods=["POST"],
+        ),
     ]

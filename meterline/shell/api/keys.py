@@ -33,13 +33,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from meterline.core.errors import ConfigError, InputError
 
-__all__ = ["KEY_PREFIX", "KEYS_FILENAME", "KeyRecord", "KeyStore", "Role", "hash_secret"]
+__all__ = ["KEYS_FILENAME", "KEY_PREFIX", "KeyRecord", "KeyStore", "Role", "hash_secret"]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class KeyRecord:
             raise ValueError(f"unknown role {role!r}")
         created = datetime.fromisoformat(d["created_at"])
         if created.tzinfo is None:
-            created = created.replace(tzinfo=timezone.utc)
+            created = created.replace(tzinfo=UTC)
         return cls(
             key_id=str(d["key_id"]),
             prefix=str(d["prefix"]),
@@ -151,7 +151,7 @@ class KeyStore:
             prefix=KEY_PREFIX + random_part[:_DISPLAY_CHARS],
             role=role,
             customer_id=customer_id,
-            created_at=datetime.now(timezone.utc).replace(microsecond=0),
+            created_at=datetime.now(UTC).replace(microsecond=0),
             revoked=False,
             key_hash=hash_secret(secret),
         )

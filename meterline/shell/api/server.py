@@ -24,6 +24,7 @@ __all__ = ["ApiServer"]
 
 log = logging.getLogger(__name__)
 
+
 class ApiServer:
     """uvicorn in a background thread. ``ApiServer(app, "127.0.0.1", 0).start().url``."""
 
@@ -40,7 +41,12 @@ class ApiServer:
         self.host = host
         self.port = port
         self._config = uvicorn.Config(
-            app, host=host, port=port, lifespan="off", access_log=access_log, log_level=log_level,
+            app,
+            host=host,
+            port=port,
+            lifespan="off",
+            access_log=access_log,
+            log_level=log_level,
             log_config=None,
         )
         self._server: uvicorn.Server | None = None
@@ -77,7 +83,7 @@ class ApiServer:
         def run() -> None:
             try:
                 server.run(sockets=[sock])
-            except BaseException as exc:  # noqa: BLE001 - reported by start()
+            except BaseException as exc:
                 self._error = exc
 
         self._thread = threading.Thread(target=run, name=f"meterline-api-{self.port}", daemon=True)

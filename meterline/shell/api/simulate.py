@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from meterline.shell.api.auth import ApiError, require_admin, require_customer, require_key
 from meterline.core.errors import ClickHouseUnavailable, InputError, TransientError
+from meterline.shell.api.auth import ApiError, require_admin, require_customer, require_key
 
 __all__ = ["simulate_routes"]
 

@@ -46,9 +46,15 @@ def _signed_at(header: str | None) -> int | None:
     return None
 
 
-def webhook_route(*, endpoint_secret: str, publish: Publisher, seen: SeenEvents | None = None,
-                  path: str = DEFAULT_PATH, tolerance: int = 300,
-                  max_body_bytes: int = MAX_BODY_BYTES) -> Route:  # fmt: skip
+def webhook_route(
+    *,
+    endpoint_secret: str,
+    publish: Publisher,
+    seen: SeenEvents | None = None,
+    path: str = DEFAULT_PATH,
+    tolerance: int = 300,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Route:
     """A starlette ``Route`` (POST ``path``) implementing the contract in the module docstring."""
 
     async def handler(request: Request) -> JSONResponse:
@@ -64,8 +70,9 @@ def webhook_route(*, endpoint_secret: str, publish: Publisher, seen: SeenEvents 
             return JSONResponse({"error": "invalid_signature", "message": str(exc.user_message or exc)}, 400)
         signed_at = _signed_at(header)
         if signed_at is None or signed_at > time.time() + tolerance:  # the SDK only bounds the past
-            return JSONResponse({"error": "invalid_signature",
-                                 "message": "the signature timestamp is in the future"}, 400)  # fmt: skip
+            return JSONResponse(
+                {"error": "invalid_signature", "message": "the signature timestamp is in the future"}, 400
+            )
         try:
             event = json.loads(body)
             event_id = str(event["id"])
