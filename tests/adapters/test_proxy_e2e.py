@@ -119,13 +119,14 @@ def wait_for(what: str, predicate: Any, timeout: float = 90.0, show: Any = None)
 
 def start_proxy(upstream: str, api_url: str, data_dir: Path, log: Path) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "METERLINE_DATA_DIR": str(data_dir), "OPENAI_API_KEY": UPSTREAM_KEY}
-    proc = subprocess.Popen(
-        [str(METERLINE), "proxy", "--upstream", upstream, "--api-url", api_url, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=log.open("w"),
-        text=True,
-        env=env,
-    )
+    with log.open("w") as stderr:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [str(METERLINE), "proxy", "--upstream", upstream, "--api-url", api_url, "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert "listening on" in line, (line, log.read_text())

@@ -291,6 +291,7 @@ def test_standalone_process(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        proc.stdout.close()
 
 
 def test_remaining_endpoints_via_sdk(ls: LocalStripe, client: stripe.StripeClient) -> None:
