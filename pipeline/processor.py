@@ -305,6 +305,29 @@ def split_priced(priced: list[dict[str, Any]], limit: int = MAX_PRICED_BYTES) ->
     return split_priced(priced[:half], limit) + split_priced(priced[half:], limit)
 
 
+def undecodable_dead_letter(
+    source_topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    exc: BaseException,
+    now_ms: int,
+) -> bytes:
+    """The dead letter of a record a consumer could not decode (reason ``undecodable``, or the
+    error's own reason code), with its bytes, so it lands in ``usage_rejected`` and can be looked at."""
+    return _whole_record_dead_letter(
+        source_topic,
+        partition,
+        offset,
+        key,
+        value,
+        getattr(exc, "reason_code", None) or "undecodable",
+        f"could not decode the record: {exc}",
+        now_ms,
+    )
+
+
 def unforeseen_dead_letter(
     source_topic: str,
     partition: int,
@@ -318,15 +341,39 @@ def unforeseen_dead_letter(
     """The dead letter of a whole record whose processing raised something no rule foresaw (a bug,
     a state the code cannot read). Reason ``internal_error`` with the exception; the record's
     bytes are kept (up to MAX_DEAD_PAYLOAD_BYTES) so it can be re-driven once fixed."""
+    return _whole_record_dead_letter(
+        source_topic,
+        partition,
+        offset,
+        key,
+        value,
+        "internal_error",
+        f"unforeseen error while processing the record: {exc!r}",
+        now_ms,
+        payload_format,
+    )
+
+
+def _whole_record_dead_letter(
+    source_topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    reason_code: str,
+    reason: str,
+    now_ms: int,
+    payload_format: str = "raw",
+) -> bytes:
     payload = value or b""
-    reason = f"unforeseen error while processing the record: {exc!r}"[:2000]
+    reason = reason[:2000]
     if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
         reason += f" (payload of {len(payload)} bytes left out: read it at the source position)"
         payload = b""
     customer = key.decode("utf-8", "replace")[:512] if key else None
     return encode_dead_letter(
         {
-            "reason_code": "internal_error",
+            "reason_code": reason_code,
             "reason": reason,
             "field": None,
             "source_topic": source_topic,

@@ -192,6 +192,7 @@ class ChaosStack:
             f"{self.settings.topic_prefix}ledger-sink",
             self.settings.topic("ledger-entries"),
             self.ch,
+            dead_letter_topic_out=self.settings.topic("usage-dead-letter"),
             **opts,
         )
         sink, stop = self.ledger_sink, self._ledger_stop

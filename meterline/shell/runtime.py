@@ -217,6 +217,7 @@ class Runtime:
             f"{self.settings.topic_prefix}ledger-sink",
             self.settings.topic("ledger-entries"),
             _LockedClient(self.clickhouse, self.clickhouse_lock),
+            dead_letter_topic_out=self.settings.topic("usage-dead-letter"),
         )
         from pipeline.plans_sink import PlanCatalogSink, SubscriptionSink
 

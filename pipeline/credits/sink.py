@@ -6,7 +6,9 @@ paths (ClickHouse down: pause, retry with backoff; crash between insert and comm
 step 1 drops what is stored). Only the row mapping and the dedupe/insert target differ:
 
 * ``_buffer`` maps a ``ledger-entries`` JSON value to a :data:`LEDGER_COLUMNS` row; a value that
-  cannot be decoded becomes a ``usage_rejected`` row (reason ``undecodable``) like in the parent;
+  cannot be decoded is sent, with its bytes and source position, as a dead letter to
+  ``usage-dead-letter`` (``dead_letters``), whose one writer -- the usage sink -- lands it in
+  ``usage_rejected``. This sink never writes ``usage_rejected`` itself;
 * the dedupe query looks for ``(customer_id, entry_id)`` in ``ledger_entries``;
 * the parent's flush inserts into ``main_table`` / ``main_columns``: here ``ledger_entries`` with
   :data:`LEDGER_COLUMNS`.
@@ -87,13 +89,20 @@ def snapshot_row(snap: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 class LedgerEntrySink(ClickHouseSink):
-    """``ClickHouseSink`` for ``ledger-entries`` (undecodable values go to ``usage_rejected``)."""
+    """``ClickHouseSink`` for ``ledger-entries`` (undecodable values go to the dead-letter topic)."""
 
     main_table = "ledger_entries"
     main_columns = LEDGER_COLUMNS
 
     def __init__(
-        self, bootstrap: str, group_id: str, entries_topic: str, clickhouse: Any | Callable[[], Any], **kwargs: Any
+        self,
+        bootstrap: str,
+        group_id: str,
+        entries_topic: str,
+        clickhouse: Any | Callable[[], Any],
+        *,
+        dead_letter_topic_out: str,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             bootstrap,
@@ -107,6 +116,10 @@ class LedgerEntrySink(ClickHouseSink):
         )
         self._snapshots: list[tuple[Any, ...]] = []
         self.snapshots_inserted = 0
+        self._bootstrap = bootstrap
+        self._dead_out = dead_letter_topic_out
+        self._dead_producer: Any = None
+        self.dead_lettered = 0
 
     def flush(self) -> int:
         """The parent's flush (entries, then commit), THEN the state snapshots of those messages:
@@ -139,7 +152,8 @@ class LedgerEntrySink(ClickHouseSink):
                 snap = snapshot_row(doc["snapshot"])
             rows_rej: list[tuple[Any, ...]] = []
         except InputError as exc:
-            rows_entries, rows_rej = [], [_sink._undecodable_row(msg, exc)]
+            rows_entries, rows_rej = [], []
+            self._dead_letter(msg, exc)
         if snap is not None:
             self._snapshots.append(snap)
         self._priced.extend(rows_entries)
@@ -148,6 +162,23 @@ class LedgerEntrySink(ClickHouseSink):
         self.messages_consumed += 1
         if self._first_buffered is None:
             self._first_buffered = time.monotonic()
+
+    def _dead_letter(self, msg: Message, exc: InputError) -> None:
+        """Send an undecodable entry to the dead-letter topic and wait for the broker's ack, so its
+        offset is committed (with the next flush) only once the dead letter is safe."""
+        from meterline.stack.kafka import make_producer
+        from pipeline.processor import undecodable_dead_letter
+
+        if self._dead_producer is None:
+            self._dead_producer = make_producer(self._bootstrap)
+        value = undecodable_dead_letter(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), exc,
+                                        time.time_ns() // 1_000_000)  # fmt: skip
+        self._dead_producer.produce(self._dead_out, key=msg.key() or b"", value=value)
+        if self._dead_producer.flush(30) > 0:
+            raise ClickHouseUnavailable(
+                f"dead letter of {msg.topic()}[{msg.partition()}]@{msg.offset()} not acknowledged"
+            )
+        self.dead_lettered += 1
 
     def _drop_stored_priced(self, client: Any, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         if not rows:

@@ -37,6 +37,7 @@ class CreditPipeline:
             f"{settings.topic_prefix}ledger-sink",
             settings.topic("ledger-entries"),
             clickhouse,
+            dead_letter_topic_out=settings.topic("usage-dead-letter"),
             max_interval_ms=200,
         )
         self.sink_thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), daemon=True)

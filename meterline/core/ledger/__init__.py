@@ -18,10 +18,13 @@ How the faust agent (the single writer per customer) must use it — exactly-onc
 2. Per source record: ``cmd = ...(source=SourcePos(topic, partition, offset))``; first apply
    ``ExpireDue(now_ms=record.timestamp_ms)`` if due (use the broker record's timestamp, never the
    wall clock, so a replay recomputes the same state), then ``new, eff = apply(state, cmd)``.
-   ``eff.skipped`` set → nothing to do. Otherwise send ``eff.entries`` / ``eff.alerts`` /
-   ``eff.status_changes`` (keyed by their deterministic ids: entry_id, alert_id) and await their
-   delivery, THEN write ``table[customer_id] = new.to_dict()``. A crash in between replays the
-   record, which regenerates the identical effects with the identical ids: downstream dedupes.
+   ``eff.skipped`` set → nothing to do. Otherwise write ``table[customer_id] = new.to_dict()``
+   (with the record's undelivered effects in its outbox) and wait for that write's acknowledgement,
+   THEN send ``eff.entries`` / ``eff.alerts`` / ``eff.status_changes`` (keyed by their
+   deterministic ids: entry_id, alert_id). State before effects: "effects first, then state" is
+   NOT exact with two source topics (a crash may replay the unpersisted suffix in another
+   interleaving; docs/credits.md, "Why it is crash-exact"). A crash after the write re-sends the
+   outbox; downstream dedupes by id.
    On ``LedgerCommandError`` (an InputError): dead-letter the record and store
    ``mark_applied(state, cmd.source)``.
 3. Faust's committed offsets and the table changelog are NOT atomic (shared/notes/faust-recovery.md).
