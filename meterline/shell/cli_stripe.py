@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,22 +180,17 @@ def sync_command(
 def grants_command(
     ctx: typer.Context,
     config: Path = ConfigOpt,
-    idle: float = typer.Option(5.0, help="Stop after the topic has been idle this many seconds."),
+    idle: float = typer.Option(0.0, help="Wait this many seconds first, for entries the ledger just wrote."),
 ) -> None:
-    """Mirror ledger grants / top-ups / voids from the ledger-commands topic as Stripe credit grants."""
-    from jobs.stripe.credits import consume_commands, mirror_grants
+    """Mirror the grants / top-ups / voids the ledger applied (ClickHouse ledger_entries) as Stripe credit grants."""
+    from jobs.stripe.credits import ledger_grant_facts, mirror_grants
 
     run_in_up_if_running(ctx, "stripe", "grants")
 
-    with _context(config) as (settings, cfg, target, ch):
-        if not settings.kafka_bootstrap:
-            raise fail(MeterlineError("set METERLINE_KAFKA_BOOTSTRAP to read ledger-commands"), 2)
-        s = mirror_grants(
-            target.client(),
-            ch,
-            cfg,
-            consume_commands(settings.kafka_bootstrap, settings.topic("ledger-commands"), idle_seconds=idle),
-        )
+    if idle > 0:
+        time.sleep(idle)  # let entries the ledger just wrote reach ClickHouse
+    with _context(config) as (_settings, cfg, target, ch):
+        s = mirror_grants(target.client(), ch, cfg, ledger_grant_facts(ch))
     report_result(s)
     cio = current_io()
     cio.out.print(f"created {len(s.created)}, existing {len(s.existing)}, voided {len(s.voided)}, ignored {s.ignored}")

@@ -24,7 +24,7 @@ from typing import Any
 
 from devtools.stripe_local import LocalStripe
 from jobs.stripe import StripeTarget, load_billing_config, mirror_grants, provision, sync
-from jobs.stripe.credits import consume_commands
+from jobs.stripe.credits import ledger_grant_facts
 
 HOUR = 3600
 PERIOD_DAYS = 32  # past a monthly period's end
@@ -56,17 +56,10 @@ class DemoBilling:
         self.local.set_clock(int(time.time()))
 
     def close_period(self) -> tuple[list[InvoiceRow], Any]:
-        settings = self.runtime.settings
         client = self.target.client()
         self.local.set_clock(int(time.time()) + HOUR + self.cfg.sync.settle_seconds + 1)
-        commands = consume_commands(
-            settings.kafka_bootstrap,
-            settings.topic("ledger-commands"),
-            group=f"{settings.topic_prefix}demo-billing",
-            idle_seconds=2.0,
-        )
         with self.runtime.query_client() as ch:
-            mirror_grants(client, ch, self.cfg, commands)
+            mirror_grants(client, ch, self.cfg, ledger_grant_facts(ch))
             summary = sync(self.target, ch, self.cfg, now=self.local.now())
             charges = dict(
                 ch.query("SELECT customer_id, sum(charge) FROM usage_priced GROUP BY customer_id").result_rows
