@@ -28,6 +28,8 @@ from fractions import Fraction
 from typing import Any
 
 from meterline.core import money
+from meterline.core.catalog_files import scaled_int as _scaled_int
+from meterline.core.catalog_files import to_decimal as _to_decimal
 from meterline.core.errors import InputError
 
 MAX_AMOUNT = Decimal(10) ** 12  # sanity cap on any fee / cap / commitment / allowance amount
@@ -78,47 +80,13 @@ class SubscriptionError(InputError):
 
 
 def to_decimal(value: Any, *, where: str) -> Decimal:
-    """A non-negative finite Decimal from an int, Decimal or numeric string; floats are refused."""
-    if isinstance(value, (bool, float)):
-        raise PlanFileError(
-            f'{where}: {value!r} is a binary float; write the amount as a quoted decimal string, e.g. "2.50"',
-            field=where,
-        )
-    if isinstance(value, int):
-        d = Decimal(value)
-    elif isinstance(value, Decimal):
-        d = value
-    elif isinstance(value, str):
-        try:
-            d = Decimal(value.strip().replace("_", ""))
-        except InvalidOperation:
-            raise PlanFileError(f"{where}: {value!r} is not a decimal number", field=where) from None
-    else:
-        raise PlanFileError(f"{where}: expected a decimal number, got {type(value).__name__}", field=where)
-    if not d.is_finite():
-        raise PlanFileError(f"{where}: {value!r} is not a finite number", field=where)
-    if d < 0:
-        raise PlanFileError(f"{where}: {value!r} is negative", field=where)
-    return d
+    """A non-negative finite Decimal (see :func:`meterline.core.catalog_files.to_decimal`)."""
+    return _to_decimal(value, where=where, error=PlanFileError)
 
 
 def scaled_int(d: Decimal, places: int, *, where: str, what: str) -> int:
     """``d × 10**places`` as an exact int; more than ``places`` decimals is a PlanFileError."""
-    sign, digits, exp = d.as_tuple()
-    assert isinstance(exp, int)
-    n = int("".join(map(str, digits)) or "0")
-    shift = exp + places
-    if shift >= 0:
-        n *= 10**shift
-    else:
-        q, r = divmod(n, int(10 ** (-shift)))
-        if r:
-            raise PlanFileError(
-                f"{where}: {format(d, 'f')} has more than {places} decimal places {what}; plans are exact and never round",
-                field=where,
-            )
-        n = q
-    return -n if sign else n
+    return _scaled_int(d, places, where=where, what=what, error=PlanFileError, why="plans are exact and never round")
 
 
 def amount_picos(value: Any, *, where: str) -> int:

@@ -22,8 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from meterline.core.catalog_files import read_catalog
 from meterline.core.errors import PriceFileError
 from meterline.core.naming import normalize_service_tier
 from meterline.core.pricing._model import (
@@ -65,66 +64,8 @@ CARD_KEY_PREFIX = "card:"
 # --------------------------------------------------------------------------- YAML / JSON reading
 
 
-class _ExactLoader(yaml.SafeLoader):
-    """SafeLoader that keeps float scalars as Decimal (from their text) and timestamps as text,
-    and rejects a mapping that repeats a key (plain YAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int)) and key in seen:
-                line = key_node.start_mark.line + 1
-                raise PriceFileError(f"line {line}: duplicate key {key!r}", field=f"line {line}")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    text = str(loader.construct_scalar(node))
-    try:
-        d = Decimal(text.replace("_", ""))
-    except Exception:
-        d = None
-    if d is None or not d.is_finite():
-        raise PriceFileError(
-            f'line {node.start_mark.line + 1}: {text!r} is not a finite decimal number; quote amounts, e.g. "2.50"',
-            field=f"line {node.start_mark.line + 1}",
-        )
-    return d
-
-
-def _construct_timestamp(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    return str(loader.construct_scalar(node))
-
-
-_ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
-_ExactLoader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
-
-
 def _read(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(source, Mapping):
-        return source
-    is_json = False
-    if isinstance(source, Path) or ("\n" not in source and source.rstrip().endswith((".yaml", ".yml", ".json"))):
-        path = Path(source)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise PriceFileError(f"cannot read price file {path}: {exc}", field="source") from None
-        is_json = path.suffix.lower() == ".json"
-    else:
-        text = source
-    is_json = is_json or text.lstrip().startswith("{")
-    try:
-        data = json.loads(text, parse_float=Decimal) if is_json else yaml.load(text, Loader=_ExactLoader)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise PriceFileError(
-            f"price file is not valid {'JSON' if is_json else 'YAML'}: {exc}", field="source"
-        ) from None
-    if not isinstance(data, Mapping):
-        raise PriceFileError("price file: the top level must be a mapping with 'currency' and 'prices'", field="source")
-    return data
+    return read_catalog(source, error=PriceFileError, what="price file", top="'currency' and 'prices'")
 
 
 # --------------------------------------------------------------------------- entry parsing
@@ -162,7 +103,7 @@ def _check_keys(entry: Any, allowed: frozenset[str], where: str) -> Mapping[str,
 
 
 def parse_currency(value: Any, where: str = "currency") -> str:
-    if not isinstance(value, str) or not _CURRENCY_RE.match(value):
+    if not isinstance(value, str) or not _CURRENCY_RE.fullmatch(value):
         raise PriceFileError(f"{where}: expected an ISO 4217 code such as USD, got {value!r}", field=where)
     return value
 

@@ -20,10 +20,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+from meterline.core.catalog_files import scaled_int as _scaled_int
+from meterline.core.catalog_files import to_decimal as _to_decimal
 from meterline.core.errors import PriceFileError
 
 PICOS_PER_TOKEN_PER_UNIT_PER_MILLION = 10**6  # 1 unit / M tokens = 1e6 picos / token
@@ -66,52 +68,15 @@ EXTRA_FIELDS: tuple[str, ...] = tuple(CLASS_TO_FIELD[c] for c in EXTRA_RATED)
 
 
 def to_decimal(value: Any, *, where: str) -> Decimal:
-    """A non-negative finite Decimal from an int, a Decimal or a numeric string; else PriceFileError.
-
-    ``float`` and ``bool`` are refused: a binary float cannot say which decimal it meant (the
-    loaders turn YAML/JSON float *text* into Decimal before it gets here).
-    """
-    if isinstance(value, bool) or isinstance(value, float):
-        raise PriceFileError(
-            f'{where}: {value!r} is a binary float; write the amount as a quoted decimal string, e.g. "2.50"',
-            field=where,
-        )
-    if isinstance(value, int):
-        d = Decimal(value)
-    elif isinstance(value, Decimal):
-        d = value
-    elif isinstance(value, str):
-        try:
-            d = Decimal(value.strip().replace("_", ""))
-        except InvalidOperation:
-            raise PriceFileError(f"{where}: {value!r} is not a decimal number", field=where) from None
-    else:
-        raise PriceFileError(f"{where}: expected a decimal number, got {type(value).__name__}", field=where)
-    if not d.is_finite():
-        raise PriceFileError(f"{where}: {value!r} is not a finite number", field=where)
-    if d < 0:
-        raise PriceFileError(f"{where}: {value!r} is negative", field=where)
-    return d
+    """A non-negative finite Decimal (see :func:`meterline.core.catalog_files.to_decimal`)."""
+    return _to_decimal(value, where=where, error=PriceFileError)
 
 
 def scaled_int(d: Decimal, places: int, *, where: str, what: str) -> int:
     """``d × 10**places`` as an exact int, or PriceFileError if ``d`` has more than ``places`` decimals."""
-    sign, digits, exp = d.as_tuple()
-    assert isinstance(exp, int)
-    n: int = int("".join(map(str, digits)) or "0")
-    shift = exp + places
-    if shift >= 0:
-        n *= int(10**shift)
-    else:
-        q, r = divmod(n, 10**-shift)
-        if r:
-            raise PriceFileError(
-                f"{where}: {format(d, 'f')} has more than {places} decimal places {what}; "
-                f"meterline prices exactly and does not round rates",
-                field=where,
-            )
-        n = q
-    return -n if sign else n
+    return _scaled_int(
+        d, places, where=where, what=what, error=PriceFileError, why="meterline prices exactly and does not round rates"
+    )
 
 
 def per_million_to_picos(d: Decimal, *, where: str) -> int:
