@@ -52,6 +52,7 @@ from meterline.ledger._state import CustomerLedger, dedupe_digest, new_ledger, p
 from meterline.ledger._types import (
     MAX_DEDUPE_IDS,
     MAX_OPEN_HOLDS,
+    PLAN_BLOCK_REASONS,
     Adjust,
     Alert,
     ApplyPricedUsage,
@@ -69,6 +70,7 @@ from meterline.ledger._types import (
     Policy,
     SetBlock,
     SetBudget,
+    SetPlanGate,
     SetPolicy,
     SourcePos,
     StatusChange,
@@ -76,12 +78,14 @@ from meterline.ledger._types import (
     VelocityRule,
     Void,
 )
+from meterline.ledger._guards import usable_credit
 from meterline.ledger._view import balance_view, fold_entries, status_of
 
 __all__ = [
     "MAX_DEDUPE_IDS",
     "MAX_OPEN_HOLDS",
     "PICOS_PER_UNIT",
+    "PLAN_BLOCK_REASONS",
     "Adjust",
     "Alert",
     "ApplyPricedUsage",
@@ -104,6 +108,7 @@ __all__ = [
     "Policy",
     "SetBlock",
     "SetBudget",
+    "SetPlanGate",
     "SetPolicy",
     "SourcePos",
     "StatusChange",
@@ -124,4 +129,5 @@ __all__ = [
     "status_of",
     "to_decimal",
     "to_ms",
+    "usable_credit",
 ]

@@ -38,6 +38,18 @@ from meterline.plans._catalog import (
     load_plan_catalog,
     version_conflicts,
 )
+from meterline.plans._live import (
+    ALERT_PCTS,
+    MAX_FACTS,
+    MAX_SEGMENTS,
+    LivePlan,
+    SegmentUse,
+    alerts_due,
+    allowance_view,
+    burn,
+    gate,
+    usage_of_priced,
+)
 from meterline.plans._rating import (
     AllowanceUse,
     Band,
@@ -77,6 +89,16 @@ from meterline.plans._values import (
 )
 
 __all__ = [
+    "ALERT_PCTS",
+    "MAX_FACTS",
+    "MAX_SEGMENTS",
+    "LivePlan",
+    "SegmentUse",
+    "alerts_due",
+    "allowance_view",
+    "burn",
+    "gate",
+    "usage_of_priced",
     "EVENT_TYPES",
     "INTERVALS",
     "ON_EXHAUSTED",

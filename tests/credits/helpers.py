@@ -7,10 +7,10 @@ from typing import Any
 
 from meterline.ledger import CustomerLedger, LedgerEntry, fold_entries, parse_amount
 from schemas.credits import encode_message
-from pipeline.credits.processor import ENTRIES, REPLIES, STATUS, CreditProcessor
+from pipeline.credits.processor import ALERTS, ENTRIES, REPLIES, STATUS, CreditProcessor
 from schemas.codec import encode_priced_batch
 
-PRICED, COMMANDS = "p.usage-priced", "p.ledger-commands"
+PRICED, COMMANDS, SUBSCRIPTIONS = "p.usage-priced", "p.ledger-commands", "p.subscriptions"
 
 
 def priced_event(customer: str, event_id: str, charge: str, occurred_ms: int, *, request_id: str | None = None,
@@ -42,8 +42,11 @@ class Replay:
     """The oracle: feed the same records to a CreditProcessor with an in-memory dict as the table,
     exactly once, in order. Returns final ledgers and every entry emitted."""
 
-    def __init__(self, pricer: Any = None, priced_topic: str = PRICED, commands_topic: str = COMMANDS) -> None:
-        self.proc = CreditProcessor(pricer, priced_topic=priced_topic, commands_topic=commands_topic)
+    def __init__(self, pricer: Any = None, priced_topic: str = PRICED, commands_topic: str = COMMANDS, *,
+                 subscriptions_topic: str = SUBSCRIPTIONS, plans: Any = None) -> None:
+        self.proc = CreditProcessor(pricer, priced_topic=priced_topic, commands_topic=commands_topic,
+                                    subscriptions_topic=subscriptions_topic, plans=plans)  # fmt: skip
+        self.alerts: dict[str, dict[str, Any]] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.entries: dict[str, dict[str, Any]] = {}
         self.offsets: dict[tuple[str, int], int] = {}
@@ -64,6 +67,9 @@ class Replay:
                 self.statuses[_k.decode()] = json.loads(v)
             elif name == REPLIES:
                 self.replies[_k.decode()] = json.loads(v)
+            elif name == ALERTS:
+                doc = json.loads(v)
+                self.alerts[doc["alert_id"]] = doc
         if out.state is not None and out.customer_id is not None:
             self.table[out.customer_id] = out.state
         return out

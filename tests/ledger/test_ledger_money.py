@@ -48,6 +48,7 @@ def test_public_surface_is_pinned() -> None:
         "PICOS_PER_UNIT", "Adjust", "Alert", "ApplyPricedUsage", "Authorize", "Budget", "Command",
         "CreditGrant", "CustomerLedger", "Decision", "Effects", "ExpireDue", "Grant", "GrantScope", "Hold",
         "LedgerCommandError", "LedgerEntry", "Policy", "SetBlock", "SetBudget", "SetPolicy", "SourcePos",
+        "PLAN_BLOCK_REASONS", "SetPlanGate", "usable_credit",
         "StatusChange", "TopUp", "VelocityRule", "Void", "apply", "apply_many", "authorize", "balance_view", "fold_entries",
         "format_picos", "mark_applied", "new_ledger", "parse_amount", "period_key", "resume_offsets",
         "status_of", "to_decimal", "to_ms",

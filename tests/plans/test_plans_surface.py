@@ -25,6 +25,9 @@ def test_public_surface_is_pinned() -> None:
             "format_picos", "instant_of", "load_plan_catalog", "overage_price", "parse_event", "parse_instant",
             "period_bounds", "period_index", "policy_room", "rate_period", "rate_periods", "round_total", "terms_at", "terms_for",
             "version_conflicts",
+            # live burn-down state (the credit agent)
+            "ALERT_PCTS", "MAX_FACTS", "MAX_SEGMENTS", "LivePlan", "SegmentUse", "alerts_due", "allowance_view",
+            "burn", "gate", "usage_of_priced",
         ]
     )  # fmt: skip
     for name in plans.__all__:
