@@ -5,7 +5,11 @@ checked against a pure replay of the same records through the same processor."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from meterline.plans import SubscriptionEvent, load_plan_catalog
@@ -17,6 +21,7 @@ from tests.credits.helpers import Replay, enc, priced_event, priced_record
 
 M = 1_000_000
 MIN = 60_000
+METERLINE = str(Path(sys.executable).parent / "meterline")
 CATALOG = load_plan_catalog({"currency": "USD", "plans": [
     {"id": "pro", "version": 1, "effective_from": "2026-01-01T00:00:00Z", "interval": "month", "fee": "200.00",
      "allowances": [{"id": "tokens", "tokens": 10 * M}], "overage": {"per_million": "30.00"}, "on_exhausted": "allow"},
@@ -79,6 +84,14 @@ def test_plan_allowances_burn_down_live_and_a_block_plan_blocks(credit_pipeline:
     d.settle()
     bal = p.latest_json("customer-status")["acme"]["balance"]
     assert [(a["id"], a["included"], a["used"], a["remaining"]) for a in bal["allowances"]] == [("tokens", 10 * M, 7 * M, 3 * M)]
+    # the installed CLI shows the same (Kafka mode: no API running)
+    env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": p.settings.kafka_bootstrap or "",
+           "METERLINE_TOPIC_PREFIX": p.settings.topic_prefix, "METERLINE_DATA_DIR": str(p.log_dir.parent / "cli")}
+    out = subprocess.run([METERLINE, "credits", "balance", "acme"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [(a["id"], a["included"], a["used"], a["remaining"]) for a in doc["allowances"]] == [("tokens", 10 * M, 7 * M, 3 * M)]
+    assert doc["plan"]["plan"] == "pro@1" and doc["status"] == "active"
     d.usage("acme", "a7", 5 * M, t0 + 8 * MIN)
     d.settle()
     st = p.latest_json("customer-status")["acme"]
