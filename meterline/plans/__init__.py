@@ -48,6 +48,7 @@ from meterline.plans._live import (
     allowance_view,
     burn,
     gate,
+    live_terms,
     usage_of_priced,
 )
 from meterline.plans._rating import (
@@ -98,6 +99,7 @@ __all__ = [
     "allowance_view",
     "burn",
     "gate",
+    "live_terms",
     "usage_of_priced",
     "EVENT_TYPES",
     "INTERVALS",

@@ -13,8 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meterline.plans._rating import Consumption, Split, Terms, Usage, allowance_remaining, consume, policy_room
-from meterline.plans._timeline import SubscriptionEvent, parse_event
+from meterline.plans._rating import (
+    Consumption,
+    Split,
+    Terms,
+    Usage,
+    allowance_remaining,
+    consume,
+    policy_room,
+    terms_for,
+)
+from meterline.plans._timeline import SubscriptionEvent, Timeline, parse_event
 
 #: Subscription facts kept per customer (oldest dropped first: a fact older than the newest 256
 #: can only matter for a period that long ended).
@@ -48,6 +57,7 @@ class SegmentUse:
     overage: int = 0
     invoiced: int = 0
     fired: list[str] = field(default_factory=list)
+    rolled: dict[str, int] = field(default_factory=dict)  # rollover the segment's terms added (own use = used - this)
 
     def consumption(self) -> Consumption:
         return Consumption(dict(self.used), self.overage)
@@ -64,7 +74,8 @@ class LivePlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "facts": list(self.facts.values()),
-            "segs": [[s.start, s.plan, dict(s.used), s.overage, s.invoiced, list(s.fired)] for s in self.segs],
+            "segs": [[s.start, s.plan, dict(s.used), s.overage, s.invoiced, list(s.fired), dict(s.rolled)]
+                     for s in self.segs],
             "holds": {rid: [dict(d), q] for rid, (d, q) in self.holds.items()},
         }
 
@@ -73,7 +84,8 @@ class LivePlan:
         if not d:
             return cls()
         facts = {str(f["event_id"]): dict(f) for f in d.get("facts") or []}
-        segs = [SegmentUse(int(s[0]), str(s[1]), {k: int(v) for k, v in s[2].items()}, int(s[3]), int(s[4]), list(s[5]))
+        segs = [SegmentUse(int(s[0]), str(s[1]), {k: int(v) for k, v in s[2].items()}, int(s[3]), int(s[4]), list(s[5]),
+                           {k: int(v) for k, v in (s[6] if len(s) > 6 else {}).items()})
                 for s in d.get("segs") or []]  # fmt: skip
         holds = {str(r): ({k: int(v) for k, v in h[0].items()}, int(h[1])) for r, h in (d.get("holds") or {}).items()}
         return cls(facts, segs, holds)
@@ -105,7 +117,7 @@ class LivePlan:
         for s in self.segs:
             if s.start == terms.start and s.plan == terms.plan.key:
                 return s
-        return SegmentUse(terms.start, terms.plan.key)
+        return SegmentUse(terms.start, terms.plan.key, rolled={k: v for k, v in terms.rolled_in.items() if v})
 
     def put(self, seg: SegmentUse) -> None:
         rest = [s for s in self.segs if not (s.start == seg.start and s.plan == seg.plan)]
@@ -128,10 +140,35 @@ class LivePlan:
         return Consumption(used, over)
 
 
+def live_terms(timeline: Timeline, live: LivePlan, at: int) -> Terms | None:
+    """``terms_at`` with the rollover the bill gives (``rate_periods``): the unused own allowance
+    of the previous consecutive period's last segment (its consumption as the agent knows it
+    now), up to ``rollover_max``, added to the first segment of the period containing ``at``."""
+    period = timeline.period_at(at)
+    if period is None:
+        return None
+    i = period.segment_at(at)
+    if i is None:
+        return None
+    carry: dict[str, int] = {}
+    if i == 0 and period.index > 0:
+        prev = timeline.period_at(period.start - 1)
+        if prev is not None and prev.anchor == period.anchor and prev.index + 1 == period.index and prev.stop == prev.end:
+            last = terms_for(prev, len(prev.segments) - 1)
+            seg = live.seg(last)
+            for a in last.plan.allowances:
+                if a.rollover_max is None:
+                    continue
+                own_used = max(seg.used.get(a.id, 0) - seg.rolled.get(a.id, 0), 0)
+                carry[a.id] = min(a.rollover_max, max(last.included.get(a.id, 0) - own_used, 0))
+    return terms_for(period, i, carry)
+
+
 def burn(terms: Terms, seg: SegmentUse, usage: Usage) -> tuple[SegmentUse, Split]:
     """One event's burn-down on its segment (allowances first; the rest is overage)."""
     after, split = consume(terms, seg.consumption(), usage)
-    return SegmentUse(seg.start, seg.plan, dict(after.used), after.overage, seg.invoiced, list(seg.fired)), split
+    rolled = {k: v for k, v in terms.rolled_in.items() if v}  # as of this event (late usage may change it)
+    return SegmentUse(seg.start, seg.plan, dict(after.used), after.overage, seg.invoiced, list(seg.fired), rolled), split
 
 
 def gate(terms: Terms, seg: SegmentUse, usable_prepaid: int) -> str | None:
@@ -171,7 +208,7 @@ def allowance_view(terms: Terms, seg: SegmentUse, reserved: Consumption | None =
     for a in terms.plan.allowances:
         used = seg.used.get(a.id, 0)
         d: dict[str, Any] = {"id": a.id, "plan": terms.plan.key, "unit": a.unit, "included": terms.available(a.id),
-                             "used": used, "remaining": rem[a.id]}  # fmt: skip
+                             "rolled_in": terms.rolled_in.get(a.id, 0), "used": used, "remaining": rem[a.id]}  # fmt: skip
         if reserved is not None:
             d["reserved"] = max(reserved.used.get(a.id, 0) - used, 0)
         out.append(d)

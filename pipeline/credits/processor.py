@@ -68,8 +68,8 @@ from meterline.plans import (
     format_instant,
     gate,
     parse_event,
+    live_terms,
     policy_room,
-    terms_at,
     usage_of_priced,
 )
 from pipeline.credits.plans import PlanBook
@@ -277,7 +277,7 @@ class CreditProcessor:
                     currency=str(ev["currency"]), provider=ev["provider"], model=ev["model"], project=ev.get("project"),
                     api_key_id=ev.get("api_key_id"), request_id=ev.get("request_id"),
                 )  # fmt: skip
-                terms = terms_at(timeline, cmd.occurred_at_ms // 1000)
+                terms = live_terms(timeline, live, cmd.occurred_at_ms // 1000)
                 if terms is None or dedupe_digest(f"e:{cmd.event_id}") in state.recent_ids:
                     state, eff = apply(state, cmd)  # no plan then (pay-per-token), or a duplicate
                     self._effects(customer, eff, out)
@@ -344,7 +344,7 @@ class CreditProcessor:
                    out: Outcome) -> tuple[CustomerLedger, dict[str, Any] | None]:
         """The plan in force at ``at_ms`` (the later of the record's time and the ledger clock)
         decides enforcement (``SetPlanGate``); returns the state and the status' plan view."""
-        terms = terms_at(self.plans.timeline(state.customer_id, live), at_ms // 1000)
+        terms = live_terms(self.plans.timeline(state.customer_id, live), live, at_ms // 1000)
         block = None
         view = None
         if terms is not None:
@@ -455,7 +455,7 @@ class CreditProcessor:
                 "reason": exc.reason_code, "hold_id": None, "estimate": "0.00", "available": "0.00",
                 "expires_at_ms": None}), False))  # fmt: skip
             return state
-        terms = None if live is None else terms_at(self.plans.timeline(req.customer_id, live), req.at_ms // 1000)
+        terms = None if live is None else live_terms(self.plans.timeline(req.customer_id, live), live, req.at_ms // 1000)
         if terms is not None and live is not None:
             return self._authorize_on_plan(state, req, out, live, terms, estimate)
         cmd = Authorize(request_id=a.request_id, estimate_picos=estimate, now_ms=req.at_ms, provider=a.provider,

@@ -141,3 +141,22 @@ def test_customer_without_plan_is_unchanged() -> None:
     _use(r, "ppt", [_tokens("ppt", "a", M, t, charge="2.00")])
     assert "allowances" not in r.statuses["ppt"]["balance"]
     assert "plan" not in r.table["ppt"] and "plan_gate" not in r.table["ppt"]
+
+
+def test_rollover_is_live_and_matches_the_bill() -> None:
+    from meterline.plans import Usage, fold_timeline, rate_periods
+
+    cat = load_plan_catalog({"currency": "USD", "plans": [
+        _plan("roll", "block", allowances=[{"id": "tokens", "tokens": 10 * M, "rollover": {"max": 5 * M}}])]})  # fmt: skip
+    r = Replay(PricingEngine.from_book(load_price_book(SEED)), plans=PlanBook.of(cat))
+    _subscribe(r, "ro", "roll")
+    _use(r, "ro", [_tokens("ro", "j", 7 * M, JAN * 1000 + DAY_MS)])
+    _use(r, "ro", [_tokens("ro", "f", 12 * M, FEB * 1000 + DAY_MS)])  # 10M own + 3M rolled from January
+    a = _allowance(r, "ro")
+    assert (a["included"], a["rolled_in"], a["used"], a["remaining"]) == (13 * M, 3 * M, 12 * M, M)
+    assert r.statuses["ro"]["status"] == "active"
+    tl = fold_timeline("ro", [SubscriptionEvent("subscribed", "ro", JAN, "roll")], cat)
+    usage = {JAN: [Usage("openai", "gpt-4o", {"input": 7 * M}, 0)], FEB: [Usage("openai", "gpt-4o", {"input": 12 * M}, 0)]}
+    bills = rate_periods(tl.periods(FEB + 1), lambda p: [usage[p.start]])
+    feb = bills[1].allowances[0]
+    assert (feb.included + feb.rolled_in, feb.used, feb.remaining) == (a["included"], a["used"], a["remaining"])
