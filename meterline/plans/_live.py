@@ -24,9 +24,10 @@ from meterline.plans._rating import (
     terms_for,
 )
 from meterline.plans._timeline import SubscriptionEvent, Timeline, parse_event
+from meterline.plans._values import parse_instant
 
-#: Subscription facts kept per customer (oldest dropped first: a fact older than the newest 256
-#: can only matter for a period that long ended).
+#: Subscription facts kept per customer: facts of ended runs are dropped first (they only shape
+#: periods already billed); a run with more facts than this refuses further facts (dead letter).
 MAX_FACTS = 256
 #: Segments whose consumption is kept (the newest by start). An event that occurred in an older
 #: segment (more than three periods or plan changes late) is charged as overage of that segment
@@ -96,13 +97,27 @@ class LivePlan:
     # -------------------------------------------------------------------------- facts
 
     def add_fact(self, ev: SubscriptionEvent) -> bool:
-        """Remember a subscription fact (False: already known, by its content-hash id)."""
+        """Remember a subscription fact (False: already known, by its content-hash id). The caller
+        bounds the facts with :meth:`compact`."""
         if ev.event_id in self.facts:
             return False
         self.facts[ev.event_id] = ev.to_json()
-        while len(self.facts) > MAX_FACTS:
-            del self.facts[next(iter(self.facts))]
         return True
+
+    def compact(self, current_run_start: int | None) -> bool:
+        """Keep at most ``MAX_FACTS`` facts by dropping, oldest first, facts of runs that ended
+        (instant before ``current_run_start``, the anchor of the timeline's last run): they only
+        shape periods long billed. False: still over the bound (the current run alone has more
+        facts): the caller refuses the newest fact."""
+        if len(self.facts) <= MAX_FACTS:
+            return True
+        if current_run_start is not None:
+            old = sorted((parse_instant(f["at"], where="at"), eid) for eid, f in self.facts.items())
+            for at, eid in old:
+                if len(self.facts) <= MAX_FACTS or at >= current_run_start:
+                    break
+                del self.facts[eid]
+        return len(self.facts) <= MAX_FACTS
 
     def events(self) -> list[SubscriptionEvent]:
         return [parse_event(f) for f in self.facts.values()]

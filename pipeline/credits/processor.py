@@ -1,7 +1,7 @@
 """The credit step as a pure function of (source record, stored customer state, prices): no Kafka.
 
-:meth:`CreditProcessor.process` takes one record of ``usage-priced`` or ``ledger-commands`` with
-its position and broker timestamp, and the customer's stored table value, and returns
+:meth:`CreditProcessor.process` takes one record of ``usage-priced``, ``ledger-commands`` or
+``subscriptions`` with its position and broker timestamp, and the customer's stored table value, and returns
 :class:`Outcome`: the messages to send (ledger entries, status, alerts, replies, dead letters) and
 the new table value. The faust agent (``pipeline/credits/agent.py``) sends the messages, awaits
 their delivery, THEN stores the value. Everything is deterministic in its inputs — times come from
@@ -23,6 +23,12 @@ Per record (one record = one customer: a ``PricedBatch`` holds one customer's ev
    a ``LedgerCommandError`` dead-letters that event / command and changes nothing else;
 6. record the source offset (``mark_applied``) in the same value: all events of a record are
    applied, or (crash before the value is stored) the record is replayed whole.
+
+A customer on a subscription plan (a ``subscriptions`` fact stored in the value's ``"plan"``):
+each priced event first burns down the allowances of the segment it occurred in, and only the
+overage amount it adds goes to the ledger (prepaid grants, then overage); the plan's
+``on_exhausted`` gates enforcement (``SetPlanGate``), authorize reserves against the allowances,
+and the status carries each allowance. docs/plans.md, "Live enforcement".
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from meterline.ledger import (
     unpack_recent,
 )
 from meterline.plans import (
+    MAX_FACTS,
     LivePlan,
     Terms,
     Usage,
@@ -258,7 +265,14 @@ class CreditProcessor:
         out = Outcome(customer_id=customer)
         state = self._expire(state, now, out)
         live = _live_of(stored) or LivePlan()
-        live.add_fact(ev)
+        if live.add_fact(ev):
+            runs = self.plans.timeline(customer, live).runs
+            if not live.compact(runs[-1].anchor if runs else None):
+                del live.facts[ev.event_id]
+                err = LedgerCommandError(f"more than {MAX_FACTS} subscription facts in one run of {customer!r}",
+                                         reason_code="too_many_subscription_facts")  # fmt: skip
+                out.sends.append(self._dead(src, now, customer, ev.event_id, None, value or b"", "json", err))
+                out.dead_letters += 1
         return self._finish(state, extra, src, now, out, live=live)
 
     def _priced_on_plan(self, src: SourcePos, now: int, customer: str, state: CustomerLedger, live: LivePlan,

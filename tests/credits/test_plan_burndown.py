@@ -160,3 +160,40 @@ def test_rollover_is_live_and_matches_the_bill() -> None:
     bills = rate_periods(tl.periods(FEB + 1), lambda p: [usage[p.start]])
     feb = bills[1].allowances[0]
     assert (feb.included + feb.rolled_in, feb.used, feb.remaining) == (a["included"], a["used"], a["remaining"])
+
+
+def test_plan_state_stays_bounded_and_survives_a_restore() -> None:
+    from meterline.plans import MAX_FACTS, MAX_SEGMENTS
+    from pipeline.credits.processor import DEAD, snapshot_of
+
+    r = _replay()
+    day = 86_400
+    n = MAX_FACTS // 2 + 10  # subscribe + cancel every other day: more facts than kept, in ended runs
+    for i in range(n):
+        for typ, at, plan in (("subscribed", JAN + 2 * i * day, "pro"), ("cancelled", JAN + (2 * i + 1) * day, None)):
+            key, value = SubscriptionEvent(typ, "big", at, plan).to_record()
+            r.feed(SUBSCRIPTIONS, 0, key, value, at * 1000)
+    _subscribe(r, "big", "strict", JAN + 2 * n * day)
+    for i in range(2 * n + 3):
+        _use(r, "big", [_tokens("big", f"u{i}", 1000, (JAN + i * day + 3600) * 1000)])
+    plan = r.table["big"]["plan"]
+    assert len(plan["facts"]) == MAX_FACTS and len(plan["segs"]) == MAX_SEGMENTS
+    assert _allowance(r, "big")["plan"] == "strict@1" and _allowance(r, "big")["used"] == 3000
+    # a single run with more facts than kept: the newest fact is refused with a reason, not dropped silently
+    for i in range(MAX_FACTS + 1):
+        at = JAN + 2 * n * day + (i + 1) * 3600
+        key, value = SubscriptionEvent("changed", "big", at, ("pro", "strict")[i % 2]).to_record()
+        out = r.feed(SUBSCRIPTIONS, 0, key, value, at * 1000)
+    assert out.dead_letters == 1 and any(name == DEAD for name, *_ in out.sends)
+    assert len(r.table["big"]["plan"]["facts"]) == MAX_FACTS
+    # one-box restore: the snapshot keeps the plan state, a restore command brings it back
+    snap = snapshot_of(r.table["big"])
+    assert snap["plan"] == r.table["big"]["plan"]
+    fresh = _replay()
+    from meterline.restore import rebuild_state
+
+    state = rebuild_state("big", snap, [])  # what meterline.restore publishes from the stored snapshot
+    msg = {"type": "restore", "command_id": "restore:1:big", "customer_id": "big", "at_ms": 0, "state": state}
+    fresh.feed(COMMANDS, 0, "big", enc(msg), (JAN + 2 * n * day) * 1000)
+    assert fresh.table["big"]["plan"]["facts"] == snap["plan"]["facts"]
+    assert fresh.table["big"]["plan"]["segs"] == snap["plan"]["segs"]
