@@ -11,7 +11,6 @@ with the installed ``meterline plans`` commands:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.alerts import verify_signature
 from meterline.api.keys import KeyStore
 from meterline.config import Settings
 from meterline.pricing import load_price_book
@@ -77,7 +75,6 @@ def test_block_plan_concurrent_authorizations_and_live_allowance(
     producer = UsageProducer(kafka_bootstrap, settings.topic("usage-events"), linger_ms=5)
     try:
         api = runtime.api_server.url
-        admin = {"Authorization": f"Bearer {runtime.admin_key}"}
         _, key = KeyStore(tmp_path / "api_keys.json").create("plano")
         plano = {"Authorization": f"Bearer {key}"}
         http = httpx.Client(base_url=api, timeout=30)

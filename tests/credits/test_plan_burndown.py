@@ -8,8 +8,8 @@ from typing import Any
 from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
 from meterline.pricing import PricingEngine, load_price_book
 from pipeline.credits.plans import PlanBook
-from tests.credits.helpers import COMMANDS, PRICED, SUBSCRIPTIONS, Replay, enc, grant_msg, priced_event, priced_record
 from tests.credits.conftest import SEED
+from tests.credits.helpers import COMMANDS, PRICED, SUBSCRIPTIONS, Replay, enc, grant_msg, priced_event, priced_record
 
 M = 1_000_000
 JAN = parse_instant("2026-01-01T00:00:00Z", where="test")
