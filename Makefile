@@ -6,11 +6,11 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test setup browser bench verify clean
+.PHONY: run test lint setup browser bench verify clean
 
 # Debian's chromium for the console's browser tests (Playwright drives it; no browser download).
 browser:
-	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ setup: browser $(STAMP)
 run: $(STAMP)
 	$(BIN)/meterline up --demo
 
-test: browser $(STAMP)
+# Lint, format and types run first: ruff over the tree, mypy strict over the pure core and contracts.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy meterline/core schemas
+
+test: browser $(STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.bench-installed: $(STAMP)

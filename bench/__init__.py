@@ -25,30 +25,30 @@ class BenchConfig:
     """Sizes of one run. ``quick`` shrinks everything so the whole suite ends in < 2 minutes."""
 
     quick: bool = False
-    pricing_events: int = 200_000      # events per run of the pricing-core benchmark
-    litellm_events: int = 20_000       # litellm is ~50x slower: priced on a prefix of the same events
-    runs: int = 5                      # repeats; medians are reported
-    processor_records: int = 200       # 500-event UsageBatch records through PricingProcessor
-    e2e_events: int = 200_000          # 1M does not fit the 10-minute budget here: see docs/benchmarks.md
+    pricing_events: int = 200_000  # events per run of the pricing-core benchmark
+    litellm_events: int = 20_000  # litellm is ~50x slower: priced on a prefix of the same events
+    runs: int = 5  # repeats; medians are reported
+    processor_records: int = 200  # 500-event UsageBatch records through PricingProcessor
+    e2e_events: int = 200_000  # 1M does not fit the 10-minute budget here: see docs/benchmarks.md
     e2e_customers: int = 1_000
     e2e_workers: tuple[int, ...] = (1, 2)
-    e2e_budget_s: float = 100.0        # per worker count, from worker start; then measured on what got through
-    latency_rate: int = 10_000         # events/s offered during the latency run
+    e2e_budget_s: float = 100.0  # per worker count, from worker start; then measured on what got through
+    latency_rate: int = 10_000  # events/s offered during the latency run
     latency_seconds: float = 20.0
-    latency_drain_s: float = 60.0      # wait this long after the last send for the rows to land
+    latency_drain_s: float = 60.0  # wait this long after the last send for the rows to land
     analytics_rows: int = 10_000_000
     analytics_repeats: int = 5
     analytics_load_budget_s: float = 100.0  # stop loading more rows after this (the report says so)
-    reprice_rows: int = 10_000_000     # a month of events re-rated by `meterline reprice`
+    reprice_rows: int = 10_000_000  # a month of events re-rated by `meterline reprice`
     reprice_load_budget_s: float = 600.0  # bounded: 10M rows load in ~2-10 min on 2 shared cores
-    simulate_rows: int = 10_000_000    # priced rows under the plan simulator (issue #13)
+    simulate_rows: int = 10_000_000  # priced rows under the plan simulator (issue #13)
     simulate_load_budget_s: float = 420.0  # ~26 s per million rows here: 10M fit
-    authorize_concurrency: int = 32    # concurrent clients of POST /v1/authorize
-    authorize_seconds: float = 20.0    # loaded phase; bounded by authorize_max_requests too
+    authorize_concurrency: int = 32  # concurrent clients of POST /v1/authorize
+    authorize_seconds: float = 20.0  # loaded phase; bounded by authorize_max_requests too
     authorize_max_requests: int = 50_000
     authorize_single_seconds: float = 5.0  # 1 sequential client first (unloaded latency)
     stripe_default: tuple[int, int, int] = (1_000_000, 500, 8)  # (events, customers, hours): > 1,000 windows -> v2
-    stripe_v1: tuple[int, int, int] = (200_000, 200, 3)          # v1 forced: one call per window
+    stripe_v1: tuple[int, int, int] = (200_000, 200, 3)  # v1 forced: one call per window
 
     @classmethod
     def quick_config(cls) -> BenchConfig:

@@ -15,9 +15,10 @@ import platform
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench import BenchConfig, Result
 
@@ -34,8 +35,12 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "platform": platform.platform()}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -54,14 +59,21 @@ def print_table(results: list[Result]) -> None:
     try:
         from rich.table import Table
 
-        from meterline.console import make_console
+        from meterline.shell.console import make_console
     except ImportError:  # plain fallback
         for r in results:
             print(f"{r.benchmark:16} {r.name:58} {_fmt(r.figure):>12} {r.unit:10} {r.target:10} {_met(r):4} {r.note}")
         return
     table = Table(title="meterline benchmarks", show_lines=False)
-    for col, kw in (("benchmark", {}), ("name", {}), ("figure", {"justify": "right"}), ("unit", {}),
-                    ("target", {}), ("met?", {}), ("note", {"overflow": "fold"})):  # fmt: skip
+    for col, kw in (
+        ("benchmark", {}),
+        ("name", {}),
+        ("figure", {"justify": "right"}),
+        ("unit", {}),
+        ("target", {}),
+        ("met?", {}),
+        ("note", {"overflow": "fold"}),
+    ):
         table.add_column(col, **kw)
     for r in results:
         met = _met(r)
@@ -81,11 +93,16 @@ def print_profiles(results: list[Result]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes: the whole suite in under 2 minutes")
     ap.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
-    ap.add_argument("--events", type=int, help="events for the end-to-end run (default 200,000; quick 100,000; the issue asks 1,000,000)")
+    ap.add_argument(
+        "--events",
+        type=int,
+        help="events for the end-to-end run (default 200,000; quick 100,000; the issue asks 1,000,000)",
+    )
     ap.add_argument("--analytics-rows", type=int, help="rows for the analytics run (default 10,000,000)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON result")
     args = ap.parse_args(argv)
@@ -101,10 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     from bench._stack import Stack
 
     plain: list[tuple[str, Callable[[BenchConfig], list[Result]]]] = [
-        ("pricing", pricing_core.run), ("processor", codec_processor.run)]
+        ("pricing", pricing_core.run),
+        ("processor", codec_processor.run),
+    ]
     stacked: list[tuple[str, Callable[[BenchConfig, Any], list[Result]]]] = [
-        ("e2e", e2e.run), ("latency", latency.run), ("authorize", authorize.run), ("stripe", stripe_sync.run),
-        ("analytics", analytics.run), ("simulate", simulate.run), ("reprice", reprice.run)]
+        ("e2e", e2e.run),
+        ("latency", latency.run),
+        ("authorize", authorize.run),
+        ("stripe", stripe_sync.run),
+        ("analytics", analytics.run),
+        ("simulate", simulate.run),
+        ("reprice", reprice.run),
+    ]
     results: list[Result] = []
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -117,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             results.extend(got)
             for r in got:  # progress, so a long run shows its figures as they come
                 print(f"[bench]   {r.name}: {_fmt(r.figure)} {r.unit} {r.note}", file=sys.stderr, flush=True)
-        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
+        except Exception as exc:
             traceback.print_exc()
             results.append(Result(name, "FAILED", None, note=f"{type(exc).__name__}: {str(exc)[:300]}"))
         timings[name] = round(time.monotonic() - t, 1)
@@ -135,11 +160,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(results)
     print_profiles(results)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stamp}.json"
-    doc = {"started_utc": stamp, "config": dataclasses.asdict(cfg), "machine": _machine(), "seconds": total,
-           "seconds_per_benchmark": timings, "results": [r.to_json() for r in results]}  # fmt: skip
+    doc = {
+        "started_utc": stamp,
+        "config": dataclasses.asdict(cfg),
+        "machine": _machine(),
+        "seconds": total,
+        "seconds_per_benchmark": timings,
+        "results": [r.to_json() for r in results],
+    }
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"\n{len(results)} figures in {total} s; written to {path}")
     return 0

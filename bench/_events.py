@@ -35,8 +35,12 @@ def bench_price_book(n_models: int = N_MODELS) -> dict[str, Any]:
                 "provider": BENCH_PROVIDER,
                 "model": model,
                 "effective_from": EFFECTIVE_FROM,
-                "per_million": {"input": inp, "output": out, "cached_input": f"{0.075 + 0.175 * i:.4f}",
-                                "cache_write": f"{0.1875 + 0.4375 * i:.5f}"},
+                "per_million": {
+                    "input": inp,
+                    "output": out,
+                    "cached_input": f"{0.075 + 0.175 * i:.4f}",
+                    "cache_write": f"{0.1875 + 0.4375 * i:.5f}",
+                },
             }
         )
     cards: list[dict[str, Any]] = [{"customer_id": "*", "markup_pct": "0"}]
@@ -59,7 +63,13 @@ def tokens(rng: random.Random) -> tuple[int, int, int, int]:
 
 
 def event(
-    rng: random.Random, *, event_id: str, customer: str, occurred_at_ms: int, models: list[str], project: str = "default"
+    rng: random.Random,
+    *,
+    event_id: str,
+    customer: str,
+    occurred_at_ms: int,
+    models: list[str],
+    project: str = "default",
 ) -> dict[str, Any]:
     inp, out, cached, write = tokens(rng)
     return {
@@ -105,8 +115,11 @@ def usage_records(
             cust = customer_id(c)
             evs = []
             for _ in range(k):
-                evs.append(event(rng, event_id=f"e{seq:09d}", customer=cust, occurred_at_ms=start_ms + seq * step,
-                                 models=models))
+                evs.append(
+                    event(
+                        rng, event_id=f"e{seq:09d}", customer=cust, occurred_at_ms=start_ms + seq * step, models=models
+                    )
+                )
                 seq += 1
             done[c] += k
             yield cust.encode(), encode_usage_batch(evs), k

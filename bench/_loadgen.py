@@ -1,13 +1,13 @@
 """Load generators the credit benchmarks run as SEPARATE processes (``python -m bench._loadgen MODE SPEC OUT``).
 
-They run outside the bench process on purpose: the bench process hosts the :class:`meterline.runtime.Runtime`
+They run outside the bench process on purpose: the bench process hosts the :class:`meterline.shell.runtime.Runtime`
 (API server, sinks, status view — as ``meterline up`` does), and a generator in the same process would
 take the GIL from the very code it measures. Each mode reads a JSON spec, writes a JSON result (with
 its own CPU seconds), talks only to 127.0.0.1, and is bounded in time and count.
 
 Modes
 -----
-``send``       paced usage events through the gateway SDK (:class:`schemas.producer.UsageProducer`):
+``send``       paced usage events through the gateway SDK (:class:`meterline.stack.producer.UsageProducer`):
                ``rate`` events/s for ``seconds`` s, ticks of 10 ms, ``occurred_at`` = send time; event
                ``i`` goes to customer ``i % customers``. The first ``watched`` customers get a FIXED
                request (one model, fixed token counts) so each of their events costs the same exact
@@ -40,7 +40,7 @@ def _cpu_s() -> float:
 
 def send(spec: dict[str, Any]) -> dict[str, Any]:
     from bench._events import customer_id, event
-    from schemas.producer import UsageProducer
+    from meterline.stack.producer import UsageProducer
 
     rng = random.Random(spec.get("seed", 5))
     models: list[str] = spec["models"]
@@ -63,8 +63,14 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
             for _ in range(k):
                 c = sent % n_cust
                 cust = customer_id(c)
-                ev = event(rng, event_id=f"{spec['tag']}{sent:08d}", customer=cust, project="latency",
-                           occurred_at_ms=now_ms, models=models)  # fmt: skip
+                ev = event(
+                    rng,
+                    event_id=f"{spec['tag']}{sent:08d}",
+                    customer=cust,
+                    project="latency",
+                    occurred_at_ms=now_ms,
+                    models=models,
+                )
                 if c < n_watched:
                     ev.update(model=spec["watched_model"], **fixed)
                     watched[cust].append(now_ms)
@@ -80,15 +86,21 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
         producer.flush(60)
     finally:
         producer.close()
-    return {"sent": sent, "offered_s": offered_s, "achieved_rate": sent / offered_s, "ticks_behind": behind,
-            "watched": watched, "cpu_s": _cpu_s()}  # fmt: skip
+    return {
+        "sent": sent,
+        "offered_s": offered_s,
+        "achieved_rate": sent / offered_s,
+        "ticks_behind": behind,
+        "watched": watched,
+        "cpu_s": _cpu_s(),
+    }
 
 
 def poll(spec: dict[str, Any]) -> dict[str, Any]:
     import http.client
     from urllib.parse import urlsplit
 
-    from meterline.ledger import parse_amount
+    from meterline.core.ledger import parse_amount
 
     customers: list[str] = spec["customers"]
     expect: dict[str, int] = spec["expect"]
@@ -130,8 +142,14 @@ def poll(spec: dict[str, Any]) -> dict[str, Any]:
                 last[c] = n
                 seen[c].append([t_ms, n])
     elapsed = time.monotonic() - t0
-    return {"seen": seen, "polls": polls, "errors": errors, "inexact": inexact,
-            "sweep_ms": 1000 * elapsed / max(1, polls / max(1, len(customers))), "cpu_s": _cpu_s()}  # fmt: skip
+    return {
+        "seen": seen,
+        "polls": polls,
+        "errors": errors,
+        "inexact": inexact,
+        "sweep_ms": 1000 * elapsed / max(1, polls / max(1, len(customers))),
+        "cpu_s": _cpu_s(),
+    }
 
 
 def authorize(spec: dict[str, Any]) -> dict[str, Any]:
@@ -157,8 +175,11 @@ def authorize(spec: dict[str, Any]) -> dict[str, Any]:
             i += int(spec["concurrency"])
             t = time.perf_counter()
             try:
-                r = await client.post("/v1/authorize", json={**body, "customer_id": cust},
-                                      headers={"Authorization": f"Bearer {keys[cust]}"})  # fmt: skip
+                r = await client.post(
+                    "/v1/authorize",
+                    json={**body, "customer_id": cust},
+                    headers={"Authorization": f"Bearer {keys[cust]}"},
+                )
             except httpx.HTTPError as exc:
                 statuses[type(exc).__name__] = statuses.get(type(exc).__name__, 0) + 1
                 continue
@@ -169,7 +190,9 @@ def authorize(spec: dict[str, Any]) -> dict[str, Any]:
                 decisions[d] = decisions.get(d, 0) + 1
 
     async def main() -> float:
-        limits = httpx.Limits(max_connections=int(spec["concurrency"]), max_keepalive_connections=int(spec["concurrency"]))
+        limits = httpx.Limits(
+            max_connections=int(spec["concurrency"]), max_keepalive_connections=int(spec["concurrency"])
+        )
         async with httpx.AsyncClient(base_url=spec["url"], timeout=30, limits=limits) as client:
             t0 = time.monotonic()
             stop_at = t0 + seconds
@@ -177,8 +200,13 @@ def authorize(spec: dict[str, Any]) -> dict[str, Any]:
             return time.monotonic() - t0
 
     elapsed = asyncio.run(main())
-    return {"latencies_ms": lat_ms, "statuses": statuses, "decisions": decisions, "elapsed_s": elapsed,
-            "cpu_s": _cpu_s()}  # fmt: skip
+    return {
+        "latencies_ms": lat_ms,
+        "statuses": statuses,
+        "decisions": decisions,
+        "elapsed_s": elapsed,
+        "cpu_s": _cpu_s(),
+    }
 
 
 MODES = {"send": send, "poll": poll, "authorize": authorize}

@@ -4,7 +4,7 @@ Everything binds 127.0.0.1 and lives in a temporary directory removed at the end
 engine path per process, so every benchmark gets its own DATABASE in the one engine, and its own
 topic prefix on the one broker. :class:`PipelineRun` wires a pipeline the way
 ``tests/e2e/conftest.py`` does: faust worker processes + the ClickHouse sink on a thread here.
-:class:`RuntimeRun` starts the whole production stack instead (:class:`meterline.runtime.Runtime`:
+:class:`RuntimeRun` starts the whole production stack instead (:class:`meterline.shell.runtime.Runtime`:
 workers with the pricing AND credit agents, both sinks, the HTTP API with the credits routes) on
 the shared broker and a fresh database; load generators run as separate processes
 (:func:`run_loadgen`, ``bench/_loadgen.py``).
@@ -27,13 +27,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-
-from meterline.stack.kafka import make_producer
-from meterline.config import Settings
-from meterline.errors import DeliveryFailed
-from meterline.pricing import load_price_book
+from meterline.core.config import Settings
+from meterline.core.errors import DeliveryFailed
+from meterline.core.pricing import load_price_book
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir
+from meterline.stack.kafka import make_producer
 from meterline.stack.topics import ensure_topics
 from pipeline.publish import publish_records
 from pipeline.sink import ClickHouseSink
@@ -54,8 +53,9 @@ class Stack:
         self.broker.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.broker.stop()
         if os.environ.get("METERLINE_BENCH_KEEP"):  # worker logs etc. for a look afterwards
             print(f"[bench] kept {self.root}")
@@ -78,8 +78,13 @@ class Stack:
 
     def settings(self, prefix: str) -> Settings:
         ensure_topics(self.bootstrap, prefix, PARTITIONS)
-        return Settings(kafka_bootstrap=self.bootstrap, topic_prefix=prefix, partitions=PARTITIONS,
-                        broker_flavor="tansu", data_dir=self.root / prefix.rstrip("."))
+        return Settings(
+            kafka_bootstrap=self.bootstrap,
+            topic_prefix=prefix,
+            partitions=PARTITIONS,
+            broker_flavor="tansu",
+            data_dir=self.root / prefix.rstrip("."),
+        )
 
 
 def new_prefix(tag: str) -> str:
@@ -147,8 +152,9 @@ class PipelineRun:
         self.log_dir = stack.root / "logs" / self.prefix.rstrip(".")
         self.workers: list[WorkerProcess] = []
         self.stop_event = threading.Event()
-        publish_records(self.settings.kafka_bootstrap, self.settings.topic("prices"),
-                        load_price_book(price_book).to_records())
+        publish_records(
+            self.settings.kafka_bootstrap, self.settings.topic("prices"), load_price_book(price_book).to_records()
+        )
         self.sink = ClickHouseSink(
             bootstrap=stack.bootstrap,
             group_id=f"{self.prefix}sink",
@@ -157,8 +163,9 @@ class PipelineRun:
             clickhouse=self.sink_client,
             max_interval_ms=sink_interval_ms,
         )
-        self.sink_thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), name="bench-sink",
-                                            daemon=True)
+        self.sink_thread = threading.Thread(
+            target=self.sink.run, args=(self.stop_event,), name="bench-sink", daemon=True
+        )
 
     @property
     def usage_topic(self) -> str:
@@ -194,37 +201,44 @@ class PipelineRun:
         try:
             self.ch.database = "default"
             self.ch.command(f"DROP DATABASE IF EXISTS `{self.database}` SYNC")
-        except Exception:  # noqa: BLE001 - the whole engine directory is removed at the end anyway
+        except Exception:
             pass
         for c in (self.ch, self.sink_client):
             try:
                 c.close()
-            except Exception:  # noqa: BLE001 - closing on the way out
+            except Exception:
                 pass
 
 
 class RuntimeRun:
-    """:class:`meterline.runtime.Runtime` (``meterline up`` minus the broker) on the stack's broker, a
+    """:class:`meterline.shell.runtime.Runtime` (``meterline up`` minus the broker) on the stack's broker, a
     fresh topic prefix and a fresh database of the stack's chDB engine; the bench price book published.
     Context manager: stops the runtime and drops the database."""
 
     def __init__(self, stack: Stack, tag: str, *, price_book: Any, workers: int = 1) -> None:
-        from meterline.runtime import Runtime
+        from meterline.shell.runtime import Runtime
         from meterline.stack.clickhouse import with_database
 
         self.stack = stack
         self.prefix = new_prefix(tag)
         self.database = f"bench_{tag}_{uuid.uuid4().hex[:8]}"
-        settings = Settings(kafka_bootstrap=stack.bootstrap, topic_prefix=self.prefix, partitions=PARTITIONS,
-                            broker_flavor="tansu", data_dir=stack.root / self.prefix.rstrip("."), api_port=0,
-                            clickhouse_dsn=with_database(stack.chdb_dsn, self.database))  # fmt: skip
+        settings = Settings(
+            kafka_bootstrap=stack.bootstrap,
+            topic_prefix=self.prefix,
+            partitions=PARTITIONS,
+            broker_flavor="tansu",
+            data_dir=stack.root / self.prefix.rstrip("."),
+            api_port=0,
+            clickhouse_dsn=with_database(stack.chdb_dsn, self.database),
+        )
         self.runtime = Runtime(settings, workers=workers)
         self.price_book = price_book
 
     def __enter__(self) -> RuntimeRun:
         self.runtime.start(on_step=lambda _s: None)
-        publish_records(self.stack.bootstrap, self.settings.topic("prices"),
-                        load_price_book(self.price_book).to_records())
+        publish_records(
+            self.stack.bootstrap, self.settings.topic("prices"), load_price_book(self.price_book).to_records()
+        )
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -233,7 +247,7 @@ class RuntimeRun:
             client = self.stack.client("default")
             client.command(f"DROP DATABASE IF EXISTS `{self.database}` SYNC")
             client.close()
-        except Exception:  # noqa: BLE001 - the whole engine directory is removed at the end anyway
+        except Exception:
             pass
 
     @property
@@ -263,8 +277,12 @@ def run_loadgen(mode: str, spec: dict[str, Any], workdir: Path, *, timeout: floa
     spec_path, out_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "bench._loadgen", mode, str(spec_path), str(out_path)], cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=(workdir / f"{tag}.log").open("wb"))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench._loadgen", mode, str(spec_path), str(out_path)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / f"{tag}.log").open("wb"),
+    )
     proc.out_path = out_path  # type: ignore[attr-defined]
     proc.timeout = timeout  # type: ignore[attr-defined]
     return proc

@@ -24,10 +24,10 @@ CHUNK = 1_000_000
 
 FALLBACK = {
     "Spend per customer per day": "SELECT day, customer_id, currency, events, cost, charge, margin FROM v_spend_daily "
-                                  "ORDER BY day, customer_id, currency",
+    "ORDER BY day, customer_id, currency",
     "Margin per model": "SELECT provider, model, currency, sum(cost) AS c, sum(charge) AS ch, ch - c AS margin "
-                        "FROM usage_daily GROUP BY provider, model, currency ORDER BY margin DESC",
-}  # fmt: skip
+    "FROM usage_daily GROUP BY provider, model, currency ORDER BY margin DESC",
+}
 
 _INSERT = """
 INSERT INTO usage_priced (event_id, occurred_at, customer_id, api_key_id, project, feature, user_id, session_id,
@@ -75,8 +75,16 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         for first in range(0, n, CHUNK):
             if time.monotonic() - t0 > cfg.analytics_load_budget_s:
                 break  # scaled down to fit the time budget: reported below
-            client.command(_INSERT, parameters={"start": start_ms, "span": 7 * 86_400_000, "n": n, "first": first,
-                                                "count": min(CHUNK, n - first)})  # fmt: skip
+            client.command(
+                _INSERT,
+                parameters={
+                    "start": start_ms,
+                    "span": 7 * 86_400_000,
+                    "n": n,
+                    "first": first,
+                    "count": min(CHUNK, n - first),
+                },
+            )
         load_s = time.monotonic() - t0
         stored = int(client.query("SELECT count() FROM usage_priced").result_rows[0][0])
         n = stored
@@ -85,9 +93,16 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         if not queries:
             queries, source = FALLBACK, "built-in (docs/analytics.md not found)"
         scaled = "" if n >= 10_000_000 else f" (SCALED DOWN from 10,000,000: {n:,} rows)"
-        out = [Result(NAME, "load: INSERT ... SELECT into usage_priced (+2 MVs)", round(stored / load_s), "rows/s",
-                      note=f"{stored:,} rows in {load_s:.1f} s{scaled}",
-                      details={"rows": stored, "load_s": load_s, "queries_from": source})]  # fmt: skip
+        out = [
+            Result(
+                NAME,
+                "load: INSERT ... SELECT into usage_priced (+2 MVs)",
+                round(stored / load_s),
+                "rows/s",
+                note=f"{stored:,} rows in {load_s:.1f} s{scaled}",
+                details={"rows": stored, "load_s": load_s, "queries_from": source},
+            )
+        ]
         for title, sql in queries.items():
             params = {"customer": "cust-0001"} if "{customer:String}" in sql else None
             client.query(sql, parameters=params)  # warm-up
@@ -97,9 +112,16 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
                 t = time.perf_counter()
                 rows = len(client.query(sql, parameters=params).result_rows)
                 times.append((time.perf_counter() - t) * 1000)
-            out.append(Result(NAME, f"p50: {title}", round(median(times), 1), "ms",
-                              note=f"{rows:,} result rows, {cfg.analytics_repeats} runs over {stored:,} rows",
-                              details={"sql": sql, "times_ms": times}))  # fmt: skip
+            out.append(
+                Result(
+                    NAME,
+                    f"p50: {title}",
+                    round(median(times), 1),
+                    "ms",
+                    note=f"{rows:,} result rows, {cfg.analytics_repeats} runs over {stored:,} rows",
+                    details={"sql": sql, "times_ms": times},
+                )
+            )
         return out
     finally:
         client.database = "default"

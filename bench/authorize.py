@@ -26,24 +26,45 @@ CUSTOMERS = 20
 BODY = {"provider": "bench", "model": "model-03", "input_tokens_estimate": 1000, "max_output_tokens": 500}
 
 
-def _load(rr: RuntimeRun, stack: Stack, keys: dict[str, str], concurrency: int, seconds: float,
-          max_requests: int) -> dict[str, Any]:
+def _load(
+    rr: RuntimeRun, stack: Stack, keys: dict[str, str], concurrency: int, seconds: float, max_requests: int
+) -> dict[str, Any]:
     cpu0 = (thread_cpu(), [cpu_seconds(p) for p in rr.worker_pids()], cpu_seconds(stack.broker.pid or 0))
-    proc = run_loadgen("authorize", {"url": rr.url, "keys": keys, "body": BODY, "concurrency": concurrency,
-                                     "seconds": seconds, "max_requests": max_requests},
-                       stack.root / "loadgen", timeout=seconds + 120)  # fmt: skip
+    proc = run_loadgen(
+        "authorize",
+        {
+            "url": rr.url,
+            "keys": keys,
+            "body": BODY,
+            "concurrency": concurrency,
+            "seconds": seconds,
+            "max_requests": max_requests,
+        },
+        stack.root / "loadgen",
+        timeout=seconds + 120,
+    )
     res = loadgen_result(proc)
     cpu1 = (thread_cpu(), [cpu_seconds(p) for p in rr.worker_pids()], cpu_seconds(stack.broker.pid or 0))
     lat = sorted(res["latencies_ms"])
     ok = res["statuses"].get("200", 0)
     return {
-        "concurrency": concurrency, "requests": len(lat), "answered_200": ok, "statuses": res["statuses"],
-        "decisions": res["decisions"], "elapsed_s": round(res["elapsed_s"], 2), "rps": ok / res["elapsed_s"],
-        "p50_ms": round(quantile(lat, 0.5), 1) if lat else None, "p99_ms": round(quantile(lat, 0.99), 1) if lat else None,
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "answered_200": ok,
+        "statuses": res["statuses"],
+        "decisions": res["decisions"],
+        "elapsed_s": round(res["elapsed_s"], 2),
+        "rps": ok / res["elapsed_s"],
+        "p50_ms": round(quantile(lat, 0.5), 1) if lat else None,
+        "p99_ms": round(quantile(lat, 0.99), 1) if lat else None,
         "max_ms": round(lat[-1], 1) if lat else None,
-        "cpu_s": {"worker": [round(b - a, 1) for a, b in zip(cpu0[1], cpu1[1])], "broker": round(cpu1[2] - cpu0[2], 1),
-                  "load generator": round(res["cpu_s"], 1), "bench process threads": cpu_delta(cpu0[0], cpu1[0])},
-    }  # fmt: skip
+        "cpu_s": {
+            "worker": [round(b - a, 1) for a, b in zip(cpu0[1], cpu1[1])],
+            "broker": round(cpu1[2] - cpu0[2], 1),
+            "load generator": round(res["cpu_s"], 1),
+            "bench process threads": cpu_delta(cpu0[0], cpu1[0]),
+        },
+    }
 
 
 def agent_hop_ms(rr: RuntimeRun) -> list[int]:
@@ -56,12 +77,15 @@ def agent_hop_ms(rr: RuntimeRun) -> list[int]:
         doc = json.loads(v) if v else {}
         if doc.get("type") == "authorize":
             sent[doc["request_id"]] = ts
-    return sorted(ts - sent[k.decode()] for k, _v, ts in read_topic(rr.stack.bootstrap, rr.settings.topic("ledger-replies"))
-                  if k and k.decode() in sent)  # fmt: skip
+    return sorted(
+        ts - sent[k.decode()]
+        for k, _v, ts in read_topic(rr.stack.bootstrap, rr.settings.topic("ledger-replies"))
+        if k and k.decode() in sent
+    )
 
 
 def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
-    from meterline.api.keys import KeyStore
+    from meterline.shell.api.keys import KeyStore
 
     customers = [customer_id(c) for c in range(CUSTOMERS)]
     with RuntimeRun(stack, "auth", price_book=bench_price_book()) as rr:
@@ -74,21 +98,45 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         total_s = time.monotonic() - t
         agent = agent_hop_ms(rr)
     c = loaded["cpu_s"]
-    cpu_note = (f"CPU s over {loaded['elapsed_s']} s: worker {c['worker']}, broker {c['broker']}, load generator "
-                f"{c['load generator']}, bench-process threads {c['bench process threads']}")  # fmt: skip
+    cpu_note = (
+        f"CPU s over {loaded['elapsed_s']} s: worker {c['worker']}, broker {c['broker']}, load generator "
+        f"{c['load generator']}, bench-process threads {c['bench process threads']}"
+    )
     bad = {k: v for k, v in loaded["statuses"].items() if k != "200"}
-    note = (f"{loaded['concurrency']} concurrent clients for {loaded['elapsed_s']} s, {CUSTOMERS} customers with own "
-            f"keys; decisions {loaded['decisions']}" + (f"; NON-200: {bad}" if bad else ""))  # fmt: skip
+    note = (
+        f"{loaded['concurrency']} concurrent clients for {loaded['elapsed_s']} s, {CUSTOMERS} customers with own "
+        f"keys; decisions {loaded['decisions']}" + (f"; NON-200: {bad}" if bad else "")
+    )
     return [
-        Result(NAME, f"answered requests/s, {loaded['concurrency']} concurrent clients", round(loaded["rps"], 1),
-               "req/s", note=note, details={"single": single, "loaded": loaded, "seconds": round(total_s, 1)}),
-        Result(NAME, f"latency p50, {loaded['concurrency']} concurrent clients", loaded["p50_ms"], "ms",
-               note=f"p99 below; max {loaded['max_ms']} ms"),
+        Result(
+            NAME,
+            f"answered requests/s, {loaded['concurrency']} concurrent clients",
+            round(loaded["rps"], 1),
+            "req/s",
+            note=note,
+            details={"single": single, "loaded": loaded, "seconds": round(total_s, 1)},
+        ),
+        Result(
+            NAME,
+            f"latency p50, {loaded['concurrency']} concurrent clients",
+            loaded["p50_ms"],
+            "ms",
+            note=f"p99 below; max {loaded['max_ms']} ms",
+        ),
         Result(NAME, f"latency p99, {loaded['concurrency']} concurrent clients", loaded["p99_ms"], "ms", note=cpu_note),
-        Result(NAME, "latency p50 / p99, 1 client (unloaded)", f"{single['p50_ms']} / {single['p99_ms']}", "ms",
-               note=f"{single['requests']} sequential requests, {round(single['rps'], 1)} req/s"),
-        Result(NAME, "of which command publish -> agent reply (p50 / p99)",
-               f"{quantile(agent, 0.5):,} / {quantile(agent, 0.99):,}" if agent else None, "ms",
-               note=f"{len(agent):,} requests, both phases: timestamps of ledger-commands and ledger-replies records; "
-                    "the rest of the client latency is the API, the publish ack and the ReplyWaiter's pick-up"),
+        Result(
+            NAME,
+            "latency p50 / p99, 1 client (unloaded)",
+            f"{single['p50_ms']} / {single['p99_ms']}",
+            "ms",
+            note=f"{single['requests']} sequential requests, {round(single['rps'], 1)} req/s",
+        ),
+        Result(
+            NAME,
+            "of which command publish -> agent reply (p50 / p99)",
+            f"{quantile(agent, 0.5):,} / {quantile(agent, 0.99):,}" if agent else None,
+            "ms",
+            note=f"{len(agent):,} requests, both phases: timestamps of ledger-commands and ledger-replies records; "
+            "the rest of the client latency is the API, the publish ack and the ReplyWaiter's pick-up",
+        ),
     ]

@@ -48,16 +48,23 @@ def profile_top(engine: Any, records: list[tuple[bytes, bytes, int]], top: int =
     stats = pstats.Stats(prof, stream=io.StringIO())
     total = sum(v[2] for v in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
     rows = []
-    for (filename, line, func), (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for (filename, line, func), (_cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
         short = filename.split("site-packages/")[-1].replace("/work/main/", "")
-        rows.append({"function": f"{short}:{line}({func})", "calls": nc, "tottime_s": round(tt, 4),
-                     "cumtime_s": round(ct, 4), "share_pct": round(100 * tt / total, 1)})  # fmt: skip
+        rows.append(
+            {
+                "function": f"{short}:{line}({func})",
+                "calls": nc,
+                "tottime_s": round(tt, 4),
+                "cumtime_s": round(ct, 4),
+                "share_pct": round(100 * tt / total, 1),
+            }
+        )
     rows.sort(key=lambda r: r["tottime_s"], reverse=True)
     return rows[:top]
 
 
 def run(cfg: BenchConfig) -> list[Result]:
-    from meterline.pricing import PricingEngine, load_price_book
+    from meterline.core.pricing import PricingEngine, load_price_book
 
     engine = PricingEngine.from_book(load_price_book(bench_price_book()))
     records = _records(cfg)
@@ -71,11 +78,20 @@ def run(cfg: BenchConfig) -> list[Result]:
     top = profile_top(engine, records)
     ok = priced == n_events
     return [
-        Result(NAME, "PricingProcessor.process_record", round(median(rates)), "events/s",
-               note=f"median of {cfg.runs} runs x {len(records)} records x {BATCH_EVENTS} events, one core"
-                    + ("" if ok else f"; ONLY {priced}/{n_events} PRICED"),
-               details={"rates_per_run": rates, "events": n_events, "records": len(records),
-                        "profile_top": top}),  # fmt: skip
-        Result(NAME, "PricingProcessor.process_record", round(median(rec_rates)), "records/s",
-               note=f"{BATCH_EVENTS}-event UsageBatch records"),
+        Result(
+            NAME,
+            "PricingProcessor.process_record",
+            round(median(rates)),
+            "events/s",
+            note=f"median of {cfg.runs} runs x {len(records)} records x {BATCH_EVENTS} events, one core"
+            + ("" if ok else f"; ONLY {priced}/{n_events} PRICED"),
+            details={"rates_per_run": rates, "events": n_events, "records": len(records), "profile_top": top},
+        ),
+        Result(
+            NAME,
+            "PricingProcessor.process_record",
+            round(median(rec_rates)),
+            "records/s",
+            note=f"{BATCH_EVENTS}-event UsageBatch records",
+        ),
     ]

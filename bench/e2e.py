@@ -32,10 +32,10 @@ NAME = "e2e"
 TARGET_EPS = 50_000
 
 
-def _one(stack: Stack, records: list[tuple[bytes, bytes, int]], n_events: int, workers: int,
-         budget_s: float) -> dict[str, Any]:
+def _one(
+    stack: Stack, records: list[tuple[bytes, bytes, int]], n_events: int, workers: int, budget_s: float
+) -> dict[str, Any]:
     import os
-    import threading
 
     run = PipelineRun(stack, f"e2e{workers}w", price_book=bench_price_book())
     try:
@@ -53,8 +53,9 @@ def _one(stack: Stack, records: list[tuple[bytes, bytes, int]], n_events: int, w
         t_first = run.wait_for("the first priced row", lambda: run.count() > 0, timeout=120)
         complete = True
         try:
-            t_end = run.wait_for(f"{n_events} priced rows", lambda: run.count() >= n_events, timeout=budget_s,
-                                 every=0.5)
+            t_end = run.wait_for(
+                f"{n_events} priced rows", lambda: run.count() >= n_events, timeout=budget_s, every=0.5
+            )
         except TimeoutError:  # time budget spent: measure what got through, and say so
             complete, t_end = False, time.monotonic()
         hwm = [vm_hwm_kib(w.pid) for w in run.workers if w.pid]
@@ -72,17 +73,28 @@ def _one(stack: Stack, records: list[tuple[bytes, bytes, int]], n_events: int, w
         rejected = int(run.ch.query("SELECT count() FROM usage_rejected").result_rows[0][0])
         span = max(q90 - q10, 1) / 1000
         return {
-            "workers": workers, "events": n_events, "records": n_rec, "rows": rows, "unique_rows": unique,
-            "rejected": rejected, "produce_s": round(produce_s, 2),
-            "sustained_eps": 0.8 * rows / span, "sustained_rps": 0.8 * rows / span / BATCH_EVENTS,
-            "complete": complete, "budget_s": budget_s,
-            "wall_eps": rows / (t_end - t0), "startup_s": round(t_first - t0, 2),
+            "workers": workers,
+            "events": n_events,
+            "records": n_rec,
+            "rows": rows,
+            "unique_rows": unique,
+            "rejected": rejected,
+            "produce_s": round(produce_s, 2),
+            "sustained_eps": 0.8 * rows / span,
+            "sustained_rps": 0.8 * rows / span / BATCH_EVENTS,
+            "complete": complete,
+            "budget_s": budget_s,
+            "wall_eps": rows / (t_end - t0),
+            "startup_s": round(t_first - t0, 2),
             "insert_span_s": round((last_ms - first_ms) / 1000, 2),
             "worker_peak_rss_mib": [round(h / 1024, 1) for h in hwm if h],
-            "cpu_s": {"workers": [round(c, 1) for c in worker_cpu], "sink_thread": round(sink_cpu, 1),
-                      "broker": round(broker_cpu, 1)},
+            "cpu_s": {
+                "workers": [round(c, 1) for c in worker_cpu],
+                "sink_thread": round(sink_cpu, 1),
+                "broker": round(broker_cpu, 1),
+            },
             "sink": run.sink.stats(),
-        }  # fmt: skip
+        }
     finally:
         run.close()
 
@@ -99,28 +111,61 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         r["encode_s"] = round(encode_s, 2)
         complete = r["unique_rows"] == cfg.e2e_events and r["rows"] == cfg.e2e_events and r["rejected"] == 0
         if not r["complete"]:
-            scaled += f"; TIME BUDGET ({cfg.e2e_budget_s:.0f} s) SPENT: measured on the {r['rows']:,} rows that got through"
-        note = (f"{cfg.e2e_events:,} events, {cfg.e2e_customers:,} customers, 20 models{scaled}; "
-                f"CPU s workers {r['cpu_s']['workers']}, sink {r['cpu_s']['sink_thread']}, "
-                f"broker {r['cpu_s']['broker']}")  # fmt: skip
+            scaled += (
+                f"; TIME BUDGET ({cfg.e2e_budget_s:.0f} s) SPENT: measured on the {r['rows']:,} rows that got through"
+            )
+        note = (
+            f"{cfg.e2e_events:,} events, {cfg.e2e_customers:,} customers, 20 models{scaled}; "
+            f"CPU s workers {r['cpu_s']['workers']}, sink {r['cpu_s']['sink_thread']}, "
+            f"broker {r['cpu_s']['broker']}"
+        )
         if not complete and r["complete"]:
             note += f"; ROWS {r['rows']} UNIQUE {r['unique_rows']} REJECTED {r['rejected']}"
         out += [
-            Result(NAME, f"sustained throughput, {workers} worker(s)", round(r["sustained_eps"]), "events/s",
-                   f">= {TARGET_EPS:,}", r["sustained_eps"] >= TARGET_EPS, note, details=r),
-            Result(NAME, f"sustained throughput, {workers} worker(s)", round(r["sustained_rps"]), "records/s",
-                   note=f"{BATCH_EVENTS}-event UsageBatch records"),
-            Result(NAME, f"wall throughput incl. start-up, {workers} worker(s)", round(r["wall_eps"]), "events/s",
-                   note=f"start-up to first row {r['startup_s']} s"),
-            Result("memory", f"worker peak RSS (VmHWM), {workers} worker(s)",
-                   max(r["worker_peak_rss_mib"]) if r["worker_peak_rss_mib"] else None, "MiB",
-                   note=f"per worker: {r['worker_peak_rss_mib']} at the end of the e2e run"),
+            Result(
+                NAME,
+                f"sustained throughput, {workers} worker(s)",
+                round(r["sustained_eps"]),
+                "events/s",
+                f">= {TARGET_EPS:,}",
+                r["sustained_eps"] >= TARGET_EPS,
+                note,
+                details=r,
+            ),
+            Result(
+                NAME,
+                f"sustained throughput, {workers} worker(s)",
+                round(r["sustained_rps"]),
+                "records/s",
+                note=f"{BATCH_EVENTS}-event UsageBatch records",
+            ),
+            Result(
+                NAME,
+                f"wall throughput incl. start-up, {workers} worker(s)",
+                round(r["wall_eps"]),
+                "events/s",
+                note=f"start-up to first row {r['startup_s']} s",
+            ),
+            Result(
+                "memory",
+                f"worker peak RSS (VmHWM), {workers} worker(s)",
+                max(r["worker_peak_rss_mib"]) if r["worker_peak_rss_mib"] else None,
+                "MiB",
+                note=f"per worker: {r['worker_peak_rss_mib']} at the end of the e2e run",
+            ),
         ]
     sink = profile_sink(stack, records[: max(1, 20_000 // BATCH_EVENTS)])
-    out.append(Result(NAME, "sink step, in process (decode + row mapping + chDB insert)",
-                      round(1e6 / (sink["decode_and_rows_us_per_event"] + sink["insert_us_per_event"])),
-                      "events/s", note=f"{sink['decode_and_rows_us_per_event']} us/event decode+rows, "
-                      f"{sink['insert_us_per_event']} us/event insert, one thread", details=sink))
+    out.append(
+        Result(
+            NAME,
+            "sink step, in process (decode + row mapping + chDB insert)",
+            round(1e6 / (sink["decode_and_rows_us_per_event"] + sink["insert_us_per_event"])),
+            "events/s",
+            note=f"{sink['decode_and_rows_us_per_event']} us/event decode+rows, "
+            f"{sink['insert_us_per_event']} us/event insert, one thread",
+            details=sink,
+        )
+    )
     return out
 
 
@@ -130,7 +175,7 @@ def profile_sink(stack: Stack, records: list[tuple[bytes, bytes, int]], top: int
     import cProfile
     import pstats
 
-    from meterline.pricing import PricingEngine, load_price_book
+    from meterline.core.pricing import PricingEngine, load_price_book
     from pipeline.processor import PricingProcessor
     from pipeline.sink import PRICED_COLUMNS, priced_row
     from schemas.codec import decode_priced_batch
@@ -141,8 +186,12 @@ def profile_sink(stack: Stack, records: list[tuple[bytes, bytes, int]], top: int
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    rows = [priced_row(item, partition=0, offset=i) for i, value in enumerate(priced) if value
-            for item in decode_priced_batch(value)]  # fmt: skip
+    rows = [
+        priced_row(item, partition=0, offset=i)
+        for i, value in enumerate(priced)
+        if value
+        for item in decode_priced_batch(value)
+    ]
     t_rows = time.perf_counter()
     client.insert("usage_priced", rows, column_names=PRICED_COLUMNS)
     prof.disable()
@@ -153,11 +202,21 @@ def profile_sink(stack: Stack, records: list[tuple[bytes, bytes, int]], top: int
     stats = pstats.Stats(prof)
     total = sum(v[2] for v in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
     tops = []
-    for (filename, line, func), (_, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for (filename, line, func), (_, nc, tt, _ct, _) in stats.stats.items():  # type: ignore[attr-defined]
         short = filename.split("site-packages/")[-1].replace("/work/main/", "")
-        tops.append({"function": f"{short}:{line}({func})", "calls": nc, "tottime_s": round(tt, 4),
-                     "share_pct": round(100 * tt / total, 1)})
+        tops.append(
+            {
+                "function": f"{short}:{line}({func})",
+                "calls": nc,
+                "tottime_s": round(tt, 4),
+                "share_pct": round(100 * tt / total, 1),
+            }
+        )
     tops.sort(key=lambda r: r["tottime_s"], reverse=True)
     n = len(rows)
-    return {"events": n, "decode_and_rows_us_per_event": round((t_rows - t0) / n * 1e6, 1),
-            "insert_us_per_event": round((t_end - t_rows) / n * 1e6, 1), "profile_top": tops[:top]}
+    return {
+        "events": n,
+        "decode_and_rows_us_per_event": round((t_rows - t0) / n * 1e6, 1),
+        "insert_us_per_event": round((t_end - t_rows) / n * 1e6, 1),
+        "profile_top": tops[:top],
+    }

@@ -1,7 +1,7 @@
 """Benchmark 4: end-to-end latency at a steady offered rate — to the ClickHouse row, and to the
 balance visible over the API.
 
-The production stack (:class:`bench._stack.RuntimeRun` = :class:`meterline.runtime.Runtime`: 1 faust
+The production stack (:class:`bench._stack.RuntimeRun` = :class:`meterline.shell.runtime.Runtime`: 1 faust
 worker running the pricing AND credit agents, the ClickHouse and ledger-entries sinks, the HTTP API
 with the credits routes and its StatusView) on the bench broker. Set-up: each watched customer gets
 a large grant through ``POST /v1/credits/grants``; a warm-up event is sent and awaited in the
@@ -33,11 +33,10 @@ from typing import Any
 
 import httpx
 
-from meterline.ledger import parse_amount
-
 from bench import BenchConfig, Result
 from bench._events import bench_models, bench_price_book, customer_id, event
 from bench._stack import RuntimeRun, Stack, cpu_delta, cpu_seconds, loadgen_result, read_topic, run_loadgen, thread_cpu
+from meterline.core.ledger import parse_amount
 
 NAME = "latency"
 CUSTOMERS = 100
@@ -59,8 +58,13 @@ def grant_and_wait(rr: RuntimeRun, customers: list[str], amount: str, *, timeout
     want = parse_amount(amount)
     with httpx.Client(base_url=rr.url, timeout=30) as c:
         for cust in customers:
-            r = api(c, "POST", "/v1/credits/grants", rr.admin_key,
-                    json={"customer_id": cust, "amount": amount, "grant_id": f"bench-{cust}"})  # fmt: skip
+            r = api(
+                c,
+                "POST",
+                "/v1/credits/grants",
+                rr.admin_key,
+                json={"customer_id": cust, "amount": amount, "grant_id": f"bench-{cust}"},
+            )
             r.raise_for_status()
         deadline = time.monotonic() + timeout
         pending = set(customers)
@@ -77,18 +81,27 @@ def grant_and_wait(rr: RuntimeRun, customers: list[str], amount: str, *, timeout
 
 def warm_up(rr: RuntimeRun, customer: str, *, timeout: float = 120) -> None:
     """One usage event for ``customer`` (granted) through the SDK, awaited in its balance."""
-    from schemas.producer import UsageProducer
+    from meterline.stack.producer import UsageProducer
 
     producer = UsageProducer(rr.stack.bootstrap, rr.settings.topic("usage-events"), linger_ms=5)
     try:
-        producer.send(event(random.Random(1), event_id="warmup", customer=customer, project="warmup",
-                            occurred_at_ms=int(time.time() * 1000), models=bench_models()))  # fmt: skip
+        producer.send(
+            event(
+                random.Random(1),
+                event_id="warmup",
+                customer=customer,
+                project="warmup",
+                occurred_at_ms=int(time.time() * 1000),
+                models=bench_models(),
+            )
+        )
     finally:
         producer.close()
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=rr.url, timeout=30) as c:
-        while parse_amount(api(c, "GET", f"/v1/customers/{customer}/balance", rr.admin_key).json()
-                           ["credit_remaining"]) == parse_amount(GRANT):  # fmt: skip
+        while parse_amount(
+            api(c, "GET", f"/v1/customers/{customer}/balance", rr.admin_key).json()["credit_remaining"]
+        ) == parse_amount(GRANT):
             if time.monotonic() > deadline:
                 raise TimeoutError("the warm-up event never reached the balance")
             time.sleep(0.05)
@@ -96,13 +109,14 @@ def warm_up(rr: RuntimeRun, customer: str, *, timeout: float = 120) -> None:
 
 def watched_charges(customers: list[str]) -> dict[str, int]:
     """Exact charge (picos) of one watched event per customer (rate cards differ per customer)."""
-    from meterline.pricing import PricingEngine, load_price_book
+    from meterline.core.pricing import PricingEngine, load_price_book
 
     engine = PricingEngine.from_book(load_price_book(bench_price_book()))
     out = {}
     for cust in customers:
-        ev = event(random.Random(0), event_id="x", customer=cust, occurred_at_ms=int(time.time() * 1000),
-                   models=bench_models())  # fmt: skip
+        ev = event(
+            random.Random(0), event_id="x", customer=cust, occurred_at_ms=int(time.time() * 1000), models=bench_models()
+        )
         ev.update(model=WATCHED_MODEL, **WATCHED_TOKENS)
         out[cust] = int(engine.price(ev).charge_picos)
     return out
@@ -165,18 +179,41 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         warm_up(rr, "cust-warm")
         work = stack.root / "loadgen"
         expect = {c: sum(1 for i in range(total) if i % CUSTOMERS == n) for n, c in enumerate(watched)}
-        poller = run_loadgen("poll", {
-            "url": rr.url, "key": rr.admin_key, "customers": watched, "expect": expect,
-            "granted_picos": parse_amount(GRANT),
-            "charge_picos": charges, "sweep_s": SWEEP_S, "deadline_s": cfg.latency_seconds + cfg.latency_drain_s + 5,
-        }, work, timeout=cfg.latency_seconds + cfg.latency_drain_s + 60)  # fmt: skip
+        poller = run_loadgen(
+            "poll",
+            {
+                "url": rr.url,
+                "key": rr.admin_key,
+                "customers": watched,
+                "expect": expect,
+                "granted_picos": parse_amount(GRANT),
+                "charge_picos": charges,
+                "sweep_s": SWEEP_S,
+                "deadline_s": cfg.latency_seconds + cfg.latency_drain_s + 5,
+            },
+            work,
+            timeout=cfg.latency_seconds + cfg.latency_drain_s + 60,
+        )
         cpu0 = (thread_cpu(), [cpu_seconds(p) for p in rr.worker_pids()], cpu_seconds(stack.broker.pid or 0))
         t0 = time.monotonic()
-        sender = run_loadgen("send", {
-            "bootstrap": stack.bootstrap, "topic": rr.settings.topic("usage-events"), "rate": cfg.latency_rate,
-            "seconds": cfg.latency_seconds, "customers": CUSTOMERS, "watched": WATCHED, "models": bench_models(),
-            "watched_model": WATCHED_MODEL, "watched_tokens": WATCHED_TOKENS, "linger_ms": LINGER_MS, "tag": "l",
-        }, work, timeout=cfg.latency_seconds * 3 + 60)  # fmt: skip
+        sender = run_loadgen(
+            "send",
+            {
+                "bootstrap": stack.bootstrap,
+                "topic": rr.settings.topic("usage-events"),
+                "rate": cfg.latency_rate,
+                "seconds": cfg.latency_seconds,
+                "customers": CUSTOMERS,
+                "watched": WATCHED,
+                "models": bench_models(),
+                "watched_model": WATCHED_MODEL,
+                "watched_tokens": WATCHED_TOKENS,
+                "linger_ms": LINGER_MS,
+                "tag": "l",
+            },
+            work,
+            timeout=cfg.latency_seconds * 3 + 60,
+        )
         sent = loadgen_result(sender)
         deadline = time.monotonic() + cfg.latency_drain_s
         drained = True
@@ -200,40 +237,90 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         h, _ = api_latencies(sent["watched"], hops[hop])
         hop_p[hop] = [quantile(h, 0.5), quantile(h, 0.99)] if h else []
     hop_p["visible"] = [quantile(lats, 0.5), quantile(lats, 0.99)] if lats else []
-    cpu = {"worker": [round(b - a, 1) for a, b in zip(cpu0[1], cpu1[1])], "broker": round(cpu1[2] - cpu0[2], 1),
-           "bench process threads": cpu_delta(cpu0[0], cpu1[0]), "sender": round(sent["cpu_s"], 1),
-           "poller": round(polled["cpu_s"], 1), "wall_s": round(busy_s, 1)}  # fmt: skip
-    cpu_note = (f"CPU s over {busy_s:.0f} s: worker {cpu['worker']}, broker {cpu['broker']}, sender {cpu['sender']}, "
-                f"poller {cpu['poller']}, bench-process threads {cpu['bench process threads']}")  # fmt: skip
+    cpu = {
+        "worker": [round(b - a, 1) for a, b in zip(cpu0[1], cpu1[1])],
+        "broker": round(cpu1[2] - cpu0[2], 1),
+        "bench process threads": cpu_delta(cpu0[0], cpu1[0]),
+        "sender": round(sent["cpu_s"], 1),
+        "poller": round(polled["cpu_s"], 1),
+        "wall_s": round(busy_s, 1),
+    }
+    cpu_note = (
+        f"CPU s over {busy_s:.0f} s: worker {cpu['worker']}, broker {cpu['broker']}, sender {cpu['sender']}, "
+        f"poller {cpu['poller']}, bench-process threads {cpu['bench process threads']}"
+    )
     achieved = sent["achieved_rate"]
-    note = (f"{total:,} events at {cfg.latency_rate:,}/s offered for {cfg.latency_seconds:g} s "
-            f"(sender achieved {achieved:,.0f}/s), {CUSTOMERS} customers, linger {LINGER_MS} ms, 1 worker")  # fmt: skip
+    note = (
+        f"{total:,} events at {cfg.latency_rate:,}/s offered for {cfg.latency_seconds:g} s "
+        f"(sender achieved {achieved:,.0f}/s), {CUSTOMERS} customers, linger {LINGER_MS} ms, 1 worker"
+    )
     if not drained:
         note += f"; NOT DRAINED within {cfg.latency_drain_s:.0f} s: {int(n_rows):,} of {total:,} rows measured"
-    details = {"events": int(n_rows), "offered_rate": cfg.latency_rate, "achieved_rate": achieved,
-               "seconds": cfg.latency_seconds, "max_ms": int(pmax), "ticks_behind": sent["ticks_behind"], "cpu_s": cpu}
+    details = {
+        "events": int(n_rows),
+        "offered_rate": cfg.latency_rate,
+        "achieved_rate": achieved,
+        "seconds": cfg.latency_seconds,
+        "max_ms": int(pmax),
+        "ticks_behind": sent["ticks_behind"],
+        "cpu_s": cpu,
+    }
     out = [
         Result(NAME, "occurred_at -> row in ClickHouse, p50", int(p50), "ms", note=note, details=details),
         Result(NAME, "occurred_at -> row in ClickHouse, p99", int(p99), "ms", note=f"max {int(pmax)} ms"),
     ]
     if lats:
         a50, a99 = quantile(lats, 0.5), quantile(lats, 0.99)
-        api_note = (f"{len(lats):,} events of {WATCHED} watched customers, poll sweep ~{polled['sweep_ms']:.0f} ms "
-                    f"({polled['polls']:,} GETs, {polled['errors']} errors, {polled['inexact']} inexact)")  # fmt: skip
+        api_note = (
+            f"{len(lats):,} events of {WATCHED} watched customers, poll sweep ~{polled['sweep_ms']:.0f} ms "
+            f"({polled['polls']:,} GETs, {polled['errors']} errors, {polled['inexact']} inexact)"
+        )
         if missing:
             api_note += f"; {missing:,} watched events NOT visible by the end of the drain"
         out += [
-            Result(NAME, "occurred_at -> balance visible over API, p50", a50, "ms", note=api_note,
-                   details={"events": len(lats), "missing": missing, "sweep_ms": polled["sweep_ms"], "hops_p50_p99": hop_p}),
-            Result(NAME, "occurred_at -> balance visible over API, p99", a99, "ms", f"< {TARGET_P99_MS}",
-                   a99 < TARGET_P99_MS and not missing, note=f"max {lats[-1]} ms; {cpu_note}", details={"cpu_s": cpu}),
-            Result(NAME, "where the API latency accrues: p50 / p99 from occurred_at to", 
-                   " | ".join(f"{k} {v[0]:,}/{v[1]:,}" for k, v in hop_p.items() if v), "ms",
-                   note="priced = pricing agent emitted the usage-priced record (SDK linger + usage-events hop + "
-                        "pricing); status = credit agent emitted customer-status; visible = the poller's GET saw it "
-                        "(StatusView hop + API). Producer timestamps of the topics, same clock"),
-        ]  # fmt: skip
+            Result(
+                NAME,
+                "occurred_at -> balance visible over API, p50",
+                a50,
+                "ms",
+                note=api_note,
+                details={
+                    "events": len(lats),
+                    "missing": missing,
+                    "sweep_ms": polled["sweep_ms"],
+                    "hops_p50_p99": hop_p,
+                },
+            ),
+            Result(
+                NAME,
+                "occurred_at -> balance visible over API, p99",
+                a99,
+                "ms",
+                f"< {TARGET_P99_MS}",
+                a99 < TARGET_P99_MS and not missing,
+                note=f"max {lats[-1]} ms; {cpu_note}",
+                details={"cpu_s": cpu},
+            ),
+            Result(
+                NAME,
+                "where the API latency accrues: p50 / p99 from occurred_at to",
+                " | ".join(f"{k} {v[0]:,}/{v[1]:,}" for k, v in hop_p.items() if v),
+                "ms",
+                note="priced = pricing agent emitted the usage-priced record (SDK linger + usage-events hop + "
+                "pricing); status = credit agent emitted customer-status; visible = the poller's GET saw it "
+                "(StatusView hop + API). Producer timestamps of the topics, same clock",
+            ),
+        ]
     else:
-        out.append(Result(NAME, "occurred_at -> balance visible over API, p99", None, "ms", f"< {TARGET_P99_MS}", False,
-                          note=f"no watched event became visible; {cpu_note}"))  # fmt: skip
+        out.append(
+            Result(
+                NAME,
+                "occurred_at -> balance visible over API, p99",
+                None,
+                "ms",
+                f"< {TARGET_P99_MS}",
+                False,
+                note=f"no watched event became visible; {cpu_note}",
+            )
+        )
     return out

@@ -2,7 +2,7 @@
 
 Same events for all three, ~20 models that all three know. Every engine prices with its OWN
 price table (meterline: a price book imported from litellm's map with
-:func:`meterline.pricing.import_litellm`; litellm: ``litellm.model_cost``; tokencost:
+:func:`meterline.core.pricing.import_litellm`; litellm: ``litellm.model_cost``; tokencost:
 ``tokencost.TOKEN_COSTS``). Correctness is judged against the exact Decimal cost computed from
 the same engine's table: ``Σ tokens × Decimal(repr(rate per token))``. A peer's float result is
 read through its shortest repr (the most generous reading); "inexact" counts events whose cost
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 from typing import Any
 
@@ -32,13 +32,28 @@ PICOS = 10**12
 # one of the three, are dropped and reported. The list mixes providers and prices that differ
 # between the two peers' tables.
 CANDIDATES: tuple[str, ...] = (
-    "gpt-4o", "gpt-4o-mini", "gpt-4-turbo", "gpt-4", "gpt-3.5-turbo", "o1", "o3-mini", "gpt-4.1",
-    "gpt-4.1-mini", "gpt-4.1-nano", "anthropic.claude-3-5-sonnet-20241022-v2:0",
-    "anthropic.claude-3-5-haiku-20241022-v1:0", "anthropic.claude-3-opus-20240229-v1:0",
-    "anthropic.claude-3-7-sonnet-20250219-v1:0", "meta.llama3-1-70b-instruct-v1:0",
-    "meta.llama3-1-405b-instruct-v1:0", "amazon.nova-pro-v1:0", "amazon.nova-lite-v1:0",
-    "mistral/mistral-large-latest", "deepseek-chat", "command-r-08-2024",
-)  # fmt: skip
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4-turbo",
+    "gpt-4",
+    "gpt-3.5-turbo",
+    "o1",
+    "o3-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4.1-nano",
+    "anthropic.claude-3-5-sonnet-20241022-v2:0",
+    "anthropic.claude-3-5-haiku-20241022-v1:0",
+    "anthropic.claude-3-opus-20240229-v1:0",
+    "anthropic.claude-3-7-sonnet-20250219-v1:0",
+    "meta.llama3-1-70b-instruct-v1:0",
+    "meta.llama3-1-405b-instruct-v1:0",
+    "amazon.nova-pro-v1:0",
+    "amazon.nova-lite-v1:0",
+    "mistral/mistral-large-latest",
+    "deepseek-chat",
+    "command-r-08-2024",
+)
 
 
 def _peers() -> tuple[Any, Any]:
@@ -64,7 +79,7 @@ def _exact(table: dict[str, Any], key: str, inp: int, out: int, cached: int) -> 
 
 def select_models(litellm: Any, tokencost: Any) -> tuple[list[dict[str, Any]], list[str]]:
     """The usable models (name, provider, model in meterline, cached?) and why others were skipped."""
-    from meterline.pricing import import_litellm
+    from meterline.core.pricing import import_litellm
 
     lt, tc = litellm.model_cost, tokencost.TOKEN_COSTS
     chosen: list[dict[str, Any]] = []
@@ -74,7 +89,7 @@ def select_models(litellm: Any, tokencost: Any) -> tuple[list[dict[str, Any]], l
             skipped.append(f"{key}: not in both tables")
             continue
         provider = lt[key]["litellm_provider"]
-        _, report = import_litellm({key: lt[key]}, effective_from=datetime(2024, 1, 1, tzinfo=timezone.utc))
+        _, report = import_litellm({key: lt[key]}, effective_from=datetime(2024, 1, 1, tzinfo=UTC))
         if not report.imported:
             skipped.append(f"{key}: meterline import skipped it ({report.skipped[0][1]})")
             continue
@@ -82,10 +97,10 @@ def select_models(litellm: Any, tokencost: Any) -> tuple[list[dict[str, Any]], l
         try:
             litellm.cost_per_token(model=key, prompt_tokens=10, completion_tokens=10, custom_llm_provider=provider)
             tokencost.calculate_cost_by_tokens(10, key, "input")
-        except Exception as exc:  # noqa: BLE001 - a peer that cannot price it: reported, not fatal
+        except Exception as exc:
             skipped.append(f"{key}: a peer cannot price it ({type(exc).__name__})")
             continue
-        model = key[len(provider) + 1:] if key.startswith(provider + "/") else key
+        model = key[len(provider) + 1 :] if key.startswith(provider + "/") else key
         chosen.append({"key": key, "provider": provider, "model": model, "cached": cached})
     return chosen, skipped
 
@@ -98,28 +113,46 @@ def make_events(models: list[dict[str, Any]], n: int, seed: int = 11) -> list[di
         m = models[rng.randrange(len(models))]
         inp = int(rng.lognormvariate(6.5, 1.2)) + 1
         cached = int(inp * rng.random()) if m["cached"] and rng.random() < 0.3 else 0
-        out.append({
-            "key": m["key"], "provider": m["provider"], "model": m["model"], "model_version": None,
-            "occurred_at": now - i, "customer_id": f"cust-{i % 1000:04d}", "input_tokens": inp,
-            "output_tokens": int(rng.lognormvariate(5.0, 1.0)) + 1, "cached_input_tokens": cached,
-            "cache_write_tokens": 0, "reasoning_tokens": 0, "requests": 1,
-        })  # fmt: skip
+        out.append(
+            {
+                "key": m["key"],
+                "provider": m["provider"],
+                "model": m["model"],
+                "model_version": None,
+                "occurred_at": now - i,
+                "customer_id": f"cust-{i % 1000:04d}",
+                "input_tokens": inp,
+                "output_tokens": int(rng.lognormvariate(5.0, 1.0)) + 1,
+                "cached_input_tokens": cached,
+                "cache_write_tokens": 0,
+                "reasoning_tokens": 0,
+                "requests": 1,
+            }
+        )
     return out
 
 
 def run(cfg: BenchConfig) -> list[Result]:
-    from meterline.pricing import PricingEngine, import_litellm, load_price_book
+    from meterline.core.pricing import PricingEngine, import_litellm, load_price_book
 
     try:
         litellm, tokencost = _peers()
     except ImportError as exc:
-        return [Result(NAME, "pricing core", None, note=f"skipped: peers not installed ({exc}); pip install "
-                       "tokencost==0.1.26 litellm==1.110.2")]
+        return [
+            Result(
+                NAME,
+                "pricing core",
+                None,
+                note=f"skipped: peers not installed ({exc}); pip install tokencost==0.1.26 litellm==1.110.2",
+            )
+        ]
     models, skipped = select_models(litellm, tokencost)
     events = make_events(models, cfg.pricing_events)
     lt_events = events[: cfg.litellm_events]
-    doc, _ = import_litellm({m["key"]: litellm.model_cost[m["key"]] for m in models},
-                            effective_from=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    doc, _ = import_litellm(
+        {m["key"]: litellm.model_cost[m["key"]] for m in models},
+        effective_from=datetime(2024, 1, 1, tzinfo=UTC),
+    )
     engine = PricingEngine.from_book(load_price_book(doc))
     price = engine.price
     tc_cost = tokencost.calculate_cost_by_tokens
@@ -140,16 +173,23 @@ def run(cfg: BenchConfig) -> list[Result]:
     def run_litellm(evs: list[dict[str, Any]]) -> list[float]:
         out = []
         for e in evs:
-            p, c = lt_cost(model=e["key"], prompt_tokens=e["input_tokens"] + e["cached_input_tokens"],
-                           completion_tokens=e["output_tokens"], cache_read_input_tokens=e["cached_input_tokens"],
-                           custom_llm_provider=e["provider"])
+            p, c = lt_cost(
+                model=e["key"],
+                prompt_tokens=e["input_tokens"] + e["cached_input_tokens"],
+                completion_tokens=e["output_tokens"],
+                cache_read_input_tokens=e["cached_input_tokens"],
+                custom_llm_provider=e["provider"],
+            )
             out.append(p + c)
         return out
 
     rates: dict[str, list[float]] = {"meterline": [], "tokencost": [], "litellm": []}
     results: dict[str, list[Any]] = {}
-    plan = (("meterline", run_meterline, events), ("tokencost", run_tokencost, events),
-            ("litellm", run_litellm, lt_events))
+    plan = (
+        ("meterline", run_meterline, events),
+        ("tokencost", run_tokencost, events),
+        ("litellm", run_litellm, lt_events),
+    )
     for _ in range(cfg.runs):  # interleaved, so drift (thermal, noisy neighbours) hits all three alike
         for name, fn, evs in plan:
             t0 = time.perf_counter()
@@ -159,10 +199,12 @@ def run(cfg: BenchConfig) -> list[Result]:
     lt_table, tc_table = litellm.model_cost, tokencost.TOKEN_COSTS
     with localcontext() as ctx:
         ctx.prec = 60  # the reference must not round
-        exact_lt = [_exact(lt_table, e["key"], e["input_tokens"], e["output_tokens"], e["cached_input_tokens"])
-                    for e in events]  # fmt: skip
-        exact_tc = [_exact(tc_table, e["key"], e["input_tokens"], e["output_tokens"], e["cached_input_tokens"])
-                    for e in events]  # fmt: skip
+        exact_lt = [
+            _exact(lt_table, e["key"], e["input_tokens"], e["output_tokens"], e["cached_input_tokens"]) for e in events
+        ]
+        exact_tc = [
+            _exact(tc_table, e["key"], e["input_tokens"], e["output_tokens"], e["cached_input_tokens"]) for e in events
+        ]
         m_wrong = sum(1 for got, ex in zip(results["meterline"], exact_lt) if Decimal(got) != ex * PICOS)
         judged = {"tokencost": (results["tokencost"], exact_tc), "litellm": (results["litellm"], exact_lt)}
         wrong: dict[str, tuple[int, int, Decimal]] = {}
@@ -179,34 +221,76 @@ def run(cfg: BenchConfig) -> list[Result]:
                         mismatched += 1
             wrong[name] = (inexact, mismatched, worst)
     price_diff = sum(
-        1 for m in models
-        if any(_dec(lt_table[m["key"]].get(f) or 0) != _dec(tc_table[m["key"]].get(f) or 0)
-               for f in ("input_cost_per_token", "output_cost_per_token"))
-    )  # fmt: skip
+        1
+        for m in models
+        if any(
+            _dec(lt_table[m["key"]].get(f) or 0) != _dec(tc_table[m["key"]].get(f) or 0)
+            for f in ("input_cost_per_token", "output_cost_per_token")
+        )
+    )
 
     med = {k: median(v) for k, v in rates.items()}
     ratio_tc = med["meterline"] / med["tokencost"]
     ratio_lt = med["meterline"] / med["litellm"]
-    common = {"models": [m["key"] for m in models], "skipped_models": skipped,
-              "models_priced_differently_by_the_two_peers": price_diff, "runs": cfg.runs,
-              "events": len(events), "litellm_events": len(lt_events), "rates_per_run": rates}  # fmt: skip
+    common = {
+        "models": [m["key"] for m in models],
+        "skipped_models": skipped,
+        "models_priced_differently_by_the_two_peers": price_diff,
+        "runs": cfg.runs,
+        "events": len(events),
+        "litellm_events": len(lt_events),
+        "rates_per_run": rates,
+    }
     n_models = len(models)
     return [
-        Result(NAME, f"meterline PricingEngine.price ({n_models} models)", round(med["meterline"]), "events/s",
-               note=f"median of {cfg.runs} runs x {len(events):,} events", details=common),
-        Result(NAME, "tokencost calculate_cost_by_tokens", round(med["tokencost"]), "events/s",
-               note=f"2-3 calls per event; same {len(events):,} events"),
-        Result(NAME, "litellm cost_per_token", round(med["litellm"]), "events/s",
-               note=f"first {len(lt_events):,} of the same events (it is slow)"),
+        Result(
+            NAME,
+            f"meterline PricingEngine.price ({n_models} models)",
+            round(med["meterline"]),
+            "events/s",
+            note=f"median of {cfg.runs} runs x {len(events):,} events",
+            details=common,
+        ),
+        Result(
+            NAME,
+            "tokencost calculate_cost_by_tokens",
+            round(med["tokencost"]),
+            "events/s",
+            note=f"2-3 calls per event; same {len(events):,} events",
+        ),
+        Result(
+            NAME,
+            "litellm cost_per_token",
+            round(med["litellm"]),
+            "events/s",
+            note=f"first {len(lt_events):,} of the same events (it is slow)",
+        ),
         Result(NAME, "speed-up vs tokencost", round(ratio_tc, 2), "x", ">= 5x", ratio_tc >= 5),
         Result(NAME, "speed-up vs litellm", round(ratio_lt, 1), "x"),
-        Result(NAME, "meterline events wrong vs exact", m_wrong, "events", "0 (exact)", m_wrong == 0,
-               note=f"of {len(events):,}; integer picos vs Decimal from litellm's table"),
-        Result(NAME, "tokencost events wrong vs exact", wrong["tokencost"][0], "events",
-               note=f"of {len(events):,}; {wrong['tokencost'][1]} off by >1e-9 relative",
-               details={"worst_relative_error": str(wrong["tokencost"][2])}),
-        Result(NAME, "litellm events wrong vs exact", wrong["litellm"][0], "events",
-               note=f"of {len(lt_events):,}; float; {wrong['litellm'][1]} off by >1e-9 relative, "
-                    f"worst {float(wrong['litellm'][2]):.1e}",
-               details={"worst_relative_error": str(wrong["litellm"][2])}),
+        Result(
+            NAME,
+            "meterline events wrong vs exact",
+            m_wrong,
+            "events",
+            "0 (exact)",
+            m_wrong == 0,
+            note=f"of {len(events):,}; integer picos vs Decimal from litellm's table",
+        ),
+        Result(
+            NAME,
+            "tokencost events wrong vs exact",
+            wrong["tokencost"][0],
+            "events",
+            note=f"of {len(events):,}; {wrong['tokencost'][1]} off by >1e-9 relative",
+            details={"worst_relative_error": str(wrong["tokencost"][2])},
+        ),
+        Result(
+            NAME,
+            "litellm events wrong vs exact",
+            wrong["litellm"][0],
+            "events",
+            note=f"of {len(lt_events):,}; float; {wrong['litellm'][1]} off by >1e-9 relative, "
+            f"worst {float(wrong['litellm'][2]):.1e}",
+            details={"worst_relative_error": str(wrong["litellm"][2])},
+        ),
     ]

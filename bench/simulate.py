@@ -48,22 +48,53 @@ FROM numbers({first:UInt64}, {count:UInt64})
 PLANS = {
     "currency": "USD",
     "plans": [
-        {"id": "pro", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "200",
-         "allowances": [{"id": "tokens", "tokens": 50_000_000}], "overage": {"per_million": "4"}},
-        {"id": "flat", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "250",
-         "overage": {"per_million": "0"}},
-        {"id": "tiered", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "20",
-         "overage": {"tiers": {"mode": "graduated", "unit": "tokens", "steps": [
-             {"up_to": 20_000_000, "per_million": "6"}, {"up_to": None, "per_million": "3"}]}}},
-        {"id": "commit", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "0",
-         "overage": {"rate_card": {"multiplier": "0.9"}}, "minimum_commitment": "150"},
+        {
+            "id": "pro",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "200",
+            "allowances": [{"id": "tokens", "tokens": 50_000_000}],
+            "overage": {"per_million": "4"},
+        },
+        {
+            "id": "flat",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "250",
+            "overage": {"per_million": "0"},
+        },
+        {
+            "id": "tiered",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "20",
+            "overage": {
+                "tiers": {
+                    "mode": "graduated",
+                    "unit": "tokens",
+                    "steps": [{"up_to": 20_000_000, "per_million": "6"}, {"up_to": None, "per_million": "3"}],
+                }
+            },
+        },
+        {
+            "id": "commit",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "0",
+            "overage": {"rate_card": {"multiplier": "0.9"}},
+            "minimum_commitment": "150",
+        },
     ],
-}  # fmt: skip
+}
 
 
 def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
     from jobs.plans.simulate import simulate
-    from meterline.plans import SubscriptionEvent, load_plan_catalog
+    from meterline.core.plans import SubscriptionEvent, load_plan_catalog
     from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 
     name, client = stack.database("bench_simulate")
@@ -75,8 +106,10 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         for first in range(0, n, CHUNK):
             if time.monotonic() - t0 > cfg.simulate_load_budget_s:
                 break  # scaled down to fit the time budget: reported below
-            client.command(_INSERT, parameters={"start": START_MS, "span": SPAN_MS, "n": n, "first": first,
-                                                "count": min(CHUNK, n - first)})  # fmt: skip
+            client.command(
+                _INSERT,
+                parameters={"start": START_MS, "span": SPAN_MS, "n": n, "first": first, "count": min(CHUNK, n - first)},
+            )
         load_s = time.monotonic() - t0
         stored = int(client.query("SELECT count() FROM usage_priced").result_rows[0][0])
         catalog = load_plan_catalog(PLANS)
@@ -93,14 +126,25 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         cands = sum(len(c["candidates"]) for c in doc["customers"])
         scaled = "" if stored >= 10_000_000 else f" (SCALED DOWN from 10,000,000: {stored:,} rows)"
         return [
-            Result(NAME, "load: INSERT ... SELECT into usage_priced", round(stored / load_s), "rows/s",
-                   note=f"{stored:,} rows in {load_s:.1f} s{scaled}"),
-            Result(NAME, "simulate --all, 12 months, payg + current + 3 plans", round(took, 2), "s", target="< 10 s",
-                   met=took < 10 and stored >= 10_000_000,
-                   note=f"{customers:,} customers, {cands:,} candidate bills x 12 months, break-even included, over {stored:,} rows"
-                        f"{scaled}; the usage GROUP BY took {phases['usage_query_s']:.2f} s, the rest is the fold in Python",
-                   details={"rows": stored, "customers": customers, "candidate_bills": cands, "seconds": took, **phases}),
-        ]  # fmt: skip
+            Result(
+                NAME,
+                "load: INSERT ... SELECT into usage_priced",
+                round(stored / load_s),
+                "rows/s",
+                note=f"{stored:,} rows in {load_s:.1f} s{scaled}",
+            ),
+            Result(
+                NAME,
+                "simulate --all, 12 months, payg + current + 3 plans",
+                round(took, 2),
+                "s",
+                target="< 10 s",
+                met=took < 10 and stored >= 10_000_000,
+                note=f"{customers:,} customers, {cands:,} candidate bills x 12 months, break-even included, over {stored:,} rows"
+                f"{scaled}; the usage GROUP BY took {phases['usage_query_s']:.2f} s, the rest is the fold in Python",
+                details={"rows": stored, "customers": customers, "candidate_bills": cands, "seconds": took, **phases},
+            ),
+        ]
     finally:
         client.database = "default"
         client.command(f"DROP DATABASE IF EXISTS `{name}` SYNC")

@@ -1,7 +1,7 @@
 """Benchmark 8: Stripe sync — priced usage in ClickHouse aggregated and pushed to LocalStripe.
 
 Set-up per run: a fresh database of the stack's chDB engine, a fresh in-memory
-:class:`meterline.stripe_local.LocalStripe` (the real stripe SDK talks to it over 127.0.0.1),
+:class:`devtools.stripe_local.LocalStripe` (the real stripe SDK talks to it over 127.0.0.1),
 ``jobs.stripe.provision`` of the customers (timed apart: a one-off), then N priced rows generated
 inside ClickHouse (``INSERT … SELECT … FROM numbers()``: C customers, the last H whole hours, exact
 Decimal money) and ONE ``jobs.stripe.sync`` run with the shipped ``infra/stripe/billing.yaml``
@@ -65,7 +65,7 @@ def _endpoint(path: str) -> str:
 def counting(ls: Any) -> Counter[str]:
     """Count every request the LocalStripe server receives, by endpoint (swaps its handler class
     for a counting subclass; bench only)."""
-    from meterline.stripe_local._server import _Handler
+    from devtools.stripe_local._server import _Handler
 
     counts: Counter[str] = Counter()
 
@@ -76,13 +76,13 @@ def counting(ls: Any) -> Counter[str]:
                 counts[_endpoint(path)] += 1
             super()._dispatch(method)
 
-    ls._server._httpd.RequestHandlerClass = Counting  # noqa: SLF001 - bench instrumentation
+    ls._server._httpd.RequestHandlerClass = Counting
     return counts
 
 
 def _one(stack: Stack, events: int, customers: int, hours: int, *, force_v1: bool) -> dict[str, Any]:
+    from devtools.stripe_local import LocalStripe
     from jobs.stripe import StripeTarget, load_billing_config, provision, sync
-    from meterline.stripe_local import LocalStripe
 
     name, ch = stack.database("bench_stripe")
     try:
@@ -100,8 +100,15 @@ def _one(stack: Stack, events: int, customers: int, hours: int, *, force_v1: boo
             counts.clear()
             end = ls.now() // HOUR * HOUR
             t = time.perf_counter()
-            ch.command(_INSERT, parameters={"start": (end - hours * HOUR) * 1000, "span": hours * HOUR * 1000,
-                                            "n": events, "customers": customers})  # fmt: skip
+            ch.command(
+                _INSERT,
+                parameters={
+                    "start": (end - hours * HOUR) * 1000,
+                    "span": hours * HOUR * 1000,
+                    "n": events,
+                    "customers": customers,
+                },
+            )
             insert_s = time.perf_counter() - t
             t = time.perf_counter()
             summary = sync(target, ch, cfg, now=ls.now())
@@ -113,13 +120,25 @@ def _one(stack: Stack, events: int, customers: int, hours: int, *, force_v1: boo
         ch.close()
     n_calls = sum(calls.values())
     return {
-        "events": events, "customers": customers, "hours": hours, "windows": summary.windows, "sent": summary.sent,
-        "acked": summary.acked, "ok": summary.ok, "transport": summary.transport, "retries": summary.retries,
-        "sync_s": round(sync_s, 2), "insert_s": round(insert_s, 2), "provision_s": round(provision_s, 2),
-        "provision_calls": provision_calls, "calls": calls, "n_calls": n_calls,
-        "events_per_s": events / sync_s, "windows_per_s": summary.sent / sync_s,
+        "events": events,
+        "customers": customers,
+        "hours": hours,
+        "windows": summary.windows,
+        "sent": summary.sent,
+        "acked": summary.acked,
+        "ok": summary.ok,
+        "transport": summary.transport,
+        "retries": summary.retries,
+        "sync_s": round(sync_s, 2),
+        "insert_s": round(insert_s, 2),
+        "provision_s": round(provision_s, 2),
+        "provision_calls": provision_calls,
+        "calls": calls,
+        "n_calls": n_calls,
+        "events_per_s": events / sync_s,
+        "windows_per_s": summary.sent / sync_s,
         "calls_per_1m_events": n_calls * 1_000_000 / events,
-    }  # fmt: skip
+    }
 
 
 def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
@@ -128,16 +147,34 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         r = _one(stack, events, customers, hours, force_v1=force_v1)
         label = "v1 forced" if force_v1 else "default config"
         check = "" if r["ok"] and r["acked"] == r["windows"] else f"; NOT ALL ACKED: {r['acked']} of {r['windows']}"
-        note = (f"{r['events']:,} events, {customers:,} customers x {hours} h = {r['windows']:,} windows, transport "
-                f"{r['transport']}, sync {r['sync_s']} s (insert {r['insert_s']} s and provision {r['provision_s']} s / "
-                f"{r['provision_calls']:,} calls not counted){check}")  # fmt: skip
+        note = (
+            f"{r['events']:,} events, {customers:,} customers x {hours} h = {r['windows']:,} windows, transport "
+            f"{r['transport']}, sync {r['sync_s']} s (insert {r['insert_s']} s and provision {r['provision_s']} s / "
+            f"{r['provision_calls']:,} calls not counted){check}"
+        )
         out += [
-            Result(NAME, f"events aggregated + pushed per second ({label})", round(r["events_per_s"]), "events/s",
-                   note=note, details=r),
-            Result(NAME, f"windows pushed per second ({label})", round(r["windows_per_s"], 1), "meter events/s",
-                   note=f"{r['sent']:,} meter events sent, {r['retries']} retries"),
-            Result(NAME, f"Stripe API calls per 1M events ({label})", round(r["calls_per_1m_events"]), "calls",
-                   note=f"received by the server: {r['n_calls']:,} calls {r['calls']} for {r['events']:,} events; "
-                        f"= windows x 1e6 / events at this density"),  # fmt: skip
+            Result(
+                NAME,
+                f"events aggregated + pushed per second ({label})",
+                round(r["events_per_s"]),
+                "events/s",
+                note=note,
+                details=r,
+            ),
+            Result(
+                NAME,
+                f"windows pushed per second ({label})",
+                round(r["windows_per_s"], 1),
+                "meter events/s",
+                note=f"{r['sent']:,} meter events sent, {r['retries']} retries",
+            ),
+            Result(
+                NAME,
+                f"Stripe API calls per 1M events ({label})",
+                round(r["calls_per_1m_events"]),
+                "calls",
+                note=f"received by the server: {r['n_calls']:,} calls {r['calls']} for {r['events']:,} events; "
+                f"= windows x 1e6 / events at this density",
+            ),
         ]
     return out

@@ -26,15 +26,15 @@ from typing import Any
 
 import faust
 
-from meterline import metrics
-from meterline.config import Settings
-from meterline.pricing import PricingEngine
+from meterline.core.config import Settings
+from meterline.core.pricing import PricingEngine
+from meterline.stack import metrics
 from pipeline.credits.agent import register_credit_agent
 from pipeline.delivery import cap_fetch_wait, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.pricefeed import PriceFeed
-from pipeline.watchdog import StallWatchdog, source_positions
 from pipeline.processor import PricingProcessor, ProcessResult, iter_table_entries, unforeseen_dead_letter
+from pipeline.watchdog import StallWatchdog, source_positions
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def create_app(settings: Settings) -> faust.App:
         # Where faust starts the partition: the group's committed offset (faust commits an offset
         # only after the records below it were handed to this agent and their sends flushed).
         return await asyncio.get_running_loop().run_in_executor(
-            None, reader.committed_or_earliest, app_id, topic, partition)
+            None, reader.committed_or_earliest, app_id, topic, partition
+        )
 
     async def _apply(rec: SourceRecord) -> None:
         partition = rec.partition
@@ -108,12 +109,16 @@ def create_app(settings: Settings) -> faust.App:
         feed.drain_into(engine)
         try:
             result = processor.process_record(partition, rec.offset, rec.key, rec.value)
-        except Exception as exc:  # noqa: BLE001 - no input may crash the worker: dead-letter it, carry on
+        except Exception as exc:
             # Processing is pure (the dedupe index is updated only at the end of a successful
             # record), so nothing was priced or remembered: the whole record goes to the dead
             # letter with its bytes and the reason, and nothing is charged for it.
-            log.exception("pricing agent: unforeseen error on %s:%s@%s; dead-lettered", rec.topic, partition, rec.offset)
-            dead = unforeseen_dead_letter(rec.topic, partition, rec.offset, rec.key, rec.value, exc, int(time.time() * 1000))
+            log.exception(
+                "pricing agent: unforeseen error on %s:%s@%s; dead-lettered", rec.topic, partition, rec.offset
+            )
+            dead = unforeseen_dead_letter(
+                rec.topic, partition, rec.offset, rec.key, rec.value, exc, int(time.time() * 1000)
+            )
             await dead_topic.send(key=rec.key, value=dead, partition=partition)
             return
         _record_metrics(result)
@@ -141,8 +146,9 @@ def create_app(settings: Settings) -> faust.App:
     ordered = OrderedSource("pricing agent", reader, _start_offset, _apply)
     app.meterline_pricing_source = ordered  # type: ignore[attr-defined]
     sources = {usage_name: ordered, credit.priced_name: credit.ordered, credit.commands_name: credit.ordered}
-    watchdog = StallWatchdog(app, lambda: (ordered.applied, ordered.redelivered, credit.records,
-                                           credit.ordered.redelivered), set(sources))  # fmt: skip
+    watchdog = StallWatchdog(
+        app, lambda: (ordered.applied, ordered.redelivered, credit.records, credit.ordered.redelivered), set(sources)
+    )
     app.meterline_watchdog = watchdog  # type: ignore[attr-defined]
 
     def _lag() -> dict[str, int]:
@@ -203,7 +209,7 @@ def create_app(settings: Settings) -> faust.App:
         await feed.until_ready("pricing agent")
         async for event in stream.events():
             m = event.message
-            ts_ms = int(round(m.timestamp * 1000)) if m.timestamp is not None else 0
+            ts_ms = round(m.timestamp * 1000) if m.timestamp is not None else 0
             await ordered.deliver(SourceRecord(m.topic, m.partition, m.offset, ts_ms, m.key, m.value))
 
     return app

@@ -114,7 +114,9 @@ class GapReader:
             self._consumer = Consumer(self._config)
         return self._consumer
 
-    def read(self, topic: str, partition: int, start: int, stop: int | None, *, limit: int = 100_000) -> list[SourceRecord]:
+    def read(
+        self, topic: str, partition: int, start: int, stop: int | None, *, limit: int = 100_000
+    ) -> list[SourceRecord]:
         """Every record with ``start <= offset < stop`` in offset order; with ``stop=None``, from
         ``start`` to the end of the log (at most ``limit`` records)."""
         from confluent_kafka import KafkaError, TopicPartition
@@ -137,7 +139,9 @@ class GapReader:
                         if stop is not None and offset >= stop:
                             break
                         if offset >= start:
-                            out.append(SourceRecord(topic, partition, offset, msg.timestamp()[1], msg.key(), msg.value()))
+                            out.append(
+                                SourceRecord(topic, partition, offset, msg.timestamp()[1], msg.key(), msg.value())
+                            )
                             if stop is not None and offset == stop - 1:
                                 break
                         continue
@@ -152,8 +156,15 @@ class GapReader:
                         log.warning("gap reader %s:%d: %s", topic, partition, msg.error())
                     if waited >= next_warning:
                         next_warning += self.warn_every_s
-                        log.warning("gap reader %s:%d: still reading from %d (to %s) after %.0fs, %d record(s) so far",
-                                    topic, partition, start, stop, waited, len(out))  # fmt: skip
+                        log.warning(
+                            "gap reader %s:%d: still reading from %d (to %s) after %.0fs, %d record(s) so far",
+                            topic,
+                            partition,
+                            start,
+                            stop,
+                            waited,
+                            len(out),
+                        )
             finally:
                 consumer.unassign()
             self.records_read += len(out)
@@ -173,7 +184,7 @@ class GapReader:
                         return int(tp.offset)
                     low, _high = probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
                     return int(low)
-                except Exception as exc:  # noqa: BLE001 - KafkaException: the broker is slow; the partition waits
+                except Exception as exc:
                     if self._closing.is_set():
                         raise
                     log.warning("gap reader: no committed offset for %s:%d yet (%s); retrying", topic, partition, exc)
@@ -196,8 +207,15 @@ class OrderedSource:
     per record, one at a time (an asyncio lock serialises stream deliveries and sweeps).
     """
 
-    def __init__(self, name: str, reader: GapReader, start_offset: Callable[[str, int], Awaitable[int]],
-                 apply: Callable[[SourceRecord], Awaitable[None]], *, idle_s: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        reader: GapReader,
+        start_offset: Callable[[str, int], Awaitable[int]],
+        apply: Callable[[SourceRecord], Awaitable[None]],
+        *,
+        idle_s: float = 10.0,
+    ) -> None:
         self.name = name
         self.reader = reader
         self.start_offset = start_offset
@@ -258,8 +276,16 @@ class OrderedSource:
             if verdict == "gap":
                 due = self.cursors.due(key)
                 self.gap_fills += 1
-                log.warning("%s: %s:%d delivered %d while %d is due: reading [%d, %d) first",
-                            self.name, rec.topic, rec.partition, rec.offset, due, due, rec.offset)  # fmt: skip
+                log.warning(
+                    "%s: %s:%d delivered %d while %d is due: reading [%d, %d) first",
+                    self.name,
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    due,
+                    due,
+                    rec.offset,
+                )
                 for missing in await self._run(self.reader.read, rec.topic, rec.partition, due, rec.offset):
                     await self._apply(missing)
                     self.filled += 1
@@ -294,6 +320,13 @@ class OrderedSource:
                 self.filled += 1
             if records:
                 self.sweeps += 1
-                log.warning("%s: %s:%d had no delivery for %.0fs with records due from %d: applied %d from the log",
-                            self.name, key[0], key[1], self.idle_s, due, len(records))  # fmt: skip
+                log.warning(
+                    "%s: %s:%d had no delivery for %.0fs with records due from %d: applied %d from the log",
+                    self.name,
+                    key[0],
+                    key[1],
+                    self.idle_s,
+                    due,
+                    len(records),
+                )
             return len(records)

@@ -2,7 +2,7 @@
 
 Both sinks ARE :class:`pipeline.sink.ClickHouseSink` (same consumer loop, same flush contract:
 dedupe against what is stored → one insert → synchronous commit; same failure paths), like
-:class:`pipeline.ledger_sink.LedgerEntrySink`. Only the row mapping and the dedupe target differ.
+:class:`pipeline.credits.sink.LedgerEntrySink`. Only the row mapping and the dedupe target differ.
 A record that does not decode or validate is not dropped: it becomes a ``usage_rejected`` row
 with its bytes and the reason (the topics are written only by ``meterline plans``, which
 validates first, so this is a defect report, not a data path).
@@ -22,22 +22,51 @@ from typing import Any
 
 from confluent_kafka import Message
 
-from meterline.errors import InputError
-from meterline.money import to_decimal
-from meterline.plans import PlanVersion, SubscriptionEvent, decode_plan_record, parse_event
+from meterline.core.errors import InputError
+from meterline.core.money import to_decimal
+from meterline.core.plans import PlanVersion, SubscriptionEvent, decode_plan_record, parse_event
 from pipeline import sink as _sink
 from pipeline.sink import ClickHouseSink
 
-__all__ = ["PLAN_COLUMNS", "SUBSCRIPTION_COLUMNS", "PlanCatalogSink", "SubscriptionSink", "plan_row", "subscription_row"]
+__all__ = [
+    "PLAN_COLUMNS",
+    "SUBSCRIPTION_COLUMNS",
+    "PlanCatalogSink",
+    "SubscriptionSink",
+    "plan_row",
+    "subscription_row",
+]
 
 PLAN_COLUMNS: tuple[str, ...] = (
-    "version_key", "effective_from", "plan_id", "version", "plan_hash", "name", "interval", "currency", "fee",
-    "overage_kind", "overage_unit", "overage_per_million", "on_exhausted", "cap", "minimum_commitment",
-    "allowance_ids", "allowance_units", "allowance_included", "definition",
-)  # fmt: skip
+    "version_key",
+    "effective_from",
+    "plan_id",
+    "version",
+    "plan_hash",
+    "name",
+    "interval",
+    "currency",
+    "fee",
+    "overage_kind",
+    "overage_unit",
+    "overage_per_million",
+    "on_exhausted",
+    "cap",
+    "minimum_commitment",
+    "allowance_ids",
+    "allowance_units",
+    "allowance_included",
+    "definition",
+)
 SUBSCRIPTION_COLUMNS: tuple[str, ...] = (
-    "event_id", "at", "customer_id", "type", "plan_id", "version", "at_period_end",
-)  # fmt: skip
+    "event_id",
+    "at",
+    "customer_id",
+    "type",
+    "plan_id",
+    "version",
+    "at_period_end",
+)
 assert PLAN_COLUMNS.index("plan_id") == SUBSCRIPTION_COLUMNS.index("customer_id") == _sink._P_CUSTOMER
 assert PLAN_COLUMNS.index("version_key") == SUBSCRIPTION_COLUMNS.index("event_id") == _sink._P_EVENT
 
@@ -54,13 +83,26 @@ def plan_row(v: PlanVersion) -> tuple[Any, ...]:
     """One plan version -> a ``plans`` row (exact Decimal amounts)."""
     ov = v.overage
     return (
-        v.key, _utc(v.effective_from), v.plan_id, v.version, v.plan_hash, v.name or "", v.interval, v.currency,
-        _units(v.fee), ov.kind, ov.unit, Decimal(ov.rate_picos).scaleb(-6) if ov.kind == "per_million" else Decimal(0),
-        v.on_exhausted, _units(v.cap or 0), _units(v.minimum_commitment or 0),
-        [a.id for a in v.allowances], [a.unit for a in v.allowances],
+        v.key,
+        _utc(v.effective_from),
+        v.plan_id,
+        v.version,
+        v.plan_hash,
+        v.name or "",
+        v.interval,
+        v.currency,
+        _units(v.fee),
+        ov.kind,
+        ov.unit,
+        Decimal(ov.rate_picos).scaleb(-6) if ov.kind == "per_million" else Decimal(0),
+        v.on_exhausted,
+        _units(v.cap or 0),
+        _units(v.minimum_commitment or 0),
+        [a.id for a in v.allowances],
+        [a.unit for a in v.allowances],
         [Decimal(a.included) if a.unit == "tokens" else _units(a.included) for a in v.allowances],
         json.dumps(v.to_json(), sort_keys=True, separators=(",", ":")),
-    )  # fmt: skip
+    )
 
 
 def subscription_row(ev: SubscriptionEvent) -> tuple[Any, ...]:
@@ -73,9 +115,19 @@ class _FactSink(ClickHouseSink):
 
     key_columns: tuple[str, str] = ("", "")  # (owner, id) columns for the stored-row lookup
 
-    def __init__(self, bootstrap: str, group_id: str, topic: str, clickhouse: Any | Callable[[], Any], **kwargs: Any) -> None:
-        super().__init__(bootstrap, group_id, topic, None, clickhouse,
-                         decode_priced=lambda b: b, decode_dead_letter=lambda b: b, **kwargs)  # fmt: skip
+    def __init__(
+        self, bootstrap: str, group_id: str, topic: str, clickhouse: Any | Callable[[], Any], **kwargs: Any
+    ) -> None:
+        super().__init__(
+            bootstrap,
+            group_id,
+            topic,
+            None,
+            clickhouse,
+            decode_priced=lambda b: b,
+            decode_dead_letter=lambda b: b,
+            **kwargs,
+        )
 
     def _row(self, msg: Message) -> tuple[Any, ...]:
         raise NotImplementedError

@@ -30,7 +30,9 @@ class RecordSink(Protocol):
 
 
 class PriceFeed:
-    def __init__(self, bootstrap: str, topic: str, *, quiet_ms: int = 300, extra_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, *, quiet_ms: int = 300, extra_config: dict[str, Any] | None = None
+    ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.quiet_ms = quiet_ms
@@ -80,8 +82,14 @@ class PriceFeed:
             waited += 0.05
             if waited >= next_warning:
                 next_warning += warn_every_s
-                log.warning("%s still waiting for the price feed after %.0fs: %d record(s) read, EOF on %s of %s",
-                            who, waited, self.records_seen, sorted(self._eof), self._partitions)  # fmt: skip
+                log.warning(
+                    "%s still waiting for the price feed after %.0fs: %d record(s) read, EOF on %s of %s",
+                    who,
+                    waited,
+                    self.records_seen,
+                    sorted(self._eof),
+                    self._partitions,
+                )
 
     def drain_into(self, sink: RecordSink) -> int:
         """Apply every record received so far to ``sink``; call from the engine's owner thread."""
@@ -93,7 +101,7 @@ class PriceFeed:
                 return n
             try:
                 sink.apply_record(key, value)
-            except Exception:  # noqa: BLE001 - a bad price record must not stop pricing
+            except Exception:
                 log.exception("ignoring unusable record %r on %s", key, self.topic)
             n += 1
 
@@ -120,7 +128,11 @@ class PriceFeed:
                 msg = consumer.poll(0.1)
                 now = time.monotonic()
                 if msg is None:
-                    if not self._ready.is_set() and at_eof >= set(partitions) and (now - last_record) * 1000 >= self.quiet_ms:
+                    if (
+                        not self._ready.is_set()
+                        and at_eof >= set(partitions)
+                        and (now - last_record) * 1000 >= self.quiet_ms
+                    ):
                         self._ready.set()
                     continue
                 err = msg.error()
@@ -134,7 +146,7 @@ class PriceFeed:
                 key = (msg.key() or b"").decode()
                 self._queue.put((key, msg.value()))
                 self.records_seen += 1
-        except BaseException as exc:  # noqa: BLE001 - surfaced through .error and readiness
+        except BaseException as exc:
             self.error = exc
             log.exception("price feed stopped")
         finally:

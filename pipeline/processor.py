@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meterline.errors import InputError, SchemaError
+from meterline.core.errors import InputError, SchemaError
 from schemas.codec import decode_usage_batch, encode_dead_letter, encode_priced_batch, encode_usage_batch
 from schemas.validation import validate_records
 
@@ -49,10 +49,10 @@ MAX_DEAD_PAYLOAD_BYTES = 256_000
 
 
 class PriceEngine(Protocol):
-    """What the processor needs from ``meterline.pricing``: price one decoded event dict.
+    """What the processor needs from ``meterline.core.pricing``: price one decoded event dict.
 
     An engine that also has ``price_many(records) -> list[PricedAmounts | UnpriceableEvent]``
-    (as :class:`meterline.pricing.PricingEngine` does) is given the whole record at once.
+    (as :class:`meterline.core.pricing.PricingEngine` does) is given the whole record at once.
     """
 
     def price(self, record: dict[str, Any]) -> Any:  # returns PricedAmounts
@@ -159,7 +159,9 @@ class PricingProcessor:
                 raise SchemaError("record has no value", reason_code="empty_record")
             events = decode_usage_batch(value)
         except SchemaError as exc:
-            result.dead_letters.append((key, self._dead_letter(exc, partition, offset, None, value or b"", "raw", now_ms)))
+            result.dead_letters.append(
+                (key, self._dead_letter(exc, partition, offset, None, value or b"", "raw", now_ms))
+            )
             result.rejected += 1
             result.reasons.append(exc.reason_code)
             return result
@@ -194,7 +196,9 @@ class PricingProcessor:
                 result.duplicates += 1
                 continue
             if type(step) is not int:
-                result.dead_letters.append((key, self._dead_letter(step, partition, offset, event, None, "usage_batch", now_ms)))
+                result.dead_letters.append(
+                    (key, self._dead_letter(step, partition, offset, event, None, "usage_batch", now_ms))
+                )
                 result.rejected += 1
                 result.reasons.append(step.reason_code)
                 continue
@@ -204,7 +208,9 @@ class PricingProcessor:
                 continue
             amounts = amounts_of[step]
             if isinstance(amounts, InputError):
-                result.dead_letters.append((key, self._dead_letter(amounts, partition, offset, event, None, "usage_batch", now_ms)))
+                result.dead_letters.append(
+                    (key, self._dead_letter(amounts, partition, offset, event, None, "usage_batch", now_ms))
+                )
                 result.rejected += 1
                 result.reasons.append(amounts.reason_code)
                 continue
@@ -265,7 +271,7 @@ class PricingProcessor:
         if event is not None:
             try:
                 payload = encode_usage_batch([event])
-            except Exception:  # noqa: BLE001 - an event too broken to re-encode is kept as its repr
+            except Exception:
                 payload, payload_format = repr(event).encode("utf-8", "replace"), "repr"
         reason = exc.message
         if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
@@ -299,22 +305,88 @@ def split_priced(priced: list[dict[str, Any]], limit: int = MAX_PRICED_BYTES) ->
     return split_priced(priced[:half], limit) + split_priced(priced[half:], limit)
 
 
-def unforeseen_dead_letter(source_topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-                           exc: BaseException, now_ms: int, payload_format: str = "raw") -> bytes:  # fmt: skip
+def undecodable_dead_letter(
+    source_topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    exc: BaseException,
+    now_ms: int,
+) -> bytes:
+    """The dead letter of a record a consumer could not decode (reason ``undecodable``, or the
+    error's own reason code), with its bytes, so it lands in ``usage_rejected`` and can be looked at."""
+    return _whole_record_dead_letter(
+        source_topic,
+        partition,
+        offset,
+        key,
+        value,
+        getattr(exc, "reason_code", None) or "undecodable",
+        f"could not decode the record: {exc}",
+        now_ms,
+    )
+
+
+def unforeseen_dead_letter(
+    source_topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    exc: BaseException,
+    now_ms: int,
+    payload_format: str = "raw",
+) -> bytes:
     """The dead letter of a whole record whose processing raised something no rule foresaw (a bug,
     a state the code cannot read). Reason ``internal_error`` with the exception; the record's
     bytes are kept (up to MAX_DEAD_PAYLOAD_BYTES) so it can be re-driven once fixed."""
+    return _whole_record_dead_letter(
+        source_topic,
+        partition,
+        offset,
+        key,
+        value,
+        "internal_error",
+        f"unforeseen error while processing the record: {exc!r}",
+        now_ms,
+        payload_format,
+    )
+
+
+def _whole_record_dead_letter(
+    source_topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    reason_code: str,
+    reason: str,
+    now_ms: int,
+    payload_format: str = "raw",
+) -> bytes:
     payload = value or b""
-    reason = f"unforeseen error while processing the record: {exc!r}"[:2000]
+    reason = reason[:2000]
     if len(payload) > MAX_DEAD_PAYLOAD_BYTES:
         reason += f" (payload of {len(payload)} bytes left out: read it at the source position)"
         payload = b""
     customer = key.decode("utf-8", "replace")[:512] if key else None
-    return encode_dead_letter({
-        "reason_code": "internal_error", "reason": reason, "field": None, "source_topic": source_topic,
-        "source_partition": partition, "source_offset": offset, "customer_id": customer, "event_id": None,
-        "occurred_at": None, "payload": payload, "payload_format": payload_format, "failed_at": now_ms,
-    })  # fmt: skip
+    return encode_dead_letter(
+        {
+            "reason_code": reason_code,
+            "reason": reason,
+            "field": None,
+            "source_topic": source_topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "customer_id": customer,
+            "event_id": None,
+            "occurred_at": None,
+            "payload": payload,
+            "payload_format": payload_format,
+            "failed_at": now_ms,
+        }
+    )
 
 
 def _str_or_none(event: dict[str, Any] | None, name: str) -> str | None:

@@ -2,7 +2,7 @@
 
 Control records are few and must never be lost silently: the producer is idempotent with
 ``acks=all``, every delivery report is checked, and :func:`publish_records` returns only once
-the broker acknowledged every record (or raises :class:`~meterline.errors.DeliveryFailed`).
+the broker acknowledged every record (or raises :class:`~meterline.core.errors.DeliveryFailed`).
 Keys go through the murmur2 partitioner so they land where faust's routing expects them.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import KafkaException, Producer
 
-from meterline.errors import DeliveryFailed
+from meterline.core.errors import DeliveryFailed
 from meterline.stack.kafka import make_producer
 
 

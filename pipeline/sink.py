@@ -19,7 +19,7 @@ Flush contract (``flush()``; the order is what makes it crash-safe without Kafka
 Failure paths:
 
 * ClickHouse down (any error in 1–2, or the client factory fails): nothing is committed, the buffer
-  is kept, ``flush()`` raises :class:`~meterline.errors.ClickHouseUnavailable`. ``run()`` then pauses
+  is kept, ``flush()`` raises :class:`~meterline.core.errors.ClickHouseUnavailable`. ``run()`` then pauses
   every assigned partition, retries the whole flush (from step 1) with capped exponential backoff while
   still polling (heartbeats, rebalances), and resumes consumption once it succeeds.
 * Crash between (2) and (3): the records are consumed again from the committed offsets; step (1)
@@ -44,15 +44,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from meterline import metrics
-from meterline.errors import ClickHouseUnavailable, InputError
-from meterline.money import to_decimal
+from meterline.core.errors import ClickHouseUnavailable, InputError
+from meterline.core.money import to_decimal
+from meterline.stack import metrics
 
 __all__ = [
     "PRICED_COLUMNS",
@@ -66,25 +66,85 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PRICED_COLUMNS: tuple[str, ...] = (
-    "event_id", "occurred_at", "customer_id", "api_key_id", "project", "feature", "user_id",
-    "session_id", "gateway", "provider", "model", "model_version", "request_id", "labels", "input_tokens", "output_tokens",
-    "cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "requests", "cost", "charge",
-    "currency", "price_version", "rate_card", "priced_at", "source_partition", "source_offset",
+    "event_id",
+    "occurred_at",
+    "customer_id",
+    "api_key_id",
+    "project",
+    "feature",
+    "user_id",
+    "session_id",
+    "gateway",
+    "provider",
+    "model",
+    "model_version",
+    "request_id",
+    "labels",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "requests",
+    "cost",
+    "charge",
+    "currency",
+    "price_version",
+    "rate_card",
+    "priced_at",
+    "source_partition",
+    "source_offset",
     # UsageEvent v2 (migration 0009)
-    "cache_write_long_tokens", "input_audio_tokens", "output_audio_tokens", "input_image_tokens",
-    "output_image_tokens", "web_search_requests", "service_tier",
-)  # fmt: skip
+    "cache_write_long_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
+    "web_search_requests",
+    "service_tier",
+)
 REJECTED_COLUMNS: tuple[str, ...] = (
-    "reason_code", "reason", "field", "source_topic", "source_partition", "source_offset",
-    "customer_id", "event_id", "occurred_at", "payload", "payload_format", "failed_at",
-)  # fmt: skip
+    "reason_code",
+    "reason",
+    "field",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "customer_id",
+    "event_id",
+    "occurred_at",
+    "payload",
+    "payload_format",
+    "failed_at",
+)
 
-_OPTIONAL_STR = ("api_key_id", "project", "feature", "user_id", "session_id", "gateway", "model_version",
-                 "request_id", "price_version", "rate_card", "service_tier")  # fmt: skip
-_COUNTS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens",
-           "cache_write_long_tokens", "input_audio_tokens", "output_audio_tokens", "input_image_tokens",
-           "output_image_tokens", "web_search_requests")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_OPTIONAL_STR = (
+    "api_key_id",
+    "project",
+    "feature",
+    "user_id",
+    "session_id",
+    "gateway",
+    "model_version",
+    "request_id",
+    "price_version",
+    "rate_card",
+    "service_tier",
+)
+_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cache_write_long_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "input_image_tokens",
+    "output_image_tokens",
+    "web_search_requests",
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _P_CUSTOMER, _P_EVENT, _P_OCCURRED = 2, 0, 1  # positions in PRICED_COLUMNS
 _P_SPART, _P_SOFFSET = PRICED_COLUMNS.index("source_partition"), PRICED_COLUMNS.index("source_offset")
 _P_PRICED_AT = PRICED_COLUMNS.index("priced_at")
@@ -100,7 +160,7 @@ Decoder = Callable[[bytes], Any]
 def _utc(value: Any) -> datetime:
     """Epoch milliseconds (the codec's form) or a datetime -> aware UTC datetime, exactly."""
     if isinstance(value, datetime):
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     return _EPOCH + timedelta(milliseconds=int(value))
 
 
@@ -111,8 +171,9 @@ def _money(item: Mapping[str, Any], name: str) -> Decimal:
         return to_decimal(int(picos))
     value = item.get(name)
     if value is None or isinstance(value, float):
-        raise InputError(f"{name} is missing or not exact ({type(value).__name__})", reason_code="invalid_money",
-                         field=name)  # fmt: skip
+        raise InputError(
+            f"{name} is missing or not exact ({type(value).__name__})", reason_code="invalid_money", field=name
+        )
     return Decimal(value)
 
 
@@ -160,23 +221,25 @@ def rejected_row(item: Mapping[str, Any]) -> tuple[Any, ...]:
         "occurred_at": None if occurred is None else _utc(occurred),
         "payload": payload if isinstance(payload, bytes) else str(payload).encode(),
         "payload_format": str(item.get("payload_format") or ""),
-        "failed_at": _utc(item["failed_at"]) if item.get("failed_at") is not None else datetime.now(timezone.utc),
+        "failed_at": _utc(item["failed_at"]) if item.get("failed_at") is not None else datetime.now(UTC),
     }
     return tuple(out[c] for c in REJECTED_COLUMNS)
 
 
 def _undecodable_row(msg: Message, exc: Exception) -> tuple[Any, ...]:
     """A record this sink cannot decode: keep it, with its bytes, instead of dropping it."""
-    return rejected_row({
-        "reason_code": getattr(exc, "reason_code", "undecodable") or "undecodable",
-        "reason": f"sink could not decode the record: {exc}",
-        "field": getattr(exc, "field", None),
-        "source_topic": msg.topic(),
-        "source_partition": msg.partition(),
-        "source_offset": msg.offset(),
-        "payload": msg.value() or b"",
-        "payload_format": "raw",
-    })  # fmt: skip
+    return rejected_row(
+        {
+            "reason_code": getattr(exc, "reason_code", "undecodable") or "undecodable",
+            "reason": f"sink could not decode the record: {exc}",
+            "field": getattr(exc, "field", None),
+            "source_topic": msg.topic(),
+            "source_partition": msg.partition(),
+            "source_offset": msg.offset(),
+            "payload": msg.value() or b"",
+            "payload_format": "raw",
+        }
+    )
 
 
 def _default_decoders() -> tuple[Decoder, Decoder]:
@@ -198,7 +261,7 @@ class ClickHouseSink:
     """
 
     #: where the main stream's rows go; a subclass for another stream overrides these (see
-    #: pipeline/ledger_sink.py) and its row mapping / dedupe; the flush contract stays this class's.
+    #: pipeline/credits/sink.py) and its row mapping / dedupe; the flush contract stays this class's.
     main_table: str = "usage_priced"
     main_columns: tuple[str, ...] = PRICED_COLUMNS
 
@@ -285,11 +348,17 @@ class ClickHouseSink:
     def stats(self) -> dict[str, Any]:
         """The counters as a dict (for the API / demo)."""
         return {
-            "rows_inserted": self.rows_inserted, "rejected_inserted": self.rejected_inserted,
-            "duplicates_dropped": self.duplicates_dropped, "flushes": self.flushes, "retries": self.retries,
-            "commit_failures": self.commit_failures, "messages_consumed": self.messages_consumed,
-            "buffered": self.buffered, "degraded": self._degraded, "last_error": self.last_error,
-        }  # fmt: skip
+            "rows_inserted": self.rows_inserted,
+            "rejected_inserted": self.rejected_inserted,
+            "duplicates_dropped": self.duplicates_dropped,
+            "flushes": self.flushes,
+            "retries": self.retries,
+            "commit_failures": self.commit_failures,
+            "messages_consumed": self.messages_consumed,
+            "buffered": self.buffered,
+            "degraded": self._degraded,
+            "last_error": self.last_error,
+        }
 
     def poll_once(self, timeout: float = 0.1, max_messages: int = 500) -> int:
         """Consume up to ``max_messages`` records into the buffer; return how many were consumed.
@@ -385,8 +454,9 @@ class ClickHouseSink:
                     except ClickHouseUnavailable as exc:
                         self.retries += 1
                         backoff = min(backoff * 2, self.backoff_max)
-                        log.warning("ClickHouse still unavailable (retry %d, next in %.2fs): %s", self.retries,
-                                    backoff, exc)  # fmt: skip
+                        log.warning(
+                            "ClickHouse still unavailable (retry %d, next in %.2fs): %s", self.retries, backoff, exc
+                        )
                         continue
                     self._resume_assigned()
                     backoff = self.backoff_initial
@@ -457,7 +527,7 @@ class ClickHouseSink:
         if client is not None:
             try:
                 client.close()
-            except Exception:  # noqa: BLE001 - a broken client may fail to close; it is dropped anyway
+            except Exception:
                 pass
 
     def _drop_stored_priced(self, client: ClientLike, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -471,7 +541,9 @@ class ClickHouseSink:
         if not rows:
             return rows
         if self._source_high is None:
-            result = client.query("SELECT source_partition, max(source_offset) FROM usage_priced GROUP BY source_partition")
+            result = client.query(
+                "SELECT source_partition, max(source_offset) FROM usage_priced GROUP BY source_partition"
+            )
             self._source_high = {int(p): int(o) for p, o in result.result_rows}
             self._all_suspects = _broker_changed(client)
         high = self._source_high
@@ -496,9 +568,13 @@ class ClickHouseSink:
             " AND occurred_at BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC')"
             " AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"
             " AND (customer_id, event_id) IN {keys:Array(Tuple(String, String))}",
-            parameters={"customers": sorted({k[0] for k in keys}), "keys": keys,
-                        "lo": _epoch_ms(min(times)), "hi": _epoch_ms(max(times))},
-        )  # fmt: skip
+            parameters={
+                "customers": sorted({k[0] for k in keys}),
+                "keys": keys,
+                "lo": _epoch_ms(min(times)),
+                "hi": _epoch_ms(max(times)),
+            },
+        )
         return {(str(c), str(e)) for c, e in result.result_rows}
 
     def _drop_stored_rejected(self, client: ClientLike, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -571,12 +647,12 @@ class ClickHouseSink:
 
 def _broker_changed(client: ClientLike) -> bool:
     """True when ClickHouse has seen more than one broker epoch (``broker_epochs``, written at
-    every start by meterline.restore): source offsets restarted from 0 on a new broker, so a row
+    every start by pipeline.restore): source offsets restarted from 0 on a new broker, so a row
     above the stored high mark may still be an event stored under the old broker (a gateway retry
     after a one-box restart). The sink then looks every row up (docs/restore.md)."""
     try:
         return int(client.query("SELECT uniqExact(epoch) FROM broker_epochs").result_rows[0][0]) > 1
-    except Exception:  # noqa: BLE001 - no such table (not migrated): no restore ever happened
+    except Exception:
         return False
 
 

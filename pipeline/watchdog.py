@@ -32,7 +32,7 @@ def source_positions(consumer: Any, topics: set[str]) -> dict[Any, tuple[int | N
     try:
         assignment = consumer.assignment()
         read = read_offsets(consumer)
-    except Exception:  # noqa: BLE001 - the consumer is not up yet
+    except Exception:
         return {}
     out: dict[Any, tuple[int | None, int | None]] = {}
     for tp in assignment:
@@ -40,15 +40,22 @@ def source_positions(consumer: Any, topics: set[str]) -> dict[Any, tuple[int | N
             continue
         try:
             high = consumer.highwater(tp)
-        except Exception:  # noqa: BLE001
+        except Exception:
             high = None
         out[tp] = (read.get(tp), high)
     return out
 
 
 class StallWatchdog:
-    def __init__(self, app: Any, progress: Callable[[], tuple[int, ...]], source_topics: set[str], *,
-                 every_s: float = 5.0, stall_after_s: float = 20.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: Any,
+        progress: Callable[[], tuple[int, ...]],
+        source_topics: set[str],
+        *,
+        every_s: float = 5.0,
+        stall_after_s: float = 20.0,
+    ) -> None:
         self.app = app
         self.progress = progress
         self.source_topics = source_topics
@@ -95,8 +102,13 @@ class StallWatchdog:
                 continue
             reported = True
             self.reports += 1
-            log.warning("stall: no progress for %.0fs (counters %s) while records wait: %s\n%s",
-                        time.monotonic() - since, now, lag, self.stacks())  # fmt: skip
+            log.warning(
+                "stall: no progress for %.0fs (counters %s) while records wait: %s\n%s",
+                time.monotonic() - since,
+                now,
+                lag,
+                self.stacks(),
+            )
 
     def stacks(self) -> str:
         buf = io.StringIO()
@@ -111,7 +123,7 @@ class StallWatchdog:
                 buf.write(f"--- task {task.get_name()} {name}\n")
                 for frame in task.get_stack(limit=12):
                     buf.write("".join(traceback.format_stack(frame, limit=1)))
-        for ident, frame in sys._current_frames().items():  # noqa: SLF001
+        for ident, frame in sys._current_frames().items():
             if ident == threading.get_ident():
                 continue
             thread = next((t for t in threading.enumerate() if t.ident == ident), None)

@@ -12,8 +12,8 @@ import os
 
 import faust
 
-from meterline.config import Settings
-from meterline.metrics import serve_worker_metrics, worker_metrics_port
+from meterline.core.config import Settings
+from meterline.stack.metrics import serve_worker_metrics, worker_metrics_port
 from pipeline.app import create_app
 
 
@@ -22,8 +22,12 @@ def main() -> None:
     app = create_app(settings)
     # /metrics of this worker, advertised in <data_dir>/metrics/<name>.json (docs/metrics.md).
     name = os.environ.get("METERLINE_WORKER_NAME") or f"worker-{os.getpid()}"
-    serve_worker_metrics(settings.data_dir, name, worker_metrics_port(name, os.environ.get("METERLINE_WORKER_METRICS_PORT")),
-                         host=os.environ.get("METERLINE_WORKER_METRICS_HOST") or "127.0.0.1")
+    serve_worker_metrics(
+        settings.data_dir,
+        name,
+        worker_metrics_port(name, os.environ.get("METERLINE_WORKER_METRICS_PORT")),
+        host=os.environ.get("METERLINE_WORKER_METRICS_HOST") or "127.0.0.1",
+    )
     loglevel = os.environ.get("METERLINE_WORKER_LOGLEVEL", "WARNING")
     logging.getLogger("faust").setLevel(loglevel)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meterline.config import Settings
+from meterline.core.config import Settings
 from meterline.stack.broker import die_with_parent_preexec
 
 
@@ -44,9 +44,11 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # Settings come only from ``self.settings``; METERLINE_WORKER_* (log level, profiling) pass through.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_") or k.startswith("METERLINE_WORKER_")}
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("METERLINE_") or k.startswith("METERLINE_WORKER_")
+        }
         env.update(settings_env(self.settings))
-        env["METERLINE_WORKER_NAME"] = self.name  # names its metrics listener's advert (meterline.metrics)
+        env["METERLINE_WORKER_NAME"] = self.name  # names its metrics listener's advert (meterline.stack.metrics)
         env.setdefault("PYTHONUNBUFFERED", "1")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

@@ -17,7 +17,7 @@ milliseconds as ``int`` — and ``encode`` expects the same. Stripping logical t
 change fingerprints (the Parsing Canonical Form has no logical types). Use
 :func:`event_to_record` / :func:`record_to_event` to convert to and from the pydantic model.
 
-Errors are :class:`meterline.errors.SchemaError` with ``reason_code``:
+Errors are :class:`meterline.core.errors.SchemaError` with ``reason_code``:
 
 - ``not_single_object``: shorter than the 10-byte header or wrong magic;
 - ``unknown_schema``: the fingerprint is in neither the registry nor its resolver;
@@ -32,19 +32,19 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
-from meterline.errors import InvalidEvent, SchemaError
+from meterline.core.errors import InvalidEvent, SchemaError
 from schemas.models import UsageEvent
 from schemas.registry import SchemaRegistry, default_registry, full_name
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10  # magic (2) + fingerprint (8)
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 
 __all__ = [
@@ -138,8 +138,7 @@ class AvroCodec:
                 record = schemaless_reader(buf, writer, self._parsed)
         except Exception as exc:  # EOFError, UnicodeDecodeError, SchemaResolutionError, ValueError...
             raise SchemaError(
-                f"cannot decode {len(data)}-byte {self.name} record (writer {fp.hex()}): "
-                f"{type(exc).__name__}: {exc}",
+                f"cannot decode {len(data)}-byte {self.name} record (writer {fp.hex()}): {type(exc).__name__}: {exc}",
                 reason_code="undecodable",
             ) from exc
         if buf.tell() != len(data):

@@ -1,4 +1,4 @@
-"""The contract of the credits topics: their JSON messages to and from ``meterline.ledger`` values.
+"""The contract of the credits topics: their JSON messages to and from ``meterline.core.ledger`` values.
 
 This module is the one codec of ``ledger-commands``, ``ledger-entries``, ``customer-status``,
 ``alerts`` and ``ledger-replies``: every producer and consumer of those topics goes through it.
@@ -16,8 +16,8 @@ Outbound (produced by the credit agent): :func:`entry_message` (``ledger-entries
 (:func:`entry_from_message`, :func:`decode_json`).
 
 Errors: a value that is not a JSON object, or an unknown ``type``, raises
-:class:`meterline.errors.InvalidEvent` (``reason_code="invalid_ledger_message"``); a well-formed
-message whose values break the ledger's rules raises :class:`meterline.ledger.LedgerCommandError`
+:class:`meterline.core.errors.InvalidEvent` (``reason_code="invalid_ledger_message"``); a well-formed
+message whose values break the ledger's rules raises :class:`meterline.core.ledger.LedgerCommandError`
 (missing/ill-typed fields, bad amounts, float money). Both are ``InputError``: dead-letter, never retry.
 """
 
@@ -28,8 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meterline.errors import InvalidEvent
-from meterline.ledger import (
+from meterline.core.errors import InvalidEvent
+from meterline.core.ids import CUSTOMER_ID_RULE, is_customer_id
+from meterline.core.ledger import (
     Adjust,
     Alert,
     ApplyPricedUsage,
@@ -54,7 +55,6 @@ from meterline.ledger import (
     parse_amount,
     status_of,
 )
-from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
 __all__ = [
     "COMMAND_TYPES",
@@ -72,8 +72,17 @@ __all__ = [
     "status_message",
 ]
 
-COMMAND_TYPES = ("grant", "top_up", "void", "adjust", "set_policy", "set_budget", "set_block", "authorize",
-                 "usage_correction")
+COMMAND_TYPES = (
+    "grant",
+    "top_up",
+    "void",
+    "adjust",
+    "set_policy",
+    "set_budget",
+    "set_block",
+    "authorize",
+    "usage_correction",
+)
 _MISSING = object()
 
 
@@ -116,8 +125,9 @@ def _bad(msg: str, field: str | None = None) -> LedgerCommandError:
     return err
 
 
-def _get(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False,
-         default: Any = _MISSING) -> Any:
+def _get(
+    d: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False, default: Any = _MISSING
+) -> Any:
     value = d.get(name, _MISSING)
     if value is _MISSING or value is None:
         if default is not _MISSING:
@@ -141,8 +151,9 @@ def _amount(d: Mapping[str, Any], name: str, *, optional: bool = False) -> int |
             return None
         raise _bad(f"{name} is required", name)
     if not isinstance(value, str):  # the contract: decimal strings; ints/floats are refused
-        raise LedgerCommandError(f"{name} must be a decimal string, got {type(value).__name__}",
-                                 reason_code="invalid_amount")
+        raise LedgerCommandError(
+            f"{name} must be a decimal string, got {type(value).__name__}", reason_code="invalid_amount"
+        )
     return parse_amount(value)
 
 
@@ -159,16 +170,21 @@ def _scope_from(v: Any) -> GrantScope | None:
         return None
     if not isinstance(v, Mapping):
         raise _bad("scope must be an object or null", "scope")
-    scope = GrantScope(_str_list(v.get("providers"), "scope.providers"), _str_list(v.get("models"), "scope.models"),
-                       _str_list(v.get("projects"), "scope.projects"))  # fmt: skip
+    scope = GrantScope(
+        _str_list(v.get("providers"), "scope.providers"),
+        _str_list(v.get("models"), "scope.models"),
+        _str_list(v.get("projects"), "scope.projects"),
+    )
     return None if scope == GrantScope() else scope
 
 
 def _scope_to(s: GrantScope | None) -> dict[str, Any] | None:
     if s is None:
         return None
-    return {k: None if v is None else sorted(v) for k, v in
-            (("providers", s.providers), ("models", s.models), ("projects", s.projects))}  # fmt: skip
+    return {
+        k: None if v is None else sorted(v)
+        for k, v in (("providers", s.providers), ("models", s.models), ("projects", s.projects))
+    }
 
 
 def _rule_from(v: Any, name: str) -> VelocityRule | None:
@@ -191,9 +207,15 @@ def _rule_from(v: Any, name: str) -> VelocityRule | None:
 def _rule_to(r: VelocityRule | None) -> dict[str, Any] | None:
     if r is None:
         return None
-    return {"window_ms": r.window_ms, "bucket_ms": r.bucket_ms, "baseline_ms": r.baseline_ms,
-            "abs_cap": None if r.abs_cap_picos is None else format_picos(r.abs_cap_picos),
-            "baseline_multiple": r.baseline_multiple, "min": format_picos(r.min_picos), "block": r.block}  # fmt: skip
+    return {
+        "window_ms": r.window_ms,
+        "bucket_ms": r.bucket_ms,
+        "baseline_ms": r.baseline_ms,
+        "abs_cap": None if r.abs_cap_picos is None else format_picos(r.abs_cap_picos),
+        "baseline_multiple": r.baseline_multiple,
+        "min": format_picos(r.min_picos),
+        "block": r.block,
+    }
 
 
 def _int_tuple(d: Mapping[str, Any], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -229,8 +251,7 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
     d = decode_json(value)
     kind = d.get("type")
     if kind not in COMMAND_TYPES:
-        raise InvalidEvent(f"unknown ledger command type {kind!r}", reason_code="invalid_ledger_message",
-                           field="type")  # fmt: skip
+        raise InvalidEvent(f"unknown ledger command type {kind!r}", reason_code="invalid_ledger_message", field="type")
     command_id = _get(d, "command_id", str)
     customer = _get(d, "customer_id", str)
     if not is_customer_id(customer):  # the contract's one allowed form (docs/security.md)
@@ -240,11 +261,16 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
     if kind in ("grant", "top_up"):
         currency = _get(d, "currency", str).lower()
         g = CreditGrant(
-            grant_id=_get(d, "grant_id", str), customer_id=customer, amount_picos=_amount(d, "amount") or 0,
-            currency=currency, effective_at_ms=_get(d, "effective_at_ms", int, default=at),
-            expires_at_ms=_get(d, "expires_at_ms", int, optional=True), priority=_get(d, "priority", int, default=50),
-            category=_get(d, "category", str, default="paid"), scope=_scope_from(d.get("scope")),
-        )  # fmt: skip
+            grant_id=_get(d, "grant_id", str),
+            customer_id=customer,
+            amount_picos=_amount(d, "amount") or 0,
+            currency=currency,
+            effective_at_ms=_get(d, "effective_at_ms", int, default=at),
+            expires_at_ms=_get(d, "expires_at_ms", int, optional=True),
+            priority=_get(d, "priority", int, default=50),
+            category=_get(d, "category", str, default="paid"),
+            scope=_scope_from(d.get("scope")),
+        )
         cmd: Command = TopUp(grant=g, at_ms=at) if kind == "top_up" else Grant(grant=g, at_ms=at)
         return LedgerRequest(**env, command=cmd, currency=currency)
     if kind == "usage_correction":
@@ -252,19 +278,37 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
         # usage (grants in debit order, then overage under the policy), deduped by its event_id.
         charge = _amount(d, "amount")
         assert charge is not None
-        return LedgerRequest(**env, currency=_get(d, "currency", str).lower(), command=ApplyPricedUsage(
-            event_id=_get(d, "event_id", str), occurred_at_ms=at, charge_picos=charge,
-            currency=_get(d, "currency", str).lower(), provider=_get(d, "provider", str), model=_get(d, "model", str),
-            project=_get(d, "project", str, optional=True)))  # fmt: skip
+        return LedgerRequest(
+            **env,
+            currency=_get(d, "currency", str).lower(),
+            command=ApplyPricedUsage(
+                event_id=_get(d, "event_id", str),
+                occurred_at_ms=at,
+                charge_picos=charge,
+                currency=_get(d, "currency", str).lower(),
+                provider=_get(d, "provider", str),
+                model=_get(d, "model", str),
+                project=_get(d, "project", str, optional=True),
+            ),
+        )
     if kind == "void":
-        return LedgerRequest(**env, command=Void(grant_id=_get(d, "grant_id", str), at_ms=at,
-                                                 reason=_get(d, "reason", str, default="voided")))  # fmt: skip
+        return LedgerRequest(
+            **env,
+            command=Void(grant_id=_get(d, "grant_id", str), at_ms=at, reason=_get(d, "reason", str, default="voided")),
+        )
     if kind == "adjust":
         amount = _amount(d, "amount")
         assert amount is not None
-        return LedgerRequest(**env, command=Adjust(
-            adjustment_id=_get(d, "adjustment_id", str), amount_picos=amount, reason=_get(d, "reason", str),
-            at_ms=at, grant_id=_get(d, "grant_id", str, optional=True)))  # fmt: skip
+        return LedgerRequest(
+            **env,
+            command=Adjust(
+                adjustment_id=_get(d, "adjustment_id", str),
+                amount_picos=amount,
+                reason=_get(d, "reason", str),
+                at_ms=at,
+                grant_id=_get(d, "grant_id", str, optional=True),
+            ),
+        )
     if kind == "set_policy":
         base = Policy()
         overage = _get(d, "overage", str)
@@ -275,7 +319,8 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
         if not isinstance(low, list):
             raise _bad("low_balance must be a list of decimal strings", "low_balance")
         policy = Policy(
-            overage=overage, credit_limit_picos=limit or 0,  # type: ignore[arg-type]
+            overage=overage,
+            credit_limit_picos=limit or 0,
             used_alert_pcts=_int_tuple(d, "used_alert_pcts", base.used_alert_pcts),
             low_balance_picos=tuple(_amount({"x": x}, "x") or 0 for x in low),
             hold_ttl_ms=_get(d, "hold_ttl_ms", int, default=base.hold_ttl_ms),
@@ -290,27 +335,48 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
         limit = _amount(b, "limit")
         assert limit is not None
         budget = Budget(
-            budget_id=_get(b, "budget_id", str), scope=_get(b, "scope", str),  # type: ignore[arg-type]
-            scope_value=_get(b, "scope_value", str, optional=True), period=_get(b, "period", str),  # type: ignore[arg-type]
-            limit_picos=limit, hard=_get(b, "hard", bool, default=False),
+            budget_id=_get(b, "budget_id", str),
+            scope=_get(b, "scope", str),
+            scope_value=_get(b, "scope_value", str, optional=True),
+            period=_get(b, "period", str),
+            limit_picos=limit,
+            hard=_get(b, "hard", bool, default=False),
             alert_pcts=_int_tuple(b, "alert_pcts", (80, 100)),
         )
-        return LedgerRequest(**env, command=SetBudget(budget=budget, at_ms=at, remove=_get(d, "remove", bool, default=False)))
+        return LedgerRequest(
+            **env, command=SetBudget(budget=budget, at_ms=at, remove=_get(d, "remove", bool, default=False))
+        )
     if kind == "set_block":
         reason = _get(d, "reason", str, default="manual")
         if reason not in ("manual", "runaway_guard"):
             raise _bad("set_block reason must be manual or runaway_guard", "reason")
-        return LedgerRequest(**env, command=SetBlock(scope=_get(d, "scope", str, default="customer"),
-                                                     blocked=_get(d, "blocked", bool), at_ms=at, reason=reason))  # type: ignore[arg-type]  # fmt: skip
+        return LedgerRequest(
+            **env,
+            command=SetBlock(
+                scope=_get(d, "scope", str, default="customer"),
+                blocked=_get(d, "blocked", bool),
+                at_ms=at,
+                reason=reason,
+            ),
+        )
     # authorize
     inp, out = _get(d, "input_tokens_estimate", int), _get(d, "max_output_tokens", int)
     if inp < 0 or out < 0:
         raise _bad("token bounds must be >= 0", "input_tokens_estimate")
-    return LedgerRequest(**env, authorize=AuthorizeRequest(
-        request_id=_get(d, "request_id", str), provider=_get(d, "provider", str), model=_get(d, "model", str),
-        model_version=_get(d, "model_version", str, optional=True), project=_get(d, "project", str, optional=True),
-        api_key_id=_get(d, "api_key_id", str, optional=True), input_tokens_estimate=inp, max_output_tokens=out,
-        ttl_ms=_get(d, "ttl_ms", int, optional=True)))  # fmt: skip
+    return LedgerRequest(
+        **env,
+        authorize=AuthorizeRequest(
+            request_id=_get(d, "request_id", str),
+            provider=_get(d, "provider", str),
+            model=_get(d, "model", str),
+            model_version=_get(d, "model_version", str, optional=True),
+            project=_get(d, "project", str, optional=True),
+            api_key_id=_get(d, "api_key_id", str, optional=True),
+            input_tokens_estimate=inp,
+            max_output_tokens=out,
+            ttl_ms=_get(d, "ttl_ms", int, optional=True),
+        ),
+    )
 
 
 def command_message(cmd: Command, *, command_id: str, customer_id: str) -> dict[str, Any]:
@@ -319,45 +385,94 @@ def command_message(cmd: Command, *, command_id: str, customer_id: str) -> dict[
     env: dict[str, Any] = {"command_id": command_id, "customer_id": customer_id, "at_ms": cmd.time_ms}
     if isinstance(cmd, (Grant, TopUp)):
         g = cmd.grant
-        return {"type": "top_up" if isinstance(cmd, TopUp) else "grant", **env, "grant_id": g.grant_id,
-                "amount": format_picos(g.amount_picos), "currency": g.currency, "effective_at_ms": g.effective_at_ms,
-                "expires_at_ms": g.expires_at_ms, "priority": g.priority, "category": g.category,
-                "scope": _scope_to(g.scope)}  # fmt: skip
+        return {
+            "type": "top_up" if isinstance(cmd, TopUp) else "grant",
+            **env,
+            "grant_id": g.grant_id,
+            "amount": format_picos(g.amount_picos),
+            "currency": g.currency,
+            "effective_at_ms": g.effective_at_ms,
+            "expires_at_ms": g.expires_at_ms,
+            "priority": g.priority,
+            "category": g.category,
+            "scope": _scope_to(g.scope),
+        }
     if isinstance(cmd, Void):
         return {"type": "void", **env, "grant_id": cmd.grant_id, "reason": cmd.reason}
     if isinstance(cmd, Adjust):
-        return {"type": "adjust", **env, "adjustment_id": cmd.adjustment_id, "amount": format_picos(cmd.amount_picos),
-                "reason": cmd.reason, "grant_id": cmd.grant_id}  # fmt: skip
+        return {
+            "type": "adjust",
+            **env,
+            "adjustment_id": cmd.adjustment_id,
+            "amount": format_picos(cmd.amount_picos),
+            "reason": cmd.reason,
+            "grant_id": cmd.grant_id,
+        }
     if isinstance(cmd, SetPolicy):
         p = cmd.policy
-        return {"type": "set_policy", **env, "overage": p.overage,
-                "credit_limit": format_picos(p.credit_limit_picos) if p.overage == "credit_limit" else None,
-                "used_alert_pcts": list(p.used_alert_pcts), "low_balance": [format_picos(x) for x in p.low_balance_picos],
-                "hold_ttl_ms": p.hold_ttl_ms, "runaway_customer": _rule_to(p.runaway_customer),
-                "runaway_api_key": _rule_to(p.runaway_api_key), "dedupe_window_ms": p.dedupe_window_ms,
-                "dedupe_max_ids": p.dedupe_max_ids}  # fmt: skip
+        return {
+            "type": "set_policy",
+            **env,
+            "overage": p.overage,
+            "credit_limit": format_picos(p.credit_limit_picos) if p.overage == "credit_limit" else None,
+            "used_alert_pcts": list(p.used_alert_pcts),
+            "low_balance": [format_picos(x) for x in p.low_balance_picos],
+            "hold_ttl_ms": p.hold_ttl_ms,
+            "runaway_customer": _rule_to(p.runaway_customer),
+            "runaway_api_key": _rule_to(p.runaway_api_key),
+            "dedupe_window_ms": p.dedupe_window_ms,
+            "dedupe_max_ids": p.dedupe_max_ids,
+        }
     if isinstance(cmd, SetBudget):
         b = cmd.budget
-        return {"type": "set_budget", **env, "remove": cmd.remove, "budget": {
-            "budget_id": b.budget_id, "scope": b.scope, "scope_value": b.scope_value, "period": b.period,
-            "limit": format_picos(b.limit_picos), "hard": b.hard, "alert_pcts": list(b.alert_pcts)}}  # fmt: skip
+        return {
+            "type": "set_budget",
+            **env,
+            "remove": cmd.remove,
+            "budget": {
+                "budget_id": b.budget_id,
+                "scope": b.scope,
+                "scope_value": b.scope_value,
+                "period": b.period,
+                "limit": format_picos(b.limit_picos),
+                "hard": b.hard,
+                "alert_pcts": list(b.alert_pcts),
+            },
+        }
     if isinstance(cmd, SetBlock):
         return {"type": "set_block", **env, "scope": cmd.scope, "blocked": cmd.blocked, "reason": cmd.reason}
     raise TypeError(f"{type(cmd).__name__} has no ledger-commands message (usage comes from usage-priced)")
 
 
 def authorize_message(
-    *, request_id: str, customer_id: str, at_ms: int, provider: str, model: str, input_tokens_estimate: int,
-    max_output_tokens: int, model_version: str | None = None, project: str | None = None,
-    api_key_id: str | None = None, ttl_ms: int | None = None,
+    *,
+    request_id: str,
+    customer_id: str,
+    at_ms: int,
+    provider: str,
+    model: str,
+    input_tokens_estimate: int,
+    max_output_tokens: int,
+    model_version: str | None = None,
+    project: str | None = None,
+    api_key_id: str | None = None,
+    ttl_ms: int | None = None,
 ) -> dict[str, Any]:
     """An ``authorize`` message; its command_id is ``authorize:<request_id>`` (idempotent re-sends)."""
     msg: dict[str, Any] = {
-        "type": "authorize", "command_id": f"authorize:{request_id}", "customer_id": customer_id, "at_ms": at_ms,
-        "request_id": request_id, "provider": provider, "model": model, "model_version": model_version,
-        "project": project, "api_key_id": api_key_id, "input_tokens_estimate": input_tokens_estimate,
+        "type": "authorize",
+        "command_id": f"authorize:{request_id}",
+        "customer_id": customer_id,
+        "at_ms": at_ms,
+        "request_id": request_id,
+        "provider": provider,
+        "model": model,
+        "model_version": model_version,
+        "project": project,
+        "api_key_id": api_key_id,
+        "input_tokens_estimate": input_tokens_estimate,
         "max_output_tokens": max_output_tokens,
-    }  # fmt: skip
+    }
     if ttl_ms is not None:
         msg["ttl_ms"] = ttl_ms
     return msg
@@ -387,9 +502,18 @@ def encode_message(message: Mapping[str, Any], *, trusted: bool = False) -> byte
 
 def entry_message(e: LedgerEntry) -> dict[str, Any]:
     """A ledger entry for ``ledger-entries`` (amount as a signed decimal string)."""
-    return {"entry_id": e.entry_id, "customer_id": e.customer_id, "seq": e.seq, "kind": e.kind,
-            "amount": format_picos(e.amount_picos), "currency": e.currency, "at_ms": e.at_ms,
-            "grant_id": e.grant_id, "event_id": e.event_id, "reason": e.reason}  # fmt: skip
+    return {
+        "entry_id": e.entry_id,
+        "customer_id": e.customer_id,
+        "seq": e.seq,
+        "kind": e.kind,
+        "amount": format_picos(e.amount_picos),
+        "currency": e.currency,
+        "at_ms": e.at_ms,
+        "grant_id": e.grant_id,
+        "event_id": e.event_id,
+        "reason": e.reason,
+    }
 
 
 def entry_from_message(d: Mapping[str, Any]) -> LedgerEntry:
@@ -397,10 +521,16 @@ def entry_from_message(d: Mapping[str, Any]) -> LedgerEntry:
     amount = _amount(d, "amount")
     assert amount is not None
     return LedgerEntry(
-        entry_id=_get(d, "entry_id", str), customer_id=_get(d, "customer_id", str), seq=_get(d, "seq", int),
-        kind=_get(d, "kind", str), amount_picos=amount, currency=_get(d, "currency", str),  # type: ignore[arg-type]
-        at_ms=_get(d, "at_ms", int), grant_id=_get(d, "grant_id", str, optional=True),
-        event_id=_get(d, "event_id", str, optional=True), reason=_get(d, "reason", str, optional=True),
+        entry_id=_get(d, "entry_id", str),
+        customer_id=_get(d, "customer_id", str),
+        seq=_get(d, "seq", int),
+        kind=_get(d, "kind", str),
+        amount_picos=amount,
+        currency=_get(d, "currency", str),
+        at_ms=_get(d, "at_ms", int),
+        grant_id=_get(d, "grant_id", str, optional=True),
+        event_id=_get(d, "event_id", str, optional=True),
+        reason=_get(d, "reason", str, optional=True),
     )
 
 
@@ -414,26 +544,44 @@ def status_message(state: CustomerLedger, now_ms: int, plan: dict[str, Any] | No
     if plan is not None:
         balance["plan"] = {k: v for k, v in plan.items() if k != "allowances"}
         balance["allowances"] = plan["allowances"]
-    return {"customer_id": state.customer_id, "status": st["state"], "reason": st.get("reason"),
-            "since_ms": st.get("since"), "balance": balance, "updated_at_ms": now_ms}  # fmt: skip
+    return {
+        "customer_id": state.customer_id,
+        "status": st["state"],
+        "reason": st.get("reason"),
+        "since_ms": st.get("since"),
+        "balance": balance,
+        "updated_at_ms": now_ms,
+    }
 
 
 def alert_message(a: Alert) -> dict[str, Any]:
     """An ``alerts`` value; ``alert_id`` is the ledger's deterministic id."""
     unit = "percent" if a.kind in ("credit_used", "budget") else "amount"
     threshold = str(a.threshold) if unit == "percent" else format_picos(a.threshold)
-    return {"alert_id": a.alert_id, "customer_id": a.customer_id, "kind": a.kind,
-            "message": f"{a.kind} on {a.scope}: threshold {threshold}{'%' if unit == 'percent' else ''} crossed "
-                       f"(value {format_picos(a.value_picos)})",
-            "at_ms": a.at_ms, "scope": a.scope, "threshold": threshold, "threshold_unit": unit,
-            "value": format_picos(a.value_picos)}  # fmt: skip
+    return {
+        "alert_id": a.alert_id,
+        "customer_id": a.customer_id,
+        "kind": a.kind,
+        "message": f"{a.kind} on {a.scope}: threshold {threshold}{'%' if unit == 'percent' else ''} crossed "
+        f"(value {format_picos(a.value_picos)})",
+        "at_ms": a.at_ms,
+        "scope": a.scope,
+        "threshold": threshold,
+        "threshold_unit": unit,
+        "value": format_picos(a.value_picos),
+    }
 
 
 def reply_message(customer_id: str, decision: Decision, estimate_picos: int) -> dict[str, Any]:
     """A ``ledger-replies`` value for an authorize decision."""
     hold = decision.hold
-    return {"request_id": decision.request_id, "customer_id": customer_id,
-            "decision": "allow" if decision.allowed else "deny", "reason": decision.reason,
-            "hold_id": hold.request_id if hold is not None else None, "estimate": format_picos(estimate_picos),
-            "available": format_picos(decision.available_picos),
-            "expires_at_ms": hold.expires_ms if hold is not None else None}  # fmt: skip
+    return {
+        "request_id": decision.request_id,
+        "customer_id": customer_id,
+        "decision": "allow" if decision.allowed else "deny",
+        "reason": decision.reason,
+        "hold_id": hold.request_id if hold is not None else None,
+        "estimate": format_picos(estimate_picos),
+        "available": format_picos(decision.available_picos),
+        "expires_at_ms": hold.expires_ms if hold is not None else None,
+    }

@@ -5,7 +5,7 @@ string WITH a zone (``"2025-01-31T12:00:00Z"``, ``"…+02:00"``) or an integer o
 milliseconds. Types are strict: counts are JSON integers (not ``"12"``, not ``12.0``), ids are
 strings, ``labels`` an object of strings. Unknown keys are ignored (forward compatibility).
 
-Errors are :class:`meterline.errors.InvalidEvent` with ``field`` and a ``reason_code`` shared
+Errors are :class:`meterline.core.errors.InvalidEvent` with ``field`` and a ``reason_code`` shared
 with :mod:`schemas.validation` (``missing_customer_id``, ``id_too_long``, ``negative_count``,
 ``invalid_type`` ...) plus:
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.codec import ms_to_datetime
 from schemas.models import UsageEvent
 from schemas.validation import invalid_event_from_pydantic

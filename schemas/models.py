@@ -31,28 +31,16 @@ docs/gateways.md):
 
 from __future__ import annotations
 
-import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from meterline.core.ids import CUSTOMER_ID_PATTERN as CUSTOMER_ID_PATTERN  # re-exported: the contract's rule
+from meterline.core.ids import CUSTOMER_ID_RULE, is_customer_id
+
 MAX_ID_LEN = 128
 
-# THE allowed form of a customer id, for every entrance (HTTP ingest, producer SDK, pricing agent,
-# credit commands, the Stripe webhook, API keys): 1-128 ASCII characters, letters, digits and
-# ``. _ : @ + = -``, starting with a letter or digit. No whitespace, control, format (RTL override,
-# zero-width) or non-ASCII characters, no ``/``: a customer id is safe in a URL path, a file name,
-# an HTTP header and a log line, and one customer has exactly one spelling (no normalisation).
-CUSTOMER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$"
-CUSTOMER_ID_RULE = (
-    "a customer id is 1-128 characters from A-Z a-z 0-9 . _ : @ + = -, starting with a letter or digit"
-)
-_CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}")
-
-
-def is_customer_id(value: object) -> bool:
-    """True if ``value`` is a string of the allowed customer-id form (:data:`CUSTOMER_ID_PATTERN`)."""
-    return type(value) is str and _CUSTOMER_ID.fullmatch(value) is not None
+# The customer-id rule is the domain's (meterline/core/ids.py); the contract applies it.
 MAX_TOKENS_PER_EVENT = 10**12  # far above any real request; beyond this the count is treated as absurd
 MAX_REQUESTS_PER_EVENT = 10**6
 MAX_LABELS = 64
@@ -121,7 +109,7 @@ class UsageEvent(BaseModel):
     def _aware_utc(cls, v: datetime) -> datetime:
         if v.tzinfo is None:
             raise ValueError("occurred_at must carry a timezone (UTC)")
-        return v.astimezone(timezone.utc)
+        return v.astimezone(UTC)
 
     @field_validator("customer_id")
     @classmethod

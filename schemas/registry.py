@@ -29,7 +29,7 @@ from typing import Any
 from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from meterline.errors import SchemaError
+from meterline.core.errors import SchemaError
 
 NAMESPACE = "meterline.v1"
 AVRO_DIR = Path(__file__).resolve().parent / "avro"
@@ -46,8 +46,8 @@ __all__ = [
     "NAMESPACE",
     "Resolver",
     "SchemaRegistry",
-    "canonical_json",
     "bundled_schemas",
+    "canonical_json",
     "default_registry",
     "fingerprint",
     "full_name",
@@ -67,7 +67,7 @@ def fingerprint(schema: Mapping[str, Any] | str) -> bytes:
 
     ``schema`` must be self-contained (every named type defined where first used).
     """
-    pcf = to_parsing_canonical_form(schema)
+    pcf = to_parsing_canonical_form(dict(schema) if isinstance(schema, Mapping) else schema)
     return bytes.fromhex(_fastavro_fingerprint(pcf, "CRC-64-AVRO"))
 
 
@@ -96,9 +96,7 @@ def _expand(node: Any, defs: Mapping[str, dict[str, Any]], seen: set[str], names
             ns = node.get("namespace", namespace)
             seen.add(full_name(node["name"], ns))
             if kind in ("record", "error"):
-                out["fields"] = [
-                    {**f, "type": _expand(f["type"], defs, seen, ns)} for f in node["fields"]
-                ]
+                out["fields"] = [{**f, "type": _expand(f["type"], defs, seen, ns)} for f in node["fields"]]
             return out
         if kind == "array":
             out["items"] = _expand(node["items"], defs, seen, namespace)

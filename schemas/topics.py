@@ -36,14 +36,26 @@ TOPIC_CODECS: dict[str, TopicCodec] = {
     "usage-events": TopicCodec("avro", "schemas.codec:encode_usage_batch", "schemas.codec:decode_usage_batch"),
     "usage-priced": TopicCodec("avro", "schemas.codec:encode_priced_batch", "schemas.codec:decode_priced_batch"),
     "usage-dead-letter": TopicCodec("avro", "schemas.codec:encode_dead_letter", "schemas.codec:decode_dead_letter"),
-    "prices": TopicCodec("json", "meterline.pricing._book:PriceBook.to_records", "meterline.pricing._book:decode_record"),
+    "prices": TopicCodec(
+        "json", "meterline.core.pricing._book:PriceBook.to_records", "meterline.core.pricing._book:decode_record"
+    ),
     "epoch": TopicCodec("text", "schemas.topics:encode_epoch", "schemas.topics:decode_epoch"),
-    "schemas": TopicCodec("json", "schemas.registry:canonical_json", "meterline.stack.schema_store:KafkaSchemaStore._parse_entry"),
+    "schemas": TopicCodec(
+        "json", "schemas.registry:canonical_json", "meterline.stack.schema_store:KafkaSchemaStore._parse_entry"
+    ),
     "customer-status": TopicCodec("json", "schemas.credits:encode_message", "schemas.credits:decode_json"),
     "ledger-commands": TopicCodec("json", "schemas.credits:encode_message", "schemas.credits:decode_command"),
     "alerts": TopicCodec("json", "schemas.credits:encode_message", "schemas.credits:decode_json"),
     "ledger-replies": TopicCodec("json", "schemas.credits:encode_message", "schemas.credits:decode_json"),
     "ledger-entries": TopicCodec("json", "schemas.credits:encode_message", "schemas.credits:entry_from_message"),
-    "plans": TopicCodec("json", "meterline.plans._catalog:PlanCatalog.to_records", "meterline.plans._catalog:decode_plan_record"),
-    "subscriptions": TopicCodec("json", "meterline.plans._timeline:SubscriptionEvent.to_record", "meterline.plans._timeline:parse_event"),
+    "plans": TopicCodec(
+        "json",
+        "meterline.core.plans._catalog:PlanCatalog.to_records",
+        "meterline.core.plans._catalog:decode_plan_record",
+    ),
+    "subscriptions": TopicCodec(
+        "json",
+        "meterline.core.plans._timeline:SubscriptionEvent.to_record",
+        "meterline.core.plans._timeline:parse_event",
+    ),
 }

@@ -1,7 +1,7 @@
 """Fast contract checks on decoded ``UsageEvent`` dicts, with stable reason codes.
 
 :func:`validate_record` is the pipeline's per-event gate (pure Python, no pydantic, a few µs per
-event). It raises :class:`meterline.errors.InvalidEvent` with one of these ``reason_code`` values
+event). It raises :class:`meterline.core.errors.InvalidEvent` with one of these ``reason_code`` values
 (snake_case, stable: they land in the dead-letter topic and ``usage_rejected.reason_code``), and
 ``field`` naming the offending field:
 
@@ -50,9 +50,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
+from meterline.core.ids import CUSTOMER_ID_RULE, is_customer_id
 from schemas.models import (
-    CUSTOMER_ID_RULE,
     MAX_ID_LEN,
     MAX_LABEL_LEN,
     MAX_LABELS,
@@ -60,7 +60,6 @@ from schemas.models import (
     MAX_TOKENS_PER_EVENT,
     TOKEN_FIELDS,
     TOOL_FIELDS,
-    is_customer_id,
 )
 
 MIN_OCCURRED_AT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -123,11 +122,15 @@ def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = D
     for name in REQUIRED_ID_FIELDS:
         v = d.get(name)
         if type(v) is not str and v is not None:
-            raise InvalidEvent(f"{name} must be a string, got {type(v).__name__}", reason_code="invalid_type", field=name)
+            raise InvalidEvent(
+                f"{name} must be a string, got {type(v).__name__}", reason_code="invalid_type", field=name
+            )
         if not v:
             raise InvalidEvent(f"{name} is required and must not be empty", reason_code=f"missing_{name}", field=name)
         if len(v) > MAX_ID_LEN:
-            raise InvalidEvent(f"{name} is {len(v)} characters, at most {MAX_ID_LEN}", reason_code="id_too_long", field=name)
+            raise InvalidEvent(
+                f"{name} is {len(v)} characters, at most {MAX_ID_LEN}", reason_code="id_too_long", field=name
+            )
     if not is_customer_id(d.get("customer_id")):
         raise InvalidEvent(CUSTOMER_ID_RULE, reason_code="invalid_customer_id", field="customer_id")
     for name in OPTIONAL_ID_FIELDS:
@@ -144,7 +147,9 @@ def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = D
     if ts is None:
         raise InvalidEvent("occurred_at is required", reason_code="missing_occurred_at", field="occurred_at")
     if type(ts) is not int:
-        raise InvalidEvent("occurred_at must be int epoch milliseconds", reason_code="invalid_type", field="occurred_at")
+        raise InvalidEvent(
+            "occurred_at must be int epoch milliseconds", reason_code="invalid_type", field="occurred_at"
+        )
     if ts > now_ms + max_future_ms:
         raise InvalidEvent(
             f"occurred_at {ts} is {ts - now_ms} ms in the future (allowed skew {max_future_ms} ms)",
@@ -165,7 +170,9 @@ def validate_record(d: Mapping[str, Any], *, now_ms: int, max_future_ms: int = D
             raise InvalidEvent(f"{name} is negative ({v})", reason_code="negative_count", field=name)
         if v > _COUNT_LIMITS[name]:
             raise InvalidEvent(
-                f"{name} {v} exceeds the per-event maximum {_COUNT_LIMITS[name]}", reason_code="absurd_count", field=name
+                f"{name} {v} exceeds the per-event maximum {_COUNT_LIMITS[name]}",
+                reason_code="absurd_count",
+                field=name,
             )
         total += v
 

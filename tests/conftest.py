@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from meterline.config import Settings
+from meterline.core.config import Settings
 from meterline.stack.broker import TansuBroker, free_port  # noqa: F401  (re-exported for tests)
 from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir, with_database
 from meterline.stack.topics import delete_topics, ensure_topics

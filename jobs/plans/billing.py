@@ -2,7 +2,7 @@
 
 ``bill_preview`` is what ``meterline bill preview`` prints; ``close_period`` is ``meterline bill
 close`` (it writes ``plan_bills`` / ``plan_allowance_usage`` for analysts). The arithmetic is the
-pure :mod:`meterline.plans` (the same code the credit agent burns allowances down with); this
+pure :mod:`meterline.core.plans` (the same code the credit agent burns allowances down with); this
 module only reads:
 
 - the catalog from ``plans FINAL`` and the customer's facts from ``subscription_events FINAL``;
@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from meterline.errors import InputError, MeterlineError
-from meterline.money import decimal_to_picos
-from meterline.plans import (
+from meterline.core.errors import InputError, MeterlineError
+from meterline.core.money import decimal_to_picos
+from meterline.core.plans import (
     PLAN_KEY_PREFIX,
     Bill,
     Period,
@@ -93,8 +93,12 @@ def load_events(client: Any, customer_id: str | None = None) -> list[Subscriptio
     ).result_rows
     out = []
     for event_id, typ, cid, at, plan_id, version, ape in rows:
-        doc: dict[str, Any] = {"event_id": event_id, "type": typ, "customer_id": cid,
-                               "at": datetime.fromtimestamp(int(at), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+        doc: dict[str, Any] = {
+            "event_id": event_id,
+            "type": typ,
+            "customer_id": cid,
+            "at": datetime.fromtimestamp(int(at), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
         if plan_id:
             doc["plan_id"] = plan_id
         if version:
@@ -113,7 +117,9 @@ def period_usage(client: Any, period: Period) -> list[list[Usage]]:
     bounds = [s.end if s.end is not None else period.stop for s in period.segments][:-1]
     params: dict[str, Any] = {"c": period.customer_id, "lo": period.start * 1000, "hi": period.stop * 1000}
     if bounds:
-        arms = ", ".join(f"occurred_at < fromUnixTimestamp64Milli({{b{i}:Int64}}, 'UTC'), {i}" for i in range(len(bounds)))
+        arms = ", ".join(
+            f"occurred_at < fromUnixTimestamp64Milli({{b{i}:Int64}}, 'UTC'), {i}" for i in range(len(bounds))
+        )
         seg = f"multiIf({arms}, {len(bounds)})"
         params.update({f"b{i}": b * 1000 for i, b in enumerate(bounds)})
     else:
@@ -164,7 +170,14 @@ def _charge(client: Any, customer_id: str, start: int, stop: int) -> tuple[int, 
 
 
 def _bills(
-    client: Any, timeline: Timeline, start: int, end: int, *, overlapping: bool = False, usage_of: Any = None, prepaid_of: Any = None
+    client: Any,
+    timeline: Timeline,
+    start: int,
+    end: int,
+    *,
+    overlapping: bool = False,
+    usage_of: Any = None,
+    prepaid_of: Any = None,
 ) -> list[tuple[Period, Bill]]:
     """Bills of the timeline's periods starting in ``[start, end)`` (with ``overlapping``, when
     none starts there, e.g. a yearly plan: the periods overlapping it); earlier periods of the same
@@ -178,9 +191,14 @@ def _bills(
     if not wanted:
         return []
     rolls = any(a.rollover_max is not None for p in periods for s in p.segments for a in s.plan.allowances)
-    chain = [p for p in periods if p.start < end and ((rolls and any(p.anchor == w.anchor for w in wanted)) or p in wanted)]
-    bills = rate_periods(chain, usage_of or (lambda p: period_usage(client, p)),
-                         prepaid_of or (lambda p: _prepaid(client, p.customer_id, p.start, p.stop)))  # fmt: skip
+    chain = [
+        p for p in periods if p.start < end and ((rolls and any(p.anchor == w.anchor for w in wanted)) or p in wanted)
+    ]
+    bills = rate_periods(
+        chain,
+        usage_of or (lambda p: period_usage(client, p)),
+        prepaid_of or (lambda p: _prepaid(client, p.customer_id, p.start, p.stop)),
+    )
     return [(p, b) for p, b in zip(chain, bills, strict=True) if p in wanted]
 
 
@@ -218,11 +236,20 @@ def bill_preview(client: Any, customer_id: str, month: str) -> dict[str, Any]:
         charge, cur = _charge(client, customer_id, a, b)
         payg, payg_currency = payg + charge, payg_currency or cur
         if charge or not pairs:
-            usage_lines.append({
-                "kind": "usage", "description": "pay-per-token usage at the customer's rate card (no plan then)",
-                "plan": None, "ref": None, "quantity": format_picos(charge), "unit": "amount", "unit_price": None,
-                "amount": format_picos(charge), "start": _iso(a), "end": _iso(b),
-            })  # fmt: skip
+            usage_lines.append(
+                {
+                    "kind": "usage",
+                    "description": "pay-per-token usage at the customer's rate card (no plan then)",
+                    "plan": None,
+                    "ref": None,
+                    "quantity": format_picos(charge),
+                    "unit": "amount",
+                    "unit_price": None,
+                    "amount": format_picos(charge),
+                    "start": _iso(a),
+                    "end": _iso(b),
+                }
+            )
     currency = pairs[0][1].currency if pairs else (payg_currency or catalog.currency).upper()
     subtotal = sum(b.subtotal for _, b in pairs) + payg
     bills = [b.to_json() for _, b in pairs]
@@ -269,12 +296,27 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
             def units(kind: str, bill: Bill = bill) -> Decimal:
                 return Decimal(bill.amount_of(kind)).scaleb(-12)
 
-            bill_rows.append((
-                cid, _ts(period.start), _ts(period.end), _ts(period.stop), last.plan_id, last.version, bill.currency,
-                units("fee"), units("overage"), units("cap") + units("blocked"), units("minimum_commitment"),
-                units("prepaid_credit"), Decimal(bill.subtotal).scaleb(-12), bill.total, Decimal(charge).scaleb(-12),
-                json.dumps([line.to_json() for line in bill.lines], sort_keys=True), closed_at,
-            ))  # fmt: skip
+            bill_rows.append(
+                (
+                    cid,
+                    _ts(period.start),
+                    _ts(period.end),
+                    _ts(period.stop),
+                    last.plan_id,
+                    last.version,
+                    bill.currency,
+                    units("fee"),
+                    units("overage"),
+                    units("cap") + units("blocked"),
+                    units("minimum_commitment"),
+                    units("prepaid_credit"),
+                    Decimal(bill.subtotal).scaleb(-12),
+                    bill.total,
+                    Decimal(charge).scaleb(-12),
+                    json.dumps([line.to_json() for line in bill.lines], sort_keys=True),
+                    closed_at,
+                )
+            )
             for a in bill.allowances:
                 plan_id, _, version = a.plan.rpartition("@")
                 scale = 0 if a.unit == "tokens" else -12  # tokens, or picos -> currency units
@@ -282,10 +324,23 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
                 def conv(n: int, scale: int = scale) -> Decimal:
                     return Decimal(n).scaleb(scale)
 
-                use_rows.append((
-                    cid, _ts(period.start), a.segment, a.id, plan_id, int(version), a.unit, conv(a.included),
-                    conv(a.rolled_in), conv(a.used), conv(a.remaining), conv(a.rollover_out), closed_at,
-                ))  # fmt: skip
+                use_rows.append(
+                    (
+                        cid,
+                        _ts(period.start),
+                        a.segment,
+                        a.id,
+                        plan_id,
+                        int(version),
+                        a.unit,
+                        conv(a.included),
+                        conv(a.rolled_in),
+                        conv(a.used),
+                        conv(a.remaining),
+                        conv(a.rollover_out),
+                        closed_at,
+                    )
+                )
     if bill_rows:
         client.insert("plan_bills", bill_rows, column_names=_BILL_COLUMNS)
     if use_rows:
@@ -294,10 +349,36 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
 
 
 _BILL_COLUMNS = (
-    "customer_id", "period_start", "period_end", "period_stop", "plan_id", "version", "currency", "fee", "overage",
-    "written_off", "true_up", "prepaid", "subtotal", "total", "usage_charge", "lines", "closed_at",
-)  # fmt: skip
+    "customer_id",
+    "period_start",
+    "period_end",
+    "period_stop",
+    "plan_id",
+    "version",
+    "currency",
+    "fee",
+    "overage",
+    "written_off",
+    "true_up",
+    "prepaid",
+    "subtotal",
+    "total",
+    "usage_charge",
+    "lines",
+    "closed_at",
+)
 _USE_COLUMNS = (
-    "customer_id", "period_start", "segment", "allowance_id", "plan_id", "version", "unit", "included", "rolled_in",
-    "used", "remaining", "rollover_out", "closed_at",
-)  # fmt: skip
+    "customer_id",
+    "period_start",
+    "segment",
+    "allowance_id",
+    "plan_id",
+    "version",
+    "unit",
+    "included",
+    "rolled_in",
+    "used",
+    "remaining",
+    "rollover_out",
+    "closed_at",
+)

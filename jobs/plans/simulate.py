@@ -14,7 +14,7 @@ boundaries)``; two independent bucketings are grouped at once:
   subscription timeline (so its current plan is rated per segment exactly as billing does).
 
 Python then only folds those aggregates (a few per customer, model and period) through
-:mod:`meterline.plans` — the SAME rating code as billing. The customer's current plan goes through
+:mod:`meterline.core.plans` — the SAME rating code as billing. The customer's current plan goes through
 :func:`jobs.plans.billing._bills` itself (only the source of the aggregates differs), so its figure
 equals ``meterline bill preview`` to the cent; prepaid credit is bucketed the same way from
 ``ledger_entries``.
@@ -45,8 +45,8 @@ from fractions import Fraction
 from typing import Any
 
 from jobs.plans.billing import _bills, _gaps, _picos, load_catalog, load_events, month_bounds
-from meterline.errors import InputError
-from meterline.plans import (
+from meterline.core.errors import InputError
+from meterline.core.plans import (
     Bill,
     Period,
     PlanCatalog,
@@ -59,9 +59,9 @@ from meterline.plans import (
     rate_periods,
     round_total,
 )
-from meterline.plans._values import minor_unit
-from meterline.simulator import crossings, curve_points, fraction_json, mix_of, payg_curve, plan_curve
-from meterline.simulator._routing import Route
+from meterline.core.plans._values import minor_unit
+from meterline.core.simulator import crossings, curve_points, fraction_json, mix_of, payg_curve, plan_curve
+from meterline.core.simulator._routing import Route
 
 __all__ = ["MAX_MONTHS", "parse_months", "resolve_plans", "simulate"]
 
@@ -88,11 +88,15 @@ def parse_months(text: str) -> list[str]:
         if label == last.strip():
             return out
         if label > last.strip() or len(out) >= MAX_MONTHS:
-            raise InputError(f"bad period {text!r}: the range must run forward, at most {MAX_MONTHS} months", field="period")
+            raise InputError(
+                f"bad period {text!r}: the range must run forward, at most {MAX_MONTHS} months", field="period"
+            )
         y, m = (y + 1, 1) if m == 12 else (y, m + 1)
 
 
-def resolve_plans(spec: Sequence[str], catalog: PlanCatalog, at: int, file_catalog: PlanCatalog | None = None) -> list[PlanVersion]:
+def resolve_plans(
+    spec: Sequence[str], catalog: PlanCatalog, at: int, file_catalog: PlanCatalog | None = None
+) -> list[PlanVersion]:
     """Candidate plans: every version in a plan file, or ids (``pro`` = the version in force at
     ``at``, else its latest; ``pro@2`` = that version) from the published catalog."""
     if file_catalog is not None:
@@ -113,7 +117,9 @@ def resolve_plans(spec: Sequence[str], catalog: PlanCatalog, at: int, file_catal
         else:
             v = catalog.current(pid, at) or (catalog.versions_of(pid)[-1] if catalog.versions_of(pid) else None)
         if v is None:
-            raise InputError(f"unknown plan {item!r}: load it with `meterline plans load` or pass a plan file", field="plans")
+            raise InputError(
+                f"unknown plan {item!r}: load it with `meterline plans load` or pass a plan file", field="plans"
+            )
         if v not in out:
             out.append(v)
     if not out:
@@ -157,7 +163,7 @@ def _collapse(plan: PlanVersion, usage: list[Usage]) -> list[Usage]:
     """Merge the usage of models that ``plan`` treats alike (the same allowance for every token
     class, or the same amount allowance) into one item named after the first of them.
 
-    Rating-neutral: :func:`meterline.plans.consume` looks at provider and model only through
+    Rating-neutral: :func:`meterline.core.plans.consume` looks at provider and model only through
     ``plan.allowance_for``, allowance draw is ``min(available, usage in scope)`` and overage is
     priced on the cumulative quantity, so the bill of a merged aggregate is the bill of its parts
     (``rate_period`` takes usage "aggregated any way"). It turns ~20 items per period into ~1."""
@@ -242,7 +248,7 @@ def simulate(
 
     ``customer``: one customer; else every customer with usage or a subscription in the range.
     ``cohort``: only customers whose current plan (at the range's end) is this plan id.
-    ``routes`` with ``price_engine`` (a :class:`meterline.pricing.PricingEngine` built from the
+    ``routes`` with ``price_engine`` (a :class:`meterline.core.pricing.PricingEngine` built from the
     prices topic) and ``substitute_versions`` ((provider, model) -> effective_from epoch ms of its
     price versions) add the routing what-if. ``timings`` (if given) receives the seconds spent in
     ClickHouse (``query_s``) and folding in Python (``fold_s``), for the benchmark."""
@@ -259,15 +265,21 @@ def simulate(
     tperiods: dict[str, list[Period]] = {c: tl.periods(r_end) for c, tl in timelines.items()}
 
     # candidate plans: one synthetic timeline each, anchored at the range's start
-    cand_catalog = PlanCatalog(catalog.currency, tuple(sorted({*catalog.versions, *plans}, key=lambda v: (v.plan_id, v.version))))
+    cand_catalog = PlanCatalog(
+        catalog.currency, tuple(sorted({*catalog.versions, *plans}, key=lambda v: (v.plan_id, v.version)))
+    )
     cand_periods: dict[str, list[Period]] = {}
     for pv in plans:
         tl = fold_timeline("_", [SubscriptionEvent("subscribed", "_", r_start, pv.plan_id, pv.version)], cand_catalog)
         if tl.rejected:
-            raise InputError(f"plan {pv.key} cannot be simulated from {_ts(r_start)}: {tl.rejected[0].reason}", field="plans")
+            raise InputError(
+                f"plan {pv.key} cannot be simulated from {_ts(r_start)}: {tl.rejected[0].reason}", field="plans"
+            )
         cand_periods[pv.key] = [p for p in tl.periods(r_end) if r_start <= p.start < r_end]
 
-    shared = sorted({b for s in spans for b in s} | {b for ps in cand_periods.values() for p in ps for b in (p.start, p.stop)})
+    shared = sorted(
+        {b for s in spans for b in s} | {b for ps in cand_periods.values() for p in ps for b in (p.start, p.stop)}
+    )
 
     # each subscribed customer's own boundaries
     own: dict[str, list[int]] = {}
@@ -314,10 +326,11 @@ def simulate(
         " sum(cache_write_tokens), sum(reasoning_tokens), sum(charge), any(currency)"
         " FROM usage_priced FINAL"
         " WHERE occurred_at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC')"
-        " AND occurred_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')" + where +
-        f" GROUP BY customer_id, s, o{model_group}",
+        " AND occurred_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"
+        + where
+        + f" GROUP BY customer_id, s, o{model_group}",
         parameters=params,
-    ).result_rows  # fmt: skip
+    ).result_rows
     query_s = time.perf_counter() - t_query  # the usage GROUP BY (the ledger one is small)
     aggs: dict[str, list[_Agg]] = defaultdict(list)
     currencies: set[str] = set()
@@ -338,12 +351,15 @@ def simulate(
             " AND at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC') AND at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"
             " GROUP BY customer_id, o",
             parameters={"own": params["own"], "cids": cids, "lo": _ms(lo), "hi": _ms(hi)},
-        ).result_rows:  # fmt: skip
+        ).result_rows:
             prepaid[str(cid)][int(o)] = _picos(amount or 0)
 
     currency = sorted(currencies)[0] if len(currencies) == 1 else catalog.currency
     if len(currencies) > 1:
-        raise InputError(f"usage in several currencies ({', '.join(sorted(currencies))}): simulate one currency at a time", field="period")
+        raise InputError(
+            f"usage in several currencies ({', '.join(sorted(currencies))}): simulate one currency at a time",
+            field="period",
+        )
     other = [pv.key for pv in plans if pv.currency != currency]
     if other:
         raise InputError(f"plan(s) {', '.join(other)} are not in {currency}, the usage's currency", field="plans")
@@ -372,9 +388,24 @@ def simulate(
             continue
         rows_c = aggs.get(c, [])
         customers_out.append(
-            _customer(c, rows_c, months, spans, shared, month_of_shared, cand_periods, plans, timelines.get(c),
-                      own.get(c, []), prepaid.get(c, {}), currency, r_end, cur_plan, break_even)
-        )  # fmt: skip
+            _customer(
+                c,
+                rows_c,
+                months,
+                spans,
+                shared,
+                month_of_shared,
+                cand_periods,
+                plans,
+                timelines.get(c),
+                own.get(c, []),
+                prepaid.get(c, {}),
+                currency,
+                r_end,
+                cur_plan,
+                break_even,
+            )
+        )
 
     doc: dict[str, Any] = {
         "period": period,
@@ -386,14 +417,24 @@ def simulate(
         "notes": {
             "total": "sum of the monthly totals, each rounded once to the currency's minor unit",
             "break_even": "volume in tokens per billing period at the customer's usage mix; 'exact' is a "
-                          "rational number (numerator/denominator), 'tokens' the same truncated to 6 places",
+            "rational number (numerator/denominator), 'tokens' the same truncated to 6 places",
             "current": "the customer's real subscription, equal to `meterline bill preview` (prepaid credit applied)",
             "plans": "candidate plans as if subscribed at the range's start; no prepaid credit applied",
         },
-    }  # fmt: skip
+    }
     if routes:
-        doc["routing"] = _routing(client, routes, price_engine, substitute_versions or {}, spans, shared,
-                                  month_of_shared, customer, {x["customer_id"] for x in customers_out}, currency)  # fmt: skip
+        doc["routing"] = _routing(
+            client,
+            routes,
+            price_engine,
+            substitute_versions or {},
+            spans,
+            shared,
+            month_of_shared,
+            customer,
+            {x["customer_id"] for x in customers_out},
+            currency,
+        )
         by_c = {r["customer_id"]: r for r in doc["routing"]["customers"]}
         for x in customers_out:
             x["routing"] = by_c.get(x["customer_id"], {"savings": "0.00", "by_model": []})
@@ -403,11 +444,22 @@ def simulate(
 
 
 def _customer(
-    c: str, rows: list[_Agg], months: list[str], spans: list[tuple[int, int]], shared: list[int],
-    month_of_shared: dict[int, int], cand_periods: dict[str, list[Period]], plans: Sequence[PlanVersion],
-    timeline: Timeline | None, own: list[int], prepaid: dict[int, int], currency: str, r_end: int,
-    cur_plan: PlanVersion | None, break_even: bool,
-) -> dict[str, Any]:  # fmt: skip
+    c: str,
+    rows: list[_Agg],
+    months: list[str],
+    spans: list[tuple[int, int]],
+    shared: list[int],
+    month_of_shared: dict[int, int],
+    cand_periods: dict[str, list[Period]],
+    plans: Sequence[PlanVersion],
+    timeline: Timeline | None,
+    own: list[int],
+    prepaid: dict[int, int],
+    currency: str,
+    r_end: int,
+    cur_plan: PlanVersion | None,
+    break_even: bool,
+) -> dict[str, Any]:
     n = len(months)
     cands: list[_Cand] = []
     # payg: the month's charge
@@ -434,7 +486,17 @@ def _customer(
             out = []
             for s in p.segments:
                 s_end = s.end if s.end is not None else p.stop
-                out.append(_collapse(s.plan, _merge(r for o, rs in by_o.items() if o in own_start and s.start <= own_start[o] < s_end for r in rs)))
+                out.append(
+                    _collapse(
+                        s.plan,
+                        _merge(
+                            r
+                            for o, rs in by_o.items()
+                            if o in own_start and s.start <= own_start[o] < s_end
+                            for r in rs
+                        ),
+                    )
+                )
             return out
 
         def prepaid_of(p: Period) -> int:
@@ -447,8 +509,13 @@ def _customer(
         gap_total = 0
         for lo_m, hi_m in spans:
             pairs = _bills(None, timeline, lo_m, hi_m, overlapping=True, usage_of=usage_of, prepaid_of=prepaid_of)
-            gap = sum(r.charge for a, b in _gaps(timeline, lo_m, hi_m) for o, rs in by_o.items()
-                      if o in own_start and a <= own_start[o] < b for r in rs)  # fmt: skip
+            gap = sum(
+                r.charge
+                for a, b in _gaps(timeline, lo_m, hi_m)
+                for o, rs in by_o.items()
+                if o in own_start and a <= own_start[o] < b
+                for r in rs
+            )
             gap_total += gap
             for p, x in pairs:
                 seen[(p.anchor, p.index)] = x.subtotal
@@ -471,7 +538,9 @@ def _customer(
         def usage_of_c(p: Period, pv: PlanVersion = pv) -> list[list[Usage]]:
             key = (p.start, p.stop)
             if key not in merged:
-                merged[key] = _merge(r for s, rs in by_s.items() if s in s_start and p.start <= s_start[s] < p.stop for r in rs)
+                merged[key] = _merge(
+                    r for s, rs in by_s.items() if s in s_start and p.start <= s_start[s] < p.stop for r in rs
+                )
             return [_collapse(pv, merged[key])]
 
         named = [Period(c, p.index, p.anchor, p.start, p.end, p.stop, p.segments) for p in periods]
@@ -508,7 +577,10 @@ def _candidate_json(x: _Cand, months: list[str], tokens: int, currency: str) -> 
     allowances: dict[tuple[str, str], dict[str, Any]] = {}
     for b in bills:
         for a in b.allowances:
-            d = allowances.setdefault((a.plan, a.id), {"id": a.id, "plan": a.plan, "unit": a.unit, "included": 0, "rolled_in": 0, "used": 0, "unused": 0})
+            d = allowances.setdefault(
+                (a.plan, a.id),
+                {"id": a.id, "plan": a.plan, "unit": a.unit, "included": 0, "rolled_in": 0, "used": 0, "unused": 0},
+            )
             d["included"] += a.included
             d["rolled_in"] += a.rolled_in
             d["used"] += a.used
@@ -516,15 +588,30 @@ def _candidate_json(x: _Cand, months: list[str], tokens: int, currency: str) -> 
     allow_json = []
     for d in allowances.values():
         avail = d["included"] + d["rolled_in"]
-        util = None if avail == 0 else str((Decimal(d["used"] * 100) / Decimal(avail)).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
+        util = (
+            None
+            if avail == 0
+            else str((Decimal(d["used"] * 100) / Decimal(avail)).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
+        )
         money = d["unit"] != "tokens"
-        allow_json.append({**{k: (format_picos(v) if money and k in ("included", "rolled_in", "used", "unused") else v)
-                              for k, v in d.items()}, "utilisation_pct": util})  # fmt: skip
+        allow_json.append(
+            {
+                **{
+                    k: (format_picos(v) if money and k in ("included", "rolled_in", "used", "unused") else v)
+                    for k, v in d.items()
+                },
+                "utilisation_pct": util,
+            }
+        )
     fee = amt("fee")
     total = sum(totals, Decimal(0))
     if x.distinct_subtotal is not None and x.distinct_subtotal != subtotal:
         total = round_total(x.distinct_subtotal, currency)
-    average = Fraction(int(total.scaleb(minor_unit(currency))), len(totals)) / 10 ** minor_unit(currency) if totals else Fraction(0)
+    average = (
+        Fraction(int(total.scaleb(minor_unit(currency))), len(totals)) / 10 ** minor_unit(currency)
+        if totals
+        else Fraction(0)
+    )
     return {
         "plan": x.name,
         "role": x.role,
@@ -540,17 +627,25 @@ def _candidate_json(x: _Cand, months: list[str], tokens: int, currency: str) -> 
         "allowances": allow_json,
         "unused_included_tokens": sum(int(d["unused"]) for d in allowances.values() if d["unit"] == "tokens"),
         "periods": [
-            {"period": m, "total": str(t), "overage": format_picos(sum(b.amount_of("overage") for b in bs)),
-             "unused_included_tokens": sum(a.remaining for b in bs for a in b.allowances if a.unit == "tokens")}
+            {
+                "period": m,
+                "total": str(t),
+                "overage": format_picos(sum(b.amount_of("overage") for b in bs)),
+                "unused_included_tokens": sum(a.remaining for b in bs for a in b.allowances if a.unit == "tokens"),
+            }
             for m, t, (_, bs) in zip(months, totals, x.months, strict=True)
         ],
         "range": {"min": str(min(totals)), "max": str(max(totals))} if totals else None,
         "average": _round_fraction(average, currency),
-        "average_exact": f"{average.numerator}/{average.denominator}" if average.denominator != 1 else str(average.numerator),
+        "average_exact": f"{average.numerator}/{average.denominator}"
+        if average.denominator != 1
+        else str(average.numerator),
     }
 
 
-def _break_even(cands: list[_Cand], rows: list[_Agg], months: list[str], month_tokens: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _break_even(
+    cands: list[_Cand], rows: list[_Agg], months: list[str], month_tokens: list[int]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Exact crossings between every pair of candidates at the customer's mix, and the curves
     (picos per period against volume) for the chart."""
     mix = mix_of(_merge(rows))
@@ -567,10 +662,18 @@ def _break_even(cands: list[_Cand], rows: list[_Agg], months: list[str], month_t
             xs = crossings(curves[names[i]], curves[names[j]])
             pairs.append({"a": names[i], "b": names[j], "volumes": [fraction_json(v) for v in xs]})
     peak = max([*month_tokens, 0])
-    top = max([Fraction(peak * 2), Fraction(1_000_000), *(Fraction(v["exact"]) * Fraction(5, 4) for p in pairs for v in p["volumes"])])
+    top = max(
+        [
+            Fraction(peak * 2),
+            Fraction(1_000_000),
+            *(Fraction(v["exact"]) * Fraction(5, 4) for p in pairs for v in p["volumes"]),
+        ]
+    )
     chart = {
         "max_tokens": str(int(top)),
-        "series": {n: [[str(int(v)), format_picos(int(a))] for v, a in curve_points(f, top)] for n, f in curves.items()},
+        "series": {
+            n: [[str(int(v)), format_picos(int(a))] for v, a in curve_points(f, top)] for n, f in curves.items()
+        },
     }
     return pairs, chart
 
@@ -584,17 +687,33 @@ def _cohorts(customers: list[dict[str, Any]], currency: str) -> list[dict[str, A
             groups[c["current_plan"]].append(c)
     out = []
     for plan, members in sorted(groups.items()):
-        base = {c["customer_id"]: Decimal(next(x["total"] for x in c["candidates"] if x["role"] == "current")) for c in members}
+        base = {
+            c["customer_id"]: Decimal(next(x["total"] for x in c["candidates"] if x["role"] == "current"))
+            for c in members
+        }
         revenue = sum(base.values(), Decimal(0))
         against = []
         names = [x["plan"] for x in members[0]["candidates"] if x["role"] != "current"]
         for name in names:
-            alt = {c["customer_id"]: Decimal(next(x["total"] for x in c["candidates"] if x["plan"] == name and x["role"] != "current")) for c in members}
+            alt = {
+                c["customer_id"]: Decimal(
+                    next(x["total"] for x in c["candidates"] if x["plan"] == name and x["role"] != "current")
+                )
+                for c in members
+            }
             more = sum(1 for k in base if alt[k] > base[k])
             less = sum(1 for k in base if alt[k] < base[k])
             rev = sum(alt.values(), Decimal(0))
-            against.append({"plan": name, "revenue": str(rev), "difference": str(rev - revenue), "would_pay_more": more,
-                            "would_pay_less": less, "same": len(base) - more - less})  # fmt: skip
+            against.append(
+                {
+                    "plan": name,
+                    "revenue": str(rev),
+                    "difference": str(rev - revenue),
+                    "would_pay_more": more,
+                    "would_pay_less": less,
+                    "same": len(base) - more - less,
+                }
+            )
         out.append({"plan": plan, "customers": len(members), "revenue": str(revenue), "against": against})
     return out
 
@@ -603,17 +722,24 @@ def _cohorts(customers: list[dict[str, Any]], currency: str) -> list[dict[str, A
 
 
 def _routing(
-    client: Any, routes: Sequence[Route], engine: Any, versions: Mapping[tuple[str, str], Sequence[int]],
-    spans: list[tuple[int, int]], shared: list[int], month_of_shared: dict[int, int], customer: str | None,
-    customers: set[str], currency: str,
-) -> dict[str, Any]:  # fmt: skip
+    client: Any,
+    routes: Sequence[Route],
+    engine: Any,
+    versions: Mapping[tuple[str, str], Sequence[int]],
+    spans: list[tuple[int, int]],
+    shared: list[int],
+    month_of_shared: dict[int, int],
+    customer: str | None,
+    customers: set[str],
+    currency: str,
+) -> dict[str, Any]:
     """Re-price routed usage at the substitute's price in force at each event's time.
 
     One GROUP BY per route, by customer, month and the substitute's *price window* (bucketed on
     its versions' ``effective_from``), so every group lies inside one substitute price version
     and is priced exactly by the pricing engine at the group's earliest instant (charges are
     linear in tokens within a version)."""
-    from meterline.errors import UnpriceableEvent
+    from meterline.core.errors import UnpriceableEvent
 
     if engine is None:
         raise InputError("the routing what-if needs the price book (the prices topic)", field="routing")
@@ -631,33 +757,60 @@ def _routing(
             " sum(cached_input_tokens), sum(cache_write_tokens), sum(reasoning_tokens), sum(requests), sum(charge)"
             " FROM usage_priced FINAL WHERE provider = {p:String} AND model = {m:String}"
             " AND occurred_at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC')"
-            " AND occurred_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')" + cond + cfilter +
-            " GROUP BY customer_id, s, w ORDER BY customer_id, s, w",
-            parameters={"shared": [_ms(b) for b in shared], "wins": list(wins), "p": route.provider, "m": route.model,
-                        "lo": _ms(r_start), "hi": _ms(r_end),
-                        **({"n": route.under_tokens} if route.under_tokens is not None else {}),
-                        **({"c": customer} if customer is not None else {})},
-        ).result_rows  # fmt: skip
+            " AND occurred_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"
+            + cond
+            + cfilter
+            + " GROUP BY customer_id, s, w ORDER BY customer_id, s, w",
+            parameters={
+                "shared": [_ms(b) for b in shared],
+                "wins": list(wins),
+                "p": route.provider,
+                "m": route.model,
+                "lo": _ms(r_start),
+                "hi": _ms(r_end),
+                **({"n": route.under_tokens} if route.under_tokens is not None else {}),
+                **({"c": customer} if customer is not None else {}),
+            },
+        ).result_rows
         for cid, s, _w, t0, events, it, ot, ct, cw, rt, req, charge in rows:
             cid = str(cid)
             if cid not in customers or month_of_shared.get(int(s)) is None:
                 continue
             rec = {
-                "customer_id": cid, "provider": route.to_provider, "model": route.to_model,
-                "model_version": route.to_model_version, "occurred_at": int(t0), "input_tokens": int(it),
-                "output_tokens": int(ot), "cached_input_tokens": int(ct), "cache_write_tokens": int(cw),
-                "reasoning_tokens": int(rt), "requests": int(req),
-            }  # fmt: skip
+                "customer_id": cid,
+                "provider": route.to_provider,
+                "model": route.to_model,
+                "model_version": route.to_model_version,
+                "occurred_at": int(t0),
+                "input_tokens": int(it),
+                "output_tokens": int(ot),
+                "cached_input_tokens": int(ct),
+                "cache_write_tokens": int(cw),
+                "reasoning_tokens": int(rt),
+                "requests": int(req),
+            }
             try:
                 priced = engine.price(rec)
             except UnpriceableEvent as exc:
-                raise InputError(f"routing {route.label}: cannot price {cid}'s usage at {_ts(int(t0) // 1000)} "
-                                 f"on the substitute: {exc}", field="routing") from exc  # fmt: skip
+                raise InputError(
+                    f"routing {route.label}: cannot price {cid}'s usage at {_ts(int(t0) // 1000)} "
+                    f"on the substitute: {exc}",
+                    field="routing",
+                ) from exc
             before = _picos(charge)
             after = int(priced.charge_picos)
             entry = per_c.setdefault(cid, {})
-            m = entry.setdefault(route.label, {"route": route.to_json(), "events": 0, "tokens": 0, "original": 0, "routed": 0,
-                                               "price_versions": set()})  # fmt: skip
+            m = entry.setdefault(
+                route.label,
+                {
+                    "route": route.to_json(),
+                    "events": 0,
+                    "tokens": 0,
+                    "original": 0,
+                    "routed": 0,
+                    "price_versions": set(),
+                },
+            )
             m["events"] += int(events)
             m["tokens"] += int(it) + int(ot) + int(ct) + int(cw) + int(rt)
             m["original"] += before
@@ -670,8 +823,13 @@ def _routing(
 
     def fmt(d: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in d.items() if k not in ("original", "routed", "price_versions")}
-        out.update({"original": format_picos(d["original"]), "routed": format_picos(d["routed"]),
-                    "savings": format_picos(d["original"] - d["routed"])})  # fmt: skip
+        out.update(
+            {
+                "original": format_picos(d["original"]),
+                "routed": format_picos(d["routed"]),
+                "savings": format_picos(d["original"] - d["routed"]),
+            }
+        )
         if "price_versions" in d:
             out["substitute_price_versions"] = sorted(d["price_versions"])
         return out
@@ -680,5 +838,11 @@ def _routing(
     for cid in sorted(per_c):
         models = per_c[cid]
         saved = sum(m["original"] - m["routed"] for m in models.values())
-        customers_out.append({"customer_id": cid, "savings": format_picos(saved), "by_model": [fmt(m) for m in models.values()]})
-    return {"routes": [r.to_json() for r in routes], "customers": customers_out, "by_model": [fmt(m) for m in totals.values()]}
+        customers_out.append(
+            {"customer_id": cid, "savings": format_picos(saved), "by_model": [fmt(m) for m in models.values()]}
+        )
+    return {
+        "routes": [r.to_json() for r in routes],
+        "customers": customers_out,
+        "by_model": [fmt(m) for m in totals.values()],
+    }

@@ -37,15 +37,34 @@ from decimal import Decimal
 from typing import Any
 
 from jobs.reprice.compute import Filters, Plan, Repricing
-from meterline.money import format_picos
+from meterline.core.money import format_picos
 
 __all__ = ["ApplyResult", "apply_plan", "correction_id", "ledger_commands", "resume"]
 
 Send = Callable[[dict[str, Any]], None]
 
-_RUN_COLUMNS = ["correction_id", "ran_by", "reason", "command", "period_start", "period_end", "customer_filter",
-                "model_filter", "versions_before", "versions_after", "cards_before", "cards_after", "customers",
-                "old_charge", "new_charge", "delta", "ledger_commands", "status", "ver", "created_at"]  # fmt: skip
+_RUN_COLUMNS = [
+    "correction_id",
+    "ran_by",
+    "reason",
+    "command",
+    "period_start",
+    "period_end",
+    "customer_filter",
+    "model_filter",
+    "versions_before",
+    "versions_after",
+    "cards_before",
+    "cards_after",
+    "customers",
+    "old_charge",
+    "new_charge",
+    "delta",
+    "ledger_commands",
+    "status",
+    "ver",
+    "created_at",
+]
 
 
 @dataclass
@@ -63,8 +82,11 @@ class ApplyResult:
 
 def correction_id(filters: Filters, rows: int, fingerprint: int) -> str:
     """Deterministic: the period, the filters and the deltas (their count and fingerprint)."""
-    h = hashlib.sha256(json.dumps([filters.start, filters.end, filters.customer, filters.provider, filters.model,
-                                   rows, fingerprint]).encode())  # fmt: skip
+    h = hashlib.sha256(
+        json.dumps(
+            [filters.start, filters.end, filters.customer, filters.provider, filters.model, rows, fingerprint]
+        ).encode()
+    )
     return "rp-" + h.hexdigest()[:24]
 
 
@@ -86,7 +108,9 @@ def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[
     groups = ch.query(
         "SELECT customer_id, lower(currency), provider, model, project, sum(charge) FROM usage_corrections FINAL "
         "WHERE correction_id = {c:String} GROUP BY customer_id, currency, provider, model, project "
-        "ORDER BY customer_id, currency, provider, model, project", parameters={"c": cid}).result_rows  # fmt: skip
+        "ORDER BY customer_id, currency, provider, model, project",
+        parameters={"c": cid},
+    ).result_rows
     up: dict[tuple[str, str, str, str, str], int] = {}
     down: dict[tuple[str, str], int] = {}
     for cust, cur, provider, model, project, charge in groups:
@@ -98,15 +122,35 @@ def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[
     out: list[dict[str, Any]] = []
     for (cust, cur, provider, model, project), p in sorted(up.items()):
         eid = f"reprice:{cid}:{cust}:{provider}/{model}:{project}"
-        out.append({"type": "usage_correction", "command_id": eid, "customer_id": cust, "at_ms": at_ms,
-                    "event_id": eid, "amount": format_picos(p), "currency": cur, "provider": provider,
-                    "model": model, "project": project or None})  # fmt: skip
+        out.append(
+            {
+                "type": "usage_correction",
+                "command_id": eid,
+                "customer_id": cust,
+                "at_ms": at_ms,
+                "event_id": eid,
+                "amount": format_picos(p),
+                "currency": cur,
+                "provider": provider,
+                "model": model,
+                "project": project or None,
+            }
+        )
     for (cust, cur), need in sorted(down.items()):
         for grant, amount in _refund_split(ch, cust, cur, need):
             aid = f"reprice:{cid}:{cust}:{grant or 'overage'}"
-            out.append({"type": "adjust", "command_id": aid, "customer_id": cust, "at_ms": at_ms,
-                        "adjustment_id": aid, "amount": format_picos(amount), "grant_id": grant or None,
-                        "reason": f"reprice {cid}: {reason}"[:500]})  # fmt: skip
+            out.append(
+                {
+                    "type": "adjust",
+                    "command_id": aid,
+                    "customer_id": cust,
+                    "at_ms": at_ms,
+                    "adjustment_id": aid,
+                    "amount": format_picos(amount),
+                    "grant_id": grant or None,
+                    "reason": f"reprice {cid}: {reason}"[:500],
+                }
+            )
     return out
 
 
@@ -134,17 +178,46 @@ def _refund_split(ch: Any, customer: str, currency: str, need: int) -> list[tupl
     return out
 
 
-def _run_row(cid: str, plan: Plan, *, ran_by: str, reason: str, command: str, commands: list[dict[str, Any]],
-             status: str, ver: int, now: datetime) -> list[Any]:  # fmt: skip
+def _run_row(
+    cid: str,
+    plan: Plan,
+    *,
+    ran_by: str,
+    reason: str,
+    command: str,
+    commands: list[dict[str, Any]],
+    status: str,
+    ver: int,
+    now: datetime,
+) -> list[Any]:
     customers = plan.customers()
     vb, va, cb, ca = plan.versions()
     old = sum((c["old_charge"] for c in customers), Decimal(0))
     new = sum((c["new_charge"] for c in customers), Decimal(0))
     f = plan.filters
     model = f"{f.provider}/{f.model}" if f.provider else (f.model or "")
-    return [cid, ran_by, reason, command, datetime.fromtimestamp(f.start, UTC),
-            datetime.fromtimestamp(f.end, UTC), f.customer or "", model, vb, va, cb, ca, len(customers),
-            old, new, new - old, json.dumps(commands, ensure_ascii=False), status, ver, now]  # fmt: skip
+    return [
+        cid,
+        ran_by,
+        reason,
+        command,
+        datetime.fromtimestamp(f.start, UTC),
+        datetime.fromtimestamp(f.end, UTC),
+        f.customer or "",
+        model,
+        vb,
+        va,
+        cb,
+        ca,
+        len(customers),
+        old,
+        new,
+        new - old,
+        json.dumps(commands, ensure_ascii=False),
+        status,
+        ver,
+        now,
+    ]
 
 
 def _set_status(ch: Any, cid: str, status: str, commands: list[dict[str, Any]] | None = None) -> None:
@@ -155,17 +228,24 @@ def _set_status(ch: Any, cid: str, status: str, commands: list[dict[str, Any]] |
         swap["ledger_commands"] = "{lc:String} AS ledger_commands"
         params["lc"] = json.dumps(commands, ensure_ascii=False)
     cols = ", ".join(swap.get(c, c) for c in _RUN_COLUMNS)
-    ch.command(f"INSERT INTO reprice_runs ({', '.join(_RUN_COLUMNS)}) SELECT {cols} FROM reprice_runs FINAL "
-               "WHERE correction_id = {c:String}", parameters=params)  # fmt: skip
+    ch.command(
+        f"INSERT INTO reprice_runs ({', '.join(_RUN_COLUMNS)}) SELECT {cols} FROM reprice_runs FINAL "
+        "WHERE correction_id = {c:String}",
+        parameters=params,
+    )
 
 
 def _stored(ch: Any, cid: str) -> int:
-    return int(ch.query("SELECT count() FROM usage_corrections WHERE correction_id = {c:String}",
-                        parameters={"c": cid}).result_rows[0][0])  # fmt: skip
+    return int(
+        ch.query(
+            "SELECT count() FROM usage_corrections WHERE correction_id = {c:String}", parameters={"c": cid}
+        ).result_rows[0][0]
+    )
 
 
-def _send_all(ch: Any, cid: str, commands: list[dict[str, Any]], send: Send | None,
-              on_step: Callable[[str], None] | None) -> int:  # fmt: skip
+def _send_all(
+    ch: Any, cid: str, commands: list[dict[str, Any]], send: Send | None, on_step: Callable[[str], None] | None
+) -> int:
     if send is None and commands:
         raise RuntimeError(f"correction {cid} needs {len(commands)} ledger command(s) but no broker is configured")
     for cmd in commands:
@@ -178,12 +258,20 @@ def _send_all(ch: Any, cid: str, commands: list[dict[str, Any]], send: Send | No
     return len(commands)
 
 
-def resume(ch: Any, send: Send | None, *, at_ms: int, on_step: Callable[[str], None] | None = None,
-           result: ApplyResult | None = None) -> ApplyResult:  # fmt: skip
+def resume(
+    ch: Any,
+    send: Send | None,
+    *,
+    at_ms: int,
+    on_step: Callable[[str], None] | None = None,
+    result: ApplyResult | None = None,
+) -> ApplyResult:
     """Finish every unfinished run (see the module docstring)."""
     result = result or ApplyResult()
-    rows = ch.query("SELECT correction_id, status, ledger_commands, reason FROM reprice_runs FINAL "
-                    "WHERE status NOT IN ('done', 'abandoned') ORDER BY created_at, correction_id").result_rows  # fmt: skip
+    rows = ch.query(
+        "SELECT correction_id, status, ledger_commands, reason FROM reprice_runs FINAL "
+        "WHERE status NOT IN ('done', 'abandoned') ORDER BY created_at, correction_id"
+    ).result_rows
     for cid, status, commands, reason in rows:
         if _stored(ch, cid) == 0:
             _set_status(ch, cid, "abandoned")
@@ -199,8 +287,17 @@ def resume(ch: Any, send: Send | None, *, at_ms: int, on_step: Callable[[str], N
     return result
 
 
-def apply_plan(ch: Any, rp: Repricing, *, ran_by: str, reason: str, command: str, send: Send | None, at_ms: int,
-               on_step: Callable[[str], None] | None = None) -> ApplyResult:  # fmt: skip
+def apply_plan(
+    ch: Any,
+    rp: Repricing,
+    *,
+    ran_by: str,
+    reason: str,
+    command: str,
+    send: Send | None,
+    at_ms: int,
+    on_step: Callable[[str], None] | None = None,
+) -> ApplyResult:
     """Apply the re-rating ``rp`` (inside :func:`jobs.reprice.compute.open_reprice`) after finishing any
     interrupted run; its report must have been computed (``rp.report()``)."""
     result = resume(ch, send, at_ms=at_ms, on_step=on_step)
@@ -210,11 +307,26 @@ def apply_plan(ch: Any, rp: Repricing, *, ran_by: str, reason: str, command: str
     plan = rp.plan
     cid = correction_id(plan.filters, n, fingerprint)
     now = datetime.fromtimestamp(at_ms / 1000, UTC)
-    existing = ch.query("SELECT ver FROM reprice_runs FINAL WHERE correction_id = {c:String}",
-                        parameters={"c": cid}).result_rows  # fmt: skip
-    ch.insert("reprice_runs", [_run_row(cid, plan, ran_by=ran_by, reason=reason, command=command, commands=[],
-                                        status="planned", ver=int(existing[0][0]) + 1 if existing else 1, now=now)],
-              column_names=_RUN_COLUMNS)  # fmt: skip
+    existing = ch.query(
+        "SELECT ver FROM reprice_runs FINAL WHERE correction_id = {c:String}", parameters={"c": cid}
+    ).result_rows
+    ch.insert(
+        "reprice_runs",
+        [
+            _run_row(
+                cid,
+                plan,
+                ran_by=ran_by,
+                reason=reason,
+                command=command,
+                commands=[],
+                status="planned",
+                ver=int(existing[0][0]) + 1 if existing else 1,
+                now=now,
+            )
+        ],
+        column_names=_RUN_COLUMNS,
+    )
     if on_step is not None:
         on_step("planned")
     rp.insert_corrections(cid, now)

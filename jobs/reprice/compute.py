@@ -24,8 +24,8 @@ from decimal import Decimal
 from typing import Any
 
 from jobs.reprice.rates import Segment, all_segments, rated_fields
-from meterline.errors import InputError
-from meterline.pricing import PricingEngine
+from meterline.core.errors import InputError
+from meterline.core.pricing import PricingEngine
 
 __all__ = ["Filters", "ModelLine", "Plan", "Repricing", "open_reprice", "plan_reprice"]
 
@@ -43,8 +43,10 @@ class Filters:
 
     def where(self, table_alias: str = "") -> tuple[str, dict[str, Any]]:
         a = f"{table_alias}." if table_alias else ""
-        params: dict[str, Any] = {"rp_start": datetime.fromtimestamp(self.start, UTC),
-                                  "rp_end": datetime.fromtimestamp(self.end, UTC)}  # fmt: skip
+        params: dict[str, Any] = {
+            "rp_start": datetime.fromtimestamp(self.start, UTC),
+            "rp_end": datetime.fromtimestamp(self.end, UTC),
+        }
         parts = [f"{a}occurred_at >= {{rp_start:DateTime64(3)}}", f"{a}occurred_at < {{rp_end:DateTime64(3)}}"]
         if self.customer is not None:
             parts.append(f"{a}customer_id = {{rp_customer:String}}")
@@ -89,9 +91,18 @@ class Plan:
         """Per customer: old (as billed so far, earlier corrections included) and new totals."""
         by: dict[str, dict[str, Any]] = {}
         for ln in self.lines:
-            c = by.setdefault(ln.customer_id, {"events": 0, "unpriceable": 0, "old_cost": Decimal(0),
-                                               "old_charge": Decimal(0), "new_cost": Decimal(0),
-                                               "new_charge": Decimal(0), "models": []})  # fmt: skip
+            c = by.setdefault(
+                ln.customer_id,
+                {
+                    "events": 0,
+                    "unpriceable": 0,
+                    "old_cost": Decimal(0),
+                    "old_charge": Decimal(0),
+                    "new_cost": Decimal(0),
+                    "new_charge": Decimal(0),
+                    "models": [],
+                },
+            )
             c["events"] += ln.events
             c["unpriceable"] += ln.unpriceable
             c["old_cost"] += ln.old_cost
@@ -103,10 +114,17 @@ class Plan:
         for cust in sorted(by):
             c = by[cust]
             pc, pch = self.prior.get(cust, (Decimal(0), Decimal(0)))
-            out.append({"customer_id": cust, **c, "prior_corrections": pch,
-                        "old_cost": c["old_cost"] + pc, "old_charge": c["old_charge"] + pch,
-                        "delta": c["new_charge"] - c["old_charge"] - pch,
-                        "cost_delta": c["new_cost"] - c["old_cost"] - pc})  # fmt: skip
+            out.append(
+                {
+                    "customer_id": cust,
+                    **c,
+                    "prior_corrections": pch,
+                    "old_cost": c["old_cost"] + pc,
+                    "old_charge": c["old_charge"] + pch,
+                    "delta": c["new_charge"] - c["old_charge"] - pch,
+                    "cost_delta": c["new_cost"] - c["old_cost"] - pc,
+                }
+            )
         return out
 
     def versions(self) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -119,9 +137,18 @@ class Plan:
 
 
 def _rates_columns(fields: tuple[str, ...]) -> list[tuple[str, str]]:
-    cols = [("customer_id", "String"), ("provider", "String"), ("model", "String"), ("model_version", "String"),
-            ("service_tier", "String"), ("t_from", "Int64"), ("t_to", "Int64"), ("price_version", "String"),
-            ("rate_card", "String"), ("error", "String")]  # fmt: skip
+    cols = [
+        ("customer_id", "String"),
+        ("provider", "String"),
+        ("model", "String"),
+        ("model_version", "String"),
+        ("service_tier", "String"),
+        ("t_from", "Int64"),
+        ("t_to", "Int64"),
+        ("price_version", "String"),
+        ("rate_card", "String"),
+        ("error", "String"),
+    ]
     cols += [(f"k{i}", "Nullable(Int128)") for i in range(len(fields))]
     cols += [(f"c{i}", "Nullable(Int128)") for i in range(len(fields))]
     return cols
@@ -136,8 +163,23 @@ def _rates_table(ch: Any, segments: Sequence[Segment], fields: tuple[str, ...]) 
     ch.command(f"CREATE TABLE {name} ({', '.join(f'{c} {t}' for c, t in cols)}) ENGINE = Memory")
     try:
         n = len(fields)
-        rows = [[s.customer_id, s.provider, s.model, s.model_version, s.service_tier, s.t_from_ms, s.t_to_ms, s.price_version,
-                 s.rate_card, s.error, *(s.cost or (None,) * n), *(s.charge or (None,) * n)] for s in segments]  # fmt: skip
+        rows = [
+            [
+                s.customer_id,
+                s.provider,
+                s.model,
+                s.model_version,
+                s.service_tier,
+                s.t_from_ms,
+                s.t_to_ms,
+                s.price_version,
+                s.rate_card,
+                s.error,
+                *(s.cost or (None,) * n),
+                *(s.charge or (None,) * n),
+            ]
+            for s in segments
+        ]
         ch.insert(name, rows, column_names=[c for c, _ in cols])
         yield name
     finally:
@@ -154,7 +196,7 @@ def _events_sql(rates: str, where: str, fields: tuple[str, ...]) -> str:
                u.provider AS provider, u.model AS model, u.model_version AS model_version, u.project AS project,
                u.feature AS feature, u.currency AS currency, u.price_version AS old_version,
                u.rate_card AS old_card, r.price_version AS new_version, r.rate_card AS new_card, r.error AS error,
-               u.cost AS old_cost, u.charge AS old_charge, ({' AND '.join(ok)}) AS ok,
+               u.cost AS old_cost, u.charge AS old_charge, ({" AND ".join(ok)}) AS ok,
                ({cost}) AS new_cost_p, ({charge}) AS new_charge_p
         FROM (SELECT * FROM usage_priced FINAL WHERE {where}) AS u
         INNER JOIN {rates} AS r
@@ -173,8 +215,7 @@ class Repricing:
     """One re-rating with its rate segments loaded (inside :func:`open_reprice`): the report, the
     deltas' summary, and the correction rows written by ClickHouse itself (``INSERT … SELECT``)."""
 
-    def __init__(self, ch: Any, plan: Plan, rates: str | None, params: dict[str, Any],
-                 fields: tuple[str, ...]) -> None:  # fmt: skip
+    def __init__(self, ch: Any, plan: Plan, rates: str | None, params: dict[str, Any], fields: tuple[str, ...]) -> None:
         self.ch = ch
         self.fields = fields
         self.plan = plan
@@ -186,8 +227,11 @@ class Repricing:
         """The deltas, computed once into an auxiliary Memory table (dropped with the rates)."""
         if self._staged is None:
             name = f"{self._rates}_delta"
-            self.ch.command(f"CREATE TABLE {name} ENGINE = Memory AS {self._delta_sql()}", parameters=self._params,
-                            settings={"join_use_nulls": 0})  # fmt: skip
+            self.ch.command(
+                f"CREATE TABLE {name} ENGINE = Memory AS {self._delta_sql()}",
+                parameters=self._params,
+                settings={"join_use_nulls": 0},
+            )
             self._staged = name
         return self._staged
 
@@ -235,9 +279,25 @@ class Repricing:
             f"ORDER BY customer_id, provider, model, new_version, new_card, error",
             parameters=self._params,
         ).result_rows
-        plan.lines = [ModelLine(str(c), str(p), str(m), str(ov), str(oc), str(nv), str(nc), str(err), int(n),
-                                int(bad), Decimal(a), Decimal(b), Decimal(x), Decimal(y))
-                      for c, p, m, ov, oc, nv, nc, err, n, bad, a, b, x, y in rows]  # fmt: skip
+        plan.lines = [
+            ModelLine(
+                str(c),
+                str(p),
+                str(m),
+                str(ov),
+                str(oc),
+                str(nv),
+                str(nc),
+                str(err),
+                int(n),
+                int(bad),
+                Decimal(a),
+                Decimal(b),
+                Decimal(x),
+                Decimal(y),
+            )
+            for c, p, m, ov, oc, nv, nc, err, n, bad, a, b, x, y in rows
+        ]
         q = f"SELECT customer_id, sum(cost), sum(charge) FROM usage_corrections FINAL WHERE {where} GROUP BY customer_id"
         for c, cost, charge in self.ch.query(q, parameters=self._params).result_rows:
             plan.prior[str(c)] = (Decimal(cost), Decimal(charge))
@@ -251,7 +311,8 @@ class Repricing:
             return 0, 0
         row = self.ch.query(
             f"SELECT count(), sum(cityHash64(customer_id, toString(hour), provider, model, model_version, project, "
-            f"feature, currency, toString(dcost), toString(dcharge))) FROM {self._stage()}").result_rows[0]  # fmt: skip
+            f"feature, currency, toString(dcost), toString(dcharge))) FROM {self._stage()}"
+        ).result_rows[0]
         return int(row[0]), int(row[1] or 0)
 
     def insert_corrections(self, correction_id: str, created_at: datetime) -> None:
@@ -265,12 +326,13 @@ class Repricing:
             f"dcost, dcharge, versions, cards, {{rp_created:DateTime64(3)}} FROM {self._stage()}",
             parameters={"rp_cid": correction_id, "rp_created": created_at},
             settings={"max_insert_block_size": 10_000_000, "min_insert_block_size_rows": 10_000_000},
-        )  # fmt: skip
+        )
 
 
 @contextmanager
-def open_reprice(ch: Any, engine: PricingEngine, filters: Filters,
-                 progress: Callable[[str, int, int], None] | None = None) -> Iterator[Repricing]:  # fmt: skip
+def open_reprice(
+    ch: Any, engine: PricingEngine, filters: Filters, progress: Callable[[str, int, int], None] | None = None
+) -> Iterator[Repricing]:
     """Load the rate segments of the filtered period (the catalog in ``engine``) next to the data."""
     if filters.start % 3600 or filters.end % 3600:
         raise InputError("the period must start and end on whole UTC hours (corrections are hourly)", field="period")
@@ -289,8 +351,12 @@ def open_reprice(ch: Any, engine: PricingEngine, filters: Filters,
             progress("rates (customer × model)", done, len(groups))
 
     fields = rated_fields(ch)
-    segments = all_segments(engine, [(str(c), str(p), str(m), str(v), str(t), int(lo), int(hi))
-                                     for c, p, m, v, t, lo, hi in groups], fields, tick)  # fmt: skip
+    segments = all_segments(
+        engine,
+        [(str(c), str(p), str(m), str(v), str(t), int(lo), int(hi)) for c, p, m, v, t, lo, hi in groups],
+        fields,
+        tick,
+    )
     plan.segments = segments
     if not segments:
         yield Repricing(ch, plan, None, params, fields)
@@ -303,8 +369,9 @@ def open_reprice(ch: Any, engine: PricingEngine, filters: Filters,
             rp.drop()
 
 
-def plan_reprice(ch: Any, engine: PricingEngine, filters: Filters,
-                 progress: Callable[[str, int, int], None] | None = None) -> Plan:  # fmt: skip
+def plan_reprice(
+    ch: Any, engine: PricingEngine, filters: Filters, progress: Callable[[str, int, int], None] | None = None
+) -> Plan:
     """The dry run: the report only."""
     with open_reprice(ch, engine, filters, progress) as rp:
         return rp.report(progress)

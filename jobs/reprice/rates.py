@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from meterline.errors import UnpriceableEvent
-from meterline.pricing import TOKEN_CLASSES, PricedAmounts, PricingEngine
+from meterline.core.errors import UnpriceableEvent
+from meterline.core.pricing import TOKEN_CLASSES, PricedAmounts, PricingEngine
 
 __all__ = ["RATE_FIELDS", "Segment", "all_segments", "group_segments", "rated_fields", "unit_rates"]
 
@@ -41,10 +41,15 @@ def rated_fields(ch: Any) -> tuple[str, ...]:
     """Every count column of ``usage_priced`` a price can multiply (``*_tokens``, ``requests``,
     ``*_requests`` such as tool calls), in table order: the schema is the list, so a class added
     with its column is re-rated without a change here."""
-    rows = ch.query("SELECT name, type FROM system.columns WHERE database = currentDatabase() "
-                    "AND table = 'usage_priced' ORDER BY position").result_rows  # fmt: skip
-    return tuple(str(n) for n, t in rows if str(t).startswith("UInt") and
-                 (str(n).endswith(("_tokens", "_requests")) or n == "requests"))  # fmt: skip
+    rows = ch.query(
+        "SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+        "AND table = 'usage_priced' ORDER BY position"
+    ).result_rows
+    return tuple(
+        str(n)
+        for n, t in rows
+        if str(t).startswith("UInt") and (str(n).endswith(("_tokens", "_requests")) or n == "requests")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +79,14 @@ Key = tuple[str, str, str, str]  # provider, model, model_version, service_tier 
 
 def _record(customer: str, key: Key, ms: int, field: str | None, fields: tuple[str, ...]) -> dict[str, Any]:
     provider, model, mv, tier = key
-    rec: dict[str, Any] = {"customer_id": customer, "provider": provider, "model": model,
-                           "model_version": mv or None, "service_tier": tier or None, "occurred_at": ms}  # fmt: skip
+    rec: dict[str, Any] = {
+        "customer_id": customer,
+        "provider": provider,
+        "model": model,
+        "model_version": mv or None,
+        "service_tier": tier or None,
+        "occurred_at": ms,
+    }
     for f in fields:
         rec[f] = 1 if f == field else 0
     return rec
@@ -90,8 +101,13 @@ def _version(engine: PricingEngine, customer: str, key: Key, ms: int, fields: tu
     return f"v:{p.price_version}|{p.rate_card}"
 
 
-def unit_rates(engine: PricingEngine, customer: str, key: Key, ms: int, fields: tuple[str, ...] = RATE_FIELDS,
-               ) -> tuple[tuple[int | None, ...], tuple[int | None, ...], PricedAmounts]:  # fmt: skip
+def unit_rates(
+    engine: PricingEngine,
+    customer: str,
+    key: Key,
+    ms: int,
+    fields: tuple[str, ...] = RATE_FIELDS,
+) -> tuple[tuple[int | None, ...], tuple[int | None, ...], PricedAmounts]:
     """(cost picos per unit, charge picos per unit) of every rated field at ``ms``."""
     zero = engine.price(_record(customer, key, ms, None, fields))
     cost: list[int | None] = []
@@ -110,9 +126,11 @@ def unit_rates(engine: PricingEngine, customer: str, key: Key, ms: int, fields: 
     return tuple(cost), tuple(charge), zero
 
 
-def _timeline(engine: PricingEngine, customer: str, key: Key, lo_ms: int, hi_ms: int,
-              fields: tuple[str, ...]) -> list[tuple[int, int, str]]:  # fmt: skip
+def _timeline(
+    engine: PricingEngine, customer: str, key: Key, lo_ms: int, hi_ms: int, fields: tuple[str, ...]
+) -> list[tuple[int, int, str]]:
     """``[t_from, t_to)`` pieces of ``[lo_ms, hi_ms]`` each priced by one version (or one error)."""
+
     def code(ms: int) -> str:
         return _version(engine, customer, key, ms, fields).split("|", 1)[0]
 
@@ -136,15 +154,19 @@ def _timeline(engine: PricingEngine, customer: str, key: Key, lo_ms: int, hi_ms:
     return out
 
 
-def group_segments(engine: PricingEngine, customer: str, key: Key, lo_ms: int, hi_ms: int,
-                   fields: tuple[str, ...] = RATE_FIELDS) -> list[Segment]:  # fmt: skip
+def group_segments(
+    engine: PricingEngine, customer: str, key: Key, lo_ms: int, hi_ms: int, fields: tuple[str, ...] = RATE_FIELDS
+) -> list[Segment]:
     """The segments covering every event of the group stamped in ``[lo_ms, hi_ms]``."""
     return all_segments(engine, [(customer, *key, lo_ms, hi_ms)], fields)
 
 
-def all_segments(engine: PricingEngine, groups: Iterable[tuple[str, str, str, str, str, int, int]],
-                 fields: tuple[str, ...] = RATE_FIELDS,
-                 progress: Callable[[int], None] | None = None) -> list[Segment]:  # fmt: skip
+def all_segments(
+    engine: PricingEngine,
+    groups: Iterable[tuple[str, str, str, str, str, int, int]],
+    fields: tuple[str, ...] = RATE_FIELDS,
+    progress: Callable[[int], None] | None = None,
+) -> list[Segment]:
     """The segments of every ``(customer, provider, model, model_version, service_tier, lo_ms, hi_ms)``.
 
     Where a price changes depends on the model only, and the rates on the version and the customer's
@@ -173,8 +195,7 @@ def all_segments(engine: PricingEngine, groups: Iterable[tuple[str, str, str, st
                 cost, charge, p = unit_rates(engine, customer, key, t_from, fields)
                 rates[rk] = (cost, charge, p.price_version, p.rate_card)
             cost, charge, version, rate_card = rates[rk]
-            out.append(Segment(customer, provider, model, mv, tier, t_from, t_to, version, rate_card, "", cost,
-                               charge))  # fmt: skip
+            out.append(Segment(customer, provider, model, mv, tier, t_from, t_to, version, rate_card, "", cost, charge))
         if progress is not None:
             progress(i + 1)
     return out

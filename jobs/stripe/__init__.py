@@ -9,7 +9,7 @@ Public surface (see docs/stripe.md):
 - ``mirror_grants`` / ``GrantSummary``        ledger grants/top-ups -> Stripe credit grants
 - ``reconcile`` / ``Drift``                   ClickHouse vs cursor vs Stripe meter summaries
 - ``build_statement`` / ``render_html`` / ``render_csv``  the itemized usage statement
-- ``webhook_route``                           the Stripe webhook endpoint (paid top-ups)
+- ``top_up_command``                          paid top-ups (the webhook's logic; its route: meterline.shell.api.stripe_webhook)
 - ``apply_plans`` / ``PlanReport``            plan customers' Stripe subscriptions (docs/stripe.md, Plans)
 - ``stripe_period_cents``                     what Stripe bills for one service period of a subscription
 """
@@ -23,7 +23,7 @@ from jobs.stripe.provision import ProvisionReport, provision
 from jobs.stripe.reconcile import Drift, parse_period, reconcile
 from jobs.stripe.statement import Statement, build_statement, render_csv, render_html
 from jobs.stripe.sync import SyncSummary, sync
-from jobs.stripe.webhooks import ClickHouseSeen, kafka_publisher, top_up_command, webhook_route
+from jobs.stripe.webhooks import ClickHouseSeen, kafka_publisher, top_up_command
 
 __all__ = [
     "BillingConfig",
@@ -50,5 +50,4 @@ __all__ = [
     "stripe_period_cents",
     "sync",
     "top_up_command",
-    "webhook_route",
 ]

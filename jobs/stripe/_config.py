@@ -3,7 +3,7 @@
 Contract:
 
 * :func:`load_billing_config` validates the YAML into a frozen :class:`BillingConfig` or raises
-  :class:`~meterline.errors.ConfigError`.
+  :class:`~meterline.core.errors.ConfigError`.
 * :func:`meter_specs` lists the meters + prices the config describes, deterministically: the same
   config always gives the same event names, lookup keys and amounts (provisioning relies on it).
 * :class:`StripeTarget` builds ``stripe.StripeClient`` objects for the real API or the local
@@ -13,6 +13,7 @@ Contract:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -23,8 +24,8 @@ import stripe
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from meterline.config import Settings
-from meterline.errors import ConfigError, MeterlineError
+from meterline.core.config import Settings
+from meterline.core.errors import ConfigError, MeterlineError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "infra" / "stripe" / "billing.yaml"
@@ -120,12 +121,15 @@ def meter_specs(cfg: BillingConfig, root: Path = REPO_ROOT) -> list[MeterSpec]:
     """The meters + prices of ``cfg``: one in cost mode, one per model x token class in itemized mode."""
     if cfg.mode == "cost":
         cents = Decimal(1).scaleb(2 - cfg.cost.unit_exponent)
-        return [MeterSpec(
-            event_name=cfg.cost.event_name, display_name=cfg.cost.display_name,
-            lookup_key=f"ml_cost_{cfg.cost.event_name}_{cfg.currency}_{cfg.interval}",
-            unit_amount_decimal=_cents_string(cents, "cost.unit_exponent"),
-        )]  # fmt: skip
-    from meterline.pricing import load_price_book
+        return [
+            MeterSpec(
+                event_name=cfg.cost.event_name,
+                display_name=cfg.cost.display_name,
+                lookup_key=f"ml_cost_{cfg.cost.event_name}_{cfg.currency}_{cfg.interval}",
+                unit_amount_decimal=_cents_string(cents, "cost.unit_exponent"),
+            )
+        ]
+    from meterline.core.pricing import load_price_book
 
     path = cfg.itemized.price_book if cfg.itemized.price_book.is_absolute() else root / cfg.itemized.price_book
     try:
@@ -150,12 +154,18 @@ def meter_specs(cfg: BillingConfig, root: Path = REPO_ROOT) -> list[MeterSpec]:
             if len(name) > MAX_EVENT_NAME - 20:
                 name = f"ml_tok_{hashlib.sha256(name.encode()).hexdigest()[:24]}_{cls}"
             label = f"{provider}/{model}" + (f":{version}" if version else "")
-            specs.append(MeterSpec(
-                event_name=name, display_name=f"{label} {cls} tokens",
-                lookup_key=f"{name}_{cfg.currency}_{cfg.interval}",
-                unit_amount_decimal=_cents_string(rate / Decimal(10_000), f"{label}.{cls}"),
-                provider=provider, model=model, model_version=version, token_class=cls,
-            ))  # fmt: skip
+            specs.append(
+                MeterSpec(
+                    event_name=name,
+                    display_name=f"{label} {cls} tokens",
+                    lookup_key=f"{name}_{cfg.currency}_{cfg.interval}",
+                    unit_amount_decimal=_cents_string(rate / Decimal(10_000), f"{label}.{cls}"),
+                    provider=provider,
+                    model=model,
+                    model_version=version,
+                    token_class=cls,
+                )
+            )
     return specs
 
 
@@ -210,3 +220,10 @@ def target_from_settings(settings: Settings) -> StripeTarget | None:
     if settings.stripe_base_url:
         return StripeTarget.local(settings.stripe_base_url.rstrip("/"))
     return None
+
+
+def idem_key(kind: str, name: str, params: Any) -> str:
+    """Deterministic Idempotency-Key: same object + same params -> same key (≤255 chars)."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    name = name if name.isascii() else "h" + hashlib.sha256(name.encode()).hexdigest()[:32]  # headers are latin-1
+    return f"ml-{kind}-{name[:160]}-{digest}"

@@ -12,7 +12,7 @@ exists"
 other 400 / 404 / idempotency_error        failed      reported; reconcile shows the drift
 429, 5xx, connection error, timeout        (retry)     exponential back-off with the SAME
                                                        Idempotency-Key and identifier, then
-                                                       :class:`~meterline.errors.TransientError`
+                                                       :class:`~meterline.core.errors.TransientError`
 401 on the stream (session expired)        (retry)     a new session, then the same batch again
 =========================================  ==========  ==========================================
 
@@ -26,14 +26,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import stripe
 
 from jobs.stripe._config import StripeTarget
 from jobs.stripe._store import ACKED, CANCELED, FAILED, TOO_OLD, Push
-from meterline.errors import ConfigError, TransientError
+from meterline.core.errors import ConfigError, TransientError
 
 STREAM_BATCH = 100
 MAX_BACKOFF = 30.0
@@ -53,8 +53,14 @@ def classify_invalid(exc: stripe.InvalidRequestError) -> tuple[str, str]:
 class MeterEventSender:
     """Pushes planned meter events; counts retries. ``sleep`` is injectable for tests."""
 
-    def __init__(self, target: StripeTarget, *, max_attempts: int = 6, backoff: float = 0.5,
-                 sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
+    def __init__(
+        self,
+        target: StripeTarget,
+        *,
+        max_attempts: int = 6,
+        backoff: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.target = target
         self.client = target.client()
         self.max_attempts = max_attempts
@@ -76,7 +82,9 @@ class MeterEventSender:
                 raise ConfigError(f"Stripe refused the API key: {exc}") from exc
             except _RETRYABLE as exc:
                 if attempt + 1 >= self.max_attempts:
-                    raise TransientError(f"{what}: Stripe still failing after {self.max_attempts} attempts: {exc}") from exc
+                    raise TransientError(
+                        f"{what}: Stripe still failing after {self.max_attempts} attempts: {exc}"
+                    ) from exc
                 self.retries += 1
                 delay = min(MAX_BACKOFF, self.backoff * (2**attempt))
                 retry_after = (exc.headers or {}).get("Retry-After") if isinstance(exc, stripe.RateLimitError) else None
@@ -87,9 +95,15 @@ class MeterEventSender:
 
     # ------------------------------------------------------------------ v1: one event per request
     def send_one(self, push: Push, stripe_customer: str) -> tuple[str, str]:
-        params = {"event_name": push.meter, "identifier": push.identifier, "timestamp": push.window_start,
-                  "payload": {"stripe_customer_id": stripe_customer, "value": str(push.value)}}  # fmt: skip
-        key = push.identifier if push.identifier.isascii() else "h" + hashlib.sha256(push.identifier.encode()).hexdigest()
+        params = {
+            "event_name": push.meter,
+            "identifier": push.identifier,
+            "timestamp": push.window_start,
+            "payload": {"stripe_customer_id": stripe_customer, "value": str(push.value)},
+        }
+        key = (
+            push.identifier if push.identifier.isascii() else "h" + hashlib.sha256(push.identifier.encode()).hexdigest()
+        )
         options = {"idempotency_key": f"ml-me-{key}"}  # an HTTP header: latin-1 only
 
         def call() -> tuple[str, str]:
@@ -131,9 +145,15 @@ class MeterEventSender:
         """Send ≤100 events in one stream request. Validation is asynchronous: a 200 acks them all
         (duplicates by identifier are dropped by Stripe; too-old windows are filtered by the planner)."""
         assert len(batch) <= STREAM_BATCH
-        events = [{"event_name": p.meter, "identifier": p.identifier,
-                   "timestamp": datetime.fromtimestamp(p.window_start, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
-                   "payload": {"stripe_customer_id": sc, "value": str(p.value)}} for p, sc in batch]  # fmt: skip
+        events = [
+            {
+                "event_name": p.meter,
+                "identifier": p.identifier,
+                "timestamp": datetime.fromtimestamp(p.window_start, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                "payload": {"stripe_customer_id": sc, "value": str(p.value)},
+            }
+            for p, sc in batch
+        ]
 
         def call() -> list[tuple[str, str]]:
             try:

@@ -7,11 +7,11 @@ Every table is a ReplacingMergeTree written append-only (a status change is a ne
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from meterline.errors import ClickHouseUnavailable
+from meterline.core.errors import ClickHouseUnavailable
 
 PENDING, ACKED, TOO_OLD, FAILED = "pending", "acked", "too_old", "failed"
 # An acked revision whose window shrank (a re-rating correction, docs/corrections.md) is cancelled
@@ -19,17 +19,29 @@ PENDING, ACKED, TOO_OLD, FAILED = "pending", "acked", "too_old", "failed"
 CANCELING, CANCELED = "canceling", "canceled"
 _VER = {PENDING: 1, ACKED: 2, TOO_OLD: 2, FAILED: 2, CANCELING: 3, CANCELED: 4}
 
-PUSH_COLUMNS = ("customer_id", "meter", "window_start", "revision", "identifier", "seq", "amount", "value",
-                "carry_after", "status", "error", "ver")  # fmt: skip
+PUSH_COLUMNS = (
+    "customer_id",
+    "meter",
+    "window_start",
+    "revision",
+    "identifier",
+    "seq",
+    "amount",
+    "value",
+    "carry_after",
+    "status",
+    "error",
+    "ver",
+)
 
 
 def utc(ts: int) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 def epoch(value: datetime) -> int:
     if value.tzinfo is None:  # chDB returns naive datetimes holding UTC
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     return int(value.timestamp())
 
 
@@ -51,13 +63,19 @@ class CustomerLink:
 
 
 def load_customers(ch: Any) -> dict[str, CustomerLink]:
-    rows = _run(ch.query, "SELECT customer_id, stripe_customer_id, subscription_id FROM stripe_customers FINAL").result_rows
+    rows = _run(
+        ch.query, "SELECT customer_id, stripe_customer_id, subscription_id FROM stripe_customers FINAL"
+    ).result_rows
     return {r[0]: CustomerLink(r[0], r[1], r[2]) for r in rows}
 
 
 def save_customer(ch: Any, link: CustomerLink, mode: str) -> None:
-    _run(ch.insert, "stripe_customers", [(link.customer_id, link.stripe_customer_id, link.subscription_id, mode)],
-         column_names=["customer_id", "stripe_customer_id", "subscription_id", "mode"])  # fmt: skip
+    _run(
+        ch.insert,
+        "stripe_customers",
+        [(link.customer_id, link.stripe_customer_id, link.subscription_id, mode)],
+        column_names=["customer_id", "stripe_customer_id", "subscription_id", "mode"],
+    )
 
 
 # --------------------------------------------------------------------------- pushes (the cursor)
@@ -83,8 +101,20 @@ class Push:
         return replace(self, status=status, error=error[:500])
 
     def row(self) -> tuple[Any, ...]:
-        return (self.customer_id, self.meter, utc(self.window_start), self.revision, self.identifier, self.seq,
-                self.amount, self.value, self.carry_after, self.status, self.error, _VER[self.status])  # fmt: skip
+        return (
+            self.customer_id,
+            self.meter,
+            utc(self.window_start),
+            self.revision,
+            self.identifier,
+            self.seq,
+            self.amount,
+            self.value,
+            self.carry_after,
+            self.status,
+            self.error,
+            _VER[self.status],
+        )
 
 
 def insert_pushes(ch: Any, pushes: list[Push]) -> None:
@@ -92,8 +122,9 @@ def insert_pushes(ch: Any, pushes: list[Push]) -> None:
         _run(ch.insert, "stripe_pushes", [p.row() for p in pushes], column_names=list(PUSH_COLUMNS))
 
 
-def load_pushes(ch: Any, *, since: int | None = None, until: int | None = None,
-                customer: str | None = None) -> list[Push]:  # fmt: skip
+def load_pushes(
+    ch: Any, *, since: int | None = None, until: int | None = None, customer: str | None = None
+) -> list[Push]:
     """Latest state of every push with ``since <= window_start < until`` (all when None)."""
     where, params = ["1"], {}
     if since is not None:
@@ -105,17 +136,24 @@ def load_pushes(ch: Any, *, since: int | None = None, until: int | None = None,
     if customer is not None:
         where.append("customer_id = {customer:String}")
         params["customer"] = customer
-    sql = (f"SELECT {', '.join(PUSH_COLUMNS[:-1])} FROM stripe_pushes FINAL WHERE {' AND '.join(where)} "
-           "ORDER BY customer_id, meter, window_start, revision")  # fmt: skip
+    sql = (
+        f"SELECT {', '.join(PUSH_COLUMNS[:-1])} FROM stripe_pushes FINAL WHERE {' AND '.join(where)} "
+        "ORDER BY customer_id, meter, window_start, revision"
+    )
     rows = _run(ch.query, sql, parameters=params).result_rows
-    return [Push(r[0], r[1], epoch(r[2]), int(r[3]), r[4], int(r[5]), Decimal(r[6]), int(r[7]), Decimal(r[8]),
-                 r[9], r[10]) for r in rows]  # fmt: skip
+    return [
+        Push(r[0], r[1], epoch(r[2]), int(r[3]), r[4], int(r[5]), Decimal(r[6]), int(r[7]), Decimal(r[8]), r[9], r[10])
+        for r in rows
+    ]
 
 
 def last_carry(ch: Any) -> dict[tuple[str, str], tuple[int, Decimal]]:
     """(customer, meter) -> (highest seq, carry after it) over the whole cursor."""
-    rows = _run(ch.query, "SELECT customer_id, meter, max(seq), argMax(carry_after, seq) "
-                          "FROM stripe_pushes FINAL GROUP BY customer_id, meter").result_rows  # fmt: skip
+    rows = _run(
+        ch.query,
+        "SELECT customer_id, meter, max(seq), argMax(carry_after, seq) "
+        "FROM stripe_pushes FINAL GROUP BY customer_id, meter",
+    ).result_rows
     return {(r[0], r[1]): (int(r[2]), Decimal(r[3])) for r in rows}
 
 
@@ -124,33 +162,47 @@ def last_carry(ch: Any) -> dict[tuple[str, str], tuple[int, Decimal]]:
 
 def load_grants(ch: Any) -> dict[str, tuple[str, str, int]]:
     """grant_id -> (stripe_grant_id, status, amount_cents)."""
-    rows = _run(ch.query, "SELECT grant_id, stripe_grant_id, status, amount_cents FROM stripe_credit_grants FINAL").result_rows
+    rows = _run(
+        ch.query, "SELECT grant_id, stripe_grant_id, status, amount_cents FROM stripe_credit_grants FINAL"
+    ).result_rows
     return {r[0]: (r[1], r[2], int(r[3])) for r in rows}
 
 
-def save_grant(ch: Any, grant_id: str, customer_id: str, stripe_grant_id: str, amount_cents: int, currency: str,
-               status: str) -> None:  # fmt: skip
+def save_grant(
+    ch: Any, grant_id: str, customer_id: str, stripe_grant_id: str, amount_cents: int, currency: str, status: str
+) -> None:
     ver = {"active": 1, "voided": 2, "skipped": 1}.get(status, 1)
-    _run(ch.insert, "stripe_credit_grants",
-         [(grant_id, customer_id, stripe_grant_id, amount_cents, currency, status, ver)],
-         column_names=["grant_id", "customer_id", "stripe_grant_id", "amount_cents", "currency", "status", "ver"])
+    _run(
+        ch.insert,
+        "stripe_credit_grants",
+        [(grant_id, customer_id, stripe_grant_id, amount_cents, currency, status, ver)],
+        column_names=["grant_id", "customer_id", "stripe_grant_id", "amount_cents", "currency", "status", "ver"],
+    )
 
 
 def webhook_seen(ch: Any, event_id: str) -> bool:
-    rows = _run(ch.query, "SELECT count() FROM stripe_webhook_events WHERE event_id = {e:String}",
-                parameters={"e": event_id}).result_rows  # fmt: skip
+    rows = _run(
+        ch.query, "SELECT count() FROM stripe_webhook_events WHERE event_id = {e:String}", parameters={"e": event_id}
+    ).result_rows
     return bool(rows[0][0])
 
 
 def record_webhook(ch: Any, event_id: str, event_type: str, command_id: str) -> None:
-    _run(ch.insert, "stripe_webhook_events", [(event_id, event_type, command_id)],
-         column_names=["event_id", "event_type", "command_id"])  # fmt: skip
+    _run(
+        ch.insert,
+        "stripe_webhook_events",
+        [(event_id, event_type, command_id)],
+        column_names=["event_id", "event_type", "command_id"],
+    )
 
 
 def acked_at(ch: Any, customer: str, meter: str, window_start: int) -> dict[int, int]:
     """revision -> when the cursor recorded it acked (unix seconds, ~ Stripe's receipt time)."""
-    rows = _run(ch.query, "SELECT revision, toUnixTimestamp(min(updated_at)) FROM stripe_pushes WHERE customer_id = "
-                          "{c:String} AND meter = {m:String} AND window_start = {w:DateTime} AND status = 'acked' "
-                          "GROUP BY revision", parameters={"c": customer, "m": meter, "w": utc(window_start)},
-                ).result_rows  # fmt: skip
+    rows = _run(
+        ch.query,
+        "SELECT revision, toUnixTimestamp(min(updated_at)) FROM stripe_pushes WHERE customer_id = "
+        "{c:String} AND meter = {m:String} AND window_start = {w:DateTime} AND status = 'acked' "
+        "GROUP BY revision",
+        parameters={"c": customer, "m": meter, "w": utc(window_start)},
+    ).result_rows
     return {int(r): int(t) for r, t in rows}

@@ -1,8 +1,11 @@
 """Prepaid credit is never invoiced twice: ledger grants are mirrored as Stripe credit grants.
 
-Choice (docs/stripe.md): sync pushes ALL usage; every ledger ``grant`` / ``top_up`` command becomes a
+Choice (docs/stripe.md): sync pushes ALL usage; every ledger grant / top-up the ledger ACCEPTED (its
+``grant`` / ``top_up`` entry in ClickHouse ``ledger_entries``, see :func:`ledger_grant_facts`) becomes a
 Stripe credit grant (``applicability_config.scope.price_type = metered``) of the same amount,
-category, priority, effective and expiry times, and a ``void`` voids it. Stripe applies the grants
+category, priority, effective and expiry times, and a ``void`` entry voids it. Stripe follows facts,
+not requests: a grant command the ledger refused (a bad amount, a replayed grant id with other terms)
+has no entry and never reaches Stripe. Stripe applies the grants
 at invoice finalization, so the invoice reads "usage − credits" and ``amount_due`` is what the
 ledger says is left to pay. The credit agent keeps enforcing the balance in real time; Stripe only
 settles the period.
@@ -19,7 +22,7 @@ the cent (reported); a grant scoped to providers/models/projects cannot be expre
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
@@ -28,7 +31,7 @@ import stripe
 
 from jobs.stripe._config import BillingConfig
 from jobs.stripe._store import load_customers, load_grants, save_grant
-from meterline.errors import TransientError, InputError
+from meterline.core.errors import InputError
 
 
 @dataclass
@@ -55,8 +58,9 @@ def _scoped(scope: Mapping[str, Any] | None) -> bool:
     return bool(scope) and any(scope.get(k) for k in ("providers", "models", "projects"))  # type: ignore[union-attr]
 
 
-def mirror_grants(client: stripe.StripeClient, ch: Any, cfg: BillingConfig,
-                  commands: Iterable[Mapping[str, Any]]) -> GrantSummary:  # fmt: skip
+def mirror_grants(
+    client: stripe.StripeClient, ch: Any, cfg: BillingConfig, commands: Iterable[Mapping[str, Any]]
+) -> GrantSummary:
     """Apply ledger commands (``schemas.credits`` message dicts) to Stripe credit grants, idempotently.
 
     Customers must be provisioned (``stripe_customers``); commands for unknown customers are skipped
@@ -109,13 +113,14 @@ def mirror_grants(client: stripe.StripeClient, ch: Any, cfg: BillingConfig,
         existing = _find_by_metadata(client, link.stripe_customer_id, grant_id)
         if existing is None:
             params: dict[str, Any] = {
-                "customer": link.stripe_customer_id, "name": f"meterline {kind} {grant_id}"[:100],
+                "customer": link.stripe_customer_id,
+                "name": f"meterline {kind} {grant_id}"[:100],
                 "category": "paid" if kind == "top_up" else str(cmd.get("category") or "promotional"),
                 "priority": max(0, min(100, int(cmd.get("priority") if cmd.get("priority") is not None else 50))),
                 "applicability_config": {"scope": {"price_type": "metered"}},
                 "amount": {"type": "monetary", "monetary": {"currency": currency, "value": cents}},
                 "metadata": {"meterline_grant_id": grant_id, "meterline_customer_id": customer},
-            }  # fmt: skip
+            }
             if cmd.get("effective_at_ms"):
                 params["effective_at"] = int(cmd["effective_at_ms"]) // 1000
             if cmd.get("expires_at_ms"):
@@ -129,51 +134,48 @@ def mirror_grants(client: stripe.StripeClient, ch: Any, cfg: BillingConfig,
     return summary
 
 
+def ledger_grant_facts(ch: Any, *, customer: str | None = None) -> list[dict[str, Any]]:
+    """What the ledger did with grants, from ClickHouse: every ``grant`` / ``top_up`` / ``void``
+    entry in ``ledger_entries`` (in ledger order), as the message-shaped dicts :func:`mirror_grants`
+    takes. A grant's terms (category, priority, effective and expiry times, scope) come from the
+    customer's latest ``ledger_snapshots`` state, which the ledger sink stores right after the
+    entries; a grant whose snapshot has not landed yet is left for the next run."""
+    where = " AND customer_id = {c:String}" if customer else ""
+    params = {"c": customer} if customer else {}
+    rows = ch.query(
+        "SELECT customer_id, entry_id, kind, grant_id, amount, currency FROM ledger_entries FINAL"
+        " WHERE kind IN ('grant', 'top_up', 'void')" + where + " ORDER BY customer_id, seq",
+        parameters=params,
+    ).result_rows
+    snaps = ch.query(
+        "SELECT customer_id, argMax(state, version) FROM ledger_snapshots WHERE 1" + where + " GROUP BY customer_id",
+        parameters=params,
+    ).result_rows
+    terms: dict[tuple[str, str], dict[str, Any]] = {}
+    for cust, state in snaps:
+        for g in json.loads(state).get("grants", []):
+            terms[(str(cust), str(g["g"]["id"]))] = g["g"]
+    out: list[dict[str, Any]] = []
+    for cust, entry_id, kind, grant_id, amount, currency in rows:
+        if kind == "void":
+            out.append({"type": "void", "command_id": entry_id, "customer_id": cust, "grant_id": grant_id})
+            continue
+        t = terms.get((cust, grant_id))
+        if t is None:
+            continue  # its snapshot is not stored yet: mirrored by a later run
+        scope = t.get("scope")
+        out.append({
+            "type": kind, "command_id": entry_id, "customer_id": cust, "grant_id": grant_id,
+            "amount": format(amount, "f"), "currency": currency, "category": t.get("cat"),
+            "priority": t.get("prio"), "effective_at_ms": t.get("eff"), "expires_at_ms": t.get("exp"),
+            "scope": None if not scope else {"providers": scope[0], "models": scope[1], "projects": scope[2]},
+        })  # fmt: skip
+    return out
+
+
 def _find_by_metadata(client: stripe.StripeClient, stripe_customer: str, grant_id: str) -> Any:
     for g in client.v1.billing.credit_grants.list({"customer": stripe_customer, "limit": 100}).auto_paging_iter():
         meta = g.metadata.to_dict() if g.metadata else {}
         if meta.get("meterline_grant_id") == grant_id:
             return g
     return None
-
-
-def consume_commands(bootstrap: str, topic: str, *, group: str = "meterline-stripe-credits",
-                     idle_seconds: float = 5.0) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """Yield commands from the ``ledger-commands`` topic until it has been idle ``idle_seconds``.
-
-    A record's offset is committed only when the caller asks for the NEXT command (i.e. after it
-    mirrored this one), so a crash replays commands and :func:`mirror_grants` turns the replay
-    into no-ops. Non-JSON records are skipped.
-    """
-    import time
-
-    from confluent_kafka import Consumer
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
-                         "enable.auto.commit": False,
-                         "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})  # fmt: skip
-    assigned: list[bool] = []
-    consumer.subscribe([topic], on_assign=lambda _c, _parts: assigned.append(True))
-    # The idle clock starts once the group has assigned partitions: a group join alone can take
-    # several seconds, and stopping before it would silently mirror nothing.
-    join_deadline = time.monotonic() + max(30.0, idle_seconds)
-    idle_until = float("inf")
-    try:
-        while time.monotonic() < idle_until:
-            msg = consumer.poll(0.5)
-            if assigned and idle_until == float("inf"):
-                idle_until = time.monotonic() + idle_seconds
-            if not assigned and time.monotonic() > join_deadline:
-                raise TransientError(f"no partitions of {topic} were assigned within 30 s")
-            if msg is None or msg.error():
-                continue
-            idle_until = time.monotonic() + idle_seconds
-            try:
-                cmd = json.loads(msg.value() or b"null")
-            except ValueError:
-                continue
-            if isinstance(cmd, dict):
-                yield cmd
-            consumer.commit(msg, asynchronous=False)
-    finally:
-        consumer.close()

@@ -37,12 +37,13 @@ from typing import Any
 
 import stripe
 
-from jobs.stripe._config import BillingConfig, MeterSpec
+from jobs.stripe._config import BillingConfig, MeterSpec, idem_key
 from jobs.stripe._store import CustomerLink, load_customers, save_customer
 
 PLAN_EVENT = "meterline_plan_tokens"
-PLAN_METER = MeterSpec(event_name=PLAN_EVENT, display_name="Plan tokens (all classes)",
-                       lookup_key="", unit_amount_decimal="0")  # fmt: skip
+PLAN_METER = MeterSpec(
+    event_name=PLAN_EVENT, display_name="Plan tokens (all classes)", lookup_key="", unit_amount_decimal="0"
+)
 META_CUSTOMER = "meterline_customer_id"
 META_PLAN = "meterline_plan"
 META_PERIOD = "meterline_period"
@@ -88,7 +89,7 @@ def check_mappable(plan: Any, currency: str) -> None:
 
 
 def _all_classes() -> tuple[str, ...]:
-    from meterline.plans import TOKEN_CLASSES
+    from meterline.core.plans import TOKEN_CLASSES
 
     return tuple(TOKEN_CLASSES)
 
@@ -139,7 +140,6 @@ class PlanPrices:
         self._cache: dict[str, str] = {}
 
     def _product(self, plan: Any) -> str:
-        from jobs.stripe.provision import idem_key
 
         pid = f"ml_plan_{_slug(plan.plan_id)}_v{plan.version}"
         try:
@@ -153,7 +153,6 @@ class PlanPrices:
         return pid
 
     def _price(self, plan: Any, key: str, params: dict[str, Any]) -> str:
-        from jobs.stripe.provision import idem_key
 
         if key in self._cache:
             return self._cache[key]
@@ -162,8 +161,13 @@ class PlanPrices:
             self.report.existing.append(f"price:{key}")
             self._cache[key] = str(found[0].id)
             return self._cache[key]
-        full = {"currency": self.cfg.currency, "product": self._product(plan), "lookup_key": key,
-                "metadata": {META_PLAN: plan.key}, **params}  # fmt: skip
+        full = {
+            "currency": self.cfg.currency,
+            "product": self._product(plan),
+            "lookup_key": key,
+            "metadata": {META_PLAN: plan.key},
+            **params,
+        }
         price = self.client.v1.prices.create(full, {"idempotency_key": idem_key("price", key, full)})  # type: ignore[arg-type]
         self.report.created.append(f"price:{key}")
         self._cache[key] = str(price.id)
@@ -172,9 +176,14 @@ class PlanPrices:
     def fee(self, plan: Any) -> str | None:
         if plan.fee == 0:
             return None
-        return self._price(plan, _lookup(plan, self.cfg.currency, "fee"), {
-            "unit_amount_decimal": _cents(plan.fee),
-            "recurring": {"interval": plan.interval, "usage_type": "licensed"}})
+        return self._price(
+            plan,
+            _lookup(plan, self.cfg.currency, "fee"),
+            {
+                "unit_amount_decimal": _cents(plan.fee),
+                "recurring": {"interval": plan.interval, "usage_type": "licensed"},
+            },
+        )
 
     def usage(self, plan: Any, included: int) -> str:
         params = usage_price_params(plan, included)
@@ -200,16 +209,24 @@ def _items_by_role(sub: Any) -> dict[str, Any]:
     return out
 
 
-def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_id: str, *, now: int,
-                customers: list[str] | None = None, report: PlanReport | None = None,
-                changes: bool = True) -> PlanReport:  # fmt: skip
+def apply_plans(
+    client: stripe.StripeClient,
+    ch: Any,
+    cfg: BillingConfig,
+    meter_id: str,
+    *,
+    now: int,
+    customers: list[str] | None = None,
+    report: PlanReport | None = None,
+    changes: bool = True,
+) -> PlanReport:
     """Bring each plan customer's Stripe subscription in line with its timeline at Stripe's now.
 
     ``changes=False`` (``provision``) only creates missing subscriptions. Segment updates belong
     to ``sync``, which pushes usage first: Stripe bills a replaced metered price's usage from what
     was reported when the update is made."""
     from jobs.plans.billing import load_catalog, load_events
-    from meterline.plans import fold_timeline
+    from meterline.core.plans import fold_timeline
 
     report = report if report is not None else PlanReport()
     prices = PlanPrices(client, cfg, meter_id, report)
@@ -224,8 +241,10 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
         run = next((r for r in timeline.runs if r.anchor == period.anchor), None)
         try:
             if run is not None and run.end is not None and run.end < period.end:
-                raise NotMappable(f"the plan stops mid-period at {run.end} (an immediate cancellation or an "
-                                  "interval change): not mapped to Stripe")  # fmt: skip
+                raise NotMappable(
+                    f"the plan stops mid-period at {run.end} (an immediate cancellation or an "
+                    "interval change): not mapped to Stripe"
+                )
             link = _apply_customer(client, ch, prices, links, report, cid, period, now, changes)
             if run is not None and run.end == period.end and run.cancelled:
                 _cancel_at_period_end(client, link, report)
@@ -239,9 +258,18 @@ def apply_plans(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, meter_
     return report
 
 
-def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, links: dict[str, CustomerLink],
-                    report: PlanReport, cid: str, period: Any, now: int, changes: bool) -> CustomerLink:  # fmt: skip
-    from meterline.plans import terms_for
+def _apply_customer(
+    client: stripe.StripeClient,
+    ch: Any,
+    prices: PlanPrices,
+    links: dict[str, CustomerLink],
+    report: PlanReport,
+    cid: str,
+    period: Any,
+    now: int,
+    changes: bool,
+) -> CustomerLink:
+    from meterline.core.plans import terms_for
 
     current = period.segment_at(now)
     current = len(period.segments) - 1 if current is None else current
@@ -252,19 +280,27 @@ def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, li
     sub = _find_subscription(client, stripe_customer, cid)
     if sub is None:
         t0 = terms[0]
-        items: list[dict[str, Any]] = [{"price": prices.usage(t0.plan, _included(t0)), "metadata": {META_ROLE: "usage"}}]
+        items: list[dict[str, Any]] = [
+            {"price": prices.usage(t0.plan, _included(t0)), "metadata": {META_ROLE: "usage"}}
+        ]
         fee = prices.fee(t0.plan)
         if fee is not None:
             items.insert(0, {"price": fee, "quantity": 1, "metadata": {META_ROLE: "fee"}})
         params: dict[str, Any] = {
-            "customer": stripe_customer, "items": items,
-            "metadata": {META_CUSTOMER: cid, META_PLAN: t0.plan.key, META_PERIOD: str(period.start),
-                         META_APPLIED: "1", META_ANCHOR: str(period.anchor)},
+            "customer": stripe_customer,
+            "items": items,
+            "metadata": {
+                META_CUSTOMER: cid,
+                META_PLAN: t0.plan.key,
+                META_PERIOD: str(period.start),
+                META_APPLIED: "1",
+                META_ANCHOR: str(period.anchor),
+            },
             # Stripe's periods must be meterline's: start the subscription at the period start
             # (backdated: it began before this call reaches Stripe) and anchor its cycle at the end
-            "backdate_start_date": period.start, "billing_cycle_anchor": period.end,
-        }  # fmt: skip
-        from jobs.stripe.provision import idem_key
+            "backdate_start_date": period.start,
+            "billing_cycle_anchor": period.end,
+        }
 
         sub = client.v1.subscriptions.create(params, {"idempotency_key": idem_key("plansub", cid, params)})  # type: ignore[arg-type]
         report.created.append(f"subscription:{cid}")
@@ -272,8 +308,10 @@ def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, li
     else:
         meta = sub.metadata.to_dict() if sub.metadata else {}
         if meta.get(META_ANCHOR, str(period.anchor)) != str(period.anchor):
-            raise NotMappable(f"a new subscription run from {period.anchor} (a resubscription or an interval "
-                              f"change) needs its Stripe subscription {sub.id} ended first")  # fmt: skip
+            raise NotMappable(
+                f"a new subscription run from {period.anchor} (a resubscription or an interval "
+                f"change) needs its Stripe subscription {sub.id} ended first"
+            )
         applied = int(meta.get(META_APPLIED, "1")) if meta.get(META_PERIOD) == str(period.start) else 0
         report.existing.append(f"subscription:{cid}")
     todo = range(applied, current + 1) if changes else range(0)
@@ -283,8 +321,16 @@ def _apply_customer(client: stripe.StripeClient, ch: Any, prices: PlanPrices, li
         _swap(client, sub, prices, terms[i], terms[i].start, fee=True)
         report.updated.append(f"subscription:{cid}@{terms[i].start}")
     if todo:
-        client.v1.subscriptions.update(sub.id, {"metadata": {
-            META_PERIOD: str(period.start), META_APPLIED: str(current + 1), META_PLAN: terms[current].plan.key}})
+        client.v1.subscriptions.update(
+            sub.id,
+            {
+                "metadata": {
+                    META_PERIOD: str(period.start),
+                    META_APPLIED: str(current + 1),
+                    META_PLAN: terms[current].plan.key,
+                }
+            },
+        )
     link = CustomerLink(cid, stripe_customer, str(sub.id))
     if links.get(cid) != link:
         save_customer(ch, link, "plan")
@@ -327,7 +373,6 @@ def _swap(client: stripe.StripeClient, sub: Any, prices: PlanPrices, terms: Any,
 
 
 def _ensure_customer(client: stripe.StripeClient, cid: str, links: dict[str, CustomerLink], report: PlanReport) -> str:
-    from jobs.stripe.provision import idem_key
 
     link = links.get(cid)
     if link is not None:
@@ -374,16 +419,20 @@ def to_cents(total: Decimal) -> int:
 def true_ups(client: stripe.StripeClient, ch: Any, cfg: BillingConfig) -> list[str]:
     """Add the minimum-commitment true-up to each plan customer's draft cycle invoice (idempotent)."""
     from jobs.plans.billing import _bills, load_catalog, load_events
-    from meterline.plans import fold_timeline
+    from meterline.core.plans import fold_timeline
 
     done: list[str] = []
     catalog = load_catalog(ch)
     for cid, link in load_customers(ch).items():
         if not link.subscription_id:
             continue
-        drafts = [i for i in client.v1.invoices.list({"subscription": link.subscription_id, "status": "draft",
-                                                       "limit": 100}).auto_paging_iter()
-                  if i.billing_reason == "subscription_cycle"]  # fmt: skip
+        drafts = [
+            i
+            for i in client.v1.invoices.list(
+                {"subscription": link.subscription_id, "status": "draft", "limit": 100}
+            ).auto_paging_iter()
+            if i.billing_reason == "subscription_cycle"
+        ]
         if not drafts:
             continue
         timeline = fold_timeline(cid, load_events(ch, cid), catalog)
@@ -394,16 +443,25 @@ def true_ups(client: stripe.StripeClient, ch: Any, cfg: BillingConfig) -> list[s
                     continue
                 marker = f"{cid}:{period.start}"
                 items = client.v1.invoice_items.list({"invoice": inv.id, "limit": 100}).data
-                if any((ii.metadata.to_dict() if ii.metadata else {}).get("meterline_true_up") == marker for ii in items):
+                if any(
+                    (ii.metadata.to_dict() if ii.metadata else {}).get("meterline_true_up") == marker for ii in items
+                ):
                     continue
                 gap = to_cents(bill.total) - stripe_period_cents(client, link.subscription_id, period.start, period.end)
                 if gap > 0:
-                    client.v1.invoice_items.create({
-                        "customer": link.stripe_customer_id, "subscription": link.subscription_id, "invoice": inv.id,
-                        "amount": gap, "currency": cfg.currency, "description": "minimum commitment true-up",
-                        "period": {"start": period.start, "end": period.end},
-                        "metadata": {"meterline_true_up": marker}},
-                        {"idempotency_key": f"ml-trueup-{marker}"})  # fmt: skip
+                    client.v1.invoice_items.create(
+                        {
+                            "customer": link.stripe_customer_id,
+                            "subscription": link.subscription_id,
+                            "invoice": inv.id,
+                            "amount": gap,
+                            "currency": cfg.currency,
+                            "description": "minimum commitment true-up",
+                            "period": {"start": period.start, "end": period.end},
+                            "metadata": {"meterline_true_up": marker},
+                        },
+                        {"idempotency_key": f"ml-trueup-{marker}"},
+                    )
                     done.append(marker)
     return done
 
@@ -411,8 +469,13 @@ def true_ups(client: stripe.StripeClient, ch: Any, cfg: BillingConfig) -> list[s
 # --------------------------------------------------------------------------- usage for the plan meter
 
 
-def plan_windows(ch: Any, cfg: BillingConfig, since: int, until: int, customer: str | None = None,
-                 ) -> tuple[set[str], dict[tuple[str, str, int], Decimal]]:  # fmt: skip
+def plan_windows(
+    ch: Any,
+    cfg: BillingConfig,
+    since: int,
+    until: int,
+    customer: str | None = None,
+) -> tuple[set[str], dict[tuple[str, str, int], Decimal]]:
     """Usage of plan customers per (customer, meter, bucket) for ``sync``.
 
     A bucket is a sync window cut at every plan boundary (period start, plan change, end of a
@@ -421,7 +484,7 @@ def plan_windows(ch: Any, cfg: BillingConfig, since: int, until: int, customer: 
     goes to the plan meter in tokens (every token class); outside one (pay-per-token before or after
     a plan) to the cost meter, as for any other customer. Returns (plan customers, quantities)."""
     from jobs.plans.billing import load_catalog, load_events
-    from meterline.plans import fold_timeline
+    from meterline.core.plans import fold_timeline
 
     try:
         wanted = plan_customers(ch) if customer is None else [customer]
@@ -453,7 +516,7 @@ def plan_windows(ch: Any, cfg: BillingConfig, since: int, until: int, customer: 
             " AND occurred_at >= fromUnixTimestamp({since:UInt64}) AND occurred_at < fromUnixTimestamp({until:UInt64})"
             " AND lower(currency) = {cur:String} GROUP BY bucket",
             parameters={"w": w, "b": sorted(bounds), "c": cid, "since": since, "until": until, "cur": cfg.currency},
-        ).result_rows  # fmt: skip
+        ).result_rows
         for bucket, tokens, charge in rows:
             b = int(bucket)
             in_plan = any(a <= b and (e is None or b < e) for a, e in runs)

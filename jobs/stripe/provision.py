@@ -16,8 +16,6 @@ reported in ``ProvisionReport.warnings`` (Stripe prices are immutable; see docs/
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -26,10 +24,10 @@ from typing import Any
 
 import stripe
 
-from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, meter_specs, product_id
+from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, idem_key, meter_specs, product_id
 from jobs.stripe._store import CustomerLink, load_customers, save_customer
 from jobs.stripe.plans import PlanReport
-from meterline.errors import ConfigError
+from meterline.core.errors import ConfigError
 
 META_KEY = "meterline_customer_id"
 
@@ -45,24 +43,22 @@ class ProvisionReport:
     plans: PlanReport | None = None  # plan customers (jobs/stripe/plans.py)
 
 
-def idem_key(kind: str, name: str, params: Any) -> str:
-    """Deterministic Idempotency-Key: same object + same params -> same key (≤255 chars)."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    name = name if name.isascii() else "h" + hashlib.sha256(name.encode()).hexdigest()[:32]  # headers are latin-1
-    return f"ml-{kind}-{name[:160]}-{digest}"
-
-
 def _create(fn: Any, params: dict[str, Any], key: str) -> Any:
     return fn(params, {"idempotency_key": key})
 
 
-def _ensure_meter(client: stripe.StripeClient, spec: MeterSpec, existing: dict[str, Any], report: ProvisionReport) -> str:
+def _ensure_meter(
+    client: stripe.StripeClient, spec: MeterSpec, existing: dict[str, Any], report: ProvisionReport
+) -> str:
     meter = existing.get(spec.event_name)
     if meter is None:
-        params = {"display_name": spec.display_name, "event_name": spec.event_name,
-                  "default_aggregation": {"formula": "sum"},
-                  "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
-                  "value_settings": {"event_payload_key": "value"}}  # fmt: skip
+        params = {
+            "display_name": spec.display_name,
+            "event_name": spec.event_name,
+            "default_aggregation": {"formula": "sum"},
+            "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+            "value_settings": {"event_payload_key": "value"},
+        }
         meter = _create(client.v1.billing.meters.create, params, idem_key("meter", spec.event_name, params))
         report.created.append(f"meter:{spec.event_name}")
     else:
@@ -87,28 +83,43 @@ def _ensure_product(client: stripe.StripeClient, cfg: BillingConfig, report: Pro
     return pid
 
 
-def _ensure_price(client: stripe.StripeClient, cfg: BillingConfig, spec: MeterSpec, meter_id: str, pid: str,
-                  report: ProvisionReport) -> str:  # fmt: skip
+def _ensure_price(
+    client: stripe.StripeClient, cfg: BillingConfig, spec: MeterSpec, meter_id: str, pid: str, report: ProvisionReport
+) -> str:
     found = client.v1.prices.list({"lookup_keys": [spec.lookup_key], "active": True, "limit": 1}).data
     if found:
         price = found[0]
         have = price.unit_amount_decimal
         if have is None or Decimal(str(have)).normalize() != Decimal(spec.unit_amount_decimal).normalize():
-            report.warnings.append(f"price {spec.lookup_key}: Stripe has {price.unit_amount_decimal} cents/unit, "
-                                   f"config says {spec.unit_amount_decimal} (prices are immutable: see docs/stripe.md)")
+            report.warnings.append(
+                f"price {spec.lookup_key}: Stripe has {price.unit_amount_decimal} cents/unit, "
+                f"config says {spec.unit_amount_decimal} (prices are immutable: see docs/stripe.md)"
+            )
         report.existing.append(f"price:{spec.lookup_key}")
         return str(price.id)
-    params = {"currency": cfg.currency, "product": pid, "lookup_key": spec.lookup_key,
-              "unit_amount_decimal": spec.unit_amount_decimal, "billing_scheme": "per_unit",
-              "recurring": {"interval": cfg.interval, "usage_type": "metered", "meter": meter_id},
-              "metadata": {"meterline_meter": spec.event_name}}  # fmt: skip
+    params = {
+        "currency": cfg.currency,
+        "product": pid,
+        "lookup_key": spec.lookup_key,
+        "unit_amount_decimal": spec.unit_amount_decimal,
+        "billing_scheme": "per_unit",
+        "recurring": {"interval": cfg.interval, "usage_type": "metered", "meter": meter_id},
+        "metadata": {"meterline_meter": spec.event_name},
+    }
     price = _create(client.v1.prices.create, params, idem_key("price", spec.lookup_key, params))
     report.created.append(f"price:{spec.lookup_key}")
     return str(price.id)
 
 
-def provision(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, *, customers: Iterable[str] = (),
-              root: Path = REPO_ROOT, now: int | None = None) -> ProvisionReport:  # fmt: skip
+def provision(
+    client: stripe.StripeClient,
+    ch: Any,
+    cfg: BillingConfig,
+    *,
+    customers: Iterable[str] = (),
+    root: Path = REPO_ROOT,
+    now: int | None = None,
+) -> ProvisionReport:
     """Create what is missing: meters, the product, metered prices, then each customer's mapping.
 
     ``customers``: meterline customer ids to map (in addition to nothing: pass
@@ -136,8 +147,14 @@ def provision(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, *, custo
         report.customers = ensure_customers(client, ch, cfg, wanted, list(report.prices.values()), report)
     if on_plans:
         report.meters[PLAN_METER.event_name] = _ensure_meter(client, PLAN_METER, existing, report)
-        report.plans = apply_plans(client, ch, cfg, report.meters[PLAN_METER.event_name],
-                                   now=int(time.time()) if now is None else now, changes=False)
+        report.plans = apply_plans(
+            client,
+            ch,
+            cfg,
+            report.meters[PLAN_METER.event_name],
+            now=int(time.time()) if now is None else now,
+            changes=False,
+        )
         report.created += report.plans.created
         report.existing += report.plans.existing
         report.warnings += report.plans.unmapped + report.plans.warnings
@@ -161,8 +178,14 @@ def price_ids(client: stripe.StripeClient, cfg: BillingConfig, root: Path = REPO
     return out
 
 
-def ensure_customers(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, customer_ids: Iterable[str],
-                     prices: list[str], report: ProvisionReport | None = None) -> dict[str, CustomerLink]:  # fmt: skip
+def ensure_customers(
+    client: stripe.StripeClient,
+    ch: Any,
+    cfg: BillingConfig,
+    customer_ids: Iterable[str],
+    prices: list[str],
+    report: ProvisionReport | None = None,
+) -> dict[str, CustomerLink]:
     """Map each meterline customer to a Stripe customer with a subscription to ``prices``."""
     report = report if report is not None else ProvisionReport()
     links = load_customers(ch)
@@ -194,8 +217,9 @@ def ensure_customers(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, c
     return out
 
 
-def _ensure_subscription(client: stripe.StripeClient, stripe_customer: str, cid: str, prices: list[str],
-                         report: ProvisionReport) -> str:  # fmt: skip
+def _ensure_subscription(
+    client: stripe.StripeClient, stripe_customer: str, cid: str, prices: list[str], report: ProvisionReport
+) -> str:
     for sub in client.v1.subscriptions.list({"customer": stripe_customer, "limit": 100}).auto_paging_iter():
         meta = sub.metadata.to_dict() if sub.metadata else {}
         if meta.get(META_KEY) == cid and sub.status not in ("canceled", "incomplete_expired"):

@@ -26,7 +26,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import stripe
 from jobs.stripe._config import REPO_ROOT, BillingConfig, meter_specs
 from jobs.stripe._store import ACKED, CANCELED, CANCELING, load_customers, load_pushes
 from jobs.stripe.sync import aggregate_usage
-from meterline.errors import InputError
+from meterline.core.errors import InputError
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,7 @@ def parse_period(text: str) -> tuple[int, int]:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", s):
             return calendar.timegm(date.fromisoformat(s).timetuple())
         when = datetime.fromisoformat(s.replace("Z", "+00:00"))
-        return int((when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp())
+        return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
 
     try:
         if ".." in text:
@@ -92,8 +92,17 @@ def parse_period(text: str) -> tuple[int, int]:
     return start, end
 
 
-def reconcile(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, start: int, end: int, *,
-              customer: str | None = None, root: Path = REPO_ROOT, now: int | None = None) -> list[Drift]:  # fmt: skip
+def reconcile(
+    client: stripe.StripeClient,
+    ch: Any,
+    cfg: BillingConfig,
+    start: int,
+    end: int,
+    *,
+    customer: str | None = None,
+    root: Path = REPO_ROOT,
+    now: int | None = None,
+) -> list[Drift]:
     """One row per customer x meter with usage or pushes in the period (sorted). ``now`` is
     Stripe's clock as the sync sees it (default: wall time); it decides which windows are due."""
     now = int(time.time()) if now is None else int(now)
@@ -132,8 +141,19 @@ def reconcile(client: stripe.StripeClient, ch: Any, cfg: BillingConfig, start: i
         at_stripe: Decimal | None = None
         if link is not None and mid is not None:
             res = client.v1.billing.meters.event_summaries.list(
-                mid, {"customer": link.stripe_customer_id, "start_time": lo, "end_time": hi})
+                mid, {"customer": link.stripe_customer_id, "start_time": lo, "end_time": hi}
+            )
             at_stripe = sum((Decimal(str(s.aggregated_value)) for s in res.auto_paging_iter()), Decimal(0))
-        out.append(Drift(cust, meter, ch_units.get(key, Decimal(0)), pushed.get(key, 0), at_stripe,
-                         unpushed.get(key, Decimal(0)), pending.get(key, Decimal(0)), due_at.get(key)))  # fmt: skip
+        out.append(
+            Drift(
+                cust,
+                meter,
+                ch_units.get(key, Decimal(0)),
+                pushed.get(key, 0),
+                at_stripe,
+                unpushed.get(key, Decimal(0)),
+                pending.get(key, Decimal(0)),
+                due_at.get(key),
+            )
+        )
     return out

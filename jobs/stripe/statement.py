@@ -5,7 +5,7 @@ events and the exact charge, read from ``usage_daily`` (exact Decimal sums). Ren
 amounts) or as one self-contained HTML page (inline SVG charts of spend by day, model and project;
 no external assets, no scripts). Display rounding happens only in the HTML, and adds up: the total
 is rounded half-up to the cent and the lines get the largest-remainder allocation of it
-(:mod:`meterline.allocation`), with the exact amount beside each line and the rule on the page.
+(:mod:`meterline.core.allocation`), with the exact amount beside each line and the rule on the page.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import csv
 import html
 import io
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 from jobs.stripe._charts import day_columns, hbars, money
 from jobs.stripe._store import utc
-from meterline.allocation import RULE, allocate
+from meterline.core.allocation import RULE, allocate
 
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 CSV_COLUMNS = ("day", "project", "provider", "model", "currency", "events", "requests", *TOKEN_COLUMNS, "charge")
@@ -69,7 +69,7 @@ class Statement:
 
     def allocated(self) -> list[Decimal]:
         """Each line's amount in cents, allocated per currency so the lines add up to the
-        cent-rounded total (:func:`meterline.allocation.allocate`); in line order."""
+        cent-rounded total (:func:`meterline.core.allocation.allocate`); in line order."""
         out: list[Decimal] = [Decimal(0)] * len(self.lines)
         for cur in self.totals():
             idx = [i for i, ln in enumerate(self.lines) if ln.currency == cur]
@@ -98,13 +98,27 @@ class Statement:
 
 def build_statement(ch: Any, customer: str, start: int, end: int) -> Statement:
     """Read the statement of ``customer`` for days in ``[start, end)`` (unix seconds, day-aligned UTC)."""
-    sql = (f"SELECT day, project, provider, model, currency, sum(events), sum(requests), "
-           f"{', '.join(f'sum({c})' for c in TOKEN_COLUMNS)}, sum(charge) FROM usage_daily "
-           "WHERE customer_id = {c:String} AND day >= toDate({s:DateTime}) AND day < toDate({e:DateTime}) "
-           "GROUP BY day, project, provider, model, currency ORDER BY day, project, provider, model, currency")  # fmt: skip
+    sql = (
+        f"SELECT day, project, provider, model, currency, sum(events), sum(requests), "
+        f"{', '.join(f'sum({c})' for c in TOKEN_COLUMNS)}, sum(charge) FROM usage_daily "
+        "WHERE customer_id = {c:String} AND day >= toDate({s:DateTime}) AND day < toDate({e:DateTime}) "
+        "GROUP BY day, project, provider, model, currency ORDER BY day, project, provider, model, currency"
+    )
     rows = ch.query(sql, parameters={"c": customer, "s": utc(start), "e": utc(end)}).result_rows
-    lines = [StatementLine(r[0], r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), tuple(int(x) for x in r[7:12]),  # type: ignore[arg-type]
-                           Decimal(r[12])) for r in rows]  # fmt: skip
+    lines = [
+        StatementLine(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            int(r[5]),
+            int(r[6]),
+            tuple(int(x) for x in r[7:12]),  # type: ignore[arg-type]
+            Decimal(r[12]),
+        )
+        for r in rows
+    ]
     plan_lines, plan_total = _plan_bills(ch, customer, start, end)
     return Statement(customer, start, end, lines, plan_lines, plan_total)
 
@@ -112,7 +126,7 @@ def build_statement(ch: Any, customer: str, start: int, end: int) -> Statement:
 def _plan_bills(ch: Any, customer: str, start: int, end: int) -> tuple[list[PlanLine], Decimal | None]:
     """The plan bills (the plans domain's, as ``bill preview``) of periods starting in ``[start, end)``."""
     from jobs.plans.billing import _bills, load_catalog, load_events
-    from meterline.plans import fold_timeline, round_total
+    from meterline.core.plans import fold_timeline, round_total
 
     try:
         events = load_events(ch, customer)
@@ -123,8 +137,11 @@ def _plan_bills(ch: Any, customer: str, start: int, end: int) -> tuple[list[Plan
     pairs = _bills(ch, fold_timeline(customer, events, load_catalog(ch)), start, end)
     if not pairs:
         return [], None
-    out = [PlanLine(p.start, ln.kind, ln.description, ln.quantity, ln.unit_price or "", Decimal(ln.amount).scaleb(-12))
-           for p, bill in pairs for ln in bill.lines]  # fmt: skip
+    out = [
+        PlanLine(p.start, ln.kind, ln.description, ln.quantity, ln.unit_price or "", Decimal(ln.amount).scaleb(-12))
+        for p, bill in pairs
+        for ln in bill.lines
+    ]
     return out, round_total(sum(b.subtotal for _, b in pairs), pairs[0][1].currency)
 
 
@@ -133,14 +150,33 @@ def render_csv(st: Statement) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for ln in st.lines:
-        w.writerow([ln.day.isoformat(), ln.project, ln.provider, ln.model, ln.currency, ln.events, ln.requests,
-                    *ln.tokens, format(ln.charge, "f")])  # fmt: skip
+        w.writerow(
+            [
+                ln.day.isoformat(),
+                ln.project,
+                ln.provider,
+                ln.model,
+                ln.currency,
+                ln.events,
+                ln.requests,
+                *ln.tokens,
+                format(ln.charge, "f"),
+            ]
+        )
     if st.plan_lines:  # a second table after one blank line: the plan bill lines, exact amounts
         w.writerow([])
         w.writerow(PLAN_CSV_COLUMNS)
         for pl in st.plan_lines:
-            w.writerow([utc(pl.period_start).isoformat(), pl.kind, pl.description, pl.quantity, pl.unit_price,
-                        format(pl.amount, "f")])  # fmt: skip
+            w.writerow(
+                [
+                    utc(pl.period_start).isoformat(),
+                    pl.kind,
+                    pl.description,
+                    pl.quantity,
+                    pl.unit_price,
+                    format(pl.amount, "f"),
+                ]
+            )
         w.writerow(["", "total", "", "", "", format(st.plan_total, "f")])
     return buf.getvalue()
 
@@ -157,47 +193,70 @@ def _plan_html(st: Statement) -> str:
     rows = "".join(
         f"<tr><td>{e(f'{utc(pl.period_start):%Y-%m-%d}')}</td><td>{e(pl.kind)}</td><td>{e(pl.description)}</td>"
         f"<td>{e(pl.quantity)}</td><td>{e(pl.unit_price)}</td><td>{e(format(pl.amount, 'f'))}</td></tr>"
-        for pl in st.plan_lines)  # fmt: skip
+        for pl in st.plan_lines
+    )
     head = "".join(f"<th>{e(c.replace('_', ' '))}</th>" for c in PLAN_CSV_COLUMNS)
-    return (f"<h2>Plan</h2><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-            f"<p>Plan total <b>{e(format(st.plan_total, 'f'))}</b> (rounded once; exact line amounts above).</p>")
+    return (
+        f"<h2>Plan</h2><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        f"<p>Plan total <b>{e(format(st.plan_total, 'f'))}</b> (rounded once; exact line amounts above).</p>"
+    )
 
 
 def render_html(st: Statement) -> str:
     """One self-contained HTML page (no external assets, no scripts).
 
-    Line amounts are allocated with :func:`meterline.allocation.allocate` per currency, so the
+    Line amounts are allocated with :func:`meterline.core.allocation.allocate` per currency, so the
     detail lines add up to the total shown; each line's exact amount is shown beside it.
     """
     e = html.escape
     period = f"{utc(st.start):%Y-%m-%d} – {utc(st.end):%Y-%m-%d} (end exclusive, UTC)"
     cols = [c for c in CSV_COLUMNS if c != "charge"]
-    head = ("<tr>" + "".join(f"<th>{e(c.replace('_', ' '))}</th>" for c in cols)
-            + "<th>amount</th><th>exact charge</th></tr>")
+    head = (
+        "<tr>"
+        + "".join(f"<th>{e(c.replace('_', ' '))}</th>" for c in cols)
+        + "<th>amount</th><th>exact charge</th></tr>"
+    )
     amounts = st.allocated()
     body = []
     for ln, amount in zip(st.lines, amounts):
-        cells = [ln.day.isoformat(), ln.project or "(none)", ln.provider, ln.model, ln.currency.upper(),
-                 f"{ln.events:,}", f"{ln.requests:,}", *(f"{t:,}" for t in ln.tokens)]  # fmt: skip
-        body.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells)
-                    + f'<td class="amount">{e(f"{amount:,}")}</td><td class="exact">{e(format(ln.charge, "f"))}</td></tr>')
+        cells = [
+            ln.day.isoformat(),
+            ln.project or "(none)",
+            ln.provider,
+            ln.model,
+            ln.currency.upper(),
+            f"{ln.events:,}",
+            f"{ln.requests:,}",
+            *(f"{t:,}" for t in ln.tokens),
+        ]
+        body.append(
+            "<tr>"
+            + "".join(f"<td>{e(str(c))}</td>" for c in cells)
+            + f'<td class="amount">{e(f"{amount:,}")}</td><td class="exact">{e(format(ln.charge, "f"))}</td></tr>'
+        )
     foot = "".join(
         f'<tr class="total"><td colspan="{len(cols)}">total {e(cur.upper())}</td>'
         f'<td class="amount">{e(_cents(v))}</td><td class="exact">{e(format(v, "f"))}</td></tr>'
-        for cur, v in sorted(st.totals().items()))  # fmt: skip
-    totals = "".join(f'<li class="total" data-currency="{e(cur)}">{e(cur.upper())} {e(_cents(v))} '
-                     f"(exact {e(format(v, 'f'))})</li>" for cur, v in sorted(st.totals().items()))  # fmt: skip
+        for cur, v in sorted(st.totals().items())
+    )
+    totals = "".join(
+        f'<li class="total" data-currency="{e(cur)}">{e(cur.upper())} {e(_cents(v))} (exact {e(format(v, "f"))})</li>'
+        for cur, v in sorted(st.totals().items())
+    )
     start_day, end_day = utc(st.start).date(), utc(st.end).date()
     charts = []
     for cur in sorted(st.totals()):
         suffix = f" ({cur.upper()})" if len(st.totals()) > 1 else ""
-        charts.append(f"<h3>By day{suffix}</h3>"
-                      + day_columns(st.by("day", cur), start_day, end_day, currency=cur))
-        charts.append(f"<h3>By model{suffix}</h3>"
-                      + hbars(sorted(st.by("model", cur).items()), label="spend by model", currency=cur))
-        charts.append(f"<h3>By project{suffix}</h3>"
-                      + hbars(sorted(st.by("project", cur).items()), label="spend by project", currency=cur))
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        charts.append(f"<h3>By day{suffix}</h3>" + day_columns(st.by("day", cur), start_day, end_day, currency=cur))
+        charts.append(
+            f"<h3>By model{suffix}</h3>"
+            + hbars(sorted(st.by("model", cur).items()), label="spend by model", currency=cur)
+        )
+        charts.append(
+            f"<h3>By project{suffix}</h3>"
+            + hbars(sorted(st.by("project", cur).items()), label="spend by project", currency=cur)
+        )
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Usage statement {e(st.customer_id)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}

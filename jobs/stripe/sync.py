@@ -59,7 +59,7 @@ from jobs.stripe._store import (
     load_pushes,
     utc,
 )
-from meterline.metrics import STRIPE_METER_EVENTS
+from meterline.stack.metrics import STRIPE_METER_EVENTS
 
 MAX_VALUE = 10**15 - 1  # Stripe: at most 15 significant digits
 CANCEL_WINDOW_S = 23 * 3600  # Stripe cancels a meter event within 24 h of receipt; 1 h of slack
@@ -105,8 +105,15 @@ def identifier(customer: str, meter: str, window_start: int, revision: int) -> s
 # --------------------------------------------------------------------------- reading usage
 
 
-def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: int, until: int,
-                    summary: SyncSummary | None = None, customer: str | None = None) -> dict[UsageKey, Decimal]:  # fmt: skip
+def aggregate_usage(
+    ch: Any,
+    cfg: BillingConfig,
+    specs: list[MeterSpec],
+    since: int,
+    until: int,
+    summary: SyncSummary | None = None,
+    customer: str | None = None,
+) -> dict[UsageKey, Decimal]:
     """Exact quantity per (customer, meter, window_start) for windows in [since, until)."""
     w = cfg.sync.window_seconds
     params: dict[str, Any] = {"w": w, "since": utc(since), "until": utc(until), "cur": cfg.currency}
@@ -122,25 +129,33 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
         where += " AND customer_id NOT IN {plan_customers:Array(String)}"
         params["plan_customers"] = sorted(plan_customers)
     if summary is not None:
-        summary.other_currency_events = int(ch.query(
-            f"SELECT count() FROM usage_priced FINAL WHERE {where} AND lower(currency) != {{cur:String}}", parameters=params
-        ).result_rows[0][0])  # fmt: skip
+        summary.other_currency_events = int(
+            ch.query(
+                f"SELECT count() FROM usage_priced FINAL WHERE {where} AND lower(currency) != {{cur:String}}",
+                parameters=params,
+            ).result_rows[0][0]
+        )
     if cfg.mode == "cost":
         # usage_priced + the re-rating corrections (jobs/reprice): a corrected window grows (a new
         # revision, like late usage) or shrinks (cancel and re-push, see plan()).
-        rows = ch.query(f"SELECT customer_id, {ws} AS ws, sum(charge) FROM ("
-                        f"SELECT customer_id, occurred_at, charge, currency FROM usage_priced FINAL WHERE {where} "
-                        f"UNION ALL SELECT customer_id, occurred_at, charge, currency FROM usage_corrections FINAL "
-                        f"WHERE {where}) WHERE lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
-                        parameters=params).result_rows  # fmt: skip
+        rows = ch.query(
+            f"SELECT customer_id, {ws} AS ws, sum(charge) FROM ("
+            f"SELECT customer_id, occurred_at, charge, currency FROM usage_priced FINAL WHERE {where} "
+            f"UNION ALL SELECT customer_id, occurred_at, charge, currency FROM usage_corrections FINAL "
+            f"WHERE {where}) WHERE lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
+            parameters=params,
+        ).result_rows
         for cust, start, charge in rows:
             out[(cust, specs[0].event_name, int(start))] = Decimal(charge)
         return out
     index = {(s.provider, s.model, s.model_version, s.token_class): s.event_name for s in specs}
-    rows = ch.query(f"SELECT customer_id, {ws} AS ws, provider, model, model_version, sum(input_tokens), "
-                    "sum(output_tokens), sum(cached_input_tokens), sum(cache_write_tokens), sum(reasoning_tokens) "
-                    f"FROM usage_priced FINAL WHERE {where} AND lower(currency) = {{cur:String}} "
-                    "GROUP BY customer_id, ws, provider, model, model_version", parameters=params).result_rows  # fmt: skip
+    rows = ch.query(
+        f"SELECT customer_id, {ws} AS ws, provider, model, model_version, sum(input_tokens), "
+        "sum(output_tokens), sum(cached_input_tokens), sum(cache_write_tokens), sum(reasoning_tokens) "
+        f"FROM usage_priced FINAL WHERE {where} AND lower(currency) = {{cur:String}} "
+        "GROUP BY customer_id, ws, provider, model, model_version",
+        parameters=params,
+    ).result_rows
     classes = ("input", "output", "cached_input", "cache_write", "reasoning")
     for cust, start, provider, model, version, *tokens in rows:
         for cls, n in zip(classes, tokens):
@@ -159,8 +174,9 @@ def aggregate_usage(ch: Any, cfg: BillingConfig, specs: list[MeterSpec], since: 
 # --------------------------------------------------------------------------- planning
 
 
-def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: int, since: int,
-         summary: SyncSummary) -> list[Push]:  # fmt: skip
+def plan(
+    ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: int, since: int, summary: SyncSummary
+) -> list[Push]:
     """New revisions for every window whose usage grew since it was last planned (not yet stored)."""
     from jobs.stripe.plans import PLAN_EVENT
 
@@ -188,8 +204,9 @@ def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: in
             acked = acked_at(ch, cust, meter, ws) if live else {}
             fresh = all(wall_now - acked.get(p.revision, 0) < CANCEL_WINDOW_S for p in live)
             if not fresh or any(p.status in (PENDING, CANCELING) for p in prior):
-                summary.shrunk.append(f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed "
-                                      f"{usage[key] - delta}")  # fmt: skip
+                summary.shrunk.append(
+                    f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed {usage[key] - delta}"
+                )
                 continue
             exact = delta * scale + sum(p.value for p in live) + before
             value = max(0, int(exact.to_integral_value(rounding=ROUND_FLOOR)))
@@ -197,8 +214,19 @@ def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: in
             push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
             summary.cancels += len(live)
         elif ws < oldest_ok:
-            push = Push(cust, meter, ws, rev, ident, seq, delta, 0, before, TOO_OLD,
-                        f"window older than {cfg.sync.max_age_seconds}s: Stripe refuses it")  # fmt: skip
+            push = Push(
+                cust,
+                meter,
+                ws,
+                rev,
+                ident,
+                seq,
+                delta,
+                0,
+                before,
+                TOO_OLD,
+                f"window older than {cfg.sync.max_age_seconds}s: Stripe refuses it",
+            )
         else:
             exact = delta * scale + before
             value = int(exact.to_integral_value(rounding=ROUND_FLOOR))
@@ -213,9 +241,17 @@ def plan(ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: in
 # --------------------------------------------------------------------------- the job
 
 
-def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None = None, root: Path = REPO_ROOT,
-         progress: bool = False, on_sent: Callable[[Push], None] | None = None,
-         sleep: Callable[[float], None] = time.sleep) -> SyncSummary:  # fmt: skip
+def sync(
+    target: StripeTarget,
+    ch: Any,
+    cfg: BillingConfig,
+    *,
+    now: int | None = None,
+    root: Path = REPO_ROOT,
+    progress: bool = False,
+    on_sent: Callable[[Push], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SyncSummary:
     """One sync run (see the module docstring). ``now`` is Stripe's clock (default: wall time).
 
     ``on_sent(push)`` runs after Stripe answered for ``push`` and before the cursor records it
@@ -252,9 +288,14 @@ def sync(target: StripeTarget, ch: Any, cfg: BillingConfig, *, now: int | None =
             summary.failed.append(p.with_status(FAILED, error))  # stays `canceling` in the cursor: retried
     insert_pushes(ch, cancelled)
     summary.canceled = len(cancelled)
-    to_send = sorted([p for p in pending_before + [p for p in new if p.status == PENDING]
-                      if (p.customer_id, p.meter, p.window_start) not in blocked],
-                     key=lambda p: (p.window_start, p.customer_id, p.meter, p.revision))  # fmt: skip
+    to_send = sorted(
+        [
+            p
+            for p in pending_before + [p for p in new if p.status == PENDING]
+            if (p.customer_id, p.meter, p.window_start) not in blocked
+        ],
+        key=lambda p: (p.window_start, p.customer_id, p.meter, p.revision),
+    )
     links = _customer_links(target, ch, cfg, {p.customer_id for p in to_send}, root, summary)
     to_send = [p for p in to_send if p.customer_id in links]
     summary.transport = "v2" if len(to_send) > cfg.sync.stream_threshold else "v1"
@@ -330,8 +371,9 @@ def _apply_plans(target: StripeTarget, ch: Any, cfg: BillingConfig, now: int, su
     summary.unmapped.extend(report.unmapped)
 
 
-def _customer_links(target: StripeTarget, ch: Any, cfg: BillingConfig, customers: set[str], root: Path,
-                    summary: SyncSummary) -> dict[str, str]:  # fmt: skip
+def _customer_links(
+    target: StripeTarget, ch: Any, cfg: BillingConfig, customers: set[str], root: Path, summary: SyncSummary
+) -> dict[str, str]:
     links = {cid: link.stripe_customer_id for cid, link in load_customers(ch).items() if cid in customers}
     missing = sorted(customers - set(links))
     if missing:  # a plan customer gets its plan subscription from `provision`, never the pay-per-token one
@@ -357,8 +399,9 @@ def _progress(enabled: bool, total: int) -> tuple[Any, Any]:
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("pushing meter events"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   transient=True)  # fmt: skip
+    bar = Progress(
+        TextColumn("pushing meter events"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+    )
     task = bar.add_task("push", total=total)
     bar.start()
     return bar, task

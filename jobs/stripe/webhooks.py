@@ -1,7 +1,8 @@
-"""The Stripe webhook endpoint: a paid top-up becomes one ``top_up`` command on ``ledger-commands``.
+"""Paid Stripe top-ups become ledger commands: the logic behind ``POST /v1/stripe/webhook``.
 
-Mount it with ``create_api(..., extra_routes=[webhook_route(...)])``. Contract of the handler:
-
+The HTTP route itself is ``meterline.shell.api.stripe_webhook.webhook_route``; this module is what
+it calls: :func:`top_up_command` (which events count and what was paid), :func:`deliver` (publish
+exactly once) and the stores it uses. The route's contract:
 0. the body is read as a stream, at most ``max_body_bytes`` (512 KiB): larger -> 413 before
    anything else (the route is reachable without a key);
 1. the ``Stripe-Signature`` header is verified against the endpoint secret with Stripe's scheme
@@ -27,23 +28,12 @@ Mount it with ``create_api(..., extra_routes=[webhook_route(...)])``. Contract o
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
-import stripe
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-
-from meterline.api.auth import ApiError
-from meterline.api.body import read_body
-from meterline.errors import MeterlineError, TransientError
 from schemas.credits import encode_message
 from schemas.models import CUSTOMER_ID_RULE, is_customer_id
 
@@ -104,8 +94,9 @@ class Rejected(Exception):
 
 # ISO 4217 currencies whose Stripe amounts are not in hundredths (Stripe's "zero-decimal" and
 # "three-decimal" lists); every other currency: the amount is in 1/100 of the unit.
-_ZERO_DECIMAL = frozenset({"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd",
-                           "vuv", "xaf", "xof", "xpf"})  # fmt: skip
+_ZERO_DECIMAL = frozenset(
+    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"}
+)
 _THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
 # What Stripe says was paid, per event type (an integer in the currency's smallest unit).
 _PAID_FIELD = {"checkout.session.completed": "amount_total", "invoice.paid": "amount_paid"}
@@ -156,8 +147,10 @@ def top_up_command(event: Mapping[str, Any]) -> dict[str, Any] | None:
         except InvalidOperation:
             raise Rejected("amount_mismatch", "metadata.amount is not a decimal amount") from None
         if not asked.is_finite() or asked != paid:
-            raise Rejected("amount_mismatch", f"metadata.amount {str(meta['amount'])[:32]} but {paid} {currency} "
-                           "was paid; nothing credited")  # fmt: skip
+            raise Rejected(
+                "amount_mismatch",
+                f"metadata.amount {str(meta['amount'])[:32]} but {paid} {currency} was paid; nothing credited",
+            )
     if paid <= 0:
         return None  # nothing was paid: nothing to credit
     priority = meta.get("priority", 10)
@@ -170,67 +163,23 @@ def top_up_command(event: Mapping[str, Any]) -> dict[str, Any] | None:
     at_ms = int(event.get("created") or 0) * 1000
     event_id = str(event["id"])
     return {
-        "type": "top_up", "command_id": event_id, "customer_id": str(customer), "at_ms": at_ms,
-        "grant_id": f"topup:{event_id}", "amount": format(paid, "f"), "currency": currency,
-        "effective_at_ms": at_ms, "expires_at_ms": None, "priority": priority,
-        "category": "paid", "scope": None,
-    }  # fmt: skip
+        "type": "top_up",
+        "command_id": event_id,
+        "customer_id": str(customer),
+        "at_ms": at_ms,
+        "grant_id": f"topup:{event_id}",
+        "amount": format(paid, "f"),
+        "currency": currency,
+        "effective_at_ms": at_ms,
+        "expires_at_ms": None,
+        "priority": priority,
+        "category": "paid",
+        "scope": None,
+    }
 
 
-def _signed_at(header: str | None) -> int | None:
-    """The ``t=`` timestamp of a ``Stripe-Signature`` header (None if absent or not an integer)."""
-    for item in (header or "").split(","):
-        key, _, value = item.strip().partition("=")
-        if key == "t":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def webhook_route(*, endpoint_secret: str, publish: Publisher, seen: SeenEvents | None = None,
-                  path: str = DEFAULT_PATH, tolerance: int = 300,
-                  max_body_bytes: int = MAX_BODY_BYTES) -> Route:  # fmt: skip
-    """A starlette ``Route`` (POST ``path``) implementing the contract in the module docstring."""
-
-    async def handler(request: Request) -> JSONResponse:
-        try:
-            raw = await read_body(request, max_body_bytes)
-        except ApiError as exc:
-            return JSONResponse({"error": exc.code, "message": exc.message}, exc.status)
-        body = raw.decode("utf-8", errors="replace")
-        header = request.headers.get("stripe-signature")
-        try:
-            stripe.WebhookSignature.verify_header(body, header, endpoint_secret, tolerance)
-        except stripe.SignatureVerificationError as exc:
-            return JSONResponse({"error": "invalid_signature", "message": str(exc.user_message or exc)}, 400)
-        signed_at = _signed_at(header)
-        if signed_at is None or signed_at > time.time() + tolerance:  # the SDK only bounds the past
-            return JSONResponse({"error": "invalid_signature",
-                                 "message": "the signature timestamp is in the future"}, 400)  # fmt: skip
-        try:
-            event = json.loads(body)
-            event_id = str(event["id"])
-        except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": "invalid_event", "message": "not a Stripe event"}, 400)
-        try:
-            cmd = top_up_command(event)
-        except Rejected as exc:
-            log.warning("stripe webhook: event %s refused: %s: %s", event_id[:64], exc.code, exc.message)
-            return JSONResponse({"error": exc.code, "message": exc.message}, 400)
-        if cmd is None:
-            return JSONResponse({"received": True, "ignored": event.get("type")})
-        try:
-            duplicate = await run_in_threadpool(_deliver, cmd, str(event.get("type")), publish, seen)
-        except (TransientError, MeterlineError) as exc:
-            return JSONResponse({"error": "unavailable", "message": str(exc)}, 503)
-        return JSONResponse({"received": True, "command_id": event_id, "duplicate": duplicate})
-
-    return Route(path, handler, methods=["POST"])
-
-
-def _deliver(cmd: dict[str, Any], event_type: str, publish: Publisher, seen: SeenEvents | None) -> bool:
+def deliver(cmd: dict[str, Any], event_type: str, publish: Publisher, seen: SeenEvents | None) -> bool:
+    """Publish a top-up command once per Stripe event (step 3 of the contract); True if it was a duplicate."""
     if seen is not None and seen.seen(cmd["command_id"]):
         return True
     publish(cmd["customer_id"], encode_message(cmd))  # 1. publish (waits for the ack)

@@ -48,12 +48,12 @@ from typing import Any
 
 import httpx
 
-from meterline.errors import InvalidEvent
-from meterline.proxy import deny_status
+from meterline.core.errors import InvalidEvent
+from meterline.core.naming import normalize_model
+from meterline.integrations.decisions import deny_status
 from schemas.adapters import usage_event_from_litellm
 from schemas.jsonio import event_to_json
 from schemas.models import UsageEvent
-from schemas.naming import normalize_model
 
 try:  # LiteLLM is what loads this module; importing meterline without it still works
     from litellm.integrations.custom_logger import CustomLogger
@@ -127,8 +127,13 @@ class MeterlineCallback(CustomLogger):
         meta = _metadata(kwargs)
         payload = kwargs.get("standard_logging_object") or {}
         pmeta = payload.get("metadata") or {}
-        for candidate in (meta.get(CUSTOMER_KEY), pmeta.get("user_api_key_team_id"),
-                          pmeta.get("user_api_key_user_id"), payload.get("end_user"), self.default_customer_id):
+        for candidate in (
+            meta.get(CUSTOMER_KEY),
+            pmeta.get("user_api_key_team_id"),
+            pmeta.get("user_api_key_user_id"),
+            payload.get("end_user"),
+            self.default_customer_id,
+        ):
             if isinstance(candidate, str) and candidate:
                 return candidate
         return None
@@ -141,13 +146,15 @@ class MeterlineCallback(CustomLogger):
             return None
         customer = self.customer_of(kwargs)
         if customer is None:
-            log.error("meterline: call %s has no customer (set metadata.%s); not metered",
-                      payload.get("id"), CUSTOMER_KEY)
+            log.error(
+                "meterline: call %s has no customer (set metadata.%s); not metered", payload.get("id"), CUSTOMER_KEY
+            )
             return None
         request_id = _metadata(kwargs).get(REQUEST_KEY)
         try:
-            return usage_event_from_litellm(payload, customer_id=customer,
-                                            request_id=request_id if isinstance(request_id, str) else None)
+            return usage_event_from_litellm(
+                payload, customer_id=customer, request_id=request_id if isinstance(request_id, str) else None
+            )
         except InvalidEvent as exc:
             log.error("meterline: call %s not metered: %s (%s)", payload.get("id"), exc.message, exc.reason_code)
             return None
@@ -170,8 +177,12 @@ class MeterlineCallback(CustomLogger):
     def _record(self, event: UsageEvent, response: httpx.Response | None, error: Exception | None) -> None:
         if error is not None or response is None or response.status_code != 200:
             detail = error if error is not None else (response.status_code, response.text[:300])  # type: ignore[union-attr]
-            log.error("meterline: usage event %s NOT recorded (%s); replay it with `meterline produce`: %s",
-                      event.event_id, detail, json.dumps(event_to_json(event), default=str))
+            log.error(
+                "meterline: usage event %s NOT recorded (%s); replay it with `meterline produce`: %s",
+                event.event_id,
+                detail,
+                json.dumps(event_to_json(event), default=str),
+            )
             with self._lock:
                 self._seen.pop(event.event_id, None)  # a later report of the same call may try again
             return
@@ -187,8 +198,15 @@ class MeterlineCallback(CustomLogger):
         error: Exception | None = None
         for attempt in range(SEND_ATTEMPTS):  # the event id makes a re-send harmless
             try:
-                r, error = httpx.post(f"{self.api_url}/v1/events", json=self._body(event), headers=self._headers(),
-                                      timeout=self.timeout_s), None
+                r, error = (
+                    httpx.post(
+                        f"{self.api_url}/v1/events",
+                        json=self._body(event),
+                        headers=self._headers(),
+                        timeout=self.timeout_s,
+                    ),
+                    None,
+                )
                 if r.status_code < 500:
                     break
             except httpx.HTTPError as exc:
@@ -205,8 +223,10 @@ class MeterlineCallback(CustomLogger):
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:
             for attempt in range(SEND_ATTEMPTS):
                 try:
-                    r, error = await client.post(f"{self.api_url}/v1/events", json=self._body(event),
-                                                 headers=self._headers()), None
+                    r, error = (
+                        await client.post(f"{self.api_url}/v1/events", json=self._body(event), headers=self._headers()),
+                        None,
+                    )
                     if r.status_code < 500:
                         break
                 except httpx.HTTPError as exc:
@@ -220,42 +240,65 @@ class MeterlineCallback(CustomLogger):
         provider, _, name = model.partition("/") if "/" in model else ("openai", "", model)
         p, m, v = normalize_model(provider, name)
         prompt = json.dumps(messages or "", ensure_ascii=False, default=str)
-        return {"customer_id": customer_id, "request_id": f"litellm_{uuid.uuid4().hex}", "provider": p, "model": m,
-                "model_version": v, "input_tokens_estimate": len(prompt.encode()) // 3 + 1,
-                "max_output_tokens": max_tokens if isinstance(max_tokens, int) else self.default_max_output_tokens}
+        return {
+            "customer_id": customer_id,
+            "request_id": f"litellm_{uuid.uuid4().hex}",
+            "provider": p,
+            "model": m,
+            "model_version": v,
+            "input_tokens_estimate": len(prompt.encode()) // 3 + 1,
+            "max_output_tokens": max_tokens if isinstance(max_tokens, int) else self.default_max_output_tokens,
+        }
 
     def _decide(self, doc: dict[str, Any], r: httpx.Response) -> str:
         if r.status_code != 200:
-            raise MeterlineDenied(f"meterline did not authorize the call: {r.status_code} {r.text[:200]}",
-                                  status_code=503 if r.status_code >= 500 else r.status_code,
-                                  code="authorize_failed")
+            raise MeterlineDenied(
+                f"meterline did not authorize the call: {r.status_code} {r.text[:200]}",
+                status_code=503 if r.status_code >= 500 else r.status_code,
+                code="authorize_failed",
+            )
         reply = r.json()
         if reply.get("decision") != "allow":
             reason = str(reply.get("reason") or "denied")
             status, _ = deny_status(reason)
-            raise MeterlineDenied(f"meterline refused the call for customer {doc['customer_id']}: {reason}",
-                                  status_code=status, code=reason)
+            raise MeterlineDenied(
+                f"meterline refused the call for customer {doc['customer_id']}: {reason}",
+                status_code=status,
+                code=reason,
+            )
         return str(doc["request_id"])
 
-    def authorize_call(self, customer_id: str, model: str, messages: Any = None, max_tokens: int | None = None) -> dict[str, Any]:
+    def authorize_call(
+        self, customer_id: str, model: str, messages: Any = None, max_tokens: int | None = None
+    ) -> dict[str, Any]:
         """SDK pre-call check: reserve, then pass the returned dict as the call's ``metadata``.
         Raises :class:`MeterlineDenied` when meterline refuses."""
         doc = self._authorize_doc(customer_id, model, messages, max_tokens)
         r = httpx.post(f"{self.api_url}/v1/authorize", json=doc, headers=self._headers(), timeout=self.timeout_s)
         return {CUSTOMER_KEY: customer_id, REQUEST_KEY: self._decide(doc, r)}
 
-    async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
-                                  call_type: Any) -> dict[str, Any]:
+    async def async_pre_call_hook(
+        self, user_api_key_dict: Any, cache: Any, data: dict[str, Any], call_type: Any
+    ) -> dict[str, Any]:
         """LiteLLM proxy hook: authorize before the provider is called (when ``authorize`` is on)."""
         if not self.authorize:
             return data
         meta = data.setdefault("metadata", {})
-        customer = (meta.get(CUSTOMER_KEY) or getattr(user_api_key_dict, "team_id", None)
-                    or getattr(user_api_key_dict, "user_id", None) or data.get("user") or self.default_customer_id)
+        customer = (
+            meta.get(CUSTOMER_KEY)
+            or getattr(user_api_key_dict, "team_id", None)
+            or getattr(user_api_key_dict, "user_id", None)
+            or data.get("user")
+            or self.default_customer_id
+        )
         if not customer:
             raise MeterlineDenied("no meterline customer for this call", status_code=401, code="unknown_customer")
-        doc = self._authorize_doc(str(customer), str(data.get("model") or ""), data.get("messages"),
-                                  data.get("max_completion_tokens") or data.get("max_tokens"))
+        doc = self._authorize_doc(
+            str(customer),
+            str(data.get("model") or ""),
+            data.get("messages"),
+            data.get("max_completion_tokens") or data.get("max_tokens"),
+        )
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:
             r = await client.post(f"{self.api_url}/v1/authorize", json=doc, headers=self._headers())
         meta[CUSTOMER_KEY] = str(customer)

@@ -9,7 +9,7 @@ Contract of :class:`TansuBroker`:
 
 * ``start()`` binds ``127.0.0.1:PORT`` (a free port unless one is given), and returns only once
   the port accepts TCP *and* a Kafka metadata request succeeds, within ``startup_timeout``.
-  Otherwise it kills the child and raises :class:`~meterline.errors.BrokerUnavailable` carrying
+  Otherwise it kills the child and raises :class:`~meterline.core.errors.BrokerUnavailable` carrying
   the tail of the broker's log. A port lost to another process between probing and binding is
   retried on a fresh port.
 * The child runs in its own process group, and on Linux gets ``PR_SET_PDEATHSIG=SIGKILL`` so it
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from meterline.errors import BrokerUnavailable, ConfigError
+from meterline.core.errors import BrokerUnavailable, ConfigError
 
 __all__ = ["TansuBroker", "die_with_parent_preexec", "free_port", "wait_for_port"]
 
@@ -222,13 +222,20 @@ class TansuBroker:
         argv = [
             binary,
             "broker",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
-        ]  # fmt: skip
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         # Tansu reads these from the environment too; make sure an operator's shell cannot
         # silently re-point it at 0.0.0.0 or at a persistent store.
-        env = {k: v for k, v in os.environ.items() if k not in ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE")
+        }
         with self._log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 argv,

@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
-from meterline.errors import ClickHouseUnavailable, ConfigError
-from meterline.private import private_dir
+from meterline.core.errors import ClickHouseUnavailable, ConfigError
+from meterline.stack.private import private_dir
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver import Client
@@ -384,7 +384,7 @@ def apply_migrations(client: Client, migrations_dir: Path | None = None, *, data
                     raise ConfigError(f"migration {mig.path.name} statement {idx} failed: {exc}") from exc
             client.insert(
                 "schema_migrations",
-                [[mig.version, mig.name, mig.checksum, dt.datetime.now(dt.timezone.utc)]],
+                [[mig.version, mig.name, mig.checksum, dt.datetime.now(dt.UTC)]],
                 column_names=["version", "name", "checksum", "applied_at"],
             )
             done.append(mig.name)

@@ -11,7 +11,7 @@ comes from :func:`producer_config`, which pins:
   when the client retries, and a record counts as sent only once every in-sync replica has it.
 
 A caller may add settings (linger, queue sizes, callbacks) but cannot change a pinned one:
-:func:`producer_config` raises :class:`~meterline.errors.ConfigError` instead.
+:func:`producer_config` raises :class:`~meterline.core.errors.ConfigError` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from meterline.errors import ConfigError
+from meterline.core.errors import ConfigError
 
 PINNED_PRODUCER_SETTINGS: Mapping[str, Any] = {
     "enable.idempotence": True,
@@ -36,8 +36,10 @@ def producer_config(bootstrap: str, extra: Mapping[str, Any] | None = None) -> d
     for key, value in (extra or {}).items():
         pinned = PINNED_PRODUCER_SETTINGS.get(key)
         if pinned is not None and str(value).lower() != str(pinned).lower():
-            raise ConfigError(f"producer setting {key}={value!r} is pinned to {pinned!r} "
-                              "(co-partitioning and per-partition order depend on it)")
+            raise ConfigError(
+                f"producer setting {key}={value!r} is pinned to {pinned!r} "
+                "(co-partitioning and per-partition order depend on it)"
+            )
         config[key] = value
     config.update(PINNED_PRODUCER_SETTINGS)
     return config
@@ -59,8 +61,15 @@ def read_topic(bootstrap: str, topic: str, *, timeout: float = 30.0) -> list[Any
     or commits. For checks, reports and diagnostics, not for processing. Stops at ``timeout``."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"meterline-read-{uuid.uuid4().hex[:8]}",
-                  "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})  # fmt: skip
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"meterline-read-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "log_level": 3,
+        }
+    )
     try:
         md = c.list_topics(topic, timeout=10).topics.get(topic)
         parts = sorted(md.partitions) if md is not None and md.error is None else []

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from meterline.errors import BrokerUnavailable, DeliveryFailed
+from meterline.core.errors import BrokerUnavailable, DeliveryFailed
 from meterline.stack.kafka import make_producer, read_topic
 from schemas.registry import canonical_json, fingerprint
 
@@ -69,7 +69,9 @@ class KafkaSchemaStore:
         if producer.flush(self.timeout + 1.0) > 0:
             raise BrokerUnavailable(f"schema {fp.hex()} not acknowledged by {self.bootstrap} in {self.timeout}s")
         if errors:
-            raise DeliveryFailed(f"publishing schema {fp.hex()} failed: {errors[0]}", topic=self.topic, key=fp.hex().encode())
+            raise DeliveryFailed(
+                f"publishing schema {fp.hex()} failed: {errors[0]}", topic=self.topic, key=fp.hex().encode()
+            )
         with self._lock:
             self._cache[fp] = dict(schema)
             self._misses.pop(fp, None)

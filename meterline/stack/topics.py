@@ -3,7 +3,7 @@
 ``load_topic_specs()`` parses and validates the YAML; ``ensure_topics()`` makes every topic exist
 with the partition count the file asks for, creating the missing ones with their
 ``retention.ms`` / ``cleanup.policy``. It never alters an existing topic: an existing topic with a
-different partition count raises :class:`~meterline.errors.ConfigError` (partitions cannot be
+different partition count raises :class:`~meterline.core.errors.ConfigError` (partitions cannot be
 changed safely — Tansu has no CreatePartitions, and on Kafka adding partitions re-maps keys and
 breaks faust's co-partitioning). Configs of existing topics are left as the operator set them.
 """
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from meterline.errors import BrokerUnavailable, ConfigError
+from meterline.core.errors import BrokerUnavailable, ConfigError
 
 __all__ = ["TopicSpec", "default_topics_path", "delete_topics", "ensure_topics", "load_topic_specs"]
 

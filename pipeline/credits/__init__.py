@@ -7,6 +7,7 @@ See docs/credits.md ("The credit agent") for the design and why it is crash-exac
 from __future__ import annotations
 
 from pipeline.credits.agent import CreditAgent, register_credit_agent
+from pipeline.credits.processor import CreditProcessor, Outcome, worst_case_charge
 from schemas.credits import (
     AuthorizeRequest,
     LedgerRequest,
@@ -21,7 +22,6 @@ from schemas.credits import (
     reply_message,
     status_message,
 )
-from pipeline.credits.processor import CreditProcessor, Outcome, worst_case_charge
 
 __all__ = [
     "AuthorizeRequest",

@@ -56,13 +56,13 @@ from typing import Any
 import faust
 from faust.types import TP
 
-from meterline import metrics
-from meterline.config import Settings
-from meterline.pricing import PricingEngine
+from meterline.core.config import Settings
+from meterline.core.pricing import PricingEngine
+from meterline.stack import metrics
+from pipeline.credits.processor import ALERTS, DEAD, ENTRIES, REPLIES, STATUS, CreditProcessor
 from pipeline.delivery import commit_offsets, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
 from pipeline.credits.plans import PlanBook
-from pipeline.credits.processor import ALERTS, DEAD, ENTRIES, REPLIES, STATUS, CreditProcessor
 from pipeline.pricefeed import PriceFeed
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class CreditAgent:
 
     def __init__(self, app: faust.App, settings: Settings, engine: PricingEngine, feed: PriceFeed) -> None:
         self.app = app
+        self._delivering: set[asyncio.Future[None]] = set()
         self.settings = settings
         self.engine = engine
         self.feed = feed
@@ -162,8 +163,11 @@ class CreditAgent:
             # so the usual restart needs no gap read. Records faust fetched from its previous
             # committed offset before that seek are handled by ``self.ordered``.
             ok = await commit_offsets(self.app.consumer, self.resume)
-            log.info("credit agent: resume offsets from the table %s (committed=%s)",
-                     {f"{tp.topic}:{tp.partition}": o for tp, o in sorted(self.resume.items())}, ok)  # fmt: skip
+            log.info(
+                "credit agent: resume offsets from the table %s (committed=%s)",
+                {f"{tp.topic}:{tp.partition}": o for tp, o in sorted(self.resume.items())},
+                ok,
+            )
 
     async def on_revoked(self, revoked: set[TP]) -> None:
         async with self.ordered.lock:
@@ -181,7 +185,7 @@ class CreditAgent:
 
     async def handle(self, event: Any) -> None:
         msg = event.message
-        ts_ms = int(round(msg.timestamp * 1000)) if msg.timestamp is not None else 0
+        ts_ms = round(msg.timestamp * 1000) if msg.timestamp is not None else 0
         await self.ordered.deliver(SourceRecord(msg.topic, msg.partition, msg.offset, ts_ms, msg.key, msg.value))
 
     async def apply(self, rec: SourceRecord) -> None:
@@ -211,14 +215,17 @@ class CreditAgent:
             await next(iter(flight.values())).done
         self.feed.drain_into(self.engine)
         self.plan_feed.drain_into(self.plans)
-        outcome = self.processor.process(rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, value,
-                                         self.table.get, final=final)  # fmt: skip
+        outcome = self.processor.process(
+            rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, value, self.table.get, final=final
+        )
         self.records += final
         if final and rec.topic == self.priced_name and not outcome.skipped:
             metrics.observe_stage_ms("balance", rec.timestamp_ms)  # priced (record time) -> applied
         if outcome.skipped or (outcome.state is None and not outcome.sends):
             return None  # nothing to persist, nothing to send
-        pending = _Pending(rec.offset, key, outcome.customer_id, outcome.sends, asyncio.get_running_loop().create_future())
+        pending = _Pending(
+            rec.offset, key, outcome.customer_id, outcome.sends, asyncio.get_running_loop().create_future()
+        )
         flight[rec.offset] = pending
         if outcome.state is not None and outcome.customer_id is not None:
             customer = outcome.customer_id
@@ -273,7 +280,7 @@ class CreditAgent:
         self.max_value_bytes = max(self.max_value_bytes, size)
         if size <= MAX_VALUE_BYTES:
             return state
-        from meterline.ledger import pack_recent, unpack_recent
+        from meterline.core.ledger import pack_recent, unpack_recent
 
         state = dict(state)
         x = state["x"] = dict(state["x"])
@@ -283,12 +290,15 @@ class CreditAgent:
             if not recent and not cmds:
                 log.error("credit agent: the value of %r is %d bytes even without dedupe ids", customer, size)
                 return None
-            state["recent"] = pack_recent(dict(list(recent.items())[len(recent) // 2:]))
-            x["cmds"] = pack_recent(dict(sorted(cmds.items(), key=lambda kv: kv[1])[len(cmds) // 2:])) if cmds else ""
+            state["recent"] = pack_recent(dict(list(recent.items())[len(recent) // 2 :]))
+            x["cmds"] = pack_recent(dict(sorted(cmds.items(), key=lambda kv: kv[1])[len(cmds) // 2 :])) if cmds else ""
             size = len(json.dumps(state))
         self.trimmed += 1
-        log.warning("credit agent: trimmed the oldest dedupe ids of %r to keep its value under %d bytes",
-                    customer, MAX_VALUE_BYTES)  # fmt: skip
+        log.warning(
+            "credit agent: trimmed the oldest dedupe ids of %r to keep its value under %d bytes",
+            customer,
+            MAX_VALUE_BYTES,
+        )
         return state
 
     def _too_large(self, rec: SourceRecord, customer: str) -> tuple[str, bytes, bytes, bool]:
@@ -296,7 +306,9 @@ class CreditAgent:
 
         err = RuntimeError(f"the state of {customer!r} would exceed {MAX_VALUE_BYTES} bytes")
         fmt = "priced_batch" if rec.topic == self.priced_name else "json"
-        dead = unforeseen_dead_letter(rec.topic, rec.partition, rec.offset, rec.key, rec.value, err, rec.timestamp_ms, fmt)
+        dead = unforeseen_dead_letter(
+            rec.topic, rec.partition, rec.offset, rec.key, rec.value, err, rec.timestamp_ms, fmt
+        )
         return DEAD, customer.encode(), dead, True
 
     def _queue(self, partition: int) -> asyncio.Queue[_Pending]:
@@ -313,22 +325,29 @@ class CreditAgent:
             try:
                 if pending.changelog is not None:
                     await pending.changelog
-                deliveries = [await self.out[name].send(key=k, value=v, partition=partition if same else None)
-                              for name, k, v, same in pending.sends]  # fmt: skip
+                deliveries = [
+                    await self.out[name].send(key=k, value=v, partition=partition if same else None)
+                    for name, k, v, same in pending.sends
+                ]
             except asyncio.CancelledError:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - the in-memory table no longer matches the changelog
-                log.critical("credit agent: changelog write or effect send failed (%r); exiting so that a restart "
-                             "recovers from the changelog", exc)  # fmt: skip
+            except BaseException as exc:
+                log.critical(
+                    "credit agent: changelog write or effect send failed (%r); exiting so that a restart "
+                    "recovers from the changelog",
+                    exc,
+                )
                 logging.shutdown()
                 os._exit(70)
-            asyncio.ensure_future(self._delivered(pending, deliveries))
+            task = asyncio.ensure_future(self._delivered(pending, deliveries))
+            self._delivering.add(task)  # keep a reference: the loop holds tasks only weakly
+            task.add_done_callback(self._delivering.discard)
 
     async def _delivered(self, pending: _Pending, deliveries: list[Any]) -> None:
         try:
             for fut in deliveries:
                 await fut
-        except BaseException as exc:  # noqa: BLE001 - see _drain
+        except BaseException as exc:
             log.critical("credit agent: effect delivery failed (%r); exiting", exc)
             logging.shutdown()
             os._exit(70)
@@ -349,8 +368,12 @@ class CreditAgent:
     async def settle(self, partitions: set[int] | None = None) -> None:
         """Wait until nothing of these source partitions (all: None) is in flight."""
         while True:
-            waiting = [p.done for key, flight in self._inflight.items()
-                       if partitions is None or key[1] in partitions for p in flight.values()]  # fmt: skip
+            waiting = [
+                p.done
+                for key, flight in self._inflight.items()
+                if partitions is None or key[1] in partitions
+                for p in flight.values()
+            ]
             if not waiting:
                 return
             await asyncio.wait(waiting)
@@ -365,8 +388,11 @@ class CreditAgent:
             if x.get("p") not in parts:
                 continue
             for name, key, b64, same in x.get("ob") or []:
-                pending.append(await self.out[name].send(key=key.encode(), value=base64.b64decode(b64),
-                                                         partition=x["p"] if same else None))  # fmt: skip
+                pending.append(
+                    await self.out[name].send(
+                        key=key.encode(), value=base64.b64decode(b64), partition=x["p"] if same else None
+                    )
+                )
         for fut in pending:
             await fut
         return len(pending)
@@ -392,9 +418,9 @@ def register_credit_agent(app: faust.App, settings: Settings, *, engine: Pricing
     async def _close_credit_agent(app: faust.App, **_: Any) -> None:
         try:  # deliver what is in flight; whatever is not is re-sent from the outboxes at recovery
             await asyncio.wait_for(credit.settle(), timeout=10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("credit agent: records still in flight at shutdown (the outboxes re-send their effects)")
-        for drainer in credit._drainers.values():  # noqa: SLF001
+        for drainer in credit._drainers.values():
             drainer.cancel()
         credit.gaps.close()
         credit.plan_feed.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from meterline.plans import LivePlan, PlanCatalog, Timeline, catalog_from_records, fold_timeline
+from meterline.core.plans import LivePlan, PlanCatalog, Timeline, catalog_from_records, fold_timeline
 
 TIMELINE_CACHE = 4096
 

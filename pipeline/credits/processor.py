@@ -34,18 +34,17 @@ and the status carries each allowance. docs/plans.md, "Live enforcement".
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-from meterline.errors import InputError
-from meterline.ledger import (
+from meterline.core.errors import InputError
+from meterline.core.ledger import (
     SetPlanGate,
     format_picos,
     usable_credit,
     ApplyPricedUsage,
     Authorize,
-    Command,
     CustomerLedger,
     Effects,
     ExpireDue,
@@ -63,7 +62,7 @@ from meterline.ledger import (
     pack_recent,
     unpack_recent,
 )
-from meterline.plans import (
+from meterline.core.plans import (
     MAX_FACTS,
     LivePlan,
     Terms,
@@ -80,6 +79,8 @@ from meterline.plans import (
     usage_of_priced,
 )
 from pipeline.credits.plans import PlanBook
+from pipeline.processor import MAX_DEAD_PAYLOAD_BYTES, unforeseen_dead_letter
+from schemas.codec import decode_priced_batch, encode_dead_letter, encode_priced_batch
 from schemas.credits import (
     AuthorizeRequest,
     LedgerRequest,
@@ -90,10 +91,14 @@ from schemas.credits import (
     reply_message,
     status_message,
 )
-from pipeline.processor import MAX_DEAD_PAYLOAD_BYTES, unforeseen_dead_letter
-from schemas.codec import decode_priced_batch, encode_dead_letter, encode_priced_batch
 
-ENTRIES, STATUS, ALERTS, REPLIES, DEAD = "ledger-entries", "customer-status", "alerts", "ledger-replies", "usage-dead-letter"
+ENTRIES, STATUS, ALERTS, REPLIES, DEAD = (
+    "ledger-entries",
+    "customer-status",
+    "alerts",
+    "ledger-replies",
+    "usage-dead-letter",
+)
 MAX_COMMAND_IDS = 10_000
 COMMAND_ID_WINDOW_MS = 35 * 86_400_000
 #: Ledger entries per ``ledger-entries`` message (an entry is at most ~1 KB with 128-char ids):
@@ -124,17 +129,33 @@ class Outcome:
 def worst_case_charge(pricer: Pricer, customer_id: str, req: AuthorizeRequest, at_ms: int) -> tuple[int, str]:
     """Largest charge the request can cost: all input at the input rate and every output token at
     the dearer of the output and reasoning rates. Raises UnpriceableEvent like pricing does."""
-    base = {"customer_id": customer_id, "provider": req.provider, "model": req.model,
-            "model_version": req.model_version, "occurred_at": at_ms, "input_tokens": req.input_tokens_estimate,
-            "cached_input_tokens": 0, "cache_write_tokens": 0, "requests": 1}  # fmt: skip
+    base = {
+        "customer_id": customer_id,
+        "provider": req.provider,
+        "model": req.model,
+        "model_version": req.model_version,
+        "occurred_at": at_ms,
+        "input_tokens": req.input_tokens_estimate,
+        "cached_input_tokens": 0,
+        "cache_write_tokens": 0,
+        "requests": 1,
+    }
     as_output = pricer.price({**base, "output_tokens": req.max_output_tokens, "reasoning_tokens": 0})
     as_reasoning = pricer.price({**base, "output_tokens": 0, "reasoning_tokens": req.max_output_tokens})
     return max(as_output.charge_picos, as_reasoning.charge_picos), as_output.currency
 
 
 class CreditProcessor:
-    def __init__(self, pricer: Pricer, *, priced_topic: str, commands_topic: str, default_currency: str = "usd",
-                 subscriptions_topic: str | None = None, plans: PlanBook | None = None) -> None:
+    def __init__(
+        self,
+        pricer: Pricer,
+        *,
+        priced_topic: str,
+        commands_topic: str,
+        default_currency: str = "usd",
+        subscriptions_topic: str | None = None,
+        plans: PlanBook | None = None,
+    ) -> None:
         self.pricer = pricer
         self.priced_topic = priced_topic
         self.commands_topic = commands_topic
@@ -143,8 +164,16 @@ class CreditProcessor:
         self.default_currency = default_currency.lower()
 
     def process(
-        self, topic: str, partition: int, offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None,
-        load: Callable[[str], Mapping[str, Any] | None], *, final: bool = True,
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        key: bytes | None,
+        value: bytes | None,
+        load: Callable[[str], Mapping[str, Any] | None],
+        *,
+        final: bool = True,
     ) -> Outcome:
         """``final=False``: ``value`` is one part of a priced record split by :meth:`split_record`
         (not the last); its offset is not marked applied, so a crash before the last part replays
@@ -156,11 +185,19 @@ class CreditProcessor:
             if topic == self.subscriptions_topic:
                 return self._subscription(src, timestamp_ms, key, value, load)
             return self._command(src, timestamp_ms, key, value, load)
-        except Exception as exc:  # noqa: BLE001 - no input may crash the worker
+        except Exception as exc:
             return self._unforeseen(src, timestamp_ms, key, value, exc, load, final)
 
-    def _unforeseen(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None, exc: Exception,
-                    load: Callable[[str], Mapping[str, Any] | None], final: bool = True) -> Outcome:
+    def _unforeseen(
+        self,
+        src: SourcePos,
+        now: int,
+        key: bytes | None,
+        value: bytes | None,
+        exc: Exception,
+        load: Callable[[str], Mapping[str, Any] | None],
+        final: bool = True,
+    ) -> Outcome:
         """Something no rule foresaw (a bug, a value the code cannot read). ``apply`` never mutates
         its input, so nothing of the record was applied: the WHOLE record goes to the dead letter
         (reason ``internal_error``, its bytes kept up to a bound, to re-drive once fixed) and its
@@ -169,8 +206,14 @@ class CreditProcessor:
         fmt = "priced_batch" if src.topic == self.priced_topic else "json"
         customer = key.decode("utf-8", "replace") if key else None
         out = Outcome(customer_id=customer, dead_letters=1)
-        out.sends.append((DEAD, (customer or "").encode(), unforeseen_dead_letter(
-            src.topic, src.partition, src.offset, key, value, exc, now, fmt), True))  # fmt: skip
+        out.sends.append(
+            (
+                DEAD,
+                (customer or "").encode(),
+                unforeseen_dead_letter(src.topic, src.partition, src.offset, key, value, exc, now, fmt),
+                True,
+            )
+        )
         try:
             stored = load(customer) if customer and final else None
             if stored is not None:
@@ -182,7 +225,7 @@ class CreditProcessor:
                 if stored.get("plan"):
                     value_d["plan"] = stored["plan"]
                 out.state = value_d
-        except Exception:  # noqa: BLE001 - the state itself is unreadable: dead letter only
+        except Exception:
             out.state = None
         return out
 
@@ -196,14 +239,21 @@ class CreditProcessor:
             return [value]
         try:
             events = decode_priced_batch(value)
-        except Exception:  # noqa: BLE001 - undecodable: process() dead-letters it whole
+        except Exception:
             return [value]
         if len(events) <= CHUNK_EVENTS:
             return [value]
-        return [encode_priced_batch(events[i:i + CHUNK_EVENTS]) for i in range(0, len(events), CHUNK_EVENTS)]
+        return [encode_priced_batch(events[i : i + CHUNK_EVENTS]) for i in range(0, len(events), CHUNK_EVENTS)]
 
-    def _priced(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
-                load: Callable[[str], Mapping[str, Any] | None], final: bool = True) -> Outcome:
+    def _priced(
+        self,
+        src: SourcePos,
+        now: int,
+        key: bytes | None,
+        value: bytes | None,
+        load: Callable[[str], Mapping[str, Any] | None],
+        final: bool = True,
+    ) -> Outcome:
         try:
             if not value:
                 raise LedgerCommandError("empty record", reason_code="empty_record")
@@ -228,11 +278,19 @@ class CreditProcessor:
             try:
                 if ev["customer_id"] != customer:
                     raise LedgerCommandError("a priced record must hold one customer", reason_code="wrong_customer")
-                cmds.append(ApplyPricedUsage(
-                    event_id=ev["event_id"], occurred_at_ms=int(ev["occurred_at"]), charge_picos=int(ev["charge_picos"]),
-                    currency=str(ev["currency"]), provider=ev["provider"], model=ev["model"], project=ev.get("project"),
-                    api_key_id=ev.get("api_key_id"), request_id=ev.get("request_id"),
-                ))  # fmt: skip
+                cmds.append(
+                    ApplyPricedUsage(
+                        event_id=ev["event_id"],
+                        occurred_at_ms=int(ev["occurred_at"]),
+                        charge_picos=int(ev["charge_picos"]),
+                        currency=str(ev["currency"]),
+                        provider=ev["provider"],
+                        model=ev["model"],
+                        project=ev.get("project"),
+                        api_key_id=ev.get("api_key_id"),
+                        request_id=ev.get("request_id"),
+                    )
+                )
                 cmd_events.append(ev)
             except (LedgerCommandError, KeyError, TypeError, ValueError) as exc:
                 self._dead_priced(src, now, customer, ev, exc, out)
@@ -344,7 +402,7 @@ class CreditProcessor:
             room = policy_room(terms, seg.invoiced + reserved_overage)
             if room is not None and decision.hold.overage_picos > room:
                 reason = "allowance_exhausted" if terms.plan.on_exhausted == "block" else "plan_cap_reached"
-                from meterline.ledger import Decision
+                from meterline.core.ledger import Decision
 
                 denied = Decision(False, reason, a.request_id, None, decision.available_picos)
                 out.sends.append((REPLIES, a.request_id.encode(), encode_message(reply_message(customer, denied, reserve)), False))
@@ -377,8 +435,14 @@ class CreditProcessor:
 
     # ---------------------------------------------------------------------------- commands
 
-    def _command(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
-                 load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+    def _command(
+        self,
+        src: SourcePos,
+        now: int,
+        key: bytes | None,
+        value: bytes | None,
+        load: Callable[[str], Mapping[str, Any] | None],
+    ) -> Outcome:
         restore = _restore_request(value)
         if restore is not None:
             return self._restore(src, now, restore, load)
@@ -395,10 +459,25 @@ class CreditProcessor:
         cmd_key = dedupe_digest(req.command_id)
         if cmd_key in seen and not (req.authorize and req.authorize.request_id in state.holds):
             if req.authorize is not None:  # a client re-sent an answered request: answer, apply nothing
-                out.sends.append((REPLIES, req.authorize.request_id.encode(), encode_message({
-                    "request_id": req.authorize.request_id, "customer_id": customer, "decision": "deny",
-                    "reason": "duplicate_request", "hold_id": None, "estimate": "0.00", "available": "0.00",
-                    "expires_at_ms": None}), False))  # fmt: skip
+                out.sends.append(
+                    (
+                        REPLIES,
+                        req.authorize.request_id.encode(),
+                        encode_message(
+                            {
+                                "request_id": req.authorize.request_id,
+                                "customer_id": customer,
+                                "decision": "deny",
+                                "reason": "duplicate_request",
+                                "hold_id": None,
+                                "estimate": "0.00",
+                                "available": "0.00",
+                                "expires_at_ms": None,
+                            }
+                        ),
+                        False,
+                    )
+                )
             return self._finish(state, extra, src, now, out, status=False, live=_live_of(load(customer)))
         state = self._expire(state, now, out)
         live = _live_of(load(customer))
@@ -414,8 +493,13 @@ class CreditProcessor:
                 self._effects(customer, eff, out)
                 if isinstance(req.command, SetPolicy):
                     extra["explicit_policy"] = True
-                elif isinstance(req.command, (Grant, TopUp)) and not had_grants and not extra.get("explicit_policy") \
-                        and state.grants and state.policy.overage != "block":
+                elif (
+                    isinstance(req.command, (Grant, TopUp))
+                    and not had_grants
+                    and not extra.get("explicit_policy")
+                    and state.grants
+                    and state.policy.overage != "block"
+                ):
                     # Default policy: prepaid (block) once a customer has credit, postpaid (allow) before.
                     state, eff = apply(state, SetPolicy(policy=_with_overage(state.policy, "block"), at_ms=req.at_ms))
                     self._effects(customer, eff, out)
@@ -426,9 +510,10 @@ class CreditProcessor:
         extra["cmds"] = _bounded(seen)
         return self._finish(state, extra, src, now, out, live=live)
 
-    def _restore(self, src: SourcePos, now: int, d: Mapping[str, Any],
-                 load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
-        """``{"type": "restore", "customer_id", "state"}`` (published by ``meterline.restore`` when
+    def _restore(
+        self, src: SourcePos, now: int, d: Mapping[str, Any], load: Callable[[str], Mapping[str, Any] | None]
+    ) -> Outcome:
+        """``{"type": "restore", "customer_id", "state"}`` (published by ``pipeline.restore`` when
         the broker lost the table): the customer's state rebuilt from ClickHouse. Applied ONLY when
         the table has no state for the customer, so a restore can never overwrite (or re-apply
         onto) a state the broker kept. Emits the status, no ledger entry (they are stored)."""
@@ -447,11 +532,15 @@ class CreditProcessor:
         extra = {k: v for k, v in dict(raw.get("x") or {}).items() if k in ("explicit_policy", "ver")}
         return self._finish(state, extra, src, now, Outcome(customer_id=customer), live=_live_of(raw))
 
-    def _dead_priced(self, src: SourcePos, now: int, customer: str, ev: dict[str, Any], exc: Exception,
-                     out: Outcome) -> None:
+    def _dead_priced(
+        self, src: SourcePos, now: int, customer: str, ev: dict[str, Any], exc: Exception, out: Outcome
+    ) -> None:
         err = exc if isinstance(exc, InputError) else LedgerCommandError(f"bad priced event: {exc!r}")
-        out.sends.append(self._dead(src, now, customer, ev.get("event_id"), ev.get("occurred_at"),
-                                    _priced_payload(ev), "priced_batch", err))  # fmt: skip
+        out.sends.append(
+            self._dead(
+                src, now, customer, ev.get("event_id"), ev.get("occurred_at"), _priced_payload(ev), "priced_batch", err
+            )
+        )
         out.dead_letters += 1
 
     def _authorize_currency(self, req: LedgerRequest) -> str:
@@ -464,26 +553,57 @@ class CreditProcessor:
         try:
             estimate, _currency = worst_case_charge(self.pricer, req.customer_id, a, req.at_ms)
         except InputError as exc:  # no price for the model: refuse, never reserve 0
-            out.sends.append((REPLIES, a.request_id.encode(), encode_message({
-                "request_id": a.request_id, "customer_id": req.customer_id, "decision": "deny",
-                "reason": exc.reason_code, "hold_id": None, "estimate": "0.00", "available": "0.00",
-                "expires_at_ms": None}), False))  # fmt: skip
+            out.sends.append(
+                (
+                    REPLIES,
+                    a.request_id.encode(),
+                    encode_message(
+                        {
+                            "request_id": a.request_id,
+                            "customer_id": req.customer_id,
+                            "decision": "deny",
+                            "reason": exc.reason_code,
+                            "hold_id": None,
+                            "estimate": "0.00",
+                            "available": "0.00",
+                            "expires_at_ms": None,
+                        }
+                    ),
+                    False,
+                )
+            )
             return state
         terms = None if live is None else live_terms(self.plans.timeline(req.customer_id, live), live, req.at_ms // 1000)
         if terms is not None and live is not None:
             return self._authorize_on_plan(state, req, out, live, terms, estimate)
-        cmd = Authorize(request_id=a.request_id, estimate_picos=estimate, now_ms=req.at_ms, provider=a.provider,
-                        model=a.model, project=a.project, api_key_id=a.api_key_id, ttl_ms=a.ttl_ms)  # fmt: skip
+        cmd = Authorize(
+            request_id=a.request_id,
+            estimate_picos=estimate,
+            now_ms=req.at_ms,
+            provider=a.provider,
+            model=a.model,
+            project=a.project,
+            api_key_id=a.api_key_id,
+            ttl_ms=a.ttl_ms,
+        )
         state, eff = apply(state, cmd)
         self._effects(req.customer_id, eff, out)
         assert eff.decision is not None
-        out.sends.append((REPLIES, a.request_id.encode(), encode_message(reply_message(req.customer_id, eff.decision, estimate)), False))
+        out.sends.append(
+            (
+                REPLIES,
+                a.request_id.encode(),
+                encode_message(reply_message(req.customer_id, eff.decision, estimate)),
+                False,
+            )
+        )
         return state
 
     # ---------------------------------------------------------------------------- shared steps
 
-    def _load(self, load: Callable[[str], Mapping[str, Any] | None], customer: str,
-              currency: str) -> tuple[CustomerLedger, dict[str, Any]]:
+    def _load(
+        self, load: Callable[[str], Mapping[str, Any] | None], customer: str, currency: str
+    ) -> tuple[CustomerLedger, dict[str, Any]]:
         stored = load(customer)
         if stored is None:
             return new_ledger(customer, currency, Policy(overage="allow")), {"explicit_policy": False, "cmds": []}
@@ -491,8 +611,10 @@ class CreditProcessor:
 
     @staticmethod
     def _expire(state: CustomerLedger, now: int, out: Outcome) -> CustomerLedger:
-        due = any(g.state == "live" and g.grant.expires_at_ms is not None and g.grant.expires_at_ms <= now
-                  for g in state.grants.values()) or any(h.expires_ms <= now for h in state.holds.values())  # fmt: skip
+        due = any(
+            g.state == "live" and g.grant.expires_at_ms is not None and g.grant.expires_at_ms <= now
+            for g in state.grants.values()
+        ) or any(h.expires_ms <= now for h in state.holds.values())
         if not due:
             return state
         state, eff = apply(state, ExpireDue(now_ms=now))
@@ -507,13 +629,37 @@ class CreditProcessor:
             out.sends.append((ALERTS, key, encode_message(alert_message(a)), True))
         for s in eff.status_changes:
             what = "blocked" if s.blocked else "unblocked"
-            out.sends.append((ALERTS, key, encode_message({
-                "alert_id": f"{customer}/status/{s.scope}/{s.reason}/{what}/{s.at_ms}", "customer_id": customer,
-                "kind": what, "message": f"{s.scope} {what} ({s.reason})", "at_ms": s.at_ms, "scope": s.scope,
-                "reason": s.reason}), True))  # fmt: skip
+            out.sends.append(
+                (
+                    ALERTS,
+                    key,
+                    encode_message(
+                        {
+                            "alert_id": f"{customer}/status/{s.scope}/{s.reason}/{what}/{s.at_ms}",
+                            "customer_id": customer,
+                            "kind": what,
+                            "message": f"{s.scope} {what} ({s.reason})",
+                            "at_ms": s.at_ms,
+                            "scope": s.scope,
+                            "reason": s.reason,
+                        }
+                    ),
+                    True,
+                )
+            )
 
-    def _finish(self, state: CustomerLedger, extra: dict[str, Any], src: SourcePos, now: int, out: Outcome,
-                *, status: bool = True, mark: bool = True, live: LivePlan | None = None) -> Outcome:
+    def _finish(
+        self,
+        state: CustomerLedger,
+        extra: dict[str, Any],
+        src: SourcePos,
+        now: int,
+        out: Outcome,
+        *,
+        status: bool = True,
+        mark: bool = True,
+        live: LivePlan | None = None,
+    ) -> Outcome:
         plan_view = None
         if live is not None and live.facts:
             state, plan_view = self._plan_gate(state, live, max(now, state.clock_ms), out)
@@ -524,7 +670,9 @@ class CreditProcessor:
         value["x"] = extra
         if live is not None and live.facts:
             value["plan"] = live.to_dict()
-        chunks = [out.entries[i:i + ENTRIES_PER_MESSAGE] for i in range(0, len(out.entries), ENTRIES_PER_MESSAGE)] or [[]]
+        chunks = [
+            out.entries[i : i + ENTRIES_PER_MESSAGE] for i in range(0, len(out.entries), ENTRIES_PER_MESSAGE)
+        ] or [[]]
         for i, chunk in enumerate(chunks):
             # Few messages per source record: a 500-event record writes 500 debits, and faust pays
             # ~100 µs per Kafka record, so entries travel together (the sink unpacks them), in
@@ -541,8 +689,16 @@ class CreditProcessor:
         out.state = value
         return out
 
-    def _undecodable(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None, exc: InputError,
-                     fmt: str, load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+    def _undecodable(
+        self,
+        src: SourcePos,
+        now: int,
+        key: bytes | None,
+        value: bytes | None,
+        exc: InputError,
+        fmt: str,
+        load: Callable[[str], Mapping[str, Any] | None],
+    ) -> Outcome:
         customer = key.decode("utf-8", "replace") if key else None
         out = Outcome(customer_id=customer, dead_letters=1)
         out.sends.append(self._dead(src, now, customer, None, None, value or b"", fmt, exc))
@@ -559,19 +715,36 @@ class CreditProcessor:
         return out
 
     @staticmethod
-    def _dead(src: SourcePos, now: int, customer: str | None, event_id: Any, occurred: Any, payload: bytes,
-              fmt: str, exc: InputError) -> tuple[str, bytes, bytes, bool]:
+    def _dead(
+        src: SourcePos,
+        now: int,
+        customer: str | None,
+        event_id: Any,
+        occurred: Any,
+        payload: bytes,
+        fmt: str,
+        exc: InputError,
+    ) -> tuple[str, bytes, bytes, bool]:
         reason = exc.message
         if len(payload) > MAX_DEAD_PAYLOAD_BYTES:  # the dead letter itself must fit in a message
             reason += f" (payload of {len(payload)} bytes left out: read it at the source position)"
             payload = b""
-        record = encode_dead_letter({
-            "reason_code": exc.reason_code, "reason": reason, "field": exc.field, "source_topic": src.topic,
-            "source_partition": src.partition, "source_offset": src.offset, "customer_id": customer,
-            "event_id": event_id if isinstance(event_id, str) else None,
-            "occurred_at": occurred if isinstance(occurred, int) else None, "payload": payload,
-            "payload_format": fmt, "failed_at": now,
-        })  # fmt: skip
+        record = encode_dead_letter(
+            {
+                "reason_code": exc.reason_code,
+                "reason": reason,
+                "field": exc.field,
+                "source_topic": src.topic,
+                "source_partition": src.partition,
+                "source_offset": src.offset,
+                "customer_id": customer,
+                "event_id": event_id if isinstance(event_id, str) else None,
+                "occurred_at": occurred if isinstance(occurred, int) else None,
+                "payload": payload,
+                "payload_format": fmt,
+                "failed_at": now,
+            }
+        )
         return DEAD, (customer or "").encode(), record, True
 
 
@@ -659,5 +832,5 @@ def _bounded(seen: dict[bytes, int]) -> str:
 def _priced_payload(ev: Mapping[str, Any]) -> bytes:
     try:
         return encode_priced_batch([dict(ev)])
-    except Exception:  # noqa: BLE001 - an event too broken to re-encode is kept as JSON-ish repr
+    except Exception:
         return json.dumps(ev, default=repr).encode()[:256_000]

@@ -1,11 +1,11 @@
 """Provider usage adapters: a provider response's usage block → :class:`schemas.models.UsageEvent`.
 
 Every adapter normalises to meterline's disjoint token classes and raises
-:class:`meterline.errors.InvalidEvent` (``invalid_input``, ``missing_usage``, ``invalid_usage``,
+:class:`meterline.core.errors.InvalidEvent` (``invalid_input``, ``missing_usage``, ``invalid_usage``,
 ``inconsistent_usage``, ``ambiguous_usage``, ``unsupported_usage``, ``missing_event_id``,
 ``missing_field``) rather than emit a guessed or zero-cost event. ``response`` may be the provider
 SDK's object, a dict (snake_case or camelCase) or JSON text. Provider and model names go through
-:func:`schemas.naming.normalize_model`. Signature style::
+:func:`meterline.core.naming.normalize_model`. Signature style::
 
     usage_event_from_openai_chat(response, *, customer_id, event_id=None, occurred_at=None, **context)
 

@@ -18,7 +18,7 @@ Every adapter reads a provider's usage block, normalises it to meterline's DISJO
   ``anthropic``, ``google-genai``, ``litellm`` types), a dict (snake_case or camelCase keys: a
   Gemini ``.model_dump()`` and its REST JSON read the same) or JSON text (``str``/``bytes``), see
   :func:`as_mapping`; anything else is ``InvalidEvent(reason_code="invalid_input")``;
-- provider and model go through :func:`schemas.naming.normalize_model` (the same function the
+- provider and model go through :func:`meterline.core.naming.normalize_model` (the same function the
   price lookup applies), so every adapter reports one canonical name per model.
 """
 
@@ -27,14 +27,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
+from meterline.core.naming import normalize_model, normalize_service_tier
 from schemas.models import UsageEvent
-from schemas.naming import normalize_model, normalize_service_tier
 from schemas.validation import invalid_event_from_pydantic
 
 MISSING_USAGE = "missing_usage"
@@ -48,8 +48,18 @@ UNSUPPORTED_USAGE = "unsupported_usage"
 
 #: Keyword context an adapter copies onto the event unchanged.
 CONTEXT_FIELDS: frozenset[str] = frozenset(
-    {"api_key_id", "project", "feature", "user_id", "session_id", "gateway", "labels", "requests", "request_id",
-     "service_tier"}
+    {
+        "api_key_id",
+        "project",
+        "feature",
+        "user_id",
+        "session_id",
+        "gateway",
+        "labels",
+        "requests",
+        "request_id",
+        "service_tier",
+    }
 )
 
 _DATED_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -87,23 +97,29 @@ def as_mapping(obj: Any, *, where: str) -> dict[str, Any]:
         try:
             data = dump(mode="json")
         except Exception as exc:  # a foreign model whose dump fails: say so, never crash the caller
-            raise InvalidEvent(f"{where}: cannot read the {type(obj).__name__} object: {exc}",
-                               reason_code=INVALID_INPUT, field=None) from exc
+            raise InvalidEvent(
+                f"{where}: cannot read the {type(obj).__name__} object: {exc}", reason_code=INVALID_INPUT, field=None
+            ) from exc
         if isinstance(data, Mapping):
             return _snake(data)  # type: ignore[no-any-return]
     elif isinstance(obj, (str, bytes, bytearray)):
         try:
             data = json.loads(obj)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidEvent(f"{where}: the response text is not JSON: {exc}", reason_code=INVALID_INPUT,
-                               field=None) from exc
+            raise InvalidEvent(
+                f"{where}: the response text is not JSON: {exc}", reason_code=INVALID_INPUT, field=None
+            ) from exc
         if isinstance(data, Mapping):
             return _snake(data)  # type: ignore[no-any-return]
-        raise InvalidEvent(f"{where}: the response JSON is a {type(data).__name__}, not an object",
-                           reason_code=INVALID_INPUT, field=None)
+        raise InvalidEvent(
+            f"{where}: the response JSON is a {type(data).__name__}, not an object",
+            reason_code=INVALID_INPUT,
+            field=None,
+        )
     raise InvalidEvent(
         f"{where}: cannot read a {type(obj).__name__}; pass the SDK response object, a dict or JSON text",
-        reason_code=INVALID_INPUT, field=None,
+        reason_code=INVALID_INPUT,
+        field=None,
     )
 
 
@@ -115,8 +131,9 @@ def get_mapping(obj: Mapping[str, Any], key: str, *, where: str, required: bool 
             raise InvalidEvent(f"{where}: no {key!r} block in the response", reason_code=MISSING_USAGE, field=key)
         return None
     if not isinstance(value, Mapping):
-        raise InvalidEvent(f"{where}: {key!r} must be an object, got {type(value).__name__}",
-                           reason_code=INVALID_USAGE, field=key)
+        raise InvalidEvent(
+            f"{where}: {key!r} must be an object, got {type(value).__name__}", reason_code=INVALID_USAGE, field=key
+        )
     return value
 
 
@@ -131,12 +148,14 @@ def count(block: Mapping[str, Any] | None, key: str, *, where: str, required: bo
             raise InvalidEvent(f"{where}: usage field {key!r} is missing", reason_code=MISSING_USAGE, field=key)
         return 0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidEvent(f"{where}: usage field {key!r} must be an integer, got {value!r}",
-                           reason_code=INVALID_USAGE, field=key)
+        raise InvalidEvent(
+            f"{where}: usage field {key!r} must be an integer, got {value!r}", reason_code=INVALID_USAGE, field=key
+        )
     if isinstance(value, float):
         if not value.is_integer():
-            raise InvalidEvent(f"{where}: usage field {key!r} must be an integer, got {value!r}",
-                               reason_code=INVALID_USAGE, field=key)
+            raise InvalidEvent(
+                f"{where}: usage field {key!r} must be an integer, got {value!r}", reason_code=INVALID_USAGE, field=key
+            )
         value = int(value)
     if value < 0:
         raise InvalidEvent(f"{where}: usage field {key!r} is negative ({value})", reason_code=INVALID_USAGE, field=key)
@@ -148,7 +167,8 @@ def subtract(total: int, part: int, *, total_name: str, part_name: str, where: s
     if part > total:
         raise InvalidEvent(
             f"{where}: {part_name} ({part}) exceeds {total_name} ({total}) that should include it",
-            reason_code=INCONSISTENT_USAGE, field=part_name,
+            reason_code=INCONSISTENT_USAGE,
+            field=part_name,
         )
     return total - part
 
@@ -158,7 +178,8 @@ def check_total(total: int | None, parts: int, *, total_name: str, parts_name: s
     if total is not None and total != parts:
         raise InvalidEvent(
             f"{where}: {total_name} ({total}) != {parts_name} ({parts})",
-            reason_code=INCONSISTENT_USAGE, field=total_name,
+            reason_code=INCONSISTENT_USAGE,
+            field=total_name,
         )
 
 
@@ -181,13 +202,15 @@ def epoch_seconds(value: Any, *, where: str, field: str) -> datetime | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise InvalidEvent(f"{where}: {field!r} must be epoch seconds, got {value!r}",
-                           reason_code=INVALID_TIMESTAMP, field=field)
+        raise InvalidEvent(
+            f"{where}: {field!r} must be epoch seconds, got {value!r}", reason_code=INVALID_TIMESTAMP, field=field
+        )
     try:
-        return datetime.fromtimestamp(value, tz=timezone.utc)
+        return datetime.fromtimestamp(value, tz=UTC)
     except (OverflowError, OSError, ValueError) as exc:  # beyond year 9999 / the platform's time_t
-        raise InvalidEvent(f"{where}: {field!r} {value!r} is not a representable time",
-                           reason_code=INVALID_TIMESTAMP, field=field) from exc
+        raise InvalidEvent(
+            f"{where}: {field!r} {value!r} is not a representable time", reason_code=INVALID_TIMESTAMP, field=field
+        ) from exc
 
 
 def rfc3339(value: Any, *, where: str, field: str) -> datetime | None:
@@ -195,10 +218,9 @@ def rfc3339(value: Any, *, where: str, field: str) -> datetime | None:
     if value is None:
         return None
     if isinstance(value, datetime):  # a google-genai object's create_time
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     if not isinstance(value, str):
-        raise InvalidEvent(f"{where}: {field!r} must be an RFC 3339 string", reason_code=INVALID_TIMESTAMP,
-                           field=field)
+        raise InvalidEvent(f"{where}: {field!r} must be an RFC 3339 string", reason_code=INVALID_TIMESTAMP, field=field)
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
@@ -207,11 +229,12 @@ def rfc3339(value: Any, *, where: str, field: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise InvalidEvent(f"{where}: {field!r} is not RFC 3339: {value!r}",
-                           reason_code=INVALID_TIMESTAMP, field=field) from exc
+        raise InvalidEvent(
+            f"{where}: {field!r} is not RFC 3339: {value!r}", reason_code=INVALID_TIMESTAMP, field=field
+        ) from exc
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
 
 
 def require_str(obj: Mapping[str, Any], key: str, *, where: str) -> str:
@@ -256,8 +279,8 @@ def build_event(
 
     ``context`` keys must be in :data:`CONTEXT_FIELDS` (an unknown key is a programming error:
     ``TypeError``). ``request_id`` defaults to the provider's response id. Provider, model and
-    version are normalised with :func:`schemas.naming.normalize_model`, the tier with
-    :func:`schemas.naming.normalize_service_tier`.
+    version are normalised with :func:`meterline.core.naming.normalize_model`, the tier with
+    :func:`meterline.core.naming.normalize_service_tier`.
     """
     unknown = set(context) - CONTEXT_FIELDS
     if unknown:
@@ -267,10 +290,11 @@ def build_event(
         if not response_id:
             raise InvalidEvent(
                 f"{where}: the response has no id; pass event_id= so retries of this report dedupe",
-                reason_code=MISSING_EVENT_ID, field="event_id",
+                reason_code=MISSING_EVENT_ID,
+                field="event_id",
             )
         event_id = f"{source}:{response_id}"
-    when = occurred_at or created or datetime.now(timezone.utc)
+    when = occurred_at or created or datetime.now(UTC)
     if not provider or not model:
         raise InvalidEvent(f"{where}: no provider/model", reason_code=MISSING_FIELD, field="model")
     provider, model, model_version = normalize_model(provider, model, model_version)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters._common import (
     INCONSISTENT_USAGE,
     INVALID_USAGE,
@@ -53,7 +53,8 @@ def _block_counts(usage: Mapping[str, Any], *, where: str, required: bool) -> di
         if short + long != write:
             raise InvalidEvent(
                 f"{where}: cache_creation split ({short} 5m + {long} 1h) != cache_creation_input_tokens ({write})",
-                reason_code=INCONSISTENT_USAGE, field="cache_creation",
+                reason_code=INCONSISTENT_USAGE,
+                field="cache_creation",
             )
     return {
         "input_tokens": inp,
@@ -70,12 +71,14 @@ def anthropic_counts(usage: Mapping[str, Any], *, where: str = "anthropic") -> d
     iterations = usage.get("iterations")
     if iterations is not None:
         if not isinstance(iterations, list):
-            raise InvalidEvent(f"{where}: usage.iterations must be a list", reason_code=INVALID_USAGE,
-                               field="iterations")
+            raise InvalidEvent(
+                f"{where}: usage.iterations must be a list", reason_code=INVALID_USAGE, field="iterations"
+            )
         for i, it in enumerate(iterations):
             if not isinstance(it, Mapping):
-                raise InvalidEvent(f"{where}: usage.iterations[{i}] must be an object", reason_code=INVALID_USAGE,
-                                   field="iterations")
+                raise InvalidEvent(
+                    f"{where}: usage.iterations[{i}] must be an object", reason_code=INVALID_USAGE, field="iterations"
+                )
             if it.get("type") == "compaction":
                 for k, v in _block_counts(it, where=f"{where} iterations[{i}]", required=True).items():
                     counts[k] += v
@@ -174,7 +177,8 @@ class AnthropicMessageStream:
                 raise InvalidEvent(
                     f"{where}: cache writes grew by {grown} after message_start but the 5m/1h split was not "
                     "updated and both retentions were used: cannot tell which rate applies",
-                    reason_code=INCONSISTENT_USAGE, field="cache_creation",
+                    reason_code=INCONSISTENT_USAGE,
+                    field="cache_creation",
                 )
             key = "ephemeral_1h_input_tokens" if long else "ephemeral_5m_input_tokens"
             usage["cache_creation"] = {**split, key: count(split, key, where=where) + grown}
@@ -197,11 +201,16 @@ class AnthropicMessageStream:
             missing = "message_start" if self._message is None else "message_delta usage"
             raise InvalidEvent(
                 f"anthropic stream: no {missing} after {self.events} event(s); the stream did not finish",
-                reason_code=MISSING_USAGE, field="usage",
+                reason_code=MISSING_USAGE,
+                field="usage",
             )
         merged = dict(self._message)
         merged["usage"] = self._final_usage()
         return usage_event_from_anthropic(
-            merged, customer_id=customer_id, event_id=event_id, occurred_at=occurred_at,
-            provider=self._provider, **context,
+            merged,
+            customer_id=customer_id,
+            event_id=event_id,
+            occurred_at=occurred_at,
+            provider=self._provider,
+            **context,
         )

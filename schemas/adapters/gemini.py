@@ -31,7 +31,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
+from meterline.core.naming import normalize_model
 from schemas.adapters._common import (
     INCONSISTENT_USAGE,
     INVALID_USAGE,
@@ -47,7 +48,6 @@ from schemas.adapters._common import (
     subtract,
 )
 from schemas.models import UsageEvent
-from schemas.naming import normalize_model
 
 __all__ = ["GeminiStream", "gemini_counts", "usage_event_from_gemini"]
 
@@ -79,33 +79,55 @@ def gemini_counts(usage: Mapping[str, Any], *, where: str = "gemini") -> dict[st
     output = candidates
     if total is not None and total != prompt + tool_prompt + candidates + thoughts:
         if thoughts and total == prompt + tool_prompt + candidates:
-            output = subtract(candidates, thoughts, total_name="candidates_token_count",
-                              part_name="thoughts_token_count", where=where)
+            output = subtract(
+                candidates, thoughts, total_name="candidates_token_count", part_name="thoughts_token_count", where=where
+            )
         else:
             raise InvalidEvent(
                 f"{where}: total_token_count ({total}) is neither prompt + tool-use prompt + candidates + thoughts "
                 f"({prompt + tool_prompt + candidates + thoughts}) nor, for thoughts inside candidates, "
                 f"prompt + tool-use prompt + candidates ({prompt + tool_prompt + candidates})",
-                reason_code=INCONSISTENT_USAGE, field="total_token_count",
+                reason_code=INCONSISTENT_USAGE,
+                field="total_token_count",
             )
     p_mod = _by_modality(usage, "prompt_tokens_details", where=where)
     c_mod = _by_modality(usage, "cache_tokens_details", where=where)
     o_mod = _by_modality(usage, "candidates_tokens_details", where=where)
-    audio_in = subtract(p_mod.get("AUDIO", 0), c_mod.get("AUDIO", 0), total_name="prompt AUDIO tokens",
-                        part_name="cached AUDIO tokens", where=where)
-    image_in = subtract(p_mod.get("IMAGE", 0), c_mod.get("IMAGE", 0), total_name="prompt IMAGE tokens",
-                        part_name="cached IMAGE tokens", where=where)
+    audio_in = subtract(
+        p_mod.get("AUDIO", 0),
+        c_mod.get("AUDIO", 0),
+        total_name="prompt AUDIO tokens",
+        part_name="cached AUDIO tokens",
+        where=where,
+    )
+    image_in = subtract(
+        p_mod.get("IMAGE", 0),
+        c_mod.get("IMAGE", 0),
+        total_name="prompt IMAGE tokens",
+        part_name="cached IMAGE tokens",
+        where=where,
+    )
     audio_out = o_mod.get("AUDIO", 0)
     image_out = o_mod.get("IMAGE", 0)
     return {
-        "input_tokens": subtract(prompt, cached + audio_in + image_in, total_name="prompt_token_count",
-                                 part_name="cached_content_token_count + AUDIO + IMAGE tokens", where=where)
+        "input_tokens": subtract(
+            prompt,
+            cached + audio_in + image_in,
+            total_name="prompt_token_count",
+            part_name="cached_content_token_count + AUDIO + IMAGE tokens",
+            where=where,
+        )
         + tool_prompt,
         "cached_input_tokens": cached,
         "input_audio_tokens": audio_in,
         "input_image_tokens": image_in,
-        "output_tokens": subtract(output, audio_out + image_out, total_name="candidates_token_count",
-                                  part_name="AUDIO + IMAGE candidates tokens", where=where),
+        "output_tokens": subtract(
+            output,
+            audio_out + image_out,
+            total_name="candidates_token_count",
+            part_name="AUDIO + IMAGE candidates tokens",
+            where=where,
+        ),
         "output_audio_tokens": audio_out,
         "output_image_tokens": image_out,
         "reasoning_tokens": thoughts,
@@ -130,8 +152,9 @@ def usage_event_from_gemini(
     version = optional_str(response, "model_version")
     name = model or version
     if not name:
-        raise InvalidEvent(f"{where}: response has no modelVersion; pass model=", reason_code=MISSING_FIELD,
-                           field="model")
+        raise InvalidEvent(
+            f"{where}: response has no modelVersion; pass model=", reason_code=MISSING_FIELD, field="model"
+        )
     return build_event(
         source="gemini",
         provider=provider,
@@ -171,11 +194,28 @@ class GeminiStream:
         for chunk in chunks:
             self.add(chunk)
 
-    def event(self, *, customer_id: str, event_id: str | None = None, occurred_at: datetime | None = None,
-              model: str | None = None, **context: Any) -> UsageEvent:
+    def event(
+        self,
+        *,
+        customer_id: str,
+        event_id: str | None = None,
+        occurred_at: datetime | None = None,
+        model: str | None = None,
+        **context: Any,
+    ) -> UsageEvent:
         if self._last is None:
-            raise InvalidEvent(f"gemini stream: no usageMetadata after {self.chunks} chunk(s)",
-                               reason_code=MISSING_USAGE, field="usageMetadata")
+            raise InvalidEvent(
+                f"gemini stream: no usageMetadata after {self.chunks} chunk(s)",
+                reason_code=MISSING_USAGE,
+                field="usageMetadata",
+            )
         merged = {**self._ident, "usage_metadata": self._last["usage_metadata"]}
-        return usage_event_from_gemini(merged, customer_id=customer_id, event_id=event_id,
-                                       occurred_at=occurred_at, model=model, provider=self._provider, **context)
+        return usage_event_from_gemini(
+            merged,
+            customer_id=customer_id,
+            event_id=event_id,
+            occurred_at=occurred_at,
+            model=model,
+            provider=self._provider,
+            **context,
+        )

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters._common import (
     INCONSISTENT_USAGE,
     MISSING_FIELD,
@@ -62,10 +62,13 @@ def _provider_and_model(payload: Mapping[str, Any], where: str) -> tuple[str, st
                 provider = candidate.split("/", 1)[0]
                 break
     if provider is None:
-        raise InvalidEvent(f"{where}: cannot tell the provider (no custom_llm_provider, no 'provider/' prefix)",
-                           reason_code=MISSING_FIELD, field="custom_llm_provider")
+        raise InvalidEvent(
+            f"{where}: cannot tell the provider (no custom_llm_provider, no 'provider/' prefix)",
+            reason_code=MISSING_FIELD,
+            field="custom_llm_provider",
+        )
     if model.startswith(provider + "/"):
-        model = model[len(provider) + 1:]
+        model = model[len(provider) + 1 :]
     return provider, model
 
 
@@ -74,8 +77,10 @@ def _litellm_usage(usage: Mapping[str, Any], where: str) -> dict[str, int]:
     pdet = dict(get_mapping(usage, "prompt_tokens_details", where=where) or {})
     # Cache reads/writes come under OpenAI names (details) and Anthropic names (top level of the
     # usage); when both are there they must agree.
-    for detail_keys, top_key in ((("cached_tokens",), "cache_read_input_tokens"),
-                                 (("cache_write_tokens", "cache_creation_tokens"), "cache_creation_input_tokens")):
+    for detail_keys, top_key in (
+        (("cached_tokens",), "cache_read_input_tokens"),
+        (("cache_write_tokens", "cache_creation_tokens"), "cache_creation_input_tokens"),
+    ):
         values = {k: count(pdet, k, where=where) for k in detail_keys if pdet.get(k) is not None}
         if usage.get(top_key) is not None:
             values[top_key] = count(usage, top_key, where=where)
@@ -83,27 +88,32 @@ def _litellm_usage(usage: Mapping[str, Any], where: str) -> dict[str, int]:
             raise InvalidEvent(
                 f"{where}: the usage object's cache counts disagree: "
                 + ", ".join(f"{k}={v}" for k, v in values.items()),
-                reason_code=INCONSISTENT_USAGE, field=top_key,
+                reason_code=INCONSISTENT_USAGE,
+                field=top_key,
             )
         pdet[detail_keys[0]] = next(iter(values.values()), 0)
     counts = openai_chat_counts({**usage, "prompt_tokens_details": pdet}, where=where)
     write = counts["cache_write_tokens"]
     ttl = get_mapping(pdet, "cache_creation_token_details", where=where)
     if ttl is not None:
-        short = count(ttl, "ephemeral_5m_input_tokens", where=where) + count(ttl, "ephemeral_30m_input_tokens",
-                                                                            where=where)
-        long = count(ttl, "ephemeral_1h_input_tokens", where=where) + count(ttl, "ephemeral_12h_input_tokens",
-                                                                           where=where)
+        short = count(ttl, "ephemeral_5m_input_tokens", where=where) + count(
+            ttl, "ephemeral_30m_input_tokens", where=where
+        )
+        long = count(ttl, "ephemeral_1h_input_tokens", where=where) + count(
+            ttl, "ephemeral_12h_input_tokens", where=where
+        )
         if short + long != write:
             raise InvalidEvent(
                 f"{where}: cache_creation_token_details ({short} short + {long} long) != cache writes ({write})",
-                reason_code=INCONSISTENT_USAGE, field="cache_creation_token_details",
+                reason_code=INCONSISTENT_USAGE,
+                field="cache_creation_token_details",
             )
         counts["cache_write_tokens"], counts["cache_write_long_tokens"] = short, long
     tools = get_mapping(usage, "server_tool_use", where=where)
     counts["web_search_requests"] = (
-        count(tools, "web_search_requests", where=where) if tools is not None and tools.get("web_search_requests")
-        is not None else count(pdet, "web_search_requests", where=where)
+        count(tools, "web_search_requests", where=where)
+        if tools is not None and tools.get("web_search_requests") is not None
+        else count(pdet, "web_search_requests", where=where)
     )
     return counts
 
@@ -121,8 +131,9 @@ def usage_event_from_litellm(
     where = "litellm"
     payload = as_mapping(payload, where=where)
     if payload.get("status") == "failure":
-        raise InvalidEvent(f"{where}: payload status is 'failure': no billable usage",
-                           reason_code="failed_request", field="status")
+        raise InvalidEvent(
+            f"{where}: payload status is 'failure': no billable usage", reason_code="failed_request", field="status"
+        )
     provider, model = _provider_and_model(payload, where)
     metadata = get_mapping(payload, "metadata", where=where)
     usage = get_mapping(metadata, "usage_object", where=where) if metadata is not None else None
@@ -133,7 +144,8 @@ def usage_event_from_litellm(
         raise InvalidEvent(
             f"{where}: no metadata.usage_object and no response.usage: the top-level prompt_tokens include "
             "cache reads and writes, which cannot be told apart, so the payload cannot be billed exactly",
-            reason_code=AMBIGUOUS_USAGE, field="usage_object",
+            reason_code=AMBIGUOUS_USAGE,
+            field="usage_object",
         )
     counts = _litellm_usage(usage, where)
     prompt = count(usage, "prompt_tokens", where=where, required=True)
@@ -146,7 +158,8 @@ def usage_event_from_litellm(
         raise InvalidEvent(
             f"{where}: top-level counts ({top_prompt}/{top_completion}) disagree with "
             f"the usage object ({prompt}/{completion})",
-            reason_code=INCONSISTENT_USAGE, field="usage_object",
+            reason_code=INCONSISTENT_USAGE,
+            field="usage_object",
         )
 
     ctx = dict(context)
@@ -159,7 +172,8 @@ def usage_event_from_litellm(
     response = payload.get("response")
     hidden = get_mapping(payload, "hidden_params", where=where)
     tier = (optional_str(response, "service_tier") if isinstance(response, Mapping) else None) or (
-        optional_str(hidden, "service_tier") if hidden is not None else None)
+        optional_str(hidden, "service_tier") if hidden is not None else None
+    )
     return build_event(
         source="litellm",
         provider=provider,

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters._common import (
     INCONSISTENT_USAGE,
     MISSING_USAGE,
@@ -55,8 +55,13 @@ def openai_chat_counts(usage: Mapping[str, Any], *, where: str) -> dict[str, int
     """
     prompt = count(usage, "prompt_tokens", where=where, required=True)
     completion = count(usage, "completion_tokens", where=where, required=True)
-    check_total(optional_count(usage, "total_tokens", where=where), prompt + completion,
-                total_name="total_tokens", parts_name="prompt_tokens + completion_tokens", where=where)
+    check_total(
+        optional_count(usage, "total_tokens", where=where),
+        prompt + completion,
+        total_name="total_tokens",
+        parts_name="prompt_tokens + completion_tokens",
+        where=where,
+    )
     pdet = get_mapping(usage, "prompt_tokens_details", where=where)
     cdet = get_mapping(usage, "completion_tokens_details", where=where)
     cached = count(pdet, "cached_tokens", where=where)
@@ -67,14 +72,24 @@ def openai_chat_counts(usage: Mapping[str, Any], *, where: str) -> dict[str, int
     audio_out = count(cdet, "audio_tokens", where=where)
     image_out = count(cdet, "image_tokens", where=where)
     return {
-        "input_tokens": subtract(prompt, cached + write + audio_in + image_in, total_name="prompt_tokens",
-                                 part_name="cached + cache_write + audio + image tokens", where=where),
+        "input_tokens": subtract(
+            prompt,
+            cached + write + audio_in + image_in,
+            total_name="prompt_tokens",
+            part_name="cached + cache_write + audio + image tokens",
+            where=where,
+        ),
         "cached_input_tokens": cached,
         "cache_write_tokens": write,
         "input_audio_tokens": audio_in,
         "input_image_tokens": image_in,
-        "output_tokens": subtract(completion, reasoning + audio_out + image_out, total_name="completion_tokens",
-                                  part_name="reasoning + audio + image tokens", where=where),
+        "output_tokens": subtract(
+            completion,
+            reasoning + audio_out + image_out,
+            total_name="completion_tokens",
+            part_name="reasoning + audio + image tokens",
+            where=where,
+        ),
         "reasoning_tokens": reasoning,
         "output_audio_tokens": audio_out,
         "output_image_tokens": image_out,
@@ -133,8 +148,13 @@ def usage_event_from_openai_response(
     assert usage is not None
     inp = count(usage, "input_tokens", where=where, required=True)
     out = count(usage, "output_tokens", where=where, required=True)
-    check_total(optional_count(usage, "total_tokens", where=where), inp + out,
-                total_name="total_tokens", parts_name="input_tokens + output_tokens", where=where)
+    check_total(
+        optional_count(usage, "total_tokens", where=where),
+        inp + out,
+        total_name="total_tokens",
+        parts_name="input_tokens + output_tokens",
+        where=where,
+    )
     idet = get_mapping(usage, "input_tokens_details", where=where)
     cached = count(idet, "cached_tokens", where=where)
     write = count(idet, "cache_write_tokens", where=where)
@@ -147,7 +167,8 @@ def usage_event_from_openai_response(
             raise InvalidEvent(
                 f"{where}: cache_write_tokens_details (30m {write_short} + 12h {write_long}) != "
                 f"cache_write_tokens ({write})",
-                reason_code=INCONSISTENT_USAGE, field="cache_write_tokens_details",
+                reason_code=INCONSISTENT_USAGE,
+                field="cache_write_tokens_details",
             )
     reasoning = count(get_mapping(usage, "output_tokens_details", where=where), "reasoning_tokens", where=where)
     web_search = 0
@@ -155,12 +176,16 @@ def usage_event_from_openai_response(
     if tools is not None:
         web_search = count(get_mapping(tools, "web_search", where=where), "num_requests", where=where)
         image_gen = get_mapping(tools, "image_gen", where=where)
-        if count(image_gen, "total_tokens", where=where) or count(image_gen, "input_tokens", where=where) \
-                or count(image_gen, "output_tokens", where=where):
+        if (
+            count(image_gen, "total_tokens", where=where)
+            or count(image_gen, "input_tokens", where=where)
+            or count(image_gen, "output_tokens", where=where)
+        ):
             raise InvalidEvent(
                 f"{where}: tool_usage.image_gen tokens are billed at the image model's rates, which meterline "
                 "does not meter yet; refusing rather than under-billing",
-                reason_code=UNSUPPORTED_USAGE, field="tool_usage.image_gen",
+                reason_code=UNSUPPORTED_USAGE,
+                field="tool_usage.image_gen",
             )
     return build_event(
         source="openai",
@@ -172,8 +197,9 @@ def usage_event_from_openai_response(
         occurred_at=occurred_at,
         created=epoch_seconds(response.get("created_at"), where=where, field="created_at"),
         model_version=None,
-        input_tokens=subtract(inp, cached + write, total_name="input_tokens",
-                              part_name="cached_tokens + cache_write_tokens", where=where),
+        input_tokens=subtract(
+            inp, cached + write, total_name="input_tokens", part_name="cached_tokens + cache_write_tokens", where=where
+        ),
         cached_input_tokens=cached,
         cache_write_tokens=write_short,
         cache_write_long_tokens=write_long,
@@ -230,7 +256,8 @@ class OpenAIChatStream:
             raise InvalidEvent(
                 f"{where}: no usage received after {self.chunks} chunk(s) "
                 "(was stream_options.include_usage set? did the stream finish?)",
-                reason_code=MISSING_USAGE, field="usage",
+                reason_code=MISSING_USAGE,
+                field="usage",
             )
 
     def event(
@@ -244,8 +271,12 @@ class OpenAIChatStream:
         """The event for the whole stream; ``missing_usage`` if the usage chunk never arrived."""
         if self._response is not None:
             return usage_event_from_openai_response(
-                self._response, customer_id=customer_id, event_id=event_id, occurred_at=occurred_at,
-                provider=self._provider, **context,
+                self._response,
+                customer_id=customer_id,
+                event_id=event_id,
+                occurred_at=occurred_at,
+                provider=self._provider,
+                **context,
             )
         self._require_usage("openai stream")
         assert self._first is not None
@@ -253,6 +284,10 @@ class OpenAIChatStream:
         merged["usage"] = self._usage
         merged["service_tier"] = self._tier
         return usage_event_from_openai_chat(
-            merged, customer_id=customer_id, event_id=event_id, occurred_at=occurred_at,
-            provider=self._provider, **context,
+            merged,
+            customer_id=customer_id,
+            event_id=event_id,
+            occurred_at=occurred_at,
+            provider=self._provider,
+            **context,
         )

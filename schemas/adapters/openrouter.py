@@ -12,7 +12,7 @@ The model id is ``"<provider>/<model>"`` (``anthropic/claude-3.5-sonnet``): the 
 tokens itself. Counts are read exactly as OpenAI's (:func:`~schemas.adapters.openai.openai_chat_counts`,
 including ``cache_write_tokens``, audio/image details and the ``total_tokens`` check), so the same
 request gives the same event through OpenRouter as through OpenAI. Variant suffixes (``:online``,
-``:floor``...) are dropped by :func:`schemas.naming.normalize_model`.
+``:floor``...) are dropped by :func:`meterline.core.naming.normalize_model`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters._common import (
     MISSING_FIELD,
     as_mapping,
@@ -40,8 +40,9 @@ def split_model(model_id: str) -> tuple[str, str]:
     """``"anthropic/claude-3.5-sonnet"`` → ``("anthropic", "claude-3.5-sonnet")``."""
     provider, sep, model = model_id.partition("/")
     if not sep or not provider or not model:
-        raise InvalidEvent(f"openrouter: model {model_id!r} is not '<provider>/<model>'",
-                           reason_code=MISSING_FIELD, field="model")
+        raise InvalidEvent(
+            f"openrouter: model {model_id!r} is not '<provider>/<model>'", reason_code=MISSING_FIELD, field="model"
+        )
     return provider, model
 
 
@@ -79,10 +80,12 @@ def usage_event_from_openrouter(
 class OpenRouterStream(OpenAIChatStream):
     """:class:`OpenAIChatStream` for OpenRouter SSE chunks (usage arrives in the last chunk)."""
 
-    def event(self, *, customer_id: str, event_id: str | None = None, occurred_at: datetime | None = None,
-              **context: Any) -> UsageEvent:
+    def event(
+        self, *, customer_id: str, event_id: str | None = None, occurred_at: datetime | None = None, **context: Any
+    ) -> UsageEvent:
         self._require_usage("openrouter stream")
         assert self._first is not None
         merged = {**self._first, "usage": self._usage, "service_tier": self._tier}
-        return usage_event_from_openrouter(merged, customer_id=customer_id, event_id=event_id,
-                                           occurred_at=occurred_at, **context)
+        return usage_event_from_openrouter(
+            merged, customer_id=customer_id, event_id=event_id, occurred_at=occurred_at, **context
+        )

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters import AnthropicMessageStream, usage_event_from_anthropic
 
 
@@ -17,12 +17,18 @@ def test_message_with_cache_write(payload):
 
 
 def test_message_with_cache_read_and_ttl_split(payload):
-    ev = usage_event_from_anthropic(payload("anthropic_message_cache_read.json"), customer_id="cus_1",
-                                    provider="bedrock")
+    ev = usage_event_from_anthropic(
+        payload("anthropic_message_cache_read.json"), customer_id="cus_1", provider="bedrock"
+    )
     assert (ev.provider, ev.model_version) == ("bedrock", "20250929")
     # 1024 written for 5 minutes, 1024 for 1 hour: priced apart (1.25x and 2x input)
-    assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens, ev.cache_write_long_tokens,
-            ev.output_tokens) == (50, 188086, 1024, 1024, 1503)
+    assert (
+        ev.input_tokens,
+        ev.cached_input_tokens,
+        ev.cache_write_tokens,
+        ev.cache_write_long_tokens,
+        ev.output_tokens,
+    ) == (50, 188086, 1024, 1024, 1503)
 
 
 def test_ttl_split_must_match_total(payload):

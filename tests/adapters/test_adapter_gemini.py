@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters import GeminiStream, usage_event_from_gemini
 
 
@@ -19,12 +19,13 @@ def test_thinking_model(payload):
 
 
 def test_vertex_cached_content_and_tool_prompt(payload):
-    ev = usage_event_from_gemini(payload("gemini_vertex_cached.json"), customer_id="cus_1",
-                                 model="gemini-2.0-flash", provider="vertex_ai")
+    ev = usage_event_from_gemini(
+        payload("gemini_vertex_cached.json"), customer_id="cus_1", model="gemini-2.0-flash", provider="vertex_ai"
+    )
     assert (ev.provider, ev.model, ev.model_version) == ("vertex_ai", "gemini-2.0-flash", "001")
     # promptTokenCount includes the cached content: 33077 - 32768 + 125 tool-use prompt tokens
     assert (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens, ev.reasoning_tokens) == (434, 32768, 412, 0)
-    assert ev.occurred_at == datetime(2025, 3, 10, 14, 31, 5, 845321, tzinfo=timezone.utc)
+    assert ev.occurred_at == datetime(2025, 3, 10, 14, 31, 5, 845321, tzinfo=UTC)
     total = payload("gemini_vertex_cached.json")["usageMetadata"]["totalTokenCount"]
     assert ev.input_tokens + ev.cached_input_tokens + ev.output_tokens == total
 
@@ -50,9 +51,12 @@ def test_bad_usage_is_rejected(payload, mutate, reason):
 
 def test_stream_last_usage_wins(payload):
     final = payload("gemini_generate_content.json")
-    first = {"candidates": [{"content": {"parts": [{"text": "AI"}], "role": "model"}}],
-             "usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10},
-             "modelVersion": "gemini-2.5-flash", "responseId": final["responseId"]}
+    first = {
+        "candidates": [{"content": {"parts": [{"text": "AI"}], "role": "model"}}],
+        "usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10},
+        "modelVersion": "gemini-2.5-flash",
+        "responseId": final["responseId"],
+    }
     stream = GeminiStream()
     stream.extend([first, final])
     ev = stream.event(customer_id="c")

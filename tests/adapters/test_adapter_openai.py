@@ -1,21 +1,26 @@
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters import OpenAIChatStream, usage_event_from_openai_chat, usage_event_from_openai_response
 
 
 def test_chat_completion_subtracts_cached_tokens(payload):
-    ev = usage_event_from_openai_chat(payload("openai_chat_completion.json"), customer_id="cus_1",
-                                      api_key_id="key_9", project="search", labels={"env": "prod"})
+    ev = usage_event_from_openai_chat(
+        payload("openai_chat_completion.json"),
+        customer_id="cus_1",
+        api_key_id="key_9",
+        project="search",
+        labels={"env": "prod"},
+    )
     assert ev.event_id == "openai:chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG"
     assert ev.request_id == "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG"
     assert (ev.provider, ev.model, ev.model_version) == ("openai", "gpt-4o", "2024-08-06")
-    assert ev.occurred_at == datetime.fromtimestamp(1741570283, tz=timezone.utc)
+    assert ev.occurred_at == datetime.fromtimestamp(1741570283, tz=UTC)
     assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens) == (93, 1024, 0)
     assert (ev.output_tokens, ev.reasoning_tokens) == (46, 0)
     assert (ev.api_key_id, ev.project, ev.labels, ev.requests) == ("key_9", "search", {"env": "prod"}, 1)
@@ -36,7 +41,7 @@ def test_responses_api(payload):
     assert ev.event_id == "openai:resp_67ccd3a9da748190baa7f1570fe91ac604becb25c45c1d41"
     assert (ev.model, ev.model_version) == ("o4-mini", "2025-04-16")
     assert (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens, ev.reasoning_tokens) == (200, 128, 20, 832)
-    assert ev.occurred_at == datetime.fromtimestamp(1741476777, tz=timezone.utc)
+    assert ev.occurred_at == datetime.fromtimestamp(1741476777, tz=UTC)
 
 
 def test_undated_model_has_no_version(payload):
@@ -46,9 +51,10 @@ def test_undated_model_has_no_version(payload):
 
 
 def test_explicit_event_id_and_time_win(payload):
-    at = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    ev = usage_event_from_openai_chat(payload("openai_chat_completion.json"), customer_id="c",
-                                      event_id="gw-123", occurred_at=at)
+    at = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ev = usage_event_from_openai_chat(
+        payload("openai_chat_completion.json"), customer_id="c", event_id="gw-123", occurred_at=at
+    )
     assert (ev.event_id, ev.occurred_at) == ("gw-123", at)
 
 
@@ -64,9 +70,9 @@ def test_no_id_requires_event_id(payload):
 def test_no_created_defaults_to_now(payload):
     body = payload("openai_chat_completion.json")
     del body["created"]
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     ev = usage_event_from_openai_chat(body, customer_id="c")
-    assert before <= ev.occurred_at <= datetime.now(timezone.utc)
+    assert before <= ev.occurred_at <= datetime.now(UTC)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.adapters import OpenRouterStream, usage_event_from_litellm, usage_event_from_openrouter
 
 
@@ -12,11 +12,15 @@ def test_openrouter_provider_from_model_prefix(payload):
     ev = usage_event_from_openrouter(payload("openrouter_chat.json"), customer_id="cus_1")
     assert ev.event_id == "openrouter:gen-1741624262-2fFXe2yqCMa4VbHlOPkK"
     assert (ev.provider, ev.model, ev.model_version, ev.gateway) == (
-        "anthropic", "claude-3-5-sonnet", None, "openrouter")  # Anthropic's own spelling
+        "anthropic",
+        "claude-3-5-sonnet",
+        None,
+        "openrouter",
+    )  # Anthropic's own spelling
     # prompt 3194 includes 2900 cache reads and 200 cache writes
     assert (ev.input_tokens, ev.cached_input_tokens, ev.cache_write_tokens) == (94, 2900, 200)
     assert (ev.output_tokens, ev.reasoning_tokens) == (12, 0)
-    assert ev.occurred_at == datetime.fromtimestamp(1741624262, tz=timezone.utc)
+    assert ev.occurred_at == datetime.fromtimestamp(1741624262, tz=UTC)
 
 
 def test_openrouter_reasoning(payload):
@@ -64,12 +68,13 @@ def test_litellm_anthropic_payload(payload):
     assert ev.gateway == "litellm"
     assert ev.api_key_id == "88dc28d0f030c55ed4ab77ed8faf098196cb1c05df778539800c9f1243fe6b4b"
     assert ev.user_id == "enduser-77"
-    assert ev.occurred_at == datetime.fromtimestamp(1741712400.125, tz=timezone.utc)
+    assert ev.occurred_at == datetime.fromtimestamp(1741712400.125, tz=UTC)
 
 
 def test_litellm_openai_payload_provider_from_model_map_key(payload):
-    ev = usage_event_from_litellm(payload("litellm_openai_minimal.json"), customer_id="acme",
-                                  api_key_id="k1", user_id="u1")
+    ev = usage_event_from_litellm(
+        payload("litellm_openai_minimal.json"), customer_id="acme", api_key_id="k1", user_id="u1"
+    )
     assert (ev.provider, ev.model, ev.model_version) == ("openai", "gpt-4o-mini", "2024-07-18")
     assert (ev.input_tokens, ev.cached_input_tokens, ev.output_tokens) == (176, 1024, 145)
     assert (ev.api_key_id, ev.user_id) == ("k1", "u1")
@@ -97,9 +102,14 @@ def test_litellm_without_usage_object_reads_the_logged_response_usage(payload):
     [
         (lambda b: b.__setitem__("status", "failure"), "failed_request"),
         (lambda b: b.__setitem__("prompt_tokens", 1), "inconsistent_usage"),
-        (lambda b: b["metadata"]["usage_object"].__setitem__("cache_creation_input_tokens", 5000), "inconsistent_usage"),
-        (lambda b: (b.pop("custom_llm_provider"), b["model_map_information"].__setitem__("model_map_key", "x")),
-         "missing_field"),
+        (
+            lambda b: b["metadata"]["usage_object"].__setitem__("cache_creation_input_tokens", 5000),
+            "inconsistent_usage",
+        ),
+        (
+            lambda b: (b.pop("custom_llm_provider"), b["model_map_information"].__setitem__("model_map_key", "x")),
+            "missing_field",
+        ),
         (lambda b: b["metadata"]["usage_object"].__setitem__("completion_tokens", None), "missing_usage"),
     ],
 )

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from meterline.api.app import create_api
-from meterline.api.keys import KeyStore
-from meterline.api.server import ApiServer
+from meterline.shell.api.app import create_api
+from meterline.shell.api.keys import KeyStore
+from meterline.shell.api.server import ApiServer
+from meterline.stack.producer import UsageProducer
 from schemas.codec import decode_usage_batch
-from schemas.producer import UsageProducer
 
 
 @dataclass
@@ -91,12 +91,14 @@ def _event(event_id: str, customer_id: str = "cust-a", **over: Any) -> dict[str,
 
 def _consume_usage(bootstrap: str, topic: str, expect: int, timeout: float = 20.0) -> list[dict[str, Any]]:
     """Every event decoded from ``topic`` (all partitions, from the start) once ``expect`` are seen."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": f"api-test-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"api-test-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     try:
         meta = consumer.list_topics(topic, timeout=10)
         consumer.assign([TopicPartition(topic, p, 0) for p in meta.topics[topic].partitions])

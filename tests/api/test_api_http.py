@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
@@ -14,13 +14,19 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.api.app import MAX_BODY_BYTES, MAX_EVENTS
-from meterline.api.client import ApiClient
-from meterline.api.server import ApiServer
-from meterline.discovery import RuntimeInfo, read_runtime_info, remove_runtime_info, running_api, write_runtime_info
-from meterline.errors import ConfigError, InputError, TransientError
+from meterline.core.errors import ConfigError, InputError, TransientError
+from meterline.shell.api.app import MAX_BODY_BYTES, MAX_EVENTS
+from meterline.shell.api.client import ApiClient
+from meterline.shell.api.server import ApiServer
+from meterline.shell.discovery import (
+    RuntimeInfo,
+    read_runtime_info,
+    remove_runtime_info,
+    running_api,
+    write_runtime_info,
+)
 from meterline.stack.broker import free_port
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 
 MakeEvent = Callable[..., dict[str, Any]]
 
@@ -54,8 +60,12 @@ def test_healthz_needs_no_key(api_factory: Any) -> None:
 def test_missing_bad_and_revoked_keys_are_401(api_factory: Any, keys: Any, make_event: MakeEvent) -> None:
     api = api_factory(producer=_NoProducer())
     body = {"events": [make_event("e1")]}
-    for headers in ({}, {"Authorization": "Bearer ml_live_" + "x" * 32}, {"Authorization": f"Basic {keys.cust_a}"},
-                    {"Authorization": "Bearer"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer ml_live_" + "x" * 32},
+        {"Authorization": f"Basic {keys.cust_a}"},
+        {"Authorization": "Bearer"},
+    ):
         resp = httpx.post(api.url + "/v1/events", json=body, headers=headers)
         assert resp.status_code == 401, headers
         assert _err(resp)["code"] == "unauthorized"
@@ -78,8 +88,12 @@ def test_unknown_route_and_method_are_json_errors(api_factory: Any, keys: Any) -
 
 
 def test_mixed_batch_reports_per_event_and_only_good_events_reach_kafka(
-    api_factory: Any, keys: Any, usage_producer: UsageProducer, topics: dict[str, str],
-    make_event: MakeEvent, consume_usage: Any,
+    api_factory: Any,
+    keys: Any,
+    usage_producer: UsageProducer,
+    topics: dict[str, str],
+    make_event: MakeEvent,
+    consume_usage: Any,
 ) -> None:
     api = api_factory(producer=usage_producer)
     batch = [
@@ -99,8 +113,15 @@ def test_mixed_batch_reports_per_event_and_only_good_events_reach_kafka(
     by_index = {r["index"]: r for r in body["results"]}
     assert [r["index"] for r in body["results"]] == list(range(len(batch)))
     assert [by_index[i]["status"] for i in range(len(batch))] == [
-        "accepted", "rejected", "accepted", "duplicate_id_in_batch", "rejected", "rejected", "rejected",
-        "rejected", "accepted",
+        "accepted",
+        "rejected",
+        "accepted",
+        "duplicate_id_in_batch",
+        "rejected",
+        "rejected",
+        "rejected",
+        "rejected",
+        "accepted",
     ]
     assert by_index[1]["reason_code"] == "negative_count" and by_index[1]["field"] == "input_tokens"
     assert by_index[4]["reason_code"] == "customer_mismatch" and by_index[4]["event_id"] == "other"
@@ -119,8 +140,12 @@ def test_mixed_batch_reports_per_event_and_only_good_events_reach_kafka(
 
 
 def test_admin_key_may_send_for_any_customer_and_bare_list_body(
-    api_factory: Any, keys: Any, usage_producer: UsageProducer, topics: dict[str, str],
-    make_event: MakeEvent, consume_usage: Any,
+    api_factory: Any,
+    keys: Any,
+    usage_producer: UsageProducer,
+    topics: dict[str, str],
+    make_event: MakeEvent,
+    consume_usage: Any,
 ) -> None:
     api = api_factory(producer=usage_producer)
     resp = api.post("/v1/events", keys.admin, json=[make_event("a1", "cust-a"), make_event("b1", "cust-b")])
@@ -153,16 +178,20 @@ def test_body_and_event_count_limits_are_413(api_factory: Any, keys: Any, make_e
     assert len(json.dumps(too_many)) < MAX_BODY_BYTES
     resp = api.post("/v1/events", keys.cust_a, json={"events": too_many})
     assert resp.status_code == 413 and _err(resp) == {
-        "code": "too_many_events", "message": f"{MAX_EVENTS + 1} events in one request, at most {MAX_EVENTS}",
+        "code": "too_many_events",
+        "message": f"{MAX_EVENTS + 1} events in one request, at most {MAX_EVENTS}",
         "field": "events",
     }
 
 
-@pytest.mark.parametrize("content, code", [
-    (b"{not json", "invalid_json"),
-    (b'{"events": 5}', "invalid_body"),
-    (b'"a string"', "invalid_body"),
-])
+@pytest.mark.parametrize(
+    "content, code",
+    [
+        (b"{not json", "invalid_json"),
+        (b'{"events": 5}', "invalid_body"),
+        (b'"a string"', "invalid_body"),
+    ],
+)
 def test_malformed_bodies_are_400(api_factory: Any, keys: Any, content: bytes, code: str) -> None:
     api = api_factory(producer=_NoProducer())
     resp = api.post("/v1/events", keys.cust_a, content=content)
@@ -190,24 +219,39 @@ def test_broker_down_is_503_and_nothing_accepted(api_factory: Any, keys: Any, ma
 
 
 def _insert_priced(client: Any, rows: list[tuple[str, str, Decimal]]) -> None:
-    now = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
     client.insert(
         "usage_priced",
         [[eid, now, cust, "openai", "gpt-4o", cost, cost, "USD", now] for eid, cust, cost in rows],
-        column_names=["event_id", "occurred_at", "customer_id", "provider", "model", "cost", "charge", "currency",
-                      "priced_at"],
+        column_names=[
+            "event_id",
+            "occurred_at",
+            "customer_id",
+            "provider",
+            "model",
+            "cost",
+            "charge",
+            "currency",
+            "priced_at",
+        ],
     )
 
 
 def test_sql_is_admin_only_and_exact(api_factory: Any, keys: Any, clickhouse: Any) -> None:
-    _insert_priced(clickhouse, [
-        ("e1", "cust-a", Decimal("0.000000000001")),
-        ("e2", "cust-a", Decimal("12345678901234567890.123456789012")),
-        ("e3", "cust-b", Decimal("0.1")),
-    ])
+    _insert_priced(
+        clickhouse,
+        [
+            ("e1", "cust-a", Decimal("0.000000000001")),
+            ("e2", "cust-a", Decimal("12345678901234567890.123456789012")),
+            ("e3", "cust-b", Decimal("0.1")),
+        ],
+    )
     api = api_factory(producer=_NoProducer(), clickhouse=clickhouse)
-    q = {"query": "SELECT customer_id, sum(cost) AS total, max(occurred_at) AS last FROM usage_priced "
-                  "WHERE customer_id = {c:String} GROUP BY customer_id", "parameters": {"c": "cust-a"}}
+    q = {
+        "query": "SELECT customer_id, sum(cost) AS total, max(occurred_at) AS last FROM usage_priced "
+        "WHERE customer_id = {c:String} GROUP BY customer_id",
+        "parameters": {"c": "cust-a"},
+    }
     resp = api.post("/v1/sql", keys.cust_a, json=q)
     assert resp.status_code == 403 and _err(resp)["code"] == "forbidden"
     resp = api.post("/v1/sql", keys.admin, json=q)
@@ -227,13 +271,16 @@ def test_sql_is_admin_only_and_exact(api_factory: Any, keys: Any, clickhouse: An
     assert table.status_code == 200 and "12345678901234567890.123456789013" in table.text
 
 
-@pytest.mark.parametrize("query", [
-    "INSERT INTO usage_priced (event_id) VALUES ('x')",
-    "DROP TABLE usage_priced",
-    "SELECT 1; DROP TABLE usage_priced",
-    "SELECT 1; SELECT 2",
-    "ALTER TABLE usage_priced DELETE WHERE 1",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "INSERT INTO usage_priced (event_id) VALUES ('x')",
+        "DROP TABLE usage_priced",
+        "SELECT 1; DROP TABLE usage_priced",
+        "SELECT 1; SELECT 2",
+        "ALTER TABLE usage_priced DELETE WHERE 1",
+    ],
+)
 def test_sql_refuses_writes_and_multi_statements(api_factory: Any, keys: Any, clickhouse: Any, query: str) -> None:
     api = api_factory(producer=_NoProducer(), clickhouse=clickhouse)
     resp = api.post("/v1/sql", keys.admin, json={"query": query})
@@ -272,7 +319,11 @@ def test_sql_through_a_context_manager_factory(api_factory: Any, keys: Any, clic
 
 
 def test_secrets_never_logged(
-    api_factory: Any, keys: Any, clickhouse: Any, caplog: pytest.LogCaptureFixture, make_event: MakeEvent,
+    api_factory: Any,
+    keys: Any,
+    clickhouse: Any,
+    caplog: pytest.LogCaptureFixture,
+    make_event: MakeEvent,
     tmp_path: Path,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -287,17 +338,21 @@ def test_secrets_never_logged(
     assert caplog.records  # something was logged (key creation, access log, ...)
     for s in secrets:
         assert s not in caplog.text
-        assert s[len("ml_live_"):] not in caplog.text
+        assert s[len("ml_live_") :] not in caplog.text
     keyfile = (tmp_path / "api_keys.json").read_text()
     for s in secrets:
-        assert s not in keyfile and s[len("ml_live_"):] not in keyfile
+        assert s not in keyfile and s[len("ml_live_") :] not in keyfile
 
 
 # ------------------------------------------------------------------------------- client + discovery
 
 
 def test_client_and_discovery(
-    api_factory: Any, keys: Any, clickhouse: Any, usage_producer: UsageProducer, make_event: MakeEvent,
+    api_factory: Any,
+    keys: Any,
+    clickhouse: Any,
+    usage_producer: UsageProducer,
+    make_event: MakeEvent,
     tmp_path: Path,
 ) -> None:
     api = api_factory(producer=usage_producer, clickhouse=clickhouse)
@@ -308,7 +363,9 @@ def test_client_and_discovery(
 
     with ApiClient(*found) as client:
         assert client.sql("SELECT toDecimal128('2.000000000001', 12) AS x") == {
-            "columns": ["x"], "rows": [["2.000000000001"]]}
+            "columns": ["x"],
+            "rows": [["2.000000000001"]],
+        }
         assert client.sql("SELECT 1 AS x", fmt="csv") == "x\n1\n"
         report = client.send_events([make_event("c1", "cust-b")])
         assert report["accepted"] == 1
@@ -349,13 +406,12 @@ def test_read_runtime_info_ignores_dead_pid(tmp_path: Path) -> None:
     assert read_runtime_info(tmp_path / "missing") is None
 
 
-
 def test_extra_routes_use_the_same_auth_and_error_shape(api_factory: Any, keys: Any) -> None:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from meterline.api.auth import ApiError, require_customer, require_key
+    from meterline.shell.api.auth import ApiError, require_customer, require_key
 
     async def balance(request: Request) -> JSONResponse:
         record = require_key(request)
@@ -366,12 +422,20 @@ def test_extra_routes_use_the_same_auth_and_error_shape(api_factory: Any, keys: 
         return JSONResponse({"customer_id": customer, "balance": "10.000000000000"})
 
     api = api_factory(producer=_NoProducer(), extra_routes=[Route("/v1/customers/{customer_id}/balance", balance)])
-    get = lambda cust, key: httpx.get(f"{api.url}/v1/customers/{cust}/balance",  # noqa: E731
-                                      headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    def get(cust, key):
+        return httpx.get(
+            f"{api.url}/v1/customers/{cust}/balance",
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+        )
+
     assert get("cust-a", keys.cust_a).json() == {"customer_id": "cust-a", "balance": "10.000000000000"}
     assert get("cust-b", keys.cust_a).status_code == 403
     assert get("cust-b", keys.admin).status_code == 200
     assert get("cust-a", None).status_code == 401
     resp = get("ghost", keys.admin)
     assert resp.status_code == 404 and _err(resp) == {
-        "code": "unknown_customer", "message": "no such customer", "field": "customer_id"}
+        "code": "unknown_customer",
+        "message": "no such customer",
+        "field": "customer_id",
+    }

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from meterline.api.keys import KEY_PREFIX, KeyStore, hash_secret
-from meterline.errors import InputError
+from meterline.core.errors import InputError
+from meterline.shell.api.keys import KEY_PREFIX, KeyStore, hash_secret
 
 
 def test_create_returns_secret_once_and_file_holds_only_hash(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -21,7 +21,7 @@ def test_create_returns_secret_once_and_file_holds_only_hash(tmp_path: Path, cap
     key_id, secret = store.create("cust-a")
     assert secret.startswith(KEY_PREFIX) and len(secret) == len(KEY_PREFIX) + 32
     raw = (tmp_path / "api_keys.json").read_text()
-    assert secret not in raw and secret[len(KEY_PREFIX):] not in raw
+    assert secret not in raw and secret[len(KEY_PREFIX) :] not in raw
     assert hash_secret(secret) in raw
     assert stat.S_IMODE((tmp_path / "api_keys.json").stat().st_mode) == 0o600
     (rec,) = json.loads(raw)["keys"]
@@ -73,7 +73,7 @@ def test_changes_from_another_store_are_seen(tmp_path: Path) -> None:
 _CHILD = """
 import json, sys
 from pathlib import Path
-from meterline.api.keys import KeyStore
+from meterline.shell.api.keys import KeyStore
 store = KeyStore(Path(sys.argv[1]))
 print(json.dumps([store.create(f"c{sys.argv[2]}-{i}") for i in range(int(sys.argv[3]))]))
 """
@@ -99,11 +99,22 @@ def test_concurrent_processes_lose_no_keys(tmp_path: Path) -> None:
 
 
 def test_public_surface_is_pinned() -> None:
-    import meterline.api as api
+    import meterline.shell.api as api
 
-    assert api.__all__ == sorted([
-        "MAX_BODY_BYTES", "MAX_EVENTS", "ApiClient", "ApiError", "ApiServer", "KeyRecord", "KeyStore", "create_api",
-        "require_admin", "require_customer", "require_key",
-    ])
+    assert api.__all__ == sorted(
+        [
+            "MAX_BODY_BYTES",
+            "MAX_EVENTS",
+            "ApiClient",
+            "ApiError",
+            "ApiServer",
+            "KeyRecord",
+            "KeyStore",
+            "create_api",
+            "require_admin",
+            "require_customer",
+            "require_key",
+        ]
+    )
     for name in api.__all__:
         assert getattr(api, name) is not None

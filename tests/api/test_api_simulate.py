@@ -11,19 +11,42 @@ import httpx
 
 from jobs.plans.billing import bill_preview
 from jobs.plans.simulate import simulate
-from meterline.api.simulate import simulate_routes
-from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from meterline.shell.api.simulate import simulate_routes
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 
-PLANS = {"currency": "USD", "plans": [
-    {"id": "flat", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "25", "overage": {"per_million": "0"}},
-    {"id": "pro", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "20",
-     "allowances": [{"id": "t", "tokens": 1000000}], "overage": {"per_million": "30"}},
-    # model-scoped: only gpt-4o draws on the allowance (the simulator then groups by model in SQL)
-    {"id": "scoped", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "10",
-     "allowances": [{"id": "g", "tokens": 2000000, "models": [{"provider": "openai", "model": "gpt-4o"}]}],
-     "overage": {"per_million": "7"}},
-]}  # fmt: skip
+PLANS = {
+    "currency": "USD",
+    "plans": [
+        {
+            "id": "flat",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "25",
+            "overage": {"per_million": "0"},
+        },
+        {
+            "id": "pro",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "20",
+            "allowances": [{"id": "t", "tokens": 1000000}],
+            "overage": {"per_million": "30"},
+        },
+        # model-scoped: only gpt-4o draws on the allowance (the simulator then groups by model in SQL)
+        {
+            "id": "scoped",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "10",
+            "allowances": [{"id": "g", "tokens": 2000000, "models": [{"provider": "openai", "model": "gpt-4o"}]}],
+            "overage": {"per_million": "7"},
+        },
+    ],
+}
 
 
 class _NoProducer:
@@ -54,7 +77,9 @@ def _seed(ch: Any) -> None:
 def test_simulate_routes(api_factory: Callable[..., Any], keys: Any, clickhouse: Any) -> None:
     _seed(clickhouse)
     api = api_factory(producer=_NoProducer(), clickhouse=clickhouse, extra_routes=simulate_routes())
-    get = lambda path, key: httpx.get(api.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)  # noqa: E731
+
+    def get(path, key):
+        return httpx.get(api.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
 
     tables = "SELECT name, total_rows FROM system.tables WHERE database = currentDatabase() ORDER BY name"
     before = clickhouse.query(tables).result_rows
@@ -94,10 +119,14 @@ def test_simulate_routes(api_factory: Callable[..., Any], keys: Any, clickhouse:
     for p in scoped["periods"]:
         rows = clickhouse.query(
             "SELECT model = 'gpt-4o', sum(input_tokens + output_tokens) FROM usage_priced WHERE customer_id = 'cust-a'"
-            " AND formatDateTime(occurred_at, '%Y-%m') = {m:String} GROUP BY 1", parameters={"m": p["period"]}).result_rows
+            " AND formatDateTime(occurred_at, '%Y-%m') = {m:String} GROUP BY 1",
+            parameters={"m": p["period"]},
+        ).result_rows
         t = {bool(k): int(v) for k, v in rows}
         over = max(t.get(True, 0) - 2_000_000, 0) + t.get(False, 0)
-        assert Decimal(p["total"]) == (Decimal(10) + Decimal(over) * 7 / 1_000_000).quantize(Decimal("0.01"), ROUND_HALF_EVEN)
+        assert Decimal(p["total"]) == (Decimal(10) + Decimal(over) * 7 / 1_000_000).quantize(
+            Decimal("0.01"), ROUND_HALF_EVEN
+        )
 
     assert clickhouse.query(tables).result_rows == before  # read-only: no table changed
 
@@ -107,4 +136,6 @@ def test_simulate_routes(api_factory: Callable[..., Any], keys: Any, clickhouse:
     assert unknown.status_code == 400 and unknown.json()["error"]["field"] == "plans"
     html = get("/v1/customers/cust-a/simulate?period=2026-01&plans=flat&format=html", keys.cust_a)
     assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
-    assert '<svg class="chart" data-chart="break_even"' in html.text and "http://" not in html.text.replace("http://www.w3.org/2000/svg", "")
+    assert '<svg class="chart" data-chart="break_even"' in html.text and "http://" not in html.text.replace(
+        "http://www.w3.org/2000/svg", ""
+    )

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from meterline.api.server import ApiServer
+from meterline.shell.api.server import ApiServer
 
 
 async def _ok(_: Request) -> JSONResponse:
@@ -27,7 +27,7 @@ def test_accepted_connections_have_tcp_nodelay() -> None:
             conn.request("GET", "/x")
             response = conn.getresponse()
             assert response.status == 200 and response.read() == b'{"ok":true}'
-        state = server._server.server_state  # type: ignore[union-attr]  # noqa: SLF001
+        state = server._server.server_state  # type: ignore[union-attr]
         sockets = [c.transport.get_extra_info("socket") for c in state.connections]
         assert len(sockets) == 1
         assert sockets[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

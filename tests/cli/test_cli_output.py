@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meterline.pricing import TOKEN_CLASSES
+from meterline.core.pricing import TOKEN_CLASSES
 
 METERLINE = str(Path(sys.executable).parent / "meterline")
 
@@ -40,7 +40,11 @@ def test_errors_about_a_long_path_reach_a_redirected_stderr_on_one_line(tmp_path
     err_file = tmp_path / "stderr.txt"
     with err_file.open("w") as err:  # stderr to a file, stdout to a pipe
         proc = subprocess.run(
-            [METERLINE, "prices", "load", str(prices)], env=_env(tmp_path), stdout=subprocess.PIPE, stderr=err, text=True
+            [METERLINE, "prices", "load", str(prices)],
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
         )
     text = err_file.read_text()
     assert proc.returncode == 2, text
@@ -50,7 +54,9 @@ def test_errors_about_a_long_path_reach_a_redirected_stderr_on_one_line(tmp_path
 
     # A usage error that typer reports itself: the full path on one line, not inside an 80-column panel.
     missing = deep / "missing-prices-file.yaml"
-    proc = subprocess.run([METERLINE, "prices", "load", str(missing)], env=_env(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run(
+        [METERLINE, "prices", "load", str(missing)], env=_env(tmp_path), capture_output=True, text=True
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "does not exist" in line]
     assert len(lines) == 1 and f"'{missing}'" in lines[0], proc.stderr
@@ -81,7 +87,7 @@ def test_captured_output_for_a_forwarded_command_is_not_wrapped_and_its_tables_a
 
     from rich.table import Table
 
-    from meterline.console import capture_console
+    from meterline.shell.console import capture_console
 
     buf = io.StringIO()
     console = capture_console(buf, width=100)

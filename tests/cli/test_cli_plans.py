@@ -67,7 +67,9 @@ def _count(env: dict[str, str], sql: str) -> int:
 
 def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env.update({"METERLINE_DATA_DIR": str(tmp_path / "data"), "METERLINE_API_PORT": "0", "METERLINE_TOPIC_PREFIX": "plans."})
+    env.update(
+        {"METERLINE_DATA_DIR": str(tmp_path / "data"), "METERLINE_API_PORT": "0", "METERLINE_TOPIC_PREFIX": "plans."}
+    )
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen([METERLINE, "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -103,7 +105,10 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         first = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
         nxt = first.replace(year=first.year + first.month // 12, month=first.month % 12 + 1)
         half = first + (nxt - first) / 2
-        assert "recorded" in _run(env, "plans", "change", "plan-up", "max", "--at", half.strftime("%Y-%m-%dT%H:%M:%SZ")).stdout
+        assert (
+            "recorded"
+            in _run(env, "plans", "change", "plan-up", "max", "--at", half.strftime("%Y-%m-%dT%H:%M:%SZ")).stdout
+        )
         assert "recorded" in _run(env, "plans", "cancel", "plan-flat", "--at-period-end").stdout
         early = int(first.timestamp()) * 1000 + 3_600_000  # in the first half, whatever today is
         shown = json.loads(_run(env, "plans", "show", "plan-up", "--format", "json").stdout)
@@ -114,21 +119,38 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         at = max(at, int(datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()) * 1000)
         usage = [
             ("plan-7m", 4_000_000, 3_000_000),
-            ("plan-12m", 5_000_000, 1_000_000), ("plan-12m", 4_000_000, 2_000_000),
+            ("plan-12m", 5_000_000, 1_000_000),
+            ("plan-12m", 4_000_000, 2_000_000),
             ("plan-flat", 40_000_000, 10_000_000),
             ("payg", 1_000_000, 1_000_000),
             ("plan-up", 6_000_000, 1_000_000),
-        ]  # fmt: skip
+        ]
         events = tmp_path / "events.jsonl"
-        events.write_text("".join(
-            json.dumps({"event_id": f"e{i}", "occurred_at": early if c == "plan-up" else at, "customer_id": c, "provider": "meta", "model": "llama-3-70b",
-                        "input_tokens": n_in, "output_tokens": n_out}) + "\n"
-            for i, (c, n_in, n_out) in enumerate(usage)))  # fmt: skip
+        events.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "event_id": f"e{i}",
+                        "occurred_at": early if c == "plan-up" else at,
+                        "customer_id": c,
+                        "provider": "meta",
+                        "model": "llama-3-70b",
+                        "input_tokens": n_in,
+                        "output_tokens": n_out,
+                    }
+                )
+                + "\n"
+                for i, (c, n_in, n_out) in enumerate(usage)
+            )
+        )
         assert f"produced {len(usage)} event(s)" in _run(env, "produce", str(events)).stdout
 
         deadline = time.monotonic() + 90
-        while (_count(env, "SELECT count() FROM usage_priced"), _count(env, "SELECT count() FROM subscription_events"),
-               _count(env, "SELECT count() FROM plans")) != (len(usage), 6, 3):  # fmt: skip
+        while (
+            _count(env, "SELECT count() FROM usage_priced"),
+            _count(env, "SELECT count() FROM subscription_events"),
+            _count(env, "SELECT count() FROM plans"),
+        ) != (len(usage), 6, 3):
             assert time.monotonic() < deadline, "usage, plans and subscriptions did not land in ClickHouse in time"
             time.sleep(0.5)
 
@@ -138,13 +160,15 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         b7 = preview("plan-7m")
         assert b7["total"] == "200.00" and b7["plan"] == "pro@1"
         assert [(a["id"], a["included"], a["used"], a["remaining"]) for a in b7["allowances"]] == [
-            ("tokens", 10_000_000, 7_000_000, 3_000_000)]
+            ("tokens", 10_000_000, 7_000_000, 3_000_000)
+        ]
         assert [(line["kind"], line["amount"]) for line in b7["lines"]] == [("fee", "200.00"), ("allowance", "0.00")]
 
         b12 = preview("plan-12m")
         assert b12["total"] == "260.00"
-        assert [(line["kind"], line["quantity"], line["amount"]) for line in b12["lines"] if line["kind"] == "overage"] == [
-            ("overage", "2000000", "60.00")]
+        assert [
+            (line["kind"], line["quantity"], line["amount"]) for line in b12["lines"] if line["kind"] == "overage"
+        ] == [("overage", "2000000", "60.00")]
         assert b12["allowances"][0]["remaining"] == 0
 
         assert preview("plan-flat")["total"] == "25.00"
@@ -154,10 +178,15 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
         # mid-period upgrade: half of each fee (100 + 250), half of pro's allowance (5M) for the
         # first half, whose 7M tokens leave 2M overage at $30; max's 20M (half of 40M) is unused
         up_bill = preview("plan-up")
-        assert [(line["kind"], line["plan"], line["amount"]) for line in up_bill["lines"] if line["kind"] in ("fee", "overage")] == [
-            ("fee", "pro@1", "100.00"), ("overage", "pro@1", "60.00"), ("fee", "max@1", "250.00")]
+        assert [
+            (line["kind"], line["plan"], line["amount"])
+            for line in up_bill["lines"]
+            if line["kind"] in ("fee", "overage")
+        ] == [("fee", "pro@1", "100.00"), ("overage", "pro@1", "60.00"), ("fee", "max@1", "250.00")]
         assert [(a["plan"], a["included"], a["used"], a["remaining"]) for a in up_bill["allowances"]] == [
-            ("pro@1", 5_000_000, 5_000_000, 0), ("max@1", 20_000_000, 0, 20_000_000)]
+            ("pro@1", 5_000_000, 5_000_000, 0),
+            ("max@1", 20_000_000, 0, 20_000_000),
+        ]
         assert up_bill["total"] == "410.00"
 
         table = _run(env, "bill", "preview", "plan-12m", "--period", month).stdout
@@ -177,8 +206,11 @@ def test_plan_bills_from_the_real_pipeline(tmp_path: Path) -> None:
             time.sleep(0.5)
         assert preview("plan-7m")["total"] == "200.00"  # this period stays on pro@1
         following = nxt.strftime("%Y-%m")
-        nb = preview("plan-7m") if following == month else json.loads(
-            _run(env, "bill", "preview", "plan-7m", "--period", following, "--format", "json").stdout)
+        nb = (
+            preview("plan-7m")
+            if following == month
+            else json.loads(_run(env, "bill", "preview", "plan-7m", "--period", following, "--format", "json").stdout)
+        )
         assert nb["plan"] == "pro@2" and nb["total"] == "210.00"
     finally:
         up.send_signal(signal.SIGINT)

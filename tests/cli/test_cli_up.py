@@ -55,7 +55,9 @@ def _run(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Comp
 
 def test_up_serves_cli_commands_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env.update({"METERLINE_DATA_DIR": str(tmp_path / "data"), "METERLINE_API_PORT": "0", "METERLINE_TOPIC_PREFIX": "cli."})
+    env.update(
+        {"METERLINE_DATA_DIR": str(tmp_path / "data"), "METERLINE_API_PORT": "0", "METERLINE_TOPIC_PREFIX": "cli."}
+    )
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen([METERLINE, "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -81,9 +83,14 @@ def test_up_serves_cli_commands_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> 
         now = int(time.time() * 1000)
         events = tmp_path / "events.jsonl"
         good = {
-            "event_id": "cli-1", "occurred_at": now, "customer_id": "acme", "provider": "meta",
-            "model": "llama-3-70b", "input_tokens": 1_000_000, "output_tokens": 1_000_000,
-        }  # fmt: skip
+            "event_id": "cli-1",
+            "occurred_at": now,
+            "customer_id": "acme",
+            "provider": "meta",
+            "model": "llama-3-70b",
+            "input_tokens": 1_000_000,
+            "output_tokens": 1_000_000,
+        }
         unpriced = dict(good, event_id="cli-2", model="not-a-model")
         events.write_text(json.dumps(good) + "\n{not json\n" + json.dumps(unpriced) + "\n")
         produced = _run(env, "produce", str(events), check=False)
@@ -97,7 +104,9 @@ def test_up_serves_cli_commands_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> 
         while (count("usage_priced"), count("usage_rejected")) != (1, 1):
             assert time.monotonic() < deadline, "events were not priced / dead-lettered in time"
             time.sleep(0.5)
-        charge = _run(env, "sql", "SELECT sum(charge) FROM usage_priced", "--format", "csv").stdout.strip().splitlines()[-1]
+        charge = (
+            _run(env, "sql", "SELECT sum(charge) FROM usage_priced", "--format", "csv").stdout.strip().splitlines()[-1]
+        )
         # acme pays list price + 20 %: (0.59 + 0.79) per million × 1M tokens each × 1.20
         assert Decimal(charge.strip('"')) == Decimal("1.656")
 
@@ -139,8 +148,13 @@ def test_sql_and_migrate_work_directly_when_nothing_runs(tmp_path: Path) -> None
     env["METERLINE_DATA_DIR"] = str(tmp_path / "data")
     assert "applied" in _run(env, "migrate").stdout
     assert "applied 0 migration(s)" in _run(env, "migrate").stdout  # idempotent
-    out = _run(env, "sql", "SELECT count() AS n, toDecimal128('0.000000000001', 12) * 3 AS exact FROM usage_priced",
-               "--format", "csv").stdout
+    out = _run(
+        env,
+        "sql",
+        "SELECT count() AS n, toDecimal128('0.000000000001', 12) * 3 AS exact FROM usage_priced",
+        "--format",
+        "csv",
+    ).stdout
     assert out.strip().splitlines()[-1].replace('"', "") == "0,0.000000000003"
     refused = _run(env, "sql", "DROP TABLE usage_priced", check=False)
     assert refused.returncode != 0

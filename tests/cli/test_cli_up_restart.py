@@ -29,8 +29,9 @@ def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    up = subprocess.Popen([METERLINE, "up"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
-                          start_new_session=True)  # its own process group: killed as a whole below
+    up = subprocess.Popen(
+        [METERLINE, "up"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )  # its own process group: killed as a whole below
     runtime_file = Path(env["METERLINE_DATA_DIR"]) / "runtime.json"
     deadline = time.monotonic() + 180
     while not (runtime_file.exists() and "meterline is up" in log.read_text()):
@@ -43,13 +44,15 @@ def _up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 def _balance(env: dict[str, str], customer: str) -> dict[str, Any]:
     doc = json.loads(_run(env, "credits", "balance", customer).stdout)
     return {k: doc.get(k) for k in ("available", "credit_remaining", "overage", "net_balance")} | {
-        "grants": sorted((g["grant_id"], g["granted"], g["remaining"]) for g in doc.get("grants", []))}
+        "grants": sorted((g["grant_id"], g["granted"], g["remaining"]) for g in doc.get("grants", []))
+    }
 
 
 def test_sigkill_of_up_and_restart_keeps_the_balance(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env.update({"METERLINE_DATA_DIR": str(tmp_path / "data"), "METERLINE_API_PORT": "0",
-                "METERLINE_TOPIC_PREFIX": "restart."})  # fmt: skip
+    env.update(
+        {"METERLINE_DATA_DIR": str(tmp_path / "data"), "METERLINE_API_PORT": "0", "METERLINE_TOPIC_PREFIX": "restart."}
+    )
     first = tmp_path / "up1.log"
     up = _up(env, first)
     try:
@@ -59,14 +62,31 @@ def test_sigkill_of_up_and_restart_keeps_the_balance(tmp_path: Path) -> None:
         time.sleep(2)  # usage that occurred after the grant took effect
         now = int(time.time() * 1000)
         events = tmp_path / "events.jsonl"
-        events.write_text("".join(json.dumps({
-            "event_id": f"e-{i}", "occurred_at": now - i, "customer_id": "bigco", "provider": "meta",
-            "model": "llama-3-70b", "input_tokens": 10_000 + i, "output_tokens": 2_000}) + "\n" for i in range(300)))  # fmt: skip
+        events.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "event_id": f"e-{i}",
+                        "occurred_at": now - i,
+                        "customer_id": "bigco",
+                        "provider": "meta",
+                        "model": "llama-3-70b",
+                        "input_tokens": 10_000 + i,
+                        "output_tokens": 2_000,
+                    }
+                )
+                + "\n"
+                for i in range(300)
+            )
+        )
         _run(env, "produce", str(events))
         deadline = time.monotonic() + 120
         while True:
-            debited = _run(env, "sql", "SELECT count() FROM ledger_entries FINAL WHERE kind = 'debit'",
-                           "--format", "csv").stdout.strip().splitlines()[-1]  # fmt: skip
+            debited = (
+                _run(env, "sql", "SELECT count() FROM ledger_entries FINAL WHERE kind = 'debit'", "--format", "csv")
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             if int(debited) >= 300:
                 break
             assert time.monotonic() < deadline, "usage was not debited in time"

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 METERLINE = str(Path(sys.executable).parent / "meterline")
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @dataclass
@@ -92,18 +100,44 @@ def _events(now: datetime) -> tuple[list[dict[str, Any]], Workload]:
             for m_i, (provider, model) in enumerate(models):
                 n += 1
                 at = min(day + timedelta(hours=1 + m_i, minutes=p_i), now - timedelta(minutes=1))
-                events.append({"event_id": f"con-{n}", "occurred_at": at.isoformat(), "customer_id": "acme",
-                               "provider": provider, "model": model, "project": project,
-                               "input_tokens": 10_000 * (1 + d_i) + 1_234 * m_i, "output_tokens": 3_333 * (1 + p_i)})
+                events.append(
+                    {
+                        "event_id": f"con-{n}",
+                        "occurred_at": at.isoformat(),
+                        "customer_id": "acme",
+                        "provider": provider,
+                        "model": model,
+                        "project": project,
+                        "input_tokens": 10_000 * (1 + d_i) + 1_234 * m_i,
+                        "output_tokens": 3_333 * (1 + p_i),
+                    }
+                )
     for i in range(2):
-        events.append({"event_id": f"glx-{i}", "occurred_at": (now - timedelta(minutes=5)).isoformat(),
-                       "customer_id": "globex", "provider": "openai", "model": "gpt-4o", "project": "bot",
-                       "input_tokens": 50_000 + i, "output_tokens": 7_000})
+        events.append(
+            {
+                "event_id": f"glx-{i}",
+                "occurred_at": (now - timedelta(minutes=5)).isoformat(),
+                "customer_id": "globex",
+                "provider": "openai",
+                "model": "gpt-4o",
+                "project": "bot",
+                "input_tokens": 50_000 + i,
+                "output_tokens": 7_000,
+            }
+        )
     w.priced = len(events)
     for i in range(2):
-        events.append({"event_id": f"nop-{i}", "occurred_at": (now - timedelta(minutes=3)).isoformat(),
-                       "customer_id": "acme", "provider": "meta", "model": "console-unpriced-model",
-                       "input_tokens": 1000, "output_tokens": 10})
+        events.append(
+            {
+                "event_id": f"nop-{i}",
+                "occurred_at": (now - timedelta(minutes=3)).isoformat(),
+                "customer_id": "acme",
+                "provider": "meta",
+                "model": "console-unpriced-model",
+                "input_tokens": 1000,
+                "output_tokens": 10,
+            }
+        )
     w.unpriced = 2
     w.customers = {"acme", "globex"}
     return events, w
@@ -123,19 +157,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert up.poll() is None, (tmp / "up.log").read_text()
         info = json.loads(runtime.read_text())
         admin = (data / "admin.key").read_text().strip()
-        stack = Stack(info["api_url"], data, admin, {}, env, Workload(), datetime.now(timezone.utc).strftime("%Y-%m"))
+        stack = Stack(info["api_url"], data, admin, {}, env, Workload(), datetime.now(UTC).strftime("%Y-%m"))
         for customer in ("acme", "globex"):
             stack.keys[customer] = json.loads(stack.run("keys", "create", customer).stdout)["secret"]
         stack.run("prices", "load", "infra/prices/seed.yaml")
         # effective before the oldest event, so the back-dated usage debits it
-        effective_ms = int((datetime.now(timezone.utc) - timedelta(days=4)).timestamp() * 1000)
-        r = stack.call("POST", "/v1/credits/grants", admin, json={"customer_id": "acme", "grant_id": "console-g1",
-                                                                   "amount": "1.00", "currency": "usd",
-                                                                   "effective_at_ms": effective_ms})
+        effective_ms = int((datetime.now(UTC) - timedelta(days=4)).timestamp() * 1000)
+        r = stack.call(
+            "POST",
+            "/v1/credits/grants",
+            admin,
+            json={
+                "customer_id": "acme",
+                "grant_id": "console-g1",
+                "amount": "1.00",
+                "currency": "usd",
+                "effective_at_ms": effective_ms,
+            },
+        )
         assert r.status_code == 202, r.text
         # The grant first, so the usage debits it and crosses the credit alerts (50/80/100 % used).
         _wait(lambda: stack.call("GET", "/v1/customers/acme/balance", admin).status_code == 200, 60, "the grant")
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         events, w = _events(now)
         for customer in ("acme", "globex"):
             mine = [e for e in events if e["customer_id"] == customer]
@@ -150,18 +193,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         w.duplicates = len(again)
         w.accepted += len(again)
         stack.workload = w
-        counts = lambda: (stack.sql("SELECT count() FROM usage_priced")[0][0],  # noqa: E731
-                          stack.sql("SELECT count() FROM usage_rejected")[0][0])
+
+        def counts():
+            return (
+                stack.sql("SELECT count() FROM usage_priced")[0][0],
+                stack.sql("SELECT count() FROM usage_rejected")[0][0],
+            )
+
         try:
             _wait(lambda: counts() == (w.priced, w.unpriced), 240, "the workload in ClickHouse")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: (priced, rejected) = {counts()}, expected {(w.priced, w.unpriced)}; "
-                                 f"worker log: {(data / 'logs' / 'worker-0.log').read_text()[-3000:]}") from None
+            raise AssertionError(
+                f"{exc}: (priced, rejected) = {counts()}, expected {(w.priced, w.unpriced)}; "
+                f"worker log: {(data / 'logs' / 'worker-0.log').read_text()[-3000:]}"
+            ) from None
         # ... and the credit agent has debited all of acme's usage from its $1.00 grant.
         spent = Decimal(stack.sql("SELECT sum(charge) FROM usage_priced WHERE customer_id = 'acme'")[0][0])
         assert spent > Decimal("1.00"), "the workload must use the whole grant (credit alerts)"
-        _wait(lambda: Decimal(stack.call("GET", "/v1/customers/acme/balance", admin).json()["available"]) == 0,
-              120, "the credit agent's debits")
+        _wait(
+            lambda: Decimal(stack.call("GET", "/v1/customers/acme/balance", admin).json()["available"]) == 0,
+            120,
+            "the credit agent's debits",
+        )
         yield stack
     finally:
         up.send_signal(signal.SIGINT)
@@ -186,6 +239,6 @@ def browser() -> Iterator[Any]:
 
 
 def cents(exact: str | Decimal) -> str:
-    from meterline.allocation import round_total
+    from meterline.core.allocation import round_total
 
     return f"{round_total(Decimal(exact)):,}"

@@ -9,7 +9,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from meterline.api.console import ASSETS
+from meterline.shell.api.console import ASSETS
 from tests.console.conftest import Stack
 
 pytestmark = pytest.mark.broker
@@ -33,9 +33,14 @@ def test_a_customer_key_reads_only_its_own_customer(stack: Stack) -> None:
     acme = stack.keys["acme"]
     me = stack.call("GET", "/v1/console/me", acme).json()
     assert me["role"] == "customer" and me["customer_id"] == "acme" and acme not in str(me)
-    for path in ("/v1/console/spend?customer_id=globex", "/v1/console/alerts?customer_id=globex",
-                 "/v1/console/statement?customer_id=globex", "/v1/console/customers", "/v1/console/dead-letters",
-                 "/v1/console/pipeline"):  # fmt: skip
+    for path in (
+        "/v1/console/spend?customer_id=globex",
+        "/v1/console/alerts?customer_id=globex",
+        "/v1/console/statement?customer_id=globex",
+        "/v1/console/customers",
+        "/v1/console/dead-letters",
+        "/v1/console/pipeline",
+    ):
         assert stack.call("GET", path, acme).status_code == 403, path
     assert stack.call("POST", "/v1/console/dead-letters/redrive", acme, json={}).status_code == 403
     assert stack.call("GET", "/v1/console/spend", None).status_code == 401
@@ -47,12 +52,17 @@ def test_spend_is_exact_and_equals_clickhouse(stack: Stack) -> None:
     doc = stack.call("GET", f"/v1/console/spend?period={stack.period}", stack.keys["acme"]).json()
     assert doc["customer_id"] == "acme" and [c.lower() for c in doc["currency"]] == ["usd"]
     usd = next(iter(doc["currency"].values()))
-    rows = stack.sql("SELECT model, sum(charge) FROM usage_priced WHERE customer_id = 'acme' "
-                     "AND toYYYYMM(occurred_at) = toYYYYMM(now()) GROUP BY model")  # fmt: skip
+    rows = stack.sql(
+        "SELECT model, sum(charge) FROM usage_priced WHERE customer_id = 'acme' "
+        "AND toYYYYMM(occurred_at) = toYYYYMM(now()) GROUP BY model"
+    )
     assert {k: Decimal(v) for k, v in usd["by_model"].items()} == {m: Decimal(c) for m, c in rows}
     assert Decimal(usd["total"]) == sum(Decimal(c) for _, c in rows)
-    assert sum(Decimal(v) for v in usd["by_day"].values()) == sum(Decimal(v) for v in usd["by_project"].values()) \
+    assert (
+        sum(Decimal(v) for v in usd["by_day"].values())
+        == sum(Decimal(v) for v in usd["by_project"].values())
         == Decimal(usd["total"])
+    )
     # the admin may read any customer; the statement page is the CLI's
     page = stack.call("GET", f"/v1/console/statement?customer_id=globex&period={stack.period}", stack.admin)
     assert page.status_code == 200 and page.text.startswith("<!doctype html>") and "globex" in page.text

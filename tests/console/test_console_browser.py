@@ -48,8 +48,14 @@ def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, bro
     with screenshot_on_failure(page, "console-customer"):
         # No request of the page leaves this origin (no CDN, nothing fetched from the network).
         foreign: list[str] = []
-        page.on("request", lambda req: None if req.url.startswith(stack.url) or req.url.startswith("data:")
-                or req.url == "about:srcdoc" else foreign.append(req.url))  # fmt: skip
+        page.on(
+            "request",
+            lambda req: (
+                None
+                if req.url.startswith(stack.url) or req.url.startswith("data:") or req.url == "about:srcdoc"
+                else foreign.append(req.url)
+            ),
+        )
         login(page, stack, stack.keys["acme"])
         assert page.inner_text("#customer-id") == "acme"
         assert page.is_hidden("#operator")
@@ -58,22 +64,35 @@ def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, bro
         assert page.evaluate("sessionStorage.getItem('meterline.key')") == stack.keys["acme"]
 
         # Spend: total and every bar, against ClickHouse (exact) and the cent-rounded text.
-        total = Decimal(stack.sql("SELECT sum(charge) FROM usage_priced WHERE customer_id = 'acme' "
-                                  "AND toYYYYMM(occurred_at) = toYYYYMM(now())")[0][0])  # fmt: skip
+        total = Decimal(
+            stack.sql(
+                "SELECT sum(charge) FROM usage_priced WHERE customer_id = 'acme' "
+                "AND toYYYYMM(occurred_at) = toYYYYMM(now())"
+            )[0][0]
+        )
         page.wait_for_selector("#spend-total[data-exact]")
         assert Decimal(page.get_attribute("#spend-total", "data-exact")) == total
         assert page.inner_text("#spend-total") == f"{cents(total)} USD"
         for dim, col in (("model", "model"), ("project", "project"), ("day", "toString(toDate(occurred_at))")):
-            expected = {k: Decimal(v) for k, v in stack.sql(
-                f"SELECT {col}, sum(charge) FROM usage_priced WHERE customer_id = 'acme' "
-                f"AND toYYYYMM(occurred_at) = toYYYYMM(now()) GROUP BY 1")}  # fmt: skip
+            expected = {
+                k: Decimal(v)
+                for k, v in stack.sql(
+                    f"SELECT {col}, sum(charge) FROM usage_priced WHERE customer_id = 'acme' "
+                    f"AND toYYYYMM(occurred_at) = toYYYYMM(now()) GROUP BY 1"
+                )
+            }
             bars = page.locator(f"#chart-{dim} rect.bar")
-            shown = {bars.nth(i).get_attribute("data-label"): Decimal(bars.nth(i).get_attribute("data-value"))
-                     for i in range(bars.count())}  # fmt: skip
+            shown = {
+                bars.nth(i).get_attribute("data-label"): Decimal(bars.nth(i).get_attribute("data-value"))
+                for i in range(bars.count())
+            }
             assert shown == expected, dim
             if dim != "day":
                 labels = page.locator(f"#chart-{dim} text.value")
-                texts = {labels.nth(i).get_attribute("data-label"): labels.nth(i).text_content() for i in range(labels.count())}
+                texts = {
+                    labels.nth(i).get_attribute("data-label"): labels.nth(i).text_content()
+                    for i in range(labels.count())
+                }
                 assert {k: t.split(" USD")[0] for k, t in texts.items()} == {k: cents(v) for k, v in expected.items()}
 
         # Balance: equal to the API's live status.
@@ -92,8 +111,9 @@ def test_customer_sees_own_figures_equal_to_api_and_clickhouse(stack: Stack, bro
         total_li = frame.locator("li.total").first.inner_text()
         assert total_li.startswith(f"USD {cents(total)}") and f"exact {total}" in total_li.replace(",", "")
         amounts = frame.locator("tbody td.amount")
-        assert sum(Decimal(amounts.nth(i).inner_text().replace(",", "")) for i in range(amounts.count())) == \
-            Decimal(cents(total).replace(",", ""))
+        assert sum(Decimal(amounts.nth(i).inner_text().replace(",", "")) for i in range(amounts.count())) == Decimal(
+            cents(total).replace(",", "")
+        )
         assert "largest remainder" in frame.locator("p.rule").inner_text()
 
         # Another customer's data is refused to this key (by the API the page uses).
@@ -116,8 +136,12 @@ def test_operator_sees_every_customer_dead_letters_and_pipeline_and_redrives(sta
         login(page, stack, stack.admin)
         page.wait_for_selector("#customers tbody tr")
         rows = page.locator("#customers tbody tr")
-        shown = {rows.nth(i).locator("td").nth(0).inner_text(): [rows.nth(i).locator("td").nth(j).inner_text()
-                 for j in range(7)] for i in range(rows.count())}  # fmt: skip
+        shown = {
+            rows.nth(i).locator("td").nth(0).inner_text(): [
+                rows.nth(i).locator("td").nth(j).inner_text() for j in range(7)
+            ]
+            for i in range(rows.count())
+        }
         expected = stack.sql("SELECT customer_id, count(), sum(cost), sum(charge) FROM usage_priced GROUP BY 1")
         assert set(shown) == {r[0] for r in expected} == stack.workload.customers
         for customer, n, cost, charge in expected:
@@ -141,8 +165,10 @@ def test_operator_sees_every_customer_dead_letters_and_pipeline_and_redrives(sta
         page.wait_for_selector("#dead-letters button[data-reason='unknown_model']")
         assert page.inner_text("#dead-letters").startswith(f"{stack.workload.unpriced} open dead letter")
         more = stack.data_dir.parent / "more.yaml"
-        more.write_text("currency: USD\nprices:\n  - provider: meta\n    model: console-unpriced-model\n"
-                        '    effective_from: "2024-01-01T00:00:00Z"\n    per_million: {input: "1", output: "2"}\n')
+        more.write_text(
+            "currency: USD\nprices:\n  - provider: meta\n    model: console-unpriced-model\n"
+            '    effective_from: "2024-01-01T00:00:00Z"\n    per_million: {input: "1", output: "2"}\n'
+        )
         stack.run("prices", "load", str(more))
         deadline = time.monotonic() + 90
         while stack.sql("SELECT count() FROM v_rejected_open")[0][0] > 0:

@@ -45,8 +45,12 @@ def family_of(sample_name: str, families: set[str]) -> str | None:
 
 def test_the_dashboards_and_provisioning_are_well_formed() -> None:
     assert {p.name for p in DASHBOARDS} == {"business.json", "pipeline.json"}
-    uids = {d["uid"] for d in yaml.safe_load((REPO / "infra/grafana/provisioning/datasources/datasources.yaml")
-                                            .read_text())["datasources"]}  # fmt: skip
+    uids = {
+        d["uid"]
+        for d in yaml.safe_load((REPO / "infra/grafana/provisioning/datasources/datasources.yaml").read_text())[
+            "datasources"
+        ]
+    }
     for path in DASHBOARDS:
         for t in targets(path):
             assert t["datasource"]["uid"] in uids, (path.name, t)

@@ -22,8 +22,11 @@ def scrape(url: str) -> dict[str, Any]:
 
 
 def value(families: dict[str, Any], family: str, sample: str, **labels: str) -> float:
-    matching = [s.value for s in families[family].samples if s.name == sample and all(s.labels.get(k) == v
-                                                                                       for k, v in labels.items())]
+    matching = [
+        s.value
+        for s in families[family].samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(matching) <= 1, (sample, labels, matching)
     return matching[0] if matching else 0.0
 
@@ -41,12 +44,16 @@ def test_worker_metrics_equal_the_known_counts(stack: Stack) -> None:
     assert value(m, "meterline_events_received", "meterline_events_received_total") == w.accepted + w.redriven
     assert value(m, "meterline_events_priced", "meterline_events_priced_total") == w.priced + redrive_priced
     assert value(m, "meterline_events_duplicate", "meterline_events_duplicate_total") == w.duplicates
-    assert value(m, "meterline_events_rejected", "meterline_events_rejected_total", reason="unknown_model") == \
-        w.unpriced + w.redriven - redrive_priced
+    assert (
+        value(m, "meterline_events_rejected", "meterline_events_rejected_total", reason="unknown_model")
+        == w.unpriced + w.redriven - redrive_priced
+    )
     assert {s.labels["reason"] for s in m["meterline_events_rejected"].samples} == {"unknown_model"}
     # one occurred -> priced observation per priced event; the credit agent's per priced record
-    assert value(m, "meterline_stage_latency_seconds", "meterline_stage_latency_seconds_count", stage="priced") == \
-        w.priced + redrive_priced
+    assert (
+        value(m, "meterline_stage_latency_seconds", "meterline_stage_latency_seconds_count", stage="priced")
+        == w.priced + redrive_priced
+    )
     assert value(m, "meterline_stage_latency_seconds", "meterline_stage_latency_seconds_count", stage="balance") >= 1
     # lag: one gauge per assigned partition of each source topic; all caught up by now
     lag = m["meterline_consumer_lag_records"].samples
@@ -61,21 +68,36 @@ def test_api_metrics_equal_the_known_counts(stack: Stack) -> None:
     m = scrape(stack.url + "/metrics")
     assert value(m, "meterline_api_ingest_events", "meterline_api_ingest_events_total", status="accepted") == w.accepted
     # the sink inserted every stored row exactly once, and timed priced -> row for each usage row
-    assert value(m, "meterline_sink_flush_rows", "meterline_sink_flush_rows_sum", sink="usage_priced") == \
-        priced_rows + rejected_rows
+    assert (
+        value(m, "meterline_sink_flush_rows", "meterline_sink_flush_rows_sum", sink="usage_priced")
+        == priced_rows + rejected_rows
+    )
     assert value(m, "meterline_sink_flush_seconds", "meterline_sink_flush_seconds_count", sink="usage_priced") >= 1
-    assert value(m, "meterline_stage_latency_seconds", "meterline_stage_latency_seconds_count", stage="row") == \
-        priced_rows
+    assert (
+        value(m, "meterline_stage_latency_seconds", "meterline_stage_latency_seconds_count", stage="row") == priced_rows
+    )
     entries = stack.sql("SELECT count() FROM ledger_entries FINAL")[0][0]
     assert value(m, "meterline_sink_flush_rows", "meterline_sink_flush_rows_sum", sink="ledger_entries") == entries
     # authorize: one request, timed by its outcome
-    r = stack.call("POST", "/v1/authorize", stack.keys["globex"],
-                   json={"customer_id": "globex", "request_id": "console-auth-1", "model": "gpt-4o",
-                         "provider": "openai", "input_tokens_estimate": 10, "max_output_tokens": 10})
+    r = stack.call(
+        "POST",
+        "/v1/authorize",
+        stack.keys["globex"],
+        json={
+            "customer_id": "globex",
+            "request_id": "console-auth-1",
+            "model": "gpt-4o",
+            "provider": "openai",
+            "input_tokens_estimate": 10,
+            "max_output_tokens": 10,
+        },
+    )
     assert r.status_code in (200, 503), r.text
     m = scrape(stack.url + "/metrics")
-    timed = sum(value(m, "meterline_authorize_seconds", "meterline_authorize_seconds_count", outcome=o)
-                for o in ("allow", "deny", "timeout"))
+    timed = sum(
+        value(m, "meterline_authorize_seconds", "meterline_authorize_seconds_count", outcome=o)
+        for o in ("allow", "deny", "timeout")
+    )
     assert timed == 1
     assert "meterline_alert_deliveries" in m and "meterline_stripe_sync_runs" in m
 
@@ -86,7 +108,7 @@ def test_metrics_need_no_key_but_console_data_does(stack: Stack) -> None:
 
 
 def test_worker_metrics_port_is_base_plus_index() -> None:
-    from meterline.metrics import worker_metrics_port
+    from meterline.stack.metrics import worker_metrics_port
 
     assert worker_metrics_port("worker-0", None) == 0 and worker_metrics_port("worker-3", "0") == 0
     assert worker_metrics_port("worker-0", "9464") == 9464 and worker_metrics_port("worker-1", "9464") == 9465

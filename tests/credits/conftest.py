@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from meterline.config import Settings
-from meterline.pricing import load_price_book
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
 from meterline.stack.kafka import make_producer, read_topic
-from pipeline.ledger_sink import LedgerEntrySink
+from pipeline.credits.sink import LedgerEntrySink
 from pipeline.publish import publish_records
 from pipeline.workers import WorkerProcess
 
@@ -32,14 +32,22 @@ class CreditPipeline:
         self.log_dir = log_dir
         self.workers: list[WorkerProcess] = []
         self.stop_event = threading.Event()
-        self.sink = LedgerEntrySink(settings.kafka_bootstrap or "", f"{settings.topic_prefix}ledger-sink",
-                                    settings.topic("ledger-entries"), clickhouse, max_interval_ms=200)  # fmt: skip
+        self.sink = LedgerEntrySink(
+            settings.kafka_bootstrap or "",
+            f"{settings.topic_prefix}ledger-sink",
+            settings.topic("ledger-entries"),
+            clickhouse,
+            dead_letter_topic_out=settings.topic("usage-dead-letter"),
+            max_interval_ms=200,
+        )
         self.sink_thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), daemon=True)
         self.producer = make_producer(settings.kafka_bootstrap, {"linger.ms": 2})
         self._n = 0
 
     def publish_prices(self) -> None:
-        publish_records(self.settings.kafka_bootstrap or "", self.settings.topic("prices"), load_price_book(SEED).to_records())
+        publish_records(
+            self.settings.kafka_bootstrap or "", self.settings.topic("prices"), load_price_book(SEED).to_records()
+        )
 
     def start_worker(self) -> WorkerProcess:
         w = WorkerProcess(self.settings, name=f"worker-{self._n}", log_dir=self.log_dir).start()
@@ -56,8 +64,10 @@ class CreditPipeline:
 
     def read(self, topic: str, timeout: float = 1.0) -> list[tuple[str, bytes, int, int]]:
         """Every record of a topic now: (key, value, partition, offset), per-partition order."""
-        return [((m.key() or b"").decode(), m.value(), m.partition(), m.offset())
-                for m in read_topic(self.settings.kafka_bootstrap, self.settings.topic(topic), timeout=timeout + 10)]
+        return [
+            ((m.key() or b"").decode(), m.value(), m.partition(), m.offset())
+            for m in read_topic(self.settings.kafka_bootstrap, self.settings.topic(topic), timeout=timeout + 10)
+        ]
 
     def latest_json(self, topic: str) -> dict[str, dict[str, Any]]:
         latest: dict[str, dict[str, Any]] = {}
@@ -92,10 +102,16 @@ class CreditPipeline:
 
 
 @pytest.fixture
-def credit_pipeline(kafka_bootstrap: str, topics: dict[str, str], topic_prefix: str, clickhouse: Any,
-                    tmp_path: Path) -> Iterator[CreditPipeline]:  # fmt: skip
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, partitions=4,
-                        broker_flavor="tansu", data_dir=tmp_path)  # fmt: skip
+def credit_pipeline(
+    kafka_bootstrap: str, topics: dict[str, str], topic_prefix: str, clickhouse: Any, tmp_path: Path
+) -> Iterator[CreditPipeline]:
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        partitions=4,
+        broker_flavor="tansu",
+        data_dir=tmp_path,
+    )
     p = CreditPipeline(settings, clickhouse, tmp_path / "logs")
     p.sink_thread.start()
     try:

@@ -5,37 +5,88 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from meterline.ledger import CustomerLedger, LedgerEntry, fold_entries, parse_amount
-from schemas.credits import encode_message
+from meterline.core.ledger import CustomerLedger, LedgerEntry, fold_entries, parse_amount
 from pipeline.credits.processor import ALERTS, ENTRIES, REPLIES, STATUS, CreditProcessor
 from schemas.codec import encode_priced_batch
+from schemas.credits import encode_message
 
 PRICED, COMMANDS, SUBSCRIPTIONS = "p.usage-priced", "p.ledger-commands", "p.subscriptions"
 
 
-def priced_event(customer: str, event_id: str, charge: str, occurred_ms: int, *, request_id: str | None = None,
-                 currency: str = "usd", provider: str = "openai", model: str = "gpt-4o") -> dict[str, Any]:
+def priced_event(
+    customer: str,
+    event_id: str,
+    charge: str,
+    occurred_ms: int,
+    *,
+    request_id: str | None = None,
+    currency: str = "usd",
+    provider: str = "openai",
+    model: str = "gpt-4o",
+) -> dict[str, Any]:
     picos = parse_amount(charge)
     return {
-        "event_id": event_id, "occurred_at": occurred_ms, "customer_id": customer, "api_key_id": None,
-        "project": None, "feature": None, "user_id": None, "session_id": None, "gateway": None,
-        "provider": provider, "model": model, "model_version": None, "request_id": request_id,
-        "input_tokens": 1000, "output_tokens": 100, "cached_input_tokens": 0, "cache_write_tokens": 0,
-        "reasoning_tokens": 0, "requests": 1, "labels": {}, "cost_picos": picos, "charge_picos": picos,
-        "currency": currency, "price_version": "v1", "rate_card": "", "priced_at": occurred_ms,
-        "source_partition": 0, "source_offset": 0,
-    }  # fmt: skip
+        "event_id": event_id,
+        "occurred_at": occurred_ms,
+        "customer_id": customer,
+        "api_key_id": None,
+        "project": None,
+        "feature": None,
+        "user_id": None,
+        "session_id": None,
+        "gateway": None,
+        "provider": provider,
+        "model": model,
+        "model_version": None,
+        "request_id": request_id,
+        "input_tokens": 1000,
+        "output_tokens": 100,
+        "cached_input_tokens": 0,
+        "cache_write_tokens": 0,
+        "reasoning_tokens": 0,
+        "requests": 1,
+        "labels": {},
+        "cost_picos": picos,
+        "charge_picos": picos,
+        "currency": currency,
+        "price_version": "v1",
+        "rate_card": "",
+        "priced_at": occurred_ms,
+        "source_partition": 0,
+        "source_offset": 0,
+    }
 
 
 def priced_record(events: list[dict[str, Any]]) -> bytes:
     return encode_priced_batch(events)
 
 
-def grant_msg(customer: str, gid: str, amount: str, at_ms: int, *, expires: int | None = None, priority: int = 50,
-              kind: str = "grant", effective: int | None = None, category: str = "paid") -> dict[str, Any]:
-    return {"type": kind, "command_id": f"{kind}:{gid}", "customer_id": customer, "at_ms": at_ms, "grant_id": gid,
-            "amount": amount, "currency": "usd", "effective_at_ms": at_ms if effective is None else effective,
-            "expires_at_ms": expires, "priority": priority, "category": category, "scope": None}  # fmt: skip
+def grant_msg(
+    customer: str,
+    gid: str,
+    amount: str,
+    at_ms: int,
+    *,
+    expires: int | None = None,
+    priority: int = 50,
+    kind: str = "grant",
+    effective: int | None = None,
+    category: str = "paid",
+) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "command_id": f"{kind}:{gid}",
+        "customer_id": customer,
+        "at_ms": at_ms,
+        "grant_id": gid,
+        "amount": amount,
+        "currency": "usd",
+        "effective_at_ms": at_ms if effective is None else effective,
+        "expires_at_ms": expires,
+        "priority": priority,
+        "category": category,
+        "scope": None,
+    }
 
 
 class Replay:

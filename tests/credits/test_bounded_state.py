@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from meterline.ledger import CustomerLedger, dedupe_digest, pack_recent, unpack_recent
+from meterline.core.ledger import CustomerLedger, dedupe_digest, pack_recent, unpack_recent
 from pipeline.credits.processor import CHUNK_EVENTS, DEAD, ENTRIES, CreditProcessor
 from schemas.codec import decode_dead_letter
 from tests.credits.helpers import COMMANDS, PRICED, Replay, enc, grant_msg, priced_event, priced_record
@@ -37,8 +37,15 @@ def test_value_stays_bounded_for_a_busy_customer(monkeypatch: Any) -> None:
         r.feed(PRICED, 0, "c", priced_record(evs), T0 + b * 1000 + 600)
         sizes.append(len(json.dumps(r.table["c"])))
     for i in range(2_200):  # authorize-like traffic: many distinct long command ids
-        msg = {"type": "set_block", "command_id": f"cmd-{i}".ljust(LONG, "c"), "customer_id": "c", "at_ms": T0 + 90_000 + i,
-               "scope": "customer", "blocked": False, "reason": "manual"}  # fmt: skip
+        msg = {
+            "type": "set_block",
+            "command_id": f"cmd-{i}".ljust(LONG, "c"),
+            "customer_id": "c",
+            "at_ms": T0 + 90_000 + i,
+            "scope": "customer",
+            "blocked": False,
+            "reason": "manual",
+        }
         r.feed(COMMANDS, 0, "c", enc(msg), T0 + 90_000 + i)
     sizes.append(len(json.dumps(r.table["c"])))
     assert max(sizes) < 600_000, sizes[-3:]
@@ -102,7 +109,11 @@ def test_big_record_applies_in_parts_and_a_crash_between_parts_replays_exactly()
     assert CustomerLedger.from_dict(table["c"]).applied_offsets[f"{PRICED}:0"] == 0
     assert _debits(entries) == _debits(whole.entries)
     got, want = CustomerLedger.from_dict(table["c"]), whole.ledger("c")
-    assert (got.overage_picos, got.grants["g"].remaining, got.seq) == (want.overage_picos, want.grants["g"].remaining, want.seq)
+    assert (got.overage_picos, got.grants["g"].remaining, got.seq) == (
+        want.overage_picos,
+        want.grants["g"].remaining,
+        want.seq,
+    )
     assert run(0, PRICED, value, T0 + 10_000).skipped  # the whole record again: skipped by offset
 
 
@@ -114,9 +125,17 @@ def test_unforeseen_error_dead_letters_the_record_and_changes_no_money() -> None
     r = Replay(Exploding())
     r.feed(COMMANDS, 0, "c", enc(grant_msg("c", "g", "5.00", T0)), T0)
     before = json.dumps(r.table["c"]["grants"])
-    authorize = {"type": "authorize", "command_id": "auth-1", "customer_id": "c", "at_ms": T0 + 1,
-                 "request_id": "req-1", "provider": "openai", "model": "gpt-4o", "input_tokens_estimate": 10,
-                 "max_output_tokens": 10}  # fmt: skip
+    authorize = {
+        "type": "authorize",
+        "command_id": "auth-1",
+        "customer_id": "c",
+        "at_ms": T0 + 1,
+        "request_id": "req-1",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "input_tokens_estimate": 10,
+        "max_output_tokens": 10,
+    }
     out = r.feed(COMMANDS, 0, "c", enc(authorize), T0 + 1)
     dead = [decode_dead_letter(v) for n, _k, v, _s in out.sends if n == DEAD]
     assert [d["reason_code"] for d in dead] == ["internal_error"] and "ZeroDivisionError" in dead[0]["reason"]

@@ -1,5 +1,5 @@
 """The credit agent end to end on real parts (Tansu, faust worker process, chDB), checked against a
-pure replay of the same records through the same processor and meterline.ledger."""
+pure replay of the same records through the same processor and meterline.core.ledger."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.pricing import PricingEngine, load_price_book
 from tests.credits.conftest import SEED, CreditPipeline
 from tests.credits.helpers import Replay, enc, grant_msg, priced_event, priced_record
 
@@ -55,8 +55,11 @@ def oracle_entries(o: Replay) -> dict[str, tuple[str, Decimal, str]]:
 def test_grants_expiry_block_topup_duplicates_and_authorize(credit_pipeline: CreditPipeline) -> None:
     p = credit_pipeline
     p.publish_prices()
-    oracle = Replay(PricingEngine.from_book(load_price_book(SEED)), priced_topic=p.settings.topic("usage-priced"),
-                    commands_topic=p.settings.topic("ledger-commands"))  # fmt: skip
+    oracle = Replay(
+        PricingEngine.from_book(load_price_book(SEED)),
+        priced_topic=p.settings.topic("usage-priced"),
+        commands_topic=p.settings.topic("ledger-commands"),
+    )
     d = Driver(p, oracle)
     t0 = d.ts
     p.start_worker()
@@ -82,7 +85,11 @@ def test_grants_expiry_block_topup_duplicates_and_authorize(credit_pipeline: Cre
 
     exp = [e for e in oracle.entries.values() if e["customer_id"] == "exp"]
     assert [(e["kind"], e["grant_id"], e["amount"]) for e in sorted(exp, key=lambda e: e["seq"])][3:] == [
-        ("debit", "gA", "2.00"), ("debit", "gA", "4.00"), ("expiry", "gA", "4.00"), ("debit", "gC", "1.00")]
+        ("debit", "gA", "2.00"),
+        ("debit", "gA", "4.00"),
+        ("expiry", "gA", "4.00"),
+        ("debit", "gC", "1.00"),
+    ]
     assert next(e for e in exp if e["kind"] == "expiry")["at_ms"] == t0 + 10 * MIN
     statuses = [json.loads(v) for k, v, _p, _o in p.read("customer-status") if k == "ten"]
     assert [s["status"] for s in statuses] == ["active"] * 4 + ["blocked"]  # blocked AT the 4th event
@@ -90,9 +97,20 @@ def test_grants_expiry_block_topup_duplicates_and_authorize(credit_pipeline: Cre
 
     # Phase 3: top-up unblocks; authorize allow (hold) and deny; duplicates and a replayed record.
     d.command(grant_msg("ten", "topup1", "20.00", t0 + 6 * MIN, kind="top_up"), t0 + 6 * MIN)
-    auth = {"type": "authorize", "command_id": "authorize:r1", "customer_id": "auth", "at_ms": t0 + 7 * MIN,
-            "request_id": "r1", "provider": "openai", "model": "gpt-4o", "model_version": None, "project": None,
-            "api_key_id": None, "input_tokens_estimate": 10_000, "max_output_tokens": 2_000}  # fmt: skip
+    auth = {
+        "type": "authorize",
+        "command_id": "authorize:r1",
+        "customer_id": "auth",
+        "at_ms": t0 + 7 * MIN,
+        "request_id": "r1",
+        "provider": "openai",
+        "model": "gpt-4o",
+        "model_version": None,
+        "project": None,
+        "api_key_id": None,
+        "input_tokens_estimate": 10_000,
+        "max_output_tokens": 2_000,
+    }
     d.command(auth, t0 + 7 * MIN)
     d.command({**auth, "customer_id": "poor", "command_id": "authorize:r2", "request_id": "r2"}, t0 + 7 * MIN)
     d.command(grant_msg("exp", "gA", "10.00", t0, priority=10), t0 + 7 * MIN)  # same grant again

@@ -24,7 +24,9 @@ def test_sigkill_three_times_final_state_exact(credit_pipeline: CreditPipeline) 
     rng = random.Random(seed)
     print(f"CREDIT_KILL_SEED={seed}")
     p = credit_pipeline
-    oracle = Replay(None, priced_topic=p.settings.topic("usage-priced"), commands_topic=p.settings.topic("ledger-commands"))
+    oracle = Replay(
+        None, priced_topic=p.settings.topic("usage-priced"), commands_topic=p.settings.topic("ledger-commands")
+    )
     d = Driver(p, oracle)
     t0 = d.ts
     customers = [f"cus{i:02d}" for i in range(50)]
@@ -57,10 +59,10 @@ def test_sigkill_three_times_final_state_exact(credit_pipeline: CreditPipeline) 
         p.flush()
 
     try:
-        for kill in range(3):
+        for _kill in range(3):
             burst(250)
             before = p.entry_count()
-            p.wait_for("progress before the kill", lambda: p.entry_count() > before, 60)
+            p.wait_for("progress before the kill", lambda before=before: p.entry_count() > before, 60)
             time.sleep(rng.uniform(0.0, 0.8))
             w.kill()
             w = p.start_worker()
@@ -70,13 +72,16 @@ def test_sigkill_three_times_final_state_exact(credit_pipeline: CreditPipeline) 
         # per customer: balance, overage and debited total, from the ledger's own view and from SQL
         latest = p.latest_json("customer-status")
         assert latest == oracle.statuses
-        sql = {r[0]: (r[1], r[2], r[3]) for r in p.query(
-            "SELECT customer_id, credit_remaining, overage, debited FROM ledger_balances")}
+        sql = {
+            r[0]: (r[1], r[2], r[3])
+            for r in p.query("SELECT customer_id, credit_remaining, overage, debited FROM ledger_balances")
+        }
         for c in customers:
             led = oracle.ledger(c)
             rem = sum(g.remaining for g in led.grants.values())
-            debited = sum(Decimal(e["amount"]) for e in oracle.entries.values()
-                          if e["customer_id"] == c and e["kind"] == "debit")
+            debited = sum(
+                Decimal(e["amount"]) for e in oracle.entries.values() if e["customer_id"] == c and e["kind"] == "debit"
+            )
             assert sql[c] == (Decimal(rem).scaleb(-12), Decimal(led.overage_picos).scaleb(-12), debited), c
         raw = int(p.query("SELECT count() FROM ledger_entries")[0][0])
         print(f"entries={len(oracle.entries)} raw_rows={raw} sink_dups_dropped={p.sink.duplicates_dropped}")

@@ -23,13 +23,13 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.api.keys import KeyStore
-from meterline.config import Settings
-from meterline.pricing import load_price_book
-from meterline.runtime import Runtime
+from meterline.shell.api.keys import KeyStore
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
+from meterline.shell.runtime import Runtime
 from pipeline.publish import publish_records
 from schemas.models import UsageEvent
-from schemas.producer import UsageProducer
+from meterline.stack.producer import UsageProducer
 from tests.credits.test_enforcement_e2e import SECRET, SEED, Receiver, wait_for
 
 pytestmark = pytest.mark.broker
@@ -73,11 +73,10 @@ def test_block_plan_concurrent_authorizations_and_live_allowance(
     publish_records(kafka_bootstrap, settings.topic("prices"), load_price_book(SEED).to_records())
     runtime = Runtime(settings).start()
     producer = UsageProducer(kafka_bootstrap, settings.topic("usage-events"), linger_ms=5)
+    http = httpx.Client(base_url=runtime.api_server.url, timeout=30)
     try:
-        api = runtime.api_server.url
         _, key = KeyStore(tmp_path / "api_keys.json").create("plano")
         plano = {"Authorization": f"Bearer {key}"}
-        http = httpx.Client(base_url=api, timeout=30)
 
         def status() -> dict[str, Any]:
             r = http.get("/v1/customers/plano/status", headers=plano)
@@ -123,6 +122,8 @@ def test_block_plan_concurrent_authorizations_and_live_allowance(
         time.sleep(1.0)
         assert len([d for d in receiver.deliveries if d[0].get("kind") == "allowance_used"]) == 1
     finally:
+        http.close()
         producer.close()
         runtime.stop()
         receiver.close()
+        receiver.server.server_close()  # Receiver.close only shuts the loop down

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from meterline.core.pricing import PricingEngine, load_price_book
 from pipeline.credits.plans import PlanBook
 from tests.credits.conftest import SEED
 from tests.credits.helpers import COMMANDS, PRICED, SUBSCRIPTIONS, Replay, enc, grant_msg, priced_event, priced_record
@@ -144,7 +144,7 @@ def test_customer_without_plan_is_unchanged() -> None:
 
 
 def test_rollover_is_live_and_matches_the_bill() -> None:
-    from meterline.plans import Usage, fold_timeline, rate_periods
+    from meterline.core.plans import Usage, fold_timeline, rate_periods
 
     cat = load_plan_catalog({"currency": "USD", "plans": [
         _plan("roll", "block", allowances=[{"id": "tokens", "tokens": 10 * M, "rollover": {"max": 5 * M}}])]})  # fmt: skip
@@ -163,7 +163,7 @@ def test_rollover_is_live_and_matches_the_bill() -> None:
 
 
 def test_plan_state_stays_bounded_and_survives_a_restore() -> None:
-    from meterline.plans import MAX_FACTS, MAX_SEGMENTS
+    from meterline.core.plans import MAX_FACTS, MAX_SEGMENTS
     from pipeline.credits.processor import DEAD, snapshot_of
 
     r = _replay()
@@ -190,9 +190,9 @@ def test_plan_state_stays_bounded_and_survives_a_restore() -> None:
     snap = snapshot_of(r.table["big"])
     assert snap["plan"] == r.table["big"]["plan"]
     fresh = _replay()
-    from meterline.restore import rebuild_state
+    from pipeline.restore import rebuild_state
 
-    state = rebuild_state("big", snap, [])  # what meterline.restore publishes from the stored snapshot
+    state = rebuild_state("big", snap, [])  # what pipeline.restore publishes from the stored snapshot
     msg = {"type": "restore", "command_id": "restore:1:big", "customer_id": "big", "at_ms": 0, "state": state}
     fresh.feed(COMMANDS, 0, "big", enc(msg), (JAN + 2 * n * day) * 1000)
     assert fresh.table["big"]["plan"]["facts"] == snap["plan"]["facts"]

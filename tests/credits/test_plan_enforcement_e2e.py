@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meterline.plans import SubscriptionEvent, load_plan_catalog
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog
+from meterline.core.pricing import PricingEngine, load_price_book
 from pipeline.credits.plans import PlanBook
 from pipeline.publish import publish_records
 from tests.credits.conftest import SEED, CreditPipeline

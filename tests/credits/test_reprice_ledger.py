@@ -12,7 +12,7 @@ from typing import Any
 
 from jobs.reprice.apply import apply_plan
 from jobs.reprice.compute import Filters, open_reprice
-from meterline.credits_client import CommandPublisher
+from pipeline.credits.client import CommandPublisher
 from tests.credits.conftest import CreditPipeline
 from tests.credits.helpers import enc, grant_msg, priced_record
 from tests.jobs.reprice_helpers import BOOK_AFTER, BOOK_BEFORE, engine, expected_totals, insert_priced, make_events
@@ -24,15 +24,43 @@ def _priced(events: list[dict[str, Any]], eng: Any) -> dict[str, list[dict[str, 
     by: dict[str, list[dict[str, Any]]] = {}
     for ev in events:
         p = eng.price(ev)
-        by.setdefault(ev["customer_id"], []).append({
-            **{k: ev.get(k) for k in ("event_id", "occurred_at", "customer_id", "provider", "model", "model_version",
-                                      "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
-                                      "reasoning_tokens", "requests")},
-            "api_key_id": None, "project": ev["project"], "feature": ev["feature"] or None, "user_id": None,
-            "session_id": None, "gateway": None, "request_id": None, "labels": {}, "cost_picos": p.cost_picos,
-            "charge_picos": p.charge_picos, "currency": "usd", "price_version": p.price_version,
-            "rate_card": p.rate_card, "priced_at": ev["occurred_at"], "source_partition": 0, "source_offset": 0,
-        })  # fmt: skip
+        by.setdefault(ev["customer_id"], []).append(
+            {
+                **{
+                    k: ev.get(k)
+                    for k in (
+                        "event_id",
+                        "occurred_at",
+                        "customer_id",
+                        "provider",
+                        "model",
+                        "model_version",
+                        "input_tokens",
+                        "output_tokens",
+                        "cached_input_tokens",
+                        "cache_write_tokens",
+                        "reasoning_tokens",
+                        "requests",
+                    )
+                },
+                "api_key_id": None,
+                "project": ev["project"],
+                "feature": ev["feature"] or None,
+                "user_id": None,
+                "session_id": None,
+                "gateway": None,
+                "request_id": None,
+                "labels": {},
+                "cost_picos": p.cost_picos,
+                "charge_picos": p.charge_picos,
+                "currency": "usd",
+                "price_version": p.price_version,
+                "rate_card": p.rate_card,
+                "priced_at": ev["occurred_at"],
+                "source_partition": 0,
+                "source_offset": 0,
+            }
+        )
     return by
 
 
@@ -45,8 +73,15 @@ def _consumed(p: CreditPipeline, granted: dict[str, Decimal]) -> dict[str, Decim
 def _apply(p: CreditPipeline, book: dict[str, Any], filters: Filters, pub: CommandPublisher) -> Any:
     with open_reprice(p.ch, engine(book), filters) as rp:
         rp.report()
-        return apply_plan(p.ch, rp, ran_by="test", reason="late price fix", command="test", send=pub.send,
-                          at_ms=int(time.time() * 1000))  # fmt: skip
+        return apply_plan(
+            p.ch,
+            rp,
+            ran_by="test",
+            reason="late price fix",
+            command="test",
+            send=pub.send,
+            at_ms=int(time.time() * 1000),
+        )
 
 
 def test_corrections_reach_the_ledger_through_the_credit_agent(credit_pipeline: CreditPipeline) -> None:
@@ -58,8 +93,12 @@ def test_corrections_reach_the_ledger_through_the_credit_agent(credit_pipeline: 
     old = expected_totals(events, engine(BOOK_BEFORE))
     granted = {"acme": Decimal("1000.00"), "globex": (old["globex"][1] / 2).quantize(Decimal("0.01"))}
     for cust, amount in granted.items():
-        p.send("ledger-commands", cust, enc(grant_msg(cust, f"g-{cust}", f"{amount}", (t0 - HOUR) * 1000)),
-               (t0 - HOUR) * 1000)  # fmt: skip
+        p.send(
+            "ledger-commands",
+            cust,
+            enc(grant_msg(cust, f"g-{cust}", f"{amount}", (t0 - HOUR) * 1000)),
+            (t0 - HOUR) * 1000,
+        )
     ts = t0 * 1000
     for cust, items in _priced(events, engine(BOOK_BEFORE)).items():
         for i in range(0, len(items), 40):
@@ -93,9 +132,12 @@ def test_corrections_reach_the_ledger_through_the_credit_agent(credit_pipeline: 
     time.sleep(3)  # let any (wrong) duplicate application surface before the final check
     assert _consumed(p, granted) == want_old
     # the agent debited every usage event once and each extra charge once, nothing else
-    debits = p.query("SELECT sumIf(amount, startsWith(event_id, 'reprice:')), sumIf(amount, NOT startsWith(event_id, "
-                     "'reprice:')) FROM ledger_entries FINAL WHERE kind = 'debit'")[0]  # fmt: skip
-    extra = p.query("SELECT sum(charge) FROM usage_corrections WHERE correction_id = {c:String}",
-                    {"c": res2.correction_id})[0][0]  # fmt: skip
+    debits = p.query(
+        "SELECT sumIf(amount, startsWith(event_id, 'reprice:')), sumIf(amount, NOT startsWith(event_id, "
+        "'reprice:')) FROM ledger_entries FINAL WHERE kind = 'debit'"
+    )[0]
+    extra = p.query(
+        "SELECT sum(charge) FROM usage_corrections WHERE correction_id = {c:String}", {"c": res2.correction_id}
+    )[0][0]
     assert Decimal(debits[1]) == sum(want_old.values(), Decimal(0))
     assert Decimal(debits[0]) == Decimal(extra) > 0

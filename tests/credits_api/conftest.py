@@ -21,13 +21,13 @@ import httpx
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from meterline.api.app import create_api
-from meterline.api.credits import credit_routes
-from meterline.api.keys import KeyStore
-from meterline.api.server import ApiServer
-from meterline.credits_client import CommandPublisher, ReplyWaiter, StatusView
-from meterline.ledger import format_picos, parse_amount
+from meterline.core.ledger import format_picos, parse_amount
+from meterline.shell.api.app import create_api
+from meterline.shell.api.credits import credit_routes
+from meterline.shell.api.keys import KeyStore
+from meterline.shell.api.server import ApiServer
 from meterline.stack.topics import TopicSpec, ensure_topics
+from pipeline.credits.client import CommandPublisher, ReplyWaiter, StatusView
 
 PICOS_PER_TOKEN = 10**6  # the stand-in's flat price: 0.000001 per token
 
@@ -43,8 +43,16 @@ def credit_topics(kafka_bootstrap: str, topics: dict[str, str], topic_prefix: st
 
 
 def producer(bootstrap: str) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                     "partitioner": "murmur2_random", "linger.ms": 1, "log_level": 3})
+    return Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+            "linger.ms": 1,
+            "log_level": 3,
+        }
+    )
 
 
 def publish_json(p: Producer, topic: str, key: str, value: dict[str, Any] | None) -> None:
@@ -54,8 +62,14 @@ def publish_json(p: Producer, topic: str, key: str, value: dict[str, Any] | None
 
 def read_all(bootstrap: str, topic: str, expect: int, timeout: float = 15.0) -> list[tuple[bytes, int, dict[str, Any]]]:
     """``(key, partition, value)`` of the first ``expect`` records of every partition of ``topic``."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{time.time_ns()}", "log_level": 3,
-                  "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{time.time_ns()}",
+            "log_level": 3,
+            "enable.auto.commit": False,
+        }
+    )
     parts = c.list_topics(topic, timeout=10).topics[topic].partitions
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[tuple[bytes, int, dict[str, Any]]] = []
@@ -88,8 +102,14 @@ class StandInCreditAgent:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> StandInCreditAgent:
-        self._consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"standin-{time.time_ns()}",
-                                   "enable.auto.commit": False, "log_level": 3})
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"standin-{time.time_ns()}",
+                "enable.auto.commit": False,
+                "log_level": 3,
+            }
+        )
         parts = self._consumer.list_topics(self.commands_topic, timeout=10).topics[self.commands_topic].partitions
         self._consumer.assign([TopicPartition(self.commands_topic, p, OFFSET_BEGINNING) for p in parts])
         self._thread.start()
@@ -104,7 +124,9 @@ class StandInCreditAgent:
         with self._lock:
             return [v for _, _, v in self.received]
 
-    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> tuple[bytes, int, dict[str, Any]]:
+    def wait_for(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> tuple[bytes, int, dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -117,10 +139,17 @@ class StandInCreditAgent:
     def publish_status(self, customer_id: str, *, blocked: bool = False) -> dict[str, Any]:
         available = format_picos(self.balances.get(customer_id, 0))
         value = {
-            "customer_id": customer_id, "status": "blocked" if blocked else "active",
-            "reason": "credit_exhausted" if blocked else None, "since_ms": 1 if blocked else None,
-            "balance": {"customer_id": customer_id, "currency": "usd", "available": available,
-                        "overage": "0.00", "grants": [{"grant_id": "g1", "remaining": available}]},
+            "customer_id": customer_id,
+            "status": "blocked" if blocked else "active",
+            "reason": "credit_exhausted" if blocked else None,
+            "since_ms": 1 if blocked else None,
+            "balance": {
+                "customer_id": customer_id,
+                "currency": "usd",
+                "available": available,
+                "overage": "0.00",
+                "grants": [{"grant_id": "g1", "remaining": available}],
+            },
             "updated_at_ms": int(time.time() * 1000),
         }
         publish_json(self._producer, self.status_topic, customer_id, value)
@@ -143,9 +172,12 @@ class StandInCreditAgent:
             if allow:
                 self.balances[cust] = available - estimate
             reply = {
-                "request_id": cmd["request_id"], "customer_id": cust,
-                "decision": "allow" if allow else "deny", "reason": None if allow else "credit_exhausted",
-                "hold_id": cmd["request_id"] if allow else None, "estimate": format_picos(estimate),
+                "request_id": cmd["request_id"],
+                "customer_id": cust,
+                "decision": "allow" if allow else "deny",
+                "reason": None if allow else "credit_exhausted",
+                "hold_id": cmd["request_id"] if allow else None,
+                "estimate": format_picos(estimate),
                 "available": format_picos(self.balances[cust] if allow else available),
                 "expires_at_ms": cmd["at_ms"] + 300_000 if allow else None,
             }
@@ -183,18 +215,28 @@ class CreditsApi:
 
 
 @pytest.fixture
-def credits_api(kafka_bootstrap: str, credit_topics: dict[str, str], settings_factory: Callable[..., Any],
-                keys: Keys) -> Iterator[CreditsApi]:
-    agent = StandInCreditAgent(kafka_bootstrap, credit_topics["ledger-commands"], credit_topics["ledger-replies"],
-                               credit_topics["customer-status"],
-                               balances={"cust-a": parse_amount("1.00"), "cust-b": parse_amount("1.00")},
-                               silent={"cust-silent"}).start()
+def credits_api(
+    kafka_bootstrap: str, credit_topics: dict[str, str], settings_factory: Callable[..., Any], keys: Keys
+) -> Iterator[CreditsApi]:
+    agent = StandInCreditAgent(
+        kafka_bootstrap,
+        credit_topics["ledger-commands"],
+        credit_topics["ledger-replies"],
+        credit_topics["customer-status"],
+        balances={"cust-a": parse_amount("1.00"), "cust-b": parse_amount("1.00")},
+        silent={"cust-silent"},
+    ).start()
     publisher = CommandPublisher(kafka_bootstrap, credit_topics["ledger-commands"])
     replies = ReplyWaiter(kafka_bootstrap, credit_topics["ledger-replies"]).start()
     status = StatusView(kafka_bootstrap, credit_topics["customer-status"], quiet_s=0.2).start()
     settings = settings_factory(clickhouse_dsn="chdb:///unused")
-    app = create_api(settings, producer=object(), clickhouse=None, key_store=keys.store,
-                     extra_routes=credit_routes(publisher, replies, status, authorize_timeout_s=1.5))
+    app = create_api(
+        settings,
+        producer=object(),
+        clickhouse=None,
+        key_store=keys.store,
+        extra_routes=credit_routes(publisher, replies, status, authorize_timeout_s=1.5),
+    )
     server = ApiServer(app, "127.0.0.1", 0).start()
     try:
         yield CreditsApi(server.url, agent, status, credit_topics)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from meterline.cli_credits import credits_app
+from meterline.shell.cli_credits import credits_app
 from tests.credits_api.conftest import CreditsApi, Keys
 
 
@@ -23,8 +23,22 @@ def _env(kafka_bootstrap: str | None, prefix: str, data_dir: Path) -> dict[str, 
 def test_cli_through_kafka(credits_api: CreditsApi, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
     env = _env(kafka_bootstrap, topic_prefix, tmp_path / "nothing-running")
     run = CliRunner().invoke
-    r = run(credits_app, ["grant", "cust-a", "12.5", "--grant-id", "cli-g1", "--promotional", "--priority", "5",
-                          "--expires", "2027-01-01T00:00:00Z"], env=env)
+    r = run(
+        credits_app,
+        [
+            "grant",
+            "cust-a",
+            "12.5",
+            "--grant-id",
+            "cli-g1",
+            "--promotional",
+            "--priority",
+            "5",
+            "--expires",
+            "2027-01-01T00:00:00Z",
+        ],
+        env=env,
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["command_id"] == "grant:cli-g1"
     key, _, cmd = credits_api.agent.wait_for(lambda c: c["command_id"] == "grant:cli-g1")
@@ -53,8 +67,16 @@ def test_cli_through_running_api(credits_api: CreditsApi, keys: Keys, topic_pref
     data_dir = tmp_path / "up"
     data_dir.mkdir()
     # what `meterline up` leaves for CLI commands: runtime.json (live pid) + admin.key
-    (data_dir / "runtime.json").write_text(json.dumps({"pid": os.getpid(), "kafka_bootstrap": "127.0.0.1:1",
-                                                       "topic_prefix": topic_prefix, "api_url": credits_api.url}))
+    (data_dir / "runtime.json").write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "kafka_bootstrap": "127.0.0.1:1",
+                "topic_prefix": topic_prefix,
+                "api_url": credits_api.url,
+            }
+        )
+    )
     (data_dir / "admin.key").write_text(keys.admin + "\n")
     env = _env(None, topic_prefix, data_dir)
     r = CliRunner().invoke(credits_app, ["top-up", "cust-a", "7", "--grant-id", "cli-pay"], env=env)

@@ -9,13 +9,18 @@ from typing import Any
 
 import pytest
 
+from pipeline.credits.client import StatusView
 from tests.credits_api.conftest import CreditsApi, Keys, producer, publish_json
-from meterline.credits_client import StatusView
 
 
 def _auth_body(customer: str = "cust-a", **over: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"customer_id": customer, "provider": "openai", "model": "gpt-4o",
-                            "input_tokens_estimate": 1000, "max_output_tokens": 1000}
+    body: dict[str, Any] = {
+        "customer_id": customer,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "input_tokens_estimate": 1000,
+        "max_output_tokens": 1000,
+    }
     body.update(over)
     return body
 
@@ -70,36 +75,59 @@ def test_keys_act_only_for_their_customer(credits_api: CreditsApi, keys: Keys) -
 
 
 def test_admin_grant_publishes_the_exact_command(credits_api: CreditsApi, keys: Keys) -> None:
-    body = {"customer_id": "cust-a", "grant_id": "g-42", "amount": "10.5", "priority": 10,
-            "category": "promotional", "expires_at": "2027-01-01T00:00:00Z", "scope": {"providers": ["openai"]}}
+    body = {
+        "customer_id": "cust-a",
+        "grant_id": "g-42",
+        "amount": "10.5",
+        "priority": 10,
+        "category": "promotional",
+        "expires_at": "2027-01-01T00:00:00Z",
+        "scope": {"providers": ["openai"]},
+    }
     r = credits_api.call("POST", "/v1/credits/grants", keys.admin, json=body)
     assert r.status_code == 202, r.text
     assert r.json() == {"command_id": "grant:g-42", "type": "grant", "customer_id": "cust-a"}
     key, _, cmd = credits_api.agent.wait_for(lambda c: c["command_id"] == "grant:g-42")
     assert key == b"cust-a"
     assert cmd == {
-        "type": "grant", "command_id": "grant:g-42", "customer_id": "cust-a", "at_ms": cmd["at_ms"],
-        "grant_id": "g-42", "amount": "10.50", "currency": "usd", "effective_at_ms": cmd["at_ms"],
-        "expires_at_ms": 1798761600000, "priority": 10, "category": "promotional",
+        "type": "grant",
+        "command_id": "grant:g-42",
+        "customer_id": "cust-a",
+        "at_ms": cmd["at_ms"],
+        "grant_id": "g-42",
+        "amount": "10.50",
+        "currency": "usd",
+        "effective_at_ms": cmd["at_ms"],
+        "expires_at_ms": 1798761600000,
+        "priority": 10,
+        "category": "promotional",
         "scope": {"providers": ["openai"], "models": None, "projects": None},
     }
-    r = credits_api.call("POST", "/v1/credits/grants", keys.admin,
-                         json={"type": "top_up", "customer_id": "cust-a", "grant_id": "pay-1", "amount": "20"})
+    r = credits_api.call(
+        "POST",
+        "/v1/credits/grants",
+        keys.admin,
+        json={"type": "top_up", "customer_id": "cust-a", "grant_id": "pay-1", "amount": "20"},
+    )
     assert r.status_code == 202 and r.json()["command_id"] == "top_up:pay-1"
     _, _, cmd = credits_api.agent.wait_for(lambda c: c["command_id"] == "top_up:pay-1")
     assert cmd["type"] == "top_up" and cmd["amount"] == "20.00" and cmd["category"] == "paid"
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"customer_id": "cust-a", "amount": 10.5}, "amount"),              # float: never
-    ({"customer_id": "cust-a", "amount": "1.0000000000001"}, "amount"),  # finer than picos
-    ({"customer_id": "cust-a", "amount": "-1"}, "amount"),
-    ({"customer_id": "cust-a", "amount": "1", "priority": 101}, "priority"),
-    ({"customer_id": "cust-a", "amount": "1", "expires_at": "2027-01-01"}, "expires_at_ms"),  # no timezone
-    ({"amount": "1"}, "customer_id"),
-])
-def test_admin_grant_bad_input_is_400_with_field(credits_api: CreditsApi, keys: Keys, body: dict[str, Any],
-                                                 field: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"customer_id": "cust-a", "amount": 10.5}, "amount"),  # float: never
+        ({"customer_id": "cust-a", "amount": "1.0000000000001"}, "amount"),  # finer than picos
+        ({"customer_id": "cust-a", "amount": "-1"}, "amount"),
+        ({"customer_id": "cust-a", "amount": "1", "priority": 101}, "priority"),
+        ({"customer_id": "cust-a", "amount": "1", "expires_at": "2027-01-01"}, "expires_at_ms"),  # no timezone
+        ({"amount": "1"}, "customer_id"),
+    ],
+)
+def test_admin_grant_bad_input_is_400_with_field(
+    credits_api: CreditsApi, keys: Keys, body: dict[str, Any], field: str
+) -> None:
     r = credits_api.call("POST", "/v1/credits/grants", keys.admin, json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["field"] == field
@@ -108,12 +136,26 @@ def test_admin_grant_bad_input_is_400_with_field(credits_api: CreditsApi, keys: 
 def test_other_admin_commands(credits_api: CreditsApi, keys: Keys) -> None:
     calls = [
         ("POST", "/v1/credits/void", {"customer_id": "cust-a", "grant_id": "g-1", "reason": "refund"}),
-        ("POST", "/v1/credits/adjust", {"customer_id": "cust-a", "adjustment_id": "a-1", "amount": "-2.5",
-                                        "reason": "correction"}),
+        (
+            "POST",
+            "/v1/credits/adjust",
+            {"customer_id": "cust-a", "adjustment_id": "a-1", "amount": "-2.5", "reason": "correction"},
+        ),
         ("PUT", "/v1/customers/cust-a/policy", {"overage": "credit_limit", "credit_limit": "25"}),
-        ("PUT", "/v1/customers/cust-a/budgets", {"budget": {"budget_id": "b-1", "scope": "project",
-                                                            "scope_value": "p1", "period": "month",
-                                                            "limit": "100", "hard": True}}),
+        (
+            "PUT",
+            "/v1/customers/cust-a/budgets",
+            {
+                "budget": {
+                    "budget_id": "b-1",
+                    "scope": "project",
+                    "scope_value": "p1",
+                    "period": "month",
+                    "limit": "100",
+                    "hard": True,
+                }
+            },
+        ),
         ("POST", "/v1/customers/cust-a/block", {}),
         ("POST", "/v1/customers/cust-a/unblock", {"scope": "api_key:k1", "reason": "runaway_guard"}),
     ]
@@ -122,24 +164,35 @@ def test_other_admin_commands(credits_api: CreditsApi, keys: Keys) -> None:
         r = credits_api.call(method, path, keys.admin, json=body)
         assert r.status_code == 202, (path, r.text)
         ids.append(r.json()["command_id"])
-    got = {c["command_id"]: c for c in (credits_api.agent.wait_for(lambda c, i=i: c["command_id"] == i)[2]
-                                         for i in ids)}
+    got = {
+        c["command_id"]: c for c in (credits_api.agent.wait_for(lambda c, i=i: c["command_id"] == i)[2] for i in ids)
+    }
     void, adjust, pol, bud, block, unblock = (got[i] for i in ids)
     assert void["type"] == "void" and void["command_id"] == "void:g-1" and void["reason"] == "refund"
     assert adjust["type"] == "adjust" and adjust["amount"] == "-2.50" and adjust["grant_id"] is None
     assert pol["type"] == "set_policy" and pol["overage"] == "credit_limit" and pol["credit_limit"] == "25.00"
     assert bud["type"] == "set_budget" and bud["remove"] is False
-    assert bud["budget"] == {"budget_id": "b-1", "scope": "project", "scope_value": "p1", "period": "month",
-                             "limit": "100.00", "hard": True, "alert_pcts": [80, 100]}
+    assert bud["budget"] == {
+        "budget_id": "b-1",
+        "scope": "project",
+        "scope_value": "p1",
+        "period": "month",
+        "limit": "100.00",
+        "hard": True,
+        "alert_pcts": [80, 100],
+    }
     assert block == {**block, "type": "set_block", "scope": "customer", "blocked": True, "reason": "manual"}
     assert unblock["blocked"] is False and unblock["scope"] == "api_key:k1" and unblock["reason"] == "runaway_guard"
 
     bad = [
         ("PUT", "/v1/customers/cust-a/policy", {"overage": "credit_limit"}, "credit_limit"),
         ("PUT", "/v1/customers/cust-a/policy", {"overage": "sometimes"}, "overage"),
-        ("PUT", "/v1/customers/cust-a/budgets", {"budget": {"budget_id": "b", "scope": "customer",
-                                                            "scope_value": "x", "period": "month", "limit": "1"}},
-         "budget"),
+        (
+            "PUT",
+            "/v1/customers/cust-a/budgets",
+            {"budget": {"budget_id": "b", "scope": "customer", "scope_value": "x", "period": "month", "limit": "1"}},
+            "budget",
+        ),
         ("POST", "/v1/credits/adjust", {"customer_id": "cust-a", "amount": "0", "reason": "x"}, "amount"),
         ("POST", "/v1/customers/cust-a/block", {"scope": "everything"}, "scope"),
     ]
@@ -148,17 +201,21 @@ def test_other_admin_commands(credits_api: CreditsApi, keys: Keys) -> None:
         assert r.status_code == 400 and r.json()["error"]["field"] == field, (path, r.text)
 
 
-def test_status_view_catches_up_and_serves_balance(credits_api: CreditsApi, keys: Keys,
-                                                   kafka_bootstrap: str) -> None:
+def test_status_view_catches_up_and_serves_balance(credits_api: CreditsApi, keys: Keys, kafka_bootstrap: str) -> None:
     topic = credits_api.topics["customer-status"]
     p = producer(kafka_bootstrap)
     last: dict[str, dict[str, Any]] = {}
     for round_ in range(5):  # several values per customer, each flush a separate batch
         for i in range(20):
             cust = f"c{i}"
-            value = {"customer_id": cust, "status": "blocked" if i % 3 == 0 else "active", "reason": None,
-                     "since_ms": None, "balance": {"available": f"{round_}.{i:02d}", "grants": []},
-                     "updated_at_ms": round_}
+            value = {
+                "customer_id": cust,
+                "status": "blocked" if i % 3 == 0 else "active",
+                "reason": None,
+                "since_ms": None,
+                "balance": {"available": f"{round_}.{i:02d}", "grants": []},
+                "updated_at_ms": round_,
+            }
             p.produce(topic, key=cust.encode(), value=__import__("json").dumps(value).encode())
             last[cust] = value
         p.flush(10)

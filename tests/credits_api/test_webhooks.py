@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from meterline.alerts import DeliveredStore, WebhookDispatcher, sign, verify_signature
 from meterline.stack.broker import free_port
+from pipeline.alerts import DeliveredStore, WebhookDispatcher, sign, verify_signature
 from tests.credits_api.conftest import producer, publish_json
 
 SECRET = "whsec_" + "s3cr3t-signing-key-do-not-log"
@@ -29,7 +29,7 @@ class Receiver:
         received = self.requests
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 self.send_response(204)
@@ -52,8 +52,14 @@ class Receiver:
 
 
 def _alert(alert_id: str, **over: Any) -> dict[str, Any]:
-    a = {"alert_id": alert_id, "customer_id": "cust-a", "kind": "credit_used", "message": "80% of credit used",
-         "at_ms": int(time.time() * 1000), "threshold": 80}
+    a = {
+        "alert_id": alert_id,
+        "customer_id": "cust-a",
+        "kind": "credit_used",
+        "message": "80% of credit used",
+        "at_ms": int(time.time() * 1000),
+        "threshold": 80,
+    }
     a.update(over)
     return a
 
@@ -66,14 +72,23 @@ def _until(pred: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 @pytest.fixture
-def dispatcher_factory(kafka_bootstrap: str, topics: dict[str, str], tmp_path: Path
-                       ) -> Iterator[Callable[..., WebhookDispatcher]]:
+def dispatcher_factory(
+    kafka_bootstrap: str, topics: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., WebhookDispatcher]]:
     started: list[WebhookDispatcher] = []
 
     def make(urls: list[str], *, group: str | None = None, **kw: Any) -> WebhookDispatcher:
-        d = WebhookDispatcher(kafka_bootstrap, topics["alerts"], group or f"hooks-{uuid.uuid4().hex[:8]}",
-                              urls=urls, secret=SECRET, store_path=tmp_path / "webhooks.sqlite3",
-                              backoff_base_s=0.05, backoff_cap_s=0.2, **kw)
+        d = WebhookDispatcher(
+            kafka_bootstrap,
+            topics["alerts"],
+            group or f"hooks-{uuid.uuid4().hex[:8]}",
+            urls=urls,
+            secret=SECRET,
+            store_path=tmp_path / "webhooks.sqlite3",
+            backoff_base_s=0.05,
+            backoff_cap_s=0.2,
+            **kw,
+        )
         started.append(d.start())
         return d
 
@@ -82,8 +97,12 @@ def dispatcher_factory(kafka_bootstrap: str, topics: dict[str, str], tmp_path: P
         d.stop()
 
 
-def test_delivered_signed_and_verifiable(dispatcher_factory: Callable[..., WebhookDispatcher], topics: dict[str, str],
-                                         kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_delivered_signed_and_verifiable(
+    dispatcher_factory: Callable[..., WebhookDispatcher],
+    topics: dict[str, str],
+    kafka_bootstrap: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG)
     rx = Receiver()
     try:
@@ -101,10 +120,13 @@ def test_delivered_signed_and_verifiable(dispatcher_factory: Callable[..., Webho
     assert SECRET not in "\n".join(r.getMessage() for r in caplog.records)
 
 
-def test_receiver_down_retried_then_delivered_once(dispatcher_factory: Callable[..., WebhookDispatcher],
-                                                   topics: dict[str, str], kafka_bootstrap: str,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="meterline.alerts")
+def test_receiver_down_retried_then_delivered_once(
+    dispatcher_factory: Callable[..., WebhookDispatcher],
+    topics: dict[str, str],
+    kafka_bootstrap: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pipeline.alerts")
     port = free_port()
     d = dispatcher_factory([f"http://127.0.0.1:{port}/hooks/meterline"])
     p = producer(kafka_bootstrap)
@@ -123,8 +145,9 @@ def test_receiver_down_retried_then_delivered_once(dispatcher_factory: Callable[
     assert SECRET not in "\n".join(r.getMessage() for r in caplog.records)
 
 
-def test_replayed_alert_delivered_once(dispatcher_factory: Callable[..., WebhookDispatcher], topics: dict[str, str],
-                                       kafka_bootstrap: str) -> None:
+def test_replayed_alert_delivered_once(
+    dispatcher_factory: Callable[..., WebhookDispatcher], topics: dict[str, str], kafka_bootstrap: str
+) -> None:
     rx = Receiver()
     try:
         p = producer(kafka_bootstrap)
@@ -146,8 +169,9 @@ def test_replayed_alert_delivered_once(dispatcher_factory: Callable[..., Webhook
         rx.close()
 
 
-def test_too_old_alert_is_dead_and_skipped(dispatcher_factory: Callable[..., WebhookDispatcher],
-                                           topics: dict[str, str], kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_too_old_alert_is_dead_and_skipped(
+    dispatcher_factory: Callable[..., WebhookDispatcher], topics: dict[str, str], kafka_bootstrap: str, tmp_path: Path
+) -> None:
     down = f"http://127.0.0.1:{free_port()}/down"
     d = dispatcher_factory([down], max_age_s=60)
     p = producer(kafka_bootstrap)
@@ -188,8 +212,9 @@ def test_dispatcher_prunes_outcomes_older_than_it_keeps(tmp_path: Path) -> None:
     db.commit()
     db.close()
 
-    dispatcher = WebhookDispatcher("127.0.0.1:9", "no-topic", "g", urls=["http://127.0.0.1:9/hook"],
-                                   secret="s", store_path=store_path)
+    dispatcher = WebhookDispatcher(
+        "127.0.0.1:9", "no-topic", "g", urls=["http://127.0.0.1:9/hook"], secret="s", store_path=store_path
+    )
     dispatcher._maybe_prune()
     assert dispatcher.store.outcome("old-alert", "http://127.0.0.1:9/hook") is None
     assert dispatcher.store.outcome("new-alert", "http://127.0.0.1:9/hook") == "delivered"

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from meterline.config import Settings
-from meterline.pricing import load_price_book
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
+from meterline.stack.producer import UsageProducer
 from pipeline.publish import publish_records
 from pipeline.sink import ClickHouseSink
 from pipeline.workers import WorkerProcess
 from schemas.models import UsageEvent
-from schemas.producer import UsageProducer
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = REPO / "infra" / "prices" / "seed.yaml"
@@ -43,7 +43,9 @@ class Pipeline:
         self._n = 0
 
     def publish_prices(self, source: Any = SEED) -> None:
-        publish_records(self.settings.kafka_bootstrap, self.settings.topic("prices"), load_price_book(source).to_records())
+        publish_records(
+            self.settings.kafka_bootstrap, self.settings.topic("prices"), load_price_book(source).to_records()
+        )
 
     def start_worker(self) -> WorkerProcess:
         w = WorkerProcess(self.settings, name=f"worker-{self._n}", log_dir=self.log_dir).start()
@@ -86,7 +88,9 @@ class Pipeline:
 
 
 @pytest.fixture
-def pipeline(kafka_bootstrap: str, topics: dict[str, str], topic_prefix: str, clickhouse: Any, tmp_path: Path) -> Iterator[Pipeline]:
+def pipeline(
+    kafka_bootstrap: str, topics: dict[str, str], topic_prefix: str, clickhouse: Any, tmp_path: Path
+) -> Iterator[Pipeline]:
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
         topic_prefix=topic_prefix,

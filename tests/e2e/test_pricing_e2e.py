@@ -1,6 +1,6 @@
 """End to end on real parts: gateway events → faust pricing worker → usage-priced → sink → chDB.
 
-The expected money is computed here, independently of meterline.pricing, from the list prices
+The expected money is computed here, independently of meterline.core.pricing, from the list prices
 the pricing issue names (per million input/output tokens) and plain Decimal arithmetic.
 """
 
@@ -10,7 +10,7 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -22,13 +22,18 @@ pytestmark = pytest.mark.broker
 # (provider, model, version) -> per-million rates {class: Decimal}; the independent oracle.
 LIST = {
     ("openai", "gpt-4o", None): {"input": "5.00", "output": "15.00", "cached_input": "2.50"},
-    ("anthropic", "claude-3-5-sonnet", "20241022"): {"input": "3.00", "output": "15.00", "cached_input": "0.30", "cache_write": "3.75"},
+    ("anthropic", "claude-3-5-sonnet", "20241022"): {
+        "input": "3.00",
+        "output": "15.00",
+        "cached_input": "0.30",
+        "cache_write": "3.75",
+    },
     ("google", "gemini-1.5-pro", None): {"input": "3.50", "output": "10.50", "cached_input": "0.875"},
     ("meta", "llama-3.1-405b", None): {"input": "2.00", "output": "6.00"},
     ("mistral", "mistral-large-2", None): {"input": "2.00", "output": "6.00"},
     ("mistral", "mixtral-8x22b", None): {"input": "1.20", "output": "1.20"},
     ("meta", "llama-3-70b", None): {"input": "0.59", "output": "0.79"},
-}  # fmt: skip
+}
 MARKUP = {"acme": Decimal("1.20")}
 CUSTOMERS = ["acme", "globex", "initech", "umbrella", "hooli"]
 
@@ -74,7 +79,7 @@ def totals_by_customer(rows: list[tuple]) -> dict[str, tuple[Decimal, Decimal, i
 
 def test_priced_sums_exact_replays_collapse_price_change_and_rejects(pipeline) -> None:
     rng = random.Random(20261122)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     pipeline.publish_prices()
     pipeline.start_worker()
 
@@ -99,11 +104,16 @@ def test_priced_sums_exact_replays_collapse_price_change_and_rejects(pipeline) -
     pipeline.produce(events)
     markers = [
         UsageEvent(
-            event_id=f"marker-{c}", occurred_at=now - timedelta(minutes=5), customer_id=c,
-            provider="meta", model="llama-3-70b", input_tokens=1_000_000, output_tokens=1_000_000,
+            event_id=f"marker-{c}",
+            occurred_at=now - timedelta(minutes=5),
+            customer_id=c,
+            provider="meta",
+            model="llama-3-70b",
+            input_tokens=1_000_000,
+            output_tokens=1_000_000,
         )
         for c in CUSTOMERS
-    ]  # fmt: skip
+    ]
     pipeline.produce(markers)
     pipeline.wait_priced(len(events) + len(markers))
     got_after = totals_by_customer(
@@ -117,32 +127,42 @@ def test_priced_sums_exact_replays_collapse_price_change_and_rejects(pipeline) -
 
     # 3. A price change published while the worker runs takes effect at effective_from, and a
     #    late event from before it keeps the old price.
-    change_at = (datetime.now(timezone.utc) + timedelta(seconds=3)).replace(microsecond=0)
+    change_at = (datetime.now(UTC) + timedelta(seconds=3)).replace(microsecond=0)
     pipeline.publish_prices(
         {
             "currency": "USD",
             "prices": [
                 {
-                    "provider": "openai", "model": "gpt-4o",
+                    "provider": "openai",
+                    "model": "gpt-4o",
                     "effective_from": change_at.isoformat().replace("+00:00", "Z"),
                     "per_million": {"input": "2.50", "output": "10.00", "cached_input": "1.25"},
                 }
             ],
         }
-    )  # fmt: skip
-    time.sleep(max(0.0, (change_at - datetime.now(timezone.utc)).total_seconds()) + 0.5)
+    )
+    time.sleep(max(0.0, (change_at - datetime.now(UTC)).total_seconds()) + 0.5)
     after = UsageEvent(
-        event_id="after-change", occurred_at=change_at + timedelta(milliseconds=1), customer_id="globex",
-        provider="openai", model="gpt-4o", input_tokens=1_000_000, output_tokens=1_000_000, cached_input_tokens=1_000_000,
-        request_id="req-after", labels={"team": "search"},
-    )  # fmt: skip
+        event_id="after-change",
+        occurred_at=change_at + timedelta(milliseconds=1),
+        customer_id="globex",
+        provider="openai",
+        model="gpt-4o",
+        input_tokens=1_000_000,
+        output_tokens=1_000_000,
+        cached_input_tokens=1_000_000,
+        request_id="req-after",
+        labels={"team": "search"},
+    )
     at_boundary = after.model_copy(update={"event_id": "at-change", "occurred_at": change_at})
     late = after.model_copy(update={"event_id": "late", "occurred_at": change_at - timedelta(milliseconds=1)})
     unknown = after.model_copy(update={"event_id": "unknown-model", "model": "gpt-7-preview"})
     pipeline.produce([after, at_boundary, late, unknown])
     pipeline.wait_priced(len(events) + len(markers) + 3)
     priced = dict(
-        pipeline.query("SELECT event_id, cost FROM usage_priced WHERE event_id IN ('after-change', 'at-change', 'late')")
+        pipeline.query(
+            "SELECT event_id, cost FROM usage_priced WHERE event_id IN ('after-change', 'at-change', 'late')"
+        )
     )
     assert priced == {"after-change": Decimal("13.75"), "at-change": Decimal("13.75"), "late": Decimal("22.50")}
     assert pipeline.query("SELECT request_id, labels['team'] FROM usage_priced WHERE event_id = 'after-change'") == [
@@ -151,9 +171,12 @@ def test_priced_sums_exact_replays_collapse_price_change_and_rejects(pipeline) -
 
     # 4. The unknown model is dead-lettered with its reason, never priced at $0.
     pipeline.wait_for(
-        "the rejected event", lambda: pipeline.query("SELECT count() FROM usage_rejected WHERE event_id = 'unknown-model'")[0][0] == 1
+        "the rejected event",
+        lambda: pipeline.query("SELECT count() FROM usage_rejected WHERE event_id = 'unknown-model'")[0][0] == 1,
     )
-    reason = pipeline.query("SELECT reason_code, customer_id FROM usage_rejected FINAL WHERE event_id = 'unknown-model'")
+    reason = pipeline.query(
+        "SELECT reason_code, customer_id FROM usage_rejected FINAL WHERE event_id = 'unknown-model'"
+    )
     assert reason == [("unknown_model", "globex")]
     assert pipeline.query("SELECT count() FROM usage_priced WHERE event_id = 'unknown-model'")[0][0] == 0
 

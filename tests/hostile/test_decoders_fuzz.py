@@ -13,9 +13,10 @@ import random
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from meterline.errors import InvalidEvent, SchemaError
+from meterline.core.errors import InvalidEvent, SchemaError
 from schemas.codec import (
     decode_dead_letter,
     decode_priced_batch,
@@ -28,16 +29,30 @@ from schemas.validation import REASON_CODES, validate_record
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01
 DECODERS = (decode_usage_batch, decode_priced_batch, decode_dead_letter)
-GOOD = {"event_id": "e-1", "occurred_at": NOW_MS - 1000, "customer_id": "c", "provider": "openai",
-        "model": "gpt-4o", "input_tokens": 10, "output_tokens": 5}  # fmt: skip
+GOOD = {
+    "event_id": "e-1",
+    "occurred_at": NOW_MS - 1000,
+    "customer_id": "c",
+    "provider": "openai",
+    "model": "gpt-4o",
+    "input_tokens": 10,
+    "output_tokens": 5,
+}
 HOSTILE_INTS = st.sampled_from([-1, -(2**63), 2**63 - 1, 2**63, 2**64, 10**30, 0])
 JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
     max_leaves=20,
 )
-FIELDS = list(GOOD) + ["cached_input_tokens", "cache_write_tokens", "reasoning_tokens", "requests", "labels",
-                       "model_version", "project"]  # fmt: skip
+FIELDS = list(GOOD) + [
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "requests",
+    "labels",
+    "model_version",
+    "project",
+]
 
 
 def _decode_all(data: bytes) -> None:
@@ -149,8 +164,10 @@ def test_bounded_mutation_fuzz_of_the_decode_validate_path() -> None:
     """20k seeded mutations (flip / insert / delete / splice) of valid records: only typed errors."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    seeds = [encode_usage_batch([{**GOOD, "event_id": f"e{i}", "labels": {"a": "b"} if i % 2 else {}}] * (i % 3 + 1))
-             for i in range(6)]  # fmt: skip
+    seeds = [
+        encode_usage_batch([{**GOOD, "event_id": f"e{i}", "labels": {"a": "b"} if i % 2 else {}}] * (i % 3 + 1))
+        for i in range(6)
+    ]
     outcomes = {"decoded": 0, "schema_error": 0}
     for _ in range(20_000):
         data = bytearray(rng.choice(seeds))

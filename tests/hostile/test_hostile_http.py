@@ -14,22 +14,32 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from meterline.api.app import MAX_BODY_BYTES, MAX_EVENTS
+from meterline.shell.api.app import MAX_BODY_BYTES, MAX_EVENTS
 
 ROUTES = [("POST", "/v1/events"), ("POST", "/v1/sql")]
 
 
 @pytest.fixture
 def api(api_factory: Any, usage_producer: Any, clickhouse: Any, topics: dict[str, str]) -> Any:
-    clickhouse.command("INSERT INTO usage_rejected (reason_code, customer_id, source_topic) VALUES ('x', 'cust-b', 't')")
+    clickhouse.command(
+        "INSERT INTO usage_rejected (reason_code, customer_id, source_topic) VALUES ('x', 'cust-b', 't')"
+    )
     return api_factory(producer=usage_producer, clickhouse=clickhouse, topic=topics["usage-events"])
 
 
 def ev(event_id: str, customer_id: str = "cust-a", **over: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {"event_id": event_id, "occurred_at": "2025-03-01T12:00:00Z", "customer_id": customer_id,
-                         "provider": "openai", "model": "gpt-4o", "input_tokens": 100, "output_tokens": 20}  # fmt: skip
+    d: dict[str, Any] = {
+        "event_id": event_id,
+        "occurred_at": "2025-03-01T12:00:00Z",
+        "customer_id": customer_id,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "input_tokens": 100,
+        "output_tokens": 20,
+    }
     d.update(over)
     return d
 
@@ -90,7 +100,9 @@ def test_malformed_bodies(api: Any, keys: Any, content: bytes, code: str) -> Non
 
 
 def test_size_and_batch_limits(api: Any, keys: Any) -> None:
-    assert clear_error(api.post("/v1/events", keys.cust_a, content=b" " * (MAX_BODY_BYTES + 1)), 413) == "body_too_large"
+    assert (
+        clear_error(api.post("/v1/events", keys.cust_a, content=b" " * (MAX_BODY_BYTES + 1)), 413) == "body_too_large"
+    )
     many = [ev(f"e{i}") for i in range(MAX_EVENTS + 1)]
     assert clear_error(api.post("/v1/events", keys.cust_a, json=many), 413) == "too_many_events"
 
@@ -98,15 +110,18 @@ def test_size_and_batch_limits(api: Any, keys: Any) -> None:
         for _ in range(MAX_BODY_BYTES // 65536 + 2):
             yield b" " * 65536
 
-    r = httpx.post(api.url + "/v1/events", headers={"Authorization": f"Bearer {keys.cust_a}"}, content=chunks(),
-                   timeout=30)  # fmt: skip
+    r = httpx.post(
+        api.url + "/v1/events", headers={"Authorization": f"Bearer {keys.cust_a}"}, content=chunks(), timeout=30
+    )
     assert clear_error(r, 413) == "body_too_large"
     big_sql = {"query": "SELECT 1 -- " + "x" * 300_000}
     assert clear_error(api.post("/v1/sql", keys.admin, json=big_sql), 413) == "body_too_large"
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
-@pytest.mark.parametrize("header", [None, "Bearer", "Bearer ml_live_wrong", "Basic dXNlcjpwYXNz", "Bearer " + "A" * 5000])
+@pytest.mark.parametrize(
+    "header", [None, "Bearer", "Bearer ml_live_wrong", "Basic dXNlcjpwYXNz", "Bearer " + "A" * 5000]
+)
 def test_every_endpoint_but_healthz_needs_a_key(api: Any, method: str, path: str, header: str | None) -> None:
     headers = {} if header is None else {"Authorization": header}
     r = httpx.request(method, api.url + path, headers=headers, json={"query": "SELECT 1", "events": []}, timeout=10)
@@ -166,13 +181,22 @@ def test_sql_parameters_are_bound_not_spliced(api: Any, keys: Any, clickhouse: A
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(
-        st.sampled_from(["events", "event_id", "customer_id", "occurred_at", "input_tokens", "labels", "model"]),
-        kids, max_size=6),
-    max_leaves=30,
-))  # fmt: skip
+@given(
+    body=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+        lambda kids: (
+            st.lists(kids, max_size=5)
+            | st.dictionaries(
+                st.sampled_from(
+                    ["events", "event_id", "customer_id", "occurred_at", "input_tokens", "labels", "model"]
+                ),
+                kids,
+                max_size=6,
+            )
+        ),
+        max_leaves=30,
+    )
+)
 def test_fuzzed_json_bodies_never_5xx(api: Any, keys: Any, body: Any) -> None:
     r = api.post("/v1/events", keys.cust_a, content=json.dumps(body, allow_nan=True))
     if r.status_code == 200:
@@ -182,7 +206,9 @@ def test_fuzzed_json_bodies_never_5xx(api: Any, keys: Any, body: Any) -> None:
         clear_error(r)
 
 
-def test_no_secret_in_logs(api: Any, keys: Any, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+def test_no_secret_in_logs(
+    api: Any, keys: Any, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
     caplog.set_level(logging.DEBUG)
     wrong = "ml_live_" + "Z" * 32
     api.post("/v1/events", keys.cust_a, json=[ev("log-1")])

@@ -8,13 +8,14 @@ import random
 import time
 from collections import Counter
 
-from meterline.verify import ChaosStack, Expected, hostile_records, make_events
+from devtools.verify import ChaosStack, Expected, hostile_records, make_events
 from schemas.codec import encode_usage_batch, event_to_record
 from tests.invariants.helpers import assert_invariant
 
 
-def test_hostile_records_are_dead_lettered_and_the_worker_survives(chaos: ChaosStack, rng: random.Random,
-                                                                   seed: int) -> None:  # fmt: skip
+def test_hostile_records_are_dead_lettered_and_the_worker_survives(
+    chaos: ChaosStack, rng: random.Random, seed: int
+) -> None:
     expected = Expected()
     chaos.start_sink()
     worker = chaos.start_worker()
@@ -46,6 +47,9 @@ def test_hostile_records_are_dead_lettered_and_the_worker_survives(chaos: ChaosS
     assert all(reason and topic == chaos.settings.topic("usage-events") for reason, topic in reasons)
     # the unicode customer's events kept their ids byte for byte
     unicode_ids = {e.event_id for e in before + after if not e.customer_id.isascii()}
-    stored = {e for (e,) in chaos.query("SELECT event_id FROM usage_priced WHERE NOT isValidASCII(customer_id)")} \
-        if unicode_ids else set()
+    stored = (
+        {e for (e,) in chaos.query("SELECT event_id FROM usage_priced WHERE NOT isValidASCII(customer_id)")}
+        if unicode_ids
+        else set()
+    )
     assert stored == unicode_ids

@@ -1,5 +1,5 @@
 """Fixtures of the invariant suite: a seeded RNG (printed, so a failure can be replayed) and a
-:class:`meterline.verify.ChaosStack` on the session's Tansu broker and this test's chDB database.
+:class:`devtools.verify.ChaosStack` on the session's Tansu broker and this test's chDB database.
 
 Replay a failing run with ``METERLINE_TEST_SEED=<seed> pytest tests/invariants -k <test>``.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from meterline.config import Settings
-from meterline.verify import ChaosStack
+from devtools.verify import ChaosStack
+from meterline.core.config import Settings
 
 
 @pytest.fixture
@@ -32,11 +32,17 @@ def rng(seed: int) -> random.Random:
 
 
 @pytest.fixture
-def chaos(kafka_bootstrap: str, topics: dict[str, str], topic_prefix: str, clickhouse: Any,
-          tmp_path: Path) -> Iterator[ChaosStack]:  # fmt: skip
+def chaos(
+    kafka_bootstrap: str, topics: dict[str, str], topic_prefix: str, clickhouse: Any, tmp_path: Path
+) -> Iterator[ChaosStack]:
     """Topics created, prices published; no worker and no sink started yet."""
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix, partitions=4,
-                        broker_flavor="tansu", data_dir=tmp_path)  # fmt: skip
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        partitions=4,
+        broker_flavor="tansu",
+        data_dir=tmp_path,
+    )
     stack = ChaosStack(settings, clickhouse, tmp_path / "logs")
     stack.publish_prices()
     try:

@@ -1,8 +1,8 @@
 """Helpers of the invariant suite: a background traffic generator and the one assertion.
 
-The oracle, the checks and the stack live in :mod:`meterline.verify` so ``meterline verify`` and
+The oracle, the checks and the stack live in :mod:`devtools.verify` so ``meterline verify`` and
 these tests prove the same thing. :func:`assert_credit_invariant` adds the ledger part
-(``meterline.verify.credit_checks``); the Stripe part is ``meterline.verify.StripeSession.run``.
+(``devtools.verify.credit_checks``); the Stripe part is ``devtools.verify.StripeSession.run``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from meterline.verify import (
+from devtools.verify import (
     PRICING_CHECKS,
     ChaosStack,
     Expected,
@@ -57,8 +57,18 @@ class Traffic:
     learns each event as it is handed to the producer; :meth:`stop` flushes (a failed delivery raises).
     """
 
-    def __init__(self, stack: ChaosStack, expected: Expected, rng: random.Random, *, burst: int = 20,
-                 pause: float = 0.05, limit: int = 8000, dup_every: int = 5, prefix: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        stack: ChaosStack,
+        expected: Expected,
+        rng: random.Random,
+        *,
+        burst: int = 20,
+        pause: float = 0.05,
+        limit: int = 8000,
+        dup_every: int = 5,
+        prefix: str = "",
+    ) -> None:
         self.stack, self.expected, self.rng = stack, expected, rng
         self.burst, self.pause, self.limit, self.dup_every, self.prefix = burst, pause, limit, dup_every, prefix
         self.sent: list[Any] = []
@@ -86,7 +96,7 @@ class Traffic:
                     self.duplicates += 3
                 self.stack.produce(events, flush=False)
                 time.sleep(self.pause)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
+        except BaseException as exc:
             self.error = exc
 
     def stop(self) -> None:
@@ -97,7 +107,9 @@ class Traffic:
         self.stack.producer.flush(30)
 
 
-def assert_credit_invariant(stack: ChaosStack, expected: Expected, seed: int, *, timeout: float = 120.0) -> dict[str, Any]:
+def assert_credit_invariant(
+    stack: ChaosStack, expected: Expected, seed: int, *, timeout: float = 120.0
+) -> dict[str, Any]:
     """The pricing invariant, then the ledger part (entries in ClickHouse, final statuses); returns
     the final statuses. Fails with every Δ, the seed and the worker logs."""
     assert_invariant(stack, expected, seed, timeout=timeout)
@@ -138,7 +150,7 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
         for m in read_topic(stack.bootstrap, topic("usage-events")):
             try:
                 events = decode_usage_batch(m.value())
-            except Exception:  # noqa: BLE001 - hostile records
+            except Exception:
                 continue
             for ev in events:
                 k = (ev["customer_id"], ev["event_id"])
@@ -148,7 +160,9 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
             for ev in decode_priced_batch(m.value()):
                 k = (ev["customer_id"], ev["event_id"])
                 if k in where:
-                    where[k].append(f"priced@{m.partition()}:{m.offset()}(src {ev['source_partition']}:{ev['source_offset']})")
+                    where[k].append(
+                        f"priced@{m.partition()}:{m.offset()}(src {ev['source_partition']}:{ev['source_offset']})"
+                    )
         changelog = f"{stack.settings.topic_prefix}pricing-pricing-dedupe-changelog"
         positions = {p.split("@")[1] for v in where.values() for p in v if p.startswith("events@")}
         dedupe = []
@@ -157,13 +171,22 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
             if key in positions:
                 value = json.loads(m.value()) if m.value() else None
                 ids = value.get("ids") if isinstance(value, dict) else value
-                dedupe.append(f"{key}@{m.partition()}:{m.offset()} ids={len(ids or [])} "
-                              f"missing={sum(1 for c, e in missing if ids and e in ids)}")  # fmt: skip
-        c = Consumer({"bootstrap.servers": stack.bootstrap, "group.id": f"{stack.settings.topic_prefix}pricing",
-                      "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+                dedupe.append(
+                    f"{key}@{m.partition()}:{m.offset()} ids={len(ids or [])} "
+                    f"missing={sum(1 for c, e in missing if ids and e in ids)}"
+                )
+        c = Consumer(
+            {
+                "bootstrap.servers": stack.bootstrap,
+                "group.id": f"{stack.settings.topic_prefix}pricing",
+                "enable.auto.commit": False,
+                "log_level": 3,
+            }
+        )
         try:
-            committed = c.committed([TopicPartition(topic("usage-events"), p) for p in range(stack.settings.partitions)],
-                                    timeout=10)  # fmt: skip
+            committed = c.committed(
+                [TopicPartition(topic("usage-events"), p) for p in range(stack.settings.partitions)], timeout=10
+            )
         finally:
             c.close()
         lines = [f"trace: {len(missing)} event(s) missing from usage_priced"]
@@ -174,7 +197,7 @@ def trace_missing(stack: ChaosStack, expected: Expected, limit: int = 5) -> str:
         lines.append("  dedupe changelog entries at those positions: " + ("; ".join(dedupe) or "none"))
         lines.append("  committed usage-events offsets: " + ", ".join(f"{t.partition}:{t.offset}" for t in committed))
         return "\n".join(lines)
-    except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the failure it explains
+    except Exception as exc:
         return f"trace failed: {exc!r}"
 
 

@@ -12,16 +12,15 @@ from __future__ import annotations
 import random
 import time
 
-import pytest
-
-from meterline.verify import ChaosStack, Expected, make_events, plan_credits
+from devtools.verify import ChaosStack, Expected, make_events, plan_credits
 from tests.invariants.helpers import assert_credit_invariant
 
 DAY_MS = 86_400_000
 
 
-def test_ledger_exact_after_sigkills_replays_and_resent_commands(chaos: ChaosStack, rng: random.Random,
-                                                                 seed: int) -> None:  # fmt: skip
+def test_ledger_exact_after_sigkills_replays_and_resent_commands(
+    chaos: ChaosStack, rng: random.Random, seed: int
+) -> None:
     expected = Expected()
     chaos.start_sink()
     chaos.start_ledger_sink()

@@ -18,15 +18,15 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
+from devtools.verify import ChaosStack, Expected, make_events, plan_credits
+from devtools.verify.oracle import CUSTOMERS
 from meterline.stack.kafka import read_topic
-from meterline.verify import ChaosStack, Expected, make_events, plan_credits
-from meterline.verify.oracle import CUSTOMERS
 from schemas.codec import encode_usage_batch, event_to_record
 from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS
 from tests.invariants.helpers import assert_credit_invariant
@@ -88,19 +88,37 @@ def test_customer_with_10k_undelivered_effects(chaos: ChaosStack, rng: random.Ra
     worker = chaos.start_worker()
     _setup_credits(chaos, rng, expected, [busy])
     at = time.time_ns() // 1_000_000 - DAY_MS
-    extra = [{"type": "grant", "command_id": f"small-{i}", "customer_id": busy, "at_ms": at,
-              "grant_id": f"small-{i}-{'g' * 100}", "amount": "0.000001", "currency": "usd", "effective_at_ms": at,
-              "expires_at_ms": None, "priority": 90, "category": "promotional", "scope": None}
-             for i in range(60)]  # fmt: skip
+    extra = [
+        {
+            "type": "grant",
+            "command_id": f"small-{i}",
+            "customer_id": busy,
+            "at_ms": at,
+            "grant_id": f"small-{i}-{'g' * 100}",
+            "amount": "0.000001",
+            "currency": "usd",
+            "effective_at_ms": at,
+            "expires_at_ms": None,
+            "priority": 90,
+            "category": "promotional",
+            "scope": None,
+        }
+        for i in range(60)
+    ]
     chaos.send_commands(extra)
     plan = expected.credit_plans[busy]
     assert chaos.wait_ledger(0, 60 + (1 if plan.grant else 0), timeout=90, quiet=0.2)
     # The oracle's plan knows one grant: the 60 tiny ones (unscoped, no expiry) add to it.
     expected.credit_plans[busy] = replace(plan, grant=(plan.grant or Decimal(0)) + Decimal("0.000060"))
-    from schemas.producer import UsageProducer
+    from meterline.stack.producer import UsageProducer
 
-    one_per_record = UsageProducer(chaos.bootstrap, chaos.settings.topic("usage-events"), max_batch_events=1,
-                                   linger_ms=0, max_pending_records=20_000)  # fmt: skip
+    one_per_record = UsageProducer(
+        chaos.bootstrap,
+        chaos.settings.topic("usage-events"),
+        max_batch_events=1,
+        linger_ms=0,
+        max_pending_records=20_000,
+    )
     try:
         for e in events:
             one_per_record.send(e)
@@ -116,21 +134,33 @@ def _max_labels(i: int) -> dict[str, str]:
     return {f"{i:04d}-{k:02d}-".ljust(MAX_LABEL_LEN, "k"): f"{k}".ljust(MAX_LABEL_LEN, "v") for k in range(MAX_LABELS)}
 
 
-def test_events_with_the_largest_labels_and_ids_the_contract_allows(chaos: ChaosStack, rng: random.Random,
-                                                                    seed: int) -> None:  # fmt: skip
+def test_events_with_the_largest_labels_and_ids_the_contract_allows(
+    chaos: ChaosStack, rng: random.Random, seed: int
+) -> None:
     """Events with 64 labels of 256-character keys and values and 128-character ids: through the
     normal producer (which splits records under 900 KB) and as one raw record just under 1 MB,
     which pricing makes larger (it adds fields to every event) and must split, not die on."""
     customer = CUSTOMERS[2]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     base = make_events(rng, 120, now=now)
-    events = [e.model_copy(update={
-        "customer_id": customer, "event_id": f"L{i:05d}".ljust(MAX_ID_LEN, "x"), "labels": _max_labels(i),
-        "project": "p".ljust(MAX_ID_LEN, "p"), "api_key_id": "k".ljust(MAX_ID_LEN, "k"),
-        "request_id": f"r{i}".ljust(MAX_ID_LEN, "r"), "user_id": "u".ljust(MAX_ID_LEN, "u"),
-        "session_id": "s".ljust(MAX_ID_LEN, "s"), "feature": "f".ljust(MAX_ID_LEN, "f"),
-        "gateway": "g".ljust(MAX_ID_LEN, "g"), "occurred_at": now - timedelta(minutes=5)})
-        for i, e in enumerate(base)]  # fmt: skip
+    events = [
+        e.model_copy(
+            update={
+                "customer_id": customer,
+                "event_id": f"L{i:05d}".ljust(MAX_ID_LEN, "x"),
+                "labels": _max_labels(i),
+                "project": "p".ljust(MAX_ID_LEN, "p"),
+                "api_key_id": "k".ljust(MAX_ID_LEN, "k"),
+                "request_id": f"r{i}".ljust(MAX_ID_LEN, "r"),
+                "user_id": "u".ljust(MAX_ID_LEN, "u"),
+                "session_id": "s".ljust(MAX_ID_LEN, "s"),
+                "feature": "f".ljust(MAX_ID_LEN, "f"),
+                "gateway": "g".ljust(MAX_ID_LEN, "g"),
+                "occurred_at": now - timedelta(minutes=5),
+            }
+        )
+        for i, e in enumerate(base)
+    ]
     expected = Expected()
     expected.add_priced(events)
     chaos.start_sink()
@@ -150,7 +180,8 @@ def test_events_with_the_largest_labels_and_ids_the_contract_allows(chaos: Chaos
     chaos.produce_raw([(customer.encode(), value)])
     assert_credit_invariant(chaos, expected, seed, timeout=600)
     assert worker.alive(), worker.log_tail()
-    labels = chaos.query("SELECT labels FROM usage_priced FINAL WHERE event_id = {e:String}",
-                         {"e": events[0].event_id})[0][0]  # fmt: skip
+    labels = chaos.query(
+        "SELECT labels FROM usage_priced FINAL WHERE event_id = {e:String}", {"e": events[0].event_id}
+    )[0][0]
     assert dict(labels) == events[0].labels
     assert _largest_ledger_value(chaos) < KAFKA_LIMIT

@@ -6,7 +6,7 @@ import random
 from decimal import Decimal
 from typing import Any
 
-from meterline.verify import (
+from devtools.verify import (
     CreditPlan,
     Expected,
     StripeUnits,
@@ -20,11 +20,17 @@ from meterline.verify import (
 
 def test_plan_outcomes_follow_the_policies() -> None:
     d = Decimal
-    assert CreditPlan("a", d("10"), "block").outcome(d("12.5")) == \
-        CreditPlan("a", d("10"), None).outcome(d("12.5"))  # the default once granted is block
+    assert CreditPlan("a", d("10"), "block").outcome(d("12.5")) == CreditPlan("a", d("10"), None).outcome(
+        d("12.5")
+    )  # the default once granted is block
     o = CreditPlan("a", d("10"), "block").outcome(d("12.5"))
-    assert (o.grant_debits, o.overage, o.remaining, o.status, o.reason) == (d("10"), d("2.5"), 0, "blocked",
-                                                                            "credit_exhausted")  # fmt: skip
+    assert (o.grant_debits, o.overage, o.remaining, o.status, o.reason) == (
+        d("10"),
+        d("2.5"),
+        0,
+        "blocked",
+        "credit_exhausted",
+    )
     assert CreditPlan("a", d("10"), "allow").outcome(d("12.5")).status == "active"
     assert CreditPlan("a", None, None).outcome(d("3")).overage == d("3")  # no grant: default allow
     assert CreditPlan("a", d("10"), "credit_limit", d("2.5")).outcome(d("12.5")).reason == "credit_limit_reached"
@@ -79,5 +85,8 @@ def test_ledger_check_sees_a_missing_overage_debit() -> None:
         return []
 
     deltas = ledger_check(query, exp)
-    assert {d.subject for d in deltas} == {f"{victim} debits + overage vs usage_priced",
-                                           f"{victim} debits + overage vs oracle", f"{victim} overage"}  # fmt: skip
+    assert {d.subject for d in deltas} == {
+        f"{victim} debits + overage vs usage_priced",
+        f"{victim} debits + overage vs oracle",
+        f"{victim} overage",
+    }

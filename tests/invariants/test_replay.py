@@ -4,9 +4,9 @@ and an event twice inside one record. No total moves; no row is stored twice."""
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from meterline.verify import CUSTOMERS, ChaosStack, Expected, make_events
+from devtools.verify import CUSTOMERS, ChaosStack, Expected, make_events
 from schemas.codec import encode_usage_batch, event_to_record
 from schemas.models import UsageEvent
 from tests.invariants.helpers import assert_invariant
@@ -38,14 +38,26 @@ def test_resent_events_change_no_total(chaos: ChaosStack, rng: random.Random, se
     chaos.produce_raw([(b"hooli", encode_usage_batch([event_to_record(twin)] * 2))])
     expected.add_priced([twin])
     # one marker per customer, sent last: per-customer order means the replays were handled first
-    now = datetime.now(timezone.utc)
-    markers = [UsageEvent(event_id=f"marker-{c}", occurred_at=now - timedelta(minutes=1), customer_id=c,
-                          provider="meta", model="llama-3-70b", input_tokens=1_000, output_tokens=1_000)
-               for c in CUSTOMERS]  # fmt: skip
+    now = datetime.now(UTC)
+    markers = [
+        UsageEvent(
+            event_id=f"marker-{c}",
+            occurred_at=now - timedelta(minutes=1),
+            customer_id=c,
+            provider="meta",
+            model="llama-3-70b",
+            input_tokens=1_000,
+            output_tokens=1_000,
+        )
+        for c in CUSTOMERS
+    ]
     chaos.produce(markers)
     expected.add_priced(markers)
     assert_invariant(chaos, expected, seed)
 
-    after = sorted(chaos.query(TOTALS.format(where="NOT startsWith(event_id, 'marker-') AND event_id != {t:String}"),
-                               {"t": twin.event_id}))  # fmt: skip
+    after = sorted(
+        chaos.query(
+            TOTALS.format(where="NOT startsWith(event_id, 'marker-') AND event_id != {t:String}"), {"t": twin.event_id}
+        )
+    )
     assert after == before, f"a resend changed a total (seed={seed})"

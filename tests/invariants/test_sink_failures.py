@@ -14,7 +14,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from meterline.verify import ChaosStack, Expected, hostile_records, make_events
+from devtools.verify import ChaosStack, Expected, hostile_records, make_events
 from pipeline.sink import ClickHouseSink
 from tests.invariants.helpers import assert_invariant
 
@@ -34,10 +34,17 @@ class CrashAfterInsertSink(ClickHouseSink):
 
 def committed(chaos: ChaosStack) -> dict[tuple[str, int], int]:
     """The sink group's committed offsets (read without joining the group)."""
-    c = Consumer({"bootstrap.servers": chaos.bootstrap, "group.id": f"{chaos.settings.topic_prefix}sink",
-                  "enable.auto.commit": False})  # fmt: skip
+    c = Consumer(
+        {
+            "bootstrap.servers": chaos.bootstrap,
+            "group.id": f"{chaos.settings.topic_prefix}sink",
+            "enable.auto.commit": False,
+        }
+    )
     try:
-        tps = [TopicPartition(chaos.settings.topic(t), p) for t in ("usage-priced", "usage-dead-letter") for p in range(4)]
+        tps = [
+            TopicPartition(chaos.settings.topic(t), p) for t in ("usage-priced", "usage-dead-letter") for p in range(4)
+        ]
         return {(tp.topic, tp.partition): tp.offset for tp in c.committed(tps, timeout=10)}
     finally:
         c.close()
@@ -97,8 +104,14 @@ def test_sink_killed_between_insert_and_commit_then_replaced(chaos: ChaosStack, 
     assert all(offset < 0 for offset in committed(chaos).values()), "the killed sink committed"
 
     replacement = chaos.start_sink()  # same group: re-reads everything the dead one left uncommitted
-    wait(lambda: replacement.messages_consumed >= crashing.messages_consumed and replacement.flushes > 0
-         and replacement.buffered == 0, "the replacement sink to replay the uncommitted records")  # fmt: skip
+    wait(
+        lambda: (
+            replacement.messages_consumed >= crashing.messages_consumed
+            and replacement.flushes > 0
+            and replacement.buffered == 0
+        ),
+        "the replacement sink to replay the uncommitted records",
+    )
     assert_invariant(chaos, expected, seed)
     assert replacement.duplicates_dropped >= landed  # the replayed, already-stored rows were collapsed
     assert any(offset >= 0 for offset in committed(chaos).values()), "the replacement never committed"

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import random
 
+from devtools.verify import ChaosStack, Expected, StripeSession, make_events
 from jobs.stripe._store import load_pushes
-from meterline.verify import ChaosStack, Expected, StripeSession, make_events
 from tests.invariants.helpers import assert_invariant
 
 
-def test_stripe_push_exact_through_faults_crash_and_late_usage(chaos: ChaosStack, rng: random.Random,
-                                                               seed: int) -> None:  # fmt: skip
+def test_stripe_push_exact_through_faults_crash_and_late_usage(
+    chaos: ChaosStack, rng: random.Random, seed: int
+) -> None:
     expected = Expected()
     chaos.start_sink()
     chaos.start_worker()

@@ -8,15 +8,23 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from meterline.config import Settings
-from meterline.verify import Delta, Expected, check_invariants, run_verify, verify_command
+from devtools.verify import Delta, Expected, check_invariants, run_verify, verify_command
+from meterline.core.config import Settings
 
 
 def test_run_verify_small_session_has_no_delta(clickhouse_dsn: str, tmp_path: Path, seed: int) -> None:
     lines: list[str] = []
-    report = run_verify(Settings(clickhouse_dsn=clickhouse_dsn, data_dir=tmp_path, partitions=4),
-                        events=600, kills=1, duplicates=60, outages=1, seed=seed, echo=lines.append,
-                        busy=300, restart=True)  # fmt: skip
+    report = run_verify(
+        Settings(clickhouse_dsn=clickhouse_dsn, data_dir=tmp_path, partitions=4),
+        events=600,
+        kills=1,
+        duplicates=60,
+        outages=1,
+        seed=seed,
+        echo=lines.append,
+        busy=300,
+        restart=True,
+    )
     text = report.render()
     assert report.ok, text
     assert report.kills_survived == 1 and report.outages_injected == 1
@@ -33,8 +41,9 @@ def test_run_verify_small_session_has_no_delta(clickhouse_dsn: str, tmp_path: Pa
 
 def test_checks_report_a_delta_when_the_store_disagrees() -> None:
     """The checks are not vacuous: a store missing one cent for one customer is a Δ."""
-    from meterline.verify import make_events
     import random
+
+    from devtools.verify import make_events
 
     expected = Expected()
     events = make_events(random.Random(7), 5)
@@ -44,7 +53,10 @@ def test_checks_report_a_delta_when_the_store_disagrees() -> None:
 
     def query(sql: str) -> list[tuple]:
         if "uniqExact" in sql:
-            return [(c, n, n, cost - (Decimal("0.01") if c == victim else 0), charge) for c, (n, cost, charge) in totals.items()]
+            return [
+                (c, n, n, cost - (Decimal("0.01") if c == victim else 0), charge)
+                for c, (n, cost, charge) in totals.items()
+            ]
         if "usage_rejected" in sql:
             return [(0, 0)]
         if "SELECT customer_id, event_id" in sql:
@@ -57,7 +69,7 @@ def test_checks_report_a_delta_when_the_store_disagrees() -> None:
 
 
 def test_verify_command_exits_nonzero_on_delta(monkeypatch, tmp_path: Path) -> None:
-    from meterline.verify import command as module
+    from devtools.verify import command as module
 
     class Broken(module.VerifyReport):
         pass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 
-from meterline.verify import ChaosStack, Expected, make_events
+from devtools.verify import ChaosStack, Expected, make_events
 from tests.invariants.helpers import Traffic, assert_invariant
 
 KILLS = 3
@@ -54,6 +54,10 @@ def test_two_workers_kill_one_survivor_takes_its_partitions(chaos: ChaosStack, r
     assert_invariant(chaos, expected, seed)
 
     assert survivor.alive() and not victim.alive()
-    partitions = {p for (p,) in chaos.query(
-        "SELECT DISTINCT source_partition FROM usage_priced WHERE startsWith(event_id, 'post-')")}  # fmt: skip
+    partitions = {
+        p
+        for (p,) in chaos.query(
+            "SELECT DISTINCT source_partition FROM usage_priced WHERE startsWith(event_id, 'post-')"
+        )
+    }
     assert partitions == {0, 1, 2, 3}, f"the survivor did not take over every partition (seed={seed})"

@@ -7,8 +7,8 @@ import random
 from decimal import Decimal
 from typing import Any
 
-from meterline.money import to_decimal
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.money import to_decimal
+from meterline.core.pricing import PricingEngine, load_price_book
 from pipeline.sink import PRICED_COLUMNS, priced_row
 
 T0 = 1_764_547_200  # 2025-12-01T00:00:00Z
@@ -18,17 +18,25 @@ PERIOD = "2025-12"
 BOOK_BEFORE: dict[str, Any] = {
     "currency": "USD",
     "prices": [
-        {"provider": "openai", "model": "gpt-4o", "effective_from": "2025-11-01T00:00:00Z",
-         "per_million": {"input": "5.00", "output": "15.00", "cached_input": "2.50"}},
-        {"provider": "anthropic", "model": "claude-3-5-sonnet", "model_version": "20241022",
-         "effective_from": "2025-11-01T00:00:00Z",
-         "per_million": {"input": "3.00", "output": "15.00", "cached_input": "0.30", "cache_write": "3.75"}},
+        {
+            "provider": "openai",
+            "model": "gpt-4o",
+            "effective_from": "2025-11-01T00:00:00Z",
+            "per_million": {"input": "5.00", "output": "15.00", "cached_input": "2.50"},
+        },
+        {
+            "provider": "anthropic",
+            "model": "claude-3-5-sonnet",
+            "model_version": "20241022",
+            "effective_from": "2025-11-01T00:00:00Z",
+            "per_million": {"input": "3.00", "output": "15.00", "cached_input": "0.30", "cache_write": "3.75"},
+        },
     ],
     "rate_cards": [
         {"customer_id": "*", "markup_pct": "0"},
         {"customer_id": "acme", "markup_pct": "20"},
     ],
-}  # fmt: skip
+}
 
 # Corrected after the fact: the provider announced late that gpt-4o dropped to 2.50/10.00 on Dec 10
 # (a new version), the claude version was wrong (corrected in place: same effective_from, new
@@ -37,18 +45,26 @@ BOOK_AFTER: dict[str, Any] = {
     "currency": "USD",
     "prices": [
         BOOK_BEFORE["prices"][0],
-        {"provider": "openai", "model": "gpt-4o", "effective_from": "2025-12-10T00:00:00Z",
-         "per_million": {"input": "2.50", "output": "10.00", "cached_input": "1.25"}},
-        {"provider": "anthropic", "model": "claude-3-5-sonnet", "model_version": "20241022",
-         "effective_from": "2025-11-01T00:00:00Z",
-         "per_million": {"input": "3.00", "output": "15.00", "cached_input": "0.30", "cache_write": "3.125"}},
+        {
+            "provider": "openai",
+            "model": "gpt-4o",
+            "effective_from": "2025-12-10T00:00:00Z",
+            "per_million": {"input": "2.50", "output": "10.00", "cached_input": "1.25"},
+        },
+        {
+            "provider": "anthropic",
+            "model": "claude-3-5-sonnet",
+            "model_version": "20241022",
+            "effective_from": "2025-11-01T00:00:00Z",
+            "per_million": {"input": "3.00", "output": "15.00", "cached_input": "0.30", "cache_write": "3.125"},
+        },
     ],
     "rate_cards": [
         {"customer_id": "*", "markup_pct": "0"},
         {"customer_id": "acme", "markup_pct": "20"},
         {"customer_id": "globex", "discount_pct": "15"},
     ],
-}  # fmt: skip
+}
 
 CUSTOMERS = ("acme", "globex", "initech")
 
@@ -65,15 +81,22 @@ def make_events(seed: int, n: int, *, days: int = 20, t0: int = T0, seconds: int
     for i in range(n):
         claude = rng.random() < 0.4
         ev: dict[str, Any] = {
-            "event_id": f"ev-{seed}-{i:06d}", "customer_id": rng.choice(CUSTOMERS),
+            "event_id": f"ev-{seed}-{i:06d}",
+            "customer_id": rng.choice(CUSTOMERS),
             "occurred_at": (t0 + rng.randrange(span)) * 1000 + rng.randrange(1000),
-            "provider": "anthropic" if claude else "openai", "model": "claude-3-5-sonnet" if claude else "gpt-4o",
-            "model_version": "20241022" if claude else None, "project": rng.choice(("chat", "search")),
-            "feature": rng.choice(("", "summarize")), "input_tokens": rng.randrange(0, 50_000),
-            "output_tokens": rng.randrange(0, 8_000), "cached_input_tokens": rng.choice((0, 0, rng.randrange(20_000))),
+            "provider": "anthropic" if claude else "openai",
+            "model": "claude-3-5-sonnet" if claude else "gpt-4o",
+            "model_version": "20241022" if claude else None,
+            "project": rng.choice(("chat", "search")),
+            "feature": rng.choice(("", "summarize")),
+            "input_tokens": rng.randrange(0, 50_000),
+            "output_tokens": rng.randrange(0, 8_000),
+            "cached_input_tokens": rng.choice((0, 0, rng.randrange(20_000))),
             "cache_write_tokens": rng.choice((0, rng.randrange(10_000))) if claude else 0,
-            "reasoning_tokens": 0, "requests": 1, "labels": {},
-        }  # fmt: skip
+            "reasoning_tokens": 0,
+            "requests": 1,
+            "labels": {},
+        }
         out.append(ev)
     return out
 
@@ -83,9 +106,17 @@ def insert_priced(ch: Any, events: list[dict[str, Any]], eng: PricingEngine) -> 
     rows = []
     for n, ev in enumerate(events):
         p = eng.price(ev)
-        item = {**ev, "cost_picos": p.cost_picos, "charge_picos": p.charge_picos, "currency": p.currency,
-                "price_version": p.price_version, "rate_card": p.rate_card, "priced_at": ev["occurred_at"],
-                "source_partition": 0, "source_offset": n}  # fmt: skip
+        item = {
+            **ev,
+            "cost_picos": p.cost_picos,
+            "charge_picos": p.charge_picos,
+            "currency": p.currency,
+            "price_version": p.price_version,
+            "rate_card": p.rate_card,
+            "priced_at": ev["occurred_at"],
+            "source_partition": 0,
+            "source_offset": n,
+        }
         rows.append(priced_row(item, partition=0, offset=n))
     ch.insert("usage_priced", rows, column_names=list(PRICED_COLUMNS))
 

@@ -37,8 +37,16 @@ def main(argv: list[str]) -> None:
 
         with open_reprice(ch, engine(BOOK_AFTER), Filters(T0, T0 + 31 * 86400)) as rp:
             rp.report()
-            res = apply_plan(ch, rp, ran_by="kill-test", reason="kill", command="driver", send=send,
-                             at_ms=(T0 + 40 * 86400) * 1000, on_step=on_step)  # fmt: skip
+            res = apply_plan(
+                ch,
+                rp,
+                ran_by="kill-test",
+                reason="kill",
+                command="driver",
+                send=send,
+                at_ms=(T0 + 40 * 86400) * 1000,
+                on_step=on_step,
+            )
         print(json.dumps({"noop": res.noop, "id": res.correction_id, "resumed": res.resumed}))
     elif cmd == "totals":
         rows = ch.query("SELECT customer_id, toString(sum(charge)) FROM usage_hourly GROUP BY customer_id").result_rows

@@ -1,6 +1,6 @@
 """``meterline stripe ...`` / ``meterline statement`` while ``meterline up`` owns the embedded engine.
 
-A real :class:`meterline.runtime.Runtime` (broker of the session, this pytest process's chDB engine,
+A real :class:`meterline.shell.runtime.Runtime` (broker of the session, this pytest process's chDB engine,
 a faust worker, sinks, the HTTP API) runs for the module. The commands are started as separate
 processes through the ``meterline`` console script: such a process cannot open the engine (the
 runtime's process holds its lock, checked below with ``meterline migrate``), so they only succeed
@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,12 @@ import typer
 from typer.testing import CliRunner
 
 from jobs.stripe._store import ACKED, load_pushes
-from jobs.stripe.cli import statement_command, stripe_app
-from meterline.forwarding import argv_from_params
-from meterline.api.admin import CommandRunner, RunnerBusy
-from meterline.api.keys import KeyStore
-from meterline.config import Settings
-from meterline.runtime import Runtime
+from meterline.core.config import Settings
+from meterline.shell.api.admin import CommandRunner, RunnerBusy
+from meterline.shell.api.keys import KeyStore
+from meterline.shell.cli_stripe import statement_command, stripe_app
+from meterline.shell.forwarding import argv_from_params
+from meterline.shell.runtime import Runtime
 from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir, with_database
 from meterline.stack.topics import ensure_topics
 from tests.jobs.conftest import DAY, HOUR, Usage
@@ -72,15 +71,17 @@ class Up:
     def env(self, **extra: str) -> dict[str, str]:
         """A CLI environment for this data_dir and engine (no Kafka, no Stripe key)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-        env.update({"METERLINE_DATA_DIR": str(self.settings.data_dir), "METERLINE_CLICKHOUSE_DSN": self.dsn,
-                    "COLUMNS": "200"})  # fmt: skip
+        env.update(
+            {"METERLINE_DATA_DIR": str(self.settings.data_dir), "METERLINE_CLICKHOUSE_DSN": self.dsn, "COLUMNS": "200"}
+        )
         env.update(extra)
         return env
 
     def cli(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         """``meterline ARGS`` as its own process (as an operator would type it)."""
-        return subprocess.run([METERLINE, *args], env=self.env(**extra), capture_output=True, text=True,
-                              timeout=120, cwd=REPO)  # fmt: skip
+        return subprocess.run(
+            [METERLINE, *args], env=self.env(**extra), capture_output=True, text=True, timeout=120, cwd=REPO
+        )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,15 @@ def up(kafka_bootstrap: str, chdb_dsn: str, tmp_path_factory: pytest.TempPathFac
     ch = connect(chdb_dsn, database=database)
     apply_migrations(ch, default_migrations_dir())
     dsn = with_database(chdb_dsn, database)
-    settings = Settings(data_dir=tmp_path_factory.mktemp("up"), kafka_bootstrap=kafka_bootstrap, topic_prefix=prefix,
-                        partitions=4, broker_flavor="tansu", clickhouse_dsn=dsn, api_port=0)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("up"),
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=prefix,
+        partitions=4,
+        broker_flavor="tansu",
+        clickhouse_dsn=dsn,
+        api_port=0,
+    )
     # 4 hours of acme usage, settled (ended hours ago), straight into usage_priced
     base = int(time.time()) // HOUR * HOUR - 6 * HOUR
     usage = Usage(ch)
@@ -123,8 +131,8 @@ def _table(stdout: str) -> dict[str, int]:
 
 
 def _period(base: int) -> str:
-    start = datetime.fromtimestamp(base, tz=timezone.utc).date()
-    end = datetime.fromtimestamp(base + 2 * DAY, tz=timezone.utc).date()
+    start = datetime.fromtimestamp(base, tz=UTC).date()
+    end = datetime.fromtimestamp(base + 2 * DAY, tz=UTC).date()
     return f"{start}..{end}"
 
 
@@ -159,8 +167,9 @@ def test_stripe_commands_run_inside_a_running_up(up: Up, tmp_path: Path) -> None
 
     # --out: the statement is rendered inside up and written here, by the CLI.
     out = tmp_path / "acme.csv"
-    r = runner.invoke(app, ["statement", "acme", "--period", _period(up.base), "--format", "csv", "--out", str(out)],
-                      env=up.env())  # fmt: skip
+    r = runner.invoke(
+        app, ["statement", "acme", "--period", _period(up.base), "--format", "csv", "--out", str(out)], env=up.env()
+    )
     assert r.exit_code == 0, r.output
     assert f"wrote {out}" in r.stdout.replace("\n", "")
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
@@ -183,14 +192,21 @@ def test_admin_run_route_auth_allow_list_and_busy(up: Up) -> None:
     assert http.post("/v1/admin/run", json=run).status_code == 401
     r = http.post("/v1/admin/run", json=run, headers={"Authorization": f"Bearer {customer_key}"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-    for argv, code in ((["sql", "SELECT 1"], "command_not_allowed"), (["up"], "command_not_allowed"),
-                       (["stripe"], "command_not_allowed"), (["stripe", "nope"], "command_not_allowed"),
-                       (["stripe", "sync", "--help"], "help_not_available"), ([], "invalid_body"),
-                       ("stripe sync", "invalid_body")):  # fmt: skip
+    for argv, code in (
+        (["sql", "SELECT 1"], "command_not_allowed"),
+        (["up"], "command_not_allowed"),
+        (["stripe"], "command_not_allowed"),
+        (["stripe", "nope"], "command_not_allowed"),
+        (["stripe", "sync", "--help"], "help_not_available"),
+        ([], "invalid_body"),
+        ("stripe sync", "invalid_body"),
+    ):
         r = http.post("/v1/admin/run", json={"argv": argv}, headers=admin)
         assert r.status_code == 400 and r.json()["error"]["code"] == code, (argv, r.text)
-    assert "'stripe' and 'statement'" in http.post("/v1/admin/run", json={"argv": ["sql"]},
-                                                   headers=admin).json()["error"]["message"]  # fmt: skip
+    assert (
+        "'stripe' and 'statement'"
+        in http.post("/v1/admin/run", json={"argv": ["sql"]}, headers=admin).json()["error"]["message"]
+    )
 
     # A command that runs and fails is a 200 carrying its exit code and stderr.
     r = http.post("/v1/admin/run", json={"argv": ["stripe", "sync", "--bogus"]}, headers=admin)
@@ -203,8 +219,7 @@ def test_admin_run_route_auth_allow_list_and_busy(up: Up) -> None:
     # One run at a time: while `stripe grants` waits for its topic to go idle, others are turned away.
     runner: CommandRunner = up.runtime.cli_runner
     first: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: first.update(
-        r=runner.run(["stripe", "grants", "--idle", "1.5"])))  # fmt: skip
+    t = threading.Thread(target=lambda: first.update(r=runner.run(["stripe", "grants", "--idle", "1.5"])))
     t.start()
     try:
         deadline = time.monotonic() + 30
@@ -225,8 +240,9 @@ def test_admin_run_route_auth_allow_list_and_busy(up: Up) -> None:
     assert first["r"].stdout.startswith("created 0, existing 0, voided 0, ignored 0")
 
 
-def test_runs_locally_without_a_running_up_or_with_a_server_dsn(up: Up, clickhouse: Any, clickhouse_dsn: str,
-                                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_runs_locally_without_a_running_up_or_with_a_server_dsn(
+    up: Up, clickhouse: Any, clickhouse_dsn: str, tmp_path: Path
+) -> None:
     usage = Usage(clickhouse)
     base = int(time.time()) // HOUR * HOUR - 5 * HOUR
     usage.add_many([("globex", base + h * HOUR, 2_000_000_000_000) for h in range(2)])
@@ -250,7 +266,9 @@ def test_runs_locally_without_a_running_up_or_with_a_server_dsn(up: Up, clickhou
 
     # A ClickHouse server DSN never goes through `up`, even when one runs for the data_dir.
     (data_dir / "runtime.json").write_text(json.dumps({"pid": os.getpid(), "api_url": up.url}))
-    r = runner.invoke(app, ["stripe", "sync", "--no-progress"], env={**env, "METERLINE_CLICKHOUSE_DSN": "http://127.0.0.1:9/db"})
+    r = runner.invoke(
+        app, ["stripe", "sync", "--no-progress"], env={**env, "METERLINE_CLICKHOUSE_DSN": "http://127.0.0.1:9/db"}
+    )
     assert r.exit_code == 2 and "cannot reach ClickHouse at http://127.0.0.1:9/db" in r.output
     # With the embedded engine, the same data_dir now forwards (the runtime answers, with its data).
     r = runner.invoke(app, ["statement", "acme", "--period", _period(up.base), "--format", "csv"], env=env)
@@ -287,13 +305,16 @@ def test_forwarded_argv_reproduces_the_parsed_parameters() -> None:
     assert argv_from_params(ctx, skip=("out",)) == ["--period", "2026-01", "--format", "html", "--", "acme"]
 
 
-def test_up_syncs_to_stripe_periodically(settings_factory: Any, clickhouse: Any, caplog: pytest.LogCaptureFixture) -> None:
+def test_up_syncs_to_stripe_periodically(
+    settings_factory: Any, clickhouse: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="meterline.stripe_sync")
     usage = Usage(clickhouse)
     base = int(time.time()) // HOUR * HOUR - 4 * HOUR
     usage.add_many([("initech", base + h * HOUR, 1_000_000_000_001 * (h + 1)) for h in range(3)])
     runtime = Runtime(settings_factory(api_port=0, broker_flavor="tansu", stripe_sync_every_s=0.2)).start()
     try:
+
         def lines() -> list[str]:
             return [r.getMessage() for r in caplog.records if r.name == "meterline.stripe_sync"]
 

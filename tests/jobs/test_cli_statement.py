@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,10 +13,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from devtools.stripe_local import LocalStripe
 from jobs.stripe._store import load_pushes
-from jobs.stripe.cli import statement_command, stripe_app
 from jobs.stripe.statement import build_statement, render_csv, render_html
-from meterline.stripe_local import LocalStripe
+from meterline.shell.cli_stripe import statement_command, stripe_app
 from tests.jobs.conftest import DAY, HOUR, Usage
 
 app = typer.Typer()
@@ -26,8 +26,12 @@ app.command("statement")(statement_command)
 
 @pytest.fixture
 def env(ls: LocalStripe, clickhouse_dsn: str, tmp_path: Path) -> dict[str, str]:
-    return {"METERLINE_CLICKHOUSE_DSN": clickhouse_dsn, "METERLINE_STRIPE_BASE_URL": ls.url,
-            "METERLINE_DATA_DIR": str(tmp_path), "METERLINE_STRIPE_API_KEY": ""}
+    return {
+        "METERLINE_CLICKHOUSE_DSN": clickhouse_dsn,
+        "METERLINE_STRIPE_BASE_URL": ls.url,
+        "METERLINE_DATA_DIR": str(tmp_path),
+        "METERLINE_STRIPE_API_KEY": "",
+    }
 
 
 def test_cli_provision_sync_reconcile(ls: LocalStripe, clickhouse: Any, usage: Usage, env: dict[str, str]) -> None:
@@ -41,8 +45,8 @@ def test_cli_provision_sync_reconcile(ls: LocalStripe, clickhouse: Any, usage: U
     assert r.exit_code == 0 and "created 0" in r.output
     r = runner.invoke(app, ["stripe", "sync", "--now", str(ls.now()), "--no-progress"], env=env)
     assert r.exit_code == 0, r.output
-    day = datetime.fromtimestamp(base, tz=timezone.utc).strftime("%Y-%m-%d")
-    period = f"{day}..{datetime.fromtimestamp(base + 2 * DAY, tz=timezone.utc):%Y-%m-%d}"
+    day = datetime.fromtimestamp(base, tz=UTC).strftime("%Y-%m-%d")
+    period = f"{day}..{datetime.fromtimestamp(base + 2 * DAY, tz=UTC):%Y-%m-%d}"
     r = runner.invoke(app, ["stripe", "reconcile", "--period", period], env=env)
     assert r.exit_code == 0, r.output
     assert "0 drift(s)" in r.output
@@ -54,8 +58,12 @@ def test_cli_provision_sync_reconcile(ls: LocalStripe, clickhouse: Any, usage: U
 def test_statement_html_and_csv(clickhouse: Any, usage: Usage, env: dict[str, str], tmp_path: Path) -> None:
     day0 = 1_767_225_600  # 2026-01-01
     usage.add_many([("acme", day0 + d * DAY + 3600, 123_456_789_012 * (d + 1)) for d in range(5)], model="gpt-4o")
-    usage.add_many([("acme", day0 + d * DAY + 7200, 2_000_000_000_000) for d in range(3)], model="o1",
-                   project="search", output_tokens=5000)
+    usage.add_many(
+        [("acme", day0 + d * DAY + 7200, 2_000_000_000_000) for d in range(3)],
+        model="o1",
+        project="search",
+        output_tokens=5000,
+    )
     usage.add("globex", day0 + 3600, 9_000_000_000_000)
     st = build_statement(clickhouse, "acme", day0, day0 + 31 * DAY)
     assert st.totals() == {"usd": usage.charges["acme"]}
@@ -63,7 +71,7 @@ def test_statement_html_and_csv(clickhouse: Any, usage: Usage, env: dict[str, st
     assert len(rows) == 8 and sum(Decimal(r["charge"]) for r in rows) == usage.charges["acme"]
     assert {r["model"] for r in rows} == {"gpt-4o", "o1"} and rows[0]["day"] == "2026-01-01"
     page = render_html(st)
-    assert "<svg" in page and page.count("<rect class=\"bar\"") == 5 + 2 + 2  # days, models, projects
+    assert "<svg" in page and page.count('<rect class="bar"') == 5 + 2 + 2  # days, models, projects
     assert "src=" not in page and "<script" not in page and "<link" not in page
     out = tmp_path / "acme.html"
     r = CliRunner().invoke(app, ["statement", "acme", "--period", "2026-01", "--out", str(out)], env=env)

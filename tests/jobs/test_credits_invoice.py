@@ -5,9 +5,9 @@ from __future__ import annotations
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from devtools.stripe_local import LocalStripe
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe.credits import mirror_grants
-from meterline.stripe_local import LocalStripe
 from tests.jobs.conftest import DAY, HOUR, Usage
 
 
@@ -16,27 +16,45 @@ def cents(amount: Decimal) -> int:
 
 
 def top_up(customer: str, grant_id: str, amount: str, at_ms: int, **extra: Any) -> dict[str, Any]:
-    return {"type": "top_up", "command_id": f"evt_{grant_id}", "customer_id": customer, "at_ms": at_ms,
-            "grant_id": grant_id, "amount": amount, "currency": "usd", "effective_at_ms": at_ms,
-            "expires_at_ms": None, "priority": 10, "category": "paid", "scope": None, **extra}
+    return {
+        "type": "top_up",
+        "command_id": f"evt_{grant_id}",
+        "customer_id": customer,
+        "at_ms": at_ms,
+        "grant_id": grant_id,
+        "amount": amount,
+        "currency": "usd",
+        "effective_at_ms": at_ms,
+        "expires_at_ms": None,
+        "priority": 10,
+        "category": "paid",
+        "scope": None,
+        **extra,
+    }
 
 
-def test_invoice_total_is_usage_minus_credit_to_the_cent(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                         usage: Usage, cfg: BillingConfig) -> None:
+def test_invoice_total_is_usage_minus_credit_to_the_cent(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     client = target.client()
     t0 = ls.now()
     report = provision(client, clickhouse, cfg, customers=["acme", "globex"])
     links = report.customers
     first = (t0 // HOUR + 2) * HOUR
-    items = [(c, first + k * 1800 + i, 987_654_321_987 + 1_111_111 * k + i)  # ~$0.99 each, pico digits
-             for i, c in enumerate(("acme", "globex")) for k in range(40)]
+    items = [
+        (c, first + k * 1800 + i, 987_654_321_987 + 1_111_111 * k + i)  # ~$0.99 each, pico digits
+        for i, c in enumerate(("acme", "globex"))
+        for k in range(40)
+    ]
     usage.add_many(items)
     ls.advance_clock(2 * DAY)
     at = ls.now() * 1000
-    commands = [top_up("acme", "g-acme-1", "5.00", at),
-                {**top_up("acme", "g-acme-2", "2.50", at), "type": "grant", "category": "promotional"},
-                top_up("globex", "g-globex", "100.00", at),   # more than the usage: invoice 0
-                {"type": "set_policy", "command_id": "x", "customer_id": "acme", "at_ms": at}]
+    commands = [
+        top_up("acme", "g-acme-1", "5.00", at),
+        {**top_up("acme", "g-acme-2", "2.50", at), "type": "grant", "category": "promotional"},
+        top_up("globex", "g-globex", "100.00", at),  # more than the usage: invoice 0
+        {"type": "set_policy", "command_id": "x", "customer_id": "acme", "at_ms": at},
+    ]
     first_pass = mirror_grants(client, clickhouse, cfg, commands)
     assert sorted(first_pass.created) == ["g-acme-1", "g-acme-2", "g-globex"] and first_pass.ignored == 1
     replay = mirror_grants(client, clickhouse, cfg, commands)  # replayed commands: nothing new
@@ -50,7 +68,9 @@ def test_invoice_total_is_usage_minus_credit_to_the_cent(ls: LocalStripe, target
     credits = {"acme": 750, "globex": 10_000}
     for cust in ("acme", "globex"):
         sc = links[cust].stripe_customer_id
-        invoices = [i for i in client.v1.invoices.list({"customer": sc}).data if i.billing_reason == "subscription_cycle"]
+        invoices = [
+            i for i in client.v1.invoices.list({"customer": sc}).data if i.billing_reason == "subscription_cycle"
+        ]
         assert len(invoices) == 1 and invoices[0].status in ("paid", "open")
         inv = invoices[0]
         subtotal = cents(usage.charges[cust])
@@ -59,6 +79,19 @@ def test_invoice_total_is_usage_minus_credit_to_the_cent(ls: LocalStripe, target
         assert inv.total == subtotal - used, cust
         assert inv.amount_due == subtotal - used
     # the voided grant path: a void mirrors to Stripe once
-    voided = mirror_grants(client, clickhouse, cfg, [{"type": "void", "grant_id": "g-acme-2", "customer_id": "acme",
-                                                      "command_id": "v1", "at_ms": at, "reason": "test"}])
+    voided = mirror_grants(
+        client,
+        clickhouse,
+        cfg,
+        [
+            {
+                "type": "void",
+                "grant_id": "g-acme-2",
+                "customer_id": "acme",
+                "command_id": "v1",
+                "at_ms": at,
+                "reason": "test",
+            }
+        ],
+    )
     assert voided.voided == ["g-acme-2"]

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 import stripe
 
+from devtools.stripe_local import LocalStripe
 from jobs.plans.billing import bill_preview
 from jobs.stripe import BillingConfig, StripeTarget, provision, reconcile, sync
 from jobs.stripe.plans import PLAN_EVENT, stripe_period_cents, to_cents
 from jobs.stripe.statement import build_statement, render_csv, render_html
-from meterline.plans import SubscriptionEvent, load_plan_catalog
-from meterline.stripe_local import LocalStripe
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 from tests.jobs.conftest import HOUR, Usage
 
@@ -92,8 +92,10 @@ def close_period(ls: LocalStripe, target: StripeTarget, ch: Any, cfg: BillingCon
 
 
 def stripe_total(client: stripe.StripeClient, target_customer: str, ch: Any, start: int, end: int) -> int:
-    sub = ch.query("SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = {c:String}",
-                   parameters={"c": target_customer}).result_rows[0][0]
+    sub = ch.query(
+        "SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = {c:String}",
+        parameters={"c": target_customer},
+    ).result_rows[0][0]
     return stripe_period_cents(client, sub, start, end)
 
 
@@ -109,8 +111,9 @@ def start(ls: LocalStripe, ch: Any, cfg: BillingConfig, target: StripeTarget, su
     provision(target.client(), ch, cfg, now=ls.now())
 
 
-def test_included_usage_and_overage_200_and_260(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                 usage: Usage, cfg: BillingConfig) -> None:
+def test_included_usage_and_overage_200_and_260(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     start(ls, clickhouse, cfg, target, {"acme": "pro", "globex": "pro"})
     client = target.client()
     for h in range(7):
@@ -120,16 +123,23 @@ def test_included_usage_and_overage_200_and_260(ls: LocalStripe, target: StripeT
     close_period(ls, target, clickhouse, cfg, DEC)
     acme, globex = preview(clickhouse, "acme", "2026-11"), preview(clickhouse, "globex", "2026-11")
     assert (acme["total"], globex["total"]) == ("200.00", "260.00")
-    assert [(a["included"], a["used"], a["remaining"]) for a in acme["allowances"]] == [(10_000_000, 7_000_000, 3_000_000)]
+    assert [(a["included"], a["used"], a["remaining"]) for a in acme["allowances"]] == [
+        (10_000_000, 7_000_000, 3_000_000)
+    ]
     assert stripe_total(client, "acme", clickhouse, NOV, DEC) == to_cents(Decimal(acme["total"])) == 20_000
     assert stripe_total(client, "globex", clickhouse, NOV, DEC) == to_cents(Decimal(globex["total"])) == 26_000
     # the Stripe side is what Stripe computed: a 10M free first tier, then $30/M, on the plan meter
     sub = client.v1.subscriptions.retrieve(
-        clickhouse.query("SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = 'globex'").result_rows[0][0],
-        {"expand": ["items.data.price.tiers"]})
+        clickhouse.query("SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = 'globex'").result_rows[
+            0
+        ][0],
+        {"expand": ["items.data.price.tiers"]},
+    )
     usage_item = next(i for i in sub["items"].data if i.price.recurring.usage_type == "metered")
     assert [(t.up_to, t.unit_amount_decimal) for t in usage_item.price.tiers] == [
-        (10_000_000, Decimal("0")), (None, Decimal("0.003"))]
+        (10_000_000, Decimal("0")),
+        (None, Decimal("0.003")),
+    ]
     meter = client.v1.billing.meters.retrieve(usage_item.price.recurring.meter)
     assert meter.event_name == PLAN_EVENT
     # `meterline statement` carries the plan lines
@@ -141,8 +151,9 @@ def test_included_usage_and_overage_200_and_260(ls: LocalStripe, target: StripeT
     assert "<h2>Plan</h2>" in render_html(st)
 
 
-def test_flat_plan_bills_its_fee_whatever_the_usage(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                    usage: Usage, cfg: BillingConfig) -> None:
+def test_flat_plan_bills_its_fee_whatever_the_usage(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     start(ls, clickhouse, cfg, target, {"flat-heavy": "flat", "flat-idle": "flat"})
     for h in range(5):
         tokens(usage, "flat-heavy", NOV + (h + 1) * HOUR, 3_000_000)  # 15M on a 1M allowance, overage "0"
@@ -153,8 +164,9 @@ def test_flat_plan_bills_its_fee_whatever_the_usage(ls: LocalStripe, target: Str
         assert stripe_total(target.client(), customer, clickhouse, NOV, DEC) == 2_500
 
 
-def test_block_plan_writes_off_what_got_past_the_gate(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                     usage: Usage, cfg: BillingConfig) -> None:
+def test_block_plan_writes_off_what_got_past_the_gate(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     """A ``block`` plan stops the customer at the allowance; usage in flight past it (within the
     published bound) is written off by meterline's bill, and priced at 0 by the Stripe overage tier."""
     start(ls, clickhouse, cfg, target, {"blocked": "capped"})
@@ -166,8 +178,9 @@ def test_block_plan_writes_off_what_got_past_the_gate(ls: LocalStripe, target: S
     assert stripe_total(target.client(), "blocked", clickhouse, NOV, DEC) == 5_000
 
 
-def test_a_plan_stripe_cannot_express_is_reported_not_guessed(ls: LocalStripe, target: StripeTarget,
-                                                              clickhouse: Any, cfg: BillingConfig) -> None:
+def test_a_plan_stripe_cannot_express_is_reported_not_guessed(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, cfg: BillingConfig
+) -> None:
     """A cap on overage has no Stripe price: provision reports it and creates nothing for that
     customer (never a subscription that would bill something else); the other customer is mapped."""
     setup_plans(clickhouse)
@@ -181,8 +194,9 @@ def test_a_plan_stripe_cannot_express_is_reported_not_guessed(ls: LocalStripe, t
     assert not summary.ok and any("capped-co" in u for u in summary.unmapped)
 
 
-def test_cancel_at_period_end(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
-                              cfg: BillingConfig) -> None:
+def test_cancel_at_period_end(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     """``meterline plans cancel --at-period-end``: Stripe's ``cancel_at_period_end`` ("cancel at the
     end of the current period"): the last invoice bills the period's usage and no next fee."""
     start(ls, clickhouse, cfg, target, {"leaving": "pro"})
@@ -194,13 +208,16 @@ def test_cancel_at_period_end(ls: LocalStripe, target: StripeTarget, clickhouse:
     assert preview(clickhouse, "leaving", "2026-11")["total"] == "260.00"
     client = target.client()
     assert stripe_total(client, "leaving", clickhouse, NOV, DEC) == 26_000
-    sub = clickhouse.query("SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = 'leaving'").result_rows[0][0]
+    sub = clickhouse.query(
+        "SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = 'leaving'"
+    ).result_rows[0][0]
     assert client.v1.subscriptions.retrieve(sub).status == "canceled"
     assert stripe_period_cents(client, sub, DEC, DEC + 31 * 86400) == 0  # no December fee
 
 
-def test_minimum_commitment_trues_up(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
-                                     cfg: BillingConfig) -> None:
+def test_minimum_commitment_trues_up(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     start(ls, clickhouse, cfg, target, {"small": "commit", "big": "commit"})
     tokens(usage, "small", NOV + HOUR, 1_234_567)  # $37.03701 of usage: trued up to $100
     for h in range(4):
@@ -217,8 +234,9 @@ def test_minimum_commitment_trues_up(ls: LocalStripe, target: StripeTarget, clic
     assert sync(target, clickhouse, cfg, now=ls.now()).true_ups == []  # idempotent
 
 
-def test_graduated_and_volume_tiers(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
-                                    cfg: BillingConfig) -> None:
+def test_graduated_and_volume_tiers(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     start(ls, clickhouse, cfg, target, {"g": "grad", "v": "vol"})
     for h in range(4):  # 4.5M each
         tokens(usage, "g", NOV + (h + 1) * HOUR, 1_125_000)
@@ -234,8 +252,9 @@ def test_graduated_and_volume_tiers(ls: LocalStripe, target: StripeTarget, click
     assert stripe_total(client, "v", clickhouse, NOV, DEC) == to_cents(Decimal(v["total"]))
 
 
-def test_mid_period_upgrade_prorates_fee_and_allowance(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                       usage: Usage, cfg: BillingConfig) -> None:
+def test_mid_period_upgrade_prorates_fee_and_allowance(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     """Fee: Stripe's documented proration by seconds at ``proration_date``. Allowance: each segment
     bills on a price whose free tier is its prorated share; this relies on a replaced metered
     price's usage being cut at ``proration_date`` too (docs/stripe.md, "What the change mapping
@@ -261,10 +280,15 @@ def test_mid_period_upgrade_prorates_fee_and_allowance(ls: LocalStripe, target: 
     assert [(a["plan"], a["included"]) for a in bill["allowances"]] == [("basic@1", 500_000), ("pro@1", 5_000_000)]
     assert stripe_total(client, "up", clickhouse, NOV, DEC) == to_cents(Decimal(bill["total"]))
     # what Stripe did: credit half the basic fee, charge half the pro fee, by seconds
-    sub = clickhouse.query("SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = 'up'").result_rows[0][0]
-    prorations = sorted(ln.amount for inv in client.v1.invoices.list({"subscription": sub}).data
-                        for ln in inv.lines.data if ln.parent.invoice_item_details
-                        and ln.parent.invoice_item_details.proration)  # fmt: skip
+    sub = clickhouse.query("SELECT subscription_id FROM stripe_customers FINAL WHERE customer_id = 'up'").result_rows[
+        0
+    ][0]
+    prorations = sorted(
+        ln.amount
+        for inv in client.v1.invoices.list({"subscription": sub}).data
+        for ln in inv.lines.data
+        if ln.parent.invoice_item_details and ln.parent.invoice_item_details.proration
+    )
     assert prorations == [-5_000, 10_000]
     assert calendar.monthrange(2026, 11)[1] == 30
     # the next period is a full pro period again: sync put the 10M price back at its start
@@ -278,20 +302,25 @@ def test_mid_period_upgrade_prorates_fee_and_allowance(ls: LocalStripe, target: 
     assert not [r for r in reconcile(client, clickhouse, cfg, NOV, jan) if r.drifted]
 
 
-def test_cli_provision_sync_statement_with_a_plan(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                  clickhouse_dsn: str, usage: Usage, tmp_path: Any) -> None:
+def test_cli_provision_sync_statement_with_a_plan(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, clickhouse_dsn: str, usage: Usage, tmp_path: Any
+) -> None:
     """The commands themselves (in-process, as test_cli_statement does): no --now, so they read the
     local server's clock; the plan customer gets the plan subscription, never the pay-per-token one."""
     import typer
     from typer.testing import CliRunner
 
-    from jobs.stripe.cli import statement_command, stripe_app
+    from meterline.shell.cli_stripe import statement_command, stripe_app
 
     app = typer.Typer()
     app.add_typer(stripe_app, name="stripe")
     app.command("statement")(statement_command)
-    env = {"METERLINE_CLICKHOUSE_DSN": clickhouse_dsn, "METERLINE_STRIPE_BASE_URL": ls.url,
-           "METERLINE_DATA_DIR": str(tmp_path), "METERLINE_STRIPE_API_KEY": ""}
+    env = {
+        "METERLINE_CLICKHOUSE_DSN": clickhouse_dsn,
+        "METERLINE_STRIPE_BASE_URL": ls.url,
+        "METERLINE_DATA_DIR": str(tmp_path),
+        "METERLINE_STRIPE_API_KEY": "",
+    }
     setup_plans(clickhouse)
     ls.set_clock(NOV)
     fact(clickhouse, "subscribed", "acme", NOV, "pro")
@@ -307,7 +336,9 @@ def test_cli_provision_sync_statement_with_a_plan(ls: LocalStripe, target: Strip
     ls.close_periods(finalize=True)
     client = target.client()
     (cus,) = client.v1.customers.list().data
-    assert [s.metadata.to_dict().get("meterline_plan") for s in client.v1.subscriptions.list({"customer": cus.id}).data] == ["pro@1"]
+    assert [
+        s.metadata.to_dict().get("meterline_plan") for s in client.v1.subscriptions.list({"customer": cus.id}).data
+    ] == ["pro@1"]
     assert stripe_total(client, "acme", clickhouse, NOV, DEC) == 26_000
     r = runner.invoke(app, ["statement", "acme", "--period", "2026-11", "--format", "csv"], env=env)
     assert r.exit_code == 0 and "period_start,kind,description,quantity,unit_price,amount" in r.output
@@ -320,14 +351,25 @@ def test_usage_price_shapes() -> None:
     from jobs.stripe.plans import NotMappable, check_mappable, usage_price_params
 
     catalog = {v.plan_id: v for v in load_plan_catalog(PLANS).versions}
-    assert usage_price_params(catalog["pro"], 10_000_000) == {"billing_scheme": "tiered", "tiers_mode": "graduated", "tiers": [
-        {"up_to": 10_000_000, "unit_amount_decimal": "0"}, {"up_to": "inf", "unit_amount_decimal": "0.003"}]}
+    assert usage_price_params(catalog["pro"], 10_000_000) == {
+        "billing_scheme": "tiered",
+        "tiers_mode": "graduated",
+        "tiers": [{"up_to": 10_000_000, "unit_amount_decimal": "0"}, {"up_to": "inf", "unit_amount_decimal": "0.003"}],
+    }
     assert usage_price_params(catalog["pro"], 0) == {"billing_scheme": "per_unit", "unit_amount_decimal": "0.003"}
     assert usage_price_params(catalog["grad"], 1_000_000)["tiers"] == [
-        {"up_to": 1_000_000, "unit_amount_decimal": "0"}, {"up_to": 3_000_000, "unit_amount_decimal": "0.003"},
-        {"up_to": "inf", "unit_amount_decimal": "0.002"}]
-    assert usage_price_params(catalog["vol"], 0) == {"billing_scheme": "tiered", "tiers_mode": "volume", "tiers": [
-        {"up_to": 2_000_000, "unit_amount_decimal": "0.003"}, {"up_to": "inf", "unit_amount_decimal": "0.002"}]}
+        {"up_to": 1_000_000, "unit_amount_decimal": "0"},
+        {"up_to": 3_000_000, "unit_amount_decimal": "0.003"},
+        {"up_to": "inf", "unit_amount_decimal": "0.002"},
+    ]
+    assert usage_price_params(catalog["vol"], 0) == {
+        "billing_scheme": "tiered",
+        "tiers_mode": "volume",
+        "tiers": [
+            {"up_to": 2_000_000, "unit_amount_decimal": "0.003"},
+            {"up_to": "inf", "unit_amount_decimal": "0.002"},
+        ],
+    }
     assert {t["unit_amount_decimal"] for t in usage_price_params(catalog["capped"], 2_000_000)["tiers"]} == {"0"}
     for ok in ("pro", "flat", "grad", "vol", "capped", "commit"):
         check_mappable(catalog[ok], "usd")

@@ -8,16 +8,19 @@ from typing import Any
 import pytest
 import stripe
 
+from devtools.stripe_local import LocalStripe
 from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe._store import load_customers, load_pushes
-from meterline.stripe_local import LocalStripe
 from tests.jobs.conftest import DAY, HOUR, Usage
 
 
 def meter_total(client: stripe.StripeClient, event_name: str, stripe_customer: str, start: int, end: int) -> Decimal:
-    meter = next(m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter() if m.event_name == event_name)
-    res = client.v1.billing.meters.event_summaries.list(meter.id, {
-        "customer": stripe_customer, "start_time": start - start % 60, "end_time": end - end % 60 + 60})
+    meter = next(
+        m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter() if m.event_name == event_name
+    )
+    res = client.v1.billing.meters.event_summaries.list(
+        meter.id, {"customer": stripe_customer, "start_time": start - start % 60, "end_time": end - end % 60 + 60}
+    )
     return Decimal(str(res.data[0].aggregated_value))
 
 
@@ -35,8 +38,9 @@ def counts(client: stripe.StripeClient) -> dict[str, int]:
     }
 
 
-def test_provision_twice_creates_nothing_the_second_time(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                          cfg: BillingConfig) -> None:
+def test_provision_twice_creates_nothing_the_second_time(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, cfg: BillingConfig
+) -> None:
     client = target.client()
     first = provision(client, clickhouse, cfg, customers=["acme", "globex"])
     assert {"meter:meterline_charge", "customer:acme", "customer:globex", "subscription:acme"} <= set(first.created)
@@ -54,7 +58,9 @@ def test_provision_twice_creates_nothing_the_second_time(ls: LocalStripe, target
     assert price.unit_amount_decimal == Decimal("0.0001") and price.recurring.meter == first.meters["meterline_charge"]
 
 
-def _setup(ls: LocalStripe, target: StripeTarget, ch: Any, cfg: BillingConfig, customers: list[str]) -> tuple[int, dict[str, str]]:
+def _setup(
+    ls: LocalStripe, target: StripeTarget, ch: Any, cfg: BillingConfig, customers: list[str]
+) -> tuple[int, dict[str, str]]:
     provision(target.client(), ch, cfg, customers=customers)
     base = ls.now() // HOUR * HOUR - 10 * HOUR
     return base, {c: link.stripe_customer_id for c, link in load_customers(ch).items()}
@@ -76,8 +82,9 @@ def _assert_counted_once(ls: LocalStripe, target: StripeTarget, usage: Usage, ba
         assert got == micros_floor(exact), cust  # every window once; remainder < 1 micro carried
 
 
-def test_sync_pushes_each_window_once_with_carried_rounding(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                            usage: Usage, cfg: BillingConfig) -> None:
+def test_sync_pushes_each_window_once_with_carried_rounding(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     custs = ["acme", "globex"]
     base, sc = _setup(ls, target, clickhouse, cfg, custs)
     _seed(usage, base, custs)
@@ -91,8 +98,9 @@ def test_sync_pushes_each_window_once_with_carried_rounding(ls: LocalStripe, tar
     _assert_counted_once(ls, target, usage, base, sc)
 
 
-def test_crash_between_push_and_cursor_write_resends_only_unacked(ls: LocalStripe, target: StripeTarget,
-                                                                  clickhouse: Any, usage: Usage, cfg: BillingConfig) -> None:
+def test_crash_between_push_and_cursor_write_resends_only_unacked(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     custs = ["acme", "globex"]
     base, sc = _setup(ls, target, clickhouse, cfg, custs)
     _seed(usage, base, custs)
@@ -114,13 +122,14 @@ def test_crash_between_push_and_cursor_write_resends_only_unacked(ls: LocalStrip
     assert len([e for e in ls.meter_events("meterline_charge") if e.get("status", "valid") == "valid"]) == 12
 
 
-def test_faults_never_double_count(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
-                                   cfg: BillingConfig) -> None:
+def test_faults_never_double_count(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     custs = ["acme"]
     base, sc = _setup(ls, target, clickhouse, cfg, custs)
     _seed(usage, base, custs, hours=8)
     path = "/v1/billing/meter_events"
-    ls.faults.drop_response(2, path_prefix=path)           # committed, answer lost: SDK replays the key
+    ls.faults.drop_response(2, path_prefix=path)  # committed, answer lost: SDK replays the key
     ls.faults.server_error(2, status=503, path_prefix=path)
     ls.faults.rate_limit(3, path_prefix=path, should_retry=False)  # plain 429: our own back-off
     ls.faults.server_error(1, status=500, path_prefix=path)
@@ -131,10 +140,10 @@ def test_faults_never_double_count(ls: LocalStripe, target: StripeTarget, clickh
     _assert_counted_once(ls, target, usage, base, sc)
 
 
-def test_transient_outage_leaves_rows_pending_then_next_run_delivers(ls: LocalStripe, target: StripeTarget,
-                                                                      clickhouse: Any, usage: Usage,
-                                                                      cfg: BillingConfig) -> None:
-    from meterline.errors import TransientError
+def test_transient_outage_leaves_rows_pending_then_next_run_delivers(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
+    from meterline.core.errors import TransientError
 
     base, sc = _setup(ls, target, clickhouse, cfg, ["acme"])
     _seed(usage, base, ["acme"], hours=3)
@@ -146,8 +155,9 @@ def test_transient_outage_leaves_rows_pending_then_next_run_delivers(ls: LocalSt
     _assert_counted_once(ls, target, usage, base, sc)
 
 
-def test_late_usage_goes_as_a_delta_revision(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
-                                             cfg: BillingConfig) -> None:
+def test_late_usage_goes_as_a_delta_revision(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     base, sc = _setup(ls, target, clickhouse, cfg, ["acme"])
     _seed(usage, base, ["acme"], hours=4)
     sync(target, clickhouse, cfg, now=ls.now())
@@ -160,8 +170,9 @@ def test_late_usage_goes_as_a_delta_revision(ls: LocalStripe, target: StripeTarg
     _assert_counted_once(ls, target, usage, base, sc)
 
 
-def test_windows_older_than_35_days_are_reported(ls: LocalStripe, target: StripeTarget, clickhouse: Any,
-                                                 usage: Usage, cfg: BillingConfig) -> None:
+def test_windows_older_than_35_days_are_reported(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     base, _ = _setup(ls, target, clickhouse, cfg, ["acme"])
     usage.add("acme", base - 40 * DAY, 1_000_000_000_000)
     usage.add("acme", base, 1_000_000_000_000)
@@ -171,8 +182,9 @@ def test_windows_older_than_35_days_are_reported(ls: LocalStripe, target: Stripe
     assert [p.status for p in load_pushes(clickhouse)] == ["too_old", "acked"]
 
 
-def test_stream_transport_above_threshold(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
-                                          cfg: BillingConfig) -> None:
+def test_stream_transport_above_threshold(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     custs = [f"c{i}" for i in range(3)]
     base, sc = _setup(ls, target, clickhouse, cfg, custs)
     _seed(usage, base, custs, hours=8, per_hour=1)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobs.stripe.statement import Statement, StatementLine, render_html
-from meterline.allocation import CENT, allocate, round_total
+from meterline.core.allocation import CENT, allocate, round_total
 
 PICO = Decimal("0.000000000001")
 amounts = st.lists(st.integers(min_value=0, max_value=10**15).map(lambda p: Decimal(p) * PICO), max_size=40)
@@ -31,7 +31,7 @@ def test_allocated_lines_sum_to_the_rounded_total_and_stay_within_a_cent(exact: 
     assert not up or not down or min(up) >= max(down)
 
 
-@given(st.lists(st.integers(min_value=-10**14, max_value=10**14).map(lambda p: Decimal(p) * PICO), max_size=20))
+@given(st.lists(st.integers(min_value=-(10**14), max_value=10**14).map(lambda p: Decimal(p) * PICO), max_size=20))
 def test_allocation_also_adds_up_with_negative_lines(exact: list[Decimal]) -> None:
     assert sum(allocate(exact), Decimal(0)) == round_total(sum(exact, Decimal(0)))
 
@@ -49,10 +49,25 @@ def test_six_lines_that_rounded_one_by_one_missed_a_cent_now_add_up() -> None:
     charges = ["17.014", "17.014", "17.014", "17.014", "17.015", "17.018"]
     assert sum(Decimal(c).quantize(CENT, rounding=ROUND_HALF_UP) for c in charges) == Decimal("102.08")
     day = date(2026, 12, 3)
-    st_ = Statement("acme", _ts(date(2026, 12, 1)), _ts(date(2027, 1, 1)),
-                    [_line(day, m, p, c) for (m, p), c in zip([("gpt-4o", "chat"), ("gpt-4o", "search"), ("o1", "chat"),
-                                                               ("o1", "search"), ("gpt-4o", "bots"), ("o1", "bots")],
-                                                              charges)])  # fmt: skip
+    st_ = Statement(
+        "acme",
+        _ts(date(2026, 12, 1)),
+        _ts(date(2027, 1, 1)),
+        [
+            _line(day, m, p, c)
+            for (m, p), c in zip(
+                [
+                    ("gpt-4o", "chat"),
+                    ("gpt-4o", "search"),
+                    ("o1", "chat"),
+                    ("o1", "search"),
+                    ("gpt-4o", "bots"),
+                    ("o1", "bots"),
+                ],
+                charges,
+            )
+        ],
+    )
     page = render_html(st_)
     shown = [Decimal(a.replace(",", "")) for a in re.findall(r'<td class="amount">([^<]+)</td>', page)]
     lines, total = shown[:-1], shown[-1]
@@ -67,6 +82,8 @@ def test_six_lines_that_rounded_one_by_one_missed_a_cent_now_add_up() -> None:
 
 
 def test_a_single_model_and_project_say_so() -> None:
-    st_ = Statement("acme", _ts(date(2026, 12, 1)), _ts(date(2026, 12, 2)), [_line(date(2026, 12, 1), "gpt-4o", "", "3.5")])
+    st_ = Statement(
+        "acme", _ts(date(2026, 12, 1)), _ts(date(2026, 12, 2)), [_line(date(2026, 12, 1), "gpt-4o", "", "3.5")]
+    )
     page = render_html(st_)
     assert "(100.0 %)" in page and "(none)" in page and ">3.50</text>" in page

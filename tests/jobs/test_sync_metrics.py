@@ -7,8 +7,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from devtools.stripe_local import LocalStripe
 from jobs.stripe import BillingConfig, StripeTarget, sync
-from meterline.stripe_local import LocalStripe
 from tests.jobs.conftest import Usage
 from tests.jobs.test_provision_sync import _seed, _setup
 
@@ -17,8 +17,9 @@ def _sent(outcome: str) -> float:
     return REGISTRY.get_sample_value("meterline_stripe_meter_events_total", {"outcome": outcome}) or 0.0
 
 
-def test_sync_counts_meter_events_by_outcome(ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage,
-                                             cfg: BillingConfig) -> None:
+def test_sync_counts_meter_events_by_outcome(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, usage: Usage, cfg: BillingConfig
+) -> None:
     before = {o: _sent(o) for o in ("acked", "too_old", "failed")}
     custs = ["acme", "globex"]
     base, _ = _setup(ls, target, clickhouse, cfg, custs)

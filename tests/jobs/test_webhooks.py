@@ -11,19 +11,28 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from jobs.stripe.webhooks import ClickHouseSeen, kafka_publisher, webhook_route
+from jobs.stripe.webhooks import ClickHouseSeen, kafka_publisher
+from meterline.shell.api.stripe_webhook import webhook_route
 
 SECRET = "whsec_test_meterline"
 
 
 def signed(payload: str, secret: str = SECRET, ts: int | None = None) -> dict[str, str]:
-    return {"Stripe-Signature": stripe.WebhookSignature.generate_signature_header(payload, secret, ts),
-            "Content-Type": "application/json"}
+    return {
+        "Stripe-Signature": stripe.WebhookSignature.generate_signature_header(payload, secret, ts),
+        "Content-Type": "application/json",
+    }
 
 
 def drain(bootstrap: str, topic: str, seconds: float = 3.0) -> list[dict[str, Any]]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{time.time_ns()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"probe-{time.time_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[dict[str, Any]] = []
@@ -38,15 +47,29 @@ def drain(bootstrap: str, topic: str, seconds: float = 3.0) -> list[dict[str, An
     return out
 
 
-def test_signed_paid_top_up_becomes_exactly_one_command(kafka_bootstrap: str, topics: dict[str, str],
-                                                        clickhouse: Any) -> None:
+def test_signed_paid_top_up_becomes_exactly_one_command(
+    kafka_bootstrap: str, topics: dict[str, str], clickhouse: Any
+) -> None:
     topic = topics["ledger-commands"]
-    route = webhook_route(endpoint_secret=SECRET, publish=kafka_publisher(kafka_bootstrap, topic),
-                          seen=ClickHouseSeen(clickhouse))
+    route = webhook_route(
+        endpoint_secret=SECRET, publish=kafka_publisher(kafka_bootstrap, topic), seen=ClickHouseSeen(clickhouse)
+    )
     http = TestClient(Starlette(routes=[route]))
-    event = {"id": "evt_1TopUp", "object": "event", "type": "checkout.session.completed", "created": 1_767_225_600,
-             "data": {"object": {"object": "checkout.session", "payment_status": "paid", "currency": "usd", "amount_total": 2500,
-                                 "metadata": {"customer_id": "acme", "amount": "25.00", "currency": "usd"}}}}
+    event = {
+        "id": "evt_1TopUp",
+        "object": "event",
+        "type": "checkout.session.completed",
+        "created": 1_767_225_600,
+        "data": {
+            "object": {
+                "object": "checkout.session",
+                "payment_status": "paid",
+                "currency": "usd",
+                "amount_total": 2500,
+                "metadata": {"customer_id": "acme", "amount": "25.00", "currency": "usd"},
+            }
+        },
+    }
     body = json.dumps(event)
     first = http.post("/v1/stripe/webhook", content=body, headers=signed(body))
     assert first.status_code == 200 and first.json()["duplicate"] is False
@@ -64,7 +87,19 @@ def test_signed_paid_top_up_becomes_exactly_one_command(kafka_bootstrap: str, to
     assert http.post("/v1/stripe/webhook", content=other, headers=signed(other)).json()["ignored"] == "customer.created"
 
     commands = drain(kafka_bootstrap, topic)
-    assert commands == [{
-        "type": "top_up", "command_id": "evt_1TopUp", "customer_id": "acme", "at_ms": 1_767_225_600_000,
-        "grant_id": "topup:evt_1TopUp", "amount": "25.00", "currency": "usd", "effective_at_ms": 1_767_225_600_000,
-        "expires_at_ms": None, "priority": 10, "category": "paid", "scope": None}]
+    assert commands == [
+        {
+            "type": "top_up",
+            "command_id": "evt_1TopUp",
+            "customer_id": "acme",
+            "at_ms": 1_767_225_600_000,
+            "grant_id": "topup:evt_1TopUp",
+            "amount": "25.00",
+            "currency": "usd",
+            "effective_at_ms": 1_767_225_600_000,
+            "expires_at_ms": None,
+            "priority": 10,
+            "category": "paid",
+            "scope": None,
+        }
+    ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meterline.ledger import (
+from meterline.core.ledger import (
     ApplyPricedUsage,
     Command,
     CreditGrant,
@@ -26,18 +26,45 @@ def p(units: str) -> int:
     return parse_amount(units)
 
 
-def grant(gid: str, amount: str, *, eff: int = 0, exp: int | None = None, prio: int = 50,
-          cat: str = "paid", scope: GrantScope | None = None, at: int = 0, topup: bool = False) -> Command:
+def grant(
+    gid: str,
+    amount: str,
+    *,
+    eff: int = 0,
+    exp: int | None = None,
+    prio: int = 50,
+    cat: str = "paid",
+    scope: GrantScope | None = None,
+    at: int = 0,
+    topup: bool = False,
+) -> Command:
     g = CreditGrant(gid, CUST, p(amount), "usd", eff, exp, prio, cat, scope)  # type: ignore[arg-type]
     return TopUp(grant=g, at_ms=at) if topup else Grant(grant=g, at_ms=at)
 
 
-def usage(eid: str, charge: str, t: int, *, offset: int | None = None, partition: int = 0,
-          provider: str = "openai", model: str = "gpt-x", project: str | None = None,
-          key: str | None = None, request_id: str | None = None) -> ApplyPricedUsage:
+def usage(
+    eid: str,
+    charge: str,
+    t: int,
+    *,
+    offset: int | None = None,
+    partition: int = 0,
+    provider: str = "openai",
+    model: str = "gpt-x",
+    project: str | None = None,
+    key: str | None = None,
+    request_id: str | None = None,
+) -> ApplyPricedUsage:
     return ApplyPricedUsage(
-        event_id=eid, occurred_at_ms=t, charge_picos=p(charge), currency="usd", provider=provider, model=model,
-        project=project, api_key_id=key, request_id=request_id,
+        event_id=eid,
+        occurred_at_ms=t,
+        charge_picos=p(charge),
+        currency="usd",
+        provider=provider,
+        model=model,
+        project=project,
+        api_key_id=key,
+        request_id=request_id,
         source=None if offset is None else SourcePos("priced", partition, offset),
     )
 

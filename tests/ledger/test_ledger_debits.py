@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meterline.ledger import (
+from meterline.core.ledger import (
     Adjust,
     ExpireDue,
     GrantScope,
@@ -30,17 +30,22 @@ def test_order_priority_then_expiry_then_effective_then_id_with_splits() -> None
     s = new_ledger(CUST, "usd")
     s, _ = run(
         s,
-        grant("z_noexp", "5", prio=10),                 # priority 10, no expiry -> after g_soon
-        grant("g_soon", "1", prio=10, exp=10 * DAY),    # priority 10, expires soonest -> first
+        grant("z_noexp", "5", prio=10),  # priority 10, no expiry -> after g_soon
+        grant("g_soon", "1", prio=10, exp=10 * DAY),  # priority 10, expires soonest -> first
         grant("g_late", "2", prio=10, exp=20 * DAY),
         grant("a_same", "1", prio=10, exp=20 * DAY, eff=5),  # same expiry, effective later -> after g_late
-        grant("b_tie", "1", prio=10, exp=20 * DAY, eff=5),   # full tie -> grant_id order
-        grant("low_prio", "100", prio=60),               # higher number = later
+        grant("b_tie", "1", prio=10, exp=20 * DAY, eff=5),  # full tie -> grant_id order
+        grant("low_prio", "100", prio=60),  # higher number = later
     )
     s, effs = run(s, usage("e1", "7.5", DAY))
     debits = [(e.grant_id, e.amount_picos) for e in _entries(effs)]
-    assert debits == [("g_soon", p("1")), ("g_late", p("2")), ("a_same", p("1")), ("b_tie", p("1")),
-                      ("z_noexp", p("2.5"))]
+    assert debits == [
+        ("g_soon", p("1")),
+        ("g_late", p("2")),
+        ("a_same", p("1")),
+        ("b_tie", p("1")),
+        ("z_noexp", p("2.5")),
+    ]
     assert all(e.event_id == "e1" and e.kind == "debit" for e in _entries(effs))
     s, effs = run(s, usage("e2", "3", DAY))
     assert [(e.grant_id, e.amount_picos) for e in _entries(effs)] == [("z_noexp", p("2.5")), ("low_prio", p("0.5"))]
@@ -138,10 +143,15 @@ def test_credit_limit_and_allow_policies() -> None:
 def test_void_adjust_and_entries_fold_to_state() -> None:
     s = new_ledger(CUST, "usd", Policy(overage="allow"))
     all_effs = []
-    for cmd in [grant("a", "5", prio=1), grant("b", "5", prio=2), usage("e1", "6", 1),
-                Adjust(adjustment_id="x1", amount_picos=p("1.5"), reason="goodwill", at_ms=2, grant_id="b"),
-                Void(grant_id="b", at_ms=3, reason="refund"), usage("e2", "2", 4),
-                Adjust(adjustment_id="x2", amount_picos=-p("0.5"), reason="correction", at_ms=5)]:
+    for cmd in [
+        grant("a", "5", prio=1),
+        grant("b", "5", prio=2),
+        usage("e1", "6", 1),
+        Adjust(adjustment_id="x1", amount_picos=p("1.5"), reason="goodwill", at_ms=2, grant_id="b"),
+        Void(grant_id="b", at_ms=3, reason="refund"),
+        usage("e2", "2", 4),
+        Adjust(adjustment_id="x2", amount_picos=-p("0.5"), reason="correction", at_ms=5),
+    ]:
         s, eff = apply(s, cmd)
         all_effs.append(eff)
     entries = _entries(all_effs)
@@ -160,8 +170,12 @@ def test_void_adjust_and_entries_fold_to_state() -> None:
 @pytest.mark.parametrize(
     "cmd,code",
     [
-        (usage("e", "1", 1).__class__(event_id="e", occurred_at_ms=1, charge_picos=1, currency="eur",
-                                     provider="x", model="y"), "currency_mismatch"),
+        (
+            usage("e", "1", 1).__class__(
+                event_id="e", occurred_at_ms=1, charge_picos=1, currency="eur", provider="x", model="y"
+            ),
+            "currency_mismatch",
+        ),
         (Void(grant_id="nope", at_ms=1), "unknown_grant"),
         (Adjust(adjustment_id="a", amount_picos=p("1"), reason="r", at_ms=1), "invalid_amount"),
         (Adjust(adjustment_id="a", amount_picos=-p("99"), reason="r", at_ms=1, grant_id="g"), "invalid_amount"),

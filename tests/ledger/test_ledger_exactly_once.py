@@ -8,8 +8,7 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterline.ledger import (
-    dedupe_digest,
+from meterline.core.ledger import (
     Adjust,
     Authorize,
     Budget,
@@ -27,6 +26,7 @@ from meterline.ledger import (
     VelocityRule,
     Void,
     apply,
+    dedupe_digest,
     fold_entries,
     mark_applied,
     new_ledger,
@@ -46,9 +46,9 @@ def test_duplicates_and_replays_leave_balances_unchanged() -> None:
     assert eff.entries
     after = s.to_dict()
     for dup, why in [
-        (usage("e1", "1", 1000, offset=5), "offset"),              # same record again
-        (usage("e0", "1", 900, offset=3), "offset"),               # an older record (replay)
-        (usage("e1", "1", 1000, offset=9), "duplicate"),           # same event at a new offset
+        (usage("e1", "1", 1000, offset=5), "offset"),  # same record again
+        (usage("e0", "1", 900, offset=3), "offset"),  # an older record (replay)
+        (usage("e1", "1", 1000, offset=9), "duplicate"),  # same event at a new offset
         (usage("e1", "1", 1000, offset=2, partition=1), "duplicate"),  # ... or another partition
     ]:
         s2, eff = apply(s, dup)
@@ -57,7 +57,8 @@ def test_duplicates_and_replays_leave_balances_unchanged() -> None:
         s = s2
     assert s.applied_offsets == {"priced:0": 9, "priced:1": 2}
     assert {k: v for k, v in s.to_dict().items() if k != "offsets"} == {
-        k: v for k, v in after.items() if k != "offsets"}
+        k: v for k, v in after.items() if k != "offsets"
+    }
     s, (eff,) = run(s, usage("e2", "1", 1100, offset=10))
     assert eff.entries and s.grants["g"].remaining == p("8")
 
@@ -94,8 +95,15 @@ def test_resume_offsets() -> None:
 
 # ------------------------------------------------------------------------- crash / replay property
 
-RULE = VelocityRule(window_ms=MIN, bucket_ms=10_000, baseline_ms=10 * MIN, abs_cap_picos=p("3"),
-                    baseline_multiple=5, min_picos=p("0.5"), block=True)
+RULE = VelocityRule(
+    window_ms=MIN,
+    bucket_ms=10_000,
+    baseline_ms=10 * MIN,
+    abs_cap_picos=p("3"),
+    baseline_multiple=5,
+    min_picos=p("0.5"),
+    block=True,
+)
 
 
 @st.composite
@@ -107,53 +115,104 @@ def command_logs(draw: st.DrawFn) -> list[Command]:
     reqs: list[str] = []
     for i in range(n):
         t += draw(st.integers(0, 3 * MIN))
-        kind = draw(st.sampled_from(["usage"] * 6 + ["grant", "topup", "expire", "auth", "auth", "void", "adjust",
-                                                      "policy", "budget", "unblock"]))
+        kind = draw(
+            st.sampled_from(
+                ["usage"] * 6
+                + ["grant", "topup", "expire", "auth", "auth", "void", "adjust", "policy", "budget", "unblock"]
+            )
+        )
         cmd: Command
         if kind == "usage":
             eid = f"e{draw(st.integers(0, 40))}"  # repeats -> duplicate event ids at new offsets
             late = draw(st.integers(0, 2 * MIN))
             rid = draw(st.sampled_from(reqs)) if reqs and draw(st.booleans()) else None
-            cmd = usage(eid, f"{draw(st.integers(0, 300))}e-2",
-                        max(0, t - late), key=draw(st.sampled_from([None, "k1", "k2"])),
-                        project=draw(st.sampled_from([None, "a", "b"])),
-                        provider=draw(st.sampled_from(["openai", "anthropic"])), request_id=rid)
+            cmd = usage(
+                eid,
+                f"{draw(st.integers(0, 300))}e-2",
+                max(0, t - late),
+                key=draw(st.sampled_from([None, "k1", "k2"])),
+                project=draw(st.sampled_from([None, "a", "b"])),
+                provider=draw(st.sampled_from(["openai", "anthropic"])),
+                request_id=rid,
+            )
         elif kind in ("grant", "topup"):
             gid = f"g{i}"
             grants.append(gid)
             exp = draw(st.one_of(st.none(), st.integers(1, 15).map(lambda m, t=t: t + m * MIN)))
-            scope = draw(st.sampled_from([None, GrantScope(providers=frozenset({"anthropic"})),
-                                          GrantScope(projects=frozenset({"a"}))]))
-            cmd = grant(gid, f"{draw(st.integers(1, 20))}", eff=max(0, t - draw(st.integers(0, 5 * MIN))), exp=exp,
-                        prio=draw(st.integers(0, 100)), scope=scope, at=t, topup=kind == "topup",
-                        cat="paid" if kind == "topup" else draw(st.sampled_from(["paid", "promotional"])))
+            scope = draw(
+                st.sampled_from(
+                    [None, GrantScope(providers=frozenset({"anthropic"})), GrantScope(projects=frozenset({"a"}))]
+                )
+            )
+            cmd = grant(
+                gid,
+                f"{draw(st.integers(1, 20))}",
+                eff=max(0, t - draw(st.integers(0, 5 * MIN))),
+                exp=exp,
+                prio=draw(st.integers(0, 100)),
+                scope=scope,
+                at=t,
+                topup=kind == "topup",
+                cat="paid" if kind == "topup" else draw(st.sampled_from(["paid", "promotional"])),
+            )
         elif kind == "expire":
             cmd = ExpireDue(now_ms=t)
         elif kind == "auth":
             rid = f"r{i}"
             reqs.append(rid)
-            cmd = Authorize(request_id=rid, estimate_picos=p(f"{draw(st.integers(0, 400))}e-2"), now_ms=t,
-                            provider="openai", model="m", project=draw(st.sampled_from([None, "a"])),
-                            api_key_id=draw(st.sampled_from([None, "k1"])), ttl_ms=draw(st.integers(1, 5)) * MIN)
+            cmd = Authorize(
+                request_id=rid,
+                estimate_picos=p(f"{draw(st.integers(0, 400))}e-2"),
+                now_ms=t,
+                provider="openai",
+                model="m",
+                project=draw(st.sampled_from([None, "a"])),
+                api_key_id=draw(st.sampled_from([None, "k1"])),
+                ttl_ms=draw(st.integers(1, 5)) * MIN,
+            )
         elif kind == "void":
             cmd = Void(grant_id=draw(st.sampled_from(grants + ["missing"])), at_ms=t)
         elif kind == "adjust":
-            cmd = Adjust(adjustment_id=f"a{draw(st.integers(0, 5))}", amount_picos=p(f"{draw(st.integers(-200, 200))}e-2"),
-                         reason="r", at_ms=t, grant_id=draw(st.sampled_from([None, *grants[-2:]])))
+            cmd = Adjust(
+                adjustment_id=f"a{draw(st.integers(0, 5))}",
+                amount_picos=p(f"{draw(st.integers(-200, 200))}e-2"),
+                reason="r",
+                at_ms=t,
+                grant_id=draw(st.sampled_from([None, *grants[-2:]])),
+            )
         elif kind == "policy":
-            cmd = SetPolicy(policy=Policy(
-                overage=draw(st.sampled_from(["block", "allow", "credit_limit"])),
-                credit_limit_picos=p(f"{draw(st.integers(0, 5))}"), low_balance_picos=(p("2"),),
-                runaway_customer=draw(st.sampled_from([None, RULE])), runaway_api_key=RULE,
-                dedupe_max_ids=draw(st.sampled_from([10_000, 8]))), at_ms=t)
+            cmd = SetPolicy(
+                policy=Policy(
+                    overage=draw(st.sampled_from(["block", "allow", "credit_limit"])),
+                    credit_limit_picos=p(f"{draw(st.integers(0, 5))}"),
+                    low_balance_picos=(p("2"),),
+                    runaway_customer=draw(st.sampled_from([None, RULE])),
+                    runaway_api_key=RULE,
+                    dedupe_max_ids=draw(st.sampled_from([10_000, 8])),
+                ),
+                at_ms=t,
+            )
         elif kind == "budget":
-            cmd = SetBudget(budget=draw(st.sampled_from([
-                Budget("day", "customer", None, "day", p("10"), hard=True),
-                Budget("k1m", "api_key", "k1", "month", p("5"), hard=False, alert_pcts=(50, 100)),
-                Budget("pa", "project", "a", "day", p("3"), hard=True)])), remove=draw(st.booleans()), at_ms=t)
+            cmd = SetBudget(
+                budget=draw(
+                    st.sampled_from(
+                        [
+                            Budget("day", "customer", None, "day", p("10"), hard=True),
+                            Budget("k1m", "api_key", "k1", "month", p("5"), hard=False, alert_pcts=(50, 100)),
+                            Budget("pa", "project", "a", "day", p("3"), hard=True),
+                        ]
+                    )
+                ),
+                remove=draw(st.booleans()),
+                at_ms=t,
+            )
         else:
-            cmd = SetBlock(scope=draw(st.sampled_from(["customer", "api_key:k1"])), blocked=draw(st.booleans()),
-                           reason=draw(st.sampled_from(["manual", "runaway_guard"])), at_ms=t)
+            cmd = SetBlock(
+                scope=draw(st.sampled_from(["customer", "api_key:k1"])),
+                blocked=draw(st.booleans()),
+                reason=draw(st.sampled_from(["manual", "runaway_guard"])),
+                at_ms=t,
+            )
         cmds.append(replace(cmd, source=SourcePos("ledger_in", 0, i)))  # type: ignore[call-arg]
     return cmds
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meterline.ledger import (
+from meterline.core.ledger import (
     Budget,
     ExpireDue,
     Policy,
@@ -32,12 +32,16 @@ def test_credit_thresholds_fire_once_per_crossing_and_rearm_after_top_up() -> No
         effs.append(e)
     # 6.00 used of 10: 50 % once
     assert [(a.kind, a.threshold, a.alert_id) for a in _alerts(effs)] == [
-        ("credit_used", 50, f"{CUST}/credit_used:50/1")]
+        ("credit_used", 50, f"{CUST}/credit_used:50/1")
+    ]
     s, e1 = run(s, usage("e12", "2.00", 2000))  # 8.00 -> 80 %
     s, e2 = run(s, usage("e13", "1.50", 2001))  # 9.50 -> low balance (0.50 < 1)
     s, e3 = run(s, usage("e14", "1.00", 2002))  # 10 used + 0.50 overage -> 100 %
     assert [a.alert_id for a in _alerts(e1 + e2 + e3)] == [
-        f"{CUST}/credit_used:80/1", f"{CUST}/low_balance:{p('1')}/1", f"{CUST}/credit_used:100/1"]
+        f"{CUST}/credit_used:80/1",
+        f"{CUST}/low_balance:{p('1')}/1",
+        f"{CUST}/credit_used:100/1",
+    ]
     s, e4 = run(s, usage("e15", "1.00", 2003))
     assert _alerts(e4) == []  # still above: no repeat
     # top-up of 10 -> granted 20, used 10 = 50 %: 80/100/low re-arm, 50 stays fired
@@ -55,8 +59,12 @@ def test_soft_and_hard_budgets_by_utc_day() -> None:
         SetBudget(budget=Budget("k1_day", "api_key", "k1", "day", p("2"), hard=True), at_ms=0),
     )
     day1 = 20 * DAY + 1000
-    s, e = run(s, usage("a", "1.5", day1, key="k1"), usage("b", "1.0", day1 + 1, key="k2"),
-               usage("c", "0.5", day1 + 2, key="k1"))
+    s, e = run(
+        s,
+        usage("a", "1.5", day1, key="k1"),
+        usage("b", "1.0", day1 + 1, key="k2"),
+        usage("c", "0.5", day1 + 2, key="k1"),
+    )
     kinds = [(a.alert_id, a.scope) for a in _alerts(e)]
     assert kinds == [
         (f"{CUST}/budget:soft_m:1970-01:50", "customer"),  # 2.50 of 5 after event b
@@ -78,8 +86,15 @@ def test_soft_and_hard_budgets_by_utc_day() -> None:
 
 
 def test_runaway_spike_fires_exactly_one_alert_and_blocks_the_key() -> None:
-    rule = VelocityRule(window_ms=MIN, bucket_ms=10_000, baseline_ms=30 * MIN, abs_cap_picos=p("5"),
-                        baseline_multiple=10, min_picos=p("1"), block=True)
+    rule = VelocityRule(
+        window_ms=MIN,
+        bucket_ms=10_000,
+        baseline_ms=30 * MIN,
+        abs_cap_picos=p("5"),
+        baseline_multiple=10,
+        min_picos=p("1"),
+        block=True,
+    )
     s = new_ledger(CUST, "usd", Policy(overage="allow", runaway_api_key=rule))
     t = 0
     effs = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from meterline.ledger import (
+from meterline.core.ledger import (
     Budget,
     ExpireDue,
     GrantScope,
@@ -84,8 +84,11 @@ def test_hold_ttl_and_idempotent_authorize_and_late_settlement() -> None:
 
 
 def test_authorize_respects_scope_blocks_budgets_and_policies() -> None:
-    s, _ = run(new_ledger(CUST, "usd"), grant("anth", "5", scope=GrantScope(providers=frozenset({"anthropic"}))),
-               grant("any", "1"))
+    s, _ = run(
+        new_ledger(CUST, "usd"),
+        grant("anth", "5", scope=GrantScope(providers=frozenset({"anthropic"}))),
+        grant("any", "1"),
+    )
     s, d = _auth(s, "r1", "2", 0, provider="openai")
     assert not d.allowed and d.reason == "insufficient_credit" and d.available_picos == p("1")
     s, d = _auth(s, "r2", "2", 0, provider="anthropic")

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
 
-from meterline.ledger import LedgerCommandError, format_picos, parse_amount, period_key, to_decimal, to_ms
+from meterline.core.ledger import LedgerCommandError, format_picos, parse_amount, period_key, to_decimal, to_ms
 
 
 def test_parse_exact() -> None:
@@ -30,7 +30,7 @@ def test_format_round_trip() -> None:
 
 
 def test_time_helpers() -> None:
-    dt = datetime(2026, 11, 5, 23, 59, 59, 999_999, tzinfo=timezone.utc)
+    dt = datetime(2026, 11, 5, 23, 59, 59, 999_999, tzinfo=UTC)
     ms = to_ms(dt)
     assert period_key(ms, "day") == "2026-11-05"
     assert period_key(ms + 1, "day") == "2026-11-06"
@@ -41,16 +41,58 @@ def test_time_helpers() -> None:
 
 
 def test_public_surface_is_pinned() -> None:
-    import meterline.ledger as ledger
+    import meterline.core.ledger as ledger
 
-    assert sorted(ledger.__all__) == sorted([
-        "MAX_DEDUPE_IDS", "MAX_OPEN_HOLDS", "dedupe_digest", "pack_recent", "unpack_recent",
-        "PICOS_PER_UNIT", "Adjust", "Alert", "ApplyPricedUsage", "Authorize", "Budget", "Command",
-        "CreditGrant", "CustomerLedger", "Decision", "Effects", "ExpireDue", "Grant", "GrantScope", "Hold",
-        "LedgerCommandError", "LedgerEntry", "Policy", "SetBlock", "SetBudget", "SetPolicy", "SourcePos",
-        "PLAN_BLOCK_REASONS", "SetPlanGate", "usable_credit",
-        "StatusChange", "TopUp", "VelocityRule", "Void", "apply", "apply_many", "authorize", "balance_view", "fold_entries",
-        "format_picos", "mark_applied", "new_ledger", "parse_amount", "period_key", "resume_offsets",
-        "status_of", "to_decimal", "to_ms",
-    ])
+    assert sorted(ledger.__all__) == sorted(
+        [
+            "MAX_DEDUPE_IDS",
+            "MAX_OPEN_HOLDS",
+            "dedupe_digest",
+            "pack_recent",
+            "unpack_recent",
+            "PICOS_PER_UNIT",
+            "Adjust",
+            "Alert",
+            "ApplyPricedUsage",
+            "Authorize",
+            "Budget",
+            "Command",
+            "CreditGrant",
+            "CustomerLedger",
+            "Decision",
+            "Effects",
+            "ExpireDue",
+            "Grant",
+            "GrantScope",
+            "Hold",
+            "LedgerCommandError",
+            "LedgerEntry",
+            "Policy",
+            "SetBlock",
+            "SetBudget",
+            "SetPolicy",
+            "SourcePos",
+            "PLAN_BLOCK_REASONS",
+            "SetPlanGate",
+            "usable_credit",
+            "StatusChange",
+            "TopUp",
+            "VelocityRule",
+            "Void",
+            "apply",
+            "apply_many",
+            "authorize",
+            "balance_view",
+            "fold_entries",
+            "format_picos",
+            "mark_applied",
+            "new_ledger",
+            "parse_amount",
+            "period_key",
+            "resume_offsets",
+            "status_of",
+            "to_decimal",
+            "to_ms",
+        ]
+    )
     assert all(hasattr(ledger, n) for n in ledger.__all__)

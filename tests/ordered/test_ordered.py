@@ -52,7 +52,9 @@ def test_gap_reader_reads_exactly_the_range(kafka_bootstrap: str, filled_partiti
     reader = GapReader(kafka_bootstrap, name="test")
     try:
         got = reader.read(topic, partition, 3, 9)
-        assert [(r.offset, r.key, r.value) for r in got] == [(i, f"k{i}".encode(), f"v{i}".encode()) for i in range(3, 9)]
+        assert [(r.offset, r.key, r.value) for r in got] == [
+            (i, f"k{i}".encode(), f"v{i}".encode()) for i in range(3, 9)
+        ]
         assert all(r.topic == topic and r.partition == partition and r.timestamp_ms > 0 for r in got)
         assert reader.read(topic, partition, 5, 5) == []
         # the same consumer again, for a range that starts at 0 and one that ends at the last record
@@ -98,8 +100,9 @@ def _rec(topic: str, partition: int, offset: int) -> SourceRecord:
     return SourceRecord(topic, partition, offset, 0, f"k{offset}".encode(), f"v{offset}".encode())
 
 
-def test_ordered_source_fills_gaps_and_drops_redeliveries(kafka_bootstrap: str,
-                                                          filled_partition: tuple[str, int]) -> None:  # fmt: skip
+def test_ordered_source_fills_gaps_and_drops_redeliveries(
+    kafka_bootstrap: str, filled_partition: tuple[str, int]
+) -> None:
     topic, partition = filled_partition
     applied: list[int] = []
     source = _source(kafka_bootstrap, 2, applied)
@@ -119,8 +122,9 @@ def test_ordered_source_fills_gaps_and_drops_redeliveries(kafka_bootstrap: str,
     assert (source.gap_fills, source.filled, source.redelivered) == (1, 3, 2)
 
 
-def test_ordered_source_sweeps_a_partition_whose_records_stopped(kafka_bootstrap: str,
-                                                                 filled_partition: tuple[str, int]) -> None:  # fmt: skip
+def test_ordered_source_sweeps_a_partition_whose_records_stopped(
+    kafka_bootstrap: str, filled_partition: tuple[str, int]
+) -> None:
     topic, partition = filled_partition
     key = (topic, partition)
     applied: list[int] = []

@@ -33,7 +33,9 @@ class _App:
         self.consumer = consumer
 
 
-def _run_watchdog(caplog: pytest.LogCaptureFixture, consumer: _Consumer, progress: list[int], seconds: float) -> StallWatchdog:
+def _run_watchdog(
+    caplog: pytest.LogCaptureFixture, consumer: _Consumer, progress: list[int], seconds: float
+) -> StallWatchdog:
     async def stuck_agent(gate: asyncio.Event) -> None:
         await gate.wait()  # what a stalled agent looks like: awaiting something that never comes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meterline.plans import (
+from meterline.core.plans import (
     PlanCatalog,
     SubscriptionEvent,
     Timeline,
@@ -42,10 +42,14 @@ def catalog(*plans: dict[str, Any], currency: str = "USD") -> PlanCatalog:
     return load_plan_catalog({"currency": currency, "plans": list(plans) or [plan()]})
 
 
-def subscribed(cat: PlanCatalog, customer: str = "acme", plan_id: str = "pro", at: str = JAN, *more: SubscriptionEvent) -> Timeline:
+def subscribed(
+    cat: PlanCatalog, customer: str = "acme", plan_id: str = "pro", at: str = JAN, *more: SubscriptionEvent
+) -> Timeline:
     events = [SubscriptionEvent("subscribed", customer, ts(at), plan_id), *more]
     return fold_timeline(customer, events, cat)
 
 
-def tokens(n_in: int, n_out: int = 0, *, provider: str = "openai", model: str = "gpt-4o", charge: int = 0, **other: int) -> Usage:
+def tokens(
+    n_in: int, n_out: int = 0, *, provider: str = "openai", model: str = "gpt-4o", charge: int = 0, **other: int
+) -> Usage:
     return Usage(provider, model, {"input": n_in, "output": n_out, **other}, charge)

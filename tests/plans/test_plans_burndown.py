@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.plans import Consumption, Usage, consume, overage_price, rate_period, terms_for
+from meterline.core.plans import Consumption, Usage, consume, overage_price, rate_period, terms_for
 from tests.plans.helpers import JAN, M, catalog, plan, subscribed, ts
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude")]
@@ -14,18 +14,54 @@ CLASSES = ["input", "output", "cached_input", "cache_write", "reasoning"]
 
 PLANS = {
     "flat30": plan(),
-    "scoped": plan(allowances=[
-        {"id": "in", "tokens": 3 * M, "token_classes": ["input"]},
-        {"id": "mini-out", "tokens": 2 * M, "token_classes": ["output"], "models": [{"provider": "openai", "model": "gpt-4o-mini"}]},
-    ]),
-    "graduated": plan(overage={"tiers": {"mode": "graduated", "unit": "tokens", "steps": [
-        {"up_to": 2 * M, "per_million": "30"}, {"up_to": 5 * M, "per_million": "20.5"}, {"up_to": None, "per_million": "1"}]}}),
-    "volume": plan(overage={"tiers": {"mode": "volume", "unit": "tokens", "steps": [
-        {"up_to": 2 * M, "per_million": "30"}, {"up_to": 5 * M, "per_million": "20.5"}, {"up_to": None, "per_million": "1"}]}}),
+    "scoped": plan(
+        allowances=[
+            {"id": "in", "tokens": 3 * M, "token_classes": ["input"]},
+            {
+                "id": "mini-out",
+                "tokens": 2 * M,
+                "token_classes": ["output"],
+                "models": [{"provider": "openai", "model": "gpt-4o-mini"}],
+            },
+        ]
+    ),
+    "graduated": plan(
+        overage={
+            "tiers": {
+                "mode": "graduated",
+                "unit": "tokens",
+                "steps": [
+                    {"up_to": 2 * M, "per_million": "30"},
+                    {"up_to": 5 * M, "per_million": "20.5"},
+                    {"up_to": None, "per_million": "1"},
+                ],
+            }
+        }
+    ),
+    "volume": plan(
+        overage={
+            "tiers": {
+                "mode": "volume",
+                "unit": "tokens",
+                "steps": [
+                    {"up_to": 2 * M, "per_million": "30"},
+                    {"up_to": 5 * M, "per_million": "20.5"},
+                    {"up_to": None, "per_million": "1"},
+                ],
+            }
+        }
+    ),
     "amount": plan(allowances=[{"id": "usage", "amount": "5.00"}], overage={"rate_card": {"multiplier": "1.333333"}}),
-    "amount-tiers": plan(allowances=[{"id": "usage", "amount": "5.00", "models": [{"provider": "anthropic", "model": "claude"}]}],
-                         overage={"tiers": {"mode": "graduated", "unit": "amount", "steps": [
-                             {"up_to": "3.5", "multiplier": "1.1"}, {"up_to": None, "multiplier": "0.9"}]}}),
+    "amount-tiers": plan(
+        allowances=[{"id": "usage", "amount": "5.00", "models": [{"provider": "anthropic", "model": "claude"}]}],
+        overage={
+            "tiers": {
+                "mode": "graduated",
+                "unit": "amount",
+                "steps": [{"up_to": "3.5", "multiplier": "1.1"}, {"up_to": None, "multiplier": "0.9"}],
+            }
+        },
+    ),
 }
 
 event = st.builds(
@@ -64,7 +100,8 @@ def test_event_by_event_burn_down_equals_the_aggregate_bill(name: str, events: l
         for k, v in split.allowance.items():
             drawn[k] = drawn.get(k, 0) + v
         assert sum(split.allowance.values()) + split.overage_quantity == (
-            e.total_tokens() if terms.plan.unit == "tokens" else e.charge)
+            e.total_tokens() if terms.plan.unit == "tokens" else e.charge
+        )
         assert cons.overage == before.overage + split.overage_quantity
     bill = rate_period(period, [_aggregate(events)])
     assert overage_sum == bill.amount_of("overage") == overage_price(terms.plan.overage, cons.overage)[0]
@@ -75,12 +112,21 @@ def test_event_by_event_burn_down_equals_the_aggregate_bill(name: str, events: l
 
 
 def test_terms_at_follows_the_timeline_by_event_time() -> None:
-    from meterline.plans import SubscriptionEvent, fold_timeline, terms_at
+    from meterline.core.plans import SubscriptionEvent, fold_timeline, terms_at
 
-    cat = catalog(plan(), plan(id="max", fee="500.00", allowances=[{"id": "tokens", "tokens": 40 * M}], overage={"per_million": "20.00"}))
-    tl = fold_timeline("acme", [SubscriptionEvent("subscribed", "acme", ts("2026-04-01T00:00:00Z"), "pro"),
-                                SubscriptionEvent("changed", "acme", ts("2026-04-16T00:00:00Z"), "max"),
-                                SubscriptionEvent("cancelled", "acme", ts("2026-05-10T00:00:00Z"))], cat)  # fmt: skip
+    cat = catalog(
+        plan(),
+        plan(id="max", fee="500.00", allowances=[{"id": "tokens", "tokens": 40 * M}], overage={"per_million": "20.00"}),
+    )
+    tl = fold_timeline(
+        "acme",
+        [
+            SubscriptionEvent("subscribed", "acme", ts("2026-04-01T00:00:00Z"), "pro"),
+            SubscriptionEvent("changed", "acme", ts("2026-04-16T00:00:00Z"), "max"),
+            SubscriptionEvent("cancelled", "acme", ts("2026-05-10T00:00:00Z")),
+        ],
+        cat,
+    )
     assert terms_at(tl, ts("2026-03-31T23:59:59Z")) is None
     first = terms_at(tl, ts("2026-04-15T23:59:59Z"))
     assert first.plan.key == "pro@1" and first.included == {"tokens": 5 * M} and first.fee == 100 * 10**12
@@ -92,7 +138,7 @@ def test_terms_at_follows_the_timeline_by_event_time() -> None:
 
 
 def test_remaining_allowance_and_policy_room_for_enforcement() -> None:
-    from meterline.plans import allowance_remaining, policy_room
+    from meterline.core.plans import allowance_remaining, policy_room
 
     period = subscribed(catalog(plan(on_exhausted="cap", cap="45.00"))).period_at(ts(JAN))
     terms = terms_for(period, 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meterline.plans import (
+from meterline.core.plans import (
     PlanFileError,
     catalog_from_records,
     decode_plan_record,
@@ -109,16 +109,63 @@ def test_a_published_version_is_immutable() -> None:
         ({"allowances": [{"id": "a", "tokens": 0}]}, "plans[0].allowances[0].tokens"),
         ({"allowances": [{"id": "a", "tokens": 1.5}]}, "plans[0].allowances[0].tokens"),
         ({"allowances": [{"id": "a", "tokens": 5, "amount": "1"}]}, "plans[0].allowances[0]"),
-        ({"allowances": [{"id": "a", "tokens": 5, "token_classes": ["thinking"]}]}, "plans[0].allowances[0].token_classes[0]"),
-        ({"allowances": [{"id": "a", "tokens": 5}, {"id": "a", "tokens": 5, "token_classes": ["input"]}]}, "plans[0].allowances[1].id"),
-        ({"allowances": [{"id": "a", "tokens": 5}, {"id": "b", "tokens": 5, "token_classes": ["input"]}]}, "plans[0].allowances[1]"),
-        ({"allowances": [{"id": "a", "amount": "5", "token_classes": ["input"]}], "overage": {"rate_card": {}}}, "plans[0].allowances[0].token_classes"),
-        ({"allowances": [{"id": "a", "tokens": 5, "rollover": {"max": 1, "min": 0}}]}, "plans[0].allowances[0].rollover"),
+        (
+            {"allowances": [{"id": "a", "tokens": 5, "token_classes": ["thinking"]}]},
+            "plans[0].allowances[0].token_classes[0]",
+        ),
+        (
+            {"allowances": [{"id": "a", "tokens": 5}, {"id": "a", "tokens": 5, "token_classes": ["input"]}]},
+            "plans[0].allowances[1].id",
+        ),
+        (
+            {"allowances": [{"id": "a", "tokens": 5}, {"id": "b", "tokens": 5, "token_classes": ["input"]}]},
+            "plans[0].allowances[1]",
+        ),
+        (
+            {"allowances": [{"id": "a", "amount": "5", "token_classes": ["input"]}], "overage": {"rate_card": {}}},
+            "plans[0].allowances[0].token_classes",
+        ),
+        (
+            {"allowances": [{"id": "a", "tokens": 5, "rollover": {"max": 1, "min": 0}}]},
+            "plans[0].allowances[0].rollover",
+        ),
         ({"overage": {"tiers": {"mode": "stairs", "unit": "tokens", "steps": []}}}, "plans[0].overage.tiers.mode"),
-        ({"overage": {"tiers": {"mode": "volume", "unit": "tokens", "steps": [{"up_to": 5, "per_million": "1"}]}}}, "plans[0].overage.tiers.steps[0].up_to"),
-        ({"overage": {"tiers": {"mode": "volume", "unit": "tokens", "steps": [{"up_to": None, "per_million": "1"}, {"up_to": None, "per_million": "1"}]}}}, "plans[0].overage.tiers.steps[0].up_to"),
-        ({"overage": {"tiers": {"mode": "volume", "unit": "tokens", "steps": [{"up_to": 5, "per_million": "1"}, {"up_to": 5, "per_million": "1"}, {"up_to": None, "per_million": "1"}]}}}, "plans[0].overage.tiers.steps[1].up_to"),
-        ({"overage": {"tiers": {"mode": "volume", "unit": "tokens", "steps": [{"up_to": None, "multiplier": "1"}]}}}, "plans[0].overage.tiers.steps[0]"),
+        (
+            {"overage": {"tiers": {"mode": "volume", "unit": "tokens", "steps": [{"up_to": 5, "per_million": "1"}]}}},
+            "plans[0].overage.tiers.steps[0].up_to",
+        ),
+        (
+            {
+                "overage": {
+                    "tiers": {
+                        "mode": "volume",
+                        "unit": "tokens",
+                        "steps": [{"up_to": None, "per_million": "1"}, {"up_to": None, "per_million": "1"}],
+                    }
+                }
+            },
+            "plans[0].overage.tiers.steps[0].up_to",
+        ),
+        (
+            {
+                "overage": {
+                    "tiers": {
+                        "mode": "volume",
+                        "unit": "tokens",
+                        "steps": [
+                            {"up_to": 5, "per_million": "1"},
+                            {"up_to": 5, "per_million": "1"},
+                            {"up_to": None, "per_million": "1"},
+                        ],
+                    }
+                }
+            },
+            "plans[0].overage.tiers.steps[1].up_to",
+        ),
+        (
+            {"overage": {"tiers": {"mode": "volume", "unit": "tokens", "steps": [{"up_to": None, "multiplier": "1"}]}}},
+            "plans[0].overage.tiers.steps[0]",
+        ),
     ],
 )
 def test_defects_are_rejected_naming_the_field(over: dict, field: str) -> None:
@@ -143,11 +190,25 @@ def test_whole_file_defects() -> None:
 
 
 def test_disjoint_scopes_by_class_or_model_are_fine() -> None:
-    cat = catalog(plan(allowances=[
-        {"id": "in", "tokens": 5, "token_classes": ["input"]},
-        {"id": "out", "tokens": 5, "token_classes": ["output"], "models": [{"provider": "openai", "model": "a"}]},
-        {"id": "out-b", "tokens": 5, "token_classes": ["output"], "models": [{"provider": "openai", "model": "b"}]},
-    ]))
+    cat = catalog(
+        plan(
+            allowances=[
+                {"id": "in", "tokens": 5, "token_classes": ["input"]},
+                {
+                    "id": "out",
+                    "tokens": 5,
+                    "token_classes": ["output"],
+                    "models": [{"provider": "openai", "model": "a"}],
+                },
+                {
+                    "id": "out-b",
+                    "tokens": 5,
+                    "token_classes": ["output"],
+                    "models": [{"provider": "openai", "model": "b"}],
+                },
+            ]
+        )
+    )
     v = cat.versions[0]
     assert v.allowance_for("openai", "b", "output").id == "out-b"
     assert v.allowance_for("openai", "c", "output") is None

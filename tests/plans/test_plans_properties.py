@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.plans import SubscriptionEvent, fold_timeline, rate_period
+from meterline.core.plans import SubscriptionEvent, fold_timeline, rate_period
 from tests.plans.helpers import catalog, plan, ts
 
 CAT = catalog(
@@ -22,13 +22,25 @@ T0 = ts("2026-01-31T00:00:00Z")
 SPAN = 400 * 86_400
 
 fact = st.one_of(
-    st.builds(lambda t, p, v: SubscriptionEvent("subscribed", "c", T0 + t, p, v),
-              st.integers(0, SPAN), st.sampled_from(["pro", "max", "weekly", "yearly", "nope"]), st.sampled_from([None, 1, 2, 3])),
-    st.builds(lambda t, p, v: SubscriptionEvent("changed", "c", T0 + t, p, v),
-              st.integers(0, SPAN), st.sampled_from(["pro", "max", "weekly", "yearly"]), st.sampled_from([None, 1, 2])),
-    st.builds(lambda t, e: SubscriptionEvent("cancelled", "c", T0 + t, at_period_end=e), st.integers(0, SPAN), st.booleans()),
-    st.builds(lambda t, v: SubscriptionEvent("migrated", "c", T0 + t, "pro", v), st.integers(0, SPAN), st.sampled_from([1, 2])),
-)  # fmt: skip
+    st.builds(
+        lambda t, p, v: SubscriptionEvent("subscribed", "c", T0 + t, p, v),
+        st.integers(0, SPAN),
+        st.sampled_from(["pro", "max", "weekly", "yearly", "nope"]),
+        st.sampled_from([None, 1, 2, 3]),
+    ),
+    st.builds(
+        lambda t, p, v: SubscriptionEvent("changed", "c", T0 + t, p, v),
+        st.integers(0, SPAN),
+        st.sampled_from(["pro", "max", "weekly", "yearly"]),
+        st.sampled_from([None, 1, 2]),
+    ),
+    st.builds(
+        lambda t, e: SubscriptionEvent("cancelled", "c", T0 + t, at_period_end=e), st.integers(0, SPAN), st.booleans()
+    ),
+    st.builds(
+        lambda t, v: SubscriptionEvent("migrated", "c", T0 + t, "pro", v), st.integers(0, SPAN), st.sampled_from([1, 2])
+    ),
+)
 
 
 @settings(max_examples=200, deadline=None)

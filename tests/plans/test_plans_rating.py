@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 
-from meterline.plans import (
+from meterline.core.plans import (
     PICOS_PER_UNIT,
     SubscriptionEvent,
     Usage,
@@ -29,12 +29,24 @@ def test_200_plan_7m_tokens_bills_the_fee_and_reports_3m_unused() -> None:
     bill = _bill(catalog(), [tokens(4 * M, 3 * M)])
     assert bill.total == Decimal("200.00")
     assert [a.to_json() for a in bill.allowances] == [
-        {"id": "tokens", "plan": "pro@1", "unit": "tokens", "included": 10 * M, "rolled_in": 0, "used": 7 * M,
-         "remaining": 3 * M, "rollover_out": 0}
+        {
+            "id": "tokens",
+            "plan": "pro@1",
+            "unit": "tokens",
+            "included": 10 * M,
+            "rolled_in": 0,
+            "used": 7 * M,
+            "remaining": 3 * M,
+            "rollover_out": 0,
+        }
     ]
     kinds = [line.kind for line in bill.lines]
     assert kinds == ["fee", "allowance"]
-    assert bill.to_json()["period"] == {"start": "2026-01-01T00:00:00Z", "end": "2026-02-01T00:00:00Z", "stop": "2026-02-01T00:00:00Z"}
+    assert bill.to_json()["period"] == {
+        "start": "2026-01-01T00:00:00Z",
+        "end": "2026-02-01T00:00:00Z",
+        "stop": "2026-02-01T00:00:00Z",
+    }
 
 
 def test_200_plan_12m_tokens_bills_260() -> None:
@@ -74,10 +86,28 @@ def test_commitment_counts_the_fee() -> None:
     assert _bill(cat, [tokens(13 * M)]).total == Decimal("290.00")
 
 
-GRAD = {"tiers": {"mode": "graduated", "unit": "tokens", "steps": [
-    {"up_to": 20_000_000, "per_million": "30"}, {"up_to": 50_000_000, "per_million": "20"}, {"up_to": None, "per_million": "10"}]}}
-VOL = {"tiers": {"mode": "volume", "unit": "tokens", "steps": [
-    {"up_to": 20_000_000, "per_million": "30"}, {"up_to": 50_000_000, "per_million": "20"}, {"up_to": None, "per_million": "10"}]}}
+GRAD = {
+    "tiers": {
+        "mode": "graduated",
+        "unit": "tokens",
+        "steps": [
+            {"up_to": 20_000_000, "per_million": "30"},
+            {"up_to": 50_000_000, "per_million": "20"},
+            {"up_to": None, "per_million": "10"},
+        ],
+    }
+}
+VOL = {
+    "tiers": {
+        "mode": "volume",
+        "unit": "tokens",
+        "steps": [
+            {"up_to": 20_000_000, "per_million": "30"},
+            {"up_to": 50_000_000, "per_million": "20"},
+            {"up_to": None, "per_million": "10"},
+        ],
+    }
+}
 
 
 def test_graduated_tiers_price_each_band_at_its_rate() -> None:
@@ -106,7 +136,9 @@ def test_volume_tiers_price_everything_at_the_reached_tier() -> None:
 
 
 def test_rate_card_multiplier_overage_over_an_amount_allowance() -> None:
-    cat = catalog(plan(fee="50.00", allowances=[{"id": "usage", "amount": "50.00"}], overage={"rate_card": {"multiplier": "1.2"}}))
+    cat = catalog(
+        plan(fee="50.00", allowances=[{"id": "usage", "amount": "50.00"}], overage={"rate_card": {"multiplier": "1.2"}})
+    )
     bill = _bill(cat, [Usage("openai", "gpt-4o", {"input": 1}, 80 * D)])
     assert bill.amount_of("overage") == 36 * D  # (80 - 50) x 1.2
     assert bill.total == Decimal("86.00")
@@ -114,7 +146,9 @@ def test_rate_card_multiplier_overage_over_an_amount_allowance() -> None:
 
 
 def test_model_scoped_allowance_leaves_other_models_to_overage() -> None:
-    cat = catalog(plan(allowances=[{"id": "mini", "tokens": 5 * M, "models": [{"provider": "openai", "model": "gpt-4o-mini"}]}]))
+    cat = catalog(
+        plan(allowances=[{"id": "mini", "tokens": 5 * M, "models": [{"provider": "openai", "model": "gpt-4o-mini"}]}])
+    )
     bill = _bill(cat, [tokens(4 * M, model="gpt-4o-mini"), tokens(1 * M, model="gpt-4o")])
     assert bill.allowances[0].used == 4 * M
     assert bill.amount_of("overage") == 30 * D
@@ -138,31 +172,50 @@ def test_block_plan_invoices_no_overage_and_prepaid_pays_first() -> None:
 
 
 def test_mid_period_upgrade_prorates_fee_and_allowance_by_seconds() -> None:
-    cat = catalog(plan(), plan(id="max", fee="500.00", allowances=[{"id": "tokens", "tokens": 40 * M}], overage={"per_million": "20.00"}))
+    cat = catalog(
+        plan(),
+        plan(id="max", fee="500.00", allowances=[{"id": "tokens", "tokens": 40 * M}], overage={"per_million": "20.00"}),
+    )
     # April has 30 days: the change at noon on the 16th leaves exactly 15 days of each.
     start, change = "2026-04-01T00:00:00Z", "2026-04-16T00:00:00Z"
-    tl = fold_timeline("acme", [
-        SubscriptionEvent("subscribed", "acme", ts(start), "pro"),
-        SubscriptionEvent("changed", "acme", ts(change), "max"),
-    ], cat)
+    tl = fold_timeline(
+        "acme",
+        [
+            SubscriptionEvent("subscribed", "acme", ts(start), "pro"),
+            SubscriptionEvent("changed", "acme", ts(change), "max"),
+        ],
+        cat,
+    )
     period = tl.period_at(ts(change))
     assert period is not None and len(period.segments) == 2
     # first half: 6M used of the prorated 5M -> 1M overage at $30; second half: 21M of 20M -> 1M at $20
     bill = rate_period(period, [[tokens(6 * M)], [tokens(21 * M)]])
     fees = [line for line in bill.lines if line.kind == "fee"]
-    assert [(f.plan, f.quantity, f.amount // D) for f in fees] == [("pro@1", str(15 * 86400), 100), ("max@1", str(15 * 86400), 250)]
+    assert [(f.plan, f.quantity, f.amount // D) for f in fees] == [
+        ("pro@1", str(15 * 86400), 100),
+        ("max@1", str(15 * 86400), 250),
+    ]
     assert [(a.plan, a.included, a.used, a.remaining) for a in bill.allowances] == [
-        ("pro@1", 5 * M, 5 * M, 0), ("max@1", 20 * M, 20 * M, 0)]
+        ("pro@1", 5 * M, 5 * M, 0),
+        ("max@1", 20 * M, 20 * M, 0),
+    ]
     assert bill.amount_of("overage") == 50 * D
     assert bill.total == Decimal("400.00")
 
 
 def test_non_terminating_proration_is_defined_at_the_pico_and_rounded_once() -> None:
-    cat = catalog(plan(), plan(id="max", fee="500.00", allowances=[{"id": "tokens", "tokens": 40 * M}], overage={"per_million": "20.00"}))
-    tl = fold_timeline("acme", [
-        SubscriptionEvent("subscribed", "acme", ts(JAN), "pro"),
-        SubscriptionEvent("changed", "acme", ts("2026-01-11T07:00:00Z"), "max"),
-    ], cat)
+    cat = catalog(
+        plan(),
+        plan(id="max", fee="500.00", allowances=[{"id": "tokens", "tokens": 40 * M}], overage={"per_million": "20.00"}),
+    )
+    tl = fold_timeline(
+        "acme",
+        [
+            SubscriptionEvent("subscribed", "acme", ts(JAN), "pro"),
+            SubscriptionEvent("changed", "acme", ts("2026-01-11T07:00:00Z"), "max"),
+        ],
+        cat,
+    )
     period = tl.period_at(ts(JAN))
     bill = rate_period(period, [[], []])
     S = 31 * 86400
@@ -172,7 +225,10 @@ def test_non_terminating_proration_is_defined_at_the_pico_and_rounded_once() -> 
     assert fees == [round(Fraction(200 * D * s1, S)), round(Fraction(500 * D * (S - s1), S))]
     assert Fraction(200 * D * s1, S).denominator != 1  # really non-terminating
     assert bill.total == (Decimal(sum(fees)) / D).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
-    assert [a.included for a in bill.allowances] == [round(Fraction(10 * M * s1, S)), round(Fraction(40 * M * (S - s1), S))]
+    assert [a.included for a in bill.allowances] == [
+        round(Fraction(10 * M * s1, S)),
+        round(Fraction(40 * M * (S - s1), S)),
+    ]
 
 
 def test_cancel_mid_period_prorates_and_at_period_end_does_not() -> None:
@@ -182,19 +238,25 @@ def test_cancel_mid_period_prorates_and_at_period_end_does_not() -> None:
     assert period is not None and period.stop == ts("2026-01-16T12:00:00Z")
     bill = rate_period(period, [[]])
     assert bill.total == Decimal("100.00")  # 15.5 of 31 days
-    tl2 = subscribed(cat, "acme", "pro", JAN, SubscriptionEvent("cancelled", "acme", ts("2026-01-16T12:00:00Z"), at_period_end=True))
+    tl2 = subscribed(
+        cat, "acme", "pro", JAN, SubscriptionEvent("cancelled", "acme", ts("2026-01-16T12:00:00Z"), at_period_end=True)
+    )
     assert tl2.period_at(ts(JAN)).stop == ts("2026-02-01T00:00:00Z")
     assert tl2.period_at(ts("2026-02-02T00:00:00Z")) is None
     assert rate_period(tl2.period_at(ts(JAN)), [[]]).total == Decimal("200.00")
 
 
 def test_rollover_carries_unused_up_to_max_and_does_not_compound() -> None:
-    from meterline.plans import rate_periods
+    from meterline.core.plans import rate_periods
 
     cat = catalog(plan(allowances=[{"id": "tokens", "tokens": 10 * M, "rollover": {"max": 5 * M}}]))
     tl = subscribed(cat)
     periods = tl.periods(ts("2026-04-01T00:00:00Z"))
-    assert [p.start for p in periods] == [ts("2026-01-01T00:00:00Z"), ts("2026-02-01T00:00:00Z"), ts("2026-03-01T00:00:00Z")]
+    assert [p.start for p in periods] == [
+        ts("2026-01-01T00:00:00Z"),
+        ts("2026-02-01T00:00:00Z"),
+        ts("2026-03-01T00:00:00Z"),
+    ]
     usage = {0: 2 * M, 1: 16 * M, 2: 0}
     bills = rate_periods(periods, lambda p: [[tokens(usage[p.index])]])
     # Jan: 8M unused -> 5M rolls; Feb: 15M available, 16M used -> 1M overage, nothing rolls

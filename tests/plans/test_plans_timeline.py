@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meterline.plans import (
+from meterline.core.plans import (
     SubscriptionEvent,
     add_intervals,
     fold_timeline,
@@ -20,11 +20,20 @@ from tests.plans.helpers import JAN, catalog, plan, subscribed, ts
 def test_month_ends_clamp_from_the_anchor_not_the_previous_boundary() -> None:
     a = ts("2026-01-31T10:30:00Z")
     got = [format_instant(add_intervals(a, k, "month")) for k in range(5)]
-    assert got == ["2026-01-31T10:30:00Z", "2026-02-28T10:30:00Z", "2026-03-31T10:30:00Z", "2026-04-30T10:30:00Z", "2026-05-31T10:30:00Z"]
+    assert got == [
+        "2026-01-31T10:30:00Z",
+        "2026-02-28T10:30:00Z",
+        "2026-03-31T10:30:00Z",
+        "2026-04-30T10:30:00Z",
+        "2026-05-31T10:30:00Z",
+    ]
     leap = ts("2028-01-30T00:00:00Z")
     assert format_instant(add_intervals(leap, 1, "month")) == "2028-02-29T00:00:00Z"
     feb29 = ts("2028-02-29T00:00:00Z")
-    assert [format_instant(add_intervals(feb29, k, "year")) for k in (1, 4)] == ["2029-02-28T00:00:00Z", "2032-02-29T00:00:00Z"]
+    assert [format_instant(add_intervals(feb29, k, "year")) for k in (1, 4)] == [
+        "2029-02-28T00:00:00Z",
+        "2032-02-29T00:00:00Z",
+    ]
     assert add_intervals(a, 2, "week") - a == 14 * 86400 and add_intervals(a, 3, "day") - a == 3 * 86400
 
 
@@ -79,7 +88,8 @@ def test_bad_facts_are_rejected_not_raised_and_duplicates_collapse() -> None:
     sub = SubscriptionEvent("subscribed", "acme", ts(JAN), "pro")
     events = [
         SubscriptionEvent("changed", "acme", ts("2025-12-01T00:00:00Z"), "pro"),  # before any subscription
-        sub, sub,
+        sub,
+        sub,
         SubscriptionEvent("subscribed", "acme", ts("2026-01-05T00:00:00Z"), "pro"),  # already subscribed
         SubscriptionEvent("changed", "acme", ts("2026-01-06T00:00:00Z"), "nope"),  # unknown plan
         SubscriptionEvent("subscribed", "acme", ts("2026-01-07T00:00:00Z"), "pro", 9),
@@ -89,8 +99,15 @@ def test_bad_facts_are_rejected_not_raised_and_duplicates_collapse() -> None:
     assert len(tl.runs) == 1 and tl.runs[0].anchor == ts(JAN)
     assert len(tl.rejected) == 4
     # cancelled, then subscribed again: a new anchor
-    tl = fold_timeline("acme", [sub, SubscriptionEvent("cancelled", "acme", ts("2026-01-10T00:00:00Z")),
-                                SubscriptionEvent("subscribed", "acme", ts("2026-01-20T00:00:00Z"), "pro")], cat)
+    tl = fold_timeline(
+        "acme",
+        [
+            sub,
+            SubscriptionEvent("cancelled", "acme", ts("2026-01-10T00:00:00Z")),
+            SubscriptionEvent("subscribed", "acme", ts("2026-01-20T00:00:00Z"), "pro"),
+        ],
+        cat,
+    )
     assert [r.anchor for r in tl.runs] == [ts(JAN), ts("2026-01-20T00:00:00Z")] and not tl.rejected
     assert tl.plan_at(ts("2026-01-15T00:00:00Z")) is None
 
@@ -98,16 +115,20 @@ def test_bad_facts_are_rejected_not_raised_and_duplicates_collapse() -> None:
 def test_events_round_trip_through_json_and_reject_garbage() -> None:
     import pytest
 
-    from meterline.plans import SubscriptionError
+    from meterline.core.plans import SubscriptionError
 
     ev = SubscriptionEvent("cancelled", "acme", ts(JAN), at_period_end=True)
     key, value = ev.to_record()
     assert key == "acme" and parse_event(value) == ev and parse_event(value).event_id == ev.event_id
-    for bad in (b"\xff", b"[]", b'{"type":"paused","customer_id":"a","at":"2026-01-01T00:00:00Z"}',
-                b'{"type":"subscribed","customer_id":"a","at":"2026-01-01T00:00:00Z"}',
-                b'{"type":"cancelled","customer_id":"a","at":"2026-01-01T00:00:00.5Z"}',
-                b'{"type":"migrated","customer_id":"a","at":"2026-01-01T00:00:00Z","plan_id":"p"}',
-                b'{"type":"cancelled","customer_id":"a","at":"2026-01-01T00:00:00Z","event_id":"x"}'):
+    for bad in (
+        b"\xff",
+        b"[]",
+        b'{"type":"paused","customer_id":"a","at":"2026-01-01T00:00:00Z"}',
+        b'{"type":"subscribed","customer_id":"a","at":"2026-01-01T00:00:00Z"}',
+        b'{"type":"cancelled","customer_id":"a","at":"2026-01-01T00:00:00.5Z"}',
+        b'{"type":"migrated","customer_id":"a","at":"2026-01-01T00:00:00Z","plan_id":"p"}',
+        b'{"type":"cancelled","customer_id":"a","at":"2026-01-01T00:00:00Z","event_id":"x"}',
+    ):
         with pytest.raises(SubscriptionError):
             parse_event(bad)
 
@@ -129,9 +150,11 @@ def test_the_fold_does_not_depend_on_the_recording_order() -> None:
 def test_customer_ids_follow_the_contract_form() -> None:
     import pytest
 
-    from meterline.plans import SubscriptionError
+    from meterline.core.plans import SubscriptionError
 
     for bad in ("", " acme", "a b", "-acme", "x" * 129, "acme\n"):
         with pytest.raises(SubscriptionError, match="customer"):
             parse_event(SubscriptionEvent("cancelled", bad, ts(JAN)).to_json())
-    assert parse_event(SubscriptionEvent("cancelled", "org:acme@eu+1", ts(JAN)).to_json()).customer_id == "org:acme@eu+1"
+    assert (
+        parse_event(SubscriptionEvent("cancelled", "org:acme@eu+1", ts(JAN)).to_json()).customer_id == "org:acme@eu+1"
+    )

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from meterline.pricing import PricingEngine, load_price_book
-from meterline.pricing._model import epoch_ms
+from meterline.core.pricing import PricingEngine, load_price_book
+from meterline.core.pricing._model import epoch_ms
 
 BOOK = """
 currency: USD
@@ -57,7 +58,7 @@ rate_cards:
 
 
 def ms(text: str) -> int:
-    return epoch_ms(datetime.fromisoformat(text).astimezone(timezone.utc))
+    return epoch_ms(datetime.fromisoformat(text).astimezone(UTC))
 
 
 @pytest.fixture
@@ -74,10 +75,17 @@ def engine() -> PricingEngine:
 def record() -> Callable[..., dict[str, Any]]:
     def make(**kw: Any) -> dict[str, Any]:
         r: dict[str, Any] = {
-            "provider": "openai", "model": "gpt-4o", "model_version": None,
-            "occurred_at": ms("2024-07-01T12:00:00+00:00"), "customer_id": "nobody",
-            "input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
-            "cache_write_tokens": 0, "reasoning_tokens": 0, "requests": 1,
+            "provider": "openai",
+            "model": "gpt-4o",
+            "model_version": None,
+            "occurred_at": ms("2024-07-01T12:00:00+00:00"),
+            "customer_id": "nobody",
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cached_input_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
+            "requests": 1,
         }
         r.update(kw)
         return r

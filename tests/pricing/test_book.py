@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 
-from meterline.errors import PriceFileError
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.errors import PriceFileError
+from meterline.core.pricing import PricingEngine, load_price_book
 from tests.pricing.conftest import BOOK, ms
 
 SEED = Path(__file__).resolve().parents[2] / "infra" / "prices" / "seed.yaml"
@@ -18,7 +19,7 @@ SEED = Path(__file__).resolve().parents[2] / "infra" / "prices" / "seed.yaml"
 def one(per_million: str = '{input: "1", output: "2"}', extra: str = "", cards: str = "") -> str:
     return (
         "currency: USD\nprices:\n"
-        f"  - provider: p\n    model: m\n    effective_from: \"2024-01-01T00:00:00Z\"\n"
+        f'  - provider: p\n    model: m\n    effective_from: "2024-01-01T00:00:00Z"\n'
         f"    per_million: {per_million}\n{extra}" + (f"rate_cards:\n{cards}" if cards else "")
     )
 
@@ -35,12 +36,21 @@ def one(per_million: str = '{input: "1", output: "2"}', extra: str = "", cards: 
         (one(extra='    request_fee: "0.0000000000001"\n'), "prices[0].request_fee", "12"),
         (one(extra="    model_version: 20241022\n"), "prices[0].model_version", "quote"),
         (one(extra="    colour: red\n"), "prices[0]", "unknown key"),
-        (one(cards='  - {customer_id: acme, markup_pct: "5", discount_pct: "5"}\n'), "rate_cards[acme].markup_pct", "not both"),
+        (
+            one(cards='  - {customer_id: acme, markup_pct: "5", discount_pct: "5"}\n'),
+            "rate_cards[acme].markup_pct",
+            "not both",
+        ),
         (one(cards='  - {customer_id: acme, discount_pct: "101"}\n'), "rate_cards[acme].discount_pct", "above 100"),
         (one(cards='  - {customer_id: acme, markup_pct: "-1"}\n'), "rate_cards[acme].markup_pct", "negative"),
-        (one(cards='  - {customer_id: acme, overrides: [{provider: p, model: m, per_million: {input: "0.1234567"}}]}\n'),
-         "rate_cards[acme].overrides[0].per_million.input", "6 decimal"),
-        (one(cards='  - {customer_id: a}\n  - {customer_id: a}\n'), "rate_cards[1]", "duplicate"),
+        (
+            one(
+                cards='  - {customer_id: acme, overrides: [{provider: p, model: m, per_million: {input: "0.1234567"}}]}\n'
+            ),
+            "rate_cards[acme].overrides[0].per_million.input",
+            "6 decimal",
+        ),
+        (one(cards="  - {customer_id: a}\n  - {customer_id: a}\n"), "rate_cards[1]", "duplicate"),
         ("currency: usd\nprices: []\n", "currency", "ISO 4217"),
         ("currency: USD\nprices: []\n", "prices", "non-empty"),
     ],
@@ -69,7 +79,10 @@ def test_unquoted_yaml_timestamp_is_read_as_text() -> None:
 
 
 def test_duplicate_version_rejected() -> None:
-    text = one() + '  - {provider: p, model: m, effective_from: "2024-01-01T00:00:00+00:00", per_million: {input: "1", output: "3"}}\n'
+    text = (
+        one()
+        + '  - {provider: p, model: m, effective_from: "2024-01-01T00:00:00+00:00", per_million: {input: "1", output: "3"}}\n'
+    )
     with pytest.raises(PriceFileError) as e:
         load_price_book(text)
     assert e.value.field == "prices[1]" and "duplicate of prices[0]" in e.value.message
@@ -78,9 +91,15 @@ def test_duplicate_version_rejected() -> None:
 def test_alias_collisions_rejected() -> None:
     base = one(extra="    aliases: [x]\n")
     with pytest.raises(PriceFileError, match="already an alias"):
-        load_price_book(base + '  - {provider: p, model: n, aliases: [x], effective_from: "2024-01-01T00:00:00Z", per_million: {input: "1", output: "3"}}\n')
+        load_price_book(
+            base
+            + '  - {provider: p, model: n, aliases: [x], effective_from: "2024-01-01T00:00:00Z", per_million: {input: "1", output: "3"}}\n'
+        )
     with pytest.raises(PriceFileError, match="itself a priced model"):
-        load_price_book(base + '  - {provider: p, model: x, effective_from: "2024-01-01T00:00:00Z", per_million: {input: "1", output: "3"}}\n')
+        load_price_book(
+            base
+            + '  - {provider: p, model: x, effective_from: "2024-01-01T00:00:00Z", per_million: {input: "1", output: "3"}}\n'
+        )
 
 
 def test_yaml_floats_and_ints_are_exact() -> None:
@@ -140,9 +159,21 @@ def _sample(e: PricingEngine, record: Callable[..., dict[str, Any]]) -> list[Any
             for model, mv in (("gpt-4o", None), ("claude-3-5-sonnet", "20241022"), ("o1", None)):
                 prov = "anthropic" if model.startswith("claude") else "openai"
                 try:
-                    out.append(e.price(record(provider=prov, model=model, model_version=mv, customer_id=cust,
-                                              occurred_at=ms(when), input_tokens=101, output_tokens=7, requests=2)))
-                except Exception as exc:  # noqa: BLE001 - compared below
+                    out.append(
+                        e.price(
+                            record(
+                                provider=prov,
+                                model=model,
+                                model_version=mv,
+                                customer_id=cust,
+                                occurred_at=ms(when),
+                                input_tokens=101,
+                                output_tokens=7,
+                                requests=2,
+                            )
+                        )
+                    )
+                except Exception as exc:
                     out.append(type(exc).__name__ + getattr(exc, "reason_code", ""))
     return out
 
@@ -162,11 +193,16 @@ def test_apply_record_updates_tombstones_and_late_events(record: Callable[..., d
     assert e.price(r).cost_picos == 2_500_000 * 10**6
 
     # a new file version adds a price; old versions stay for late events
-    v2 = load_price_book(BOOK.replace("rate_cards:", '''  - provider: openai
+    v2 = load_price_book(
+        BOOK.replace(
+            "rate_cards:",
+            """  - provider: openai
     model: gpt-4o
     effective_from: "2025-01-01T00:00:00Z"
     per_million: {input: "2.00", output: "8.00", cached_input: "1.00"}
-rate_cards:''').replace('markup_pct: "20"', 'markup_pct: "30"'))
+rate_cards:""",
+        ).replace('markup_pct: "20"', 'markup_pct: "30"')
+    )
     for k, v in v2.to_records():
         e.apply_record(k, v)
     assert e.price(r).cost_picos == 2_000_000 * 10**6
@@ -209,7 +245,7 @@ def test_apply_record_rejects_tampered_or_unknown() -> None:
 
 def test_duplicate_yaml_key_rejected() -> None:
     with pytest.raises(PriceFileError, match="duplicate key 'input'") as e:
-        load_price_book(one("{input: \"1\", output: \"2\", input: \"3\"}"))
+        load_price_book(one('{input: "1", output: "2", input: "3"}'))
     assert e.value.field == "line 6"
 
 

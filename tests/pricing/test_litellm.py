@@ -1,28 +1,38 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from meterline.errors import PriceFileError
-from meterline.pricing import PricingEngine, import_litellm, load_price_book
+from meterline.core.errors import PriceFileError
+from meterline.core.pricing import PricingEngine, import_litellm, load_price_book
 
 FIXTURE = Path(__file__).parent / "fixtures" / "litellm_sample.json"
-EFF = datetime(2025, 1, 1, tzinfo=timezone.utc)
+EFF = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def test_import_fixture() -> None:
     doc, report = import_litellm(FIXTURE, effective_from=EFF)
     assert report.source == str(FIXTURE)
     assert report.imported == (
-        "anthropic/claude-3-haiku-20240307", "groq/llama3-70b-8192", "mistral/open-mistral-nemo",
-        "openai/gpt-4o", "openai/o1", "text-completion-openai/gpt-3.5-turbo-instruct",
+        "anthropic/claude-3-haiku-20240307",
+        "groq/llama3-70b-8192",
+        "mistral/open-mistral-nemo",
+        "openai/gpt-4o",
+        "openai/o1",
+        "text-completion-openai/gpt-3.5-turbo-instruct",
     )
     skipped = dict(report.skipped)
-    assert set(skipped) == {"sample_spec", "text-embedding-3-small", "free-model-without-costs", "tiny-rate-model", "dall-e-3"}
+    assert set(skipped) == {
+        "sample_spec",
+        "text-embedding-3-small",
+        "free-model-without-costs",
+        "tiny-rate-model",
+        "dall-e-3",
+    }
     assert "embedding" in skipped["text-embedding-3-small"]
     assert "no input_cost_per_token" in skipped["free-model-without-costs"]
     assert "6 decimal" in skipped["tiny-rate-model"] and "input_cost_per_token" in skipped["tiny-rate-model"]
@@ -37,15 +47,30 @@ def test_import_fixture() -> None:
     assert by_name[("openai", "gpt-4o")]["per_million"] == {"input": "2.5", "output": "10", "cached_input": "1.25"}
     assert by_name[("mistral", "open-mistral-nemo")]["per_million"] == {"input": "0.15", "output": "0.15"}
     assert by_name[("anthropic", "claude-3-haiku-20240307")]["per_million"] == {
-        "input": "0.25", "output": "1.25", "cached_input": "0.03", "cache_write": "0.3"}
+        "input": "0.25",
+        "output": "1.25",
+        "cached_input": "0.03",
+        "cache_write": "0.3",
+    }
     assert by_name[("openai", "o1")]["per_million"]["reasoning"] == "60"
 
     # the result is a loadable, priceable price file
     engine = PricingEngine.from_book(load_price_book(doc))
-    got = engine.price({"provider": "mistral", "model": "open-mistral-nemo", "model_version": None,
-                        "occurred_at": 1_740_000_000_000, "customer_id": "c", "input_tokens": 3,
-                        "output_tokens": 0, "cached_input_tokens": 0, "cache_write_tokens": 0,
-                        "reasoning_tokens": 0, "requests": 1})
+    got = engine.price(
+        {
+            "provider": "mistral",
+            "model": "open-mistral-nemo",
+            "model_version": None,
+            "occurred_at": 1_740_000_000_000,
+            "customer_id": "c",
+            "input_tokens": 3,
+            "output_tokens": 0,
+            "cached_input_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
+            "requests": 1,
+        }
+    )
     assert Decimal(got.cost_picos) / 10**12 == Decimal(3) * Decimal("1.5e-07")
 
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import UnpriceableEvent
-from meterline.pricing import PricedAmounts, PricingEngine, load_price_book
-from meterline.pricing._book import card_record_value, price_record_value, _dumps, parse_card, parse_price
+from meterline.core.errors import UnpriceableEvent
+from meterline.core.pricing import PricedAmounts, PricingEngine, load_price_book
+from meterline.core.pricing._book import _dumps, card_record_value, parse_card, parse_price, price_record_value
 from tests.pricing.conftest import BOOK, ms
 
 # Models of BOOK plus unknown ones; gpt-4o changes price on 2024-10-01, llama has no cached rate,
@@ -41,7 +41,7 @@ counts = st.one_of(st.just(0), st.integers(1, 10**7), st.integers(0, 10**12))
 occurred = st.one_of(
     st.sampled_from(TIMES),
     st.integers(TIMES[0] - 10**9, TIMES[-1] + 10**9),
-    st.sampled_from(TIMES).map(lambda t: datetime.fromtimestamp(t / 1000, tz=timezone.utc)),
+    st.sampled_from(TIMES).map(lambda t: datetime.fromtimestamp(t / 1000, tz=UTC)),
 )
 
 
@@ -49,15 +49,18 @@ occurred = st.one_of(
 def records(draw: Any, customer: str | None = None) -> dict[str, Any]:
     provider, model, mv = draw(st.sampled_from(MODELS))
     return {
-        "provider": provider, "model": model, "model_version": mv,
+        "provider": provider,
+        "model": model,
+        "model_version": mv,
         "occurred_at": draw(occurred) if draw(st.integers(0, 9)) == 0 else draw(st.sampled_from(TIMES)),
         "customer_id": customer or draw(st.sampled_from(CUSTOMERS)),
-        "input_tokens": draw(counts), "output_tokens": draw(counts),
+        "input_tokens": draw(counts),
+        "output_tokens": draw(counts),
         "cached_input_tokens": draw(st.one_of(st.just(0), counts)),
         "cache_write_tokens": draw(st.sampled_from([0, 0, 0, 5])),
         "reasoning_tokens": draw(st.sampled_from([0, 0, 7])),
         "requests": draw(st.integers(0, 3)),
-    }  # fmt: skip
+    }
 
 
 @st.composite
@@ -98,7 +101,7 @@ _BOOK = load_price_book(BOOK)
 
 
 def engine_records(engine: PricingEngine) -> list[tuple[str, bytes]]:
-    return getattr(engine, "_test_records")  # type: ignore[no-any-return]
+    return engine._test_records  # type: ignore[no-any-return]
 
 
 def make_engine() -> PricingEngine:
@@ -127,8 +130,16 @@ def test_price_many_after_updates(batch: list[dict[str, Any]], change: str) -> N
         card = parse_card({"customer_id": "nobody", "markup_pct": "33"}, where="t")
         rec = ("card:nobody", _dumps(card_record_value(card)))
     elif change == "price":
-        v = parse_price({"provider": "openai", "model": "gpt-4o", "effective_from": "2024-07-01T00:00:00Z",
-                         "per_million": {"input": "1", "output": "2", "cache_write": "3"}}, currency="USD", where="t")
+        v = parse_price(
+            {
+                "provider": "openai",
+                "model": "gpt-4o",
+                "effective_from": "2024-07-01T00:00:00Z",
+                "per_million": {"input": "1", "output": "2", "cache_write": "3"},
+            },
+            currency="USD",
+            where="t",
+        )
         rec = ("price:" + v.version_id, _dumps(price_record_value(v)))
     else:
         rec = ("card:acme", None)  # type: ignore[assignment]
@@ -141,17 +152,28 @@ def test_price_many_after_updates(batch: list[dict[str, Any]], change: str) -> N
 
 def test_price_many_examples() -> None:
     engine = make_engine()
-    base = {"provider": "openai", "model": "gpt-4o", "model_version": None, "customer_id": "acme",
-            "input_tokens": 10**6, "output_tokens": 0, "cached_input_tokens": 0, "cache_write_tokens": 0,
-            "reasoning_tokens": 0, "requests": 1}  # fmt: skip
+    base = {
+        "provider": "openai",
+        "model": "gpt-4o",
+        "model_version": None,
+        "customer_id": "acme",
+        "input_tokens": 10**6,
+        "output_tokens": 0,
+        "cached_input_tokens": 0,
+        "cache_write_tokens": 0,
+        "reasoning_tokens": 0,
+        "requests": 1,
+    }
     change = ms("2024-10-01T00:00:00+00:00")
-    got = engine.price_many([
-        {**base, "occurred_at": change - 1},
-        {**base, "occurred_at": change},
-        {**base, "occurred_at": change, "model": "gpt-5"},
-        {**base, "occurred_at": change, "cache_write_tokens": 1},
-        {**base, "occurred_at": ms("2024-05-12T00:00:00+00:00")},
-    ])  # fmt: skip
+    got = engine.price_many(
+        [
+            {**base, "occurred_at": change - 1},
+            {**base, "occurred_at": change},
+            {**base, "occurred_at": change, "model": "gpt-5"},
+            {**base, "occurred_at": change, "cache_write_tokens": 1},
+            {**base, "occurred_at": ms("2024-05-12T00:00:00+00:00")},
+        ]
+    )
     assert [type(g).__name__ for g in got] == ["PricedAmounts", "PricedAmounts"] + ["UnpriceableEvent"] * 3
     assert (got[0].cost_picos, got[1].cost_picos) == (5 * 10**12, 25 * 10**11)  # type: ignore[union-attr]
     assert [g.reason_code for g in got[2:]] == ["unknown_model", "no_rate_for_token_class", "no_price_at_time"]  # type: ignore[union-attr]

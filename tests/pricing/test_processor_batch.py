@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InputError, SchemaError
-from meterline.pricing import PricingEngine, load_price_book
+from meterline.core.errors import InputError, SchemaError
+from meterline.core.pricing import PricingEngine, load_price_book
 from pipeline.processor import DedupeIndex, PricingProcessor, ProcessResult
 from schemas.codec import (
     decode_dead_letter,
@@ -38,7 +38,9 @@ class EventByEvent(PricingProcessor):
                 raise SchemaError("record has no value", reason_code="empty_record")
             events = decode_usage_batch(value)
         except SchemaError as exc:
-            result.dead_letters.append((key, self._dead_letter(exc, partition, offset, None, value or b"", "raw", now_ms)))
+            result.dead_letters.append(
+                (key, self._dead_letter(exc, partition, offset, None, value or b"", "raw", now_ms))
+            )
             result.rejected += 1
             return result
         priced: list[dict[str, Any]] = []
@@ -58,15 +60,24 @@ class EventByEvent(PricingProcessor):
                     continue
                 amounts = self.engine.price(event)
             except InputError as exc:
-                result.dead_letters.append((key, self._dead_letter(exc, partition, offset, event, None, "usage_batch", now_ms)))
+                result.dead_letters.append(
+                    (key, self._dead_letter(exc, partition, offset, event, None, "usage_batch", now_ms))
+                )
                 result.rejected += 1
                 continue
             in_record.add(ident)
             new_ids.append(event["event_id"])
             customer_of_record = event["customer_id"]
-            event.update(cost_picos=amounts.cost_picos, charge_picos=amounts.charge_picos, currency=amounts.currency,
-                         price_version=amounts.price_version, rate_card=amounts.rate_card, priced_at=now_ms,
-                         source_partition=partition, source_offset=offset)
+            event.update(
+                cost_picos=amounts.cost_picos,
+                charge_picos=amounts.charge_picos,
+                currency=amounts.currency,
+                price_version=amounts.price_version,
+                rate_card=amounts.rate_card,
+                priced_at=now_ms,
+                source_partition=partition,
+                source_offset=offset,
+            )
             result.charge_picos += amounts.charge_picos
             priced.append(event)
         if priced:
@@ -77,23 +88,49 @@ class EventByEvent(PricingProcessor):
             self.dedupe.load(result.dedupe_key, result.dedupe_value)
         return result
 
-MODELS = [("openai", "gpt-4o", None), ("openai", "o3", None), ("meta", "llama-3-70b", None), ("openai", "gpt-9", None),
-          ("anthropic", "claude-3-5-sonnet", "20241022")]  # fmt: skip
-TIMES = [ms("2024-01-01T00:00:00+00:00"), ms("2024-09-30T23:59:59+00:00"), ms("2024-10-01T00:00:00+00:00"),
-         NOW - 1000, NOW + 10**7, 10**9]  # fmt: skip
+
+MODELS = [
+    ("openai", "gpt-4o", None),
+    ("openai", "o3", None),
+    ("meta", "llama-3-70b", None),
+    ("openai", "gpt-9", None),
+    ("anthropic", "claude-3-5-sonnet", "20241022"),
+]
+TIMES = [
+    ms("2024-01-01T00:00:00+00:00"),
+    ms("2024-09-30T23:59:59+00:00"),
+    ms("2024-10-01T00:00:00+00:00"),
+    NOW - 1000,
+    NOW + 10**7,
+    10**9,
+]
 
 
 @st.composite
 def event(draw: Any, customer: str) -> dict[str, Any]:
     provider, model, mv = draw(st.sampled_from(MODELS))
     return {
-        "event_id": f"e{draw(st.integers(0, 12))}", "occurred_at": draw(st.sampled_from(TIMES)),
-        "customer_id": customer, "api_key_id": None, "project": None, "feature": None, "user_id": None,
-        "session_id": None, "gateway": None, "provider": provider, "model": model, "model_version": mv,
-        "request_id": None, "input_tokens": draw(st.integers(-1, 10**6)), "output_tokens": draw(st.integers(0, 99)),
-        "cached_input_tokens": draw(st.sampled_from([0, 0, 3])), "cache_write_tokens": draw(st.sampled_from([0, 0, 0, 2])),
-        "reasoning_tokens": 0, "requests": draw(st.sampled_from([0, 1, 1])), "labels": {},
-    }  # fmt: skip
+        "event_id": f"e{draw(st.integers(0, 12))}",
+        "occurred_at": draw(st.sampled_from(TIMES)),
+        "customer_id": customer,
+        "api_key_id": None,
+        "project": None,
+        "feature": None,
+        "user_id": None,
+        "session_id": None,
+        "gateway": None,
+        "provider": provider,
+        "model": model,
+        "model_version": mv,
+        "request_id": None,
+        "input_tokens": draw(st.integers(-1, 10**6)),
+        "output_tokens": draw(st.integers(0, 99)),
+        "cached_input_tokens": draw(st.sampled_from([0, 0, 3])),
+        "cache_write_tokens": draw(st.sampled_from([0, 0, 0, 2])),
+        "reasoning_tokens": 0,
+        "requests": draw(st.sampled_from([0, 1, 1])),
+        "labels": {},
+    }
 
 
 @st.composite
@@ -103,8 +140,13 @@ def stream(draw: Any) -> list[tuple[int, int, bytes | None]]:
     for offset in range(draw(st.integers(1, 5))):
         customer = draw(st.sampled_from(["acme", "bigco", "nobody"]))
         kind = draw(st.integers(0, 9))
-        value = None if kind == 0 else b"\x00junk" if kind == 1 else encode_usage_batch(
-            draw(st.lists(event(customer), max_size=15)))
+        value = (
+            None
+            if kind == 0
+            else b"\x00junk"
+            if kind == 1
+            else encode_usage_batch(draw(st.lists(event(customer), max_size=15)))
+        )
         out.append((offset % 2, offset, value))
         if draw(st.integers(0, 3)) == 0:
             out.append(out[draw(st.integers(0, len(out) - 1))])  # replay of an earlier record
@@ -138,10 +180,24 @@ class PriceOnly:
 
 def test_engine_without_price_many() -> None:
     engine = PricingEngine.from_book(load_price_book(BOOK))
-    evs = [{"event_id": f"e{i}", "occurred_at": NOW - 5, "customer_id": "acme", "provider": "openai",
-            "model": "gpt-4o" if i % 3 else "gpt-9", "model_version": None, "input_tokens": 10 + i,
-            "output_tokens": 1, "cached_input_tokens": 0, "cache_write_tokens": 0, "reasoning_tokens": 0,
-            "requests": 1, "labels": {}} for i in range(9)]  # fmt: skip
+    evs = [
+        {
+            "event_id": f"e{i}",
+            "occurred_at": NOW - 5,
+            "customer_id": "acme",
+            "provider": "openai",
+            "model": "gpt-4o" if i % 3 else "gpt-9",
+            "model_version": None,
+            "input_tokens": 10 + i,
+            "output_tokens": 1,
+            "cached_input_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
+            "requests": 1,
+            "labels": {},
+        }
+        for i in range(9)
+    ]
     value = encode_usage_batch(evs)
     got = PricingProcessor(PriceOnly(engine), source_topic="t").process_record(0, 1, b"k", value, now_ms=NOW)  # type: ignore[arg-type]
     want = PricingProcessor(engine, source_topic="t").process_record(0, 1, b"k", value, now_ms=NOW)

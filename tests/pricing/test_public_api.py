@@ -3,13 +3,23 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import meterline.pricing as pricing
+import meterline.core.pricing as pricing
 
 
 def test_public_surface_is_pinned() -> None:
     assert sorted(pricing.__all__) == [
-        "ImportReport", "Override", "PICOS_PER_UNIT", "PriceBook", "PriceVersion", "PricedAmounts",
-        "PricingEngine", "RateCard", "Rates", "TOKEN_CLASSES", "import_litellm", "load_price_book",
+        "ImportReport",
+        "Override",
+        "PICOS_PER_UNIT",
+        "PriceBook",
+        "PriceVersion",
+        "PricedAmounts",
+        "PricingEngine",
+        "RateCard",
+        "Rates",
+        "TOKEN_CLASSES",
+        "import_litellm",
+        "load_price_book",
     ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InvalidEvent, SchemaError
+from meterline.core.errors import InvalidEvent, SchemaError
 from schemas import codec as codec_mod
 from schemas.codec import (
     MAGIC,
@@ -29,7 +29,7 @@ from schemas.models import UsageEvent
 from schemas.registry import SchemaRegistry, bundled_schemas, default_registry, fingerprint, load_schemas
 
 FIXTURES = Path(__file__).parent / "fixtures"
-T0 = datetime(2025, 3, 14, 15, 9, 26, 535000, tzinfo=timezone.utc)
+T0 = datetime(2025, 3, 14, 15, 9, 26, 535000, tzinfo=UTC)
 
 
 def make_event(i: int = 0, **over: Any) -> UsageEvent:
@@ -61,8 +61,18 @@ def v2() -> dict[str, dict[str, Any]]:
 
 def test_pydantic_record_bytes_round_trip() -> None:
     events = [make_event(i) for i in range(20)] + [
-        make_event(99, api_key_id="k", feature="f", session_id="s", gateway="litellm", model_version="2024-08-06",
-                   request_id="req_1", cache_write_tokens=3, requests=2, labels={}),
+        make_event(
+            99,
+            api_key_id="k",
+            feature="f",
+            session_id="s",
+            gateway="litellm",
+            model_version="2024-08-06",
+            request_id="req_1",
+            cache_write_tokens=3,
+            requests=2,
+            labels={},
+        ),
         make_event(100, occurred_at=datetime(2030, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))),
     ]
     data = encode_usage_batch([event_to_record(e) for e in events])
@@ -179,8 +189,12 @@ def test_resolver_returning_wrong_schema_is_unknown_schema(v2: dict[str, dict[st
 
 
 def test_incompatible_writer_is_undecodable() -> None:
-    other = {"type": "record", "name": "UsageBatch", "namespace": "meterline.v1",
-             "fields": [{"name": "events", "type": "string"}]}
+    other = {
+        "type": "record",
+        "name": "UsageBatch",
+        "namespace": "meterline.v1",
+        "fields": [{"name": "events", "type": "string"}],
+    }
     registry = default_registry()
     data = AvroCodec(other, registry=registry).encode({"events": "nope"})
     with pytest.raises(SchemaError) as err:
@@ -191,7 +205,7 @@ def test_incompatible_writer_is_undecodable() -> None:
 # ---- errors -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [b"", b"\xc3", b"\xc3\x01\x00", b"{\"event_id\": 1}", b"\x00\x01" + b"\x00" * 20])
+@pytest.mark.parametrize("data", [b"", b"\xc3", b"\xc3\x01\x00", b'{"event_id": 1}', b"\x00\x01" + b"\x00" * 20])
 def test_bad_magic_is_not_single_object(data: bytes) -> None:
     with pytest.raises(SchemaError) as err:
         decode_usage_batch(data)
@@ -227,9 +241,11 @@ def test_invalid_utf8_is_undecodable() -> None:
 
 
 def test_encode_wrong_shape_is_unencodable() -> None:
-    for bad in ({"event_id": None, "occurred_at": 1, "customer_id": "c", "provider": "p", "model": "m"},
-                {"event_id": "e", "occurred_at": "2025-01-01", "customer_id": "c", "provider": "p", "model": "m"},
-                {"event_id": "e", "occurred_at": 1, "customer_id": "c", "provider": "p", "model": "m", "input_tokens": 2**64}):
+    for bad in (
+        {"event_id": None, "occurred_at": 1, "customer_id": "c", "provider": "p", "model": "m"},
+        {"event_id": "e", "occurred_at": "2025-01-01", "customer_id": "c", "provider": "p", "model": "m"},
+        {"event_id": "e", "occurred_at": 1, "customer_id": "c", "provider": "p", "model": "m", "input_tokens": 2**64},
+    ):
         with pytest.raises(SchemaError) as err:
             encode_usage_batch([bad])
         assert err.value.reason_code == "unencodable"
@@ -274,18 +290,31 @@ def test_record_to_event_maps_model_errors() -> None:
 
 
 def test_datetime_ms_conversion_floors_submillisecond() -> None:
-    ev = make_event(0, occurred_at=datetime(2025, 1, 1, 0, 0, 0, 999, tzinfo=timezone.utc))
+    ev = make_event(0, occurred_at=datetime(2025, 1, 1, 0, 0, 0, 999, tzinfo=UTC))
     assert codec_mod.datetime_to_ms(ev.occurred_at) == 1_735_689_600_000
-    assert codec_mod.datetime_to_ms(datetime(1969, 12, 31, 23, 59, 59, 999_500, tzinfo=timezone.utc)) == -1
+    assert codec_mod.datetime_to_ms(datetime(1969, 12, 31, 23, 59, 59, 999_500, tzinfo=UTC)) == -1
 
 
 def test_public_surface_is_pinned() -> None:
     import schemas
 
     assert sorted(schemas.__all__) == [
-        "AvroCodec", "SchemaRegistry", "UsageEvent", "decode_dead_letter", "decode_priced_batch",
-        "decode_usage_batch", "default_registry", "encode_dead_letter", "encode_priced_batch", "encode_usage_batch",
-        "event_to_json", "event_to_record", "fingerprint", "iter_jsonl", "parse_json_event", "record_to_event",
+        "AvroCodec",
+        "SchemaRegistry",
+        "UsageEvent",
+        "decode_dead_letter",
+        "decode_priced_batch",
+        "decode_usage_batch",
+        "default_registry",
+        "encode_dead_letter",
+        "encode_priced_batch",
+        "encode_usage_batch",
+        "event_to_json",
+        "event_to_record",
+        "fingerprint",
+        "iter_jsonl",
+        "parse_json_event",
+        "record_to_event",
         "validate_record",
     ]
     assert all(hasattr(schemas, name) for name in schemas.__all__)

@@ -16,13 +16,36 @@ from schemas.codec import (
 from schemas.models import V2_COUNT_FIELDS
 from schemas.registry import default_registry, historical_schemas
 
-V1 = {"event_id": "e1", "occurred_at": 1_780_000_000_000, "customer_id": "acme", "provider": "anthropic",
-      "model": "claude-3-5-sonnet", "model_version": "20241022", "input_tokens": 10, "output_tokens": 5,
-      "cache_write_tokens": 7}
-V2_ONLY = {"cache_write_long_tokens": 11, "input_audio_tokens": 12, "output_audio_tokens": 13,
-           "input_image_tokens": 14, "output_image_tokens": 15, "web_search_requests": 2, "service_tier": "batch"}
-PRICE = {"cost_picos": 123, "charge_picos": 456, "currency": "USD", "price_version": "v", "rate_card": "c",
-         "priced_at": 1_780_000_000_500, "source_partition": 1, "source_offset": 9}
+V1 = {
+    "event_id": "e1",
+    "occurred_at": 1_780_000_000_000,
+    "customer_id": "acme",
+    "provider": "anthropic",
+    "model": "claude-3-5-sonnet",
+    "model_version": "20241022",
+    "input_tokens": 10,
+    "output_tokens": 5,
+    "cache_write_tokens": 7,
+}
+V2_ONLY = {
+    "cache_write_long_tokens": 11,
+    "input_audio_tokens": 12,
+    "output_audio_tokens": 13,
+    "input_image_tokens": 14,
+    "output_image_tokens": 15,
+    "web_search_requests": 2,
+    "service_tier": "batch",
+}
+PRICE = {
+    "cost_picos": 123,
+    "charge_picos": 456,
+    "currency": "USD",
+    "price_version": "v",
+    "rate_card": "c",
+    "priced_at": 1_780_000_000_500,
+    "source_partition": 1,
+    "source_offset": 9,
+}
 
 
 def v1_codec(name: str) -> AvroCodec:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.codec import decode_usage_batch, encode_usage_batch, event_to_record, record_to_event
 from schemas.jsonio import event_to_json, iter_jsonl, parse_json_event
 from schemas.models import UsageEvent
@@ -42,7 +42,7 @@ def test_parse_iso_and_epoch_ms_agree() -> None:
     b = parse_json_event(obj(occurred_at=1_748_779_200_250))
     c = parse_json_event(obj(occurred_at="2025-06-01T14:00:00.250+02:00"))
     assert a == b == c
-    assert a.occurred_at == datetime(2025, 6, 1, 12, 0, 0, 250_000, tzinfo=timezone.utc)
+    assert a.occurred_at == datetime(2025, 6, 1, 12, 0, 0, 250_000, tzinfo=UTC)
     assert a.input_tokens == 900 and a.labels == {"env": "prod"} and a.requests == 1
 
 
@@ -119,4 +119,4 @@ def test_iter_jsonl_reports_bad_lines_and_keeps_good(tmp_path: Path) -> None:
 def test_sub_millisecond_json_keeps_microseconds() -> None:
     ev = parse_json_event(obj(occurred_at="2025-06-01T12:00:00.000123Z"))
     assert event_to_json(ev)["occurred_at"] == "2025-06-01T12:00:00.000123Z"
-    assert ev.occurred_at - datetime(2025, 6, 1, 12, tzinfo=timezone.utc) == timedelta(microseconds=123)
+    assert ev.occurred_at - datetime(2025, 6, 1, 12, tzinfo=UTC) == timedelta(microseconds=123)

@@ -6,22 +6,22 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from meterline.errors import BrokerUnavailable, DeliveryFailed, InvalidEvent
+from meterline.core.errors import BrokerUnavailable, DeliveryFailed, InvalidEvent
 from meterline.stack.broker import free_port
+from meterline.stack.producer import MAX_RECORD_BYTES, BatchResult, UsageProducer
+from meterline.stack.schema_store import KafkaSchemaStore
 from schemas.codec import decode_usage_batch, event_to_record, record_to_event
 from schemas.models import UsageEvent
-from schemas.producer import MAX_RECORD_BYTES, BatchResult, UsageProducer
-from meterline.stack.schema_store import KafkaSchemaStore
 from schemas.registry import fingerprint
 
-T0 = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def make_event(customer: str, i: int, **extra: Any) -> UsageEvent:
@@ -42,12 +42,14 @@ def make_event(customer: str, i: int, **extra: Any) -> UsageEvent:
 
 def consume(bootstrap: str, topic: str, n_events: int, timeout: float = 30.0) -> list[tuple[int, bytes, list[dict]]]:
     """(partition, key, decoded events) of every record until ``n_events`` events were read."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": f"g-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"g-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
@@ -151,8 +153,9 @@ def test_linger_emits_without_flush(kafka_bootstrap, topics):
         results.append(r)
         delivered.set()
 
-    p = UsageProducer(kafka_bootstrap, topics["usage-events"], linger_ms=20, max_batch_events=1000,
-                      on_delivery=on_delivery)
+    p = UsageProducer(
+        kafka_bootstrap, topics["usage-events"], linger_ms=20, max_batch_events=1000, on_delivery=on_delivery
+    )
     try:
         events = [make_event("cus_linger", i) for i in range(3)]
         for ev in events:
@@ -176,8 +179,7 @@ def test_broker_rejection_surfaces_as_delivery_failed(kafka_bootstrap, topics):
     # Kafka with auto-create off, it auto-creates unknown-but-valid topics, so those would succeed).
     invalid = topics["usage-events"] + "." + "x" * 260
     results: list[BatchResult] = []
-    p = UsageProducer(kafka_bootstrap, invalid, on_delivery=results.append,
-                      extra_config={"message.timeout.ms": 5000})
+    p = UsageProducer(kafka_bootstrap, invalid, on_delivery=results.append, extra_config={"message.timeout.ms": 5000})
     ev = make_event("cus_1", 1)
     p.send(ev)
     with pytest.raises(DeliveryFailed) as exc:
@@ -199,8 +201,9 @@ def test_failed_delivery_raises_from_flush_and_next_send():
         if not r.ok:
             failed.set()
 
-    p = UsageProducer(dead_bootstrap(), "usage-events", linger_ms=5, on_delivery=on_delivery,
-                      extra_config={"message.timeout.ms": 300})
+    p = UsageProducer(
+        dead_bootstrap(), "usage-events", linger_ms=5, on_delivery=on_delivery, extra_config={"message.timeout.ms": 300}
+    )
     ev = make_event("cus_1", 1)
     p.send(ev)
     assert failed.wait(20), "no delivery report for a record sent to a dead port"
@@ -219,8 +222,14 @@ def test_failed_delivery_raises_from_flush_and_next_send():
 
 
 def test_queue_full_backpressure_raises_and_keeps_events():
-    p = UsageProducer(dead_bootstrap(), "usage-events", max_batch_events=1, max_pending_records=1,
-                      queue_full_timeout=0.2, extra_config={"message.timeout.ms": 60_000})
+    p = UsageProducer(
+        dead_bootstrap(),
+        "usage-events",
+        max_batch_events=1,
+        max_pending_records=1,
+        queue_full_timeout=0.2,
+        extra_config={"message.timeout.ms": 60_000},
+    )
     p.send(make_event("cus_1", 1))  # fills librdkafka's one-record queue
     with pytest.raises(BrokerUnavailable):
         p.send(make_event("cus_2", 1))
@@ -237,7 +246,7 @@ def test_queue_full_backpressure_raises_and_keeps_events():
         ({"input_tokens": -1}, "negative_count"),
         ({"output_tokens": "many"}, "invalid_type"),
         ({"occurred_at": "not a date"}, "invalid_timestamp"),
-        ({"occurred_at": datetime.now(timezone.utc) + timedelta(days=1)}, "timestamp_in_future"),
+        ({"occurred_at": datetime.now(UTC) + timedelta(days=1)}, "timestamp_in_future"),
         ({"input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0, "requests": 0}, "empty_usage"),
         ({"labels": {str(k): "v" for k in range(65)}}, "too_many_labels"),
     ],
@@ -257,9 +266,9 @@ def test_invalid_events_never_reach_kafka(change, reason):
 
 
 def test_public_surface_is_pinned():
-    import schemas.producer
+    import meterline.stack.producer
 
-    assert sorted(schemas.producer.__all__) == ["BatchResult", "UsageProducer"]
+    assert sorted(meterline.stack.producer.__all__) == ["BatchResult", "UsageProducer"]
 
 
 def test_oversized_batches_are_split_under_the_record_limit():

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from meterline.stack.schema_store import KafkaSchemaStore
 from schemas.codec import AvroCodec, event_to_record
 from schemas.models import UsageEvent
-from meterline.stack.schema_store import KafkaSchemaStore
 from schemas.registry import SchemaRegistry, canonical_json, default_registry, fingerprint, load_schemas
 
 FIXTURES = Path(__file__).parent / "fixtures"

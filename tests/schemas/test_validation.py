@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InvalidEvent
+from meterline.core.errors import InvalidEvent
 from schemas.codec import decode_usage_batch, encode_usage_batch, record_to_event
 from schemas.models import MAX_ID_LEN, MAX_LABEL_LEN, MAX_LABELS, MAX_TOKENS_PER_EVENT, TOKEN_FIELDS, TOOL_FIELDS
 from schemas.validation import MIN_OCCURRED_AT_MS, REASON_CODES, validate_record, validate_records
@@ -109,16 +109,27 @@ _edge_counts = st.one_of(
 )
 _label_text = st.text(max_size=3)
 _edge_labels = st.one_of(
-    st.sampled_from([
-        {"y" * (MAX_LABEL_LEN + 1): "v"},
-        {"k": "y" * (MAX_LABEL_LEN + 1)},
-        {"y" * MAX_LABEL_LEN: "y" * MAX_LABEL_LEN},
-    ]),
+    st.sampled_from(
+        [
+            {"y" * (MAX_LABEL_LEN + 1): "v"},
+            {"k": "y" * (MAX_LABEL_LEN + 1)},
+            {"y" * MAX_LABEL_LEN: "y" * MAX_LABEL_LEN},
+        ]
+    ),
     st.integers(min_value=MAX_LABELS - 1, max_value=MAX_LABELS + 1).map(lambda n: {f"l{i}": "v" for i in range(n)}),
 )
 _REQUIRED = ("event_id", "customer_id", "provider", "model")
-_OPTIONAL = ("api_key_id", "project", "feature", "user_id", "session_id", "gateway", "model_version", "request_id",
-             "service_tier")
+_OPTIONAL = (
+    "api_key_id",
+    "project",
+    "feature",
+    "user_id",
+    "session_id",
+    "gateway",
+    "model_version",
+    "request_id",
+    "service_tier",
+)
 _COUNTS = (*TOKEN_FIELDS, *TOOL_FIELDS, "requests")
 
 # A mostly valid record with 0-2 fields pushed to an edge, so both outcomes are common.
@@ -204,7 +215,9 @@ def batch_records(draw: st.DrawFn) -> dict[str, Any]:
     d = draw(records())
     pick = draw(st.integers(0, 19))
     if pick == 0:
-        d["occurred_at"] = draw(st.sampled_from([NOW + 300_000, NOW + 300_001, MIN_OCCURRED_AT_MS, MIN_OCCURRED_AT_MS - 1]))
+        d["occurred_at"] = draw(
+            st.sampled_from([NOW + 300_000, NOW + 300_001, MIN_OCCURRED_AT_MS, MIN_OCCURRED_AT_MS - 1])
+        )
     elif pick == 1:
         del d[draw(st.sampled_from(sorted(d)))]  # absent: defaults or missing_*
     elif pick == 2:
@@ -231,10 +244,15 @@ def test_validate_records_clean_batches(ds: list[dict[str, Any]]) -> None:
 def test_validate_records_examples() -> None:
     assert validate_records([], now_ms=NOW) == []
     assert validate_records([rec(), rec(event_id="e2")], now_ms=NOW) == [None, None]
-    got = validate_records([rec(), rec(input_tokens=-1), rec(labels={"k": 1}), rec(occurred_at=NOW + 300_001)], now_ms=NOW)
+    got = validate_records(
+        [rec(), rec(input_tokens=-1), rec(labels={"k": 1}), rec(occurred_at=NOW + 300_001)], now_ms=NOW
+    )
     assert got[0] is None
     assert [(e.reason_code, e.field) for e in got[1:] if e is not None] == [
-        ("negative_count", "input_tokens"), ("invalid_type", "labels"), ("timestamp_in_future", "occurred_at")]
+        ("negative_count", "input_tokens"),
+        ("invalid_type", "labels"),
+        ("timestamp_in_future", "occurred_at"),
+    ]
     absent = rec()
     del absent["requests"], absent["labels"]  # Avro defaults: requests=1, no labels
     assert validate_records([absent, rec()], now_ms=NOW) == [None, None]

@@ -1,4 +1,4 @@
-"""One real ``meterline up`` (:class:`meterline.runtime.Runtime`) for the security tests (issue #20).
+"""One real ``meterline up`` (:class:`meterline.shell.runtime.Runtime`) for the security tests (issue #20).
 
 Real Tansu broker (the session's), this process's chDB engine (own database), the faust workers
 (pricing + credit agent), the sinks, the HTTP API with the credit routes, the Stripe top-up
@@ -22,10 +22,10 @@ from typing import Any
 import httpx
 import pytest
 
-from meterline.api.keys import KeyStore
-from meterline.config import Settings
-from meterline.pricing import load_price_book
-from meterline.runtime import Runtime
+from meterline.core.config import Settings
+from meterline.core.pricing import load_price_book
+from meterline.shell.api.keys import KeyStore
+from meterline.shell.runtime import Runtime
 from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir, with_database
 from pipeline.publish import publish_records
 
@@ -86,12 +86,19 @@ class Stack:
         """Prepaid policy (block) plus a grant of ``amount``; waits until the balance shows it."""
         r = self.http.put(f"/v1/customers/{customer_id}/policy", json={"overage": "block"}, headers=self.admin)
         assert r.status_code == 202, r.text
-        r = self.http.post("/v1/credits/grants", headers=self.admin, json={
-            "customer_id": customer_id, "grant_id": f"g-{uuid.uuid4().hex[:8]}", "amount": amount})  # fmt: skip
+        r = self.http.post(
+            "/v1/credits/grants",
+            headers=self.admin,
+            json={"customer_id": customer_id, "grant_id": f"g-{uuid.uuid4().hex[:8]}", "amount": amount},
+        )
         assert r.status_code == 202, r.text
-        wait_for(f"{customer_id}'s grant in the balance", lambda: (
-            (b := self.http.get(f"/v1/customers/{customer_id}/balance", headers=self.admin)).status_code == 200
-            and b.json().get("available") not in (None, "0.00")))  # fmt: skip
+        wait_for(
+            f"{customer_id}'s grant in the balance",
+            lambda: (
+                (b := self.http.get(f"/v1/customers/{customer_id}/balance", headers=self.admin)).status_code == 200
+                and b.json().get("available") not in (None, "0.00")
+            ),
+        )
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 90.0) -> Any:
@@ -111,13 +118,20 @@ def stack(kafka_bootstrap: str, chdb_dsn: str, tmp_path_factory: pytest.TempPath
     apply_migrations(ch, default_migrations_dir())
     receiver = Receiver()
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("security") / "data", kafka_bootstrap=kafka_bootstrap,
-        topic_prefix=f"t{uuid.uuid4().hex[:8]}.", partitions=4, broker_flavor="tansu",
-        clickhouse_dsn=with_database(chdb_dsn, database), api_port=0,
-        stripe_webhook_secret=STRIPE_SECRET, alert_webhook_urls=[receiver.url], alert_webhook_secret=ALERT_SECRET,
-        sql_max_execution_time_s=SQL_MAX_EXECUTION_TIME_S, sql_max_memory_usage_bytes=SQL_MAX_MEMORY_BYTES,
+        data_dir=tmp_path_factory.mktemp("security") / "data",
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:8]}.",
+        partitions=4,
+        broker_flavor="tansu",
+        clickhouse_dsn=with_database(chdb_dsn, database),
+        api_port=0,
+        stripe_webhook_secret=STRIPE_SECRET,
+        alert_webhook_urls=[receiver.url],
+        alert_webhook_secret=ALERT_SECRET,
+        sql_max_execution_time_s=SQL_MAX_EXECUTION_TIME_S,
+        sql_max_memory_usage_bytes=SQL_MAX_MEMORY_BYTES,
         sql_max_result_rows=SQL_MAX_RESULT_ROWS,
-    )  # fmt: skip
+    )
     runtime = Runtime(settings).start()
     http = httpx.Client(base_url=str(runtime.api_server.url), timeout=60)
     try:

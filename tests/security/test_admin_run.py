@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.stripe.cli import run_captured
+from meterline.shell.cli_stripe import run_captured
 from tests.security.conftest import Stack
 
 pytestmark = pytest.mark.broker
@@ -18,9 +18,13 @@ def test_statement_out_is_refused_and_nothing_is_written(stack: Stack, tmp_path:
     target = tmp_path / "evil.pth"
     relative = f"evil-{os.getpid()}.pth"
     base = ["statement", "acme", "--period", "2026-01", "--format", "csv"]
-    for argv in ([*base, "--out", str(target)], [*base, f"--out={target}"], [*base, "--out", relative],
-                 [*base, "--out", str(stack.settings.data_dir / ".." / "elsewhere.csv")],
-                 ["statement", "--out", str(target), "--period", "2026-01", "--", "acme"]):  # fmt: skip
+    for argv in (
+        [*base, "--out", str(target)],
+        [*base, f"--out={target}"],
+        [*base, "--out", relative],
+        [*base, "--out", str(stack.settings.data_dir / ".." / "elsewhere.csv")],
+        ["statement", "--out", str(target), "--period", "2026-01", "--", "acme"],
+    ):
         r = stack.http.post("/v1/admin/run", headers=stack.admin, json={"argv": argv})
         assert r.status_code == 400 and r.json()["error"]["code"] == "option_not_allowed", (argv, r.text)
     assert not target.exists() and not Path(relative).exists() and not (Path.cwd() / relative).exists()
@@ -39,8 +43,11 @@ def test_statement_out_is_refused_and_nothing_is_written(stack: Stack, tmp_path:
 
 def test_statement_customer_argument_is_validated(stack: Stack) -> None:
     for customer in ("acme\nimport os; os.system('id')\n", "../acme", "\u202eacme"):
-        r = stack.http.post("/v1/admin/run", headers=stack.admin, json={
-            "argv": ["statement", "--period", "2026-01", "--format", "csv", "--", customer]})  # fmt: skip
+        r = stack.http.post(
+            "/v1/admin/run",
+            headers=stack.admin,
+            json={"argv": ["statement", "--period", "2026-01", "--format", "csv", "--", customer]},
+        )
         assert r.status_code == 200, r.text
         doc = r.json()
         assert doc["exit_code"] == 2 and "bad customer id" in doc["stderr"], doc

@@ -16,7 +16,9 @@ TINY = {"provider": "openai", "model": "gpt-4o", "input_tokens_estimate": 10, "m
 HUGE = {"provider": "openai", "model": "gpt-4o", "input_tokens_estimate": 10**9, "max_output_tokens": 10**9}
 
 
-def _authorize(stack: Stack, key: dict[str, str], customer: str, request_id: str, size: dict[str, Any]) -> dict[str, Any]:
+def _authorize(
+    stack: Stack, key: dict[str, str], customer: str, request_id: str, size: dict[str, Any]
+) -> dict[str, Any]:
     r = stack.http.post("/v1/authorize", headers=key, json={"customer_id": customer, "request_id": request_id, **size})
     assert r.status_code == 200, r.text
     return r.json()

@@ -36,12 +36,20 @@ def _wide(root: Path) -> list[str]:
 def test_up_creates_its_data_private(kafka_bootstrap: str, tmp_path: Path) -> None:
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERLINE_")}
-    env.update({"METERLINE_DATA_DIR": str(data), "METERLINE_API_PORT": "0", "METERLINE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-                "METERLINE_BROKER_FLAVOR": "tansu", "METERLINE_TOPIC_PREFIX": f"modes{os.getpid()}."})  # fmt: skip
+    env.update(
+        {
+            "METERLINE_DATA_DIR": str(data),
+            "METERLINE_API_PORT": "0",
+            "METERLINE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "METERLINE_BROKER_FLAVOR": "tansu",
+            "METERLINE_TOPIC_PREFIX": f"modes{os.getpid()}.",
+        }
+    )
     log = (tmp_path / "up.log").open("w")
     # Started with the usual umask 022: the process itself must make its files private.
-    up = subprocess.Popen([METERLINE, "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                          preexec_fn=lambda: os.umask(0o022))  # fmt: skip
+    up = subprocess.Popen(
+        [METERLINE, "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=lambda: os.umask(0o022)
+    )
     try:
         deadline = time.monotonic() + 120
         while not (data / "runtime.json").exists():
@@ -49,8 +57,9 @@ def test_up_creates_its_data_private(kafka_bootstrap: str, tmp_path: Path) -> No
             assert time.monotonic() < deadline, "meterline up did not come up:\n" + (tmp_path / "up.log").read_text()
             time.sleep(0.2)
         # `meterline stripe provision` forwarded into up creates stripe.sqlite there.
-        provisioned = subprocess.run([METERLINE, "stripe", "provision"], env=env, capture_output=True, text=True,
-                                     timeout=120, cwd=REPO)  # fmt: skip
+        provisioned = subprocess.run(
+            [METERLINE, "stripe", "provision"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
+        )
         assert provisioned.returncode == 0, provisioned.stdout + provisioned.stderr
         for name in ("admin.key", "runtime.json", "api_keys.json", "stripe.sqlite", "chdb"):
             assert (data / name).exists(), name

@@ -19,15 +19,27 @@ def test_lone_surrogates_are_rejected_and_the_answer_encodes(stack: Stack) -> No
     now = datetime.now(UTC).isoformat()
 
     def ev(event_id: str, **over: str) -> str:
-        doc = {"event_id": event_id, "occurred_at": now, "customer_id": f"enc-{tag}", "provider": "openai",
-               "model": "gpt-4o", "input_tokens": 10, "output_tokens": 5, **over}  # fmt: skip
+        doc = {
+            "event_id": event_id,
+            "occurred_at": now,
+            "customer_id": f"enc-{tag}",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "input_tokens": 10,
+            "output_tokens": 5,
+            **over,
+        }
         return json.dumps(doc)
 
     # json.dumps keeps "\ud800" as an escape: the server's JSON parser turns it into a lone surrogate.
-    body = '{"events": [' + ",".join([
-        ev(f"ok-{tag}"), ev(f"bad-{tag}-\ud800"), ev(f"bad2-{tag}", project="p\udfff"), ev(f"ok2-{tag}")]) + "]}"
-    r = stack.http.post("/v1/events", headers={**stack.admin, "Content-Type": "application/json"},
-                        content=body.encode("ascii"))  # fmt: skip
+    body = (
+        '{"events": ['
+        + ",".join([ev(f"ok-{tag}"), ev(f"bad-{tag}-\ud800"), ev(f"bad2-{tag}", project="p\udfff"), ev(f"ok2-{tag}")])
+        + "]}"
+    )
+    r = stack.http.post(
+        "/v1/events", headers={**stack.admin, "Content-Type": "application/json"}, content=body.encode("ascii")
+    )
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["status"] for x in results] == ["accepted", "rejected", "rejected", "accepted"], results
@@ -36,8 +48,8 @@ def test_lone_surrogates_are_rejected_and_the_answer_encodes(stack: Stack) -> No
     assert results[1]["event_id"].startswith(f"bad-{tag}-")  # shown escaped, not dropped
 
     # The SDK refuses the same input with the same reason instead of failing inside Avro encoding.
-    from meterline.errors import InvalidEvent
-    from schemas.producer import UsageProducer
+    from meterline.core.errors import InvalidEvent
+    from meterline.stack.producer import UsageProducer
 
     with UsageProducer(stack.settings.kafka_bootstrap or "", stack.settings.topic("usage-events")) as producer:
         with pytest.raises(InvalidEvent) as info:

@@ -26,11 +26,19 @@ def _refused(r: httpx.Response, code: str) -> str:
 
 def test_dollar_quoted_into_outfile_and_multi_statements_are_refused(stack: Stack, tmp_path: Path) -> None:
     target = tmp_path / "evil.pth"
-    pth = "SELECT l FROM (SELECT $$'$$ AS z, $$\nimport os; os.system('true')\n$$ AS l) INTO OUTFILE '" + str(target) + "' --'"
+    pth = (
+        "SELECT l FROM (SELECT $$'$$ AS z, $$\nimport os; os.system('true')\n$$ AS l) INTO OUTFILE '"
+        + str(target)
+        + "' --'"
+    )
     assert "INTO OUTFILE" in _refused(_sql(stack, pth), "sql_not_readonly")
     assert not target.exists()
-    for variant in (f"SELECT 1 INTO OUTFILE '{target}'", f"(SELECT 1) INTO OUTFILE '{target}' FORMAT CSV",
-                    f"WITH 1 AS x SELECT x INTO OUTFILE '{target}' APPEND", f"EXPLAIN SELECT 1 INTO OUTFILE '{target}'"):
+    for variant in (
+        f"SELECT 1 INTO OUTFILE '{target}'",
+        f"(SELECT 1) INTO OUTFILE '{target}' FORMAT CSV",
+        f"WITH 1 AS x SELECT x INTO OUTFILE '{target}' APPEND",
+        f"EXPLAIN SELECT 1 INTO OUTFILE '{target}'",
+    ):
         _refused(_sql(stack, variant), "sql_not_readonly")
     assert not target.exists()
 

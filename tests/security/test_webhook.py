@@ -22,20 +22,30 @@ pytestmark = pytest.mark.broker
 PATH = "/v1/stripe/webhook"
 
 
-def _checkout(customer: str, *, paid_cents: int, metadata: dict[str, Any] | None = None,
-              currency: str = "usd") -> dict[str, Any]:  # fmt: skip
-    return {"id": f"evt_{uuid.uuid4().hex[:16]}", "object": "event", "type": "checkout.session.completed",
-            "created": int(time.time()),
-            "data": {"object": {"object": "checkout.session", "payment_status": "paid", "currency": currency,
-                                "amount_total": paid_cents,
-                                "metadata": {"customer_id": customer, **(metadata or {})}}}}  # fmt: skip
+def _checkout(
+    customer: str, *, paid_cents: int, metadata: dict[str, Any] | None = None, currency: str = "usd"
+) -> dict[str, Any]:
+    return {
+        "id": f"evt_{uuid.uuid4().hex[:16]}",
+        "object": "event",
+        "type": "checkout.session.completed",
+        "created": int(time.time()),
+        "data": {
+            "object": {
+                "object": "checkout.session",
+                "payment_status": "paid",
+                "currency": currency,
+                "amount_total": paid_cents,
+                "metadata": {"customer_id": customer, **(metadata or {})},
+            }
+        },
+    }
 
 
 def _post(stack: Stack, event: dict[str, Any], ts: int | None = None) -> httpx.Response:
     body = json.dumps(event)
     header = stripe.WebhookSignature.generate_signature_header(body, STRIPE_SECRET, ts)
-    return stack.http.post(PATH, content=body, headers={"Stripe-Signature": header,
-                                                         "Content-Type": "application/json"})  # fmt: skip
+    return stack.http.post(PATH, content=body, headers={"Stripe-Signature": header, "Content-Type": "application/json"})
 
 
 def _available(stack: Stack, customer: str) -> Decimal | None:
@@ -90,14 +100,25 @@ def test_webhook_body_is_bounded_before_it_is_read_whole(stack: Stack) -> None:
 def test_an_alert_whose_id_cannot_be_sent_does_not_hold_up_the_others(stack: Stack) -> None:
     tag = uuid.uuid4().hex[:6]
     now = int(time.time() * 1000)
-    bad = {"alert_id": f"evil-{tag}\r\nX-Injected: 1", "customer_id": "acme", "kind": "credit_used",
-           "message": "bad", "at_ms": now}  # fmt: skip
+    bad = {
+        "alert_id": f"evil-{tag}\r\nX-Injected: 1",
+        "customer_id": "acme",
+        "kind": "credit_used",
+        "message": "bad",
+        "at_ms": now,
+    }
     good = {"alert_id": f"good-{tag}", "customer_id": "acme", "kind": "credit_used", "message": "ok", "at_ms": now}
     # Same key, so the same partition: the good alert is behind the bad one.
-    publish_records(stack.settings.kafka_bootstrap or "", stack.settings.topic("alerts"),
-                    [("acme", json.dumps(bad).encode()), ("acme", json.dumps(good).encode())])  # fmt: skip
-    delivered = wait_for("the good alert at the receiver", lambda: [
-        h for h, body in stack.receiver.deliveries if body.get("alert_id") == good["alert_id"]], timeout=60)
+    publish_records(
+        stack.settings.kafka_bootstrap or "",
+        stack.settings.topic("alerts"),
+        [("acme", json.dumps(bad).encode()), ("acme", json.dumps(good).encode())],
+    )
+    delivered = wait_for(
+        "the good alert at the receiver",
+        lambda: [h for h, body in stack.receiver.deliveries if body.get("alert_id") == good["alert_id"]],
+        timeout=60,
+    )
     assert delivered[0]["meterline-alert-id"] == good["alert_id"]
     assert not [b for _, b in stack.receiver.deliveries if str(b.get("alert_id", "")).startswith(f"evil-{tag}")]
     assert all("x-injected" not in h for h, _ in stack.receiver.deliveries)

@@ -7,8 +7,16 @@ from pathlib import Path
 from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CHARTS = ("candidates", "periods", "utilisation", "break_even")
 
 
@@ -34,7 +42,9 @@ def check_report(html: Path, doc: dict[str, Any]) -> None:
                     assert box is not None and box["width"] > 100 and box["height"] > 100
                 # bill per candidate: one drawn bar per candidate, carrying the JSON total
                 bars = sec.locator('svg[data-chart="candidates"] rect.bar')
-                assert bars.evaluate_all("els => els.map(e => e.getAttribute('data-value'))") == [x["total"] for x in c["candidates"]]
+                assert bars.evaluate_all("els => els.map(e => e.getAttribute('data-value'))") == [
+                    x["total"] for x in c["candidates"]
+                ]
                 heights = bars.evaluate_all("els => els.map(e => e.getBBox().height)")
                 assert all(h > 0 for h in heights)
                 # the table says the same
@@ -43,21 +53,31 @@ def check_report(html: Path, doc: dict[str, Any]) -> None:
                 assert sec.locator(".cheapest-name").inner_text() == c["cheapest"]
                 # bill per period: one point per candidate and period
                 pts = sec.locator('svg[data-chart="periods"] circle.point').evaluate_all(
-                    "els => els.map(e => e.getAttribute('data-value'))")
+                    "els => els.map(e => e.getAttribute('data-value'))"
+                )
                 assert pts == [p["total"] for x in c["candidates"] for p in x["periods"]]
                 # utilisation bars = the JSON's percentages
                 util = sec.locator('svg[data-chart="utilisation"] rect.bar').evaluate_all(
-                    "els => els.map(e => e.getAttribute('data-value'))")
-                assert util == [a["utilisation_pct"] for x in c["candidates"] for a in x["allowances"] if a["utilisation_pct"] is not None]
+                    "els => els.map(e => e.getAttribute('data-value'))"
+                )
+                assert util == [
+                    a["utilisation_pct"]
+                    for x in c["candidates"]
+                    for a in x["allowances"]
+                    if a["utilisation_pct"] is not None
+                ]
                 # break-even: a curve per candidate, a mark per exact crossing
                 series = sec.locator('svg[data-chart="break_even"] polyline.series').count()
                 assert series == len(c["curves"]["series"]) and series >= 2
                 marks = sec.locator('svg[data-chart="break_even"] line.mark').evaluate_all(
-                    "els => els.map(e => e.getAttribute('data-x'))")
+                    "els => els.map(e => e.getAttribute('data-x'))"
+                )
                 assert marks == [v["tokens"] for p in c["break_even"] for v in p["volumes"]]
             for k in doc["cohorts"]:
                 for a in k["against"]:
-                    cell = page.locator(f'tr[data-cohort="{k["plan"]}"][data-against="{a["plan"]}"] td[data-field="revenue"]')
+                    cell = page.locator(
+                        f'tr[data-cohort="{k["plan"]}"][data-against="{a["plan"]}"] td[data-field="revenue"]'
+                    )
                     assert cell.inner_text() == a["revenue"]
         finally:
             browser.close()

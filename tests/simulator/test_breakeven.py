@@ -1,6 +1,6 @@
 """Break-even curves are exact and agree with billing's rating at every volume.
 
-The curve of a plan is an analysis of the same rules as :func:`meterline.plans.rate_period`; here
+The curve of a plan is an analysis of the same rules as :func:`meterline.core.plans.rate_period`; here
 it is checked against rate_period itself (for one full period) at many volumes and every plan
 shape, and the issue's own example is checked to the exact rational."""
 
@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import InputError
-from meterline.plans import Usage, rate_period
-from meterline.simulator import crossings, fraction_json, mix_of, payg_curve, plan_curve
-from meterline.simulator._routing import load_routing
+from meterline.core.errors import InputError
+from meterline.core.plans import Usage, rate_period
+from meterline.core.simulator import crossings, fraction_json, mix_of, payg_curve, plan_curve
+from meterline.core.simulator._routing import load_routing
 from tests.plans.helpers import catalog, plan, subscribed
 
 PER_TOKEN = 3_000_000  # $3 per million tokens, in picos per token
@@ -23,18 +23,63 @@ PER_TOKEN = 3_000_000  # $3 per million tokens, in picos per token
 SHAPES = {
     "flat": plan(id="flat", fee="25", allowances=[], overage={"per_million": "0"}),
     "included": plan(id="included", fee="20", allowances=[{"id": "t", "tokens": 1000}], overage={"per_million": "30"}),
-    "graduated": plan(id="graduated", fee="0", allowances=[], overage={"tiers": {"mode": "graduated", "unit": "tokens", "steps": [
-        {"up_to": 500, "per_million": "10"}, {"up_to": 2000, "per_million": "5"}, {"up_to": None, "per_million": "2"}]}}),
-    "volume": plan(id="volume", fee="1", allowances=[{"id": "t", "tokens": 100}], overage={"tiers": {"mode": "volume", "unit": "tokens", "steps": [
-        {"up_to": 500, "per_million": "10"}, {"up_to": None, "per_million": "4"}]}}),
-    "commitment": plan(id="commitment", fee="0", allowances=[], overage={"rate_card": {"multiplier": "1.5"}}, minimum_commitment="0.01"),
-    "capped": plan(id="capped", fee="5", allowances=[{"id": "t", "tokens": 300}], overage={"per_million": "40"},
-                   on_exhausted="cap", cap="0.02"),
-    "blocked": plan(id="blocked", fee="5", allowances=[{"id": "t", "tokens": 300}], overage={"per_million": "40"}, on_exhausted="block"),
-    "amount": plan(id="amount", fee="2", allowances=[{"id": "a", "amount": "0.001"}], overage={"rate_card": {"multiplier": "1.2"}}),
-    "scoped": plan(id="scoped", fee="3", allowances=[{"id": "in", "tokens": 400, "token_classes": ["input"]}],
-                   overage={"per_million": "20"}, minimum_commitment="3.01"),
-}  # fmt: skip
+    "graduated": plan(
+        id="graduated",
+        fee="0",
+        allowances=[],
+        overage={
+            "tiers": {
+                "mode": "graduated",
+                "unit": "tokens",
+                "steps": [
+                    {"up_to": 500, "per_million": "10"},
+                    {"up_to": 2000, "per_million": "5"},
+                    {"up_to": None, "per_million": "2"},
+                ],
+            }
+        },
+    ),
+    "volume": plan(
+        id="volume",
+        fee="1",
+        allowances=[{"id": "t", "tokens": 100}],
+        overage={
+            "tiers": {
+                "mode": "volume",
+                "unit": "tokens",
+                "steps": [{"up_to": 500, "per_million": "10"}, {"up_to": None, "per_million": "4"}],
+            }
+        },
+    ),
+    "commitment": plan(
+        id="commitment", fee="0", allowances=[], overage={"rate_card": {"multiplier": "1.5"}}, minimum_commitment="0.01"
+    ),
+    "capped": plan(
+        id="capped",
+        fee="5",
+        allowances=[{"id": "t", "tokens": 300}],
+        overage={"per_million": "40"},
+        on_exhausted="cap",
+        cap="0.02",
+    ),
+    "blocked": plan(
+        id="blocked",
+        fee="5",
+        allowances=[{"id": "t", "tokens": 300}],
+        overage={"per_million": "40"},
+        on_exhausted="block",
+    ),
+    "amount": plan(
+        id="amount", fee="2", allowances=[{"id": "a", "amount": "0.001"}], overage={"rate_card": {"multiplier": "1.2"}}
+    ),
+    "scoped": plan(
+        id="scoped",
+        fee="3",
+        allowances=[{"id": "in", "tokens": 400, "token_classes": ["input"]}],
+        overage={"per_million": "20"},
+        minimum_commitment="3.01",
+    ),
+}
 
 
 def _bill(shape: str, usage: Usage) -> int:
@@ -76,15 +121,33 @@ def test_volume_tier_jump_counts_as_a_crossing() -> None:
 
 
 def test_routing_file_is_validated() -> None:
-    ok = load_routing({"routes": [{"from": {"provider": "a", "model": "big"}, "to": {"provider": "a", "model": "small"}, "under_tokens": 10}]})
+    ok = load_routing(
+        {
+            "routes": [
+                {
+                    "from": {"provider": "a", "model": "big"},
+                    "to": {"provider": "a", "model": "small"},
+                    "under_tokens": 10,
+                }
+            ]
+        }
+    )
     assert ok[0].under_tokens == 10
     for bad in (
         {"routes": []},
         {"routes": [{"from": {"provider": "a", "model": "big"}, "to": {"provider": "a", "model": "big"}}]},
-        {"routes": [{"from": {"provider": "a", "model": "x"}, "to": {"provider": "a", "model": "y"}, "under_tokens": 0}]},
+        {
+            "routes": [
+                {"from": {"provider": "a", "model": "x"}, "to": {"provider": "a", "model": "y"}, "under_tokens": 0}
+            ]
+        },
         {"routes": [{"from": {"provider": "a", "model": "x"}, "to": {"provider": "a", "model": "y"}, "extra": 1}]},
-        {"routes": [{"from": {"provider": "a", "model": "x"}, "to": {"provider": "a", "model": "y"}},
-                    {"from": {"provider": "a", "model": "x"}, "to": {"provider": "a", "model": "z"}}]},
-    ):  # fmt: skip
+        {
+            "routes": [
+                {"from": {"provider": "a", "model": "x"}, "to": {"provider": "a", "model": "y"}},
+                {"from": {"provider": "a", "model": "x"}, "to": {"provider": "a", "model": "z"}},
+            ]
+        },
+    ):
         with pytest.raises(InputError):
             load_routing(bad)

@@ -1,6 +1,6 @@
 """The plan simulator on usage produced through the real pipeline (Tansu, faust pricing worker,
 sink, chDB). Every expected figure is computed here with plain Decimal arithmetic from the events
-this test sends and the plan/price numbers written below, independently of meterline.plans.
+this test sends and the plan/price numbers written below, independently of meterline.core.plans.
 
 Then the installed ``meterline`` command is run as a subprocess on a copy of the same data (chDB
 allows one engine per process): ``plans simulate`` must agree with the in-process run, and the
@@ -26,9 +26,9 @@ import pytest
 
 from jobs.plans.billing import bill_preview
 from jobs.plans.simulate import simulate
-from meterline.cli_simulate import load_price_engine
-from meterline.plans import SubscriptionEvent, load_plan_catalog, parse_instant
-from meterline.simulator._routing import load_routing
+from meterline.core.plans import SubscriptionEvent, load_plan_catalog, parse_instant
+from meterline.core.simulator._routing import load_routing
+from meterline.shell.cli_simulate import load_price_engine
 from pipeline.plans_sink import PLAN_COLUMNS, SUBSCRIPTION_COLUMNS, plan_row, subscription_row
 from schemas.models import UsageEvent
 
@@ -41,40 +41,100 @@ M = Decimal(1_000_000)
 PRICES = {
     "currency": "USD",
     "prices": [
-        {"provider": "openai", "model": "gpt-4o", "effective_from": "2024-01-01T00:00:00Z",
-         "per_million": {"input": "5.00", "output": "15.00"}},
-        {"provider": "anthropic", "model": "claude-3-opus", "effective_from": "2024-01-01T00:00:00Z",
-         "per_million": {"input": "15.00", "output": "75.00"}},
-        {"provider": "anthropic", "model": "claude-3-haiku", "effective_from": "2024-01-01T00:00:00Z",
-         "per_million": {"input": "0.25", "output": "1.25"}},
+        {
+            "provider": "openai",
+            "model": "gpt-4o",
+            "effective_from": "2024-01-01T00:00:00Z",
+            "per_million": {"input": "5.00", "output": "15.00"},
+        },
+        {
+            "provider": "anthropic",
+            "model": "claude-3-opus",
+            "effective_from": "2024-01-01T00:00:00Z",
+            "per_million": {"input": "15.00", "output": "75.00"},
+        },
+        {
+            "provider": "anthropic",
+            "model": "claude-3-haiku",
+            "effective_from": "2024-01-01T00:00:00Z",
+            "per_million": {"input": "0.25", "output": "1.25"},
+        },
         # the substitute's price doubles on 1 February: routed January events keep the old price
-        {"provider": "anthropic", "model": "claude-3-haiku", "effective_from": "2026-02-01T00:00:00Z",
-         "per_million": {"input": "0.50", "output": "2.50"}},
+        {
+            "provider": "anthropic",
+            "model": "claude-3-haiku",
+            "effective_from": "2026-02-01T00:00:00Z",
+            "per_million": {"input": "0.50", "output": "2.50"},
+        },
     ],
     "rate_cards": [{"customer_id": "*", "markup_pct": "0"}, {"customer_id": "sim-b", "markup_pct": "20"}],
-}  # fmt: skip
-RATES = {("openai", "gpt-4o"): [("2024-01-01", "5.00", "15.00")],
-         ("anthropic", "claude-3-opus"): [("2024-01-01", "15.00", "75.00")],
-         ("anthropic", "claude-3-haiku"): [("2024-01-01", "0.25", "1.25"), ("2026-02-01", "0.50", "2.50")]}  # fmt: skip
+}
+RATES = {
+    ("openai", "gpt-4o"): [("2024-01-01", "5.00", "15.00")],
+    ("anthropic", "claude-3-opus"): [("2024-01-01", "15.00", "75.00")],
+    ("anthropic", "claude-3-haiku"): [("2024-01-01", "0.25", "1.25"), ("2026-02-01", "0.50", "2.50")],
+}
 MARKUP = {"sim-b": Decimal("1.2")}
 
 PLANS = {
     "currency": "USD",
     "plans": [
-        {"id": "incl", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "20.00",
-         "allowances": [{"id": "tokens", "tokens": 100000}], "overage": {"per_million": "30"}},
-        {"id": "flat", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "25",
-         "overage": {"per_million": "0"}},
-        {"id": "grad", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "0",
-         "overage": {"tiers": {"mode": "graduated", "unit": "tokens",
-                               "steps": [{"up_to": 50000, "per_million": "10"}, {"up_to": None, "per_million": "5"}]}}},
-        {"id": "vol", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "0",
-         "overage": {"tiers": {"mode": "volume", "unit": "tokens",
-                               "steps": [{"up_to": 50000, "per_million": "10"}, {"up_to": None, "per_million": "5"}]}}},
-        {"id": "commit", "version": 1, "effective_from": "2025-01-01T00:00:00Z", "interval": "month", "fee": "0",
-         "overage": {"rate_card": {"multiplier": "1.0"}}, "minimum_commitment": "3.00"},
+        {
+            "id": "incl",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "20.00",
+            "allowances": [{"id": "tokens", "tokens": 100000}],
+            "overage": {"per_million": "30"},
+        },
+        {
+            "id": "flat",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "25",
+            "overage": {"per_million": "0"},
+        },
+        {
+            "id": "grad",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "0",
+            "overage": {
+                "tiers": {
+                    "mode": "graduated",
+                    "unit": "tokens",
+                    "steps": [{"up_to": 50000, "per_million": "10"}, {"up_to": None, "per_million": "5"}],
+                }
+            },
+        },
+        {
+            "id": "vol",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "0",
+            "overage": {
+                "tiers": {
+                    "mode": "volume",
+                    "unit": "tokens",
+                    "steps": [{"up_to": 50000, "per_million": "10"}, {"up_to": None, "per_million": "5"}],
+                }
+            },
+        },
+        {
+            "id": "commit",
+            "version": 1,
+            "effective_from": "2025-01-01T00:00:00Z",
+            "interval": "month",
+            "fee": "0",
+            "overage": {"rate_card": {"multiplier": "1.0"}},
+            "minimum_commitment": "3.00",
+        },
     ],
-}  # fmt: skip
+}
 
 
 def expected_plan(plan: str, tokens: int, charge: Decimal) -> Decimal:
@@ -115,8 +175,17 @@ def make_events() -> list[UsageEvent]:
     out = []
 
     def ev(cust: str, model: tuple[str, str], at: datetime, i: int, o: int) -> None:
-        out.append(UsageEvent(event_id=str(uuid.uuid4()), occurred_at=at, customer_id=cust, provider=model[0],
-                              model=model[1], input_tokens=i, output_tokens=o))  # fmt: skip
+        out.append(
+            UsageEvent(
+                event_id=str(uuid.uuid4()),
+                occurred_at=at,
+                customer_id=cust,
+                provider=model[0],
+                model=model[1],
+                input_tokens=i,
+                output_tokens=o,
+            )
+        )
 
     jan, feb = datetime(2026, 1, 3, tzinfo=UTC), datetime(2026, 2, 3, tzinfo=UTC)
     gpt, opus = ("openai", "gpt-4o"), ("anthropic", "claude-3-opus")
@@ -127,7 +196,13 @@ def make_events() -> list[UsageEvent]:
     for k in range(12):  # sim-b: opus, small requests (routed) and big ones (not routed), both months
         for base in (jan, feb):
             small = k % 2 == 0
-            ev("sim-b", opus, base + timedelta(hours=3 * k, minutes=k), 900 + k if small else 30000 + k, 400 if small else 9000)
+            ev(
+                "sim-b",
+                opus,
+                base + timedelta(hours=3 * k, minutes=k),
+                900 + k if small else 30000 + k,
+                400 if small else 9000,
+            )
     return out
 
 
@@ -146,13 +221,27 @@ def test_simulator_on_produced_usage(pipeline: Any, tmp_path: Path) -> None:
     pipeline.wait_priced(len(events), timeout=180)
 
     catalog = load_plan_catalog(PLANS)
-    land_plans(pipeline.ch, catalog,
-               [SubscriptionEvent("subscribed", "sim-a", parse_instant("2026-01-01T00:00:00Z", where="t"), "incl", 1)])  # fmt: skip
+    land_plans(
+        pipeline.ch,
+        catalog,
+        [SubscriptionEvent("subscribed", "sim-a", parse_instant("2026-01-01T00:00:00Z", where="t"), "incl", 1)],
+    )
     candidates = list(catalog.versions)  # a plan file's versions, in the catalog's order (as the CLI takes them)
-    routes = load_routing({"routes": [{"from": {"provider": "anthropic", "model": "claude-3-opus"},
-                                       "to": {"provider": "anthropic", "model": "claude-3-haiku"}, "under_tokens": 2000}]})  # fmt: skip
+    routes = load_routing(
+        {
+            "routes": [
+                {
+                    "from": {"provider": "anthropic", "model": "claude-3-opus"},
+                    "to": {"provider": "anthropic", "model": "claude-3-haiku"},
+                    "under_tokens": 2000,
+                }
+            ]
+        }
+    )
     engine, versions = load_price_engine(pipeline.settings.kafka_bootstrap, pipeline.settings.topic_prefix)
-    doc = simulate(pipeline.ch, "2026-01..2026-02", candidates, routes=routes, price_engine=engine, substitute_versions=versions)
+    doc = simulate(
+        pipeline.ch, "2026-01..2026-02", candidates, routes=routes, price_engine=engine, substitute_versions=versions
+    )
 
     # ---- the independent oracle: per customer and month, tokens and charge; then each plan by hand
     months = ["2026-01", "2026-02"]
@@ -208,8 +297,11 @@ def test_simulator_on_produced_usage(pipeline: Any, tmp_path: Path) -> None:
     r = {c["customer_id"]: c for c in doc["routing"]["customers"]}
     assert Decimal(r["sim-b"]["savings"]) == saved["sim-b"] and saved["sim-b"] > 0
     assert len(r["sim-b"]["by_model"][0]["substitute_price_versions"]) == 2  # both haiku prices were used
-    flat_price = sum((charge_of(e) - (e.input_tokens * Decimal("0.25") + e.output_tokens * Decimal("1.25")) / M * Decimal("1.2"))
-                     for e in events if e.model == "claude-3-opus" and e.input_tokens + e.output_tokens < 2000)  # fmt: skip
+    flat_price = sum(
+        (charge_of(e) - (e.input_tokens * Decimal("0.25") + e.output_tokens * Decimal("1.25")) / M * Decimal("1.2"))
+        for e in events
+        if e.model == "claude-3-opus" and e.input_tokens + e.output_tokens < 2000
+    )
     assert Decimal(r["sim-b"]["savings"]) != flat_price  # today's-price-for-all would be wrong
 
     # ---- cohort view adds up
@@ -249,7 +341,9 @@ def _copy_engine(ch: Any, dst: Path) -> str:
 
 
 def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(BIN / "meterline"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [str(BIN / "meterline"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -262,37 +356,122 @@ def _cli_checks(pipeline: Any, tmp_path: Path, doc: dict[str, Any]) -> None:
     env.update({"METERLINE_CLICKHOUSE_DSN": dsn, "METERLINE_DATA_DIR": str(work / "data")})
     plans_file = work / "plans.json"
     plans_file.write_text(json.dumps({"currency": "USD", "plans": [p for p in PLANS["plans"]]}))
-    out = json.loads(_run(["plans", "simulate", "--period", "2026-01..2026-02", "--all", "--plans", str(plans_file),
-                           "--format", "json"], env, work).stdout)  # fmt: skip
+    out = json.loads(
+        _run(
+            [
+                "plans",
+                "simulate",
+                "--period",
+                "2026-01..2026-02",
+                "--all",
+                "--plans",
+                str(plans_file),
+                "--format",
+                "json",
+            ],
+            env,
+            work,
+        ).stdout
+    )
     strip = lambda d: [{k: v for k, v in c.items() if k != "routing"} for c in d["customers"]]  # noqa: E731
     assert strip(out) == strip(doc)
     assert out["cohorts"] == doc["cohorts"]
     sim_a = next(c for c in out["customers"] if c["customer_id"] == "sim-a")
     cur = next(x for x in sim_a["candidates"] if x["role"] == "current")
     for p in cur["periods"]:
-        preview = json.loads(_run(["bill", "preview", "sim-a", "--period", p["period"], "--format", "json"], env, work).stdout)
+        preview = json.loads(
+            _run(["bill", "preview", "sim-a", "--period", p["period"], "--format", "json"], env, work).stdout
+        )
         assert preview["total"] == p["total"]
     # ids from the published catalog work too, and one customer alone gives the same figures
-    one = json.loads(_run(["plans", "simulate", "--period", "2026-01..2026-02", "--customer", "sim-b", "--plans", "flat,grad@1",
-                           "--format", "json"], env, work).stdout)  # fmt: skip
-    full_b = {x["plan"]: x["total"] for x in next(c for c in doc["customers"] if c["customer_id"] == "sim-b")["candidates"]}
-    assert {x["plan"]: x["total"] for x in one["customers"][0]["candidates"]} == {k: full_b[k] for k in ("payg", "flat@1", "grad@1")}
+    one = json.loads(
+        _run(
+            [
+                "plans",
+                "simulate",
+                "--period",
+                "2026-01..2026-02",
+                "--customer",
+                "sim-b",
+                "--plans",
+                "flat,grad@1",
+                "--format",
+                "json",
+            ],
+            env,
+            work,
+        ).stdout
+    )
+    full_b = {
+        x["plan"]: x["total"] for x in next(c for c in doc["customers"] if c["customer_id"] == "sim-b")["candidates"]
+    }
+    assert {x["plan"]: x["total"] for x in one["customers"][0]["candidates"]} == {
+        k: full_b[k] for k in ("payg", "flat@1", "grad@1")
+    }
     # the routing what-if from the command line reads the prices topic of the running pipeline
     routing = work / "routing.yaml"
-    routing.write_text("routes:\n  - from: {provider: anthropic, model: claude-3-opus}\n"
-                       "    to: {provider: anthropic, model: claude-3-haiku}\n    under_tokens: 2000\n")  # fmt: skip
-    renv = {**env, "METERLINE_KAFKA_BOOTSTRAP": pipeline.settings.kafka_bootstrap, "METERLINE_TOPIC_PREFIX": pipeline.settings.topic_prefix}
-    routed = json.loads(_run(["plans", "simulate", "--period", "2026-01..2026-02", "--customer", "sim-b", "--plans", "flat",
-                              "--routing", str(routing), "--format", "json"], renv, work).stdout)  # fmt: skip
-    assert routed["customers"][0]["routing"]["savings"] == next(c for c in doc["routing"]["customers"] if c["customer_id"] == "sim-b")["savings"]
+    routing.write_text(
+        "routes:\n  - from: {provider: anthropic, model: claude-3-opus}\n"
+        "    to: {provider: anthropic, model: claude-3-haiku}\n    under_tokens: 2000\n"
+    )
+    renv = {
+        **env,
+        "METERLINE_KAFKA_BOOTSTRAP": pipeline.settings.kafka_bootstrap,
+        "METERLINE_TOPIC_PREFIX": pipeline.settings.topic_prefix,
+    }
+    routed = json.loads(
+        _run(
+            [
+                "plans",
+                "simulate",
+                "--period",
+                "2026-01..2026-02",
+                "--customer",
+                "sim-b",
+                "--plans",
+                "flat",
+                "--routing",
+                str(routing),
+                "--format",
+                "json",
+            ],
+            renv,
+            work,
+        ).stdout
+    )
+    assert (
+        routed["customers"][0]["routing"]["savings"]
+        == next(c for c in doc["routing"]["customers"] if c["customer_id"] == "sim-b")["savings"]
+    )
     # a bad period is a clear usage error, not a traceback
-    bad = subprocess.run([str(BIN / "meterline"), "plans", "simulate", "--period", "2026-13", "--all", "--plans", "flat"],
-                         env=env, cwd=work, capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [str(BIN / "meterline"), "plans", "simulate", "--period", "2026-13", "--all", "--plans", "flat"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "bad period" in bad.stderr and "Traceback" not in bad.stderr
 
     html = work / "report.html"
-    _run(["plans", "simulate", "--period", "2026-01..2026-02", "--all", "--plans", str(plans_file), "--format", "html",
-          "--out", str(html)], env, work)  # fmt: skip
+    _run(
+        [
+            "plans",
+            "simulate",
+            "--period",
+            "2026-01..2026-02",
+            "--all",
+            "--plans",
+            str(plans_file),
+            "--format",
+            "html",
+            "--out",
+            str(html),
+        ],
+        env,
+        work,
+    )
     from tests.simulator.browser import check_report
 
     check_report(html, out)

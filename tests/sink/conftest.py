@@ -32,5 +32,3 @@ def make_sink(kafka_bootstrap: str, topics: dict[str, str], clickhouse: Any) -> 
     yield make
     for sink in reversed(made):
         sink.close()
-
-

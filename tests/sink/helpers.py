@@ -23,43 +23,47 @@ MODELS = (("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude
 PROJECTS = ("search", "chat", None)
 
 
-def make_events(n: int, *, seed: int = 7, customers: int = 5, days: int = 3, prefix: str = "ev") -> list[dict[str, Any]]:
+def make_events(
+    n: int, *, seed: int = 7, customers: int = 5, days: int = 3, prefix: str = "ev"
+) -> list[dict[str, Any]]:
     """``n`` PricedUsage records with awkward exact prices (odd picos, 12 significant decimals)."""
     rnd = random.Random(seed)
     out = []
     for i in range(n):
         provider, model = MODELS[rnd.randrange(len(MODELS))]
         cost = rnd.randrange(1, 10**13)  # up to 10 currency units, every pico digit used
-        out.append({
-            "event_id": f"{prefix}-{i:06d}",
-            "occurred_at": BASE_MS + rnd.randrange(days * DAY_MS),
-            "customer_id": f"cust-{rnd.randrange(customers)}",
-            "api_key_id": None if i % 3 else f"key-{i % 7}",
-            "project": PROJECTS[i % len(PROJECTS)],
-            "feature": "summarize" if i % 2 else None,
-            "user_id": None,
-            "session_id": None,
-            "gateway": "litellm",
-            "provider": provider,
-            "model": model,
-            "model_version": None,
-            "request_id": None,
-            "input_tokens": rnd.randrange(0, 100_000),
-            "output_tokens": rnd.randrange(0, 10_000),
-            "cached_input_tokens": rnd.randrange(0, 50_000),
-            "cache_write_tokens": rnd.randrange(0, 1_000),
-            "reasoning_tokens": rnd.randrange(0, 5_000),
-            "requests": 1,
-            "labels": {},
-            "cost_picos": cost,
-            "charge_picos": cost + cost // 5 + rnd.randrange(0, 7),  # ~20 % markup, not a round number
-            "currency": "usd",
-            "price_version": "pv-2026-01",
-            "rate_card": "default",
-            "priced_at": BASE_MS + days * DAY_MS + i,
-            "source_partition": i % 4,
-            "source_offset": i,
-        })  # fmt: skip
+        out.append(
+            {
+                "event_id": f"{prefix}-{i:06d}",
+                "occurred_at": BASE_MS + rnd.randrange(days * DAY_MS),
+                "customer_id": f"cust-{rnd.randrange(customers)}",
+                "api_key_id": None if i % 3 else f"key-{i % 7}",
+                "project": PROJECTS[i % len(PROJECTS)],
+                "feature": "summarize" if i % 2 else None,
+                "user_id": None,
+                "session_id": None,
+                "gateway": "litellm",
+                "provider": provider,
+                "model": model,
+                "model_version": None,
+                "request_id": None,
+                "input_tokens": rnd.randrange(0, 100_000),
+                "output_tokens": rnd.randrange(0, 10_000),
+                "cached_input_tokens": rnd.randrange(0, 50_000),
+                "cache_write_tokens": rnd.randrange(0, 1_000),
+                "reasoning_tokens": rnd.randrange(0, 5_000),
+                "requests": 1,
+                "labels": {},
+                "cost_picos": cost,
+                "charge_picos": cost + cost // 5 + rnd.randrange(0, 7),  # ~20 % markup, not a round number
+                "currency": "usd",
+                "price_version": "pv-2026-01",
+                "rate_card": "default",
+                "priced_at": BASE_MS + days * DAY_MS + i,
+                "source_partition": i % 4,
+                "source_offset": i,
+            }
+        )
     return out
 
 

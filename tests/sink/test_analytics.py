@@ -1,18 +1,18 @@
-"""meterline.analytics: read-only SQL against the real embedded engine, exact formatting."""
+"""meterline.stack.analytics: read-only SQL against the real embedded engine, exact formatting."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from meterline.analytics import check_readonly_sql, format_result, run_readonly
-from meterline.errors import InputError
+from meterline.core.errors import InputError
+from meterline.stack.analytics import check_readonly_sql, format_result, run_readonly
 from pipeline.sink import PRICED_COLUMNS, priced_row
 from tests.sink.helpers import make_events, picos, scalar
 
@@ -20,37 +20,38 @@ from tests.sink.helpers import make_events, picos, scalar
 @pytest.fixture
 def seeded(clickhouse):
     events = make_events(40, seed=1)
-    clickhouse.insert("usage_priced", [priced_row(e, partition=0, offset=0) for e in events],
-                      column_names=PRICED_COLUMNS)  # fmt: skip
+    clickhouse.insert(
+        "usage_priced", [priced_row(e, partition=0, offset=0) for e in events], column_names=PRICED_COLUMNS
+    )
     return events
 
 
 REFUSED = [
-        "INSERT INTO usage_priced (event_id, customer_id) VALUES ('x', 'y')",
-        "DROP TABLE usage_priced",
-        "ALTER TABLE usage_priced DELETE WHERE 1",
-        "CREATE TABLE evil (a Int8) ENGINE = Memory",
-        "TRUNCATE TABLE usage_priced",
-        "OPTIMIZE TABLE usage_priced FINAL",
-        "SET readonly = 0",
-        "KILL QUERY WHERE 1",
-        "SYSTEM FLUSH LOGS",
-        "SELECT 1; DROP TABLE usage_priced",
-        "SELECT 1; SELECT 2",
-        "SELECT * FROM usage_priced INTO OUTFILE '/tmp/meterline-outfile-test.csv'",
-        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
-        "SELECT * FROM url('http://127.0.0.1:9/x', 'CSV', 'a String')",
-        "INSERT INTO FUNCTION file('/tmp/meterline-w.csv', 'CSV') SELECT 1",
-        "SELECT 'unterminated",
-        "",
-        "   -- only a comment",
+    "INSERT INTO usage_priced (event_id, customer_id) VALUES ('x', 'y')",
+    "DROP TABLE usage_priced",
+    "ALTER TABLE usage_priced DELETE WHERE 1",
+    "CREATE TABLE evil (a Int8) ENGINE = Memory",
+    "TRUNCATE TABLE usage_priced",
+    "OPTIMIZE TABLE usage_priced FINAL",
+    "SET readonly = 0",
+    "KILL QUERY WHERE 1",
+    "SYSTEM FLUSH LOGS",
+    "SELECT 1; DROP TABLE usage_priced",
+    "SELECT 1; SELECT 2",
+    "SELECT * FROM usage_priced INTO OUTFILE '/tmp/meterline-outfile-test.csv'",
+    "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+    "SELECT * FROM url('http://127.0.0.1:9/x', 'CSV', 'a String')",
+    "INSERT INTO FUNCTION file('/tmp/meterline-w.csv', 'CSV') SELECT 1",
+    "SELECT 'unterminated",
+    "",
+    "   -- only a comment",
 ]
 ENGINE_REFUSED = [
-        "INSERT INTO usage_priced (event_id, customer_id) VALUES ('x', 'y')",
-        "DROP TABLE usage_priced",
-        "ALTER TABLE usage_priced DELETE WHERE 1",
-        "CREATE TABLE evil (a Int8) ENGINE = Memory",
-        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+    "INSERT INTO usage_priced (event_id, customer_id) VALUES ('x', 'y')",
+    "DROP TABLE usage_priced",
+    "ALTER TABLE usage_priced DELETE WHERE 1",
+    "CREATE TABLE evil (a Int8) ENGINE = Memory",
+    "SELECT * FROM file('/etc/hostname', 'LineAsString')",
 ]
 
 
@@ -66,7 +67,7 @@ def test_writes_and_multi_statements_are_refused(clickhouse, seeded):
 
 def test_the_engine_itself_refuses_writes_on_the_readonly_path(clickhouse, seeded, monkeypatch):
     """Second lock: with the text guard switched off, readonly=1 in the engine still refuses."""
-    import meterline.analytics as analytics
+    import meterline.stack.analytics as analytics
 
     monkeypatch.setattr(analytics, "check_readonly_sql", lambda runner, s, *a: s)
     before = scalar(clickhouse, "SELECT count() FROM usage_priced")
@@ -96,15 +97,24 @@ def test_reads_are_exact_and_parameterised(clickhouse, seeded):
     )
     assert cols == ["customer_id", "cost", "charge", "first"]
     mine = [e for e in events if e["customer_id"] == customer]
-    assert rows == [(
-        customer,
-        picos(sum(e["cost_picos"] for e in mine)),
-        picos(sum(e["charge_picos"] for e in mine)),
-        datetime(1970, 1, 1, tzinfo=timezone.utc).fromtimestamp(min(e["occurred_at"] for e in mine) / 1000, timezone.utc),
-    )]  # fmt: skip
+    assert rows == [
+        (
+            customer,
+            picos(sum(e["cost_picos"] for e in mine)),
+            picos(sum(e["charge_picos"] for e in mine)),
+            datetime(1970, 1, 1, tzinfo=UTC).fromtimestamp(min(e["occurred_at"] for e in mine) / 1000, UTC),
+        )
+    ]
     assert isinstance(rows[0][1], Decimal) and rows[0][3].tzinfo is not None
-    for sql in ("SHOW TABLES", "DESCRIBE TABLE usage_priced", "EXPLAIN SELECT 1", "WITH 2 AS x SELECT x",
-                "(SELECT 1)", "SELECT 'a;b' AS s", "SELECT 1 -- trailing ; comment"):  # fmt: skip
+    for sql in (
+        "SHOW TABLES",
+        "DESCRIBE TABLE usage_priced",
+        "EXPLAIN SELECT 1",
+        "WITH 2 AS x SELECT x",
+        "(SELECT 1)",
+        "SELECT 'a;b' AS s",
+        "SELECT 1 -- trailing ; comment",
+    ):
         run_readonly(clickhouse, sql)
 
 
@@ -125,15 +135,29 @@ def test_check_readonly_sql_strips_one_trailing_semicolon(clickhouse):
 
 def test_format_result_prints_decimals_exactly():
     cols = ["customer_id", "cost", "zero", "at", "day", "payload", "missing"]
-    rows = [(
-        "c1", Decimal("12345678901234.123456789012"), Decimal(0).scaleb(-12),
-        datetime(2026, 1, 2, 3, 4, 5, 678000), datetime(2026, 1, 2).date(), b"\xc3\x01", None,
-    )]  # fmt: skip
+    rows = [
+        (
+            "c1",
+            Decimal("12345678901234.123456789012"),
+            Decimal(0).scaleb(-12),
+            datetime(2026, 1, 2, 3, 4, 5, 678000),
+            datetime(2026, 1, 2).date(),
+            b"\xc3\x01",
+            None,
+        )
+    ]
     as_json = json.loads(format_result(cols, rows, "json"))
-    assert as_json == [{
-        "customer_id": "c1", "cost": "12345678901234.123456789012", "zero": "0.000000000000",
-        "at": "2026-01-02T03:04:05.678Z", "day": "2026-01-02", "payload": "c301", "missing": None,
-    }]  # fmt: skip
+    assert as_json == [
+        {
+            "customer_id": "c1",
+            "cost": "12345678901234.123456789012",
+            "zero": "0.000000000000",
+            "at": "2026-01-02T03:04:05.678Z",
+            "day": "2026-01-02",
+            "payload": "c301",
+            "missing": None,
+        }
+    ]
     parsed = list(csv.reader(io.StringIO(format_result(cols, rows, "csv"))))
     assert parsed[0] == cols
     assert parsed[1][1:3] == ["12345678901234.123456789012", "0.000000000000"] and parsed[1][6] == ""

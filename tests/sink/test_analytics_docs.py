@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from meterline.analytics import run_readonly
+from meterline.stack.analytics import run_readonly
 from pipeline.sink import PRICED_COLUMNS, REJECTED_COLUMNS, priced_row, rejected_row
 from tests.sink.helpers import DAY_MS, dead_letter, make_events, picos
 
@@ -35,8 +35,9 @@ def test_the_doc_has_six_to_ten_examples():
 @pytest.fixture
 def seeded(clickhouse):
     events = make_events(120, seed=42, customers=4, days=3)
-    clickhouse.insert("usage_priced", [priced_row(e, partition=0, offset=0) for e in events],
-                      column_names=PRICED_COLUMNS)  # fmt: skip
+    clickhouse.insert(
+        "usage_priced", [priced_row(e, partition=0, offset=0) for e in events], column_names=PRICED_COLUMNS
+    )
     letters = [dead_letter(i) for i in range(9)]
     clickhouse.insert("usage_rejected", [rejected_row(r) for r in letters], column_names=REJECTED_COLUMNS)
     return events, letters

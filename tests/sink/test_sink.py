@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from meterline.errors import ClickHouseUnavailable
+from meterline.core.errors import ClickHouseUnavailable
 from pipeline.sink import rebuild_rollups
 from tests.sink.helpers import (
     DAY_MS,
@@ -55,8 +55,9 @@ def expected_by_day(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         a = acc[(ev["customer_id"], ev["model"], day, ev["currency"])]
         a[0] += 1
         a[1] += ev["requests"]
-        for k, name in enumerate(("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
-                                  "reasoning_tokens"), start=2):  # fmt: skip
+        for k, name in enumerate(
+            ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens"), start=2
+        ):
             a[k] += ev[name]
         a[7] += picos(ev["cost_picos"])
         a[8] += picos(ev["charge_picos"])
@@ -90,13 +91,23 @@ def test_priced_batches_land_exactly_and_offsets_are_committed(make_sink, kafka_
     row = clickhouse.query(
         "SELECT api_key_id, project, feature, user_id, model_version, cost, charge, currency, source_partition,"
         " source_offset, toUnixTimestamp64Milli(occurred_at), toUnixTimestamp64Milli(priced_at)"
-        " FROM usage_priced WHERE event_id = {e:String}", parameters={"e": ev["event_id"]},
-    ).result_rows[0]  # fmt: skip
+        " FROM usage_priced WHERE event_id = {e:String}",
+        parameters={"e": ev["event_id"]},
+    ).result_rows[0]
     assert tuple(row) == (
-        ev["api_key_id"] or "", ev["project"] or "", ev["feature"] or "", "", "",
-        picos(ev["cost_picos"]), picos(ev["charge_picos"]), "usd", ev["source_partition"], ev["source_offset"],
-        ev["occurred_at"], ev["priced_at"],
-    )  # fmt: skip
+        ev["api_key_id"] or "",
+        ev["project"] or "",
+        ev["feature"] or "",
+        "",
+        "",
+        picos(ev["cost_picos"]),
+        picos(ev["charge_picos"]),
+        "usd",
+        ev["source_partition"],
+        ev["source_offset"],
+        ev["occurred_at"],
+        ev["priced_at"],
+    )
 
     # Offsets: every consumed record is committed (next offset to read), per partition.
     done = committed(kafka_bootstrap, sink.group_id, topics["usage-priced"])
@@ -251,9 +262,11 @@ def test_rebuild_select_matches_the_materialized_views(clickhouse):
     """rebuild_rollups() must compute what 0002_rollups.sql's views compute (no drift)."""
     from pipeline.sink import _ROLLUP_SELECT, _ROLLUPS
 
-    defs = dict(clickhouse.query(
-        "SELECT name, as_select FROM system.tables WHERE database = currentDatabase() AND engine = 'MaterializedView'"
-    ).result_rows)  # fmt: skip
+    defs = dict(
+        clickhouse.query(
+            "SELECT name, as_select FROM system.tables WHERE database = currentDatabase() AND engine = 'MaterializedView'"
+        ).result_rows
+    )
     for table, name, bucket in _ROLLUPS:
         mv = " ".join(defs[f"{table}_mv"].split())
         for expr in ("count() AS events", "sum(cost) AS cost", "sum(charge) AS charge", "sum(requests) AS requests"):
@@ -283,18 +296,24 @@ def test_dead_letters_land_in_usage_rejected_and_replays_collapse(make_sink, kaf
             " occurred_at IS NULL, toUnixTimestamp64Milli(failed_at) FROM usage_rejected"
             " WHERE source_topic = 't.usage-events'"
         ).result_rows
-    }  # fmt: skip
+    }
     for rec in letters:
         reason_code, reason, field, customer, event, payload, fmt, occ_null, failed = got[rec["source_offset"]]
         assert (reason_code, reason, field, customer, event, fmt) == (
-            rec["reason_code"], rec["reason"], rec["field"] or "", rec["customer_id"] or "", rec["event_id"] or "",
+            rec["reason_code"],
+            rec["reason"],
+            rec["field"] or "",
+            rec["customer_id"] or "",
+            rec["event_id"] or "",
             rec["payload_format"],
-        )  # fmt: skip
+        )
         assert occ_null == (rec["occurred_at"] is None) and failed == rec["failed_at"]
     # payload bytes survive byte for byte (read as hex: they are not UTF-8)
-    payload_hex = dict(clickhouse.query(
-        "SELECT source_offset, hex(payload) FROM usage_rejected WHERE source_topic = 't.usage-events'"
-    ).result_rows)  # fmt: skip
+    payload_hex = dict(
+        clickhouse.query(
+            "SELECT source_offset, hex(payload) FROM usage_rejected WHERE source_topic = 't.usage-events'"
+        ).result_rows
+    )
     assert payload_hex == {r["source_offset"]: r["payload"].hex().upper() for r in letters}
     # the undecodable priced record is kept, with its bytes
     undecodable = clickhouse.query(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from meterline.errors import BrokerUnavailable
+from meterline.core.errors import BrokerUnavailable
 from meterline.stack.broker import TansuBroker, wait_for_port
 
 pytestmark = pytest.mark.broker

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from meterline.config import Settings
-from meterline.errors import ConfigError
+from meterline.core.config import Settings
+from meterline.core.errors import ConfigError
 from meterline.stack.clickhouse import (
     apply_migrations,
     connect,
@@ -115,7 +115,7 @@ def test_bad_migration_files(tmp_path: Path, db: tuple[Client, str]) -> None:
         load_migrations(tmp_path)
     (tmp_path / "1_bad-name.sql").unlink()
     (tmp_path / "0001_broken.sql").write_text("CREATE TABLE nope (x Nonsense) ENGINE = MergeTree ORDER BY x")
-    with pytest.raises(ConfigError, match="0001_broken.sql statement 1"):
+    with pytest.raises(ConfigError, match=r"0001_broken\.sql statement 1"):
         apply_migrations(client, tmp_path, database=name)
     rows = client.query(f"SELECT count() FROM `{name}`.schema_migrations").result_rows
     assert rows == [(0,)]
@@ -125,7 +125,7 @@ def test_second_process_gets_a_clear_error(clickhouse: Client, chdb_dsn: str) ->
     """This pytest process owns the engine (the fixture connected); another process must be refused."""
     code = textwrap.dedent(
         f"""
-        from meterline.errors import ConfigError
+        from meterline.core.errors import ConfigError
         from meterline.stack.clickhouse import connect
         try:
             connect({chdb_dsn!r})

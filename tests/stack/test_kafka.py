@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meterline.errors import ConfigError
+from meterline.core.errors import ConfigError
 from meterline.stack.kafka import PINNED_PRODUCER_SETTINGS, producer_config
 
 
@@ -16,8 +16,9 @@ def test_pinned_settings_are_always_present() -> None:
     assert config["partitioner"] == "murmur2_random"
 
 
-@pytest.mark.parametrize(("key", "value"), [("partitioner", "consistent_random"), ("acks", "1"),
-                                            ("enable.idempotence", False)])
+@pytest.mark.parametrize(
+    ("key", "value"), [("partitioner", "consistent_random"), ("acks", "1"), ("enable.idempotence", False)]
+)
 def test_changing_a_pinned_setting_is_refused(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=key):
         producer_config("127.0.0.1:1", {key: value})

@@ -6,25 +6,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from meterline.config import Settings
-from meterline.credits_client import CommandPublisher, grant_command
+from meterline.core.config import Settings
 from meterline.stack.broker import TansuBroker
+from meterline.stack.producer import UsageProducer
 from meterline.stack.topics import ensure_topics
+from pipeline.credits.client import CommandPublisher, grant_command
 from schemas.models import UsageEvent
-from schemas.producer import UsageProducer
 
 pytestmark = pytest.mark.broker
 
 
 def _event(event_id: str) -> UsageEvent:
-    now = datetime.now(timezone.utc)
-    return UsageEvent(event_id=event_id, occurred_at=now, customer_id="acme", provider="openai", model="gpt-4o",
-                      input_tokens=10, output_tokens=5)
+    now = datetime.now(UTC)
+    return UsageEvent(
+        event_id=event_id,
+        occurred_at=now,
+        customer_id="acme",
+        provider="openai",
+        model="gpt-4o",
+        input_tokens=10,
+        output_tokens=5,
+    )
 
 
 def test_closed_producers_do_not_reconnect_after_the_broker_stops(
@@ -58,7 +65,7 @@ def test_up_closes_every_kafka_client_before_its_broker_stops(
 ) -> None:
     # `meterline up` with its own embedded broker and every API route that publishes (usage
     # ingest, credits, the Stripe webhook): after stop, nothing of this process talks to the broker.
-    from meterline.runtime import Runtime
+    from meterline.shell.runtime import Runtime
 
     settings = settings_factory(kafka_bootstrap=None, api_port=0, stripe_webhook_secret="whsec_quiet_shutdown")
     runtime = Runtime(settings).start()

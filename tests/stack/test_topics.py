@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from meterline.errors import ConfigError
+from meterline.core.errors import ConfigError
 from meterline.stack.topics import TopicSpec, delete_topics, ensure_topics, load_topic_specs
 
 EXPECTED = {
@@ -47,8 +47,14 @@ def test_topic_file_declares_every_topic() -> None:
     "body, needle",
     [
         ("topics: nope", "topics"),
-        ("topics:\n  - {name: a, partitions: 0, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}", "partitions"),
-        ("topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: zap, key: k, value: v, encoding: json}", "cleanup_policy"),
+        (
+            "topics:\n  - {name: a, partitions: 0, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}",
+            "partitions",
+        ),
+        (
+            "topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: zap, key: k, value: v, encoding: json}",
+            "cleanup_policy",
+        ),
         ("topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k}", "missing"),
         (
             "topics:\n  - {name: a, partitions: 1, retention_ms: 1, cleanup_policy: delete, key: k, value: v, encoding: json}\n"

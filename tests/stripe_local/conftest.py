@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 
 
 @pytest.fixture
@@ -29,19 +29,31 @@ class Metered:
 
 def make_metered(client: stripe.StripeClient, *, formula: str = "sum", event_name: str = "llm_tokens") -> Metered:
     customer = client.v1.customers.create({"email": "ada@example.com"})
-    meter = client.v1.billing.meters.create({
-        "display_name": "LLM tokens", "event_name": event_name,
-        "default_aggregation": {"formula": formula},
-        "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
-        "value_settings": {"event_payload_key": "value"},
-    })
+    meter = client.v1.billing.meters.create(
+        {
+            "display_name": "LLM tokens",
+            "event_name": event_name,
+            "default_aggregation": {"formula": formula},
+            "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
+            "value_settings": {"event_payload_key": "value"},
+        }
+    )
     return Metered(customer.id, meter.id, event_name)
 
 
-def send(client: stripe.StripeClient, m: Metered, value: int | str, *, identifier: str | None = None,
-         timestamp: int | None = None, options: dict[str, str] | None = None) -> stripe.billing.MeterEvent:
-    params: dict[str, object] = {"event_name": m.event_name,
-                                 "payload": {"stripe_customer_id": m.customer, "value": str(value)}}
+def send(
+    client: stripe.StripeClient,
+    m: Metered,
+    value: int | str,
+    *,
+    identifier: str | None = None,
+    timestamp: int | None = None,
+    options: dict[str, str] | None = None,
+) -> stripe.billing.MeterEvent:
+    params: dict[str, object] = {
+        "event_name": m.event_name,
+        "payload": {"stripe_customer_id": m.customer, "value": str(value)},
+    }
     if identifier is not None:
         params["identifier"] = identifier
     if timestamp is not None:
@@ -53,7 +65,8 @@ def total(client: stripe.StripeClient, m: Metered, start: int, end: int) -> int 
     """Meter aggregate over the minute-aligned range covering [start, end)."""
     lo = start - start % 60
     hi = end - end % 60 + 60
-    res = client.v1.billing.meters.event_summaries.list(m.meter, {"customer": m.customer, "start_time": lo,
-                                                                   "end_time": hi})
+    res = client.v1.billing.meters.event_summaries.list(
+        m.meter, {"customer": m.customer, "start_time": lo, "end_time": hi}
+    )
     assert len(res.data) == 1
     return res.data[0].aggregated_value

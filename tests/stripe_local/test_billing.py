@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.stripe_local.conftest import Metered, make_metered, send, total
 
 
@@ -19,8 +19,11 @@ def cents(amount: Decimal) -> int:
 
 
 def metered_price(client: stripe.StripeClient, m: Metered, **extra: object) -> stripe.Price:
-    params: dict[str, object] = {"currency": "usd", "product_data": {"name": "Tokens"},
-                                 "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter}}
+    params: dict[str, object] = {
+        "currency": "usd",
+        "product_data": {"name": "Tokens"},
+        "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter},
+    }
     params.update(extra)
     return client.v1.prices.create(params)  # type: ignore[arg-type]
 
@@ -35,8 +38,14 @@ def test_price_validation_and_decimals(client: stripe.StripeClient) -> None:
         metered_price(client, m, unit_amount_decimal="0.0000000000001")
     assert too_precise.value.param == "unit_amount_decimal"
     with pytest.raises(stripe.InvalidRequestError) as no_meter:
-        client.v1.prices.create({"currency": "usd", "product_data": {"name": "x"}, "unit_amount": 1,
-                                 "recurring": {"interval": "month", "usage_type": "metered"}})
+        client.v1.prices.create(
+            {
+                "currency": "usd",
+                "product_data": {"name": "x"},
+                "unit_amount": 1,
+                "recurring": {"interval": "month", "usage_type": "metered"},
+            }
+        )
     assert no_meter.value.param == "recurring[meter]"
     with pytest.raises(stripe.InvalidRequestError) as bad_meter:
         metered_price(client, Metered(m.customer, "mtr_missing", m.event_name), unit_amount=1)
@@ -66,29 +75,52 @@ def test_credit_grants_and_balance_summary(ls: LocalStripe, client: stripe.Strip
     cus = client.v1.customers.create({"email": "c@example.com"})
     now = ls.now()
     scope = {"scope": {"price_type": "metered"}}
-    g1 = client.v1.billing.credit_grants.create({
-        "customer": cus.id, "category": "paid", "applicability_config": scope, "priority": 10,
-        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 1000}}})
-    g2 = client.v1.billing.credit_grants.create({
-        "customer": cus.id, "category": "promotional", "applicability_config": scope, "expires_at": now + 86400,
-        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 500}}})
-    g3 = client.v1.billing.credit_grants.create({
-        "customer": cus.id, "category": "promotional", "applicability_config": scope, "effective_at": now + 3600,
-        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 250}}})
+    g1 = client.v1.billing.credit_grants.create(
+        {
+            "customer": cus.id,
+            "category": "paid",
+            "applicability_config": scope,
+            "priority": 10,
+            "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 1000}},
+        }
+    )
+    g2 = client.v1.billing.credit_grants.create(
+        {
+            "customer": cus.id,
+            "category": "promotional",
+            "applicability_config": scope,
+            "expires_at": now + 86400,
+            "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 500}},
+        }
+    )
+    g3 = client.v1.billing.credit_grants.create(
+        {
+            "customer": cus.id,
+            "category": "promotional",
+            "applicability_config": scope,
+            "effective_at": now + 3600,
+            "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 250}},
+        }
+    )
     assert isinstance(g1, stripe.billing.CreditGrant) and g1.amount.monetary is not None
     assert (g1.priority, g2.priority, g1.amount.monetary.value) == (10, 50, 1000)
     assert client.v1.billing.credit_grants.retrieve(g2.id).expires_at == now + 86400
     assert {g.id for g in client.v1.billing.credit_grants.list({"customer": cus.id}).data} == {g1.id, g2.id, g3.id}
 
     def available() -> int:
-        s = client.v1.billing.credit_balance_summary.retrieve({
-            "customer": cus.id, "filter": {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}}})
+        s = client.v1.billing.credit_balance_summary.retrieve(
+            {
+                "customer": cus.id,
+                "filter": {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}},
+            }
+        )
         assert isinstance(s, stripe.billing.CreditBalanceSummary)
         return sum(b.available_balance.monetary.value for b in s.balances if b.available_balance.monetary)
 
     assert available() == 1500  # g3 not yet effective
-    one = client.v1.billing.credit_balance_summary.retrieve({"customer": cus.id, "filter": {"type": "credit_grant",
-                                                                                           "credit_grant": g1.id}})
+    one = client.v1.billing.credit_balance_summary.retrieve(
+        {"customer": cus.id, "filter": {"type": "credit_grant", "credit_grant": g1.id}}
+    )
     assert one.balances[0].ledger_balance.monetary is not None and one.balances[0].ledger_balance.monetary.value == 1000
     ls.advance_clock(3600)
     assert available() == 1750
@@ -109,11 +141,18 @@ def test_invoice_at_period_close_uses_meter_aggregate_and_credits(ls: LocalStrip
     for v in (1_000_000, 234_567):
         send(client, m, v, timestamp=start)
     now = ls.now()
-    for cat, prio, value, exp in (("paid", 10, 1000, None), ("promotional", 50, 500, now + 60 * 86400),
-                                  ("promotional", 50, 400, now + 90 * 86400)):
+    for cat, prio, value, exp in (
+        ("paid", 10, 1000, None),
+        ("promotional", 50, 500, now + 60 * 86400),
+        ("promotional", 50, 400, now + 90 * 86400),
+    ):
         params: dict[str, object] = {
-            "customer": m.customer, "category": cat, "priority": prio, "applicability_config": {"scope": {"price_type": "metered"}},
-            "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": value}}}
+            "customer": m.customer,
+            "category": cat,
+            "priority": prio,
+            "applicability_config": {"scope": {"price_type": "metered"}},
+            "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": value}},
+        }
         if exp is not None:
             params["expires_at"] = exp
         client.v1.billing.credit_grants.create(params)  # type: ignore[arg-type]
@@ -143,8 +182,12 @@ def test_invoice_at_period_close_uses_meter_aggregate_and_credits(ls: LocalStrip
     assert inv.total == inv.amount_due == expected_line - sum(applied)
     txns = client.v1.billing.credit_balance_transactions.list({"customer": m.customer}).data
     assert sorted(t.debit.amount.monetary.value for t in txns if t.debit and t.debit.amount.monetary) == sorted(applied)
-    summary = client.v1.billing.credit_balance_summary.retrieve({
-        "customer": m.customer, "filter": {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}}})
+    summary = client.v1.billing.credit_balance_summary.retrieve(
+        {
+            "customer": m.customer,
+            "filter": {"type": "applicability_scope", "applicability_scope": {"price_type": "metered"}},
+        }
+    )
     left = sum(b.available_balance.monetary.value for b in summary.balances if b.available_balance.monetary)
     assert left == 1900 - sum(applied)
     with pytest.raises(stripe.InvalidRequestError):
@@ -154,16 +197,40 @@ def test_invoice_at_period_close_uses_meter_aggregate_and_credits(ls: LocalStrip
 
 def test_tiered_transform_licensed_and_customer_balance(ls: LocalStripe, client: stripe.StripeClient) -> None:
     m = make_metered(client)
-    graduated = metered_price(client, m, billing_scheme="tiered", tiers_mode="graduated", tiers=[
-        {"up_to": 1000, "unit_amount_decimal": "0.5"}, {"up_to": "inf", "unit_amount_decimal": "0.25", "flat_amount": 100}])
-    volume = metered_price(client, m, billing_scheme="tiered", tiers_mode="volume", tiers=[
-        {"up_to": 1000, "unit_amount": 2}, {"up_to": "inf", "unit_amount": 1}])
+    graduated = metered_price(
+        client,
+        m,
+        billing_scheme="tiered",
+        tiers_mode="graduated",
+        tiers=[
+            {"up_to": 1000, "unit_amount_decimal": "0.5"},
+            {"up_to": "inf", "unit_amount_decimal": "0.25", "flat_amount": 100},
+        ],
+    )
+    volume = metered_price(
+        client,
+        m,
+        billing_scheme="tiered",
+        tiers_mode="volume",
+        tiers=[{"up_to": 1000, "unit_amount": 2}, {"up_to": "inf", "unit_amount": 1}],
+    )
     per_k = metered_price(client, m, unit_amount=3, transform_quantity={"divide_by": 1000, "round": "up"})
-    seat = client.v1.prices.create({"currency": "usd", "unit_amount": 1500, "product_data": {"name": "Seat"},
-                                    "recurring": {"interval": "month"}})
+    seat = client.v1.prices.create(
+        {"currency": "usd", "unit_amount": 1500, "product_data": {"name": "Seat"}, "recurring": {"interval": "month"}}
+    )
     anchor = ls.now() + 3600
-    sub = client.v1.subscriptions.create({"customer": m.customer, "billing_cycle_anchor": anchor, "items": [
-        {"price": graduated.id}, {"price": volume.id}, {"price": per_k.id}, {"price": seat.id, "quantity": 2}]})
+    sub = client.v1.subscriptions.create(
+        {
+            "customer": m.customer,
+            "billing_cycle_anchor": anchor,
+            "items": [
+                {"price": graduated.id},
+                {"price": volume.id},
+                {"price": per_k.id},
+                {"price": seat.id, "quantity": 2},
+            ],
+        }
+    )
     assert sub["items"].data[0].current_period_end == anchor
     client.v1.customers.balance_transactions.create(m.customer, {"amount": -500, "currency": "usd"})
     send(client, m, 2501)
@@ -191,8 +258,9 @@ def test_state_survives_restart(tmp_path: Path) -> None:
         client = ls.client()
         m = make_metered(client)
         price = metered_price(client, m, unit_amount_decimal="1.5")
-        sub = client.v1.subscriptions.create({"customer": m.customer, "items": [{"price": price.id}],
-                                              "billing_cycle_anchor": ls.now() + 120})
+        sub = client.v1.subscriptions.create(
+            {"customer": m.customer, "items": [{"price": price.id}], "billing_cycle_anchor": ls.now() + 120}
+        )
         ev = send(client, m, 41, options={"idempotency_key": "persist-1"})
         ls.advance_clock(200)
         (inv_id,) = ls.close_periods()
@@ -210,8 +278,11 @@ def test_state_survives_restart(tmp_path: Path) -> None:
 
 
 def test_standalone_process(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "meterline.stripe_local", "--port", "0", "--state",
-                             str(tmp_path / "s.db")], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "devtools.stripe_local", "--port", "0", "--state", str(tmp_path / "s.db")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         url = next(w for w in proc.stdout.readline().split() if w.startswith("http://"))
@@ -220,6 +291,7 @@ def test_standalone_process(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        proc.stdout.close()
 
 
 def test_remaining_endpoints_via_sdk(ls: LocalStripe, client: stripe.StripeClient) -> None:
@@ -227,8 +299,14 @@ def test_remaining_endpoints_via_sdk(ls: LocalStripe, client: stripe.StripeClien
     prod = client.v1.products.create({"name": "API"})
     assert client.v1.products.update(prod.id, {"name": "API v2"}).name == "API v2"
     assert prod.id in [p.id for p in client.v1.products.list().auto_paging_iter()]
-    price = client.v1.prices.create({"currency": "usd", "product": prod.id, "unit_amount": 2,
-                                     "recurring": {"interval": "day", "usage_type": "metered", "meter": m.meter}})
+    price = client.v1.prices.create(
+        {
+            "currency": "usd",
+            "product": prod.id,
+            "unit_amount": 2,
+            "recurring": {"interval": "day", "usage_type": "metered", "meter": m.meter},
+        }
+    )
     assert client.v1.prices.update(price.id, {"nickname": "per token"}).nickname == "per token"
     assert client.v1.prices.retrieve(price.id).nickname == "per token"
     for i in range(12):  # pagination across pages
@@ -242,15 +320,24 @@ def test_remaining_endpoints_via_sdk(ls: LocalStripe, client: stripe.StripeClien
     (inv,) = client.v1.invoices.list({"subscription": sub.id, "status": "open"}).data
     lines = client.v1.invoices.line_items.list(inv.id)
     assert [(ln.quantity, ln.amount) for ln in lines.data] == [(7, 14)]
-    grant = client.v1.billing.credit_grants.create({
-        "customer": m.customer, "category": "paid", "applicability_config": {"scope": {"price_type": "metered"}},
-        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 100}}})
+    grant = client.v1.billing.credit_grants.create(
+        {
+            "customer": m.customer,
+            "category": "paid",
+            "applicability_config": {"scope": {"price_type": "metered"}},
+            "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 100}},
+        }
+    )
     assert client.v1.billing.credit_grants.update(grant.id, {"metadata": {"src": "topup"}}).metadata.to_dict() == {
-        "src": "topup"}
+        "src": "topup"
+    }
     send(client, m, 3)
     ls.advance_clock(86400)
-    (inv2,) = [i for i in client.v1.invoices.list({"customer": m.customer}).data
-               if i.id != inv.id and i.billing_reason == "subscription_cycle"]
+    (inv2,) = [
+        i
+        for i in client.v1.invoices.list({"customer": m.customer}).data
+        if i.id != inv.id and i.billing_reason == "subscription_cycle"
+    ]
     assert inv2.status == "paid" and inv2.total == 0 and inv2.subtotal == 6
     (txn,) = client.v1.billing.credit_balance_transactions.list({"customer": m.customer}).data
     assert client.v1.billing.credit_balance_transactions.retrieve(txn.id).credit_grant == grant.id

@@ -6,7 +6,7 @@ import httpx
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.stripe_local.conftest import make_metered, send, total
 
 

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.stripe_local.conftest import make_metered, send, total
 
 
@@ -59,9 +59,15 @@ def test_timestamp_window(ls: LocalStripe, client: stripe.StripeClient) -> None:
     assert send(client, m, 1, timestamp=now + 120).timestamp == now + 120
 
 
-@pytest.mark.parametrize("value,code", [("12.5", "meter_event_invalid_value"), ("abc", "meter_event_invalid_value"),
-                                        ("-3", "meter_event_invalid_value"),
-                                        ("1234567890123456", "meter_event_value_too_many_digits")])
+@pytest.mark.parametrize(
+    "value,code",
+    [
+        ("12.5", "meter_event_invalid_value"),
+        ("abc", "meter_event_invalid_value"),
+        ("-3", "meter_event_invalid_value"),
+        ("1234567890123456", "meter_event_value_too_many_digits"),
+    ],
+)
 def test_payload_value_validation(client: stripe.StripeClient, value: str, code: str) -> None:
     m = make_metered(client)
     with pytest.raises(stripe.InvalidRequestError) as exc:
@@ -78,13 +84,15 @@ def test_fifteen_digits_accepted_exactly(client: stripe.StripeClient) -> None:
 
 def test_unknown_customer_is_accepted_but_reported(ls: LocalStripe, client: stripe.StripeClient) -> None:
     m = make_metered(client)
-    ev = client.v1.billing.meter_events.create({"event_name": m.event_name,
-                                                "payload": {"stripe_customer_id": "cus_ghost", "value": "5"}})
+    ev = client.v1.billing.meter_events.create(
+        {"event_name": m.event_name, "payload": {"stripe_customer_id": "cus_ghost", "value": "5"}}
+    )
     assert ev.identifier
     reports = ls.error_reports("meter_event_customer_not_found")
     assert [r["identifier"] for r in reports] == [ev.identifier]
-    client.v1.billing.meter_events.create({"event_name": "no_such_meter",
-                                           "payload": {"stripe_customer_id": m.customer, "value": "5"}})
+    client.v1.billing.meter_events.create(
+        {"event_name": "no_such_meter", "payload": {"stripe_customer_id": m.customer, "value": "5"}}
+    )
     assert len(ls.error_reports("no_meter")) == 1
 
 
@@ -95,24 +103,32 @@ def test_summaries_hour_and_day(ls: LocalStripe, client: stripe.StripeClient) ->
     sent = [(day0 + 600, 100), (day0 + 1800, 200), (day0 + 5400, 50), (day0 + 86400 + 300, 7)]
     for ts, v in sent:
         send(client, m, v, timestamp=ts)
-    hourly = client.v1.billing.meters.event_summaries.list(m.meter, {
-        "customer": m.customer, "start_time": day0, "end_time": day0 + 2 * 86400, "value_grouping_window": "hour"})
+    hourly = client.v1.billing.meters.event_summaries.list(
+        m.meter,
+        {"customer": m.customer, "start_time": day0, "end_time": day0 + 2 * 86400, "value_grouping_window": "hour"},
+    )
     expect_hour: dict[int, int] = {}
     for ts, v in sent:
         expect_hour[ts - ts % 3600] = expect_hour.get(ts - ts % 3600, 0) + v
     assert {s.start_time: s.aggregated_value for s in hourly.data} == expect_hour
     assert all(s.end_time - s.start_time == 3600 for s in hourly.data)
-    daily = client.v1.billing.meters.event_summaries.list(m.meter, {
-        "customer": m.customer, "start_time": day0, "end_time": day0 + 2 * 86400, "value_grouping_window": "day"})
+    daily = client.v1.billing.meters.event_summaries.list(
+        m.meter,
+        {"customer": m.customer, "start_time": day0, "end_time": day0 + 2 * 86400, "value_grouping_window": "day"},
+    )
     assert {s.start_time: s.aggregated_value for s in daily.data} == {
-        day0: sum(v for ts, v in sent if ts < day0 + 86400), day0 + 86400: sum(v for ts, v in sent if ts >= day0 + 86400)}
+        day0: sum(v for ts, v in sent if ts < day0 + 86400),
+        day0 + 86400: sum(v for ts, v in sent if ts >= day0 + 86400),
+    }
     # end is exclusive and times must be minute-aligned
-    excl = client.v1.billing.meters.event_summaries.list(m.meter, {
-        "customer": m.customer, "start_time": day0, "end_time": day0 + 1800})
+    excl = client.v1.billing.meters.event_summaries.list(
+        m.meter, {"customer": m.customer, "start_time": day0, "end_time": day0 + 1800}
+    )
     assert excl.data[0].aggregated_value == 100
     with pytest.raises(stripe.InvalidRequestError) as exc:
-        client.v1.billing.meters.event_summaries.list(m.meter, {
-            "customer": m.customer, "start_time": day0 + 1, "end_time": day0 + 1800})
+        client.v1.billing.meters.event_summaries.list(
+            m.meter, {"customer": m.customer, "start_time": day0 + 1, "end_time": day0 + 1800}
+        )
     assert exc.value.param == "start_time"
 
 
@@ -131,19 +147,21 @@ def test_adjustment_cancels_event(ls: LocalStripe, client: stripe.StripeClient) 
     m = make_metered(client)
     keep = send(client, m, 40, identifier="keep")
     send(client, m, 60, identifier="drop-me")
-    adj = client.v1.billing.meter_event_adjustments.create({
-        "event_name": m.event_name, "type": "cancel", "cancel": {"identifier": "drop-me"}})
+    adj = client.v1.billing.meter_event_adjustments.create(
+        {"event_name": m.event_name, "type": "cancel", "cancel": {"identifier": "drop-me"}}
+    )
     assert isinstance(adj, stripe.billing.MeterEventAdjustment) and adj.cancel.identifier == "drop-me"
     assert total(client, m, keep.timestamp, keep.timestamp + 1) == 40
     send(client, m, 1, identifier="late")
     ls.advance_clock(24 * 3600 + 5)
     with pytest.raises(stripe.InvalidRequestError):  # older than 24 h: no longer cancellable
-        client.v1.billing.meter_event_adjustments.create({
-            "event_name": m.event_name, "type": "cancel", "cancel": {"identifier": "late"}})
+        client.v1.billing.meter_event_adjustments.create(
+            {"event_name": m.event_name, "type": "cancel", "cancel": {"identifier": "late"}}
+        )
 
 
 def _iso(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def test_v2_session_and_stream(ls: LocalStripe, client: stripe.StripeClient) -> None:
@@ -154,8 +172,15 @@ def test_v2_session_and_stream(ls: LocalStripe, client: stripe.StripeClient) -> 
     assert (expires - dt.datetime.fromisoformat(session.created)).total_seconds() == 15 * 60
     stream = ls.stream_client(session.authentication_token)
     now = ls.now()
-    events = [{"event_name": m.event_name, "identifier": f"s-{i}", "timestamp": _iso(now - 60 + i),
-               "payload": {"stripe_customer_id": m.customer, "value": str(10 + i)}} for i in range(100)]
+    events = [
+        {
+            "event_name": m.event_name,
+            "identifier": f"s-{i}",
+            "timestamp": _iso(now - 60 + i),
+            "payload": {"stripe_customer_id": m.customer, "value": str(10 + i)},
+        }
+        for i in range(100)
+    ]
     stream.v2.billing.meter_event_stream.create({"events": events})
     # a resend (new idempotency key) of the same identifiers is deduplicated
     stream.v2.billing.meter_event_stream.create({"events": events[:10]})
@@ -163,8 +188,17 @@ def test_v2_session_and_stream(ls: LocalStripe, client: stripe.StripeClient) -> 
     with pytest.raises(stripe.InvalidRequestError):
         stream.v2.billing.meter_event_stream.create({"events": events + [events[0]]})
     # async validation: bad value is accepted, then reported
-    stream.v2.billing.meter_event_stream.create({"events": [{
-        "event_name": m.event_name, "identifier": "bad", "payload": {"stripe_customer_id": m.customer, "value": "1.5"}}]})
+    stream.v2.billing.meter_event_stream.create(
+        {
+            "events": [
+                {
+                    "event_name": m.event_name,
+                    "identifier": "bad",
+                    "payload": {"stripe_customer_id": m.customer, "value": "1.5"},
+                }
+            ]
+        }
+    )
     assert [r["identifier"] for r in ls.error_reports("meter_event_invalid_value")] == ["bad"]
     # the stream refuses API keys and, after 15 minutes, the session token
     with pytest.raises(stripe.AuthenticationError):
@@ -177,11 +211,13 @@ def test_v2_session_and_stream(ls: LocalStripe, client: stripe.StripeClient) -> 
 
 def test_v2_meter_event_and_adjustment(ls: LocalStripe, client: stripe.StripeClient) -> None:
     m = make_metered(client)
-    ev = client.v2.billing.meter_events.create({"event_name": m.event_name, "identifier": "v2-1",
-                                                "payload": {"stripe_customer_id": m.customer, "value": "25"}})
+    ev = client.v2.billing.meter_events.create(
+        {"event_name": m.event_name, "identifier": "v2-1", "payload": {"stripe_customer_id": m.customer, "value": "25"}}
+    )
     assert ev.object == "v2.billing.meter_event" and ev.identifier == "v2-1"
-    adj = client.v2.billing.meter_event_adjustments.create({"event_name": m.event_name, "type": "cancel",
-                                                            "cancel": {"identifier": "v2-1"}})
+    adj = client.v2.billing.meter_event_adjustments.create(
+        {"event_name": m.event_name, "type": "cancel", "cancel": {"identifier": "v2-1"}}
+    )
     assert adj.status == "complete"
     now = ls.now()
     assert total(client, m, now - 60, now) == 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import meterline.stripe_local as pkg
-from meterline.stripe_local._billing import exact_amount, round_cents
-from meterline.stripe_local._params import parse_form
+import devtools.stripe_local as pkg
+from devtools.stripe_local._billing import exact_amount, round_cents
+from devtools.stripe_local._params import parse_form
 
 
 def test_public_surface() -> None:
@@ -14,12 +14,18 @@ def test_public_surface() -> None:
 
 
 def test_bracket_notation() -> None:
-    body = ("payload[value]=1500&payload[stripe_customer_id]=cus_1&items[0][price]=p1&items[1][price]=p2"
-            "&items[1][quantity]=3&metadata[k]=v&expand[]=a&expand[]=b&tiers[0][up_to]=inf&empty=")
+    body = (
+        "payload[value]=1500&payload[stripe_customer_id]=cus_1&items[0][price]=p1&items[1][price]=p2"
+        "&items[1][quantity]=3&metadata[k]=v&expand[]=a&expand[]=b&tiers[0][up_to]=inf&empty="
+    )
     assert parse_form(body) == {
         "payload": {"value": "1500", "stripe_customer_id": "cus_1"},
         "items": [{"price": "p1"}, {"price": "p2", "quantity": "3"}],
-        "metadata": {"k": "v"}, "expand": ["a", "b"], "tiers": [{"up_to": "inf"}], "empty": ""}
+        "metadata": {"k": "v"},
+        "expand": ["a", "b"],
+        "tiers": [{"up_to": "inf"}],
+        "empty": "",
+    }
 
 
 def test_rounding_is_once_per_line_half_up() -> None:
@@ -35,8 +41,8 @@ def test_every_stripe_route_has_its_parameter_list_and_the_list_matches_the_sdk(
     a parameter list fails here until the file is regenerated and reviewed)."""
     import json
 
-    from meterline.stripe_local._spec import PARAMS_FILE
-    from meterline.stripe_local.gen_params import generate, served_routes
+    from devtools.stripe_local._spec import PARAMS_FILE
+    from devtools.stripe_local.gen_params import generate, served_routes
 
     stored = json.loads(PARAMS_FILE.read_text())
     assert set(served_routes()) == set(stored)

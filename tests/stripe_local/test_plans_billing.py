@@ -13,7 +13,7 @@ import httpx
 import pytest
 import stripe
 
-from meterline.stripe_local import LocalStripe
+from devtools.stripe_local import LocalStripe
 from tests.stripe_local.conftest import Metered, make_metered, send
 
 DAY = 86400
@@ -24,22 +24,42 @@ def cents(amount: Decimal) -> int:
 
 
 def fee_price(client: stripe.StripeClient, amount: int, name: str = "Pro fee") -> stripe.Price:
-    return client.v1.prices.create({"currency": "usd", "unit_amount": amount, "product_data": {"name": name},
-                                    "recurring": {"interval": "month", "usage_type": "licensed"}})
+    return client.v1.prices.create(
+        {
+            "currency": "usd",
+            "unit_amount": amount,
+            "product_data": {"name": name},
+            "recurring": {"interval": "month", "usage_type": "licensed"},
+        }
+    )
 
 
-def allowance_price(client: stripe.StripeClient, m: Metered, included: int, per_token_cents: str,
-                    name: str = "Pro tokens") -> stripe.Price:
+def allowance_price(
+    client: stripe.StripeClient, m: Metered, included: int, per_token_cents: str, name: str = "Pro tokens"
+) -> stripe.Price:
     """Stripe's included-usage pattern: a graduated price whose first tier is free."""
     if included == 0:
-        return client.v1.prices.create({"currency": "usd", "product_data": {"name": name},
-                                        "unit_amount_decimal": per_token_cents,
-                                        "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter}})
-    return client.v1.prices.create({
-        "currency": "usd", "product_data": {"name": name}, "billing_scheme": "tiered", "tiers_mode": "graduated",
-        "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter},
-        "tiers": [{"up_to": included, "unit_amount_decimal": "0"},
-                  {"up_to": "inf", "unit_amount_decimal": per_token_cents}]})
+        return client.v1.prices.create(
+            {
+                "currency": "usd",
+                "product_data": {"name": name},
+                "unit_amount_decimal": per_token_cents,
+                "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter},
+            }
+        )
+    return client.v1.prices.create(
+        {
+            "currency": "usd",
+            "product_data": {"name": name},
+            "billing_scheme": "tiered",
+            "tiers_mode": "graduated",
+            "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter},
+            "tiers": [
+                {"up_to": included, "unit_amount_decimal": "0"},
+                {"up_to": "inf", "unit_amount_decimal": per_token_cents},
+            ],
+        }
+    )
 
 
 def by_reason(client: stripe.StripeClient, customer: str, reason: str) -> list[stripe.Invoice]:
@@ -58,23 +78,33 @@ def test_unknown_parameters_are_refused(ls: LocalStripe, client: stripe.StripeCl
         client.v1.customers.create({"email": "x@example.com", "favourite_colour": "blue"})  # type: ignore[typeddict-unknown-key]
     assert (top.value.code, top.value.param) == ("parameter_unknown", "favourite_colour")
     with pytest.raises(stripe.InvalidRequestError) as nested:
-        client.v1.prices.create({"currency": "usd", "unit_amount": 1, "product_data": {"name": "x"},
-                                 "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter,
-                                               "aggregate_usage": "sum"}})  # type: ignore[typeddict-unknown-key]
+        client.v1.prices.create(
+            {
+                "currency": "usd",
+                "unit_amount": 1,
+                "product_data": {"name": "x"},
+                "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter, "aggregate_usage": "sum"},
+            }
+        )  # type: ignore[typeddict-unknown-key]
     assert (nested.value.code, nested.value.param) == ("parameter_unknown", "recurring[aggregate_usage]")
     price = fee_price(client, 100)
     with pytest.raises(stripe.InvalidRequestError) as in_list:
-        client.v1.subscriptions.create({"customer": m.customer,
-                                        "items": [{"price": price.id, "seats": 3}]})  # type: ignore[typeddict-item]
+        client.v1.subscriptions.create({"customer": m.customer, "items": [{"price": price.id, "seats": 3}]})  # type: ignore[typeddict-item]
     assert in_list.value.param == "items[0][seats]"
     assert client.v1.subscriptions.list({"customer": m.customer}).data == []  # nothing was created
     with pytest.raises(stripe.InvalidRequestError) as query:
         client.v1.customers.list({"colour": "blue"})  # type: ignore[typeddict-unknown-key]
     assert query.value.code == "parameter_unknown"
     # v2 bodies are closed too (JSON): an unknown key in a meter event
-    resp = httpx.post(f"{ls.url}/v2/billing/meter_events", headers={"Authorization": "Bearer sk_test_1"},
-                      json={"event_name": m.event_name, "payload": {"stripe_customer_id": m.customer, "value": "1"},
-                            "colour": "blue"})
+    resp = httpx.post(
+        f"{ls.url}/v2/billing/meter_events",
+        headers={"Authorization": "Bearer sk_test_1"},
+        json={
+            "event_name": m.event_name,
+            "payload": {"stripe_customer_id": m.customer, "value": "1"},
+            "colour": "blue",
+        },
+    )
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "parameter_unknown"
 
 
@@ -85,14 +115,19 @@ def test_event_summary_windows_must_be_aligned(ls: LocalStripe, client: stripe.S
     m = make_metered(client)
     hour = ls.now() // 3600 * 3600 - 3600
     send(client, m, 5, timestamp=hour + 60)
-    ok = client.v1.billing.meters.event_summaries.list(m.meter, {
-        "customer": m.customer, "start_time": hour, "end_time": hour + 3600, "value_grouping_window": "hour"})
+    ok = client.v1.billing.meters.event_summaries.list(
+        m.meter, {"customer": m.customer, "start_time": hour, "end_time": hour + 3600, "value_grouping_window": "hour"}
+    )
     assert [s.aggregated_value for s in ok.data] == [5]
-    for start, end, window in ((hour + 60, hour + 3600, "hour"), (hour, hour + 7200 - 60, "hour"),
-                               (hour - hour % DAY + 3600, hour - hour % DAY + DAY + 3600, "day")):
+    for start, end, window in (
+        (hour + 60, hour + 3600, "hour"),
+        (hour, hour + 7200 - 60, "hour"),
+        (hour - hour % DAY + 3600, hour - hour % DAY + DAY + 3600, "day"),
+    ):
         with pytest.raises(stripe.InvalidRequestError):
-            client.v1.billing.meters.event_summaries.list(m.meter, {
-                "customer": m.customer, "start_time": start, "end_time": end, "value_grouping_window": window})
+            client.v1.billing.meters.event_summaries.list(
+                m.meter, {"customer": m.customer, "start_time": start, "end_time": end, "value_grouping_window": window}
+            )
 
 
 def test_price_tiers_only_when_expanded(client: stripe.StripeClient) -> None:
@@ -164,10 +199,17 @@ def test_graduated_and_volume_tiers(ls: LocalStripe, client: stripe.StripeClient
     tier, plus each reached tier's flat amount; volume prices every unit at the rate of the tier
     the total falls in. ``up_to`` is inclusive."""
     m = make_metered(client)
-    tiers = [{"up_to": 1000, "unit_amount_decimal": "2", "flat_amount": 50},
-             {"up_to": 5000, "unit_amount_decimal": "1.5"}, {"up_to": "inf", "unit_amount_decimal": "0.25"}]
-    common: dict[str, Any] = {"currency": "usd", "product_data": {"name": "Tokens"}, "billing_scheme": "tiered",
-                              "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter}}
+    tiers = [
+        {"up_to": 1000, "unit_amount_decimal": "2", "flat_amount": 50},
+        {"up_to": 5000, "unit_amount_decimal": "1.5"},
+        {"up_to": "inf", "unit_amount_decimal": "0.25"},
+    ]
+    common: dict[str, Any] = {
+        "currency": "usd",
+        "product_data": {"name": "Tokens"},
+        "billing_scheme": "tiered",
+        "recurring": {"interval": "month", "usage_type": "metered", "meter": m.meter},
+    }
     grad = client.v1.prices.create({**common, "tiers_mode": "graduated", "tiers": tiers})
     vol = client.v1.prices.create({**common, "tiers_mode": "volume", "tiers": tiers})
     sub = client.v1.subscriptions.create({"customer": m.customer, "items": [{"price": grad.id}, {"price": vol.id}]})
@@ -198,8 +240,13 @@ def test_upgrade_prorates_by_seconds(ls: LocalStripe, client: stripe.StripeClien
     send(client, m, 1500, timestamp=start + 10)  # before the change: 500 over Basic's 1,000 at 1 cent
     ls.advance_clock(3 * DAY)
     t = ls.now()
-    client.v1.subscriptions.update(sub.id, {"proration_date": t, "items": [
-        {"id": fee_item, "price": fee_b.id}, {"id": use_item, "deleted": True}, {"price": use_b.id}]})
+    client.v1.subscriptions.update(
+        sub.id,
+        {
+            "proration_date": t,
+            "items": [{"id": fee_item, "price": fee_b.id}, {"id": use_item, "deleted": True}, {"price": use_b.id}],
+        },
+    )
     send(client, m, 6000, timestamp=t + 5)  # after: 1,000 over Pro's 5,000 at 0.5 cent
     r = Decimal(end - t) / Decimal(end - start)
     pending = client.v1.invoice_items.list({"customer": m.customer, "pending": True}).data
@@ -212,8 +259,9 @@ def test_upgrade_prorates_by_seconds(ls: LocalStripe, client: stripe.StripeClien
     assert sum(ln.amount for ln in this_period) == 500 - cents(10_000 * r) + cents(30_000 * r) + 500
     assert [ln.amount for ln in inv.lines.data if ln.period.start == end] == [30_000]  # Pro fee in advance
     # always_invoice: the prorations are invoiced at once, on their own invoice
-    client.v1.subscriptions.update(sub.id, {"proration_behavior": "always_invoice",
-                                            "items": [{"id": fee_item, "quantity": 2}]})
+    client.v1.subscriptions.update(
+        sub.id, {"proration_behavior": "always_invoice", "items": [{"id": fee_item, "quantity": 2}]}
+    )
     (upd,) = by_reason(client, m.customer, "subscription_update")
     assert upd.status == "open" and len(upd.lines.data) == 2 and upd.total > 0
     # none: no prorations at all
@@ -230,9 +278,14 @@ def test_credit_grants_apply_to_metered_lines_only(ls: LocalStripe, client: stri
     use = allowance_price(client, m, 0, "1")
     sub = client.v1.subscriptions.create({"customer": m.customer, "items": [{"price": fee.id}, {"price": use.id}]})
     end = sub["items"].data[0].current_period_end
-    client.v1.billing.credit_grants.create({
-        "customer": m.customer, "category": "paid", "applicability_config": {"scope": {"price_type": "metered"}},
-        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 10_000}}})
+    client.v1.billing.credit_grants.create(
+        {
+            "customer": m.customer,
+            "category": "paid",
+            "applicability_config": {"scope": {"price_type": "metered"}},
+            "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 10_000}},
+        }
+    )
     send(client, m, 700)
     ls.advance_clock(end - ls.now() + 1)
     (inv_id,) = ls.close_periods()
@@ -252,9 +305,17 @@ def test_invoice_item_on_a_draft_invoice(ls: LocalStripe, client: stripe.StripeC
     end = sub["items"].data[0].current_period_end
     ls.advance_clock(end - ls.now() + 60)
     (draft,) = [i for i in client.v1.invoices.list({"customer": m.customer, "status": "draft"}).data]
-    client.v1.invoice_items.create({"customer": m.customer, "invoice": draft.id, "amount": 1234, "currency": "usd",
-                                    "description": "minimum commitment true-up", "subscription": sub.id,
-                                    "period": {"start": draft.period_start, "end": draft.period_end}})
+    client.v1.invoice_items.create(
+        {
+            "customer": m.customer,
+            "invoice": draft.id,
+            "amount": 1234,
+            "currency": "usd",
+            "description": "minimum commitment true-up",
+            "subscription": sub.id,
+            "period": {"start": draft.period_start, "end": draft.period_end},
+        }
+    )
     final = client.v1.invoices.finalize_invoice(draft.id)
     assert final.total == 1234 and final.lines.data[-1].description == "minimum commitment true-up"
     with pytest.raises(stripe.InvalidRequestError):
@@ -273,8 +334,10 @@ def test_downgrade_credit_goes_to_the_customer_balance(ls: LocalStripe, client: 
     start, end = item.current_period_start, item.current_period_end
     ls.advance_clock(DAY)
     t = ls.now()
-    client.v1.subscriptions.update(sub.id, {"proration_behavior": "always_invoice", "proration_date": t,
-                                            "items": [{"id": item.id, "price": basic.id}]})
+    client.v1.subscriptions.update(
+        sub.id,
+        {"proration_behavior": "always_invoice", "proration_date": t, "items": [{"id": item.id, "price": basic.id}]},
+    )
     (upd,) = by_reason(client, m.customer, "subscription_update")
     r = Decimal(end - t) / Decimal(end - start)
     assert upd.total == cents(10_000 * r) - cents(30_000 * r) < 0 and upd.amount_due == 0
@@ -290,7 +353,11 @@ def test_downgrade_credit_goes_to_the_customer_balance(ls: LocalStripe, client: 
 def test_credit_grant_category_defaults_to_paid(client: stripe.StripeClient) -> None:
     """spec3.json, credit grant ``category``: "It defaults to `paid` if not specified."."""
     cus = client.v1.customers.create({"name": "g"})
-    grant = client.v1.billing.credit_grants.create({
-        "customer": cus.id, "applicability_config": {"scope": {"price_type": "metered"}},
-        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 100}}})
+    grant = client.v1.billing.credit_grants.create(
+        {
+            "customer": cus.id,
+            "applicability_config": {"scope": {"price_type": "metered"}},
+            "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 100}},
+        }
+    )
     assert grant.category == "paid"
