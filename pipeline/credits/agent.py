@@ -59,10 +59,10 @@ from faust.types import TP
 from meterline.core.config import Settings
 from meterline.core.pricing import PricingEngine
 from meterline.stack import metrics
+from pipeline.credits.plans import PlanBook
 from pipeline.credits.processor import ALERTS, DEAD, ENTRIES, REPLIES, STATUS, CreditProcessor
 from pipeline.delivery import commit_offsets, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
-from pipeline.credits.plans import PlanBook
 from pipeline.pricefeed import PriceFeed
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,16 @@ class CreditAgent:
         self.subscriptions_name = settings.topic("subscriptions")
         self.plans = PlanBook()
         self.plan_feed = PriceFeed(settings.kafka_bootstrap or "", settings.topic("plans"))
-        self.processor = CreditProcessor(engine, priced_topic=self.priced_name, commands_topic=self.commands_name,
-                                         subscriptions_topic=self.subscriptions_name, plans=self.plans)  # fmt: skip
-        self.source = app.topic(self.priced_name, self.commands_name, self.subscriptions_name,
-                                key_serializer="raw", value_serializer="raw")  # fmt: skip
+        self.processor = CreditProcessor(
+            engine,
+            priced_topic=self.priced_name,
+            commands_topic=self.commands_name,
+            subscriptions_topic=self.subscriptions_name,
+            plans=self.plans,
+        )
+        self.source = app.topic(
+            self.priced_name, self.commands_name, self.subscriptions_name, key_serializer="raw", value_serializer="raw"
+        )
         self.out = {
             name: app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw")
             for name in (ENTRIES, STATUS, ALERTS, REPLIES, DEAD)

@@ -40,9 +40,6 @@ from typing import Any, Protocol
 
 from meterline.core.errors import InputError
 from meterline.core.ledger import (
-    SetPlanGate,
-    format_picos,
-    usable_credit,
     ApplyPricedUsage,
     Authorize,
     CustomerLedger,
@@ -51,30 +48,33 @@ from meterline.core.ledger import (
     Grant,
     LedgerCommandError,
     Policy,
+    SetPlanGate,
     SetPolicy,
     SourcePos,
     TopUp,
     apply,
     apply_many,
     dedupe_digest,
+    format_picos,
     mark_applied,
     new_ledger,
     pack_recent,
     unpack_recent,
+    usable_credit,
 )
 from meterline.core.plans import (
     MAX_FACTS,
     LivePlan,
     Terms,
     Usage,
-    allowance_view,
     alerts_due,
+    allowance_view,
     burn,
     consume,
     format_instant,
     gate,
-    parse_event,
     live_terms,
+    parse_event,
     policy_room,
     usage_of_priced,
 )
@@ -305,8 +305,14 @@ class CreditProcessor:
 
     # ---------------------------------------------------------------------------- plans
 
-    def _subscription(self, src: SourcePos, now: int, key: bytes | None, value: bytes | None,
-                      load: Callable[[str], Mapping[str, Any] | None]) -> Outcome:
+    def _subscription(
+        self,
+        src: SourcePos,
+        now: int,
+        key: bytes | None,
+        value: bytes | None,
+        load: Callable[[str], Mapping[str, Any] | None],
+    ) -> Outcome:
         """A ``subscriptions`` fact: remembered in the customer's value (``"plan"``), the timeline
         is folded from the facts with the plan catalog whenever it is needed."""
         try:
@@ -327,14 +333,24 @@ class CreditProcessor:
             runs = self.plans.timeline(customer, live).runs
             if not live.compact(runs[-1].anchor if runs else None):
                 del live.facts[ev.event_id]
-                err = LedgerCommandError(f"more than {MAX_FACTS} subscription facts in one run of {customer!r}",
-                                         reason_code="too_many_subscription_facts")  # fmt: skip
+                err = LedgerCommandError(
+                    f"more than {MAX_FACTS} subscription facts in one run of {customer!r}",
+                    reason_code="too_many_subscription_facts",
+                )
                 out.sends.append(self._dead(src, now, customer, ev.event_id, None, value or b"", "json", err))
                 out.dead_letters += 1
         return self._finish(state, extra, src, now, out, live=live)
 
-    def _priced_on_plan(self, src: SourcePos, now: int, customer: str, state: CustomerLedger, live: LivePlan,
-                        events: list[dict[str, Any]], out: Outcome) -> CustomerLedger:
+    def _priced_on_plan(
+        self,
+        src: SourcePos,
+        now: int,
+        customer: str,
+        state: CustomerLedger,
+        live: LivePlan,
+        events: list[dict[str, Any]],
+        out: Outcome,
+    ) -> CustomerLedger:
         """Each event burns down the allowances of the segment it OCCURRED in (event time and the
         timeline, ``consume`` as the bill does); the overage amount it adds is what the ledger
         debits (prepaid grants first, then overage). Events one by one: a rejected event must
@@ -345,10 +361,16 @@ class CreditProcessor:
                 if ev["customer_id"] != customer:
                     raise LedgerCommandError("a priced record must hold one customer", reason_code="wrong_customer")
                 cmd = ApplyPricedUsage(
-                    event_id=ev["event_id"], occurred_at_ms=int(ev["occurred_at"]), charge_picos=int(ev["charge_picos"]),
-                    currency=str(ev["currency"]), provider=ev["provider"], model=ev["model"], project=ev.get("project"),
-                    api_key_id=ev.get("api_key_id"), request_id=ev.get("request_id"),
-                )  # fmt: skip
+                    event_id=ev["event_id"],
+                    occurred_at_ms=int(ev["occurred_at"]),
+                    charge_picos=int(ev["charge_picos"]),
+                    currency=str(ev["currency"]),
+                    provider=ev["provider"],
+                    model=ev["model"],
+                    project=ev.get("project"),
+                    api_key_id=ev.get("api_key_id"),
+                    request_id=ev.get("request_id"),
+                )
                 terms = live_terms(timeline, live, cmd.occurred_at_ms // 1000)
                 if terms is None or dedupe_digest(f"e:{cmd.event_id}") in state.recent_ids:
                     state, eff = apply(state, cmd)  # no plan then (pay-per-token), or a duplicate
@@ -366,16 +388,23 @@ class CreditProcessor:
                 continue
             seg.invoiced += sum(e.amount_picos for e in eff.entries if e.kind == "debit" and e.grant_id is None)
             for aid, pct, used, avail in alerts_due(terms, seg):
-                out.sends.append((ALERTS, customer.encode(), encode_message(_allowance_alert(
-                    customer, terms, aid, pct, used, avail, cmd.occurred_at_ms)), True))  # fmt: skip
+                out.sends.append(
+                    (
+                        ALERTS,
+                        customer.encode(),
+                        encode_message(_allowance_alert(customer, terms, aid, pct, used, avail, cmd.occurred_at_ms)),
+                        True,
+                    )
+                )
             live.put(seg)
             if cmd.request_id is not None:
                 live.holds.pop(cmd.request_id, None)
             self._effects(customer, eff, out)
         return state
 
-    def _authorize_on_plan(self, state: CustomerLedger, req: LedgerRequest, out: Outcome, live: LivePlan,
-                           terms: Terms, worst_charge: int) -> CustomerLedger:
+    def _authorize_on_plan(
+        self, state: CustomerLedger, req: LedgerRequest, out: Outcome, live: LivePlan, terms: Terms, worst_charge: int
+    ) -> CustomerLedger:
         """The authorize gate of a customer on a plan: the request's worst case (every input token
         estimated, every output token as output or as reasoning, whichever costs more overage)
         is burned down on the segment's allowances AFTER what open holds reserved; only the
@@ -387,12 +416,26 @@ class CreditProcessor:
         assert a is not None
         customer = req.customer_id
         base = live.held(terms, list(state.holds))
-        splits = [consume(terms, base, Usage(a.provider, a.model, {"input": a.input_tokens_estimate, cls: a.max_output_tokens},
-                                             worst_charge))[1] for cls in ("output", "reasoning")]  # fmt: skip
+        splits = [
+            consume(
+                terms,
+                base,
+                Usage(a.provider, a.model, {"input": a.input_tokens_estimate, cls: a.max_output_tokens}, worst_charge),
+            )[1]
+            for cls in ("output", "reasoning")
+        ]
         split = max(splits, key=lambda sp: (sp.overage_amount, sp.overage_quantity))
         reserve = max(split.overage_amount, 0)
-        cmd = Authorize(request_id=a.request_id, estimate_picos=reserve, now_ms=req.at_ms, provider=a.provider,
-                        model=a.model, project=a.project, api_key_id=a.api_key_id, ttl_ms=a.ttl_ms)  # fmt: skip
+        cmd = Authorize(
+            request_id=a.request_id,
+            estimate_picos=reserve,
+            now_ms=req.at_ms,
+            provider=a.provider,
+            model=a.model,
+            project=a.project,
+            api_key_id=a.api_key_id,
+            ttl_ms=a.ttl_ms,
+        )
         new, eff = apply(state, cmd)
         decision = eff.decision
         assert decision is not None
@@ -405,15 +448,20 @@ class CreditProcessor:
                 from meterline.core.ledger import Decision
 
                 denied = Decision(False, reason, a.request_id, None, decision.available_picos)
-                out.sends.append((REPLIES, a.request_id.encode(), encode_message(reply_message(customer, denied, reserve)), False))
+                out.sends.append(
+                    (REPLIES, a.request_id.encode(), encode_message(reply_message(customer, denied, reserve)), False)
+                )
                 return state  # nothing reserved
             live.holds[a.request_id] = (dict(split.allowance), split.overage_quantity)
         self._effects(customer, eff, out)
-        out.sends.append((REPLIES, a.request_id.encode(), encode_message(reply_message(customer, decision, reserve)), False))
+        out.sends.append(
+            (REPLIES, a.request_id.encode(), encode_message(reply_message(customer, decision, reserve)), False)
+        )
         return new
 
-    def _plan_gate(self, state: CustomerLedger, live: LivePlan, at_ms: int,
-                   out: Outcome) -> tuple[CustomerLedger, dict[str, Any] | None]:
+    def _plan_gate(
+        self, state: CustomerLedger, live: LivePlan, at_ms: int, out: Outcome
+    ) -> tuple[CustomerLedger, dict[str, Any] | None]:
         """The plan in force at ``at_ms`` (the later of the record's time and the ledger clock)
         decides enforcement (``SetPlanGate``); returns the state and the status' plan view."""
         terms = live_terms(self.plans.timeline(state.customer_id, live), live, at_ms // 1000)
@@ -423,10 +471,14 @@ class CreditProcessor:
             seg = live.seg(terms)
             block = gate(terms, seg, usable_credit(state, at_ms)[0])
             reserved = live.held(terms, list(state.holds))
-            view = {"plan": terms.plan.key, "on_exhausted": terms.plan.on_exhausted,
-                    "segment_start": format_instant(terms.start), "segment_end": format_instant(terms.end),
-                    "invoiced_overage": format_picos(seg.invoiced),
-                    "allowances": [_formatted(d) for d in allowance_view(terms, seg, reserved)]}  # fmt: skip
+            view = {
+                "plan": terms.plan.key,
+                "on_exhausted": terms.plan.on_exhausted,
+                "segment_start": format_instant(terms.start),
+                "segment_end": format_instant(terms.end),
+                "invoiced_overage": format_picos(seg.invoiced),
+                "allowances": [_formatted(d) for d in allowance_view(terms, seg, reserved)],
+            }
         governs = terms is not None
         if (state.plan_governs, state.plan_block) != (governs, block):
             state, eff = apply(state, SetPlanGate(governs=governs, block=block, at_ms=state.clock_ms))
@@ -546,8 +598,9 @@ class CreditProcessor:
     def _authorize_currency(self, req: LedgerRequest) -> str:
         return self.default_currency
 
-    def _authorize(self, state: CustomerLedger, req: LedgerRequest, out: Outcome,
-                   live: LivePlan | None = None) -> CustomerLedger:
+    def _authorize(
+        self, state: CustomerLedger, req: LedgerRequest, out: Outcome, live: LivePlan | None = None
+    ) -> CustomerLedger:
         a = req.authorize
         assert a is not None
         try:
@@ -573,7 +626,9 @@ class CreditProcessor:
                 )
             )
             return state
-        terms = None if live is None else live_terms(self.plans.timeline(req.customer_id, live), live, req.at_ms // 1000)
+        terms = (
+            None if live is None else live_terms(self.plans.timeline(req.customer_id, live), live, req.at_ms // 1000)
+        )
         if terms is not None and live is not None:
             return self._authorize_on_plan(state, req, out, live, terms, estimate)
         cmd = Authorize(
@@ -792,15 +847,26 @@ def _with_charge(cmd: ApplyPricedUsage, charge: int) -> ApplyPricedUsage:
     return replace(cmd, charge_picos=charge)
 
 
-def _allowance_alert(customer: str, terms: Terms, aid: str, pct: int, used: int, avail: int, at_ms: int) -> dict[str, Any]:
+def _allowance_alert(
+    customer: str, terms: Terms, aid: str, pct: int, used: int, avail: int, at_ms: int
+) -> dict[str, Any]:
     """An ``alerts`` value for an allowance threshold; the id names the segment, so a replay
     regenerates the same id and each threshold fires once per segment."""
     unit = next((a.unit for a in terms.plan.allowances if a.id == aid), "tokens")
     fmt = str if unit == "tokens" else format_picos
-    return {"alert_id": f"{customer}/allowance/{terms.plan.key}/{terms.start}/{aid}/{pct}", "customer_id": customer,
-            "kind": "allowance_used", "message": f"allowance {aid} of {terms.plan.key}: {pct}% used ({fmt(used)} of {fmt(avail)})",
-            "at_ms": at_ms, "scope": "customer", "threshold": str(pct), "threshold_unit": "percent",
-            "value": fmt(used), "allowance_id": aid, "plan": terms.plan.key}  # fmt: skip
+    return {
+        "alert_id": f"{customer}/allowance/{terms.plan.key}/{terms.start}/{aid}/{pct}",
+        "customer_id": customer,
+        "kind": "allowance_used",
+        "message": f"allowance {aid} of {terms.plan.key}: {pct}% used ({fmt(used)} of {fmt(avail)})",
+        "at_ms": at_ms,
+        "scope": "customer",
+        "threshold": str(pct),
+        "threshold_unit": "percent",
+        "value": fmt(used),
+        "allowance_id": aid,
+        "plan": terms.plan.key,
+    }
 
 
 def _with_overage(p: Policy, overage: str) -> Policy:

@@ -93,10 +93,22 @@ class Replay:
     """The oracle: feed the same records to a CreditProcessor with an in-memory dict as the table,
     exactly once, in order. Returns final ledgers and every entry emitted."""
 
-    def __init__(self, pricer: Any = None, priced_topic: str = PRICED, commands_topic: str = COMMANDS, *,
-                 subscriptions_topic: str = SUBSCRIPTIONS, plans: Any = None) -> None:
-        self.proc = CreditProcessor(pricer, priced_topic=priced_topic, commands_topic=commands_topic,
-                                    subscriptions_topic=subscriptions_topic, plans=plans)  # fmt: skip
+    def __init__(
+        self,
+        pricer: Any = None,
+        priced_topic: str = PRICED,
+        commands_topic: str = COMMANDS,
+        *,
+        subscriptions_topic: str = SUBSCRIPTIONS,
+        plans: Any = None,
+    ) -> None:
+        self.proc = CreditProcessor(
+            pricer,
+            priced_topic=priced_topic,
+            commands_topic=commands_topic,
+            subscriptions_topic=subscriptions_topic,
+            plans=plans,
+        )
         self.alerts: dict[str, dict[str, Any]] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.entries: dict[str, dict[str, Any]] = {}

@@ -18,15 +18,23 @@ DAY_MS = 86_400_000
 
 
 def _plan(pid: str, on_exhausted: str, **over: Any) -> dict[str, Any]:
-    d = {"id": pid, "version": 1, "effective_from": "2026-01-01T00:00:00Z", "interval": "month", "fee": "200.00",
-         "allowances": [{"id": "tokens", "tokens": 10 * M}],
-         "overage": {"per_million": "30.00"}, "on_exhausted": on_exhausted}  # fmt: skip
+    d = {
+        "id": pid,
+        "version": 1,
+        "effective_from": "2026-01-01T00:00:00Z",
+        "interval": "month",
+        "fee": "200.00",
+        "allowances": [{"id": "tokens", "tokens": 10 * M}],
+        "overage": {"per_million": "30.00"},
+        "on_exhausted": on_exhausted,
+    }
     d.update(over)
     return d
 
 
-CATALOG = load_plan_catalog({"currency": "USD", "plans": [
-    _plan("pro", "allow"), _plan("strict", "block"), _plan("capped", "cap", cap="45.00")]})  # fmt: skip
+CATALOG = load_plan_catalog(
+    {"currency": "USD", "plans": [_plan("pro", "allow"), _plan("strict", "block"), _plan("capped", "cap", cap="45.00")]}
+)
 
 
 def _replay() -> Replay:
@@ -38,8 +46,16 @@ def _subscribe(r: Replay, customer: str, plan: str, at: int = JAN) -> None:
     r.feed(SUBSCRIPTIONS, 0, key, value, at * 1000)
 
 
-def _tokens(customer: str, eid: str, n_in: int, at_ms: int, *, n_out: int = 0, charge: str = "1.00",
-            request_id: str | None = None) -> dict[str, Any]:
+def _tokens(
+    customer: str,
+    eid: str,
+    n_in: int,
+    at_ms: int,
+    *,
+    n_out: int = 0,
+    charge: str = "1.00",
+    request_id: str | None = None,
+) -> dict[str, Any]:
     ev = priced_event(customer, eid, charge, at_ms, request_id=request_id)
     ev.update(input_tokens=n_in, output_tokens=n_out)
     return ev
@@ -50,9 +66,20 @@ def _use(r: Replay, customer: str, events: list[dict[str, Any]]) -> None:
 
 
 def _authorize(r: Replay, customer: str, rid: str, at_ms: int, n_in: int, n_out: int) -> dict[str, Any]:
-    msg = {"type": "authorize", "command_id": f"authorize:{rid}", "customer_id": customer, "at_ms": at_ms,
-           "request_id": rid, "provider": "openai", "model": "gpt-4o", "model_version": None, "project": None,
-           "api_key_id": None, "input_tokens_estimate": n_in, "max_output_tokens": n_out}  # fmt: skip
+    msg = {
+        "type": "authorize",
+        "command_id": f"authorize:{rid}",
+        "customer_id": customer,
+        "at_ms": at_ms,
+        "request_id": rid,
+        "provider": "openai",
+        "model": "gpt-4o",
+        "model_version": None,
+        "project": None,
+        "api_key_id": None,
+        "input_tokens_estimate": n_in,
+        "max_output_tokens": n_out,
+    }
     r.feed(COMMANDS, 0, customer, enc(msg), at_ms)
     return r.replies[rid]
 
@@ -93,7 +120,8 @@ def test_prepaid_pays_overage_after_the_allowance_and_block_plan_blocks_at_exhau
     assert r.statuses["blk"]["status"] == "active"
     _use(r, "blk", [_tokens("blk", "b", 2 * M, t + 2)])  # 1M over: $30 paid by the grant
     assert [(e["kind"], e["amount"], e["grant_id"]) for e in r.entries.values() if e["kind"] == "debit"] == [
-        ("debit", "30.00", "g1")]
+        ("debit", "30.00", "g1")
+    ]
     st = r.statuses["blk"]
     assert (st["status"], st["reason"]) == ("blocked", "allowance_exhausted")
     assert _authorize(r, "blk", "r1", t + 3, 10, 10)["reason"] == "allowance_exhausted"
@@ -119,7 +147,10 @@ def test_concurrent_authorizations_reserve_the_allowance_within_the_bound() -> N
     assert _allowance(r, "par")["reserved"] == 10 * M
     # settling one with less than reserved frees the rest of its reservation
     _use(r, "par", [_tokens("par", "u0", M // 2, t + 10, request_id="q0")])
-    assert _allowance(r, "par")["reserved"] == 8 * M and _authorize(r, "par", "q6", t + 11, M // 2, M)["decision"] == "allow"
+    assert (
+        _allowance(r, "par")["reserved"] == 8 * M
+        and _authorize(r, "par", "q6", t + 11, M // 2, M)["decision"] == "allow"
+    )
 
 
 def test_cap_plan_blocks_when_the_invoiced_overage_reaches_the_cap() -> None:
@@ -146,8 +177,14 @@ def test_customer_without_plan_is_unchanged() -> None:
 def test_rollover_is_live_and_matches_the_bill() -> None:
     from meterline.core.plans import Usage, fold_timeline, rate_periods
 
-    cat = load_plan_catalog({"currency": "USD", "plans": [
-        _plan("roll", "block", allowances=[{"id": "tokens", "tokens": 10 * M, "rollover": {"max": 5 * M}}])]})  # fmt: skip
+    cat = load_plan_catalog(
+        {
+            "currency": "USD",
+            "plans": [
+                _plan("roll", "block", allowances=[{"id": "tokens", "tokens": 10 * M, "rollover": {"max": 5 * M}}])
+            ],
+        }
+    )
     r = Replay(PricingEngine.from_book(load_price_book(SEED)), plans=PlanBook.of(cat))
     _subscribe(r, "ro", "roll")
     _use(r, "ro", [_tokens("ro", "j", 7 * M, JAN * 1000 + DAY_MS)])
@@ -156,7 +193,10 @@ def test_rollover_is_live_and_matches_the_bill() -> None:
     assert (a["included"], a["rolled_in"], a["used"], a["remaining"]) == (13 * M, 3 * M, 12 * M, M)
     assert r.statuses["ro"]["status"] == "active"
     tl = fold_timeline("ro", [SubscriptionEvent("subscribed", "ro", JAN, "roll")], cat)
-    usage = {JAN: [Usage("openai", "gpt-4o", {"input": 7 * M}, 0)], FEB: [Usage("openai", "gpt-4o", {"input": 12 * M}, 0)]}
+    usage = {
+        JAN: [Usage("openai", "gpt-4o", {"input": 7 * M}, 0)],
+        FEB: [Usage("openai", "gpt-4o", {"input": 12 * M}, 0)],
+    }
     bills = rate_periods(tl.periods(FEB + 1), lambda p: [usage[p.start]])
     feb = bills[1].allowances[0]
     assert (feb.included + feb.rolled_in, feb.used, feb.remaining) == (a["included"], a["used"], a["remaining"])

@@ -22,12 +22,33 @@ from tests.credits.helpers import Replay, enc, priced_event, priced_record
 M = 1_000_000
 MIN = 60_000
 METERLINE = str(Path(sys.executable).parent / "meterline")
-CATALOG = load_plan_catalog({"currency": "USD", "plans": [
-    {"id": "pro", "version": 1, "effective_from": "2026-01-01T00:00:00Z", "interval": "month", "fee": "200.00",
-     "allowances": [{"id": "tokens", "tokens": 10 * M}], "overage": {"per_million": "30.00"}, "on_exhausted": "allow"},
-    {"id": "strict", "version": 1, "effective_from": "2026-01-01T00:00:00Z", "interval": "month", "fee": "200.00",
-     "allowances": [{"id": "tokens", "tokens": 10 * M}], "overage": {"per_million": "30.00"}, "on_exhausted": "block"},
-]})  # fmt: skip
+CATALOG = load_plan_catalog(
+    {
+        "currency": "USD",
+        "plans": [
+            {
+                "id": "pro",
+                "version": 1,
+                "effective_from": "2026-01-01T00:00:00Z",
+                "interval": "month",
+                "fee": "200.00",
+                "allowances": [{"id": "tokens", "tokens": 10 * M}],
+                "overage": {"per_million": "30.00"},
+                "on_exhausted": "allow",
+            },
+            {
+                "id": "strict",
+                "version": 1,
+                "effective_from": "2026-01-01T00:00:00Z",
+                "interval": "month",
+                "fee": "200.00",
+                "allowances": [{"id": "tokens", "tokens": 10 * M}],
+                "overage": {"per_million": "30.00"},
+                "on_exhausted": "block",
+            },
+        ],
+    }
+)
 
 
 class PlanDriver:
@@ -50,14 +71,29 @@ class PlanDriver:
         self._send("usage-priced", customer, priced_record([ev]), at_ms)
 
     def authorize(self, customer: str, rid: str, at_ms: int, n_in: int, n_out: int) -> None:
-        msg = {"type": "authorize", "command_id": f"authorize:{rid}", "customer_id": customer, "at_ms": at_ms,
-               "request_id": rid, "provider": "openai", "model": "gpt-4o", "model_version": None, "project": None,
-               "api_key_id": None, "input_tokens_estimate": n_in, "max_output_tokens": n_out}  # fmt: skip
+        msg = {
+            "type": "authorize",
+            "command_id": f"authorize:{rid}",
+            "customer_id": customer,
+            "at_ms": at_ms,
+            "request_id": rid,
+            "provider": "openai",
+            "model": "gpt-4o",
+            "model_version": None,
+            "project": None,
+            "api_key_id": None,
+            "input_tokens_estimate": n_in,
+            "max_output_tokens": n_out,
+        }
         self._send("ledger-commands", customer, enc(msg), at_ms)
 
     def settle(self, timeout: float = 90.0) -> None:
         self.p.flush()
-        self.p.wait_for("statuses equal to the oracle", lambda: self.p.latest_json("customer-status") == self.oracle.statuses, timeout)
+        self.p.wait_for(
+            "statuses equal to the oracle",
+            lambda: self.p.latest_json("customer-status") == self.oracle.statuses,
+            timeout,
+        )
 
     def replies(self) -> dict[str, dict[str, Any]]:
         return {k: json.loads(v) for k, v, _p, _o in self.p.read("ledger-replies")}
@@ -67,9 +103,13 @@ def test_plan_allowances_burn_down_live_and_a_block_plan_blocks(credit_pipeline:
     p = credit_pipeline
     p.publish_prices()
     publish_records(p.settings.kafka_bootstrap or "", p.settings.topic("plans"), CATALOG.to_records())
-    oracle = Replay(PricingEngine.from_book(load_price_book(SEED)), priced_topic=p.settings.topic("usage-priced"),
-                    commands_topic=p.settings.topic("ledger-commands"),
-                    subscriptions_topic=p.settings.topic("subscriptions"), plans=PlanBook.of(CATALOG))  # fmt: skip
+    oracle = Replay(
+        PricingEngine.from_book(load_price_book(SEED)),
+        priced_topic=p.settings.topic("usage-priced"),
+        commands_topic=p.settings.topic("ledger-commands"),
+        subscriptions_topic=p.settings.topic("subscriptions"),
+        plans=PlanBook.of(CATALOG),
+    )
     d = PlanDriver(p, oracle)
     p.start_worker()
     t0 = int(time.time() * 1000) - 3_600_000
@@ -83,14 +123,24 @@ def test_plan_allowances_burn_down_live_and_a_block_plan_blocks(credit_pipeline:
         d.usage("acme", f"a{i}", M, t0 + i * MIN)
     d.settle()
     bal = p.latest_json("customer-status")["acme"]["balance"]
-    assert [(a["id"], a["included"], a["used"], a["remaining"]) for a in bal["allowances"]] == [("tokens", 10 * M, 7 * M, 3 * M)]
+    assert [(a["id"], a["included"], a["used"], a["remaining"]) for a in bal["allowances"]] == [
+        ("tokens", 10 * M, 7 * M, 3 * M)
+    ]
     # the installed CLI shows the same (Kafka mode: no API running)
-    env = {**os.environ, "METERLINE_KAFKA_BOOTSTRAP": p.settings.kafka_bootstrap or "",
-           "METERLINE_TOPIC_PREFIX": p.settings.topic_prefix, "METERLINE_DATA_DIR": str(p.log_dir.parent / "cli")}
-    out = subprocess.run([METERLINE, "credits", "balance", "acme"], env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "METERLINE_KAFKA_BOOTSTRAP": p.settings.kafka_bootstrap or "",
+        "METERLINE_TOPIC_PREFIX": p.settings.topic_prefix,
+        "METERLINE_DATA_DIR": str(p.log_dir.parent / "cli"),
+    }
+    out = subprocess.run(
+        [METERLINE, "credits", "balance", "acme"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert [(a["id"], a["included"], a["used"], a["remaining"]) for a in doc["allowances"]] == [("tokens", 10 * M, 7 * M, 3 * M)]
+    assert [(a["id"], a["included"], a["used"], a["remaining"]) for a in doc["allowances"]] == [
+        ("tokens", 10 * M, 7 * M, 3 * M)
+    ]
     assert doc["plan"]["plan"] == "pro@1" and doc["status"] == "active"
     d.usage("acme", "a7", 5 * M, t0 + 8 * MIN)
     d.settle()
@@ -98,7 +148,9 @@ def test_plan_allowances_burn_down_live_and_a_block_plan_blocks(credit_pipeline:
     assert st["status"] == "active" and st["balance"]["allowances"][0]["remaining"] == 0
     assert st["balance"]["overage"] == "60.00" and st["balance"]["plan"]["invoiced_overage"] == "60.00"
     alerts = {json.loads(v)["alert_id"] for k, v, _p, _o in p.read("alerts") if k == "acme"}
-    assert {a for a in alerts if "/allowance/" in a} == {f"acme/allowance/pro@1/{sub_at}/tokens/{pct}" for pct in (50, 80, 100)}
+    assert {a for a in alerts if "/allowance/" in a} == {
+        f"acme/allowance/pro@1/{sub_at}/tokens/{pct}" for pct in (50, 80, 100)
+    }
 
     # block plan: blocked at its allowance, further authorizations denied
     d.usage("blk", "b0", 10 * M, t0 + MIN)

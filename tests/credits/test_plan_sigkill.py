@@ -26,15 +26,23 @@ pytestmark = pytest.mark.slow
 
 
 def _plan(pid: str, on_exhausted: str, **over: object) -> dict[str, object]:
-    d: dict[str, object] = {"id": pid, "version": 1, "effective_from": "2026-01-01T00:00:00Z", "interval": "month",
-                            "fee": "200.00", "allowances": [{"id": "tokens", "tokens": 10 * M}],
-                            "overage": {"per_million": "30.00"}, "on_exhausted": on_exhausted}  # fmt: skip
+    d: dict[str, object] = {
+        "id": pid,
+        "version": 1,
+        "effective_from": "2026-01-01T00:00:00Z",
+        "interval": "month",
+        "fee": "200.00",
+        "allowances": [{"id": "tokens", "tokens": 10 * M}],
+        "overage": {"per_million": "30.00"},
+        "on_exhausted": on_exhausted,
+    }
     d.update(over)
     return d
 
 
-CATALOG = load_plan_catalog({"currency": "USD", "plans": [
-    _plan("pro", "allow"), _plan("strict", "block"), _plan("capped", "cap", cap="45.00")]})  # fmt: skip
+CATALOG = load_plan_catalog(
+    {"currency": "USD", "plans": [_plan("pro", "allow"), _plan("strict", "block"), _plan("capped", "cap", cap="45.00")]}
+)
 
 
 def test_sigkill_during_allowance_burn_down_equals_pure_replay(credit_pipeline: CreditPipeline) -> None:
@@ -44,9 +52,13 @@ def test_sigkill_during_allowance_burn_down_equals_pure_replay(credit_pipeline: 
     p = credit_pipeline
     p.publish_prices()
     publish_records(p.settings.kafka_bootstrap or "", p.settings.topic("plans"), CATALOG.to_records())
-    oracle = Replay(PricingEngine.from_book(load_price_book(SEED)), priced_topic=p.settings.topic("usage-priced"),
-                    commands_topic=p.settings.topic("ledger-commands"),
-                    subscriptions_topic=p.settings.topic("subscriptions"), plans=PlanBook.of(CATALOG))  # fmt: skip
+    oracle = Replay(
+        PricingEngine.from_book(load_price_book(SEED)),
+        priced_topic=p.settings.topic("usage-priced"),
+        commands_topic=p.settings.topic("ledger-commands"),
+        subscriptions_topic=p.settings.topic("subscriptions"),
+        plans=PlanBook.of(CATALOG),
+    )
     d = Driver(p, oracle)
     t0 = d.ts
     sub_at = t0 // 1000 - 86_400
@@ -89,7 +101,7 @@ def test_sigkill_during_allowance_burn_down_equals_pure_replay(credit_pipeline: 
     for _kill in range(3):
         burst(120)
         before = p.entry_count()
-        p.wait_for("progress before the kill", lambda: p.entry_count() > before, 60)
+        p.wait_for("progress before the kill", lambda before=before: p.entry_count() > before, 60)
         time.sleep(rng.uniform(0.0, 0.8))
         w.kill()
         w = p.start_worker()
@@ -99,7 +111,8 @@ def test_sigkill_during_allowance_burn_down_equals_pure_replay(credit_pipeline: 
     assert latest == oracle.statuses  # balances, statuses and every allowance (used, remaining, reserved)
     assert entries_in_clickhouse(p) == oracle_entries(oracle)
     assert alerts() >= set(oracle.alerts) and {a for a in alerts() if "/allowance/" in a} == {
-        a for a in oracle.alerts if "/allowance/" in a}
+        a for a in oracle.alerts if "/allowance/" in a
+    }
     on_plan = [c for c in customers if "allowances" in oracle.statuses[c]["balance"]]
     assert on_plan and any(oracle.statuses[c]["balance"]["allowances"][0]["used"] > 0 for c in on_plan)
     assert any(oracle.statuses[c]["reason"] in ("allowance_exhausted", "plan_cap_reached") for c in on_plan)

@@ -42,6 +42,7 @@ How the faust agent (the single writer per customer) must use it — exactly-onc
 from __future__ import annotations
 
 from meterline.core.ledger._apply import apply, apply_many, authorize, mark_applied, resume_offsets
+from meterline.core.ledger._guards import usable_credit
 from meterline.core.ledger._money import (
     PICOS_PER_UNIT,
     LedgerCommandError,
@@ -81,7 +82,6 @@ from meterline.core.ledger._types import (
     VelocityRule,
     Void,
 )
-from meterline.core.ledger._guards import usable_credit
 from meterline.core.ledger._view import balance_view, fold_entries, status_of
 
 __all__ = [

@@ -14,8 +14,13 @@ OveragePolicy = Literal["block", "allow", "credit_limit"]
 EntryKind = Literal["grant", "top_up", "debit", "expiry", "void", "adjustment"]
 BudgetScope = Literal["customer", "project", "api_key"]
 BlockReason = Literal[
-    "credit_exhausted", "credit_limit_reached", "budget_exceeded", "runaway_guard", "manual",
-    "allowance_exhausted", "plan_cap_reached",
+    "credit_exhausted",
+    "credit_limit_reached",
+    "budget_exceeded",
+    "runaway_guard",
+    "manual",
+    "allowance_exhausted",
+    "plan_cap_reached",
 ]
 #: Blocks a subscription plan's overage policy sets (``SetPlanGate``; see docs/plans.md).
 PLAN_BLOCK_REASONS: tuple[str, ...] = ("allowance_exhausted", "plan_cap_reached")
@@ -460,5 +465,15 @@ class Authorize:
 
 
 Command = (
-    ApplyPricedUsage | Grant | TopUp | Void | Adjust | ExpireDue | SetPolicy | SetBudget | SetBlock | SetPlanGate | Authorize
+    ApplyPricedUsage
+    | Grant
+    | TopUp
+    | Void
+    | Adjust
+    | ExpireDue
+    | SetPolicy
+    | SetBudget
+    | SetBlock
+    | SetPlanGate
+    | Authorize
 )

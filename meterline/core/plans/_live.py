@@ -36,8 +36,13 @@ MAX_SEGMENTS = 4
 #: Allowance-used alert thresholds (percent of the segment's allowance).
 ALERT_PCTS: tuple[int, ...] = (50, 80, 100)
 
-_TOKEN_FIELDS = (("input", "input_tokens"), ("output", "output_tokens"), ("cached_input", "cached_input_tokens"),
-                 ("cache_write", "cache_write_tokens"), ("reasoning", "reasoning_tokens"))  # fmt: skip
+_TOKEN_FIELDS = (
+    ("input", "input_tokens"),
+    ("output", "output_tokens"),
+    ("cached_input", "cached_input_tokens"),
+    ("cache_write", "cache_write_tokens"),
+    ("reasoning", "reasoning_tokens"),
+)
 
 
 def usage_of_priced(ev: Mapping[str, Any]) -> Usage:
@@ -75,8 +80,9 @@ class LivePlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "facts": list(self.facts.values()),
-            "segs": [[s.start, s.plan, dict(s.used), s.overage, s.invoiced, list(s.fired), dict(s.rolled)]
-                     for s in self.segs],
+            "segs": [
+                [s.start, s.plan, dict(s.used), s.overage, s.invoiced, list(s.fired), dict(s.rolled)] for s in self.segs
+            ],
             "holds": {rid: [dict(d), q] for rid, (d, q) in self.holds.items()},
         }
 
@@ -85,9 +91,18 @@ class LivePlan:
         if not d:
             return cls()
         facts = {str(f["event_id"]): dict(f) for f in d.get("facts") or []}
-        segs = [SegmentUse(int(s[0]), str(s[1]), {k: int(v) for k, v in s[2].items()}, int(s[3]), int(s[4]), list(s[5]),
-                           {k: int(v) for k, v in (s[6] if len(s) > 6 else {}).items()})
-                for s in d.get("segs") or []]  # fmt: skip
+        segs = [
+            SegmentUse(
+                int(s[0]),
+                str(s[1]),
+                {k: int(v) for k, v in s[2].items()},
+                int(s[3]),
+                int(s[4]),
+                list(s[5]),
+                {k: int(v) for k, v in (s[6] if len(s) > 6 else {}).items()},
+            )
+            for s in d.get("segs") or []
+        ]
         holds = {str(r): ({k: int(v) for k, v in h[0].items()}, int(h[1])) for r, h in (d.get("holds") or {}).items()}
         return cls(facts, segs, holds)
 
@@ -168,7 +183,12 @@ def live_terms(timeline: Timeline, live: LivePlan, at: int) -> Terms | None:
     carry: dict[str, int] = {}
     if i == 0 and period.index > 0:
         prev = timeline.period_at(period.start - 1)
-        if prev is not None and prev.anchor == period.anchor and prev.index + 1 == period.index and prev.stop == prev.end:
+        if (
+            prev is not None
+            and prev.anchor == period.anchor
+            and prev.index + 1 == period.index
+            and prev.stop == prev.end
+        ):
             last = terms_for(prev, len(prev.segments) - 1)
             seg = live.seg(last)
             for a in last.plan.allowances:
@@ -183,7 +203,9 @@ def burn(terms: Terms, seg: SegmentUse, usage: Usage) -> tuple[SegmentUse, Split
     """One event's burn-down on its segment (allowances first; the rest is overage)."""
     after, split = consume(terms, seg.consumption(), usage)
     rolled = {k: v for k, v in terms.rolled_in.items() if v}  # as of this event (late usage may change it)
-    return SegmentUse(seg.start, seg.plan, dict(after.used), after.overage, seg.invoiced, list(seg.fired), rolled), split
+    return SegmentUse(
+        seg.start, seg.plan, dict(after.used), after.overage, seg.invoiced, list(seg.fired), rolled
+    ), split
 
 
 def gate(terms: Terms, seg: SegmentUse, usable_prepaid: int) -> str | None:
@@ -222,8 +244,15 @@ def allowance_view(terms: Terms, seg: SegmentUse, reserved: Consumption | None =
     out = []
     for a in terms.plan.allowances:
         used = seg.used.get(a.id, 0)
-        d: dict[str, Any] = {"id": a.id, "plan": terms.plan.key, "unit": a.unit, "included": terms.available(a.id),
-                             "rolled_in": terms.rolled_in.get(a.id, 0), "used": used, "remaining": rem[a.id]}  # fmt: skip
+        d: dict[str, Any] = {
+            "id": a.id,
+            "plan": terms.plan.key,
+            "unit": a.unit,
+            "included": terms.available(a.id),
+            "rolled_in": terms.rolled_in.get(a.id, 0),
+            "used": used,
+            "remaining": rem[a.id],
+        }
         if reserved is not None:
             d["reserved"] = max(reserved.used.get(a.id, 0) - used, 0)
         out.append(d)
