@@ -42,6 +42,7 @@ How the faust agent (the single writer per customer) must use it — exactly-onc
 from __future__ import annotations
 
 from meterline.core.ledger._apply import apply, apply_many, authorize, mark_applied, resume_offsets
+from meterline.core.ledger._guards import usable_credit
 from meterline.core.ledger._money import (
     PICOS_PER_UNIT,
     LedgerCommandError,
@@ -55,6 +56,7 @@ from meterline.core.ledger._state import CustomerLedger, dedupe_digest, new_ledg
 from meterline.core.ledger._types import (
     MAX_DEDUPE_IDS,
     MAX_OPEN_HOLDS,
+    PLAN_BLOCK_REASONS,
     Adjust,
     Alert,
     ApplyPricedUsage,
@@ -72,6 +74,7 @@ from meterline.core.ledger._types import (
     Policy,
     SetBlock,
     SetBudget,
+    SetPlanGate,
     SetPolicy,
     SourcePos,
     StatusChange,
@@ -85,6 +88,7 @@ __all__ = [
     "MAX_DEDUPE_IDS",
     "MAX_OPEN_HOLDS",
     "PICOS_PER_UNIT",
+    "PLAN_BLOCK_REASONS",
     "Adjust",
     "Alert",
     "ApplyPricedUsage",
@@ -104,6 +108,7 @@ __all__ = [
     "Policy",
     "SetBlock",
     "SetBudget",
+    "SetPlanGate",
     "SetPolicy",
     "SourcePos",
     "StatusChange",
@@ -127,4 +132,5 @@ __all__ = [
     "to_decimal",
     "to_ms",
     "unpack_recent",
+    "usable_credit",
 ]
