@@ -194,14 +194,36 @@ def _start_demo(runtime: Any, stop: threading.Event) -> tuple[Any, threading.Thr
         return not (value and value.get("status") == "blocked")
 
     traffic = DemoTraffic(producer, allowed=allowed)
-    from meterline.shell.demo import CUSTOMERS
+    from meterline.shell.demo import CUSTOMERS, PLAN_SUBSCRIPTIONS, plan_customer_ids
     from meterline.shell.demo_billing import DemoBilling
 
-    traffic.billing = DemoBilling(runtime, [c.customer_id for c in CUSTOMERS])
+    on_plans = plan_customer_ids()
+    traffic.billing = DemoBilling(runtime, [c.customer_id for c in CUSTOMERS if c.customer_id not in on_plans])
     console.print(f"[dim]·[/dim] Stripe (local server, {traffic.billing.path}): customers provisioned for this period")
+    _publish_demo_plans()
+    for warning in traffic.billing.provision_plans(sorted(on_plans), timeout=15):
+        err.print(f"[yellow]plan billing: {warning}[/yellow]")
+    console.print(
+        "[dim]·[/dim] plans: "
+        + "; ".join(f"{customer} on {plan}" for customer, plan in PLAN_SUBSCRIPTIONS)
+        + " (from now; Stripe fee + allowance/overage prices provisioned)"
+    )
     thread = threading.Thread(target=traffic.run, args=(stop,), name="meterline-demo", daemon=True)
     thread.start()
     return traffic, thread
+
+
+def _publish_demo_plans() -> None:
+    """The demo's plans and subscriptions (start = now), through ``meterline plans load|subscribe``."""
+    from meterline.shell.cli_plans import plans_load, plans_subscribe
+    from meterline.shell.demo import DEMO_PLANS, PLAN_SUBSCRIPTIONS
+
+    plans_load(Path(__file__).resolve().parents[2] / DEMO_PLANS)
+    for customer, plan in PLAN_SUBSCRIPTIONS:
+        try:
+            plans_subscribe(customer, plan, version=None, from_=None)
+        except typer.Exit:  # refused with its reason printed (e.g. already subscribed in this data dir)
+            err.print(f"[yellow]{customer} keeps its recorded subscription[/yellow]")
 
 
 def _summary_tables(runtime: Any, traffic: Any) -> list[Table]:
@@ -302,6 +324,18 @@ def _close_demo_period(traffic: Any) -> None:
             r.status,
         )
     console.print(table)
+    for warning in billing.warnings:
+        err.print(f"[yellow]plan billing: {warning}[/yellow]")
+    plan_lines = billing.plan_lines(rows)
+    if plan_lines:
+        plans = Table(title=f"plan lines of the closed period ({len(summary.true_ups)} true-up(s) added)")
+        for col in ("customer", "line", "description", "quantity", "amount", "on invoice"):
+            plans.add_column(col, justify="right" if col in ("quantity", "amount") else "left")
+        for p in plan_lines:
+            plans.add_row(
+                p.customer_id, p.kind, p.description, f"{p.quantity:,}", f"${p.amount_cents / 100:,.2f}", p.invoice_id
+            )
+        console.print(plans)
     console.print(
         f"[dim]invoices are kept in {billing.path}: python -m devtools.stripe_local --state {billing.path}[/dim]"
     )

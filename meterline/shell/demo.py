@@ -89,6 +89,18 @@ def demo_credit_commands() -> list[dict[str, Any]]:
     ]
 
 
+# Plan story (infra/plans/demo.yaml), beside the pay-per-token customers acme, umbrella and hooli:
+# initech is on a small `block` plan and is blocked at its allowance (allowance_exhausted), with a
+# minimum commitment it does not reach (trued up); globex is on an `allow` plan with a small
+# allowance and pays overage per million tokens. Both subscribe when the demo starts.
+DEMO_PLANS = "infra/plans/demo.yaml"
+PLAN_SUBSCRIPTIONS: tuple[tuple[str, str], ...] = (("initech", "demo-starter"), ("globex", "demo-growth"))
+
+
+def plan_customer_ids() -> set[str]:
+    return {customer for customer, _plan in PLAN_SUBSCRIPTIONS}
+
+
 UNPRICED_MODEL = ("openai", "gpt-7-preview", None)
 
 
