@@ -145,7 +145,12 @@ def create_app(settings: Settings) -> faust.App:
     # Every usage-events record once, in offset order, whatever faust hands over (pipeline/ordered.py).
     ordered = OrderedSource("pricing agent", reader, _start_offset, _apply)
     app.meterline_pricing_source = ordered  # type: ignore[attr-defined]
-    sources = {usage_name: ordered, credit.priced_name: credit.ordered, credit.commands_name: credit.ordered}
+    sources = {
+        usage_name: ordered,
+        credit.priced_name: credit.ordered,
+        credit.commands_name: credit.ordered,
+        credit.subscriptions_name: credit.ordered,
+    }
     watchdog = StallWatchdog(
         app, lambda: (ordered.applied, ordered.redelivered, credit.records, credit.ordered.redelivered), set(sources)
     )

@@ -534,15 +534,22 @@ def entry_from_message(d: Mapping[str, Any]) -> LedgerEntry:
     )
 
 
-def status_message(state: CustomerLedger, now_ms: int) -> dict[str, Any]:
-    """The ``customer-status`` value: status of the customer scope plus the full balance view."""
+def status_message(state: CustomerLedger, now_ms: int, plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``customer-status`` value: status of the customer scope plus the full balance view.
+    ``plan`` (a customer on a subscription plan): the plan in force and each allowance of the
+    current segment (id, included, used, remaining, reserved), in ``balance.plan`` and
+    ``balance.allowances``."""
     st = status_of(state)
+    balance = balance_view(state, now_ms)
+    if plan is not None:
+        balance["plan"] = {k: v for k, v in plan.items() if k != "allowances"}
+        balance["allowances"] = plan["allowances"]
     return {
         "customer_id": state.customer_id,
         "status": st["state"],
         "reason": st.get("reason"),
         "since_ms": st.get("since"),
-        "balance": balance_view(state, now_ms),
+        "balance": balance,
         "updated_at_ms": now_ms,
     }
 

@@ -1,8 +1,10 @@
 """The credit agent: the single writer of every customer's credit state (faust).
 
-One agent consumes ``usage-priced`` and ``ledger-commands`` (one faust topic with two names; both
-``partitions: default``, keyed by customer_id, so a customer's records of both topics arrive on
-the same partition number, in one stream task per partition) and keeps the table ``ledgers``
+One agent consumes ``usage-priced``, ``ledger-commands`` and ``subscriptions`` (one faust topic
+with three names; all ``partitions: default``, keyed by customer_id, so a customer's records of
+every topic arrive on the same partition number, in one stream task per partition; subscription
+facts are folded into the customer's value, the plan catalog comes from the compacted ``plans``
+topic, read whole by every worker like prices: docs/plans.md, "Live enforcement") and keeps the table ``ledgers``
 (key customer_id, value ``CustomerLedger.to_dict()`` + ``"x"``: agent bookkeeping). Per record it
 hands the bytes to :class:`pipeline.credits.processor.CreditProcessor`, then:
 
@@ -57,6 +59,7 @@ from faust.types import TP
 from meterline.core.config import Settings
 from meterline.core.pricing import PricingEngine
 from meterline.stack import metrics
+from pipeline.credits.plans import PlanBook
 from pipeline.credits.processor import ALERTS, DEAD, ENTRIES, REPLIES, STATUS, CreditProcessor
 from pipeline.delivery import commit_offsets, send_changelog, table_data
 from pipeline.ordered import GapReader, OrderedSource, SourceRecord
@@ -98,8 +101,19 @@ class CreditAgent:
         self.feed = feed
         self.priced_name = settings.topic("usage-priced")
         self.commands_name = settings.topic("ledger-commands")
-        self.processor = CreditProcessor(engine, priced_topic=self.priced_name, commands_topic=self.commands_name)
-        self.source = app.topic(self.priced_name, self.commands_name, key_serializer="raw", value_serializer="raw")
+        self.subscriptions_name = settings.topic("subscriptions")
+        self.plans = PlanBook()
+        self.plan_feed = PriceFeed(settings.kafka_bootstrap or "", settings.topic("plans"))
+        self.processor = CreditProcessor(
+            engine,
+            priced_topic=self.priced_name,
+            commands_topic=self.commands_name,
+            subscriptions_topic=self.subscriptions_name,
+            plans=self.plans,
+        )
+        self.source = app.topic(
+            self.priced_name, self.commands_name, self.subscriptions_name, key_serializer="raw", value_serializer="raw"
+        )
         self.out = {
             name: app.topic(settings.topic(name), key_serializer="raw", value_serializer="raw")
             for name in (ENTRIES, STATUS, ALERTS, REPLIES, DEAD)
@@ -123,7 +137,7 @@ class CreditAgent:
     # ------------------------------------------------------------------ recovery
 
     def source_tps(self) -> set[TP]:
-        names = {self.priced_name, self.commands_name}
+        names = {self.priced_name, self.commands_name, self.subscriptions_name}
         return {tp for tp in self.app.consumer.assignment() if tp.topic in names}
 
     def table_resume_offsets(self, tps: set[TP]) -> dict[TP, int]:
@@ -206,6 +220,7 @@ class CreditAgent:
         if len(flight) >= self.max_in_flight:  # backpressure: wait for the oldest
             await next(iter(flight.values())).done
         self.feed.drain_into(self.engine)
+        self.plan_feed.drain_into(self.plans)
         outcome = self.processor.process(
             rec.topic, partition, rec.offset, rec.timestamp_ms, rec.key, value, self.table.get, final=final
         )
@@ -398,6 +413,7 @@ def register_credit_agent(app: faust.App, settings: Settings, *, engine: Pricing
     """Add the credit agent and its ``ledgers`` table to ``app`` (``create_app`` calls this)."""
     credit = CreditAgent(app, settings, engine, feed)
     credit.table.on_recover(credit.on_recover)
+    credit.plan_feed.start()  # a plain thread started with the app, like the price feed (pipeline/app.py)
     app.meterline_credit = credit  # type: ignore[attr-defined]  # for introspection in tests
 
     @app.on_partitions_revoked.connect
@@ -413,10 +429,12 @@ def register_credit_agent(app: faust.App, settings: Settings, *, engine: Pricing
         for drainer in credit._drainers.values():
             drainer.cancel()
         credit.gaps.close()
+        credit.plan_feed.stop()
 
     @app.agent(credit.source)
     async def credit_ledger(stream: faust.StreamT) -> None:
         await feed.until_ready("credit agent")
+        await credit.plan_feed.until_ready("credit agent (plans)")
         async for event in stream.events():
             await credit.handle(event)
 

@@ -1,7 +1,7 @@
 """The credit step as a pure function of (source record, stored customer state, prices): no Kafka.
 
-:meth:`CreditProcessor.process` takes one record of ``usage-priced`` or ``ledger-commands`` with
-its position and broker timestamp, and the customer's stored table value, and returns
+:meth:`CreditProcessor.process` takes one record of ``usage-priced``, ``ledger-commands`` or
+``subscriptions`` with its position and broker timestamp, and the customer's stored table value, and returns
 :class:`Outcome`: the messages to send (ledger entries, status, alerts, replies, dead letters) and
 the new table value. The faust agent (``pipeline/credits/agent.py``) sends the messages, awaits
 their delivery, THEN stores the value. Everything is deterministic in its inputs — times come from
@@ -24,6 +24,12 @@ Per record (one record = one customer: a ``PricedBatch`` holds one customer's ev
    a ``LedgerCommandError`` dead-letters that event / command and changes nothing else;
 6. record the source offset (``mark_applied``) in the same value: all events of a record are
    applied, or (crash before the value is stored) the record is replayed whole.
+
+A customer on a subscription plan (a ``subscriptions`` fact stored in the value's ``"plan"``):
+each priced event first burns down the allowances of the segment it occurred in, and only the
+overage amount it adds goes to the ledger (prepaid grants, then overage); the plan's
+``on_exhausted`` gates enforcement (``SetPlanGate``), authorize reserves against the allowances,
+and the status carries each allowance. docs/plans.md, "Live enforcement".
 """
 
 from __future__ import annotations
@@ -43,17 +49,38 @@ from meterline.core.ledger import (
     Effects,
     ExpireDue,
     LedgerCommandError,
+    SetPlanGate,
     SourcePos,
     apply,
     apply_command,
     apply_many,
     command_ids,
     command_seen,
+    dedupe_digest,
     default_policy,
+    format_picos,
     mark_applied,
     new_ledger,
     remember_command,
+    usable_credit,
 )
+from meterline.core.plans import (
+    MAX_FACTS,
+    LivePlan,
+    Terms,
+    Usage,
+    alerts_due,
+    allowance_view,
+    burn,
+    consume,
+    format_instant,
+    gate,
+    live_terms,
+    parse_event,
+    policy_room,
+    usage_of_priced,
+)
+from pipeline.credits.plans import PlanBook
 from pipeline.processor import MAX_DEAD_PAYLOAD_BYTES, unforeseen_dead_letter
 from schemas.codec import decode_priced_batch, encode_dead_letter, encode_priced_batch
 from schemas.credits import (
@@ -120,11 +147,20 @@ def worst_case_charge(pricer: Pricer, customer_id: str, req: AuthorizeRequest, a
 
 class CreditProcessor:
     def __init__(
-        self, pricer: Pricer, *, priced_topic: str, commands_topic: str, default_currency: str = "usd"
+        self,
+        pricer: Pricer,
+        *,
+        priced_topic: str,
+        commands_topic: str,
+        default_currency: str = "usd",
+        subscriptions_topic: str | None = None,
+        plans: PlanBook | None = None,
     ) -> None:
         self.pricer = pricer
         self.priced_topic = priced_topic
         self.commands_topic = commands_topic
+        self.subscriptions_topic = subscriptions_topic
+        self.plans = plans if plans is not None else PlanBook()
         self.default_currency = default_currency.lower()
 
     def process(
@@ -146,6 +182,8 @@ class CreditProcessor:
         try:
             if topic == self.priced_topic:
                 return self._priced(src, timestamp_ms, key, value, load, final)
+            if topic == self.subscriptions_topic:
+                return self._subscription(src, timestamp_ms, key, value, load)
             return self._command(src, timestamp_ms, key, value, load)
         except Exception as exc:
             return self._unforeseen(src, timestamp_ms, key, value, exc, load, final)
@@ -184,6 +222,8 @@ class CreditProcessor:
                     return Outcome(customer_id=customer, skipped=True)
                 value_d = mark_applied(state, src).to_dict()
                 value_d["x"] = dict(stored.get("x") or {})
+                if stored.get("plan"):
+                    value_d["plan"] = stored["plan"]
                 out.state = value_d
         except Exception:
             out.state = None
@@ -228,6 +268,10 @@ class CreditProcessor:
             return Outcome(customer_id=customer, skipped=True)
         out = Outcome(customer_id=customer)
         state = self._expire(state, now, out)
+        live = _live_of(load(customer))
+        if live is not None:
+            state = self._priced_on_plan(src, now, customer, state, live, events, out)
+            return self._finish(state, extra, src, now, out, mark=final, live=live)
         cmds: list[ApplyPricedUsage] = []
         cmd_events: list[dict[str, Any]] = []
         for ev in events:
@@ -258,6 +302,188 @@ class CreditProcessor:
             else:
                 self._effects(customer, res, out)
         return self._finish(state, extra, src, now, out, mark=final)
+
+    # ---------------------------------------------------------------------------- plans
+
+    def _subscription(
+        self,
+        src: SourcePos,
+        now: int,
+        key: bytes | None,
+        value: bytes | None,
+        load: Callable[[str], Mapping[str, Any] | None],
+    ) -> Outcome:
+        """A ``subscriptions`` fact: remembered in the customer's value (``"plan"``), the timeline
+        is folded from the facts with the plan catalog whenever it is needed."""
+        try:
+            ev = parse_event(value or b"")
+            if key is not None and key.decode("utf-8", "replace") != ev.customer_id:
+                raise LedgerCommandError("subscription fact keyed by another customer", reason_code="wrong_customer")
+        except InputError as exc:
+            return self._undecodable(src, now, key, value, exc, "json", load)
+        customer = ev.customer_id
+        stored = load(customer)
+        state, extra = self._load(load, customer, self.default_currency)
+        if state.applied_offsets.get(src.key, -1) >= src.offset:
+            return Outcome(customer_id=customer, skipped=True)
+        out = Outcome(customer_id=customer)
+        state = self._expire(state, now, out)
+        live = _live_of(stored) or LivePlan()
+        if live.add_fact(ev):
+            runs = self.plans.timeline(customer, live).runs
+            if not live.compact(runs[-1].anchor if runs else None):
+                del live.facts[ev.event_id]
+                err = LedgerCommandError(
+                    f"more than {MAX_FACTS} subscription facts in one run of {customer!r}",
+                    reason_code="too_many_subscription_facts",
+                )
+                out.sends.append(self._dead(src, now, customer, ev.event_id, None, value or b"", "json", err))
+                out.dead_letters += 1
+        return self._finish(state, extra, src, now, out, live=live)
+
+    def _priced_on_plan(
+        self,
+        src: SourcePos,
+        now: int,
+        customer: str,
+        state: CustomerLedger,
+        live: LivePlan,
+        events: list[dict[str, Any]],
+        out: Outcome,
+    ) -> CustomerLedger:
+        """Each event burns down the allowances of the segment it OCCURRED in (event time and the
+        timeline, ``consume`` as the bill does); the overage amount it adds is what the ledger
+        debits (prepaid grants first, then overage). Events one by one: a rejected event must
+        burn nothing."""
+        timeline = self.plans.timeline(customer, live)
+        for ev in events:
+            try:
+                if ev["customer_id"] != customer:
+                    raise LedgerCommandError("a priced record must hold one customer", reason_code="wrong_customer")
+                cmd = ApplyPricedUsage(
+                    event_id=ev["event_id"],
+                    occurred_at_ms=int(ev["occurred_at"]),
+                    charge_picos=int(ev["charge_picos"]),
+                    currency=str(ev["currency"]),
+                    provider=ev["provider"],
+                    model=ev["model"],
+                    project=ev.get("project"),
+                    api_key_id=ev.get("api_key_id"),
+                    request_id=ev.get("request_id"),
+                )
+                terms = live_terms(timeline, live, cmd.occurred_at_ms // 1000)
+                if terms is None or dedupe_digest(f"e:{cmd.event_id}") in state.recent_ids:
+                    state, eff = apply(state, cmd)  # no plan then (pay-per-token), or a duplicate
+                    self._effects(customer, eff, out)
+                    continue
+                if cmd.charge_picos < 0:
+                    raise LedgerCommandError("charge_picos must be ≥ 0", reason_code="invalid_amount")
+                seg, split = burn(terms, live.seg(terms), usage_of_priced(ev))
+                # Under volume tiers the overage amount can fall (the whole quantity re-priced):
+                # the ledger never credits back live; the period's bill re-prices (docs/plans.md).
+                cmd = _with_charge(cmd, max(split.overage_amount, 0))
+                state, eff = apply(state, cmd)
+            except (LedgerCommandError, KeyError, TypeError, ValueError) as exc:
+                self._dead_priced(src, now, customer, ev, exc, out)
+                continue
+            seg.invoiced += sum(e.amount_picos for e in eff.entries if e.kind == "debit" and e.grant_id is None)
+            for aid, pct, used, avail in alerts_due(terms, seg):
+                out.sends.append(
+                    (
+                        ALERTS,
+                        customer.encode(),
+                        encode_message(_allowance_alert(customer, terms, aid, pct, used, avail, cmd.occurred_at_ms)),
+                        True,
+                    )
+                )
+            live.put(seg)
+            if cmd.request_id is not None:
+                live.holds.pop(cmd.request_id, None)
+            self._effects(customer, eff, out)
+        return state
+
+    def _authorize_on_plan(
+        self, state: CustomerLedger, req: LedgerRequest, out: Outcome, live: LivePlan, terms: Terms, worst_charge: int
+    ) -> CustomerLedger:
+        """The authorize gate of a customer on a plan: the request's worst case (every input token
+        estimated, every output token as output or as reasoning, whichever costs more overage)
+        is burned down on the segment's allowances AFTER what open holds reserved; only the
+        overage amount left is reserved against prepaid credit, and the plan's policy decides
+        whether overage beyond that may be reserved (``block``: none; ``cap``: up to the cap
+        minus the invoiced and reserved overage). So authorized requests together never exceed
+        allowance + prepaid (+ cap): the published bound (docs/plans.md)."""
+        a = req.authorize
+        assert a is not None
+        customer = req.customer_id
+        base = live.held(terms, list(state.holds))
+        splits = [
+            consume(
+                terms,
+                base,
+                Usage(a.provider, a.model, {"input": a.input_tokens_estimate, cls: a.max_output_tokens}, worst_charge),
+            )[1]
+            for cls in ("output", "reasoning")
+        ]
+        split = max(splits, key=lambda sp: (sp.overage_amount, sp.overage_quantity))
+        reserve = max(split.overage_amount, 0)
+        cmd = Authorize(
+            request_id=a.request_id,
+            estimate_picos=reserve,
+            now_ms=req.at_ms,
+            provider=a.provider,
+            model=a.model,
+            project=a.project,
+            api_key_id=a.api_key_id,
+            ttl_ms=a.ttl_ms,
+        )
+        new, eff = apply(state, cmd)
+        decision = eff.decision
+        assert decision is not None
+        if decision.allowed and decision.reason is None and decision.hold is not None:
+            seg = live.seg(terms)
+            reserved_overage = sum(h.overage_picos for rid, h in state.holds.items())
+            room = policy_room(terms, seg.invoiced + reserved_overage)
+            if room is not None and decision.hold.overage_picos > room:
+                reason = "allowance_exhausted" if terms.plan.on_exhausted == "block" else "plan_cap_reached"
+                from meterline.core.ledger import Decision
+
+                denied = Decision(False, reason, a.request_id, None, decision.available_picos)
+                out.sends.append(
+                    (REPLIES, a.request_id.encode(), encode_message(reply_message(customer, denied, reserve)), False)
+                )
+                return state  # nothing reserved
+            live.holds[a.request_id] = (dict(split.allowance), split.overage_quantity)
+        self._effects(customer, eff, out)
+        out.sends.append(
+            (REPLIES, a.request_id.encode(), encode_message(reply_message(customer, decision, reserve)), False)
+        )
+        return new
+
+    def _plan_gate(
+        self, state: CustomerLedger, live: LivePlan, at_ms: int, out: Outcome
+    ) -> tuple[CustomerLedger, dict[str, Any] | None]:
+        """The plan in force at ``at_ms`` (the later of the record's time and the ledger clock)
+        decides enforcement (``SetPlanGate``); returns the state and the status' plan view."""
+        terms = live_terms(self.plans.timeline(state.customer_id, live), live, at_ms // 1000)
+        block = None
+        view = None
+        if terms is not None:
+            seg = live.seg(terms)
+            block = gate(terms, seg, usable_credit(state, at_ms)[0])
+            reserved = live.held(terms, list(state.holds))
+            view = {
+                "plan": terms.plan.key,
+                "on_exhausted": terms.plan.on_exhausted,
+                "segment_start": format_instant(terms.start),
+                "segment_end": format_instant(terms.end),
+                "invoiced_overage": format_picos(seg.invoiced),
+                "allowances": [_formatted(d) for d in allowance_view(terms, seg, reserved)],
+            }
+        governs = terms is not None
+        if (state.plan_governs, state.plan_block) != (governs, block):
+            state, eff = apply(state, SetPlanGate(governs=governs, block=block, at_ms=state.clock_ms))
+            self._effects(state.customer_id, eff, out)
+        return state, view
 
     # ---------------------------------------------------------------------------- commands
 
@@ -303,11 +529,14 @@ class CreditProcessor:
                         False,
                     )
                 )
-            return self._finish(state, extra, src, now, out, status=False)
+            return self._finish(state, extra, src, now, out, status=False, live=_live_of(load(customer)))
         state = self._expire(state, now, out)
+        live = _live_of(load(customer))
+        if live is not None:  # enforcement as of this command's time (a new period lifts a block)
+            state, _view = self._plan_gate(state, live, max(now, state.clock_ms, req.at_ms), out)
         try:
             if req.authorize is not None:
-                state = self._authorize(state, req, out)
+                state = self._authorize(state, req, out, live)
             else:
                 assert req.command is not None
                 # The default-policy rule lives in the ledger (meterline.core.ledger.apply_command).
@@ -328,7 +557,7 @@ class CreditProcessor:
             max_ids=MAX_COMMAND_IDS,  # read at call time (a test lowers it)
             window_ms=COMMAND_ID_WINDOW_MS,
         )
-        return self._finish(state, extra, src, now, out)
+        return self._finish(state, extra, src, now, out, live=live)
 
     def _restore(
         self, src: SourcePos, now: int, d: Mapping[str, Any], load: Callable[[str], Mapping[str, Any] | None]
@@ -344,13 +573,13 @@ class CreditProcessor:
             if state.applied_offsets.get(src.key, -1) >= src.offset:
                 return Outcome(customer_id=customer, skipped=True)
             out = Outcome(customer_id=customer)
-            return self._finish(state, dict(stored.get("x") or {}), src, now, out, status=False)
+            return self._finish(state, dict(stored.get("x") or {}), src, now, out, status=False, live=_live_of(stored))
         raw = dict(d["state"])
         state = CustomerLedger.from_dict(raw)
         if state.customer_id != customer:
             raise LedgerCommandError("restore state of another customer", reason_code="wrong_customer")
         extra = {k: v for k, v in dict(raw.get("x") or {}).items() if k in ("explicit_policy", "ver")}
-        return self._finish(state, extra, src, now, Outcome(customer_id=customer))
+        return self._finish(state, extra, src, now, Outcome(customer_id=customer), live=_live_of(raw))
 
     def _dead_priced(
         self, src: SourcePos, now: int, customer: str, ev: dict[str, Any], exc: Exception, out: Outcome
@@ -366,7 +595,9 @@ class CreditProcessor:
     def _authorize_currency(self, req: LedgerRequest) -> str:
         return self.default_currency
 
-    def _authorize(self, state: CustomerLedger, req: LedgerRequest, out: Outcome) -> CustomerLedger:
+    def _authorize(
+        self, state: CustomerLedger, req: LedgerRequest, out: Outcome, live: LivePlan | None = None
+    ) -> CustomerLedger:
         a = req.authorize
         assert a is not None
         try:
@@ -392,6 +623,11 @@ class CreditProcessor:
                 )
             )
             return state
+        terms = (
+            None if live is None else live_terms(self.plans.timeline(req.customer_id, live), live, req.at_ms // 1000)
+        )
+        if terms is not None and live is not None:
+            return self._authorize_on_plan(state, req, out, live, terms, estimate)
         cmd = Authorize(
             request_id=a.request_id,
             estimate_picos=estimate,
@@ -474,12 +710,18 @@ class CreditProcessor:
         *,
         status: bool = True,
         mark: bool = True,
+        live: LivePlan | None = None,
     ) -> Outcome:
+        plan_view = None
+        if live is not None and live.facts:
+            state, plan_view = self._plan_gate(state, live, max(now, state.clock_ms), out)
         if mark:
             state = mark_applied(state, src)
         extra["ver"] = int(extra.get("ver") or 0) + 1
         value = state.to_dict()
         value["x"] = extra
+        if live is not None and live.facts:
+            value["plan"] = live.to_dict()
         chunks = [
             out.entries[i : i + ENTRIES_PER_MESSAGE] for i in range(0, len(out.entries), ENTRIES_PER_MESSAGE)
         ] or [[]]
@@ -494,14 +736,8 @@ class CreditProcessor:
                 doc["snapshot"] = snapshot_of(value)
             out.sends.append((ENTRIES, state.customer_id.encode(), encode_message(doc, trusted=True), True))
         if status:
-            out.sends.append(
-                (
-                    STATUS,
-                    state.customer_id.encode(),
-                    encode_message(status_message(state, max(now, state.clock_ms)), trusted=True),
-                    True,
-                )
-            )
+            doc = status_message(state, max(now, state.clock_ms), plan_view)
+            out.sends.append((STATUS, state.customer_id.encode(), encode_message(doc, trusted=True), True))
         out.state = value
         return out
 
@@ -525,6 +761,8 @@ class CreditProcessor:
                 return Outcome(customer_id=customer, skipped=True)
             value_d = mark_applied(state, src).to_dict()
             value_d["x"] = dict(stored.get("x") or {})
+            if stored.get("plan"):
+                value_d["plan"] = stored["plan"]
             out.state = value_d
         return out
 
@@ -583,6 +821,49 @@ def _restore_request(value: bytes | None) -> dict[str, Any] | None:
     if isinstance(d, dict) and d.get("type") == "restore" and isinstance(d.get("state"), dict):
         return d
     return None
+
+
+def _live_of(stored: Mapping[str, Any] | None) -> LivePlan | None:
+    """The customer's live plan state (None: no subscription fact seen: today's rules)."""
+    if not stored or not stored.get("plan"):
+        return None
+    live = LivePlan.from_dict(stored["plan"])
+    return live if live.facts else None
+
+
+def _formatted(d: dict[str, Any]) -> dict[str, Any]:
+    """Token allowances as integers, amount allowances as decimal strings (like ``bill preview``)."""
+    if d["unit"] == "tokens":
+        return d
+    return {**d, **{k: format_picos(d[k]) for k in ("included", "used", "remaining", "reserved") if k in d}}
+
+
+def _with_charge(cmd: ApplyPricedUsage, charge: int) -> ApplyPricedUsage:
+    from dataclasses import replace
+
+    return replace(cmd, charge_picos=charge)
+
+
+def _allowance_alert(
+    customer: str, terms: Terms, aid: str, pct: int, used: int, avail: int, at_ms: int
+) -> dict[str, Any]:
+    """An ``alerts`` value for an allowance threshold; the id names the segment, so a replay
+    regenerates the same id and each threshold fires once per segment."""
+    unit = next((a.unit for a in terms.plan.allowances if a.id == aid), "tokens")
+    fmt = str if unit == "tokens" else format_picos
+    return {
+        "alert_id": f"{customer}/allowance/{terms.plan.key}/{terms.start}/{aid}/{pct}",
+        "customer_id": customer,
+        "kind": "allowance_used",
+        "message": f"allowance {aid} of {terms.plan.key}: {pct}% used ({fmt(used)} of {fmt(avail)})",
+        "at_ms": at_ms,
+        "scope": "customer",
+        "threshold": str(pct),
+        "threshold_unit": "percent",
+        "value": fmt(used),
+        "allowance_id": aid,
+        "plan": terms.plan.key,
+    }
 
 
 def _priced_payload(ev: Mapping[str, Any]) -> bytes:

@@ -6,11 +6,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from meterline.core.ledger import CustomerLedger, LedgerEntry, fold_entries, parse_amount
-from pipeline.credits.processor import ENTRIES, REPLIES, STATUS, CreditProcessor
+from pipeline.credits.processor import ALERTS, ENTRIES, REPLIES, STATUS, CreditProcessor
 from schemas.codec import encode_priced_batch
 from schemas.credits import encode_message
 
-PRICED, COMMANDS = "p.usage-priced", "p.ledger-commands"
+PRICED, COMMANDS, SUBSCRIPTIONS = "p.usage-priced", "p.ledger-commands", "p.subscriptions"
 
 
 def priced_event(
@@ -93,8 +93,23 @@ class Replay:
     """The oracle: feed the same records to a CreditProcessor with an in-memory dict as the table,
     exactly once, in order. Returns final ledgers and every entry emitted."""
 
-    def __init__(self, pricer: Any = None, priced_topic: str = PRICED, commands_topic: str = COMMANDS) -> None:
-        self.proc = CreditProcessor(pricer, priced_topic=priced_topic, commands_topic=commands_topic)
+    def __init__(
+        self,
+        pricer: Any = None,
+        priced_topic: str = PRICED,
+        commands_topic: str = COMMANDS,
+        *,
+        subscriptions_topic: str = SUBSCRIPTIONS,
+        plans: Any = None,
+    ) -> None:
+        self.proc = CreditProcessor(
+            pricer,
+            priced_topic=priced_topic,
+            commands_topic=commands_topic,
+            subscriptions_topic=subscriptions_topic,
+            plans=plans,
+        )
+        self.alerts: dict[str, dict[str, Any]] = {}
         self.table: dict[str, dict[str, Any]] = {}
         self.entries: dict[str, dict[str, Any]] = {}
         self.offsets: dict[tuple[str, int], int] = {}
@@ -115,6 +130,9 @@ class Replay:
                 self.statuses[_k.decode()] = json.loads(v)
             elif name == REPLIES:
                 self.replies[_k.decode()] = json.loads(v)
+            elif name == ALERTS:
+                doc = json.loads(v)
+                self.alerts[doc["alert_id"]] = doc
         if out.state is not None and out.customer_id is not None:
             self.table[out.customer_id] = out.state
         return out

@@ -67,6 +67,18 @@ def test_public_surface_is_pinned() -> None:
             "terms_at",
             "terms_for",
             "version_conflicts",
+            # live burn-down state (the credit agent)
+            "ALERT_PCTS",
+            "MAX_FACTS",
+            "MAX_SEGMENTS",
+            "LivePlan",
+            "SegmentUse",
+            "alerts_due",
+            "allowance_view",
+            "burn",
+            "gate",
+            "live_terms",
+            "usage_of_priced",
         ]
     )
     for name in plans.__all__:

@@ -51,6 +51,7 @@ from meterline.core.ledger._commands import (
     default_policy,
     remember_command,
 )
+from meterline.core.ledger._guards import usable_credit
 from meterline.core.ledger._money import (
     PICOS_PER_UNIT,
     LedgerCommandError,
@@ -64,6 +65,7 @@ from meterline.core.ledger._state import CustomerLedger, dedupe_digest, new_ledg
 from meterline.core.ledger._types import (
     MAX_DEDUPE_IDS,
     MAX_OPEN_HOLDS,
+    PLAN_BLOCK_REASONS,
     Adjust,
     Alert,
     ApplyPricedUsage,
@@ -81,6 +83,7 @@ from meterline.core.ledger._types import (
     Policy,
     SetBlock,
     SetBudget,
+    SetPlanGate,
     SetPolicy,
     SourcePos,
     StatusChange,
@@ -96,6 +99,7 @@ __all__ = [
     "MAX_DEDUPE_IDS",
     "MAX_OPEN_HOLDS",
     "PICOS_PER_UNIT",
+    "PLAN_BLOCK_REASONS",
     "Adjust",
     "Alert",
     "ApplyPricedUsage",
@@ -115,6 +119,7 @@ __all__ = [
     "Policy",
     "SetBlock",
     "SetBudget",
+    "SetPlanGate",
     "SetPolicy",
     "SourcePos",
     "StatusChange",
@@ -143,4 +148,5 @@ __all__ = [
     "to_decimal",
     "to_ms",
     "unpack_recent",
+    "usable_credit",
 ]

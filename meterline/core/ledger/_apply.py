@@ -36,6 +36,7 @@ from meterline.core.ledger._types import (
     LedgerEntry,
     SetBlock,
     SetBudget,
+    SetPlanGate,
     SetPolicy,
     SourcePos,
     TopUp,
@@ -373,6 +374,11 @@ def _set_block(ctx: Ctx, c: SetBlock) -> None:
         ctx.status(c.scope, c.reason, False)
 
 
+def _set_plan_gate(ctx: Ctx, c: SetPlanGate) -> None:
+    ctx.s.plan_governs = c.governs
+    ctx.s.plan_block = c.block if c.governs else None
+
+
 def _authorize(ctx: Ctx, c: Authorize) -> None:
     s, now = ctx.s, c.now_ms
     if c.estimate_picos < 0:
@@ -417,9 +423,9 @@ def _authorize(ctx: Ctx, c: Authorize) -> None:
             alloc.append((gid, t))
             need -= t
     pol = s.policy
-    if need and pol.overage == "block":
+    if need and pol.overage == "block" and not s.plan_governs:
         return decide(False, "insufficient_credit", None)
-    if need and pol.overage == "credit_limit":
+    if need and pol.overage == "credit_limit" and not s.plan_governs:
         headroom = pol.credit_limit_picos - s.overage_picos - sum(h.overage_picos for h in s.holds.values())
         if need > headroom:
             return decide(False, "credit_limit_reached", None)
@@ -448,5 +454,6 @@ _HANDLERS: dict[type, Callable[[Ctx, Any], None]] = {
     SetPolicy: _set_policy,
     SetBudget: _set_budget,
     SetBlock: _set_block,
+    SetPlanGate: _set_plan_gate,
     Authorize: _authorize,
 }

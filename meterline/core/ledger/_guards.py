@@ -146,9 +146,12 @@ def reevaluate(ctx: Ctx) -> None:
     seen: set[str] = set()
     desired: set[tuple[str, str]] = set()
     usable, granted = usable_credit(s, now)
-    if pol.overage == "block" and usable == 0:
+    if s.plan_governs:  # the plan's on_exhausted decides (SetPlanGate), not the prepaid policy
+        if s.plan_block is not None:
+            desired.add(("customer", s.plan_block))
+    elif pol.overage == "block" and usable == 0:
         desired.add(("customer", "credit_exhausted"))
-    if pol.overage == "credit_limit" and usable - s.overage_picos <= -pol.credit_limit_picos:
+    elif pol.overage == "credit_limit" and usable - s.overage_picos <= -pol.credit_limit_picos:
         desired.add(("customer", "credit_limit_reached"))
 
     for bid in sorted(s.budgets):

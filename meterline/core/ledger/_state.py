@@ -78,6 +78,8 @@ class CustomerLedger:
     velocity: dict[str, dict[int, int]] = field(default_factory=dict)  # key -> bucket index -> picos
     applied_offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> highest offset
     recent_ids: dict[bytes, int] = field(default_factory=dict)  # dedupe_digest(key) -> clock_ms when applied (ordered)
+    plan_governs: bool = False  # a subscription plan is in force: its on_exhausted replaces the prepaid policy
+    plan_block: str | None = None  # the plan's block reason now (SetPlanGate), folded into ``blocks``
 
     def clone(self) -> CustomerLedger:
         """A copy safe to mutate (inner records are frozen; containers are copied)."""
@@ -97,7 +99,7 @@ class CustomerLedger:
 
     def to_dict(self) -> dict[str, Any]:
         """A compact dict of str/int/bool/None/list/dict only (``json.dumps``-able, order-stable)."""
-        return {
+        d = {
             "v": FORMAT_VERSION,
             "customer": self.customer_id,
             "currency": self.currency,
@@ -114,6 +116,9 @@ class CustomerLedger:
             "offsets": dict(self.applied_offsets),
             "recent": pack_recent(self.recent_ids),
         }
+        if self.plan_governs or self.plan_block is not None:  # absent for customers without a plan
+            d["plan_gate"] = [self.plan_governs, self.plan_block]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CustomerLedger:
@@ -137,6 +142,8 @@ class CustomerLedger:
             velocity={k: {int(b): int(p) for b, p in v} for k, v in d["vel"].items()},
             applied_offsets={k: int(v) for k, v in d["offsets"].items()},
             recent_ids=unpack_recent(d["recent"]),
+            plan_governs=bool((d.get("plan_gate") or [False, None])[0]),
+            plan_block=(d.get("plan_gate") or [False, None])[1],
         )
 
 

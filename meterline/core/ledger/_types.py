@@ -13,16 +13,28 @@ Category = Literal["paid", "promotional"]
 OveragePolicy = Literal["block", "allow", "credit_limit"]
 EntryKind = Literal["grant", "top_up", "debit", "expiry", "void", "adjustment"]
 BudgetScope = Literal["customer", "project", "api_key"]
-BlockReason = Literal["credit_exhausted", "credit_limit_reached", "budget_exceeded", "runaway_guard", "manual"]
+BlockReason = Literal[
+    "credit_exhausted",
+    "credit_limit_reached",
+    "budget_exceeded",
+    "runaway_guard",
+    "manual",
+    "allowance_exhausted",
+    "plan_cap_reached",
+]
+#: Blocks a subscription plan's overage policy sets (``SetPlanGate``; see docs/plans.md).
+PLAN_BLOCK_REASONS: tuple[str, ...] = ("allowance_exhausted", "plan_cap_reached")
 
 BLOCK_REASONS: tuple[str, ...] = (
     "manual",
     "credit_limit_reached",
     "credit_exhausted",
+    "allowance_exhausted",
+    "plan_cap_reached",
     "budget_exceeded",
     "runaway_guard",
 )  # precedence: the first present reason is the one ``status`` reports
-DERIVED_REASONS = frozenset({"credit_exhausted", "credit_limit_reached", "budget_exceeded"})
+DERIVED_REASONS = frozenset({"credit_exhausted", "credit_limit_reached", "budget_exceeded", *PLAN_BLOCK_REASONS})
 MAX_PRIORITY = 100
 NO_EXPIRY = 2**63 - 1  # sort key for grants without expires_at: consumed last
 
@@ -411,6 +423,29 @@ class SetBlock:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SetPlanGate:
+    """What a subscription plan in force says about enforcement (sent by the credit processor,
+    which folds the plan; the ledger itself knows no plans). ``governs``: a plan is in force, so
+    its ``on_exhausted`` replaces the prepaid policy (no ``credit_exhausted`` /
+    ``credit_limit_reached`` block, authorize does not deny for lack of credit: the plan's
+    allowances and policy decide). ``block``: the plan's block reason now (one of
+    ``PLAN_BLOCK_REASONS``) or None."""
+
+    governs: bool
+    block: str | None
+    at_ms: int
+    source: SourcePos | None = None
+
+    def __post_init__(self) -> None:
+        if self.block is not None and self.block not in PLAN_BLOCK_REASONS:
+            raise _err(f"plan block reason must be one of {', '.join(PLAN_BLOCK_REASONS)}")
+
+    @property
+    def time_ms(self) -> int:
+        return self.at_ms
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Authorize:
     """Reserve a worst-case charge (computed by the caller from model prices) before a request."""
 
@@ -429,4 +464,16 @@ class Authorize:
         return self.now_ms
 
 
-Command = ApplyPricedUsage | Grant | TopUp | Void | Adjust | ExpireDue | SetPolicy | SetBudget | SetBlock | Authorize
+Command = (
+    ApplyPricedUsage
+    | Grant
+    | TopUp
+    | Void
+    | Adjust
+    | ExpireDue
+    | SetPolicy
+    | SetBudget
+    | SetBlock
+    | SetPlanGate
+    | Authorize
+)

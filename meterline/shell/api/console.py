@@ -19,6 +19,8 @@ Routes (JSON unless said; money is exact decimal strings, never floats)
 ``GET  /v1/console/alerts?customer_id``       the customer's most recent alerts (``alerts`` topic).
 ``GET  /v1/console/statement?customer_id&period``  the statement page of ``meterline statement
     --format html`` (text/html), so the console shows the very same statement.
+``GET  /v1/console/plans``              any key: the published plan ids (``{plans: [id, ...]}``), the
+                                        candidates of the console's "your bill on other plans".
 ``GET  /v1/console/customers``          admin: every customer with usage: events, cost, charge, margin.
 ``GET  /v1/console/dead-letters``       admin: open dead letters by reason, and the latest 50.
 ``POST /v1/console/dead-letters/redrive`` admin: body ``{reason?, customer_id?}``; re-sends the open
@@ -238,6 +240,13 @@ async def _statement(request: Request) -> Response:
 # ------------------------------------------------------------------------------- operator routes
 
 
+async def _plans(request: Request) -> Response:
+    # The catalog is public to every key holder: plan ids are what a customer may subscribe to.
+    require_key(request)
+    rows = await _query(request, "SELECT DISTINCT plan_id FROM plans FINAL ORDER BY plan_id")
+    return JSONResponse({"plans": [str(r[0]) for r in rows]})
+
+
 async def _customers(request: Request) -> Response:
     _admin(request)
     rows = await _query(
@@ -378,6 +387,7 @@ def console_routes() -> list[BaseRoute]:
         Route("/v1/console/spend", _spend, methods=["GET"]),
         Route("/v1/console/alerts", _alerts, methods=["GET"]),
         Route("/v1/console/statement", _statement, methods=["GET"]),
+        Route("/v1/console/plans", _plans, methods=["GET"]),
         Route("/v1/console/customers", _customers, methods=["GET"]),
         Route("/v1/console/dead-letters", _dead_letters, methods=["GET"]),
         Route("/v1/console/dead-letters/redrive", _redrive, methods=["POST"]),

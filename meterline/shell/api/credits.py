@@ -12,9 +12,11 @@ Routes (bearer keys; a customer key acts only for its own customer, an admin key
     ``authorize_timeout``: the request is NOT authorized (never "allow" by default); retrying with
     the same request_id is safe and returns the agent's answer if it arrived meanwhile.
 ``GET /v1/customers/{id}/balance``       customer/admin. The ``balance`` of the latest
-    customer-status value, plus ``status``/``updated_at_ms``. 404 ``unknown_customer``.
+    customer-status value, plus ``status``/``updated_at_ms``; for a customer on a plan also ``plan``
+    and ``allowances`` (each ``id, plan, unit, included, used, remaining, reserved``). 404 ``unknown_customer``.
 ``GET /v1/customers/{id}/status``        customer/admin. ``{customer_id, allowed, status, reason,
-    since_ms, available, updated_at_ms}``: may this customer make requests now?
+    since_ms, available, updated_at_ms}`` (+ ``plan``, ``allowances`` on a plan): may this customer
+    make requests now?
     Both GETs answer 503 ``status_catching_up`` until the status view has read its topic to the end.
 Admin only, each answered 202 ``{command_id, type, customer_id}`` once Kafka acknowledged the command:
 ``POST /v1/credits/grants``  (``type`` grant|top_up), ``POST /v1/credits/void``,
@@ -188,7 +190,12 @@ def credit_routes(
         return JSONResponse(balance_summary(*status_value(request)))
 
     async def get_status(request: Request) -> Response:
-        return JSONResponse(status_summary(*status_value(request)))
+        customer_id, value = status_value(request)
+        out = status_summary(customer_id, value)
+        bal = value.get("balance") if isinstance(value.get("balance"), dict) else {}
+        if "allowances" in bal:  # a customer on a plan: each allowance of the current segment
+            out["plan"], out["allowances"] = bal.get("plan"), bal["allowances"]
+        return JSONResponse(out)
 
     def admin_command(build: Callable[[Request, dict[str, Any]], dict[str, Any]]) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:

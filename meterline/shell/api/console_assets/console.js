@@ -121,7 +121,7 @@ async function showCustomer(customer) {
   $("statement").hidden = true;
   const period = $("period").value.trim();
   const q = `customer_id=${encodeURIComponent(customer)}${period ? `&period=${encodeURIComponent(period)}` : ""}`;
-  await Promise.all([loadBalance(customer), loadSpend(q), loadAlerts(customer)]);
+  await Promise.all([loadBalance(customer), loadSpend(q), loadAlerts(customer), loadPlans(customer, period)]);
 }
 
 async function loadBalance(customer) {
@@ -143,14 +143,59 @@ async function loadBalance(customer) {
 // Allowances come with plans: shown when the status payload carries them, skipped otherwise.
 function renderAllowances(list) {
   const box = $("allowances");
-  box.append(el("h3", {}, "Allowances"));
+  box.replaceChildren(el("h3", {}, "Allowances"));
   for (const a of list) {
-    const name = a.name || a.allowance_id || a.meter || a.model || "allowance";
+    const name = a.name || a.id || a.allowance_id || a.meter || a.model || "allowance";
     const included = Number(a.included), used = Number(a.used);
     const pct = included > 0 ? Math.min(100, (used / included) * 100) : 0;
-    box.append(el("div", { class: "allowance" }, el("div", {}, `${name}: ${a.used} of ${a.included} used`
-      + (a.remaining !== undefined ? `, ${a.remaining} left` : "")),
+    box.append(el("div", { class: "allowance", "data-allowance": name, "data-used": a.used, "data-included": a.included },
+      el("div", {}, `${name}: ${a.used} of ${a.included} used`
+      + (a.remaining !== undefined ? `, ${a.remaining} left` : "") + (a.pct !== undefined ? ` (${a.pct} %)` : "")),
       el("div", { class: "meter" }, el("div", { style: `width:${pct.toFixed(1)}%` }))));
+  }
+}
+
+// "Your bill on other plans": the simulator (GET /v1/customers/{id}/simulate) over every published
+// plan, for this month or the picked YYYY-MM[..YYYY-MM]. Money is shown as the API's exact strings.
+async function loadPlans(customer, period) {
+  const box = $("plans"), chart = $("plans-chart");
+  box.replaceChildren();
+  chart.replaceChildren();
+  const month = /^\d{4}-\d{2}(\.\.\d{4}-\d{2})?$/.test(period) ? period : new Date().toISOString().slice(0, 7);
+  $("plans-period").textContent = `Period ${month}: what this usage would have cost on each plan (the simulator).`;
+  try {
+    const { plans } = await api("/v1/console/plans");
+    if (!plans.length) { box.append(el("p", { class: "muted" }, "No plans are published.")); return; }
+    const doc = await api(`/v1/customers/${encodeURIComponent(customer)}/simulate?period=${encodeURIComponent(month)}`
+                          + `&plans=${encodeURIComponent(plans.join(","))}`);
+    const mine = (doc.customers || []).find((c) => c.customer_id === customer);
+    if (!mine) { box.append(el("p", { class: "muted" }, "No usage in this period to simulate.")); return; }
+    const cur = ` ${(doc.currency || "").toUpperCase()}`;
+    // The customer's own plan is asked for too (every published plan is): show it once, as "your plan".
+    const current = mine.candidates.find((c) => c.role === "current");
+    const cands = mine.candidates.filter((c) => !(c.role === "plan" && current && c.plan === current.plan));
+    const rows = cands.map((c) => [
+      c.plan + (c.role === "current" ? " (your plan)" : c.role === "payg" ? " (pay per token)" : "")
+        + (c.plan === mine.cheapest ? " ★ cheapest" : ""),
+      c.total + cur, c.fee + cur, c.overage + cur, String(c.unused_included_tokens),
+      c.effective_per_million === null || c.effective_per_million === undefined ? "—" : c.effective_per_million + cur]);
+    const t = table(["plan", "total", "fee", "overage", "unused included tokens", "effective per 1M tokens"], rows);
+    t.querySelectorAll("tbody tr").forEach((tr, i) => {
+      const c = cands[i];
+      tr.dataset.plan = c.plan;
+      tr.dataset.role = c.role;
+      if (c.plan === mine.cheapest) tr.classList.add("cheapest");
+    });
+    box.append(t);
+    hbars(chart, cands.map((c) => [c.plan, c.total]), doc.currency || "");
+    chart.querySelectorAll("text.value").forEach((x) => { x.textContent = `${cands.find((c) => c.plan === x.dataset.label).total}${cur}`; });
+    chart.querySelectorAll("rect.bar").forEach((r) => { if (r.dataset.label === mine.cheapest) r.classList.add("cheapest"); });
+    if (current && Array.isArray(current.allowances) && current.allowances.length && !$("allowances").childElementCount) {
+      renderAllowances(current.allowances.map((a) => ({ name: `${current.plan} · ${a.id}`, included: a.included, used: a.used,
+                                                     remaining: a.unused, pct: a.utilisation_pct })));
+    }
+  } catch (e) {
+    box.replaceChildren(el("p", { class: "error" }, `plan comparison unavailable (${e.message})`));
   }
 }
 
