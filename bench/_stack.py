@@ -34,6 +34,7 @@ from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect, default_migrations_dir
 from meterline.stack.kafka import make_producer
 from meterline.stack.topics import ensure_topics
+from pipeline.assembly import Assembly
 from pipeline.publish import publish_records
 from pipeline.sink import ClickHouseSink
 from pipeline.workers import WorkerProcess
@@ -150,21 +151,13 @@ class PipelineRun:
         self.database, self.ch = stack.database(f"bench_{tag}")
         self.sink_client = stack.client(self.database)
         self.log_dir = stack.root / "logs" / self.prefix.rstrip(".")
-        self.workers: list[WorkerProcess] = []
-        self.stop_event = threading.Event()
+        # The pipeline builder of `meterline up` (pipeline/assembly.py): workers + the usage sink.
+        self.assembly = Assembly(self.settings, lambda: self.sink_client, log_dir=self.log_dir, join_timeout=30)
+        self.workers: list[WorkerProcess] = self.assembly.workers
+        self.sink_interval_ms = sink_interval_ms
+        self.sink: ClickHouseSink | None = None
         publish_records(
             self.settings.kafka_bootstrap, self.settings.topic("prices"), load_price_book(price_book).to_records()
-        )
-        self.sink = ClickHouseSink(
-            bootstrap=stack.bootstrap,
-            group_id=f"{self.prefix}sink",
-            priced_topic=self.settings.topic("usage-priced"),
-            dead_letter_topic=self.settings.topic("usage-dead-letter"),
-            clickhouse=self.sink_client,
-            max_interval_ms=sink_interval_ms,
-        )
-        self.sink_thread = threading.Thread(
-            target=self.sink.run, args=(self.stop_event,), name="bench-sink", daemon=True
         )
 
     @property
@@ -172,9 +165,14 @@ class PipelineRun:
         return self.settings.topic("usage-events")
 
     def start(self, n_workers: int) -> None:
-        self.sink_thread.start()
-        for i in range(n_workers):
-            self.workers.append(WorkerProcess(self.settings, name=f"worker-{i}", log_dir=self.log_dir).start())
+        self.sink = self.assembly.start_usage_sink(thread_name="bench-sink", max_interval_ms=self.sink_interval_ms)
+        self.assembly.start_workers(n_workers)
+
+    @property
+    def sink_thread(self) -> threading.Thread | None:
+        """The usage sink's thread (its CPU time is measured)."""
+        piece = self.assembly.pieces.get("sink")
+        return piece.thread if piece is not None else None
 
     def count(self, where: str = "") -> int:
         return int(self.ch.query(f"SELECT count() FROM usage_priced {where}").result_rows[0][0])
@@ -194,10 +192,7 @@ class PipelineRun:
             time.sleep(every)
 
     def close(self) -> None:
-        for w in self.workers:
-            w.stop(timeout=10)
-        self.stop_event.set()
-        self.sink_thread.join(timeout=30)
+        self.assembly.stop(worker_timeout=10)
         try:
             self.ch.database = "default"
             self.ch.command(f"DROP DATABASE IF EXISTS `{self.database}` SYNC")

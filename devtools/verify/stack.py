@@ -98,6 +98,9 @@ class _GuardedClient:
         pass
 
 
+_SINK_OPTS: dict[str, Any] = {"max_interval_ms": 200, "backoff_initial_ms": 50, "backoff_max_ms": 500}
+
+
 class ChaosStack:
     """Workers, a sink and a producer around one broker + one migrated ClickHouse database.
 
@@ -107,6 +110,7 @@ class ChaosStack:
 
     def __init__(self, settings: Settings, client: Any, log_dir: Path) -> None:
         from meterline.stack.producer import UsageProducer
+        from pipeline.assembly import Assembly
         from pipeline.publish import control_producer
 
         assert settings.kafka_bootstrap, "ChaosStack needs settings.kafka_bootstrap"
@@ -114,21 +118,14 @@ class ChaosStack:
         self.bootstrap: str = settings.kafka_bootstrap
         self.ch = FlakyClickHouse(client)
         self.log_dir = log_dir
-        self.workers: list[Any] = []
-        self.sink: Any = None
-        self._sink_stop = threading.Event()
-        self._sink_thread: threading.Thread | None = None
-        self.ledger_sink: Any = None
-        self._ledger_stop = threading.Event()
-        self._ledger_thread: threading.Thread | None = None
-        self.sink_errors: list[BaseException] = []
+        # The pipeline builder of `meterline up` (pipeline/assembly.py); every sink gets the
+        # outage-switchable factory. A sink's exception is collected in sink_errors, not raised.
+        self.assembly = Assembly(settings, lambda: self.ch, log_dir=log_dir, capture_errors=True)
+        self.workers: list[Any] = self.assembly.workers
+        self.sink_errors: list[BaseException] = self.assembly.errors
         self.producer = UsageProducer(self.bootstrap, settings.topic("usage-events"), linger_ms=5)
         self.raw_producer = control_producer(self.bootstrap)
-        self._n = 0
         self.kills = 0
-        self.price_mirror: Any = None
-        self._mirror_stop = threading.Event()
-        self._mirror_thread: threading.Thread | None = None
 
     # -- pieces
     def publish_prices(self, source: Any = None) -> None:
@@ -139,73 +136,32 @@ class ChaosStack:
         publish_records(self.bootstrap, self.settings.topic("prices"), book.to_records())
 
     def start_sink(self, sink_cls: Any = None, **kwargs: Any) -> Any:
-        from pipeline.sink import ClickHouseSink
-
-        cls = sink_cls or ClickHouseSink
-        self._sink_stop = threading.Event()
-        opts: dict[str, Any] = {"max_interval_ms": 200, "backoff_initial_ms": 50, "backoff_max_ms": 500}
+        opts: dict[str, Any] = dict(_SINK_OPTS)
         opts.update(kwargs)
-        self.sink = cls(
-            self.bootstrap,
-            f"{self.settings.topic_prefix}sink",
-            self.settings.topic("usage-priced"),
-            self.settings.topic("usage-dead-letter"),
-            self.ch,
-            **opts,
-        )
-        sink, stop = self.sink, self._sink_stop
+        return self.assembly.start_usage_sink(sink_cls, thread_name="chaos-sink", **opts)
 
-        def run() -> None:
-            try:
-                sink.run(stop)
-            except BaseException as exc:
-                self.sink_errors.append(exc)
+    @property
+    def sink(self) -> Any:
+        return self.assembly.sink("sink")
 
-        self._sink_thread = threading.Thread(target=run, name="chaos-sink", daemon=True)
-        self._sink_thread.start()
-        return self.sink
+    @property
+    def ledger_sink(self) -> Any:
+        return self.assembly.sink("ledger-sink")
+
+    @property
+    def price_mirror(self) -> Any:
+        return self.assembly.sink("prices-mirror")
 
     def price_mirror_start(self) -> Any:
         """``meterline up``'s price mirror (prices topic → ClickHouse ``price_records``), so a
         restart on an empty broker can republish the prices (pipeline/restore.py)."""
-        from pipeline.restore import PriceMirror
-
-        self._mirror_stop = threading.Event()
-        self.price_mirror = PriceMirror(
-            self.bootstrap, self.settings.topic("prices"), f"{self.settings.topic_prefix}price-mirror", self.ch()
-        )
-        self._mirror_thread = threading.Thread(
-            target=self.price_mirror.run, args=(self._mirror_stop,), name="chaos-price-mirror", daemon=True
-        )
-        self._mirror_thread.start()
-        return self.price_mirror
+        return self.assembly.start_mirrors(["prices"], group="price-mirror", clickhouse=self.ch())[0]
 
     def start_ledger_sink(self, **kwargs: Any) -> Any:
         """The ``ledger-entries`` → ``ledger_entries`` sink, on the same outage-switchable client."""
-        from pipeline.credits.sink import LedgerEntrySink
-
-        opts: dict[str, Any] = {"max_interval_ms": 200, "backoff_initial_ms": 50, "backoff_max_ms": 500}
+        opts: dict[str, Any] = dict(_SINK_OPTS)
         opts.update(kwargs)
-        self._ledger_stop = threading.Event()
-        self.ledger_sink = LedgerEntrySink(
-            self.bootstrap,
-            f"{self.settings.topic_prefix}ledger-sink",
-            self.settings.topic("ledger-entries"),
-            self.ch,
-            dead_letter_topic_out=self.settings.topic("usage-dead-letter"),
-            **opts,
-        )
-        sink, stop = self.ledger_sink, self._ledger_stop
-
-        def run() -> None:
-            try:
-                sink.run(stop)
-            except BaseException as exc:
-                self.sink_errors.append(exc)
-
-        self._ledger_thread = threading.Thread(target=run, name="chaos-ledger-sink", daemon=True)
-        self._ledger_thread.start()
-        return self.ledger_sink
+        return self.assembly.start_ledger_sink(thread_name="chaos-ledger-sink", **opts)
 
     def send_commands(self, messages: Iterable[Mapping[str, Any]]) -> int:
         """Publish ``ledger-commands`` messages keyed by customer; waits for every acknowledgement."""
@@ -265,20 +221,13 @@ class ChaosStack:
             time.sleep(0.5)
 
     def sink_alive(self) -> bool:
-        return self._sink_thread is not None and self._sink_thread.is_alive()
+        return self.assembly.alive("sink")
 
     def stop_sink(self, timeout: float = 20.0) -> None:
-        self._sink_stop.set()
-        if self._sink_thread is not None:
-            self._sink_thread.join(timeout)
+        self.assembly.stop_piece("sink", timeout)
 
     def start_worker(self) -> Any:
-        from pipeline.workers import WorkerProcess
-
-        w = WorkerProcess(self.settings, name=f"worker-{self._n}", log_dir=self.log_dir).start()
-        self._n += 1
-        self.workers.append(w)
-        return w
+        return self.assembly.start_worker()
 
     def kill_worker(self, worker: Any) -> None:
         worker.kill()
@@ -353,15 +302,7 @@ class ChaosStack:
         raise TimeoutError(f"no progress past {above} priced rows in {timeout}s")
 
     def close(self) -> None:
-        for w in self.workers:
-            w.stop(timeout=5)
-        self.stop_sink()
-        self._mirror_stop.set()
-        if self._mirror_thread is not None:
-            self._mirror_thread.join(10)
-        self._ledger_stop.set()
-        if self._ledger_thread is not None:
-            self._ledger_thread.join(20)
+        self.assembly.stop(worker_timeout=5)
         try:
             self.producer.close(10)
         except Exception as exc:

@@ -40,6 +40,7 @@ from meterline.stack.clickhouse import apply_migrations, connect
 from meterline.stack.metrics import STRIPE_SYNC_RUNS
 from meterline.stack.private import PRIVATE_UMASK, private_dir, write_private
 from meterline.stack.topics import ensure_topics
+from pipeline.assembly import Assembly
 from pipeline.workers import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Runtime:
         self.clickhouse: Any = None
         self.clickhouse_lock = threading.RLock()
         self.workers: list[WorkerProcess] = []
+        self.assembly: Assembly | None = None
         self.sink: Any = None
         self.ledger_sink: Any = None
         self.api_server: Any = None
@@ -106,9 +108,16 @@ class Runtime:
                 dedupe_window_days=self.settings.dedupe_window_days,
             )
             step(self.restore_report.line())
-            for i in range(self.n_workers):
-                step(f"starting faust worker {i + 1}/{self.n_workers}")
-                self.workers.append(WorkerProcess(self.settings, name=f"worker-{i}", log_dir=self.log_dir).start())
+            self.assembly = Assembly(
+                self.settings,
+                lambda: _LockedClient(self.clickhouse, self.clickhouse_lock),
+                log_dir=self.log_dir,
+                join_timeout=15,
+            )
+            self.workers = self.assembly.workers
+            self.assembly.start_workers(
+                self.n_workers, on_start=lambda i: step(f"starting faust worker {i + 1}/{self.n_workers}")
+            )
             step("starting the ClickHouse sink")
             self._start_sink()
             if self.restore_report.customers:
@@ -149,11 +158,11 @@ class Runtime:
 
     def stop(self) -> None:
         self._stop.set()
-        for worker in self.workers:
-            worker.stop(timeout=10)
-        if self.sink is not None:
-            for t in self._threads:
-                t.join(timeout=15)
+        if self.assembly is not None:
+            self.assembly.signal()  # the sinks finish while the workers stop, as before
+            self.assembly.stop(worker_timeout=10)
+        for t in self._threads:
+            t.join(timeout=15)
         if self.api_server is not None:
             self.api_server.stop()
         # Every Kafka client closes before the broker stops: a client left open reconnects to the
@@ -201,68 +210,14 @@ class Runtime:
     # -- pieces ---------------------------------------------------------------------------------
 
     def _start_sink(self) -> None:
-        from pipeline.sink import ClickHouseSink
-
-        self.sink = ClickHouseSink(
-            bootstrap=self.settings.kafka_bootstrap,
-            group_id=f"{self.settings.topic_prefix}sink",
-            priced_topic=self.settings.topic("usage-priced"),
-            dead_letter_topic=self.settings.topic("usage-dead-letter"),
-            clickhouse=_LockedClient(self.clickhouse, self.clickhouse_lock),
-        )
-        from pipeline.credits.sink import LedgerEntrySink
-
-        self.ledger_sink = LedgerEntrySink(
-            self.settings.kafka_bootstrap,
-            f"{self.settings.topic_prefix}ledger-sink",
-            self.settings.topic("ledger-entries"),
-            _LockedClient(self.clickhouse, self.clickhouse_lock),
-            dead_letter_topic_out=self.settings.topic("usage-dead-letter"),
-        )
-        from pipeline.plans_sink import PlanCatalogSink, SubscriptionSink
-
-        plan_sinks = [
-            (
-                "meterline-plans-sink",
-                PlanCatalogSink(
-                    self.settings.kafka_bootstrap,
-                    f"{self.settings.topic_prefix}plans-sink",
-                    self.settings.topic("plans"),
-                    _LockedClient(self.clickhouse, self.clickhouse_lock),
-                ),
-            ),
-            (
-                "meterline-subscriptions-sink",
-                SubscriptionSink(
-                    self.settings.kafka_bootstrap,
-                    f"{self.settings.topic_prefix}subscriptions-sink",
-                    self.settings.topic("subscriptions"),
-                    _LockedClient(self.clickhouse, self.clickhouse_lock),
-                ),
-            ),
-        ]
-        from pipeline.restore import PriceMirror, catalog_topics
-
-        mirrors = [
-            PriceMirror(
-                self.settings.kafka_bootstrap,
-                self.settings.topic(t),
-                f"{self.settings.topic_prefix}mirror",
-                _LockedClient(self.clickhouse, self.clickhouse_lock),
-                name=t,
-            )
-            for t in catalog_topics()
-        ]
+        """The sinks and mirrors, on the pipeline builder (pipeline/assembly.py)."""
+        self.assembly.start_usage_sink()
+        self.assembly.start_ledger_sink()
+        self.assembly.start_plan_sinks()
+        mirrors = self.assembly.start_mirrors()
+        self.sink = self.assembly.sink("sink")
+        self.ledger_sink = self.assembly.sink("ledger-sink")
         self.price_mirror = mirrors[0] if mirrors else None
-        for name, sink in (
-            ("meterline-sink", self.sink),
-            ("meterline-ledger-sink", self.ledger_sink),
-            *plan_sinks,
-            *((f"meterline-{m.name}-mirror", m) for m in mirrors),
-        ):
-            t = threading.Thread(target=sink.run, args=(self._stop,), name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
 
     def _await_restored(self, customers: tuple[str, ...], timeout: float = 300.0) -> None:
         """Until the credit agent published a status for every restored customer: new usage must

@@ -14,12 +14,13 @@ Per record (one record = one customer: a ``PricedBatch`` holds one customer's ev
    customer if that customer exists (else nothing is stored);
 2. load the state (or create it: currency of the event / grant, ``settings``' default otherwise;
    default policy ``allow`` until the customer's first grant or top-up switches it to ``block``,
-   unless a ``set_policy`` came first);
+   unless a ``set_policy`` came first: ``meterline.core.ledger.apply_command``);
 3. the record's offset is at or below the state's applied offset for its source partition → skip
    the WHOLE record (nothing sent, nothing stored);
 4. ``ExpireDue(now_ms=broker timestamp)`` when a grant or hold is due;
 5. apply: every event of a priced record as ``ApplyPricedUsage`` (event-id dedupe inside the
-   ledger), or the command (command-id dedupe kept beside the ledger in the value's ``"x"`` key);
+   ledger), or the command (command-id dedupe, ``meterline.core.ledger.remember_command``, kept
+   beside the ledger in the value's ``"x"`` key);
    a ``LedgerCommandError`` dead-letters that event / command and changes nothing else;
 6. record the source offset (``mark_applied``) in the same value: all events of a record are
    applied, or (crash before the value is stored) the record is replayed whole.
@@ -40,26 +41,27 @@ from typing import Any, Protocol
 
 from meterline.core.errors import InputError
 from meterline.core.ledger import (
+    COMMAND_ID_WINDOW_MS,
+    MAX_COMMAND_IDS,
     ApplyPricedUsage,
     Authorize,
     CustomerLedger,
     Effects,
     ExpireDue,
-    Grant,
     LedgerCommandError,
-    Policy,
     SetPlanGate,
-    SetPolicy,
     SourcePos,
-    TopUp,
     apply,
+    apply_command,
     apply_many,
+    command_ids,
+    command_seen,
     dedupe_digest,
+    default_policy,
     format_picos,
     mark_applied,
     new_ledger,
-    pack_recent,
-    unpack_recent,
+    remember_command,
     usable_credit,
 )
 from meterline.core.plans import (
@@ -99,8 +101,6 @@ ENTRIES, STATUS, ALERTS, REPLIES, DEAD = (
     "ledger-replies",
     "usage-dead-letter",
 )
-MAX_COMMAND_IDS = 10_000
-COMMAND_ID_WINDOW_MS = 35 * 86_400_000
 #: Ledger entries per ``ledger-entries`` message (an entry is at most ~1 KB with 128-char ids):
 #: a record's entries travel together, in messages that stay far below Kafka's 1 MB.
 ENTRIES_PER_MESSAGE = 200
@@ -507,9 +507,8 @@ class CreditProcessor:
         if state.applied_offsets.get(src.key, -1) >= src.offset:
             return Outcome(customer_id=customer, skipped=True)
         out = Outcome(customer_id=customer)
-        seen = _command_ids(extra.get("cmds"))
-        cmd_key = dedupe_digest(req.command_id)
-        if cmd_key in seen and not (req.authorize and req.authorize.request_id in state.holds):
+        seen = command_ids(extra.get("cmds"))
+        if command_seen(seen, req.command_id) and not (req.authorize and req.authorize.request_id in state.holds):
             if req.authorize is not None:  # a client re-sent an answered request: answer, apply nothing
                 out.sends.append(
                     (
@@ -540,26 +539,24 @@ class CreditProcessor:
                 state = self._authorize(state, req, out, live)
             else:
                 assert req.command is not None
-                had_grants = bool(state.grants)
-                state, eff = apply(state, req.command)
-                self._effects(customer, eff, out)
-                if isinstance(req.command, SetPolicy):
-                    extra["explicit_policy"] = True
-                elif (
-                    isinstance(req.command, (Grant, TopUp))
-                    and not had_grants
-                    and not extra.get("explicit_policy")
-                    and state.grants
-                    and state.policy.overage != "block"
-                ):
-                    # Default policy: prepaid (block) once a customer has credit, postpaid (allow) before.
-                    state, eff = apply(state, SetPolicy(policy=_with_overage(state.policy, "block"), at_ms=req.at_ms))
+                # The default-policy rule lives in the ledger (meterline.core.ledger.apply_command).
+                state, effects, explicit = apply_command(
+                    state, req.command, explicit_policy=bool(extra.get("explicit_policy"))
+                )
+                for eff in effects:
                     self._effects(customer, eff, out)
+                if explicit:
+                    extra["explicit_policy"] = True
         except LedgerCommandError as exc:
             out.sends.append(self._dead(src, now, customer, req.command_id, None, value or b"", "json", exc))
             out.dead_letters += 1
-        seen[cmd_key] = max(state.clock_ms, req.at_ms)
-        extra["cmds"] = _bounded(seen)
+        extra["cmds"] = remember_command(
+            seen,
+            req.command_id,
+            max(state.clock_ms, req.at_ms),
+            max_ids=MAX_COMMAND_IDS,  # read at call time (a test lowers it)
+            window_ms=COMMAND_ID_WINDOW_MS,
+        )
         return self._finish(state, extra, src, now, out, live=live)
 
     def _restore(
@@ -661,7 +658,7 @@ class CreditProcessor:
     ) -> tuple[CustomerLedger, dict[str, Any]]:
         stored = load(customer)
         if stored is None:
-            return new_ledger(customer, currency, Policy(overage="allow")), {"explicit_policy": False, "cmds": []}
+            return new_ledger(customer, currency, default_policy()), {"explicit_policy": False, "cmds": []}
         return CustomerLedger.from_dict(dict(stored)), dict(stored.get("x") or {})
 
     @staticmethod
@@ -867,32 +864,6 @@ def _allowance_alert(
         "allowance_id": aid,
         "plan": terms.plan.key,
     }
-
-
-def _with_overage(p: Policy, overage: str) -> Policy:
-    from dataclasses import replace
-
-    return replace(p, overage=overage)  # type: ignore[arg-type]
-
-
-def _command_ids(stored: Any) -> dict[bytes, int]:
-    """The remembered command ids (digest -> time) from the value's ``x.cmds``: the packed form,
-    or the older ``[[command_id, t], ...]`` list (digested as it is read)."""
-    if not stored:
-        return {}
-    if isinstance(stored, list):
-        return {dedupe_digest(str(k)): int(t) for k, t in stored}
-    return unpack_recent(stored)
-
-
-def _bounded(seen: dict[bytes, int]) -> str:
-    """Most recent command ids (fixed-size digests, packed), within the window and the count bound
-    (oldest dropped first): bounded bytes in the value whatever the ids' length or number."""
-    if not seen:
-        return ""
-    horizon = max(seen.values()) - COMMAND_ID_WINDOW_MS
-    items = sorted(((t, k) for k, t in seen.items() if t >= horizon))[-MAX_COMMAND_IDS:]
-    return pack_recent({k: t for t, k in items})
 
 
 def _priced_payload(ev: Mapping[str, Any]) -> bytes:

@@ -6,7 +6,6 @@ records (tests/credits/helpers.Replay) is the exact expectation."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from meterline.core.config import Settings
 from meterline.core.pricing import load_price_book
 from meterline.stack.kafka import make_producer, read_topic
+from pipeline.assembly import Assembly
 from pipeline.credits.sink import LedgerEntrySink
 from pipeline.publish import publish_records
 from pipeline.workers import WorkerProcess
@@ -30,19 +30,15 @@ class CreditPipeline:
         self.settings = settings
         self.ch = clickhouse
         self.log_dir = log_dir
-        self.workers: list[WorkerProcess] = []
-        self.stop_event = threading.Event()
-        self.sink = LedgerEntrySink(
-            settings.kafka_bootstrap or "",
-            f"{settings.topic_prefix}ledger-sink",
-            settings.topic("ledger-entries"),
-            clickhouse,
-            dead_letter_topic_out=settings.topic("usage-dead-letter"),
-            max_interval_ms=200,
-        )
-        self.sink_thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), daemon=True)
+        # The pipeline builder of `meterline up` (pipeline/assembly.py): workers + the ledger sink.
+        self.assembly = Assembly(settings, lambda: clickhouse, log_dir=log_dir)
+        self.workers: list[WorkerProcess] = self.assembly.workers
+        self.sink: LedgerEntrySink | None = None
         self.producer = make_producer(settings.kafka_bootstrap, {"linger.ms": 2})
-        self._n = 0
+
+    def start_sink(self) -> LedgerEntrySink:
+        self.sink = self.assembly.start_ledger_sink(max_interval_ms=200)
+        return self.sink
 
     def publish_prices(self) -> None:
         publish_records(
@@ -50,10 +46,7 @@ class CreditPipeline:
         )
 
     def start_worker(self) -> WorkerProcess:
-        w = WorkerProcess(self.settings, name=f"worker-{self._n}", log_dir=self.log_dir).start()
-        self._n += 1
-        self.workers.append(w)
-        return w
+        return self.assembly.start_worker()
 
     def send(self, topic: str, key: str, value: bytes, ts_ms: int) -> None:
         self.producer.produce(self.settings.topic(topic), key=key.encode(), value=value, timestamp=ts_ms)
@@ -94,10 +87,7 @@ class CreditPipeline:
         return int(self.query("SELECT count() FROM ledger_entries FINAL")[0][0])
 
     def close(self) -> None:
-        for w in self.workers:
-            w.stop(timeout=5)
-        self.stop_event.set()
-        self.sink_thread.join(timeout=20)
+        self.assembly.stop(worker_timeout=5)
         self.producer.flush(5)
 
 
@@ -113,8 +103,8 @@ def credit_pipeline(
         data_dir=tmp_path,
     )
     p = CreditPipeline(settings, clickhouse, tmp_path / "logs")
-    p.sink_thread.start()
     try:
+        p.start_sink()
         yield p
     finally:
         p.close()

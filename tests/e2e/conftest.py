@@ -3,7 +3,6 @@ the ClickHouse sink on chDB, and the seed prices published to the prices topic."
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 from meterline.core.config import Settings
 from meterline.core.pricing import load_price_book
 from meterline.stack.producer import UsageProducer
+from pipeline.assembly import Assembly
 from pipeline.publish import publish_records
 from pipeline.sink import ClickHouseSink
 from pipeline.workers import WorkerProcess
@@ -28,19 +28,15 @@ class Pipeline:
         self.settings = settings
         self.ch = clickhouse
         self.log_dir = log_dir
-        self.workers: list[WorkerProcess] = []
-        self.stop_event = threading.Event()
-        self.sink = ClickHouseSink(
-            bootstrap=settings.kafka_bootstrap,
-            group_id=f"{settings.topic_prefix}sink",
-            priced_topic=settings.topic("usage-priced"),
-            dead_letter_topic=settings.topic("usage-dead-letter"),
-            clickhouse=clickhouse,
-            max_interval_ms=200,
-        )
-        self.sink_thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), daemon=True)
+        # The pipeline builder of `meterline up` (pipeline/assembly.py): workers + the usage sink.
+        self.assembly = Assembly(settings, lambda: clickhouse, log_dir=log_dir)
+        self.workers: list[WorkerProcess] = self.assembly.workers
+        self.sink: ClickHouseSink | None = None
         self.producer = UsageProducer(settings.kafka_bootstrap, settings.topic("usage-events"), linger_ms=5)
-        self._n = 0
+
+    def start_sink(self) -> ClickHouseSink:
+        self.sink = self.assembly.start_usage_sink(max_interval_ms=200)
+        return self.sink
 
     def publish_prices(self, source: Any = SEED) -> None:
         publish_records(
@@ -48,10 +44,7 @@ class Pipeline:
         )
 
     def start_worker(self) -> WorkerProcess:
-        w = WorkerProcess(self.settings, name=f"worker-{self._n}", log_dir=self.log_dir).start()
-        self._n += 1
-        self.workers.append(w)
-        return w
+        return self.assembly.start_worker()
 
     def produce(self, events: list[UsageEvent]) -> None:
         for e in events:
@@ -80,10 +73,7 @@ class Pipeline:
         self.wait_for(f"{n} priced rows", lambda: self.priced_count() >= n, timeout)
 
     def close(self) -> None:
-        for w in self.workers:
-            w.stop(timeout=5)
-        self.stop_event.set()
-        self.sink_thread.join(timeout=20)
+        self.assembly.stop(worker_timeout=5)
         self.producer.close()
 
 
@@ -99,8 +89,8 @@ def pipeline(
         data_dir=tmp_path,
     )
     p = Pipeline(settings, clickhouse, tmp_path / "logs")
-    p.sink_thread.start()
     try:
+        p.start_sink()
         yield p
     finally:
         p.close()

@@ -47,6 +47,13 @@ def test_public_surface_is_pinned() -> None:
         [
             "MAX_DEDUPE_IDS",
             "MAX_OPEN_HOLDS",
+            "COMMAND_ID_WINDOW_MS",
+            "MAX_COMMAND_IDS",
+            "apply_command",
+            "command_ids",
+            "command_seen",
+            "default_policy",
+            "remember_command",
             "dedupe_digest",
             "pack_recent",
             "unpack_recent",

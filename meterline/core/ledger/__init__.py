@@ -42,6 +42,15 @@ How the faust agent (the single writer per customer) must use it — exactly-onc
 from __future__ import annotations
 
 from meterline.core.ledger._apply import apply, apply_many, authorize, mark_applied, resume_offsets
+from meterline.core.ledger._commands import (
+    COMMAND_ID_WINDOW_MS,
+    MAX_COMMAND_IDS,
+    apply_command,
+    command_ids,
+    command_seen,
+    default_policy,
+    remember_command,
+)
 from meterline.core.ledger._guards import usable_credit
 from meterline.core.ledger._money import (
     PICOS_PER_UNIT,
@@ -85,6 +94,8 @@ from meterline.core.ledger._types import (
 from meterline.core.ledger._view import balance_view, fold_entries, status_of
 
 __all__ = [
+    "COMMAND_ID_WINDOW_MS",
+    "MAX_COMMAND_IDS",
     "MAX_DEDUPE_IDS",
     "MAX_OPEN_HOLDS",
     "PICOS_PER_UNIT",
@@ -116,10 +127,14 @@ __all__ = [
     "VelocityRule",
     "Void",
     "apply",
+    "apply_command",
     "apply_many",
     "authorize",
     "balance_view",
+    "command_ids",
+    "command_seen",
     "dedupe_digest",
+    "default_policy",
     "fold_entries",
     "format_picos",
     "mark_applied",
@@ -127,6 +142,7 @@ __all__ = [
     "pack_recent",
     "parse_amount",
     "period_key",
+    "remember_command",
     "resume_offsets",
     "status_of",
     "to_decimal",
