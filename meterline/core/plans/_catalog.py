@@ -26,8 +26,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from meterline.core.catalog_files import read_catalog
 from meterline.core.plans._calendar import INTERVALS
 from meterline.core.plans._values import (
     PlanFileError,
@@ -219,76 +218,8 @@ class PlanVersion:
 # --------------------------------------------------------------------------- reading
 
 
-class _ExactLoader(yaml.SafeLoader):
-    """SafeLoader keeping float scalars as Decimal (from their text), timestamps as text, and
-    rejecting a mapping that repeats a key."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int)) and key in seen:
-                line = key_node.start_mark.line + 1
-                raise PlanFileError(f"line {line}: duplicate key {key!r}", field=f"line {line}")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    text = str(loader.construct_scalar(node))
-    try:
-        d = Decimal(text.replace("_", ""))
-    except Exception:
-        d = None
-    if d is None or not d.is_finite():
-        line = node.start_mark.line + 1
-        raise PlanFileError(
-            f"line {line}: {text!r} is not a finite decimal number; quote amounts", field=f"line {line}"
-        )
-    return d
-
-
-def _construct_timestamp(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
-    return str(loader.construct_scalar(node))
-
-
-_ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
-_ExactLoader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
-
-
-def _no_dup_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise PlanFileError(f"duplicate key {k!r}", field=k)
-        out[k] = v
-    return out
-
-
 def _read(source: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(source, Mapping):
-        return source
-    is_json = False
-    if isinstance(source, Path) or ("\n" not in source and source.rstrip().endswith((".yaml", ".yml", ".json"))):
-        path = Path(source)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PlanFileError(f"cannot read plan file {path}: {exc}", field="source") from None
-        is_json = path.suffix.lower() == ".json"
-    else:
-        text = source
-    is_json = is_json or text.lstrip().startswith("{")
-    try:
-        if is_json:
-            data = json.loads(text, parse_float=Decimal, object_pairs_hook=_no_dup_pairs)
-        else:
-            data = yaml.load(text, Loader=_ExactLoader)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise PlanFileError(f"plan file is not valid {'JSON' if is_json else 'YAML'}: {exc}", field="source") from None
-    if not isinstance(data, Mapping):
-        raise PlanFileError("plan file: the top level must be a mapping with 'currency' and 'plans'", field="source")
-    return data
+    return read_catalog(source, error=PlanFileError, what="plan file", top="'currency' and 'plans'")
 
 
 def _check_keys(entry: Any, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
