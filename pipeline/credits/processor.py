@@ -426,16 +426,7 @@ class CreditProcessor:
         ]
         split = max(splits, key=lambda sp: (sp.overage_amount, sp.overage_quantity))
         reserve = max(split.overage_amount, 0)
-        cmd = Authorize(
-            request_id=a.request_id,
-            estimate_picos=reserve,
-            now_ms=req.at_ms,
-            provider=a.provider,
-            model=a.model,
-            project=a.project,
-            api_key_id=a.api_key_id,
-            ttl_ms=a.ttl_ms,
-        )
+        cmd = _authorize_command(req, reserve)
         new, eff = apply(state, cmd)
         decision = eff.decision
         assert decision is not None
@@ -628,16 +619,7 @@ class CreditProcessor:
         )
         if terms is not None and live is not None:
             return self._authorize_on_plan(state, req, out, live, terms, estimate)
-        cmd = Authorize(
-            request_id=a.request_id,
-            estimate_picos=estimate,
-            now_ms=req.at_ms,
-            provider=a.provider,
-            model=a.model,
-            project=a.project,
-            api_key_id=a.api_key_id,
-            ttl_ms=a.ttl_ms,
-        )
+        cmd = _authorize_command(req, estimate)
         state, eff = apply(state, cmd)
         self._effects(req.customer_id, eff, out)
         assert eff.decision is not None
@@ -871,3 +853,19 @@ def _priced_payload(ev: Mapping[str, Any]) -> bytes:
         return encode_priced_batch([dict(ev)])
     except Exception:
         return json.dumps(ev, default=repr).encode()[:256_000]
+
+
+def _authorize_command(req: LedgerRequest, estimate_picos: int) -> Authorize:
+    """The ledger's Authorize for an authorize request, reserving ``estimate_picos``."""
+    a = req.authorize
+    assert a is not None
+    return Authorize(
+        request_id=a.request_id,
+        estimate_picos=estimate_picos,
+        now_ms=req.at_ms,
+        provider=a.provider,
+        model=a.model,
+        project=a.project,
+        api_key_id=a.api_key_id,
+        ttl_ms=a.ttl_ms,
+    )
