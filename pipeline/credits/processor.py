@@ -217,14 +217,9 @@ class CreditProcessor:
         try:
             stored = load(customer) if customer and final else None
             if stored is not None:
-                state = CustomerLedger.from_dict(dict(stored))
-                if state.applied_offsets.get(src.key, -1) >= src.offset:
+                out.state = _marked_applied(stored, src)
+                if out.state is None:
                     return Outcome(customer_id=customer, skipped=True)
-                value_d = mark_applied(state, src).to_dict()
-                value_d["x"] = dict(stored.get("x") or {})
-                if stored.get("plan"):
-                    value_d["plan"] = stored["plan"]
-                out.state = value_d
         except Exception:
             out.state = None
         return out
@@ -738,14 +733,9 @@ class CreditProcessor:
         out.sends.append(self._dead(src, now, customer, None, None, value or b"", fmt, exc))
         stored = load(customer) if customer else None
         if stored is not None:
-            state = CustomerLedger.from_dict(dict(stored))
-            if state.applied_offsets.get(src.key, -1) >= src.offset:
+            out.state = _marked_applied(stored, src)
+            if out.state is None:
                 return Outcome(customer_id=customer, skipped=True)
-            value_d = mark_applied(state, src).to_dict()
-            value_d["x"] = dict(stored.get("x") or {})
-            if stored.get("plan"):
-                value_d["plan"] = stored["plan"]
-            out.state = value_d
         return out
 
     @staticmethod
@@ -869,3 +859,15 @@ def _authorize_command(req: LedgerRequest, estimate_picos: int) -> Authorize:
         api_key_id=a.api_key_id,
         ttl_ms=a.ttl_ms,
     )
+
+
+def _marked_applied(stored: Mapping[str, Any], src: SourcePos) -> dict[str, Any] | None:
+    """The stored value with ``src`` marked applied (its side keys kept), or None if it already was."""
+    state = CustomerLedger.from_dict(dict(stored))
+    if state.applied_offsets.get(src.key, -1) >= src.offset:
+        return None
+    value_d = mark_applied(state, src).to_dict()
+    value_d["x"] = dict(stored.get("x") or {})
+    if stored.get("plan"):
+        value_d["plan"] = stored["plan"]
+    return value_d
