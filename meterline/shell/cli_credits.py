@@ -39,10 +39,12 @@ def _settings() -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _api_call(api: tuple[str, str], method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _api_call(
+    api: tuple[str, str], method: str, path: str, body: dict[str, Any] | None = None, *, wait_s: float = 0.0
+) -> dict[str, Any]:
     from meterline.shell.api.client import call_json
 
-    status, doc = call_json(*api, method, path, body)
+    status, doc = call_json(*api, method, path, body, wait_unavailable_s=wait_s)
     if status >= 400:
         e = doc.get("error", {})
         field = f" (field {e['field']})" if e.get("field") else ""
@@ -186,7 +188,10 @@ def policy(
 @credits_app.command("balance")
 def balance(
     customer: str = typer.Argument(..., help="Customer id."),
-    timeout: float = typer.Option(15.0, help="Seconds to wait for customer-status to be read (Kafka mode)."),
+    timeout: float = typer.Option(
+        15.0,
+        help="Seconds to wait for customer-status to be read (from Kafka, or by a running API that is catching up).",
+    ),
 ) -> None:
     """The customer's balance as JSON: available, per-grant remaining, overage, status."""
     settings = _settings()
@@ -194,7 +199,7 @@ def balance(
     def show() -> None:
         api = running_api(settings.data_dir)
         if api is not None:
-            doc = _api_call(api, "GET", f"/v1/customers/{customer}/balance")
+            doc = _api_call(api, "GET", f"/v1/customers/{customer}/balance", wait_s=timeout)
         else:
             doc = _balance_from_kafka(settings, customer, timeout)
         _out.print_json(json.dumps(doc))

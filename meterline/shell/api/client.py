@@ -9,6 +9,7 @@ Errors map onto :mod:`meterline.core.errors` by what the caller does about them:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -27,16 +28,27 @@ def call_json(
     body: dict[str, Any] | None = None,
     *,
     timeout: httpx.Timeout | float = 30.0,
+    wait_unavailable_s: float = 0.0,
 ) -> tuple[int, dict[str, Any]]:
     """One JSON request with the key; returns (HTTP status, body as a dict). A body that is not
     JSON becomes ``{"error": {"code": "http_error", "message": <text>}}``. An unreachable API
-    raises :class:`~meterline.core.errors.MeterlineError`."""
-    try:
-        resp = httpx.request(
-            method, url.rstrip("/") + path, json=body, timeout=timeout, headers={"Authorization": f"Bearer {key}"}
-        )
-    except httpx.TransportError as exc:
-        raise MeterlineError(f"meterline API at {url} unreachable: {exc}") from exc
+    raises :class:`~meterline.core.errors.MeterlineError`.
+
+    ``wait_unavailable_s`` > 0 (only for idempotent reads): a 503 that carries ``Retry-After`` (the
+    API is still loading, e.g. ``status_catching_up`` right after a restart) is retried, honouring
+    the header, until that many seconds have passed; then the last answer is returned."""
+    deadline = time.monotonic() + wait_unavailable_s
+    while True:
+        try:
+            resp = httpx.request(
+                method, url.rstrip("/") + path, json=body, timeout=timeout, headers={"Authorization": f"Bearer {key}"}
+            )
+        except httpx.TransportError as exc:
+            raise MeterlineError(f"meterline API at {url} unreachable: {exc}") from exc
+        pause = _retry_after(resp)
+        if pause is None or time.monotonic() + pause > deadline:
+            break
+        time.sleep(pause)
     try:
         doc = resp.json()
     except ValueError:
@@ -44,6 +56,16 @@ def call_json(
     if not isinstance(doc, dict):
         doc = {"error": {"code": "http_error", "message": resp.text[:500]}}
     return resp.status_code, doc
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    """Seconds to wait before retrying a 503 that says when to retry; None otherwise."""
+    if resp.status_code != 503:
+        return None
+    try:
+        return min(max(float(resp.headers["Retry-After"]), 0.1), 5.0)
+    except (KeyError, ValueError):
+        return None
 
 
 class ApiClient:
