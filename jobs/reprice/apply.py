@@ -107,7 +107,7 @@ def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[
     earlier reprice refunds (read from ``ledger_entries``: history, not balances)."""
     groups = ch.query(
         "SELECT customer_id, lower(currency), provider, model, project, sum(charge) FROM usage_corrections FINAL "
-        "WHERE correction_id = {c:String} GROUP BY customer_id, currency, provider, model, project "
+        "WHERE correction_id = {c:String} AND kind = 'usage' GROUP BY customer_id, currency, provider, model, project "
         "ORDER BY customer_id, currency, provider, model, project",
         parameters={"c": cid},
     ).result_rows
@@ -119,7 +119,37 @@ def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[
             up[(str(cust), str(cur), str(provider), str(model), str(project))] = p
         elif p < 0:
             down[(str(cust), str(cur))] = down.get((str(cust), str(cur)), 0) - p
+    # Plan periods (kind 'plan', jobs/reprice/plans.py): the ledger carries the overage part of the
+    # bill (ledger_charge), debited like usage under provider 'plan' (only unscoped grants pay it).
+    plan_up: dict[tuple[str, str, int], tuple[str, int]] = {}
+    for cust, cur, start, versions, ledger in ch.query(
+        "SELECT customer_id, lower(currency), toUnixTimestamp(occurred_at), price_version, sum(ledger_charge) "
+        "FROM usage_corrections FINAL WHERE correction_id = {c:String} AND kind = 'plan' "
+        "GROUP BY customer_id, currency, occurred_at, price_version ORDER BY customer_id, occurred_at",
+        parameters={"c": cid},
+    ).result_rows:
+        p = _picos(Decimal(ledger))
+        if p > 0:
+            plan_up[(str(cust), str(cur), int(start))] = (str(versions), p)
+        elif p < 0:
+            down[(str(cust), str(cur))] = down.get((str(cust), str(cur)), 0) - p
     out: list[dict[str, Any]] = []
+    for (cust, cur, start), (versions, p) in sorted(plan_up.items()):
+        eid = f"reprice:{cid}:{cust}:plan@{start}"
+        out.append(
+            {
+                "type": "usage_correction",
+                "command_id": eid,
+                "customer_id": cust,
+                "at_ms": at_ms,
+                "event_id": eid,
+                "amount": format_picos(p),
+                "currency": cur,
+                "provider": "plan",
+                "model": versions,
+                "project": None,
+            }
+        )
     for (cust, cur, provider, model, project), p in sorted(up.items()):
         eid = f"reprice:{cid}:{cust}:{provider}/{model}:{project}"
         out.append(

@@ -15,6 +15,7 @@ re-rating twice finds nothing left to correct.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from jobs.reprice.plans import PlanBill, PlanContext, load_plan_context, rate_plan_bills
 from jobs.reprice.rates import Segment, all_segments, rated_fields
 from meterline.core.errors import InputError
 from meterline.core.pricing import PricingEngine
@@ -78,6 +80,9 @@ class ModelLine:
     old_charge: Decimal
     new_cost: Decimal
     new_charge: Decimal
+    plan_events: int = 0  # events inside a plan run: their charge feeds the plan bill (jobs/reprice/plans.py)
+    plan_old_charge: Decimal = Decimal(0)
+    plan_new_charge: Decimal = Decimal(0)
 
 
 @dataclass
@@ -86,10 +91,17 @@ class Plan:
     lines: list[ModelLine] = field(default_factory=list)
     prior: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)  # customer -> Σ corrections (cost, charge)
     segments: list[Segment] = field(default_factory=list)
+    plan_bills: list[PlanBill] = field(default_factory=list)  # plan customers' periods, old and new
 
     def customers(self) -> list[dict[str, Any]]:
-        """Per customer: old (as billed so far, earlier corrections included) and new totals."""
+        """Per customer: old (as billed so far, earlier corrections included) and new totals.
+
+        For events inside a plan run the charge is the plan bill's (``plan_bills``): their own
+        pay-per-token charge stays in the model lines (informational) but not in the totals."""
         by: dict[str, dict[str, Any]] = {}
+        bills: dict[str, list[PlanBill]] = {}
+        for b in self.plan_bills:
+            bills.setdefault(b.customer_id, []).append(b)
         for ln in self.lines:
             c = by.setdefault(
                 ln.customer_id,
@@ -106,23 +118,28 @@ class Plan:
             c["events"] += ln.events
             c["unpriceable"] += ln.unpriceable
             c["old_cost"] += ln.old_cost
-            c["old_charge"] += ln.old_charge
+            c["old_charge"] += ln.old_charge - ln.plan_old_charge
             c["new_cost"] += ln.new_cost
-            c["new_charge"] += ln.new_charge
+            c["new_charge"] += ln.new_charge - ln.plan_new_charge
             c["models"].append(ln)
         out = []
         for cust in sorted(by):
             c = by[cust]
             pc, pch = self.prior.get(cust, (Decimal(0), Decimal(0)))
+            mine = bills.get(cust, [])
+            plan_old = sum((Decimal(b.old).scaleb(-12) for b in mine), Decimal(0))
+            plan_new = sum((Decimal(b.new).scaleb(-12) for b in mine), Decimal(0))
             out.append(
                 {
                     "customer_id": cust,
                     **c,
                     "prior_corrections": pch,
                     "old_cost": c["old_cost"] + pc,
-                    "old_charge": c["old_charge"] + pch,
-                    "delta": c["new_charge"] - c["old_charge"] - pch,
+                    "old_charge": c["old_charge"] + pch + plan_old,
+                    "new_charge": c["new_charge"] + plan_new,
+                    "delta": c["new_charge"] - c["old_charge"] - pch + plan_new - plan_old,
                     "cost_delta": c["new_cost"] - c["old_cost"] - pc,
+                    "plan_bills": mine,
                 }
             )
         return out
@@ -187,7 +204,8 @@ def _rates_table(ch: Any, segments: Sequence[Segment], fields: tuple[str, ...]) 
 
 
 def _events_sql(rates: str, where: str, fields: tuple[str, ...]) -> str:
-    """One row per event of the period with its re-rated picos (Int128) and whether it is priceable now."""
+    """One row per event of the period with its re-rated picos (Int128), whether it is priceable now,
+    and whether it occurred inside a plan run (``in_plan``: its charge feeds a plan bill)."""
     ok = ["r.error = ''"] + [f"(u.{f} = 0 OR r.k{i} IS NOT NULL)" for i, f in enumerate(fields)]
     cost = " + ".join(f"toInt128(u.{f}) * ifNull(r.k{i}, toInt128(0))" for i, f in enumerate(fields))
     charge = " + ".join(f"toInt128(u.{f}) * ifNull(r.c{i}, toInt128(0))" for i, f in enumerate(fields))
@@ -197,6 +215,8 @@ def _events_sql(rates: str, where: str, fields: tuple[str, ...]) -> str:
                u.feature AS feature, u.currency AS currency, u.price_version AS old_version,
                u.rate_card AS old_card, r.price_version AS new_version, r.rate_card AS new_card, r.error AS error,
                u.cost AS old_cost, u.charge AS old_charge, ({" AND ".join(ok)}) AS ok,
+               toUnixTimestamp64Milli(u.occurred_at) AS ms,
+               ({PlanContext.in_plan_sql("u.customer_id", "toUnixTimestamp64Milli(u.occurred_at)")}) AS in_plan,
                ({cost}) AS new_cost_p, ({charge}) AS new_charge_p
         FROM (SELECT * FROM usage_priced FINAL WHERE {where}) AS u
         INNER JOIN {rates} AS r
@@ -206,19 +226,29 @@ def _events_sql(rates: str, where: str, fields: tuple[str, ...]) -> str:
     """
 
 
-def _new(picos_col: str, kept_col: str) -> str:
-    """Decimal(38, 12) of the re-rated priceable events plus the billed amount of the others."""
-    return f"(toDecimal128(toString(sumIf({picos_col}, ok)), 0) * {_PICO} + sumIf({kept_col}, NOT ok))"
+def _new(picos_col: str, kept_col: str, keep: str = "NOT ok") -> str:
+    """Decimal(38, 12) of the re-rated events plus the billed amount of those ``keep`` selects
+    (by default the events nothing prices now)."""
+    return f"(toDecimal128(toString(sumIf({picos_col}, NOT ({keep}))), 0) * {_PICO} + sumIf({kept_col}, {keep}))"
 
 
 class Repricing:
     """One re-rating with its rate segments loaded (inside :func:`open_reprice`): the report, the
     deltas' summary, and the correction rows written by ClickHouse itself (``INSERT … SELECT``)."""
 
-    def __init__(self, ch: Any, plan: Plan, rates: str | None, params: dict[str, Any], fields: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        ch: Any,
+        plan: Plan,
+        rates: str | None,
+        params: dict[str, Any],
+        fields: tuple[str, ...],
+        plans: PlanContext | None = None,
+    ) -> None:
         self.ch = ch
         self.fields = fields
         self.plan = plan
+        self.plans = plans or PlanContext()
         self._rates = rates
         self._params = params
         self._staged: str | None = None
@@ -252,13 +282,13 @@ class Repricing:
             f"if(n.v_lo = n.v_hi, n.v_lo, concat(n.v_lo, ',', n.v_hi)) AS versions, "
             f"if(n.c_lo = n.c_hi, n.c_lo, concat(n.c_lo, ',', n.c_hi)) AS cards FROM ("
             f"  SELECT {keys}, sum(old_cost) AS o_cost, sum(old_charge) AS o_charge, "
-            f"  {_new('new_cost_p', 'old_cost')} AS n_cost, {_new('new_charge_p', 'old_charge')} AS n_charge, "
+            f"  {_new('new_cost_p', 'old_cost')} AS n_cost, {_new('new_charge_p', 'old_charge', 'NOT ok OR in_plan')} AS n_charge, "
             f"  minIf(new_version, ok) AS v_lo, maxIf(new_version, ok) AS v_hi, "
             f"  minIf(new_card, ok) AS c_lo, maxIf(new_card, ok) AS c_hi "
             f"  FROM ({ev}) GROUP BY {keys}) AS n "
             f"LEFT JOIN (SELECT customer_id, toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, provider, model, "
             f"  model_version, project, feature, currency, sum(cost) AS cost, sum(charge) AS charge "
-            f"  FROM usage_corrections FINAL WHERE {where} GROUP BY {keys}) AS c USING ({keys}) "
+            f"  FROM usage_corrections FINAL WHERE {where} AND kind = 'usage' GROUP BY {keys}) AS c USING ({keys}) "
             f"WHERE dcost != 0 OR dcharge != 0"
         )
 
@@ -274,8 +304,9 @@ class Repricing:
             f"SELECT customer_id, provider, model, arrayStringConcat(arraySort(groupUniqArray(old_version)), ','), "
             f"arrayStringConcat(arraySort(groupUniqArray(old_card)), ','), new_version, new_card, error, count(), "
             f"countIf(NOT ok), sum(old_cost), sum(old_charge), {_new('new_cost_p', 'old_cost')}, "
-            f"{_new('new_charge_p', 'old_charge')} FROM ({ev}) "
-            f"GROUP BY customer_id, provider, model, new_version, new_card, error "
+            f"{_new('new_charge_p', 'old_charge')}, countIf(in_plan), sumIf(old_charge, in_plan), "
+            f"toDecimal128(toString(sumIf(new_charge_p, ok AND in_plan)), 0) * {_PICO} + sumIf(old_charge, NOT ok AND in_plan) "
+            f"FROM ({ev}) GROUP BY customer_id, provider, model, new_version, new_card, error "
             f"ORDER BY customer_id, provider, model, new_version, new_card, error",
             parameters=self._params,
         ).result_rows
@@ -295,15 +326,39 @@ class Repricing:
                 Decimal(b),
                 Decimal(x),
                 Decimal(y),
+                int(pn),
+                Decimal(po),
+                Decimal(pnew),
             )
-            for c, p, m, ov, oc, nv, nc, err, n, bad, a, b, x, y in rows
+            for c, p, m, ov, oc, nv, nc, err, n, bad, a, b, x, y, pn, po, pnew in rows
         ]
-        q = f"SELECT customer_id, sum(cost), sum(charge) FROM usage_corrections FINAL WHERE {where} GROUP BY customer_id"
+        q = (
+            f"SELECT customer_id, sum(cost), sum(charge) FROM usage_corrections FINAL WHERE {where} "
+            "AND kind = 'usage' GROUP BY customer_id"
+        )
         for c, cost, charge in self.ch.query(q, parameters=self._params).result_rows:
             plan.prior[str(c)] = (Decimal(cost), Decimal(charge))
+        if self.plans.bounds:
+            if progress is not None:
+                progress("plan bills", 0, len(self.plans.bounds))
+            bucket = PlanContext.bucket_sql("customer_id", "ms")
+            deltas = self.ch.query(
+                f"SELECT customer_id, {bucket} AS bk, provider, model, "
+                f"toDecimal128(toString(sumIf(new_charge_p, ok)), 0) * {_PICO} - sumIf(old_charge, ok) "
+                f"FROM ({ev}) WHERE in_plan GROUP BY customer_id, bk, provider, model",
+                parameters=self._params,
+            ).result_rows
+            plan.plan_bills = rate_plan_bills(self.ch, self.plans, deltas)
+            if progress is not None:
+                progress("plan bills", len(self.plans.bounds), len(self.plans.bounds))
         if progress is not None:
             progress("re-rating in ClickHouse", 1, 1)
         return plan
+
+    def plan_rows(self) -> list[PlanBill]:
+        """The plan periods whose bill (or ledger part) changes: one ``kind = 'plan'`` row each
+        (:meth:`report` must have run)."""
+        return [b for b in self.plan.plan_bills if b.delta or b.ledger_delta]
 
     def delta_summary(self) -> tuple[int, int]:
         """(number of correction rows the re-rating needs, an order-independent fingerprint of them)."""
@@ -313,12 +368,50 @@ class Repricing:
             f"SELECT count(), sum(cityHash64(customer_id, toString(hour), provider, model, model_version, project, "
             f"feature, currency, toString(dcost), toString(dcharge))) FROM {self._stage()}"
         ).result_rows[0]
-        return int(row[0]), int(row[1] or 0)
+        n, fingerprint = int(row[0]), int(row[1] or 0)
+        for b in self.plan_rows():
+            h = hashlib.sha256(f"plan|{b.customer_id}|{b.start}|{b.stop}|{b.delta}|{b.ledger_delta}".encode())
+            n, fingerprint = n + 1, (fingerprint + int(h.hexdigest()[:15], 16)) % 2**64
+        return n, fingerprint
 
     def insert_corrections(self, correction_id: str, created_at: datetime) -> None:
-        """Write the deltas as ``usage_corrections`` rows, computed and inserted by ClickHouse."""
+        """Write the deltas as ``usage_corrections`` rows: the plan periods' rows (kind ``plan``,
+        jobs/reprice/plans.py) first, then the per-hour rows, computed and inserted by ClickHouse."""
         if self._rates is None:
             return
+        rows = [
+            [
+                correction_id,
+                datetime.fromtimestamp(b.start, UTC),
+                datetime.fromtimestamp(b.stop, UTC),
+                b.customer_id,
+                b.currency,
+                Decimal(0),
+                Decimal(b.delta).scaleb(-12),
+                Decimal(b.ledger_delta).scaleb(-12),
+                ",".join(b.plans),
+                created_at,
+            ]
+            for b in self.plan_rows()
+        ]
+        if rows:
+            self.ch.insert(
+                "usage_corrections",
+                [[*r[:3], "plan", *r[3:]] for r in rows],
+                column_names=[
+                    "correction_id",
+                    "occurred_at",
+                    "period_end",
+                    "kind",
+                    "customer_id",
+                    "currency",
+                    "cost",
+                    "charge",
+                    "ledger_charge",
+                    "price_version",
+                    "created_at",
+                ],
+            )
         self.ch.command(
             "INSERT INTO usage_corrections (correction_id, occurred_at, customer_id, provider, model, model_version, "
             "project, feature, currency, cost, charge, price_version, rate_card, created_at) "
@@ -361,8 +454,10 @@ def open_reprice(
     if not segments:
         yield Repricing(ch, plan, None, params, fields)
         return
+    plans = load_plan_context(ch, {str(g[0]) for g in groups}, filters.start, filters.end)
+    params = {**params, **plans.params()}
     with _rates_table(ch, segments, fields) as rates:
-        rp = Repricing(ch, plan, rates, params, fields)
+        rp = Repricing(ch, plan, rates, params, fields, plans)
         try:
             yield rp
         finally:
