@@ -169,9 +169,7 @@ def load_plan_context(ch: Any, customers: set[str], start: int, end: int) -> Pla
         rolls = any(a.rollover_max is not None for p in periods for s in p.segments for a in s.plan.allowances)
         anchors = {p.anchor for p in wanted}
         chain = [p for p in periods if (rolls and p.anchor in anchors and p.start < end) or p in wanted]
-        edges = sorted(
-            {x * 1000 for p in periods for x in (p.start, p.stop, *(s.start for s in p.segments))}
-        )
+        edges = sorted({x * 1000 for p in periods for x in (p.start, p.stop, *(s.start for s in p.segments))})
         flags = [0]
         for i in range(1, len(edges)):
             lo = edges[i - 1] // 1000
