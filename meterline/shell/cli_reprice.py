@@ -4,6 +4,12 @@ Registered in meterline/shell/cli.py with ``app.command("reprice")(reprice_comma
 compacted ``prices`` topic (read whole, like a worker's price feed), or ``--prices FILE``. The
 diff goes to stdout (``--format table|json``); progress (rich, with counts) goes to stderr and only
 on a terminal (meterline.shell.console). See docs/corrections.md.
+
+While ``meterline up`` owns the embedded ClickHouse engine (a ``chdb:`` DSN) the command runs
+inside it, like ``meterline stripe ...`` (meterline.shell.forwarding: ``POST /v1/admin/run``); it
+prints through :func:`meterline.shell.forwarding.current_io` only, so the output is the same. The
+audit row records the caller (``--ran-by``, a hidden option the CLI fills in when it forwards) and
+the command line rebuilt from the parsed parameters, in both places.
 """
 
 from __future__ import annotations
@@ -25,12 +31,40 @@ from rich.table import Table
 from meterline.core.config import Settings
 from meterline.core.errors import MeterlineError
 from meterline.shell.console import is_terminal, make_console
+from meterline.shell.forwarding import argv_from_params, captured, command_settings, current_io, forward_to_up, relay
 
 __all__ = ["reprice_command"]
 
 
 def _dec(d: Decimal) -> str:
     return f"{d:f}"
+
+
+def _units(picos: int) -> str:
+    return _dec(Decimal(picos).scaleb(-12))
+
+
+def _plan_json(b: Any) -> dict[str, Any]:
+    """One plan period of a plan customer: its bill as billed so far and re-rated (exact, before
+    the invoice's one rounding; prepaid credit aside) and what the ledger carries of the change."""
+    from meterline.core.plans import format_instant
+
+    return {
+        "period_start": format_instant(b.start),
+        "period_end": format_instant(b.end),
+        "period_stop": format_instant(b.stop),
+        "plans": list(b.plans),
+        "currency": b.currency,
+        "old_usage_charge": _units(b.old_usage_charge),
+        "new_usage_charge": _units(b.new_usage_charge),
+        "old_bill": _units(b.old),
+        "new_bill": _units(b.new),
+        "delta": _units(b.delta),
+        "prior_corrections": _units(b.prior),
+        "ledger_delta": _units(b.ledger_delta),
+        "old_lines": list(b.lines_old),
+        "new_lines": list(b.lines_new),
+    }
 
 
 def _json(plan: Any, result: Any) -> dict[str, Any]:
@@ -48,6 +82,7 @@ def _json(plan: Any, result: Any) -> dict[str, Any]:
                 "new_charge": _dec(c["new_charge"]),
                 "delta": _dec(c["delta"]),
                 "prior_corrections": _dec(c["prior_corrections"]),
+                "plans": [_plan_json(b) for b in c["plan_bills"]],
                 "models": [
                     {
                         "model": f"{m.provider}/{m.model}",
@@ -58,6 +93,7 @@ def _json(plan: Any, result: Any) -> dict[str, Any]:
                         "new_rate_card": m.new_card,
                         "unpriceable_events": m.unpriceable,
                         "unpriceable_reason": m.unpriceable_reason or None,
+                        "plan_events": m.plan_events,
                         "old_cost": _dec(m.old_cost),
                         "new_cost": _dec(m.new_cost),
                         "old_charge": _dec(m.old_charge),
@@ -86,6 +122,12 @@ def _json(plan: Any, result: Any) -> dict[str, Any]:
             "noop": result.noop,
         }
     return out
+
+
+def _iso(seconds: int) -> str:
+    from meterline.core.plans import format_instant
+
+    return str(format_instant(seconds))
 
 
 def _table(plan: Any) -> Table:
@@ -123,6 +165,19 @@ def _table(plan: Any) -> Table:
                 _dec(m.new_charge),
                 _dec(m.new_charge - m.old_charge),
             )
+        for b in c["plan_bills"]:
+            t.add_row(
+                c["customer_id"],
+                f"plan {','.join(b.plans)}",
+                "",
+                f"period {_iso(b.start)} → {_iso(b.stop)}",
+                "",
+                "",
+                "",
+                _units(b.old),
+                _units(b.new),
+                _units(b.delta),
+            )
         if c["prior_corrections"]:
             t.add_row(
                 c["customer_id"],
@@ -153,8 +208,9 @@ def _table(plan: Any) -> Table:
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
-    """A rich progress bar on stderr with counts, only on a terminal (never in pipes or logs)."""
-    if not enabled or not is_terminal(sys.stderr):
+    """A rich progress bar on stderr with counts, only on a terminal (never in pipes or logs, nor
+    inside ``meterline up``: a forwarded run's stderr is captured and relayed when it ends)."""
+    if not enabled or captured() or not is_terminal(sys.stderr):
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -197,7 +253,12 @@ def _engine(settings: Settings, prices: Path | None, bootstrap: tuple[str, str] 
         feed.stop()
 
 
+def _operator() -> str:
+    return os.environ.get("METERLINE_OPERATOR") or getpass.getuser()
+
+
 def reprice_command(
+    ctx: typer.Context,
     period: str = typer.Option(..., "--period", help="YYYY-MM, YYYY-MM-DD or START..END (whole UTC hours)."),
     customer: str | None = typer.Option(None, "--customer", help="Only this customer."),
     model: str | None = typer.Option(None, "--model", help="Only this model: PROVIDER/MODEL."),
@@ -205,15 +266,41 @@ def reprice_command(
     reason: str = typer.Option("", "--reason", help="Why (kept in the audit record)."),
     fmt: str = typer.Option("table", "--format", help="table | json"),
     prices: Path | None = typer.Option(None, "--prices", help="Price file to use instead of the prices topic."),
+    ran_by: str | None = typer.Option(
+        None, "--ran-by", hidden=True, help="Who ran it (set by the CLI when it forwards to meterline up)."
+    ),
 ) -> None:
     """Re-rate a period with the catalog and rate cards as they stand now; without --dry-run, apply the
     difference as correction events (ClickHouse rollups, ledger adjustments, Stripe via sync)."""
+    # While `meterline up` owns the embedded engine, run inside it (POST /v1/admin/run); the
+    # operator and the command line recorded in the audit row are the caller's.
+    ctx.params["ran_by"] = ran_by or _operator()
+    remote = forward_to_up(ctx, "reprice")
+    if remote is not None:
+        relay(remote)
+    command = " ".join(["meterline", "reprice", *argv_from_params(ctx, skip=("ran_by",))])
+    _run(period, customer, model, dry_run, reason, fmt, prices, ran_by=str(ctx.params["ran_by"]), command=command)
+
+
+def _run(
+    period: str,
+    customer: str | None,
+    model: str | None,
+    dry_run: bool,
+    reason: str,
+    fmt: str,
+    prices: Path | None,
+    *,
+    ran_by: str,
+    command: str,
+) -> None:
     from jobs.reprice.apply import apply_plan
     from jobs.reprice.compute import Filters, open_reprice
     from jobs.stripe.reconcile import parse_period
     from meterline.stack.clickhouse import apply_migrations, connect
 
-    out, err = make_console(), make_console(stderr=True)
+    cio = current_io()
+    out, err = cio.out, cio.err
     if fmt not in ("table", "json"):
         err.print("[red]error:[/red] --format must be table or json")
         raise typer.Exit(2)
@@ -224,7 +311,7 @@ def reprice_command(
             raise typer.Exit(2)
         provider_name, model_name = model.split("/", 1)
     try:
-        settings = Settings()
+        settings = command_settings()
         start, end = parse_period(period)
         filters = Filters(start, end, customer, provider_name, model_name)
         need_broker = prices is None or not dry_run
@@ -245,13 +332,12 @@ def reprice_command(
 
                 assert boot is not None
                 publisher = CommandPublisher(boot[0], f"{boot[1]}ledger-commands")
-                argv = " ".join(["meterline", "reprice", *sys.argv[2:]])
                 result = apply_plan(
                     ch,
                     rp,
-                    ran_by=os.environ.get("METERLINE_OPERATOR") or getpass.getuser(),
+                    ran_by=ran_by,
                     reason=reason,
-                    command=argv,
+                    command=command,
                     send=publisher.send,
                     at_ms=int(time.time() * 1000),
                 )
@@ -263,7 +349,8 @@ def reprice_command(
             publisher.close()
         ch.close()
     if fmt == "json":
-        sys.stdout.write(json.dumps(_json(plan, result), ensure_ascii=False, indent=2) + "\n")
+        out.file.write(json.dumps(_json(plan, result), ensure_ascii=False, indent=2) + "\n")
+        out.file.flush()
         return
     out.print(_table(plan))
     if result is not None:

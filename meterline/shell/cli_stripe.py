@@ -317,18 +317,22 @@ _COMMAND: Any = None
 
 
 def _root_command() -> Any:
-    """``meterline stripe ...`` / ``meterline statement`` as one click command (built once)."""
+    """``meterline stripe ...`` / ``meterline statement`` / ``meterline reprice`` as one click
+    command (built once): what ``meterline up`` runs for ``POST /v1/admin/run``."""
     global _COMMAND
     if _COMMAND is None:
+        from meterline.shell.cli_reprice import reprice_command
+
         app = typer.Typer(add_completion=False)
         app.add_typer(stripe_app, name="stripe")
         app.command("statement")(statement_command)
+        app.command("reprice")(reprice_command)
         _COMMAND = typer.main.get_command(app)
     return _COMMAND
 
 
 def run_captured(argv: Sequence[str], settings: Settings, *, width: int = 100, color: bool = False) -> CapturedRun:
-    """Run ``meterline <argv>`` (a ``stripe`` or ``statement`` command) in this thread with
+    """Run ``meterline <argv>`` (a ``stripe``, ``statement`` or ``reprice`` command) in this thread with
     ``settings`` and both output streams captured (how ``meterline up`` runs a forwarded command)."""
     return forwarding.run_captured(_root_command(), argv, settings, width=width, color=color)
 

@@ -204,7 +204,7 @@ def test_admin_run_route_auth_allow_list_and_busy(up: Up) -> None:
         r = http.post("/v1/admin/run", json={"argv": argv}, headers=admin)
         assert r.status_code == 400 and r.json()["error"]["code"] == code, (argv, r.text)
     assert (
-        "'stripe' and 'statement'"
+        "'stripe', 'statement' and 'reprice'"
         in http.post("/v1/admin/run", json={"argv": ["sql"]}, headers=admin).json()["error"]["message"]
     )
 

@@ -2,7 +2,8 @@
 
 Why: with the embedded ClickHouse engine (``chdb://``, the default) only ONE process may open the
 engine path, and while ``meterline up`` runs that process is ``up``. ``meterline stripe
-provision|sync|grants|reconcile`` and ``meterline statement`` read and write ClickHouse, so when
+provision|sync|grants|reconcile``, ``meterline statement`` and ``meterline reprice`` read and write
+ClickHouse, so when
 they are started from another shell they send their argv here and run in ``up`` instead (the same
 typer command code, with its output captured). With a ClickHouse server DSN they run locally.
 
@@ -13,7 +14,8 @@ Route
     {"argv": ["stripe", "sync", "--now", "1767225600"], "width"?: 120, "color"?: false}
 
 - ``argv[0]`` must be ``stripe`` followed by one of its commands (provision, sync, grants,
-  reconcile) or ``statement``; anything else is 400 ``command_not_allowed``. ``--help`` is 400
+  reconcile), ``statement`` or ``reprice`` (every flag; ``--prices FILE`` is read by ``up`` on the
+  same machine, sent as an absolute path); anything else is 400 ``command_not_allowed``. ``--help`` is 400
   ``help_not_available`` (run it locally). ``statement --out`` is 400 ``option_not_allowed``:
   nothing run here writes to a path the caller chose; the statement comes back in ``stdout`` and
   the CLI writes ``--out`` on the caller's machine (the command itself refuses ``--out`` when run
@@ -52,7 +54,7 @@ __all__ = ["ALLOWED_COMMANDS", "RUN_WAIT_S", "CommandRunner", "RunResult", "Runn
 
 log = logging.getLogger(__name__)
 
-ALLOWED_COMMANDS = ("stripe", "statement")
+ALLOWED_COMMANDS = ("stripe", "statement", "reprice")
 RUN_WAIT_S = 30.0
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_WIDTH = 100
@@ -110,7 +112,8 @@ class CommandRunner:
             raise InputError("'argv' must be a non-empty array of strings", reason_code="invalid_body", field="argv")
         if argv[0] not in ALLOWED_COMMANDS:
             raise InputError(
-                f"only {' and '.join(repr(c) for c in ALLOWED_COMMANDS)} commands run through the API, not {argv[0]!r}",
+                f"only {', '.join(repr(c) for c in ALLOWED_COMMANDS[:-1])} and {ALLOWED_COMMANDS[-1]!r} commands "
+                f"run through the API, not {argv[0]!r}",
                 reason_code="command_not_allowed",
                 field="argv",
             )
