@@ -42,7 +42,8 @@ TOK_FEE, TOK_INCLUDED, TOK_PER_MILLION = Decimal("20.00"), 1_000_000, Decimal("3
 AMT_FEE, AMT_INCLUDED, AMT_MULTIPLIER = Decimal("10.00"), Decimal("2.00"), Decimal("1.5")
 
 
-def _setup(ch: Any, tmp_path: Any) -> list[dict[str, Any]]:
+def setup_plan_usage(ch: Any, tmp_path: Any, book: dict[str, Any] = BOOK_BEFORE) -> list[dict[str, Any]]:
+    """The plans, the subscription facts and the month's usage priced with ``book``, in ClickHouse."""
     f = tmp_path / "plans.yaml"
     f.write_text(PLANS)
     catalog = load_plan_catalog(f)
@@ -53,7 +54,7 @@ def _setup(ch: Any, tmp_path: Any) -> list[dict[str, Any]]:
     ]
     ch.insert("subscription_events", [subscription_row(e) for e in facts], column_names=list(SUBSCRIPTION_COLUMNS))
     events = make_events(21, 900)
-    insert_priced(ch, events, engine(BOOK_BEFORE))
+    insert_priced(ch, events, engine(book))
     return events
 
 
@@ -118,7 +119,7 @@ def _agent_ledgers(old: dict[str, dict[str, Decimal]]) -> dict[str, Any]:
 
 
 def test_plan_customers_are_rerated_as_plan_bills(clickhouse: Any, tmp_path: Any) -> None:
-    events = _setup(clickhouse, tmp_path)
+    events = setup_plan_usage(clickhouse, tmp_path)
     old, new = expected(events, BOOK_BEFORE), expected(events, BOOK_AFTER)
     assert new["acme"]["bill"] != old["acme"]["bill"]  # the correction reaches acme's rate-card overage
     assert new["globex"]["overage"] > 0  # globex's overage is per million tokens: the price does not matter
@@ -238,7 +239,7 @@ class Crash(Exception):
 
 
 def test_a_crash_at_every_step_then_a_resume_is_exact_for_plan_rows(clickhouse: Any, tmp_path: Any) -> None:
-    events = _setup(clickhouse, tmp_path)
+    events = setup_plan_usage(clickhouse, tmp_path)
     old, new = expected(events, BOOK_BEFORE), expected(events, BOOK_AFTER)
     # each run crashes at the first step of its kind: before the insert, right after it (then the
     # resume finds rows stored under a 'planned' run), in the middle of the ledger sends, then resumes
