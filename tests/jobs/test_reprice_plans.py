@@ -287,3 +287,57 @@ def test_a_crash_at_every_step_then_a_resume_is_exact_for_plan_rows(clickhouse: 
         states[req.customer_id], _ = apply(states[req.customer_id], req.command)
     for cust in states:
         assert to_decimal(states[cust].overage_picos) == new[cust]["payg"] + new[cust]["overage"], cust
+
+
+def test_a_minimum_commitment_absorbs_the_bill_change_but_not_the_ledgers(clickhouse: Any, tmp_path: Any) -> None:
+    """initech on a commitment far above its usage (rate-card overage, nothing included): the price
+    cut does not move the bill (the true-up grows by as much), but the ledger carries the overage,
+    which the cut lowers: a plan row with charge 0 and the overage change as ledger_charge, and a
+    refund to initech's ledger."""
+    events = setup_plan_usage(clickhouse, tmp_path)
+    f = tmp_path / "commit.yaml"
+    f.write_text(
+        "currency: USD\nplans:\n"
+        '  - {id: com, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "0",\n'
+        '     overage: {rate_card: {multiplier: "1"}}, on_exhausted: allow, minimum_commitment: "100000.00"}\n'
+    )
+    catalog = load_plan_catalog(f)
+    clickhouse.insert("plans", [plan_row(v) for v in catalog.versions], column_names=list(PLAN_COLUMNS))
+    fact = SubscriptionEvent("subscribed", "initech", T0, "com", 1)
+    clickhouse.insert("subscription_events", [subscription_row(fact)], column_names=list(SUBSCRIPTION_COLUMNS))
+    usage = {
+        name: to_decimal(sum(engine(b).price(e).charge_picos for e in events if e["customer_id"] == "initech"))
+        for name, b in (("old", BOOK_BEFORE), ("new", BOOK_AFTER))
+    }
+    assert usage["new"] < usage["old"] < Decimal("100000")
+    sent: list[dict[str, Any]] = []
+    with open_reprice(clickhouse, engine(BOOK_AFTER), FILTERS) as rp:
+        plan = rp.report()
+        apply_plan(clickhouse, rp, ran_by="t", reason="cut", command="t", send=sent.append, at_ms=AT_MS)
+    initech = next(c for c in plan.customers() if c["customer_id"] == "initech")
+    assert initech["old_charge"] == initech["new_charge"] == Decimal("100000.00") and initech["delta"] == 0
+    [b] = initech["plan_bills"]
+    assert to_decimal(b.ledger_delta) == usage["new"] - usage["old"] and b.delta == 0
+    assert clickhouse.query(
+        "SELECT charge, ledger_charge FROM usage_corrections WHERE kind = 'plan' AND customer_id = 'initech'"
+    ).result_rows == [(Decimal(0), usage["new"] - usage["old"])]
+    ledger = new_ledger("initech", "usd", Policy(overage="allow"))
+    ledger, _ = apply(
+        ledger,
+        ApplyPricedUsage(
+            event_id="plan-overage",
+            occurred_at_ms=T0 * 1000,
+            charge_picos=int(usage["old"].scaleb(12)),
+            currency="usd",
+            provider="openai",
+            model="gpt-4o",
+        ),
+    )
+    mine = [c for c in sent if c["customer_id"] == "initech"]
+    assert [c["type"] for c in mine] == ["adjust"]
+    for cmd in mine:
+        req = decode_command(json.dumps(cmd).encode())
+        assert req.command is not None
+        ledger, eff = apply(ledger, req.command)
+        assert eff.skipped is None
+    assert to_decimal(ledger.overage_picos) == usage["new"]
