@@ -28,7 +28,6 @@ plan simulator does); a per-bucket flag array says whether the bucket lies insid
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -246,7 +245,7 @@ def rate_plan_bills(ch: Any, ctx: PlanContext, deltas: list[tuple[Any, ...]]) ->
     out: list[PlanBill] = []
     for cid in cids:
         chain = ctx.chains[cid]
-        currency = chain[-1].segments[-1].plan.currency.lower() if chain[-1].segments else "usd"
+        currency = next(s.plan.currency for p in chain for s in p.segments).lower()
         foreign = sorted(c for c in currencies.get(cid, set()) if c and c != currency)
         if foreign:
             raise MeterlineError(
@@ -296,8 +295,3 @@ def rate_plan_bills(ch: Any, ctx: PlanContext, deltas: list[tuple[Any, ...]]) ->
                 )
             )
     return out
-
-
-def bucket_of(ctx: PlanContext, customer: str, ms: int) -> int:
-    """The bucket ClickHouse computes for ``customer`` at ``ms`` (for tests and checks)."""
-    return bisect_right(ctx.bounds.get(customer, []), ms)
