@@ -49,6 +49,7 @@ from typing import Any
 from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, StripeTarget, meter_specs
 from jobs.stripe._send import STREAM_BATCH, MeterEventSender
 from jobs.stripe.corrective import (
+    PLAN_CORRECTION_PROVIDER,
     Corrective,
     record_plan_corrections,
     record_window_corrections,
@@ -152,13 +153,15 @@ def aggregate_usage(
         )
     if cfg.mode == "cost":
         # usage_priced + the re-rating corrections (jobs/reprice): a corrected window grows (a new
-        # revision, like late usage) or shrinks (cancel and re-push, see plan()).
+        # revision, like late usage) or shrinks (cancel and re-push, or credit: see plan()). A re-rated
+        # plan bill (provider 'plan') is no window's usage: it is a corrective amount of its own.
         rows = ch.query(
             f"SELECT customer_id, {ws} AS ws, sum(charge) FROM ("
             f"SELECT customer_id, occurred_at, charge, currency FROM usage_priced FINAL WHERE {where} "
             f"UNION ALL SELECT customer_id, occurred_at, charge, currency FROM usage_corrections FINAL "
-            f"WHERE {where}) WHERE lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
-            parameters=params,
+            f"WHERE {where} AND provider != {{plan_row:String}}) WHERE lower(currency) = {{cur:String}} "
+            "GROUP BY customer_id, ws",
+            parameters={**params, "plan_row": PLAN_CORRECTION_PROVIDER},
         ).result_rows
         for cust, start, charge in rows:
             out[(cust, specs[0].event_name, int(start))] = Decimal(charge)
