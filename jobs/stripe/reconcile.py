@@ -19,7 +19,9 @@ So Stripe's meter summary − the credit = the corrected figure.
 A row drifts when ``|clickhouse − pending − (pushed − credited)| >= 1`` unit (the carried sub-unit remainder is
 < 1 unit, so anything above is real: unpushed, too old, failed or shrunk usage) or when
 ``pushed != stripe`` (an event lost, deleted or double counted at Stripe), or when a corrective
-amount of the row's windows is not at Stripe as recorded (pending, failed, missing, another amount). A row with pending usage
+amount of the row's windows is not at Stripe as recorded (pending, failed, missing, another amount).
+A re-rated plan bill (a corrective amount of kind ``plan``, period starting in the range) is checked
+the same way on the customer's plan-meter row. A row with pending usage
 and no drift has the status ``pending``; only ``drift`` is an error (the CLI exits 1 on it alone). Summaries are eventually consistent at real
 Stripe: reconcile a period some minutes after the last sync.
 """
@@ -40,7 +42,7 @@ import stripe
 
 from jobs.stripe._config import REPO_ROOT, BillingConfig, meter_specs
 from jobs.stripe._store import ACKED, CANCELED, CANCELING, CREDITED, load_customers, load_pushes
-from jobs.stripe.corrective import MINOR_UNITS, load_corrections, stripe_cents
+from jobs.stripe.corrective import MINOR_UNITS, PLAN, Corrective, load_corrections, stripe_cents
 from jobs.stripe.sync import aggregate_usage
 from meterline.core.errors import InputError
 
@@ -158,8 +160,13 @@ def reconcile(
     meter_ids = {m.event_name: m.id for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
     lo, hi = start - start % 60, end - end % 60  # minute-aligned; windows are whole minutes
     out = []
+    # re-rated plan bills of periods starting in the range: checked on the customer's plan meter row
+    plan_bills: dict[tuple[str, str], list[Corrective]] = defaultdict(list)
+    for c in load_corrections(ch, customer=customer):
+        if c.kind == PLAN and start <= c.period_start < end:
+            plan_bills[(c.customer_id, PLAN_EVENT)].append(c)
     per_cent = scale / MINOR_UNITS  # meter units per cent (cost mode: unit_exponent >= 2)
-    for key in sorted(set(ch_units) | set(pushed) | set(unpushed) | set(credited)):
+    for key in sorted(set(ch_units) | set(pushed) | set(unpushed) | set(credited) | set(plan_bills)):
         cust, meter = key
         issues: list[str] = []
         at_stripe_credit = Decimal(0)
@@ -169,6 +176,8 @@ def reconcile(
             cents, wrong = stripe_cents(client, records)
             issues += wrong
             at_stripe_credit = -cents * per_cent
+        if plan_bills.get(key):  # money, not plan-meter tokens: only whether Stripe holds them as recorded
+            issues += stripe_cents(client, plan_bills[key])[1]
         link, mid = links.get(cust), meter_ids.get(meter)
         at_stripe: Decimal | None = None
         if link is not None and mid is not None:

@@ -76,6 +76,15 @@ def test_a_rerated_plan_bill_is_a_corrective_amount_on_the_plan_subscription(
     assert load_corrections(clickhouse) == [corr]
     rows = reconcile(client, clickhouse, cfg, NOV, NOV + 86400, now=ls.now())
     assert rows and not any(r.drifted for r in rows), rows
+    # the store says Stripe holds an item Stripe does not have: drift on the plan-meter row
+    clickhouse.insert(
+        "stripe_corrections",
+        [(*corr.row()[:11], "ii_gone", "sent", "", 3)],
+        column_names=["correction_id", "customer_id", "kind", "seq", "amount", "cents", "carry_after", "currency",
+                      "period_start", "period_end", "source", "stripe_id", "status", "error", "ver"],
+    )  # fmt: skip
+    (plan_row,) = [r for r in reconcile(client, clickhouse, cfg, NOV, NOV + 86400, now=ls.now()) if r.meter == PLAN_EVENT]
+    assert plan_row.drifted and "ii_gone" in plan_row.credit_issues[0]
 
 
 def test_pay_per_token_usage_of_a_plan_customer_outside_its_plan_is_corrected_on_the_cost_meter(
