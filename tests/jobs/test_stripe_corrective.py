@@ -9,7 +9,12 @@ Stripe server driven by the stripe SDK; Stripe's clock is moved past 24 h with `
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -236,3 +241,79 @@ def test_reconcile_reports_a_credit_missing_at_stripe(
     assert sync(target, clickhouse, cfg, now=ls.now()).ok  # the next run sends it
     rows = reconcile(client, clickhouse, cfg, base - DAY, base + DAY, now=ls.now())
     assert not any(r.drifted for r in rows)
+
+
+_DRIVER = """
+import sys
+from jobs.reprice.apply import apply_plan
+from jobs.reprice.compute import Filters, open_reprice
+from jobs.stripe import StripeTarget, load_billing_config, provision, sync
+from meterline.stack.clickhouse import apply_migrations, connect
+from tests.jobs.reprice_helpers import BOOK_BEFORE, CUSTOMERS, engine, insert_priced, make_events
+from tests.jobs.test_stripe_corrective import DISCOUNTED
+step, dsn, url, now, base = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+ch = connect(dsn)
+apply_migrations(ch)
+cfg = load_billing_config().with_sync(settle_seconds=0, backoff_seconds=0.01)
+target = StripeTarget.local(url, max_network_retries=2)
+if step == "seed":
+    provision(target.client(), ch, cfg, customers=list(CUSTOMERS))
+    insert_priced(ch, make_events(23, 120, t0=base, seconds=5 * 3600), engine(BOOK_BEFORE))
+    assert sync(target, ch, cfg, now=now).ok
+else:
+    with open_reprice(ch, engine(DISCOUNTED), Filters(base, base + 6 * 3600)) as rp:
+        rp.report()
+        apply_plan(ch, rp, ran_by="t", reason="discount", command="t", send=lambda c: None, at_ms=now * 1000)
+ch.close()
+"""
+
+
+def test_cli_sync_prints_the_corrective_amount_and_reconcile_is_clean(ls: LocalStripe, tmp_path: Path) -> None:
+    """The installed ``meterline`` as a subprocess, on its own embedded engine (this test's process
+    holds the session's): the sync's ``credited`` column and corrective amount line, reconcile's
+    ``credited`` column and exit 0; a second sync prints no corrective amount."""
+    root = Path(__file__).resolve().parents[2]
+    dsn = f"chdb://{tmp_path / 'engine'}?database=sc"
+    env = {
+        **os.environ,
+        "METERLINE_CLICKHOUSE_DSN": dsn,
+        "METERLINE_STRIPE_BASE_URL": ls.url,
+        "METERLINE_STRIPE_API_KEY": "",
+        "METERLINE_DATA_DIR": str(tmp_path / "data"),
+        "PYTHONPATH": str(root),
+        "COLUMNS": "200",
+    }
+    base = ls.now() // HOUR * HOUR - 6 * HOUR
+
+    def drive(step: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-c", _DRIVER, step, dsn, ls.url, str(ls.now()), str(base)],
+            env=env, cwd=root, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    def meterline(*args: str) -> subprocess.CompletedProcess[str]:
+        exe = Path(sys.executable).with_name("meterline")
+        return subprocess.run([str(exe), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    drive("seed")
+    ls.advance_clock(25 * HOUR)
+    drive("discount")
+    out = meterline("stripe", "sync", "--now", str(ls.now()), "--no-progress")
+    assert out.returncode == 0, out.stdout + out.stderr
+    header = next(line for line in out.stdout.splitlines() if "planned" in line)
+    assert "credited" in header
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("corrective amount ")]
+    assert line.startswith("corrective amount w:globex:meterline_charge:s") and "invoice item ii_" in line
+    cents = int(line.split(": ", 1)[1].split()[0])
+    assert cents < 0
+    items = [i for i in ls.client().v1.invoice_items.list({"limit": 100}).auto_paging_iter()]
+    assert [int(i.amount) for i in items] == [cents]
+    period = f"{datetime.fromtimestamp(base - DAY, UTC):%Y-%m-%d}..{datetime.fromtimestamp(base + DAY, UTC):%Y-%m-%d}"
+    rec = meterline("stripe", "reconcile", "--period", period, "--now", str(ls.now()))
+    assert rec.returncode == 0, rec.stdout + rec.stderr
+    assert "credited" in rec.stdout and "0 drift(s)" in rec.stdout
+    globex = next(ln for ln in rec.stdout.splitlines() if "globex" in ln)
+    assert str(-cents * 10**4) in globex  # the credit, in meter units (µ$)
+    again = meterline("stripe", "sync", "--now", str(ls.now()), "--no-progress")
+    assert again.returncode == 0 and "corrective amount" not in again.stdout
