@@ -164,9 +164,21 @@ def load_corrections(
     ).result_rows
     return [
         Corrective(
-            r[0], r[1], r[2], int(r[3]), Decimal(r[4]), int(r[5]), Decimal(r[6]), r[7],
-            epoch(r[8]), epoch(r[9]), r[10], r[11], r[12], r[13],
-        )  # fmt: skip
+            r[0],
+            r[1],
+            r[2],
+            int(r[3]),
+            Decimal(r[4]),
+            int(r[5]),
+            Decimal(r[6]),
+            r[7],
+            epoch(r[8]),
+            epoch(r[9]),
+            r[10],
+            r[11],
+            r[12],
+            r[13],
+        )
         for r in rows
     ]
 
@@ -180,9 +192,7 @@ def _last(ch: Any) -> dict[str, tuple[int, Decimal]]:
     return {r[0]: (int(r[1]), Decimal(r[2])) for r in rows}
 
 
-def _assign(
-    ch: Any, cfg: BillingConfig, found: list[tuple[str, str, str, Decimal, int, int, str]]
-) -> list[Corrective]:
+def _assign(ch: Any, cfg: BillingConfig, found: list[tuple[str, str, str, Decimal, int, int, str]]) -> list[Corrective]:
     """(id, customer, kind, amount, start, end, source) -> corrective amounts with seq, cents, carry."""
     last = _last(ch)
     out = []

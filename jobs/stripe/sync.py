@@ -48,14 +48,6 @@ from typing import Any
 
 from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, StripeTarget, meter_specs
 from jobs.stripe._send import STREAM_BATCH, MeterEventSender
-from jobs.stripe.corrective import (
-    PLAN_CORRECTION_PROVIDER,
-    Corrective,
-    record_plan_corrections,
-    record_window_corrections,
-    send_corrections,
-    window_correction_id,
-)
 from jobs.stripe._store import (
     ACKED,
     CANCELED,
@@ -71,6 +63,14 @@ from jobs.stripe._store import (
     load_customers,
     load_pushes,
     utc,
+)
+from jobs.stripe.corrective import (
+    PLAN_CORRECTION_PROVIDER,
+    Corrective,
+    record_plan_corrections,
+    record_window_corrections,
+    send_corrections,
+    window_correction_id,
 )
 from meterline.stack.metrics import STRIPE_METER_EVENTS
 
@@ -379,7 +379,9 @@ def sync(
     # 3b. every pending corrective amount (this run's and earlier runs') as an invoice item, once
     corr = send_corrections(target.client(), ch, load_customers(ch), sender.retrying, on_sent=on_corrected)
     summary.corrections, summary.corrections_failed = corr.sent, corr.failed
-    summary.unmapped.extend(f"customer {c} (not provisioned): corrective amount waits" for c in sorted(set(corr.waiting)))
+    summary.unmapped.extend(
+        f"customer {c} (not provisioned): corrective amount waits" for c in sorted(set(corr.waiting))
+    )
     if _has_plans(ch):  # after the pushes: a plan change bills the replaced price's usage reported so far
         from jobs.stripe.plans import true_ups
 

@@ -232,7 +232,18 @@ def reconcile_command(
         rows = reconcile(target.client(), ch, cfg, start, end, customer=customer, now=now)
     report_result(rows)
     t = Table(title=f"reconcile {period} (meter units)")
-    cols = ("customer", "meter", "clickhouse", "pushed", "stripe", "credited", "unpushed", "pending", "due at", "status")
+    cols = (
+        "customer",
+        "meter",
+        "clickhouse",
+        "pushed",
+        "stripe",
+        "credited",
+        "unpushed",
+        "pending",
+        "due at",
+        "status",
+    )
     for col in cols:
         t.add_column(col, justify="left" if col in ("customer", "meter", "due at") else "right")
     label = {"drift": "[red]DRIFT[/red]", "pending": "[yellow]pending[/yellow]", "ok": "ok"}

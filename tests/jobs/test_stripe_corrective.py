@@ -145,12 +145,13 @@ def test_a_further_shrink_of_a_credited_window_is_credited_again_with_the_carry(
     ls.advance_clock(25 * HOUR)
     _discount_after_the_fact(ls, clickhouse, base)
     assert sync(target, clickhouse, cfg, now=ls.now()).ok
-    deeper = {**BOOK_BEFORE, "rate_cards": [*BOOK_BEFORE["rate_cards"], {"customer_id": "globex", "discount_pct": "40"}]}
+    deeper = {
+        **BOOK_BEFORE,
+        "rate_cards": [*BOOK_BEFORE["rate_cards"], {"customer_id": "globex", "discount_pct": "40"}],
+    }
     with open_reprice(clickhouse, engine(deeper), Filters(base, base + 6 * HOUR)) as rp:
         rp.report()
-        apply_plan(
-            clickhouse, rp, ran_by="t", reason="more", command="t", send=lambda c: None, at_ms=ls.now() * 1000
-        )
+        apply_plan(clickhouse, rp, ran_by="t", reason="more", command="t", send=lambda c: None, at_ms=ls.now() * 1000)
     s = sync(target, clickhouse, cfg, now=ls.now())
     assert s.ok and s.sent == 0 and len(s.corrections) == 1
     first, second = load_corrections(clickhouse, customer="globex")
@@ -161,9 +162,7 @@ def test_a_further_shrink_of_a_credited_window_is_credited_again_with_the_carry(
     assert first.cents + second.cents == int(total.to_integral_value(rounding=ROUND_DOWN))
     assert second.carry_after == total - first.cents - second.cents and abs(second.carry_after) < 1
     link = load_customers(clickhouse)["globex"]
-    assert sorted(int(i.amount) for i in _items(client, link.stripe_customer_id)) == sorted(
-        [first.cents, second.cents]
-    )
+    assert sorted(int(i.amount) for i in _items(client, link.stripe_customer_id)) == sorted([first.cents, second.cents])
     rows = reconcile(client, clickhouse, cfg, base - DAY, base + DAY, now=ls.now())
     assert rows and not any(r.drifted for r in rows), rows
 
@@ -288,8 +287,12 @@ def test_cli_sync_prints_the_corrective_amount_and_reconcile_is_clean(ls: LocalS
     def drive(step: str) -> None:
         done = subprocess.run(
             [sys.executable, "-c", _DRIVER, step, dsn, ls.url, str(ls.now()), str(base)],
-            env=env, cwd=root, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr
 
     def meterline(*args: str) -> subprocess.CompletedProcess[str]:

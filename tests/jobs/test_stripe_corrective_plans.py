@@ -28,15 +28,38 @@ def correction_row(ch: Any, correction_id: str, customer: str, at: int, charge: 
         "usage_corrections",
         [
             (
-                correction_id, datetime.fromtimestamp(at, tz=UTC), customer, provider, "" if provider == "plan" else "gpt-4o", "",
-                "chat" if provider != "plan" else "", "", "usd", Decimal(0), Decimal(charge), "", "",
+                correction_id,
+                datetime.fromtimestamp(at, tz=UTC),
+                customer,
+                provider,
+                "" if provider == "plan" else "gpt-4o",
+                "",
+                "chat" if provider != "plan" else "",
+                "",
+                "usd",
+                Decimal(0),
+                Decimal(charge),
+                "",
+                "",
                 datetime.fromtimestamp(at, tz=UTC),
             )
-        ],  # fmt: skip
+        ],
         column_names=[
-            "correction_id", "occurred_at", "customer_id", "provider", "model", "model_version", "project",
-            "feature", "currency", "cost", "charge", "price_version", "rate_card", "created_at",
-        ],  # fmt: skip
+            "correction_id",
+            "occurred_at",
+            "customer_id",
+            "provider",
+            "model",
+            "model_version",
+            "project",
+            "feature",
+            "currency",
+            "cost",
+            "charge",
+            "price_version",
+            "rate_card",
+            "created_at",
+        ],
     )
 
 
@@ -80,10 +103,27 @@ def test_a_rerated_plan_bill_is_a_corrective_amount_on_the_plan_subscription(
     clickhouse.insert(
         "stripe_corrections",
         [(*corr.row()[:11], "ii_gone", "sent", "", 3)],
-        column_names=["correction_id", "customer_id", "kind", "seq", "amount", "cents", "carry_after", "currency",
-                      "period_start", "period_end", "source", "stripe_id", "status", "error", "ver"],
-    )  # fmt: skip
-    (plan_row,) = [r for r in reconcile(client, clickhouse, cfg, NOV, NOV + 86400, now=ls.now()) if r.meter == PLAN_EVENT]
+        column_names=[
+            "correction_id",
+            "customer_id",
+            "kind",
+            "seq",
+            "amount",
+            "cents",
+            "carry_after",
+            "currency",
+            "period_start",
+            "period_end",
+            "source",
+            "stripe_id",
+            "status",
+            "error",
+            "ver",
+        ],
+    )
+    (plan_row,) = [
+        r for r in reconcile(client, clickhouse, cfg, NOV, NOV + 86400, now=ls.now()) if r.meter == PLAN_EVENT
+    ]
     assert plan_row.drifted and "ii_gone" in plan_row.credit_issues[0]
 
 
