@@ -203,8 +203,9 @@ def test_a_crash_between_recording_and_sending_resumes_exactly_once(
         assert [c.status for c in load_corrections(clickhouse)] == ["pending"]
         assert len(_items(client, link.stripe_customer_id)) == 1
     else:  # Stripe created it, the answer never came back: the SDK retries with the same key
-        ls.faults.drop_response(path_prefix="/v1/invoiceitems")
+        ls.faults.drop_response(path_prefix="/v1/invoiceitems", method="POST")
         assert sync(target, clickhouse, cfg, now=ls.now()).ok
+        assert ls.faults.armed() == []  # the create was processed and its answer dropped
 
     resumed = sync(target, clickhouse, cfg, now=ls.now())
     assert resumed.ok and resumed.sent == 0
