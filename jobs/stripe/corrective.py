@@ -146,7 +146,8 @@ def load_corrections(
     ch: Any, *, customer: str | None = None, ids: Iterable[str] | None = None, status: str | None = None
 ) -> list[Corrective]:
     """Latest state of the corrective amounts (by customer, then seq)."""
-    where, params = ["1"], {}
+    where: list[str] = ["1"]
+    params: dict[str, Any] = {}
     if customer is not None:
         where.append("customer_id = {c:String}")
         params["c"] = customer
