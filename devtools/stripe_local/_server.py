@@ -40,11 +40,13 @@ FAULT_KINDS = ("rate_limit", "status", "hang", "drop")
 
 @dataclass
 class Fault:
-    """One armed fault: applies to the next ``remaining`` requests whose path starts with ``path_prefix``."""
+    """One armed fault: applies to the next ``remaining`` requests whose path starts with ``path_prefix``
+    (and whose method is ``method``, when set)."""
 
     kind: str
     remaining: int = 1
     path_prefix: str = "/v"
+    method: str | None = None
     status: int = 500
     retry_after: int = 1
     seconds: float = 5.0
@@ -60,9 +62,11 @@ class App:
         self.faults: list[Fault] = []
         self.stopping = threading.Event()
 
-    def take_fault(self, path: str) -> Fault | None:
+    def take_fault(self, path: str, method: str) -> Fault | None:
         with self.lock:
             for fault in self.faults:
+                if fault.method not in (None, method):
+                    continue
                 if path.startswith(fault.path_prefix) and fault.remaining > 0:
                     fault.remaining -= 1
                     if fault.remaining == 0:
@@ -80,7 +84,7 @@ class App:
                         raise ApiError(400, f"kind must be one of {', '.join(FAULT_KINDS)}", param="kind")
                     fields = {
                         k: params[k]
-                        for k in ("path_prefix", "status", "retry_after", "seconds", "should_retry")
+                        for k in ("path_prefix", "method", "status", "retry_after", "seconds", "should_retry")
                         if params.get(k) is not None
                     }
                     self.faults.append(Fault(kind=kind, remaining=int(params.get("count", 1)), **fields))
@@ -161,7 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api_request(self, app: App, method: str, path: str, query: str) -> None:
         body = self._body()
-        fault = app.take_fault(path)
+        fault = app.take_fault(path, method)
         if fault is not None and fault.kind != "drop":
             self._apply_fault(app, fault)
             return

@@ -29,6 +29,8 @@ class Faults:
 
     def _arm(self, kind: str, count: int, path_prefix: str | None, **extra: Any) -> None:
         body = {"kind": kind, "count": count, "path_prefix": path_prefix or "/v", **extra}
+        if body.get("method") is None:
+            body.pop("method", None)
         self._http.post("/_test/faults", json=body).raise_for_status()
 
     def rate_limit(
@@ -46,9 +48,10 @@ class Faults:
         """Hold the connection ``seconds``, then close it; the request is NOT processed."""
         self._arm("hang", count, path_prefix, seconds=seconds)
 
-    def drop_response(self, count: int = 1, *, path_prefix: str | None = None) -> None:
-        """Process and commit the request, then close the connection without answering."""
-        self._arm("drop", count, path_prefix)
+    def drop_response(self, count: int = 1, *, path_prefix: str | None = None, method: str | None = None) -> None:
+        """Process and commit the request, then close the connection without answering (only
+        ``method`` requests, e.g. ``"POST"``, when given)."""
+        self._arm("drop", count, path_prefix, method=method)
 
     def clear(self) -> None:
         self._http.delete("/_test/faults").raise_for_status()

@@ -70,7 +70,7 @@ class MeterEventSender:
         self._stream: stripe.StripeClient | None = None
 
     # ------------------------------------------------------------------ retry loop
-    def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
+    def retrying(self, what: str, call: Callable[[], Any]) -> Any:
         for attempt in range(self.max_attempts):
             try:
                 return call()
@@ -115,7 +115,7 @@ class MeterEventSender:
                 return FAILED, f"idempotency_error: {exc}"
             return ACKED, ""
 
-        return self._retrying(push.identifier, call)  # type: ignore[no-any-return]
+        return self.retrying(push.identifier, call)  # type: ignore[no-any-return]
 
     def cancel_one(self, push: Push) -> tuple[str, str]:
         """Cancel an acked meter event (a meter event adjustment; Stripe allows it within 24 h of
@@ -132,7 +132,7 @@ class MeterEventSender:
                 return FAILED, f"{exc.code or ''}: {msg}"
             return CANCELED, ""
 
-        return self._retrying(f"cancel {push.identifier}", call)  # type: ignore[no-any-return]
+        return self.retrying(f"cancel {push.identifier}", call)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ v2: ≤100 events per request
     def _stream_client(self) -> stripe.StripeClient:
@@ -163,4 +163,4 @@ class MeterEventSender:
                 return [(status, err)] * len(batch)
             return [(ACKED, "")] * len(batch)
 
-        return self._retrying(f"stream batch of {len(batch)}", call)  # type: ignore[no-any-return]
+        return self.retrying(f"stream batch of {len(batch)}", call)  # type: ignore[no-any-return]

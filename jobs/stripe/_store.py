@@ -17,7 +17,11 @@ PENDING, ACKED, TOO_OLD, FAILED = "pending", "acked", "too_old", "failed"
 # An acked revision whose window shrank (a re-rating correction, docs/corrections.md) is cancelled
 # at Stripe: canceling (planned) -> canceled (Stripe dropped it). Higher ver: the later state wins.
 CANCELING, CANCELED = "canceling", "canceled"
-_VER = {PENDING: 1, ACKED: 2, TOO_OLD: 2, FAILED: 2, CANCELING: 3, CANCELED: 4}
+# A window that shrank after Stripe's 24 h cancellation window: its (negative) delta is recorded as
+# a credited revision (nothing sent as a meter event) and goes to Stripe as a corrective amount on
+# the customer's next invoice (jobs/stripe/corrective.py); its identifier is that amount's id.
+CREDITED = "credited"
+_VER = {PENDING: 1, ACKED: 2, TOO_OLD: 2, FAILED: 2, CREDITED: 2, CANCELING: 3, CANCELED: 4}
 
 PUSH_COLUMNS = (
     "customer_id",

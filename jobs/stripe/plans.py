@@ -39,6 +39,7 @@ import stripe
 
 from jobs.stripe._config import BillingConfig, MeterSpec, idem_key
 from jobs.stripe._store import CustomerLink, load_customers, save_customer
+from jobs.stripe.corrective import PLAN_CORRECTION_KIND
 
 PLAN_EVENT = "meterline_plan_tokens"
 PLAN_METER = MeterSpec(
@@ -482,7 +483,12 @@ def plan_windows(
     run), so each meter event's timestamp (the bucket start) falls on the right side of a change:
     Stripe attributes usage to a subscription item by event timestamp. Inside a plan run the bucket
     goes to the plan meter in tokens (every token class); outside one (pay-per-token before or after
-    a plan) to the cost meter, as for any other customer. Returns (plan customers, quantities)."""
+    a plan) to the cost meter, as for any other customer. Returns (plan customers, quantities).
+
+    Re-rating corrections (``usage_corrections``) change money, never tokens: they count in the
+    cost meter's buckets (pay-per-token outside a plan run, like ``aggregate_usage``) and add 0 to
+    the plan meter. A re-rated plan bill (a ``kind = 'plan'`` row) is not usage of any bucket:
+    it reaches Stripe as a corrective amount (jobs/stripe/corrective.py)."""
     from jobs.plans.billing import load_catalog, load_events
     from meterline.core.plans import fold_timeline
 
@@ -512,10 +518,22 @@ def plan_windows(
             "SELECT greatest(intDiv(toUnixTimestamp(occurred_at), {w:UInt32}) * {w:UInt32},"
             " arrayMax(arrayFilter(x -> x <= toUnixTimestamp(occurred_at), {b:Array(UInt64)}))) AS bucket,"
             " sum(input_tokens + output_tokens + cached_input_tokens + cache_write_tokens + reasoning_tokens),"
-            " sum(charge) FROM usage_priced FINAL WHERE customer_id = {c:String}"
-            " AND occurred_at >= fromUnixTimestamp({since:UInt64}) AND occurred_at < fromUnixTimestamp({until:UInt64})"
+            " sum(charge) FROM ("
+            "SELECT occurred_at, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,"
+            " reasoning_tokens, charge, currency FROM usage_priced FINAL WHERE customer_id = {c:String}"
+            " UNION ALL SELECT occurred_at, 0, 0, 0, 0, 0, charge, currency FROM usage_corrections FINAL"
+            " WHERE customer_id = {c:String} AND kind != {plan_row:String})"
+            " WHERE occurred_at >= fromUnixTimestamp({since:UInt64}) AND occurred_at < fromUnixTimestamp({until:UInt64})"
             " AND lower(currency) = {cur:String} GROUP BY bucket",
-            parameters={"w": w, "b": sorted(bounds), "c": cid, "since": since, "until": until, "cur": cfg.currency},
+            parameters={
+                "w": w,
+                "b": sorted(bounds),
+                "c": cid,
+                "since": since,
+                "until": until,
+                "cur": cfg.currency,
+                "plan_row": PLAN_CORRECTION_KIND,
+            },
         ).result_rows
         for bucket, tokens, charge in rows:
             b = int(bucket)

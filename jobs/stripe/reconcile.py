@@ -12,9 +12,16 @@ the previous one, within the settle time) is rightly held back. ``pending`` is t
 ``due_at`` the unix second from which the next sync pushes all of it (last pending window's end +
 ``settle_seconds``).
 
-A row drifts when ``|clickhouse − pending − pushed| >= 1`` unit (the carried sub-unit remainder is
+A window that shrank after Stripe's 24 h cancellation window (a re-rating) keeps its meter events;
+its delta went to Stripe as a corrective amount (an invoice item on the next invoice): ``credited``.
+So Stripe's meter summary − the credit = the corrected figure.
+
+A row drifts when ``|clickhouse − pending − (pushed − credited)| >= 1`` unit (the carried sub-unit remainder is
 < 1 unit, so anything above is real: unpushed, too old, failed or shrunk usage) or when
-``pushed != stripe`` (an event lost, deleted or double counted at Stripe). A row with pending usage
+``pushed != stripe`` (an event lost, deleted or double counted at Stripe), or when a corrective
+amount of the row's windows is not at Stripe as recorded (pending, failed, missing, another amount).
+A re-rated plan bill (a corrective amount of kind ``plan``, period starting in the range) is checked
+the same way on the customer's plan-meter row. A row with pending usage
 and no drift has the status ``pending``; only ``drift`` is an error (the CLI exits 1 on it alone). Summaries are eventually consistent at real
 Stripe: reconcile a period some minutes after the last sync.
 """
@@ -34,7 +41,8 @@ from typing import Any
 import stripe
 
 from jobs.stripe._config import REPO_ROOT, BillingConfig, meter_specs
-from jobs.stripe._store import ACKED, CANCELED, CANCELING, load_customers, load_pushes
+from jobs.stripe._store import ACKED, CANCELED, CANCELING, CREDITED, load_customers, load_pushes
+from jobs.stripe.corrective import MINOR_UNITS, PLAN, Corrective, load_corrections, stripe_cents
 from jobs.stripe.sync import aggregate_usage
 from meterline.core.errors import InputError
 
@@ -49,11 +57,23 @@ class Drift:
     unpushed: Decimal  # clickhouse quantity the cursor holds as pending / too_old / failed
     pending: Decimal = Decimal(0)  # clickhouse quantity in windows not due yet (settle_seconds)
     due_at: int | None = None  # unix s from which a sync pushes all of ``pending`` (None: nothing pending)
+    # Windows that shrank after Stripe's 24 h cancellation window are settled by corrective amounts
+    # (invoice items, jobs/stripe/corrective.py): ``credited`` is their exact quantity in meter units
+    # (positive = a credit to the customer), ``credited_stripe`` what Stripe's invoice items for
+    # them hold (whole cents, in meter units), ``credit_issues`` items missing or unlike the store.
+    credited: Decimal = Decimal(0)
+    credited_stripe: Decimal = Decimal(0)
+    credit_issues: tuple[str, ...] = ()
 
     @property
     def drifted(self) -> bool:
         due = self.clickhouse - self.pending
-        return abs(due - self.pushed) >= 1 or self.stripe is None or self.stripe != self.pushed
+        return (
+            abs(due - (self.pushed - self.credited)) >= 1
+            or self.stripe is None
+            or self.stripe != self.pushed
+            or bool(self.credit_issues)
+        )
 
     @property
     def status(self) -> str:
@@ -124,8 +144,13 @@ def reconcile(
             due_at[(cust, meter)] = max(due_at.get((cust, meter), 0), ws + w + cfg.sync.settle_seconds)
     pushed: dict[tuple[str, str], int] = defaultdict(int)
     unpushed: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    credited: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    corrections: dict[tuple[str, str], set[str]] = defaultdict(set)
     for p in load_pushes(ch, since=start, until=end, customer=customer):
-        if p.status in (ACKED, CANCELING):  # a canceling revision is still counted at Stripe
+        if p.status == CREDITED:  # settled by a corrective amount (its id is the identifier)
+            credited[(p.customer_id, p.meter)] -= p.amount * scale
+            corrections[(p.customer_id, p.meter)].add(p.identifier)
+        elif p.status in (ACKED, CANCELING):  # a canceling revision is still counted at Stripe
             pushed[(p.customer_id, p.meter)] += p.value
         elif p.status == CANCELED:
             continue
@@ -135,8 +160,24 @@ def reconcile(
     meter_ids = {m.event_name: m.id for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
     lo, hi = start - start % 60, end - end % 60  # minute-aligned; windows are whole minutes
     out = []
-    for key in sorted(set(ch_units) | set(pushed) | set(unpushed)):
+    # re-rated plan bills of periods starting in the range: checked on the customer's plan meter row
+    plan_bills: dict[tuple[str, str], list[Corrective]] = defaultdict(list)
+    for c in load_corrections(ch, customer=customer):
+        if c.kind == PLAN and start <= c.period_start < end:
+            plan_bills[(c.customer_id, PLAN_EVENT)].append(c)
+    per_cent = scale / MINOR_UNITS  # meter units per cent (cost mode: unit_exponent >= 2)
+    for key in sorted(set(ch_units) | set(pushed) | set(unpushed) | set(credited) | set(plan_bills)):
         cust, meter = key
+        issues: list[str] = []
+        at_stripe_credit = Decimal(0)
+        if corrections.get(key):
+            records = load_corrections(ch, ids=corrections[key])
+            issues = [f"{i}: not recorded" for i in sorted(corrections[key] - {c.correction_id for c in records})]
+            cents, wrong = stripe_cents(client, records)
+            issues += wrong
+            at_stripe_credit = -cents * per_cent
+        if plan_bills.get(key):  # money, not plan-meter tokens: only whether Stripe holds them as recorded
+            issues += stripe_cents(client, plan_bills[key])[1]
         link, mid = links.get(cust), meter_ids.get(meter)
         at_stripe: Decimal | None = None
         if link is not None and mid is not None:
@@ -154,6 +195,9 @@ def reconcile(
                 unpushed.get(key, Decimal(0)),
                 pending.get(key, Decimal(0)),
                 due_at.get(key),
+                credited.get(key, Decimal(0)),
+                at_stripe_credit,
+                tuple(issues),
             )
         )
     return out

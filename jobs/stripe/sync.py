@@ -18,15 +18,19 @@ The cursor (``stripe_pushes``) and the order of every run — each step is safe 
        ``too_old`` and reported, never silently dropped;
        windows whose usage went down (a re-rating correction, docs/corrections.md) get their acked
        revisions planned ``canceling`` and a new revision re-pushing the rest, when every acked
-       revision is younger than Stripe's 24 h cancellation window; otherwise they are reported
-       ``shrunk``;
+       revision is younger than Stripe's 24 h cancellation window (by Stripe's clock ``now``);
+       otherwise (cost mode) the delta is recorded as a ``credited`` revision: a corrective amount
+       on the customer's next invoice (jobs/stripe/corrective.py); token meters report ``shrunk``;
     2. insert the new revisions as ``pending`` (intent log) BEFORE sending anything;
+    2a. record the credited revisions and the plan-bill corrections as pending corrective amounts;
     2b. cancel every ``canceling`` revision (meter event adjustment) -> ``canceled``; a window whose
        cancellation failed keeps its re-push pending (retried next run);
     3. send every ``pending`` row (older runs' too) with identifier
        ``ml:{customer}:{meter}:{window_start}:r{revision}`` and Idempotency-Key ``ml-me-{identifier}``;
        Stripe answers "already exists" for one it has: that counts as delivered;
-    4. record ``acked`` / ``too_old`` / ``failed`` (in batches of 100 and on exit).
+    4. record ``acked`` / ``too_old`` / ``failed`` (in batches of 100 and on exit);
+    5. send every pending corrective amount as an invoice item (found by metadata first, then
+       created with a deterministic Idempotency-Key) and record it ``sent``.
     A crash between 3 and 4 re-sends only un-acknowledged rows; the identifier makes that harmless
     (within Stripe's 24 h identifier window: a run must not stay crashed for a day — see docs).
 """
@@ -48,6 +52,7 @@ from jobs.stripe._store import (
     ACKED,
     CANCELED,
     CANCELING,
+    CREDITED,
     FAILED,
     PENDING,
     TOO_OLD,
@@ -58,6 +63,14 @@ from jobs.stripe._store import (
     load_customers,
     load_pushes,
     utc,
+)
+from jobs.stripe.corrective import (
+    PLAN_CORRECTION_KIND,
+    Corrective,
+    record_plan_corrections,
+    record_window_corrections,
+    send_corrections,
+    window_correction_id,
 )
 from meterline.stack.metrics import STRIPE_METER_EVENTS
 
@@ -87,10 +100,13 @@ class SyncSummary:
     canceled: int = 0  # of which Stripe cancelled this run
     plan_updates: list[str] = field(default_factory=list)  # plan subscriptions created / updated
     true_ups: list[str] = field(default_factory=list)  # minimum-commitment true-ups added ("customer:period")
+    credited: int = 0  # shrunk windows Stripe can no longer cancel: recorded for a corrective amount
+    corrections: list[Corrective] = field(default_factory=list)  # corrective amounts sent this run
+    corrections_failed: list[Corrective] = field(default_factory=list)  # refused by Stripe (reported)
 
     @property
     def ok(self) -> bool:
-        return not (self.too_old or self.failed or self.shrunk or self.unmapped)
+        return not (self.too_old or self.failed or self.shrunk or self.unmapped or self.corrections_failed)
 
 
 def identifier(customer: str, meter: str, window_start: int, revision: int) -> str:
@@ -137,13 +153,15 @@ def aggregate_usage(
         )
     if cfg.mode == "cost":
         # usage_priced + the re-rating corrections (jobs/reprice): a corrected window grows (a new
-        # revision, like late usage) or shrinks (cancel and re-push, see plan()).
+        # revision, like late usage) or shrinks (cancel and re-push, or credit: see plan()). A re-rated
+        # plan bill (provider 'plan') is no window's usage: it is a corrective amount of its own.
         rows = ch.query(
             f"SELECT customer_id, {ws} AS ws, sum(charge) FROM ("
             f"SELECT customer_id, occurred_at, charge, currency FROM usage_priced FINAL WHERE {where} "
             f"UNION ALL SELECT customer_id, occurred_at, charge, currency FROM usage_corrections FINAL "
-            f"WHERE {where}) WHERE lower(currency) = {{cur:String}} GROUP BY customer_id, ws",
-            parameters=params,
+            f"WHERE {where} AND kind != {{plan_row:String}}) WHERE lower(currency) = {{cur:String}} "
+            "GROUP BY customer_id, ws",
+            parameters={**params, "plan_row": PLAN_CORRECTION_KIND},
         ).result_rows
         for cust, start, charge in rows:
             out[(cust, specs[0].event_name, int(start))] = Decimal(charge)
@@ -186,7 +204,8 @@ def plan(
         by_key[(p.customer_id, p.meter, p.window_start)].append(p)
     carry = last_carry(ch)
     oldest_ok = now - cfg.sync.max_age_seconds + 60  # one minute of slack for clock skew and transit
-    wall_now = int(time.time())  # the cursor's updated_at clock (when a revision was recorded acked)
+    money = cfg.mode == "cost"  # the cost meter's windows are money: a shrink can be credited
+    groups: dict[tuple[str, str], str] = {}  # (customer, meter) -> this run's corrective amount id
     new: list[Push] = []
     for key in sorted(usage):
         cust, meter, ws = key
@@ -201,18 +220,30 @@ def plan(
         scale = Decimal(1) if meter == PLAN_EVENT else cost_scale  # the plan meter counts tokens
         if delta < 0:  # a re-rating lowered the window: cancel what Stripe has, re-push the rest
             live = [p for p in prior if p.status == ACKED and p.value > 0]
-            acked = acked_at(ch, cust, meter, ws) if live else {}
-            fresh = all(wall_now - acked.get(p.revision, 0) < CANCEL_WINDOW_S for p in live)
-            if not fresh or any(p.status in (PENDING, CANCELING) for p in prior):
+            if any(p.status in (PENDING, CANCELING) for p in prior):  # not settled yet: the next run
                 summary.shrunk.append(
                     f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed {usage[key] - delta}"
                 )
                 continue
+            acked = acked_at(ch, cust, meter, ws) if live else {}
+            fresh = bool(live) and all(now - acked.get(p.revision, 0) < CANCEL_WINDOW_S for p in live)
             exact = delta * scale + sum(p.value for p in live) + before
-            value = max(0, int(exact.to_integral_value(rounding=ROUND_FLOOR)))
-            new.extend(p.with_status(CANCELING) for p in live)
-            push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
-            summary.cancels += len(live)
+            if fresh and exact >= 0:
+                value = int(exact.to_integral_value(rounding=ROUND_FLOOR))
+                new.extend(p.with_status(CANCELING) for p in live)
+                push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
+                summary.cancels += len(live)
+            elif money and meter != PLAN_EVENT:
+                # Stripe can no longer cancel them (received > 24 h ago): the delta becomes a corrective
+                # amount on the next invoice (jobs/stripe/corrective.py); the meter's carry is untouched
+                group = groups.setdefault((cust, meter), window_correction_id(cust, meter, seq))
+                push = Push(cust, meter, ws, rev, group, seq, delta, 0, before, CREDITED)
+                summary.credited += 1
+            else:  # tokens (itemized mode, the plan meter): a late plan fact, not money; reported
+                summary.shrunk.append(
+                    f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed {usage[key] - delta}"
+                )
+                continue
         elif ws < oldest_ok:
             push = Push(
                 cust,
@@ -250,12 +281,14 @@ def sync(
     root: Path = REPO_ROOT,
     progress: bool = False,
     on_sent: Callable[[Push], None] | None = None,
+    on_corrected: Callable[[Corrective], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> SyncSummary:
     """One sync run (see the module docstring). ``now`` is Stripe's clock (default: wall time).
 
     ``on_sent(push)`` runs after Stripe answered for ``push`` and before the cursor records it
-    (crash-injection point for tests). Raises TransientError when Stripe stays unavailable
+    (crash-injection point for tests); ``on_corrected(c)`` the same for a corrective amount.
+    Raises TransientError when Stripe stays unavailable
     (acknowledged rows are recorded first; the rest stay pending for the next run).
     """
     now = int(time.time()) if now is None else int(now)
@@ -270,6 +303,10 @@ def sync(
     pending_before = [p for p in before if p.status == PENDING]
     new = plan(ch, cfg, usage, now=now, since=since, summary=summary)
     insert_pushes(ch, new)  # step 2: the intent log, before anything is sent
+    # 2a. credited revisions (this run's, or an earlier run's that crashed here) and plan-bill
+    # corrections become pending corrective amounts, recorded before anything is sent
+    record_window_corrections(ch, cfg)
+    record_plan_corrections(ch, cfg)
     summary.planned = len(new)
     summary.resent = len(pending_before)
     summary.carried = sum(1 for p in new if p.status == ACKED)
@@ -339,6 +376,12 @@ def sync(
         summary.retries = sender.retries
         if bar is not None:
             bar.stop()
+    # 3b. every pending corrective amount (this run's and earlier runs') as an invoice item, once
+    corr = send_corrections(target.client(), ch, load_customers(ch), sender.retrying, on_sent=on_corrected)
+    summary.corrections, summary.corrections_failed = corr.sent, corr.failed
+    summary.unmapped.extend(
+        f"customer {c} (not provisioned): corrective amount waits" for c in sorted(set(corr.waiting))
+    )
     if _has_plans(ch):  # after the pushes: a plan change bills the replaced price's usage reported so far
         from jobs.stripe.plans import true_ups
 

@@ -139,7 +139,7 @@ def sync_command(
         )
     report_result(s)
     t = Table(title=f"stripe sync ({cfg.mode} mode, {s.transport})")
-    for col in ("windows", "planned", "resent", "sent", "acked", "carried", "retries", "too old", "failed"):
+    for col in ("windows", "planned", "resent", "sent", "acked", "carried", "credited", "retries", "too old", "failed"):
         t.add_column(col, justify="right")
     t.add_row(
         *(
@@ -151,6 +151,7 @@ def sync_command(
                 s.sent,
                 s.acked,
                 s.carried,
+                s.credited,
                 s.retries,
                 len(s.too_old),
                 len(s.failed),
@@ -162,6 +163,13 @@ def sync_command(
         cio.out.print(f"plan subscription {line}")
     for marker in s.true_ups:
         cio.out.print(f"minimum commitment true-up added: {marker}")
+    for c in s.corrections:  # re-rated money Stripe can no longer take as meter events: next invoice
+        cio.out.print(
+            f"corrective amount {c.correction_id}: {c.cents} {c.currency} minor units "
+            f"(exact {c.amount}) {'invoice item ' + c.stripe_id if c.stripe_id else 'all carried'}"
+        )
+    for c in s.corrections_failed:
+        cio.err.print(f"[red]corrective amount refused:[/red] {c.correction_id}: {c.error}")
     for p in s.too_old:
         cio.err.print(f"[yellow]too old (not invoiced):[/yellow] {p.identifier} amount {p.amount}")
     for p in s.failed:
@@ -224,7 +232,19 @@ def reconcile_command(
         rows = reconcile(target.client(), ch, cfg, start, end, customer=customer, now=now)
     report_result(rows)
     t = Table(title=f"reconcile {period} (meter units)")
-    for col in ("customer", "meter", "clickhouse", "pushed", "stripe", "unpushed", "pending", "due at", "status"):
+    cols = (
+        "customer",
+        "meter",
+        "clickhouse",
+        "pushed",
+        "stripe",
+        "credited",
+        "unpushed",
+        "pending",
+        "due at",
+        "status",
+    )
+    for col in cols:
         t.add_column(col, justify="left" if col in ("customer", "meter", "due at") else "right")
     label = {"drift": "[red]DRIFT[/red]", "pending": "[yellow]pending[/yellow]", "ok": "ok"}
     for r in rows:
@@ -235,6 +255,7 @@ def reconcile_command(
             format(r.clickhouse, "f"),
             str(r.pushed),
             "-" if r.stripe is None else format(r.stripe, "f"),
+            format(r.credited_stripe, "f"),
             format(r.unpushed, "f"),
             format(r.pending, "f"),
             due,
@@ -242,6 +263,9 @@ def reconcile_command(
         )
     cio = current_io()
     cio.out.print(t)
+    for r in rows:
+        for issue in r.credit_issues:
+            cio.err.print(f"[red]corrective amount not at Stripe as recorded:[/red] {r.customer_id}: {issue}")
     drifted = sum(r.drifted for r in rows)
     waiting = [r for r in rows if r.status == "pending"]
     line = f"{drifted} drift(s) in {len(rows)} row(s)"

@@ -65,7 +65,7 @@ def test_errors_about_a_long_path_reach_a_redirected_stderr_on_one_line(tmp_path
 
 def test_a_table_printed_to_a_pipe_is_whole(tmp_path: Path) -> None:
     # `stripe sync` on an empty data dir (embedded ClickHouse, bundled local Stripe) prints a
-    # nine-column table wider than 80 columns.
+    # ten-column table wider than 80 columns.
     proc = subprocess.run(
         [METERLINE, "stripe", "sync", "--no-progress"], env=_env(tmp_path), capture_output=True, text=True, timeout=180
     )
@@ -74,10 +74,10 @@ def test_a_table_printed_to_a_pipe_is_whole(tmp_path: Path) -> None:
     assert "…" not in proc.stdout, proc.stdout
     header = [line for line in lines if line.startswith("┃")]
     assert len(header) == 1, proc.stdout  # one header line: no column title wrapped onto a second one
-    columns = ("windows", "planned", "resent", "sent", "acked", "carried", "retries", "too old", "failed")
+    columns = ("windows", "planned", "resent", "sent", "acked", "carried", "credited", "retries", "too old", "failed")
     assert [cell.strip() for cell in header[0].strip("┃").split("┃")] == list(columns), proc.stdout
     rows = [line for line in lines if line.startswith("│")]
-    assert len(rows) == 1 and [cell.strip() for cell in rows[0].strip("│").split("│")] == ["0"] * 9, proc.stdout
+    assert len(rows) == 1 and [cell.strip() for cell in rows[0].strip("│").split("│")] == ["0"] * 10, proc.stdout
     assert len(header[0]) > 80  # the case that used to be squeezed into rich's default width
 
 
