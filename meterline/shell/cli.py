@@ -64,6 +64,9 @@ from meterline.shell.cli_plans import plans_app  # noqa: E402
 from meterline.shell.cli_simulate import register as register_simulate  # noqa: E402 - `meterline plans simulate`
 
 register_simulate(plans_app)
+from meterline.shell.cli_roles import register as register_roles  # noqa: E402 - `meterline worker|sink|api`
+
+register_roles(app)
 
 # Off a terminal (CI logs, `| tee`, a file) nothing is wrapped and tables come out whole: meterline.shell.console.
 console = make_console()

@@ -59,6 +59,7 @@ class Runtime:
         self.assembly: Assembly | None = None
         self.sink: Any = None
         self.ledger_sink: Any = None
+        self.api: Any = None  # meterline.shell.roles.ApiService
         self.api_server: Any = None
         self.admin_key: str | None = None
         self.cli_runner: Any = None  # meterline.shell.api.admin.CommandRunner, once started
@@ -252,67 +253,23 @@ class Runtime:
         )
 
     def _start_api(self) -> None:
-        from meterline.shell.api.app import create_api
-        from meterline.shell.api.keys import KeyStore
-        from meterline.shell.api.server import ApiServer
-        from meterline.stack.producer import UsageProducer
+        """The API as ``meterline api`` builds it (meterline/shell/roles.py), on this process's engine."""
+        from meterline.shell.roles import ApiService
 
-        keys = KeyStore(self.settings.data_dir / "api_keys.json")
-        admin_file = self.settings.data_dir / "admin.key"
-        if admin_file.exists():
-            self.admin_key = admin_file.read_text().strip()
-        else:
-            _, self.admin_key = keys.create(None, role="admin")
-            write_private(admin_file, self.admin_key + "\n")  # 0600 from creation, never briefly wider
-        producer = UsageProducer(
-            self.settings.kafka_bootstrap,
-            self.settings.topic("usage-events"),
-            schema_store_topic=self.settings.topic("schemas"),
-        )
-        self._producer = producer
-        from meterline.shell.api.admin import admin_routes
-        from meterline.shell.api.credits import credit_routes
-        from meterline.shell.api.simulate import simulate_routes
-        from pipeline.credits.client import CommandPublisher, ReplyWaiter, StatusView
-
-        bootstrap = self.settings.kafka_bootstrap
-        self._credits = [
-            CommandPublisher(bootstrap, self.settings.topic("ledger-commands")),
-            ReplyWaiter(bootstrap, self.settings.topic("ledger-replies")).start(),
-            StatusView(bootstrap, self.settings.topic("customer-status")).start(),
-        ]
-        app = create_api(
+        self.api = ApiService(
             self.settings,
-            producer=producer,
-            clickhouse=self.query_client,
-            key_store=keys,
-            extra_routes=credit_routes(*self._credits)
-            + self._stripe_routes()
-            + admin_routes(self.cli_runner)
-            + simulate_routes(),
+            query_client=self.query_client,
+            seen_client=_LockedClient(self.clickhouse, self.clickhouse_lock),
+            cli_runner=self.cli_runner,
         )
-        self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
-
-    def _stripe_routes(self) -> list[Any]:
-        """POST /v1/stripe/webhook (paid top-ups → ledger commands) when a signing secret is set."""
-        secret = self.settings.stripe_webhook_secret
-        if secret is None:
-            return []
-        from jobs.stripe import ClickHouseSeen, kafka_publisher
-        from meterline.shell.api.stripe_webhook import webhook_route
-        from pipeline.publish import control_producer
-
-        producer = control_producer(self.settings.kafka_bootstrap)
-        self._control_producers.append(producer)
-        return [
-            webhook_route(
-                endpoint_secret=secret.get_secret_value(),
-                publish=kafka_publisher(
-                    self.settings.kafka_bootstrap, self.settings.topic("ledger-commands"), producer=producer
-                ),
-                seen=ClickHouseSeen(_LockedClient(self.clickhouse, self.clickhouse_lock)),
-            )
-        ]
+        try:
+            self.api.start()
+        finally:  # stop() closes what was opened, even when start() failed midway
+            self.api_server = self.api.server
+            self.admin_key = self.api.admin_key
+            self._producer = self.api.producer
+            self._control_producers = self.api.control_producers
+            self._credits = self.api.credits
 
     def _stripe_sync_loop(self) -> None:
         every = self.settings.stripe_sync_every_s

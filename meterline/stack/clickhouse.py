@@ -69,11 +69,13 @@ __all__ = [
     "default_migrations_dir",
     "dsn_database",
     "load_migrations",
+    "pending_migrations",
     "split_statements",
     "with_database",
 ]
 
 _UNKNOWN_DATABASE = 81
+_UNKNOWN_TABLE = 60
 _DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -393,3 +395,21 @@ def apply_migrations(client: Client, migrations_dir: Path | None = None, *, data
         raise ClickHouseUnavailable(f"ClickHouse failed while migrating: {exc}") from exc
     finally:
         client.database = previous
+
+
+def pending_migrations(client: Client, migrations_dir: Path | None = None) -> list[str]:
+    """Names of the migrations not yet applied in ``client.database`` (all of them on an empty one).
+
+    Read-only: the long-running roles check with this and leave migrating to ``meterline migrate``.
+    """
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    migrations = load_migrations(migrations_dir)
+    try:
+        rows = client.query("SELECT version FROM schema_migrations").result_rows
+    except ClickHouseError as exc:
+        if _error_code(exc) != _UNKNOWN_TABLE:
+            raise ConfigError(f"cannot read schema_migrations: {exc}") from exc
+        rows = []
+    applied = {int(v) for (v,) in rows}
+    return [m.name for m in migrations if m.version not in applied]
