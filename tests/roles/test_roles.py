@@ -192,8 +192,15 @@ def test_api_role_serves_authorize_and_balance_against_the_broker(
         return resp.status_code == 200
 
     wait_until("an authorize answer", authorized, 120, api, worker)
-    # 1M in + 1M out of llama-3-70b at list price = 1.38 held out of 2.00
-    assert doc["decision"] == "allow" and doc["estimate"] == "1.38" and doc["available"] == "0.62", doc
+    # 1M in + 1M out of llama-3-70b at list price = 1.38, held out of the 2.00 granted
+    assert doc["decision"] == "allow" and doc["estimate"] == "1.38" and doc["hold_id"] == "roles-r1", doc
+    wait_until(
+        "the hold in the balance",
+        lambda: (b := balance() or {}).get("available") == "0.62" and b.get("held") == "1.38",
+        120,
+        api,
+        worker,
+    )
     assert api.stop() == 0, api.log()
     assert worker.stop() == 0, worker.log()
     assert not (api_dir / "runtime.json").exists()
