@@ -350,13 +350,14 @@ def _close_demo_period(traffic: Any) -> None:
 
 @app.command()
 def migrate() -> None:
-    """Apply ClickHouse migrations from infra/clickhouse (idempotent)."""
+    """Apply ClickHouse migrations from infra/clickhouse (idempotent); their cluster form (Replicated +
+    Distributed tables, ON CLUSTER) when METERLINE_CLICKHOUSE_CLUSTER is set."""
     from meterline.stack.clickhouse import apply_migrations, connect
 
     settings = _settings()
     try:
         client = connect(settings.resolved_clickhouse_dsn)
-        applied = apply_migrations(client)
+        applied = apply_migrations(client, cluster=settings.clickhouse_cluster)
     except MeterlineError as exc:
         raise _fail(exc) from exc
     console.print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))

@@ -24,6 +24,7 @@ from meterline.shell.console import make_console
 err = make_console(stderr=True)
 console = make_console()
 
+
 def _settings() -> Settings:
     try:
         return Settings()

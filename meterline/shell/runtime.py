@@ -38,7 +38,7 @@ from meterline.shell.discovery import RuntimeInfo, remove_runtime_info, write_ru
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect
 from meterline.stack.metrics import STRIPE_SYNC_RUNS
-from meterline.stack.private import PRIVATE_UMASK, private_dir, write_private
+from meterline.stack.private import PRIVATE_UMASK, private_dir
 from meterline.stack.topics import ensure_topics
 from pipeline.assembly import Assembly
 from pipeline.workers import WorkerProcess
@@ -94,7 +94,7 @@ class Runtime:
             ensure_topics(self.settings.kafka_bootstrap, self.settings.topic_prefix, self.settings.partitions)
             step(f"opening ClickHouse at {self.settings.resolved_clickhouse_dsn}")
             self.clickhouse = connect(self.settings.resolved_clickhouse_dsn)
-            applied = apply_migrations(self.clickhouse)
+            applied = apply_migrations(self.clickhouse, cluster=self.settings.clickhouse_cluster)
             step(f"migrations: {len(applied)} applied" if applied else "migrations: up to date")
             from pipeline.restore import restore_if_lost
 

@@ -96,7 +96,9 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float, *alive: Rol
     while not check():
         for role in alive:
             assert role.alive(), f"meterline {' '.join(role.args)} exited:\n{role.log()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + "\n".join(r.log()[-3000:] for r in alive)
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + "\n".join(
+            r.log()[-3000:] for r in alive
+        )
         time.sleep(0.5)
 
 

@@ -120,9 +120,9 @@ def test_workers_and_sink_as_separate_processes(
     # after the split above, so no replay either).
     assert all(v > 0 for v in counts.values()), counts
     assert sum(counts.values()) == N_EVENTS, counts
-    assert all(
-        worker_metrics(hosts[n], n).get("meterline_events_duplicate_total", 0.0) == 0 for n in workers
-    ), "a worker saw a duplicate"
+    assert all(worker_metrics(hosts[n], n).get("meterline_events_duplicate_total", 0.0) == 0 for n in workers), (
+        "a worker saw a duplicate"
+    )
 
     wait_until("the sink committed every priced record", lambda: _sink_caught_up(kafka_bootstrap, prefix), 240, sink)
     assert sink.stop() == 0, sink.log()
