@@ -60,16 +60,18 @@ class Role:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM and wait: the clean stop a supervisor (Kubernetes) sends."""
+    def stop(self, timeout: float = 60, sig: int = signal.SIGTERM) -> int:
+        """SIGTERM (what a supervisor such as Kubernetes sends) or SIGINT (Ctrl-C), and wait."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-                pytest.fail(f"meterline {' '.join(self.args)} did not stop on SIGTERM:\n{self.log()}")
+                pytest.fail(
+                    f"meterline {' '.join(self.args)} did not stop on {signal.Signals(sig).name}:\n{self.log()}"
+                )
         self._log.close()
         return int(self.proc.returncode)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 import uuid
 from collections import Counter
@@ -201,6 +202,6 @@ def test_api_role_serves_authorize_and_balance_against_the_broker(
         api,
         worker,
     )
-    assert api.stop() == 0, api.log()
-    assert worker.stop() == 0, worker.log()
+    assert api.stop(sig=signal.SIGINT) == 0, api.log()
+    assert worker.stop(sig=signal.SIGINT) == 0, worker.log()
     assert not (api_dir / "runtime.json").exists()
