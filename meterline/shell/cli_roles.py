@@ -125,7 +125,9 @@ def sink_command(
 
 
 def api_command(
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 behind a load balancer)."),
+    host: str | None = typer.Option(
+        None, "--host", help="Address to bind (default METERLINE_API_HOST, 127.0.0.1; 0.0.0.0 in a pod)."
+    ),
     port: int | None = typer.Option(
         None, "--port", min=0, max=65535, help="Port to bind (default METERLINE_API_PORT; 0: any free port)."
     ),
@@ -142,7 +144,9 @@ def api_command(
     from meterline.shell.roles import ApiRole
 
     try:
-        role = ApiRole(settings, host=host, port=settings.api_port if port is None else port).start()
+        role = ApiRole(
+            settings, host=settings.api_host if host is None else host, port=settings.api_port if port is None else port
+        ).start()
     except MeterlineError as exc:
         raise _fail(exc) from exc
     url = role.service.url if role.service is not None else "?"

@@ -303,11 +303,13 @@ class ApiRole:
         from meterline.shell.runtime import _LockedClient
         from meterline.stack.clickhouse import connect
         from meterline.stack.private import private_dir
+        from meterline.stack.topics import ensure_topics
 
         private_dir(self.settings.data_dir)
         try:
             self.clickhouse = connect(self.dsn, create_database=False)
             require_migrated(self.clickhouse, "api")
+            ensure_topics(self.settings.kafka_bootstrap or "", self.settings.topic_prefix, self.settings.partitions)
             runner = CommandRunner(self.settings, run=run_captured, stripe_commands=stripe_subcommands())
             self.service = ApiService(
                 self.settings,
