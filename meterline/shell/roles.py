@@ -300,7 +300,6 @@ class ApiRole:
         from meterline.shell.api.admin import CommandRunner
         from meterline.shell.cli_stripe import run_captured, stripe_subcommands
         from meterline.shell.discovery import RuntimeInfo, write_runtime_info
-        from meterline.shell.runtime import _LockedClient
         from meterline.stack.clickhouse import connect
         from meterline.stack.private import private_dir
         from meterline.stack.topics import ensure_topics
@@ -314,7 +313,7 @@ class ApiRole:
             self.service = ApiService(
                 self.settings,
                 query_client=self.query_client,
-                seen_client=_LockedClient(self.clickhouse, self.lock),
+                seen_client=LockedClient(self.clickhouse, self.lock),
                 cli_runner=runner,
                 host=self.host,
                 port=self.port,
@@ -348,3 +347,22 @@ class ApiRole:
                     pass
                 self.clickhouse = None
         remove_runtime_info(self.settings.data_dir, only_if_pid=os.getpid())
+
+
+class LockedClient:
+    """A clickhouse-connect client whose calls are serialised by one lock (embedded chDB)."""
+
+    def __init__(self, client: Any, lock: threading.RLock) -> None:
+        self._client = client
+        self._lock = lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call

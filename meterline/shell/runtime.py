@@ -35,6 +35,8 @@ from typing import Any
 
 from meterline.core.config import Settings
 from meterline.shell.discovery import RuntimeInfo, remove_runtime_info, write_runtime_info
+from meterline.shell.roles import ApiService
+from meterline.shell.roles import LockedClient as _LockedClient
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect
 from meterline.stack.metrics import STRIPE_SYNC_RUNS
@@ -254,8 +256,6 @@ class Runtime:
 
     def _start_api(self) -> None:
         """The API as ``meterline api`` builds it (meterline/shell/roles.py), on this process's engine."""
-        from meterline.shell.roles import ApiService
-
         self.api = ApiService(
             self.settings,
             query_client=self.query_client,
@@ -338,22 +338,3 @@ def sync_summary_line(result: Any, seconds: float) -> str:
         ]
         line += f" ({'; '.join(problems[-3:]) or 'no error output'})"
     return line
-
-
-class _LockedClient:
-    """A clickhouse-connect client whose calls are serialised by one lock (embedded chDB)."""
-
-    def __init__(self, client: Any, lock: threading.RLock) -> None:
-        self._client = client
-        self._lock = lock
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                return attr(*args, **kwargs)
-
-        return call
