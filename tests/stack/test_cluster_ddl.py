@@ -2,8 +2,9 @@
 migration is rendered, ClickHouse's own parser accepts each rendering (``formatQuery`` on chDB),
 every table gets its Replicated engine and its Distributed twin, and nothing is left unrendered.
 
-chDB cannot run the cluster itself (ON CLUSTER needs the DDL worker and Keeper, which the embedded
-engine does not start), so the DDL is executed for real only against a ClickHouse server cluster;
+chDB cannot run the cluster itself, even a one-node one declared in a config file: it refuses
+ON CLUSTER (no DDL worker) and Replicated tables (no Keeper), and cannot read a Distributed table
+(no TCP server). So the DDL is executed for real only against a ClickHouse server cluster;
 docs/scaling.md says so.
 """
 
