@@ -102,11 +102,15 @@ def test_workers_and_sink_as_separate_processes(
     all_roles = [*workers.values(), sink]
 
     # Both workers in the one consumer group, the four partitions split between them, none twice.
+    def held() -> dict[str, set[int]]:
+        return {name: _assigned(worker_metrics(hosts[name], name), usage_topic) for name in workers}
+
     def split() -> bool:
-        held = {name: _assigned(worker_metrics(hosts[name], name), usage_topic) for name in workers}
-        return all(held.values()) and sorted(p for ps in held.values() for p in ps) == [0, 1, 2, 3]
+        now = held()
+        return all(now.values()) and sorted(p for ps in now.values() for p in ps) == [0, 1, 2, 3]
 
     wait_until("two workers sharing the 4 partitions", split, 240, *all_roles)
+    assignment = held()
     run(ops_env, "prices", "load", "infra/prices/seed.yaml")
     events = tmp_path / "events.jsonl"
     per_customer = _events(events, int(time.time() * 1000))
@@ -117,10 +121,12 @@ def test_workers_and_sink_as_separate_processes(
 
     wait_until("every event priced", lambda: sum(priced_by().values()) >= N_EVENTS, 240, *all_roles)
     counts = priced_by()
-    # Each worker priced some; together exactly every event, none twice (no rebalance happened
-    # after the split above, so no replay either).
-    assert all(v > 0 for v in counts.values()), counts
-    assert sum(counts.values()) == N_EVENTS, counts
+    assert all(v > 0 for v in counts.values()), counts  # each worker priced some
+    if held() == assignment:
+        # No rebalance since the split, so no replay: together exactly every event, none twice.
+        assert sum(counts.values()) == N_EVENTS, counts
+    # (A rebalance under load replays uncommitted records, which the counters count again; what
+    # was charged must still be exact, and that is checked in ClickHouse below either way.)
     assert all(worker_metrics(hosts[n], n).get("meterline_events_duplicate_total", 0.0) == 0 for n in workers), (
         "a worker saw a duplicate"
     )
