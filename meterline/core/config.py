@@ -25,6 +25,9 @@ class Settings(BaseSettings):
 
     # ClickHouse: chdb:///abs/path (embedded, default) or http(s)://user:pass@host:port/db.
     clickhouse_dsn: str | None = None
+    # A ClickHouse cluster (remote_servers name): migrations take their cluster form, Replicated
+    # tables + Distributed tables ON CLUSTER (meterline.stack.clickhouse.render_cluster).
+    clickhouse_cluster: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
     # Stripe: a real key, or empty to use the bundled local Stripe-compatible server.
     stripe_api_key: SecretStr | None = None

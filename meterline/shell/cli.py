@@ -64,6 +64,9 @@ from meterline.shell.cli_plans import plans_app  # noqa: E402
 from meterline.shell.cli_simulate import register as register_simulate  # noqa: E402 - `meterline plans simulate`
 
 register_simulate(plans_app)
+from meterline.shell.cli_roles import register as register_roles  # noqa: E402 - `meterline worker|sink|api`
+
+register_roles(app)
 
 # Off a terminal (CI logs, `| tee`, a file) nothing is wrapped and tables come out whole: meterline.shell.console.
 console = make_console()
@@ -347,13 +350,14 @@ def _close_demo_period(traffic: Any) -> None:
 
 @app.command()
 def migrate() -> None:
-    """Apply ClickHouse migrations from infra/clickhouse (idempotent)."""
+    """Apply ClickHouse migrations from infra/clickhouse (idempotent); their cluster form (Replicated +
+    Distributed tables, ON CLUSTER) when METERLINE_CLICKHOUSE_CLUSTER is set."""
     from meterline.stack.clickhouse import apply_migrations, connect
 
     settings = _settings()
     try:
         client = connect(settings.resolved_clickhouse_dsn)
-        applied = apply_migrations(client)
+        applied = apply_migrations(client, cluster=settings.clickhouse_cluster)
     except MeterlineError as exc:
         raise _fail(exc) from exc
     console.print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))

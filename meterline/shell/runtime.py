@@ -35,10 +35,12 @@ from typing import Any
 
 from meterline.core.config import Settings
 from meterline.shell.discovery import RuntimeInfo, remove_runtime_info, write_runtime_info
+from meterline.shell.roles import ApiService
+from meterline.shell.roles import LockedClient as _LockedClient
 from meterline.stack.broker import TansuBroker
 from meterline.stack.clickhouse import apply_migrations, connect
 from meterline.stack.metrics import STRIPE_SYNC_RUNS
-from meterline.stack.private import PRIVATE_UMASK, private_dir, write_private
+from meterline.stack.private import PRIVATE_UMASK, private_dir
 from meterline.stack.topics import ensure_topics
 from pipeline.assembly import Assembly
 from pipeline.workers import WorkerProcess
@@ -59,6 +61,7 @@ class Runtime:
         self.assembly: Assembly | None = None
         self.sink: Any = None
         self.ledger_sink: Any = None
+        self.api: Any = None  # meterline.shell.roles.ApiService
         self.api_server: Any = None
         self.admin_key: str | None = None
         self.cli_runner: Any = None  # meterline.shell.api.admin.CommandRunner, once started
@@ -93,7 +96,7 @@ class Runtime:
             ensure_topics(self.settings.kafka_bootstrap, self.settings.topic_prefix, self.settings.partitions)
             step(f"opening ClickHouse at {self.settings.resolved_clickhouse_dsn}")
             self.clickhouse = connect(self.settings.resolved_clickhouse_dsn)
-            applied = apply_migrations(self.clickhouse)
+            applied = apply_migrations(self.clickhouse, cluster=self.settings.clickhouse_cluster)
             step(f"migrations: {len(applied)} applied" if applied else "migrations: up to date")
             from pipeline.restore import restore_if_lost
 
@@ -252,67 +255,21 @@ class Runtime:
         )
 
     def _start_api(self) -> None:
-        from meterline.shell.api.app import create_api
-        from meterline.shell.api.keys import KeyStore
-        from meterline.shell.api.server import ApiServer
-        from meterline.stack.producer import UsageProducer
-
-        keys = KeyStore(self.settings.data_dir / "api_keys.json")
-        admin_file = self.settings.data_dir / "admin.key"
-        if admin_file.exists():
-            self.admin_key = admin_file.read_text().strip()
-        else:
-            _, self.admin_key = keys.create(None, role="admin")
-            write_private(admin_file, self.admin_key + "\n")  # 0600 from creation, never briefly wider
-        producer = UsageProducer(
-            self.settings.kafka_bootstrap,
-            self.settings.topic("usage-events"),
-            schema_store_topic=self.settings.topic("schemas"),
-        )
-        self._producer = producer
-        from meterline.shell.api.admin import admin_routes
-        from meterline.shell.api.credits import credit_routes
-        from meterline.shell.api.simulate import simulate_routes
-        from pipeline.credits.client import CommandPublisher, ReplyWaiter, StatusView
-
-        bootstrap = self.settings.kafka_bootstrap
-        self._credits = [
-            CommandPublisher(bootstrap, self.settings.topic("ledger-commands")),
-            ReplyWaiter(bootstrap, self.settings.topic("ledger-replies")).start(),
-            StatusView(bootstrap, self.settings.topic("customer-status")).start(),
-        ]
-        app = create_api(
+        """The API as ``meterline api`` builds it (meterline/shell/roles.py), on this process's engine."""
+        self.api = ApiService(
             self.settings,
-            producer=producer,
-            clickhouse=self.query_client,
-            key_store=keys,
-            extra_routes=credit_routes(*self._credits)
-            + self._stripe_routes()
-            + admin_routes(self.cli_runner)
-            + simulate_routes(),
+            query_client=self.query_client,
+            seen_client=_LockedClient(self.clickhouse, self.clickhouse_lock),
+            cli_runner=self.cli_runner,
         )
-        self.api_server = ApiServer(app, self.settings.api_host, self.settings.api_port).start()
-
-    def _stripe_routes(self) -> list[Any]:
-        """POST /v1/stripe/webhook (paid top-ups → ledger commands) when a signing secret is set."""
-        secret = self.settings.stripe_webhook_secret
-        if secret is None:
-            return []
-        from jobs.stripe import ClickHouseSeen, kafka_publisher
-        from meterline.shell.api.stripe_webhook import webhook_route
-        from pipeline.publish import control_producer
-
-        producer = control_producer(self.settings.kafka_bootstrap)
-        self._control_producers.append(producer)
-        return [
-            webhook_route(
-                endpoint_secret=secret.get_secret_value(),
-                publish=kafka_publisher(
-                    self.settings.kafka_bootstrap, self.settings.topic("ledger-commands"), producer=producer
-                ),
-                seen=ClickHouseSeen(_LockedClient(self.clickhouse, self.clickhouse_lock)),
-            )
-        ]
+        try:
+            self.api.start()
+        finally:  # stop() closes what was opened, even when start() failed midway
+            self.api_server = self.api.server
+            self.admin_key = self.api.admin_key
+            self._producer = self.api.producer
+            self._control_producers = self.api.control_producers
+            self._credits = self.api.credits
 
     def _stripe_sync_loop(self) -> None:
         every = self.settings.stripe_sync_every_s
@@ -381,22 +338,3 @@ def sync_summary_line(result: Any, seconds: float) -> str:
         ]
         line += f" ({'; '.join(problems[-3:]) or 'no error output'})"
     return line
-
-
-class _LockedClient:
-    """A clickhouse-connect client whose calls are serialised by one lock (embedded chDB)."""
-
-    def __init__(self, client: Any, lock: threading.RLock) -> None:
-        self._client = client
-        self._lock = lock
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                return attr(*args, **kwargs)
-
-        return call

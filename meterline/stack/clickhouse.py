@@ -39,6 +39,26 @@ nothing, and an applied file whose name or sha256 changed raises ConfigError (ad
 migration instead of editing one). DDL is not transactional: if a statement fails midway the
 file is not recorded, so write statements with ``IF NOT EXISTS`` to make a retry safe. Running
 the migrator from two processes against one server at once is not supported.
+
+Cluster form (``METERLINE_CLICKHOUSE_CLUSTER=name``)
+---------------------------------------------------
+The same files, rendered statement by statement by :func:`render_cluster` (there is no second DDL
+tree): every ``CREATE TABLE t ... ENGINE = XMergeTree[(args)]`` becomes
+
+* ``t_local ON CLUSTER name`` with ``ReplicatedXMergeTree('/clickhouse/tables/{shard}/{database}/t_local',
+  '{replica}'[, args])`` (``{shard}``, ``{replica}`` are the servers' macros), and
+* ``t ON CLUSTER name AS t_local ENGINE = Distributed('name', 'db', 't_local', key)``, so every reader
+  and writer of the application (sink, API, jobs, views) keeps using ``t`` unchanged and is sharded.
+  The sharding key is ``cityHash64(customer_id)`` when the table has that column (a customer's rows,
+  hence a replay and its original, share a shard: the Replacing/Summing merges stay exact), else
+  ``cityHash64`` of the table's sorting key;
+
+``CREATE MATERIALIZED VIEW ... TO t AS SELECT ... FROM u`` runs ON CLUSTER against ``t_local`` /
+``u_local`` (an MV fires on the shard that received the rows and writes there); a plain ``CREATE
+VIEW`` runs ON CLUSTER unchanged (it reads the Distributed tables, across shards); ``ALTER TABLE t``
+column changes run ON CLUSTER on ``t_local`` and then on ``t``. Any other statement raises
+ConfigError: nothing is left unrendered. ``schema_migrations`` becomes one ReplicatedMergeTree
+shared by every shard (path without ``{shard}``), so the cluster has one migration record.
 """
 
 from __future__ import annotations
@@ -63,17 +83,21 @@ if TYPE_CHECKING:
     from clickhouse_connect.driver import Client
 
 __all__ = [
+    "ClusterDdl",
     "Migration",
     "apply_migrations",
     "connect",
     "default_migrations_dir",
     "dsn_database",
     "load_migrations",
+    "pending_migrations",
+    "render_cluster",
     "split_statements",
     "with_database",
 ]
 
 _UNKNOWN_DATABASE = 81
+_UNKNOWN_TABLE = 60
 _DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -341,7 +365,9 @@ ORDER BY version
 """
 
 
-def apply_migrations(client: Client, migrations_dir: Path | None = None, *, database: str | None = None) -> list[str]:
+def apply_migrations(
+    client: Client, migrations_dir: Path | None = None, *, database: str | None = None, cluster: str | None = None
+) -> list[str]:
     """Apply pending migrations in version order; return the names applied (empty when current).
 
     ``database`` (else ``client.database``) is where statements run and where
@@ -349,6 +375,10 @@ def apply_migrations(client: Client, migrations_dir: Path | None = None, *, data
     restored afterwards. Every applied
     migration is verified first: a changed checksum or name raises ConfigError before anything
     runs. A failing statement raises ConfigError naming the file and statement number.
+
+    ``cluster`` (``METERLINE_CLICKHOUSE_CLUSTER``) applies the cluster form of the same files
+    (:func:`render_cluster`): Replicated local tables, Distributed tables under the original names,
+    every statement ON CLUSTER.
     """
     from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
@@ -359,7 +389,15 @@ def apply_migrations(client: Client, migrations_dir: Path | None = None, *, data
         client.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
         client.database = database
     try:
-        client.command(_LEDGER_DDL)
+        ddl = ClusterDdl(cluster, client.database or "default") if cluster else None
+        tables = migration_tables(migrations) if ddl is not None else set()
+        try:
+            client.command(_ledger_ddl(ddl))
+        except ClickHouseError as exc:
+            if isinstance(exc, OperationalError):
+                raise
+            where = f" on cluster {cluster!r}" if cluster else ""
+            raise ConfigError(f"cannot create schema_migrations{where}: {exc}") from exc
         rows = client.query("SELECT version, name, checksum FROM schema_migrations").result_rows
         applied = {int(v): (str(name), str(checksum)) for v, name, checksum in rows}
         for mig in migrations:
@@ -375,7 +413,8 @@ def apply_migrations(client: Client, migrations_dir: Path | None = None, *, data
         for mig in migrations:
             if mig.version in applied:
                 continue
-            for idx, stmt in enumerate(mig.statements, 1):
+            statements = cluster_statements(mig, ddl, tables) if ddl is not None else list(mig.statements)
+            for idx, stmt in enumerate(statements, 1):
                 try:
                     client.command(stmt)
                 except OperationalError as exc:
@@ -393,3 +432,207 @@ def apply_migrations(client: Client, migrations_dir: Path | None = None, *, data
         raise ClickHouseUnavailable(f"ClickHouse failed while migrating: {exc}") from exc
     finally:
         client.database = previous
+
+
+def pending_migrations(client: Client, migrations_dir: Path | None = None) -> list[str]:
+    """Names of the migrations not yet applied in ``client.database`` (all of them on an empty one).
+
+    Read-only: the long-running roles check with this and leave migrating to ``meterline migrate``.
+    """
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    migrations = load_migrations(migrations_dir)
+    try:
+        rows = client.query("SELECT version FROM schema_migrations").result_rows
+    except ClickHouseError as exc:
+        if _error_code(exc) != _UNKNOWN_TABLE:
+            raise ConfigError(f"cannot read schema_migrations: {exc}") from exc
+        rows = []
+    applied = {int(v) for (v,) in rows}
+    return [m.name for m in migrations if m.version not in applied]
+
+
+# -- the cluster form ---------------------------------------------------------------------------
+
+_MERGE_TREES = (
+    "MergeTree",
+    "ReplacingMergeTree",
+    "SummingMergeTree",
+    "AggregatingMergeTree",
+    "CollapsingMergeTree",
+    "VersionedCollapsingMergeTree",
+)
+_CREATE_TABLE_RE = re.compile(r"^CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?`?(\w+)`?\s*(?=\()", re.I)
+_CREATE_MV_RE = re.compile(r"^CREATE\s+MATERIALIZED\s+VIEW\s+(?:IF\s+NOT\s+EXISTS\s+)?`?(\w+)`?\s+(?=TO\s)", re.I)
+_CREATE_VIEW_RE = re.compile(r"^CREATE\s+VIEW\s+(?:IF\s+NOT\s+EXISTS\s+)?`?(\w+)`?\s+(?=AS\b)", re.I)
+_ALTER_RE = re.compile(r"^ALTER\s+TABLE\s+`?(\w+)`?\s+", re.I)
+_ALTER_COLUMN_RE = re.compile(
+    r"^\s*(ADD|DROP|MODIFY|RENAME|COMMENT)\s+COLUMN\b", re.I
+)  # what a Distributed table takes too
+_ENGINE_RE = re.compile(r"\bENGINE\s*=\s*(\w+)\s*(\(([^()]*)\))?", re.I)
+_ORDER_BY_RE = re.compile(r"\bORDER\s+BY\s+(\([^()]*\)|\w+)", re.I)
+_TABLE_REF_RE = re.compile(r"\b(FROM|JOIN|TO)\s+`?(\w+)`?", re.I)
+_CLUSTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+LOCAL_SUFFIX = "_local"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterDdl:
+    """Where the cluster form puts things: the cluster, the database the Distributed tables point
+    into, and the replication path of the local tables (ClickHouse macros left in place)."""
+
+    cluster: str
+    database: str
+    zk_path: str = "/clickhouse/tables/{shard}/{database}/{table}"
+    replica: str = "{replica}"
+
+    def __post_init__(self) -> None:
+        if not _CLUSTER_NAME_RE.match(self.cluster):
+            raise ConfigError(f"bad ClickHouse cluster name {self.cluster!r}")
+        _check_db_name(self.database)
+
+    @property
+    def on_cluster(self) -> str:
+        return f"ON CLUSTER `{self.cluster}`"
+
+
+def _strip_comments(stmt: str) -> str:
+    """The statement without ``--``/``#`` line comments and ``/* */`` blocks (quotes respected)."""
+    out: list[str] = []
+    i, n = 0, len(stmt)
+    while i < n:
+        c = stmt[i]
+        if c in "'\"`":
+            j = i + 1
+            while j < n and stmt[j] != c:
+                j += 2 if stmt[j] == "\\" else 1
+            out.append(stmt[i : j + 1])
+            i = j + 1
+        elif stmt.startswith("--", i) or (c == "#" and _line_start(stmt, i)):
+            j = stmt.find("\n", i)
+            i = n if j < 0 else j
+        elif stmt.startswith("/*", i):
+            j = stmt.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out).strip()
+
+
+def _local_refs(sql: str, tables: set[str]) -> str:
+    """``FROM t`` / ``JOIN t`` / ``TO t`` of a known table → ``t_local`` (materialized views)."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(2)
+        return f"{m.group(1)} {name}{LOCAL_SUFFIX}" if name in tables else m.group(0)
+
+    return _TABLE_REF_RE.sub(sub, sql)
+
+
+def _sharding_key(columns: str, settings: str) -> str:
+    """``cityHash64(customer_id)`` if ``columns`` declare it, else ``cityHash64`` of the ORDER BY key in
+    ``settings`` (the clauses after ENGINE): equal sorting keys always meet on one shard."""
+    if re.search(r"^\s*customer_id\s", columns, re.M):
+        return "cityHash64(customer_id)"
+    order = _ORDER_BY_RE.search(settings)
+    if order is None:
+        return "rand()"
+    key = order.group(1).strip()
+    return f"cityHash64{key}" if key.startswith("(") else f"cityHash64({key})"
+
+
+def render_cluster(statement: str, ddl: ClusterDdl, tables: set[str] | None = None) -> list[str]:
+    """The cluster form of one migration statement (see the module docstring), in execution order.
+
+    ``tables`` names the MergeTree tables of every migration (the names materialized views must
+    reach as ``_local``); by default those of infra/clickhouse. Raises ConfigError for a
+    statement this renderer does not know, so no statement is ever applied unrendered.
+    """
+    sql = _strip_comments(statement)
+    if tables is None:
+        tables = migration_tables(load_migrations())
+    if m := _CREATE_TABLE_RE.match(sql):
+        name = m.group(1)
+        engine = _ENGINE_RE.search(sql)
+        if engine is None or engine.group(1) not in _MERGE_TREES:
+            raise ConfigError(f"cluster form: table {name} has no MergeTree-family ENGINE: {sql[:120]!r}")
+        args = (engine.group(3) or "").strip()
+        path = ddl.zk_path.replace("{table}", name + LOCAL_SUFFIX)
+        replicated = f"ENGINE = Replicated{engine.group(1)}('{path}', '{ddl.replica}'{', ' + args if args else ''})"
+        local = (
+            f"CREATE TABLE IF NOT EXISTS `{name}{LOCAL_SUFFIX}` {ddl.on_cluster} "
+            + sql[m.end() : engine.start()]
+            + replicated
+            + " "
+            + sql[engine.end() :].lstrip()
+        )
+        distributed = (
+            f"CREATE TABLE IF NOT EXISTS `{name}` {ddl.on_cluster} AS `{name}{LOCAL_SUFFIX}` "
+            f"ENGINE = Distributed('{ddl.cluster}', '{ddl.database}', '{name}{LOCAL_SUFFIX}', "
+            f"{_sharding_key(sql[m.end() : engine.start()], sql[engine.end() :])})"
+        )
+        return [local, distributed]
+    if m := _CREATE_MV_RE.match(sql):
+        rest = _local_refs(sql[m.end() :], tables)
+        return [f"CREATE MATERIALIZED VIEW IF NOT EXISTS `{m.group(1)}` {ddl.on_cluster} {rest}"]
+    if m := _CREATE_VIEW_RE.match(sql):
+        return [f"CREATE VIEW IF NOT EXISTS `{m.group(1)}` {ddl.on_cluster} " + sql[m.end() :]]
+    if m := _ALTER_RE.match(sql):
+        name, commands = m.group(1), sql[m.end() :]
+        clauses = _split_top_level(commands)
+        if not clauses or not all(_ALTER_COLUMN_RE.match(c) for c in clauses):
+            raise ConfigError(f"cluster form: only column changes are rendered for ALTER TABLE, got {sql[:120]!r}")
+        return [
+            f"ALTER TABLE `{name}{LOCAL_SUFFIX}` {ddl.on_cluster} {commands}",
+            f"ALTER TABLE `{name}` {ddl.on_cluster} {commands}",
+        ]
+    raise ConfigError(f"cluster form: no rendering for statement {sql[:120]!r}")
+
+
+def _split_top_level(sql: str) -> list[str]:
+    """``sql`` split on commas outside parentheses and quotes."""
+    parts: list[str] = []
+    depth, start, i, n = 0, 0, 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`":
+            j = i + 1
+            while j < n and sql[j] != c:
+                j += 2 if sql[j] == "\\" else 1
+            i = j
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(sql[start:i].strip())
+            start = i + 1
+        i += 1
+    parts.append(sql[start:].strip())
+    return [p for p in parts if p]
+
+
+def migration_tables(migrations: list[Migration]) -> set[str]:
+    """Every table a CREATE TABLE of ``migrations`` makes (the cluster form's ``_local`` names)."""
+    out = set()
+    for mig in migrations:
+        for stmt in mig.statements:
+            if m := _CREATE_TABLE_RE.match(_strip_comments(stmt)):
+                out.add(m.group(1))
+    return out
+
+
+def cluster_statements(mig: Migration, ddl: ClusterDdl, tables: set[str]) -> list[str]:
+    """Every statement of ``mig`` in its cluster form, in order."""
+    return [out for stmt in mig.statements for out in render_cluster(stmt, ddl, tables)]
+
+
+def _ledger_ddl(ddl: ClusterDdl | None) -> str:
+    if ddl is None:
+        return _LEDGER_DDL
+    path = ddl.zk_path.replace("{shard}/", "").replace("{table}", "schema_migrations")
+    return _LEDGER_DDL.replace("schema_migrations\n", f"schema_migrations {ddl.on_cluster}\n", 1).replace(
+        "ENGINE = MergeTree", f"ENGINE = ReplicatedMergeTree('{path}', '{ddl.replica}')"
+    )
