@@ -58,8 +58,8 @@ def test_up_serves_cli_commands_and_ctrl_c_leaves_no_orphans(tmp_path: Path) -> 
     env.update(
         {"METERLINE_DATA_DIR": str(tmp_path / "data"), "METERLINE_API_PORT": "0", "METERLINE_TOPIC_PREFIX": "cli."}
     )
-    log = (tmp_path / "up.log").open("w")
-    up = subprocess.Popen([METERLINE, "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    with (tmp_path / "up.log").open("w") as log:  # the child keeps its own copy of the descriptor
+        up = subprocess.Popen([METERLINE, "up"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         runtime_file = tmp_path / "data" / "runtime.json"
         deadline = time.monotonic() + 90

@@ -29,9 +29,10 @@ def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    up = subprocess.Popen(
-        [METERLINE, "up"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
-    )  # its own process group: killed as a whole below
+    with log.open("w") as out:  # the child keeps its own copy of the descriptor
+        up = subprocess.Popen(
+            [METERLINE, "up"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )  # its own process group: killed as a whole below
     runtime_file = Path(env["METERLINE_DATA_DIR"]) / "runtime.json"
     deadline = time.monotonic() + 180
     while not (runtime_file.exists() and "meterline is up" in log.read_text()):

@@ -183,9 +183,10 @@ def test_stripe_commands_run_inside_a_running_up(up: Up, tmp_path: Path) -> None
     assert r.exit_code == 2 and "bad period" in r.output
 
 
-def test_admin_run_route_auth_allow_list_and_busy(up: Up) -> None:
+def test_admin_run_route_auth_allow_list_and_busy(up: Up, request: pytest.FixtureRequest) -> None:
     _, customer_key = KeyStore(up.settings.data_dir / "api_keys.json").create("acme")
     http = httpx.Client(base_url=up.url, timeout=60)
+    request.addfinalizer(http.close)
     admin = {"Authorization": f"Bearer {up.runtime.admin_key}"}
     run = {"argv": ["statement", "acme", "--period", _period(up.base), "--format", "csv"]}
 

@@ -71,3 +71,5 @@ def test_up_creates_its_data_private(kafka_bootstrap: str, tmp_path: Path) -> No
             up.wait(60)
         except subprocess.TimeoutExpired:
             up.kill()
+            up.wait(30)
+        log.close()

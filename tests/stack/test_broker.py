@@ -92,6 +92,8 @@ def test_broker_dies_with_its_parent(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
     assert _wait_gone(broker_pid), f"broker {broker_pid} outlived its SIGKILLed parent"
 
 
