@@ -407,11 +407,11 @@ def bill_preview(client: Any, customer_id: str, month: str) -> dict[str, Any]:
     usage_lines += [c.line().to_json() for c in payg_corr]
     payg += sum(c.amount for c in payg_corr)
     currency = triples[0][1].currency if triples else (payg_currency or catalog.currency).upper()
-    subtotal = sum(b.subtotal for _, b, _ in triples) + payg
+    subtotal = sum(bill.subtotal for _, bill, _ in triples) + payg
     bills = []
-    for _, b, corr in triples:
-        doc = b.to_json()
-        doc["billed_subtotal"] = format_picos(b.subtotal - sum(c.amount for c in corr))
+    for _, bill, corr in triples:
+        doc = bill.to_json()
+        doc["billed_subtotal"] = format_picos(bill.subtotal - sum(c.amount for c in corr))
         doc["corrections"] = [c.to_json() for c in corr]
         bills.append(doc)
     corrections = payg_corr + [c for _, _, corr in triples for c in corr]
