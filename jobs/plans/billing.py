@@ -14,6 +14,20 @@ module only reads:
 Which periods ``--period YYYY-MM`` means: every billing period of the customer that *starts* in
 that calendar month (UTC), current or past. A customer with no plan in that month gets the
 pay-per-token bill: one ``usage`` line, the month's exact charge.
+
+Corrections (``meterline reprice``, docs/corrections.md) are bill lines of their own, kind
+``correction``, never folded into the usage: history stays as priced and the bill says what changed,
+by which correction and why (``reprice_runs.reason``):
+
+- a billing period gets one line per ``usage_corrections`` row set with ``kind = 'plan'`` whose
+  ``occurred_at`` (the period start the re-rating wrote) falls in the period: its ``charge`` is the
+  change of that period's bill, exact;
+- the pay-per-token part of the month (outside any plan run) gets one line per correction of its
+  hours (``kind = 'usage'``, the hours overlapping the gaps). Inside a plan run a usage row corrects
+  only the cost: the plan row carries the bill.
+
+So ``usage_priced`` + the corrections = the re-rated bill (before prepaid credit, which is how the
+bill is paid, read from the ledger as before).
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import calendar
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -31,6 +46,7 @@ from meterline.core.money import decimal_to_picos
 from meterline.core.plans import (
     PLAN_KEY_PREFIX,
     Bill,
+    BillLine,
     Period,
     PlanCatalog,
     SubscriptionError,
@@ -45,7 +61,18 @@ from meterline.core.plans import (
     round_total,
 )
 
-__all__ = ["bill_preview", "close_period", "load_catalog", "load_events", "month_bounds", "period_usage"]
+__all__ = [
+    "BillCorrection",
+    "bill_preview",
+    "close_period",
+    "corrected_bills",
+    "load_catalog",
+    "load_events",
+    "month_bounds",
+    "payg_corrections",
+    "period_corrections",
+    "period_usage",
+]
 
 _CLASSES = ("input", "output", "cached_input", "cache_write", "reasoning")
 
@@ -218,6 +245,128 @@ def _gaps(timeline: Timeline, start: int, end: int) -> list[tuple[int, int]]:
     return gaps
 
 
+@dataclass(frozen=True, slots=True)
+class BillCorrection:
+    """One correction of a bill (``meterline reprice``): a ``usage_corrections`` row set of one
+    ``correction_id``. ``amount`` / ``ledger_amount`` are exact picos (signed)."""
+
+    correction_id: str
+    kind: str  # plan (a billing period's bill) | usage (pay-per-token hours outside plan runs)
+    reason: str
+    amount: int
+    ledger_amount: int
+    plans: str  # the plan versions re-rated (plan rows), '' for usage
+    created_at: int  # epoch seconds, when the correction was applied
+    start: int  # the period (plan) or the first corrected hour (usage), epoch seconds
+    end: int
+
+    @property
+    def description(self) -> str:
+        what = "plan bill re-rated" if self.kind == "plan" else "pay-per-token usage re-rated"
+        return f"correction {self.correction_id} ({self.reason or 'no reason given'}): {what}"
+
+    def line(self, plan: str | None = None) -> BillLine:
+        """The bill line: kind ``correction``, ``ref`` the correction id, the exact amount."""
+        return BillLine(
+            "correction",
+            self.description,
+            plan,
+            self.correction_id,
+            "1",
+            "correction",
+            None,
+            self.amount,
+            self.start,
+            self.end,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "correction_id": self.correction_id,
+            "kind": self.kind,
+            "reason": self.reason,
+            "amount": format_picos(self.amount),
+            "ledger_amount": format_picos(self.ledger_amount),
+            "plans": self.plans.split(",") if self.plans else [],
+            "start": _iso(self.start),
+            "end": _iso(self.end),
+            "applied_at": _iso(self.created_at),
+        }
+
+
+_CORRECTIONS_SQL = (
+    "SELECT c.correction_id, sum(c.charge), sum(c.ledger_charge), arrayStringConcat(arraySort(groupUniqArray("
+    "c.price_version)), ','), toUnixTimestamp(min(c.created_at)), toUnixTimestamp(min(c.occurred_at)), "
+    "toUnixTimestamp(max(c.period_end)), any(r.reason) "
+    "FROM (SELECT correction_id, charge, ledger_charge, price_version, created_at, occurred_at, period_end "
+    "      FROM usage_corrections FINAL WHERE customer_id = {{c:String}} AND kind = '{kind}' AND ({where})) AS c "
+    "LEFT JOIN (SELECT correction_id, reason FROM reprice_runs FINAL) AS r ON c.correction_id = r.correction_id "
+    "GROUP BY c.correction_id HAVING sum(c.charge) != 0 OR sum(c.ledger_charge) != 0 "
+    "ORDER BY min(c.created_at), c.correction_id"
+)
+
+
+def _corrections(client: Any, customer_id: str, kind: str, where: str, params: dict[str, Any]) -> list[BillCorrection]:
+    rows = client.query(
+        _CORRECTIONS_SQL.format(kind=kind, where=where), parameters={"c": customer_id, **params}
+    ).result_rows
+    return [
+        BillCorrection(
+            str(cid),
+            kind,
+            str(reason or ""),
+            _picos(charge or 0),
+            _picos(ledger or 0),
+            str(plans or "") if kind == "plan" else "",
+            int(created),
+            int(lo),
+            int(hi) + (3600 if kind == "usage" else 0),  # a usage row is the hour starting there
+        )
+        for cid, charge, ledger, plans, created, lo, hi, reason in rows
+    ]
+
+
+def period_corrections(client: Any, period: Period) -> list[BillCorrection]:
+    """The plan corrections of a billing period: ``kind = 'plan'`` rows whose ``occurred_at`` (the
+    period start the re-rating wrote) lies in ``[period.start, period.stop)``."""
+    return _corrections(
+        client,
+        period.customer_id,
+        "plan",
+        "occurred_at >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC') AND occurred_at < fromUnixTimestamp64Milli({hi:Int64}, 'UTC')",
+        {"lo": period.start * 1000, "hi": period.stop * 1000},
+    )
+
+
+def payg_corrections(client: Any, customer_id: str, gaps: list[tuple[int, int]]) -> list[BillCorrection]:
+    """The corrections of the pay-per-token usage in ``gaps`` (no plan then): ``kind = 'usage'``
+    rows of the hours overlapping a gap. A row is one hour; an hour cut by a subscription start or
+    end holds, in its charge, only the pay-per-token events' delta (inside a plan run only the cost
+    is corrected), so it counts here whole. One line per correction over all the gaps."""
+    if not gaps:
+        return []
+    arms, params = [], {}
+    for i, (a, b) in enumerate(gaps):
+        arms.append(
+            f"(occurred_at >= toStartOfHour(fromUnixTimestamp64Milli({{a{i}:Int64}}, 'UTC')) "
+            f"AND occurred_at < fromUnixTimestamp64Milli({{b{i}:Int64}}, 'UTC'))"
+        )
+        params.update({f"a{i}": a * 1000, f"b{i}": b * 1000})
+    return _corrections(client, customer_id, "usage", " OR ".join(arms), params)
+
+
+def corrected_bills(client: Any, pairs: list[tuple[Period, Bill]]) -> list[tuple[Period, Bill, list[BillCorrection]]]:
+    """Each bill with its period's plan corrections appended as ``correction`` lines (so its
+    ``subtotal`` / ``total`` are the corrected ones, still rounded once)."""
+    out = []
+    for period, bill in pairs:
+        corr = period_corrections(client, period)
+        plan = ",".join(dict.fromkeys(s.plan.key for s in period.segments))
+        lines = bill.lines + tuple(c.line(plan) for c in corr)
+        out.append((period, replace(bill, lines=lines) if corr else bill, corr))
+    return out
+
+
 def bill_preview(client: Any, customer_id: str, month: str) -> dict[str, Any]:
     """The JSON of ``meterline bill preview CUSTOMER --period YYYY-MM``: ``total`` (decimal
     string, rounded once), ``lines`` (kind, description, quantity, amount, ...), ``allowances``
@@ -225,17 +374,21 @@ def bill_preview(client: Any, customer_id: str, month: str) -> dict[str, Any]:
 
     The bill is that of the customer's billing periods starting in the month (or, when none
     does, the period overlapping it, e.g. a yearly plan), plus one ``usage`` line for the
-    pay-per-token usage of the calendar month that fell outside any subscription."""
+    pay-per-token usage of the calendar month that fell outside any subscription, plus one
+    ``correction`` line per re-rating that changed them (``corrections``: id, kind, reason,
+    exact amount; a period's own ``corrections`` and ``billed_subtotal``, its bill as first
+    computed)."""
     start, end = month_bounds(month)
     catalog = load_catalog(client)
     timeline = fold_timeline(customer_id, load_events(client, customer_id), catalog)
-    pairs = _bills(client, timeline, start, end, overlapping=True)
+    triples = corrected_bills(client, _bills(client, timeline, start, end, overlapping=True))
     payg, payg_currency = 0, None
     usage_lines: list[dict[str, Any]] = []
-    for a, b in _gaps(timeline, start, end):
+    gaps = _gaps(timeline, start, end)
+    for a, b in gaps:
         charge, cur = _charge(client, customer_id, a, b)
         payg, payg_currency = payg + charge, payg_currency or cur
-        if charge or not pairs:
+        if charge or not triples:
             usage_lines.append(
                 {
                     "kind": "usage",
@@ -250,19 +403,30 @@ def bill_preview(client: Any, customer_id: str, month: str) -> dict[str, Any]:
                     "end": _iso(b),
                 }
             )
-    currency = pairs[0][1].currency if pairs else (payg_currency or catalog.currency).upper()
-    subtotal = sum(b.subtotal for _, b in pairs) + payg
-    bills = [b.to_json() for _, b in pairs]
+    payg_corr = payg_corrections(client, customer_id, gaps)
+    usage_lines += [c.line().to_json() for c in payg_corr]
+    payg += sum(c.amount for c in payg_corr)
+    currency = triples[0][1].currency if triples else (payg_currency or catalog.currency).upper()
+    subtotal = sum(bill.subtotal for _, bill, _ in triples) + payg
+    bills = []
+    for _, bill, corr in triples:
+        doc = bill.to_json()
+        doc["billed_subtotal"] = format_picos(bill.subtotal - sum(c.amount for c in corr))
+        doc["corrections"] = [c.to_json() for c in corr]
+        bills.append(doc)
+    corrections = payg_corr + [c for _, _, corr in triples for c in corr]
     return {
         "customer_id": customer_id,
         "period": month,
-        "plan": pairs[-1][0].segments[-1].plan.key if pairs else None,
+        "plan": triples[-1][0].segments[-1].plan.key if triples else None,
         "currency": currency,
         "total": str(round_total(subtotal, currency)),
         "subtotal": format_picos(subtotal),
         "lines": usage_lines + [line for b in bills for line in b["lines"]],
         "allowances": [a for b in bills for a in b["allowances"]],
         "periods": bills,
+        "corrections": [c.to_json() for c in corrections],
+        "corrections_total": format_picos(sum(c.amount for c in corrections)),
         "rejected_facts": [{"event_id": r.event.event_id, "reason": r.reason} for r in timeline.rejected],
     }
 
@@ -274,7 +438,10 @@ def _iso(seconds: int) -> str:
 def close_period(client: Any, month: str, *, customers: Iterable[str] | None = None, closed_at_ms: int) -> int:
     """Write the bills of every subscribed customer's periods starting in ``month`` into
     ``plan_bills`` and ``plan_allowance_usage`` (a newer close replaces an older one). Returns
-    the number of bills written. ``closed_at_ms`` orders re-closes (the caller passes the time)."""
+    the number of bills written. ``closed_at_ms`` orders re-closes (the caller passes the time).
+    A period's plan corrections (``meterline reprice``) are ``correction`` lines of its bill: in
+    ``lines``, ``subtotal`` and ``total`` (fee, overage, ... stay the bill as first rated), so a
+    close after a reprice writes the re-rated bill."""
     start, end = month_bounds(month)
     catalog = load_catalog(client)
     events = load_events(client)
@@ -289,7 +456,7 @@ def close_period(client: Any, month: str, *, customers: Iterable[str] | None = N
         if wanted is not None and cid not in wanted:
             continue
         timeline = fold_timeline(cid, by_customer[cid], catalog)
-        for period, bill in _bills(client, timeline, start, end):
+        for period, bill, _ in corrected_bills(client, _bills(client, timeline, start, end)):
             last = period.segments[-1].plan
             charge, _ = _charge(client, cid, period.start, period.stop)
 

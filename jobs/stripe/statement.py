@@ -6,6 +6,13 @@ amounts) or as one self-contained HTML page (inline SVG charts of spend by day, 
 no external assets, no scripts). Display rounding happens only in the HTML, and adds up: the total
 is rounded half-up to the cent and the lines get the largest-remainder allocation of it
 (:mod:`meterline.core.allocation`), with the exact amount beside each line and the rule on the page.
+
+Corrections (``meterline reprice``, docs/corrections.md) reach ``usage_daily`` through their own
+materialized views, merged into the day's lines. The statement takes them back out: the usage lines
+show what was priced at the time, and each correction is a line of its own (correction id, reason,
+day, project, provider, model, exact signed charge), in the totals, the charts and the allocation.
+A plan customer's ``kind = 'plan'`` rows are lines of the plan bill of their period instead (the
+bills of ``meterline bill preview``, corrections included).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import csv
 import html
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -25,6 +32,7 @@ from meterline.core.allocation import RULE, allocate
 TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 CSV_COLUMNS = ("day", "project", "provider", "model", "currency", "events", "requests", *TOKEN_COLUMNS, "charge")
 PLAN_CSV_COLUMNS = ("period_start", "kind", "description", "quantity", "unit_price", "amount")
+CORRECTION_CSV_COLUMNS = ("correction_id", "reason", "day", "project", "provider", "model", "currency", "charge")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +45,21 @@ class StatementLine:
     events: int
     requests: int
     tokens: tuple[int, int, int, int, int]  # in TOKEN_COLUMNS order
+    charge: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionLine:
+    """The part of a re-rating (``meterline reprice``) for one day x project x provider x model of
+    pay-per-token usage: the signed, exact charge delta."""
+
+    correction_id: str
+    reason: str
+    day: date
+    project: str
+    provider: str
+    model: str
+    currency: str
     charge: Decimal
 
 
@@ -60,27 +83,33 @@ class Statement:
     lines: list[StatementLine]
     plan_lines: list[PlanLine] = field(default_factory=list)  # bills of plan periods starting in [start, end)
     plan_total: Decimal | None = None  # the plan bills' total, rounded once (None: no plan period)
+    corrections: list[CorrectionLine] = field(default_factory=list)  # pay-per-token re-ratings
+
+    def _all(self) -> list[StatementLine | CorrectionLine]:
+        return [*self.lines, *self.corrections]
 
     def totals(self) -> dict[str, Decimal]:
         out: dict[str, Decimal] = {}
-        for line in self.lines:
+        for line in self._all():
             out[line.currency] = out.get(line.currency, Decimal(0)) + line.charge
         return out
 
     def allocated(self) -> list[Decimal]:
-        """Each line's amount in cents, allocated per currency so the lines add up to the
-        cent-rounded total (:func:`meterline.core.allocation.allocate`); in line order."""
-        out: list[Decimal] = [Decimal(0)] * len(self.lines)
+        """Each line's amount in cents, allocated per currency so the lines (usage, then
+        corrections) add up to the cent-rounded total (:func:`meterline.core.allocation.allocate`);
+        in that order."""
+        every = self._all()
+        out: list[Decimal] = [Decimal(0)] * len(every)
         for cur in self.totals():
-            idx = [i for i, ln in enumerate(self.lines) if ln.currency == cur]
-            for i, amount in zip(idx, allocate([self.lines[i].charge for i in idx])):
+            idx = [i for i, ln in enumerate(every) if ln.currency == cur]
+            for i, amount in zip(idx, allocate([every[i].charge for i in idx])):
                 out[i] = amount
         return out
 
     def by(self, dimension: str, currency: str) -> dict[Any, Decimal]:
         """Exact spend in ``currency`` per ``day`` | ``model`` | ``project`` (project '' -> '(none)')."""
         out: dict[Any, Decimal] = {}
-        for line in self.lines:
+        for line in self._all():
             if line.currency != currency:
                 continue
             k = getattr(line, dimension)
@@ -91,7 +120,7 @@ class Statement:
 
     def daily(self) -> dict[tuple[date, str], Decimal]:
         out: dict[tuple[date, str], Decimal] = {}
-        for line in self.lines:
+        for line in self._all():
             out[(line.day, line.currency)] = out.get((line.day, line.currency), Decimal(0)) + line.charge
         return out
 
@@ -119,13 +148,47 @@ def build_statement(ch: Any, customer: str, start: int, end: int) -> Statement:
         )
         for r in rows
     ]
+    lines, corrections = _split_corrections(ch, customer, start, end, lines)
     plan_lines, plan_total = _plan_bills(ch, customer, start, end)
-    return Statement(customer, start, end, lines, plan_lines, plan_total)
+    return Statement(customer, start, end, lines, plan_lines, plan_total, corrections)
+
+
+def _split_corrections(
+    ch: Any, customer: str, start: int, end: int, lines: list[StatementLine]
+) -> tuple[list[StatementLine], list[CorrectionLine]]:
+    """Take the corrections back out of the ``usage_daily`` lines (their materialized views merged
+    them in): usage lines as priced at the time, and the ``kind = 'usage'`` corrections as lines of
+    their own. ``kind = 'plan'`` rows belong to their period's plan bill (:func:`_plan_bills`)."""
+    rows = ch.query(
+        "SELECT c.correction_id, c.kind, toDate(c.occurred_at, 'UTC') AS day, c.project, c.provider, c.model, "
+        "c.currency, sum(c.charge), any(r.reason) "
+        "FROM (SELECT correction_id, kind, occurred_at, project, provider, model, currency, charge "
+        "      FROM usage_corrections FINAL WHERE customer_id = {c:String} "
+        "      AND toDate(occurred_at, 'UTC') >= toDate({s:DateTime}) AND toDate(occurred_at, 'UTC') < toDate({e:DateTime})) AS c "
+        "LEFT JOIN (SELECT correction_id, reason FROM reprice_runs FINAL) AS r ON c.correction_id = r.correction_id "
+        "GROUP BY c.correction_id, c.kind, day, c.project, c.provider, c.model, c.currency "
+        "ORDER BY day, c.project, c.provider, c.model, c.currency, c.correction_id",
+        parameters={"c": customer, "s": utc(start), "e": utc(end)},
+    ).result_rows
+    merged: dict[tuple[date, str, str, str, str], Decimal] = {}
+    out: list[CorrectionLine] = []
+    for cid, kind, day, project, provider, model, currency, charge, reason in rows:
+        key = (day, project, provider, model, currency)
+        merged[key] = merged.get(key, Decimal(0)) + Decimal(charge)
+        if kind == "usage" and Decimal(charge) != 0:
+            out.append(CorrectionLine(cid, reason or "", day, project, provider, model, currency, Decimal(charge)))
+    kept: list[StatementLine] = []
+    for ln in lines:
+        delta = merged.get((ln.day, ln.project, ln.provider, ln.model, ln.currency), Decimal(0))
+        if ln.events == 0 and ln.requests == 0 and not any(ln.tokens) and ln.charge == delta:
+            continue  # a line made only of corrections
+        kept.append(replace(ln, charge=ln.charge - delta) if delta else ln)
+    return kept, out
 
 
 def _plan_bills(ch: Any, customer: str, start: int, end: int) -> tuple[list[PlanLine], Decimal | None]:
     """The plan bills (the plans domain's, as ``bill preview``) of periods starting in ``[start, end)``."""
-    from jobs.plans.billing import _bills, load_catalog, load_events
+    from jobs.plans.billing import _bills, corrected_bills, load_catalog, load_events
     from meterline.core.plans import fold_timeline, round_total
 
     try:
@@ -134,15 +197,15 @@ def _plan_bills(ch: Any, customer: str, start: int, end: int) -> tuple[list[Plan
         return [], None
     if not events:
         return [], None
-    pairs = _bills(ch, fold_timeline(customer, events, load_catalog(ch)), start, end)
+    pairs = corrected_bills(ch, _bills(ch, fold_timeline(customer, events, load_catalog(ch)), start, end))
     if not pairs:
         return [], None
     out = [
         PlanLine(p.start, ln.kind, ln.description, ln.quantity, ln.unit_price or "", Decimal(ln.amount).scaleb(-12))
-        for p, bill in pairs
+        for p, bill, _ in pairs
         for ln in bill.lines
     ]
-    return out, round_total(sum(b.subtotal for _, b in pairs), pairs[0][1].currency)
+    return out, round_total(sum(b.subtotal for _, b, _ in pairs), pairs[0][1].currency)
 
 
 def render_csv(st: Statement) -> str:
@@ -178,6 +241,22 @@ def render_csv(st: Statement) -> str:
                 ]
             )
         w.writerow(["", "total", "", "", "", format(st.plan_total, "f")])
+    if st.corrections:  # then the re-ratings of the pay-per-token usage, exact signed deltas
+        w.writerow([])
+        w.writerow(CORRECTION_CSV_COLUMNS)
+        for c in st.corrections:
+            w.writerow(
+                [
+                    c.correction_id,
+                    c.reason,
+                    c.day.isoformat(),
+                    c.project,
+                    c.provider,
+                    c.model,
+                    c.currency,
+                    format(c.charge, "f"),
+                ]
+            )
     return buf.getvalue()
 
 
@@ -233,6 +312,14 @@ def render_html(st: Statement) -> str:
             "<tr>"
             + "".join(f"<td>{e(str(c))}</td>" for c in cells)
             + f'<td class="amount">{e(f"{amount:,}")}</td><td class="exact">{e(format(ln.charge, "f"))}</td></tr>'
+        )
+    for c, amount in zip(st.corrections, amounts[len(st.lines) :]):  # the re-ratings, in the same total
+        cells = [c.day.isoformat(), c.project or "(none)", c.provider, c.model, c.currency.upper()]
+        body.append(
+            '<tr class="correction">'
+            + "".join(f"<td>{e(str(x))}</td>" for x in cells)
+            + f'<td colspan="{len(cols) - len(cells)}">correction {e(c.correction_id)} ({e(c.reason or "no reason given")})</td>'
+            + f'<td class="amount">{e(f"{amount:,}")}</td><td class="exact">{e(format(c.charge, "f"))}</td></tr>'
         )
     foot = "".join(
         f'<tr class="total"><td colspan="{len(cols)}">total {e(cur.upper())}</td>'
