@@ -55,11 +55,13 @@ from meterline.core.ledger import (
     parse_amount,
     status_of,
 )
+from meterline.core.plans import SegmentChange
 
 __all__ = [
     "COMMAND_TYPES",
     "AuthorizeRequest",
     "LedgerRequest",
+    "PlanCorrection",
     "alert_message",
     "authorize_message",
     "command_message",
@@ -68,7 +70,9 @@ __all__ = [
     "encode_message",
     "entry_from_message",
     "entry_message",
+    "plan_correction_message",
     "reply_message",
+    "segment_changes",
     "status_message",
 ]
 
@@ -82,6 +86,7 @@ COMMAND_TYPES = (
     "set_block",
     "authorize",
     "usage_correction",
+    "plan_correction",
 )
 _MISSING = object()
 
@@ -103,9 +108,26 @@ class AuthorizeRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanCorrection:
+    """A ``plan_correction``: the re-rating of one plan customer's billing period (jobs/reprice,
+    docs/corrections.md). ``ledger`` is its ledger effect, applied in order: one
+    ``ApplyPricedUsage`` for a raise (debited like usage, provider ``plan``), or the ``Adjust``
+    refunds of a cut (overage first, then grants, as the job split them); empty when only the
+    consumption changes. ``segments``: what the correction changes in each segment of the period
+    (the credit agent applies the one in force to its live segment)."""
+
+    correction_id: str  # the event id: ``reprice:<correction_id>:<customer>:plan@<period start>``
+    period_start: int
+    amount_picos: int  # signed: the sum of the ledger effect
+    ledger: tuple[Command, ...]
+    segments: tuple[SegmentChange, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerRequest:
-    """One decoded ``ledger-commands`` message. Exactly one of ``command`` / ``authorize`` is set.
-    ``currency`` is the currency the message names (grants, top-ups), else None."""
+    """One decoded ``ledger-commands`` message. Exactly one of ``command`` / ``authorize`` /
+    ``plan_correction`` is set. ``currency`` is the currency the message names (grants, top-ups,
+    corrections), else None."""
 
     type: str
     command_id: str
@@ -114,6 +136,7 @@ class LedgerRequest:
     command: Command | None = None
     authorize: AuthorizeRequest | None = None
     currency: str | None = None
+    plan_correction: PlanCorrection | None = None
 
 
 # ------------------------------------------------------------------------------------ primitives
@@ -291,6 +314,8 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
                 project=_get(d, "project", str, optional=True),
             ),
         )
+    if kind == "plan_correction":
+        return LedgerRequest(**env, currency=_get(d, "currency", str).lower(), plan_correction=_plan_correction(d, at))
     if kind == "void":
         return LedgerRequest(
             **env,
@@ -377,6 +402,129 @@ def decode_command(value: bytes | str | Mapping[str, Any]) -> LedgerRequest:
             ttl_ms=_get(d, "ttl_ms", int, optional=True),
         ),
     )
+
+
+def _quantity(v: Any, name: str) -> int:
+    """A consumption quantity: an integer (tokens) or a decimal string (picos of charge)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        return parse_amount(v)
+    raise _bad(f"{name} must be an integer (tokens) or a decimal string (amount)", name)
+
+
+def _plan_correction(d: Mapping[str, Any], at: int) -> PlanCorrection:
+    eid = _get(d, "event_id", str)
+    currency = _get(d, "currency", str).lower()
+    amount = _amount(d, "amount")
+    assert amount is not None
+    refunds = d.get("refunds") or []
+    if not isinstance(refunds, list) or not all(isinstance(r, Mapping) for r in refunds):
+        raise _bad("refunds must be a list of objects", "refunds")
+    ledger: list[Command] = []
+    if amount > 0:
+        if refunds:
+            raise _bad("a plan correction that raises the bill has no refunds", "refunds")
+        ledger.append(
+            ApplyPricedUsage(
+                event_id=eid,
+                occurred_at_ms=at,
+                charge_picos=amount,
+                currency=currency,
+                provider="plan",
+                model=_get(d, "plans", str),
+                project=None,
+            )
+        )
+    elif amount < 0:
+        reason = _get(d, "reason", str)
+        parts: list[tuple[str | None, int]] = []
+        for r in refunds:
+            part = _amount(r, "amount")
+            assert part is not None
+            if part <= 0:
+                raise LedgerCommandError("a refund part must be > 0", reason_code="invalid_amount")
+            parts.append((_get(r, "grant_id", str, optional=True), part))
+        if sum(p for _, p in parts) != -amount:
+            raise _bad("the refunds must add up to the amount refunded", "refunds")
+        if len({g for g, _ in parts}) != len(parts):
+            raise _bad("one refund per grant (and one for the overage)", "refunds")
+        ledger.extend(
+            Adjust(adjustment_id=f"{eid}:{g or 'overage'}", amount_picos=p, reason=reason, at_ms=at, grant_id=g)
+            for g, p in parts
+        )
+    elif refunds:
+        raise _bad("a plan correction of 0 has no refunds", "refunds")
+    return PlanCorrection(eid, _get(d, "period_start", int), amount, tuple(ledger), segment_changes(d))
+
+
+def segment_changes(d: Mapping[str, Any]) -> tuple[SegmentChange, ...]:
+    """The ``segments`` of a ``plan_correction`` message (LedgerCommandError when malformed)."""
+    segs = d.get("segments") or []
+    if not isinstance(segs, list) or not all(isinstance(x, Mapping) for x in segs):
+        raise _bad("segments must be a list of objects", "segments")
+    changes = []
+    for x in segs:
+        used = x.get("used") or {}
+        if not isinstance(used, Mapping) or not all(isinstance(k, str) for k in used):
+            raise _bad("segments[].used must map allowance ids to quantities", "segments.used")
+        invoiced = _amount(x, "invoiced", optional=True)
+        changes.append(
+            SegmentChange(
+                start=_get(x, "start", int),
+                plan=_get(x, "plan", str),
+                used={k: _quantity(v, "segments.used") for k, v in used.items()},
+                overage=_quantity(x.get("overage", 0), "segments.overage"),
+                invoiced=invoiced or 0,
+            )
+        )
+    return tuple(changes)
+
+
+def plan_correction_message(
+    *,
+    event_id: str,
+    customer_id: str,
+    at_ms: int,
+    currency: str,
+    period_start: int,
+    plans: str,
+    amount_picos: int,
+    refunds: list[tuple[str | None, int]],
+    reason: str,
+    segments: list[tuple[SegmentChange, str, Mapping[str, str]]],
+) -> dict[str, Any]:
+    """A ``plan_correction`` message (``command_id`` = ``event_id``: a re-send is a duplicate).
+    ``segments``: each change with the plan's overage unit and each allowance's unit (``tokens``:
+    quantities as integers; ``amount``: decimal strings). ``refunds``: (grant id or None for the
+    overage, picos > 0), for a cut."""
+
+    def q(v: int, unit: str) -> int | str:
+        return v if unit == "tokens" else format_picos(v)
+
+    return {
+        "type": "plan_correction",
+        "command_id": event_id,
+        "customer_id": customer_id,
+        "at_ms": at_ms,
+        "event_id": event_id,
+        "currency": currency.lower(),
+        "period_start": period_start,
+        "plans": plans,
+        "amount": format_picos(amount_picos),
+        "refunds": [{"grant_id": g, "amount": format_picos(p)} for g, p in refunds],
+        "reason": reason,
+        "segments": [
+            {
+                "start": c.start,
+                "plan": c.plan,
+                "used": {k: q(v, units.get(k, unit)) for k, v in sorted(c.used.items()) if v},
+                "overage": q(c.overage, unit),
+                "invoiced": format_picos(c.invoiced),
+            }
+            for c, unit, units in segments
+        ],
+    }
 
 
 def command_message(cmd: Command, *, command_id: str, customer_id: str) -> dict[str, Any]:

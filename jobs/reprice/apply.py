@@ -38,6 +38,7 @@ from typing import Any
 
 from jobs.reprice.compute import Filters, Plan, Repricing
 from meterline.core.money import format_picos
+from schemas.credits import plan_correction_message
 
 __all__ = ["ApplyResult", "apply_plan", "correction_id", "ledger_commands", "resume"]
 
@@ -119,9 +120,14 @@ def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[
             up[(str(cust), str(cur), str(provider), str(model), str(project))] = p
         elif p < 0:
             down[(str(cust), str(cur))] = down.get((str(cust), str(cur)), 0) - p
-    # Plan periods (kind 'plan', jobs/reprice/plans.py): the ledger carries the overage part of the
-    # bill (ledger_charge), debited like usage under provider 'plan' (only unscoped grants pay it).
-    plan_up: dict[tuple[str, str, int], tuple[str, int]] = {}
+    # Plan periods (kind 'plan', jobs/reprice/plans.py): one ``plan_correction`` per customer ×
+    # period carrying the period's ledger amount (the overage part of the bill, ledger_charge) and
+    # what it changes in each segment (recorded in the audit row at ``planned``), so the live plan
+    # gate follows. A raise is debited like usage (provider 'plan': only unscoped grants pay it);
+    # a cut carries its share of the customer's refund split (below).
+    segments = _planned_segments(ch, cid)
+    plan_rows: list[tuple[str, str, int, str, int]] = []
+    plan_down: dict[tuple[str, str], list[int]] = {}
     for cust, cur, start, versions, ledger in ch.query(
         "SELECT customer_id, lower(currency), toUnixTimestamp(occurred_at), price_version, sum(ledger_charge) "
         "FROM usage_corrections FINAL WHERE correction_id = {c:String} AND kind = 'plan' "
@@ -129,27 +135,38 @@ def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[
         parameters={"c": cid},
     ).result_rows:
         p = _picos(Decimal(ledger))
-        if p > 0:
-            plan_up[(str(cust), str(cur), int(start))] = (str(versions), p)
-        elif p < 0:
-            down[(str(cust), str(cur))] = down.get((str(cust), str(cur)), 0) - p
-    out: list[dict[str, Any]] = []
-    for (cust, cur, start), (versions, p) in sorted(plan_up.items()):
-        eid = f"reprice:{cid}:{cust}:plan@{start}"
-        out.append(
-            {
-                "type": "usage_correction",
-                "command_id": eid,
-                "customer_id": cust,
-                "at_ms": at_ms,
-                "event_id": eid,
-                "amount": format_picos(p),
-                "currency": cur,
-                "provider": "plan",
-                "model": versions,
-                "project": None,
-            }
+        if p or segments.get((str(cust), int(start))):
+            plan_rows.append((str(cust), str(cur), int(start), str(versions), p))
+        if p < 0:
+            plan_down.setdefault((str(cust), str(cur)), []).append(-p)
+    # Refunds: the plan cuts and the usage refund of a customer × currency are split TOGETHER, as
+    # one need (overage first, then grants), exactly as before plan corrections had their own
+    # command; the plan periods take the first parts (in period order), the usage adjusts the rest.
+    plan_refunds: dict[tuple[str, str], list[list[tuple[str, int]]]] = {}
+    usage_refunds: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for cc in sorted(set(down) | set(plan_down)):
+        needs = plan_down.get(cc, [])
+        split = _refund_split(ch, cc[0], cc[1], down.get(cc, 0) + sum(needs))
+        parts = _allocate(split, needs)
+        plan_refunds[cc], usage_refunds[cc] = parts[:-1], parts[-1]
+    full = f"reprice {cid}: {reason}"[:500]
+    plan_cmds: list[dict[str, Any]] = []
+    for cust, cur, start, versions, p in plan_rows:
+        msg = plan_correction_message(
+            event_id=f"reprice:{cid}:{cust}:plan@{start}",
+            customer_id=cust,
+            at_ms=at_ms,
+            currency=cur,
+            period_start=start,
+            plans=versions,
+            amount_picos=p,
+            refunds=[(g or None, a) for g, a in plan_refunds[(cust, cur)].pop(0)] if p < 0 else [],
+            reason=full,
+            segments=[],
         )
+        msg["segments"] = segments.get((cust, start), [])
+        plan_cmds.append(msg)
+    out: list[dict[str, Any]] = [m for m in plan_cmds if not m["refunds"]]
     for (cust, cur, provider, model, project), p in sorted(up.items()):
         eid = f"reprice:{cid}:{cust}:{provider}/{model}:{project}"
         out.append(
@@ -166,8 +183,9 @@ def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[
                 "project": project or None,
             }
         )
-    for (cust, cur), need in sorted(down.items()):
-        for grant, amount in _refund_split(ch, cust, cur, need):
+    out.extend(m for m in plan_cmds if m["refunds"])  # after the debits, where the refunds always were
+    for (cust, _cur), parts in sorted(usage_refunds.items()):
+        for grant, amount in parts:
             aid = f"reprice:{cid}:{cust}:{grant or 'overage'}"
             out.append(
                 {
@@ -178,10 +196,67 @@ def ledger_commands(ch: Any, cid: str, *, at_ms: int, reason: str) -> list[dict[
                     "adjustment_id": aid,
                     "amount": format_picos(amount),
                     "grant_id": grant or None,
-                    "reason": f"reprice {cid}: {reason}"[:500],
+                    "reason": full,
                 }
             )
     return out
+
+
+def _allocate(split: list[tuple[str, int]], needs: list[int]) -> list[list[tuple[str, int]]]:
+    """``split`` (ordered parts of one refund) cut into one list per need, in order, then the rest
+    (parts merged per grant, in split order)."""
+    left = list(split)
+    out: list[list[tuple[str, int]]] = []
+    for need in needs:
+        mine: dict[str, int] = {}
+        while need and left:
+            g, a = left[0]
+            take = min(a, need)
+            mine[g] = mine.get(g, 0) + take
+            need -= take
+            left[0] = (g, a - take)
+            if left[0][1] == 0:
+                left.pop(0)
+        out.append(list(mine.items()))
+    rest: dict[str, int] = {}
+    for g, a in left:
+        rest[g] = rest.get(g, 0) + a
+    out.append(list(rest.items()))
+    return out
+
+
+def _planned_segments(ch: Any, cid: str) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The segment changes recorded with ``cid``'s ``planned`` audit row, per customer × period."""
+    rows = ch.query(
+        "SELECT ledger_commands FROM reprice_runs FINAL WHERE correction_id = {c:String}", parameters={"c": cid}
+    ).result_rows
+    out: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for (commands,) in rows:
+        for cmd in json.loads(commands or "[]"):
+            if cmd.get("type") == "plan_correction" and cmd.get("segments"):
+                out[(str(cmd["customer_id"]), int(cmd["period_start"]))] = list(cmd["segments"])
+    return out
+
+
+def planned_plan_corrections(rp: Repricing, cid: str, *, at_ms: int, reason: str) -> list[dict[str, Any]]:
+    """The ``plan_correction`` commands as planned (before the insert, without the refund split):
+    recorded in the ``planned`` audit row so the segment changes survive a crash; the commands
+    sent are built from the stored rows with these segments (:func:`ledger_commands`)."""
+    return [
+        plan_correction_message(
+            event_id=f"reprice:{cid}:{b.customer_id}:plan@{b.start}",
+            customer_id=b.customer_id,
+            at_ms=at_ms,
+            currency=b.currency,
+            period_start=b.start,
+            plans=",".join(b.plans),
+            amount_picos=b.ledger_delta,
+            refunds=[],
+            reason=f"reprice {cid}: {reason}"[:500],
+            segments=list(b.segments),
+        )
+        for b in rp.plan_rows()
+    ]
 
 
 def _refund_split(ch: Any, customer: str, currency: str, need: int) -> list[tuple[str, int]]:
@@ -349,7 +424,7 @@ def apply_plan(
                 ran_by=ran_by,
                 reason=reason,
                 command=command,
-                commands=[],
+                commands=planned_plan_corrections(rp, cid, at_ms=at_ms, reason=reason),
                 status="planned",
                 ver=int(existing[0][0]) + 1 if existing else 1,
                 now=now,

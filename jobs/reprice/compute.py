@@ -358,7 +358,7 @@ class Repricing:
     def plan_rows(self) -> list[PlanBill]:
         """The plan periods whose bill (or ledger part) changes: one ``kind = 'plan'`` row each
         (:meth:`report` must have run)."""
-        return [b for b in self.plan.plan_bills if b.delta or b.ledger_delta]
+        return [b for b in self.plan.plan_bills if b.delta or b.ledger_delta or b.segments_change]
 
     def delta_summary(self) -> tuple[int, int]:
         """(number of correction rows the re-rating needs, an order-independent fingerprint of them)."""
@@ -370,7 +370,9 @@ class Repricing:
         ).result_rows[0]
         n, fingerprint = int(row[0]), int(row[1] or 0)
         for b in self.plan_rows():
-            h = hashlib.sha256(f"plan|{b.customer_id}|{b.start}|{b.stop}|{b.delta}|{b.ledger_delta}".encode())
+            segs = [(c.start, c.plan, sorted(c.used.items()), c.overage, c.invoiced) for c, _, _ in b.segments]
+            text = f"plan|{b.customer_id}|{b.start}|{b.stop}|{b.delta}|{b.ledger_delta}" + (f"|{segs}" if segs else "")
+            h = hashlib.sha256(text.encode())
             n, fingerprint = n + 1, (fingerprint + int(h.hexdigest()[:15], 16)) % 2**64
         return n, fingerprint
 

@@ -28,13 +28,24 @@ plan simulator does); a per-bucket flag array says whether the bucket lies insid
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from meterline.core.errors import MeterlineError
 from meterline.core.money import decimal_to_picos
-from meterline.core.plans import Bill, Period, Timeline, Usage, fold_timeline, rate_periods
+from meterline.core.plans import (
+    Bill,
+    Period,
+    SegmentChange,
+    Timeline,
+    Usage,
+    fold_timeline,
+    rate_periods,
+    segment_consumptions,
+)
+from schemas.credits import segment_changes
 
 __all__ = ["PlanBill", "PlanContext", "load_plan_context"]
 
@@ -74,6 +85,14 @@ class PlanBill:
     new_ledger: int
     lines_old: tuple[dict[str, Any], ...] = ()
     lines_new: tuple[dict[str, Any], ...] = ()
+    # What the re-rating changes in each segment's consumption (new − stored − earlier plan
+    # corrections' changes), with the plan's unit and each allowance's unit: the live plan gate
+    # follows them (``plan_correction`` commands, docs/corrections.md).
+    segments: tuple[tuple[SegmentChange, str, dict[str, str]], ...] = ()
+
+    @property
+    def segments_change(self) -> bool:
+        return any(not c.is_zero() for c, _, _ in self.segments)
 
     @property
     def old(self) -> int:
@@ -242,6 +261,7 @@ def rate_plan_bills(ch: Any, ctx: PlanContext, deltas: list[tuple[Any, ...]]) ->
     ).result_rows:
         prior[(str(cid), int(at))] = (_picos(charge), _picos(ledger))
 
+    prior_segs = _prior_segment_changes(ch, cids)
     out: list[PlanBill] = []
     for cid in cids:
         chain = ctx.chains[cid]
@@ -270,9 +290,18 @@ def rate_plan_bills(ch: Any, ctx: PlanContext, deltas: list[tuple[Any, ...]]) ->
 
         bills_old = rate_periods(chain, lambda p: usage_of(p, new=False))
         bills_new = rate_periods(chain, lambda p: usage_of(p, new=True))
-        for p, bo, bn in zip(chain, bills_old, bills_new, strict=True):
+        carry_old, carry_new = _carries(chain, bills_old), _carries(chain, bills_new)
+        for k, (p, bo, bn) in enumerate(zip(chain, bills_old, bills_new, strict=True)):
             if p not in ctx.wanted[cid]:
                 continue
+            segs = _segment_changes(
+                p,
+                segment_consumptions(p, usage_of(p, new=False), carry_old[k]),
+                segment_consumptions(p, usage_of(p, new=True), carry_new[k]),
+                bo,
+                bn,
+                {key[3:]: v for key, v in prior_segs.items() if key[:3] == (cid, p.start)},
+            )
             pr, pl = prior.get((cid, p.start), (0, 0))
             out.append(
                 PlanBill(
@@ -292,6 +321,84 @@ def rate_plan_bills(ch: Any, ctx: PlanContext, deltas: list[tuple[Any, ...]]) ->
                     ledger_part(bn),
                     tuple(line.to_json() for line in bo.lines),
                     tuple(line.to_json() for line in bn.lines),
+                    segs,
                 )
             )
+    return out
+
+
+def _carries(chain: list[Period], bills: list[Bill]) -> list[dict[str, int]]:
+    """The rollover each chain period starts with, as :func:`rate_periods` passes it."""
+    out: list[dict[str, int]] = []
+    carry: dict[str, int] = {}
+    prev: Period | None = None
+    for p, b in zip(chain, bills, strict=True):
+        if prev is None or prev.anchor != p.anchor or prev.index + 1 != p.index:
+            carry = {}
+        out.append(carry)
+        carry, prev = dict(b.rollover_out), p
+    return out
+
+
+def _ledger_share(bill: Bill, start: int, plan: str) -> int:
+    """The part of ``bill`` the ledger carries (``ledger_part``) that belongs to one segment."""
+    return sum(
+        line.amount
+        for line in bill.lines
+        if line.kind in ("overage", "cap", "blocked") and line.start == start and line.plan == plan
+    )
+
+
+def _segment_changes(
+    p: Period,
+    old: list[tuple[Any, Any]],
+    new: list[tuple[Any, Any]],
+    bill_old: Bill,
+    bill_new: Bill,
+    prior: dict[tuple[int, str], SegmentChange],
+) -> tuple[tuple[SegmentChange, str, dict[str, str]], ...]:
+    """Per segment of ``p``: new consumption − stored consumption − what earlier plan corrections
+    already moved (only segments whose change is not zero)."""
+    out = []
+    for (t, co), (_tn, cn) in zip(old, new, strict=True):
+        key = t.plan.key
+        before = prior.get((t.start, key), SegmentChange(t.start, key))
+        used = {a.id: cn.used.get(a.id, 0) - co.used.get(a.id, 0) - before.used.get(a.id, 0) for a in t.plan.allowances}
+        change = SegmentChange(
+            t.start,
+            key,
+            {k: v for k, v in used.items() if v},
+            cn.overage - co.overage - before.overage,
+            _ledger_share(bill_new, t.start, key) - _ledger_share(bill_old, t.start, key) - before.invoiced,
+        )
+        if not change.is_zero():
+            out.append((change, t.plan.unit, {a.id: a.unit for a in t.plan.allowances}))
+    return tuple(out)
+
+
+def _prior_segment_changes(ch: Any, customers: list[str]) -> dict[tuple[str, int, int, str], SegmentChange]:
+    """The segment changes of earlier runs that wrote plan rows (any status but ``abandoned``: a
+    run's ``plan_correction`` commands are recorded in its audit row from ``planned`` on, with the
+    same segments as sent), summed per customer × period × segment × plan. Runs from before these
+    commands existed changed no live segment and count nothing."""
+    rows = ch.query(
+        "SELECT ledger_commands FROM reprice_runs FINAL WHERE status != 'abandoned' "
+        "AND position(ledger_commands, 'plan_correction') > 0 AND correction_id IN "
+        "(SELECT DISTINCT correction_id FROM usage_corrections WHERE kind = 'plan' "
+        "AND has({cs:Array(String)}, customer_id))",
+        parameters={"cs": customers},
+    ).result_rows
+    want = set(customers)
+    out: dict[tuple[str, int, int, str], SegmentChange] = {}
+    for (commands,) in rows:
+        for cmd in json.loads(commands):
+            if cmd.get("type") != "plan_correction" or cmd.get("customer_id") not in want:
+                continue
+            for c in segment_changes(cmd):
+                k = (str(cmd["customer_id"]), int(cmd["period_start"]), c.start, c.plan)
+                b = out.get(k, SegmentChange(c.start, c.plan))
+                used = dict(b.used)
+                for a, v in c.used.items():
+                    used[a] = used.get(a, 0) + v
+                out[k] = SegmentChange(c.start, c.plan, used, b.overage + c.overage, b.invoiced + c.invoiced)
     return out

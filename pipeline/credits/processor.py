@@ -73,6 +73,7 @@ from meterline.core.plans import (
     allowance_view,
     burn,
     consume,
+    correct_segment,
     format_instant,
     gate,
     live_terms,
@@ -521,7 +522,9 @@ class CreditProcessor:
         if live is not None:  # enforcement as of this command's time (a new period lifts a block)
             state, _view = self._plan_gate(state, live, max(now, state.clock_ms, req.at_ms), out)
         try:
-            if req.authorize is not None:
+            if req.plan_correction is not None:
+                state = self._plan_correction(src, now, value, state, extra, req, out, live)
+            elif req.authorize is not None:
                 state = self._authorize(state, req, out, live)
             else:
                 assert req.command is not None
@@ -544,6 +547,67 @@ class CreditProcessor:
             window_ms=COMMAND_ID_WINDOW_MS,
         )
         return self._finish(state, extra, src, now, out, live=live)
+
+    def _plan_correction(
+        self,
+        src: SourcePos,
+        now: int,
+        value: bytes | None,
+        state: CustomerLedger,
+        extra: dict[str, Any],
+        req: LedgerRequest,
+        out: Outcome,
+        live: LivePlan | None,
+    ) -> CustomerLedger:
+        """A re-rated plan period (``plan_correction``, jobs/reprice): its ledger effect (a debit
+        like usage for a raise; the refunds, overage first, for a cut: each part as the ledger
+        command it was before this command existed, so balances are the same; a part the ledger
+        refuses is dead-lettered alone, as before), then, when the corrected period is the one in
+        force, the live segment follows (``correct_segment``: ``used`` per allowance, the overage
+        quantity, and ``invoiced`` by what of the effect prepaid credit did not carry). Both go
+        into the customer's ONE table value of this record: the effect and the segment change are
+        stored together or (crash before the store) replayed together."""
+        pc = req.plan_correction
+        assert pc is not None
+        customer = req.customer_id
+        not_prepaid = 0
+        for cmd in pc.ledger:
+            try:
+                state, effects, _explicit = apply_command(
+                    state, cmd, explicit_policy=bool(extra.get("explicit_policy"))
+                )
+            except LedgerCommandError as exc:
+                out.sends.append(self._dead(src, now, customer, req.command_id, None, value or b"", "json", exc))
+                out.dead_letters += 1
+                continue
+            for eff in effects:
+                self._effects(customer, eff, out)
+                for e in eff.entries:
+                    if e.grant_id is None and e.kind == "debit":
+                        not_prepaid += e.amount_picos
+                    elif e.grant_id is None and e.kind == "adjustment":
+                        not_prepaid -= e.amount_picos
+        if live is None:
+            return state
+        at = max(now, state.clock_ms, req.at_ms)
+        terms = live_terms(self.plans.timeline(customer, live), live, at // 1000)
+        if terms is None:
+            return state  # no plan in force now: the ledger only
+        for change in pc.segments:
+            seg = correct_segment(terms, live.seg(terms), change, pc.correction_id, not_prepaid)
+            if seg is None:
+                continue  # another segment (no longer live: the ledger only), or already applied
+            for aid, pct, used, avail in alerts_due(terms, seg):
+                out.sends.append(
+                    (
+                        ALERTS,
+                        customer.encode(),
+                        encode_message(_allowance_alert(customer, terms, aid, pct, used, avail, at)),
+                        True,
+                    )
+                )
+            live.put(seg)
+        return state
 
     def _restore(
         self, src: SourcePos, now: int, d: Mapping[str, Any], load: Callable[[str], Mapping[str, Any] | None]

@@ -9,7 +9,7 @@ them with the plan catalog), and per recent segment the consumption so far (at m
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from meterline.core.plans._rating import (
     policy_room,
     terms_for,
 )
-from meterline.core.plans._timeline import SubscriptionEvent, Timeline, parse_event
+from meterline.core.plans._timeline import Period, SubscriptionEvent, Timeline, parse_event
 from meterline.core.plans._values import parse_instant
 
 #: Subscription facts kept per customer: facts of ended runs are dropped first (they only shape
@@ -35,6 +35,11 @@ MAX_FACTS = 256
 MAX_SEGMENTS = 4
 #: Allowance-used alert thresholds (percent of the segment's allowance).
 ALERT_PCTS: tuple[int, ...] = (50, 80, 100)
+#: Plan corrections remembered per segment (their ids: a re-sent correction changes nothing even
+#: after the agent's command-id memory forgot it). A segment lives one billing period at most and
+#: a ``reprice`` run sends one correction per customer × period, so this is never reached in
+#: practice; beyond it the oldest ids are dropped.
+MAX_SEGMENT_CORRECTIONS = 64
 
 _TOKEN_FIELDS = (
     ("input", "input_tokens"),
@@ -64,6 +69,7 @@ class SegmentUse:
     invoiced: int = 0
     fired: list[str] = field(default_factory=list)
     rolled: dict[str, int] = field(default_factory=dict)  # rollover the segment's terms added (own use = used - this)
+    corrections: list[str] = field(default_factory=list)  # ids of the plan corrections applied (correct_segment)
 
     def consumption(self) -> Consumption:
         return Consumption(dict(self.used), self.overage)
@@ -81,7 +87,9 @@ class LivePlan:
         return {
             "facts": list(self.facts.values()),
             "segs": [
-                [s.start, s.plan, dict(s.used), s.overage, s.invoiced, list(s.fired), dict(s.rolled)] for s in self.segs
+                [s.start, s.plan, dict(s.used), s.overage, s.invoiced, list(s.fired), dict(s.rolled)]
+                + ([list(s.corrections)] if s.corrections else [])
+                for s in self.segs
             ],
             "holds": {rid: [dict(d), q] for rid, (d, q) in self.holds.items()},
         }
@@ -100,6 +108,7 @@ class LivePlan:
                 int(s[4]),
                 list(s[5]),
                 {k: int(v) for k, v in (s[6] if len(s) > 6 else {}).items()},
+                [str(c) for c in (s[7] if len(s) > 7 else [])],
             )
             for s in d.get("segs") or []
         ]
@@ -204,8 +213,88 @@ def burn(terms: Terms, seg: SegmentUse, usage: Usage) -> tuple[SegmentUse, Split
     after, split = consume(terms, seg.consumption(), usage)
     rolled = {k: v for k, v in terms.rolled_in.items() if v}  # as of this event (late usage may change it)
     return SegmentUse(
-        seg.start, seg.plan, dict(after.used), after.overage, seg.invoiced, list(seg.fired), rolled
+        seg.start,
+        seg.plan,
+        dict(after.used),
+        after.overage,
+        seg.invoiced,
+        list(seg.fired),
+        rolled,
+        list(seg.corrections),
     ), split
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentChange:
+    """What a re-rating changes in one segment's consumption (``reprice``, docs/corrections.md):
+    the signed change of ``used`` per allowance and of the ``overage`` quantity (the plan's unit:
+    tokens, or picos of charge), and ``invoiced``: the signed change of the part of the period's
+    bill the ledger carries that belongs to this segment (overage minus cap / block write-offs),
+    the most the segment's ``invoiced`` overage may move."""
+
+    start: int  # segment start, epoch seconds (``SegmentUse.start``)
+    plan: str  # plan key "pro@1"
+    used: Mapping[str, int] = field(default_factory=dict)
+    overage: int = 0
+    invoiced: int = 0
+
+    def is_zero(self) -> bool:
+        return not any(self.used.values()) and not self.overage and not self.invoiced
+
+
+def correct_segment(
+    terms: Terms, seg: SegmentUse, change: SegmentChange, correction_id: str, not_prepaid: int
+) -> SegmentUse | None:
+    """The live segment after a plan correction (None: ``change`` names another segment, or this
+    correction was already applied to it: a re-send changes nothing).
+
+    - ``used`` moves by the change on both signs, within ``[0, available]``: never below zero
+      (a cut larger than what the agent counted, e.g. usage the agent has not burned yet, stops at
+      zero) nor above the allowance (the rest of a raise is overage, which the ledger amount
+      already carries). ``overage`` likewise never below zero.
+    - ``invoiced`` (what a ``cap`` counts) moves by ``not_prepaid``: the part of the correction's
+      ledger effect prepaid credit did not carry (a raise: its debits without a grant; a cut: its
+      refund to the overage, as a negative number), bounded by the segment's share
+      (``change.invoiced``, same sign) and never below zero: a refund of overage counted in an
+      earlier segment never makes this one's negative.
+    """
+    if change.start != seg.start or change.plan != seg.plan or correction_id in seg.corrections:
+        return None
+    used = dict(seg.used)
+    for aid, d in change.used.items():
+        if aid not in {a.id for a in terms.plan.allowances}:
+            continue
+        used[aid] = min(max(used.get(aid, 0) + d, 0), max(terms.available(aid), 0))
+    if change.invoiced >= 0:
+        moved = min(max(not_prepaid, 0), change.invoiced)
+    else:
+        moved = max(min(not_prepaid, 0), change.invoiced)
+    return SegmentUse(
+        seg.start,
+        seg.plan,
+        used,
+        max(seg.overage + change.overage, 0),
+        max(seg.invoiced + moved, 0),
+        list(seg.fired),
+        dict(seg.rolled),
+        [*seg.corrections, correction_id][-MAX_SEGMENT_CORRECTIONS:],
+    )
+
+
+def segment_consumptions(
+    period: Period, usage_by_segment: Sequence[Iterable[Usage]], rollover_in: Mapping[str, int] | None = None
+) -> list[tuple[Terms, Consumption]]:
+    """Each segment's terms and consumption in a period, folded exactly as :func:`rate_period`
+    does (``consume`` over the segment's usage): what the live agent's segment holds once it has
+    burned that usage."""
+    out = []
+    for i, items in enumerate(usage_by_segment):
+        t = terms_for(period, i, rollover_in)
+        cons = Consumption()
+        for u in items:
+            cons, _ = consume(t, cons, u)
+        out.append((t, cons))
+    return out
 
 
 def gate(terms: Terms, seg: SegmentUse, usable_prepaid: int) -> str | None:
