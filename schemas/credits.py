@@ -138,6 +138,14 @@ class LedgerRequest:
     currency: str | None = None
     plan_correction: PlanCorrection | None = None
 
+    @property
+    def ledger_commands(self) -> tuple[Command, ...]:
+        """The ledger commands this message applies, in order (none for ``authorize``, which
+        the agent prices first)."""
+        if self.plan_correction is not None:
+            return self.plan_correction.ledger
+        return () if self.command is None else (self.command,)
+
 
 # ------------------------------------------------------------------------------------ primitives
 

@@ -300,7 +300,7 @@ def rate_plan_bills(ch: Any, ctx: PlanContext, deltas: list[tuple[Any, ...]]) ->
                 segment_consumptions(p, usage_of(p, new=True), carry_new[k]),
                 bo,
                 bn,
-                {key[3:]: v for key, v in prior_segs.items() if key[:3] == (cid, p.start)},
+                {key[2:]: v for key, v in prior_segs.items() if key[:2] == (cid, p.start)},
             )
             pr, pl = prior.get((cid, p.start), (0, 0))
             out.append(

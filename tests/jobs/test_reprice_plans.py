@@ -184,9 +184,10 @@ def test_plan_customers_are_rerated_as_plan_bills(clickhouse: Any, tmp_path: Any
     ] == Decimal(0)
     for cmd in sent:
         req = decode_command(json.dumps(cmd).encode())
-        assert req.command is not None
-        states[req.customer_id], eff = apply(states[req.customer_id], req.command)
-        assert eff.skipped is None
+        assert req.ledger_commands
+        for c in req.ledger_commands:
+            states[req.customer_id], eff = apply(states[req.customer_id], c)
+            assert eff.skipped is None
     for cust in states:  # the ledger now carries the re-rated pay-per-token usage + the re-rated plan overage
         assert to_decimal(states[cust].overage_picos) == new[cust]["payg"] + new[cust]["overage"], cust
     # rollups: cost re-rated for every event; charge = as stored + pay-per-token deltas + the plan delta
@@ -225,8 +226,9 @@ def test_plan_customers_are_rerated_as_plan_bills(clickhouse: Any, tmp_path: Any
     assert got3["acme"]["delta"] == -got["acme"]["delta"]
     for cmd in back:
         req = decode_command(json.dumps(cmd).encode())
-        assert req.command is not None
-        states[req.customer_id], _ = apply(states[req.customer_id], req.command)
+        assert req.ledger_commands
+        for c in req.ledger_commands:
+            states[req.customer_id], _ = apply(states[req.customer_id], c)
     for cust in states:
         assert to_decimal(states[cust].overage_picos) == old[cust]["payg"] + old[cust]["overage"], cust
     assert clickhouse.query("SELECT sum(charge) FROM usage_corrections WHERE kind = 'plan'").result_rows[0][
@@ -283,8 +285,9 @@ def test_a_crash_at_every_step_then_a_resume_is_exact_for_plan_rows(clickhouse: 
     states = _agent_ledgers(old)
     for cmd in sent:  # re-sent commands are duplicates to the ledger (same ids): applied once
         req = decode_command(json.dumps(cmd).encode())
-        assert req.command is not None
-        states[req.customer_id], _ = apply(states[req.customer_id], req.command)
+        assert req.ledger_commands
+        for c in req.ledger_commands:
+            states[req.customer_id], _ = apply(states[req.customer_id], c)
     for cust in states:
         assert to_decimal(states[cust].overage_picos) == new[cust]["payg"] + new[cust]["overage"], cust
 
@@ -334,10 +337,11 @@ def test_a_minimum_commitment_absorbs_the_bill_change_but_not_the_ledgers(clickh
         ),
     )
     mine = [c for c in sent if c["customer_id"] == "initech"]
-    assert [c["type"] for c in mine] == ["adjust"]
+    assert [c["type"] for c in mine] == ["plan_correction"]
     for cmd in mine:
         req = decode_command(json.dumps(cmd).encode())
-        assert req.command is not None
-        ledger, eff = apply(ledger, req.command)
-        assert eff.skipped is None
+        assert req.ledger_commands
+        for c in req.ledger_commands:
+            ledger, eff = apply(ledger, c)
+            assert eff.skipped is None
     assert to_decimal(ledger.overage_picos) == usage["new"]

@@ -79,6 +79,11 @@ def test_public_surface_is_pinned() -> None:
             "gate",
             "live_terms",
             "usage_of_priced",
+            # plan corrections (reprice) applied to the live segment
+            "MAX_SEGMENT_CORRECTIONS",
+            "SegmentChange",
+            "correct_segment",
+            "segment_consumptions",
         ]
     )
     for name in plans.__all__:
