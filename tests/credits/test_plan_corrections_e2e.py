@@ -157,6 +157,11 @@ def test_the_live_cap_gate_and_allowances_follow_a_raise_and_a_cut(credit_pipeli
     for ev in facts:
         key, value = ev.to_record()
         p.send("subscriptions", key, value, sub_at * 1000)
+    p.flush()
+    # the facts first (another topic: the agent would not order them before the usage otherwise)
+    p.wait_for(
+        "the subscriptions", lambda: _plan_view(p, "capco")[2] == "1.00" and _plan_view(p, "bigco")[2] == "10.00"
+    )
     events = _events("capco", t0) + _events("bigco", t0)
     stored = engine(BOOK_AFTER)
     assert {stored.price(e).charge_picos for e in events} == {350_000_000_000}  # $0.35 each
