@@ -15,7 +15,9 @@ Order of one correction (each step is safe to crash after; the next run resumes 
    what it wrote; the next plan corrects the rest under a new id), kept in the audit row
    (``stored``) and sent to ``ledger-commands``: the credit agent stays the single writer of
    balances. An extra charge is a ``usage_correction`` (debited under grants and policy), a refund
-   is ``adjust`` commands (overage first, then the grants the debits came from). Deterministic
+   is ``adjust`` commands (overage first, then the grants the debits came from); a plan period is
+   one ``plan_correction`` (its ledger amount, its share of the refund split, and the change of
+   each segment's consumption, recorded with the ``planned`` row, so the live plan gate follows). Deterministic
    ``command_id`` / ``event_id`` / ``adjustment_id``: a re-send is applied once. -> ``ledger``,
    ``done``.
 6. **Stripe** is not pushed from here: ``meterline stripe sync`` reads usage_priced +

@@ -29,7 +29,9 @@ A customer on a subscription plan (a ``subscriptions`` fact stored in the value'
 each priced event first burns down the allowances of the segment it occurred in, and only the
 overage amount it adds goes to the ledger (prepaid grants, then overage); the plan's
 ``on_exhausted`` gates enforcement (``SetPlanGate``), authorize reserves against the allowances,
-and the status carries each allowance. docs/plans.md, "Live enforcement".
+and the status carries each allowance. docs/plans.md, "Live enforcement". A ``plan_correction``
+command (``meterline reprice`` re-rating a plan period) applies its ledger effect and moves the
+live segment it names when that segment is in force (docs/corrections.md).
 """
 
 from __future__ import annotations
