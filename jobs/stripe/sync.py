@@ -244,6 +244,13 @@ def plan(
                     f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed {usage[key] - delta}"
                 )
                 continue
+        elif ws < oldest_ok and money and meter != PLAN_EVENT and any(p.status == ACKED for p in prior):
+            # a window Stripe bills grew after its 35 days (a price raised after the fact): a meter
+            # event would be refused, so the growth is a positive corrective amount on the next
+            # invoice, recorded like a shrunk window's credit (carry untouched)
+            group = groups.setdefault((cust, meter), window_correction_id(cust, meter, seq))
+            push = Push(cust, meter, ws, rev, group, seq, delta, 0, before, CREDITED)
+            summary.credited += 1
         elif ws < oldest_ok:
             push = Push(
                 cust,
