@@ -199,7 +199,9 @@ def test_growth_older_than_35_days_is_a_positive_corrective_amount_once(
     rows = reconcile(client, clickhouse, cfg, base - DAY, base + DAY, now=ls.now())
     assert rows and not any(r.drifted for r in rows), rows
     (g,) = [r for r in rows if r.customer_id == "globex"]
-    assert g.clickhouse == new * 10**6 and g.credited == -(new - old) * 10**6 and g.credited_stripe == -corr.cents * 10**4
+    assert (
+        g.clickhouse == new * 10**6 and g.credited == -(new - old) * 10**6 and g.credited_stripe == -corr.cents * 10**4
+    )
     again = sync(target, clickhouse, cfg, now=ls.now())
     assert again.ok and again.planned == 0 and again.corrections == [] and again.too_old == []
     assert len(_items(client, link.stripe_customer_id)) == 1
