@@ -196,7 +196,7 @@ def plan(
     ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: int, since: int, summary: SyncSummary
 ) -> list[Push]:
     """New revisions for every window whose usage grew since it was last planned (not yet stored)."""
-    from jobs.stripe.plans import PLAN_EVENT
+    from jobs.stripe.plans import PLAN_EVENT, PLAN_METERS
 
     cost_scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
     by_key: dict[UsageKey, list[Push]] = defaultdict(list)
@@ -233,18 +233,19 @@ def plan(
                 new.extend(p.with_status(CANCELING) for p in live)
                 push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
                 summary.cancels += len(live)
-            elif money and meter != PLAN_EVENT:
+            elif money and meter not in PLAN_METERS:
                 # Stripe can no longer cancel them (received > 24 h ago): the delta becomes a corrective
                 # amount on the next invoice (jobs/stripe/corrective.py); the meter's carry is untouched
                 group = groups.setdefault((cust, meter), window_correction_id(cust, meter, seq))
                 push = Push(cust, meter, ws, rev, group, seq, delta, 0, before, CREDITED)
                 summary.credited += 1
-            else:  # tokens (itemized mode, the plan meter): a late plan fact, not money; reported
+            else:  # tokens (itemized mode, the plan meter) or a plan's charge (an input of its bill,
+                # which reprice corrects as a plan-bill row): a late plan fact, not re-rated money
                 summary.shrunk.append(
                     f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed {usage[key] - delta}"
                 )
                 continue
-        elif ws < oldest_ok and money and meter != PLAN_EVENT and any(p.status == ACKED for p in prior):
+        elif ws < oldest_ok and money and meter not in PLAN_METERS and any(p.status == ACKED for p in prior):
             # a window Stripe bills grew after its 35 days (a price raised after the fact): a meter
             # event would be refused, so the growth is a positive corrective amount on the next
             # invoice, recorded like a shrunk window's credit (carry untouched)

@@ -7,9 +7,11 @@ applies it; ``stripe sync`` sends the corrective amounts; ``stripe reconcile`` i
 reprice and a second sync send nothing. Then, past Stripe's 35-day meter-event limit, a price
 RAISE: the growth reaches Stripe as positive corrective amounts (never ``too_old``), once.
 
-Customers: ``acme`` (+20 % card) and ``initech`` pay per token; ``globex`` pays per token until it
-subscribes mid-window (mid-hour) to a plan of included tokens + per-million overage: its plan bill
-does not move with the catalog (docs/corrections.md), its pay-per-token hours before the plan do.
+Customers: ``initech`` pays per token; ``acme`` (+20 % card) is on a plan with an amount allowance
+and rate-card overage (its bill follows the catalog: a plan-bill correction, an invoice item on its
+plan subscription, whose usage goes to Stripe's plan charge meter); ``globex`` pays per token until
+it subscribes mid-window (mid-hour) to a plan of included tokens + per-million overage: its plan
+bill does not move with the catalog (docs/corrections.md), its pay-per-token hours before it do.
 
 Real components: chDB (own engine, seeded by another process: this process holds the session's),
 the Tansu broker (the ``prices`` and ``ledger-commands`` topics), the bundled Stripe server with a
@@ -26,13 +28,14 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from devtools.stripe_local import LocalStripe
+from jobs.stripe.plans import stripe_period_cents
 from meterline.core.money import to_decimal
 from tests.jobs.conftest import DAY, HOUR
 from tests.jobs.reprice_helpers import BOOK_BEFORE, engine, make_events
@@ -42,10 +45,16 @@ currency: USD
 plans:
   - {id: tok, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "20.00",
      allowances: [{id: tokens, tokens: 1000000}], overage: {per_million: "30.00"}, on_exhausted: allow}
+  - {id: amt, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "10.00",
+     allowances: [{id: credit, amount: "2.00"}], overage: {rate_card: {multiplier: "1.5"}}, on_exhausted: allow}
 """
+AMT_FEE, AMT_INCLUDED, AMT_MULTIPLIER = Decimal("10.00"), Decimal("2.00"), Decimal("1.5")
 SEED = 29
 N_EVENTS = 240
 CLASSES = ("input", "output", "cached_input", "cache_write", "reasoning")
+CUSTS = ("acme", "globex", "initech")
+METER = {"acme": "meterline_plan_charge", "globex": "meterline_charge", "initech": "meterline_charge"}
+USAGE = {"acme": "acme_usage", "globex": "globex", "initech": "initech"}  # what each customer's meter counts
 
 
 def _gpt4o(book: dict[str, Any], per_million: dict[str, str]) -> dict[str, Any]:
@@ -68,22 +77,26 @@ ch = connect(dsn)
 apply_migrations(ch)
 catalog = load_plan_catalog(PLANS)
 ch.insert("plans", [plan_row(v) for v in catalog.versions], column_names=list(PLAN_COLUMNS))
-fact = SubscriptionEvent("subscribed", "globex", sub, "tok", 1)
-ch.insert("subscription_events", [subscription_row(fact)], column_names=list(SUBSCRIPTION_COLUMNS))
+facts = [SubscriptionEvent("subscribed", "globex", sub, "tok", 1), SubscriptionEvent("subscribed", "acme", base - 3600, "amt", 1)]
+ch.insert("subscription_events", [subscription_row(f) for f in facts], column_names=list(SUBSCRIPTION_COLUMNS))
 insert_priced(ch, make_events(SEED, N_EVENTS, t0=base, seconds=5 * 3600), engine(BOOK_BEFORE))
 ch.close()
 """
 
 
 def _expected(events: list[dict[str, Any]], book: dict[str, Any], sub: int) -> dict[str, Decimal]:
-    """Per customer, the pay-per-token charge (globex: only its events before the plan)."""
+    """By hand: the pay-per-token charge of initech and of globex before its plan; ``acme_usage``
+    (acme's in-plan charge, what its plan's allowance and overage consume) and ``acme`` (its plan
+    bill: fee + the charge above the allowance x the multiplier)."""
     eng = engine(book)
-    picos = {"acme": 0, "globex": 0, "initech": 0}
+    picos = {"acme_usage": 0, "globex": 0, "initech": 0}
     for ev in events:
         if ev["customer_id"] == "globex" and ev["occurred_at"] // 1000 >= sub:
             continue
-        picos[ev["customer_id"]] += eng.price(ev).charge_picos
-    return {c: to_decimal(p) for c, p in picos.items()}
+        picos["acme_usage" if ev["customer_id"] == "acme" else ev["customer_id"]] += eng.price(ev).charge_picos
+    out = {c: to_decimal(p) for c, p in picos.items()}
+    out["acme"] = AMT_FEE + max(Decimal(0), out["acme_usage"] - AMT_INCLUDED) * AMT_MULTIPLIER
+    return out
 
 
 def iso(t: int) -> str:
@@ -167,6 +180,7 @@ def test_a_retroactive_price_change_reaches_stripe_exactly_through_the_cli(
     events = make_events(SEED, N_EVENTS, t0=base, seconds=5 * HOUR)
     before, cut, raised = (_expected(events, b, sub) for b in (BOOK_BEFORE, BOOK_CUT, BOOK_RAISED))
     assert all(cut[c] < before[c] < raised[c] for c in before)  # every customer has gpt-4o usage
+    assert cut["acme_usage"] > AMT_INCLUDED  # acme's overage moves with the price
     files = {}
     for name, book in (("before", BOOK_BEFORE), ("cut", BOOK_CUT), ("raised", BOOK_RAISED)):
         files[name] = tmp_path / f"prices-{name}.yaml"
@@ -195,8 +209,10 @@ def test_a_retroactive_price_change_reaches_stripe_exactly_through_the_cli(
     lo, hi = base - DAY, base + DAY
     pushed0, items0 = _stripe_state(client, lo, hi)
     assert not any(items0.values())
-    for c in ("acme", "initech", "globex"):  # Stripe has the charge as priced then, to the µ$ carry
-        assert 0 <= before[c] * 10**6 - pushed0[(sc[c], "meterline_charge")] < 1
+    # Stripe has the usage as priced then, to the µ$ carry: per token pay-per-token charge on the cost
+    # meter, acme's in-plan charge on the plan charge meter, globex's in-plan tokens on the plan meter
+    for c in CUSTS:
+        assert 0 <= (before[USAGE[c]]) * 10**6 - pushed0[(sc[c], METER[c])] < 1
     plan_tokens = _plan_tokens(events, sub)
     assert pushed0[(sc["globex"], "meterline_plan_tokens")] == plan_tokens > 0
 
@@ -210,41 +226,26 @@ def test_a_retroactive_price_change_reaches_stripe_exactly_through_the_cli(
         ).stdout
     )
     deltas = {c["customer_id"]: Decimal(c["delta"]) for c in doc["customers"]}
-    assert deltas == {c: cut[c] - before[c] for c in before}  # globex: its plan bill does not move
-    (gplan,) = next(c for c in doc["customers"] if c["customer_id"] == "globex")["plans"]
-    assert Decimal(gplan["delta"]) == 0 and doc["applied"]["correction_rows"] > 0
+    assert deltas == {c: cut[c] - before[c] for c in CUSTS}  # acme: its bill; globex: pay-per-token only
+    plans = {c["customer_id"]: c["plans"] for c in doc["customers"]}
+    assert [Decimal(p["delta"]) for p in plans["globex"]] == [0]  # included tokens: the bill does not move
+    assert [Decimal(p["delta"]) for p in plans["acme"]] == [cut["acme"] - before["acme"]]
+    assert doc["applied"]["correction_rows"] > 0
 
     synced = meterline("stripe", "sync", "--now", str(ls.now()), "--no-progress")
     lines = [ln for ln in synced.stdout.splitlines() if ln.startswith("corrective amount ")]
-    assert len(lines) == 3, synced.stdout  # one per customer: acme, initech, globex's pay-per-token hours
+    assert len(lines) == 3, synced.stdout  # one each: acme's plan bill, initech, globex's pay-per-token hours
     pushed1, items1 = _stripe_state(client, lo, hi)
     assert pushed1 == pushed0  # no meter event sent or cancelled: Stripe cannot cancel them any more
-    corr = {
-        r["customer_id"]: r
-        for r in meterline.sql(
-            "SELECT customer_id, sum(cents) AS cents, argMax(carry_after, seq) AS carry, count() AS n, "
-            "countIf(status = 'sent') AS sent FROM stripe_corrections FINAL GROUP BY customer_id"
-        )
-    }
-    carry = {
-        r["customer_id"]: Decimal(r["carry"])
-        for r in meterline.sql(
-            "SELECT customer_id, argMax(carry_after, seq) AS carry FROM stripe_pushes FINAL "
-            "WHERE meter = 'meterline_charge' GROUP BY customer_id"
-        )
-    }
-    for c in ("acme", "initech", "globex"):
+    for c in CUSTS:
         (item,) = items1[sc[c]]
         exact = (cut[c] - before[c]) * 100
         assert item.amount == int(exact.to_integral_value(rounding=ROUND_DOWN)) < 0  # toward zero
         assert item.invoice is None and item.currency == "usd"  # on the customer's next invoice
         assert item.parent.subscription_details.subscription == links[c]["subscription_id"]
-        assert corr[c]["n"] == corr[c]["sent"] == "1" and Decimal(corr[c]["carry"]) == exact - item.amount
-        # Stripe's summaries + the credit = the re-rated charge, exactly with the two carries
-        at_stripe = pushed1[(sc[c], "meterline_charge")] + item.amount * 10**4
-        assert at_stripe + carry[c] + Decimal(corr[c]["carry"]) * 10**4 == cut[c] * 10**6
         preview = client.v1.invoices.create_preview({"subscription": links[c]["subscription_id"]})
         assert item.amount in [int(ln.amount) for ln in preview.lines.auto_paging_iter()]
+    _assert_exact(meterline, client, sc, pushed0, before, cut, lo, hi)
     assert pushed1[(sc["globex"], "meterline_plan_tokens")] == plan_tokens  # tokens never move
 
     rec = meterline("stripe", "reconcile", "--period", f"{iso(lo)}..{iso(hi)}", "--now", str(ls.now()))
@@ -262,30 +263,89 @@ def test_a_retroactive_price_change_reaches_stripe_exactly_through_the_cli(
     ls.advance_clock(35 * DAY)
     meterline("prices", "load", str(files["raised"]))
     doc = json.loads(meterline("reprice", "--period", period, "--reason", "raise", "--format", "json").stdout)
-    assert {c["customer_id"]: Decimal(c["delta"]) for c in doc["customers"]} == {c: raised[c] - cut[c] for c in before}
+    assert {c["customer_id"]: Decimal(c["delta"]) for c in doc["customers"]} == {c: raised[c] - cut[c] for c in CUSTS}
     grown = meterline("stripe", "sync", "--now", str(ls.now()), "--no-progress")
     assert meterline.sql("SELECT count() AS n FROM stripe_pushes FINAL WHERE status = 'too_old'") == [{"n": "0"}]
     lines = [ln for ln in grown.stdout.splitlines() if ln.startswith("corrective amount ")]
     assert len(lines) == 3, grown.stdout
     pushed2, items2 = _stripe_state(client, lo, hi)
     assert pushed2 == pushed0
-    corr = {
-        r["customer_id"]: r
-        for r in meterline.sql(
-            "SELECT customer_id, argMax(carry_after, seq) AS carry FROM stripe_corrections FINAL GROUP BY customer_id"
+    for c in CUSTS:
+        assert len(items2[sc[c]]) == 2
+        (raise_item,) = [i for i in items2[sc[c]] if i.id not in {j.id for j in items1[sc[c]]}]
+        assert (
+            raise_item.amount > 0 and raise_item.parent.subscription_details.subscription == links[c]["subscription_id"]
         )
-    }
-    for c in ("acme", "initech", "globex"):
-        first_item, second_item = sorted(items2[sc[c]], key=lambda i: int(i.amount))
-        assert second_item.amount > 0 and second_item.id not in {i.id for i in items1[sc[c]]}
-        total = first_item.amount + second_item.amount
-        # the two items add up to the whole correction, the sub-cent carry passed from one to the next
-        assert total + Decimal(corr[c]["carry"]) == (raised[c] - before[c]) * 100
-        at_stripe = pushed2[(sc[c], "meterline_charge")] + total * 10**4
-        assert at_stripe + carry[c] + Decimal(corr[c]["carry"]) * 10**4 == raised[c] * 10**6
+    _assert_exact(meterline, client, sc, pushed0, before, raised, lo, hi)
     rec = meterline("stripe", "reconcile", "--period", f"{iso(lo)}..{iso(hi)}", "--now", str(ls.now()))
     assert "0 drift(s)" in rec.stdout, rec.stdout
     assert "nothing to correct" in meterline("reprice", "--period", period).stdout
     final = meterline("stripe", "sync", "--now", str(ls.now()), "--no-progress")
     assert "corrective amount" not in final.stdout
-    assert {k: len(v) for k, v in _stripe_state(client, lo, hi)[1].items()} == {sc[c]: 2 for c in sc}
+    assert _ids(_stripe_state(client, lo, hi)[1]) == _ids(items2)
+
+    # -- acme's first plan period as Stripe invoices it: fee + its overage line + the corrections ------
+    ls.close_periods(finalize=True)
+    acme_start = base - HOUR
+    ((acme_end,),) = {  # the plan period (meterline's, as the plan-bill rows carry it)
+        (int(r["end"]),)
+        for r in meterline.sql(
+            "SELECT toUnixTimestamp(occurred_at) AS start, toUnixTimestamp(period_end) AS end "
+            "FROM usage_corrections FINAL WHERE kind = 'plan' AND customer_id = 'acme'"
+        )
+        if int(r["start"]) == acme_start
+    }
+    billed = stripe_period_cents(client, links["acme"]["subscription_id"], acme_start, acme_end)
+    units = pushed0[(sc["acme"], "meterline_plan_charge")]
+    overage_line = ((units - AMT_INCLUDED * 10**6) * AMT_MULTIPLIER / 10**4).quantize(
+        Decimal(1), rounding=ROUND_HALF_UP
+    )
+    corrections = sum(int(i.amount) for i in items2[sc["acme"]])
+    # the raise came after the period's invoice: its item waits on the next one (the preview)
+    preview = client.v1.invoices.create_preview({"subscription": links["acme"]["subscription_id"]})
+    billed += sum(
+        int(ln.amount)
+        for ln in preview.lines.auto_paging_iter()
+        if acme_start <= ln.period.start and ln.period.end <= acme_end
+    )
+    assert billed == AMT_FEE * 100 + overage_line + corrections
+    assert abs(billed - raised["acme"] * 100) < 2  # Stripe's line rounding + the corrections' carry
+
+
+def _assert_exact(
+    meterline: Operator,
+    client: Any,
+    sc: dict[str, str],
+    pushed: dict[tuple[str, str], Decimal],
+    before: dict[str, Decimal],
+    now: dict[str, Decimal],
+    lo: int,
+    hi: int,
+) -> None:
+    """Stripe's meter summaries and corrective invoice items = the re-rated charges, exactly, with the
+    documented carries (the meter's µ$ carry, the corrective amounts' sub-cent carry)."""
+    _, items = _stripe_state(client, lo, hi)
+    meter_carry = {
+        (r["customer_id"], r["meter"]): Decimal(r["carry"])
+        for r in meterline.sql(
+            "SELECT customer_id, meter, argMax(carry_after, seq) AS carry FROM stripe_pushes FINAL "
+            "GROUP BY customer_id, meter"
+        )
+    }
+    corr = {
+        r["customer_id"]: r
+        for r in meterline.sql(
+            "SELECT customer_id, argMax(carry_after, seq) AS carry, count() AS n, countIf(status = 'sent') AS sent "
+            "FROM stripe_corrections FINAL GROUP BY customer_id"
+        )
+    }
+    for c in CUSTS:
+        cents = sum(int(i.amount) for i in items[sc[c]])
+        assert corr[c]["n"] == corr[c]["sent"] == str(len(items[sc[c]]))
+        corr_carry = Decimal(corr[c]["carry"])
+        # the invoice items add up to the whole correction, the sub-cent carry passed from one to the next
+        assert cents + corr_carry == (now[c] - before[c]) * 100
+        usage = pushed[(sc[c], METER[c])] + meter_carry[(c, METER[c])]
+        assert usage == before[USAGE[c]] * 10**6  # what the meter holds: the usage as priced then
+        if c != "acme":  # pay per token: Stripe's summaries + the items = the re-rated charge
+            assert usage + cents * 10**4 + corr_carry * 10**4 == now[c] * 10**6
