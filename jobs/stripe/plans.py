@@ -249,12 +249,10 @@ class PlanPrices:
     def _charge_meter(self) -> str:
         """The plan charge meter (created on first use: only rate-card plans need it)."""
         if PLAN_CHARGE_EVENT not in self._cache:
-            from jobs.stripe.provision import ProvisionReport, _ensure_meter
+            from jobs.stripe._meters import ensure_meter
 
             existing = {m.event_name: m for m in self.client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
-            made = ProvisionReport()
-            self._cache[PLAN_CHARGE_EVENT] = _ensure_meter(self.client, PLAN_CHARGE_METER, existing, made)
-            self.report.created += made.created
+            self._cache[PLAN_CHARGE_EVENT] = ensure_meter(self.client, PLAN_CHARGE_METER, existing, self.report)
         return self._cache[PLAN_CHARGE_EVENT]
 
 
