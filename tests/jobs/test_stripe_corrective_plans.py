@@ -157,19 +157,22 @@ def test_pay_per_token_usage_of_a_plan_customer_outside_its_plan_is_corrected_on
 def test_rate_card_plans_map_to_the_plan_charge_meter_exactly_or_not_at_all() -> None:
     """An amount allowance + rate-card overage is a graduated price on the plan charge meter: free up
     to the allowance in meter units (µ$), then multiplier x 0.0001 cents per µ$; a multiplier whose
-    price needs more than Stripe's 12 decimals, or a rate card over a token allowance, is not mapped."""
-    catalog = load_plan_catalog(
-        """
+    price needs more than Stripe's 12 decimals, or a cap, is not mapped."""
+    catalog = {
+        v.plan_id: v
+        for v in load_plan_catalog(
+            """
 currency: USD
 plans:
   - {id: amt, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "10.00",
      allowances: [{id: credit, amount: "2.00"}], overage: {rate_card: {multiplier: "1.5"}}, on_exhausted: allow}
   - {id: fine, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "0",
      overage: {rate_card: {multiplier: "1.123456"}}, on_exhausted: allow}
-  - {id: mixed, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "0",
-     allowances: [{id: t, tokens: 1000}], overage: {rate_card: {multiplier: "2"}}, on_exhausted: allow}
+  - {id: capped, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "0",
+     allowances: [{id: c, amount: "1.00"}], overage: {rate_card: {multiplier: "2"}}, on_exhausted: cap, cap: "5.00"}
 """
-    )
+        ).versions
+    }
     amt = catalog["amt"]
     check_mappable(amt, "usd")
     assert charge_metered(amt)
@@ -181,5 +184,5 @@ plans:
     check_mappable(catalog["fine"], "usd")  # 0.0001123456 cents per µ$
     with pytest.raises(NotMappable, match="12 decimals"):  # per nano-dollar it would need 13 decimals
         check_mappable(catalog["fine"], "usd", unit_exponent=9)
-    with pytest.raises(NotMappable, match="token allowance"):
-        check_mappable(catalog["mixed"], "usd")
+    with pytest.raises(NotMappable, match="cap"):
+        check_mappable(catalog["capped"], "usd")
