@@ -10,7 +10,8 @@ invoice holds at most 250 items), with ``period`` = the corrected usage, ``metad
 ``subscription`` = the customer's subscription, so it lands on that subscription's next invoice.
 
 Where they come from
-    * ``window``: the sync records a shrunk window's delta as a ``credited`` revision in its cursor
+    * ``window``: the sync records a shrunk window's delta (or the growth of a window Stripe bills,
+      after Stripe's 35-day meter event limit: a positive amount) as a ``credited`` revision in its cursor
       (``stripe_pushes``), whose identifier is the corrective amount's id
       (:func:`window_correction_id`); :func:`record_window_corrections` turns credited revisions
       with no corrective amount yet into one (so a crash between the two inserts loses nothing).

@@ -15,7 +15,9 @@ Rounding (cost mode), once per pushed revision, with the remainder carried
 The cursor (``stripe_pushes``) and the order of every run — each step is safe to crash after:
     1. re-read the cursor; windows whose usage grew get a new revision ``r{n+1}`` carrying the
        delta (late usage); windows older than ``max_age_seconds`` (Stripe: 35 days) are recorded
-       ``too_old`` and reported, never silently dropped;
+       ``too_old`` and reported, never silently dropped, except a cost-meter window Stripe already
+       bills (an acked revision) that grew: its growth is a ``credited`` revision with a positive
+       amount, i.e. a positive corrective amount on the next invoice (jobs/stripe/corrective.py);
        windows whose usage went down (a re-rating correction, docs/corrections.md) get their acked
        revisions planned ``canceling`` and a new revision re-pushing the rest, when every acked
        revision is younger than Stripe's 24 h cancellation window (by Stripe's clock ``now``);
