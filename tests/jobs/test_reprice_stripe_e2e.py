@@ -295,6 +295,8 @@ def test_a_retroactive_price_change_reaches_stripe_exactly_through_the_cli(
         )
         if int(r["start"]) == acme_start
     }
+    # each plan corrective amount says which billing period it corrects
+    assert {(int(i.period.start), int(i.period.end)) for i in items2[sc["acme"]]} == {(acme_start, acme_end)}
     billed = stripe_period_cents(client, links["acme"]["subscription_id"], acme_start, acme_end)
     units = pushed0[(sc["acme"], "meterline_plan_charge")]
     overage_line = ((units - AMT_INCLUDED * 10**6) * AMT_MULTIPLIER / 10**4).quantize(
