@@ -21,9 +21,15 @@ The mapping (docs/stripe.md, "Plans"):
   draft invoice (the hour after period end in which Stripe keeps it a draft) so the period's
   Stripe lines add up to meterline's total: the true-up.
 
+- **Priced on the charge** (an ``amount`` allowance with ``rate_card`` overage): a second meter,
+  ``meterline_plan_charge`` (the in-plan pay-per-token charge in meter units, like the cost meter),
+  and a graduated price: free up to the allowance in meter units, then multiplier x the charge.
+  A re-rating leaves the in-plan charge as priced; the re-rated bill's change reaches Stripe as a
+  corrective amount (jobs/stripe/corrective.py).
+
 Not mapped (``provision`` reports them and creates nothing for the customer): allowances limited
-to some token classes or models, several allowances, ``amount`` allowances and ``rate_card``
-overage (a charge multiplier), ``cap``, rollover, volume tiers with an allowance, and a plan that
+to some token classes or models, several allowances, an ``amount`` allowance with token-priced
+overage, ``amount`` tiers, ``cap``, rollover, volume tiers with an allowance, and a plan that
 stops mid-period (an immediate cancellation, an interval change). A cancellation at period end is
 Stripe's ``cancel_at_period_end``.
 """
