@@ -343,7 +343,7 @@ def sync(
         ],
         key=lambda p: (p.window_start, p.customer_id, p.meter, p.revision),
     )
-    links = _customer_links(target, ch, cfg, {p.customer_id for p in to_send}, root, summary)
+    links = _customer_links(target, ch, cfg, {p.customer_id for p in to_send}, root, summary, now)
     to_send = [p for p in to_send if p.customer_id in links]
     summary.transport = "v2" if len(to_send) > cfg.sync.stream_threshold else "v1"
     done: list[Push] = []
@@ -424,18 +424,40 @@ def _apply_plans(target: StripeTarget, ch: Any, cfg: BillingConfig, now: int, su
     summary.unmapped.extend(report.unmapped)
 
 
+def _new_plan_subscriptions(target: StripeTarget, ch: Any, cfg: BillingConfig, customers: list[str], now: int) -> Any:
+    from jobs.stripe.plans import PLAN_METER, apply_plans
+    from jobs.stripe.provision import ProvisionReport, _ensure_meter
+
+    client = target.client()
+    existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
+    meter_id = _ensure_meter(client, PLAN_METER, existing, ProvisionReport())
+    return apply_plans(client, ch, cfg, meter_id, now=now, customers=customers, changes=False)
+
+
 def _customer_links(
-    target: StripeTarget, ch: Any, cfg: BillingConfig, customers: set[str], root: Path, summary: SyncSummary
+    target: StripeTarget,
+    ch: Any,
+    cfg: BillingConfig,
+    customers: set[str],
+    root: Path,
+    summary: SyncSummary,
+    now: int,
 ) -> dict[str, str]:
     links = {cid: link.stripe_customer_id for cid, link in load_customers(ch).items() if cid in customers}
     missing = sorted(customers - set(links))
-    if missing:  # a plan customer gets its plan subscription from `provision`, never the pay-per-token one
+    if missing:  # a plan customer gets its plan subscription (as `provision` does), never the pay-per-token one
         from jobs.stripe.plans import plan_customers
 
         try:
             on_plans = set(plan_customers(ch))
         except Exception:  # no subscription_events table yet
             on_plans = set()
+        if cfg.sync.auto_provision_customers and on_plans.intersection(missing):
+            # its plan came into force since `provision` ran: create the missing subscription before
+            # pushing (changes to it wait for after the pushes, in _apply_plans), so its usage goes out now
+            made = _new_plan_subscriptions(target, ch, cfg, sorted(on_plans.intersection(missing)), now)
+            links.update({cid: link.stripe_customer_id for cid, link in made.customers.items()})
+            summary.plan_updates.extend(made.created)
         missing = [c for c in missing if c not in on_plans]
     if missing and cfg.sync.auto_provision_customers:
         from jobs.stripe.provision import ensure_customers, price_ids

@@ -199,8 +199,7 @@ def test_a_retroactive_price_change_reaches_stripe_exactly_through_the_cli(
     meterline("prices", "load", str(files["before"]))
     ls.set_clock(base - HOUR)  # the subscriptions start before the usage (their invoices bill it)
     meterline("stripe", "provision")
-    ls.set_clock(start)
-    meterline("stripe", "provision")  # now globex's plan is in force: its plan subscription (from `sub`)
+    ls.set_clock(start)  # globex's plan is in force now: the sync creates its plan subscription first
     first = meterline("stripe", "sync", "--now", str(ls.now()), "--no-progress")
     assert "corrective amount" not in first.stdout
     links = {r["customer_id"]: r for r in meterline.sql("SELECT * FROM stripe_customers FINAL")}
