@@ -10,7 +10,8 @@ invoice holds at most 250 items), with ``period`` = the corrected usage, ``metad
 ``subscription`` = the customer's subscription, so it lands on that subscription's next invoice.
 
 Where they come from
-    * ``window``: the sync records a shrunk window's delta as a ``credited`` revision in its cursor
+    * ``window``: the sync records a shrunk window's delta (or the growth of a window Stripe bills,
+      after Stripe's 35-day meter event limit: a positive amount) as a ``credited`` revision in its cursor
       (``stripe_pushes``), whose identifier is the corrective amount's id
       (:func:`window_correction_id`); :func:`record_window_corrections` turns credited revisions
       with no corrective amount yet into one (so a crash between the two inserts loses nothing).
@@ -228,11 +229,12 @@ def record_window_corrections(ch: Any, cfg: BillingConfig) -> list[Corrective]:
 
 
 def record_plan_corrections(ch: Any, cfg: BillingConfig) -> list[Corrective]:
-    """Plan-bill correction rows of ``usage_corrections`` with no corrective amount yet -> pending ones."""
+    """Plan-bill correction rows of ``usage_corrections`` with no corrective amount yet -> pending ones
+    (the item's ``period``: the corrected billing periods, from their start to their ``period_end``)."""
     rows = _run(
         ch.query,
         "SELECT customer_id, correction_id, sum(charge), toUnixTimestamp(min(occurred_at)), "
-        "toUnixTimestamp(max(occurred_at)), min(created_at) FROM usage_corrections FINAL "
+        "toUnixTimestamp(max(greatest(period_end, occurred_at))), min(created_at) FROM usage_corrections FINAL "
         "WHERE kind = {p:String} AND lower(currency) = {cur:String} "
         "GROUP BY customer_id, correction_id ORDER BY customer_id, min(created_at), correction_id",
         parameters={"p": PLAN_CORRECTION_KIND, "cur": cfg.currency},

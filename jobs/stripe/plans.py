@@ -21,9 +21,15 @@ The mapping (docs/stripe.md, "Plans"):
   draft invoice (the hour after period end in which Stripe keeps it a draft) so the period's
   Stripe lines add up to meterline's total: the true-up.
 
+- **Priced on the charge** (an ``amount`` allowance with ``rate_card`` overage): a second meter,
+  ``meterline_plan_charge`` (the in-plan pay-per-token charge in meter units, like the cost meter),
+  and a graduated price: free up to the allowance in meter units, then multiplier x the charge.
+  A re-rating leaves the in-plan charge as priced; the re-rated bill's change reaches Stripe as a
+  corrective amount (jobs/stripe/corrective.py).
+
 Not mapped (``provision`` reports them and creates nothing for the customer): allowances limited
-to some token classes or models, several allowances, ``amount`` allowances and ``rate_card``
-overage (a charge multiplier), ``cap``, rollover, volume tiers with an allowance, and a plan that
+to some token classes or models, several allowances, an ``amount`` allowance with token-priced
+overage, ``amount`` tiers, ``cap``, rollover, volume tiers with an allowance, and a plan that
 stops mid-period (an immediate cancellation, an interval change). A cancellation at period end is
 Stripe's ``cancel_at_period_end``.
 """
@@ -45,6 +51,13 @@ PLAN_EVENT = "meterline_plan_tokens"
 PLAN_METER = MeterSpec(
     event_name=PLAN_EVENT, display_name="Plan tokens (all classes)", lookup_key="", unit_amount_decimal="0"
 )
+# Plans priced on the charge (an amount allowance + rate-card overage): their usage is the in-plan
+# pay-per-token charge in meter units (10^unit_exponent per currency unit, like the cost meter)
+PLAN_CHARGE_EVENT = "meterline_plan_charge"
+PLAN_CHARGE_METER = MeterSpec(
+    event_name=PLAN_CHARGE_EVENT, display_name="Plan usage charge", lookup_key="", unit_amount_decimal="0"
+)
+PLAN_METERS = (PLAN_EVENT, PLAN_CHARGE_EVENT)
 META_CUSTOMER = "meterline_customer_id"
 META_PLAN = "meterline_plan"
 META_PERIOD = "meterline_period"
@@ -67,12 +80,45 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def check_mappable(plan: Any, currency: str) -> None:
+def charge_metered(plan: Any) -> bool:
+    """A plan priced on the charge (rate-card overage): its usage goes to the plan charge meter."""
+    return bool(plan.overage.kind == "rate_card")
+
+
+def _charge_rate(plan: Any, unit_exponent: int) -> str:
+    """Cents per meter unit of a rate-card overage (multiplier x 10^(2 - unit_exponent)), exactly, or
+    NotMappable when that is not a decimal of at most 12 places (Stripe's limit)."""
+    m = plan.overage.multiplier
+    cents = Decimal(m.numerator) / Decimal(m.denominator) * Decimal(10) ** (2 - unit_exponent)
+    exponent = cents.normalize().as_tuple().exponent
+    exact = cents * Decimal(m.denominator) == Decimal(m.numerator) * Decimal(10) ** (2 - unit_exponent)
+    if not exact or not isinstance(exponent, int) or exponent < -12:
+        raise NotMappable(f"{plan.key}: multiplier {m} is not a price of at most 12 decimals per meter unit")
+    return format(cents.normalize(), "f")
+
+
+def _check_charge_plan(plan: Any, unit_exponent: int) -> None:
+    for a in plan.allowances:
+        if a.unit != "amount":
+            raise NotMappable(f"{plan.key}: rate-card overage over a token allowance needs two meters")
+        if a.models:
+            raise NotMappable(f"{plan.key}: allowance {a.id} is limited to some models")
+        if a.rollover_max is not None:
+            raise NotMappable(f"{plan.key}: allowance {a.id} rolls over")
+    if plan.on_exhausted == "cap":
+        raise NotMappable(f"{plan.key}: a cap on overage has no Stripe price")
+    _charge_rate(plan, unit_exponent)
+
+
+def check_mappable(plan: Any, currency: str, unit_exponent: int = 6) -> None:
     """Raise NotMappable (with the reason) unless ``plan`` has an exact Stripe mapping in ``currency``."""
     if plan.currency.lower() != currency:
         raise NotMappable(f"{plan.key}: priced in {plan.currency}, the billing currency is {currency}")
     if len(plan.allowances) > 1:
         raise NotMappable(f"{plan.key}: several allowances need one meter each")
+    if charge_metered(plan):
+        _check_charge_plan(plan, unit_exponent)
+        return
     ov = plan.overage
     if ov.unit != "tokens" or ov.kind == "rate_card":
         raise NotMappable(f"{plan.key}: overage priced on the charge (amount unit) is not mapped")
@@ -95,10 +141,23 @@ def _all_classes() -> tuple[str, ...]:
     return tuple(TOKEN_CLASSES)
 
 
-def usage_price_params(plan: Any, included: int) -> dict[str, Any]:
-    """The metered price of ``plan``'s usage with ``included`` free tokens (Stripe params, no meter)."""
+def usage_price_params(plan: Any, included: int, unit_exponent: int = 6) -> dict[str, Any]:
+    """The metered price of ``plan``'s usage with ``included`` free tokens (Stripe params, no meter);
+    for a rate-card plan, ``included`` free meter units of charge, then multiplier x the charge."""
     ov = plan.overage
     free = plan.on_exhausted == "block"
+    if charge_metered(plan):
+        per_unit = "0" if free else _charge_rate(plan, unit_exponent)
+        if included <= 0:
+            return {"billing_scheme": "per_unit", "unit_amount_decimal": per_unit}
+        return {
+            "billing_scheme": "tiered",
+            "tiers_mode": "graduated",
+            "tiers": [
+                {"up_to": included, "unit_amount_decimal": "0"},
+                {"up_to": "inf", "unit_amount_decimal": per_unit},
+            ],
+        }
 
     def rate(picos: int) -> str:
         return "0" if free else _cents(picos)
@@ -187,14 +246,30 @@ class PlanPrices:
         )
 
     def usage(self, plan: Any, included: int) -> str:
-        params = usage_price_params(plan, included)
-        params["recurring"] = {"interval": plan.interval, "usage_type": "metered", "meter": self.meter_id}
-        return self._price(plan, _lookup(plan, self.cfg.currency, f"use_a{included}"), params)
+        params = usage_price_params(plan, included, self.cfg.cost.unit_exponent)
+        meter = self._charge_meter() if charge_metered(plan) else self.meter_id
+        params["recurring"] = {"interval": plan.interval, "usage_type": "metered", "meter": meter}
+        what = f"chg_a{included}" if charge_metered(plan) else f"use_a{included}"
+        return self._price(plan, _lookup(plan, self.cfg.currency, what), params)
+
+    def _charge_meter(self) -> str:
+        """The plan charge meter (created on first use: only rate-card plans need it)."""
+        if PLAN_CHARGE_EVENT not in self._cache:
+            from jobs.stripe._meters import ensure_meter
+
+            existing = {m.event_name: m for m in self.client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
+            self._cache[PLAN_CHARGE_EVENT] = ensure_meter(self.client, PLAN_CHARGE_METER, existing, self.report)
+        return self._cache[PLAN_CHARGE_EVENT]
 
 
-def _included(terms: Any) -> int:
+def _included(terms: Any, unit_exponent: int = 6) -> int:
+    """The segment's free quantity in its meter's units: tokens, or (rate-card plans) the amount
+    allowance's picos in meter units, rounded down (a whole number of units: Stripe's tier bound)."""
     plan = terms.plan
-    return terms.included.get(plan.allowances[0].id, 0) if plan.allowances else 0
+    included = terms.included.get(plan.allowances[0].id, 0) if plan.allowances else 0
+    if charge_metered(plan):
+        return int(included) // 10 ** (12 - unit_exponent)
+    return int(included)
 
 
 def plan_customers(ch: Any) -> list[str]:
@@ -275,14 +350,17 @@ def _apply_customer(
     current = period.segment_at(now)
     current = len(period.segments) - 1 if current is None else current
     for seg in period.segments[: current + 1]:
-        check_mappable(seg.plan, prices.cfg.currency)
+        check_mappable(seg.plan, prices.cfg.currency, prices.cfg.cost.unit_exponent)
     terms = [terms_for(period, i) for i in range(current + 1)]
     stripe_customer = _ensure_customer(client, cid, links, report)
     sub = _find_subscription(client, stripe_customer, cid)
     if sub is None:
         t0 = terms[0]
         items: list[dict[str, Any]] = [
-            {"price": prices.usage(t0.plan, _included(t0)), "metadata": {META_ROLE: "usage"}}
+            {
+                "price": prices.usage(t0.plan, _included(t0, prices.cfg.cost.unit_exponent)),
+                "metadata": {META_ROLE: "usage"},
+            }
         ]
         fee = prices.fee(t0.plan)
         if fee is not None:
@@ -353,7 +431,7 @@ def _swap(client: stripe.StripeClient, sub: Any, prices: PlanPrices, terms: Any,
     sub = client.v1.subscriptions.retrieve(sub.id)
     have = _items_by_role(sub)
     items: list[dict[str, Any]] = []
-    want_usage = prices.usage(terms.plan, _included(terms))
+    want_usage = prices.usage(terms.plan, _included(terms, prices.cfg.cost.unit_exponent))
     usage = have.get("usage")
     if usage is None:
         items.append({"price": want_usage, "metadata": {META_ROLE: "usage"}})
@@ -510,10 +588,13 @@ def plan_windows(
         timeline = fold_timeline(cid, events, catalog)
         runs = [(r.anchor, r.end) for r in timeline.runs]
         bounds = {0}
+        by_charge: list[tuple[int, bool]] = []  # (segment start, its plan is priced on the charge)
         for p in timeline.periods(until):
             bounds.add(p.start)
             bounds.add(p.stop)
             bounds.update(s.start for s in p.segments)
+            by_charge += [(s.start, charge_metered(s.plan)) for s in p.segments]
+        by_charge.sort()
         rows = ch.query(
             "SELECT greatest(intDiv(toUnixTimestamp(occurred_at), {w:UInt32}) * {w:UInt32},"
             " arrayMax(arrayFilter(x -> x <= toUnixTimestamp(occurred_at), {b:Array(UInt64)}))) AS bucket,"
@@ -539,7 +620,11 @@ def plan_windows(
             b = int(bucket)
             in_plan = any(a <= b and (e is None or b < e) for a, e in runs)
             if in_plan:
-                out[(cid, PLAN_EVENT, b)] = Decimal(int(tokens))
+                on_charge = next((c for at, c in reversed(by_charge) if at <= b), False)
+                if on_charge:  # rate-card plan: the in-plan charge (reprice leaves it as priced)
+                    out[(cid, PLAN_CHARGE_EVENT, b)] = Decimal(charge)
+                else:
+                    out[(cid, PLAN_EVENT, b)] = Decimal(int(tokens))
             elif cfg.mode == "cost":
                 out[(cid, cfg.cost.event_name, b)] = Decimal(charge)
     return customers, out

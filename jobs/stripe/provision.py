@@ -25,6 +25,7 @@ from typing import Any
 import stripe
 
 from jobs.stripe._config import REPO_ROOT, BillingConfig, MeterSpec, idem_key, meter_specs, product_id
+from jobs.stripe._meters import ensure_meter
 from jobs.stripe._store import CustomerLink, load_customers, save_customer
 from jobs.stripe.plans import PlanReport
 from meterline.core.errors import ConfigError
@@ -50,23 +51,7 @@ def _create(fn: Any, params: dict[str, Any], key: str) -> Any:
 def _ensure_meter(
     client: stripe.StripeClient, spec: MeterSpec, existing: dict[str, Any], report: ProvisionReport
 ) -> str:
-    meter = existing.get(spec.event_name)
-    if meter is None:
-        params = {
-            "display_name": spec.display_name,
-            "event_name": spec.event_name,
-            "default_aggregation": {"formula": "sum"},
-            "customer_mapping": {"type": "by_id", "event_payload_key": "stripe_customer_id"},
-            "value_settings": {"event_payload_key": "value"},
-        }
-        meter = _create(client.v1.billing.meters.create, params, idem_key("meter", spec.event_name, params))
-        report.created.append(f"meter:{spec.event_name}")
-    else:
-        if meter.status != "active":
-            meter = client.v1.billing.meters.reactivate(meter.id)
-            report.warnings.append(f"meter {spec.event_name} was inactive: reactivated")
-        report.existing.append(f"meter:{spec.event_name}")
-    return str(meter.id)
+    return ensure_meter(client, spec, existing, report)
 
 
 def _ensure_product(client: stripe.StripeClient, cfg: BillingConfig, report: ProvisionReport) -> str:

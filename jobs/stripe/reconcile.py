@@ -21,7 +21,7 @@ A row drifts when ``|clickhouse − pending − (pushed − credited)| >= 1`` un
 ``pushed != stripe`` (an event lost, deleted or double counted at Stripe), or when a corrective
 amount of the row's windows is not at Stripe as recorded (pending, failed, missing, another amount).
 A re-rated plan bill (a corrective amount of kind ``plan``, period starting in the range) is checked
-the same way on the customer's plan-meter row. A row with pending usage
+the same way on the customer's plan-meter row (the plan charge meter's for a rate-card plan). A row with pending usage
 and no drift has the status ``pending``; only ``drift`` is an error (the CLI exits 1 on it alone). Summaries are eventually consistent at real
 Stripe: reconcile a period some minutes after the last sync.
 """
@@ -132,7 +132,7 @@ def reconcile(
     scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
     usage = aggregate_usage(ch, cfg, specs, start, end, customer=customer)
     ch_units: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
-    from jobs.stripe.plans import PLAN_EVENT
+    from jobs.stripe.plans import PLAN_CHARGE_EVENT, PLAN_EVENT
 
     pending: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     due_at: dict[tuple[str, str], int] = {}
@@ -164,7 +164,9 @@ def reconcile(
     plan_bills: dict[tuple[str, str], list[Corrective]] = defaultdict(list)
     for c in load_corrections(ch, customer=customer):
         if c.kind == PLAN and start <= c.period_start < end:
-            plan_bills[(c.customer_id, PLAN_EVENT)].append(c)
+            # on the row of the meter its plan's usage goes to (tokens, or the charge of a rate-card plan)
+            on_charge = (c.customer_id, PLAN_CHARGE_EVENT) in ch_units or (c.customer_id, PLAN_CHARGE_EVENT) in pushed
+            plan_bills[(c.customer_id, PLAN_CHARGE_EVENT if on_charge else PLAN_EVENT)].append(c)
     per_cent = scale / MINOR_UNITS  # meter units per cent (cost mode: unit_exponent >= 2)
     for key in sorted(set(ch_units) | set(pushed) | set(unpushed) | set(credited) | set(plan_bills)):
         cust, meter = key

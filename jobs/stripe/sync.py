@@ -15,7 +15,9 @@ Rounding (cost mode), once per pushed revision, with the remainder carried
 The cursor (``stripe_pushes``) and the order of every run — each step is safe to crash after:
     1. re-read the cursor; windows whose usage grew get a new revision ``r{n+1}`` carrying the
        delta (late usage); windows older than ``max_age_seconds`` (Stripe: 35 days) are recorded
-       ``too_old`` and reported, never silently dropped;
+       ``too_old`` and reported, never silently dropped, except a cost-meter window Stripe already
+       bills (an acked revision) that grew: its growth is a ``credited`` revision with a positive
+       amount, i.e. a positive corrective amount on the next invoice (jobs/stripe/corrective.py);
        windows whose usage went down (a re-rating correction, docs/corrections.md) get their acked
        revisions planned ``canceling`` and a new revision re-pushing the rest, when every acked
        revision is younger than Stripe's 24 h cancellation window (by Stripe's clock ``now``);
@@ -196,7 +198,7 @@ def plan(
     ch: Any, cfg: BillingConfig, usage: dict[UsageKey, Decimal], *, now: int, since: int, summary: SyncSummary
 ) -> list[Push]:
     """New revisions for every window whose usage grew since it was last planned (not yet stored)."""
-    from jobs.stripe.plans import PLAN_EVENT
+    from jobs.stripe.plans import PLAN_EVENT, PLAN_METERS
 
     cost_scale = Decimal(10) ** cfg.cost.unit_exponent if cfg.mode == "cost" else Decimal(1)
     by_key: dict[UsageKey, list[Push]] = defaultdict(list)
@@ -233,17 +235,25 @@ def plan(
                 new.extend(p.with_status(CANCELING) for p in live)
                 push = Push(cust, meter, ws, rev, ident, seq, delta, value, exact - value, PENDING if value else ACKED)
                 summary.cancels += len(live)
-            elif money and meter != PLAN_EVENT:
+            elif money and meter not in PLAN_METERS:
                 # Stripe can no longer cancel them (received > 24 h ago): the delta becomes a corrective
                 # amount on the next invoice (jobs/stripe/corrective.py); the meter's carry is untouched
                 group = groups.setdefault((cust, meter), window_correction_id(cust, meter, seq))
                 push = Push(cust, meter, ws, rev, group, seq, delta, 0, before, CREDITED)
                 summary.credited += 1
-            else:  # tokens (itemized mode, the plan meter): a late plan fact, not money; reported
+            else:  # tokens (itemized mode, the plan meter) or a plan's charge (an input of its bill,
+                # which reprice corrects as a plan-bill row): a late plan fact, not re-rated money
                 summary.shrunk.append(
                     f"{cust} {meter} {utc(ws):%Y-%m-%dT%H:%MZ}: usage {usage[key]} < pushed {usage[key] - delta}"
                 )
                 continue
+        elif ws < oldest_ok and money and meter not in PLAN_METERS and any(p.status == ACKED for p in prior):
+            # a window Stripe bills grew after its 35 days (a price raised after the fact): a meter
+            # event would be refused, so the growth is a positive corrective amount on the next
+            # invoice, recorded like a shrunk window's credit (carry untouched)
+            group = groups.setdefault((cust, meter), window_correction_id(cust, meter, seq))
+            push = Push(cust, meter, ws, rev, group, seq, delta, 0, before, CREDITED)
+            summary.credited += 1
         elif ws < oldest_ok:
             push = Push(
                 cust,
@@ -333,7 +343,7 @@ def sync(
         ],
         key=lambda p: (p.window_start, p.customer_id, p.meter, p.revision),
     )
-    links = _customer_links(target, ch, cfg, {p.customer_id for p in to_send}, root, summary)
+    links = _customer_links(target, ch, cfg, {p.customer_id for p in to_send}, root, summary, now)
     to_send = [p for p in to_send if p.customer_id in links]
     summary.transport = "v2" if len(to_send) > cfg.sync.stream_threshold else "v1"
     done: list[Push] = []
@@ -414,18 +424,40 @@ def _apply_plans(target: StripeTarget, ch: Any, cfg: BillingConfig, now: int, su
     summary.unmapped.extend(report.unmapped)
 
 
+def _new_plan_subscriptions(target: StripeTarget, ch: Any, cfg: BillingConfig, customers: list[str], now: int) -> Any:
+    from jobs.stripe.plans import PLAN_METER, apply_plans
+    from jobs.stripe.provision import ProvisionReport, _ensure_meter
+
+    client = target.client()
+    existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
+    meter_id = _ensure_meter(client, PLAN_METER, existing, ProvisionReport())
+    return apply_plans(client, ch, cfg, meter_id, now=now, customers=customers, changes=False)
+
+
 def _customer_links(
-    target: StripeTarget, ch: Any, cfg: BillingConfig, customers: set[str], root: Path, summary: SyncSummary
+    target: StripeTarget,
+    ch: Any,
+    cfg: BillingConfig,
+    customers: set[str],
+    root: Path,
+    summary: SyncSummary,
+    now: int,
 ) -> dict[str, str]:
     links = {cid: link.stripe_customer_id for cid, link in load_customers(ch).items() if cid in customers}
     missing = sorted(customers - set(links))
-    if missing:  # a plan customer gets its plan subscription from `provision`, never the pay-per-token one
+    if missing:  # a plan customer gets its plan subscription (as `provision` does), never the pay-per-token one
         from jobs.stripe.plans import plan_customers
 
         try:
             on_plans = set(plan_customers(ch))
         except Exception:  # no subscription_events table yet
             on_plans = set()
+        if cfg.sync.auto_provision_customers and on_plans.intersection(missing):
+            # its plan came into force since `provision` ran: create the missing subscription before
+            # pushing (changes to it wait for after the pushes, in _apply_plans), so its usage goes out now
+            made = _new_plan_subscriptions(target, ch, cfg, sorted(on_plans.intersection(missing)), now)
+            links.update({cid: link.stripe_customer_id for cid, link in made.customers.items()})
+            summary.plan_updates.extend(made.created)
         missing = [c for c in missing if c not in on_plans]
     if missing and cfg.sync.auto_provision_customers:
         from jobs.stripe.provision import ensure_customers, price_ids

@@ -332,6 +332,15 @@ def sync_summary_line(result: Any, seconds: float) -> str:
             f"sent {summary.sent}, acked {summary.acked}, carried {summary.carried}, "
             f"too old {len(summary.too_old)}, failed {len(summary.failed)}"
         )
+        if summary.credited or summary.corrections or summary.corrections_failed:
+            # re-rated money Stripe takes as invoice items (jobs/stripe/corrective.py): say so
+            cents = sum(c.cents for c in summary.corrections)
+            line += (
+                f", credited windows {summary.credited}, corrective amounts {len(summary.corrections)} "
+                f"({cents} minor units)"
+            )
+            if summary.corrections_failed:
+                line += f", corrective amounts failed {len(summary.corrections_failed)}"
     if result.exit_code != 0:
         problems = [
             ln.strip() for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("no Stripe key")

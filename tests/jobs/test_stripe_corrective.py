@@ -26,6 +26,8 @@ from jobs.stripe import BillingConfig, StripeTarget, provision, sync
 from jobs.stripe._store import CREDITED, last_carry, load_customers, load_pushes
 from jobs.stripe.corrective import SENT, load_corrections
 from jobs.stripe.reconcile import reconcile
+from meterline.shell.api.admin import RunResult
+from meterline.shell.runtime import sync_summary_line
 from tests.jobs.conftest import DAY, HOUR
 from tests.jobs.reprice_helpers import BOOK_BEFORE, CUSTOMERS, engine, expected_totals, insert_priced, make_events
 
@@ -116,6 +118,10 @@ def test_a_discount_older_than_24h_is_credited_on_the_next_invoice_and_reconcile
         carry = meter_carry[("globex", r.meter)][1]
         assert r.stripe - r.credited_stripe + carry + corr.carry_after * 10**4 == r.clickhouse
 
+    # `up`'s periodic sync log line names the credited windows and the corrective amount
+    line = sync_summary_line(RunResult(0, "", "", (s,)), 0.1)
+    assert f"credited windows {s.credited}, corrective amounts 1 ({corr.cents} minor units)" in line
+
     # a second sync sends nothing: no meter event, no second credit
     again = sync(target, clickhouse, cfg, now=ls.now())
     assert again.ok and again.planned == 0 and again.sent == 0 and again.corrections == []
@@ -165,6 +171,40 @@ def test_a_further_shrink_of_a_credited_window_is_credited_again_with_the_carry(
     assert sorted(int(i.amount) for i in _items(client, link.stripe_customer_id)) == sorted([first.cents, second.cents])
     rows = reconcile(client, clickhouse, cfg, base - DAY, base + DAY, now=ls.now())
     assert rows and not any(r.drifted for r in rows), rows
+
+
+def test_growth_older_than_35_days_is_a_positive_corrective_amount_once(
+    ls: LocalStripe, target: StripeTarget, clickhouse: Any, cfg: BillingConfig
+) -> None:
+    """A price raised after the fact on windows Stripe received more than 35 days ago: a meter event
+    would be refused (``timestamp_too_far_in_past``), so the growth is one positive invoice item on
+    the next invoice (never ``too_old``), exactly once; reconcile is clean."""
+    client = target.client()
+    base, events = _seed(ls, target, clickhouse, cfg, n=150)
+    ls.advance_clock(36 * DAY)  # past Stripe's 35-day meter event limit (and its 24 h cancellation)
+    raised = {**BOOK_BEFORE, "rate_cards": [*BOOK_BEFORE["rate_cards"], {"customer_id": "globex", "markup_pct": "7"}]}
+    with open_reprice(clickhouse, engine(raised), Filters(base, base + 6 * HOUR)) as rp:
+        rp.report()
+        apply_plan(clickhouse, rp, ran_by="t", reason="raise", command="t", send=lambda c: None, at_ms=ls.now() * 1000)
+    s = sync(target, clickhouse, cfg, now=ls.now())
+    assert s.ok and s.too_old == [] and s.sent == 0 and s.credited > 0, s
+    (corr,) = s.corrections
+    old = expected_totals(events, engine(BOOK_BEFORE))["globex"][1]
+    new = expected_totals(events, engine(raised))["globex"][1]
+    assert corr.customer_id == "globex" and corr.amount == new - old > 0
+    assert corr.cents == int((corr.amount * 100).to_integral_value(rounding=ROUND_DOWN)) > 0
+    link = load_customers(clickhouse)["globex"]
+    (item,) = _items(client, link.stripe_customer_id)
+    assert item.id == corr.stripe_id and item.amount == corr.cents and item.invoice is None
+    rows = reconcile(client, clickhouse, cfg, base - DAY, base + DAY, now=ls.now())
+    assert rows and not any(r.drifted for r in rows), rows
+    (g,) = [r for r in rows if r.customer_id == "globex"]
+    assert (
+        g.clickhouse == new * 10**6 and g.credited == -(new - old) * 10**6 and g.credited_stripe == -corr.cents * 10**4
+    )
+    again = sync(target, clickhouse, cfg, now=ls.now())
+    assert again.ok and again.planned == 0 and again.corrections == [] and again.too_old == []
+    assert len(_items(client, link.stripe_customer_id)) == 1
 
 
 class Crash(Exception):

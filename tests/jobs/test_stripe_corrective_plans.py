@@ -14,11 +14,14 @@ from datetime import UTC, datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
+import pytest
+
 from devtools.stripe_local import LocalStripe
 from jobs.stripe import BillingConfig, StripeTarget, reconcile, sync
 from jobs.stripe._store import load_customers, load_pushes
 from jobs.stripe.corrective import PLAN, SENT, load_corrections
-from jobs.stripe.plans import PLAN_EVENT
+from jobs.stripe.plans import PLAN_EVENT, NotMappable, charge_metered, check_mappable, usage_price_params
+from meterline.core.plans import load_plan_catalog
 from tests.jobs.conftest import HOUR, Usage
 from tests.jobs.test_plans_stripe import NOV, start, tokens
 
@@ -149,3 +152,37 @@ def test_pay_per_token_usage_of_a_plan_customer_outside_its_plan_is_corrected_on
     rows = reconcile(client, clickhouse, cfg, before - 86400, NOV, now=ls.now())
     (row,) = rows
     assert row.clickhouse == 3_250_000 == row.pushed == row.stripe and not row.drifted
+
+
+def test_rate_card_plans_map_to_the_plan_charge_meter_exactly_or_not_at_all() -> None:
+    """An amount allowance + rate-card overage is a graduated price on the plan charge meter: free up
+    to the allowance in meter units (µ$), then multiplier x 0.0001 cents per µ$; a multiplier whose
+    price needs more than Stripe's 12 decimals, or a cap, is not mapped."""
+    catalog = {
+        v.plan_id: v
+        for v in load_plan_catalog(
+            """
+currency: USD
+plans:
+  - {id: amt, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "10.00",
+     allowances: [{id: credit, amount: "2.00"}], overage: {rate_card: {multiplier: "1.5"}}, on_exhausted: allow}
+  - {id: fine, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "0",
+     overage: {rate_card: {multiplier: "1.123456"}}, on_exhausted: allow}
+  - {id: capped, version: 1, effective_from: "2025-01-01T00:00:00Z", interval: month, fee: "0",
+     allowances: [{id: c, amount: "1.00"}], overage: {rate_card: {multiplier: "2"}}, on_exhausted: cap, cap: "5.00"}
+"""
+        ).versions
+    }
+    amt = catalog["amt"]
+    check_mappable(amt, "usd")
+    assert charge_metered(amt)
+    assert usage_price_params(amt, 2_000_000) == {
+        "billing_scheme": "tiered",
+        "tiers_mode": "graduated",
+        "tiers": [{"up_to": 2_000_000, "unit_amount_decimal": "0"}, {"up_to": "inf", "unit_amount_decimal": "0.00015"}],
+    }
+    check_mappable(catalog["fine"], "usd")  # 0.0001123456 cents per µ$
+    with pytest.raises(NotMappable, match="12 decimals"):  # per nano-dollar it would need 13 decimals
+        check_mappable(catalog["fine"], "usd", unit_exponent=9)
+    with pytest.raises(NotMappable, match="cap"):
+        check_mappable(catalog["capped"], "usd")
