@@ -49,6 +49,7 @@ class BenchConfig:
     authorize_single_seconds: float = 5.0  # 1 sequential client first (unloaded latency)
     stripe_default: tuple[int, int, int] = (1_000_000, 500, 8)  # (events, customers, hours): > 1,000 windows -> v2
     stripe_v1: tuple[int, int, int] = (200_000, 200, 3)  # v1 forced: one call per window
+    dedupe_events: tuple[int, ...] = (1_000_000, 5_000_000)  # distinct events in the dedupe window (#15)
 
     @classmethod
     def quick_config(cls) -> BenchConfig:
@@ -78,6 +79,7 @@ class BenchConfig:
             authorize_single_seconds=2.0,
             stripe_default=(100_000, 300, 4),
             stripe_v1=(20_000, 50, 2),
+            dedupe_events=(1_000_000,),
         )
 
 
