@@ -87,7 +87,14 @@ def summary(results: list[Result]) -> list[Row]:
     )
     for label, name in (
         ("pricing core vs tokencost, per event (PricingEngine.price)", "speed-up vs tokencost"),
-        ("pricing core vs tokencost, batches (price_batch)", "batch speed-up vs tokencost"),
+        (
+            "pricing core vs tokencost, 500-event batches (price_many, the agent's path)",
+            "batch (price_many) speed-up vs tokencost",
+        ),
+        (
+            "pricing core vs tokencost, 500-event batches (price_batch, numpy columns)",
+            "batch (price_batch) speed-up vs tokencost",
+        ),
     ):
         r = _find(results, "pricing-core", lambda n, name=name: n == name)
         rows.append(
