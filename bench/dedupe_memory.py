@@ -28,7 +28,8 @@ from typing import Any
 from bench import BenchConfig, Result
 
 NAME = "dedupe-memory"
-TARGET_MIB = 300
+TARGET_MIB = 300  # issue #15: worker RSS with 5M distinct events in the window
+TARGET_EVENTS = 5_000_000
 RECORD_EVENTS = 500
 CUSTOMERS = 1_000
 
@@ -114,8 +115,8 @@ def run(cfg: BenchConfig) -> list[Result]:
                 f"worker dedupe state, {n:,} distinct events in the window: process RSS",
                 round(mib),
                 "MiB",
-                f"<= {TARGET_MIB} MiB",
-                mib <= TARGET_MIB and exact,
+                f"<= {TARGET_MIB} MiB" if n >= TARGET_EVENTS else "",
+                (mib <= TARGET_MIB and exact) if n >= TARGET_EVENTS else (None if exact else False),
                 f"imports {m['rss_base_kib'] / 1024:.0f} + table values {table_mib:.0f} + index {index_mib:.0f} MiB"
                 + ("" if exact else f"; INEXACT: {m['entries']} entries, {m['found']} found"),
                 details=m,

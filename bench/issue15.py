@@ -114,7 +114,7 @@ def summary(results: list[Result]) -> list[Row]:
             rows.append(
                 _row(
                     r.name.replace("worker dedupe state, ", "worker RSS, dedupe state: "),
-                    "<= 300 MiB (5M)",
+                    r.target,
                     f"{_num(r):,.0f} MiB",
                     r.met,
                     r.note,

@@ -107,6 +107,8 @@ def select_models(litellm: Any, tokencost: Any) -> tuple[list[dict[str, Any]], l
 
 
 def make_events(models: list[dict[str, Any]], n: int, seed: int = 11) -> list[dict[str, Any]]:
+    from meterline.core.pricing._model import EXTRA_FIELDS
+
     rng = random.Random(seed)
     now = int(time.time() * 1000)
     out = []
@@ -128,6 +130,10 @@ def make_events(models: list[dict[str, Any]], n: int, seed: int = 11) -> list[di
                 "cache_write_tokens": 0,
                 "reasoning_tokens": 0,
                 "requests": 1,
+                # Shaped as the UsageEvent v2 decoder hands records to the agent: every field
+                # present (a dict without them takes the engine's per-field fallback path).
+                **dict.fromkeys(EXTRA_FIELDS, 0),
+                "service_tier": None,
             }
         )
     return out
