@@ -36,6 +36,7 @@ class BenchConfig:
     latency_rate: int = 10_000  # events/s offered during the latency run
     latency_seconds: float = 20.0
     latency_drain_s: float = 60.0  # wait this long after the last send for the rows to land
+    latency_customers: tuple[int, ...] = (100, 1_000)  # one latency run per count (issue #15 asks both)
     analytics_rows: int = 10_000_000
     analytics_repeats: int = 5
     analytics_load_budget_s: float = 100.0  # stop loading more rows after this (the report says so)
@@ -66,6 +67,7 @@ class BenchConfig:
             latency_rate=5_000,
             latency_seconds=5.0,
             latency_drain_s=30.0,
+            latency_customers=(100,),
             analytics_rows=500_000,
             analytics_repeats=3,
             analytics_load_budget_s=10.0,
