@@ -31,17 +31,31 @@ def _row(measure: str, target: str, value: str | None, met: bool | None, note: s
 
 def summary(results: list[Result]) -> list[Row]:
     rows: list[Row] = []
+    # A run that did not complete (time budget, balances behind) has a Result without a figure.
     e2e = {
-        w: _find(results, "e2e", lambda n, w=w: n == f"rows in ClickHouse AND balances caught up, {w} worker(s)")
+        w: next(
+            (
+                r
+                for r in results
+                if r.benchmark == "e2e" and r.name == f"rows in ClickHouse AND balances caught up, {w} worker(s)"
+            ),
+            None,
+        )
         for w in (1, 2)
     }
     one, two = _num(e2e[1]), _num(e2e[2])
+
+    def shown(r: Result | None, v: float | None) -> str | None:
+        if r is None:
+            return None
+        return f"{v:,.0f} events/s" if v is not None else "incomplete"
+
     rows.append(
         _row(
             "end to end, 1 worker (rows in ClickHouse AND every balance caught up)",
             ">= 50,000 events/s",
-            f"{one:,.0f} events/s" if one is not None else None,
-            None if one is None else one >= 50_000,
+            shown(e2e[1], one),
+            None if e2e[1] is None else (one is not None and one >= 50_000),
             e2e[1].note if e2e[1] else "",
         )
     )
@@ -49,9 +63,9 @@ def summary(results: list[Result]) -> list[Row]:
         _row(
             "2 workers on these cores",
             "no slower than 1 worker",
-            f"{two:,.0f} events/s" if two is not None else None,
-            None if one is None or two is None else two >= one,
-            "same measure as the row above",
+            shown(e2e[2], two),
+            None if e2e[2] is None or e2e[1] is None else (one is not None and two is not None and two >= one),
+            "same measure as the row above" + (f"; {e2e[2].note}" if e2e[2] and two is None else ""),
         )
     )
     for customers, suffix in ((100, ""), (1_000, ", 1,000 customers")):
