@@ -41,8 +41,6 @@ from functools import partial
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from meterline.core.errors import PriceFileError, UnpriceableEvent
 from meterline.core.naming import normalize_model
 from meterline.core.pricing._book import CARD_KEY_PREFIX, PRICE_KEY_PREFIX, PriceBook, decode_record
@@ -64,7 +62,6 @@ from meterline.core.pricing._model import (
     format_timestamp,
     per_million_to_picos,
 )
-from meterline.core.pricing._vector import MIN_BATCH, count_matrix, dot_runs
 
 # Bound on the (customer, price version) -> rates cache; it is simply cleared when full.
 MAX_CACHE_ENTRIES = 1_000_000
@@ -455,6 +452,12 @@ class PricingEngine:
         columns do not cover (unknown model, a price change inside the batch, a service tier,
         v2 classes or tool calls, a missing cached / cache-write rate) go through :meth:`price`.
         """
+        # numpy is imported here, not with the module: processes that never price batches this
+        # way (the CLI, the API, the jobs) do not pay its import time and memory.
+        import numpy as np
+
+        from meterline.core.pricing._vector import MIN_BATCH, count_matrix, dot_runs
+
         if len(records) < MIN_BATCH:
             return self.price_many(records)
         if self._dirty:
