@@ -204,6 +204,10 @@ class DedupeIndex:
         self._slots: list[tuple[int, int, str, Sequence[str], int] | None] = []
         self._free: list[int] = []
         self._by_key: dict[int, dict[str, int]] = {}  # partition -> table key -> slot
+        # slot -> events its record carries but does NOT own (an earlier record did when it was
+        # loaded); such a record must not answer for them once that owner is gone. Rare: only a
+        # table that holds one event in two records (a dedupe state that fell behind) fills it.
+        self._not_owned: dict[int, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self._table) + len(self._overflow)
@@ -213,8 +217,12 @@ class DedupeIndex:
         return f"{partition}:{offset}"
 
     def _carries(self, slot: int, customer: str, event_id: str) -> bool:
+        """Whether the slot's record carries AND owns this event (the exact confirmation)."""
         rec = self._slots[slot]
-        return rec is not None and rec[2] == customer and event_id in rec[3]
+        if rec is None or rec[2] != customer or event_id not in rec[3]:
+            return False
+        not_owned = self._not_owned.get(slot)
+        return not_owned is None or event_id not in not_owned
 
     def load(self, key: str, value: dict[str, Any] | None) -> None:
         """Apply one table entry (from recovery or from our own writes). ``None`` = deleted."""
@@ -252,14 +260,19 @@ class DedupeIndex:
         for i in np.nonzero(~fresh)[0].tolist():
             event_id = ids[i]
             owner = int(have[i])
-            if (customer, event_id) in overflow:
+            o = overflow.get((customer, event_id))
+            if o is not None:
+                if o != slot:
+                    self._not_owned.setdefault(slot, set()).add(event_id)
                 continue  # owned by its record in the exact dict
             if owner < 0:  # a repeat of a digest of this same record
                 if ids[_first_index(d, i)] == event_id:
                     continue  # the same event twice in one value: owned already
             elif self._carries(owner, customer, event_id):
+                if owner != slot:
+                    self._not_owned.setdefault(slot, set()).add(event_id)
                 continue  # seen in an earlier record: that record keeps it
-            overflow.setdefault((customer, event_id), slot)
+            overflow[(customer, event_id)] = slot
 
     def _drop(self, slot: int) -> None:
         rec = self._slots[slot]
@@ -272,6 +285,7 @@ class DedupeIndex:
                         del self._overflow[(customer, event_id)]
             self._table.delete(digests(customer, ids), slot)
         self._slots[slot] = None
+        self._not_owned.pop(slot, None)
         self._free.append(slot)
 
     def forget_partition(self, partition: int) -> None:
@@ -296,7 +310,8 @@ class DedupeIndex:
                 ids = carried.get(owner)
                 if ids is None:
                     rec = slots[owner]
-                    ids = carried[owner] = (rec[2], set(rec[3])) if rec is not None else ("", set())
+                    owned = set(rec[3]) - self._not_owned.get(owner, set()) if rec is not None else set()
+                    ids = carried[owner] = (rec[2] if rec is not None else "", owned)
                 if ident[0] != ids[0] or ident[1] not in ids[1]:
                     owner = -1  # a digest collision: not this event
             rec = slots[owner] if owner >= 0 else None

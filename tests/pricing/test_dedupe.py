@@ -158,3 +158,21 @@ def test_digest_table_grows_and_shrinks() -> None:
     assert len(table) == 2_000 and table.capacity < big  # shrank after most entries went
     assert (table.get(d[48_000:]) == slots[48_000:]).all()
     assert (table.get(d[:48_000]) == -1).all()
+
+
+def test_a_record_that_carries_an_event_another_record_owns_never_answers_for_it() -> None:
+    """Found by the collision run: R3 carries e2 (owned by R2) and takes the digest's cell for e15;
+    once R2 is gone, e2 is unknown (as with the dict), not "first seen in R3"."""
+    ops: list[tuple[Any, ...]] = [
+        ("load", 1, 3, "c2", ["e16"], 77),
+        ("load", 0, 2, "c2", ["e2"], 58),
+        ("delete", 1, 3),
+        ("load", 2, 0, "c2", ["e15", "e2"], 17),
+        ("load", 0, 2, "c1", [], 78),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        same = lambda n: np.full(n, 9, dtype=np.uint64)  # noqa: E731
+        mp.setattr(dedupe, "digests", lambda customer, ids: same(len(ids)))
+        mp.setattr(dedupe, "digests_of", lambda pairs: same(len(pairs)))
+        _run(ops)
+    _run(ops)  # and with the real digest
