@@ -36,6 +36,7 @@ class BenchConfig:
     latency_rate: int = 10_000  # events/s offered during the latency run
     latency_seconds: float = 20.0
     latency_drain_s: float = 60.0  # wait this long after the last send for the rows to land
+    latency_customers: tuple[int, ...] = (100, 1_000)  # one latency run per count (issue #15 asks both)
     analytics_rows: int = 10_000_000
     analytics_repeats: int = 5
     analytics_load_budget_s: float = 100.0  # stop loading more rows after this (the report says so)
@@ -49,6 +50,7 @@ class BenchConfig:
     authorize_single_seconds: float = 5.0  # 1 sequential client first (unloaded latency)
     stripe_default: tuple[int, int, int] = (1_000_000, 500, 8)  # (events, customers, hours): > 1,000 windows -> v2
     stripe_v1: tuple[int, int, int] = (200_000, 200, 3)  # v1 forced: one call per window
+    dedupe_events: tuple[int, ...] = (1_000_000, 5_000_000)  # distinct events in the dedupe window (#15)
 
     @classmethod
     def quick_config(cls) -> BenchConfig:
@@ -65,6 +67,7 @@ class BenchConfig:
             latency_rate=5_000,
             latency_seconds=5.0,
             latency_drain_s=30.0,
+            latency_customers=(100,),
             analytics_rows=500_000,
             analytics_repeats=3,
             analytics_load_budget_s=10.0,
@@ -78,6 +81,7 @@ class BenchConfig:
             authorize_single_seconds=2.0,
             stripe_default=(100_000, 300, 4),
             stripe_v1=(20_000, 50, 2),
+            dedupe_events=(1_000_000,),
         )
 
 

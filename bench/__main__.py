@@ -23,7 +23,18 @@ from typing import Any
 from bench import BenchConfig, Result
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BENCHMARKS = ("pricing", "processor", "e2e", "latency", "authorize", "stripe", "analytics", "simulate", "reprice")
+BENCHMARKS = (
+    "pricing",
+    "processor",
+    "dedupe",
+    "e2e",
+    "latency",
+    "authorize",
+    "stripe",
+    "analytics",
+    "simulate",
+    "reprice",
+)
 
 
 def _machine() -> dict[str, Any]:
@@ -114,12 +125,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, analytics_rows=args.analytics_rows)
     wanted = set(args.only or BENCHMARKS)
 
-    from bench import analytics, authorize, codec_processor, e2e, latency, pricing_core, reprice, simulate, stripe_sync
+    from bench import (
+        analytics,
+        authorize,
+        codec_processor,
+        dedupe_memory,
+        e2e,
+        issue15,
+        latency,
+        pricing_core,
+        reprice,
+        simulate,
+        stripe_sync,
+    )
     from bench._stack import Stack
 
     plain: list[tuple[str, Callable[[BenchConfig], list[Result]]]] = [
         ("pricing", pricing_core.run),
         ("processor", codec_processor.run),
+        ("dedupe", dedupe_memory.run),
     ]
     stacked: list[tuple[str, Callable[[BenchConfig, Any], list[Result]]]] = [
         ("e2e", e2e.run),
@@ -160,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(results)
     print_profiles(results)
+    targets = issue15.summary(results)
+    issue15.print_summary(targets)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stamp}.json"
@@ -170,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": total,
         "seconds_per_benchmark": timings,
         "results": [r.to_json() for r in results],
+        "issue15": targets,
     }
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"\n{len(results)} figures in {total} s; written to {path}")

@@ -58,6 +58,7 @@ def _one(
             )
         except TimeoutError:  # time budget spent: measure what got through, and say so
             complete, t_end = False, time.monotonic()
+        balances = _wait_balances(stack, run, t0, budget_s) if complete else {"caught_up": False, "reason": "rows"}
         hwm = [vm_hwm_kib(w.pid) for w in run.workers if w.pid]
         worker_cpu = [cpu_seconds(w.pid) for w in run.workers if w.pid]
         sink_cpu = cpu_seconds(os.getpid(), sink_tid) if sink_tid else float("nan")
@@ -72,6 +73,11 @@ def _one(
         rows, unique, q10, q90, first_ms, last_ms = (int(v) for v in q)
         rejected = int(run.ch.query("SELECT count() FROM usage_rejected").result_rows[0][0])
         span = max(q90 - q10, 1) / 1000
+        # Rows AND balances: from the first output (row or status) to the later of the last row
+        # and the status that brought the last customer's balance up to its priced total.
+        done_ms = max(last_ms, balances.get("caught_up_ms") or 0)
+        start_ms = min(first_ms, balances.get("first_status_ms") or first_ms)
+        both_eps = rows / max((done_ms - start_ms) / 1000, 0.001) if balances.get("caught_up") else None
         return {
             "workers": workers,
             "events": n_events,
@@ -82,6 +88,8 @@ def _one(
             "produce_s": round(produce_s, 2),
             "sustained_eps": 0.8 * rows / span,
             "sustained_rps": 0.8 * rows / span / BATCH_EVENTS,
+            "rows_and_balances_eps": both_eps,
+            "balances": balances,
             "complete": complete,
             "budget_s": budget_s,
             "wall_eps": rows / (t_end - t0),
@@ -97,6 +105,50 @@ def _one(
         }
     finally:
         run.close()
+
+
+def _wait_balances(stack: Stack, run: PipelineRun, t0: float, budget_s: float) -> dict[str, Any]:
+    """Wait until every customer's balance has caught up with its priced rows, then say when.
+
+    Caught up = the credit agent's latest ``customer-status`` of the customer shows ``overage``
+    (the bench customers have no grant and the default ``allow`` policy, so every charge is
+    overage) equal to the exact sum of ``charge`` of its rows in ClickHouse. The time of a
+    customer is the producer timestamp of the first status that reached the total; the run's is
+    the latest over the customers. Bounded by what is left of the time budget (at least 30 s).
+    """
+    import json
+
+    from bench._stack import read_topic
+    from meterline.core.ledger import parse_amount
+
+    totals = {
+        str(c): parse_amount(str(v))
+        for c, v in run.ch.query(
+            "SELECT customer_id, toString(sum(charge)) FROM usage_priced GROUP BY customer_id"
+        ).result_rows
+    }
+    topic = run.settings.topic("customer-status")
+    deadline = max(t0 + budget_s, time.monotonic() + 30)
+    while True:
+        reached: dict[str, int] = {}
+        first_ms: int | None = None
+        for key, value, ts in read_topic(stack.bootstrap, topic):
+            if not key or not value:
+                continue
+            first_ms = ts if first_ms is None else min(first_ms, ts)
+            c = key.decode()
+            if c in totals and c not in reached and parse_amount(json.loads(value)["balance"]["overage"]) >= totals[c]:
+                reached[c] = ts
+        behind = len(totals) - len(reached)
+        if behind == 0 or time.monotonic() > deadline:
+            return {
+                "caught_up": behind == 0,
+                "customers": len(totals),
+                "customers_behind": behind,
+                "first_status_ms": first_ms,
+                "caught_up_ms": max(reached.values()) if reached and behind == 0 else None,
+            }
+        time.sleep(1.0)
 
 
 def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
@@ -121,7 +173,24 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         )
         if not complete and r["complete"]:
             note += f"; ROWS {r['rows']} UNIQUE {r['unique_rows']} REJECTED {r['rejected']}"
+        bal = r["balances"]
+        both = r["rows_and_balances_eps"]
         out += [
+            Result(
+                NAME,
+                f"rows in ClickHouse AND balances caught up, {workers} worker(s)",
+                round(both) if both is not None else None,
+                "events/s",
+                f">= {TARGET_EPS:,}",
+                (both >= TARGET_EPS) if both is not None else False,
+                "all events / (later of last row and last balance caught up - first row or status out); "
+                + (
+                    f"{bal.get('customers', 0):,} customers' overage = their rows' charge"
+                    if bal.get("caught_up")
+                    else f"NOT CAUGHT UP: {bal.get('customers_behind', '?')} customers behind at the budget's end"
+                ),
+                details={"balances": bal},
+            ),
             Result(
                 NAME,
                 f"sustained throughput, {workers} worker(s)",

@@ -171,14 +171,24 @@ def hop_series(rr: RuntimeRun, watched: list[str], charges: dict[str, int]) -> d
 
 
 def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
+    """One run per customer count of ``cfg.latency_customers`` (issue #15: 100, and 1,000 too)."""
+    out: list[Result] = []
+    for customers in cfg.latency_customers:
+        out += run_one(cfg, stack, customers)
+    return out
+
+
+def run_one(cfg: BenchConfig, stack: Stack, customers: int = CUSTOMERS) -> list[Result]:
+    # Figures of the 100-customer run keep their historical names; others name their count.
+    suffix = "" if customers == CUSTOMERS else f", {customers:,} customers"
     watched = [customer_id(c) for c in range(WATCHED)]
     charges = watched_charges(watched)
     total = int(cfg.latency_rate * cfg.latency_seconds)
-    with RuntimeRun(stack, "lat", price_book=bench_price_book()) as rr:
+    with RuntimeRun(stack, f"lat{customers}", price_book=bench_price_book()) as rr:
         grant_and_wait(rr, [*watched, "cust-warm"], GRANT)
         warm_up(rr, "cust-warm")
         work = stack.root / "loadgen"
-        expect = {c: sum(1 for i in range(total) if i % CUSTOMERS == n) for n, c in enumerate(watched)}
+        expect = {c: sum(1 for i in range(total) if i % customers == n) for n, c in enumerate(watched)}
         poller = run_loadgen(
             "poll",
             {
@@ -203,7 +213,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
                 "topic": rr.settings.topic("usage-events"),
                 "rate": cfg.latency_rate,
                 "seconds": cfg.latency_seconds,
-                "customers": CUSTOMERS,
+                "customers": customers,
                 "watched": WATCHED,
                 "models": bench_models(),
                 "watched_model": WATCHED_MODEL,
@@ -252,7 +262,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
     achieved = sent["achieved_rate"]
     note = (
         f"{total:,} events at {cfg.latency_rate:,}/s offered for {cfg.latency_seconds:g} s "
-        f"(sender achieved {achieved:,.0f}/s), {CUSTOMERS} customers, linger {LINGER_MS} ms, 1 worker"
+        f"(sender achieved {achieved:,.0f}/s), {customers:,} customers, linger {LINGER_MS} ms, 1 worker"
     )
     if not drained:
         note += f"; NOT DRAINED within {cfg.latency_drain_s:.0f} s: {int(n_rows):,} of {total:,} rows measured"
@@ -266,8 +276,8 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         "cpu_s": cpu,
     }
     out = [
-        Result(NAME, "occurred_at -> row in ClickHouse, p50", int(p50), "ms", note=note, details=details),
-        Result(NAME, "occurred_at -> row in ClickHouse, p99", int(p99), "ms", note=f"max {int(pmax)} ms"),
+        Result(NAME, "occurred_at -> row in ClickHouse, p50" + suffix, int(p50), "ms", note=note, details=details),
+        Result(NAME, "occurred_at -> row in ClickHouse, p99" + suffix, int(p99), "ms", note=f"max {int(pmax)} ms"),
     ]
     if lats:
         a50, a99 = quantile(lats, 0.5), quantile(lats, 0.99)
@@ -280,7 +290,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         out += [
             Result(
                 NAME,
-                "occurred_at -> balance visible over API, p50",
+                "occurred_at -> balance visible over API, p50" + suffix,
                 a50,
                 "ms",
                 note=api_note,
@@ -293,7 +303,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
             ),
             Result(
                 NAME,
-                "occurred_at -> balance visible over API, p99",
+                "occurred_at -> balance visible over API, p99" + suffix,
                 a99,
                 "ms",
                 f"< {TARGET_P99_MS}",
@@ -303,7 +313,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
             ),
             Result(
                 NAME,
-                "where the API latency accrues: p50 / p99 from occurred_at to",
+                "where the API latency accrues: p50 / p99 from occurred_at to" + suffix,
                 " | ".join(f"{k} {v[0]:,}/{v[1]:,}" for k, v in hop_p.items() if v),
                 "ms",
                 note="priced = pricing agent emitted the usage-priced record (SDK linger + usage-events hop + "
@@ -315,7 +325,7 @@ def run(cfg: BenchConfig, stack: Stack) -> list[Result]:
         out.append(
             Result(
                 NAME,
-                "occurred_at -> balance visible over API, p99",
+                "occurred_at -> balance visible over API, p99" + suffix,
                 None,
                 "ms",
                 f"< {TARGET_P99_MS}",

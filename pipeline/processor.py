@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meterline.core.errors import InputError, SchemaError
+from pipeline.dedupe import DedupeIndex
 from schemas.codec import decode_usage_batch, encode_dead_letter, encode_priced_batch, encode_usage_batch
 from schemas.validation import validate_records
 
@@ -80,59 +81,6 @@ class ProcessResult:
     priced_at_ms: int = 0
 
 
-class DedupeIndex:
-    """In-memory index over the dedupe table: (customer_id, event_id) -> first-seen (partition, offset).
-
-    The faust table is the durable copy (one entry per source record, written through its
-    changelog); this index is rebuilt from it per partition after an assignment.
-    Table key ``"<partition>:<offset>"``, value ``{"c": customer_id, "ids": [event_id, ...],
-    "t": seen_at_ms}``.
-    """
-
-    def __init__(self, window_ms: int) -> None:
-        self.window_ms = window_ms
-        self._first_seen: dict[tuple[str, str], tuple[int, int]] = {}
-        self._entries: dict[int, dict[str, tuple[str, list[str], int]]] = {}
-
-    def __len__(self) -> int:
-        return len(self._first_seen)
-
-    @staticmethod
-    def table_key(partition: int, offset: int) -> str:
-        return f"{partition}:{offset}"
-
-    def load(self, key: str, value: dict[str, Any] | None) -> None:
-        """Apply one table entry (from recovery or from our own writes). ``None`` = deleted."""
-        partition_s, _, offset_s = key.partition(":")
-        partition, offset = int(partition_s), int(offset_s)
-        per_partition = self._entries.setdefault(partition, {})
-        old = per_partition.pop(key, None)
-        if old is not None:
-            customer, ids, _ = old
-            for event_id in ids:
-                if self._first_seen.get((customer, event_id)) == (partition, offset):
-                    del self._first_seen[(customer, event_id)]
-        if value is None:
-            return
-        customer, ids, seen_at = value["c"], list(value["ids"]), int(value["t"])
-        per_partition[key] = (customer, ids, seen_at)
-        for event_id in ids:
-            self._first_seen.setdefault((customer, event_id), (partition, offset))
-
-    def forget_partition(self, partition: int) -> None:
-        for key in list(self._entries.get(partition, {})):
-            self.load(key, None)
-        self._entries.pop(partition, None)
-
-    def first_seen(self, customer_id: str, event_id: str) -> tuple[int, int] | None:
-        return self._first_seen.get((customer_id, event_id))
-
-    def expired(self, partition: int, now_ms: int) -> list[str]:
-        """Table keys of this partition whose records were seen longer ago than the window."""
-        cutoff = now_ms - self.window_ms
-        return [k for k, (_, _, t) in self._entries.get(partition, {}).items() if t < cutoff]
-
-
 class PricingProcessor:
     """Decode → validate → dedupe → price for one usage-events record at a time."""
 
@@ -170,15 +118,17 @@ class PricingProcessor:
         # the rest in one call, 4. walk the events in order: within-record duplicates, dead
         # letters and priced events come out exactly as an event-by-event loop gives them.
         verdicts = validate_records(events, now_ms=now_ms, max_future_ms=self.max_future_ms)
-        first_seen = self.dedupe.first_seen
         here = (partition, offset)
+        # One vectorised index probe for the valid events (validation guarantees both ids are str).
+        valid = [(e["customer_id"], e["event_id"]) for e, invalid in zip(events, verdicts) if invalid is None]
+        seen_of = iter(self.dedupe.first_seen_many(valid))
         plan: list[Any] = []  # per event: its InvalidEvent, _DUPLICATE, or its index in to_price
         to_price: list[dict[str, Any]] = []
         for event, invalid in zip(events, verdicts):
             if invalid is not None:
                 plan.append(invalid)
                 continue
-            seen = first_seen(event["customer_id"], event["event_id"])
+            seen = next(seen_of)
             if seen is not None and seen != here:
                 plan.append(_DUPLICATE)
                 continue

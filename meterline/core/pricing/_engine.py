@@ -37,6 +37,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from functools import partial
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -438,6 +439,78 @@ class PricingEngine:
             for i, e in enumerate(entries):
                 if e is _PER_EVENT:
                     out[i] = self._price_or_error(records[i])
+        return out
+
+    def price_batch(self, records: Sequence[Mapping[str, Any]]) -> list[PricedAmounts | UnpriceableEvent]:
+        """:meth:`price_many`, computed as numpy int64 columns per (card, price version) run.
+
+        Same contract and results as :meth:`price_many`. The counts go into one ``n × 6`` matrix,
+        the rates of each run (the loop entries of :meth:`_batch_entries`) into one row per run,
+        and cost and charge are two integer dot products per event. Exact: the kernel
+        (``_vector.dot_runs``) proves ``Σ max|count| × max|rate| <= 2**63 - 1`` first and
+        otherwise the whole batch is priced with Python ints by :meth:`price_many`. Events the
+        columns do not cover (unknown model, a price change inside the batch, a service tier,
+        v2 classes or tool calls, a missing cached / cache-write rate) go through :meth:`price`.
+        """
+        # numpy is imported here, not with the module: processes that never price batches this
+        # way (the CLI, the API, the jobs) do not pay its import time and memory.
+        import numpy as np
+
+        from meterline.core.pricing._vector import MIN_BATCH, count_matrix, dot_runs
+
+        if len(records) < MIN_BATCH:
+            return self.price_many(records)
+        if self._dirty:
+            self._rebuild()
+        occurred = list(map(_OCCURRED, records))
+        if set(map(type, occurred)) != _INT_ONLY:
+            return self.price_many(records)
+        counts = count_matrix(records)
+        if counts is None:
+            return self.price_many(records)
+        entries, _ = self._batch_entries(records, min(occurred), max(occurred))
+        by_id = {id(e): e for e in entries}  # loop entries are shared objects: one per run
+        run_entries = list(by_id.values())
+        runs = {k: i for i, k in enumerate(by_id)}
+        run_list = list(map(runs.__getitem__, map(id, entries)))
+        run_of = np.array(run_list, dtype=np.intp)
+        zero = (0, 0, 0, 0, 0, 0)
+        cost_rows = [zero if e is _PER_EVENT else (e[0], e[1], e[2] or 0, e[3] or 0, e[4], e[5]) for e in run_entries]
+        charge_rows = [
+            r if e is _PER_EVENT or e[6] is None else tuple(x or 0 for x in e[6])
+            for e, r in zip(run_entries, cost_rows)
+        ]
+        cost = dot_runs(counts, cost_rows, run_of)
+        charge = dot_runs(counts, charge_rows, run_of)
+        if cost is None or charge is None:
+            return self.price_many(records)  # beyond the int64 bound: Python ints, exact at any size
+
+        # Events for price(): runs the columns do not price, a cached / cache-write count without
+        # its rate (the error), a service tier or v2 classes (proven absent with C-level passes).
+        per_event = np.array([e is _PER_EVENT for e in run_entries])[run_of]
+        per_event |= np.array([e is not _PER_EVENT and e[2] is None for e in run_entries])[run_of] & (counts[:, 2] != 0)
+        per_event |= np.array([e is not _PER_EVENT and e[3] is None for e in run_entries])[run_of] & (counts[:, 3] != 0)
+        try:
+            clean = set(map(_EXTRAS_AND_TIER, records)) == _CLEAN
+        except KeyError:
+            clean = False
+        if not clean:
+            for i, r in enumerate(records):
+                if r.get("service_tier") is not None or _extras_of(r) != _NO_EXTRAS:
+                    per_event[i] = True
+
+        # PricedAmounts by C-level maps: (cost, charge, currency, version, card) per event.
+        meta = [("", "", "") if e is _PER_EVENT else (e[7], e[8], e[9]) for e in run_entries]
+        fields = zip(
+            cost,
+            charge,
+            map([m[0] for m in meta].__getitem__, run_list),
+            map([m[1] for m in meta].__getitem__, run_list),
+            map([m[2] for m in meta].__getitem__, run_list),
+        )
+        out: list[Any] = list(map(partial(_new_tuple, PricedAmounts), fields))
+        for i in np.nonzero(per_event)[0].tolist():
+            out[i] = self._price_or_error(records[i])
         return out
 
     def _batch_entries(
