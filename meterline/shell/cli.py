@@ -20,6 +20,8 @@ from rich.table import Table
 
 from meterline.core.config import Settings
 from meterline.core.errors import MeterlineError
+from meterline.shell.cli_common import fail as _fail
+from meterline.shell.cli_common import load_settings as _settings
 from meterline.shell.console import make_console, markup_mode
 
 app = typer.Typer(
@@ -71,19 +73,6 @@ register_roles(app)
 # Off a terminal (CI logs, `| tee`, a file) nothing is wrapped and tables come out whole: meterline.shell.console.
 console = make_console()
 err = make_console(stderr=True)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except Exception as exc:  # pydantic ValidationError: show it plainly and stop
-        err.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
-def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(code)
 
 
 def _bootstrap(settings: Settings) -> tuple[str, str]:

@@ -17,6 +17,7 @@ import typer
 
 from meterline.core.config import Settings
 from meterline.core.errors import MeterlineError
+from meterline.shell.cli_common import load_settings as _settings
 from meterline.shell.console import make_console, markup_mode
 from meterline.shell.discovery import kafka_bootstrap, running_api
 
@@ -29,14 +30,6 @@ credits_app = typer.Typer(
 )
 _out = make_console()
 _err = make_console(stderr=True)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except Exception as exc:
-        _err.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from exc
 
 
 def _api_call(

@@ -32,6 +32,8 @@ from rich.table import Table
 
 from meterline.core.config import Settings
 from meterline.core.errors import InputError, MeterlineError
+from meterline.shell.cli_common import fail as _fail
+from meterline.shell.cli_common import load_settings as _settings
 from meterline.shell.console import make_console, markup_mode
 
 __all__ = ["bill_app", "plans_app", "register"]
@@ -55,19 +57,6 @@ def register(app: typer.Typer) -> None:
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except Exception as exc:
-        _err.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
-def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
-    _err.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(code)
 
 
 def _kafka(settings: Settings) -> tuple[str, str]:

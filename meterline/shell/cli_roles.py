@@ -17,25 +17,13 @@ from typing import Any
 
 import typer
 
-from meterline.core.config import Settings
 from meterline.core.errors import MeterlineError
+from meterline.shell.cli_common import fail as _fail
+from meterline.shell.cli_common import load_settings as _settings
 from meterline.shell.console import make_console
 
 err = make_console(stderr=True)
 console = make_console()
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except Exception as exc:  # pydantic ValidationError: show it plainly and stop
-        err.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from exc
-
-
-def _fail(exc: BaseException, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _logging(level: str) -> None:
