@@ -48,12 +48,6 @@ def _create(fn: Any, params: dict[str, Any], key: str) -> Any:
     return fn(params, {"idempotency_key": key})
 
 
-def _ensure_meter(
-    client: stripe.StripeClient, spec: MeterSpec, existing: dict[str, Any], report: ProvisionReport
-) -> str:
-    return ensure_meter(client, spec, existing, report)
-
-
 def _ensure_product(client: stripe.StripeClient, cfg: BillingConfig, report: ProvisionReport) -> str:
     pid = product_id(cfg)
     try:
@@ -125,13 +119,13 @@ def provision(
     existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
     pid = _ensure_product(client, cfg, report)
     for spec in specs:
-        report.meters[spec.event_name] = _ensure_meter(client, spec, existing, report)
+        report.meters[spec.event_name] = ensure_meter(client, spec, existing, report)
         report.prices[spec.event_name] = _ensure_price(client, cfg, spec, report.meters[spec.event_name], pid, report)
     wanted = sorted(set(customers) - set(on_plans))
     if wanted:
         report.customers = ensure_customers(client, ch, cfg, wanted, list(report.prices.values()), report)
     if on_plans:
-        report.meters[PLAN_METER.event_name] = _ensure_meter(client, PLAN_METER, existing, report)
+        report.meters[PLAN_METER.event_name] = ensure_meter(client, PLAN_METER, existing, report)
         report.plans = apply_plans(
             client,
             ch,

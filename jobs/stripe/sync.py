@@ -413,25 +413,30 @@ def _apply_plans(target: StripeTarget, ch: Any, cfg: BillingConfig, now: int, su
     """Keep plan subscriptions in step with the timeline (a change since the last run) before pushing."""
     if not (cfg.sync.auto_provision_customers and _has_plans(ch)):
         return
-    from jobs.stripe.plans import PLAN_METER, apply_plans
-    from jobs.stripe.provision import ProvisionReport, _ensure_meter
+    from jobs.stripe.plans import apply_plans
 
-    client = target.client()
-    existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
-    meter_id = _ensure_meter(client, PLAN_METER, existing, ProvisionReport())
+    client, meter_id = _plan_meter(target)
     report = apply_plans(client, ch, cfg, meter_id, now=now)
     summary.plan_updates = report.created + report.updated
     summary.unmapped.extend(report.unmapped)
 
 
 def _new_plan_subscriptions(target: StripeTarget, ch: Any, cfg: BillingConfig, customers: list[str], now: int) -> Any:
-    from jobs.stripe.plans import PLAN_METER, apply_plans
-    from jobs.stripe.provision import ProvisionReport, _ensure_meter
+    from jobs.stripe.plans import apply_plans
+
+    client, meter_id = _plan_meter(target)
+    return apply_plans(client, ch, cfg, meter_id, now=now, customers=customers, changes=False)
+
+
+def _plan_meter(target: StripeTarget) -> tuple[Any, str]:
+    """A client and the plan meter's id (created when missing), for mapping plans at sync time."""
+    from jobs.stripe._meters import ensure_meter
+    from jobs.stripe.plans import PLAN_METER
+    from jobs.stripe.provision import ProvisionReport
 
     client = target.client()
     existing = {m.event_name: m for m in client.v1.billing.meters.list({"limit": 100}).auto_paging_iter()}
-    meter_id = _ensure_meter(client, PLAN_METER, existing, ProvisionReport())
-    return apply_plans(client, ch, cfg, meter_id, now=now, customers=customers, changes=False)
+    return client, ensure_meter(client, PLAN_METER, existing, ProvisionReport())
 
 
 def _customer_links(

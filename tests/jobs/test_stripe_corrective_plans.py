@@ -19,7 +19,7 @@ import pytest
 from devtools.stripe_local import LocalStripe
 from jobs.stripe import BillingConfig, StripeTarget, reconcile, sync
 from jobs.stripe._store import load_customers, load_pushes
-from jobs.stripe.corrective import PLAN, SENT, load_corrections
+from jobs.stripe.corrective import COLUMNS, PLAN, SENT, load_corrections
 from jobs.stripe.plans import PLAN_EVENT, NotMappable, charge_metered, check_mappable, usage_price_params
 from meterline.core.plans import load_plan_catalog
 from tests.jobs.conftest import HOUR, Usage
@@ -108,23 +108,7 @@ def test_a_rerated_plan_bill_is_a_corrective_amount_on_the_plan_subscription(
     clickhouse.insert(
         "stripe_corrections",
         [(*corr.row()[:11], "ii_gone", "sent", "", 3)],
-        column_names=[
-            "correction_id",
-            "customer_id",
-            "kind",
-            "seq",
-            "amount",
-            "cents",
-            "carry_after",
-            "currency",
-            "period_start",
-            "period_end",
-            "source",
-            "stripe_id",
-            "status",
-            "error",
-            "ver",
-        ],
+        column_names=list(COLUMNS),
     )
     (plan_row,) = [
         r for r in reconcile(client, clickhouse, cfg, NOV, NOV + 86400, now=ls.now()) if r.meter == PLAN_EVENT
